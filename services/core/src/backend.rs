@@ -1,0 +1,128 @@
+//! The backend trait: the block-level operations the model is made of. The CPU backend is the
+//! reference; the CUDA backend implements the same trait, and the same model code and tests run
+//! on both. Blocks (not single ops) are the unit so that each backend can fuse inside a block.
+
+use std::ops::Range;
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::rope::RopeTable;
+use crate::routing::{Routing, RoutingParams};
+use crate::weights::TensorRef;
+
+/// Query projection: low-rank with a norm (DeepSeek-V2) or a plain matrix (V2-Lite).
+pub enum QProj<W> {
+    LowRank { a: W, norm: W, b: W },
+    Plain(W),
+}
+
+/// One layer's MLA weights, as named in the checkpoint.
+pub struct AttnWeights<W> {
+    pub q: QProj<W>,
+    /// `kv_a_proj_with_mqa`: hidden → kv_lora_rank + qk_rope_head_dim.
+    pub kv_a: W,
+    pub kv_a_norm: W,
+    /// `kv_b_proj`: kv_lora_rank → heads × (qk_nope + v_head); its row blocks are W_UK and W_UV.
+    pub kv_b: W,
+    pub o: W,
+}
+
+/// A SiLU-gated MLP: `down(silu(gate(x)) * up(x))`.
+pub struct MlpWeights<W> {
+    pub gate: W,
+    pub up: W,
+    pub down: W,
+}
+
+/// The routed experts of one MoE layer that this process hosts, indexed by global expert id.
+pub struct ExpertBank<W> {
+    pub experts: Vec<Option<MlpWeights<W>>>,
+}
+
+/// Which attention algorithm to run over the latent cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttnMode {
+    /// Absorbed weights for decode-sized chunks, decompressed K/V for prefill-sized ones.
+    #[default]
+    Auto,
+    /// Decompress K and V from the cached latent (the HF formulation).
+    Naive,
+    /// W_UK folded into the query and W_UV into the output (DeepSeek-V2 paper §2.1.3).
+    Absorbed,
+}
+
+/// One sequence's share of a step: its new tokens are rows `rows` of the step's activations,
+/// at positions `pos0..pos0 + rows.len()`; earlier positions are already in the cache.
+#[derive(Debug, Clone)]
+pub struct SeqChunk {
+    pub rows: Range<usize>,
+    pub pos0: usize,
+    /// Cache block ids, in position order; must cover `pos0 + rows.len()` tokens.
+    pub blocks: Vec<u32>,
+}
+
+/// Everything a layer's attention needs to know about the batch.
+pub struct AttnBatch<'a> {
+    pub seqs: &'a [SeqChunk],
+    pub rope: &'a RopeTable,
+    pub block_size: usize,
+    pub mode: AttnMode,
+}
+
+pub trait Backend: Send + Sync + 'static {
+    /// A weight tensor resident where this backend computes.
+    type Weight: Send + Sync;
+    /// Activations: a [rows, cols] matrix.
+    type Act: Send + Sync;
+    /// The latent KV cache storage of all layers.
+    type Cache: Send;
+
+    fn name(&self) -> String;
+
+    /// Makes a checkpoint tensor available to this backend (in its stored dtype).
+    fn weight(&self, t: &TensorRef) -> Result<Self::Weight>;
+
+    fn new_cache(
+        &self,
+        cfg: &ModelConfig,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self::Cache>;
+
+    fn act_from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Act>;
+    fn act_to_host(&self, a: &Self::Act) -> Result<Vec<f32>>;
+    fn act_shape(&self, a: &Self::Act) -> (usize, usize);
+    /// Rows `rows` of `a`, in that order.
+    fn select_rows(&self, a: &Self::Act, rows: &[usize]) -> Result<Self::Act>;
+
+    fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Act>;
+    fn rms_norm(&self, x: &Self::Act, w: &Self::Weight, eps: f32) -> Result<Self::Act>;
+    fn add_assign(&self, acc: &mut Self::Act, x: &Self::Act) -> Result<()>;
+    /// `x · Wᵀ`.
+    fn linear(&self, x: &Self::Act, w: &Self::Weight) -> Result<Self::Act>;
+    fn mlp(&self, w: &MlpWeights<Self::Weight>, x: &Self::Act) -> Result<Self::Act>;
+
+    /// MLA for the batch: projects q and the latent, appends the new tokens' latent and rotated
+    /// k_pe to the cache, attends causally over the cache, applies the output projection.
+    fn attention(
+        &self,
+        cfg: &ModelConfig,
+        w: &AttnWeights<Self::Weight>,
+        x: &Self::Act,
+        batch: &AttnBatch<'_>,
+        cache: &mut Self::Cache,
+        layer: usize,
+    ) -> Result<Self::Act>;
+
+    /// Gate logits (f32) → chosen experts and weights, brought to the host for dispatch.
+    fn route(&self, gate: &Self::Weight, x: &Self::Act, p: &RoutingParams) -> Result<Routing>;
+
+    /// Weighted sum of the chosen experts' outputs for every row; rows whose experts are not in
+    /// `bank` contribute nothing for those experts (another shard adds them).
+    fn experts(
+        &self,
+        bank: &ExpertBank<Self::Weight>,
+        x: &Self::Act,
+        routing: &Routing,
+    ) -> Result<Self::Act>;
+}

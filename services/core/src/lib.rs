@@ -1,0 +1,15 @@
+//! DeepSeek-V2 model core: configuration, checkpoint access, the backend trait with the CPU
+//! reference backend, the paged latent KV cache, sampling, tokenizer and generation. No networking.
+
+pub mod backend;
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod kv_cache;
+pub mod model;
+pub mod rope;
+pub mod routing;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use error::{CoreError, Result};
