@@ -82,7 +82,8 @@ fn is_consonant(w: &[char], i: usize) -> bool {
             negate = !negate;
             j -= 1;
         }
-        return (!is_vowel(w[j])) != negate;
+        // NLTK: `(word[i] not in vowels) != negate`.
+        return is_vowel(w[j]) == negate;
     }
     true
 }
