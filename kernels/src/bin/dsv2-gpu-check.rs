@@ -1,0 +1,377 @@
+//! dsv2-gpu-check: runs every kernel against its CPU reference on the GPU and prints a table, then
+//! measures copy bandwidth, cuBLAS bf16 GEMM, MLA decode (P1) and the expert FFN (P2) beside those
+//! ceilings. Exits non-zero on any FAIL.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use cudarc::driver::sys::CUevent_flags;
+use half::bf16;
+
+use dsv2_kernels::check;
+use dsv2_kernels::compile::{self, CompileConfig};
+use dsv2_kernels::ops::{elementwise as ew, expert, gemm, mla, moe};
+use dsv2_kernels::{Gpu, GpuOptions, Tensor};
+
+struct Args {
+    quick: bool,
+    no_bench: bool,
+    compile_only: bool,
+    opts: GpuOptions,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        quick: false,
+        no_bench: false,
+        compile_only: false,
+        opts: GpuOptions::default(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--quick" => a.quick = true,
+            "--no-bench" => a.no_bench = true,
+            "--compile-only" => a.compile_only = true,
+            "--no-cache" => a.opts.no_cache = true,
+            "--cache-dir" => {
+                a.opts.cache_dir = Some(it.next().context("--cache-dir needs a path")?.into())
+            }
+            "--device" => {
+                let d = it.next().context("--device needs cuda:N")?;
+                let n = d.strip_prefix("cuda:").unwrap_or(&d);
+                a.opts.ordinal = n.parse().with_context(|| format!("bad device {d}"))?;
+            }
+            "-h" | "--help" => {
+                println!(
+                    "dsv2-gpu-check [--quick] [--no-bench] [--compile-only] [--no-cache] [--cache-dir DIR] [--device cuda:N]"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(a)
+}
+
+/// Time `f` over `iters` runs on the GPU's stream with CUDA events, after `warm` warm-ups; ms/run.
+fn time_ms(gpu: &Gpu, warm: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warm {
+        f()?;
+    }
+    gpu.sync()?;
+    let start = gpu
+        .stream
+        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    for _ in 0..iters {
+        f()?;
+    }
+    let end = gpu
+        .stream
+        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    end.synchronize()?;
+    Ok(start.elapsed_ms(&end)? as f64 / iters as f64)
+}
+
+fn fill(gpu: &Gpu, t: &mut Tensor<bf16>, seed: u64, scale: f32) -> Result<()> {
+    ew::fill_uniform(gpu, t.view_mut(), seed, scale)?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    if args.compile_only {
+        let cfg = CompileConfig {
+            arch: compile::DEFAULT_ARCH.into(),
+            include_dir: compile::find_cuda_include(None)?,
+            cache_dir: None,
+            driver_version: 0,
+        };
+        for (file, src) in compile::SOURCES {
+            let t = Instant::now();
+            let cubin = compile::compile_cubin(&cfg, file, src)?;
+            println!(
+                "{file}: {} bytes of CUBIN in {:.2} s",
+                cubin.len(),
+                t.elapsed().as_secs_f64()
+            );
+        }
+        return Ok(());
+    }
+    let t_open = Instant::now();
+    let gpu = Gpu::open(&args.opts)?;
+    println!(
+        "device: {} ({} SMs), driver API {}, NVRTC {:?}; kernels ready in {:.2} s ({})",
+        gpu.name,
+        gpu.sm_count,
+        gpu.driver_version,
+        compile::nvrtc_version()?,
+        t_open.elapsed().as_secs_f64(),
+        gpu.module_sources
+            .iter()
+            .map(|(f, s)| format!("{f}: {s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    // a second open shows the cache path (CUBIN load only)
+    let t2 = Instant::now();
+    let again = Gpu::open(&args.opts)?;
+    println!(
+        "second open: {:.3} s ({:?})",
+        t2.elapsed().as_secs_f64(),
+        again.module_sources.iter().map(|x| x.1).collect::<Vec<_>>()
+    );
+    drop(again);
+
+    let t_check = Instant::now();
+    let rows = check::run_all(&gpu, args.quick)?;
+    check::print_table(&rows);
+    let fails = rows.iter().filter(|r| !r.pass).count();
+    println!(
+        "checks: {} rows, {} FAIL, {:.1} s",
+        rows.len(),
+        fails,
+        t_check.elapsed().as_secs_f64()
+    );
+
+    if !args.no_bench {
+        bench(&gpu)?;
+    }
+    if fails > 0 {
+        bail!("{fails} check(s) failed");
+    }
+    Ok(())
+}
+
+fn bench(gpu: &Gpu) -> Result<()> {
+    println!("\n== measurements (CUDA events; each beside a ceiling measured in this run) ==");
+    // ceiling 1: device-to-device copy of 1 GiB (bytes read + written)
+    let n = 1usize << 29; // bf16 elements = 1 GiB
+    let src = Tensor::<bf16>::zeros(gpu, &[n])?;
+    let mut dst = Tensor::<bf16>::zeros(gpu, &[n])?;
+    let ms = time_ms(gpu, 2, 10, || {
+        gpu.stream.memcpy_dtod(src.buf(), dst.buf_mut())?;
+        Ok(())
+    })?;
+    let copy_gbs = 2.0 * (n * 2) as f64 / (ms * 1e-3) / 1e9;
+    println!("copy d2d 1 GiB: {ms:.3} ms, {copy_gbs:.0} GB/s (read + write)");
+    drop((src, dst));
+
+    // ceiling 2: cuBLAS bf16 8192^3, Y = X W^T
+    let s = 8192;
+    let mut x = Tensor::<bf16>::zeros(gpu, &[s, s])?;
+    let mut w = Tensor::<bf16>::zeros(gpu, &[s, s])?;
+    fill(gpu, &mut x, 1, 1.0)?;
+    fill(gpu, &mut w, 2, 1.0)?;
+    let mut y = Tensor::<bf16>::zeros(gpu, &[s, s])?;
+    let ms = time_ms(gpu, 3, 10, || {
+        gemm::gemm(
+            gpu,
+            gemm::GemmParams {
+                x: x.view(),
+                w: w.view(),
+                y: y.view_mut(),
+                alpha: 1.0,
+                beta: 0.0,
+            },
+        )?;
+        Ok(())
+    })?;
+    let blas_tflops = 2.0 * (s as f64).powi(3) / (ms * 1e-3) / 1e12;
+    println!("cuBLAS bf16 8192^3 (X W^T, f32 acc): {ms:.3} ms, {blas_tflops:.0} TFLOP/s");
+    drop((x, w, y));
+
+    // P1: MLA decode, batch 64, context 4096, 128 heads, 512 + 64
+    for (batch, ctx) in [(64usize, 4096usize), (1, 4096)] {
+        let (heads, bs) = (128usize, 64usize);
+        let blocks_per = ctx / bs;
+        let nblocks = batch * blocks_per;
+        let mut cache = Tensor::<bf16>::zeros(gpu, &[nblocks, bs, mla::CACHE_DIM])?;
+        fill(gpu, &mut cache, 3, 1.0)?;
+        let mut qa = Tensor::<bf16>::zeros(gpu, &[batch, heads, mla::KV_LORA])?;
+        let mut qp = Tensor::<bf16>::zeros(gpu, &[batch, heads, mla::ROPE])?;
+        fill(gpu, &mut qa, 4, 0.1)?;
+        fill(gpu, &mut qp, 5, 0.1)?;
+        // blocks of different sequences interleaved, as a running server's allocator leaves them
+        let table: Vec<i32> = (0..batch * blocks_per)
+            .map(|i| ((i % blocks_per) * batch + i / blocks_per) as i32)
+            .collect();
+        let bt = Tensor::from_host(gpu, &table, &[batch, blocks_per])?;
+        let sl = Tensor::from_host(gpu, &vec![ctx as i32; batch], &[batch])?;
+        let mut out = Tensor::<bf16>::zeros(gpu, &[batch, heads, mla::KV_LORA])?;
+        let ms = time_ms(gpu, 3, 20, || {
+            mla::mla_decode(
+                gpu,
+                mla::MlaDecodeParams {
+                    q_abs: qa.view(),
+                    q_pe: qp.view(),
+                    cache: cache.view(),
+                    block_table: bt.view(),
+                    seq_lens: sl.view(),
+                    out: out.view_mut(),
+                    max_seq_len: ctx,
+                    scale: 0.1,
+                    splits: None,
+                },
+            )?;
+            Ok(())
+        })?;
+        let bytes = (batch * ctx * mla::CACHE_DIM * 2) as f64;
+        let gbs = bytes / (ms * 1e-3) / 1e9;
+        let flops = 2.0 * (batch * ctx * heads) as f64 * (mla::CACHE_DIM + mla::KV_LORA) as f64;
+        println!(
+            "P1 MLA decode batch {batch} ctx {ctx} heads {heads}: {ms:.3} ms, cache read {gbs:.0} GB/s = {:.3} of copy; {:.0} TFLOP/s ({:.3} of cuBLAS); splits {}",
+            gbs / copy_gbs,
+            flops / (ms * 1e-3) / 1e12,
+            flops / (ms * 1e-3) / 1e12 / blas_tflops,
+            mla::choose_splits(gpu.sm_count, batch, heads, ctx)
+        );
+    }
+
+    // P2: expert FFN, 8192 tokens x top-6 over 160 experts, hidden 5120, inter 1536
+    let (tokens, n_exp, hidden, inter, k) = (8192usize, 160usize, 5120usize, 1536usize, 6usize);
+    let mut gu_w = Tensor::<bf16>::zeros(gpu, &[n_exp, 2 * inter, hidden])?;
+    let mut d_w = Tensor::<bf16>::zeros(gpu, &[n_exp, hidden, inter])?;
+    fill(gpu, &mut gu_w, 6, 0.02)?;
+    fill(gpu, &mut d_w, 7, 0.02)?;
+    let mut xt = Tensor::<bf16>::zeros(gpu, &[tokens, hidden])?;
+    fill(gpu, &mut xt, 8, 1.0)?;
+    // routing from the real gate on random logits (group-limited, 8 groups / top-3 / top-6)
+    let mut g = 0x1234_5678u64;
+    let logits: Vec<f32> = (0..tokens * n_exp)
+        .map(|_| {
+            g ^= g << 13;
+            g ^= g >> 7;
+            g ^= g << 17;
+            (g >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect();
+    let lt = Tensor::from_host(gpu, &logits, &[tokens, n_exp])?;
+    let mut ids = Tensor::<i32>::zeros(gpu, &[tokens, k])?;
+    let mut wts = Tensor::<f32>::zeros(gpu, &[tokens, k])?;
+    let cfg = moe::GateConfig {
+        n_group: 8,
+        topk_group: 3,
+        top_k: k,
+        norm_topk_prob: false,
+        routed_scaling_factor: 16.0,
+    };
+    moe::moe_gate(
+        gpu,
+        moe::GateParams {
+            logits: lt.view(),
+            ids: ids.view_mut(),
+            weights: wts.view_mut(),
+            cfg,
+        },
+    )?;
+    let perm = moe::moe_permute(
+        gpu,
+        moe::PermuteParams {
+            ids: ids.view(),
+            n_experts: n_exp,
+        },
+    )?;
+    let counts: Vec<usize> = perm
+        .counts
+        .to_host(gpu)?
+        .iter()
+        .map(|&c| c as usize)
+        .collect();
+    let rows: usize = counts.iter().sum();
+    let mut px = Tensor::<bf16>::zeros(gpu, &[rows, hidden])?;
+    let mut gu = Tensor::<bf16>::zeros(gpu, &[rows, 2 * inter])?;
+    let mut act = Tensor::<bf16>::zeros(gpu, &[rows, inter])?;
+    let mut yo = Tensor::<bf16>::zeros(gpu, &[rows, hidden])?;
+    let mut comb = Tensor::<bf16>::zeros(gpu, &[tokens, hidden])?;
+    moe::moe_gather(
+        gpu,
+        moe::GatherParams {
+            x: xt.view(),
+            src_row: perm.src_row.view(),
+            out: px.view_mut(),
+        },
+    )?;
+    let ms = time_ms(gpu, 2, 10, || {
+        expert::expert_ffn(
+            gpu,
+            expert::ExpertFfnParams {
+                x: px.view(),
+                gate_up: gu_w.view(),
+                down: d_w.view(),
+                counts: &counts,
+                gu: gu.view_mut(),
+                act: act.view_mut(),
+                out: yo.view_mut(),
+            },
+        )?;
+        Ok(())
+    })?;
+    let flops = 2.0 * rows as f64 * (hidden * 2 * inter + inter * hidden) as f64;
+    let tf = flops / (ms * 1e-3) / 1e12;
+    let (cmin, cmax) = (
+        counts.iter().min().copied().unwrap_or(0),
+        counts.iter().max().copied().unwrap_or(0),
+    );
+    println!(
+        "P2 expert FFN {tokens} tok x top{k} / {n_exp} experts (rows/expert {cmin}..{cmax}): {ms:.3} ms, {tf:.0} TFLOP/s = {:.3} of cuBLAS",
+        tf / blas_tflops
+    );
+    // the whole routed path: gate + permute + counts to host + gather + FFN + combine
+    let ms_all = time_ms(gpu, 1, 5, || {
+        moe::moe_gate(
+            gpu,
+            moe::GateParams {
+                logits: lt.view(),
+                ids: ids.view_mut(),
+                weights: wts.view_mut(),
+                cfg,
+            },
+        )?;
+        let p = moe::moe_permute(
+            gpu,
+            moe::PermuteParams {
+                ids: ids.view(),
+                n_experts: n_exp,
+            },
+        )?;
+        let c: Vec<usize> = p.counts.to_host(gpu)?.iter().map(|&c| c as usize).collect();
+        moe::moe_gather(
+            gpu,
+            moe::GatherParams {
+                x: xt.view(),
+                src_row: p.src_row.view(),
+                out: px.view_mut(),
+            },
+        )?;
+        expert::expert_ffn(
+            gpu,
+            expert::ExpertFfnParams {
+                x: px.view(),
+                gate_up: gu_w.view(),
+                down: d_w.view(),
+                counts: &c,
+                gu: gu.view_mut(),
+                act: act.view_mut(),
+                out: yo.view_mut(),
+            },
+        )?;
+        moe::moe_combine(
+            gpu,
+            moe::CombineParams {
+                y: yo.view(),
+                slot_of: p.slot_of.view(),
+                weights: wts.view(),
+                out: comb.view_mut(),
+                accumulate: false,
+            },
+        )?;
+        Ok(())
+    })?;
+    println!(
+        "P2' routed MoE path incl. gate/permute/host counts/gather/combine: {ms_all:.3} ms, {:.0} TFLOP/s = {:.3} of cuBLAS",
+        flops / (ms_all * 1e-3) / 1e12,
+        flops / (ms_all * 1e-3) / 1e12 / blas_tflops
+    );
+    Ok(())
+}

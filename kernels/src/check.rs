@@ -1,0 +1,792 @@
+//! The GPU check harness: each function runs one op on the GPU over random inputs and compares it
+//! with its `reference` twin, returning a table row. Used by the kernel tests and by
+//! `dsv2-gpu-check`.
+//!
+//! Tolerances: ops whose output is bf16 are held to relative L2 <= 1e-2 — one bf16 rounding of the
+//! output alone gives ~2.3e-3 (2^-8 / sqrt(3)), and kernels round some intermediates (P in MLA, the
+//! FFN intermediate) once more. Integer outputs (ids, permutations, copies) must match exactly;
+//! f32 gate weights to 1e-5.
+
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::device::Gpu;
+use crate::error::Result;
+use crate::ops::{elementwise as ew, expert, gemm, mla, moe, sample};
+use crate::reference as r;
+use crate::rope::{RopeTable, YarnConfig, yarn_cos_sin, yarn_softmax_scale};
+use crate::tensor::Tensor;
+
+/// One line of the check table.
+#[derive(Debug, Clone)]
+pub struct CheckRow {
+    pub op: String,
+    pub sizes: String,
+    pub max_abs: f32,
+    pub rel_l2: f32,
+    pub tol: f32,
+    pub pass: bool,
+    pub note: String,
+}
+
+impl CheckRow {
+    fn cmp(op: &str, sizes: String, got: &[f32], want: &[f32], tol: f32) -> Self {
+        let (max_abs, rel_l2) = r::errors(got, want);
+        let pass = got.len() == want.len() && rel_l2 <= tol;
+        Self {
+            op: op.into(),
+            sizes,
+            max_abs,
+            rel_l2,
+            tol,
+            pass,
+            note: String::new(),
+        }
+    }
+    fn exact<T: PartialEq>(op: &str, sizes: String, got: &[T], want: &[T]) -> Self {
+        let bad =
+            got.iter().zip(want).filter(|(a, b)| a != b).count() + got.len().abs_diff(want.len());
+        Self {
+            op: op.into(),
+            sizes,
+            max_abs: bad as f32,
+            rel_l2: 0.0,
+            tol: 0.0,
+            pass: bad == 0,
+            note: if bad == 0 {
+                "exact".into()
+            } else {
+                format!("{bad} mismatches")
+            },
+        }
+    }
+}
+
+/// The standard awkward row counts.
+pub const ROWS: [usize; 4] = [1, 7, 67, 5137];
+
+fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// n uniform values in [-scale, scale) rounded to bf16: (device form, f32 form).
+fn rand_bf16(g: &mut ChaCha8Rng, n: usize, scale: f32) -> (Vec<bf16>, Vec<f32>) {
+    let b: Vec<bf16> = (0..n)
+        .map(|_| bf16::from_f32(g.random_range(-scale..scale)))
+        .collect();
+    let f = b.iter().map(|v| v.to_f32()).collect();
+    (b, f)
+}
+
+fn f32s(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// Rows to compare for a big output: all when small, else a spread sample incl. first and last.
+fn sample_rows(rows: usize) -> Vec<usize> {
+    if rows <= 80 {
+        (0..rows).collect()
+    } else {
+        let mut v: Vec<usize> = (0..rows).step_by(rows / 61).collect();
+        v.push(rows - 1);
+        v.dedup();
+        v
+    }
+}
+
+pub fn check_embedding(gpu: &Gpu, rows: usize, hidden: usize, vocab: usize) -> Result<CheckRow> {
+    let mut g = rng(1);
+    let (tb, tf) = rand_bf16(&mut g, vocab * hidden, 1.0);
+    let mut ids: Vec<i32> = (0..rows).map(|_| g.random_range(0..vocab as i32)).collect();
+    if rows > 2 {
+        ids[1] = -1; // out of range -> zero row
+    }
+    let table = Tensor::from_host(gpu, &tb, &[vocab, hidden])?;
+    let idt = Tensor::from_host(gpu, &ids, &[rows])?;
+    let mut out = Tensor::<bf16>::zeros(gpu, &[rows, hidden])?;
+    ew::embedding(
+        gpu,
+        ew::EmbeddingParams {
+            table: table.view(),
+            ids: idt.view(),
+            out: out.view_mut(),
+        },
+    )?;
+    let got = f32s(&out.to_host(gpu)?);
+    Ok(CheckRow::exact(
+        "embedding_bf16",
+        format!("rows {rows} hidden {hidden} vocab {vocab}"),
+        &got,
+        &r::embedding(&tf, hidden, &ids),
+    ))
+}
+
+pub fn check_rmsnorm(gpu: &Gpu, rows: usize, hidden: usize, fused: bool) -> Result<Vec<CheckRow>> {
+    let mut g = rng(2);
+    let (xb, xf) = rand_bf16(&mut g, rows * hidden, 2.0);
+    let (wb, wf) = rand_bf16(&mut g, hidden, 1.0);
+    let (rb, rf) = rand_bf16(&mut g, rows * hidden, 2.0);
+    let x = Tensor::from_host(gpu, &xb, &[rows, hidden])?;
+    let w = Tensor::from_host(gpu, &wb, &[hidden])?;
+    let mut res = Tensor::from_host(gpu, &rb, &[rows, hidden])?;
+    let mut out = Tensor::<bf16>::zeros(gpu, &[rows, hidden])?;
+    let sizes = format!("rows {rows} hidden {hidden}");
+    if fused {
+        ew::rmsnorm(
+            gpu,
+            ew::RmsNormParams {
+                x: x.view(),
+                weight: w.view(),
+                residual: Some(res.view_mut()),
+                out: out.view_mut(),
+                eps: 1e-6,
+            },
+        )?;
+        let (want, want_res) = r::add_rmsnorm(&xf, &rf, &wf, 1e-6);
+        let got = f32s(&out.to_host(gpu)?);
+        let got_res = f32s(&res.to_host(gpu)?);
+        Ok(vec![
+            CheckRow::cmp("add_rmsnorm_bf16 out", sizes.clone(), &got, &want, 1e-2),
+            CheckRow::cmp(
+                "add_rmsnorm_bf16 residual",
+                sizes,
+                &got_res,
+                &want_res,
+                1e-2,
+            ),
+        ])
+    } else {
+        ew::rmsnorm(
+            gpu,
+            ew::RmsNormParams {
+                x: x.view(),
+                weight: w.view(),
+                residual: None,
+                out: out.view_mut(),
+                eps: 1e-6,
+            },
+        )?;
+        let got = f32s(&out.to_host(gpu)?);
+        Ok(vec![CheckRow::cmp(
+            "rmsnorm_bf16",
+            sizes,
+            &got,
+            &r::rmsnorm(&xf, &wf, 1e-6),
+            1e-2,
+        )])
+    }
+}
+
+pub fn check_silu_mul(gpu: &Gpu, rows: usize, inter: usize) -> Result<CheckRow> {
+    let mut g = rng(3);
+    let (ib, i_f) = rand_bf16(&mut g, rows * 2 * inter, 4.0);
+    let input = Tensor::from_host(gpu, &ib, &[rows, 2 * inter])?;
+    let mut out = Tensor::<bf16>::zeros(gpu, &[rows, inter])?;
+    ew::silu_mul(
+        gpu,
+        ew::SiluMulParams {
+            input: input.view(),
+            out: out.view_mut(),
+        },
+    )?;
+    let got = f32s(&out.to_host(gpu)?);
+    Ok(CheckRow::cmp(
+        "silu_mul_bf16",
+        format!("rows {rows} inter {inter}"),
+        &got,
+        &r::silu_mul(&i_f, inter),
+        1e-2,
+    ))
+}
+
+pub fn check_rope(
+    gpu: &Gpu,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    offset: usize,
+) -> Result<CheckRow> {
+    let mut g = rng(4);
+    let yc = YarnConfig::deepseek_v2();
+    let max_pos = 8192;
+    let (cos, sin) = yarn_cos_sin(&yc, max_pos);
+    let table = RopeTable::from_host(gpu, &cos, &sin, max_pos, yc.dim)?;
+    let (xb, mut xf) = rand_bf16(&mut g, tokens * heads * head_dim, 2.0);
+    let pos: Vec<i32> = (0..tokens)
+        .map(|_| g.random_range(0..max_pos as i32))
+        .collect();
+    let mut x = Tensor::from_host(gpu, &xb, &[tokens, heads, head_dim])?;
+    let pt = Tensor::from_host(gpu, &pos, &[tokens])?;
+    ew::rope(
+        gpu,
+        ew::RopeParams {
+            x: x.view_mut(),
+            positions: pt.view(),
+            table: &table,
+            rope_offset: offset,
+        },
+    )?;
+    r::rope(&mut xf, heads, head_dim, offset, yc.dim, &pos, &cos, &sin);
+    let got = f32s(&x.to_host(gpu)?);
+    Ok(CheckRow::cmp(
+        "rope_bf16",
+        format!(
+            "tokens {tokens} heads {heads} dim {head_dim} rope {offset}+{}",
+            yc.dim
+        ),
+        &got,
+        &xf,
+        1e-2,
+    ))
+}
+
+pub fn check_gemm(gpu: &Gpu, m: usize, n: usize, k: usize) -> Result<CheckRow> {
+    let mut g = rng(5);
+    let (xb, xf) = rand_bf16(&mut g, m * k, 1.0);
+    let (wb, wf) = rand_bf16(&mut g, n * k, 1.0);
+    let x = Tensor::from_host(gpu, &xb, &[m, k])?;
+    let w = Tensor::from_host(gpu, &wb, &[n, k])?;
+    let mut y = Tensor::<bf16>::zeros(gpu, &[m, n])?;
+    gemm::gemm(
+        gpu,
+        gemm::GemmParams {
+            x: x.view(),
+            w: w.view(),
+            y: y.view_mut(),
+            alpha: 1.0,
+            beta: 0.0,
+        },
+    )?;
+    let got = f32s(&y.to_host(gpu)?);
+    let rows = sample_rows(m);
+    let xs: Vec<f32> = rows
+        .iter()
+        .flat_map(|&i| xf[i * k..(i + 1) * k].iter().cloned())
+        .collect();
+    let gs: Vec<f32> = rows
+        .iter()
+        .flat_map(|&i| got[i * n..(i + 1) * n].iter().cloned())
+        .collect();
+    let want = r::gemm(&xs, &wf, rows.len(), n, k);
+    let mut row = CheckRow::cmp(
+        "gemm_bf16 (cuBLAS)",
+        format!("M {m} N {n} K {k}"),
+        &gs,
+        &want,
+        1e-2,
+    );
+    row.note = format!("{} rows compared", rows.len());
+    Ok(row)
+}
+
+fn gate_cfg_v2() -> moe::GateConfig {
+    moe::GateConfig {
+        n_group: 8,
+        topk_group: 3,
+        top_k: 6,
+        norm_topk_prob: false,
+        routed_scaling_factor: 16.0,
+    }
+}
+
+pub fn check_gate(
+    gpu: &Gpu,
+    tokens: usize,
+    n_exp: usize,
+    cfg: moe::GateConfig,
+) -> Result<CheckRow> {
+    let mut g = rng(6);
+    let logits: Vec<f32> = (0..tokens * n_exp)
+        .map(|_| g.random_range(-4.0f32..4.0))
+        .collect();
+    let lt = Tensor::from_host(gpu, &logits, &[tokens, n_exp])?;
+    let mut ids = Tensor::<i32>::zeros(gpu, &[tokens, cfg.top_k])?;
+    let mut w = Tensor::<f32>::zeros(gpu, &[tokens, cfg.top_k])?;
+    moe::moe_gate(
+        gpu,
+        moe::GateParams {
+            logits: lt.view(),
+            ids: ids.view_mut(),
+            weights: w.view_mut(),
+            cfg,
+        },
+    )?;
+    let (gi, gw) = (ids.to_host(gpu)?, w.to_host(gpu)?);
+    let (ri, rw) = r::moe_gate(&logits, n_exp, &cfg);
+    // Ids must match except where the reference's own scores tie within 1e-6 (exp rounding can
+    // then legitimately order them differently).
+    let mut hard = 0;
+    let mut soft = 0;
+    for t in 0..tokens {
+        let s = r::gate_scores(&logits[t * n_exp..(t + 1) * n_exp]);
+        for j in 0..cfg.top_k {
+            let (a, b) = (gi[t * cfg.top_k + j], ri[t * cfg.top_k + j]);
+            if a != b {
+                let (sa, sb) = (
+                    s.get(a as usize).copied().unwrap_or(f32::NAN),
+                    s[b as usize],
+                );
+                if (sa - sb).abs() <= 1e-6 {
+                    soft += 1
+                } else {
+                    hard += 1
+                }
+            }
+        }
+    }
+    let mut row = CheckRow::cmp(
+        "moe_gate_f32",
+        format!(
+            "tokens {tokens} E {n_exp} groups {}/{} top{}",
+            cfg.topk_group, cfg.n_group, cfg.top_k
+        ),
+        &gw,
+        &rw,
+        1e-5,
+    );
+    row.pass &= hard == 0;
+    row.note = format!("id mismatches: {hard} (+{soft} near-ties)");
+    Ok(row)
+}
+
+/// Permutation + gather + combine (one routing of `tokens` x top-6 over `n_exp` experts).
+pub fn check_permute_combine(
+    gpu: &Gpu,
+    tokens: usize,
+    n_exp: usize,
+    hidden: usize,
+) -> Result<Vec<CheckRow>> {
+    let mut g = rng(7);
+    let k = 6;
+    let mut ids: Vec<i32> = (0..tokens * k)
+        .map(|_| g.random_range(0..n_exp as i32))
+        .collect();
+    if ids.len() > 3 {
+        ids[3] = -1; // not routed here (expert shard case)
+    }
+    let w: Vec<f32> = (0..tokens * k)
+        .map(|_| g.random_range(0.0f32..1.0))
+        .collect();
+    let (xb, xf) = rand_bf16(&mut g, tokens * hidden, 1.0);
+    let it = Tensor::from_host(gpu, &ids, &[tokens, k])?;
+    let perm = moe::moe_permute(
+        gpu,
+        moe::PermuteParams {
+            ids: it.view(),
+            n_experts: n_exp,
+        },
+    )?;
+    let (rc, ro, rs, rsrc) = r::permute(&ids, k, n_exp);
+    let routed = rc.iter().sum::<i32>() as usize;
+    let sizes = format!("tokens {tokens} top{k} E {n_exp} hidden {hidden}");
+    let mut rows = vec![
+        CheckRow::exact(
+            "moe_permute counts",
+            sizes.clone(),
+            &perm.counts.to_host(gpu)?,
+            &rc,
+        ),
+        CheckRow::exact(
+            "moe_permute offsets",
+            sizes.clone(),
+            &perm.offsets.to_host(gpu)?,
+            &ro,
+        ),
+        CheckRow::exact(
+            "moe_permute slot_of",
+            sizes.clone(),
+            &perm.slot_of.to_host(gpu)?,
+            &rs,
+        ),
+        CheckRow::exact(
+            "moe_permute src_row",
+            sizes.clone(),
+            &perm.src_row.to_host(gpu)?[..routed],
+            &rsrc[..routed],
+        ),
+    ];
+    let x = Tensor::from_host(gpu, &xb, &[tokens, hidden])?;
+    let mut px = Tensor::<bf16>::zeros(gpu, &[routed, hidden])?;
+    moe::moe_gather(
+        gpu,
+        moe::GatherParams {
+            x: x.view(),
+            src_row: perm.src_row.view(),
+            out: px.view_mut(),
+        },
+    )?;
+    let want_px: Vec<f32> = rsrc[..routed]
+        .iter()
+        .flat_map(|&t| {
+            xf[t as usize * hidden..(t as usize + 1) * hidden]
+                .iter()
+                .cloned()
+        })
+        .collect();
+    rows.push(CheckRow::exact(
+        "moe_gather_bf16",
+        sizes.clone(),
+        &f32s(&px.to_host(gpu)?),
+        &want_px,
+    ));
+    // combine the permuted rows back, accumulating onto an initial value
+    let (ib, i_f) = rand_bf16(&mut g, tokens * hidden, 1.0);
+    let wt = Tensor::from_host(gpu, &w, &[tokens, k])?;
+    let mut out = Tensor::from_host(gpu, &ib, &[tokens, hidden])?;
+    moe::moe_combine(
+        gpu,
+        moe::CombineParams {
+            y: px.view(),
+            slot_of: perm.slot_of.view(),
+            weights: wt.view(),
+            out: out.view_mut(),
+            accumulate: true,
+        },
+    )?;
+    let want = r::combine(&want_px, hidden, &rs, &w, k, Some(&i_f));
+    rows.push(CheckRow::cmp(
+        "moe_combine_bf16",
+        sizes,
+        &f32s(&out.to_host(gpu)?),
+        &want,
+        1e-2,
+    ));
+    Ok(rows)
+}
+
+pub fn check_expert_ffn(
+    gpu: &Gpu,
+    tokens: usize,
+    n_exp: usize,
+    hidden: usize,
+    inter: usize,
+) -> Result<CheckRow> {
+    let mut g = rng(8);
+    let k = 6.min(n_exp);
+    let ids: Vec<i32> = (0..tokens * k)
+        .map(|_| g.random_range(0..n_exp as i32))
+        .collect();
+    let (rc, _, _, _) = r::permute(&ids, k, n_exp);
+    let counts: Vec<usize> = rc.iter().map(|&c| c as usize).collect();
+    let rows: usize = counts.iter().sum();
+    let scale_in = 1.0 / (hidden as f32).sqrt();
+    let (xb, xf) = rand_bf16(&mut g, rows * hidden, 1.0);
+    let (gub, guf) = rand_bf16(&mut g, n_exp * 2 * inter * hidden, scale_in * 1.7);
+    let (db, df) = rand_bf16(&mut g, n_exp * hidden * inter, 1.7 / (inter as f32).sqrt());
+    let x = Tensor::from_host(gpu, &xb, &[rows, hidden])?;
+    let gu_w = Tensor::from_host(gpu, &gub, &[n_exp, 2 * inter, hidden])?;
+    let d_w = Tensor::from_host(gpu, &db, &[n_exp, hidden, inter])?;
+    let mut gu = Tensor::<bf16>::zeros(gpu, &[rows, 2 * inter])?;
+    let mut act = Tensor::<bf16>::zeros(gpu, &[rows, inter])?;
+    let mut out = Tensor::<bf16>::zeros(gpu, &[rows, hidden])?;
+    expert::expert_ffn(
+        gpu,
+        expert::ExpertFfnParams {
+            x: x.view(),
+            gate_up: gu_w.view(),
+            down: d_w.view(),
+            counts: &counts,
+            gu: gu.view_mut(),
+            act: act.view_mut(),
+            out: out.view_mut(),
+        },
+    )?;
+    let got = f32s(&out.to_host(gpu)?);
+    // reference on a few rows of every expert
+    let (mut gs, mut ws) = (Vec::new(), Vec::new());
+    let mut off = 0;
+    for (e, &n) in counts.iter().enumerate() {
+        for i in [0, n / 2, n.saturating_sub(1)]
+            .into_iter()
+            .filter(|&i| i < n)
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let row = off + i;
+            let mut one = vec![0usize; n_exp];
+            one[e] = 1;
+            let y = r::expert_ffn(
+                &xf[row * hidden..(row + 1) * hidden],
+                &guf,
+                &df,
+                &one,
+                hidden,
+                inter,
+            );
+            ws.extend(y);
+            gs.extend_from_slice(&got[row * hidden..(row + 1) * hidden]);
+        }
+        off += n;
+    }
+    let mut row = CheckRow::cmp(
+        "expert_ffn_bf16",
+        format!("rows {rows} E {n_exp} hidden {hidden} inter {inter}"),
+        &gs,
+        &ws,
+        1e-2,
+    );
+    row.note = format!("{} rows compared", gs.len() / hidden);
+    Ok(row)
+}
+
+/// MLA decode over a paged cache with shuffled blocks. `lens` are the per-sequence context lengths.
+pub fn check_mla_decode(
+    gpu: &Gpu,
+    lens: &[usize],
+    heads: usize,
+    block_size: usize,
+    splits: Option<usize>,
+) -> Result<CheckRow> {
+    let mut g = rng(9);
+    let batch = lens.len();
+    let max_len = lens.iter().copied().max().unwrap_or(1).max(1);
+    let max_blocks = max_len.div_ceil(block_size);
+    let num_blocks = batch * max_blocks + 3;
+    // a shuffled assignment of physical blocks
+    let mut phys: Vec<i32> = (0..num_blocks as i32).collect();
+    for i in (1..phys.len()).rev() {
+        let j = g.random_range(0..=i);
+        phys.swap(i, j);
+    }
+    let table: Vec<i32> = (0..batch * max_blocks).map(|i| phys[i]).collect();
+    let (cb, cf) = rand_bf16(&mut g, num_blocks * block_size * mla::CACHE_DIM, 1.0);
+    let (qab, qaf) = rand_bf16(&mut g, batch * heads * mla::KV_LORA, 0.25);
+    let (qpb, qpf) = rand_bf16(&mut g, batch * heads * mla::ROPE, 0.25);
+    let seq: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+    let scale = yarn_softmax_scale(&YarnConfig::deepseek_v2(), 192);
+    let cache = Tensor::from_host(gpu, &cb, &[num_blocks, block_size, mla::CACHE_DIM])?;
+    let qa = Tensor::from_host(gpu, &qab, &[batch, heads, mla::KV_LORA])?;
+    let qp = Tensor::from_host(gpu, &qpb, &[batch, heads, mla::ROPE])?;
+    let bt = Tensor::from_host(gpu, &table, &[batch, max_blocks])?;
+    let sl = Tensor::from_host(gpu, &seq, &[batch])?;
+    let mut out = Tensor::<bf16>::zeros(gpu, &[batch, heads, mla::KV_LORA])?;
+    mla::mla_decode(
+        gpu,
+        mla::MlaDecodeParams {
+            q_abs: qa.view(),
+            q_pe: qp.view(),
+            cache: cache.view(),
+            block_table: bt.view(),
+            seq_lens: sl.view(),
+            out: out.view_mut(),
+            max_seq_len: max_len,
+            scale,
+            splits,
+        },
+    )?;
+    let got = f32s(&out.to_host(gpu)?);
+    let want = r::mla_decode(
+        &qaf, &qpf, &cf, block_size, &table, max_blocks, &seq, heads, scale,
+    );
+    let used = splits.unwrap_or_else(|| mla::choose_splits(gpu.sm_count, batch, heads, max_len));
+    let lens_s = if lens.len() <= 8 {
+        format!("{lens:?}")
+    } else {
+        format!("{} seqs, max {max_len}", lens.len())
+    };
+    let mut row = CheckRow::cmp(
+        "mla_decode_bf16",
+        format!("lens {lens_s} heads {heads} block {block_size}"),
+        &got,
+        &want,
+        1e-2,
+    );
+    row.note = format!("splits {used}");
+    Ok(row)
+}
+
+pub fn check_cache_append(gpu: &Gpu, tokens: usize) -> Result<CheckRow> {
+    let mut g = rng(10);
+    let (num_blocks, bs) = (tokens.div_ceil(16) + 2, 16);
+    let (cb, mut cf) = rand_bf16(&mut g, num_blocks * bs * mla::CACHE_DIM, 1.0);
+    let (kvb, kvf) = rand_bf16(&mut g, tokens * mla::KV_LORA, 1.0);
+    let (peb, pef) = rand_bf16(&mut g, tokens * mla::ROPE, 1.0);
+    let mut slots: Vec<i64> = (0..(num_blocks * bs) as i64).collect();
+    for i in (1..slots.len()).rev() {
+        let j = g.random_range(0..=i);
+        slots.swap(i, j);
+    }
+    slots.truncate(tokens);
+    if tokens > 1 {
+        slots[0] = -1; // padding
+    }
+    let mut cache = Tensor::from_host(gpu, &cb, &[num_blocks, bs, mla::CACHE_DIM])?;
+    let kv = Tensor::from_host(gpu, &kvb, &[tokens, mla::KV_LORA])?;
+    let pe = Tensor::from_host(gpu, &peb, &[tokens, mla::ROPE])?;
+    let st = Tensor::from_host(gpu, &slots, &[tokens])?;
+    mla::mla_cache_append(
+        gpu,
+        mla::CacheAppendParams {
+            cache: cache.view_mut(),
+            c_kv: kv.view(),
+            k_pe: pe.view(),
+            slots: st.view(),
+        },
+    )?;
+    r::cache_append(&mut cf, &kvf, &pef, &slots);
+    Ok(CheckRow::exact(
+        "mla_cache_append_bf16",
+        format!("tokens {tokens}"),
+        &f32s(&cache.to_host(gpu)?),
+        &cf,
+    ))
+}
+
+pub fn check_argmax(gpu: &Gpu, rows: usize, vocab: usize) -> Result<CheckRow> {
+    let mut g = rng(11);
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|_| g.random_range(-10.0f32..10.0))
+        .collect();
+    let lt = Tensor::from_host(gpu, &logits, &[rows, vocab])?;
+    let mut ids = Tensor::<i32>::zeros(gpu, &[rows])?;
+    sample::argmax(
+        gpu,
+        sample::ArgmaxParams {
+            logits: lt.view(),
+            ids: ids.view_mut(),
+        },
+    )?;
+    Ok(CheckRow::exact(
+        "argmax_f32",
+        format!("rows {rows} vocab {vocab}"),
+        &ids.to_host(gpu)?,
+        &r::argmax(&logits, vocab),
+    ))
+}
+
+pub fn check_sample(gpu: &Gpu, rows: usize, vocab: usize) -> Result<CheckRow> {
+    let mut g = rng(12);
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|_| g.random_range(-6.0f32..6.0))
+        .collect();
+    let temp: Vec<f32> = (0..rows)
+        .map(|i| {
+            if i % 5 == 0 {
+                0.0
+            } else {
+                g.random_range(0.3f32..1.5)
+            }
+        })
+        .collect();
+    let top_k: Vec<i32> = (0..rows).map(|i| [0, 1, 5, 50, 1000][i % 5]).collect();
+    let top_p: Vec<f32> = (0..rows)
+        .map(|i| [1.0, 0.9, 0.5, 0.95, 0.7][(i / 5) % 5])
+        .collect();
+    let u: Vec<f32> = (0..rows).map(|_| g.random_range(0.0f32..1.0)).collect();
+    let t = |v: &Vec<f32>| Tensor::from_host(gpu, v, &[rows]);
+    let lt = Tensor::from_host(gpu, &logits, &[rows, vocab])?;
+    let (tt, tpt, ut) = (t(&temp)?, t(&top_p)?, t(&u)?);
+    let tkt = Tensor::from_host(gpu, &top_k, &[rows])?;
+    let mut ids = Tensor::<i32>::zeros(gpu, &[rows])?;
+    sample::sample(
+        gpu,
+        sample::SampleParams {
+            logits: lt.view(),
+            temperature: tt.view(),
+            top_k: tkt.view(),
+            top_p: tpt.view(),
+            uniform: ut.view(),
+            ids: ids.view_mut(),
+        },
+    )?;
+    let got = ids.to_host(gpu)?;
+    let want = r::sample(&logits, vocab, &temp, &top_k, &top_p, &u);
+    let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+    // f32 sums in a different order can move a draw that lands within ~1e-6 of a boundary: allow
+    // at most one such row per thousand.
+    let allowed = rows / 1000;
+    Ok(CheckRow {
+        op: "sample_f32".into(),
+        sizes: format!("rows {rows} vocab {vocab}"),
+        max_abs: bad as f32,
+        rel_l2: 0.0,
+        tol: allowed as f32,
+        pass: bad <= allowed,
+        note: format!("{bad} of {rows} draws differ"),
+    })
+}
+
+/// Every check at the awkward sizes and at real DeepSeek-V2 dims.
+pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
+    let rows_set: Vec<usize> = if quick { vec![1, 7, 67] } else { ROWS.to_vec() };
+    let mut out = Vec::new();
+    for &rows in &rows_set {
+        out.push(check_embedding(gpu, rows, 5120, 4096)?);
+        out.extend(check_rmsnorm(gpu, rows, 5120, false)?);
+        out.extend(check_rmsnorm(gpu, rows, 5120, true)?);
+        out.push(check_silu_mul(gpu, rows, 1536)?);
+        out.push(check_rope(
+            gpu,
+            rows,
+            if rows > 67 { 1 } else { 128 },
+            if rows > 67 { 64 } else { 192 },
+            if rows > 67 { 0 } else { 128 },
+        )?);
+        out.push(check_gemm(gpu, rows, 1536, 5120)?);
+        out.push(check_gate(gpu, rows, 160, gate_cfg_v2())?);
+        out.push(check_gate(
+            gpu,
+            rows,
+            64,
+            moe::GateConfig {
+                n_group: 1,
+                topk_group: 1,
+                top_k: 6,
+                norm_topk_prob: false,
+                routed_scaling_factor: 1.0,
+            },
+        )?);
+        out.extend(check_permute_combine(gpu, rows, 160, 5120)?);
+        out.push(check_cache_append(gpu, rows)?);
+        out.push(check_argmax(
+            gpu,
+            rows,
+            if rows > 67 { 1000 } else { 102400 },
+        )?);
+    }
+    out.push(check_rmsnorm(gpu, 67, 512, false)?.remove(0));
+    out.push(check_rmsnorm(gpu, 67, 1536, false)?.remove(0));
+    out.push(check_gate(
+        gpu,
+        5137,
+        160,
+        moe::GateConfig {
+            norm_topk_prob: true,
+            ..gate_cfg_v2()
+        },
+    )?);
+    out.push(check_sample(gpu, 67, 102400)?);
+    out.push(check_sample(gpu, if quick { 500 } else { 5137 }, 1000)?);
+    out.push(check_expert_ffn(gpu, 67, 8, 5120, 1536)?);
+    out.push(check_expert_ffn(gpu, 7, 3, 512, 64)?);
+    out.push(check_mla_decode(gpu, &[1], 128, 64, None)?);
+    out.push(check_mla_decode(gpu, &[7, 1, 67, 130], 128, 64, None)?);
+    out.push(check_mla_decode(gpu, &[5137, 33, 1], 128, 64, None)?);
+    out.push(check_mla_decode(gpu, &[5137, 33, 1], 128, 64, Some(1))?);
+    out.push(check_mla_decode(gpu, &[67, 300, 7], 16, 16, None)?);
+    if !quick {
+        let lens: Vec<usize> = (0..67).map(|i| 1 + (i * 97) % 700).collect();
+        out.push(check_mla_decode(gpu, &lens, 128, 64, None)?);
+    }
+    Ok(out)
+}
+
+/// Print rows as a fixed-width table.
+pub fn print_table(rows: &[CheckRow]) {
+    println!(
+        "{:<28} {:<52} {:>10} {:>10} {:>8}  {:<4} note",
+        "op", "sizes", "max_abs", "rel_l2", "tol", "ok"
+    );
+    for r in rows {
+        println!(
+            "{:<28} {:<52} {:>10.3e} {:>10.3e} {:>8.1e}  {:<4} {}",
+            r.op,
+            r.sizes,
+            r.max_abs,
+            r.rel_l2,
+            r.tol,
+            if r.pass { "PASS" } else { "FAIL" },
+            r.note
+        );
+    }
+}

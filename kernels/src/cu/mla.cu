@@ -1,0 +1,302 @@
+// mla.cu: MLA decode attention over the paged latent cache with absorbed weights, the split-K
+// combine, and the latent cache append.
+//
+// Decode kernel (tensor cores through mma.sync m16n8k16 bf16 -> f32): a CTA owns one sequence, 64
+// heads and one slice of the context. Per 32-token tile of cache (576 = 512 latent + 64 rope values):
+//   S[64 x 32] = Q[64 x 576] . K[32 x 576]^T      (Q = q_abs | q_pe, K = cache rows)
+//   online softmax (f32, exp2 with the scale folded in)
+//   O[64 x 512] = O * alpha + P[64 x 32] . V[32 x 512]   (V = first 512 values of the same cache rows)
+// The cache tile is loaded once into shared memory and used by all 64 heads of the CTA; the second
+// head-group CTA of the same sequence reads the same tiles, mostly from L2.
+#include "common.cuh"
+
+#define D_LAT 512
+#define D_ROPE 64
+#define D_QK 576
+#define HB 64           // heads per CTA
+#define TN 32           // tokens per tile
+#define SROW (D_QK + 8) // padded smem row (bf16): 292 words, rows land 4 banks apart
+#define NTHREADS 256
+
+struct MlaSmem {
+    bf16 q[HB * SROW];
+    bf16 k[2][TN * SROW];
+    float s[HB * (TN + 1)];
+    bf16 p[HB * (TN + 8)];
+    float alpha[HB];
+    float m_fin[HB];
+    float l_fin[HB];
+};
+
+__device__ __forceinline__ void mma_bf16(float* d, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ u32 ld_u32(const bf16* p) { return *reinterpret_cast<const u32*>(p); }
+
+__device__ __forceinline__ u32 pack2(bf16 lo, bf16 hi) {
+    return (u32)__bfloat16_as_ushort(lo) | ((u32)__bfloat16_as_ushort(hi) << 16);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    u32 s = (u32)__cvta_generic_to_shared(smem);
+    int n = valid ? 16 : 0;  // src-size 0 zero-fills the 16 bytes
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all_but_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+// Load cache tokens [t0, t0 + TN) of sequence b into a smem tile; tokens >= end become zeros.
+__device__ __forceinline__ void load_k_tile(bf16* dst, const bf16* __restrict__ cache,
+                                            const int* __restrict__ btab, int block_size, int t0, int end) {
+    // TN rows x 72 chunks of 16 bytes
+    for (int c = threadIdx.x; c < TN * (D_QK / 8); c += NTHREADS) {
+        int r = c / (D_QK / 8), col = (c % (D_QK / 8)) * 8;
+        int t = t0 + r;
+        bool valid = t < end;
+        const bf16* src = cache;
+        if (valid) {
+            int blk = btab[t / block_size];
+            src = cache + ((size_t)blk * block_size + (t % block_size)) * D_QK + col;
+        }
+        cp_async16(dst + r * SROW + col, src, valid);
+    }
+}
+
+// grid (ceil(H/64), B, splits). q_abs [B, H, 512], q_pe [B, H, 64], cache [blocks, block_size, 576],
+// block_table [B, max_blocks] (i32), seq_lens [B] (i32).
+// splits == 1: out [B, H, 512] bf16 = softmax(scale * q.k) . c.
+// splits  > 1: o_part [B, splits, H, 512] f32 (normalised per split) and lse [B, splits, H] f32.
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+mla_decode_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, const bf16* __restrict__ cache,
+                const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
+                float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size,
+                int max_blocks, int splits, int tokens_per_split, float scale) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    MlaSmem& sm = *reinterpret_cast<MlaSmem*>(smem_raw);
+    const int hg = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
+    const int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
+    const int h0 = hg * HB;
+    const int len = seq_lens[b];
+    const int start = split * tokens_per_split;
+    const int end = min(len, start + tokens_per_split);
+    const int* btab = block_table + (size_t)b * max_blocks;
+    const float sl2 = scale * 1.4426950408889634f;  // scale * log2(e): softmax via exp2
+
+    // Q tile: rows are heads h0 .. h0+63 (zeros past `heads`), cols 0..511 q_abs, 512..575 q_pe.
+    for (int c = tid; c < HB * (D_QK / 8); c += NTHREADS) {
+        int r = c / (D_QK / 8), col = (c % (D_QK / 8)) * 8;
+        int h = h0 + r;
+        bf16x8 v;
+        if (h < heads) {
+            const bf16* src = col < D_LAT ? q_abs + ((size_t)b * heads + h) * D_LAT + col
+                                          : q_pe + ((size_t)b * heads + h) * D_ROPE + (col - D_LAT);
+            v = *reinterpret_cast<const bf16x8*>(src);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) v.v[i] = __floats2bfloat162_rn(0.f, 0.f);
+        }
+        *reinterpret_cast<bf16x8*>(&sm.q[r * SROW + col]) = v;
+    }
+
+    // Per-thread O accumulators: warp owns output columns [64*warp, 64*warp+64) for all 64 rows:
+    // 4 m-tiles x 8 n-tiles x 4 floats.
+    float acc[4][8][4];
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 8; ++ni)
+#pragma unroll
+            for (int x = 0; x < 4; ++x) acc[mi][ni][x] = 0.f;
+
+    // softmax state: 4 threads per row, row = tid / 4
+    const int srow = tid / 4, squad = tid % 4;
+    float m_run = -INFINITY, l_run = 0.f;
+
+    const int ntiles = end > start ? (end - start + TN - 1) / TN : 0;
+    if (ntiles > 0) load_k_tile(sm.k[0], cache, btab, block_size, start, end);
+    cp_async_commit();
+
+    for (int it = 0; it < ntiles; ++it) {
+        const int t0 = start + it * TN;
+        if (it + 1 < ntiles) load_k_tile(sm.k[(it + 1) & 1], cache, btab, block_size, t0 + TN, end);
+        cp_async_commit();
+        cp_async_wait_all_but_one();
+        __syncthreads();
+        const bf16* kt = sm.k[it & 1];
+
+        // ---- S = Q K^T: warp -> m-tile warp/2, n-tiles 2*(warp%2) and +1
+        {
+            const int mt = warp / 2, nt0 = (warp % 2) * 2;
+            float sacc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+            const bf16* qa = sm.q + (mt * 16 + lane / 4) * SROW + (lane % 4) * 2;
+            const bf16* kb0 = kt + (nt0 * 8 + lane / 4) * SROW + (lane % 4) * 2;
+            const bf16* kb1 = kb0 + 8 * SROW;
+#pragma unroll 4
+            for (int kk = 0; kk < D_QK; kk += 16) {
+                u32 a[4] = {ld_u32(qa + kk), ld_u32(qa + 8 * SROW + kk), ld_u32(qa + kk + 8),
+                            ld_u32(qa + 8 * SROW + kk + 8)};
+                u32 b0[2] = {ld_u32(kb0 + kk), ld_u32(kb0 + kk + 8)};
+                u32 b1[2] = {ld_u32(kb1 + kk), ld_u32(kb1 + kk + 8)};
+                mma_bf16(sacc[0], a, b0);
+                mma_bf16(sacc[1], a, b1);
+            }
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                int r = mt * 16 + lane / 4, c = (nt0 + j) * 8 + (lane % 4) * 2;
+                sm.s[r * (TN + 1) + c] = sacc[j][0];
+                sm.s[r * (TN + 1) + c + 1] = sacc[j][1];
+                sm.s[(r + 8) * (TN + 1) + c] = sacc[j][2];
+                sm.s[(r + 8) * (TN + 1) + c + 1] = sacc[j][3];
+            }
+        }
+        __syncthreads();
+
+        // ---- online softmax: row srow, columns squad*8 .. +8
+        {
+            float v[8];
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                int c = squad * 8 + j;
+                v[j] = (t0 + c < end) ? sm.s[srow * (TN + 1) + c] * sl2 : -INFINITY;
+                mx = fmaxf(mx, v[j]);
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float m_new = fmaxf(m_run, mx);  // finite: every tile has at least one valid token
+            float sum = 0.f;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                float p = exp2f(v[j] - m_new);
+                bf16 pb = __float2bfloat16_rn(p);
+                sum += __bfloat162float(pb);  // sum what the PV product will actually use
+                sm.p[srow * (TN + 8) + squad * 8 + j] = pb;
+            }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            float alpha = exp2f(m_run - m_new);  // m_run = -inf on the first tile -> 0
+            l_run = l_run * alpha + sum;
+            m_run = m_new;
+            if (squad == 0) sm.alpha[srow] = alpha;
+        }
+        __syncthreads();
+
+        // ---- O = O * alpha + P V
+        {
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                float a_lo = sm.alpha[mi * 16 + lane / 4], a_hi = sm.alpha[mi * 16 + lane / 4 + 8];
+#pragma unroll
+                for (int ni = 0; ni < 8; ++ni) {
+                    acc[mi][ni][0] *= a_lo;
+                    acc[mi][ni][1] *= a_lo;
+                    acc[mi][ni][2] *= a_hi;
+                    acc[mi][ni][3] *= a_hi;
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < TN; kk += 16) {
+                u32 bf[8][2];
+                const int kr = kk + (lane % 4) * 2;
+#pragma unroll
+                for (int ni = 0; ni < 8; ++ni) {
+                    int n = warp * 64 + ni * 8 + lane / 4;
+                    bf[ni][0] = pack2(kt[kr * SROW + n], kt[(kr + 1) * SROW + n]);
+                    bf[ni][1] = pack2(kt[(kr + 8) * SROW + n], kt[(kr + 9) * SROW + n]);
+                }
+#pragma unroll
+                for (int mi = 0; mi < 4; ++mi) {
+                    const bf16* pa = sm.p + (mi * 16 + lane / 4) * (TN + 8) + kk + (lane % 4) * 2;
+                    u32 a[4] = {ld_u32(pa), ld_u32(pa + 8 * (TN + 8)), ld_u32(pa + 8), ld_u32(pa + 8 * (TN + 8) + 8)};
+#pragma unroll
+                    for (int ni = 0; ni < 8; ++ni) mma_bf16(acc[mi][ni], a, bf[ni]);
+                }
+            }
+        }
+        __syncthreads();  // the next iteration overwrites this K buffer and S/P
+    }
+    cp_async_wait_all();
+
+    if (squad == 0) {
+        sm.m_fin[srow] = m_run;
+        sm.l_fin[srow] = l_run;
+    }
+    __syncthreads();
+
+    // ---- write: rows (heads) mi*16 + lane/4 (+8), columns warp*64 + ni*8 + (lane%4)*2 (+1)
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            int r = mi * 16 + lane / 4 + half * 8;
+            int h = h0 + r;
+            if (h >= heads) continue;
+            float l = sm.l_fin[r];
+            float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+            for (int ni = 0; ni < 8; ++ni) {
+                int c = warp * 64 + ni * 8 + (lane % 4) * 2;
+                float o0 = acc[mi][ni][half * 2] * inv, o1 = acc[mi][ni][half * 2 + 1] * inv;
+                if (splits == 1) {
+                    *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)b * heads + h) * D_LAT + c) =
+                        __floats2bfloat162_rn(o0, o1);
+                } else {
+                    *reinterpret_cast<float2*>(o_part + (((size_t)b * splits + split) * heads + h) * D_LAT + c) =
+                        make_float2(o0, o1);
+                }
+            }
+        }
+    }
+    if (splits > 1 && tid < HB && h0 + tid < heads) {
+        float l = sm.l_fin[tid];
+        // lse in natural-log units of scale*q.k; -inf for an empty split
+        lse[((size_t)b * splits + split) * heads + h0 + tid] =
+            l > 0.f ? (sm.m_fin[tid] + log2f(l)) * 0.6931471805599453f : -INFINITY;
+    }
+}
+
+// grid (B, H), 128 threads: out[b, h, :] = sum_s o_part[b, s, h, :] * exp(lse_s - max) / sum exp(...)
+extern "C" __global__ void mla_combine_bf16(const float* __restrict__ o_part, const float* __restrict__ lse,
+                                            bf16* __restrict__ out, int heads, int splits) {
+    int b = blockIdx.x, h = blockIdx.y;
+    float mx = -INFINITY;
+    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, lse[((size_t)b * splits + s) * heads + h]);
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    float den = 0.f;
+    for (int s = 0; s < splits; ++s) {
+        float l = lse[((size_t)b * splits + s) * heads + h];
+        if (l == -INFINITY) continue;
+        float w = __expf(l - mx);
+        den += w;
+        float4 v = *reinterpret_cast<const float4*>(o_part + (((size_t)b * splits + s) * heads + h) * D_LAT + threadIdx.x * 4);
+        acc[0] += w * v.x;
+        acc[1] += w * v.y;
+        acc[2] += w * v.z;
+        acc[3] += w * v.w;
+    }
+    float inv = den > 0.f ? 1.f / den : 0.f;
+    bf16* o = out + ((size_t)b * heads + h) * D_LAT + threadIdx.x * 4;
+    *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(acc[0] * inv, acc[1] * inv);
+    *reinterpret_cast<__nv_bfloat162*>(o + 2) = __floats2bfloat162_rn(acc[2] * inv, acc[3] * inv);
+}
+
+// cache[slot, :] = c_kv[t, :] | k_pe[t, :] with slot = slots[t] (block * block_size + offset);
+// slots < 0 (padding) are skipped. One block of 72 threads per token, 16 bytes each.
+extern "C" __global__ void mla_cache_append_bf16(bf16* __restrict__ cache, const bf16* __restrict__ c_kv,
+                                                 const bf16* __restrict__ k_pe, const long long* __restrict__ slots,
+                                                 int tokens, long long num_slots) {
+    int t = blockIdx.x;
+    if (t >= tokens) return;
+    long long slot = slots[t];
+    if (slot < 0 || slot >= num_slots) return;
+    int c = threadIdx.x * 8;
+    if (c >= D_QK) return;
+    const bf16* src = c < D_LAT ? c_kv + (size_t)t * D_LAT + c : k_pe + (size_t)t * D_ROPE + (c - D_LAT);
+    *reinterpret_cast<bf16x8*>(cache + slot * D_QK + c) = *reinterpret_cast<const bf16x8*>(src);
+}

@@ -1,0 +1,196 @@
+// moe.cu: softmax gating with group-limited greedy top-k, token permutation by expert, gather of
+// permuted rows, and the weighted un-permute (combine).
+#include "common.cuh"
+
+#define MAX_EXPERTS 256
+#define PER_LANE (MAX_EXPERTS / WARP)
+
+// One warp per token. logits f32 [tokens, E] -> ids i32 [tokens, k], weights f32 [tokens, k].
+// softmax over E; if n_group > 1 keep the topk_group groups with the largest max score (others
+// scored 0, as DeepSeek's masked_fill does); greedy top-k (ties -> lower expert id);
+// norm_topk: w / (sum + 1e-20), else w * scaling.
+extern "C" __global__ void moe_gate_f32(const float* __restrict__ logits, int* __restrict__ ids,
+                                        float* __restrict__ weights, int tokens, int n_exp, int n_group,
+                                        int topk_group, int k, int norm_topk, float scaling) {
+    int lane = threadIdx.x % WARP;
+    int t = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    if (t >= tokens) return;
+    const float* row = logits + (size_t)t * n_exp;
+    float s[PER_LANE];
+    float m = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+        int e = lane + j * WARP;
+        s[j] = e < n_exp ? row[e] : -INFINITY;
+        m = fmaxf(m, s[j]);
+    }
+    m = warp_max(m);
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+        int e = lane + j * WARP;
+        s[j] = e < n_exp ? expf(s[j] - m) : 0.f;
+        sum += s[j];
+    }
+    sum = warp_sum(sum);
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) s[j] = s[j] / sum;
+
+    if (n_group > 1) {
+        int gsize = n_exp / n_group;
+        // lane g ends up holding group g's max score.
+        float gmax_mine = -INFINITY;
+        for (int g = 0; g < n_group; ++g) {
+            float v = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < PER_LANE; ++j) {
+                int e = lane + j * WARP;
+                if (e < n_exp && e / gsize == g) v = fmaxf(v, s[j]);
+            }
+            v = warp_max(v);
+            if (lane == g) gmax_mine = v;
+        }
+        unsigned keep = 0;
+        for (int r = 0; r < topk_group; ++r) {
+            float v = (lane < n_group && !((keep >> lane) & 1u)) ? gmax_mine : -INFINITY;
+            int gi = lane;
+            warp_argmax(v, gi);
+            keep |= 1u << gi;
+        }
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+            int e = lane + j * WARP;
+            if (e < n_exp && !((keep >> (e / gsize)) & 1u)) s[j] = 0.f;
+        }
+    }
+
+    float wsum = 0.f;
+    float my_w = 0.f;
+    int my_id = 0;
+    for (int r = 0; r < k; ++r) {
+        float v = -INFINITY;
+        int vi = 0x7fffffff;
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+            int e = lane + j * WARP;
+            if (e < n_exp && (s[j] > v || (s[j] == v && e < vi))) {
+                v = s[j];
+                vi = e;
+            }
+        }
+        warp_argmax(v, vi);
+        // remove the winner from further rounds
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j)
+            if (lane + j * WARP == vi) s[j] = -INFINITY;
+        wsum += v;
+        if (lane == r) {
+            my_w = v;
+            my_id = vi;
+        }
+    }
+    if (lane < k) {
+        float w = norm_topk ? my_w / (wsum + 1e-20f) : my_w * scaling;
+        ids[(size_t)t * k + lane] = my_id;
+        weights[(size_t)t * k + lane] = w;
+    }
+}
+
+// counts[e] = number of assignments (t, j) with ids[t, j] == e; ids outside [0, E) are skipped
+// (an expert shard marks experts it does not own with -1). counts must be zeroed first.
+extern "C" __global__ void moe_count_i32(const int* __restrict__ ids, int n_assign, int n_exp,
+                                         int* __restrict__ counts) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n_assign; i += gridDim.x * blockDim.x) {
+        int e = ids[i];
+        if (e >= 0 && e < n_exp) atomicAdd(&counts[e], 1);
+    }
+}
+
+// offsets[0] = 0, offsets[e + 1] = offsets[e] + counts[e]. One block of 1024 threads, E <= 1024.
+extern "C" __global__ void moe_offsets_i32(const int* __restrict__ counts, int n_exp, int* __restrict__ offsets) {
+    __shared__ int buf[1024];
+    int e = threadIdx.x;
+    buf[e] = e < n_exp ? counts[e] : 0;
+    __syncthreads();
+    for (int o = 1; o < 1024; o <<= 1) {
+        int v = e >= o ? buf[e - o] : 0;
+        __syncthreads();
+        buf[e] += v;
+        __syncthreads();
+    }
+    if (e < n_exp) offsets[e + 1] = buf[e];
+    if (e == 0) offsets[0] = 0;
+}
+
+// One block per expert: a stable rank of each assignment among those of its expert, so the permuted
+// order is deterministic (token order within an expert). slot_of[a] = permuted row of assignment a
+// (or -1), src_row[slot] = token of that permuted row.
+extern "C" __global__ void moe_scatter_i32(const int* __restrict__ ids, int n_assign, int k,
+                                           const int* __restrict__ offsets, int* __restrict__ slot_of,
+                                           int* __restrict__ src_row) {
+    __shared__ int warp_counts[32];
+    __shared__ int base;
+    int e = blockIdx.x;
+    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    if (threadIdx.x == 0) base = offsets[e];
+    __syncthreads();
+    for (int start = 0; start < n_assign; start += blockDim.x) {
+        int a = start + threadIdx.x;
+        int id = a < n_assign ? ids[a] : -1;
+        if (e == 0 && a < n_assign && (id < 0 || id >= (int)gridDim.x)) slot_of[a] = -1;
+        bool mine = id == e;
+        unsigned ballot = __ballot_sync(0xffffffffu, mine);
+        if (lane == 0) warp_counts[wid] = __popc(ballot);
+        __syncthreads();
+        int before = 0, total = 0;
+        for (int w = 0; w < nw; ++w) {
+            if (w < wid) before += warp_counts[w];
+            total += warp_counts[w];
+        }
+        if (mine) {
+            int slot = base + before + __popc(ballot & ((1u << lane) - 1u));
+            slot_of[a] = slot;
+            src_row[slot] = a / k;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) base += total;
+        __syncthreads();
+    }
+}
+
+// out[slot, :] = x[src_row[slot], :] for slot < n_rows. One block per permuted row.
+extern "C" __global__ void moe_gather_bf16(const bf16* __restrict__ x, const int* __restrict__ src_row,
+                                           bf16* __restrict__ out, int n_rows, int hidden) {
+    int slot = blockIdx.x;
+    if (slot >= n_rows) return;
+    const bf16x8* s = reinterpret_cast<const bf16x8*>(x + (size_t)src_row[slot] * hidden);
+    bf16x8* d = reinterpret_cast<bf16x8*>(out + (size_t)slot * hidden);
+    for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) d[i] = s[i];
+}
+
+// out[t, :] = (accumulate ? out[t, :] : 0) + sum_j weights[t, j] * y[slot_of[t, j], :], f32 sum.
+extern "C" __global__ void moe_combine_bf16(const bf16* __restrict__ y, const int* __restrict__ slot_of,
+                                            const float* __restrict__ weights, bf16* __restrict__ out,
+                                            int tokens, int k, int hidden, int accumulate) {
+    int t = blockIdx.x;
+    if (t >= tokens) return;
+    for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8) {
+        float acc[8];
+        if (accumulate) {
+            load8(out + (size_t)t * hidden + c, acc);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+        }
+        for (int j = 0; j < k; ++j) {
+            int slot = slot_of[t * k + j];
+            if (slot < 0) continue;
+            float w = weights[t * k + j];
+            float v[8];
+            load8(y + (size_t)slot * hidden + c, v);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[i] += w * v[i];
+        }
+        store8(out + (size_t)t * hidden + c, acc);
+    }
+}

@@ -1,0 +1,193 @@
+//! Launchers for mla.cu: decode attention over the paged latent cache (absorbed weights) and the
+//! cache append.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::dim_i32;
+use crate::device::Gpu;
+use crate::error::{KernelError, Result, shape_err};
+use crate::tensor::{Tensor, View, ViewMut};
+
+/// Latent width (c_kv) of DeepSeek-V2's MLA cache.
+pub const KV_LORA: usize = 512;
+/// Shared RoPE key width.
+pub const ROPE: usize = 64;
+/// Values per cached token.
+pub const CACHE_DIM: usize = KV_LORA + ROPE;
+const HEADS_PER_CTA: usize = 64;
+const TILE_TOKENS: usize = 32;
+/// Shared memory of one decode CTA (must match `MlaSmem` in mla.cu).
+const SMEM_BYTES: usize = 64 * 584 * 2 + 2 * 32 * 584 * 2 + 64 * 33 * 4 + 64 * 40 * 2 + 3 * 64 * 4;
+
+/// Decode attention for one new token per sequence:
+/// `out[b, h] = softmax_t(scale * (q_abs[b,h]·c_t + q_pe[b,h]·kpe_t)) · c_t` over the sequence's
+/// cached tokens t < seq_lens[b], found through its block table.
+/// q_abs [B, H, 512], q_pe [B, H, 64], cache [num_blocks, block_size, 576] (bf16),
+/// block_table i32 [B, max_blocks], seq_lens i32 [B], out [B, H, 512] bf16.
+/// `max_seq_len` (host) bounds seq_lens and sizes the split of the context over CTAs; the kernel
+/// trusts seq_lens[b] <= max_seq_len <= max_blocks * block_size and block ids < num_blocks.
+pub struct MlaDecodeParams<'a> {
+    pub q_abs: View<'a, bf16>,
+    pub q_pe: View<'a, bf16>,
+    pub cache: View<'a, bf16>,
+    pub block_table: View<'a, i32>,
+    pub seq_lens: View<'a, i32>,
+    pub out: ViewMut<'a, bf16>,
+    pub max_seq_len: usize,
+    pub scale: f32,
+    /// Force the number of context splits (None: chosen to fill the GPU).
+    pub splits: Option<usize>,
+}
+
+/// How many context splits to use so that (head groups x batch x splits) fills the SMs about once.
+pub fn choose_splits(sm_count: usize, batch: usize, heads: usize, max_seq_len: usize) -> usize {
+    let ctas = batch * heads.div_ceil(HEADS_PER_CTA);
+    let max_useful = max_seq_len.div_ceil(TILE_TOKENS * 4).max(1); // at least 4 tiles per split
+    if ctas >= sm_count {
+        1
+    } else {
+        sm_count.div_ceil(ctas).min(max_useful).max(1)
+    }
+}
+
+pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
+    const OP: &str = "mla_decode_bf16";
+    p.q_abs.expect(OP, "q_abs", &[None, None, Some(KV_LORA)])?;
+    let (batch, heads) = (p.q_abs.shape()[0], p.q_abs.shape()[1]);
+    p.q_pe
+        .expect(OP, "q_pe", &[Some(batch), Some(heads), Some(ROPE)])?;
+    p.cache
+        .expect(OP, "cache", &[None, None, Some(CACHE_DIM)])?;
+    let block_size = p.cache.shape()[1];
+    p.block_table
+        .expect(OP, "block_table", &[Some(batch), None])?;
+    let max_blocks = p.block_table.shape()[1];
+    p.seq_lens.expect(OP, "seq_lens", &[Some(batch)])?;
+    p.out
+        .expect(OP, "out", &[Some(batch), Some(heads), Some(KV_LORA)])?;
+    if block_size == 0 || p.max_seq_len > max_blocks * block_size {
+        return Err(shape_err(
+            OP,
+            format!(
+                "max_seq_len {} exceeds block table capacity {max_blocks} x {block_size}",
+                p.max_seq_len
+            ),
+        ));
+    }
+    if batch == 0 || heads == 0 {
+        return Ok(());
+    }
+    if batch > 65535 {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!("batch {batch} > 65535"),
+        });
+    }
+    let splits = p
+        .splits
+        .unwrap_or_else(|| choose_splits(gpu.sm_count, batch, heads, p.max_seq_len))
+        .clamp(1, 65535);
+    let per_split = p.max_seq_len.div_ceil(splits).div_ceil(TILE_TOKENS).max(1) * TILE_TOKENS;
+    let (o_part, lse) = if splits > 1 {
+        (
+            Some(Tensor::<f32>::zeros(gpu, &[batch, splits, heads, KV_LORA])?),
+            Some(Tensor::<f32>::zeros(gpu, &[batch, splits, heads])?),
+        )
+    } else {
+        (None, None)
+    };
+    let (qa, qp, c, bt, sl, o) = (
+        p.q_abs.ptr(),
+        p.q_pe.ptr(),
+        p.cache.ptr(),
+        p.block_table.ptr(),
+        p.seq_lens.ptr(),
+        p.out.ptr(),
+    );
+    let op_ptr = o_part.as_ref().map(|t| t.ptr()).unwrap_or(0);
+    let lse_ptr = lse.as_ref().map(|t| t.ptr()).unwrap_or(0);
+    let (h, bs, mb) = (
+        dim_i32(OP, "heads", heads)?,
+        dim_i32(OP, "block_size", block_size)?,
+        dim_i32(OP, "max_blocks", max_blocks)?,
+    );
+    let (si, ps) = (splits as i32, dim_i32(OP, "tokens_per_split", per_split)?);
+    let scale = p.scale;
+    gpu.set_max_dynamic_smem(OP, SMEM_BYTES)?;
+    let f = gpu.function(OP)?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(&qa)
+        .arg(&qp)
+        .arg(&c)
+        .arg(&bt)
+        .arg(&sl)
+        .arg(&o)
+        .arg(&op_ptr)
+        .arg(&lse_ptr);
+    b.arg(&h).arg(&bs).arg(&mb).arg(&si).arg(&ps).arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            heads.div_ceil(HEADS_PER_CTA) as u32,
+            batch as u32,
+            splits as u32,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: SMEM_BYTES as u32,
+    };
+    // SAFETY: matches mla_decode_bf16's signature; inputs shape-checked above; o_part/lse (when
+    // splits > 1) hold batch*splits*heads*512 and batch*splits*heads f32 and live until after the
+    // combine below is enqueued (stream order keeps them valid: cudarc frees asynchronously on the
+    // same stream).
+    unsafe { b.launch(cfg) }?;
+    if splits > 1 {
+        let f = gpu.function("mla_combine_bf16")?;
+        let mut b = gpu.stream.launch_builder(f);
+        b.arg(&op_ptr).arg(&lse_ptr).arg(&o).arg(&h).arg(&si);
+        let cfg = LaunchConfig {
+            grid_dim: (batch as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches mla_combine_bf16(o_part, lse, out, heads, splits); 128 threads x 4 = 512.
+        unsafe { b.launch(cfg) }?;
+    }
+    Ok(())
+}
+
+/// Write new tokens into the cache: cache[slots[t]] = c_kv[t] | k_pe[t].
+/// cache [num_blocks, block_size, 576], c_kv [T, 512], k_pe [T, 64] (bf16), slots i64 [T]
+/// (block * block_size + offset; negative = padding, skipped; out-of-range slots are skipped too).
+pub struct CacheAppendParams<'a> {
+    pub cache: ViewMut<'a, bf16>,
+    pub c_kv: View<'a, bf16>,
+    pub k_pe: View<'a, bf16>,
+    pub slots: View<'a, i64>,
+}
+
+pub fn mla_cache_append(gpu: &Gpu, p: CacheAppendParams<'_>) -> Result<()> {
+    const OP: &str = "mla_cache_append_bf16";
+    p.cache
+        .expect(OP, "cache", &[None, None, Some(CACHE_DIM)])?;
+    let num_slots = (p.cache.shape()[0] * p.cache.shape()[1]) as i64;
+    p.c_kv.expect(OP, "c_kv", &[None, Some(KV_LORA)])?;
+    let tokens = p.c_kv.shape()[0];
+    p.k_pe.expect(OP, "k_pe", &[Some(tokens), Some(ROPE)])?;
+    p.slots.expect(OP, "slots", &[Some(tokens)])?;
+    if tokens == 0 {
+        return Ok(());
+    }
+    let (c, kv, pe, s) = (p.cache.ptr(), p.c_kv.ptr(), p.k_pe.ptr(), p.slots.ptr());
+    let t = dim_i32(OP, "tokens", tokens)?;
+    let f = gpu.function(OP)?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(&c).arg(&kv).arg(&pe).arg(&s).arg(&t).arg(&num_slots);
+    let cfg = LaunchConfig {
+        grid_dim: (tokens as u32, 1, 1),
+        block_dim: (CACHE_DIM as u32 / 8, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches mla_cache_append_bf16; the kernel bounds-checks slots against num_slots.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}

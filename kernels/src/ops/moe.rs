@@ -1,0 +1,264 @@
+//! Launchers for moe.cu: gating (softmax + group-limited greedy top-k), permutation of token rows
+//! by expert, gather of permuted rows, and the weighted combine.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::{dim_i32, grid_for, per_row};
+use crate::device::Gpu;
+use crate::error::{KernelError, Result, shape_err};
+use crate::tensor::{Tensor, View, ViewMut};
+
+/// Routing hyper-parameters (DeepSeek-V2: 160 experts, 8 groups, top-3 groups, top-6,
+/// no renormalisation, scaling 16).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GateConfig {
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+    pub routed_scaling_factor: f32,
+}
+
+/// logits f32 [tokens, experts] -> ids i32 [tokens, top_k], weights f32 [tokens, top_k].
+pub struct GateParams<'a> {
+    pub logits: View<'a, f32>,
+    pub ids: ViewMut<'a, i32>,
+    pub weights: ViewMut<'a, f32>,
+    pub cfg: GateConfig,
+}
+
+pub fn moe_gate(gpu: &Gpu, p: GateParams<'_>) -> Result<()> {
+    const OP: &str = "moe_gate_f32";
+    p.logits.expect(OP, "logits", &[None, None])?;
+    let (tokens, n_exp) = (p.logits.shape()[0], p.logits.shape()[1]);
+    let c = p.cfg;
+    p.ids.expect(OP, "ids", &[Some(tokens), Some(c.top_k)])?;
+    p.weights
+        .expect(OP, "weights", &[Some(tokens), Some(c.top_k)])?;
+    let bad = |what: String| Err(KernelError::Unsupported { op: OP, what });
+    if n_exp == 0 || n_exp > 256 {
+        return bad(format!("{n_exp} experts (kernel supports 1..=256)"));
+    }
+    if c.top_k == 0 || c.top_k > 32 || c.top_k > n_exp {
+        return bad(format!("top_k {} (1..=min(32, experts))", c.top_k));
+    }
+    if c.n_group == 0 || c.n_group > 32 || n_exp % c.n_group != 0 {
+        return bad(format!(
+            "n_group {} must divide {n_exp} and be <= 32",
+            c.n_group
+        ));
+    }
+    if c.n_group > 1
+        && (c.topk_group == 0
+            || c.topk_group > c.n_group
+            || c.topk_group * (n_exp / c.n_group) < c.top_k)
+    {
+        return bad(format!(
+            "topk_group {} of {} groups cannot hold top_k {}",
+            c.topk_group, c.n_group, c.top_k
+        ));
+    }
+    if tokens == 0 {
+        return Ok(());
+    }
+    let (l, i, w) = (p.logits.ptr(), p.ids.ptr(), p.weights.ptr());
+    let t = dim_i32(OP, "tokens", tokens)?;
+    let (e, g, tg, k) = (
+        n_exp as i32,
+        c.n_group as i32,
+        c.topk_group as i32,
+        c.top_k as i32,
+    );
+    let norm = c.norm_topk_prob as i32;
+    let scale = c.routed_scaling_factor;
+    let f = gpu.function(OP)?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(&l)
+        .arg(&i)
+        .arg(&w)
+        .arg(&t)
+        .arg(&e)
+        .arg(&g)
+        .arg(&tg)
+        .arg(&k)
+        .arg(&norm)
+        .arg(&scale);
+    // 4 warps per block, one token per warp
+    let cfg = LaunchConfig {
+        grid_dim: (tokens.div_ceil(4) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches moe_gate_f32's signature; shapes and the kernel's limits checked above.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// The permutation of one batch of routed tokens: `counts[e]` rows for expert e starting at
+/// `offsets[e]`; `slot_of[t * k + j]` is the permuted row of assignment (t, j) (-1: not routed here);
+/// `src_row[slot]` is its token.
+pub struct Permutation {
+    pub counts: Tensor<i32>,
+    pub offsets: Tensor<i32>,
+    pub slot_of: Tensor<i32>,
+    pub src_row: Tensor<i32>,
+    pub n_experts: usize,
+    pub top_k: usize,
+}
+
+/// ids i32 [tokens, k] (values outside [0, n_experts) are not routed) -> a [`Permutation`]. Within
+/// an expert, rows keep token order (deterministic).
+pub struct PermuteParams<'a> {
+    pub ids: View<'a, i32>,
+    pub n_experts: usize,
+}
+
+pub fn moe_permute(gpu: &Gpu, p: PermuteParams<'_>) -> Result<Permutation> {
+    const OP: &str = "moe_permute";
+    p.ids.expect(OP, "ids", &[None, None])?;
+    let (tokens, k) = (p.ids.shape()[0], p.ids.shape()[1]);
+    if p.n_experts == 0 || p.n_experts > 1024 {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!("{} experts (1..=1024)", p.n_experts),
+        });
+    }
+    let n_assign = tokens * k;
+    let perm = Permutation {
+        counts: Tensor::zeros(gpu, &[p.n_experts])?,
+        offsets: Tensor::zeros(gpu, &[p.n_experts + 1])?,
+        slot_of: Tensor::zeros(gpu, &[tokens, k])?,
+        src_row: Tensor::zeros(gpu, &[n_assign])?,
+        n_experts: p.n_experts,
+        top_k: k,
+    };
+    let ids = p.ids.ptr();
+    let na = dim_i32(OP, "tokens * k", n_assign)?;
+    let ne = p.n_experts as i32;
+    let ki = k as i32;
+    let (counts, offsets, slot_of, src_row) = (
+        perm.counts.ptr(),
+        perm.offsets.ptr(),
+        perm.slot_of.ptr(),
+        perm.src_row.ptr(),
+    );
+    if n_assign > 0 {
+        let f = gpu.function("moe_count_i32")?;
+        let mut b = gpu.stream.launch_builder(f);
+        b.arg(&ids).arg(&na).arg(&ne).arg(&counts);
+        // SAFETY: matches moe_count_i32(ids, n_assign, n_exp, counts); counts zeroed, n_exp long.
+        unsafe { b.launch(grid_for(n_assign, 256, (gpu.sm_count * 8) as u32)) }?;
+    }
+    let f = gpu.function("moe_offsets_i32")?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(&counts).arg(&ne).arg(&offsets);
+    // SAFETY: matches moe_offsets_i32(counts, n_exp, offsets); one block of 1024 >= n_exp threads.
+    unsafe { b.launch(per_row(1, 1024)) }?;
+    if n_assign > 0 {
+        let f = gpu.function("moe_scatter_i32")?;
+        let mut b = gpu.stream.launch_builder(f);
+        b.arg(&ids)
+            .arg(&na)
+            .arg(&ki)
+            .arg(&offsets)
+            .arg(&slot_of)
+            .arg(&src_row);
+        // SAFETY: matches moe_scatter_i32; grid = n_experts blocks (the kernel reads gridDim.x as
+        // the expert count); slot_of has n_assign and src_row n_assign entries.
+        unsafe { b.launch(per_row(p.n_experts, 512)) }?;
+    }
+    Ok(perm)
+}
+
+/// out[slot] = x[src_row[slot]] for the first `rows` permuted rows. x [tokens, hidden], out [rows, hidden].
+pub struct GatherParams<'a> {
+    pub x: View<'a, bf16>,
+    pub src_row: View<'a, i32>,
+    pub out: ViewMut<'a, bf16>,
+}
+
+pub fn moe_gather(gpu: &Gpu, p: GatherParams<'_>) -> Result<()> {
+    const OP: &str = "moe_gather_bf16";
+    p.x.expect(OP, "x", &[None, None])?;
+    let hidden = p.x.shape()[1];
+    p.out.expect(OP, "out", &[None, Some(hidden)])?;
+    let rows = p.out.shape()[0];
+    p.src_row.expect(OP, "src_row", &[None])?;
+    if p.src_row.shape()[0] < rows {
+        return Err(shape_err(
+            OP,
+            format!(
+                "src_row has {} entries for {rows} rows",
+                p.src_row.shape()[0]
+            ),
+        ));
+    }
+    if !hidden.is_multiple_of(8) {
+        return Err(shape_err(
+            OP,
+            format!("hidden {hidden} not a multiple of 8"),
+        ));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let (x, s, o) = (p.x.ptr(), p.src_row.ptr(), p.out.ptr());
+    let (r, h) = (dim_i32(OP, "rows", rows)?, dim_i32(OP, "hidden", hidden)?);
+    let f = gpu.function(OP)?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(&x).arg(&s).arg(&o).arg(&r).arg(&h);
+    // SAFETY: matches moe_gather_bf16; src_row entries are token indices < x rows by construction
+    // in moe_permute.
+    unsafe { b.launch(per_row(rows, 128)) }?;
+    Ok(())
+}
+
+/// out[t] = (accumulate ? out[t] : 0) + sum_j weights[t, j] * y[slot_of[t, j]].
+/// y [rows, hidden], slot_of i32 [tokens, k], weights f32 [tokens, k], out [tokens, hidden].
+pub struct CombineParams<'a> {
+    pub y: View<'a, bf16>,
+    pub slot_of: View<'a, i32>,
+    pub weights: View<'a, f32>,
+    pub out: ViewMut<'a, bf16>,
+    pub accumulate: bool,
+}
+
+pub fn moe_combine(gpu: &Gpu, p: CombineParams<'_>) -> Result<()> {
+    const OP: &str = "moe_combine_bf16";
+    p.y.expect(OP, "y", &[None, None])?;
+    let hidden = p.y.shape()[1];
+    p.slot_of.expect(OP, "slot_of", &[None, None])?;
+    let (tokens, k) = (p.slot_of.shape()[0], p.slot_of.shape()[1]);
+    p.weights.expect(OP, "weights", &[Some(tokens), Some(k)])?;
+    p.out.expect(OP, "out", &[Some(tokens), Some(hidden)])?;
+    if !hidden.is_multiple_of(8) {
+        return Err(shape_err(
+            OP,
+            format!("hidden {hidden} not a multiple of 8"),
+        ));
+    }
+    if tokens == 0 {
+        return Ok(());
+    }
+    let (y, s, w, o) = (p.y.ptr(), p.slot_of.ptr(), p.weights.ptr(), p.out.ptr());
+    let (t, ki, h, acc) = (
+        dim_i32(OP, "tokens", tokens)?,
+        k as i32,
+        hidden as i32,
+        p.accumulate as i32,
+    );
+    let f = gpu.function(OP)?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(&y)
+        .arg(&s)
+        .arg(&w)
+        .arg(&o)
+        .arg(&t)
+        .arg(&ki)
+        .arg(&h)
+        .arg(&acc);
+    // SAFETY: matches moe_combine_bf16; slot_of values are < y rows (moe_permute) or -1.
+    unsafe { b.launch(per_row(tokens, 128)) }?;
+    Ok(())
+}
