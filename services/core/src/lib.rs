@@ -4,11 +4,15 @@
 pub mod backend;
 pub mod config;
 pub mod cpu;
+pub mod engine;
 pub mod error;
 pub mod kv_cache;
 pub mod model;
 pub mod rope;
 pub mod routing;
+pub mod sampling;
+pub mod tiny;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::ModelConfig;

@@ -1,0 +1,86 @@
+//! `dsv2 bench`: in-process greedy decode throughput, printed as one JSON line in the same
+//! shape as bench/hf_cpu_decode.py so the two can be compared side by side.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args as ClapArgs;
+use dsv2_core::engine::{Engine, EngineConfig, GenerateParams, SeqRequest, run_to_completion};
+
+use crate::common::{load_cpu, parse_ids};
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    /// Model directory or `tiny`.
+    #[arg(long, default_value = "tiny")]
+    model_dir: String,
+    /// Prompt token ids.
+    #[arg(long, default_value = "138,158,33,333,438,211,210")]
+    prompt_ids: String,
+    /// Tokens generated per run (decode steps timed).
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    /// Timed runs (a warm-up run is not counted); the best is reported, like the HF script.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Worker threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(a.threads)
+        .build_global();
+    let loaded = load_cpu(&a.model_dir, "cpu")?;
+    let prompt = parse_ids(&a.prompt_ids, "--prompt-ids")?;
+    let params = GenerateParams {
+        max_new_tokens: a.new_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let cfg = EngineConfig {
+        num_blocks: (prompt.len() + a.new_tokens).div_ceil(16),
+        block_size: 16,
+        ..Default::default()
+    };
+    let mut rates = Vec::new();
+    for run in 0..=a.runs {
+        let mut engine = Engine::new(
+            loaded.model.clone(),
+            loaded.experts.clone(),
+            None,
+            cfg.clone(),
+        )?;
+        // Prefill separately so only decode steps are timed.
+        engine.submit(SeqRequest {
+            id: 0,
+            prompt: prompt.clone(),
+            params: params.clone(),
+        })?;
+        engine.step();
+        let t0 = Instant::now();
+        while engine.has_work() {
+            engine.step();
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        if run > 0 {
+            rates.push((a.new_tokens - 1) as f64 / secs);
+        }
+    }
+    let _ = run_to_completion::<dsv2_core::cpu::CpuBackend>;
+    let best = rates.iter().copied().fold(0f64, f64::max);
+    let median = {
+        let mut r = rates.clone();
+        r.sort_by(f64::total_cmp);
+        r[r.len() / 2]
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "dsv2-cpu", "tokens_per_s": best, "median_tokens_per_s": median,
+            "new_tokens": a.new_tokens, "threads": a.threads, "runs": a.runs
+        })
+    );
+    Ok(())
+}

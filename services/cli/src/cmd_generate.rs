@@ -1,0 +1,152 @@
+//! `dsv2 generate`: one prompt in, text out — the equivalent of the seed's run.py.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args as ClapArgs;
+use dsv2_core::engine::{
+    Engine, EngineConfig, FinishReason, GenerateParams, SeqRequest, run_to_completion,
+};
+use dsv2_core::sampling::SamplingParams;
+
+use crate::common::{load_cpu, parse_ids};
+
+#[derive(ClapArgs, Debug, Clone)]
+pub struct Args {
+    /// Model directory (Hugging Face layout) or `tiny` for the embedded tiny random model.
+    #[arg(long, default_value = "tiny")]
+    pub model_dir: String,
+    /// Prompt text (tokenized with the model's tokenizer, BOS added as its config says).
+    #[arg(
+        long,
+        conflicts_with = "input_ids",
+        required_unless_present = "input_ids"
+    )]
+    pub input_text: Option<String>,
+    /// Prompt as comma-separated token ids, used as given.
+    #[arg(long)]
+    pub input_ids: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 32)]
+    pub max_output_len: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Random seed for reproducible sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when the text contains this string (repeatable); the string is not returned.
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Stop after any of these comma-separated token ids.
+    #[arg(long)]
+    pub stop_token_ids: Option<String>,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object (output_ids, text, finish_reason, timings) instead of the text.
+    #[arg(long)]
+    pub json: bool,
+    /// Compute device for the in-process mode.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn finish_reason_name(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Length => "length",
+        FinishReason::Eos => "eos",
+        FinishReason::Stop => "stop",
+        FinishReason::Cancelled => "cancelled",
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let loaded = load_cpu(&a.model_dir, &a.device)?;
+    let prompt = match (&a.input_text, &a.input_ids) {
+        (Some(t), _) => match &loaded.tokenizer {
+            Some(tok) => tok.encode_prompt(t)?,
+            None => bail!(
+                "{} has no tokenizer.json: pass --input-ids instead of --input-text",
+                loaded.dir.display()
+            ),
+        },
+        (None, Some(ids)) => parse_ids(ids, "--input-ids")?,
+        (None, None) => bail!("give a prompt with --input-text or --input-ids"),
+    };
+    let params = GenerateParams {
+        max_new_tokens: a.max_output_len,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        stop_token_ids: a
+            .stop_token_ids
+            .as_deref()
+            .map(|s| parse_ids(s, "--stop-token-ids"))
+            .transpose()?
+            .unwrap_or_default(),
+        stop_strings: a.stop.clone(),
+        ignore_eos: a.ignore_eos,
+        logprobs: 0,
+        prompt_logprobs: None,
+    };
+    let total = prompt.len() + params.max_new_tokens;
+    let cfg = EngineConfig {
+        num_blocks: total.div_ceil(16).max(1),
+        block_size: 16,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(
+        loaded.model.clone(),
+        loaded.experts.clone(),
+        loaded.tokenizer.clone(),
+        cfg,
+    )?;
+    let t0 = Instant::now();
+    let out = run_to_completion(
+        &mut engine,
+        vec![SeqRequest {
+            id: 0,
+            prompt: prompt.clone(),
+            params,
+        }],
+    )
+    .context("generation failed")?
+    .remove(0);
+    let secs = t0.elapsed().as_secs_f64();
+    let n = out.output_ids.len();
+    if a.json {
+        let v = serde_json::json!({
+            "input_ids": prompt,
+            "output_ids": out.output_ids,
+            "text": out.text,
+            "finish_reason": finish_reason_name(out.finish_reason),
+            "prompt_tokens": prompt.len(),
+            "completion_tokens": n,
+            "total_time_s": secs,
+            "tokens_per_s": n as f64 / secs,
+        });
+        println!("{v}");
+    } else {
+        if loaded.tokenizer.is_some() {
+            println!("{}", out.text);
+        } else {
+            println!("{:?}", out.output_ids);
+        }
+        eprintln!(
+            "[{n} tokens in {secs:.2}s, {:.1} tokens/s, finish: {}]",
+            n as f64 / secs,
+            finish_reason_name(out.finish_reason)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! `dsv2`: the command-line front end — generate, score logits, run a local cluster, evaluate.
+
+mod cmd_bench;
+mod cmd_generate;
+mod cmd_logits;
+mod cmd_rouge;
+mod common;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "dsv2",
+    version,
+    about = "DeepSeek-V2 serving toolkit: generate, score, serve, evaluate"
+)]
+struct Cli {
+    /// Log level filter (RUST_LOG syntax), e.g. info or dsv2=debug.
+    #[arg(long, global = true, env = "DSV2_LOG", default_value = "warn")]
+    log_level: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt, in-process (CPU) or against a running router (--endpoint).
+    Generate(cmd_generate::Args),
+    /// Write the logits of every input position to a safetensors file.
+    Logits(cmd_logits::Args),
+    /// ROUGE-1/2/L/Lsum of predictions against references (rouge-score compatible).
+    Rouge(cmd_rouge::Args),
+    /// Measure in-process decode tokens/s.
+    Bench(cmd_bench::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    common::init_logging(&cli.log_level, false);
+    let result = match cli.cmd {
+        Cmd::Generate(a) => cmd_generate::run(a),
+        Cmd::Logits(a) => cmd_logits::run(a),
+        Cmd::Rouge(a) => cmd_rouge::run(a),
+        Cmd::Bench(a) => cmd_bench::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,640 @@
+//! Continuous batching over the model: requests join at step boundaries and leave when done;
+//! each step packs decode tokens first, then prefill chunks, under a token budget. The engine
+//! never touches a request's text until a token is sampled, and owns every sequence's cache
+//! blocks: admission reserves a request's whole footprint (prompt + max_new_tokens), so a
+//! running request can never run out of cache and nothing is ever preempted.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::backend::{AttnMode, Backend, SeqChunk};
+use crate::error::{CoreError, Result};
+use crate::kv_cache::{BlockTable, KvCache};
+use crate::model::{ExpertExecutor, Model, StepInput};
+use crate::sampling::{Sampler, SamplingParams, log_softmax, top_n};
+use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    /// Token budget of one step (prefill chunks are cut to fit).
+    pub max_batch_tokens: usize,
+    /// Most sequences in flight at once.
+    pub max_running: usize,
+    pub attn_mode: AttnMode,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            num_blocks: 1024,
+            block_size: 16,
+            max_batch_tokens: 512,
+            max_running: 64,
+            attn_mode: AttnMode::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct GenerateParams {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_token_ids: Vec<u32>,
+    pub stop_strings: Vec<String>,
+    pub ignore_eos: bool,
+    /// Top-N alternatives reported per generated token (0: report nothing).
+    pub logprobs: usize,
+    /// Some(N): report each prompt token's logprob and its top-N alternatives.
+    pub prompt_logprobs: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SeqRequest {
+    pub id: u64,
+    pub prompt: Vec<u32>,
+    pub params: GenerateParams,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Length,
+    Eos,
+    Stop,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Why a request failed inside the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailKind {
+    /// Expert shards could not be reached; retrying later can succeed.
+    Unavailable,
+    Internal,
+}
+
+#[derive(Debug, Clone)]
+pub enum EngineEvent {
+    /// Logprob of every prompt token after the first (the first has no context).
+    PromptLogprobs {
+        id: u64,
+        logprobs: Vec<TokenLogprob>,
+    },
+    Token {
+        id: u64,
+        token: u32,
+        /// Text this token completes (may be empty while a character or a possible stop
+        /// string is incomplete).
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    Finished {
+        id: u64,
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        /// Final text delta held back until now.
+        text: String,
+    },
+    Failed {
+        id: u64,
+        kind: FailKind,
+        message: String,
+    },
+}
+
+struct Seq {
+    req: SeqRequest,
+    table: BlockTable,
+    tokens: Vec<u32>,
+    computed: usize,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    /// Decoded text not yet emitted because it may be the start of a stop string.
+    held: String,
+    emitted: String,
+    prompt_lp: Vec<TokenLogprob>,
+}
+
+pub struct Engine<B: Backend> {
+    model: Arc<Model<B>>,
+    experts: Arc<dyn ExpertExecutor<B>>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    cache: KvCache<B>,
+    cfg: EngineConfig,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    pub stats: EngineStats,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EngineStats {
+    pub steps: u64,
+    pub prefill_tokens: u64,
+    pub decode_tokens: u64,
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn new(
+        model: Arc<Model<B>>,
+        experts: Arc<dyn ExpertExecutor<B>>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        cfg: EngineConfig,
+    ) -> Result<Self> {
+        if cfg.max_batch_tokens == 0 || cfg.max_running == 0 {
+            return Err(CoreError::InvalidInput(
+                "max_batch_tokens and max_running must be positive".into(),
+            ));
+        }
+        let cache = model.new_cache(cfg.num_blocks, cfg.block_size)?;
+        Ok(Engine {
+            model,
+            experts,
+            tokenizer,
+            cache,
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stats: EngineStats::default(),
+        })
+    }
+
+    pub fn model(&self) -> &Model<B> {
+        &self.model
+    }
+    pub fn tokenizer(&self) -> Option<&Arc<Tokenizer>> {
+        self.tokenizer.as_ref()
+    }
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+    pub fn free_blocks(&self) -> usize {
+        self.cache.free_blocks()
+    }
+    pub fn num_blocks(&self) -> usize {
+        self.cache.num_blocks()
+    }
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Checks a request against the model and the cache; the message names the bad field.
+    pub fn validate(&self, prompt: &[u32], p: &GenerateParams) -> Result<()> {
+        let cfg = &self.model.cfg;
+        if prompt.is_empty() {
+            return Err(CoreError::InvalidInput("prompt: is empty".into()));
+        }
+        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(CoreError::InvalidInput(format!(
+                "prompt: token id {bad} is outside the vocabulary (0..{})",
+                cfg.vocab_size
+            )));
+        }
+        if p.max_new_tokens == 0 {
+            return Err(CoreError::InvalidInput(
+                "max_new_tokens: must be at least 1".into(),
+            ));
+        }
+        let total = prompt.len() + p.max_new_tokens;
+        if total > cfg.max_position_embeddings {
+            return Err(CoreError::InvalidInput(format!(
+                "max_new_tokens: prompt ({}) + max_new_tokens ({}) exceeds the model's context of {} tokens",
+                prompt.len(),
+                p.max_new_tokens,
+                cfg.max_position_embeddings
+            )));
+        }
+        if self.cache.blocks_for(total) > self.cache.num_blocks() {
+            return Err(CoreError::InvalidInput(format!(
+                "prompt: prompt ({}) + max_new_tokens ({}) needs {} tokens of KV cache, more than the whole cache ({} tokens); \
+                 shorten the request or start the server with more --kv-cache-blocks",
+                prompt.len(),
+                p.max_new_tokens,
+                total,
+                self.cache.capacity_tokens()
+            )));
+        }
+        if let Some(bad) = p
+            .stop_token_ids
+            .iter()
+            .find(|&&t| t as usize >= cfg.vocab_size)
+        {
+            return Err(CoreError::InvalidInput(format!(
+                "stop_token_ids: {bad} is outside the vocabulary (0..{})",
+                cfg.vocab_size
+            )));
+        }
+        if p.stop_strings.iter().any(|s| s.is_empty()) {
+            return Err(CoreError::InvalidInput(
+                "stop: stop strings must not be empty".into(),
+            ));
+        }
+        if !p.stop_strings.is_empty() && self.tokenizer.is_none() {
+            return Err(CoreError::InvalidInput(
+                "stop: this model has no tokenizer, so stop strings cannot be matched".into(),
+            ));
+        }
+        p.sampling.validate()
+    }
+
+    /// Queues a request (after `validate`).
+    pub fn submit(&mut self, req: SeqRequest) -> Result<()> {
+        self.validate(&req.prompt, &req.params)?;
+        let sampler = Sampler::new(req.params.sampling.clone());
+        self.waiting.push_back(Seq {
+            tokens: req.prompt.clone(),
+            req,
+            table: BlockTable::default(),
+            computed: 0,
+            sampler,
+            decoder: IncrementalDecoder::default(),
+            held: String::new(),
+            emitted: String::new(),
+            prompt_lp: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Drops a request wherever it is and frees its cache at once.
+    pub fn cancel(&mut self, id: u64) -> Option<EngineEvent> {
+        let seq = if let Some(i) = self.waiting.iter().position(|s| s.req.id == id) {
+            self.waiting.remove(i)
+        } else if let Some(i) = self.running.iter().position(|s| s.req.id == id) {
+            Some(self.running.remove(i))
+        } else {
+            None
+        };
+        seq.map(|mut s| {
+            self.cache.release(&mut s.table);
+            EngineEvent::Finished {
+                id,
+                reason: FinishReason::Cancelled,
+                prompt_tokens: s.req.prompt.len(),
+                completion_tokens: s.tokens.len() - s.req.prompt.len(),
+                text: String::new(),
+            }
+        })
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.cfg.max_running {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            let need = front.req.prompt.len() + front.req.params.max_new_tokens;
+            if self.cache.blocks_for(need) > self.cache.free_blocks() {
+                break; // FIFO: nobody overtakes the head of the queue.
+            }
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
+            if self.cache.reserve(&mut seq.table, need).is_err() {
+                self.waiting.push_front(seq);
+                break;
+            }
+            self.running.push(seq);
+        }
+    }
+
+    /// Runs one forward step over the running sequences; returns what happened.
+    pub fn step(&mut self) -> Vec<EngineEvent> {
+        self.admit();
+        if self.running.is_empty() {
+            return vec![];
+        }
+        // Decode tokens first (one row each), then prefill chunks, under the token budget.
+        let mut budget = self.cfg.max_batch_tokens;
+        let mut plan: Vec<(usize, usize)> = Vec::new(); // (running index, tokens this step)
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        order.sort_by_key(|&i| self.running[i].tokens.len() - self.running[i].computed > 1);
+        for i in order {
+            let s = &self.running[i];
+            let take = (s.tokens.len() - s.computed).min(budget);
+            if take == 0 {
+                continue;
+            }
+            budget -= take;
+            plan.push((i, take));
+        }
+        let mut step = StepInput::default();
+        let mut logit_rows = Vec::new();
+        let mut row_of: Vec<(usize, usize)> = Vec::new(); // per plan entry: first logit row, count
+        for &(i, take) in &plan {
+            let s = &self.running[i];
+            let start = step.tokens.len();
+            step.tokens
+                .extend_from_slice(&s.tokens[s.computed..s.computed + take]);
+            step.seqs.push(SeqChunk {
+                rows: start..start + take,
+                pos0: s.computed,
+                blocks: s.table.blocks.clone(),
+            });
+            let finishes = s.computed + take == s.tokens.len();
+            let wants_prompt_lp =
+                s.req.params.prompt_logprobs.is_some() && s.computed < s.req.prompt.len();
+            let first = logit_rows.len();
+            if wants_prompt_lp {
+                logit_rows.extend(start..start + take);
+            } else if finishes {
+                logit_rows.push(start + take - 1);
+            }
+            row_of.push((first, logit_rows.len() - first));
+        }
+        let result = self.model.forward(
+            &step,
+            &mut self.cache,
+            &*self.experts,
+            self.cfg.attn_mode,
+            &logit_rows,
+        );
+        self.stats.steps += 1;
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => return self.fail_all(plan.iter().map(|p| p.0).collect(), e),
+        };
+        let vocab = self.model.cfg.vocab_size;
+        let mut events = Vec::new();
+        let mut done: Vec<usize> = Vec::new();
+        for (k, &(i, take)) in plan.iter().enumerate() {
+            let (first, count) = row_of[k];
+            let s = &mut self.running[i];
+            let was_prefill = s.computed < s.req.prompt.len();
+            if was_prefill {
+                self.stats.prefill_tokens += take as u64;
+            } else {
+                self.stats.decode_tokens += take as u64;
+            }
+            if let (Some(n), true) = (s.req.params.prompt_logprobs, was_prefill) {
+                // Row at position p scores prompt token p + 1.
+                for r in 0..count {
+                    let p = s.computed + r;
+                    if p + 1 < s.req.prompt.len() {
+                        let lp = log_softmax(&logits[(first + r) * vocab..(first + r + 1) * vocab]);
+                        let tok = s.req.prompt[p + 1];
+                        s.prompt_lp.push(TokenLogprob {
+                            token: tok,
+                            logprob: lp[tok as usize],
+                            top: top_n(&lp, n),
+                        });
+                    }
+                }
+            }
+            s.computed += take;
+            if s.computed < s.tokens.len() {
+                continue;
+            }
+            if was_prefill && s.req.params.prompt_logprobs.is_some() {
+                events.push(EngineEvent::PromptLogprobs {
+                    id: s.req.id,
+                    logprobs: std::mem::take(&mut s.prompt_lp),
+                });
+            }
+            let row = &logits[(first + count - 1) * vocab..(first + count) * vocab];
+            match Self::accept_token(&self.model, self.tokenizer.as_deref(), s, row) {
+                Ok((ev, fin)) => {
+                    events.extend(ev);
+                    if fin {
+                        done.push(i);
+                    }
+                }
+                Err(e) => {
+                    events.push(EngineEvent::Failed {
+                        id: s.req.id,
+                        kind: FailKind::Internal,
+                        message: e.to_string(),
+                    });
+                    done.push(i);
+                }
+            }
+        }
+        done.sort_unstable();
+        for i in done.into_iter().rev() {
+            let mut s = self.running.remove(i);
+            self.cache.release(&mut s.table);
+        }
+        events
+    }
+
+    fn fail_all(&mut self, idx: Vec<usize>, e: CoreError) -> Vec<EngineEvent> {
+        let kind = match e {
+            CoreError::Experts(_) => FailKind::Unavailable,
+            _ => FailKind::Internal,
+        };
+        let message = e.to_string();
+        tracing::warn!(%message, requests = idx.len(), "step failed");
+        let mut idx = idx;
+        idx.sort_unstable();
+        let mut events = Vec::new();
+        for i in idx.into_iter().rev() {
+            let mut s = self.running.remove(i);
+            self.cache.release(&mut s.table);
+            events.push(EngineEvent::Failed {
+                id: s.req.id,
+                kind,
+                message: message.clone(),
+            });
+        }
+        events
+    }
+
+    /// Samples the next token of `s`, decodes it and checks the stop rules.
+    fn accept_token(
+        model: &Model<B>,
+        tok: Option<&Tokenizer>,
+        s: &mut Seq,
+        row: &[f32],
+    ) -> Result<(Vec<EngineEvent>, bool)> {
+        let p = &s.req.params;
+        let token = s.sampler.sample(row);
+        let logprob = (p.logprobs > 0).then(|| {
+            let lp = log_softmax(row);
+            TokenLogprob {
+                token,
+                logprob: lp[token as usize],
+                top: top_n(&lp, p.logprobs),
+            }
+        });
+        s.tokens.push(token);
+        let generated = s.tokens.len() - s.req.prompt.len();
+        let is_eos = !p.ignore_eos && model.cfg.eos_token_ids.contains(&token);
+        let mut reason = if is_eos {
+            Some(FinishReason::Eos)
+        } else if p.stop_token_ids.contains(&token) {
+            Some(FinishReason::Stop)
+        } else {
+            None
+        };
+        let mut text = String::new();
+        if let Some(t) = tok {
+            if reason.is_none() {
+                s.held.push_str(&s.decoder.push(t, token)?);
+            }
+            if let Some(cut) = find_stop(&s.held, &p.stop_strings) {
+                s.held.truncate(cut);
+                reason = Some(FinishReason::Stop);
+            }
+            if reason.is_none() && generated >= p.max_new_tokens {
+                s.held.push_str(&s.decoder.flush(t)?);
+                if let Some(cut) = find_stop(&s.held, &p.stop_strings) {
+                    s.held.truncate(cut);
+                    reason = Some(FinishReason::Stop);
+                }
+            }
+            let keep = if reason.is_some() {
+                0
+            } else {
+                stop_prefix_len(&s.held, &p.stop_strings)
+            };
+            let emit = s.held.len() - keep;
+            text = s.held[..emit].to_string();
+            s.held.drain(..emit);
+            s.emitted.push_str(&text);
+        }
+        if reason.is_none() && generated >= p.max_new_tokens {
+            reason = Some(FinishReason::Length);
+        }
+        let mut events = vec![EngineEvent::Token {
+            id: s.req.id,
+            token,
+            text,
+            logprob,
+        }];
+        if let Some(reason) = reason {
+            events.push(EngineEvent::Finished {
+                id: s.req.id,
+                reason,
+                prompt_tokens: s.req.prompt.len(),
+                completion_tokens: generated,
+                text: std::mem::take(&mut s.held),
+            });
+        }
+        Ok((events, reason.is_some()))
+    }
+}
+
+/// Byte offset where the first stop string starts in `text`.
+fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of a stop string (held back
+/// so a stream never shows part of a stop string).
+fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
+    let mut best = 0;
+    for s in stops {
+        for (i, _) in s.char_indices().skip(1) {
+            if i > best && text.ends_with(&s[..i]) {
+                best = i;
+            }
+        }
+    }
+    best
+}
+
+/// The result of running one request to completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub output_ids: Vec<u32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub logprobs: Vec<TokenLogprob>,
+    pub prompt_logprobs: Vec<TokenLogprob>,
+}
+
+/// Collects the events of a set of requests into completions (the in-process `generate`).
+pub fn run_to_completion<B: Backend>(
+    engine: &mut Engine<B>,
+    reqs: Vec<SeqRequest>,
+) -> Result<Vec<Completion>> {
+    let ids: Vec<u64> = reqs.iter().map(|r| r.id).collect();
+    let mut out: Vec<Option<Completion>> = vec![None; reqs.len()];
+    let mut partial: Vec<Completion> = reqs
+        .iter()
+        .map(|r| Completion {
+            output_ids: vec![],
+            text: String::new(),
+            finish_reason: FinishReason::Length,
+            prompt_tokens: r.prompt.len(),
+            logprobs: vec![],
+            prompt_logprobs: vec![],
+        })
+        .collect();
+    for r in reqs {
+        engine.submit(r)?;
+    }
+    while engine.has_work() {
+        for ev in engine.step() {
+            let idx = |id: u64| ids.iter().position(|&x| x == id);
+            match ev {
+                EngineEvent::PromptLogprobs { id, logprobs } => {
+                    if let Some(i) = idx(id) {
+                        partial[i].prompt_logprobs = logprobs;
+                    }
+                }
+                EngineEvent::Token {
+                    id,
+                    token,
+                    text,
+                    logprob,
+                } => {
+                    if let Some(i) = idx(id) {
+                        partial[i].output_ids.push(token);
+                        partial[i].text.push_str(&text);
+                        partial[i].logprobs.extend(logprob);
+                    }
+                }
+                EngineEvent::Finished {
+                    id, reason, text, ..
+                } => {
+                    if let Some(i) = idx(id) {
+                        partial[i].text.push_str(&text);
+                        partial[i].finish_reason = reason;
+                        out[i] = Some(partial[i].clone());
+                    }
+                }
+                EngineEvent::Failed { id, message, kind } => {
+                    return Err(match kind {
+                        FailKind::Unavailable => {
+                            CoreError::Experts(format!("request {id}: {message}"))
+                        }
+                        FailKind::Internal => {
+                            CoreError::InvalidInput(format!("request {id}: {message}"))
+                        }
+                    });
+                }
+            }
+        }
+    }
+    out.into_iter()
+        .map(|c| c.ok_or_else(|| CoreError::InvalidInput("request did not finish".into())))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_helpers() {
+        let stops = vec!["END".to_string(), "\n\n".to_string()];
+        assert_eq!(find_stop("abc END x", &stops), Some(4));
+        assert_eq!(find_stop("abc", &stops), None);
+        assert_eq!(stop_prefix_len("abc EN", &stops), 2);
+        assert_eq!(stop_prefix_len("abc\n", &stops), 1);
+        assert_eq!(stop_prefix_len("abc", &stops), 0);
+    }
+}

@@ -1,0 +1,342 @@
+//! The embedded tiny model: a DeepSeek-V2-architecture checkpoint with random weights from a
+//! fixed seed and a small byte-level BPE tokenizer trained here on an embedded text, written on
+//! first use into a cache dir in the exact Hugging Face layout. Its text is noise; it exists so
+//! the whole system runs anywhere with no GPU and no download.
+
+use std::path::{Path, PathBuf};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use safetensors::tensor::TensorView;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{
+    AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
+    PreTokenizerWrapper, TokenizerImpl,
+};
+
+use crate::error::{CoreError, Result};
+
+/// Bump when the model or tokenizer recipe changes: a new directory is made.
+pub const TINY_VERSION: &str = "tiny-v1";
+const SEED: u64 = 0x05EE_D0D5_2024;
+const CORPUS: &str = include_str!("tiny_corpus.txt");
+pub const BOS: &str = "<｜begin▁of▁sentence｜>";
+pub const EOS: &str = "<｜end▁of▁sentence｜>";
+
+/// The tiny model's config.json, in DeepSeek's original format.
+pub fn config_json() -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["DeepseekV2ForCausalLM"],
+        "model_type": "deepseek_v2",
+        "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 384,
+        "moe_intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "q_lora_rank": 96, "kv_lora_rank": 64,
+        "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
+        "n_routed_experts": 32, "n_shared_experts": 2, "num_experts_per_tok": 6,
+        "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3,
+        "routed_scaling_factor": 16.0, "norm_topk_prob": false, "scoring_func": "softmax",
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "hidden_act": "silu",
+        "rms_norm_eps": 1e-6, "rope_theta": 10000,
+        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 64,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        "max_position_embeddings": 2560, "bos_token_id": 0, "eos_token_id": 1,
+        "tie_word_embeddings": false, "attention_bias": false, "torch_dtype": "bfloat16"
+    })
+}
+
+/// Returns the tiny model's directory under `cache_root`, creating it if needed.
+pub fn ensure(cache_root: &Path) -> Result<PathBuf> {
+    let dir = cache_root.join(TINY_VERSION);
+    if dir.join("model.safetensors").exists() && dir.join("tokenizer.json").exists() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(cache_root).map_err(|e| CoreError::io(cache_root, e))?;
+    let tmp = cache_root.join(format!("{TINY_VERSION}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    write_to(&tmp)?;
+    // Atomic publish: a concurrent creator may win the rename; its result is identical.
+    if std::fs::rename(&tmp, &dir).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !dir.join("model.safetensors").exists() {
+            return Err(CoreError::File {
+                path: dir,
+                msg: "could not create the tiny model here".into(),
+            });
+        }
+    }
+    Ok(dir)
+}
+
+/// Writes the whole tiny model dir (config, weights, tokenizer) into `dir`.
+pub fn write_to(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
+    let cfg = config_json();
+    let cfg_path = dir.join("config.json");
+    std::fs::write(
+        &cfg_path,
+        serde_json::to_string_pretty(&cfg).unwrap_or_default(),
+    )
+    .map_err(|e| CoreError::io(&cfg_path, e))?;
+    let parsed = crate::config::ModelConfig::from_json_str(&cfg.to_string())?;
+    write_random_weights(&parsed, SEED, &dir.join("model.safetensors"))?;
+    write_tokenizer(dir, parsed.vocab_size)?;
+    Ok(())
+}
+
+/// Every tensor of a DeepSeek-V2 checkpoint with these dims, random from `seed`, stored bf16.
+pub fn write_random_weights(c: &crate::ModelConfig, seed: u64, path: &Path) -> Result<()> {
+    let tensors = random_tensors(c, seed);
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, s, v)| {
+            (
+                n,
+                s,
+                v.iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                    .collect(),
+            )
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            TensorView::new(safetensors::Dtype::BF16, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| CoreError::File {
+                    path: path.to_path_buf(),
+                    msg: format!("tensor {n}: {e}"),
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| CoreError::File {
+        path: path.to_path_buf(),
+        msg: format!("cannot write: {e}"),
+    })
+}
+
+/// (name, shape, values) for every tensor, in a fixed order.
+pub fn random_tensors(c: &crate::ModelConfig, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    let mut normal = |name: String, shape: Vec<usize>, mean: f32, std: f32| {
+        let n: usize = shape.iter().product();
+        let dist = Normal::new(mean, std).unwrap_or_else(|_| Normal::new(0.0, 1.0).expect("valid"));
+        let v: Vec<f32> = (0..n).map(|_| dist.sample(&mut rng)).collect();
+        out.push((name, shape, v));
+    };
+    let (h, heads) = (c.hidden_size, c.num_attention_heads);
+    let lin = 0.05;
+    normal(
+        "model.embed_tokens.weight".into(),
+        vec![c.vocab_size, h],
+        0.0,
+        1.0,
+    );
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let a = format!("{p}.self_attn");
+        normal(format!("{p}.input_layernorm.weight"), vec![h], 1.0, 0.1);
+        normal(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            1.0,
+            0.1,
+        );
+        match c.q_lora_rank {
+            Some(r) => {
+                normal(format!("{a}.q_a_proj.weight"), vec![r, h], 0.0, lin);
+                normal(format!("{a}.q_a_layernorm.weight"), vec![r], 1.0, 0.1);
+                normal(
+                    format!("{a}.q_b_proj.weight"),
+                    vec![heads * c.q_head_dim(), r],
+                    0.0,
+                    lin,
+                );
+            }
+            None => normal(
+                format!("{a}.q_proj.weight"),
+                vec![heads * c.q_head_dim(), h],
+                0.0,
+                lin,
+            ),
+        }
+        normal(
+            format!("{a}.kv_a_proj_with_mqa.weight"),
+            vec![c.latent_cache_width(), h],
+            0.0,
+            lin,
+        );
+        normal(
+            format!("{a}.kv_a_layernorm.weight"),
+            vec![c.kv_lora_rank],
+            1.0,
+            0.1,
+        );
+        normal(
+            format!("{a}.kv_b_proj.weight"),
+            vec![heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank],
+            0.0,
+            lin,
+        );
+        normal(
+            format!("{a}.o_proj.weight"),
+            vec![h, heads * c.v_head_dim],
+            0.0,
+            lin,
+        );
+        let mut mlp = |prefix: String, inter: usize| {
+            normal(
+                format!("{prefix}.gate_proj.weight"),
+                vec![inter, h],
+                0.0,
+                lin,
+            );
+            normal(format!("{prefix}.up_proj.weight"), vec![inter, h], 0.0, lin);
+            normal(
+                format!("{prefix}.down_proj.weight"),
+                vec![h, inter],
+                0.0,
+                lin,
+            );
+        };
+        if c.is_moe_layer(l) {
+            for e in 0..c.n_routed_experts {
+                mlp(format!("{p}.mlp.experts.{e}"), c.moe_intermediate_size);
+            }
+            if c.n_shared_experts > 0 {
+                mlp(
+                    format!("{p}.mlp.shared_experts"),
+                    c.shared_intermediate_size(),
+                );
+            }
+            normal(
+                format!("{p}.mlp.gate.weight"),
+                vec![c.n_routed_experts, h],
+                0.0,
+                0.2,
+            );
+        } else {
+            mlp(format!("{p}.mlp"), c.intermediate_size);
+        }
+    }
+    normal("model.norm.weight".into(), vec![h], 1.0, 0.1);
+    if !c.tie_word_embeddings {
+        normal("lm_head.weight".into(), vec![c.vocab_size, h], 0.0, lin);
+    }
+    out
+}
+
+type RawTokenizer = TokenizerImpl<
+    ModelWrapper,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
+
+/// Trains a byte-level BPE on the embedded corpus and writes tokenizer.json and
+/// tokenizer_config.json (BOS added to prompts, as DeepSeek's config says).
+fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<()> {
+    let tk_err = |e: Box<dyn std::error::Error + Send + Sync>| {
+        CoreError::Tokenizer(format!("training the tiny tokenizer: {e}"))
+    };
+    let trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(vec![
+            AddedToken::from(BOS, true),
+            AddedToken::from(EOS, true),
+        ])
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let mut trainer = tokenizers::models::TrainerWrapper::BpeTrainer(trainer);
+    let mut tk: RawTokenizer = TokenizerImpl::new(ModelWrapper::BPE(BPE::default()));
+    tk.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+        false, true, true,
+    ))));
+    tk.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
+    let lines: Vec<&str> = CORPUS.lines().collect();
+    tk.train(&mut trainer, lines.into_iter()).map_err(tk_err)?;
+    let path = dir.join("tokenizer.json");
+    tk.save(&path, true).map_err(tk_err)?;
+    let tcfg = serde_json::json!({
+        "add_bos_token": true, "add_eos_token": false,
+        "bos_token": {"content": BOS, "special": true},
+        "eos_token": {"content": EOS, "special": true},
+        "model_max_length": 2560, "tokenizer_class": "LlamaTokenizerFast"
+    });
+    let p = dir.join("tokenizer_config.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&tcfg).unwrap_or_default())
+        .map_err(|e| CoreError::io(&p, e))
+}
+
+/// Where the tiny model is cached, from the values of DSV2_CACHE_DIR, XDG_CACHE_HOME and HOME
+/// (the binaries read the environment; this library does not).
+pub fn cache_root(
+    dsv2_cache_dir: Option<String>,
+    xdg_cache_home: Option<String>,
+    home: Option<String>,
+) -> PathBuf {
+    if let Some(d) = dsv2_cache_dir.filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if let Some(x) = xdg_cache_home.filter(|d| !d.is_empty()) {
+        return Path::new(&x).join("dsv2");
+    }
+    if let Some(h) = home.filter(|d| !d.is_empty()) {
+        return Path::new(&h).join(".cache").join("dsv2");
+    }
+    std::env::temp_dir().join("dsv2-cache")
+}
+
+/// `tiny` means the embedded tiny model (created under `cache_root` on first use); anything else
+/// is a path to a model dir.
+pub fn resolve_model_dir(arg: &str, cache_root: &Path) -> Result<PathBuf> {
+    if arg == "tiny" {
+        return ensure(cache_root);
+    }
+    let p = PathBuf::from(arg);
+    if !p.join("config.json").exists() {
+        return Err(CoreError::File {
+            path: p,
+            msg: "is not a model directory (no config.json); pass a Hugging Face DeepSeek-V2 checkpoint dir, or `tiny`".into(),
+        });
+    }
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::Tokenizer;
+
+    #[test]
+    fn tiny_model_is_deterministic_and_loads() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        write_to(a.path()).unwrap();
+        write_to(b.path()).unwrap();
+        for f in ["model.safetensors", "tokenizer.json", "config.json"] {
+            assert_eq!(
+                std::fs::read(a.path().join(f)).unwrap(),
+                std::fs::read(b.path().join(f)).unwrap(),
+                "{f} differs"
+            );
+        }
+        let cfg = crate::ModelConfig::from_model_dir(a.path()).unwrap();
+        let tok = Tokenizer::from_model_dir(a.path(), cfg.bos_token_id).unwrap();
+        assert!(tok.vocab_size() <= cfg.vocab_size);
+        let ids = tok.encode_prompt("The router receives a request.").unwrap();
+        assert_eq!(ids[0], 0, "BOS first");
+        assert!(ids.len() < 12, "BPE merged nothing: {ids:?}");
+        assert_eq!(tok.decode(&ids).unwrap(), "The router receives a request.");
+        let dir = ensure(a.path()).unwrap();
+        assert!(dir.join("model.safetensors").exists());
+    }
+}
