@@ -182,7 +182,11 @@ fn bench(gpu: &Gpu) -> Result<()> {
     drop((x, w, y));
 
     // P1: MLA decode, batch 64, context 4096, 128 heads, 512 + 64
-    for (batch, ctx) in [(64usize, 4096usize), (1, 4096)] {
+    for (batch, ctx, force) in [
+        (64usize, 4096usize, None),
+        (64, 4096, Some(1usize)),
+        (1, 4096, None),
+    ] {
         let (heads, bs) = (128usize, 64usize);
         let blocks_per = ctx / bs;
         let nblocks = batch * blocks_per;
@@ -224,7 +228,7 @@ fn bench(gpu: &Gpu) -> Result<()> {
             gbs / copy_gbs,
             flops / (ms * 1e-3) / 1e12,
             flops / (ms * 1e-3) / 1e12 / blas_tflops,
-            mla::choose_splits(gpu.sm_count, batch, heads, ctx)
+            force.unwrap_or_else(|| mla::choose_splits(gpu.sm_count, batch, heads, ctx))
         );
     }
 

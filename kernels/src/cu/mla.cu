@@ -1,7 +1,7 @@
 // mla.cu: MLA decode attention over the paged latent cache with absorbed weights, the split-K
 // combine, and the latent cache append.
 //
-// Decode kernel (tensor cores through mma.sync m16n8k16 bf16 -> f32): a CTA owns one sequence, 64
+// Decode kernel (tensor cores through mma.sync m16n8k16 bf16 -> f32, operands via ldmatrix): a CTA owns one sequence, 64
 // heads and one slice of the context. Per 32-token tile of cache (576 = 512 latent + 64 rope values):
 //   S[64 x 32] = Q[64 x 576] . K[32 x 576]^T      (Q = q_abs | q_pe, K = cache rows)
 //   online softmax (f32, exp2 with the scale folded in)
@@ -36,10 +36,19 @@ __device__ __forceinline__ void mma_bf16(float* d, const u32* a, const u32* b) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__device__ __forceinline__ u32 ld_u32(const bf16* p) { return *reinterpret_cast<const u32*>(p); }
-
-__device__ __forceinline__ u32 pack2(bf16 lo, bf16 hi) {
-    return (u32)__bfloat16_as_ushort(lo) | ((u32)__bfloat16_as_ushort(hi) << 16);
+// Four 8x8 b16 matrices from shared memory; lane l supplies the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void ldsm_x4(u32* r, const bf16* p) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+// Same, transposed on the way (for B operands stored [k][n]).
+__device__ __forceinline__ void ldsm_x4_t(u32* r, const bf16* p) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
@@ -134,17 +143,17 @@ mla_decode_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, c
         {
             const int mt = warp / 2, nt0 = (warp % 2) * 2;
             float sacc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-            const bf16* qa = sm.q + (mt * 16 + lane / 4) * SROW + (lane % 4) * 2;
-            const bf16* kb0 = kt + (nt0 * 8 + lane / 4) * SROW + (lane % 4) * 2;
-            const bf16* kb1 = kb0 + 8 * SROW;
+            // A (Q rows): matrices (r0, k), (r0+8, k), (r0, k+8), (r0+8, k+8)
+            const bf16* qa = sm.q + (mt * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * SROW + (lane / 16) * 8;
+            // B (K rows = n): matrices (n0, k), (n0, k+8), (n0+8, k), (n0+8, k+8)
+            const bf16* kb = kt + (nt0 * 8 + (lane % 8) + (lane / 16) * 8) * SROW + ((lane / 8) % 2) * 8;
 #pragma unroll 4
             for (int kk = 0; kk < D_QK; kk += 16) {
-                u32 a[4] = {ld_u32(qa + kk), ld_u32(qa + 8 * SROW + kk), ld_u32(qa + kk + 8),
-                            ld_u32(qa + 8 * SROW + kk + 8)};
-                u32 b0[2] = {ld_u32(kb0 + kk), ld_u32(kb0 + kk + 8)};
-                u32 b1[2] = {ld_u32(kb1 + kk), ld_u32(kb1 + kk + 8)};
-                mma_bf16(sacc[0], a, b0);
-                mma_bf16(sacc[1], a, b1);
+                u32 a[4], b[4];
+                ldsm_x4(a, qa + kk);
+                ldsm_x4(b, kb + kk);
+                mma_bf16(sacc[0], a, b);
+                mma_bf16(sacc[1], a, b + 2);
             }
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
@@ -203,17 +212,21 @@ mla_decode_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, c
 #pragma unroll
             for (int kk = 0; kk < TN; kk += 16) {
                 u32 bf[8][2];
-                const int kr = kk + (lane % 4) * 2;
+                // V stored [token k][dim n]: matrices (k, n0), (k+8, n0), (k, n0+8), (k+8, n0+8), transposed
+                const bf16* vb = kt + (kk + (lane % 8) + ((lane / 8) % 2) * 8) * SROW + warp * 64 + (lane / 16) * 8;
 #pragma unroll
-                for (int ni = 0; ni < 8; ++ni) {
-                    int n = warp * 64 + ni * 8 + lane / 4;
-                    bf[ni][0] = pack2(kt[kr * SROW + n], kt[(kr + 1) * SROW + n]);
-                    bf[ni][1] = pack2(kt[(kr + 8) * SROW + n], kt[(kr + 9) * SROW + n]);
+                for (int j = 0; j < 4; ++j) {
+                    u32 r[4];
+                    ldsm_x4_t(r, vb + j * 16);
+                    bf[2 * j][0] = r[0];
+                    bf[2 * j][1] = r[1];
+                    bf[2 * j + 1][0] = r[2];
+                    bf[2 * j + 1][1] = r[3];
                 }
 #pragma unroll
                 for (int mi = 0; mi < 4; ++mi) {
-                    const bf16* pa = sm.p + (mi * 16 + lane / 4) * (TN + 8) + kk + (lane % 4) * 2;
-                    u32 a[4] = {ld_u32(pa), ld_u32(pa + 8 * (TN + 8)), ld_u32(pa + 8), ld_u32(pa + 8 * (TN + 8) + 8)};
+                    u32 a[4];
+                    ldsm_x4(a, sm.p + (mi * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * (TN + 8) + kk + (lane / 16) * 8);
 #pragma unroll
                     for (int ni = 0; ni < 8; ++ni) mma_bf16(acc[mi][ni], a, bf[ni]);
                 }
