@@ -142,19 +142,30 @@ mla_decode_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, c
         // ---- S = Q K^T: warp -> m-tile warp/2, n-tiles 2*(warp%2) and +1
         {
             const int mt = warp / 2, nt0 = (warp % 2) * 2;
+            // two accumulator chains per output tile (even / odd k-steps): a single chain of 36
+            // dependent mma per tile leaves the tensor cores waiting on mma latency
             float sacc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+            float sacc2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
             // A (Q rows): matrices (r0, k), (r0+8, k), (r0, k+8), (r0+8, k+8)
             const bf16* qa = sm.q + (mt * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * SROW + (lane / 16) * 8;
             // B (K rows = n): matrices (n0, k), (n0, k+8), (n0+8, k), (n0+8, k+8)
             const bf16* kb = kt + (nt0 * 8 + (lane % 8) + (lane / 16) * 8) * SROW + ((lane / 8) % 2) * 8;
-#pragma unroll 4
-            for (int kk = 0; kk < D_QK; kk += 16) {
-                u32 a[4], b[4];
+#pragma unroll 3
+            for (int kk = 0; kk < D_QK; kk += 32) {
+                u32 a[4], b[4], a2[4], b2[4];
                 ldsm_x4(a, qa + kk);
                 ldsm_x4(b, kb + kk);
+                ldsm_x4(a2, qa + kk + 16);
+                ldsm_x4(b2, kb + kk + 16);
                 mma_bf16(sacc[0], a, b);
                 mma_bf16(sacc[1], a, b + 2);
+                mma_bf16(sacc2[0], a2, b2);
+                mma_bf16(sacc2[1], a2, b2 + 2);
             }
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int x = 0; x < 4; ++x) sacc[j][x] += sacc2[j][x];
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 int r = mt * 16 + lane / 4, c = (nt0 + j) * 8 + (lane % 4) * 2;
