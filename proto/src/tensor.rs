@@ -260,13 +260,23 @@ impl ForwardRequest {
     pub fn check_shape(&self) -> Result<(), TensorCodecError> {
         let rows = self.num_rows as usize;
         let k = self.experts_per_row as usize;
+        let (size, name) = match Dtype::try_from(self.hidden_dtype) {
+            Ok(Dtype::F32) => (4, "f32"),
+            Ok(Dtype::Bf16) | Ok(Dtype::Unspecified) => (2, "bf16"),
+            Err(_) => {
+                return Err(TensorCodecError::UnsupportedDtype {
+                    field: "hidden_dtype",
+                    value: self.hidden_dtype,
+                });
+            }
+        };
         check_rows(
             "hidden",
             &self.hidden,
             rows,
             self.hidden_size as usize,
-            2,
-            "bf16",
+            size,
+            name,
         )?;
         check_count("expert_ids", self.expert_ids.len(), rows, k)?;
         check_count("gate_weights", self.gate_weights.len(), rows, k)?;
@@ -431,6 +441,7 @@ mod tests {
             expert_ids: (0..rows * k).collect(),
             gate_weights: vec![0.5; (rows * k) as usize],
             partial_dtype: Dtype::F32 as i32,
+            hidden_dtype: Dtype::Bf16 as i32,
         }
     }
 
@@ -483,6 +494,32 @@ mod tests {
         ));
         r.gate_weights[3] = 0.0;
         r.check_shape().expect("padding with weight 0 is fine");
+
+        // f32 hidden rows (CPU reference path): 4 bytes per value; unset dtype means bf16.
+        let mut r = request(3, 8, 2);
+        r.hidden_dtype = Dtype::F32 as i32;
+        assert!(matches!(
+            r.check_shape(),
+            Err(TensorCodecError::ShapeMismatch {
+                field: "hidden",
+                ..
+            })
+        ));
+        r.hidden = encode_f32(&[1.0; 24]);
+        r.check_shape().expect("3 x 8 f32 rows");
+        r.hidden_dtype = Dtype::Unspecified as i32;
+        assert!(
+            r.check_shape().is_err(),
+            "96 bytes are 48 bf16 values, not 24"
+        );
+        r.hidden_dtype = 42;
+        assert!(matches!(
+            r.check_shape(),
+            Err(TensorCodecError::UnsupportedDtype {
+                field: "hidden_dtype",
+                value: 42
+            })
+        ));
 
         let mut r = request(3, 8, 2);
         r.gate_weights[0] = f32::NAN;

@@ -153,5 +153,10 @@ fn reflection_accepts_the_descriptor_set() {
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(dsv2_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .expect("reflection service builds from FILE_DESCRIPTOR_SET");
+        .expect("reflection v1 builds from FILE_DESCRIPTOR_SET");
+    // Older reflection clients (ghz built on jhump/protoreflect, older grpcurl) speak v1alpha.
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dsv2_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("reflection v1alpha builds from FILE_DESCRIPTOR_SET");
 }
