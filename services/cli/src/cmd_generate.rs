@@ -53,6 +53,12 @@ pub struct Args {
     /// Print one JSON object (output_ids, text, finish_reason, timings) instead of the text.
     #[arg(long)]
     pub json: bool,
+    /// Send the request to a running router instead of running the model in-process.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// With --endpoint: stream tokens as they are generated.
+    #[arg(long, requires = "endpoint")]
+    pub stream: bool,
     /// Compute device for the in-process mode.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -68,6 +74,9 @@ pub fn finish_reason_name(r: FinishReason) -> &'static str {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Some(ep) = &a.endpoint {
+        return crate::remote::run(&a, ep);
+    }
     let loaded = load_cpu(&a.model_dir, &a.device)?;
     let prompt = match (&a.input_text, &a.input_ids) {
         (Some(t), _) => match &loaded.tokenizer {

@@ -56,12 +56,13 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--token-ids: no tokens given");
     }
     if let Some(k) = a.decode_from
-        && (k == 0 || k > ids.len()) {
-            bail!(
-                "--decode-from {k}: must be between 1 and the number of tokens ({})",
-                ids.len()
-            );
-        }
+        && (k == 0 || k > ids.len())
+    {
+        bail!(
+            "--decode-from {k}: must be between 1 and the number of tokens ({})",
+            ids.len()
+        );
+    }
     let mode = match a.attn {
         Attn::Auto => AttnMode::Auto,
         Attn::Naive => AttnMode::Naive,

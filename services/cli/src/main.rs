@@ -2,9 +2,12 @@
 
 mod cmd_bench;
 mod cmd_generate;
+mod cmd_loadtest;
 mod cmd_logits;
 mod cmd_rouge;
+mod cmd_up;
 mod common;
+mod remote;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +33,10 @@ enum Cmd {
     Logits(cmd_logits::Args),
     /// ROUGE-1/2/L/Lsum of predictions against references (rouge-score compatible).
     Rouge(cmd_rouge::Args),
+    /// Start a local cluster (router + expert shards) on loopback; --prompt answers one request.
+    Up(cmd_up::Args),
+    /// Load-test a running router like ghz does (summary, latency distribution, tokens/s).
+    Loadtest(cmd_loadtest::Args),
     /// Measure in-process decode tokens/s.
     Bench(cmd_bench::Args),
 }
@@ -42,6 +49,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Logits(a) => cmd_logits::run(a),
         Cmd::Rouge(a) => cmd_rouge::run(a),
         Cmd::Bench(a) => cmd_bench::run(a),
+        Cmd::Up(a) => cmd_up::run(a),
+        Cmd::Loadtest(a) => cmd_loadtest::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -110,6 +110,74 @@ pub enum EngineEvent {
     },
 }
 
+/// The limits a request must fit; the check runs at the service edge and again on submit.
+#[derive(Debug, Clone)]
+pub struct RequestLimits {
+    pub vocab_size: usize,
+    pub max_context_tokens: usize,
+    pub cache_capacity_tokens: usize,
+    pub block_size: usize,
+    pub has_tokenizer: bool,
+}
+
+impl RequestLimits {
+    pub fn validate(&self, prompt: &[u32], p: &GenerateParams) -> Result<()> {
+        if prompt.is_empty() {
+            return Err(CoreError::InvalidInput("prompt: is empty".into()));
+        }
+        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(CoreError::InvalidInput(format!(
+                "prompt: token id {bad} is outside the vocabulary (0..{})",
+                self.vocab_size
+            )));
+        }
+        if p.max_new_tokens == 0 {
+            return Err(CoreError::InvalidInput(
+                "max_new_tokens: must be at least 1".into(),
+            ));
+        }
+        let total = prompt.len() + p.max_new_tokens;
+        if total > self.max_context_tokens {
+            return Err(CoreError::InvalidInput(format!(
+                "max_new_tokens: prompt ({}) + max_new_tokens ({}) exceeds the model's context of {} tokens",
+                prompt.len(),
+                p.max_new_tokens,
+                self.max_context_tokens
+            )));
+        }
+        if total.div_ceil(self.block_size) * self.block_size > self.cache_capacity_tokens {
+            return Err(CoreError::InvalidInput(format!(
+                "prompt: prompt ({}) + max_new_tokens ({}) needs {total} tokens of KV cache, more than the whole cache ({} tokens); \
+                 shorten the request or start the server with more --kv-cache-blocks",
+                prompt.len(),
+                p.max_new_tokens,
+                self.cache_capacity_tokens
+            )));
+        }
+        if let Some(bad) = p
+            .stop_token_ids
+            .iter()
+            .find(|&&t| t as usize >= self.vocab_size)
+        {
+            return Err(CoreError::InvalidInput(format!(
+                "stop_token_ids: {bad} is outside the vocabulary (0..{})",
+                self.vocab_size
+            )));
+        }
+        if p.stop_strings.iter().any(|s| s.is_empty()) {
+            return Err(CoreError::InvalidInput(
+                "stop: stop strings must not be empty".into(),
+            ));
+        }
+        if !p.stop_strings.is_empty() && !self.has_tokenizer {
+            return Err(CoreError::InvalidInput(
+                "stop: this model has no tokenizer, so stop strings cannot be matched".into(),
+            ));
+        }
+        p.sampling.validate()
+    }
+}
+
 struct Seq {
     req: SeqRequest,
     table: BlockTable,
@@ -191,63 +259,20 @@ impl<B: Backend> Engine<B> {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
 
+    /// What a request is checked against; cheap to copy to the edge of a service.
+    pub fn limits(&self) -> RequestLimits {
+        RequestLimits {
+            vocab_size: self.model.cfg.vocab_size,
+            max_context_tokens: self.model.cfg.max_position_embeddings,
+            cache_capacity_tokens: self.cache.capacity_tokens(),
+            block_size: self.cache.block_size(),
+            has_tokenizer: self.tokenizer.is_some(),
+        }
+    }
+
     /// Checks a request against the model and the cache; the message names the bad field.
     pub fn validate(&self, prompt: &[u32], p: &GenerateParams) -> Result<()> {
-        let cfg = &self.model.cfg;
-        if prompt.is_empty() {
-            return Err(CoreError::InvalidInput("prompt: is empty".into()));
-        }
-        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(CoreError::InvalidInput(format!(
-                "prompt: token id {bad} is outside the vocabulary (0..{})",
-                cfg.vocab_size
-            )));
-        }
-        if p.max_new_tokens == 0 {
-            return Err(CoreError::InvalidInput(
-                "max_new_tokens: must be at least 1".into(),
-            ));
-        }
-        let total = prompt.len() + p.max_new_tokens;
-        if total > cfg.max_position_embeddings {
-            return Err(CoreError::InvalidInput(format!(
-                "max_new_tokens: prompt ({}) + max_new_tokens ({}) exceeds the model's context of {} tokens",
-                prompt.len(),
-                p.max_new_tokens,
-                cfg.max_position_embeddings
-            )));
-        }
-        if self.cache.blocks_for(total) > self.cache.num_blocks() {
-            return Err(CoreError::InvalidInput(format!(
-                "prompt: prompt ({}) + max_new_tokens ({}) needs {} tokens of KV cache, more than the whole cache ({} tokens); \
-                 shorten the request or start the server with more --kv-cache-blocks",
-                prompt.len(),
-                p.max_new_tokens,
-                total,
-                self.cache.capacity_tokens()
-            )));
-        }
-        if let Some(bad) = p
-            .stop_token_ids
-            .iter()
-            .find(|&&t| t as usize >= cfg.vocab_size)
-        {
-            return Err(CoreError::InvalidInput(format!(
-                "stop_token_ids: {bad} is outside the vocabulary (0..{})",
-                cfg.vocab_size
-            )));
-        }
-        if p.stop_strings.iter().any(|s| s.is_empty()) {
-            return Err(CoreError::InvalidInput(
-                "stop: stop strings must not be empty".into(),
-            ));
-        }
-        if !p.stop_strings.is_empty() && self.tokenizer.is_none() {
-            return Err(CoreError::InvalidInput(
-                "stop: this model has no tokenizer, so stop strings cannot be matched".into(),
-            ));
-        }
-        p.sampling.validate()
+        self.limits().validate(prompt, p)
     }
 
     /// Queues a request (after `validate`).

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod error;
 pub mod kv_cache;
 pub mod model;
+pub mod placement;
 pub mod rope;
 pub mod routing;
 pub mod sampling;

@@ -28,6 +28,9 @@ impl RoutingParams {
     }
 }
 
+/// Padding in an expert slot: no expert (a shard's rows use fewer slots than top-k).
+pub const NO_EXPERT: u32 = u32::MAX;
+
 /// The chosen experts of each row: `ids[r*top_k..][..top_k]` with matching `weights`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Routing {

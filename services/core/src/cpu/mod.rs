@@ -376,6 +376,9 @@ impl Backend for CpuBackend {
         for row in 0..x.rows {
             let (ids, ws) = routing.row(row);
             for (&e, &wt) in ids.iter().zip(ws) {
+                if e == crate::routing::NO_EXPERT {
+                    continue;
+                }
                 let slot = by_expert
                     .get_mut(e as usize)
                     .ok_or_else(|| err(format!("expert id {e} out of {}", bank.experts.len())))?;

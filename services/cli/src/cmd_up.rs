@@ -1,0 +1,205 @@
+//! `dsv2 up`: a local cluster — N expert shards and one router as child processes on loopback —
+//! on the embedded tiny model or --model-dir. Prints the endpoint and runs until Ctrl-C, or with
+//! --prompt answers one request and stops (the README's one-command demo).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args as ClapArgs;
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    /// Model directory, or `tiny` for the embedded tiny random model.
+    #[arg(long, default_value = "tiny")]
+    model_dir: String,
+    /// Number of expert shards.
+    #[arg(long, default_value_t = 2)]
+    shards: usize,
+    /// Router address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// Expert placement passed to the router (groups, contiguous or a file).
+    #[arg(long)]
+    placement: Option<String>,
+    /// Answer this prompt once the cluster is up, print the answer, then stop everything.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Tokens to generate for --prompt.
+    #[arg(long, default_value_t = 32)]
+    max_output_len: usize,
+    /// Log level of the children (RUST_LOG syntax).
+    #[arg(long, default_value = "info")]
+    child_log_level: String,
+}
+
+/// Children are killed when this drops, on every exit path.
+struct Cluster {
+    children: Vec<(String, Child)>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (name, c) in self.children.iter_mut().rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+            tracing::debug!(%name, "stopped");
+        }
+    }
+}
+
+fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the dsv2 executable")?;
+    let p = exe.with_file_name(name);
+    if !p.exists() {
+        bail!(
+            "{} not found next to {}: build the workspace (cargo build --release) so all binaries sit together",
+            name,
+            exe.display()
+        );
+    }
+    Ok(p)
+}
+
+/// Starts a child and waits for its `DSV2_READY <addr>` line.
+fn start(cluster: &mut Cluster, name: &str, mut cmd: Command, timeout: Duration) -> Result<String> {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .stdin(Stdio::null());
+    let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    cluster.children.push((name.to_string(), child));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("DSV2_READY ") {
+                let _ = tx.send(addr.to_string());
+            }
+        }
+    });
+    rx.recv_timeout(timeout).map_err(|_| {
+        anyhow::anyhow!("{name} did not become ready within {timeout:?} (see its log above)")
+    })
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.shards == 0 {
+        bail!("--shards must be at least 1");
+    }
+    let dir = crate::common::model_dir(&a.model_dir)?;
+    let dir = dir.to_string_lossy().into_owned();
+    let mut cluster = Cluster {
+        children: Vec::new(),
+    };
+    let t0 = Instant::now();
+    let mut shard_urls = Vec::new();
+    for i in 0..a.shards {
+        let mut cmd = Command::new(sibling("dsv2-expert")?);
+        cmd.args([
+            "--model-dir",
+            &dir,
+            "--listen",
+            "127.0.0.1:0",
+            "--shard-index",
+            &i.to_string(),
+            "--num-shards",
+            &a.shards.to_string(),
+            "--log-level",
+            &a.child_log_level,
+        ]);
+        let addr = start(
+            &mut cluster,
+            &format!("expert-{i}"),
+            cmd,
+            Duration::from_secs(600),
+        )?;
+        eprintln!("expert shard {i} ready at {addr}");
+        shard_urls.push(format!("http://{addr}"));
+    }
+    let mut cmd = Command::new(sibling("dsv2-router")?);
+    cmd.args([
+        "--model-dir",
+        &dir,
+        "--listen",
+        &a.listen,
+        "--log-level",
+        &a.child_log_level,
+    ]);
+    for u in &shard_urls {
+        cmd.args(["--shard", u]);
+    }
+    if let Some(p) = &a.placement {
+        cmd.args(["--placement", p]);
+    }
+    let addr = start(&mut cluster, "router", cmd, Duration::from_secs(600))?;
+    let endpoint = format!("http://{addr}");
+    eprintln!(
+        "cluster up in {:.1}s: router {endpoint} with {} expert shards",
+        t0.elapsed().as_secs_f64(),
+        a.shards
+    );
+    println!("{endpoint}");
+    if let Some(prompt) = &a.prompt {
+        let args = crate::cmd_generate::Args {
+            model_dir: a.model_dir.clone(),
+            input_text: Some(prompt.clone()),
+            input_ids: None,
+            max_output_len: a.max_output_len,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: None,
+            stop: vec![],
+            stop_token_ids: None,
+            ignore_eos: false,
+            json: false,
+            endpoint: Some(endpoint.clone()),
+            stream: true,
+            device: "cpu".into(),
+        };
+        crate::remote::run(&args, &endpoint)?;
+        eprintln!("stopping the cluster");
+        return Ok(());
+    }
+    eprintln!(
+        "try: dsv2 generate --endpoint {endpoint} --input-text \"Hello\"   (Ctrl-C stops the cluster)"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    ctrlc_channel(tx)?;
+    loop {
+        if rx.recv_timeout(Duration::from_millis(500)).is_ok() {
+            eprintln!("Ctrl-C: stopping the cluster");
+            return Ok(());
+        }
+        for (name, c) in cluster.children.iter_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                bail!("{name} exited ({status}); stopping the cluster");
+            }
+        }
+    }
+}
+
+fn ctrlc_channel(tx: std::sync::mpsc::Sender<()>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            let term = async {
+                #[cfg(unix)]
+                if let Ok(mut s) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                {
+                    s.recv().await;
+                    return;
+                }
+                std::future::pending::<()>().await
+            };
+            tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term => {} }
+        });
+        let _ = tx.send(());
+    });
+    Ok(())
+}

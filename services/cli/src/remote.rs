@@ -1,0 +1,109 @@
+//! Talking to a running router: `dsv2 generate --endpoint` (unary or streamed).
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use dsv2_proto::inference::v1 as pb;
+use dsv2_proto::inference::v1::inference_client::InferenceClient;
+
+use crate::cmd_generate::Args;
+use crate::common::parse_ids;
+
+pub fn finish_name(code: i32) -> &'static str {
+    match pb::FinishReason::try_from(code) {
+        Ok(pb::FinishReason::Length) => "length",
+        Ok(pb::FinishReason::Eos) => "eos",
+        Ok(pb::FinishReason::Stop) => "stop",
+        Ok(pb::FinishReason::Cancelled) => "cancelled",
+        _ => "unspecified",
+    }
+}
+
+pub fn request_from_args(a: &Args) -> Result<pb::GenerateRequest> {
+    let prompt = match (&a.input_text, &a.input_ids) {
+        (Some(t), _) => pb::generate_request::Prompt::Text(t.clone()),
+        (None, Some(ids)) => pb::generate_request::Prompt::TokenIds(pb::TokenIds {
+            ids: parse_ids(ids, "--input-ids")?,
+        }),
+        (None, None) => anyhow::bail!("give a prompt with --input-text or --input-ids"),
+    };
+    Ok(pb::GenerateRequest {
+        prompt: Some(prompt),
+        max_new_tokens: Some(a.max_output_len as u32),
+        temperature: Some(a.temperature),
+        top_k: a.top_k as u32,
+        top_p: Some(a.top_p),
+        seed: a.seed,
+        stop: a.stop.clone(),
+        stop_token_ids: a
+            .stop_token_ids
+            .as_deref()
+            .map(|s| parse_ids(s, "--stop-token-ids"))
+            .transpose()?
+            .unwrap_or_default(),
+        logprobs: None,
+        prompt_logprobs: None,
+        ignore_eos: a.ignore_eos,
+    })
+}
+
+pub fn run(a: &Args, endpoint: &str) -> Result<()> {
+    let req = request_from_args(a)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut client = InferenceClient::connect(endpoint.to_string())
+            .await
+            .with_context(|| format!("cannot reach the router at {endpoint}: is `dsv2 up` (or dsv2-router) running there?"))?;
+        let t0 = Instant::now();
+        let (ids, text, finish, ttft_ns) = if a.stream {
+            let mut stream = client.generate_stream(req).await.map_err(status_err)?.into_inner();
+            let (mut ids, mut text, mut finish, mut ttft) = (Vec::new(), String::new(), 0, 0);
+            while let Some(msg) = stream.message().await.map_err(status_err)? {
+                ids.extend(&msg.token_ids);
+                text.push_str(&msg.text);
+                if !a.json {
+                    print!("{}", msg.text);
+                    let _ = std::io::stdout().flush();
+                }
+                if let Some(s) = msg.summary {
+                    finish = s.finish_reason;
+                    ttft = s.time_to_first_token_ns;
+                }
+            }
+            if !a.json {
+                println!();
+            }
+            if finish == 0 {
+                anyhow::bail!("the stream ended without a final summary: the router stopped mid-request");
+            }
+            (ids, text, finish, ttft)
+        } else {
+            let r = client.generate(req).await.map_err(status_err)?.into_inner();
+            if !a.json {
+                println!("{}", r.text);
+            }
+            (r.token_ids, r.text, r.finish_reason, r.time_to_first_token_ns)
+        };
+        let secs = t0.elapsed().as_secs_f64();
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "output_ids": ids, "text": text, "finish_reason": finish_name(finish),
+                    "completion_tokens": ids.len(), "time_to_first_token_s": ttft_ns as f64 / 1e9,
+                    "total_time_s": secs, "tokens_per_s": ids.len() as f64 / secs,
+                })
+            );
+        } else {
+            eprintln!("[{} tokens in {secs:.2}s, {:.1} tokens/s, first token after {:.0} ms, finish: {}]", ids.len(), ids.len() as f64 / secs, ttft_ns as f64 / 1e6, finish_name(finish));
+        }
+        Ok(())
+    })
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("router answered {:?}: {}", s.code(), s.message())
+}

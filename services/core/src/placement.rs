@@ -1,0 +1,230 @@
+//! Which expert shard hosts which routed experts. Default: whole routing groups per shard when
+//! the groups divide evenly (a token then reaches at most `topk_group` shards), else contiguous
+//! ranges with the first `E mod N` shards taking one extra expert (the Helm chart uses the same
+//! rule). A placement file lists each shard's experts explicitly.
+
+use std::path::Path;
+
+use crate::config::ModelConfig;
+use crate::error::{CoreError, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlacementKind {
+    Groups,
+    Contiguous,
+}
+
+/// Expert ids per shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub shards: Vec<Vec<usize>>,
+}
+
+impl Placement {
+    /// The default for `n_shards` shards: groups when they divide evenly, else contiguous.
+    pub fn default_for(cfg: &ModelConfig, n_shards: usize) -> Result<Self> {
+        let kind = if cfg.n_group > 1 && cfg.n_group.is_multiple_of(n_shards.max(1)) {
+            PlacementKind::Groups
+        } else {
+            PlacementKind::Contiguous
+        };
+        Self::build(cfg, n_shards, kind)
+    }
+
+    pub fn build(cfg: &ModelConfig, n_shards: usize, kind: PlacementKind) -> Result<Self> {
+        let e = cfg.n_routed_experts;
+        if n_shards == 0 || n_shards > e {
+            return Err(CoreError::InvalidInput(format!(
+                "cannot place {e} routed experts on {n_shards} shards (need 1..={e} shards)"
+            )));
+        }
+        let shards = match kind {
+            PlacementKind::Groups => {
+                if !cfg.n_group.is_multiple_of(n_shards) {
+                    return Err(CoreError::InvalidInput(format!(
+                        "groups placement needs the {} routing groups to divide evenly over {n_shards} shards; use contiguous placement",
+                        cfg.n_group
+                    )));
+                }
+                let per_group = e / cfg.n_group;
+                let groups_per_shard = cfg.n_group / n_shards;
+                (0..n_shards)
+                    .map(|s| {
+                        (s * groups_per_shard * per_group..(s + 1) * groups_per_shard * per_group)
+                            .collect()
+                    })
+                    .collect()
+            }
+            PlacementKind::Contiguous => {
+                let (base, extra) = (e / n_shards, e % n_shards);
+                let mut start = 0;
+                (0..n_shards)
+                    .map(|s| {
+                        let len = base + usize::from(s < extra);
+                        let r: Vec<usize> = (start..start + len).collect();
+                        start += len;
+                        r
+                    })
+                    .collect()
+            }
+        };
+        Ok(Placement { shards })
+    }
+
+    /// Reads `{"shards": [[0, 1, ...], [...]]}`; an expert may appear on several shards
+    /// (replicas; the first listed shard serves it).
+    pub fn from_file(path: &Path, cfg: &ModelConfig) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| CoreError::File {
+            path: path.into(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        let shards = v["shards"]
+            .as_array()
+            .ok_or_else(|| CoreError::File {
+                path: path.into(),
+                msg: "expected {\"shards\": [[expert ids], ...]}".into(),
+            })?
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.as_array()
+                    .ok_or_else(|| CoreError::File {
+                        path: path.into(),
+                        msg: format!("shards[{i}] is not a list"),
+                    })?
+                    .iter()
+                    .map(|x| {
+                        x.as_u64()
+                            .map(|x| x as usize)
+                            .ok_or_else(|| CoreError::File {
+                                path: path.into(),
+                                msg: format!("shards[{i}] holds {x}, not an expert id"),
+                            })
+                    })
+                    .collect::<Result<Vec<usize>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let p = Placement { shards };
+        p.check(cfg).map_err(|e| CoreError::File {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
+        Ok(p)
+    }
+
+    /// Every expert hosted at least once, and nothing out of range.
+    pub fn check(&self, cfg: &ModelConfig) -> Result<()> {
+        let mut seen = vec![false; cfg.n_routed_experts];
+        for (i, s) in self.shards.iter().enumerate() {
+            for &e in s {
+                let slot = seen.get_mut(e).ok_or_else(|| {
+                    CoreError::InvalidInput(format!(
+                        "shard {i} lists expert {e}, but the model has {} experts",
+                        cfg.n_routed_experts
+                    ))
+                })?;
+                *slot = true;
+            }
+        }
+        if let Some(missing) = seen.iter().position(|s| !s) {
+            return Err(CoreError::InvalidInput(format!(
+                "expert {missing} is not hosted by any shard"
+            )));
+        }
+        Ok(())
+    }
+
+    /// For each expert, the shard serving it.
+    pub fn owner_table(&self, n_experts: usize) -> Vec<usize> {
+        let mut owner = vec![usize::MAX; n_experts];
+        for (s, experts) in self.shards.iter().enumerate() {
+            for &e in experts {
+                if e < n_experts && owner[e] == usize::MAX {
+                    owner[e] = s;
+                }
+            }
+        }
+        owner
+    }
+}
+
+/// Parses "0-79", "0,5,7-9" into expert ids.
+pub fn parse_expert_list(s: &str) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || {
+            CoreError::InvalidInput(format!(
+                "--experts: `{part}` is not an expert id or FIRST-LAST range"
+            ))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (
+                    a.trim().parse().map_err(|_| bad())?,
+                    b.trim().parse().map_err(|_| bad())?,
+                );
+                if a > b {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if out.is_empty() {
+        return Err(CoreError::InvalidInput(
+            "--experts: no experts given".into(),
+        ));
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v2() -> ModelConfig {
+        ModelConfig::from_json_str(r#"{"n_routed_experts": 160, "n_group": 8, "topk_group": 3, "num_experts_per_tok": 6, "topk_method": "group_limited_greedy"}"#).unwrap()
+    }
+
+    #[test]
+    fn groups_and_contiguous() {
+        let c = v2();
+        let p = Placement::default_for(&c, 2).unwrap();
+        assert_eq!(p.shards[0], (0..80).collect::<Vec<_>>());
+        let p = Placement::default_for(&c, 7).unwrap();
+        assert_eq!(
+            p.shards.iter().map(|s| s.len()).collect::<Vec<_>>(),
+            vec![23, 23, 23, 23, 23, 23, 22]
+        );
+        assert_eq!(p.shards[6], (138..160).collect::<Vec<_>>());
+        p.check(&c).unwrap();
+        assert!(Placement::build(&c, 3, PlacementKind::Groups).is_err());
+        assert!(Placement::build(&c, 0, PlacementKind::Contiguous).is_err());
+    }
+
+    #[test]
+    fn expert_lists() {
+        assert_eq!(parse_expert_list("0-3,7").unwrap(), vec![0, 1, 2, 3, 7]);
+        assert!(
+            parse_expert_list("3-1")
+                .unwrap_err()
+                .to_string()
+                .contains("3-1")
+        );
+        assert!(parse_expert_list("x").is_err());
+    }
+
+    #[test]
+    fn file_must_cover_every_expert() {
+        let c = v2();
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.json");
+        std::fs::write(&f, r#"{"shards": [[0, 1], [2]]}"#).unwrap();
+        let err = Placement::from_file(&f, &c).unwrap_err().to_string();
+        assert!(err.contains("expert 3 is not hosted"), "{err}");
+    }
+}

@@ -1,0 +1,360 @@
+//! `dsv2-expert`: an expert shard. Loads only its routed experts (memory-mapped, filtered by
+//! name), answers Info, and serves one Forward stream per router: per MoE layer, the rows routed
+//! here with their expert ids and gate weights in, weighted partial sums out. Stateless per
+//! request, so shards restart and replicate freely.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use dsv2_core::backend::Backend;
+use dsv2_core::cpu::CpuBackend;
+use dsv2_core::model::{ExpertSelection, LocalExperts};
+use dsv2_core::placement::{Placement, parse_expert_list};
+use dsv2_core::routing::Routing;
+use dsv2_core::weights::WeightStore;
+use dsv2_core::{ModelConfig, tiny};
+use dsv2_proto::expert::v1::expert_shard_server::{ExpertShard, ExpertShardServer};
+use dsv2_proto::expert::v1::{
+    Dtype, ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, ShardError, ShardErrorCode,
+};
+use dsv2_proto::tensor::{decode_rows_to_f32, encode_f32, encode_f32_as_bf16};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tonic_health::ServingStatus;
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum Transport {
+    Grpc,
+    Nccl,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dsv2-expert",
+    version,
+    about = "DeepSeek-V2 expert shard: serves the forward pass of a subset of the routed experts"
+)]
+struct Config {
+    /// Model directory (Hugging Face layout), or `tiny` for the embedded tiny random model.
+    #[arg(long, default_value = "tiny")]
+    model_dir: String,
+    /// Address to serve on (port 0 picks a free port; printed as `DSV2_READY <addr>` on stdout).
+    #[arg(long, default_value = "0.0.0.0:50061")]
+    listen: SocketAddr,
+    /// Experts to host, e.g. 0-79 or 0,3,8-15.
+    #[arg(long, conflicts_with_all = ["shard_index", "num_shards"])]
+    experts: Option<String>,
+    /// This shard's index under the default placement (with --num-shards).
+    #[arg(long, requires = "num_shards")]
+    shard_index: Option<usize>,
+    /// Number of shards in the default placement (with --shard-index).
+    #[arg(long, requires = "shard_index")]
+    num_shards: Option<usize>,
+    /// Compute device.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Data plane (nccl needs the CUDA build).
+    #[arg(long, value_enum, default_value = "grpc")]
+    transport: Transport,
+    #[arg(long, value_enum, env = "DSV2_LOG_FORMAT", default_value = "human")]
+    log_format: LogFormat,
+    /// Log filter (RUST_LOG syntax).
+    #[arg(long, env = "DSV2_LOG", default_value = "info")]
+    log_level: String,
+}
+
+struct Shard {
+    experts: Arc<LocalExperts<CpuBackend>>,
+    backend: Arc<CpuBackend>,
+    info: InfoResponse,
+    hosted: Vec<bool>,
+    moe_layer: Vec<bool>,
+}
+
+fn shard_error(code: ShardErrorCode, req: &ForwardRequest, message: String) -> ForwardResponse {
+    ForwardResponse {
+        request_id: req.request_id,
+        layer: req.layer,
+        error: Some(ShardError {
+            code: code as i32,
+            message,
+        }),
+        ..Default::default()
+    }
+}
+
+impl Shard {
+    /// One MoE layer's share; errors become a ShardError answer, never a dead stream.
+    fn forward(&self, req: ForwardRequest) -> ForwardResponse {
+        let t0 = Instant::now();
+        if let Err(e) = req.check_shape() {
+            return shard_error(ShardErrorCode::InvalidArgument, &req, e.to_string());
+        }
+        let (rows, h, k) = (
+            req.num_rows as usize,
+            req.hidden_size as usize,
+            req.experts_per_row as usize,
+        );
+        if h != self.info.hidden_size as usize {
+            return shard_error(
+                ShardErrorCode::InvalidArgument,
+                &req,
+                format!("hidden_size {h} != model's {}", self.info.hidden_size),
+            );
+        }
+        if !self
+            .moe_layer
+            .get(req.layer as usize)
+            .copied()
+            .unwrap_or(false)
+        {
+            return shard_error(
+                ShardErrorCode::InvalidArgument,
+                &req,
+                format!("layer {} is not a MoE layer", req.layer),
+            );
+        }
+        if let Some(e) = req.expert_ids.iter().find(|&&e| {
+            e != dsv2_core::routing::NO_EXPERT
+                && !self.hosted.get(e as usize).copied().unwrap_or(false)
+        }) {
+            return shard_error(
+                ShardErrorCode::ExpertNotHosted,
+                &req,
+                format!("expert {e} is not hosted by this shard"),
+            );
+        }
+        let dtype = match Dtype::try_from(req.hidden_dtype) {
+            Ok(Dtype::F32) => Dtype::F32,
+            _ => Dtype::Bf16,
+        };
+        let x = match decode_rows_to_f32("hidden", dtype, &req.hidden, rows, h) {
+            Ok(x) => x,
+            Err(e) => return shard_error(ShardErrorCode::InvalidArgument, &req, e.to_string()),
+        };
+        let routing = Routing {
+            top_k: k,
+            ids: req.expert_ids.clone(),
+            weights: req.gate_weights.clone(),
+        };
+        let out = self
+            .backend
+            .act_from_host(rows, h, &x)
+            .and_then(|act| self.experts.forward(req.layer as usize, &act, &routing))
+            .and_then(|y| self.backend.act_to_host(&y));
+        let y = match out {
+            Ok(y) => y,
+            Err(e) => return shard_error(ShardErrorCode::Internal, &req, e.to_string()),
+        };
+        let (partial, dtype) = match Dtype::try_from(req.partial_dtype) {
+            Ok(Dtype::F32) => (encode_f32(&y), Dtype::F32),
+            _ => (encode_f32_as_bf16(&y), Dtype::Bf16),
+        };
+        ForwardResponse {
+            request_id: req.request_id,
+            layer: req.layer,
+            num_rows: req.num_rows,
+            hidden_size: req.hidden_size,
+            dtype: dtype as i32,
+            partial,
+            compute_time_ns: t0.elapsed().as_nanos() as u64,
+            error: None,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Service(Arc<Shard>);
+
+type ForwardStream = Pin<Box<dyn Stream<Item = Result<ForwardResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExpertShard for Service {
+    async fn info(&self, _r: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        Ok(Response::new(self.0.info.clone()))
+    }
+
+    type ForwardStream = ForwardStream;
+
+    async fn forward(
+        &self,
+        request: Request<Streaming<ForwardRequest>>,
+    ) -> Result<Response<ForwardStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let shard = self.0.clone();
+        tokio::spawn(async move {
+            tracing::info!("router connected");
+            while let Some(msg) = inbound.next().await {
+                let req = match msg {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e.message(), "router stream failed");
+                        break;
+                    }
+                };
+                let s = shard.clone();
+                // Expert math is CPU-bound: keep it off the async workers.
+                let resp = match tokio::task::spawn_blocking(move || s.forward(req)).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "expert computation panicked");
+                        break;
+                    }
+                };
+                if tx.send(Ok(resp)).await.is_err() {
+                    break;
+                }
+            }
+            tracing::info!("router disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn main() -> Result<()> {
+    let c = Config::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&c.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if c.log_format == LogFormat::Json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(c))
+}
+
+async fn serve(c: Config) -> Result<()> {
+    if c.device != "cpu" {
+        bail!(
+            "--device {}: this build serves experts on the CPU only; use --device cpu",
+            c.device
+        );
+    }
+    if c.transport == Transport::Nccl {
+        bail!("--transport nccl needs the CUDA build; use --transport grpc");
+    }
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let root = tiny::cache_root(
+        std::env::var("DSV2_CACHE_DIR").ok(),
+        std::env::var("XDG_CACHE_HOME").ok(),
+        std::env::var("HOME").ok(),
+    );
+    let dir = tiny::resolve_model_dir(&c.model_dir, &root)?;
+    let cfg = ModelConfig::from_model_dir(&dir)?;
+    let experts: Vec<usize> = match (&c.experts, c.shard_index, c.num_shards) {
+        (Some(list), _, _) => parse_expert_list(list)?,
+        (None, Some(i), Some(n)) => {
+            let p = Placement::default_for(&cfg, n)?;
+            p.shards.get(i).cloned().with_context(|| {
+                format!("--shard-index {i} is out of range for --num-shards {n}")
+            })?
+        }
+        _ => bail!("say which experts to host: --experts 0-79, or --shard-index I --num-shards N"),
+    };
+    let t0 = Instant::now();
+    let selection = ExpertSelection::Only(experts.clone());
+    let store = WeightStore::open(&dir, LocalExperts::<CpuBackend>::wants(&selection))
+        .with_context(|| format!("opening {}", dir.display()))?;
+    let backend = Arc::new(CpuBackend);
+    let local = Arc::new(LocalExperts::load(
+        backend.clone(),
+        &cfg,
+        &store,
+        &selection,
+    )?);
+    tracing::info!(dir = %dir.display(), experts = experts.len(), secs = t0.elapsed().as_secs_f64(), "experts loaded");
+    let mut hosted = vec![false; cfg.n_routed_experts];
+    for &e in &experts {
+        hosted[e] = true;
+    }
+    let info = InfoResponse {
+        model_name: dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        config_fingerprint: cfg.fingerprint(),
+        weights_fingerprint: store.fingerprint(),
+        expert_ids: experts.iter().map(|&e| e as u32).collect(),
+        moe_layers: cfg.moe_layers().iter().map(|&l| l as u32).collect(),
+        hidden_size: cfg.hidden_size as u32,
+        num_routed_experts: cfg.n_routed_experts as u32,
+        dtype: Dtype::F32 as i32,
+        device: backend.name(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let shard = Shard {
+        experts: local,
+        backend,
+        info,
+        hosted,
+        moe_layer: (0..cfg.num_hidden_layers)
+            .map(|l| cfg.is_moe_layer(l))
+            .collect(),
+    };
+    // Both reflection versions: grpcurl speaks v1, older ghz builds v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(dsv2_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder().build_v1()?;
+    let reflection_alpha = reflection_builder().build_v1alpha()?;
+    let listener = tokio::net::TcpListener::bind(c.listen)
+        .await
+        .with_context(|| format!("binding {}", c.listen))?;
+    let addr = listener.local_addr()?;
+    health_reporter
+        .set_serving::<ExpertShardServer<Service>>()
+        .await;
+    health_reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    tracing::info!(%addr, "expert shard serving dsv2.expert.v1.ExpertShard");
+    println!("DSV2_READY {addr}");
+    let reporter = health_reporter.clone();
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(
+            ExpertShardServer::new(Service(Arc::new(shard)))
+                .max_decoding_message_size(1 << 30)
+                .max_encoding_message_size(1 << 30),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                let _ = tokio::signal::ctrl_c().await;
+                reporter
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+                tracing::info!("shutting down");
+            },
+        )
+        .await?;
+    let _ = Duration::ZERO;
+    Ok(())
+}

@@ -1,0 +1,378 @@
+//! `dsv2-router`: loads everything but the routed experts, checks the expert shards, and serves
+//! `dsv2.v1.Inference` with health and reflection until SIGTERM/Ctrl-C, then drains.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use dsv2_core::backend::AttnMode;
+use dsv2_core::cpu::CpuBackend;
+use dsv2_core::engine::{Engine, EngineConfig};
+use dsv2_core::model::{ExpertExecutor, ExpertSelection, LocalExperts, Model};
+use dsv2_core::placement::{Placement, PlacementKind};
+use dsv2_core::tokenizer::Tokenizer;
+use dsv2_core::weights::WeightStore;
+use dsv2_core::{ModelConfig, tiny};
+use dsv2_proto::inference::v1::inference_server::InferenceServer;
+use dsv2_router::engine_task::EngineHandle;
+use dsv2_router::remote_experts::{RemoteExperts, WireDtype, check_shards, shard_info};
+use dsv2_router::service::{InferenceApi, InferenceService, ModelFacts};
+use tonic_health::ServingStatus;
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum Transport {
+    Grpc,
+    Nccl,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dsv2-router",
+    version,
+    about = "DeepSeek-V2 router: public gRPC API, batching, attention and gating; routed experts on expert shards"
+)]
+struct Config {
+    /// Model directory (Hugging Face layout), or `tiny` for the embedded tiny random model.
+    #[arg(long, default_value = "tiny")]
+    model_dir: String,
+    /// Address to serve dsv2.v1.Inference on (port 0 picks a free port; the bound address is
+    /// printed as `DSV2_READY <addr>` on stdout).
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    listen: SocketAddr,
+    /// Expert shard URL, e.g. http://127.0.0.1:50061 (repeat, in shard order). None: all routed
+    /// experts run inside the router.
+    #[arg(long = "shard")]
+    shards: Vec<String>,
+    /// Expert placement: groups, contiguous, or a JSON file {"shards": [[ids], ...]}. Default:
+    /// groups when the routing groups divide evenly over the shards, else contiguous.
+    #[arg(long)]
+    placement: Option<String>,
+    /// Compute device.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// KV cache blocks (each holds --block-size tokens of every layer's latent).
+    #[arg(long, default_value_t = 2048)]
+    kv_cache_blocks: usize,
+    /// Tokens per KV cache block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Token budget of one scheduler step.
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Most sequences decoded together.
+    #[arg(long, default_value_t = 64)]
+    max_running: usize,
+    /// Most requests held (queued + running); more get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Most concurrent gRPC requests per connection.
+    #[arg(long, default_value_t = 512)]
+    max_concurrent: usize,
+    /// Deadline for a request without a client deadline, seconds (0: none).
+    #[arg(long, default_value_t = 600)]
+    request_timeout_s: u64,
+    /// After SIGTERM, how long in-flight requests may take to finish, seconds.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout_s: u64,
+    /// How long to wait at start for every shard to answer Info, seconds.
+    #[arg(long, default_value_t = 120)]
+    shard_wait_s: u64,
+    /// How long one MoE layer may wait for a shard before the step fails UNAVAILABLE, seconds.
+    #[arg(long, default_value_t = 30)]
+    shard_timeout_s: u64,
+    /// Default max_new_tokens when a request sets none.
+    #[arg(long, default_value_t = 256)]
+    default_max_new_tokens: u32,
+    /// Data plane to the shards (nccl needs the CUDA build).
+    #[arg(long, value_enum, default_value = "grpc")]
+    transport: Transport,
+    #[arg(long, value_enum, env = "DSV2_LOG_FORMAT", default_value = "human")]
+    log_format: LogFormat,
+    /// Log filter (RUST_LOG syntax).
+    #[arg(long, env = "DSV2_LOG", default_value = "info")]
+    log_level: String,
+}
+
+fn init_logging(c: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&c.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if c.log_format == LogFormat::Json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> Result<()> {
+    let cfg = Config::parse();
+    init_logging(&cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let handle = rt.handle().clone();
+    rt.block_on(serve(cfg, handle))
+}
+
+async fn serve(c: Config, rt: tokio::runtime::Handle) -> Result<()> {
+    if c.device != "cpu" {
+        bail!(
+            "--device {}: this build serves on the CPU only (the CUDA backend is not wired into the router yet); use --device cpu",
+            c.device
+        );
+    }
+    if c.transport == Transport::Nccl {
+        bail!("--transport nccl needs GPU shards and the CUDA build; use --transport grpc");
+    }
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+
+    let root = tiny::cache_root(
+        std::env::var("DSV2_CACHE_DIR").ok(),
+        std::env::var("XDG_CACHE_HOME").ok(),
+        std::env::var("HOME").ok(),
+    );
+    let dir: PathBuf = tiny::resolve_model_dir(&c.model_dir, &root)?;
+    let t0 = Instant::now();
+    let mcfg = ModelConfig::from_model_dir(&dir)?;
+    let backend = Arc::new(CpuBackend);
+    let local = c.shards.is_empty();
+    let store = WeightStore::open(&dir, |n| local || Model::<CpuBackend>::wants(n))
+        .with_context(|| format!("opening {}", dir.display()))?;
+    let model = Arc::new(Model::load(backend.clone(), mcfg.clone(), &store)?);
+    let tokenizer = if dir.join("tokenizer.json").exists() {
+        Some(Arc::new(Tokenizer::from_model_dir(
+            &dir,
+            mcfg.bos_token_id,
+        )?))
+    } else {
+        None
+    };
+    tracing::info!(dir = %dir.display(), layers = mcfg.num_hidden_layers, experts = mcfg.n_routed_experts, secs = t0.elapsed().as_secs_f64(), "model loaded");
+
+    let experts: Arc<dyn ExpertExecutor<CpuBackend>> = if local {
+        tracing::info!("no --shard given: routed experts run inside the router");
+        Arc::new(LocalExperts::load(
+            backend.clone(),
+            &mcfg,
+            &store,
+            &ExpertSelection::All,
+        )?)
+    } else {
+        let placement = match c.placement.as_deref() {
+            None => Placement::default_for(&mcfg, c.shards.len())?,
+            Some("groups") => Placement::build(&mcfg, c.shards.len(), PlacementKind::Groups)?,
+            Some("contiguous") => {
+                Placement::build(&mcfg, c.shards.len(), PlacementKind::Contiguous)?
+            }
+            Some(file) => Placement::from_file(std::path::Path::new(file), &mcfg)?,
+        };
+        if placement.shards.len() != c.shards.len() {
+            bail!(
+                "the placement lists {} shards but {} --shard URLs were given",
+                placement.shards.len(),
+                c.shards.len()
+            );
+        }
+        let wait = Duration::from_secs(c.shard_wait_s);
+        let mut infos = Vec::new();
+        for ep in &c.shards {
+            let started = Instant::now();
+            let info = loop {
+                match shard_info(ep, Duration::from_secs(5)).await {
+                    Ok(i) => break i,
+                    Err(e) if started.elapsed() < wait => {
+                        tracing::info!(shard = %ep, error = %e, "waiting for expert shard");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    Err(e) => bail!(
+                        "expert shard {ep} did not answer within {}s: {e}",
+                        c.shard_wait_s
+                    ),
+                }
+            };
+            infos.push(info);
+        }
+        check_shards(&mcfg, &placement, &c.shards, &infos)
+            .map_err(|e| anyhow::anyhow!("refusing to serve: {e}"))?;
+        tracing::info!(
+            shards = c.shards.len(),
+            "every expert is covered by a shard serving the same model"
+        );
+        Arc::new(RemoteExperts::new(
+            backend.clone(),
+            rt.clone(),
+            &mcfg,
+            &placement,
+            c.shards.clone(),
+            WireDtype::F32,
+            Duration::from_secs(c.shard_timeout_s),
+        ))
+    };
+
+    let engine = Engine::new(
+        model.clone(),
+        experts,
+        tokenizer.clone(),
+        EngineConfig {
+            num_blocks: c.kv_cache_blocks,
+            block_size: c.block_size,
+            max_batch_tokens: c.max_batch_tokens,
+            max_running: c.max_running,
+            attn_mode: AttnMode::Auto,
+        },
+    )?;
+    let engine = EngineHandle::spawn(engine, c.max_queue);
+    let facts = ModelFacts {
+        model_name: dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        config_fingerprint: mcfg.fingerprint(),
+        weights_fingerprint: store.fingerprint(),
+        vocab_size: mcfg.vocab_size as u32,
+        max_context_tokens: mcfg.max_position_embeddings as u32,
+        bos_token_id: mcfg.bos_token_id.unwrap_or_default(),
+        eos_token_ids: mcfg.eos_token_ids.clone(),
+        num_layers: mcfg.num_hidden_layers as u32,
+        hidden_size: mcfg.hidden_size as u32,
+        num_routed_experts: mcfg.n_routed_experts as u32,
+        num_experts_per_token: mcfg.num_experts_per_tok as u32,
+        shard_endpoints: c.shards.clone(),
+        device: backend_name(),
+    };
+    let service = Arc::new(InferenceService {
+        engine: engine.clone(),
+        tokenizer,
+        facts,
+        default_max_new_tokens: c.default_max_new_tokens,
+        request_timeout: (c.request_timeout_s > 0)
+            .then(|| Duration::from_secs(c.request_timeout_s)),
+    });
+    // Both reflection versions: grpcurl speaks v1, older ghz builds v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(dsv2_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder().build_v1()?;
+    let reflection_alpha = reflection_builder().build_v1alpha()?;
+    let listener = tokio::net::TcpListener::bind(c.listen)
+        .await
+        .with_context(|| format!("binding {}", c.listen))?;
+    let addr = listener.local_addr()?;
+    health_reporter
+        .set_serving::<InferenceServer<InferenceApi>>()
+        .await;
+    health_reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    tracing::info!(%addr, blocks = engine.num_blocks, "router serving dsv2.v1.Inference");
+    println!("DSV2_READY {addr}");
+
+    // Log throughput every 10 s while busy, so operators see what the service is doing.
+    let gauges = engine.gauges.clone();
+    tokio::spawn(async move {
+        let mut last = 0u64;
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let toks = gauges
+                .generated_tokens
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if toks != last {
+                tracing::info!(
+                    tokens_per_s = (toks - last) as f64 / 10.0,
+                    running = gauges.running.load(std::sync::atomic::Ordering::Relaxed),
+                    waiting = gauges.waiting.load(std::sync::atomic::Ordering::Relaxed),
+                    free_blocks = gauges
+                        .free_blocks
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    "engine"
+                );
+                last = toks;
+            }
+        }
+    });
+
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stop_server = stop.clone();
+    let server = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(c.max_concurrent)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(InferenceServer::new(InferenceApi(service)))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                stop_server.notified().await;
+            },
+        );
+    let mut server = tokio::spawn(server);
+    tokio::select! {
+        r = &mut server => {
+            r.context("gRPC server task")?.context("gRPC server failed")?;
+            return Ok(());
+        }
+        _ = shutdown_signal() => {}
+    }
+    tracing::info!(
+        in_flight = engine.in_flight(),
+        "shutdown requested: health NOT_SERVING, draining"
+    );
+    health_reporter
+        .set_not_serving::<InferenceServer<InferenceApi>>()
+        .await;
+    health_reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    stop.notify_one();
+    // New connections are refused now; in-flight requests get the drain timeout to finish.
+    if tokio::time::timeout(Duration::from_secs(c.drain_timeout_s), server)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = engine.in_flight(),
+            "drain timeout reached; stopping with requests in flight"
+        );
+    }
+    tracing::info!(left = engine.in_flight(), "router stopped");
+    Ok(())
+}
+
+fn backend_name() -> String {
+    use dsv2_core::backend::Backend;
+    CpuBackend.name()
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

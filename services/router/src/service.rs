@@ -1,0 +1,366 @@
+//! `dsv2.v1.Inference`: requests are parsed into validated engine parameters at the edge,
+//! queued on the engine, and answered from the engine's events (unary or streamed).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dsv2_core::engine::{EngineEvent, FinishReason, GenerateParams, TokenLogprob};
+use dsv2_core::sampling::SamplingParams;
+use dsv2_core::tokenizer::Tokenizer;
+use dsv2_proto::inference::v1 as pb;
+use dsv2_proto::inference::v1::inference_server::Inference;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::engine_task::EngineHandle;
+use crate::status;
+
+/// Static facts reported by ModelInfo.
+#[derive(Clone, Debug, Default)]
+pub struct ModelFacts {
+    pub model_name: String,
+    pub config_fingerprint: String,
+    pub weights_fingerprint: String,
+    pub vocab_size: u32,
+    pub max_context_tokens: u32,
+    pub bos_token_id: u32,
+    pub eos_token_ids: Vec<u32>,
+    pub num_layers: u32,
+    pub hidden_size: u32,
+    pub num_routed_experts: u32,
+    pub num_experts_per_token: u32,
+    pub shard_endpoints: Vec<String>,
+    pub device: String,
+}
+
+pub struct InferenceService {
+    pub engine: EngineHandle,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    pub facts: ModelFacts,
+    pub default_max_new_tokens: u32,
+    /// Applied when the client sets no gRPC deadline.
+    pub request_timeout: Option<Duration>,
+}
+
+const MAX_TOP_LOGPROBS: u32 = 20;
+
+impl InferenceService {
+    fn parse(&self, req: &pb::GenerateRequest) -> Result<(Vec<u32>, GenerateParams), Status> {
+        let prompt = match &req.prompt {
+            Some(pb::generate_request::Prompt::Text(t)) => {
+                if t.is_empty() {
+                    return Err(Status::invalid_argument("prompt: text is empty"));
+                }
+                let tok = self.tokenizer.as_ref().ok_or_else(|| {
+                    Status::invalid_argument("prompt: this model has no tokenizer; send token_ids")
+                })?;
+                tok.encode_prompt(t).map_err(|e| status::from_core(&e))?
+            }
+            Some(pb::generate_request::Prompt::TokenIds(ids)) => ids.ids.clone(),
+            None => {
+                return Err(Status::invalid_argument(
+                    "prompt: set either text or token_ids",
+                ));
+            }
+        };
+        // Unset temperature is 1.0, as the proto documents (and OpenAI-style APIs do).
+        let temperature = req.temperature.unwrap_or(1.0);
+        let top_p = req.top_p.unwrap_or(1.0);
+        let max_new_tokens = req.max_new_tokens.unwrap_or(self.default_max_new_tokens);
+        for (name, v) in [
+            ("logprobs", req.logprobs),
+            ("prompt_logprobs", req.prompt_logprobs),
+        ] {
+            if let Some(n) = v
+                && n > MAX_TOP_LOGPROBS
+            {
+                return Err(Status::invalid_argument(format!(
+                    "{name}: at most {MAX_TOP_LOGPROBS} alternatives, got {n}"
+                )));
+            }
+        }
+        let params = GenerateParams {
+            max_new_tokens: max_new_tokens as usize,
+            sampling: SamplingParams {
+                temperature,
+                top_k: req.top_k as usize,
+                top_p,
+                seed: req.seed,
+            },
+            stop_token_ids: req.stop_token_ids.clone(),
+            stop_strings: req.stop.clone(),
+            ignore_eos: req.ignore_eos,
+            logprobs: req.logprobs.unwrap_or(0) as usize,
+            prompt_logprobs: req.prompt_logprobs.map(|n| n as usize),
+        };
+        Ok((prompt, params))
+    }
+
+    fn deadline<T>(&self, req: &Request<T>) -> Option<Instant> {
+        let from_client = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        from_client
+            .or(self.request_timeout)
+            .map(|d| Instant::now() + d)
+    }
+
+    fn lp(&self, t: &TokenLogprob) -> pb::TokenLogprob {
+        let text = |id: u32| {
+            self.tokenizer
+                .as_ref()
+                .map(|tk| tk.token_text(id))
+                .unwrap_or_default()
+        };
+        pb::TokenLogprob {
+            token_id: t.token,
+            text: text(t.token),
+            logprob: Some(t.logprob),
+            top_logprobs: t
+                .top
+                .iter()
+                .map(|&(id, lp)| pb::TopLogprob {
+                    token_id: id,
+                    text: text(id),
+                    logprob: lp,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// gRPC's `grpc-timeout` header: an integer and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+pub fn finish_to_pb(r: FinishReason) -> pb::FinishReason {
+    match r {
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::Eos => pb::FinishReason::Eos,
+        FinishReason::Stop => pb::FinishReason::Stop,
+        FinishReason::Cancelled => pb::FinishReason::Cancelled,
+    }
+}
+
+/// The tonic-facing handle: a clonable pointer to the service state.
+#[derive(Clone)]
+pub struct InferenceApi(pub Arc<InferenceService>);
+
+impl std::ops::Deref for InferenceApi {
+    type Target = InferenceService;
+    fn deref(&self) -> &InferenceService {
+        &self.0
+    }
+}
+
+type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Inference for InferenceApi {
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let t0 = Instant::now();
+        let deadline = self.deadline(&request);
+        let (prompt, params) = self.parse(request.get_ref())?;
+        let (id, mut events) = self.engine.submit(prompt, params, deadline)?;
+        tracing::debug!(request = id, "generate queued");
+        let mut resp = pb::GenerateResponse::default();
+        let mut ttft = None;
+        while let Some(ev) = events.recv().await {
+            match ev {
+                EngineEvent::PromptLogprobs { logprobs, .. } => {
+                    resp.prompt_logprobs = logprobs.iter().map(|l| self.lp(l)).collect();
+                }
+                EngineEvent::Token {
+                    token,
+                    text,
+                    logprob,
+                    ..
+                } => {
+                    ttft.get_or_insert_with(|| t0.elapsed());
+                    resp.token_ids.push(token);
+                    resp.text.push_str(&text);
+                    if let Some(l) = logprob {
+                        resp.logprobs.push(self.lp(&l));
+                    }
+                }
+                EngineEvent::Finished {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                    text,
+                    ..
+                } => {
+                    resp.text.push_str(&text);
+                    resp.finish_reason = finish_to_pb(reason) as i32;
+                    resp.prompt_tokens = prompt_tokens as u32;
+                    resp.completion_tokens = completion_tokens as u32;
+                    resp.time_to_first_token_ns = ttft.unwrap_or_default().as_nanos() as u64;
+                    resp.total_time_ns = t0.elapsed().as_nanos() as u64;
+                    tracing::info!(
+                        request = id,
+                        prompt_tokens,
+                        completion_tokens,
+                        total_ms = t0.elapsed().as_millis() as u64,
+                        "generate done"
+                    );
+                    return Ok(Response::new(resp));
+                }
+                EngineEvent::Failed { kind, message, .. } => {
+                    if message == "deadline exceeded" {
+                        return Err(Status::deadline_exceeded(
+                            "deadline exceeded before generation finished",
+                        ));
+                    }
+                    return Err(status::from_failure(kind, &message));
+                }
+            }
+        }
+        Err(Status::internal(
+            "the engine stopped before the request finished",
+        ))
+    }
+
+    type GenerateStreamStream = StreamOut;
+
+    async fn generate_stream(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<StreamOut>, Status> {
+        let t0 = Instant::now();
+        let deadline = self.deadline(&request);
+        let (prompt, params) = self.parse(request.get_ref())?;
+        let (id, mut events) = self.engine.submit(prompt, params, deadline)?;
+        let (tx, rx) = mpsc::channel(16);
+        let me = self.0.clone();
+        tokio::spawn(async move {
+            let mut ttft = None;
+            while let Some(ev) = events.recv().await {
+                let msg = match ev {
+                    EngineEvent::PromptLogprobs { logprobs, .. } => {
+                        Ok(pb::GenerateStreamResponse {
+                            prompt_logprobs: logprobs.iter().map(|l| me.lp(l)).collect(),
+                            ..Default::default()
+                        })
+                    }
+                    EngineEvent::Token {
+                        token,
+                        text,
+                        logprob,
+                        ..
+                    } => {
+                        ttft.get_or_insert_with(|| t0.elapsed());
+                        Ok(pb::GenerateStreamResponse {
+                            text,
+                            token_ids: vec![token],
+                            logprobs: logprob.iter().map(|l| me.lp(l)).collect(),
+                            ..Default::default()
+                        })
+                    }
+                    EngineEvent::Finished {
+                        reason,
+                        prompt_tokens,
+                        completion_tokens,
+                        text,
+                        ..
+                    } => Ok(pb::GenerateStreamResponse {
+                        text,
+                        summary: Some(pb::GenerateSummary {
+                            finish_reason: finish_to_pb(reason) as i32,
+                            matched_stop: None,
+                            prompt_tokens: prompt_tokens as u32,
+                            completion_tokens: completion_tokens as u32,
+                            time_to_first_token_ns: ttft.unwrap_or_default().as_nanos() as u64,
+                            total_time_ns: t0.elapsed().as_nanos() as u64,
+                        }),
+                        ..Default::default()
+                    }),
+                    EngineEvent::Failed { kind, message, .. } => {
+                        Err(if message == "deadline exceeded" {
+                            Status::deadline_exceeded(
+                                "deadline exceeded before generation finished",
+                            )
+                        } else {
+                            status::from_failure(kind, &message)
+                        })
+                    }
+                };
+                let last = !matches!(&msg, Ok(m) if m.summary.is_none());
+                if tx.send(msg).await.is_err() {
+                    // The client went away: dropping `events` makes the engine cancel the request.
+                    tracing::info!(request = id, "stream client disconnected");
+                    return;
+                }
+                if last {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let tok = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this model has no tokenizer"))?;
+        let r = request.into_inner();
+        let ids = if r.add_bos_token {
+            tok.encode_prompt(&r.text)
+        } else {
+            tok.encode_raw(&r.text)
+        }
+        .map_err(|e| status::from_core(&e))?;
+        let tokens = ids.iter().map(|&i| tok.token_text(i)).collect();
+        Ok(Response::new(pb::TokenizeResponse {
+            token_ids: ids,
+            tokens,
+        }))
+    }
+
+    async fn model_info(
+        &self,
+        _request: Request<pb::ModelInfoRequest>,
+    ) -> Result<Response<pb::ModelInfoResponse>, Status> {
+        let f = &self.facts;
+        Ok(Response::new(pb::ModelInfoResponse {
+            model_name: f.model_name.clone(),
+            config_fingerprint: f.config_fingerprint.clone(),
+            weights_fingerprint: f.weights_fingerprint.clone(),
+            vocab_size: f.vocab_size,
+            max_context_tokens: f.max_context_tokens,
+            default_max_new_tokens: self.default_max_new_tokens,
+            bos_token_id: f.bos_token_id,
+            eos_token_ids: f.eos_token_ids.clone(),
+            num_layers: f.num_layers,
+            hidden_size: f.hidden_size,
+            num_routed_experts: f.num_routed_experts,
+            num_experts_per_token: f.num_experts_per_token,
+            shard_endpoints: f.shard_endpoints.clone(),
+            dtype: "f32 (weights in their stored dtype)".into(),
+            device: f.device.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+}
