@@ -1,6 +1,8 @@
 //! Checkpoint access: finds the safetensors files of a model dir (single file or sharded with
 //! `model.safetensors.index.json`), memory-maps only the files holding tensors this process needs,
-//! and hands out checked views of tensors in their stored dtype.
+//! and hands out checked views of tensors in their stored dtype. A dir made by `dsv2 convert`
+//! (it holds `manifest.json`) is served the same way: the manifest maps every original Hugging
+//! Face tensor name to a byte range of a converted file, so callers never see the difference.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -8,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::Mmap;
+use rayon::prelude::*;
 use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
 
@@ -34,7 +38,23 @@ impl DType {
             DType::F16 => "F16",
         }
     }
-    fn from_safetensors(d: safetensors::Dtype) -> Option<Self> {
+    /// Parses the safetensors dtype names this crate supports ("BF16", "F16", "F32").
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "F32" => Some(DType::F32),
+            "BF16" => Some(DType::Bf16),
+            "F16" => Some(DType::F16),
+            _ => None,
+        }
+    }
+    pub fn to_safetensors(self) -> safetensors::Dtype {
+        match self {
+            DType::F32 => safetensors::Dtype::F32,
+            DType::Bf16 => safetensors::Dtype::BF16,
+            DType::F16 => safetensors::Dtype::F16,
+        }
+    }
+    pub fn from_safetensors(d: safetensors::Dtype) -> Option<Self> {
         match d {
             safetensors::Dtype::F32 => Some(DType::F32),
             safetensors::Dtype::BF16 => Some(DType::Bf16),
@@ -68,6 +88,44 @@ impl std::fmt::Debug for TensorRef {
 }
 
 impl TensorRef {
+    /// A view of bytes `start..end` of `map` as a tensor of `dtype` and `shape`, checked to lie
+    /// inside the mapping and to hold exactly the shape's elements. Used for tensors that live
+    /// inside a larger stacked tensor of a converted checkpoint.
+    pub fn from_mapping(
+        name: &str,
+        file: &Path,
+        dtype: DType,
+        shape: Vec<usize>,
+        map: Arc<Mmap>,
+        start: usize,
+        end: usize,
+    ) -> Result<Self> {
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|n| n.checked_mul(dtype.size()));
+        if start > end || end > map.len() || numel != Some(end - start) {
+            return Err(CoreError::Tensor {
+                tensor: name.to_string(),
+                file: file.to_path_buf(),
+                msg: format!(
+                    "byte range {start}..{end} does not fit the file's {} bytes or the shape {shape:?} in {}",
+                    map.len(),
+                    dtype.name()
+                ),
+            });
+        }
+        Ok(TensorRef {
+            name: name.to_string(),
+            file: file.to_path_buf(),
+            dtype,
+            shape,
+            map,
+            start,
+            end,
+        })
+    }
+
     /// The raw little-endian bytes as stored.
     pub fn bytes(&self) -> &[u8] {
         &self.map[self.start..self.end]
@@ -103,15 +161,23 @@ impl TensorRef {
 pub struct WeightStore {
     dir: PathBuf,
     tensors: HashMap<String, TensorRef>,
+    /// The files this store memory-mapped, sorted.
+    files: Vec<PathBuf>,
 }
 
 impl WeightStore {
     /// Opens the checkpoint in `dir`, mapping only files that hold at least one tensor for which
-    /// `wanted(name)` is true, and exposing only those tensors.
+    /// `wanted(name)` is true, and exposing only those tensors. A converted dir (with
+    /// `manifest.json`) is checked against its manifest first and refused with the reason when
+    /// they disagree.
     pub fn open(dir: &Path, wanted: impl Fn(&str) -> bool) -> Result<Self> {
+        if dir.join(MANIFEST_FILE).exists() {
+            return Self::open_converted(dir, &wanted);
+        }
         let files = checkpoint_files(dir, &wanted)?;
         let mut tensors = HashMap::new();
-        for file in files {
+        for file in &files {
+            let file = file.clone();
             let f = File::open(&file).map_err(|e| CoreError::io(&file, e))?;
             // SAFETY: the checkpoint is opened read-only; like every inference server we rely on
             // nobody rewriting model files underneath a running process.
@@ -168,11 +234,139 @@ impl WeightStore {
         Ok(WeightStore {
             dir: dir.to_path_buf(),
             tensors,
+            files,
+        })
+    }
+
+    /// Opens a dir written by `dsv2 convert`: validates the manifest (format, version, every
+    /// listed file's size, every wanted tensor's range against its file's safetensors header)
+    /// and maps only the files holding wanted tensors. Checksums are not hashed here (hundreds of
+    /// GB at every start); `verify_converted` does that on request.
+    fn open_converted(dir: &Path, wanted: &impl Fn(&str) -> bool) -> Result<Self> {
+        let manifest = Manifest::read(dir)?;
+        let mpath = dir.join(MANIFEST_FILE);
+        let refuse = |msg: String| CoreError::File {
+            path: mpath.clone(),
+            msg: format!(
+                "{msg}; the converted dir does not match its manifest (re-run `dsv2 convert`)"
+            ),
+        };
+        // Sizes of every listed file: a wrong size means the dir was changed after conversion.
+        // A file that is absent is allowed unless this process needs it: a node may hold only
+        // its own shard's files.
+        let mut present: HashMap<&str, bool> = HashMap::new();
+        for (rel, f) in &manifest.files {
+            let path = manifest_path(dir, rel).map_err(&refuse)?;
+            match std::fs::metadata(&path) {
+                Ok(m) if m.len() == f.size => {
+                    present.insert(rel.as_str(), true);
+                }
+                Ok(m) => {
+                    return Err(refuse(format!(
+                        "{} is {} bytes, the manifest says {}",
+                        path.display(),
+                        m.len(),
+                        f.size
+                    )));
+                }
+                Err(_) => {
+                    present.insert(rel.as_str(), false);
+                }
+            }
+        }
+        // Choose one location per wanted tensor. Replicated experts have several; prefer a file
+        // this process maps anyway, so a shard maps only its own shard's files.
+        let chosen_files: std::collections::BTreeSet<&str> = manifest
+            .tensors
+            .iter()
+            .filter(|(n, t)| wanted(n) && t.replicas.is_empty())
+            .map(|(_, t)| t.file.as_str())
+            .collect();
+        let mut picks: Vec<(&str, &ManifestTensor, &str, u64)> = Vec::new();
+        for (name, t) in &manifest.tensors {
+            if !wanted(name) {
+                continue;
+            }
+            let mut loc = (t.file.as_str(), t.offset);
+            if !chosen_files.contains(loc.0)
+                && let Some(r) = t
+                    .replicas
+                    .iter()
+                    .find(|r| chosen_files.contains(r.file.as_str()))
+            {
+                loc = (r.file.as_str(), r.offset);
+            }
+            picks.push((name, t, loc.0, loc.1));
+        }
+        let mut maps: BTreeMap<&str, (PathBuf, Arc<Mmap>, Vec<(usize, usize, DType)>)> =
+            BTreeMap::new();
+        let mut tensors = HashMap::new();
+        for (name, t, rel, offset) in picks {
+            let Some(&ok) = present.get(rel) else {
+                return Err(refuse(format!(
+                    "tensor `{name}` points at {rel}, which the manifest does not list"
+                )));
+            };
+            if !ok {
+                return Err(CoreError::File {
+                    path: manifest_path(dir, rel).map_err(&refuse)?,
+                    msg: format!("listed in {MANIFEST_FILE} (holds tensor `{name}`) but missing"),
+                });
+            }
+            if !maps.contains_key(rel) {
+                let path = manifest_path(dir, rel).map_err(&refuse)?;
+                let (map, ranges) = map_safetensors(&path)?;
+                maps.insert(rel, (path, map, ranges));
+            }
+            let (path, map, ranges) = &maps[rel];
+            let dtype = DType::from_name(&t.dtype)
+                .ok_or_else(|| refuse(format!("tensor `{name}` has unknown dtype {}", t.dtype)))?;
+            let len = t
+                .shape
+                .iter()
+                .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+                .ok_or_else(|| refuse(format!("tensor `{name}` shape overflows")))?;
+            let start = usize::try_from(offset).unwrap_or(usize::MAX);
+            let end = start.saturating_add(len);
+            // The range must lie inside one tensor of the file's own header, of the same dtype.
+            let inside = ranges
+                .iter()
+                .any(|&(s, e, d)| s <= start && end <= e && d == dtype);
+            if !inside {
+                return Err(refuse(format!(
+                    "tensor `{name}` ({} {:?} at byte {offset}) does not lie inside a {} tensor of {}",
+                    t.dtype,
+                    t.shape,
+                    t.dtype,
+                    path.display()
+                )));
+            }
+            let r = TensorRef::from_mapping(
+                name,
+                path,
+                dtype,
+                t.shape.clone(),
+                map.clone(),
+                start,
+                end,
+            )?;
+            tensors.insert(name.to_string(), r);
+        }
+        let files = maps.into_values().map(|(p, _, _)| p).collect();
+        Ok(WeightStore {
+            dir: dir.to_path_buf(),
+            tensors,
+            files,
         })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The files this store memory-mapped (only those holding wanted tensors), sorted.
+    pub fn mapped_files(&self) -> &[PathBuf] {
+        &self.files
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -181,6 +375,11 @@ impl WeightStore {
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(|s| s.as_str())
+    }
+
+    /// The tensor `name` whatever its shape (for tools that copy tensors; loaders use `get`).
+    pub fn tensor(&self, name: &str) -> Option<&TensorRef> {
+        self.tensors.get(name)
     }
 
     /// The tensor `name`, checked to have exactly `shape`.
@@ -288,6 +487,178 @@ fn checkpoint_files(dir: &Path, wanted: &impl Fn(&str) -> bool) -> Result<Vec<Pa
         });
     }
     Ok(files)
+}
+
+/// Maps a safetensors file and returns its tensors' absolute byte ranges and dtypes.
+fn map_safetensors(path: &Path) -> Result<(Arc<Mmap>, Vec<(usize, usize, DType)>)> {
+    let f = File::open(path).map_err(|e| CoreError::io(path, e))?;
+    // SAFETY: read-only mapping of a model file; see `WeightStore::open`.
+    let map = Arc::new(unsafe { Mmap::map(&f) }.map_err(|e| CoreError::io(path, e))?);
+    let (header_len, meta) = SafeTensors::read_metadata(&map[..]).map_err(|e| CoreError::File {
+        path: path.to_path_buf(),
+        msg: format!("not a valid safetensors file ({e}); it may be truncated or corrupt"),
+    })?;
+    let data_start = 8 + header_len;
+    let ranges = meta
+        .tensors()
+        .values()
+        .filter_map(|info| {
+            let d = DType::from_safetensors(info.dtype)?;
+            Some((
+                data_start + info.data_offsets.0,
+                data_start + info.data_offsets.1,
+                d,
+            ))
+        })
+        .collect();
+    Ok((map, ranges))
+}
+
+/// The name of the manifest that marks a converted dir.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// The `format` value of a converted dir's manifest.
+pub const MANIFEST_FORMAT: &str = "dsv2-converted";
+/// The manifest layout this build reads and writes.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// `manifest.json` of a converted dir: what was converted from what, every file with its size
+/// and checksum, and every original Hugging Face tensor name with the byte range that holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    /// The source checkpoint's config.json, verbatim.
+    pub source_config: serde_json::Value,
+    /// "keep" (source dtypes) or the dtype everything was converted to ("BF16").
+    pub dtype: String,
+    /// Expert ids per shard, as written (an expert may sit on several shards).
+    pub placement: Vec<Vec<usize>>,
+    /// Relative path ('/'-separated) → size and checksum.
+    pub files: BTreeMap<String, ManifestFile>,
+    /// Original tensor name → where its bytes are.
+    pub tensors: BTreeMap<String, ManifestTensor>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestTensor {
+    pub file: String,
+    /// Absolute byte offset in `file` (header included).
+    pub offset: u64,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    /// Further copies of the same bytes (replicated experts on other shards).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ManifestLocation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestLocation {
+    pub file: String,
+    pub offset: u64,
+}
+
+impl Manifest {
+    /// Reads and checks the format and version of `dir/manifest.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| CoreError::io(&path, e))?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| CoreError::File {
+            path: path.clone(),
+            msg: format!("not a valid dsv2 manifest: {e}"),
+        })?;
+        if m.format != MANIFEST_FORMAT || m.format_version != MANIFEST_VERSION {
+            return Err(CoreError::File {
+                path,
+                msg: format!(
+                    "format `{}` version {} is not supported (this build reads `{MANIFEST_FORMAT}` version {MANIFEST_VERSION})",
+                    m.format, m.format_version
+                ),
+            });
+        }
+        Ok(m)
+    }
+}
+
+/// `dir/rel` for a manifest path, refusing absolute paths and `..` (a manifest must not point
+/// outside its dir).
+fn manifest_path(dir: &Path, rel: &str) -> std::result::Result<PathBuf, String> {
+    let p = Path::new(rel);
+    if rel.is_empty()
+        || p.is_absolute()
+        || p.components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(format!("file name `{rel}` leaves the dir"));
+    }
+    Ok(dir.join(p))
+}
+
+/// SHA-256 of a file, read in 8 MiB chunks; `progress` gets the bytes as they are hashed.
+pub fn sha256_file(path: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = File::open(path).map_err(|e| CoreError::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 8 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| CoreError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        progress(n as u64);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hashes every file of a converted dir (in parallel) and compares with the manifest; the error
+/// lists every file that differs.
+pub fn verify_converted(dir: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<()> {
+    let manifest = Manifest::read(dir)?;
+    let bad: Vec<String> = manifest
+        .files
+        .par_iter()
+        .filter_map(|(rel, f)| {
+            let path = match manifest_path(dir, rel) {
+                Ok(p) => p,
+                Err(e) => return Some(e),
+            };
+            match std::fs::metadata(&path) {
+                Err(e) => return Some(format!("{rel}: {e}")),
+                Ok(m) if m.len() != f.size => {
+                    return Some(format!(
+                        "{rel}: {} bytes, manifest says {}",
+                        m.len(),
+                        f.size
+                    ));
+                }
+                Ok(_) => {}
+            }
+            match sha256_file(&path, progress) {
+                Ok(h) if h == f.sha256 => None,
+                Ok(h) => Some(format!("{rel}: sha256 {h}, manifest says {}", f.sha256)),
+                Err(e) => Some(e.to_string()),
+            }
+        })
+        .collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(CoreError::File {
+            path: dir.join(MANIFEST_FILE),
+            msg: format!("checksum verification failed: {}", bad.join("; ")),
+        })
+    }
 }
 
 /// Whether a tensor belongs to a routed expert; `Some((layer, expert))` if so.
