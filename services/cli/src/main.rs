@@ -4,7 +4,9 @@ mod cmd_bench;
 mod cmd_generate;
 mod cmd_loadtest;
 mod cmd_logits;
+mod cmd_mmlu;
 mod cmd_rouge;
+mod cmd_summarize;
 mod cmd_up;
 mod common;
 mod remote;
@@ -39,6 +41,10 @@ enum Cmd {
     Loadtest(cmd_loadtest::Args),
     /// Measure in-process decode tokens/s.
     Bench(cmd_bench::Args),
+    /// Summarize articles through a router: latency, tokens/s, ROUGE (summarize.py's procedure).
+    Summarize(cmd_summarize::Args),
+    /// MMLU accuracy of a router per subject and category (hendrycks / mmlu.py).
+    Mmlu(cmd_mmlu::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,6 +57,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Bench(a) => cmd_bench::run(a),
         Cmd::Up(a) => cmd_up::run(a),
         Cmd::Loadtest(a) => cmd_loadtest::run(a),
+        Cmd::Summarize(a) => cmd_summarize::run(a),
+        Cmd::Mmlu(a) => cmd_mmlu::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,100 @@
+//! `dsv2 mmlu`: MMLU accuracy of a running router per subject, subcategory and category, printed
+//! like TensorRT-LLM's examples/mmlu.py (hendrycks' evaluation).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args as ClapArgs;
+use dsv2_eval::mmlu::{self, MmluConfig};
+
+/// Reads the hendrycks layout (DIR/dev/<subject>_dev.csv, DIR/test/<subject>_test.csv; no header;
+/// question, A, B, C, D, answer). Prompt: "The following are multiple choice questions (with
+/// answers) about <subject>.\n\n", --ntrain dev examples "Q\nA. ..\nB. ..\nC. ..\nD. ..\nAnswer: X\n\n",
+/// then the test question ending "Answer:" (fewer examples when it would not fit the context).
+/// The prediction is the choice whose continuation " A", " B", " C" or " D" gets the highest
+/// log-probability (the router's prompt_logprobs, one request per candidate).
+///
+/// The copy in ../shared/data/mmlu builds its dev/ split from the first five TEST questions of
+/// each subject (its README says so): accuracy on it is close to, not equal to, published MMLU.
+#[derive(ClapArgs, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// Router URL, e.g. http://127.0.0.1:50051 (what `dsv2 up` prints).
+    #[arg(long)]
+    endpoint: String,
+    /// MMLU directory in the hendrycks layout (dev/ and test/).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Few-shot examples per prompt.
+    #[arg(long, default_value_t = 5)]
+    ntrain: usize,
+    /// Only these subjects (comma separated, e.g. anatomy,astronomy). Default: all in test/.
+    #[arg(long, value_delimiter = ',')]
+    subjects: Option<Vec<String>>,
+    /// Questions in flight (each sends its four candidate requests at once).
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Use only the first N test questions of each subject.
+    #[arg(long)]
+    max_questions_per_subject: Option<usize>,
+    /// Write accuracies and every question's log-probabilities to this JSON file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let subjects = mmlu::load(
+        &a.data_dir,
+        a.subjects.as_deref(),
+        a.ntrain,
+        a.max_questions_per_subject,
+    )?;
+    let note = mmlu::dev_split_note(&a.data_dir);
+    if let Some(n) = &note {
+        eprintln!("{n}");
+    }
+    let total: usize = subjects.iter().map(|s| s.test.len()).sum();
+    let bar = crate::cmd_summarize::progress_bar(total as u64, "questions");
+    let b = bar.clone();
+    let progress: dsv2_eval::Progress = Arc::new(move |n| b.inc(n));
+    let cfg = MmluConfig {
+        ntrain: a.ntrain,
+        concurrency: a.concurrency,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let results = rt.block_on(async {
+        let client = dsv2_eval::Client::connect(&a.endpoint).await?;
+        mmlu::run(&client, &subjects, &cfg, progress).await
+    });
+    bar.finish_and_clear();
+    let results = results?;
+    let order: Vec<String> = subjects.iter().map(|s| s.name.clone()).collect();
+    let summary = mmlu::summarize(&results, &order);
+    print!("{}", mmlu::format_summary(&summary));
+    let fewer = results.iter().filter(|r| r.shots < a.ntrain).count();
+    if fewer > 0 {
+        eprintln!(
+            "note: {fewer} questions used fewer than {} examples to fit the context",
+            a.ntrain
+        );
+    }
+    if let Some(n) = &note {
+        println!("{n}");
+    }
+    if let Some(path) = &a.report {
+        let report = serde_json::json!({
+            "data_dir": a.data_dir,
+            "ntrain": a.ntrain,
+            "data_note": note,
+            "summary": summary,
+            "questions": results,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
