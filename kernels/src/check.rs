@@ -764,6 +764,18 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     out.push(check_mla_decode(gpu, &[5137, 33, 1], 128, 64, None)?);
     out.push(check_mla_decode(gpu, &[5137, 33, 1], 128, 64, Some(1))?);
     out.push(check_mla_decode(gpu, &[67, 300, 7], 16, 16, None)?);
+    for (n, ctx, heads, dims, shared) in [
+        (1, 1, 4, (32, 8, 32), true),
+        (7, 37, 4, (16, 8, 16), false),
+        (67, 300, 16, (512, 64, 512), true),
+        (67, 300, 16, (128, 64, 128), false),
+    ] {
+        out.push(crate::ops::general::check_attn_causal(
+            gpu, n, ctx, heads, dims, shared,
+        )?);
+    }
+    out.push(crate::ops::general::check_latent_append(gpu, 67, 512, 64)?);
+    out.push(crate::ops::general::check_latent_append(gpu, 7, 32, 8)?);
     if !quick {
         let lens: Vec<usize> = (0..67).map(|i| 1 + (i * 97) % 700).collect();
         out.push(check_mla_decode(gpu, &lens, 128, 64, None)?);

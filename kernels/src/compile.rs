@@ -18,6 +18,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("moe.cu", include_str!("cu/moe.cu")),
     ("mla.cu", include_str!("cu/mla.cu")),
     ("sample.cu", include_str!("cu/sample.cu")),
+    ("general.cu", include_str!("cu/general.cu")),
 ];
 
 /// The architecture we build for: Hopper with its arch-specific features (wgmma, setmaxnreg).

@@ -4,6 +4,7 @@
 pub mod elementwise;
 pub mod expert;
 pub mod gemm;
+pub mod general;
 pub mod mla;
 pub mod moe;
 pub mod sample;

@@ -1,0 +1,122 @@
+// general.cu: MLA pieces for any latent / rope / head dims (the tuned kernels in mla.cu are fixed to
+// DeepSeek-V2's 512 + 64), used by the CUDA backend for prefill chunks and small models: latent
+// RMSNorm fused with the cache write, causal attention over a gathered context, strided row copy,
+// residual add and an f32 -> bf16 cast.
+//
+// Where they stand: correct first versions. The attention kernel reads K rows straight from global
+// memory one token per thread (no tensor cores, no tiling of K in shared memory); it is meant for
+// prefill chunks and tests, not for the decode hot path (mla_decode_bf16 serves that).
+#include "common.cuh"
+
+#define ATT_THREADS 128
+
+// cache[slots[t]] = [ w * x / rms(x) | kva[t, r:r+dr] ] with x = kva[t, :r] (k_pe already rotated).
+// kva [tokens, r+dr], w [r], cache [num_slots, r+dr] (bf16); slots outside [0, num_slots) are skipped.
+// One block per token; f32 math, one bf16 rounding of the stored latent.
+extern "C" __global__ void mla_latent_append_bf16(const bf16* __restrict__ kva, const bf16* __restrict__ w,
+                                                  const long long* __restrict__ slots, bf16* __restrict__ cache,
+                                                  int tokens, int r, int dr, long long num_slots, float eps) {
+    __shared__ float scratch[32];
+    int t = blockIdx.x;
+    if (t >= tokens) return;
+    long long slot = slots[t];
+    // uniform over the block, so returning here cannot strand a __syncthreads
+    if (slot < 0 || slot >= num_slots) return;
+    int width = r + dr;
+    const bf16* src = kva + (size_t)t * width;
+    bf16* dst = cache + (size_t)slot * width;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < r; i += blockDim.x) {
+        float v = __bfloat162float(src[i]);
+        ss += v * v;
+    }
+    float inv = rsqrtf(block_sum(ss, scratch) / (float)r + eps);
+    for (int i = threadIdx.x; i < r; i += blockDim.x)
+        dst[i] = __float2bfloat16(__bfloat162float(w[i]) * (__bfloat162float(src[i]) * inv));
+    for (int i = threadIdx.x; i < dr; i += blockDim.x) dst[r + i] = src[r + i];
+}
+
+// Causal attention of n_q query rows (positions pos0 .. pos0+n_q-1) over a context gathered in
+// position order (ctx tokens, token t at position t):
+//   out[i, h] = sum_{t <= pos0+i} softmax_t(scale * (q1[i,h]·k1[t,h] + q2[i,h]·k2[t,h])) v[t,h]
+// Every operand is addressed by (row or token) stride and head stride, so the same kernel runs
+// naive MLA (k1 = decompressed k_nope, v = decompressed v, per head) and absorbed MLA (k1 = v =
+// the latent, head stride 0). k2 is the shared rotated k_pe (head stride 0). out is [n_q, heads, dv].
+// One block per (head, query row); online softmax over tiles of ATT_THREADS tokens; f32 math.
+// Dynamic shared memory: (d1 + d2 + dv + ATT_THREADS) floats.
+extern "C" __global__ void __launch_bounds__(ATT_THREADS)
+    mla_attn_causal_bf16(const bf16* __restrict__ q1, long long q1_rs, long long q1_hs,
+                         const bf16* __restrict__ q2, long long q2_rs, long long q2_hs,
+                         const bf16* __restrict__ k1, long long k1_ts, long long k1_hs,
+                         const bf16* __restrict__ k2, long long k2_ts, long long k2_hs,
+                         const bf16* __restrict__ v, long long v_ts, long long v_hs, bf16* __restrict__ out,
+                         int n_q, int heads, int d1, int d2, int dv, int pos0, int ctx, float scale) {
+    extern __shared__ float sm[];
+    __shared__ float scratch[32];
+    float* q = sm;              // d1 + d2
+    float* acc = sm + d1 + d2;  // dv
+    float* p = acc + dv;        // ATT_THREADS
+    int h = blockIdx.x, i = blockIdx.y;
+    if (h >= heads || i >= n_q) return;
+    const bf16* q1r = q1 + i * q1_rs + h * q1_hs;
+    const bf16* q2r = q2 + i * q2_rs + h * q2_hs;
+    for (int j = threadIdx.x; j < d1; j += blockDim.x) q[j] = __bfloat162float(q1r[j]);
+    for (int j = threadIdx.x; j < d2; j += blockDim.x) q[d1 + j] = __bfloat162float(q2r[j]);
+    for (int j = threadIdx.x; j < dv; j += blockDim.x) acc[j] = 0.f;
+    __syncthreads();
+    int last = min(pos0 + i, ctx - 1);  // inclusive
+    float m = -INFINITY, l = 0.f;
+    for (int t0 = 0; t0 <= last; t0 += ATT_THREADS) {
+        int t = t0 + threadIdx.x;
+        float s = -INFINITY;
+        if (t <= last) {
+            const bf16* a = k1 + t * k1_ts + h * k1_hs;
+            const bf16* b = k2 + t * k2_ts + h * k2_hs;
+            float d = 0.f;
+            for (int j = 0; j < d1; ++j) d += q[j] * __bfloat162float(a[j]);
+            for (int j = 0; j < d2; ++j) d += q[d1 + j] * __bfloat162float(b[j]);
+            s = d * scale;
+        }
+        float m_new = fmaxf(m, block_max(s, scratch));  // finite: token t0 is always valid
+        float e = t <= last ? expf(s - m_new) : 0.f;
+        p[threadIdx.x] = e;
+        float tile_sum = block_sum(e, scratch);
+        float corr = expf(m - m_new);  // 0 on the first tile (m = -inf)
+        l = l * corr + tile_sum;
+        m = m_new;
+        __syncthreads();  // p complete
+        int nt = min(ATT_THREADS, last - t0 + 1);
+        for (int j = threadIdx.x; j < dv; j += blockDim.x) {
+            const bf16* vp = v + (long long)t0 * v_ts + h * v_hs + j;
+            float a = acc[j] * corr;
+            for (int u = 0; u < nt; ++u) a += p[u] * __bfloat162float(vp[u * v_ts]);
+            acc[j] = a;
+        }
+        __syncthreads();  // p is rewritten by the next tile
+    }
+    bf16* o = out + ((size_t)i * heads + h) * dv;
+    float inv = l > 0.f ? 1.f / l : 0.f;
+    for (int j = threadIdx.x; j < dv; j += blockDim.x) o[j] = __float2bfloat16(acc[j] * inv);
+}
+
+// dst[r, c] = src[r, c] for a [rows, cols] bf16 matrix with row strides in elements.
+extern "C" __global__ void copy_rows_bf16(const bf16* __restrict__ src, long long src_rs, bf16* __restrict__ dst,
+                                          long long dst_rs, int rows, int cols) {
+    long long n = (long long)rows * cols;
+    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x) {
+        long long r = k / cols, c = k % cols;
+        dst[r * dst_rs + c] = src[r * src_rs + c];
+    }
+}
+
+// acc <- bf16(acc + x), n elements (the residual stream is bf16, as in the HF bf16 model).
+extern "C" __global__ void add_bf16(bf16* __restrict__ acc, const bf16* __restrict__ x, long long n) {
+    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x)
+        acc[k] = __float2bfloat16(__bfloat162float(acc[k]) + __bfloat162float(x[k]));
+}
+
+// y = bf16(x), n elements.
+extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16* __restrict__ y, long long n) {
+    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x)
+        y[k] = __float2bfloat16(x[k]);
+}

@@ -1,0 +1,347 @@
+//! MLA on the GPU for one layer and one step: q and latent projections, YaRN RoPE, the latent
+//! append (RMSNorm fused with the cache write), attention, output projection.
+//!
+//! Attention takes one of two routes. A pure decode step at DeepSeek-V2's latent dims (512 + 64,
+//! one new token per sequence, absorbed mode) runs the tuned `mla_decode_bf16` over the paged
+//! cache for the whole batch at once. Everything else (prefill chunks, mixed steps, other dims)
+//! gathers each sequence's latent context and runs the general causal kernel, naive (K/V
+//! decompressed with one GEMM) or absorbed, following the same `AttnMode` rule as the CPU.
+
+use half::bf16;
+
+use dsv2_core::backend::{AttnBatch, AttnMode, AttnWeights, QProj};
+use dsv2_core::config::ModelConfig;
+use dsv2_core::error::Result;
+use dsv2_kernels::Tensor;
+use dsv2_kernels::ops::{elementwise as ew, general as g, mla};
+
+use crate::blas::{Gemm, gemm};
+use crate::{ABSORB_MAX_CHUNK, CudaAct, CudaBackend, CudaCache, CudaWeight, Kx, err};
+
+const BF: u64 = std::mem::size_of::<bf16>() as u64;
+
+pub(crate) fn run(
+    b: &CudaBackend,
+    cfg: &ModelConfig,
+    w: &AttnWeights<CudaWeight>,
+    x: &CudaAct,
+    batch: &AttnBatch<'_>,
+    cache: &mut CudaCache,
+    layer: usize,
+) -> Result<CudaAct> {
+    let gpu = &b.gpu;
+    let xb = b.bf16_of(x)?;
+    let n = x.dims().0;
+    let heads = cfg.num_attention_heads;
+    let (dn, dr, dv, r) = (
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+        cfg.kv_lora_rank,
+    );
+    let (qd, width) = (dn + dr, r + dr);
+    if batch.block_size != cache.block_size {
+        return Err(err(format!(
+            "attention: batch block size {} but the cache was made with {}",
+            batch.block_size, cache.block_size
+        )));
+    }
+    let bs = cache.block_size;
+    if w.kv_b.shape() != [heads * (dn + dv), r] {
+        return Err(err(format!(
+            "attention: kv_b_proj is {:?}, expected [{}, {r}]",
+            w.kv_b.shape(),
+            heads * (dn + dv)
+        )));
+    }
+    let layer_cache = cache
+        .layers
+        .get_mut(layer)
+        .ok_or_else(|| err(format!("cache has no layer {layer}")))?;
+    let num_blocks = layer_cache.shape()[0];
+
+    // Projections: q [n, H, qd], kva [n, 1, r + dr] (the rope launcher's [tokens, heads, dim]).
+    let mut q = match &w.q {
+        QProj::LowRank { a, norm, b: wb } => {
+            let qa = b.mm(&xb, a, "q_a_proj")?;
+            let mut qn = b.zeros(qa.shape())?;
+            ew::rmsnorm(
+                gpu,
+                ew::RmsNormParams {
+                    x: qa.view(),
+                    weight: norm.t.view(),
+                    residual: None,
+                    out: qn.view_mut(),
+                    eps: cfg.rms_norm_eps,
+                },
+            )
+            .kx()?;
+            b.mm_as(&qn, wb, &[n, heads, qd], "q_b_proj")?
+        }
+        QProj::Plain(wq) => b.mm_as(&xb, wq, &[n, heads, qd], "q_proj")?,
+    };
+    let mut kva = b.mm_as(&xb, &w.kv_a, &[n, 1, width], "kv_a_proj_with_mqa")?;
+
+    // Positions and cache slots of the step's rows (rows in no chunk keep slot -1: not cached).
+    let mut pos = vec![0i32; n];
+    let mut slots = vec![-1i64; n];
+    let mut max_pos = 0usize;
+    for s in batch.seqs {
+        if s.rows.end > n {
+            return Err(err(format!(
+                "chunk rows {:?} beyond the step's {n}",
+                s.rows
+            )));
+        }
+        for (i, row) in s.rows.clone().enumerate() {
+            let p = s.pos0 + i;
+            let blk =
+                *s.blocks.get(p / bs).ok_or_else(|| {
+                    err(format!("position {p} is not covered by the chunk's blocks"))
+                })? as usize;
+            if blk >= num_blocks {
+                return Err(err(format!("block {blk} out of {num_blocks}")));
+            }
+            pos[row] = i32::try_from(p).map_err(|_| err(format!("position {p} > i32")))?;
+            slots[row] = (blk * bs + p % bs) as i64;
+            max_pos = max_pos.max(p + 1);
+        }
+    }
+    let pos_t = Tensor::from_host(gpu, &pos, &[n]).kx()?;
+    let slots_t = Tensor::from_host(gpu, &slots, &[n]).kx()?;
+    {
+        let mut guard = b.rope.lock().map_err(|_| err("rope table lock poisoned"))?;
+        let table = b.rope_table(&mut guard, batch.rope, max_pos)?;
+        if table.rope_dim != dr {
+            return Err(err(format!(
+                "rope table rotates {} dims, qk_rope_head_dim is {dr}",
+                table.rope_dim
+            )));
+        }
+        for (t, off) in [(&mut q, dn), (&mut kva, r)] {
+            ew::rope(
+                gpu,
+                ew::RopeParams {
+                    x: t.view_mut(),
+                    positions: pos_t.view(),
+                    table,
+                    rope_offset: off,
+                },
+            )
+            .kx()?;
+        }
+    }
+    g::mla_latent_append(
+        gpu,
+        g::LatentAppendParams {
+            kva: kva.view(),
+            norm_w: w.kv_a_norm.t.view(),
+            slots: slots_t.view(),
+            cache: layer_cache.view_mut(),
+            kv_lora: r,
+            eps: cfg.rms_norm_eps,
+        },
+    )
+    .kx()?;
+
+    let absorbed_chunk = |len: usize| match batch.mode {
+        AttnMode::Absorbed => true,
+        AttnMode::Naive => false,
+        AttnMode::Auto => len <= ABSORB_MAX_CHUNK,
+    };
+    let any_absorbed = batch
+        .seqs
+        .iter()
+        .any(|s| !s.rows.is_empty() && absorbed_chunk(s.rows.len()));
+    // q_abs[i, h] = q_nope[i, h] · W_UK_h, W_UK_h = kv_b rows h*(dn+dv) .. +dn ([dn, r]).
+    let q_abs = if any_absorbed {
+        let t = b.zeros(&[n, heads, r])?;
+        gemm::<bf16>(
+            gpu,
+            Gemm {
+                m: n,
+                n: r,
+                k: dn,
+                x: q.ptr(),
+                ldx: heads * qd,
+                sx: qd,
+                w: w.kv_b.t.ptr(),
+                ldw: r,
+                sw: (dn + dv) * r,
+                w_nk: false,
+                y: t.ptr(),
+                ldy: heads * r,
+                sy: r,
+                batch: heads,
+            },
+        )
+        .kx()?;
+        Some(t)
+    } else {
+        None
+    };
+    let mut attn_out = b.zeros(&[n, heads, dv])?;
+    let attn_ptr = attn_out.ptr();
+    // o[rows, h] = ctx_lat[rows, h] · W_UV_hᵀ, W_UV_h = kv_b rows h*(dn+dv)+dn .. +dv ([dv, r]).
+    let w_uv = |ctx_lat: u64, row0: usize, rows: usize| {
+        gemm::<bf16>(
+            gpu,
+            Gemm {
+                m: rows,
+                n: dv,
+                k: r,
+                x: ctx_lat + (row0 * heads * r) as u64 * BF,
+                ldx: heads * r,
+                sx: r,
+                w: w.kv_b.t.ptr() + (dn * r) as u64 * BF,
+                ldw: r,
+                sw: (dn + dv) * r,
+                w_nk: true,
+                y: attn_ptr + (row0 * heads * dv) as u64 * BF,
+                ldy: heads * dv,
+                sy: dv,
+                batch: heads,
+            },
+        )
+        .kx()
+    };
+    let scale = cfg.softmax_scale();
+
+    let pure_decode = !batch.seqs.is_empty()
+        && batch.seqs.len() == n
+        && batch
+            .seqs
+            .iter()
+            .enumerate()
+            .all(|(i, s)| s.rows == (i..i + 1));
+    let fast = pure_decode
+        && batch.mode != AttnMode::Naive
+        && r == mla::KV_LORA
+        && dr == mla::ROPE
+        && heads <= 65535;
+    if let (true, Some(q_abs)) = (fast, q_abs.as_ref()) {
+        let max_blocks = batch
+            .seqs
+            .iter()
+            .map(|s| s.blocks.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut table = vec![0i32; n * max_blocks];
+        let mut lens = vec![0i32; n];
+        let mut max_len = 1usize;
+        for (i, s) in batch.seqs.iter().enumerate() {
+            for (j, &blk) in s.blocks.iter().enumerate() {
+                if blk as usize >= num_blocks {
+                    return Err(err(format!("block {blk} out of {num_blocks}")));
+                }
+                table[i * max_blocks + j] = blk as i32;
+            }
+            lens[i] = (s.pos0 + 1) as i32;
+            max_len = max_len.max(s.pos0 + 1);
+        }
+        let bt = Tensor::from_host(gpu, &table, &[n, max_blocks]).kx()?;
+        let sl = Tensor::from_host(gpu, &lens, &[n]).kx()?;
+        let mut q_pe = b.zeros(&[n, heads, dr])?;
+        g::copy_rows(gpu, q.view().narrow(2, dn, dr).kx()?, q_pe.view_mut()).kx()?;
+        let mut ctx_lat = b.zeros(&[n, heads, r])?;
+        mla::mla_decode(
+            gpu,
+            mla::MlaDecodeParams {
+                q_abs: q_abs.view(),
+                q_pe: q_pe.view(),
+                cache: layer_cache.view(),
+                block_table: bt.view(),
+                seq_lens: sl.view(),
+                out: ctx_lat.view_mut(),
+                max_seq_len: max_len,
+                scale,
+                splits: None,
+            },
+        )
+        .kx()?;
+        w_uv(ctx_lat.ptr(), 0, n)?;
+    } else {
+        let mut ctx_lat = if any_absorbed {
+            Some(b.zeros(&[n, heads, r])?)
+        } else {
+            None
+        };
+        for s in batch.seqs {
+            let len = s.rows.len();
+            if len == 0 {
+                continue;
+            }
+            let (row0, ctx) = (s.rows.start, s.pos0 + len);
+            let ctx_slots = (0..ctx)
+                .map(|p| match s.blocks.get(p / bs) {
+                    Some(&blk) if (blk as usize) < num_blocks => {
+                        Ok((blk as usize * bs + p % bs) as i32)
+                    }
+                    _ => Err(err(format!("position {p} has no valid cache block"))),
+                })
+                .collect::<Result<Vec<i32>>>()?;
+            let st = Tensor::from_host(gpu, &ctx_slots, &[ctx]).kx()?;
+            let mut lat = b.zeros(&[ctx, width])?;
+            g::gather_slots(
+                gpu,
+                g::GatherSlotsParams {
+                    cache: layer_cache.view(),
+                    slots: st.view(),
+                    out: lat.view_mut(),
+                },
+            )
+            .kx()?;
+            let k_pe = lat.view().narrow(1, r, dr).kx()?;
+            let q_pe = q.view().narrow(0, row0, len).kx()?.narrow(2, dn, dr).kx()?;
+            match (absorbed_chunk(len), q_abs.as_ref(), ctx_lat.as_mut()) {
+                (true, Some(q_abs), Some(ctx_lat)) => {
+                    g::mla_attn_causal(
+                        gpu,
+                        g::AttnCausalParams {
+                            q1: q_abs.view().narrow(0, row0, len).kx()?,
+                            q2: q_pe,
+                            k1: lat.view().narrow(1, 0, r).kx()?,
+                            k2: k_pe,
+                            v: lat.view().narrow(1, 0, r).kx()?,
+                            out: ctx_lat.view_mut().narrow(0, row0, len).kx()?,
+                            pos0: s.pos0,
+                            scale,
+                        },
+                    )
+                    .kx()?;
+                    w_uv(ctx_lat.ptr(), row0, len)?;
+                }
+                _ => {
+                    // K/V decompressed from the latent: kv [ctx, H, dn + dv] = c · kv_bᵀ.
+                    let kv = b.zeros(&[ctx, heads, dn + dv])?;
+                    let mut gm = Gemm::xwt(
+                        ctx,
+                        heads * (dn + dv),
+                        r,
+                        lat.ptr(),
+                        w.kv_b.t.ptr(),
+                        kv.ptr(),
+                    );
+                    gm.ldx = width;
+                    gemm::<bf16>(gpu, gm).kx()?;
+                    g::mla_attn_causal(
+                        gpu,
+                        g::AttnCausalParams {
+                            q1: q.view().narrow(0, row0, len).kx()?.narrow(2, 0, dn).kx()?,
+                            q2: q_pe,
+                            k1: kv.view().narrow(2, 0, dn).kx()?,
+                            k2: k_pe,
+                            v: kv.view().narrow(2, dn, dv).kx()?,
+                            out: attn_out.view_mut().narrow(0, row0, len).kx()?,
+                            pos0: s.pos0,
+                            scale,
+                        },
+                    )
+                    .kx()?;
+                }
+            }
+        }
+    }
+    Ok(CudaAct::Bf16(b.mm(&attn_out, &w.o, "o_proj")?))
+}

@@ -1,0 +1,604 @@
+//! dsv2-cuda-backend: `dsv2_core::backend::Backend` on one CUDA GPU. Weights and activations are
+//! bf16 on the device, every GEMM and reduction accumulates in f32 (cuBLAS COMPUTE_32F, kernels
+//! in f32). Kernels and launchers come from `dsv2-kernels`; this crate only composes them.
+//!
+//! Builds without CUDA (cudarc loads libcuda / NVRTC / cuBLAS at run time); [`CudaBackend::new`]
+//! is where a missing driver or device becomes a clear error.
+
+mod blas;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use half::bf16;
+
+use dsv2_core::backend::{AttnBatch, AttnWeights, Backend, ExpertBank, MlpWeights};
+use dsv2_core::config::{ModelConfig, TopkMethod};
+use dsv2_core::error::{CoreError, Result};
+use dsv2_core::routing::{Routing, RoutingParams};
+use dsv2_core::weights::{DType as CkptDType, TensorRef};
+use dsv2_kernels::ops::{elementwise as ew, general as gen_ops, moe};
+use dsv2_kernels::rope::RopeTable as DevRope;
+use dsv2_kernels::{Gpu, GpuOptions, KernelError, Tensor};
+
+use blas::{Gemm, gemm};
+
+/// Chunks of at most this many new tokens use absorbed attention under `AttnMode::Auto` (the
+/// same rule as the CPU reference, so both run the same algorithm on the same step).
+const ABSORB_MAX_CHUNK: usize = 4;
+
+/// Elements converted per host chunk when a checkpoint tensor is not bf16 (bounds host memory
+/// during upload to 2 × 8 MiB whatever the tensor size).
+const UPLOAD_CHUNK: usize = 1 << 22;
+
+fn err(msg: impl Into<String>) -> CoreError {
+    CoreError::Backend {
+        backend: "cuda".into(),
+        msg: msg.into(),
+    }
+}
+
+fn kerr(e: KernelError) -> CoreError {
+    err(e.to_string())
+}
+
+trait Kx<T> {
+    fn kx(self) -> Result<T>;
+}
+impl<T> Kx<T> for std::result::Result<T, KernelError> {
+    fn kx(self) -> Result<T> {
+        self.map_err(kerr)
+    }
+}
+impl<T> Kx<T> for std::result::Result<T, cudarc::driver::DriverError> {
+    fn kx(self) -> Result<T> {
+        self.map_err(|e| err(format!("CUDA driver: {e}")))
+    }
+}
+
+/// A checkpoint tensor on the GPU, converted to bf16.
+pub struct CudaWeight {
+    pub t: Tensor<bf16>,
+}
+
+impl CudaWeight {
+    fn shape(&self) -> &[usize] {
+        self.t.shape()
+    }
+    /// (rows, cols) of a 2-D weight, or an error naming the op.
+    fn dims2(&self, op: &str) -> Result<(usize, usize)> {
+        match self.shape() {
+            [r, c] => Ok((*r, *c)),
+            s => Err(err(format!("{op}: weight has shape {s:?}, expected 2-D"))),
+        }
+    }
+}
+
+/// Activations [rows, cols]: bf16 everywhere except the output of `linear` (logits), which is f32
+/// so that greedy decoding and logit comparisons do not see bf16's 8-bit mantissa.
+pub enum CudaAct {
+    Bf16(Tensor<bf16>),
+    F32(Tensor<f32>),
+}
+
+impl CudaAct {
+    fn dims(&self) -> (usize, usize) {
+        let s = match self {
+            CudaAct::Bf16(t) => t.shape(),
+            CudaAct::F32(t) => t.shape(),
+        };
+        (s[0], s[1])
+    }
+}
+
+/// A bf16 activation, borrowed or freshly cast.
+enum Bf<'a> {
+    Borrowed(&'a Tensor<bf16>),
+    Owned(Tensor<bf16>),
+}
+
+impl std::ops::Deref for Bf<'_> {
+    type Target = Tensor<bf16>;
+    fn deref(&self) -> &Tensor<bf16> {
+        match self {
+            Bf::Borrowed(t) => t,
+            Bf::Owned(t) => t,
+        }
+    }
+}
+
+/// The latent cache: per layer [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] bf16.
+pub struct CudaCache {
+    layers: Vec<Tensor<bf16>>,
+    block_size: usize,
+}
+
+/// The device copy of the RoPE cos/sin table, grown on demand.
+struct RopeCache {
+    inv_freq: Vec<f32>,
+    mscale: f32,
+    table: DevRope,
+}
+
+/// The CUDA backend on one device. All work goes to the device's main stream; a mutex serialises
+/// callers because cuBLAS handles and the launch sequence of one op must not interleave.
+pub struct CudaBackend {
+    gpu: Gpu,
+    ordinal: usize,
+    exec: Mutex<()>,
+    rope: Mutex<Option<RopeCache>>,
+}
+
+impl CudaBackend {
+    /// Opens device `opts.ordinal` and compiles or loads the kernels.
+    pub fn new(opts: &GpuOptions) -> std::result::Result<Self, KernelError> {
+        let gpu = Gpu::open(opts)?;
+        Ok(Self {
+            gpu,
+            ordinal: opts.ordinal,
+            exec: Mutex::new(()),
+            rope: Mutex::new(None),
+        })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Takes the execution lock and makes the context current on this thread (callers may come
+    /// from any thread; cuBLAS calls do not bind the context themselves).
+    fn lock(&self) -> Result<MutexGuard<'_, ()>> {
+        let g = self
+            .exec
+            .lock()
+            .map_err(|_| err("a previous GPU call panicked"))?;
+        self.gpu.ctx.bind_to_thread().kx()?;
+        Ok(g)
+    }
+
+    /// The activation as bf16 (an f32 one is cast on the device).
+    fn bf16_of<'a>(&self, a: &'a CudaAct) -> Result<Bf<'a>> {
+        match a {
+            CudaAct::Bf16(t) => Ok(Bf::Borrowed(t)),
+            CudaAct::F32(t) => {
+                let mut y = Tensor::<bf16>::zeros(&self.gpu, t.shape()).kx()?;
+                gen_ops::cast_f32_bf16(&self.gpu, t.view(), y.view_mut()).kx()?;
+                Ok(Bf::Owned(y))
+            }
+        }
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor<bf16>> {
+        Tensor::<bf16>::zeros(&self.gpu, shape).kx()
+    }
+
+    /// y[M, N] = x[M, K] · wᵀ for a contiguous x (leading dim = rows) and a [N, K] weight.
+    fn mm(&self, x: &Tensor<bf16>, w: &CudaWeight, op: &str) -> Result<Tensor<bf16>> {
+        let (m, n) = (x.shape()[0], w.dims2(op)?.0);
+        self.mm_as(x, w, &[m, n], op)
+    }
+
+    /// As [`Self::mm`], the result given `shape` (its element count must be M × N).
+    fn mm_as(
+        &self,
+        x: &Tensor<bf16>,
+        w: &CudaWeight,
+        shape: &[usize],
+        op: &str,
+    ) -> Result<Tensor<bf16>> {
+        let (m, k) = (x.shape()[0], x.len() / x.shape()[0].max(1));
+        let (n, wk) = w.dims2(op)?;
+        if wk != k || shape.iter().product::<usize>() != m * n {
+            return Err(err(format!(
+                "{op}: input has {k} features, weight is {:?}, output {shape:?}",
+                w.shape()
+            )));
+        }
+        let y = self.zeros(shape)?;
+        gemm::<bf16>(&self.gpu, Gemm::xwt(m, n, k, x.ptr(), w.t.ptr(), y.ptr())).kx()?;
+        Ok(y)
+    }
+
+    fn mlp_inner(&self, w: &MlpWeights<CudaWeight>, x: &Tensor<bf16>) -> Result<Tensor<bf16>> {
+        let (m, h) = (x.shape()[0], x.shape()[1]);
+        let (inter, gh) = w.gate.dims2("mlp gate")?;
+        if gh != h || w.up.shape() != [inter, h] || w.down.shape() != [h, inter] {
+            return Err(err(format!(
+                "mlp: input [{m}, {h}], gate {:?}, up {:?}, down {:?}",
+                w.gate.shape(),
+                w.up.shape(),
+                w.down.shape()
+            )));
+        }
+        let gu = self.zeros(&[m, 2 * inter])?;
+        // gate | up side by side in one [m, 2I] buffer, the layout silu_mul reads
+        let mut g = Gemm::xwt(m, inter, h, x.ptr(), w.gate.t.ptr(), gu.ptr());
+        g.ldy = 2 * inter;
+        gemm::<bf16>(&self.gpu, g).kx()?;
+        g.w = w.up.t.ptr();
+        g.y = gu.ptr() + (inter * std::mem::size_of::<bf16>()) as u64; // byte offset of `up`
+        gemm::<bf16>(&self.gpu, g).kx()?;
+        let mut act = self.zeros(&[m, inter])?;
+        ew::silu_mul(
+            &self.gpu,
+            ew::SiluMulParams {
+                input: gu.view(),
+                out: act.view_mut(),
+            },
+        )
+        .kx()?;
+        self.mm(&act, &w.down, "mlp down")
+    }
+
+    /// The device RoPE table covering positions < `need` (rebuilt when the model's table changes
+    /// or a longer one is needed). cos/sin are computed exactly as the CPU reference does (f32
+    /// angle, f32 sin_cos, times mscale).
+    fn rope_table<'a>(
+        &self,
+        guard: &'a mut Option<RopeCache>,
+        rope: &dsv2_core::rope::RopeTable,
+        need: usize,
+    ) -> Result<&'a DevRope> {
+        let fresh = match guard.as_ref() {
+            Some(c) => {
+                c.inv_freq != rope.inv_freq || c.mscale != rope.mscale || c.table.max_pos < need
+            }
+            None => true,
+        };
+        if fresh {
+            let max_pos = need.next_power_of_two().max(4096);
+            let half = rope.inv_freq.len();
+            let mut cos = Vec::with_capacity(max_pos * half);
+            let mut sin = Vec::with_capacity(max_pos * half);
+            for p in 0..max_pos {
+                for &f in &rope.inv_freq {
+                    let (s, c) = (p as f32 * f).sin_cos();
+                    cos.push(c * rope.mscale);
+                    sin.push(s * rope.mscale);
+                }
+            }
+            let table = DevRope::from_host(&self.gpu, &cos, &sin, max_pos, 2 * half).kx()?;
+            *guard = Some(RopeCache {
+                inv_freq: rope.inv_freq.clone(),
+                mscale: rope.mscale,
+                table,
+            });
+        }
+        guard
+            .as_ref()
+            .map(|c| &c.table)
+            .ok_or_else(|| err("rope table missing"))
+    }
+}
+
+fn upload_err(t: &TensorRef, e: impl std::fmt::Display) -> CoreError {
+    err(format!("uploading `{}`: {e}", t.name))
+}
+
+impl Backend for CudaBackend {
+    type Weight = CudaWeight;
+    type Act = CudaAct;
+    type Cache = CudaCache;
+
+    fn name(&self) -> String {
+        format!("cuda:{} ({})", self.ordinal, self.gpu.name)
+    }
+
+    /// Uploads straight from the memory map: bf16 tensors in one copy (no host buffer), f32/f16
+    /// tensors converted in chunks of [`UPLOAD_CHUNK`] elements.
+    fn weight(&self, t: &TensorRef) -> Result<CudaWeight> {
+        let _g = self.lock()?;
+        let n = t.numel();
+        let mut dst = self.zeros(&t.shape)?;
+        let bytes = t.bytes();
+        let stream = &self.gpu.stream;
+        let mut staging: Vec<bf16> = Vec::new();
+        let mut at = 0usize;
+        while at < n {
+            let len = UPLOAD_CHUNK.min(n - at);
+            let mut view = dst.buf_mut().slice_mut(at..at + len);
+            let es = t.dtype.size();
+            let src = &bytes[at * es..(at + len) * es];
+            match t.dtype {
+                // an aligned bf16 tensor goes up without any host copy
+                CkptDType::Bf16 if bytemuck::try_cast_slice::<u8, bf16>(src).is_ok() => {
+                    let s: &[bf16] = bytemuck::cast_slice(src);
+                    stream
+                        .memcpy_htod(s, &mut view)
+                        .map_err(|e| upload_err(t, e))?;
+                }
+                d => {
+                    staging.clear();
+                    staging.extend(src.chunks_exact(es).map(|c| match d {
+                        CkptDType::F32 => {
+                            bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        }
+                        CkptDType::F16 => bf16::from_f32(
+                            half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+                        ),
+                        CkptDType::Bf16 => bf16::from_bits(u16::from_le_bytes([c[0], c[1]])),
+                    }));
+                    stream
+                        .memcpy_htod(staging.as_slice(), &mut view)
+                        .map_err(|e| upload_err(t, e))?;
+                    // the staging buffer is refilled next: wait until the copy has read it
+                    stream.synchronize().map_err(|e| upload_err(t, e))?;
+                }
+            }
+            at += len;
+        }
+        stream.synchronize().map_err(|e| upload_err(t, e))?;
+        Ok(CudaWeight { t: dst })
+    }
+
+    fn new_cache(
+        &self,
+        cfg: &ModelConfig,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<CudaCache> {
+        let _g = self.lock()?;
+        let width = cfg.latent_cache_width();
+        num_blocks
+            .checked_mul(block_size)
+            .and_then(|v| v.checked_mul(width))
+            .filter(|&v| v < i32::MAX as usize)
+            .ok_or_else(|| err("KV cache of one layer exceeds 2^31 elements"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| self.zeros(&[num_blocks, block_size, width]))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CudaCache { layers, block_size })
+    }
+
+    fn act_from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaAct> {
+        if data.len() != rows * cols {
+            return Err(err(format!(
+                "{} values do not make a [{rows}, {cols}] matrix",
+                data.len()
+            )));
+        }
+        let _g = self.lock()?;
+        let b: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
+        Ok(CudaAct::Bf16(
+            Tensor::from_host(&self.gpu, &b, &[rows, cols]).kx()?,
+        ))
+    }
+
+    fn act_to_host(&self, a: &CudaAct) -> Result<Vec<f32>> {
+        let _g = self.lock()?;
+        match a {
+            CudaAct::Bf16(t) => Ok(t
+                .to_host(&self.gpu)
+                .kx()?
+                .iter()
+                .map(|v| v.to_f32())
+                .collect()),
+            CudaAct::F32(t) => t.to_host(&self.gpu).kx(),
+        }
+    }
+
+    fn act_shape(&self, a: &CudaAct) -> (usize, usize) {
+        a.dims()
+    }
+
+    fn select_rows(&self, a: &CudaAct, rows: &[usize]) -> Result<CudaAct> {
+        let (n, cols) = a.dims();
+        if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
+            return Err(err(format!("row {bad} out of {n}")));
+        }
+        let _g = self.lock()?;
+        let stream = &self.gpu.stream;
+        // one device-to-device copy per row: select_rows picks the few logit rows of a step
+        macro_rules! pick {
+            ($t:expr, $ty:ty, $wrap:path) => {{
+                let mut out = Tensor::<$ty>::zeros(&self.gpu, &[rows.len(), cols]).kx()?;
+                for (i, &r) in rows.iter().enumerate() {
+                    let src = $t.buf().slice(r * cols..(r + 1) * cols);
+                    let mut dst = out.buf_mut().slice_mut(i * cols..(i + 1) * cols);
+                    stream.memcpy_dtod(&src, &mut dst).kx()?;
+                }
+                Ok($wrap(out))
+            }};
+        }
+        match a {
+            CudaAct::Bf16(t) => pick!(t, bf16, CudaAct::Bf16),
+            CudaAct::F32(t) => pick!(t, f32, CudaAct::F32),
+        }
+    }
+
+    fn embed(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaAct> {
+        let (vocab, hidden) = table.dims2("embed")?;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(CoreError::InvalidInput(format!(
+                "token id {bad} is outside the embedding table ({vocab} rows)"
+            )));
+        }
+        let _g = self.lock()?;
+        let idv: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        let idt = Tensor::from_host(&self.gpu, &idv, &[ids.len()]).kx()?;
+        let mut out = self.zeros(&[ids.len(), hidden])?;
+        ew::embedding(
+            &self.gpu,
+            ew::EmbeddingParams {
+                table: table.t.view(),
+                ids: idt.view(),
+                out: out.view_mut(),
+            },
+        )
+        .kx()?;
+        Ok(CudaAct::Bf16(out))
+    }
+
+    fn rms_norm(&self, x: &CudaAct, w: &CudaWeight, eps: f32) -> Result<CudaAct> {
+        let _g = self.lock()?;
+        let xb = self.bf16_of(x)?;
+        let mut out = self.zeros(xb.shape())?;
+        ew::rmsnorm(
+            &self.gpu,
+            ew::RmsNormParams {
+                x: xb.view(),
+                weight: w.t.view(),
+                residual: None,
+                out: out.view_mut(),
+                eps,
+            },
+        )
+        .kx()?;
+        Ok(CudaAct::Bf16(out))
+    }
+
+    fn add_assign(&self, acc: &mut CudaAct, x: &CudaAct) -> Result<()> {
+        if acc.dims() != x.dims() {
+            return Err(err(format!("add: {:?} + {:?}", acc.dims(), x.dims())));
+        }
+        let _g = self.lock()?;
+        if let CudaAct::F32(_) = acc {
+            // the residual stream is bf16; an f32 accumulator (a linear output) is narrowed first
+            let CudaAct::F32(t) = &*acc else {
+                return Err(err("add: accumulator changed type"));
+            };
+            let mut b = self.zeros(t.shape())?;
+            gen_ops::cast_f32_bf16(&self.gpu, t.view(), b.view_mut()).kx()?;
+            *acc = CudaAct::Bf16(b);
+        }
+        let xb = self.bf16_of(x)?;
+        let CudaAct::Bf16(a) = acc else {
+            return Err(err("add: accumulator is not bf16"));
+        };
+        gen_ops::add(&self.gpu, a.view_mut(), xb.view()).kx()
+    }
+
+    /// `x · Wᵀ` with an f32 result: the model uses `linear` for the logits only, and bf16 logits
+    /// (steps of 2^-8 relative) would turn close top-2 pairs into ties.
+    fn linear(&self, x: &CudaAct, w: &CudaWeight) -> Result<CudaAct> {
+        let _g = self.lock()?;
+        let xb = self.bf16_of(x)?;
+        let (m, k) = x.dims();
+        let (n, wk) = w.dims2("linear")?;
+        if wk != k {
+            return Err(err(format!(
+                "linear: input has {k} features, weight is {:?}",
+                w.shape()
+            )));
+        }
+        let y = Tensor::<f32>::zeros(&self.gpu, &[m, n]).kx()?;
+        gemm::<f32>(&self.gpu, Gemm::xwt(m, n, k, xb.ptr(), w.t.ptr(), y.ptr())).kx()?;
+        Ok(CudaAct::F32(y))
+    }
+
+    fn mlp(&self, w: &MlpWeights<CudaWeight>, x: &CudaAct) -> Result<CudaAct> {
+        let _g = self.lock()?;
+        let xb = self.bf16_of(x)?;
+        Ok(CudaAct::Bf16(self.mlp_inner(w, &xb)?))
+    }
+
+    fn attention(
+        &self,
+        cfg: &ModelConfig,
+        w: &AttnWeights<CudaWeight>,
+        x: &CudaAct,
+        batch: &AttnBatch<'_>,
+        cache: &mut CudaCache,
+        layer: usize,
+    ) -> Result<CudaAct> {
+        let _g = self.lock()?;
+        attention::run(self, cfg, w, x, batch, cache, layer)
+    }
+
+    fn route(&self, gate: &CudaWeight, x: &CudaAct, p: &RoutingParams) -> Result<Routing> {
+        let _g = self.lock()?;
+        let xb = self.bf16_of(x)?;
+        let (m, k) = x.dims();
+        let (e, gk) = gate.dims2("route")?;
+        if gk != k || e != p.n_experts {
+            return Err(err(format!(
+                "route: input [{m}, {k}], gate {:?}, {} experts",
+                gate.shape(),
+                p.n_experts
+            )));
+        }
+        // gate logits in f32: routing compares softmax scores that can differ by 1e-4
+        let logits = Tensor::<f32>::zeros(&self.gpu, &[m, e]).kx()?;
+        gemm::<f32>(
+            &self.gpu,
+            Gemm::xwt(m, e, k, xb.ptr(), gate.t.ptr(), logits.ptr()),
+        )
+        .kx()?;
+        let grouped = p.method == TopkMethod::GroupLimitedGreedy && p.n_group > 1;
+        let gc = moe::GateConfig {
+            n_group: if grouped { p.n_group } else { 1 },
+            topk_group: if grouped { p.topk_group } else { 1 },
+            top_k: p.top_k,
+            norm_topk_prob: p.top_k > 1 && p.norm_topk_prob,
+            routed_scaling_factor: p.routed_scaling_factor,
+        };
+        let mut ids = Tensor::<i32>::zeros(&self.gpu, &[m, p.top_k]).kx()?;
+        let mut wts = Tensor::<f32>::zeros(&self.gpu, &[m, p.top_k]).kx()?;
+        let r = moe::moe_gate(
+            &self.gpu,
+            moe::GateParams {
+                logits: logits.view(),
+                ids: ids.view_mut(),
+                weights: wts.view_mut(),
+                cfg: gc,
+            },
+        );
+        match r {
+            Ok(()) => Ok(Routing {
+                top_k: p.top_k,
+                ids: ids
+                    .to_host(&self.gpu)
+                    .kx()?
+                    .into_iter()
+                    .map(|v| v as u32)
+                    .collect(),
+                weights: wts.to_host(&self.gpu).kx()?,
+            }),
+            // shapes the gate kernel does not cover (> 256 experts, ...) route on the host
+            Err(KernelError::Unsupported { .. }) => {
+                let l = logits.to_host(&self.gpu).kx()?;
+                Ok(dsv2_core::routing::route(&l, p))
+            }
+            Err(e) => Err(kerr(e)),
+        }
+    }
+
+    fn experts(
+        &self,
+        bank: &ExpertBank<CudaWeight>,
+        x: &CudaAct,
+        routing: &Routing,
+    ) -> Result<CudaAct> {
+        let _g = self.lock()?;
+        experts::run(self, bank, x, routing)
+    }
+}
+
+mod attention;
+mod experts;
+
+/// Convenience: an `Arc`'d backend on device `ordinal` with the default CUBIN cache.
+pub fn open(ordinal: usize) -> std::result::Result<Arc<CudaBackend>, KernelError> {
+    Ok(Arc::new(CudaBackend::new(&GpuOptions {
+        ordinal,
+        ..Default::default()
+    })?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_gpu_is_a_clear_error_or_opens() {
+        match CudaBackend::new(&GpuOptions::default()) {
+            Ok(b) => assert!(b.name().starts_with("cuda:0")),
+            Err(e) => {
+                let s = e.to_string();
+                assert!(
+                    s.contains("no CUDA driver") || s.contains("--device cuda"),
+                    "{s}"
+                );
+            }
+        }
+    }
+}
