@@ -77,6 +77,8 @@ pub struct TokenLogprob {
 pub enum FailKind {
     /// Expert shards could not be reached; retrying later can succeed.
     Unavailable,
+    /// The request's deadline passed before it finished.
+    DeadlineExceeded,
     Internal,
 }
 
@@ -636,7 +638,7 @@ pub fn run_to_completion<B: Backend>(
                         FailKind::Unavailable => {
                             CoreError::Experts(format!("request {id}: {message}"))
                         }
-                        FailKind::Internal => {
+                        FailKind::Internal | FailKind::DeadlineExceeded => {
                             CoreError::InvalidInput(format!("request {id}: {message}"))
                         }
                     });

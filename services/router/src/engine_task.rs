@@ -145,8 +145,8 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<Cmd>, gauges: A
                 if deadline {
                     let _ = l.events.try_send(EngineEvent::Failed {
                         id,
-                        kind: FailKind::Internal,
-                        message: "deadline exceeded".into(),
+                        kind: FailKind::DeadlineExceeded,
+                        message: "deadline exceeded before generation finished".into(),
                     });
                 }
                 tracing::info!(request = id, deadline, "request cancelled, cache freed");

@@ -316,7 +316,9 @@ async fn serve(c: Config, rt: tokio::runtime::Handle) -> Result<()> {
         .add_service(reflection_alpha)
         .add_service(InferenceServer::new(InferenceApi(service)))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // With a custom incoming stream tonic ignores Server::tcp_nodelay: set it on the
+            // accepted sockets, or small messages (one token, one row) wait on Nagle.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 stop_server.notified().await;
             },

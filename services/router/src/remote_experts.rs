@@ -21,7 +21,18 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
-type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<ForwardResponse, String>>>>>;
+type Waiter = oneshot::Sender<Result<ForwardResponse, String>>;
+
+/// Requests awaiting an answer on one stream. `closed` is set, under the same lock, when the
+/// stream's reader stops: a waiter registered after that would never be answered, so
+/// registration checks it instead of waiting out the shard timeout.
+#[derive(Default)]
+struct WaitState {
+    pending: HashMap<u64, Waiter>,
+    closed: Option<String>,
+}
+
+type Waiters = Arc<Mutex<WaitState>>;
 
 /// How hidden rows travel: bf16 halves the bytes (GPU activations are bf16 anyway); f32 keeps
 /// the CPU reference bit-compatible with the in-process path.
@@ -51,6 +62,9 @@ pub struct RemoteExperts<B: Backend> {
     next_id: AtomicU64,
     timeout: Duration,
 }
+
+/// Largest Forward message either way (the shard's server allows the same).
+const MAX_MESSAGE_BYTES: usize = 1 << 30;
 
 fn unavailable(endpoint: &str, msg: impl std::fmt::Display) -> CoreError {
     CoreError::Experts(format!("shard {endpoint}: {msg}"))
@@ -148,6 +162,7 @@ impl<B: Backend> RemoteExperts<B> {
             .map_err(|_| unavailable(&shard.endpoint, "connection state poisoned"))?;
         if let Some(c) = guard.as_ref()
             && !c.tx.is_closed()
+            && c.waiters.lock().is_ok_and(|w| w.closed.is_none())
         {
             return Ok(c.clone());
         }
@@ -161,7 +176,11 @@ impl<B: Backend> RemoteExperts<B> {
                 .connect()
                 .await
                 .map_err(|e| unavailable(&endpoint, format!("cannot connect: {e}")))?;
-            let mut client = ExpertShardClient::new(channel);
+            // tonic's default 4 MiB decode limit is below one layer's partials at DeepSeek-V2
+            // sizes (256 rows x 5120 x f32 = 5.2 MB); the shard already allows 1 GiB.
+            let mut client = ExpertShardClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
             let (tx, rx) = mpsc::channel::<ForwardRequest>(64);
             let mut inbound = client
                 .forward(ReceiverStream::new(rx))
@@ -173,13 +192,16 @@ impl<B: Backend> RemoteExperts<B> {
                     )
                 })?
                 .into_inner();
-            let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
+            let waiters: Waiters = Arc::new(Mutex::new(WaitState::default()));
             let w = waiters.clone();
             tokio::spawn(async move {
                 let reason = loop {
                     match inbound.message().await {
                         Ok(Some(resp)) => {
-                            let waiter = w.lock().ok().and_then(|mut m| m.remove(&resp.request_id));
+                            let waiter = w
+                                .lock()
+                                .ok()
+                                .and_then(|mut m| m.pending.remove(&resp.request_id));
                             if let Some(waiter) = waiter {
                                 let _ = waiter.send(Ok(resp));
                             }
@@ -190,7 +212,8 @@ impl<B: Backend> RemoteExperts<B> {
                 };
                 tracing::warn!(shard = %endpoint, %reason, "expert shard stream ended");
                 if let Ok(mut m) = w.lock() {
-                    for (_, waiter) in m.drain() {
+                    m.closed = Some(reason.clone());
+                    for (_, waiter) in m.pending.drain() {
                         let _ = waiter.send(Err(reason.clone()));
                     }
                 }
@@ -270,8 +293,19 @@ impl<B: Backend> ExpertExecutor<B> for RemoteExperts<B> {
             };
             let conn = self.connect(&self.shards[s])?;
             let (otx, orx) = oneshot::channel();
-            if let Ok(mut m) = conn.waiters.lock() {
-                m.insert(request_id, otx);
+            let registered = match conn.waiters.lock() {
+                Ok(mut m) => match &m.closed {
+                    Some(reason) => Err(reason.clone()),
+                    None => {
+                        m.pending.insert(request_id, otx);
+                        Ok(())
+                    }
+                },
+                Err(_) => Err("connection state poisoned".to_string()),
+            };
+            if let Err(reason) = registered {
+                self.drop_conn(s);
+                return Err(unavailable(&self.shards[s].endpoint, reason));
             }
             if conn.tx.blocking_send(req).is_err() {
                 self.drop_conn(s);

@@ -171,14 +171,14 @@ impl std::ops::Deref for InferenceApi {
 
 type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl Inference for InferenceApi {
-    async fn generate(
+impl InferenceApi {
+    /// Generate without the deadline race (see `UNARY_DEADLINE_MARGIN`).
+    async fn generate_unary(
         &self,
         request: Request<pb::GenerateRequest>,
+        deadline: Option<Instant>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         let t0 = Instant::now();
-        let deadline = self.deadline(&request);
         let (prompt, params) = self.parse(request.get_ref())?;
         let (id, mut events) = self.engine.submit(prompt, params, deadline)?;
         tracing::debug!(request = id, "generate queued");
@@ -225,11 +225,6 @@ impl Inference for InferenceApi {
                     return Ok(Response::new(resp));
                 }
                 EngineEvent::Failed { kind, message, .. } => {
-                    if message == "deadline exceeded" {
-                        return Err(Status::deadline_exceeded(
-                            "deadline exceeded before generation finished",
-                        ));
-                    }
                     return Err(status::from_failure(kind, &message));
                 }
             }
@@ -237,6 +232,38 @@ impl Inference for InferenceApi {
         Err(Status::internal(
             "the engine stopped before the request finished",
         ))
+    }
+}
+
+/// How much earlier than the client's deadline a unary Generate gives up. tonic's server
+/// enforces `grpc-timeout` on unary calls itself and answers CANCELLED ("Timeout expired") at
+/// the deadline; answering just before it makes the client see DEADLINE_EXCEEDED, the code gRPC
+/// defines for this. Streams are not affected (tonic's timer stops at the response headers).
+const UNARY_DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+
+#[tonic::async_trait]
+impl Inference for InferenceApi {
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let work = self.generate_unary(request, deadline);
+        match deadline {
+            // Dropping `work` drops the request's event receiver: the engine cancels it at the
+            // next step boundary and frees its cache.
+            Some(d) => {
+                let at = d.checked_sub(UNARY_DEADLINE_MARGIN).unwrap_or(d);
+                tokio::time::timeout_at(tokio::time::Instant::from_std(at), work)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Status::deadline_exceeded(
+                            "deadline exceeded before generation finished",
+                        ))
+                    })
+            }
+            None => work.await,
+        }
     }
 
     type GenerateStreamStream = StreamOut;
@@ -294,13 +321,7 @@ impl Inference for InferenceApi {
                         ..Default::default()
                     }),
                     EngineEvent::Failed { kind, message, .. } => {
-                        Err(if message == "deadline exceeded" {
-                            Status::deadline_exceeded(
-                                "deadline exceeded before generation finished",
-                            )
-                        } else {
-                            status::from_failure(kind, &message)
-                        })
+                        Err(status::from_failure(kind, &message))
                     }
                 };
                 let last = !matches!(&msg, Ok(m) if m.summary.is_none());

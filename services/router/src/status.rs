@@ -17,6 +17,7 @@ pub fn from_core(e: &CoreError) -> Status {
 pub fn from_failure(kind: FailKind, message: &str) -> Status {
     match kind {
         FailKind::Unavailable => Status::unavailable(message.to_string()),
+        FailKind::DeadlineExceeded => Status::deadline_exceeded(message.to_string()),
         FailKind::Internal => Status::internal(message.to_string()),
     }
 }
