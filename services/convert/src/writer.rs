@@ -213,12 +213,14 @@ pub fn write_file(dir: &Path, f: &OutFile, progress: &dyn Progress) -> Result<Wr
         std::fs::create_dir_all(parent).map_err(|e| ConvertError::io(parent, e))?;
     }
     let tmp = tmp_path(&path);
-    let out = File::create(&tmp).map_err(|e| ConvertError::io(&tmp, e))?;
+    let (out, direct) = create_output(&tmp)?;
     let mut w = HashingWriter {
         file: out,
         path: &tmp,
         hash: Sha256::new(),
         written: 0,
+        block: AlignedBuf::new(BLOCK),
+        direct,
     };
     w.write(&layout.header)?;
     let mut sources: HashMap<Arc<PathBuf>, File> = HashMap::new();
@@ -236,6 +238,7 @@ pub fn write_file(dir: &Path, f: &OutFile, progress: &dyn Progress) -> Result<Wr
             layout.size
         )));
     }
+    w.finish()?;
     w.file.sync_all().map_err(|e| ConvertError::io(&tmp, e))?;
     let sha256 = hex(&w.hash.finalize());
     drop(w.file);
@@ -279,20 +282,125 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     publish(&tmp, path)
 }
 
+/// Output block size: data is staged in an aligned block and written a block at a time.
+const BLOCK: usize = 8 << 20;
+/// O_DIRECT alignment (the logical block size of any disk we meet is at most 4 KiB).
+const ALIGN: usize = 4096;
+
+/// Creates the output file, with O_DIRECT where the filesystem allows it: buffered writeback
+/// of many GB measured 285 MB/s here against 1.1 GB/s for direct writes (bench/RESULTS.md),
+/// and direct writes keep the page cache for the source. Falls back to buffered I/O.
+fn create_output(path: &Path) -> Result<(File, bool)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let direct = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path);
+    match direct {
+        Ok(f) => Ok((f, true)),
+        Err(_) => File::create(path)
+            .map(|f| (f, false))
+            .map_err(|e| ConvertError::io(path, e)),
+    }
+}
+
+/// A heap buffer aligned for O_DIRECT. Hand-written (a few lines of `std::alloc`) rather than
+/// pulling in a crate for it.
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    cap: usize,
+    len: usize,
+}
+
+// SAFETY: the buffer is uniquely owned heap memory.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    fn layout(cap: usize) -> std::alloc::Layout {
+        // Only called with the constants BLOCK (a multiple of ALIGN) and ALIGN (a power of two).
+        std::alloc::Layout::from_size_align(cap, ALIGN).expect("BLOCK/ALIGN form a valid layout")
+    }
+    fn new(cap: usize) -> Self {
+        let layout = Self::layout(cap);
+        // SAFETY: layout has non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, cap, len: 0 }
+    }
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len <= cap` bytes of an allocation we own, initialized (zeroed at alloc).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+    fn spare(&mut self) -> &mut [u8] {
+        // SAFETY: the bytes after `len` up to `cap` belong to our allocation.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(self.len), self.cap - self.len)
+        }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with the same layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
+    }
+}
+
 struct HashingWriter<'a> {
     file: File,
     path: &'a Path,
     hash: Sha256,
     written: u64,
+    block: AlignedBuf,
+    direct: bool,
 }
 
 impl HashingWriter<'_> {
-    fn write(&mut self, b: &[u8]) -> Result<()> {
-        self.file
-            .write_all(b)
-            .map_err(|e| ConvertError::io(self.path, e))?;
+    fn write(&mut self, mut b: &[u8]) -> Result<()> {
         self.hash.update(b);
         self.written += b.len() as u64;
+        while !b.is_empty() {
+            let spare = self.block.spare();
+            let n = spare.len().min(b.len());
+            spare[..n].copy_from_slice(&b[..n]);
+            self.block.len += n;
+            b = &b[n..];
+            if self.block.len == self.block.cap {
+                self.flush_block()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_block(&mut self) -> Result<()> {
+        self.file
+            .write_all(self.block.as_slice())
+            .map_err(|e| ConvertError::io(self.path, e))?;
+        self.block.len = 0;
+        Ok(())
+    }
+
+    /// Writes the last partial block. O_DIRECT needs whole aligned blocks: pad with zeros, then
+    /// cut the file back to its real length.
+    fn finish(&mut self) -> Result<()> {
+        if self.block.len == 0 {
+            return Ok(());
+        }
+        if self.direct {
+            let padded = self.block.len.div_ceil(ALIGN) * ALIGN;
+            let pad = padded - self.block.len;
+            self.block.spare()[..pad].fill(0);
+            self.block.len = padded;
+            self.flush_block()?;
+            self.file
+                .set_len(self.written)
+                .map_err(|e| ConvertError::io(self.path, e))?;
+        } else {
+            self.flush_block()?;
+        }
         Ok(())
     }
 }
