@@ -456,19 +456,32 @@ async fn score_question(
         let client = client.clone();
         futs.push(async move {
             let n = w.len();
-            let mut req = greedy_request(w, 1);
+            let mut req = greedy_request(w.clone(), 1);
             req.prompt_logprobs = Some(0);
             let r = client.generate(req).await?;
-            if r.prompt_logprobs.len() != n {
-                return Err(EvalError::Protocol(format!(
-                    "{} prompt logprobs for {n} prompt tokens",
-                    r.prompt_logprobs.len()
-                )));
-            }
+            // The proto documents one entry per prompt token (the first without a logprob);
+            // the router sends entries for tokens 1.. only. Accept both, and check every
+            // scored entry's token id so a misalignment cannot go unnoticed.
+            let skip = match r.prompt_logprobs.len() {
+                l if l == n => 0,
+                l if l + 1 == n => 1,
+                l => {
+                    return Err(EvalError::Protocol(format!(
+                        "{l} prompt logprobs for {n} prompt tokens"
+                    )));
+                }
+            };
             let mut sum = 0f64;
-            for (i, lp) in r.prompt_logprobs[p..].iter().enumerate() {
+            for (t, &tok) in w.iter().enumerate().skip(p) {
+                let lp = &r.prompt_logprobs[t - skip];
+                if lp.token_id != tok {
+                    return Err(EvalError::Protocol(format!(
+                        "prompt logprob entry for position {t} is token {} but the prompt has {tok}",
+                        lp.token_id
+                    )));
+                }
                 sum += lp.logprob.ok_or_else(|| {
-                    EvalError::Protocol(format!("no logprob for prompt token {}", p + i))
+                    EvalError::Protocol(format!("no logprob for prompt token {t}"))
                 })? as f64;
             }
             Ok::<f64, EvalError>(sum)

@@ -1,0 +1,592 @@
+//! `dsv2 summarize` and `dsv2 mmlu` end to end against a real router (dsv2-router with
+//! in-process experts on the embedded tiny model), with every printed number recomputed here
+//! independently: prompts built by this file's own code, outputs and log-probabilities fetched
+//! by this file's own gRPC calls, ROUGE from dsv2-rouge.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use dsv2_proto::inference::v1 as pb;
+use dsv2_proto::inference::v1::inference_client::InferenceClient;
+
+fn eval_data(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../eval/tests/data")
+        .join(p)
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::temp_dir().join("dsv2-cli-test-cache")
+}
+
+/// The router child; killed on drop.
+struct Router {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_router() -> Router {
+    let dsv2 = PathBuf::from(env!("CARGO_BIN_EXE_dsv2"));
+    let bin = dsv2.with_file_name("dsv2-router");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins; scripts/test.sh does)",
+        bin.display()
+    );
+    let mut child = Command::new(&bin)
+        .args([
+            "--model-dir",
+            "tiny",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn",
+        ])
+        .env("DSV2_CACHE_DIR", cache_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start dsv2-router");
+    let stdout = child.stdout.take().expect("router stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("DSV2_READY ") {
+                let _ = tx.send(a.to_string());
+            }
+        }
+    });
+    let mut r = Router {
+        child,
+        endpoint: String::new(),
+    };
+    let addr = rx
+        .recv_timeout(Duration::from_secs(300))
+        .expect("router did not print DSV2_READY");
+    r.endpoint = format!("http://{addr}");
+    r
+}
+
+fn dsv2(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dsv2"))
+        .args(args)
+        .env("DSV2_CACHE_DIR", cache_dir())
+        .output()
+        .expect("run dsv2");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The value after `prefix` on the line that starts with it.
+fn value_after<'a>(out: &'a str, prefix: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{out}"))
+}
+
+fn num(out: &str, prefix: &str, suffix: &str) -> f64 {
+    let v = value_after(out, prefix);
+    v.strip_suffix(suffix)
+        .unwrap_or(v)
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{prefix}{v}: {e}"))
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// (article, highlights) read straight from the JSONL file.
+fn articles() -> Vec<(String, String)> {
+    std::fs::read_to_string(eval_data("articles.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["article"].as_str().unwrap().to_string(),
+                v["highlights"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn check_summarize(router: &Router) {
+    let refs = articles();
+    let dir = tempfile::tempdir().unwrap();
+    let mut outputs_per_format = Vec::new();
+    for file in ["articles.jsonl", "articles.csv", "articles.parquet"] {
+        let report = dir.path().join(format!("{file}.json"));
+        let (ok, out, err) = dsv2(&[
+            "summarize",
+            "--endpoint",
+            &router.endpoint,
+            "--dataset",
+            eval_data(file).to_str().unwrap(),
+            "--max-output-len",
+            "12",
+            "--concurrency",
+            "3",
+            "--print-samples",
+            "--report",
+            report.to_str().unwrap(),
+        ]);
+        assert!(ok, "summarize {file} failed: {err}");
+        let rep: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let samples = rep["dsv2"]["samples"].as_array().unwrap();
+        assert_eq!(samples.len(), refs.len());
+        let outs: Vec<String> = samples
+            .iter()
+            .map(|s| s["output"].as_str().unwrap().to_string())
+            .collect();
+        // Per-sample printout carries input, reference and output.
+        for (i, (a, h)) in refs.iter().enumerate() {
+            assert!(out.contains(&format!(" Input: {a}\n")), "{file} sample {i}");
+            assert!(
+                out.contains(&format!(" Reference: {h}\n")),
+                "{file} sample {i}"
+            );
+            assert!(
+                out.contains(&format!(" Output: {}\n", outs[i])),
+                "{file} sample {i}"
+            );
+        }
+        // ROUGE recomputed from the outputs and the references read here.
+        let opts = dsv2_rouge::RougeOptions { use_stemmer: false };
+        let per: Vec<_> = outs
+            .iter()
+            .zip(&refs)
+            .map(|(o, (_, h))| dsv2_rouge::score(o, h, &opts))
+            .collect();
+        let m = dsv2_rouge::aggregate(&per);
+        for (key, want) in [
+            ("  rouge1: ", m.rouge1.fmeasure),
+            ("  rouge2: ", m.rouge2.fmeasure),
+            ("  rougeL: ", m.rouge_l.fmeasure),
+            ("  rougeLsum: ", m.rouge_lsum.fmeasure),
+        ] {
+            let got = num(&out, key, "");
+            assert!(
+                (got - want * 100.0).abs() < 1e-9,
+                "{file} {key}: printed {got}, recomputed {}",
+                want * 100.0
+            );
+        }
+        // Tokens and rate are consistent with the per-sample report.
+        let tokens: u64 = samples
+            .iter()
+            .map(|s| s["output_tokens"].as_u64().unwrap())
+            .sum();
+        assert!(tokens > 0 && tokens <= 12 * refs.len() as u64);
+        assert_eq!(num(&out, "dsv2 (total output tokens: ", ")") as u64, tokens);
+        let lat = num(&out, "dsv2 (total latency: ", " sec)");
+        let tps = num(&out, "dsv2 (tokens per second: ", ")");
+        assert!(lat > 0.0 && (tps - tokens as f64 / lat).abs() < 1e-6 * tps);
+        assert!(out.contains("dsv2 beam 0 result\n"));
+        outputs_per_format.push(outs);
+    }
+    // The same samples in three formats give the same greedy outputs.
+    assert_eq!(outputs_per_format[0], outputs_per_format[1]);
+    assert_eq!(outputs_per_format[0], outputs_per_format[2]);
+
+    // Independent outputs: summarize.py's template built here, sent as text (the router adds
+    // BOS, as summarize.py's add_special_tokens=True does), greedy, 12 tokens.
+    rt().block_on(async {
+        let mut c = InferenceClient::connect(router.endpoint.clone())
+            .await
+            .unwrap();
+        for i in [0usize, 1] {
+            // Sample 1 contains "did n't", which the template rewrites to "didn't".
+            let prompt = format!("{} TL;DR: ", refs[i].0)
+                .trim()
+                .replace(" n't", "n't");
+            let r = c
+                .generate(pb::GenerateRequest {
+                    prompt: Some(pb::generate_request::Prompt::Text(prompt)),
+                    max_new_tokens: Some(12),
+                    temperature: Some(0.0),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.text, outputs_per_format[0][i], "sample {i}");
+        }
+    });
+
+    // --hf-outputs: a second system whose outputs are the references scores 100 everywhere,
+    // and its latency/tokens come from the file.
+    let hf = dir.path().join("hf.jsonl");
+    let lines: Vec<String> = refs
+        .iter()
+        .enumerate()
+        .map(|(i, (_, h))| {
+            serde_json::json!({"index": i, "output": h, "output_tokens": 7, "latency_s": 0.5})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&hf, lines.join("\n")).unwrap();
+    let (ok, out, err) = dsv2(&[
+        "summarize",
+        "--endpoint",
+        &router.endpoint,
+        "--dataset",
+        eval_data("articles.csv").to_str().unwrap(),
+        "--max-output-len",
+        "12",
+        "--hf-outputs",
+        hf.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("Hugging Face (total latency: 3.0 sec)\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Hugging Face (total output tokens: 42)\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Hugging Face (tokens per second: 14.0)\n"),
+        "{out}"
+    );
+    let hf_block = &out[out.find("Hugging Face beam 0 result").expect(&out)..];
+    for k in ["rouge1", "rouge2", "rougeL", "rougeLsum"] {
+        assert!(hf_block.contains(&format!("  {k}: 100.0\n")), "{out}");
+    }
+    // Ours is unchanged by the comparison.
+    assert_eq!(
+        value_after(&out, "  rouge1: "),
+        value_after(&out[..out.find("Hugging Face").unwrap()], "  rouge1: ")
+    );
+    // A file that lacks a sample is refused before anything is sent.
+    std::fs::write(&hf, &lines[..5].join("\n")).unwrap();
+    let (ok, _, err) = dsv2(&[
+        "summarize",
+        "--endpoint",
+        "http://127.0.0.1:1",
+        "--dataset",
+        eval_data("articles.csv").to_str().unwrap(),
+        "--hf-outputs",
+        hf.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("hf.jsonl") && err.contains("first missing index: 5"),
+        "{err}"
+    );
+}
+
+const CHOICES: [&str; 4] = ["A", "B", "C", "D"];
+
+/// Minimal CSV reading for the shipped MMLU files (RFC 4180 quotes), written here so the test
+/// does not share the tool's parser.
+fn parse_csv(text: &str) -> Vec<Vec<String>> {
+    let (mut rows, mut row, mut field) = (Vec::new(), Vec::new(), String::new());
+    let (mut quoted, mut chars) = (false, text.chars().peekable());
+    while let Some(ch) = chars.next() {
+        match (quoted, ch) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                chars.next();
+                field.push('"');
+            }
+            (true, '"') => quoted = false,
+            (true, c) => field.push(c),
+            (false, '"') => quoted = true,
+            (false, ',') => row.push(std::mem::take(&mut field)),
+            (false, '\r') => {}
+            (false, '\n') => {
+                row.push(std::mem::take(&mut field));
+                rows.push(std::mem::take(&mut row));
+            }
+            (false, c) => field.push(c),
+        }
+    }
+    if !field.is_empty() || !row.is_empty() {
+        row.push(field);
+        rows.push(row);
+    }
+    rows
+}
+
+fn example(r: &[String], with_answer: bool) -> String {
+    let mut s = format!(
+        "{}\nA. {}\nB. {}\nC. {}\nD. {}\nAnswer:",
+        r[0], r[1], r[2], r[3], r[4]
+    );
+    if with_answer {
+        s += &format!(" {}\n\n", r[5]);
+    }
+    s
+}
+
+fn check_mmlu(router: &Router) {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("mmlu.json");
+    let data = eval_data("mmlu");
+    let (ok, out, err) = dsv2(&[
+        "mmlu",
+        "--endpoint",
+        &router.endpoint,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--ntrain",
+        "2",
+        "--max-questions-per-subject",
+        "2",
+        "--concurrency",
+        "3",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert!(ok, "mmlu failed: {err}");
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let questions = rep["questions"].as_array().unwrap();
+
+    // Recompute every question's log-probabilities here: prompt built by this file, each
+    // candidate sent as text (router adds BOS) with prompt_logprobs, the candidate's tokens
+    // being those after the prompt's own tokens.
+    let subjects = [
+        ("abstract_algebra", "abstract algebra", "math", "STEM"),
+        (
+            "anatomy",
+            "anatomy",
+            "health",
+            "other (business, health, misc.)",
+        ),
+        (
+            "high_school_geography",
+            "high school geography",
+            "geography",
+            "social sciences",
+        ),
+    ];
+    let mut correct_by_subject = Vec::new();
+    rt().block_on(async {
+        let mut c = InferenceClient::connect(router.endpoint.clone())
+            .await
+            .unwrap();
+        let mut qi = 0;
+        for (subject, words, _, _) in subjects {
+            let read = |split: &str| {
+                parse_csv(
+                    &std::fs::read_to_string(
+                        data.join(split).join(format!("{subject}_{split}.csv")),
+                    )
+                    .unwrap(),
+                )
+            };
+            let (dev, test) = (read("dev"), read("test"));
+            let mut head = format!(
+                "The following are multiple choice questions (with answers) about  {words}.\n\n"
+            );
+            for r in &dev[..2] {
+                head += &example(r, true);
+            }
+            let mut correct = 0;
+            for r in &test[..2] {
+                let prompt = head.clone() + &example(r, false);
+                let n_prompt = c
+                    .tokenize(pb::TokenizeRequest {
+                        text: prompt.clone(),
+                        add_bos_token: true,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .token_ids
+                    .len();
+                let mut lps = [0f64; 4];
+                for (k, letter) in CHOICES.iter().enumerate() {
+                    let resp = c
+                        .generate(pb::GenerateRequest {
+                            prompt: Some(pb::generate_request::Prompt::Text(format!(
+                                "{prompt} {letter}"
+                            ))),
+                            max_new_tokens: Some(1),
+                            temperature: Some(0.0),
+                            prompt_logprobs: Some(0),
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    let total = resp.prompt_tokens as usize;
+                    assert!(total > n_prompt, "candidate added no tokens");
+                    // Entries cover prompt tokens 1..total (the first token has no context).
+                    let entries = &resp.prompt_logprobs;
+                    let offset = total - entries.len();
+                    lps[k] = entries[n_prompt - offset..]
+                        .iter()
+                        .map(|e| e.logprob.unwrap() as f64)
+                        .sum();
+                }
+                let q = &questions[qi];
+                qi += 1;
+                assert_eq!(q["subject"], subject);
+                for k in 0..4 {
+                    let got = q["logprobs"][k].as_f64().unwrap();
+                    assert!(
+                        (got - lps[k]).abs() < 1e-3,
+                        "{subject} question {qi}: candidate {k} logprob {got} vs {}",
+                        lps[k]
+                    );
+                }
+                let mut best = 0;
+                for k in 1..4 {
+                    if lps[k] > lps[best] {
+                        best = k;
+                    }
+                }
+                assert_eq!(q["prediction"], CHOICES[best]);
+                if CHOICES[best] == r[5] {
+                    correct += 1;
+                }
+            }
+            correct_by_subject.push(correct);
+        }
+        assert_eq!(qi, questions.len());
+    });
+
+    // The printed lines, from the counts computed here (2 questions per subject).
+    let mut want = String::new();
+    for ((s, ..), c) in subjects.iter().zip(&correct_by_subject) {
+        want += &format!("Average accuracy {:.3} - {s}\n", *c as f64 / 2.0);
+    }
+    // Subcategories in mmlu.py's order: math, health, ..., geography; then categories.
+    for ((_, _, sub, _), c) in subjects.iter().zip(&correct_by_subject) {
+        want += &format!("Average accuracy {:.2} - {sub}\n", *c as f64 / 2.0 * 100.0);
+    }
+    for (cat, i) in [
+        ("STEM", 0),
+        ("social sciences", 2),
+        ("other (business, health, misc.)", 1),
+    ] {
+        want += &format!(
+            "Average accuracy {:.2} - {cat}\n",
+            correct_by_subject[i] as f64 / 2.0 * 100.0
+        );
+    }
+    let total: usize = correct_by_subject.iter().sum();
+    want += &format!(
+        "MMLU weighted average accuracy: {:.2}\n",
+        total as f64 / 6.0 * 100.0
+    );
+    assert_eq!(out, want, "stderr: {err}");
+    assert_eq!(
+        rep["summary"]["overall"]["correct"].as_u64().unwrap() as usize,
+        total
+    );
+}
+
+#[test]
+fn summarize_and_mmlu_against_a_router() {
+    let router = start_router();
+    check_summarize(&router);
+    check_mmlu(&router);
+}
+
+#[test]
+fn bad_data_fails_with_file_and_line_before_connecting() {
+    // Port 1 has no router: these must fail on the data, not on the connection.
+    let (ok, _, err) = dsv2(&[
+        "summarize",
+        "--endpoint",
+        "http://127.0.0.1:1",
+        "--dataset",
+        eval_data("bad/missing_highlights.jsonl").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("missing_highlights.jsonl:2: missing field `highlights`"),
+        "{err}"
+    );
+    let (ok, _, err) = dsv2(&[
+        "summarize",
+        "--endpoint",
+        "http://127.0.0.1:1",
+        "--dataset",
+        eval_data("bad/empty.parquet").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("empty.parquet: the file is empty"),
+        "{err}"
+    );
+    let (ok, _, err) = dsv2(&[
+        "mmlu",
+        "--endpoint",
+        "http://127.0.0.1:1",
+        "--ntrain",
+        "0",
+        "--data-dir",
+        eval_data("bad/mmlu_five_options").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("anatomy_test.csv:4: expected 6 fields"),
+        "{err}"
+    );
+    // And a good file against no router says so.
+    let (ok, _, err) = dsv2(&[
+        "mmlu",
+        "--endpoint",
+        "http://127.0.0.1:1",
+        "--data-dir",
+        eval_data("mmlu").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("cannot reach the router"), "{err}");
+}
+
+/// The shared MMLU copy (hendrycks layout, dev/ built from test questions): one question of
+/// one subject, to show the real layout reads and the note about its dev split is printed.
+#[test]
+fn shared_mmlu_copy_when_present() {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mmlu");
+    if !shared.join("test").is_dir() {
+        eprintln!(
+            "SKIP shared_mmlu_copy_when_present: {} is not here",
+            shared.display()
+        );
+        return;
+    }
+    let router = start_router();
+    let (ok, out, err) = dsv2(&[
+        "mmlu",
+        "--endpoint",
+        &router.endpoint,
+        "--data-dir",
+        shared.to_str().unwrap(),
+        "--subjects",
+        "astronomy",
+        "--ntrain",
+        "1",
+        "--max-questions-per-subject",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    let acc = value_after(&out, "Average accuracy ");
+    assert!(acc.ends_with(" - astronomy"), "{out}");
+    assert!(
+        out.contains("Average accuracy ") && out.contains(" - STEM\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("dev/ split is made of test questions"),
+        "{out}"
+    );
+}
