@@ -38,7 +38,7 @@ echo "disk read (dd iflag=direct, bs=16M): $SRC_BYTES bytes in $(python3 -c "pri
 evict "$WORK"/hf/*.safetensors
 T0=$(date +%s.%N)
 /usr/bin/time -v "$BIN" convert --model-dir "$WORK/hf" --output-dir "$WORK/conv" \
-  --expert-shards "$SHARDS" --threads "$THREADS" 2> "$WORK/time.txt"
+  --expert-shards "$SHARDS" --threads "$THREADS" --max-file-gb "${MAX_FILE_GB:-4}" 2> "$WORK/time.txt"
 T1=$(date +%s.%N)
 grep -E "converted|Maximum resident|Elapsed|File system" "$WORK/time.txt" || true
 CONV_BW=$(python3 -c "print($SRC_BYTES / ($T1 - $T0) / 1e6)")
