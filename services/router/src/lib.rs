@@ -2,6 +2,7 @@
 //! client side of the expert shards, and the error → status table. `main.rs` only wires them.
 
 pub mod engine_task;
+pub mod metrics;
 pub mod remote_experts;
 pub mod service;
 pub mod status;

@@ -92,6 +92,9 @@ struct Config {
     /// Default max_new_tokens when a request sets none.
     #[arg(long, default_value_t = 256)]
     default_max_new_tokens: u32,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 0.0.0.0:9090.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Data plane to the shards (nccl needs the CUDA build).
     #[arg(long, value_enum, default_value = "grpc")]
     transport: Transport,
@@ -282,6 +285,13 @@ async fn serve(c: Config, rt: tokio::runtime::Handle) -> Result<()> {
         .await;
     tracing::info!(%addr, blocks = engine.num_blocks, "router serving dsv2.v1.Inference");
     println!("DSV2_READY {addr}");
+
+    if let Some(m) = c.metrics_listen {
+        let bound = dsv2_router::metrics::serve(m, engine.clone())
+            .await
+            .with_context(|| format!("binding --metrics-listen {m}"))?;
+        tracing::info!(addr = %bound, "metrics on /metrics");
+    }
 
     // Log throughput every 10 s while busy, so operators see what the service is doing.
     let gauges = engine.gauges.clone();

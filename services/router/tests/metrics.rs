@@ -1,0 +1,58 @@
+//! The metrics text reflects what the engine did.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use dsv2_core::cpu::CpuBackend;
+use dsv2_core::engine::{Engine, EngineConfig, EngineEvent, GenerateParams};
+use dsv2_core::model::load_local;
+use dsv2_router::engine_task::EngineHandle;
+
+#[tokio::test]
+async fn metrics_count_tokens_and_blocks() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/v2");
+    let (model, experts) = load_local(Arc::new(CpuBackend), &dir).unwrap();
+    let engine = Engine::new(
+        Arc::new(model),
+        Arc::new(experts),
+        None,
+        EngineConfig {
+            num_blocks: 32,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let handle = EngineHandle::spawn(engine, 8);
+    let (_, mut rx) = handle
+        .submit(
+            vec![5, 6, 7],
+            GenerateParams {
+                max_new_tokens: 6,
+                ignore_eos: true,
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+    while let Some(ev) = rx.recv().await {
+        if matches!(ev, EngineEvent::Finished { .. }) {
+            break;
+        }
+    }
+    // The engine publishes after the step that finished the request.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let text = dsv2_router::metrics::render(&handle);
+    assert!(
+        text.contains("dsv2_router_generated_tokens_total 6"),
+        "{text}"
+    );
+    assert!(text.contains("dsv2_router_kv_cache_blocks 32"), "{text}");
+    assert!(
+        text.contains("dsv2_router_kv_cache_free_blocks 32"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE dsv2_router_engine_steps_total counter"),
+        "{text}"
+    );
+}
