@@ -345,7 +345,9 @@ async fn serve(c: Config) -> Result<()> {
                 .max_encoding_message_size(1 << 30),
         )
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // With a custom incoming stream tonic ignores Server::tcp_nodelay: set it on the
+            // accepted sockets, or small messages (one token, one row) wait on Nagle.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 let _ = tokio::signal::ctrl_c().await;
                 reporter
