@@ -220,3 +220,53 @@ async fn cancelled_stream_frees_its_cache_blocks() {
         t1.elapsed()
     );
 }
+
+/// A client deadline that passes mid-generation ends the request with DEADLINE_EXCEEDED (unary
+/// and streamed), and the engine drops it: a request needing the whole cache runs afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passed_deadline_is_deadline_exceeded_and_frees_the_cache() {
+    let c = Cluster::two_shards(&fixture("v2"), &["--kv-cache-blocks", "130"]);
+    let mut client = c.client().await;
+    let long = || ids_request(&[61, 62, 63, 64, 65, 66, 67, 68], 2000);
+    let mut req = tonic::Request::new(long());
+    req.set_timeout(Duration::from_millis(500));
+    let t0 = Instant::now();
+    let e = client
+        .generate(req)
+        .await
+        .expect_err("2000 tokens finished within 500 ms");
+    assert_eq!(e.code(), Code::DeadlineExceeded, "unary: {}", e.message());
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+
+    let mut req = tonic::Request::new(long());
+    req.set_timeout(Duration::from_millis(500));
+    let mut s = client
+        .generate_stream(req)
+        .await
+        .expect("stream accepted")
+        .into_inner();
+    let e = loop {
+        match s.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream finished 2000 tokens within 500 ms"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(e.code(), Code::DeadlineExceeded, "stream: {}", e.message());
+    // Both requests left the engine: one needing 126 of the 130 blocks starts at once.
+    let (first, tokens) = (Instant::now(), {
+        let mut s = client
+            .generate_stream(long())
+            .await
+            .expect("accepted")
+            .into_inner();
+        let m = s.message().await.expect("ok").expect("a token");
+        m.token_ids
+    });
+    assert_eq!(tokens.len(), 1);
+    assert!(
+        first.elapsed() < Duration::from_secs(10),
+        "waited {:?}: a request past its deadline kept its cache blocks",
+        first.elapsed()
+    );
+}
