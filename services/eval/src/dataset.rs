@@ -269,3 +269,27 @@ fn read_parquet(path: &Path, limit: usize) -> Result<Vec<Sample>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(data: &str) -> Vec<u64> {
+        let idx = LineIndex::new(data.as_bytes());
+        let mut r = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .from_reader(data.as_bytes());
+        r.records()
+            .map(|rec| idx.line_of_record(rec.unwrap().position()))
+            .collect()
+    }
+
+    #[test]
+    fn record_lines_with_lf_crlf_quotes_and_blank_lines() {
+        assert_eq!(lines_of("a,b\n\"x\ny\",1\nz,2\n"), [1, 2, 4]);
+        // The csv crate alone says 1, 1, 2 here.
+        assert_eq!(lines_of("a,b\r\nc,d\r\ne,f"), [1, 2, 3]);
+        assert_eq!(lines_of("\n\na,b\nc,d\n"), [3, 4]);
+    }
+}

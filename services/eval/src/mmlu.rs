@@ -632,6 +632,24 @@ mod tests {
     }
 
     #[test]
+    fn dev_split_note_follows_the_readme() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(dev_split_note(d.path()).is_none());
+        std::fs::write(
+            d.path().join("README.md"),
+            "dev/ holds the FIRST FIVE test questions",
+        )
+        .unwrap();
+        assert!(
+            dev_split_note(d.path())
+                .unwrap()
+                .contains("made of test questions")
+        );
+        std::fs::write(d.path().join("README.md"), "the original dev/ split").unwrap();
+        assert!(dev_split_note(d.path()).is_none());
+    }
+
+    #[test]
     fn argmax_takes_first_on_ties() {
         assert_eq!(argmax(&[-1.0, -0.5, -0.5, -2.0]), 1);
         assert_eq!(argmax(&[-1.0, -1.0, -1.0, -1.0]), 0);
