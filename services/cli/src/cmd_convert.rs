@@ -99,7 +99,7 @@ impl Progress for Bar {
 }
 
 fn gb(x: f64, flag: &str) -> Result<u64> {
-    if !(x > 0.0) {
+    if !x.is_finite() || x <= 0.0 {
         bail!("{flag} must be positive");
     }
     Ok((x * 1e9) as u64)

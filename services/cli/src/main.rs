@@ -1,6 +1,7 @@
 //! `dsv2`: the command-line front end — generate, score logits, run a local cluster, evaluate.
 
 mod cmd_bench;
+mod cmd_convert;
 mod cmd_generate;
 mod cmd_loadtest;
 mod cmd_logits;
@@ -41,6 +42,10 @@ enum Cmd {
     Loadtest(cmd_loadtest::Args),
     /// Measure in-process decode tokens/s.
     Bench(cmd_bench::Args),
+    /// Convert a Hugging Face checkpoint into router + per-shard files with a manifest.
+    Convert(cmd_convert::Args),
+    /// Write a random checkpoint with real DeepSeek-V2 / V2-Lite dims (HF layout, streamed).
+    InitRandom(cmd_convert::InitArgs),
     /// Summarize articles through a router: latency, tokens/s, ROUGE (summarize.py's procedure).
     Summarize(cmd_summarize::Args),
     /// MMLU accuracy of a router per subject and category (hendrycks / mmlu.py).
@@ -55,6 +60,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Logits(a) => cmd_logits::run(a),
         Cmd::Rouge(a) => cmd_rouge::run(a),
         Cmd::Bench(a) => cmd_bench::run(a),
+        Cmd::Convert(a) => cmd_convert::run(a),
+        Cmd::InitRandom(a) => cmd_convert::run_init(a),
         Cmd::Up(a) => cmd_up::run(a),
         Cmd::Loadtest(a) => cmd_loadtest::run(a),
         Cmd::Summarize(a) => cmd_summarize::run(a),

@@ -69,8 +69,8 @@ impl ConvertOptions {
             placement: PlacementChoice::Default,
             dtype: DtypeChoice::Keep,
             resume: false,
-            threads: 2,
-            max_file_bytes: 4 << 30,
+            threads: 4,
+            max_file_bytes: 1_000_000_000,
         }
     }
 }

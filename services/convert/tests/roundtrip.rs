@@ -299,8 +299,7 @@ fn copy_fixture(name: &str) -> tempfile::TempDir {
 fn convert_err(src: &Path) -> (String, tempfile::TempDir) {
     let out = tempfile::tempdir().unwrap();
     let err = convert(&opts(src, out.path(), 2, None), &NoProgress)
-        .err()
-        .expect("conversion must fail")
+        .expect_err("conversion must fail")
         .to_string();
     assert!(
         !out.path().join("manifest.json").exists(),

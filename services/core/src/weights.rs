@@ -298,8 +298,7 @@ impl WeightStore {
             }
             picks.push((name, t, loc.0, loc.1));
         }
-        let mut maps: BTreeMap<&str, (PathBuf, Arc<Mmap>, Vec<(usize, usize, DType)>)> =
-            BTreeMap::new();
+        let mut maps: BTreeMap<&str, (PathBuf, Arc<Mmap>, TensorRanges)> = BTreeMap::new();
         let mut tensors = HashMap::new();
         for (name, t, rel, offset) in picks {
             let Some(&ok) = present.get(rel) else {
@@ -490,7 +489,10 @@ fn checkpoint_files(dir: &Path, wanted: &impl Fn(&str) -> bool) -> Result<Vec<Pa
 }
 
 /// Maps a safetensors file and returns its tensors' absolute byte ranges and dtypes.
-fn map_safetensors(path: &Path) -> Result<(Arc<Mmap>, Vec<(usize, usize, DType)>)> {
+/// Absolute (start, end, dtype) of every tensor of a safetensors file.
+type TensorRanges = Vec<(usize, usize, DType)>;
+
+fn map_safetensors(path: &Path) -> Result<(Arc<Mmap>, TensorRanges)> {
     let f = File::open(path).map_err(|e| CoreError::io(path, e))?;
     // SAFETY: read-only mapping of a model file; see `WeightStore::open`.
     let map = Arc::new(unsafe { Mmap::map(&f) }.map_err(|e| CoreError::io(path, e))?);
