@@ -115,7 +115,11 @@ fn services_and_methods_are_described() {
         .collect();
     assert_eq!(
         methods,
-        vec![("Info", false, false), ("Forward", true, true)]
+        vec![
+            ("Info", false, false),
+            ("Forward", true, true),
+            ("NcclInit", false, false)
+        ]
     );
 }
 

@@ -19,7 +19,8 @@ use dsv2_core::weights::WeightStore;
 use dsv2_core::{ModelConfig, tiny};
 use dsv2_proto::expert::v1::expert_shard_server::{ExpertShard, ExpertShardServer};
 use dsv2_proto::expert::v1::{
-    Dtype, ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, ShardError, ShardErrorCode,
+    Dtype, ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, NcclInitRequest,
+    NcclInitResponse, ShardError, ShardErrorCode,
 };
 use dsv2_proto::tensor::{decode_rows_to_f32, encode_f32, encode_f32_as_bf16};
 use tokio::sync::mpsc;
@@ -221,6 +222,20 @@ impl ExpertShard for Service {
             tracing::info!("router disconnected");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    /// This shard computes on the CPU and serves the gRPC data plane only; the NCCL data plane
+    /// (dsv2-nccl's `shard_join`) needs a GPU shard, so joining is refused with a clear reason.
+    async fn nccl_init(
+        &self,
+        _r: Request<NcclInitRequest>,
+    ) -> Result<Response<NcclInitResponse>, Status> {
+        Ok(Response::new(NcclInitResponse {
+            ok: false,
+            error: "this dsv2-expert serves experts on the CPU over gRPC (--transport grpc); \
+                    the NCCL data plane needs a GPU shard"
+                .into(),
+        }))
     }
 }
 

@@ -1,0 +1,278 @@
+//! gRPC bootstrap of the NCCL communicator: the router creates the unique id, calls
+//! `ExpertShard.NcclInit` on every shard concurrently and joins as rank 0 on its own thread; a
+//! shard validates the request and joins on a dedicated thread that then serves the exchange.
+//! Init is collective, so all RPCs are in flight before the router's own (blocking) join.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use cudarc::driver::CudaStream;
+use dsv2_proto::expert::v1::expert_shard_client::ExpertShardClient;
+use dsv2_proto::expert::v1::{NcclInitRequest, NcclInitResponse};
+use tokio::runtime::Handle;
+
+use crate::comm::{StopFlag, UniqueId};
+use crate::error::{NcclError, Result};
+use crate::plane::{LoopEnd, PlaneConfig, RouterPlane, ShardCompute, ShardPlane};
+
+/// Shard default when the request's timeout_ms is 0.
+pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A checked NcclInit request.
+#[derive(Debug, Clone, Copy)]
+pub struct JoinRequest {
+    pub id: UniqueId,
+    pub rank: usize,
+    pub world: usize,
+    pub timeout: Duration,
+}
+
+/// Parses an NcclInit request (the shard side's edge).
+pub fn parse_request(req: &NcclInitRequest) -> Result<JoinRequest> {
+    let id = UniqueId::from_bytes(&req.unique_id)?;
+    let (rank, world) = (req.rank as usize, req.world_size as usize);
+    if world < 2 || rank == 0 || rank >= world {
+        return Err(NcclError::InvalidArgument(format!(
+            "rank {rank} of world_size {world}: shards are ranks 1..world_size-1 (the router is 0)"
+        )));
+    }
+    let timeout = match req.timeout_ms {
+        0 => DEFAULT_INIT_TIMEOUT,
+        ms => Duration::from_millis(ms as u64),
+    };
+    Ok(JoinRequest {
+        id,
+        rank,
+        world,
+        timeout,
+    })
+}
+
+/// A shard's exchange thread: set `stop` to end its loop (aborting the communicator).
+pub struct ShardThread {
+    pub stop: StopFlag,
+    pub thread: std::thread::JoinHandle<Result<LoopEnd>>,
+}
+
+/// Shard side: validates `req`, then on a new thread runs `setup` (opens the device, returns the
+/// stream the plane and the compute share, and the compute), joins the communicator and serves
+/// the exchange until shutdown. Returns once the join finished, with its outcome as the
+/// NcclInit answer, and the thread when it succeeded.
+pub fn shard_join<S, F>(
+    req: &NcclInitRequest,
+    mut cfg: PlaneConfig,
+    setup: F,
+) -> (NcclInitResponse, Option<ShardThread>)
+where
+    S: ShardCompute + 'static,
+    F: FnOnce() -> std::result::Result<(Arc<CudaStream>, S), String> + Send + 'static,
+{
+    let fail = |e: String| NcclInitResponse {
+        ok: false,
+        error: e,
+    };
+    let jr = match parse_request(req) {
+        Ok(j) => j,
+        Err(e) => return (fail(e.to_string()), None),
+    };
+    cfg.timeout = jr.timeout;
+    let stop: StopFlag = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel::<std::result::Result<(), String>>();
+    let stop2 = stop.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("nccl-shard-rank{}", jr.rank))
+        .spawn(move || -> Result<LoopEnd> {
+            let (stream, mut compute) = match setup() {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = tx.send(Err(format!("device setup failed: {e}")));
+                    return Err(NcclError::InvalidArgument(e));
+                }
+            };
+            let mut plane = match ShardPlane::new(stream, jr.id, jr.rank, jr.world, cfg) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return Err(e);
+                }
+            };
+            let _ = tx.send(Ok(()));
+            let end = plane.run(&mut compute, &stop2);
+            match &end {
+                Ok(e) => tracing::info!(rank = jr.rank, end = ?e, "NCCL exchange loop ended"),
+                Err(e) => tracing::warn!(rank = jr.rank, error = %e, "NCCL exchange loop failed"),
+            }
+            end
+        });
+    let thread = match spawned {
+        Ok(t) => t,
+        Err(e) => return (fail(format!("cannot spawn the NCCL thread: {e}")), None),
+    };
+    // The thread answers before init's own deadline passes; the extra second covers setup.
+    match rx.recv_timeout(jr.timeout + Duration::from_secs(60)) {
+        Ok(Ok(())) => (
+            NcclInitResponse {
+                ok: true,
+                error: String::new(),
+            },
+            Some(ShardThread { stop, thread }),
+        ),
+        Ok(Err(e)) => (fail(e), None),
+        Err(_) => (
+            fail(format!(
+                "rank {}: device setup + NCCL init gave no answer within {:?}",
+                jr.rank,
+                jr.timeout + Duration::from_secs(60)
+            )),
+            None,
+        ),
+    }
+}
+
+/// Router side, one shard: the NcclInit RPC; an error names the shard and carries its reason.
+pub async fn request_join(
+    endpoint: String,
+    id: UniqueId,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+) -> Result<()> {
+    let err = |message: String| NcclError::Bootstrap {
+        shard: endpoint.clone(),
+        rank,
+        message,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+        .map_err(|e| err(format!("not a valid URL: {e}")))?
+        .connect_timeout(timeout)
+        // the shard answers after its init, which may take the whole init timeout
+        .timeout(timeout + Duration::from_secs(60))
+        .connect()
+        .await
+        .map_err(|e| err(format!("cannot connect: {e}")))?;
+    let resp = ExpertShardClient::new(channel)
+        .nccl_init(NcclInitRequest {
+            unique_id: id.0.to_vec(),
+            world_size: world as u32,
+            rank: rank as u32,
+            timeout_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
+        })
+        .await
+        .map_err(|e| err(format!("NcclInit failed: {}", e.message())))?
+        .into_inner();
+    if resp.ok {
+        Ok(())
+    } else {
+        Err(err(resp.error))
+    }
+}
+
+/// Router side: creates the id, asks every shard (rank i + 1 for `endpoints[i]`) to join, and
+/// joins as rank 0 on the calling thread (which then owns the plane). `rt` must not be the
+/// runtime of the calling thread (it blocks on it). A shard's own error wins over the local
+/// init timeout it caused, so the message names the shard and what NCCL said there.
+pub fn bootstrap_router(
+    rt: &Handle,
+    endpoints: &[String],
+    stream: Arc<CudaStream>,
+    cfg: PlaneConfig,
+) -> Result<RouterPlane> {
+    let id = UniqueId::new()?;
+    let world = endpoints.len() + 1;
+    let tasks: Vec<_> = endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, ep)| rt.spawn(request_join(ep.clone(), id, i + 1, world, cfg.timeout)))
+        .collect();
+    let local = RouterPlane::new(stream, id, endpoints.len(), cfg);
+    let mut shard_err = None;
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = rt.block_on(t).unwrap_or_else(|e| {
+            Err(NcclError::Bootstrap {
+                shard: endpoints[i].clone(),
+                rank: i + 1,
+                message: format!("NcclInit task failed: {e}"),
+            })
+        });
+        if let Err(e) = r
+            && shard_err.is_none()
+        {
+            shard_err = Some(e);
+        }
+    }
+    match (local, shard_err) {
+        (_, Some(e)) => Err(e),
+        (local, None) => local,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(id_len: usize, rank: u32, world: u32, ms: u32) -> NcclInitRequest {
+        NcclInitRequest {
+            unique_id: vec![7; id_len],
+            world_size: world,
+            rank,
+            timeout_ms: ms,
+        }
+    }
+
+    #[test]
+    fn parse_checks_id_rank_and_world() {
+        let ok = parse_request(&req(128, 1, 2, 0)).expect("valid");
+        assert_eq!(
+            (ok.rank, ok.world, ok.timeout),
+            (1, 2, DEFAULT_INIT_TIMEOUT)
+        );
+        assert_eq!(ok.id.0, [7; 128]);
+        assert_eq!(
+            parse_request(&req(128, 3, 4, 1500)).expect("valid").timeout,
+            Duration::from_millis(1500)
+        );
+        let e = parse_request(&req(127, 1, 2, 0)).unwrap_err().to_string();
+        assert!(e.contains("127 bytes"), "{e}");
+        for (rank, world) in [(0, 2), (2, 2), (1, 1), (5, 3)] {
+            let e = parse_request(&req(128, rank, world, 0))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("ranks 1..world_size-1"), "{rank}/{world}: {e}");
+        }
+    }
+
+    #[test]
+    fn bad_request_is_answered_without_a_thread() {
+        struct Never;
+        // SAFETY: never asked for buffers (the request is rejected before any thread runs).
+        unsafe impl ShardCompute for Never {
+            fn buffers(
+                &mut self,
+                _: &crate::Header,
+            ) -> std::result::Result<crate::BatchBuffers, String> {
+                Err("unused".into())
+            }
+            fn compute(&mut self, _: &crate::Header) -> std::result::Result<(), String> {
+                Err("unused".into())
+            }
+        }
+        let cfg = PlaneConfig {
+            hidden: 8,
+            max_rows: 4,
+            max_k: 2,
+            timeout: Duration::from_secs(1),
+        };
+        let (resp, t) = shard_join(
+            &req(128, 0, 2, 0),
+            cfg,
+            || -> std::result::Result<(Arc<CudaStream>, Never), String> {
+                Err("setup must not run".into())
+            },
+        );
+        assert!(!resp.ok);
+        assert!(resp.error.contains("router is 0"), "{}", resp.error);
+        assert!(t.is_none());
+    }
+}
