@@ -7,7 +7,9 @@ use anyhow::Result;
 use clap::Args as ClapArgs;
 use dsv2_core::engine::{Engine, EngineConfig, GenerateParams, SeqRequest};
 
-use crate::common::{load_cpu, parse_ids};
+use dsv2_core::backend::Backend;
+
+use crate::common::{load, parse_ids};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
@@ -23,6 +25,9 @@ pub struct Args {
     /// Timed runs (a warm-up run is not counted); the median is reported, like the HF script.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Compute device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -32,7 +37,11 @@ pub fn run(a: Args) -> Result<()> {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(a.threads)
         .build_global();
-    let loaded = load_cpu(&a.model_dir, "cpu")?;
+    crate::on_device!(a.device, |backend| run_on(&a, backend))
+}
+
+fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {
+    let loaded = load(&a.model_dir, backend)?;
     let prompt = parse_ids(&a.prompt_ids, "--prompt-ids")?;
     let params = GenerateParams {
         max_new_tokens: a.new_tokens,

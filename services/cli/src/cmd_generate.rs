@@ -9,7 +9,9 @@ use dsv2_core::engine::{
 };
 use dsv2_core::sampling::SamplingParams;
 
-use crate::common::{load_cpu, parse_ids};
+use dsv2_core::backend::Backend;
+
+use crate::common::{load, parse_ids};
 
 #[derive(ClapArgs, Debug, Clone)]
 pub struct Args {
@@ -77,7 +79,11 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(ep) = &a.endpoint {
         return crate::remote::run(&a, ep);
     }
-    let loaded = load_cpu(&a.model_dir, &a.device)?;
+    crate::on_device!(a.device, |backend| run_on(&a, backend))
+}
+
+fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {
+    let loaded = load(&a.model_dir, backend)?;
     let prompt = match (&a.input_text, &a.input_ids) {
         (Some(t), _) => match &loaded.tokenizer {
             Some(tok) => tok.encode_prompt(t)?,

@@ -6,7 +6,9 @@ use dsv2_core::backend::AttnMode;
 use dsv2_core::model::position_logits;
 use safetensors::tensor::TensorView;
 
-use crate::common::{load_cpu, parse_ids};
+use dsv2_core::backend::Backend;
+
+use crate::common::{load, parse_ids};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Attn {
@@ -40,7 +42,11 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let loaded = load_cpu(&a.model_dir, &a.device)?;
+    crate::on_device!(a.device, |backend| run_on(&a, backend))
+}
+
+fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {
+    let loaded = load(&a.model_dir, backend)?;
     let ids = match (&a.token_ids, &a.text) {
         (Some(ids), _) => parse_ids(ids, "--token-ids")?,
         (None, Some(t)) => match &loaded.tokenizer {

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
-use dsv2_core::cpu::CpuBackend;
+use anyhow::{Context, Result};
+use dsv2_core::backend::Backend;
 use dsv2_core::model::{LocalExperts, Model, load_local};
 use dsv2_core::tiny;
 use dsv2_core::tokenizer::Tokenizer;
@@ -34,23 +34,41 @@ pub fn model_dir(arg: &str) -> Result<PathBuf> {
     Ok(tiny::resolve_model_dir(arg, &root)?)
 }
 
-pub struct Loaded {
-    pub model: Arc<Model<CpuBackend>>,
-    pub experts: Arc<LocalExperts<CpuBackend>>,
+pub struct Loaded<B: Backend> {
+    pub model: Arc<Model<B>>,
+    pub experts: Arc<LocalExperts<B>>,
     pub tokenizer: Option<Arc<Tokenizer>>,
     pub dir: PathBuf,
 }
 
-pub fn load_cpu(arg: &str, device: &str) -> Result<Loaded> {
-    if device != "cpu" {
-        bail!(
-            "--device {device}: this build runs on the CPU only; GPU serving needs the CUDA backend (use --device cpu)"
-        );
-    }
+/// Runs `$body` with `$backend` bound to the backend `$device` names (an `Arc<B>`), so one
+/// generic function serves every device.
+#[macro_export]
+macro_rules! on_device {
+    ($device:expr, |$backend:ident| $body:expr) => {{
+        let device: dsv2_core::backend::DeviceSpec = $device
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--device: {e}"))?;
+        match device {
+            dsv2_core::backend::DeviceSpec::Cpu => {
+                let $backend = std::sync::Arc::new(dsv2_core::cpu::CpuBackend);
+                $body
+            }
+            dsv2_core::backend::DeviceSpec::Cuda(n) => {
+                let $backend = dsv2_cuda_backend::open(n)
+                    .map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))?;
+                $body
+            }
+        }
+    }};
+}
+
+/// Loads the model dir (or `tiny`) onto `backend`, all experts in-process.
+pub fn load<B: Backend>(arg: &str, backend: Arc<B>) -> Result<Loaded<B>> {
     let dir = model_dir(arg)?;
     let t0 = Instant::now();
-    eprint!("loading {} ... ", dir.display());
-    let (model, experts) = load_local(Arc::new(CpuBackend), &dir)
+    eprint!("loading {} on {} ... ", dir.display(), backend.name());
+    let (model, experts) = load_local(backend, &dir)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
     let tokenizer = if dir.join("tokenizer.json").exists() {
         Some(Arc::new(Tokenizer::from_model_dir(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
-use dsv2_core::backend::AttnMode;
+use dsv2_core::backend::{AttnMode, Backend, DeviceSpec};
 use dsv2_core::cpu::CpuBackend;
 use dsv2_core::engine::{Engine, EngineConfig};
 use dsv2_core::model::{ExpertExecutor, ExpertSelection, LocalExperts, Model};
@@ -56,9 +56,9 @@ struct Config {
     /// groups when the routing groups divide evenly over the shards, else contiguous.
     #[arg(long)]
     placement: Option<String>,
-    /// Compute device.
+    /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
     /// KV cache blocks (each holds --block-size tokens of every layer's latent).
     #[arg(long, default_value_t = 2048)]
     kv_cache_blocks: usize,
@@ -129,12 +129,21 @@ fn main() -> Result<()> {
 }
 
 async fn serve(c: Config, rt: tokio::runtime::Handle) -> Result<()> {
-    if c.device != "cpu" {
-        bail!(
-            "--device {}: this build serves on the CPU only (the CUDA backend is not wired into the router yet); use --device cpu",
-            c.device
-        );
+    match c.device {
+        DeviceSpec::Cpu => serve_on(c, rt, Arc::new(CpuBackend)).await,
+        DeviceSpec::Cuda(n) => {
+            let backend = dsv2_cuda_backend::open(n)
+                .map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))?;
+            serve_on(c, rt, backend).await
+        }
     }
+}
+
+async fn serve_on<B: Backend>(
+    c: Config,
+    rt: tokio::runtime::Handle,
+    backend: Arc<B>,
+) -> Result<()> {
     if c.transport == Transport::Nccl {
         bail!("--transport nccl needs GPU shards and the CUDA build; use --transport grpc");
     }
@@ -151,9 +160,8 @@ async fn serve(c: Config, rt: tokio::runtime::Handle) -> Result<()> {
     let dir: PathBuf = tiny::resolve_model_dir(&c.model_dir, &root)?;
     let t0 = Instant::now();
     let mcfg = ModelConfig::from_model_dir(&dir)?;
-    let backend = Arc::new(CpuBackend);
     let local = c.shards.is_empty();
-    let store = WeightStore::open(&dir, |n| local || Model::<CpuBackend>::wants(n))
+    let store = WeightStore::open(&dir, |n| local || Model::<B>::wants(n))
         .with_context(|| format!("opening {}", dir.display()))?;
     let model = Arc::new(Model::load(backend.clone(), mcfg.clone(), &store)?);
     let tokenizer = if dir.join("tokenizer.json").exists() {
@@ -166,7 +174,7 @@ async fn serve(c: Config, rt: tokio::runtime::Handle) -> Result<()> {
     };
     tracing::info!(dir = %dir.display(), layers = mcfg.num_hidden_layers, experts = mcfg.n_routed_experts, secs = t0.elapsed().as_secs_f64(), "model loaded");
 
-    let experts: Arc<dyn ExpertExecutor<CpuBackend>> = if local {
+    let experts: Arc<dyn ExpertExecutor<B>> = if local {
         tracing::info!("no --shard given: routed experts run inside the router");
         Arc::new(LocalExperts::load(
             backend.clone(),
@@ -255,7 +263,7 @@ async fn serve(c: Config, rt: tokio::runtime::Handle) -> Result<()> {
         num_routed_experts: mcfg.n_routed_experts as u32,
         num_experts_per_token: mcfg.num_experts_per_tok as u32,
         shard_endpoints: c.shards.clone(),
-        device: backend_name(),
+        device: format!("{} ({})", c.device, backend.name()),
     };
     let service = Arc::new(InferenceService {
         engine: engine.clone(),
@@ -364,11 +372,6 @@ async fn serve(c: Config, rt: tokio::runtime::Handle) -> Result<()> {
     }
     tracing::info!(left = engine.in_flight(), "router stopped");
     Ok(())
-}
-
-fn backend_name() -> String {
-    use dsv2_core::backend::Backend;
-    CpuBackend.name()
 }
 
 async fn shutdown_signal() {
