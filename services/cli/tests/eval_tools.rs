@@ -277,7 +277,7 @@ fn check_summarize(router: &Router) {
         value_after(&out[..out.find("Hugging Face").unwrap()], "  rouge1: ")
     );
     // A file that lacks a sample is refused before anything is sent.
-    std::fs::write(&hf, &lines[..5].join("\n")).unwrap();
+    std::fs::write(&hf, lines[..5].join("\n")).unwrap();
     let (ok, _, err) = dsv2(&[
         "summarize",
         "--endpoint",
