@@ -8,17 +8,21 @@ use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
 use dsv2_eval::mmlu::{self, MmluConfig};
 
-/// Reads the hendrycks layout (DIR/dev/<subject>_dev.csv, DIR/test/<subject>_test.csv; no header;
-/// question, A, B, C, D, answer). Prompt: "The following are multiple choice questions (with
-/// answers) about <subject>.\n\n", --ntrain dev examples "Q\nA. ..\nB. ..\nC. ..\nD. ..\nAnswer: X\n\n",
-/// then the test question ending "Answer:" (fewer examples when it would not fit the context).
-/// The prediction is the choice whose continuation " A", " B", " C" or " D" gets the highest
-/// log-probability (the router's prompt_logprobs, one request per candidate).
-///
-/// The copy in ../shared/data/mmlu builds its dev/ split from the first five TEST questions of
-/// each subject (its README says so): accuracy on it is close to, not equal to, published MMLU.
+/// Shown by `--help`: the exact procedure.
+const MMLU_HELP: &str = "\
+Reads the hendrycks layout (DIR/dev/<subject>_dev.csv, DIR/test/<subject>_test.csv; no header;\n\
+question, A, B, C, D, answer). Prompt: \"The following are multiple choice questions (with\n\
+answers) about <subject>.\\n\\n\", --ntrain dev examples \"Q\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer: X\\n\\n\",\n\
+then the test question ending \"Answer:\" (fewer examples when it would not fit the context).\n\
+The prediction is the choice whose continuation \" A\", \" B\", \" C\" or \" D\" gets the highest\n\
+log-probability (the router's prompt_logprobs, one request per candidate).\n\
+\n\
+The copy in ../shared/data/mmlu builds its dev/ split from the first five TEST questions of\n\
+each subject (its README says so): accuracy on it is close to, not equal to, published MMLU.\n\
+";
+
 #[derive(ClapArgs, Debug)]
-#[command(verbatim_doc_comment)]
+#[command(after_help = MMLU_HELP)]
 pub struct Args {
     /// Router URL, e.g. http://127.0.0.1:50051 (what `dsv2 up` prints).
     #[arg(long)]

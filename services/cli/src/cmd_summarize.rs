@@ -13,13 +13,17 @@ use dsv2_eval::summarize::{
     load_other_outputs, score_other,
 };
 
-/// Prompt per article, as summarize.py builds it:
-/// `(article + " TL;DR: ").strip().replace(" n't", "n't")`, tokenized with the BOS token and cut
-/// to its first --max-input-len tokens (summarize.py's --max_input_length, 923). Decoding is
-/// greedy. ROUGE is the mean over samples of the per-sample F-measure, x100 (rouge-score's
-/// tokenizer; no stemming unless --stemmer, as evaluate's "rouge" defaults).
+/// Shown by `--help`: the exact procedure.
+const SUMMARIZE_HELP: &str = "\
+Prompt per article, as summarize.py builds it:\n\
+`(article + \" TL;DR: \").strip().replace(\" n't\", \"n't\")`, tokenized with the BOS token and cut\n\
+to its first --max-input-len tokens (summarize.py's --max_input_length, 923). Decoding is\n\
+greedy. ROUGE is the mean over samples of the per-sample F-measure, x100 (rouge-score's\n\
+tokenizer; no stemming unless --stemmer, as evaluate's \"rouge\" defaults).\n\
+";
+
 #[derive(ClapArgs, Debug)]
-#[command(verbatim_doc_comment)]
+#[command(after_help = SUMMARIZE_HELP)]
 pub struct Args {
     /// Router URL, e.g. http://127.0.0.1:50051 (what `dsv2 up` prints).
     #[arg(long)]
