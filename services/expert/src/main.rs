@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
-use dsv2_core::backend::Backend;
+use dsv2_core::backend::{Backend, DeviceSpec};
 use dsv2_core::cpu::CpuBackend;
 use dsv2_core::model::{ExpertSelection, LocalExperts};
 use dsv2_core::placement::{Placement, parse_expert_list};
@@ -63,9 +63,9 @@ struct Config {
     /// Number of shards in the default placement (with --shard-index).
     #[arg(long, requires = "shard_index")]
     num_shards: Option<usize>,
-    /// Compute device.
+    /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
     /// Data plane (nccl needs the CUDA build).
     #[arg(long, value_enum, default_value = "grpc")]
     transport: Transport,
@@ -76,9 +76,9 @@ struct Config {
     log_level: String,
 }
 
-struct Shard {
-    experts: Arc<LocalExperts<CpuBackend>>,
-    backend: Arc<CpuBackend>,
+struct Shard<B: Backend> {
+    experts: Arc<LocalExperts<B>>,
+    backend: Arc<B>,
     info: InfoResponse,
     hosted: Vec<bool>,
     moe_layer: Vec<bool>,
@@ -96,7 +96,7 @@ fn shard_error(code: ShardErrorCode, req: &ForwardRequest, message: String) -> F
     }
 }
 
-impl Shard {
+impl<B: Backend> Shard<B> {
     /// One MoE layer's share; errors become a ShardError answer, never a dead stream.
     fn forward(&self, req: ForwardRequest) -> ForwardResponse {
         let t0 = Instant::now();
@@ -177,12 +177,12 @@ impl Shard {
 }
 
 #[derive(Clone)]
-struct Service(Arc<Shard>);
+struct Service<B: Backend>(Arc<Shard<B>>);
 
 type ForwardStream = Pin<Box<dyn Stream<Item = Result<ForwardResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl ExpertShard for Service {
+impl<B: Backend> ExpertShard for Service<B> {
     async fn info(&self, _r: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         Ok(Response::new(self.0.info.clone()))
     }
@@ -258,12 +258,17 @@ fn main() -> Result<()> {
 }
 
 async fn serve(c: Config) -> Result<()> {
-    if c.device != "cpu" {
-        bail!(
-            "--device {}: this build serves experts on the CPU only; use --device cpu",
-            c.device
-        );
+    match c.device {
+        DeviceSpec::Cpu => serve_on(c, Arc::new(CpuBackend)).await,
+        DeviceSpec::Cuda(n) => {
+            let backend = dsv2_cuda_backend::open(n)
+                .map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))?;
+            serve_on(c, backend).await
+        }
     }
+}
+
+async fn serve_on<B: Backend>(c: Config, backend: Arc<B>) -> Result<()> {
     if c.transport == Transport::Nccl {
         bail!("--transport nccl needs the CUDA build; use --transport grpc");
     }
@@ -290,9 +295,8 @@ async fn serve(c: Config) -> Result<()> {
     };
     let t0 = Instant::now();
     let selection = ExpertSelection::Only(experts.clone());
-    let store = WeightStore::open(&dir, LocalExperts::<CpuBackend>::wants(&selection))
+    let store = WeightStore::open(&dir, LocalExperts::<B>::wants(&selection))
         .with_context(|| format!("opening {}", dir.display()))?;
-    let backend = Arc::new(CpuBackend);
     let local = Arc::new(LocalExperts::load(
         backend.clone(),
         &cfg,
@@ -341,7 +345,7 @@ async fn serve(c: Config) -> Result<()> {
         .with_context(|| format!("binding {}", c.listen))?;
     let addr = listener.local_addr()?;
     health_reporter
-        .set_serving::<ExpertShardServer<Service>>()
+        .set_serving::<ExpertShardServer<Service<B>>>()
         .await;
     health_reporter
         .set_service_status("", ServingStatus::Serving)
@@ -364,7 +368,7 @@ async fn serve(c: Config) -> Result<()> {
             // accepted sockets, or small messages (one token, one row) wait on Nagle.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
-                let _ = tokio::signal::ctrl_c().await;
+                shutdown_signal().await;
                 reporter
                     .set_service_status("", ServingStatus::NotServing)
                     .await;
@@ -374,4 +378,21 @@ async fn serve(c: Config) -> Result<()> {
         .await?;
     let _ = Duration::ZERO;
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM (what Kubernetes sends).
+async fn shutdown_signal() {
+    let term = async {
+        #[cfg(unix)]
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
 }
