@@ -110,6 +110,23 @@ impl InferenceService {
             .map(|d| Instant::now() + d)
     }
 
+    /// One entry per prompt token, as the proto says: the first has no context, so no logprob.
+    fn prompt_lps(&self, first_token: u32, rest: &[TokenLogprob]) -> Vec<pb::TokenLogprob> {
+        let first = pb::TokenLogprob {
+            token_id: first_token,
+            text: self
+                .tokenizer
+                .as_ref()
+                .map(|tk| tk.token_text(first_token))
+                .unwrap_or_default(),
+            logprob: None,
+            top_logprobs: vec![],
+        };
+        std::iter::once(first)
+            .chain(rest.iter().map(|l| self.lp(l)))
+            .collect()
+    }
+
     fn lp(&self, t: &TokenLogprob) -> pb::TokenLogprob {
         let text = |id: u32| {
             self.tokenizer
@@ -180,6 +197,7 @@ impl InferenceApi {
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         let t0 = Instant::now();
         let (prompt, params) = self.parse(request.get_ref())?;
+        let first_token = prompt.first().copied().unwrap_or_default();
         let (id, mut events) = self.engine.submit(prompt, params, deadline)?;
         tracing::debug!(request = id, "generate queued");
         let mut resp = pb::GenerateResponse::default();
@@ -187,7 +205,7 @@ impl InferenceApi {
         while let Some(ev) = events.recv().await {
             match ev {
                 EngineEvent::PromptLogprobs { logprobs, .. } => {
-                    resp.prompt_logprobs = logprobs.iter().map(|l| self.lp(l)).collect();
+                    resp.prompt_logprobs = self.prompt_lps(first_token, &logprobs);
                 }
                 EngineEvent::Token {
                     token,
@@ -275,6 +293,7 @@ impl Inference for InferenceApi {
         let t0 = Instant::now();
         let deadline = self.deadline(&request);
         let (prompt, params) = self.parse(request.get_ref())?;
+        let first_token = prompt.first().copied().unwrap_or_default();
         let (id, mut events) = self.engine.submit(prompt, params, deadline)?;
         let (tx, rx) = mpsc::channel(16);
         let me = self.0.clone();
@@ -284,7 +303,7 @@ impl Inference for InferenceApi {
                 let msg = match ev {
                     EngineEvent::PromptLogprobs { logprobs, .. } => {
                         Ok(pb::GenerateStreamResponse {
-                            prompt_logprobs: logprobs.iter().map(|l| me.lp(l)).collect(),
+                            prompt_logprobs: me.prompt_lps(first_token, &logprobs),
                             ..Default::default()
                         })
                     }
