@@ -44,19 +44,27 @@ def parse_ids(text: str) -> list[int]:
     return ids
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 @torch.inference_mode()
 def greedy_loop(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], float, float]:
     cache = DynamicCache(config=model.config)
     t0 = time.perf_counter()
     logits = model(input_ids=prompt, cache=cache, use_cache=True).logits
     tok = logits[:, -1].argmax(-1, keepdim=True)
+    sync()
     t1 = time.perf_counter()
-    out = [int(tok)]
+    out = [tok]
     for _ in range(new_tokens - 1):
         logits = model(input_ids=tok, cache=cache, use_cache=True).logits
         tok = logits[:, -1].argmax(-1, keepdim=True)
-        out.append(int(tok))
+        out.append(tok)
+    sync()
     t2 = time.perf_counter()
+    out = torch.cat(out, dim=1)[0].tolist()
     return out, t1 - t0, t2 - t1
 
 
@@ -68,6 +76,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--attn", default="eager", help="transformers attn_implementation")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU comparison, issue 4 P4)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (same prompt)")
     args = ap.parse_args()
     if args.new_tokens < 2 or args.runs < 1 or args.threads < 1:
         ap.error("--new-tokens must be >= 2, --runs and --threads >= 1")
@@ -75,8 +86,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     model = DeepseekV2ForCausalLM.from_pretrained(
-        args.model_dir, dtype=torch.float32, attn_implementation=args.attn
-    ).eval()
+        args.model_dir, dtype=getattr(torch, args.dtype), attn_implementation=args.attn
+    ).to(args.device).eval()
     if getattr(model.config, "norm_topk_prob", False):
         # transformers' native router ignores norm_topk_prob (tests/fixtures/README.md), so the
         # tokens are not the original model's; the speed is still representative.
@@ -84,7 +95,7 @@ def main() -> int:
     vocab = model.config.vocab_size
     if any(not 0 <= i < vocab for i in args.prompt_ids):
         ap.error(f"--prompt-ids must lie in [0, {vocab})")
-    prompt = torch.tensor([args.prompt_ids], dtype=torch.int64)
+    prompt = torch.tensor([args.prompt_ids] * args.batch, dtype=torch.int64, device=args.device)
 
     gen_cfg = GenerationConfig(
         do_sample=False, max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0
@@ -95,7 +106,7 @@ def main() -> int:
     prefill, decode, ids = [], [], None
     for _ in range(args.runs):
         ids, p, d = greedy_loop(model, prompt, args.new_tokens)
-        if ids != warm:
+        if ids != warm and args.dtype == "float32":
             print(f"timed loop ids {ids} != generate() ids {warm}", file=sys.stderr)
             return 1
         prefill.append(p)
@@ -105,7 +116,10 @@ def main() -> int:
         json.dumps(
             {
                 "impl": "hf-transformers",
-                "tokens_per_s": (args.new_tokens - 1) / d_med,
+                "tokens_per_s": args.batch * (args.new_tokens - 1) / d_med,
+                "batch": args.batch,
+                "device": args.device,
+                "dtype": args.dtype,
                 "e2e_tokens_per_s": args.new_tokens / (p_med + d_med),
                 "prefill_s": p_med,
                 "decode_s": d_med,

@@ -25,6 +25,9 @@ pub struct Args {
     /// Timed runs (a warm-up run is not counted); the median is reported, like the HF script.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Sequences decoded together (same prompt); tokens/s counts all of them.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -48,8 +51,12 @@ fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {
         ignore_eos: true,
         ..Default::default()
     };
+    let batch = a.batch.max(1);
     let cfg = EngineConfig {
-        num_blocks: (prompt.len() + a.new_tokens).div_ceil(16),
+        num_blocks: batch * (prompt.len() + a.new_tokens).div_ceil(16),
+        max_running: batch,
+        // The whole batch prefills in one step, so only decode steps are timed.
+        max_batch_tokens: (batch * prompt.len()).max(512),
         block_size: 16,
         ..Default::default()
     };
@@ -63,15 +70,17 @@ fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {
             cfg.clone(),
         )?;
         // Prefill separately so only decode steps are timed.
-        engine.submit(SeqRequest {
-            id: 0,
-            prompt: prompt.clone(),
-            params: params.clone(),
-        })?;
+        for id in 0..batch as u64 {
+            engine.submit(SeqRequest {
+                id,
+                prompt: prompt.clone(),
+                params: params.clone(),
+            })?;
+        }
         output_ids.clear();
         let mut collect = |events: Vec<dsv2_core::engine::EngineEvent>| {
             for ev in events {
-                if let dsv2_core::engine::EngineEvent::Token { token, .. } = ev {
+                if let dsv2_core::engine::EngineEvent::Token { id: 0, token, .. } = ev {
                     output_ids.push(token);
                 }
             }
@@ -83,7 +92,7 @@ fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {
         }
         let secs = t0.elapsed().as_secs_f64();
         if run > 0 {
-            rates.push((a.new_tokens - 1) as f64 / secs);
+            rates.push((batch * (a.new_tokens - 1)) as f64 / secs);
         }
     }
     let best = rates.iter().copied().fold(0f64, f64::max);
@@ -96,7 +105,7 @@ fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {
         "{}",
         serde_json::json!({
             "impl": "dsv2-cpu", "tokens_per_s": median, "best_tokens_per_s": best, "output_ids": output_ids,
-            "new_tokens": a.new_tokens, "threads": a.threads, "runs": a.runs
+            "new_tokens": a.new_tokens, "batch": batch, "device": a.device, "threads": a.threads, "runs": a.runs
         })
     );
     Ok(())
