@@ -76,14 +76,17 @@ impl RouterPlane {
             .alloc_zeros::<u32>(HW * shards)
             .map_err(cuda("alloc header"))?;
         let hdr_host = Pinned::new(&stream, HW * shards)?;
-        Ok(RouterPlane {
+        let mut plane = RouterPlane {
             comm,
             cfg,
             shards,
             seq: 0,
             hdr_dev,
             hdr_host,
-        })
+        };
+        let peers: Vec<usize> = (1..=shards).collect();
+        handshake(&mut plane.comm, &peers, cfg.timeout)?;
+        Ok(plane)
     }
 
     pub fn shards(&self) -> usize {
@@ -230,6 +233,38 @@ impl RouterPlane {
     }
 }
 
+/// One symmetric send + recv of a header-sized message with each peer, in one group. NCCL
+/// connects p2p channels lazily, per direction, at the first group that uses them; the layer
+/// exchange is asymmetric (the router sends and receives in one group, the shard receives the
+/// header before it ever sends), so without this the first exchange deadlocks in ncclGroupEnd
+/// (seen on the H200 pair). Doing both directions in one group on both sides connects them.
+fn handshake(comm: &mut Comm, peers: &[usize], timeout: Duration) -> Result<()> {
+    let stream = comm.stream().clone();
+    let buf = stream
+        .alloc_zeros::<u32>(2 * HW * peers.len())
+        .map_err(cuda("alloc handshake"))?;
+    let base = {
+        let (p, _g) = buf.device_ptr(&stream);
+        p
+    };
+    comm.group_start()?;
+    let mut res = Ok(());
+    for (i, &peer) in peers.iter().enumerate() {
+        let send = base + bytes_of::<u32>(2 * HW * i) as u64;
+        let recv = send + HEADER_BYTES as u64;
+        // SAFETY: two disjoint 32-byte halves of the live `buf`, waited for below before drop.
+        res = res.and_then(|_| unsafe {
+            comm.send_raw(send, HEADER_BYTES, peer)
+                .and_then(|_| comm.recv_raw(recv, HEADER_BYTES, peer))
+        });
+    }
+    comm.group_end(timeout)?;
+    res?;
+    comm.wait("handshake", Some(timeout), None)?;
+    drop(buf);
+    Ok(())
+}
+
 fn name_shards(e: NcclError, n: usize) -> NcclError {
     match e {
         NcclError::Timeout {
@@ -305,13 +340,15 @@ impl ShardPlane {
             .alloc_zeros::<u32>(HW)
             .map_err(cuda("alloc header"))?;
         let hdr_host = Pinned::new(&stream, HW)?;
-        Ok(ShardPlane {
+        let mut plane = ShardPlane {
             comm,
             cfg,
             hdr_dev,
             hdr_host,
             expect_seq: 0,
-        })
+        };
+        handshake(&mut plane.comm, &[0], cfg.timeout)?;
+        Ok(plane)
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
