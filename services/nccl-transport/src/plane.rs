@@ -148,23 +148,38 @@ impl RouterPlane {
         }
         self.send_headers()?;
         let stream = self.comm.stream().clone();
-        self.comm.group_start()?;
         let hdr = {
             let (p, _g) = self.hdr_dev.device_ptr(&stream);
             p
         };
+        // The headers go in a group of their own: NCCL maps the p2p operations of one group to
+        // channels by their order within the group, so each direction must be grouped the same
+        // way on both sides (the shard receives the header alone, then the three data buffers,
+        // then sends the partials alone). Putting header and data in one group hung the first
+        // exchange on the H200 pair.
+        self.comm.group_start()?;
+        let mut res = Ok(());
+        for s in 0..parts.len() {
+            // SAFETY: header slot s of the live header buffer; waited for before returning.
+            res = res.and_then(|_| unsafe {
+                self.comm
+                    .send_raw(hdr + bytes_of::<u32>(s * HW) as u64, HEADER_BYTES, s + 1)
+            });
+        }
+        let ended = self.comm.group_end(self.cfg.timeout);
+        res?;
+        ended?;
+        self.comm.group_start()?;
         let mut issue = || -> Result<()> {
             for (s, p) in parts.iter_mut().enumerate() {
                 let peer = s + 1;
+                if p.rows == 0 {
+                    continue;
+                }
                 // SAFETY: every buffer below is a live device view on this device whose length
                 // was checked above; `exchange` waits for the stream before it returns, so they
                 // outlive the transfers.
                 unsafe {
-                    self.comm
-                        .send_raw(hdr + bytes_of::<u32>(s * HW) as u64, HEADER_BYTES, peer)?;
-                    if p.rows == 0 {
-                        continue;
-                    }
                     let (x, _gx) = p.x.device_ptr(&stream);
                     let (ids, _gi) = p.ids.device_ptr(&stream);
                     let (w, _gw) = p.weights.device_ptr(&stream);

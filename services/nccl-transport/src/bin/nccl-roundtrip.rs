@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
-use cudarc::driver::CudaContext;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use dsv2_kernels::ops::{expert, moe};
 use dsv2_kernels::{Gpu, GpuOptions, Tensor};
 use dsv2_nccl::{
@@ -396,7 +396,6 @@ fn main() -> Result<()> {
     let mut partial = stream.alloc_zeros::<bf16>(max_rows * h)?;
     stream.synchronize()?;
 
-    let mut failures = Vec::new();
     println!(
         "{:>6} {:>5} | {:>9} {:>9} {:>9} {:>9} | {:>8} | verify",
         "rows", "mode", "median µs", "p10 µs", "p90 µs", "min µs", "GB/s"
@@ -409,6 +408,62 @@ fn main() -> Result<()> {
     if a.bw_rows > 0 {
         cases.push((a.bw_rows, LAYER_ECHO));
     }
+    let run = run_cases(
+        &a,
+        &mut plane,
+        &stream,
+        cases,
+        &capture,
+        &cap_rx,
+        (&x, &ids, &w),
+        &mut partial,
+        (&x_host, &ids_host, &w_host),
+    );
+    let failures = match run {
+        Ok(f) => f,
+        Err(e) => {
+            // The router only sees a timeout; the shard's own error says why.
+            stop.store(true, Ordering::SeqCst);
+            let shard_end = shard.join();
+            eprintln!("shard thread ended with: {shard_end:?}");
+            return Err(e);
+        }
+    };
+    println!(
+        "µs = wall time of RouterPlane::exchange (header + rows + ids + weights out, partials back, \
+         waited to completion), over {} iterations after {} warm-ups (20 for >= 4096 rows); \
+         GB/s = bytes both ways / median",
+        a.iters, a.warmup
+    );
+    plane.shutdown().context("shutdown")?;
+    stop.store(true, Ordering::SeqCst);
+    shard
+        .join()
+        .map_err(|_| anyhow!("shard thread panicked"))??;
+    if !failures.is_empty() {
+        bail!("verification failed: {failures:?}");
+    }
+    Ok(())
+}
+
+type Bufs<'a> = (&'a CudaSlice<bf16>, &'a CudaSlice<u32>, &'a CudaSlice<f32>);
+type Hosts<'a> = (&'a [bf16], &'a [u32], &'a [f32]);
+
+/// Verifies and times every (rows, layer) case; returns the verification failures.
+#[allow(clippy::too_many_arguments)]
+fn run_cases(
+    a: &Args,
+    plane: &mut RouterPlane,
+    stream: &Arc<CudaStream>,
+    cases: Vec<(usize, u32)>,
+    capture: &AtomicBool,
+    cap_rx: &mpsc::Receiver<Captured>,
+    (x, ids, w): Bufs<'_>,
+    partial: &mut CudaSlice<bf16>,
+    (x_host, ids_host, w_host): Hosts<'_>,
+) -> Result<Vec<String>> {
+    let (h, k) = (a.hidden, a.top_k);
+    let mut failures = Vec::new();
     for (rows, layer) in cases {
         let one = |plane: &mut RouterPlane,
                    partial: &mut cudarc::driver::CudaSlice<bf16>|
@@ -426,7 +481,7 @@ fn main() -> Result<()> {
         };
         // verification exchange
         capture.store(true, Ordering::SeqCst);
-        one(&mut plane, &mut partial)?;
+        one(plane, partial)?;
         let c = cap_rx
             .recv_timeout(Duration::from_secs(60))
             .context("shard capture")?;
@@ -463,11 +518,11 @@ fn main() -> Result<()> {
         }
         let iters = if rows >= 4096 { 20 } else { a.iters };
         for _ in 0..a.warmup.min(iters) {
-            one(&mut plane, &mut partial)?;
+            one(plane, partial)?;
         }
         let mut t = Vec::with_capacity(iters);
         for _ in 0..iters {
-            t.push(one(&mut plane, &mut partial)?);
+            t.push(one(plane, partial)?);
         }
         let s = stat(t);
         let bytes = 2 * rows * h * 2 + rows * k * 8;
@@ -490,19 +545,5 @@ fn main() -> Result<()> {
             bytes as f64 / (s.med * 1e3)
         );
     }
-    println!(
-        "µs = wall time of RouterPlane::exchange (header + rows + ids + weights out, partials back, \
-         waited to completion), over {} iterations after {} warm-ups (20 for >= 4096 rows); \
-         GB/s = bytes both ways / median",
-        a.iters, a.warmup
-    );
-    plane.shutdown().context("shutdown")?;
-    stop.store(true, Ordering::SeqCst);
-    shard
-        .join()
-        .map_err(|_| anyhow!("shard thread panicked"))??;
-    if !failures.is_empty() {
-        bail!("verification failed: {failures:?}");
-    }
-    Ok(())
+    Ok(failures)
 }
