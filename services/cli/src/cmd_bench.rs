@@ -104,7 +104,7 @@ fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "impl": "dsv2-cpu", "tokens_per_s": median, "best_tokens_per_s": best, "output_ids": output_ids,
+            "impl": "dsv2", "tokens_per_s": median, "best_tokens_per_s": best, "output_ids": output_ids,
             "new_tokens": a.new_tokens, "batch": batch, "device": a.device, "threads": a.threads, "runs": a.runs
         })
     );
