@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod engine;
 pub mod error;
 pub mod kv_cache;
+pub mod layout;
 pub mod model;
 pub mod placement;
 pub mod rope;

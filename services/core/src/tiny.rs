@@ -119,116 +119,19 @@ pub fn write_random_weights(c: &crate::ModelConfig, seed: u64, path: &Path) -> R
     })
 }
 
-/// (name, shape, values) for every tensor, in a fixed order.
+/// (name, shape, values) for every tensor, in the layout's order, drawn from one seeded stream.
 pub fn random_tensors(c: &crate::ModelConfig, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut out = Vec::new();
-    let mut normal = |name: String, shape: Vec<usize>, mean: f32, std: f32| {
-        let n: usize = shape.iter().product();
-        let dist = Normal::new(mean, std).unwrap_or_else(|_| Normal::new(0.0, 1.0).expect("valid"));
-        let v: Vec<f32> = (0..n).map(|_| dist.sample(&mut rng)).collect();
-        out.push((name, shape, v));
-    };
-    let (h, heads) = (c.hidden_size, c.num_attention_heads);
-    let lin = 0.05;
-    normal(
-        "model.embed_tokens.weight".into(),
-        vec![c.vocab_size, h],
-        0.0,
-        1.0,
-    );
-    for l in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        let a = format!("{p}.self_attn");
-        normal(format!("{p}.input_layernorm.weight"), vec![h], 1.0, 0.1);
-        normal(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            1.0,
-            0.1,
-        );
-        match c.q_lora_rank {
-            Some(r) => {
-                normal(format!("{a}.q_a_proj.weight"), vec![r, h], 0.0, lin);
-                normal(format!("{a}.q_a_layernorm.weight"), vec![r], 1.0, 0.1);
-                normal(
-                    format!("{a}.q_b_proj.weight"),
-                    vec![heads * c.q_head_dim(), r],
-                    0.0,
-                    lin,
-                );
-            }
-            None => normal(
-                format!("{a}.q_proj.weight"),
-                vec![heads * c.q_head_dim(), h],
-                0.0,
-                lin,
-            ),
-        }
-        normal(
-            format!("{a}.kv_a_proj_with_mqa.weight"),
-            vec![c.latent_cache_width(), h],
-            0.0,
-            lin,
-        );
-        normal(
-            format!("{a}.kv_a_layernorm.weight"),
-            vec![c.kv_lora_rank],
-            1.0,
-            0.1,
-        );
-        normal(
-            format!("{a}.kv_b_proj.weight"),
-            vec![heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank],
-            0.0,
-            lin,
-        );
-        normal(
-            format!("{a}.o_proj.weight"),
-            vec![h, heads * c.v_head_dim],
-            0.0,
-            lin,
-        );
-        let mut mlp = |prefix: String, inter: usize| {
-            normal(
-                format!("{prefix}.gate_proj.weight"),
-                vec![inter, h],
-                0.0,
-                lin,
-            );
-            normal(format!("{prefix}.up_proj.weight"), vec![inter, h], 0.0, lin);
-            normal(
-                format!("{prefix}.down_proj.weight"),
-                vec![h, inter],
-                0.0,
-                lin,
-            );
-        };
-        if c.is_moe_layer(l) {
-            for e in 0..c.n_routed_experts {
-                mlp(format!("{p}.mlp.experts.{e}"), c.moe_intermediate_size);
-            }
-            if c.n_shared_experts > 0 {
-                mlp(
-                    format!("{p}.mlp.shared_experts"),
-                    c.shared_intermediate_size(),
-                );
-            }
-            normal(
-                format!("{p}.mlp.gate.weight"),
-                vec![c.n_routed_experts, h],
-                0.0,
-                0.2,
-            );
-        } else {
-            mlp(format!("{p}.mlp"), c.intermediate_size);
-        }
-    }
-    normal("model.norm.weight".into(), vec![h], 1.0, 0.1);
-    if !c.tie_word_embeddings {
-        normal("lm_head.weight".into(), vec![c.vocab_size, h], 0.0, lin);
-    }
-    out
+    crate::layout::expected_tensors(c, 0.05)
+        .into_iter()
+        .map(|t| {
+            let n: usize = t.shape.iter().product();
+            let dist = Normal::new(t.init.mean, t.init.std)
+                .unwrap_or_else(|_| Normal::new(0.0, 1.0).expect("valid"));
+            let v: Vec<f32> = (0..n).map(|_| dist.sample(&mut rng)).collect();
+            (t.name, t.shape, v)
+        })
+        .collect()
 }
 
 type RawTokenizer = TokenizerImpl<
