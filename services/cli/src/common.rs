@@ -8,30 +8,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use dsv2_core::backend::Backend;
 use dsv2_core::model::{LocalExperts, Model, load_local};
-use dsv2_core::tiny;
 use dsv2_core::tokenizer::Tokenizer;
-
-pub fn init_logging(level: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        let _ = builder.json().try_init();
-    } else {
-        let _ = builder.try_init();
-    }
-}
 
 /// `tiny` or a path → a model dir on disk.
 pub fn model_dir(arg: &str) -> Result<PathBuf> {
-    let root = tiny::cache_root(
-        std::env::var("DSV2_CACHE_DIR").ok(),
-        std::env::var("XDG_CACHE_HOME").ok(),
-        std::env::var("HOME").ok(),
-    );
-    Ok(tiny::resolve_model_dir(arg, &root)?)
+    Ok(dsv2_server::resolve_model_dir(arg)?)
 }
 
 pub struct Loaded<B: Backend> {

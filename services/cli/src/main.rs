@@ -54,7 +54,7 @@ enum Cmd {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    common::init_logging(&cli.log_level, false);
+    dsv2_server::init_logging(&cli.log_level, dsv2_server::LogFormat::Human, "warn");
     let result = match cli.cmd {
         Cmd::Generate(a) => cmd_generate::run(a),
         Cmd::Logits(a) => cmd_logits::run(a),

@@ -9,37 +9,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use dsv2_core::ModelConfig;
 use dsv2_core::backend::{Backend, DeviceSpec};
 use dsv2_core::cpu::CpuBackend;
 use dsv2_core::model::{ExpertSelection, LocalExperts};
 use dsv2_core::placement::{Placement, parse_expert_list};
 use dsv2_core::routing::Routing;
 use dsv2_core::weights::WeightStore;
-use dsv2_core::{ModelConfig, tiny};
 use dsv2_proto::expert::v1::expert_shard_server::{ExpertShard, ExpertShardServer};
 use dsv2_proto::expert::v1::{
     Dtype, ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, NcclInitRequest,
     NcclInitResponse, ShardError, ShardErrorCode,
 };
 use dsv2_proto::tensor::{decode_rows_to_f32, encode_f32, encode_f32_as_bf16};
+use dsv2_server::{LogFormat, Transport};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tonic_health::ServingStatus;
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum LogFormat {
-    Human,
-    Json,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum Transport {
-    Grpc,
-    Nccl,
-}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -202,7 +191,7 @@ impl<B: Backend> ExpertShard for Service<B> {
                 let req = match msg {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::warn!(error = %e.message(), "router stream failed");
+                        tracing::info!(error = %e.message(), "router stream ended");
                         break;
                     }
                 };
@@ -241,16 +230,7 @@ impl<B: Backend> ExpertShard for Service<B> {
 
 fn main() -> Result<()> {
     let c = Config::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&c.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if c.log_format == LogFormat::Json {
-        b.json().init();
-    } else {
-        b.init();
-    }
+    dsv2_server::init_logging(&c.log_level, c.log_format, "info");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -276,12 +256,7 @@ async fn serve_on<B: Backend>(c: Config, backend: Arc<B>) -> Result<()> {
     health_reporter
         .set_service_status("", ServingStatus::NotServing)
         .await;
-    let root = tiny::cache_root(
-        std::env::var("DSV2_CACHE_DIR").ok(),
-        std::env::var("XDG_CACHE_HOME").ok(),
-        std::env::var("HOME").ok(),
-    );
-    let dir = tiny::resolve_model_dir(&c.model_dir, &root)?;
+    let dir = dsv2_server::resolve_model_dir(&c.model_dir)?;
     let cfg = ModelConfig::from_model_dir(&dir)?;
     let experts: Vec<usize> = match (&c.experts, c.shard_index, c.num_shards) {
         (Some(list), _, _) => parse_expert_list(list)?,
@@ -333,13 +308,7 @@ async fn serve_on<B: Backend>(c: Config, backend: Arc<B>) -> Result<()> {
             .collect(),
     };
     // Both reflection versions: grpcurl speaks v1, older ghz builds v1alpha.
-    let reflection_builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(dsv2_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection = reflection_builder().build_v1()?;
-    let reflection_alpha = reflection_builder().build_v1alpha()?;
+    let (reflection, reflection_alpha) = dsv2_server::reflection_services()?;
     let listener = tokio::net::TcpListener::bind(c.listen)
         .await
         .with_context(|| format!("binding {}", c.listen))?;
@@ -368,7 +337,7 @@ async fn serve_on<B: Backend>(c: Config, backend: Arc<B>) -> Result<()> {
             // accepted sockets, or small messages (one token, one row) wait on Nagle.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
-                shutdown_signal().await;
+                dsv2_server::shutdown_signal().await;
                 reporter
                     .set_service_status("", ServingStatus::NotServing)
                     .await;
@@ -378,21 +347,4 @@ async fn serve_on<B: Backend>(c: Config, backend: Arc<B>) -> Result<()> {
         .await?;
     let _ = Duration::ZERO;
     Ok(())
-}
-
-/// Ctrl-C or SIGTERM (what Kubernetes sends).
-async fn shutdown_signal() {
-    let term = async {
-        #[cfg(unix)]
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-            return;
-        }
-        std::future::pending::<()>().await
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
 }

@@ -2,12 +2,12 @@
 //! `dsv2.v1.Inference` with health and reflection until SIGTERM/Ctrl-C, then drains.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use dsv2_core::ModelConfig;
 use dsv2_core::backend::{AttnMode, Backend, DeviceSpec};
 use dsv2_core::cpu::CpuBackend;
 use dsv2_core::engine::{Engine, EngineConfig};
@@ -15,24 +15,12 @@ use dsv2_core::model::{ExpertExecutor, ExpertSelection, LocalExperts, Model};
 use dsv2_core::placement::{Placement, PlacementKind};
 use dsv2_core::tokenizer::Tokenizer;
 use dsv2_core::weights::WeightStore;
-use dsv2_core::{ModelConfig, tiny};
 use dsv2_proto::inference::v1::inference_server::InferenceServer;
 use dsv2_router::engine_task::EngineHandle;
 use dsv2_router::remote_experts::{RemoteExperts, WireDtype, check_shards, shard_info};
 use dsv2_router::service::{InferenceApi, InferenceService, ModelFacts};
+use dsv2_server::{LogFormat, Transport};
 use tonic_health::ServingStatus;
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum LogFormat {
-    Human,
-    Json,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum Transport {
-    Grpc,
-    Nccl,
-}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -105,22 +93,9 @@ struct Config {
     log_level: String,
 }
 
-fn init_logging(c: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&c.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if c.log_format == LogFormat::Json {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 fn main() -> Result<()> {
     let cfg = Config::parse();
-    init_logging(&cfg);
+    dsv2_server::init_logging(&cfg.log_level, cfg.log_format, "info");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -152,12 +127,7 @@ async fn serve_on<B: Backend>(
         .set_service_status("", ServingStatus::NotServing)
         .await;
 
-    let root = tiny::cache_root(
-        std::env::var("DSV2_CACHE_DIR").ok(),
-        std::env::var("XDG_CACHE_HOME").ok(),
-        std::env::var("HOME").ok(),
-    );
-    let dir: PathBuf = tiny::resolve_model_dir(&c.model_dir, &root)?;
+    let dir = dsv2_server::resolve_model_dir(&c.model_dir)?;
     let t0 = Instant::now();
     let mcfg = ModelConfig::from_model_dir(&dir)?;
     let local = c.shards.is_empty();
@@ -274,13 +244,7 @@ async fn serve_on<B: Backend>(
             .then(|| Duration::from_secs(c.request_timeout_s)),
     });
     // Both reflection versions: grpcurl speaks v1, older ghz builds v1alpha.
-    let reflection_builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(dsv2_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection = reflection_builder().build_v1()?;
-    let reflection_alpha = reflection_builder().build_v1alpha()?;
+    let (reflection, reflection_alpha) = dsv2_server::reflection_services()?;
     let listener = tokio::net::TcpListener::bind(c.listen)
         .await
         .with_context(|| format!("binding {}", c.listen))?;
@@ -347,7 +311,7 @@ async fn serve_on<B: Backend>(
             r.context("gRPC server task")?.context("gRPC server failed")?;
             return Ok(());
         }
-        _ = shutdown_signal() => {}
+        _ = dsv2_server::shutdown_signal() => {}
     }
     tracing::info!(
         in_flight = engine.in_flight(),
@@ -372,22 +336,4 @@ async fn serve_on<B: Backend>(
     }
     tracing::info!(left = engine.in_flight(), "router stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
