@@ -117,6 +117,16 @@ pub trait Backend: Send + Sync + 'static {
     /// Gate logits (f32) → chosen experts and weights, brought to the host for dispatch.
     fn route(&self, gate: &Self::Weight, x: &Self::Act, p: &RoutingParams) -> Result<Routing>;
 
+    /// Index of the largest entry of each row (lowest index on ties, as torch.argmax): greedy
+    /// decoding without bringing the logits to the host where a backend can avoid it.
+    fn argmax_rows(&self, x: &Self::Act) -> Result<Vec<u32>> {
+        let (rows, cols) = self.act_shape(x);
+        let host = self.act_to_host(x)?;
+        Ok((0..rows)
+            .map(|r| crate::sampling::argmax(&host[r * cols..(r + 1) * cols]))
+            .collect())
+    }
+
     /// Weighted sum of the chosen experts' outputs for every row; rows whose experts are not in
     /// `bank` contribute nothing for those experts (another shard adds them).
     fn experts(

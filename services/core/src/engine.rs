@@ -380,15 +380,36 @@ impl<B: Backend> Engine<B> {
             }
             row_of.push((first, logit_rows.len() - first));
         }
-        let result = self.model.forward(
-            &step,
-            &mut self.cache,
-            &*self.experts,
-            self.cfg.attn_mode,
-            &logit_rows,
-        );
+        // Greedy rows that report no logprobs need only the argmax: the logits stay where the
+        // backend computed them (on a GPU, 400 KB per row never crosses PCIe).
+        let greedy_only = plan.iter().all(|&(i, _)| {
+            let p = &self.running[i].req.params;
+            p.sampling.temperature == 0.0 && p.logprobs == 0 && p.prompt_logprobs.is_none()
+        });
+        let result = if greedy_only {
+            self.model
+                .forward_logits(
+                    &step,
+                    &mut self.cache,
+                    &*self.experts,
+                    self.cfg.attn_mode,
+                    &logit_rows,
+                )
+                .and_then(|a| self.model.backend.argmax_rows(&a))
+                .map(Picked::Tokens)
+        } else {
+            self.model
+                .forward(
+                    &step,
+                    &mut self.cache,
+                    &*self.experts,
+                    self.cfg.attn_mode,
+                    &logit_rows,
+                )
+                .map(Picked::Logits)
+        };
         self.stats.steps += 1;
-        let logits = match result {
+        let picked = match result {
             Ok(l) => l,
             Err(e) => return self.fail_all(plan.iter().map(|p| p.0).collect(), e),
         };
@@ -404,7 +425,9 @@ impl<B: Backend> Engine<B> {
             } else {
                 self.stats.decode_tokens += take as u64;
             }
-            if let (Some(n), true) = (s.req.params.prompt_logprobs, was_prefill) {
+            if let (Some(n), true, Picked::Logits(logits)) =
+                (s.req.params.prompt_logprobs, was_prefill, &picked)
+            {
                 // Row at position p scores prompt token p + 1.
                 for r in 0..count {
                     let p = s.computed + r;
@@ -429,8 +452,13 @@ impl<B: Backend> Engine<B> {
                     logprobs: std::mem::take(&mut s.prompt_lp),
                 });
             }
-            let row = &logits[(first + count - 1) * vocab..(first + count) * vocab];
-            match Self::accept_token(&self.model, self.tokenizer.as_deref(), s, row) {
+            let choice = match &picked {
+                Picked::Logits(l) => {
+                    Choice::Row(&l[(first + count - 1) * vocab..(first + count) * vocab])
+                }
+                Picked::Tokens(t) => Choice::Token(t[first + count - 1]),
+            };
+            match Self::accept_token(&self.model, self.tokenizer.as_deref(), s, choice) {
                 Ok((ev, fin)) => {
                     events.extend(ev);
                     if fin {
@@ -482,11 +510,14 @@ impl<B: Backend> Engine<B> {
         model: &Model<B>,
         tok: Option<&Tokenizer>,
         s: &mut Seq,
-        row: &[f32],
+        choice: Choice<'_>,
     ) -> Result<(Vec<EngineEvent>, bool)> {
         let p = &s.req.params;
-        let token = s.sampler.sample(row);
-        let logprob = (p.logprobs > 0).then(|| {
+        let (token, row) = match choice {
+            Choice::Row(row) => (s.sampler.sample(row), Some(row)),
+            Choice::Token(t) => (t, None),
+        };
+        let logprob = row.filter(|_| p.logprobs > 0).map(|row| {
             let lp = log_softmax(row);
             TokenLogprob {
                 token,
@@ -550,6 +581,18 @@ impl<B: Backend> Engine<B> {
         }
         Ok((events, reason.is_some()))
     }
+}
+
+/// What a step produced: host logits for every logit row, or just the greedy token of each.
+enum Picked {
+    Logits(Vec<f32>),
+    Tokens(Vec<u32>),
+}
+
+/// How the next token of one sequence is chosen.
+enum Choice<'a> {
+    Row(&'a [f32]),
+    Token(u32),
 }
 
 /// Byte offset where the first stop string starts in `text`.

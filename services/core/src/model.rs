@@ -262,7 +262,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// Runs one step and returns the logits of `logit_rows` (rows of `step.tokens`), as
-    /// [logit_rows.len(), vocab] f32.
+    /// [logit_rows.len(), vocab] f32 on the host.
     pub fn forward(
         &self,
         step: &StepInput,
@@ -271,6 +271,19 @@ impl<B: Backend> Model<B> {
         mode: AttnMode,
         logit_rows: &[usize],
     ) -> Result<Vec<f32>> {
+        let logits = self.forward_logits(step, cache, experts, mode, logit_rows)?;
+        self.backend.act_to_host(&logits)
+    }
+
+    /// Like `forward`, with the logits left where the backend computed them.
+    pub fn forward_logits(
+        &self,
+        step: &StepInput,
+        cache: &mut KvCache<B>,
+        experts: &dyn ExpertExecutor<B>,
+        mode: AttnMode,
+        logit_rows: &[usize],
+    ) -> Result<B::Act> {
         let n = step.tokens.len();
         if let Some(bad) = step
             .tokens
@@ -329,8 +342,7 @@ impl<B: Backend> Model<B> {
         }
         let last = b.select_rows(&hidden, logit_rows)?;
         let normed = b.rms_norm(&last, &self.norm, eps)?;
-        let logits = b.linear(&normed, self.lm_head.as_ref().unwrap_or(&self.embed))?;
-        b.act_to_host(&logits)
+        b.linear(&normed, self.lm_head.as_ref().unwrap_or(&self.embed))
     }
 }
 

@@ -16,7 +16,7 @@ use dsv2_core::config::{ModelConfig, TopkMethod};
 use dsv2_core::error::{CoreError, Result};
 use dsv2_core::routing::{Routing, RoutingParams};
 use dsv2_core::weights::{DType as CkptDType, TensorRef};
-use dsv2_kernels::ops::{elementwise as ew, general as gen_ops, moe};
+use dsv2_kernels::ops::{elementwise as ew, general as gen_ops, moe, sample};
 use dsv2_kernels::rope::RopeTable as DevRope;
 use dsv2_kernels::{Gpu, GpuOptions, KernelError, Tensor};
 
@@ -560,6 +560,37 @@ impl Backend for CudaBackend {
             }
             Err(e) => Err(kerr(e)),
         }
+    }
+
+    fn argmax_rows(&self, x: &CudaAct) -> Result<Vec<u32>> {
+        let t = match x {
+            CudaAct::F32(t) => t,
+            // Only lm_head produces f32 activations; anything else takes the host path.
+            CudaAct::Bf16(_) => {
+                let (rows, cols) = self.act_shape(x);
+                let host = self.act_to_host(x)?;
+                return Ok((0..rows)
+                    .map(|r| dsv2_core::sampling::argmax(&host[r * cols..(r + 1) * cols]))
+                    .collect());
+            }
+        };
+        let _g = self.lock()?;
+        let rows = t.shape()[0];
+        let mut ids = Tensor::<i32>::zeros(&self.gpu, &[rows]).kx()?;
+        sample::argmax(
+            &self.gpu,
+            sample::ArgmaxParams {
+                logits: t.view(),
+                ids: ids.view_mut(),
+            },
+        )
+        .kx()?;
+        Ok(ids
+            .to_host(&self.gpu)
+            .kx()?
+            .into_iter()
+            .map(|v| v as u32)
+            .collect())
     }
 
     fn experts(
