@@ -30,9 +30,9 @@ pub struct Args {
     /// Tokens to generate for --prompt.
     #[arg(long, default_value_t = 32)]
     max_output_len: usize,
-    /// Log level of the children (RUST_LOG syntax).
-    #[arg(long, default_value = "info")]
-    child_log_level: String,
+    /// Log level of the children (RUST_LOG syntax); default info, or warn with --prompt.
+    #[arg(long)]
+    child_log_level: Option<String>,
 }
 
 /// Children are killed when this drops, on every exit path.
@@ -88,6 +88,10 @@ pub fn run(a: Args) -> Result<()> {
     if a.shards == 0 {
         bail!("--shards must be at least 1");
     }
+    let child_log = a
+        .child_log_level
+        .clone()
+        .unwrap_or_else(|| if a.prompt.is_some() { "warn" } else { "info" }.to_string());
     let dir = crate::common::model_dir(&a.model_dir)?;
     let dir = dir.to_string_lossy().into_owned();
     let mut cluster = Cluster {
@@ -107,7 +111,7 @@ pub fn run(a: Args) -> Result<()> {
             "--num-shards",
             &a.shards.to_string(),
             "--log-level",
-            &a.child_log_level,
+            &child_log,
         ]);
         let addr = start(
             &mut cluster,
@@ -125,7 +129,7 @@ pub fn run(a: Args) -> Result<()> {
         "--listen",
         &a.listen,
         "--log-level",
-        &a.child_log_level,
+        &child_log,
     ]);
     for u in &shard_urls {
         cmd.args(["--shard", u]);
