@@ -13,6 +13,14 @@ use cudarc::nccl::result::{group_end, group_start};
 use cudarc::nccl::safe::{Comm, Id};
 use half::bf16;
 
+/// (rows, x, ids, weights) receive buffers for one row count.
+type ShardBufs = (
+    usize,
+    cudarc::driver::CudaSlice<bf16>,
+    cudarc::driver::CudaSlice<u32>,
+    cudarc::driver::CudaSlice<f32>,
+);
+
 const HIDDEN: usize = 5120;
 const K: usize = 6;
 const ITERS: usize = 200;
@@ -88,12 +96,7 @@ fn shard(id: Id) -> Result<()> {
     println!("shard: rank 1 joined");
     let max = 256;
     let mut hdr = stream.alloc_zeros::<u32>(8)?;
-    let mut bufs: Vec<(
-        usize,
-        cudarc::driver::CudaSlice<bf16>,
-        cudarc::driver::CudaSlice<u32>,
-        cudarc::driver::CudaSlice<f32>,
-    )> = Vec::new();
+    let mut bufs: Vec<ShardBufs> = Vec::new();
     for rows in [1usize, 64, max] {
         bufs.push((
             rows,
