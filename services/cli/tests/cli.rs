@@ -330,7 +330,7 @@ fn corrupt_model_dirs_name_file_and_tensor() {
         err.contains("model.safetensors") && err.contains("truncated"),
         "{err}"
     );
-    // A config whose hidden size disagrees with the weights: the tensor and both shapes are named.
+    // A config whose vocab size disagrees with the weights: the tensor and both shapes are named.
     std::fs::write(dir.join("model.safetensors"), &bytes).unwrap();
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();

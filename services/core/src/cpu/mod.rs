@@ -485,7 +485,18 @@ fn absorbed_head(
     let qd = dn + dr;
     let width = r + dr;
     let base = hd * (dn + dv);
+    // This head's W_UK ([dn, r]) and W_UV ([dv, r]) rows of kv_b, widened once for all rows.
     let mut wrow = Vec::with_capacity(r);
+    let mut w_uk = Vec::with_capacity(dn * r);
+    for j in 0..dn {
+        kv_b.row_f32(base + j, &mut wrow);
+        w_uk.extend_from_slice(&wrow);
+    }
+    let mut w_uv = Vec::with_capacity(dv * r);
+    for v in 0..dv {
+        kv_b.row_f32(base + dn + v, &mut wrow);
+        w_uv.extend_from_slice(&wrow);
+    }
     let mut out = vec![0f32; len * dv];
     let mut q_abs = vec![0f32; r];
     let mut ctx_lat = vec![0f32; r];
@@ -494,9 +505,8 @@ fn absorbed_head(
         let p = pos0 + i;
         let qrow = &q.data[(row0 + i) * heads * qd + hd * qd..][..qd];
         q_abs.iter_mut().for_each(|v| *v = 0.0);
-        for (j, &qj) in qrow[..dn].iter().enumerate() {
-            kv_b.row_f32(base + j, &mut wrow);
-            for (a, w) in q_abs.iter_mut().zip(&wrow) {
+        for (&qj, w) in qrow[..dn].iter().zip(w_uk.chunks_exact(r)) {
+            for (a, w) in q_abs.iter_mut().zip(w) {
                 *a += qj * w;
             }
         }
@@ -513,9 +523,11 @@ fn absorbed_head(
                 *a += pt * c;
             }
         }
-        for v in 0..dv {
-            kv_b.row_f32(base + dn + v, &mut wrow);
-            out[i * dv + v] = matmul::dot_f32(&wrow, &ctx_lat);
+        for (o, w) in out[i * dv..(i + 1) * dv]
+            .iter_mut()
+            .zip(w_uv.chunks_exact(r))
+        {
+            *o = matmul::dot_f32(w, &ctx_lat);
         }
     }
     out
