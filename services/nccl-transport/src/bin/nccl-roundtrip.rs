@@ -1,6 +1,6 @@
 //! `nccl-roundtrip`: one MoE layer's round trip over the NCCL data plane, router on one GPU and
-//! one shard on another (two threads of this process, each owning its communicator rank):
-//! dispatch rows + expert ids + gate weights, combine partials, at hidden 5120 bf16.
+//! one shard on another. By default the shard runs as a second process (as `dsv2-expert` does);
+//! `--threads` runs both ranks as threads of one process instead. Dispatch rows + expert ids + gate weights, combine partials, at hidden 5120 bf16.
 //!
 //! Per row count, two modes (selected by the header's layer index, so the same protocol runs):
 //! - `echo` (layer 0): the shard copies the rows it received into its partials: expert compute
@@ -10,7 +10,8 @@
 //!
 //! Before timing each (rows, mode), one exchange is captured on the shard (rows, ids, weights it
 //! received and the partials it computed, copied to the host) and compared bitwise with what the
-//! router sent and received. A final echo of `--bw-rows` rows gives the bandwidth ceiling of the
+//! router sent and received (between processes the capture travels as a file in a temporary
+//! directory). A final echo of `--bw-rows` rows gives the bandwidth ceiling of the
 //! same path, measured in the same run.
 
 use std::sync::Arc;
@@ -60,6 +61,118 @@ struct Args {
     bw_rows: usize,
     #[arg(long, default_value_t = 20000)]
     timeout_ms: u64,
+    /// Both ranks as threads of this process (default: the shard is a child process).
+    #[arg(long)]
+    threads: bool,
+    /// Internal: run as the shard child process with this NCCL id (hex) and capture directory.
+    #[arg(long, hide = true, num_args = 2, value_names = ["ID_HEX", "DIR"])]
+    shard_child: Option<Vec<String>>,
+}
+
+/// Where the shard delivers its captures: the router thread, or files for the router process.
+enum CaptureSink {
+    /// Thread mode: the router sets the flag before a verification exchange.
+    Channel(Arc<AtomicBool>, mpsc::Sender<Captured>),
+    /// Process mode: the first exchange of every (layer, rows) is the router's verification
+    /// exchange; it is written to `DIR/cap-LAYER-ROWS.bin` (temp file + rename).
+    Dir(std::path::PathBuf, std::collections::HashSet<(u32, usize)>),
+}
+
+/// Where the router reads the shard's captures.
+enum CaptureSource {
+    Channel(Arc<AtomicBool>, mpsc::Receiver<Captured>),
+    Dir(std::path::PathBuf),
+}
+
+impl CaptureSource {
+    fn arm(&self) {
+        if let CaptureSource::Channel(flag, _) = self {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn take(&self, layer: u32, rows: usize) -> Result<Captured> {
+        match self {
+            CaptureSource::Channel(_, rx) => rx
+                .recv_timeout(Duration::from_secs(60))
+                .context("shard capture"),
+            CaptureSource::Dir(dir) => {
+                let path = dir.join(format!("cap-{layer}-{rows}.bin"));
+                let t0 = Instant::now();
+                while !path.exists() {
+                    if t0.elapsed() > Duration::from_secs(60) {
+                        bail!("no capture from the shard process at {}", path.display());
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Captured::read(&path)
+            }
+        }
+    }
+}
+
+impl Captured {
+    fn write(&self, path: &std::path::Path) -> Result<()> {
+        let mut b: Vec<u8> = Vec::new();
+        for v in [
+            self.layer as u64,
+            self.rows as u64,
+            self.x.len() as u64,
+            self.ids.len() as u64,
+            self.weights.len() as u64,
+            self.partial.len() as u64,
+        ] {
+            b.extend(v.to_le_bytes());
+        }
+        b.extend(self.x.iter().flat_map(|v| v.to_bits().to_le_bytes()));
+        b.extend(self.ids.iter().flat_map(|v| v.to_le_bytes()));
+        b.extend(self.weights.iter().flat_map(|v| v.to_le_bytes()));
+        b.extend(self.partial.iter().flat_map(|v| v.to_bits().to_le_bytes()));
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, b)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+
+    fn read(path: &std::path::Path) -> Result<Captured> {
+        let b = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+        let word = |i: usize| -> Result<usize> {
+            let s = b.get(i * 8..i * 8 + 8).context("capture file too short")?;
+            Ok(u64::from_le_bytes(s.try_into()?) as usize)
+        };
+        let (layer, rows) = (word(0)? as u32, word(1)?);
+        let (nx, ni, nw, np) = (word(2)?, word(3)?, word(4)?, word(5)?);
+        let mut off = 48;
+        let mut take = |n: usize| -> Result<&[u8]> {
+            let s = b.get(off..off + n).context("capture file too short")?;
+            off += n;
+            Ok(s)
+        };
+        let x = take(nx * 2)?
+            .chunks_exact(2)
+            .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+            .collect();
+        let ids = take(ni * 4)?
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let weights = take(nw * 4)?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let partial = take(np * 2)?
+            .chunks_exact(2)
+            .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+            .collect();
+        Ok(Captured {
+            layer,
+            rows,
+            x,
+            ids,
+            weights,
+            partial,
+        })
+    }
 }
 
 const LAYER_ECHO: u32 = 0;
@@ -90,8 +203,7 @@ struct BenchShard {
     y: Tensor<bf16>,
     ffn_rows: usize,
     n_exp: usize,
-    capture: Arc<AtomicBool>,
-    tx: mpsc::Sender<Captured>,
+    capture: CaptureSink,
 }
 
 fn fill_random(gpu: &Gpu, t: &mut Tensor<bf16>, scale: f32, seed: u64) -> Result<()> {
@@ -113,12 +225,7 @@ fn fill_random(gpu: &Gpu, t: &mut Tensor<bf16>, scale: f32, seed: u64) -> Result
 }
 
 impl BenchShard {
-    fn new(
-        a: &Args,
-        max_rows: usize,
-        capture: Arc<AtomicBool>,
-        tx: mpsc::Sender<Captured>,
-    ) -> Result<Self> {
+    fn new(a: &Args, max_rows: usize, capture: CaptureSink) -> Result<Self> {
         let gpu = Gpu::open(&GpuOptions {
             ordinal: a.shard_gpu,
             ..Default::default()
@@ -144,7 +251,6 @@ impl BenchShard {
             ffn_rows,
             n_exp: e,
             capture,
-            tx,
             gpu,
         })
     }
@@ -254,7 +360,11 @@ unsafe impl ShardCompute for BenchShard {
             l => Err(anyhow!("no layer {l} in this benchmark")),
         };
         r.map_err(|e| format!("{e:#}"))?;
-        if self.capture.swap(false, Ordering::SeqCst) {
+        let want = match &mut self.capture {
+            CaptureSink::Channel(flag, _) => flag.swap(false, Ordering::SeqCst),
+            CaptureSink::Dir(_, seen) => seen.insert((h.layer, rows)),
+        };
+        if want {
             let c = (|| -> Result<Captured> {
                 let gpu = &self.gpu;
                 let (hh, kk) = (self.hidden, self.ids.shape()[1]);
@@ -276,9 +386,14 @@ unsafe impl ShardCompute for BenchShard {
                 })
             })()
             .map_err(|e| format!("capture: {e:#}"))?;
-            self.tx
-                .send(c)
-                .map_err(|_| "capture receiver gone".to_string())?;
+            match &self.capture {
+                CaptureSink::Channel(_, tx) => tx
+                    .send(c)
+                    .map_err(|_| "capture receiver gone".to_string())?,
+                CaptureSink::Dir(dir, _) => c
+                    .write(&dir.join(format!("cap-{}-{rows}.bin", h.layer)))
+                    .map_err(|e| format!("capture file: {e:#}"))?,
+            }
         }
         Ok(())
     }
@@ -338,14 +453,109 @@ fn main() -> Result<()> {
         a.router_gpu, a.shard_gpu, a.experts, a.inter
     );
 
+    if let Some(child) = &a.shard_child {
+        let id = UniqueId::from_bytes(&hex_decode(&child[0])?)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let sink = CaptureSink::Dir(child[1].clone().into(), Default::default());
+        return run_shard(&a, max_rows, cfg, id, sink, &stop);
+    }
+
     let id = UniqueId::new()?;
-    let capture = Arc::new(AtomicBool::new(false));
-    let (ctx_tx, cap_rx) = mpsc::channel::<Captured>();
     let stop = Arc::new(AtomicBool::new(false));
-    let (a2, cap2, stop2) = (a.clone(), capture.clone(), stop.clone());
-    let shard = std::thread::spawn(move || -> Result<()> {
+    let cap_dir = std::env::temp_dir().join(format!("nccl-roundtrip.{}", std::process::id()));
+    let (capture, shard): (CaptureSource, ShardHandle) = if a.threads {
+        let flag = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel::<Captured>();
+        let (a2, stop2) = (a.clone(), stop.clone());
+        let sink = CaptureSink::Channel(flag.clone(), tx);
+        let t = std::thread::spawn(move || run_shard(&a2, max_rows, cfg, id, sink, &stop2));
+        (CaptureSource::Channel(flag, rx), ShardHandle::Thread(t))
+    } else {
+        std::fs::create_dir_all(&cap_dir)?;
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .args(std::env::args().skip(1))
+            .arg("--shard-child")
+            .arg(hex_encode(&id.0))
+            .arg(&cap_dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("start the shard process")?;
+        (
+            CaptureSource::Dir(cap_dir.clone()),
+            ShardHandle::Process(child),
+        )
+    };
+    let result = run_router(&a, cfg, id, &capture, &stop, shard);
+    if !a.threads {
+        let _ = std::fs::remove_dir_all(&cap_dir);
+    }
+    result
+}
+
+enum ShardHandle {
+    Thread(std::thread::JoinHandle<Result<()>>),
+    Process(std::process::Child),
+}
+
+impl ShardHandle {
+    fn join(self) -> Result<()> {
+        match self {
+            ShardHandle::Thread(t) => t.join().map_err(|_| anyhow!("shard thread panicked"))?,
+            ShardHandle::Process(mut c) => {
+                let st = c.wait()?;
+                if st.success() {
+                    Ok(())
+                } else {
+                    Err(anyhow!("shard process ended with {st}"))
+                }
+            }
+        }
+    }
+
+    /// After a router error: a child process that is stuck in NCCL is killed, not waited for.
+    fn end(self) -> Result<()> {
+        match self {
+            ShardHandle::Thread(t) => t.join().map_err(|_| anyhow!("shard thread panicked"))?,
+            ShardHandle::Process(mut c) => {
+                for _ in 0..100 {
+                    if let Some(st) = c.try_wait()? {
+                        return Err(anyhow!("shard process ended with {st}"));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                c.kill()?;
+                c.wait()?;
+                Err(anyhow!("shard process killed after the router failed"))
+            }
+        }
+    }
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|v| format!("{v:02x}")).collect()
+}
+
+fn hex_decode(s: &str) -> Result<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        bail!("odd-length hex id");
+    }
+    (0..s.len() / 2)
+        .map(|i| Ok(u8::from_str_radix(&s[2 * i..2 * i + 2], 16)?))
+        .collect()
+}
+
+fn run_shard(
+    a: &Args,
+    max_rows: usize,
+    cfg: PlaneConfig,
+    id: UniqueId,
+    sink: CaptureSink,
+    stop: &Arc<AtomicBool>,
+) -> Result<()> {
+    let a2 = a;
+    {
         let t0 = Instant::now();
-        let mut sh = BenchShard::new(&a2, max_rows, cap2, ctx_tx)?;
+        let mut sh = BenchShard::new(a2, max_rows, sink)?;
         eprintln!(
             "shard: GPU {} ({}) ready with random weights in {:.1}s",
             a2.shard_gpu,
@@ -358,11 +568,22 @@ fn main() -> Result<()> {
             "shard: NCCL rank 1 joined in {:.0} ms",
             t1.elapsed().as_secs_f64() * 1e3
         );
-        let end = plane.run(&mut sh, &stop2)?;
+        let end = plane.run(&mut sh, stop)?;
         eprintln!("shard: loop ended: {end:?}");
         Ok(())
-    });
+    }
+}
 
+fn run_router(
+    a: &Args,
+    cfg: PlaneConfig,
+    id: UniqueId,
+    capture: &CaptureSource,
+    stop: &Arc<AtomicBool>,
+    shard: ShardHandle,
+) -> Result<()> {
+    let (h, k) = (a.hidden, a.top_k);
+    let max_rows = cfg.max_rows;
     let ctx = CudaContext::new(a.router_gpu)?;
     let stream = ctx.new_stream()?;
     let t1 = Instant::now();
@@ -409,12 +630,11 @@ fn main() -> Result<()> {
         cases.push((a.bw_rows, LAYER_ECHO));
     }
     let run = run_cases(
-        &a,
+        a,
         &mut plane,
         &stream,
         cases,
-        &capture,
-        &cap_rx,
+        capture,
         (&x, &ids, &w),
         &mut partial,
         (&x_host, &ids_host, &w_host),
@@ -424,8 +644,8 @@ fn main() -> Result<()> {
         Err(e) => {
             // The router only sees a timeout; the shard's own error says why.
             stop.store(true, Ordering::SeqCst);
-            let shard_end = shard.join();
-            eprintln!("shard thread ended with: {shard_end:?}");
+            let shard_end = shard.end();
+            eprintln!("shard ended with: {shard_end:?}");
             return Err(e);
         }
     };
@@ -437,9 +657,7 @@ fn main() -> Result<()> {
     );
     plane.shutdown().context("shutdown")?;
     stop.store(true, Ordering::SeqCst);
-    shard
-        .join()
-        .map_err(|_| anyhow!("shard thread panicked"))??;
+    shard.join()?;
     if !failures.is_empty() {
         bail!("verification failed: {failures:?}");
     }
@@ -456,8 +674,7 @@ fn run_cases(
     plane: &mut RouterPlane,
     stream: &Arc<CudaStream>,
     cases: Vec<(usize, u32)>,
-    capture: &AtomicBool,
-    cap_rx: &mpsc::Receiver<Captured>,
+    capture: &CaptureSource,
     (x, ids, w): Bufs<'_>,
     partial: &mut CudaSlice<bf16>,
     (x_host, ids_host, w_host): Hosts<'_>,
@@ -480,11 +697,9 @@ fn run_cases(
             Ok(t.elapsed().as_secs_f64() * 1e6)
         };
         // verification exchange
-        capture.store(true, Ordering::SeqCst);
+        capture.arm();
         one(plane, partial)?;
-        let c = cap_rx
-            .recv_timeout(Duration::from_secs(60))
-            .context("shard capture")?;
+        let c = capture.take(layer, rows)?;
         let got = stream.clone_dtoh(&partial.slice(0..rows * h))?;
         let mut bad = Vec::new();
         if c.layer != layer || c.rows != rows {

@@ -4,6 +4,13 @@
 //! It isolates whether the NCCL p2p pattern itself works on the host, apart from dsv2-nccl's
 //! non-blocking communicator (whose first exchange hangs, bench/RESULTS.md). Prints µs per round
 //! trip (dispatch + combine, no expert compute) at 1, 64 and 256 rows of hidden 5120.
+//!
+//! Variants (environment, for diagnosing the hang on the H200 pair):
+//! - `SMOKE_GROUP=cudarc`: cudarc's `Group` API, whose buffer events are recorded after
+//!   `ncclGroupEnd`, instead of manual group_start/end with events recorded inside the group.
+//! - `SMOKE_EVENTS=off`: cudarc's event tracking disabled on both contexts (no events at all).
+//! - `SMOKE_PROCS=threads`: both ranks as threads of one process (how the first attempts ran, and
+//!   hung); the default runs the shard as a second process, as router and expert shards do.
 
 use std::time::Instant;
 
@@ -31,15 +38,65 @@ fn main() -> Result<()> {
             "set NCCL_NVLS_ENABLE=0 (NVLink multicast must stay off)"
         ));
     }
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() == 3 && args[1] == "--shard-id" {
+        // Child process: rank 1 with the id the parent created.
+        return shard(id_from_hex(&args[2])?);
+    }
     let id = Id::new().map_err(|e| anyhow!("ncclGetUniqueId: {e:?}"))?;
-    let shard = std::thread::spawn(move || shard(id));
+    if std::env::var("SMOKE_PROCS").as_deref() == Ok("threads") {
+        let shard = std::thread::spawn(move || shard(id));
+        let r = router(id);
+        let s = shard.join().map_err(|_| anyhow!("shard thread panicked"))?;
+        return r.and(s);
+    }
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg("--shard-id")
+        .arg(id_to_hex(&id))
+        .spawn()?;
     let r = router(id);
-    let s = shard.join().map_err(|_| anyhow!("shard thread panicked"))?;
-    r.and(s)
+    let status = child.wait()?;
+    r?;
+    if !status.success() {
+        return Err(anyhow!("shard process failed: {status}"));
+    }
+    Ok(())
+}
+
+fn id_to_hex(id: &Id) -> String {
+    id.internal()
+        .iter()
+        .map(|c| format!("{:02x}", *c as u8))
+        .collect()
+}
+
+fn id_from_hex(s: &str) -> Result<Id> {
+    if s.len() != 256 {
+        return Err(anyhow!("NCCL id must be 256 hex digits, got {}", s.len()));
+    }
+    let mut raw = [0 as core::ffi::c_char; 128];
+    for (i, b) in raw.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)? as core::ffi::c_char;
+    }
+    Ok(Id::uninit(raw))
+}
+
+fn use_cudarc_group() -> bool {
+    std::env::var("SMOKE_GROUP").as_deref() == Ok("cudarc")
+}
+
+fn context(ordinal: usize) -> Result<std::sync::Arc<CudaContext>> {
+    let ctx = CudaContext::new(ordinal)?;
+    if std::env::var("SMOKE_EVENTS").as_deref() == Ok("off") {
+        // SAFETY: nothing has been allocated on this context yet, and all work below runs on one
+        // stream, so no cross-stream ordering is lost.
+        unsafe { ctx.disable_event_tracking() };
+    }
+    Ok(ctx)
 }
 
 fn router(id: Id) -> Result<()> {
-    let ctx = CudaContext::new(0)?;
+    let ctx = context(0)?;
     let stream = ctx.default_stream();
     let comm =
         Comm::from_rank(stream.clone(), 0, 2, id).map_err(|e| anyhow!("init rank 0: {e:?}"))?;
@@ -56,13 +113,26 @@ fn router(id: Id) -> Result<()> {
             let t0 = Instant::now();
             comm.send(&hdr, 1)
                 .map_err(|e| anyhow!("send header: {e:?}"))?;
-            group_start().map_err(|e| anyhow!("{e:?}"))?;
-            comm.send(&x, 1).map_err(|e| anyhow!("send x: {e:?}"))?;
-            comm.send(&ids, 1).map_err(|e| anyhow!("send ids: {e:?}"))?;
-            comm.send(&w, 1).map_err(|e| anyhow!("send w: {e:?}"))?;
-            comm.recv(&mut partial, 1)
-                .map_err(|e| anyhow!("recv partial: {e:?}"))?;
-            group_end().map_err(|e| anyhow!("{e:?}"))?;
+            if use_cudarc_group() {
+                let mut g = comm.group();
+                g.send(x.as_view(), 1)
+                    .map_err(|e| anyhow!("send x: {e:?}"))?;
+                g.send(ids.as_view(), 1)
+                    .map_err(|e| anyhow!("send ids: {e:?}"))?;
+                g.send(w.as_view(), 1)
+                    .map_err(|e| anyhow!("send w: {e:?}"))?;
+                g.recv(partial.as_view_mut(), 1)
+                    .map_err(|e| anyhow!("recv partial: {e:?}"))?;
+                drop(g);
+            } else {
+                group_start().map_err(|e| anyhow!("{e:?}"))?;
+                comm.send(&x, 1).map_err(|e| anyhow!("send x: {e:?}"))?;
+                comm.send(&ids, 1).map_err(|e| anyhow!("send ids: {e:?}"))?;
+                comm.send(&w, 1).map_err(|e| anyhow!("send w: {e:?}"))?;
+                comm.recv(&mut partial, 1)
+                    .map_err(|e| anyhow!("recv partial: {e:?}"))?;
+                group_end().map_err(|e| anyhow!("{e:?}"))?;
+            }
             stream.synchronize()?;
             if it >= 10 {
                 times.push(t0.elapsed().as_secs_f64() * 1e6);
@@ -89,7 +159,7 @@ fn router(id: Id) -> Result<()> {
 }
 
 fn shard(id: Id) -> Result<()> {
-    let ctx = CudaContext::new(1)?;
+    let ctx = context(1)?;
     let stream = ctx.default_stream();
     let comm =
         Comm::from_rank(stream.clone(), 1, 2, id).map_err(|e| anyhow!("init rank 1: {e:?}"))?;
@@ -117,14 +187,25 @@ fn shard(id: Id) -> Result<()> {
             .iter_mut()
             .find(|b| b.0 == rows)
             .ok_or_else(|| anyhow!("unexpected {rows} rows"))?;
-        group_start().map_err(|e| anyhow!("{e:?}"))?;
-        comm.recv(&mut b.1, 0)
-            .map_err(|e| anyhow!("recv x: {e:?}"))?;
-        comm.recv(&mut b.2, 0)
-            .map_err(|e| anyhow!("recv ids: {e:?}"))?;
-        comm.recv(&mut b.3, 0)
-            .map_err(|e| anyhow!("recv w: {e:?}"))?;
-        group_end().map_err(|e| anyhow!("{e:?}"))?;
+        if use_cudarc_group() {
+            let mut g = comm.group();
+            g.recv(b.1.as_view_mut(), 0)
+                .map_err(|e| anyhow!("recv x: {e:?}"))?;
+            g.recv(b.2.as_view_mut(), 0)
+                .map_err(|e| anyhow!("recv ids: {e:?}"))?;
+            g.recv(b.3.as_view_mut(), 0)
+                .map_err(|e| anyhow!("recv w: {e:?}"))?;
+            drop(g);
+        } else {
+            group_start().map_err(|e| anyhow!("{e:?}"))?;
+            comm.recv(&mut b.1, 0)
+                .map_err(|e| anyhow!("recv x: {e:?}"))?;
+            comm.recv(&mut b.2, 0)
+                .map_err(|e| anyhow!("recv ids: {e:?}"))?;
+            comm.recv(&mut b.3, 0)
+                .map_err(|e| anyhow!("recv w: {e:?}"))?;
+            group_end().map_err(|e| anyhow!("{e:?}"))?;
+        }
         // Echo: the rows go back as the partial sums (compute excluded).
         comm.send(&b.1, 0)
             .map_err(|e| anyhow!("send partial: {e:?}"))?;
