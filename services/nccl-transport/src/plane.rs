@@ -85,7 +85,7 @@ impl RouterPlane {
             hdr_host,
         };
         let peers: Vec<usize> = (1..=shards).collect();
-        handshake(&mut plane.comm, &peers, cfg.timeout)?;
+        handshake(&mut plane.comm, &peers, max_payload(&cfg), cfg.timeout)?;
         Ok(plane)
     }
 
@@ -253,31 +253,49 @@ impl RouterPlane {
 /// exchange is asymmetric (the router sends and receives in one group, the shard receives the
 /// header before it ever sends), so without this the first exchange deadlocks in ncclGroupEnd
 /// (seen on the H200 pair). Doing both directions in one group on both sides connects them.
-fn handshake(comm: &mut Comm, peers: &[usize], timeout: Duration) -> Result<()> {
+/// Connects every NCCL p2p channel the exchange can ever use, both ways, before the first layer.
+///
+/// Why: NCCL connects p2p channels lazily, in the host call that ends a group, and the number of
+/// channels an operation uses grows with its size. The layer protocol is asymmetric (the shard
+/// posts its data receives only after it has read the header that travels in the router's same
+/// group), so a lazy connect in the middle of it waits for a peer that cannot get there: on the
+/// H200 pair every exchange hung while symmetric {send, recv} swaps completed (bench/RESULTS.md,
+/// "NCCL hang diagnosed"). A symmetric swap at the header size and at the largest payload
+/// (`max_bytes`) connects them all up front; later operations only use connected channels.
+fn handshake(comm: &mut Comm, peers: &[usize], max_bytes: usize, timeout: Duration) -> Result<()> {
     let stream = comm.stream().clone();
-    let buf = stream
-        .alloc_zeros::<u32>(2 * HW * peers.len())
-        .map_err(cuda("alloc handshake"))?;
-    let base = {
-        let (p, _g) = buf.device_ptr(&stream);
-        p
-    };
-    comm.group_start()?;
-    let mut res = Ok(());
-    for (i, &peer) in peers.iter().enumerate() {
-        let send = base + bytes_of::<u32>(2 * HW * i) as u64;
-        let recv = send + HEADER_BYTES as u64;
-        // SAFETY: two disjoint 32-byte halves of the live `buf`, waited for below before drop.
-        res = res.and_then(|_| unsafe {
-            comm.send_raw(send, HEADER_BYTES, peer)
-                .and_then(|_| comm.recv_raw(recv, HEADER_BYTES, peer))
-        });
+    for bytes in [HEADER_BYTES, max_bytes.max(HEADER_BYTES)] {
+        let words = bytes.div_ceil(4);
+        let buf = stream
+            .alloc_zeros::<u32>(2 * words * peers.len())
+            .map_err(cuda("alloc handshake"))?;
+        let base = {
+            let (p, _g) = buf.device_ptr(&stream);
+            p
+        };
+        comm.group_start()?;
+        let mut res = Ok(());
+        for (i, &peer) in peers.iter().enumerate() {
+            let send = base + bytes_of::<u32>(2 * words * i) as u64;
+            let recv = send + bytes_of::<u32>(words) as u64;
+            // SAFETY: two disjoint `bytes`-long halves of the live `buf`, waited for below
+            // before it is dropped.
+            res = res.and_then(|_| unsafe {
+                comm.send_raw(send, bytes, peer)
+                    .and_then(|_| comm.recv_raw(recv, bytes, peer))
+            });
+        }
+        comm.group_end(timeout)?;
+        res?;
+        comm.wait("handshake", Some(timeout), None)?;
+        drop(buf);
     }
-    comm.group_end(timeout)?;
-    res?;
-    comm.wait("handshake", Some(timeout), None)?;
-    drop(buf);
     Ok(())
+}
+
+/// The largest single transfer of an exchange: one shard's rows or partials (bf16).
+fn max_payload(cfg: &PlaneConfig) -> usize {
+    bytes_of::<bf16>(cfg.max_rows * cfg.hidden)
 }
 
 fn name_shards(e: NcclError, n: usize) -> NcclError {
@@ -362,7 +380,7 @@ impl ShardPlane {
             hdr_host,
             expect_seq: 0,
         };
-        handshake(&mut plane.comm, &[0], cfg.timeout)?;
+        handshake(&mut plane.comm, &[0], max_payload(&cfg), cfg.timeout)?;
         Ok(plane)
     }
 

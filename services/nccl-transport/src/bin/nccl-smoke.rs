@@ -9,6 +9,11 @@
 //! - `SMOKE_GROUP=cudarc`: cudarc's `Group` API, whose buffer events are recorded after
 //!   `ncclGroupEnd`, instead of manual group_start/end with events recorded inside the group.
 //! - `SMOKE_EVENTS=off`: cudarc's event tracking disabled on both contexts (no events at all).
+//! - `SMOKE_PATTERN=allreduce|swap`: instead of the router/shard protocol, both ranks run one
+//!   all-reduce, or one grouped {send, recv} swap (what GPU.md's probe measured), then exit.
+//! - `SMOKE_PRECONNECT=0`: skip the symmetric swap at the largest size that connects every p2p
+//!   channel both ways before the protocol starts (without it the protocol hangs: see
+//!   dsv2-nccl's plane.rs `handshake`).
 //! - `SMOKE_PROCS=threads`: both ranks as threads of one process (how the first attempts ran, and
 //!   hung); the default runs the shard as a second process, as router and expert shards do.
 
@@ -101,6 +106,10 @@ fn router(id: Id) -> Result<()> {
     let comm =
         Comm::from_rank(stream.clone(), 0, 2, id).map_err(|e| anyhow!("init rank 0: {e:?}"))?;
     println!("router: rank 0 joined");
+    if let Some(p) = symmetric_pattern() {
+        return symmetric(&comm, &stream, 0, &p);
+    }
+    preconnect(&comm, &stream, 1)?;
     for rows in [1usize, 64, 256] {
         let mut hdr = stream.alloc_zeros::<u32>(8)?;
         let x = stream.clone_htod(&vec![bf16::from_f32(1.5); rows * HIDDEN])?;
@@ -164,6 +173,10 @@ fn shard(id: Id) -> Result<()> {
     let comm =
         Comm::from_rank(stream.clone(), 1, 2, id).map_err(|e| anyhow!("init rank 1: {e:?}"))?;
     println!("shard: rank 1 joined");
+    if let Some(p) = symmetric_pattern() {
+        return symmetric(&comm, &stream, 1, &p);
+    }
+    preconnect(&comm, &stream, 0)?;
     let max = 256;
     let mut hdr = stream.alloc_zeros::<u32>(8)?;
     let mut bufs: Vec<ShardBufs> = Vec::new();
@@ -210,4 +223,79 @@ fn shard(id: Id) -> Result<()> {
         comm.send(&b.1, 0)
             .map_err(|e| anyhow!("send partial: {e:?}"))?;
     }
+}
+
+fn symmetric_pattern() -> Option<String> {
+    std::env::var("SMOKE_PATTERN").ok()
+}
+
+/// The same call on both ranks: one all-reduce of 1 MiB, or one grouped send/recv swap.
+fn symmetric(
+    comm: &Comm,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    rank: usize,
+    pattern: &str,
+) -> Result<()> {
+    let n = 1 << 19;
+    let x = stream.clone_htod(&vec![(rank + 1) as f32; n])?;
+    let mut y = stream.alloc_zeros::<f32>(n)?;
+    let t0 = Instant::now();
+    let expect = match pattern {
+        "allreduce" => {
+            comm.all_reduce(&x, &mut y, &cudarc::nccl::safe::ReduceOp::Sum)
+                .map_err(|e| anyhow!("all_reduce: {e:?}"))?;
+            3.0
+        }
+        "swap" => {
+            let peer = 1 - rank as i32;
+            let mut g = comm.group();
+            g.send(x.as_view(), peer)
+                .map_err(|e| anyhow!("send: {e:?}"))?;
+            g.recv(y.as_view_mut(), peer)
+                .map_err(|e| anyhow!("recv: {e:?}"))?;
+            drop(g);
+            (2 - rank) as f32
+        }
+        other => return Err(anyhow!("unknown SMOKE_PATTERN {other}")),
+    };
+    stream.synchronize()?;
+    let got = stream.clone_dtoh(&y)?;
+    let ok = got.iter().all(|v| *v == expect);
+    println!(
+        "rank {rank}: {pattern} done in {:.1} ms, {}",
+        t0.elapsed().as_secs_f64() * 1e3,
+        if ok { "verified" } else { "WRONG" }
+    );
+    if ok {
+        Ok(())
+    } else {
+        Err(anyhow!("{pattern}: wrong result"))
+    }
+}
+
+/// One symmetric {send, recv} swap with `peer` at the largest payload (256 rows of hidden bf16),
+/// so every p2p channel the protocol uses is connected before it starts.
+fn preconnect(
+    comm: &Comm,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    peer: i32,
+) -> Result<()> {
+    if std::env::var("SMOKE_PRECONNECT").as_deref() == Ok("0") {
+        return Ok(());
+    }
+    let a = stream.alloc_zeros::<bf16>(256 * HIDDEN)?;
+    let mut b = stream.alloc_zeros::<bf16>(256 * HIDDEN)?;
+    let t0 = Instant::now();
+    let mut g = comm.group();
+    g.send(a.as_view(), peer)
+        .map_err(|e| anyhow!("preconnect send: {e:?}"))?;
+    g.recv(b.as_view_mut(), peer)
+        .map_err(|e| anyhow!("preconnect recv: {e:?}"))?;
+    drop(g);
+    stream.synchronize()?;
+    println!(
+        "preconnect with rank {peer}: {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
 }
