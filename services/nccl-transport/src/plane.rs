@@ -248,11 +248,6 @@ impl RouterPlane {
     }
 }
 
-/// One symmetric send + recv of a header-sized message with each peer, in one group. NCCL
-/// connects p2p channels lazily, per direction, at the first group that uses them; the layer
-/// exchange is asymmetric (the router sends and receives in one group, the shard receives the
-/// header before it ever sends), so without this the first exchange deadlocks in ncclGroupEnd
-/// (seen on the H200 pair). Doing both directions in one group on both sides connects them.
 /// Connects every NCCL p2p channel the exchange can ever use, both ways, before the first layer.
 ///
 /// Why: NCCL connects p2p channels lazily, in the host call that ends a group, and the number of
