@@ -11,6 +11,7 @@ pub mod convert;
 pub mod error;
 pub mod expected;
 pub mod init_random;
+pub mod pipeline;
 pub mod writer;
 
 pub use convert::{ConvertOptions, ConvertReport, DtypeChoice, PlacementChoice, convert};

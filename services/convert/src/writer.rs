@@ -2,7 +2,8 @@
 //! front from the plan, then tensor data is written sequentially, piece by piece, in bounded
 //! chunks: from a source file by positioned reads (`pread`, not the memory map: touched mmap
 //! pages would count in our RSS and stay mapped until unmapped), or from a seeded RNG. Dtype
-//! conversion happens chunk-wise. Files are written as `NAME.tmp`, fsynced and renamed, so a
+//! conversion happens chunk-wise. Bytes go through `crate::pipeline`, which overlaps reading,
+//! hashing and O_DIRECT writing. Files are written as `NAME.tmp`, fsynced and renamed, so a
 //! half-written file never carries the final name. Hand-written because the `safetensors` crate
 //! serializes only from in-memory buffers.
 
@@ -23,6 +24,7 @@ use sha2::{Digest, Sha256};
 
 use crate::Progress;
 use crate::error::{ConvertError, Result};
+use crate::pipeline::{self, Sink};
 
 /// Elements per chunk: 4 Mi elements = 16 MiB of f32 staging per writer thread.
 pub const CHUNK_ELEMS: usize = 4 << 20;
@@ -205,7 +207,8 @@ pub struct Written {
     pub sha256: String,
 }
 
-/// Writes `f` to `dir/f.rel` atomically, hashing as it goes.
+/// Writes `f` to `dir/f.rel` atomically, hashing as it goes. Reading the sources, hashing and
+/// writing overlap (`crate::pipeline`).
 pub fn write_file(dir: &Path, f: &OutFile, progress: &dyn Progress) -> Result<Written> {
     let layout = f.layout()?;
     let path = dir.join(&f.rel);
@@ -214,38 +217,30 @@ pub fn write_file(dir: &Path, f: &OutFile, progress: &dyn Progress) -> Result<Wr
     }
     let tmp = tmp_path(&path);
     let (out, direct) = create_output(&tmp)?;
-    let mut w = HashingWriter {
-        file: out,
-        path: &tmp,
-        hash: Sha256::new(),
-        written: 0,
-        block: AlignedBuf::new(BLOCK),
-        direct,
-    };
-    w.write(&layout.header)?;
-    let mut sources: HashMap<Arc<PathBuf>, File> = HashMap::new();
-    let mut stage = Stage::default();
-    for t in &f.tensors {
-        for p in &t.pieces {
-            write_piece(&mut w, &mut sources, &mut stage, p, t, progress)?;
+    let done = pipeline::run(&out, &tmp, direct, |sink| {
+        sink.write(&layout.header)?;
+        let mut sources: HashMap<Arc<PathBuf>, File> = HashMap::new();
+        let mut stage = Stage::default();
+        for t in &f.tensors {
+            for p in &t.pieces {
+                write_piece(sink, &mut sources, &mut stage, p, t, progress)?;
+            }
         }
-    }
-    if w.written != layout.size {
+        Ok(())
+    })?;
+    if done.size != layout.size {
         return Err(ConvertError::Invalid(format!(
             "internal: wrote {} bytes to {}, planned {}",
-            w.written,
+            done.size,
             tmp.display(),
             layout.size
         )));
     }
-    w.finish()?;
-    w.file.sync_all().map_err(|e| ConvertError::io(&tmp, e))?;
-    let sha256 = hex(&w.hash.finalize());
-    drop(w.file);
+    drop(out);
     publish(&tmp, &path)?;
     Ok(Written {
         size: layout.size,
-        sha256,
+        sha256: hex(&done.sha256),
     })
 }
 
@@ -282,11 +277,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     publish(&tmp, path)
 }
 
-/// Output block size: data is staged in an aligned block and written a block at a time.
-const BLOCK: usize = 8 << 20;
-/// O_DIRECT alignment (the logical block size of any disk we meet is at most 4 KiB).
-const ALIGN: usize = 4096;
-
 /// Creates the output file, with O_DIRECT where the filesystem allows it: buffered writeback
 /// of many GB measured 285 MB/s here against 1.1 GB/s for direct writes (bench/RESULTS.md),
 /// and direct writes keep the page cache for the source. Falls back to buffered I/O.
@@ -306,106 +296,8 @@ fn create_output(path: &Path) -> Result<(File, bool)> {
     }
 }
 
-/// A heap buffer aligned for O_DIRECT. Hand-written (a few lines of `std::alloc`) rather than
-/// pulling in a crate for it.
-struct AlignedBuf {
-    ptr: std::ptr::NonNull<u8>,
-    cap: usize,
-    len: usize,
-}
-
-// SAFETY: the buffer is uniquely owned heap memory.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    fn layout(cap: usize) -> std::alloc::Layout {
-        // Only called with the constants BLOCK (a multiple of ALIGN) and ALIGN (a power of two).
-        std::alloc::Layout::from_size_align(cap, ALIGN).expect("BLOCK/ALIGN form a valid layout")
-    }
-    fn new(cap: usize) -> Self {
-        let layout = Self::layout(cap);
-        // SAFETY: layout has non-zero size.
-        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr =
-            std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, cap, len: 0 }
-    }
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: `len <= cap` bytes of an allocation we own, initialized (zeroed at alloc).
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-    fn spare(&mut self) -> &mut [u8] {
-        // SAFETY: the bytes after `len` up to `cap` belong to our allocation.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(self.len), self.cap - self.len)
-        }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with the same layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
-    }
-}
-
-struct HashingWriter<'a> {
-    file: File,
-    path: &'a Path,
-    hash: Sha256,
-    written: u64,
-    block: AlignedBuf,
-    direct: bool,
-}
-
-impl HashingWriter<'_> {
-    fn write(&mut self, mut b: &[u8]) -> Result<()> {
-        self.hash.update(b);
-        self.written += b.len() as u64;
-        while !b.is_empty() {
-            let spare = self.block.spare();
-            let n = spare.len().min(b.len());
-            spare[..n].copy_from_slice(&b[..n]);
-            self.block.len += n;
-            b = &b[n..];
-            if self.block.len == self.block.cap {
-                self.flush_block()?;
-            }
-        }
-        Ok(())
-    }
-
-    fn flush_block(&mut self) -> Result<()> {
-        self.file
-            .write_all(self.block.as_slice())
-            .map_err(|e| ConvertError::io(self.path, e))?;
-        self.block.len = 0;
-        Ok(())
-    }
-
-    /// Writes the last partial block. O_DIRECT needs whole aligned blocks: pad with zeros, then
-    /// cut the file back to its real length.
-    fn finish(&mut self) -> Result<()> {
-        if self.block.len == 0 {
-            return Ok(());
-        }
-        if self.direct {
-            let padded = self.block.len.div_ceil(ALIGN) * ALIGN;
-            let pad = padded - self.block.len;
-            self.block.spare()[..pad].fill(0);
-            self.block.len = padded;
-            self.flush_block()?;
-            self.file
-                .set_len(self.written)
-                .map_err(|e| ConvertError::io(self.path, e))?;
-        } else {
-            self.flush_block()?;
-        }
-        Ok(())
-    }
-}
-
-/// Reusable staging buffers (bounded: CHUNK_ELEMS values each).
+/// Reusable staging buffers for dtype conversion and random values (bounded: CHUNK_ELEMS
+/// values each). Same-dtype copies need none: they are read straight into the output blocks.
 #[derive(Default)]
 struct Stage {
     raw: Vec<u8>,
@@ -414,7 +306,7 @@ struct Stage {
 }
 
 fn write_piece(
-    w: &mut HashingWriter<'_>,
+    w: &mut Sink,
     sources: &mut HashMap<Arc<PathBuf>, File>,
     stage: &mut Stage,
     p: &Piece,
@@ -435,6 +327,23 @@ fn write_piece(
                 sources.insert(path.clone(), f);
             }
             let src = &sources[path];
+            let read_err = |at: u64, n: usize, e: std::io::Error| ConvertError::Tensor {
+                tensor: p.name.clone(),
+                file: path.to_path_buf(),
+                msg: format!("cannot read bytes {at}..{}: {e}", at + n as u64),
+            };
+            if *dtype == out_dtype {
+                // Straight into the output blocks, a block's worth at a time.
+                let nbytes = numel * dtype.size();
+                let mut done = 0usize;
+                while done < nbytes {
+                    let n = (CHUNK_ELEMS * dtype.size()).min(nbytes - done);
+                    w.read_from(src, offset + done as u64, n, &read_err)?;
+                    progress.advance(n as u64);
+                    done += n;
+                }
+                return Ok(());
+            }
             let mut done = 0usize;
             while done < *numel {
                 let n = CHUNK_ELEMS.min(numel - done);
@@ -442,18 +351,10 @@ fn write_piece(
                 stage.raw.resize(nbytes, 0);
                 let at = offset + (done * dtype.size()) as u64;
                 src.read_exact_at(&mut stage.raw[..nbytes], at)
-                    .map_err(|e| ConvertError::Tensor {
-                        tensor: p.name.clone(),
-                        file: path.to_path_buf(),
-                        msg: format!("cannot read bytes {at}..{}: {e}", at + nbytes as u64),
-                    })?;
-                if *dtype == out_dtype {
-                    w.write(&stage.raw[..nbytes])?;
-                } else {
-                    to_f32(*dtype, &stage.raw[..nbytes], &mut stage.f32s);
-                    encode(out_dtype, &stage.f32s, &mut stage.out);
-                    w.write(&stage.out)?;
-                }
+                    .map_err(|e| read_err(at, nbytes, e))?;
+                to_f32(*dtype, &stage.raw[..nbytes], &mut stage.f32s);
+                encode(out_dtype, &stage.f32s, &mut stage.out);
+                w.write(&stage.out)?;
                 progress.advance((n * out_dtype.size()) as u64);
                 done += n;
             }
