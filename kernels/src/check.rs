@@ -776,6 +776,9 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     }
     out.push(crate::ops::general::check_latent_append(gpu, 67, 512, 64)?);
     out.push(crate::ops::general::check_latent_append(gpu, 7, 32, 8)?);
+    out.push(crate::ops::general::check_rows_add(gpu, 1, 5120)?);
+    out.push(crate::ops::general::check_rows_add(gpu, 67, 5120)?);
+    out.push(crate::ops::general::check_rows_add(gpu, 300, 72)?);
     if !quick {
         let lens: Vec<usize> = (0..67).map(|i| 1 + (i * 97) % 700).collect();
         out.push(check_mla_decode(gpu, &lens, 128, 64, None)?);

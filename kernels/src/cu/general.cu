@@ -120,3 +120,18 @@ extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16* __re
     for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x)
         y[k] = __float2bfloat16(x[k]);
 }
+
+// acc[idx[i], :] += float(src[i, :]) for i < n: one expert shard's partial sums (bf16, in the
+// order the shard got its rows) added into the router's f32 accumulator. One block per source
+// row; the indices of one launch are distinct (a row goes to a shard at most once), so no two
+// blocks touch the same accumulator row. Indices outside [0, rows) are skipped.
+extern "C" __global__ void rows_add_f32(float* __restrict__ acc, const bf16* __restrict__ src,
+                                        const int* __restrict__ idx, int n, int rows, int cols) {
+    int i = blockIdx.x;
+    if (i >= n) return;
+    int r = idx[i];
+    if (r < 0 || r >= rows) return;
+    float* a = acc + (size_t)r * cols;
+    const bf16* s = src + (size_t)i * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) a[c] += __bfloat162float(s[c]);
+}

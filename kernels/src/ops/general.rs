@@ -1,6 +1,6 @@
 //! Launchers for general.cu (MLA pieces for any latent / rope / head dims: latent norm + cache
 //! write, causal attention over a gathered context, strided row copy, residual add, f32 -> bf16
-//! cast), their f32 references, and their GPU checks.
+//! cast, indexed row accumulation), their f32 references, and their GPU checks.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -510,6 +510,97 @@ pub fn check_attn_causal(
         &want,
         1e-2,
     ))
+}
+
+/// acc[idx[i]] += f32(src[i]) for every row i of `src`: acc f32 [rows, cols], src bf16 [n, cols],
+/// idx i32 [n], all contiguous. The indices must be distinct within one call (rows of one expert
+/// shard); an index outside 0..rows is skipped by the kernel.
+pub fn rows_add_f32(
+    gpu: &Gpu,
+    acc: ViewMut<'_, f32>,
+    src: View<'_, bf16>,
+    idx: View<'_, i32>,
+) -> Result<()> {
+    const OP: &str = "rows_add_f32";
+    acc.expect(OP, "acc", &[None, None])?;
+    let (rows, cols) = (acc.shape()[0], acc.shape()[1]);
+    src.expect(OP, "src", &[None, Some(cols)])?;
+    let n = src.shape()[0];
+    idx.expect(OP, "idx", &[Some(n)])?;
+    if n == 0 || cols == 0 {
+        return Ok(());
+    }
+    let (a, s, i) = (acc.ptr(), src.ptr(), idx.ptr());
+    let (ni, ri, ci) = (
+        dim_i32(OP, "n", n)?,
+        dim_i32(OP, "rows", rows)?,
+        dim_i32(OP, "cols", cols)?,
+    );
+    let f = gpu.function(OP)?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(&a).arg(&s).arg(&i).arg(&ni).arg(&ri).arg(&ci);
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches rows_add_f32; acc holds rows x cols f32, src n x cols bf16, idx n i32 (all
+    // contiguous, checked above); the kernel skips indices outside 0..rows.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// `rows_add_f32` twice (two shards with overlapping row sets, one index out of range) against
+/// the f32 reference; the result must be exact (one f32 add per element and launch).
+pub fn check_rows_add(gpu: &Gpu, rows: usize, cols: usize) -> Result<CheckRow> {
+    let mut g = ChaCha8Rng::seed_from_u64(23);
+    let acc0: Vec<f32> = (0..rows * cols)
+        .map(|_| g.random_range(-1.0f32..1.0))
+        .collect();
+    let mut want = acc0.clone();
+    let mut acc = Tensor::from_host(gpu, &acc0, &[rows, cols])?;
+    for shard in 0..2 {
+        let mut idx: Vec<i32> = (0..rows as i32)
+            .filter(|r| !(*r as usize + shard).is_multiple_of(3))
+            .collect();
+        for i in (1..idx.len()).rev() {
+            let j = g.random_range(0..=i);
+            idx.swap(i, j);
+        }
+        if shard == 1 {
+            idx.push(rows as i32); // out of range: skipped
+        }
+        let (sb, sf) = rand_bf16(&mut g, idx.len() * cols, 1.0);
+        for (i, &r) in idx.iter().enumerate() {
+            if (r as usize) < rows {
+                for c in 0..cols {
+                    want[r as usize * cols + c] += sf[i * cols + c];
+                }
+            }
+        }
+        let src = Tensor::from_host(gpu, &sb, &[idx.len(), cols])?;
+        let it = Tensor::from_host(gpu, &idx, &[idx.len()])?;
+        rows_add_f32(gpu, acc.view_mut(), src.view(), it.view())?;
+    }
+    let got = acc.to_host(gpu)?;
+    let bad = got
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    Ok(CheckRow {
+        op: "rows_add_f32".into(),
+        sizes: format!("rows {rows} cols {cols}, 2 shards"),
+        max_abs: bad as f32,
+        rel_l2: 0.0,
+        tol: 0.0,
+        pass: bad == 0,
+        note: if bad == 0 {
+            "exact".into()
+        } else {
+            format!("{bad} mismatches")
+        },
+    })
 }
 
 /// `mla_latent_append` of `tokens` rows into a shuffled set of slots (one slot left out as -1).
