@@ -149,6 +149,46 @@ impl Placement {
     }
 }
 
+/// One shard's share of a MoE layer: the rows (ascending) that chose at least one of its experts,
+/// with all `top_k` slots of each row: the shard's own expert ids and gate weights, other shards'
+/// slots padded with [`crate::routing::NO_EXPERT`] and weight 0.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShardRows {
+    pub rows: Vec<usize>,
+    pub ids: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+/// Splits a layer's routing over `shards` shards by `owner` (expert -> shard, from
+/// [`Placement::owner_table`]). Every transport uses this one split, so they send the same rows
+/// in the same order and their results can be compared bit for bit.
+pub fn split_rows(
+    routing: &crate::routing::Routing,
+    owner: &[usize],
+    shards: usize,
+) -> Vec<ShardRows> {
+    let mut out = vec![ShardRows::default(); shards];
+    for r in 0..routing.rows() {
+        let (ids, ws) = routing.row(r);
+        for (s, entry) in out.iter_mut().enumerate() {
+            if !ids.iter().any(|&e| owner.get(e as usize) == Some(&s)) {
+                continue;
+            }
+            entry.rows.push(r);
+            for (&e, &w) in ids.iter().zip(ws) {
+                if owner.get(e as usize) == Some(&s) {
+                    entry.ids.push(e);
+                    entry.weights.push(w);
+                } else {
+                    entry.ids.push(crate::routing::NO_EXPERT);
+                    entry.weights.push(0.0);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Parses "0-79", "0,5,7-9" into expert ids.
 pub fn parse_expert_list(s: &str) -> Result<Vec<usize>> {
     let mut out = Vec::new();
@@ -184,6 +224,36 @@ pub fn parse_expert_list(s: &str) -> Result<Vec<usize>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn split_rows_pads_other_shards_slots() {
+        use crate::routing::{NO_EXPERT, Routing};
+        // experts 0,1 on shard 0; 2,3 on shard 1; k = 2; three rows
+        let owner = vec![0, 0, 1, 1];
+        let routing = Routing {
+            top_k: 2,
+            ids: vec![0, 1, 2, 0, 3, 2],
+            weights: vec![0.5, 0.25, 0.75, 0.125, 1.0, 2.0],
+        };
+        let s = split_rows(&routing, &owner, 2);
+        assert_eq!(s[0].rows, vec![0, 1]);
+        assert_eq!(s[0].ids, vec![0, 1, NO_EXPERT, 0]);
+        assert_eq!(s[0].weights, vec![0.5, 0.25, 0.0, 0.125]);
+        assert_eq!(s[1].rows, vec![1, 2]);
+        assert_eq!(s[1].ids, vec![2, NO_EXPERT, 3, 2]);
+        assert_eq!(s[1].weights, vec![0.75, 0.0, 1.0, 2.0]);
+        // an expert nobody owns sends its row nowhere
+        let lost = Routing {
+            top_k: 1,
+            ids: vec![9],
+            weights: vec![1.0],
+        };
+        assert!(
+            split_rows(&lost, &owner, 2)
+                .iter()
+                .all(|s| s.rows.is_empty())
+        );
+    }
+
     use super::*;
 
     fn v2() -> ModelConfig {

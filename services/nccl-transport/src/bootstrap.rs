@@ -26,7 +26,8 @@ pub struct JoinRequest {
     pub id: UniqueId,
     pub rank: usize,
     pub world: usize,
-    pub timeout: Duration,
+    /// The router's exchange sizes, with the init timeout.
+    pub cfg: PlaneConfig,
 }
 
 /// Parses an NcclInit request (the shard side's edge).
@@ -42,11 +43,26 @@ pub fn parse_request(req: &NcclInitRequest) -> Result<JoinRequest> {
         0 => DEFAULT_INIT_TIMEOUT,
         ms => Duration::from_millis(ms as u64),
     };
+    let (hidden, max_rows, max_k) = (
+        req.hidden_size as usize,
+        req.max_rows as usize,
+        req.max_experts_per_row as usize,
+    );
+    if hidden == 0 || max_rows == 0 || max_k == 0 {
+        return Err(NcclError::InvalidArgument(format!(
+            "hidden_size {hidden}, max_rows {max_rows}, max_experts_per_row {max_k}: all must be > 0"
+        )));
+    }
     Ok(JoinRequest {
         id,
         rank,
         world,
-        timeout,
+        cfg: PlaneConfig {
+            hidden,
+            max_rows,
+            max_k,
+            timeout,
+        },
     })
 }
 
@@ -56,18 +72,19 @@ pub struct ShardThread {
     pub thread: std::thread::JoinHandle<Result<LoopEnd>>,
 }
 
-/// Shard side: validates `req`, then on a new thread runs `setup` (opens the device, returns the
-/// stream the plane and the compute share, and the compute), joins the communicator and serves
-/// the exchange until shutdown. Returns once the join finished, with its outcome as the
-/// NcclInit answer, and the thread when it succeeded.
+/// Shard side: validates `req` (its hidden size must be this shard's `hidden`), then on a new
+/// thread runs `setup` with the agreed exchange sizes (it binds the device and returns the stream
+/// the plane and the compute share, and the compute, with buffers for `max_rows`), joins the
+/// communicator and serves the exchange until shutdown. Returns once the join finished, with its
+/// outcome as the NcclInit answer, and the thread when it succeeded.
 pub fn shard_join<S, F>(
     req: &NcclInitRequest,
-    mut cfg: PlaneConfig,
+    hidden: usize,
     setup: F,
 ) -> (NcclInitResponse, Option<ShardThread>)
 where
     S: ShardCompute + 'static,
-    F: FnOnce() -> std::result::Result<(Arc<CudaStream>, S), String> + Send + 'static,
+    F: FnOnce(&PlaneConfig) -> std::result::Result<(Arc<CudaStream>, S), String> + Send + 'static,
 {
     let fail = |e: String| NcclInitResponse {
         ok: false,
@@ -77,14 +94,23 @@ where
         Ok(j) => j,
         Err(e) => return (fail(e.to_string()), None),
     };
-    cfg.timeout = jr.timeout;
+    if jr.cfg.hidden != hidden {
+        return (
+            fail(format!(
+                "the router's hidden size {} is not this shard's {hidden}: start both with the same model",
+                jr.cfg.hidden
+            )),
+            None,
+        );
+    }
+    let cfg = jr.cfg;
     let stop: StopFlag = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel::<std::result::Result<(), String>>();
     let stop2 = stop.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("nccl-shard-rank{}", jr.rank))
         .spawn(move || -> Result<LoopEnd> {
-            let (stream, mut compute) = match setup() {
+            let (stream, mut compute) = match setup(&cfg) {
                 Ok(x) => x,
                 Err(e) => {
                     let _ = tx.send(Err(format!("device setup failed: {e}")));
@@ -111,7 +137,7 @@ where
         Err(e) => return (fail(format!("cannot spawn the NCCL thread: {e}")), None),
     };
     // The thread answers before init's own deadline passes; the extra second covers setup.
-    match rx.recv_timeout(jr.timeout + Duration::from_secs(60)) {
+    match rx.recv_timeout(cfg.timeout + Duration::from_secs(60)) {
         Ok(Ok(())) => (
             NcclInitResponse {
                 ok: true,
@@ -124,7 +150,7 @@ where
             fail(format!(
                 "rank {}: device setup + NCCL init gave no answer within {:?}",
                 jr.rank,
-                jr.timeout + Duration::from_secs(60)
+                cfg.timeout + Duration::from_secs(60)
             )),
             None,
         ),
@@ -137,8 +163,9 @@ pub async fn request_join(
     id: UniqueId,
     rank: usize,
     world: usize,
-    timeout: Duration,
+    cfg: PlaneConfig,
 ) -> Result<()> {
+    let timeout = cfg.timeout;
     let err = |message: String| NcclError::Bootstrap {
         shard: endpoint.clone(),
         rank,
@@ -158,6 +185,9 @@ pub async fn request_join(
             world_size: world as u32,
             rank: rank as u32,
             timeout_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
+            hidden_size: cfg.hidden as u32,
+            max_rows: cfg.max_rows as u32,
+            max_experts_per_row: cfg.max_k as u32,
         })
         .await
         .map_err(|e| err(format!("NcclInit failed: {}", e.message())))?
@@ -184,7 +214,7 @@ pub fn bootstrap_router(
     let tasks: Vec<_> = endpoints
         .iter()
         .enumerate()
-        .map(|(i, ep)| rt.spawn(request_join(ep.clone(), id, i + 1, world, cfg.timeout)))
+        .map(|(i, ep)| rt.spawn(request_join(ep.clone(), id, i + 1, world, cfg)))
         .collect();
     let local = RouterPlane::new(stream, id, endpoints.len(), cfg);
     let mut shard_err = None;
@@ -218,6 +248,9 @@ mod tests {
             world_size: world,
             rank,
             timeout_ms: ms,
+            hidden_size: 8,
+            max_rows: 4,
+            max_experts_per_row: 2,
         }
     }
 
@@ -225,14 +258,25 @@ mod tests {
     fn parse_checks_id_rank_and_world() {
         let ok = parse_request(&req(128, 1, 2, 0)).expect("valid");
         assert_eq!(
-            (ok.rank, ok.world, ok.timeout),
+            (ok.rank, ok.world, ok.cfg.timeout),
             (1, 2, DEFAULT_INIT_TIMEOUT)
+        );
+        assert_eq!(
+            (ok.cfg.hidden, ok.cfg.max_rows, ok.cfg.max_k),
+            (8, 4, 2)
         );
         assert_eq!(ok.id.0, [7; 128]);
         assert_eq!(
-            parse_request(&req(128, 3, 4, 1500)).expect("valid").timeout,
+            parse_request(&req(128, 3, 4, 1500))
+                .expect("valid")
+                .cfg
+                .timeout,
             Duration::from_millis(1500)
         );
+        let mut zero = req(128, 1, 2, 0);
+        zero.max_rows = 0;
+        let e = parse_request(&zero).unwrap_err().to_string();
+        assert!(e.contains("max_rows 0"), "{e}");
         let e = parse_request(&req(127, 1, 2, 0)).unwrap_err().to_string();
         assert!(e.contains("127 bytes"), "{e}");
         for (rank, world) in [(0, 2), (2, 2), (1, 1), (5, 3)] {
@@ -258,21 +302,17 @@ mod tests {
                 Err("unused".into())
             }
         }
-        let cfg = PlaneConfig {
-            hidden: 8,
-            max_rows: 4,
-            max_k: 2,
-            timeout: Duration::from_secs(1),
+        let never = |_: &PlaneConfig| -> std::result::Result<(Arc<CudaStream>, Never), String> {
+            Err("setup must not run".into())
         };
-        let (resp, t) = shard_join(
-            &req(128, 0, 2, 0),
-            cfg,
-            || -> std::result::Result<(Arc<CudaStream>, Never), String> {
-                Err("setup must not run".into())
-            },
-        );
+        let (resp, t) = shard_join(&req(128, 0, 2, 0), 8, never);
         assert!(!resp.ok);
         assert!(resp.error.contains("router is 0"), "{}", resp.error);
+        assert!(t.is_none());
+        // a router serving another model (hidden 8 vs this shard's 16) is refused up front
+        let (resp, t) = shard_join(&req(128, 1, 2, 0), 16, never);
+        assert!(!resp.ok);
+        assert!(resp.error.contains("same model"), "{}", resp.error);
         assert!(t.is_none());
     }
 }

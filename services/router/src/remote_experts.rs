@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use dsv2_core::backend::Backend;
 use dsv2_core::model::{ExpertExecutor, PendingExperts};
-use dsv2_core::placement::Placement;
-use dsv2_core::routing::{NO_EXPERT, Routing};
+use dsv2_core::placement::{Placement, split_rows};
+use dsv2_core::routing::Routing;
 use dsv2_core::{CoreError, ModelConfig};
 use dsv2_proto::expert::v1::expert_shard_client::ExpertShardClient;
 use dsv2_proto::expert::v1::{Dtype, ForwardRequest, ForwardResponse, InfoRequest, InfoResponse};
@@ -244,29 +244,10 @@ impl<B: Backend> ExpertExecutor<B> for RemoteExperts<B> {
         let h = self.hidden;
         let host = self.backend.act_to_host(x)?;
         // Rows per shard, with that shard's slots (others padded).
-        let n = self.shards.len();
-        let mut per_shard: Vec<(Vec<usize>, Vec<u32>, Vec<f32>)> =
-            vec![(vec![], vec![], vec![]); n];
-        for r in 0..rows {
-            let (ids, ws) = routing.row(r);
-            for (s, entry) in per_shard.iter_mut().enumerate() {
-                if !ids.iter().any(|&e| self.owner.get(e as usize) == Some(&s)) {
-                    continue;
-                }
-                entry.0.push(r);
-                for (&e, &w) in ids.iter().zip(ws) {
-                    if self.owner.get(e as usize) == Some(&s) {
-                        entry.1.push(e);
-                        entry.2.push(w);
-                    } else {
-                        entry.1.push(NO_EXPERT);
-                        entry.2.push(0.0);
-                    }
-                }
-            }
-        }
+        let per_shard = split_rows(routing, &self.owner, self.shards.len());
         let mut waits = Vec::new();
-        for (s, (row_ids, ids, ws)) in per_shard.into_iter().enumerate() {
+        for (s, part) in per_shard.into_iter().enumerate() {
+            let (row_ids, ids, ws) = (part.rows, part.ids, part.weights);
             if row_ids.is_empty() {
                 continue;
             }
