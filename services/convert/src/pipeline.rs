@@ -1,11 +1,13 @@
 //! The per-file write pipeline: a producer (the caller's thread: positioned reads of the source
 //! and dtype conversion, straight into aligned blocks), a hasher thread (sha256 over the bytes in
-//! file order) and a writer thread (O_DIRECT `pwrite` of whole blocks). The three overlap: while
-//! the writer waits on the disk for block k, the hasher digests block k+1 and the producer reads
-//! block k+2. Blocks circulate through a fixed ring of `RING` aligned buffers (free → producer →
-//! hasher → writer → free), so memory per file is bounded by `RING × BLOCK` (32 MiB).
+//! file order; it also gives each block its file offset) and `WRITERS` writer threads (O_DIRECT
+//! `pwrite` of whole blocks at their offsets, so two writes are in flight at once). The stages
+//! overlap: while the writers wait on the disk for blocks k and k+1, the hasher digests block
+//! k+2 and the producer reads block k+3. Blocks circulate through a fixed ring of `RING` aligned
+//! buffers (free → producer → hasher → writers → free), so memory per file is bounded by
+//! `RING × BLOCK` (48 MiB).
 //!
-//! Hand-written on std threads and bounded `sync_channel`s: three stages with a fixed buffer
+//! Hand-written on std threads and bounded `sync_channel`s: a few stages with a fixed buffer
 //! pool are a few dozen lines, and the crates that offer pipelines (rayon, crossbeam) would
 //! add nothing here but another scheduler to reason about.
 
@@ -13,6 +15,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -21,7 +24,10 @@ use crate::error::{ConvertError, Result};
 /// Output block size: each O_DIRECT write is one whole block (the last one padded).
 pub const BLOCK: usize = 8 << 20;
 /// Blocks in flight per file: enough that each stage has one to work on and one queued.
-pub const RING: usize = 4;
+pub const RING: usize = 6;
+/// Writer threads per file: O_DIRECT writes are synchronous, and this disk completes two
+/// concurrent streams faster than one (bench/RESULTS.md, read+write ceilings).
+pub const WRITERS: usize = 2;
 /// O_DIRECT alignment (the logical block size of any disk we meet is at most 4 KiB).
 pub const ALIGN: usize = 4096;
 
@@ -178,15 +184,29 @@ pub fn run(
 ) -> Result<Output> {
     let (free_tx, free_rx) = sync_channel::<AlignedBuf>(RING);
     let (full_tx, full_rx) = sync_channel::<AlignedBuf>(RING);
-    let (hashed_tx, hashed_rx) = sync_channel::<AlignedBuf>(RING);
+    let (hashed_tx, hashed_rx) = sync_channel::<(u64, AlignedBuf)>(RING);
+    // The writers share one queue; a block goes to whichever is free first. It is dropped with
+    // the last writer, so if every writer stops on an error the hasher's send fails instead of
+    // waiting for ever.
+    let hashed_rx = Arc::new(Mutex::new(hashed_rx));
     for _ in 0..RING {
         free_tx
             .send(AlignedBuf::new(BLOCK))
             .map_err(|_| stopped())?;
     }
     let (produced, hashed, written) = std::thread::scope(|s| {
-        let hasher = s.spawn(move || hash_stage(full_rx, hashed_tx));
-        let writer = s.spawn(move || write_stage(out, path, direct, hashed_rx, free_tx));
+        let hasher = s.spawn(move || hash_stage(full_rx, hashed_tx, path));
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|_| {
+                let free = free_tx.clone();
+                let queue = hashed_rx.clone();
+                s.spawn(move || write_stage(out, path, direct, &queue, free))
+            })
+            .collect();
+        // Only the writers hold the free-block sender and the queue now: if they all stop, the
+        // producer's wait for a free block and the hasher's send end.
+        drop(free_tx);
+        drop(hashed_rx);
         let mut sink = Sink {
             free: free_rx,
             full: full_tx,
@@ -208,9 +228,16 @@ pub fn run(
         let hashed = hasher
             .join()
             .unwrap_or_else(|_| Err(ConvertError::Invalid("the hasher thread panicked".into())));
-        let written = writer
-            .join()
-            .unwrap_or_else(|_| Err(ConvertError::Invalid("the writer thread panicked".into())));
+        let mut written = Ok(0u64);
+        for w in writers {
+            let r = w
+                .join()
+                .unwrap_or_else(|_| Err(ConvertError::Invalid("a writer thread panicked".into())));
+            written = match (written, r) {
+                (Ok(a), Ok(b)) => Ok(a + b),
+                (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+            };
+        }
         (produced, hashed, written)
     });
     let written = written?;
@@ -231,28 +258,16 @@ pub fn run(
 
 type Digested = (sha2::digest::Output<Sha256>, u64);
 
-fn hash_stage(full: Receiver<AlignedBuf>, hashed: SyncSender<AlignedBuf>) -> Result<Digested> {
+fn hash_stage(
+    full: Receiver<AlignedBuf>,
+    hashed: SyncSender<(u64, AlignedBuf)>,
+    path: &Path,
+) -> Result<Digested> {
     let mut h = Sha256::new();
     let mut n = 0u64;
+    let mut last_partial = false;
     // Ends when the producer drops its sender (done, or failed: then its error is reported).
     for b in full {
-        h.update(b.as_slice());
-        n += b.len as u64;
-        hashed.send(b).map_err(|_| stopped())?;
-    }
-    Ok((h.finalize(), n))
-}
-
-fn write_stage(
-    out: &File,
-    path: &Path,
-    direct: bool,
-    hashed: Receiver<AlignedBuf>,
-    free: SyncSender<AlignedBuf>,
-) -> Result<u64> {
-    let mut pos = 0u64;
-    let mut last_partial = false;
-    for mut b in hashed {
         if last_partial {
             // O_DIRECT offsets must stay aligned: only the final block may be short.
             return Err(ConvertError::Invalid(format!(
@@ -260,8 +275,31 @@ fn write_stage(
                 path.display()
             )));
         }
+        last_partial = b.len < b.cap;
+        h.update(b.as_slice());
+        let at = n;
+        n += b.len as u64;
+        hashed.send((at, b)).map_err(|_| stopped())?;
+    }
+    Ok((h.finalize(), n))
+}
+
+/// One writer: takes blocks off the shared queue until it is closed; returns the bytes it wrote.
+fn write_stage(
+    out: &File,
+    path: &Path,
+    direct: bool,
+    hashed: &Mutex<Receiver<(u64, AlignedBuf)>>,
+    free: SyncSender<AlignedBuf>,
+) -> Result<u64> {
+    let mut total = 0u64;
+    loop {
+        // The lock is held only while waiting for the next block, not during the write.
+        let next = hashed.lock().map_err(|_| stopped())?.recv();
+        let Ok((pos, mut b)) = next else {
+            return Ok(total);
+        };
         let len = b.len;
-        last_partial = len < b.cap;
         let end = if direct {
             // Pad to the alignment with zeros (already hashed without them); `run` cuts the
             // file back to its real length.
@@ -273,11 +311,10 @@ fn write_stage(
         };
         out.write_all_at(&b.whole_mut()[..end], pos)
             .map_err(|e| ConvertError::io(path, e))?;
-        pos += len as u64;
+        total += len as u64;
         // The producer may be done already and have dropped its receiver: nothing to return to.
         let _ = free.send(b);
     }
-    Ok(pos)
 }
 
 #[cfg(test)]
