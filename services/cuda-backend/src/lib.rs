@@ -144,6 +144,17 @@ impl CudaBackend {
         &self.gpu
     }
 
+    /// Runs `f` under the execution lock with the context current, for code outside this crate
+    /// that launches kernels on the backend's stream (dsv2-nccl-experts gathers rows for the
+    /// NCCL plane and adds the shards' partials back this way).
+    pub fn with_gpu<R>(
+        &self,
+        f: impl FnOnce(&Gpu) -> std::result::Result<R, KernelError>,
+    ) -> Result<R> {
+        let _g = self.lock()?;
+        f(&self.gpu).kx()
+    }
+
     /// Takes the execution lock and makes the context current on this thread (callers may come
     /// from any thread; cuBLAS calls do not bind the context themselves).
     fn lock(&self) -> Result<MutexGuard<'_, ()>> {

@@ -17,6 +17,8 @@ use dsv2_core::model::{ExpertSelection, LocalExperts};
 use dsv2_core::placement::{Placement, parse_expert_list};
 use dsv2_core::routing::Routing;
 use dsv2_core::weights::WeightStore;
+use dsv2_cuda_backend::CudaBackend;
+use dsv2_nccl_experts::{NcclJoin, shard_join_handler};
 use dsv2_proto::expert::v1::expert_shard_server::{ExpertShard, ExpertShardServer};
 use dsv2_proto::expert::v1::{
     Dtype, ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, NcclInitRequest,
@@ -55,7 +57,8 @@ struct Config {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
-    /// Data plane (nccl needs the CUDA build).
+    /// Data plane: grpc (Forward streams), or nccl (also accept the router's NcclInit and serve
+    /// the layers over NCCL on this GPU; needs --device cuda:N). Forward stays available.
     #[arg(long, value_enum, default_value = "grpc")]
     transport: Transport,
     #[arg(long, value_enum, env = "DSV2_LOG_FORMAT", default_value = "human")]
@@ -71,7 +74,14 @@ struct Shard<B: Backend> {
     info: InfoResponse,
     hosted: Vec<bool>,
     moe_layer: Vec<bool>,
+    /// The NcclInit handler (GPU shards started with --transport nccl).
+    nccl: Option<NcclJoin>,
 }
+
+/// Builds the NcclInit handler from the loaded experts (CUDA only): (experts, hosted, moe
+/// layers, hidden size).
+type NcclMaker<B> =
+    Box<dyn FnOnce(Arc<LocalExperts<B>>, Vec<bool>, Vec<bool>, usize) -> NcclJoin + Send>;
 
 fn shard_error(code: ShardErrorCode, req: &ForwardRequest, message: String) -> ForwardResponse {
     ForwardResponse {
@@ -213,18 +223,31 @@ impl<B: Backend> ExpertShard for Service<B> {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    /// This shard computes on the CPU and serves the gRPC data plane only; the NCCL data plane
-    /// (dsv2-nccl's `shard_join`) needs a GPU shard, so joining is refused with a clear reason.
+    /// Joins the router's NCCL communicator (GPU shards started with --transport nccl); any
+    /// other shard answers why it cannot, so the router's error names the fix.
     async fn nccl_init(
         &self,
-        _r: Request<NcclInitRequest>,
+        r: Request<NcclInitRequest>,
     ) -> Result<Response<NcclInitResponse>, Status> {
-        Ok(Response::new(NcclInitResponse {
-            ok: false,
-            error: "this dsv2-expert serves experts on the CPU over gRPC (--transport grpc); \
-                    the NCCL data plane needs a GPU shard"
-                .into(),
-        }))
+        let Some(join) = self.0.nccl.clone() else {
+            return Ok(Response::new(NcclInitResponse {
+                ok: false,
+                error: format!(
+                    "this dsv2-expert ({}) serves the gRPC data plane only; start it with --device cuda:N --transport nccl",
+                    self.0.info.device
+                ),
+            }));
+        };
+        let req = r.into_inner();
+        tracing::info!(
+            rank = req.rank,
+            world = req.world_size,
+            "NcclInit from the router"
+        );
+        let resp = tokio::task::spawn_blocking(move || join(&req))
+            .await
+            .map_err(|e| Status::internal(format!("NCCL join task failed: {e}")))?;
+        Ok(Response::new(resp))
     }
 }
 
@@ -239,19 +262,35 @@ fn main() -> Result<()> {
 
 async fn serve(c: Config) -> Result<()> {
     match c.device {
-        DeviceSpec::Cpu => serve_on(c, Arc::new(CpuBackend)).await,
+        DeviceSpec::Cpu => {
+            if c.transport == Transport::Nccl {
+                bail!(
+                    "--transport nccl moves GPU buffers: it needs --device cuda:N; use --transport grpc on the CPU"
+                );
+            }
+            serve_on(c, Arc::new(CpuBackend), None).await
+        }
         DeviceSpec::Cuda(n) => {
             let backend = dsv2_cuda_backend::open(n)
                 .map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))?;
-            serve_on(c, backend).await
+            let nccl: Option<NcclMaker<CudaBackend>> = if c.transport == Transport::Nccl {
+                let b = backend.clone();
+                Some(Box::new(move |experts, hosted, moe_layer, hidden| {
+                    shard_join_handler(b, experts, hosted, moe_layer, hidden)
+                }))
+            } else {
+                None
+            };
+            serve_on(c, backend, nccl).await
         }
     }
 }
 
-async fn serve_on<B: Backend>(c: Config, backend: Arc<B>) -> Result<()> {
-    if c.transport == Transport::Nccl {
-        bail!("--transport nccl needs the CUDA build; use --transport grpc");
-    }
+async fn serve_on<B: Backend>(
+    c: Config,
+    backend: Arc<B>,
+    nccl: Option<NcclMaker<B>>,
+) -> Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_service_status("", ServingStatus::NotServing)
@@ -298,14 +337,25 @@ async fn serve_on<B: Backend>(c: Config, backend: Arc<B>) -> Result<()> {
         device: backend.name(),
         version: env!("CARGO_PKG_VERSION").into(),
     };
+    let moe_layer: Vec<bool> = (0..cfg.num_hidden_layers)
+        .map(|l| cfg.is_moe_layer(l))
+        .collect();
+    let nccl = nccl.map(|make| {
+        tracing::info!("accepting the router's NcclInit (--transport nccl)");
+        make(
+            local.clone(),
+            hosted.clone(),
+            moe_layer.clone(),
+            cfg.hidden_size,
+        )
+    });
     let shard = Shard {
         experts: local,
         backend,
         info,
         hosted,
-        moe_layer: (0..cfg.num_hidden_layers)
-            .map(|l| cfg.is_moe_layer(l))
-            .collect(),
+        moe_layer,
+        nccl,
     };
     // Both reflection versions: grpcurl speaks v1, older ghz builds v1alpha.
     let (reflection, reflection_alpha) = dsv2_server::reflection_services()?;

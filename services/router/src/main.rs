@@ -15,6 +15,8 @@ use dsv2_core::model::{ExpertExecutor, ExpertSelection, LocalExperts, Model};
 use dsv2_core::placement::{Placement, PlacementKind};
 use dsv2_core::tokenizer::Tokenizer;
 use dsv2_core::weights::WeightStore;
+use dsv2_cuda_backend::CudaBackend;
+use dsv2_nccl_experts::NcclExperts;
 use dsv2_proto::inference::v1::inference_server::InferenceServer;
 use dsv2_router::engine_task::EngineHandle;
 use dsv2_router::remote_experts::{RemoteExperts, WireDtype, check_shards, shard_info};
@@ -83,7 +85,9 @@ struct Config {
     /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 0.0.0.0:9090.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
-    /// Data plane to the shards (nccl needs the CUDA build).
+    /// Data plane to the shards: grpc (any device, any host), or nccl (GPU to GPU on one host:
+    /// needs --device cuda:N and shards started with --device cuda:M --transport nccl; gRPC
+    /// stays the control plane and hands them the NCCL id).
     #[arg(long, value_enum, default_value = "grpc")]
     transport: Transport,
     #[arg(long, value_enum, env = "DSV2_LOG_FORMAT", default_value = "human")]
@@ -103,13 +107,41 @@ fn main() -> Result<()> {
     rt.block_on(serve(cfg, handle))
 }
 
+/// Builds the NCCL expert executor once the model and the placement are known (CUDA only).
+type NcclMaker<B> =
+    Box<dyn FnOnce(&ModelConfig, &Placement) -> Result<Arc<dyn ExpertExecutor<B>>> + Send>;
+
 async fn serve(c: Config, rt: tokio::runtime::Handle) -> Result<()> {
     match c.device {
-        DeviceSpec::Cpu => serve_on(c, rt, Arc::new(CpuBackend)).await,
+        DeviceSpec::Cpu => {
+            if c.transport == Transport::Nccl {
+                bail!(
+                    "--transport nccl moves GPU buffers: it needs --device cuda:N here and GPU shards; use --transport grpc on the CPU"
+                );
+            }
+            serve_on(c, rt, Arc::new(CpuBackend), None).await
+        }
         DeviceSpec::Cuda(n) => {
             let backend = dsv2_cuda_backend::open(n)
                 .map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))?;
-            serve_on(c, rt, backend).await
+            let nccl: Option<NcclMaker<CudaBackend>> = if c.transport == Transport::Nccl {
+                if c.shards.is_empty() {
+                    bail!(
+                        "--transport nccl needs --shard URLs of GPU expert shards started with --transport nccl"
+                    );
+                }
+                let (b, r, eps) = (backend.clone(), rt.clone(), c.shards.clone());
+                let (rows, timeout) = (c.max_batch_tokens, Duration::from_secs(c.shard_timeout_s));
+                Some(Box::new(
+                    move |mcfg: &ModelConfig, placement: &Placement| {
+                        let ex = NcclExperts::connect(b, r, mcfg, placement, eps, rows, timeout)?;
+                        Ok(Arc::new(ex) as Arc<dyn ExpertExecutor<CudaBackend>>)
+                    },
+                ))
+            } else {
+                None
+            };
+            serve_on(c, rt, backend, nccl).await
         }
     }
 }
@@ -118,10 +150,8 @@ async fn serve_on<B: Backend>(
     c: Config,
     rt: tokio::runtime::Handle,
     backend: Arc<B>,
+    nccl: Option<NcclMaker<B>>,
 ) -> Result<()> {
-    if c.transport == Transport::Nccl {
-        bail!("--transport nccl needs GPU shards and the CUDA build; use --transport grpc");
-    }
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_service_status("", ServingStatus::NotServing)
@@ -193,15 +223,32 @@ async fn serve_on<B: Backend>(
             shards = c.shards.len(),
             "every expert is covered by a shard serving the same model"
         );
-        Arc::new(RemoteExperts::new(
-            backend.clone(),
-            rt.clone(),
-            &mcfg,
-            &placement,
-            c.shards.clone(),
-            WireDtype::F32,
-            Duration::from_secs(c.shard_timeout_s),
-        ))
+        match nccl {
+            Some(make) => {
+                // The bootstrap blocks (NcclInit RPCs, then the collective init): off the
+                // async workers.
+                let m = mcfg.clone();
+                let t0 = Instant::now();
+                let ex = tokio::task::spawn_blocking(move || make(&m, &placement))
+                    .await
+                    .context("NCCL bootstrap task")?
+                    .context("--transport nccl: bringing up the NCCL data plane")?;
+                tracing::info!(
+                    secs = t0.elapsed().as_secs_f64(),
+                    "routed experts travel over NCCL"
+                );
+                ex
+            }
+            None => Arc::new(RemoteExperts::new(
+                backend.clone(),
+                rt.clone(),
+                &mcfg,
+                &placement,
+                c.shards.clone(),
+                WireDtype::F32,
+                Duration::from_secs(c.shard_timeout_s),
+            )),
+        }
     };
 
     let engine = Engine::new(

@@ -1,0 +1,344 @@
+//! The router's end: an `ExpertExecutor<CudaBackend>` whose dispatch gathers rows on the device
+//! and whose wait adds the shards' partials, with the NCCL exchange on a thread of its own
+//! (a communicator is used from the thread that created it).
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use cudarc::driver::CudaSlice;
+use dsv2_core::model::{ExpertExecutor, PendingExperts};
+use dsv2_core::placement::{Placement, split_rows};
+use dsv2_core::routing::Routing;
+use dsv2_core::{CoreError, ModelConfig};
+use dsv2_cuda_backend::{CudaAct, CudaBackend};
+use dsv2_kernels::ops::{general, moe};
+use dsv2_kernels::{Gpu, KernelError, Tensor, View};
+use dsv2_nccl::bootstrap::bootstrap_router;
+use dsv2_nccl::{PlaneConfig, ShardPart};
+use half::bf16;
+use tokio::runtime::Handle;
+
+/// One shard's rows of one layer on the router's GPU.
+struct Part {
+    rows: usize,
+    /// Row index of each gathered row in the layer's input.
+    idx: Tensor<i32>,
+    x: Tensor<bf16>,
+    ids: CudaSlice<u32>,
+    weights: CudaSlice<f32>,
+    partial: Tensor<bf16>,
+}
+
+type Reply = (Vec<Option<Part>>, Result<(), String>);
+
+struct Job {
+    layer: u32,
+    k: usize,
+    parts: Vec<Option<Part>>,
+    reply: mpsc::SyncSender<Reply>,
+}
+
+/// Routed experts on NCCL shards (ranks 1..=N), the router being rank 0.
+pub struct NcclExperts {
+    backend: Arc<CudaBackend>,
+    owner: Vec<usize>,
+    shards: usize,
+    hidden: usize,
+    max_rows: usize,
+    max_k: usize,
+    timeout: Duration,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn experts_err(msg: impl std::fmt::Display) -> CoreError {
+    CoreError::Experts(format!("NCCL data plane: {msg}"))
+}
+
+impl NcclExperts {
+    /// Creates the communicator: asks every shard (in `endpoints` order: rank i + 1) to join over
+    /// gRPC and joins as rank 0. `max_rows` bounds the rows one shard gets in one layer (the
+    /// scheduler's token budget per step); `timeout` bounds the init and every layer.
+    /// `rt` must be a runtime other than the calling thread's own (it is blocked on).
+    pub fn connect(
+        backend: Arc<CudaBackend>,
+        rt: Handle,
+        cfg: &ModelConfig,
+        placement: &Placement,
+        endpoints: Vec<String>,
+        max_rows: usize,
+        timeout: Duration,
+    ) -> Result<Self, CoreError> {
+        if endpoints.is_empty() {
+            return Err(CoreError::InvalidInput(
+                "the NCCL data plane needs at least one expert shard".into(),
+            ));
+        }
+        let plane_cfg = PlaneConfig {
+            hidden: cfg.hidden_size,
+            max_rows: max_rows.max(1),
+            max_k: cfg.num_experts_per_tok.max(1),
+            timeout,
+        };
+        let (init_tx, init_rx) = mpsc::channel::<Result<(), String>>();
+        let (job_tx, job_rx) = mpsc::channel::<Job>();
+        let b = backend.clone();
+        let eps = endpoints.clone();
+        let thread = std::thread::Builder::new()
+            .name("nccl-router".into())
+            .spawn(move || plane_loop(b, rt, eps, plane_cfg, init_tx, job_rx))
+            .map_err(|e| experts_err(format!("cannot start the plane thread: {e}")))?;
+        match init_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(experts_err(e));
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(experts_err("the plane thread ended during init"));
+            }
+        }
+        tracing::info!(
+            shards = endpoints.len(),
+            max_rows = plane_cfg.max_rows,
+            "NCCL data plane up: router is rank 0"
+        );
+        Ok(NcclExperts {
+            backend,
+            owner: placement.owner_table(cfg.n_routed_experts),
+            shards: endpoints.len(),
+            hidden: cfg.hidden_size,
+            max_rows: plane_cfg.max_rows,
+            max_k: plane_cfg.max_k,
+            timeout,
+            jobs: Mutex::new(Some(job_tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Gathers each shard's rows of `x` and uploads its expert ids and gate weights.
+    fn gather(&self, x: &CudaAct, routing: &Routing) -> Result<Vec<Option<Part>>, CoreError> {
+        let h = self.hidden;
+        let split = split_rows(routing, &self.owner, self.shards);
+        if let Some(s) = split.iter().find(|s| s.rows.len() > self.max_rows) {
+            return Err(CoreError::InvalidInput(format!(
+                "{} rows for one shard exceed the NCCL plane's {} (raise the router's --max-batch-tokens limit together with the plane)",
+                s.rows.len(),
+                self.max_rows
+            )));
+        }
+        self.backend.with_gpu(|gpu| {
+            let cast;
+            let src: &Tensor<bf16> = match x {
+                CudaAct::Bf16(t) => t,
+                CudaAct::F32(t) => {
+                    let mut c = Tensor::<bf16>::zeros(gpu, t.shape())?;
+                    general::cast_f32_bf16(gpu, t.view(), c.view_mut())?;
+                    cast = c;
+                    &cast
+                }
+            };
+            let mut parts = Vec::with_capacity(split.len());
+            for s in &split {
+                parts.push(gather_part(gpu, src.view(), s, h)?);
+            }
+            Ok(parts)
+        })
+    }
+}
+
+fn gather_part(
+    gpu: &Gpu,
+    x: View<'_, bf16>,
+    s: &dsv2_core::placement::ShardRows,
+    h: usize,
+) -> Result<Option<Part>, KernelError> {
+    let n = s.rows.len();
+    if n == 0 {
+        return Ok(None);
+    }
+    let idx_host: Vec<i32> = s.rows.iter().map(|&r| r as i32).collect();
+    let idx = Tensor::from_host(gpu, &idx_host, &[n])?;
+    let mut xs = Tensor::<bf16>::zeros(gpu, &[n, h])?;
+    moe::moe_gather(
+        gpu,
+        moe::GatherParams {
+            x,
+            src_row: idx.view(),
+            out: xs.view_mut(),
+        },
+    )?;
+    Ok(Some(Part {
+        rows: n,
+        idx,
+        x: xs,
+        ids: gpu.stream.clone_htod(&s.ids)?,
+        weights: gpu.stream.clone_htod(&s.weights)?,
+        partial: Tensor::<bf16>::zeros(gpu, &[n, h])?,
+    }))
+}
+
+impl ExpertExecutor<CudaBackend> for NcclExperts {
+    fn dispatch(
+        &self,
+        layer: usize,
+        x: &CudaAct,
+        routing: &Routing,
+    ) -> dsv2_core::Result<PendingExperts<CudaBackend>> {
+        let (rows, k, h) = (routing.rows(), routing.top_k, self.hidden);
+        if k == 0 || k > self.max_k {
+            return Err(CoreError::InvalidInput(format!(
+                "{k} experts per row (the plane takes 1..={})",
+                self.max_k
+            )));
+        }
+        let parts = self.gather(x, routing)?;
+        let (reply_tx, reply_rx) = mpsc::sync_channel::<Reply>(1);
+        let job = Job {
+            layer: layer as u32,
+            k,
+            parts,
+            reply: reply_tx,
+        };
+        let sent = match self.jobs.lock() {
+            Ok(g) => g.as_ref().is_some_and(|tx| tx.send(job).is_ok()),
+            Err(_) => false,
+        };
+        if !sent {
+            return Err(experts_err("the plane thread has stopped"));
+        }
+        let backend = self.backend.clone();
+        // The plane enforces `timeout` per exchange; the margin covers the jobs queued ahead.
+        let wait = self.timeout + Duration::from_secs(10);
+        Ok(PendingExperts::Later(Box::new(move || {
+            let (parts, r) = reply_rx
+                .recv_timeout(wait)
+                .map_err(|_| experts_err(format!("no answer within {wait:?}")))?;
+            r.map_err(experts_err)?;
+            backend.with_gpu(|gpu| {
+                // Same arithmetic as the gRPC transport: f32 sum over shards in shard order,
+                // then one rounding to bf16.
+                let mut acc = Tensor::<f32>::zeros(gpu, &[rows, h])?;
+                for p in parts.iter().flatten() {
+                    general::rows_add_f32(gpu, acc.view_mut(), p.partial.view(), p.idx.view())?;
+                }
+                let mut out = Tensor::<bf16>::zeros(gpu, &[rows, h])?;
+                general::cast_f32_bf16(gpu, acc.view(), out.view_mut())?;
+                Ok(CudaAct::Bf16(out))
+            })
+        })))
+    }
+}
+
+impl Drop for NcclExperts {
+    fn drop(&mut self) {
+        // Closing the job channel ends the plane loop, which tells the shards to leave theirs.
+        if let Ok(mut g) = self.jobs.lock() {
+            g.take();
+        }
+        if let Ok(mut t) = self.thread.lock()
+            && let Some(t) = t.take()
+        {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Placeholder buffers for a shard without rows in a layer: the plane sends it only the header,
+/// but its part still needs views.
+struct Empty {
+    x: CudaSlice<bf16>,
+    ids: CudaSlice<u32>,
+    weights: CudaSlice<f32>,
+    partial: CudaSlice<bf16>,
+}
+
+fn plane_loop(
+    backend: Arc<CudaBackend>,
+    rt: Handle,
+    endpoints: Vec<String>,
+    cfg: PlaneConfig,
+    init_tx: mpsc::Sender<Result<(), String>>,
+    jobs: mpsc::Receiver<Job>,
+) {
+    let gpu = backend.gpu();
+    if let Err(e) = gpu.ctx.bind_to_thread() {
+        let _ = init_tx.send(Err(format!("binding the CUDA context: {e}")));
+        return;
+    }
+    let stream = gpu.stream.clone();
+    let empties: Result<Vec<Empty>, _> = (0..endpoints.len())
+        .map(|_| -> Result<Empty, cudarc::driver::DriverError> {
+            Ok(Empty {
+                x: stream.alloc_zeros::<bf16>(1)?,
+                ids: stream.alloc_zeros::<u32>(1)?,
+                weights: stream.alloc_zeros::<f32>(1)?,
+                partial: stream.alloc_zeros::<bf16>(1)?,
+            })
+        })
+        .collect();
+    let mut empties = match empties {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = init_tx.send(Err(format!("allocating: {e}")));
+            return;
+        }
+    };
+    let mut plane = match bootstrap_router(&rt, &endpoints, stream, cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = init_tx.send(Err(e.to_string()));
+            return;
+        }
+    };
+    let _ = init_tx.send(Ok(()));
+    let h = cfg.hidden;
+    let mut broken: Option<String> = None;
+    while let Ok(mut job) = jobs.recv() {
+        let result = match &broken {
+            Some(e) => Err(format!("failed earlier and stays down: {e}")),
+            None => {
+                let mut views: Vec<ShardPart<'_>> = job
+                    .parts
+                    .iter_mut()
+                    .zip(empties.iter_mut())
+                    .map(|(p, e)| match p {
+                        Some(p) => ShardPart {
+                            rows: p.rows,
+                            x: p.x.buf().slice(0..p.rows * h),
+                            ids: p.ids.slice(0..p.ids.len()),
+                            weights: p.weights.slice(0..p.weights.len()),
+                            partial: p.partial.buf_mut().slice_mut(0..p.rows * h),
+                        },
+                        None => ShardPart {
+                            rows: 0,
+                            x: e.x.slice(0..0),
+                            ids: e.ids.slice(0..0),
+                            weights: e.weights.slice(0..0),
+                            partial: e.partial.slice_mut(0..0),
+                        },
+                    })
+                    .collect();
+                let r = plane
+                    .exchange(job.layer, job.k, &mut views)
+                    .map_err(|e| e.to_string());
+                drop(views);
+                if let Err(e) = &r {
+                    tracing::error!(error = %e, "NCCL exchange failed; the expert plane is down");
+                    broken = Some(e.clone());
+                }
+                r
+            }
+        };
+        let _ = job.reply.send((job.parts, result));
+    }
+    if broken.is_none() {
+        match plane.shutdown() {
+            Ok(()) => tracing::info!("NCCL data plane shut down"),
+            Err(e) => tracing::warn!(error = %e, "NCCL shutdown"),
+        }
+    }
+}
