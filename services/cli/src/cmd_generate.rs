@@ -55,6 +55,14 @@ pub struct Args {
     /// Print one JSON object (output_ids, text, finish_reason, timings) instead of the text.
     #[arg(long)]
     pub json: bool,
+    /// Log-probability of each generated token and its N most likely alternatives (0..=20;
+    /// shown with --json as "logprobs").
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=20))]
+    pub logprobs: u32,
+    /// Log-probability of each prompt token and its N most likely alternatives (0..=20; shown
+    /// with --json as "prompt_logprobs").
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=20))]
+    pub prompt_logprobs: Option<u32>,
     /// Send the request to a running router instead of running the model in-process.
     #[arg(long)]
     pub endpoint: Option<String>,
@@ -64,6 +72,16 @@ pub struct Args {
     /// Compute device for the in-process mode.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+}
+
+/// One position's log-probabilities as JSON: {"token", "logprob", "top": [[token, logprob],
+/// ...]}; the remote mode prints the same shape.
+pub fn logprob_json(t: &dsv2_core::engine::TokenLogprob) -> serde_json::Value {
+    serde_json::json!({
+        "token": t.token,
+        "logprob": t.logprob,
+        "top": t.top.iter().map(|&(id, lp)| serde_json::json!([id, lp])).collect::<Vec<_>>(),
+    })
 }
 
 pub fn finish_reason_name(r: FinishReason) -> &'static str {
@@ -111,8 +129,8 @@ fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {
             .unwrap_or_default(),
         stop_strings: a.stop.clone(),
         ignore_eos: a.ignore_eos,
-        logprobs: 0,
-        prompt_logprobs: None,
+        logprobs: a.logprobs as usize,
+        prompt_logprobs: a.prompt_logprobs.map(|n| n as usize),
     };
     let total = prompt.len() + params.max_new_tokens;
     let cfg = EngineConfig {
@@ -149,6 +167,15 @@ fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {
             "completion_tokens": n,
             "total_time_s": secs,
             "tokens_per_s": n as f64 / secs,
+            "logprobs": out.logprobs.iter().map(logprob_json).collect::<Vec<_>>(),
+            // The first prompt token has no context: null, as the router reports it.
+            "prompt_logprobs": if a.prompt_logprobs.is_some() {
+                std::iter::once(serde_json::json!({"token": prompt[0], "logprob": null, "top": []}))
+                    .chain(out.prompt_logprobs.iter().map(logprob_json))
+                    .collect::<Vec<_>>()
+            } else {
+                vec![]
+            },
         });
         println!("{v}");
     } else {

@@ -159,6 +159,8 @@ pub fn run(a: Args) -> Result<()> {
             stop_token_ids: None,
             ignore_eos: false,
             json: false,
+            logprobs: 0,
+            prompt_logprobs: None,
             endpoint: Some(endpoint.clone()),
             stream: true,
             device: "cpu".into(),

@@ -42,8 +42,8 @@ pub fn request_from_args(a: &Args) -> Result<pb::GenerateRequest> {
             .map(|s| parse_ids(s, "--stop-token-ids"))
             .transpose()?
             .unwrap_or_default(),
-        logprobs: None,
-        prompt_logprobs: None,
+        logprobs: (a.logprobs > 0).then_some(a.logprobs),
+        prompt_logprobs: a.prompt_logprobs,
         ignore_eos: a.ignore_eos,
     })
 }
@@ -58,12 +58,15 @@ pub fn run(a: &Args, endpoint: &str) -> Result<()> {
             .await
             .with_context(|| format!("cannot reach the router at {endpoint}: is `dsv2 up` (or dsv2-router) running there?"))?;
         let t0 = Instant::now();
+        let (mut lps, mut prompt_lps) = (Vec::new(), Vec::new());
         let (ids, text, finish, ttft_ns) = if a.stream {
             let mut stream = client.generate_stream(req).await.map_err(status_err)?.into_inner();
             let (mut ids, mut text, mut finish, mut ttft) = (Vec::new(), String::new(), 0, 0);
             while let Some(msg) = stream.message().await.map_err(status_err)? {
                 ids.extend(&msg.token_ids);
                 text.push_str(&msg.text);
+                lps.extend(msg.logprobs);
+                prompt_lps.extend(msg.prompt_logprobs);
                 if !a.json {
                     print!("{}", msg.text);
                     let _ = std::io::stdout().flush();
@@ -85,6 +88,8 @@ pub fn run(a: &Args, endpoint: &str) -> Result<()> {
             if !a.json {
                 println!("{}", r.text);
             }
+            lps = r.logprobs;
+            prompt_lps = r.prompt_logprobs;
             (r.token_ids, r.text, r.finish_reason, r.time_to_first_token_ns)
         };
         let secs = t0.elapsed().as_secs_f64();
@@ -95,12 +100,23 @@ pub fn run(a: &Args, endpoint: &str) -> Result<()> {
                     "output_ids": ids, "text": text, "finish_reason": finish_name(finish),
                     "completion_tokens": ids.len(), "time_to_first_token_s": ttft_ns as f64 / 1e9,
                     "total_time_s": secs, "tokens_per_s": ids.len() as f64 / secs,
+                    "logprobs": lps.iter().map(logprob_json).collect::<Vec<_>>(),
+                    "prompt_logprobs": prompt_lps.iter().map(logprob_json).collect::<Vec<_>>(),
                 })
             );
         } else {
             eprintln!("[{} tokens in {secs:.2}s, {:.1} tokens/s, first token after {:.0} ms, finish: {}]", ids.len(), ids.len() as f64 / secs, ttft_ns as f64 / 1e6, finish_name(finish));
         }
         Ok(())
+    })
+}
+
+/// The in-process mode's JSON shape for one position.
+fn logprob_json(t: &pb::TokenLogprob) -> serde_json::Value {
+    serde_json::json!({
+        "token": t.token_id,
+        "logprob": t.logprob,
+        "top": t.top_logprobs.iter().map(|x| serde_json::json!([x.token_id, x.logprob])).collect::<Vec<_>>(),
     })
 }
 

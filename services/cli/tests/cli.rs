@@ -131,6 +131,46 @@ fn generate_json_matches_hf_greedy() {
 }
 
 #[test]
+fn prompt_logprobs_match_hf_logits() {
+    let (input, _, logits) = reference("v2", 2);
+    let (ok, out, err) = dsv2(&[
+        "generate",
+        "--model-dir",
+        &fixture("v2"),
+        "--input-ids",
+        &csv(&input),
+        "--max-output-len",
+        "1",
+        "--json",
+        "--prompt-logprobs",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let plps = v["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(plps.len(), input.len());
+    assert!(plps[0]["logprob"].is_null());
+    let vocab = logits.len() / input.len();
+    for (p, entry) in plps.iter().enumerate().skip(1) {
+        // position p is scored by the logits of position p - 1
+        let row = &logits[(p - 1) * vocab..p * vocab];
+        let max = row.iter().fold(f32::MIN, |m, &x| m.max(x));
+        let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+        let want = row[input[p] as usize] - lse;
+        let got = entry["logprob"].as_f64().unwrap() as f32;
+        assert!((got - want).abs() < 1e-3, "position {p}: {got} vs HF {want}");
+        assert_eq!(entry["token"].as_u64().unwrap() as u32, input[p]);
+        let top = entry["top"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        let best = row
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b });
+        assert_eq!(top[0][0].as_u64().unwrap() as usize, best.0, "position {p}");
+    }
+}
+
+#[test]
 fn tiny_model_generates_text_without_downloads() {
     let (ok, out, err) = dsv2(&[
         "generate",

@@ -499,6 +499,7 @@ fn check_mmlu(router: &Router) {
 #[test]
 fn summarize_and_mmlu_against_a_router() {
     let router = start_router();
+    check_logprobs_over_the_wire_equal_in_process(&router);
     check_summarize(&router);
     check_mmlu(&router);
 }
@@ -589,4 +590,42 @@ fn shared_mmlu_copy_when_present() {
         out.contains("dev/ split is made of test questions"),
         "{out}"
     );
+}
+
+/// `dsv2 generate --json --logprobs --prompt-logprobs` through the router prints exactly what the
+/// in-process run prints: same tokens, same log-probabilities bit for bit, same alternatives.
+fn check_logprobs_over_the_wire_equal_in_process(router: &Router) {
+    let args = [
+        "generate",
+        "--input-text",
+        "The router receives a request",
+        "--max-output-len",
+        "6",
+        "--ignore-eos",
+        "--json",
+        "--logprobs",
+        "3",
+        "--prompt-logprobs",
+        "2",
+    ];
+    let (ok, local, err) = dsv2(&[&args[..], &["--model-dir", "tiny"]].concat());
+    assert!(ok, "{err}");
+    let (ok, remote, err) = dsv2(&[&args[..], &["--endpoint", &router.endpoint]].concat());
+    assert!(ok, "{err}");
+    let l: serde_json::Value = serde_json::from_str(local.trim()).expect("JSON");
+    let r: serde_json::Value = serde_json::from_str(remote.trim()).expect("JSON");
+    for key in ["output_ids", "logprobs", "prompt_logprobs"] {
+        assert_eq!(l[key], r[key], "{key} differs between in-process and router");
+    }
+    let lps = l["logprobs"].as_array().expect("logprobs");
+    assert_eq!(lps.len(), 6);
+    for p in lps {
+        let top = p["top"].as_array().expect("top");
+        assert_eq!(top.len(), 3);
+        // greedy: the chosen token is the most likely one
+        assert_eq!(top[0][0], p["token"]);
+    }
+    let plps = l["prompt_logprobs"].as_array().expect("prompt_logprobs");
+    assert!(plps.len() > 1 && plps[0]["logprob"].is_null());
+    assert!(plps[1..].iter().all(|p| p["logprob"].as_f64().is_some_and(|v| v <= 0.0)));
 }
