@@ -25,7 +25,6 @@ use dsv2_core::cpu::CpuBackend;
 use dsv2_core::model::ExpertExecutor;
 use dsv2_core::placement::{Placement, PlacementKind};
 use dsv2_core::routing::{NO_EXPERT, Routing};
-use dsv2_e2e::start_expert;
 use dsv2_proto::expert::v1::expert_shard_client::ExpertShardClient;
 use dsv2_proto::expert::v1::{Dtype, ForwardRequest, ForwardResponse};
 use dsv2_proto::tensor::{encode_f32, encode_f32_as_bf16};
@@ -57,6 +56,10 @@ struct Args {
     /// Timed iterations per measurement (after one warm-up).
     #[arg(long, default_value_t = 5)]
     iters: usize,
+    /// Device of the expert shards (cpu, cuda:N): on a GPU host this is the gRPC transport's
+    /// side of the NCCL-vs-gRPC comparison (scripts/gpu-nccl.sh).
+    #[arg(long, default_value = "cpu")]
+    expert_device: String,
 }
 
 fn config_json(a: &Args) -> serde_json::Value {
@@ -276,7 +279,18 @@ fn main() -> Result<()> {
         .shards
         .iter()
         .enumerate()
-        .map(|(i, ids)| start_expert(&format!("expert-{i}"), dir.path(), ids, "127.0.0.1:0"))
+        .map(|(i, ids)| {
+            let mut cmd = std::process::Command::new(dsv2_e2e::bin("dsv2-expert"));
+            cmd.arg("--model-dir").arg(dir.path()).args([
+                "--experts",
+                &dsv2_e2e::expert_list(ids),
+                "--device",
+                &a.expert_device,
+                "--listen",
+                "127.0.0.1:0",
+            ]);
+            dsv2_e2e::Proc::start(&format!("expert-{i}"), cmd)
+        })
         .collect();
     let urls: Vec<String> = procs.iter().map(|p| p.url()).collect();
     let owner = placement.owner_table(cfg.n_routed_experts);

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Issue 5 on an `nvidia-h200-x2` host, in one call: the NCCL data plane (smoke + timed round
+# trip), the gRPC round trip on the same GPUs for comparison, then router (cuda:0) + one expert
+# shard (cuda:1) over --transport nccl against the same pair over --transport grpc: greedy ids,
+# generated-token logprobs and prompt logprobs must be identical, on every golden fixture and on
+# a random real-dims DeepSeek-V2 (LAYERS layers, default 2).
+# Build here: cargo build --release --workspace; carry the stripped binaries (BIN, default
+# .gpubin): dsv2 dsv2-router dsv2-expert nccl-smoke nccl-roundtrip moe-roundtrip.
+# Log: $OUT/gpu-nccl.log. Exit status: 0 when every check passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN="${BIN:-.gpubin}"
+OUT_DIR="${OUT:-/tmp/dsv2-gpu-nccl}"
+mkdir -p "$OUT_DIR"
+exec > >(tee -a "$OUT_DIR/gpu-nccl.log") 2>&1
+# NVLink multicast must stay off on these hosts.
+export NCCL_NVLS_ENABLE=0 DSV2_CACHE_DIR=/tmp/dsv2-cache DSV2_LOG=warn
+PY="${PYTHON:-python3}"
+LAYERS="${LAYERS:-2}"
+fail=0
+echo "== $(date -u +%FT%TZ) $(nvidia-smi -L | tr '\n' ' ')"
+
+echo "== 1. nccl-smoke (shard as a second process, channels connected up front)"
+timeout -k 5 60 "$BIN/nccl-smoke" || { echo "nccl-smoke FAILED ($?)"; fail=1; }
+pkill -9 -f nccl-smoke 2>/dev/null
+
+echo "== 2. NCCL round trip, router GPU 0 -> shard GPU 1 (echo: compute excluded; ffn: 80 experts, compute included)"
+timeout -k 5 180 "$BIN/nccl-roundtrip" --iters 200 --warmup 20 || { echo "nccl-roundtrip FAILED ($?)"; fail=1; }
+pkill -9 -f nccl-roundtrip 2>/dev/null
+
+echo "== 3. gRPC round trip for comparison: 2 shards on cuda:1, loopback (full / raw / zero)"
+DSV2_BIN_DIR="$BIN" timeout -k 5 180 "$BIN/moe-roundtrip" --expert-device cuda:1 --iters 20 || { echo "moe-roundtrip FAILED ($?)"; fail=1; }
+
+start() {
+  local name=$1; shift
+  "$@" --listen 127.0.0.1:0 >"/tmp/$name.out" 2>"/tmp/$name.err" &
+  echo $! >>/tmp/dsv2-nccl.pids
+  for _ in $(seq 1500); do
+    if grep -q DSV2_READY "/tmp/$name.out" 2>/dev/null; then awk '/DSV2_READY/{print $2}' "/tmp/$name.out"; return 0; fi
+    if ! kill -0 "$(tail -1 /tmp/dsv2-nccl.pids)" 2>/dev/null; then break; fi
+    sleep 0.2
+  done
+  echo "$name did not start:" >&2; tail -20 "/tmp/$name.err" >&2; return 1
+}
+stop_all() {
+  [ -f /tmp/dsv2-nccl.pids ] && kill $(cat /tmp/dsv2-nccl.pids) 2>/dev/null
+  rm -f /tmp/dsv2-nccl.pids
+  sleep 1
+}
+trap stop_all EXIT
+
+# compare MODEL_DIR IDS...: the same requests through both transports, byte-equal JSON fields.
+compare() {
+  local dir=$1; shift
+  local eg en rg rn
+  eg=$(start eg "$BIN/dsv2-expert" --model-dir "$dir" --device cuda:1 --shard-index 0 --num-shards 1) || { fail=1; stop_all; return; }
+  en=$(start en "$BIN/dsv2-expert" --model-dir "$dir" --device cuda:1 --shard-index 0 --num-shards 1 --transport nccl) || { fail=1; stop_all; return; }
+  rg=$(start rg "$BIN/dsv2-router" --model-dir "$dir" --device cuda:0 --shard "http://$eg") || { fail=1; stop_all; return; }
+  rn=$(start rn "$BIN/dsv2-router" --model-dir "$dir" --device cuda:0 --shard "http://$en" --transport nccl) || { tail -5 /tmp/en.err; fail=1; stop_all; return; }
+  for ids in "$@"; do
+    for t in g n; do
+      local ep=$([ $t = g ] && echo "$rg" || echo "$rn")
+      "$BIN/dsv2" generate --endpoint "http://$ep" --input-ids "$ids" --max-output-len 16 --ignore-eos \
+        --json --logprobs 5 --prompt-logprobs 5 >"/tmp/out-$t.json" 2>"/tmp/out-$t.err" || tail -3 "/tmp/out-$t.err"
+    done
+    verdict=$("$PY" - <<'PYEOF'
+import json
+try:
+    g, n = (json.loads(open(f"/tmp/out-{t}.json").read().strip().splitlines()[-1]) for t in "gn")
+except Exception as e:
+    print(f"NO-OUTPUT {e}"); raise SystemExit
+bad = [k for k in ("output_ids", "logprobs", "prompt_logprobs") if g[k] != n[k]]
+tps = f"nccl {n['tokens_per_s']:.1f} tok/s vs grpc {g['tokens_per_s']:.1f} tok/s"
+print(("EQUAL (ids, logprobs, prompt logprobs)" if not bad else "DIFF in " + ",".join(bad)) + f"; {len(g['output_ids'])} tokens; {tps}")
+PYEOF
+)
+    echo "$(basename "$dir") [${ids:0:30}...]: $verdict"
+    case "$verdict" in EQUAL*) ;; *) fail=1;; esac
+  done
+  stop_all
+}
+ids_of() { "$PY" -c "import json; print(','.join(map(str, json.load(open('$1'))['cases'][$2]['input_ids'])))"; }
+
+echo "== 4. --transport nccl vs grpc, router cuda:0 + 1 shard cuda:1, golden fixtures"
+for fx in v2 v2-lite dense2; do
+  dir=tests/fixtures/models/$fx
+  compare "$dir" "$(ids_of "$dir/reference.json" 0)" "$(ids_of "$dir/reference.json" 1)" "$(ids_of "$dir/reference.json" 2)"
+done
+
+echo "== 5. the same on a random real-dims DeepSeek-V2 ($LAYERS layers)"
+t0=$(date +%s)
+"$BIN/dsv2" init-random --preset deepseek-v2 --layers "$LAYERS" --threads 16 --out /tmp/rd >/dev/null 2>/tmp/init.err || { tail -5 /tmp/init.err; fail=1; }
+echo "init-random: $(( $(date +%s) - t0 )) s, $(du -sh /tmp/rd | cut -f1)"
+compare /tmp/rd "138,158,33,333,438,211,210" "100000,17464,3,4,5,6,7,8,9,10,11,12,13"
+echo "gpu-nccl exit status: $fail"
+exit $fail
