@@ -33,7 +33,8 @@ pub struct Args {
     /// Keep files a previous (interrupted) run finished, if their plan and checksum match.
     #[arg(long)]
     resume: bool,
-    /// Files written concurrently (4 streams beat 2 on this VM's disk: bench/RESULTS.md).
+    /// Files written concurrently, each through its own read / hash / write pipeline (with the
+    /// defaults, 0.82-0.91 of the disk's single-stream read bandwidth: bench/RESULTS.md).
     #[arg(long, default_value_t = 4)]
     threads: usize,
     /// Hash every file of the converted dir and compare with the manifest (after converting,
