@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{CoreError, Result};
 use crate::rope::RopeTable;
 use crate::routing::{Routing, RoutingParams};
 use crate::weights::TensorRef;
@@ -124,6 +124,51 @@ pub trait Backend: Send + Sync + 'static {
         let host = self.act_to_host(x)?;
         Ok((0..rows)
             .map(|r| crate::sampling::argmax(&host[r * cols..(r + 1) * cols]))
+            .collect())
+    }
+
+    /// Whether [`Backend::sample_rows`] draws on the device, so that the engine keeps sampled
+    /// rows' logits where they were computed. The CPU reference samples on the host.
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+
+    /// One token per row of logits `x` [rows, vocab] under each row's settings (temperature 0:
+    /// greedy). This default brings the logits to the host and applies
+    /// [`crate::sampling::sample_with_uniform`]; a device backend draws where the logits are
+    /// (its own kept-set order, so the same uniform may pick another token of the same
+    /// distribution).
+    fn sample_rows(
+        &self,
+        x: &Self::Act,
+        rows: &[crate::sampling::RowSampling],
+    ) -> Result<Vec<u32>> {
+        let (n, cols) = self.act_shape(x);
+        if n != rows.len() {
+            return Err(CoreError::InvalidInput(format!(
+                "{} sampling settings for {n} rows of logits",
+                rows.len()
+            )));
+        }
+        let host = self.act_to_host(x)?;
+        let mut scratch = Vec::new();
+        Ok(rows
+            .iter()
+            .enumerate()
+            .map(|(r, s)| {
+                let p = crate::sampling::SamplingParams {
+                    temperature: s.temperature,
+                    top_k: s.top_k,
+                    top_p: s.top_p,
+                    seed: None,
+                };
+                crate::sampling::sample_with_uniform(
+                    &host[r * cols..(r + 1) * cols],
+                    &p,
+                    s.uniform,
+                    &mut scratch,
+                )
+            })
             .collect())
     }
 

@@ -380,13 +380,30 @@ impl<B: Backend> Engine<B> {
             }
             row_of.push((first, logit_rows.len() - first));
         }
-        // Greedy rows that report no logprobs need only the argmax: the logits stay where the
-        // backend computed them (on a GPU, 400 KB per row never crosses PCIe).
-        let greedy_only = plan.iter().all(|&(i, _)| {
+        // Rows that report no logprobs need only a token: greedy rows the argmax, sampled rows a
+        // draw where the backend samples on its device. The logits stay where the backend
+        // computed them (on a GPU, 400 KB per row never crosses PCIe).
+        let on_device = self.model.backend.samples_on_device();
+        let no_logits = plan.iter().all(|&(i, _)| {
             let p = &self.running[i].req.params;
-            p.sampling.temperature == 0.0 && p.logprobs == 0 && p.prompt_logprobs.is_none()
+            p.logprobs == 0
+                && p.prompt_logprobs.is_none()
+                && (p.sampling.temperature == 0.0 || on_device)
         });
-        let result = if greedy_only {
+        let greedy_only = plan
+            .iter()
+            .all(|&(i, _)| self.running[i].req.params.sampling.temperature == 0.0);
+        let result = if no_logits {
+            // One logit row per finishing sequence (no prompt logprobs here), in plan order.
+            let draws: Vec<crate::sampling::RowSampling> = if greedy_only {
+                Vec::new()
+            } else {
+                plan.iter()
+                    .zip(&row_of)
+                    .filter(|(_, rc)| rc.1 > 0)
+                    .map(|(&(i, _), _)| self.running[i].sampler.draw())
+                    .collect()
+            };
             self.model
                 .forward_logits(
                     &step,
@@ -395,7 +412,13 @@ impl<B: Backend> Engine<B> {
                     self.cfg.attn_mode,
                     &logit_rows,
                 )
-                .and_then(|a| self.model.backend.argmax_rows(&a))
+                .and_then(|a| {
+                    if greedy_only {
+                        self.model.backend.argmax_rows(&a)
+                    } else {
+                        self.model.backend.sample_rows(&a, &draws)
+                    }
+                })
                 .map(Picked::Tokens)
         } else {
             self.model
@@ -697,6 +720,135 @@ pub fn run_to_completion<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::backend::{AttnBatch, AttnWeights, ExpertBank, MlpWeights};
+    use crate::cpu::CpuBackend;
+    use crate::routing::{Routing, RoutingParams};
+    use crate::weights::TensorRef;
+
+    /// The CPU backend, claiming to sample on its device: the engine then takes the
+    /// `sample_rows` path (here the trait's host default), which must reproduce host sampling.
+    struct DeviceSampled(CpuBackend);
+
+    impl Backend for DeviceSampled {
+        type Weight = <CpuBackend as Backend>::Weight;
+        type Act = <CpuBackend as Backend>::Act;
+        type Cache = <CpuBackend as Backend>::Cache;
+        fn name(&self) -> String {
+            "cpu (device-sampling path)".into()
+        }
+        fn weight(&self, t: &TensorRef) -> Result<Self::Weight> {
+            self.0.weight(t)
+        }
+        fn new_cache(&self, c: &crate::ModelConfig, n: usize, b: usize) -> Result<Self::Cache> {
+            self.0.new_cache(c, n, b)
+        }
+        fn act_from_host(&self, r: usize, c: usize, d: &[f32]) -> Result<Self::Act> {
+            self.0.act_from_host(r, c, d)
+        }
+        fn act_to_host(&self, a: &Self::Act) -> Result<Vec<f32>> {
+            self.0.act_to_host(a)
+        }
+        fn act_shape(&self, a: &Self::Act) -> (usize, usize) {
+            self.0.act_shape(a)
+        }
+        fn select_rows(&self, a: &Self::Act, rows: &[usize]) -> Result<Self::Act> {
+            self.0.select_rows(a, rows)
+        }
+        fn embed(&self, t: &Self::Weight, ids: &[u32]) -> Result<Self::Act> {
+            self.0.embed(t, ids)
+        }
+        fn rms_norm(&self, x: &Self::Act, w: &Self::Weight, eps: f32) -> Result<Self::Act> {
+            self.0.rms_norm(x, w, eps)
+        }
+        fn add_assign(&self, acc: &mut Self::Act, x: &Self::Act) -> Result<()> {
+            self.0.add_assign(acc, x)
+        }
+        fn linear(&self, x: &Self::Act, w: &Self::Weight) -> Result<Self::Act> {
+            self.0.linear(x, w)
+        }
+        fn mlp(&self, w: &MlpWeights<Self::Weight>, x: &Self::Act) -> Result<Self::Act> {
+            self.0.mlp(w, x)
+        }
+        fn attention(
+            &self,
+            cfg: &crate::ModelConfig,
+            w: &AttnWeights<Self::Weight>,
+            x: &Self::Act,
+            batch: &AttnBatch<'_>,
+            cache: &mut Self::Cache,
+            layer: usize,
+        ) -> Result<Self::Act> {
+            self.0.attention(cfg, w, x, batch, cache, layer)
+        }
+        fn route(&self, g: &Self::Weight, x: &Self::Act, p: &RoutingParams) -> Result<Routing> {
+            self.0.route(g, x, p)
+        }
+        fn samples_on_device(&self) -> bool {
+            true
+        }
+        fn experts(
+            &self,
+            bank: &ExpertBank<Self::Weight>,
+            x: &Self::Act,
+            routing: &Routing,
+        ) -> Result<Self::Act> {
+            self.0.experts(bank, x, routing)
+        }
+    }
+
+    fn sampled_runs<B: Backend>(backend: B) -> Vec<Vec<u32>> {
+        let dir = crate::tiny::ensure(&std::env::temp_dir().join("dsv2-engine-test"))
+            .expect("tiny model");
+        let (model, experts) = crate::model::load_local(Arc::new(backend), &dir).expect("load");
+        let mut engine = Engine::new(
+            Arc::new(model),
+            Arc::new(experts),
+            None,
+            EngineConfig {
+                num_blocks: 64,
+                block_size: 16,
+                ..EngineConfig::default()
+            },
+        )
+        .expect("engine");
+        // sampled rows of different settings plus a greedy one, decoded together
+        let reqs = (0..4u64)
+            .map(|id| SeqRequest {
+                id,
+                prompt: vec![1, 5 + id as u32, 9, 2],
+                params: GenerateParams {
+                    max_new_tokens: 12,
+                    sampling: SamplingParams {
+                        temperature: [0.0, 0.7, 1.3, 1.0][id as usize],
+                        top_k: [0, 0, 40, 5][id as usize],
+                        top_p: [1.0, 0.9, 1.0, 0.8][id as usize],
+                        seed: Some(11 + id),
+                    },
+                    stop_token_ids: vec![],
+                    stop_strings: vec![],
+                    ignore_eos: true,
+                    logprobs: 0,
+                    prompt_logprobs: None,
+                },
+            })
+            .collect();
+        run_to_completion(&mut engine, reqs)
+            .expect("generation")
+            .into_iter()
+            .map(|c| c.output_ids)
+            .collect()
+    }
+
+    #[test]
+    fn device_sampling_path_draws_the_same_tokens_as_host_sampling() {
+        let host = sampled_runs(CpuBackend);
+        let device = sampled_runs(DeviceSampled(CpuBackend));
+        assert_eq!(host, device);
+        assert!(host.iter().all(|o| o.len() == 12));
+        // the sampled rows really sampled: not all equal to the greedy one
+        assert!(host[1..].iter().any(|o| *o != host[0]));
+    }
 
     #[test]
     fn stop_helpers() {

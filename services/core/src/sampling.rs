@@ -66,43 +66,88 @@ impl Sampler {
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
-        let t = self.params.temperature;
-        let c = &mut self.scratch;
-        c.clear();
-        c.extend(logits.iter().enumerate().map(|(i, &l)| (l / t, i as u32)));
-        c.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        if self.params.top_k > 0 {
-            c.truncate(self.params.top_k);
-        }
-        let max = c[0].0;
-        let mut sum = 0f32;
-        for e in c.iter_mut() {
-            e.0 = (e.0 - max).exp();
-            sum += e.0;
-        }
-        // Nucleus: the smallest prefix whose probability reaches top_p.
-        if self.params.top_p < 1.0 {
-            let mut acc = 0f32;
-            let mut keep = c.len();
-            for (i, e) in c.iter().enumerate() {
-                acc += e.0 / sum;
-                if acc >= self.params.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            c.truncate(keep);
-            sum = c.iter().map(|e| e.0).sum();
-        }
-        let mut u = self.rng.random::<f32>() * sum;
-        for e in c.iter() {
-            if u < e.0 {
-                return e.1;
-            }
-            u -= e.0;
-        }
-        c.last().map(|e| e.1).unwrap_or(0)
+        let u = self.rng.random::<f32>();
+        sample_with_uniform(logits, &self.params, u, &mut self.scratch)
     }
+
+    /// This row's settings and its next uniform draw, for a backend that samples on the device.
+    /// Draws exactly when [`Sampler::sample`] would (not for greedy rows), so a sequence's RNG
+    /// advances the same way whichever side samples.
+    pub fn draw(&mut self) -> RowSampling {
+        let uniform = if self.params.temperature == 0.0 {
+            0.0
+        } else {
+            self.rng.random::<f32>()
+        };
+        RowSampling {
+            temperature: self.params.temperature,
+            top_k: self.params.top_k,
+            top_p: self.params.top_p,
+            uniform,
+        }
+    }
+}
+
+/// One row's sampling settings and the uniform value in [0, 1) that drives its draw.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowSampling {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no top-k cut.
+    pub top_k: usize,
+    /// 1.0 means no nucleus cut.
+    pub top_p: f32,
+    pub uniform: f32,
+}
+
+/// Temperature → top-k → top-p sampling of one row with the draw `u` in [0, 1): the kept tokens
+/// in descending probability (ties: lower id first) and the first whose running mass passes
+/// `u × mass`. `scratch` is reused between calls.
+pub fn sample_with_uniform(
+    logits: &[f32],
+    params: &SamplingParams,
+    u: f32,
+    scratch: &mut Vec<(f32, u32)>,
+) -> u32 {
+    if params.temperature == 0.0 {
+        return argmax(logits);
+    }
+    let t = params.temperature;
+    let c = scratch;
+    c.clear();
+    c.extend(logits.iter().enumerate().map(|(i, &l)| (l / t, i as u32)));
+    c.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    if params.top_k > 0 {
+        c.truncate(params.top_k);
+    }
+    let max = c[0].0;
+    let mut sum = 0f32;
+    for e in c.iter_mut() {
+        e.0 = (e.0 - max).exp();
+        sum += e.0;
+    }
+    // Nucleus: the smallest prefix whose probability reaches top_p.
+    if params.top_p < 1.0 {
+        let mut acc = 0f32;
+        let mut keep = c.len();
+        for (i, e) in c.iter().enumerate() {
+            acc += e.0 / sum;
+            if acc >= params.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        c.truncate(keep);
+        sum = c.iter().map(|e| e.0).sum();
+    }
+    let mut u = u * sum;
+    for e in c.iter() {
+        if u < e.0 {
+            return e.1;
+        }
+        u -= e.0;
+    }
+    c.last().map(|e| e.1).unwrap_or(0)
 }
 
 /// Index of the largest value; the lowest index among equals (as torch.argmax).
@@ -147,6 +192,31 @@ pub fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn draw_advances_the_rng_exactly_as_sample_does() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let p = SamplingParams {
+            temperature: 0.8,
+            top_k: 20,
+            top_p: 0.9,
+            seed: Some(7),
+        };
+        let (mut a, mut b) = (Sampler::new(p.clone()), Sampler::new(p.clone()));
+        let mut scratch = Vec::new();
+        for _ in 0..20 {
+            let r = b.draw();
+            assert_eq!((r.temperature, r.top_k, r.top_p), (0.8, 20, 0.9));
+            assert!((0.0..1.0).contains(&r.uniform));
+            assert_eq!(
+                a.sample(&logits),
+                sample_with_uniform(&logits, &p, r.uniform, &mut scratch)
+            );
+        }
+        // greedy rows draw nothing
+        let mut g = Sampler::new(SamplingParams::default());
+        assert_eq!(g.draw().uniform, 0.0);
+    }
 
     #[test]
     fn greedy_is_argmax() {

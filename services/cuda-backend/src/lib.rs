@@ -15,6 +15,7 @@ use dsv2_core::backend::{AttnBatch, AttnWeights, Backend, ExpertBank, MlpWeights
 use dsv2_core::config::{ModelConfig, TopkMethod};
 use dsv2_core::error::{CoreError, Result};
 use dsv2_core::routing::{Routing, RoutingParams};
+use dsv2_core::sampling::RowSampling;
 use dsv2_core::weights::{DType as CkptDType, TensorRef};
 use dsv2_kernels::ops::{elementwise as ew, general as gen_ops, moe, sample};
 use dsv2_kernels::rope::RopeTable as DevRope;
@@ -571,6 +572,79 @@ impl Backend for CudaBackend {
             }
             Err(e) => Err(kerr(e)),
         }
+    }
+
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    /// Temperature / top-k / top-p draws where the logits are (`sample_f32`): only the per-row
+    /// settings go up and one id per row comes back.
+    fn sample_rows(&self, x: &CudaAct, rows: &[RowSampling]) -> Result<Vec<u32>> {
+        let t = match x {
+            CudaAct::F32(t) => t,
+            // Only lm_head produces f32 activations; anything else takes the host path.
+            CudaAct::Bf16(_) => {
+                let (n, cols) = self.act_shape(x);
+                if n != rows.len() {
+                    return Err(err(format!("{} settings for {n} rows", rows.len())));
+                }
+                let host = self.act_to_host(x)?;
+                let mut scratch = Vec::new();
+                return Ok(rows
+                    .iter()
+                    .enumerate()
+                    .map(|(r, s)| {
+                        let p = dsv2_core::sampling::SamplingParams {
+                            temperature: s.temperature,
+                            top_k: s.top_k,
+                            top_p: s.top_p,
+                            seed: None,
+                        };
+                        dsv2_core::sampling::sample_with_uniform(
+                            &host[r * cols..(r + 1) * cols],
+                            &p,
+                            s.uniform,
+                            &mut scratch,
+                        )
+                    })
+                    .collect());
+            }
+        };
+        let n = t.shape()[0];
+        if n != rows.len() {
+            return Err(err(format!(
+                "{} sampling settings for {n} rows",
+                rows.len()
+            )));
+        }
+        let temperature: Vec<f32> = rows.iter().map(|r| r.temperature).collect();
+        let top_k: Vec<i32> = rows
+            .iter()
+            .map(|r| r.top_k.min(i32::MAX as usize) as i32)
+            .collect();
+        let top_p: Vec<f32> = rows.iter().map(|r| r.top_p).collect();
+        let uniform: Vec<f32> = rows.iter().map(|r| r.uniform).collect();
+        let _g = self.lock()?;
+        let g = &self.gpu;
+        let temperature = Tensor::from_host(g, &temperature, &[n]).kx()?;
+        let top_k = Tensor::from_host(g, &top_k, &[n]).kx()?;
+        let top_p = Tensor::from_host(g, &top_p, &[n]).kx()?;
+        let uniform = Tensor::from_host(g, &uniform, &[n]).kx()?;
+        let mut ids = Tensor::<i32>::zeros(g, &[n]).kx()?;
+        sample::sample(
+            g,
+            sample::SampleParams {
+                logits: t.view(),
+                temperature: temperature.view(),
+                top_k: top_k.view(),
+                top_p: top_p.view(),
+                uniform: uniform.view(),
+                ids: ids.view_mut(),
+            },
+        )
+        .kx()?;
+        Ok(ids.to_host(g).kx()?.into_iter().map(|v| v as u32).collect())
     }
 
     fn argmax_rows(&self, x: &CudaAct) -> Result<Vec<u32>> {
