@@ -632,6 +632,39 @@ pub fn check_cache_append(gpu: &Gpu, tokens: usize) -> Result<CheckRow> {
     ))
 }
 
+/// `fill_normal` of 4M values: sample mean and std against N(mean, std) (a statistical check:
+/// the sample mean's own spread is std / 2048 here), and a different seed gives other values.
+pub fn check_fill_normal(gpu: &Gpu, mean: f32, std: f32) -> Result<CheckRow> {
+    let n = 1usize << 22;
+    let mut t = Tensor::<bf16>::zeros(gpu, &[n])?;
+    ew::fill_normal(gpu, t.view_mut(), 7, mean, std)?;
+    let v = f32s(&t.to_host(gpu)?);
+    let m = v.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+    let sd = (v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / n as f64).sqrt();
+    let mut t2 = Tensor::<bf16>::zeros(gpu, &[n])?;
+    ew::fill_normal(gpu, t2.view_mut(), 8, mean, std)?;
+    let same = f32s(&t2.to_host(gpu)?)
+        .iter()
+        .zip(&v)
+        .filter(|(a, b)| a == b)
+        .count();
+    // bf16 rounding of mean + std z moves the moments by < 2^-8 relative
+    let mean_err = (m - mean as f64).abs();
+    let sd_err = (sd - std as f64).abs() / (std as f64).max(1e-30);
+    let pass = mean_err <= 6.0 * std as f64 / 2048.0 + mean.abs() as f64 / 256.0
+        && sd_err < 0.01
+        && same < n / 4;
+    Ok(CheckRow {
+        op: "fill_normal_bf16".into(),
+        sizes: format!("n {n}, N({mean}, {std})"),
+        max_abs: mean_err as f32,
+        rel_l2: sd_err as f32,
+        tol: 0.01,
+        pass,
+        note: format!("sample mean {m:.5}, std {sd:.5}; seed 8 equal in {same}/{n}"),
+    })
+}
+
 pub fn check_argmax(gpu: &Gpu, rows: usize, vocab: usize) -> Result<CheckRow> {
     let mut g = rng(11);
     let logits: Vec<f32> = (0..rows * vocab)
@@ -776,6 +809,8 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     }
     out.push(crate::ops::general::check_latent_append(gpu, 67, 512, 64)?);
     out.push(crate::ops::general::check_latent_append(gpu, 7, 32, 8)?);
+    out.push(check_fill_normal(gpu, 0.0, 0.02)?);
+    out.push(check_fill_normal(gpu, 1.0, 0.5)?);
     out.push(crate::ops::general::check_rows_add(gpu, 1, 5120)?);
     out.push(crate::ops::general::check_rows_add(gpu, 67, 5120)?);
     out.push(crate::ops::general::check_rows_add(gpu, 300, 72)?);

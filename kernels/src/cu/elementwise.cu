@@ -126,3 +126,21 @@ extern "C" __global__ void fill_uniform_bf16(bf16* __restrict__ out, unsigned lo
         out[i] = __float2bfloat16_rn((2.f * u - 1.f) * scale);
     }
 }
+
+// Fill with N(mean, std) values (Box-Muller over two counter-hashed uniforms): random weights
+// generated where they live (`--random-weights`), so a full-size model needs no checkpoint files.
+__device__ __forceinline__ float hash_uniform(unsigned long long i, unsigned long long seed) {
+    unsigned long long z = i + seed * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return ((float)(z >> 40) + 0.5f) * (1.0f / 16777216.0f);  // (0, 1)
+}
+extern "C" __global__ void fill_normal_bf16(bf16* __restrict__ out, unsigned long long n, unsigned long long seed,
+                                            float mean, float std) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        float u1 = hash_uniform(2 * i, seed), u2 = hash_uniform(2 * i + 1, seed);
+        float z = sqrtf(-2.f * logf(u1)) * cospif(2.f * u2);
+        out[i] = __float2bfloat16_rn(mean + std * z);
+    }
+}

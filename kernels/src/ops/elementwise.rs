@@ -197,6 +197,31 @@ pub fn rope(gpu: &Gpu, p: RopeParams<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Fill a bf16 buffer with N(mean, std) values from a counter-based hash of `seed` (random
+/// weights generated on the device).
+pub fn fill_normal(gpu: &Gpu, out: ViewMut<'_, bf16>, seed: u64, mean: f32, std: f32) -> Result<()> {
+    const OP: &str = "fill_normal_bf16";
+    let n: usize = out.shape().iter().product();
+    if !out.is_contiguous() {
+        return Err(KernelError::NotContiguous {
+            op: OP,
+            tensor: "out",
+            shape: out.shape().to_vec(),
+            strides: out.strides().to_vec(),
+        });
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let (o, nn) = (out.ptr(), n as u64);
+    let f = gpu.function(OP)?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(&o).arg(&nn).arg(&seed).arg(&mean).arg(&std);
+    // SAFETY: matches fill_normal_bf16(out, n, seed, mean, std); out holds n contiguous bf16.
+    unsafe { b.launch(grid_for(n, 256, (gpu.sm_count * 32) as u32)) }?;
+    Ok(())
+}
+
 /// Fill a bf16 buffer with hash-based uniform values in [-scale, scale) (benchmark data).
 pub fn fill_uniform(gpu: &Gpu, out: ViewMut<'_, bf16>, seed: u64, scale: f32) -> Result<()> {
     const OP: &str = "fill_uniform_bf16";

@@ -9,13 +9,17 @@ use dsv2_core::engine::{Engine, EngineConfig, GenerateParams, SeqRequest};
 
 use dsv2_core::backend::Backend;
 
-use crate::common::{load, parse_ids};
+use crate::common::{load_with, parse_ids};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
     /// Model directory or `tiny`.
     #[arg(long, default_value = "tiny")]
     model_dir: String,
+    /// Serve the random weights of the model dir's config.json drawn from this seed (as
+    /// `dsv2 init-random --seed SEED` writes them) instead of reading weight files.
+    #[arg(long, value_name = "SEED")]
+    random_weights: Option<u64>,
     /// Prompt token ids.
     #[arg(long, default_value = "138,158,33,333,438,211,210")]
     prompt_ids: String,
@@ -44,7 +48,7 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {
-    let loaded = load(&a.model_dir, backend)?;
+    let loaded = load_with(&a.model_dir, backend, a.random_weights)?;
     let prompt = parse_ids(&a.prompt_ids, "--prompt-ids")?;
     let params = GenerateParams {
         max_new_tokens: a.new_tokens,

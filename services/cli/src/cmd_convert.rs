@@ -66,6 +66,11 @@ pub struct InitArgs {
     /// Largest weight file in GB.
     #[arg(long, default_value_t = 5.0)]
     max_file_gb: f64,
+    /// Write config.json only: serve it with `--random-weights SEED` (router, expert, dsv2
+    /// bench/logits/generate), which draws the same weights without files (a 60-layer
+    /// DeepSeek-V2 is ~470 GB of bf16 that need not touch a disk).
+    #[arg(long)]
+    config_only: bool,
 }
 
 /// Draws an indicatif bar with bytes, throughput and ETA.
@@ -180,6 +185,22 @@ pub fn run_init(a: InitArgs) -> Result<()> {
     };
     if a.layers == 0 {
         bail!("--layers must be at least 1");
+    }
+    if a.config_only {
+        std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+        let path = a.out.join("config.json");
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&preset.config_json(a.layers))?,
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "wrote {}: serve it with --random-weights {} (the weights `init-random --seed {}` would write, drawn where they are used)",
+            path.display(),
+            a.seed,
+            a.seed
+        );
+        return Ok(());
     }
     let t0 = Instant::now();
     let bar = Bar::new();

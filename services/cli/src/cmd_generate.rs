@@ -11,13 +11,17 @@ use dsv2_core::sampling::SamplingParams;
 
 use dsv2_core::backend::Backend;
 
-use crate::common::{load, parse_ids};
+use crate::common::{load_with, parse_ids};
 
 #[derive(ClapArgs, Debug, Clone)]
 pub struct Args {
     /// Model directory (Hugging Face layout) or `tiny` for the embedded tiny random model.
     #[arg(long, default_value = "tiny")]
     pub model_dir: String,
+    /// Serve the random weights of the model dir's config.json drawn from this seed (as
+    /// `dsv2 init-random --seed SEED` writes them) instead of reading weight files.
+    #[arg(long, value_name = "SEED")]
+    pub random_weights: Option<u64>,
     /// Prompt text (tokenized with the model's tokenizer, BOS added as its config says).
     #[arg(
         long,
@@ -101,7 +105,7 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {
-    let loaded = load(&a.model_dir, backend)?;
+    let loaded = load_with(&a.model_dir, backend, a.random_weights)?;
     let prompt = match (&a.input_text, &a.input_ids) {
         (Some(t), _) => match &loaded.tokenizer {
             Some(tok) => tok.encode_prompt(t)?,

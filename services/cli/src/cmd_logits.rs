@@ -8,7 +8,7 @@ use safetensors::tensor::TensorView;
 
 use dsv2_core::backend::Backend;
 
-use crate::common::{load, parse_ids};
+use crate::common::{load_with, parse_ids};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Attn {
@@ -22,6 +22,10 @@ pub struct Args {
     /// Model directory (Hugging Face layout) or `tiny`.
     #[arg(long, default_value = "tiny")]
     model_dir: String,
+    /// Serve the random weights of the model dir's config.json drawn from this seed (as
+    /// `dsv2 init-random --seed SEED` writes them) instead of reading weight files.
+    #[arg(long, value_name = "SEED")]
+    random_weights: Option<u64>,
     /// Input as comma-separated token ids.
     #[arg(long, conflicts_with = "text", required_unless_present = "text")]
     token_ids: Option<String>,
@@ -46,7 +50,7 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {
-    let loaded = load(&a.model_dir, backend)?;
+    let loaded = load_with(&a.model_dir, backend, a.random_weights)?;
     let ids = match (&a.token_ids, &a.text) {
         (Some(ids), _) => parse_ids(ids, "--token-ids")?,
         (None, Some(t)) => match &loaded.tokenizer {

@@ -161,6 +161,7 @@ pub fn run(a: Args) -> Result<()> {
             json: false,
             logprobs: 0,
             prompt_logprobs: None,
+            random_weights: None,
             endpoint: Some(endpoint.clone()),
             stream: true,
             device: "cpu".into(),

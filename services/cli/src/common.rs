@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use dsv2_core::backend::Backend;
-use dsv2_core::model::{LocalExperts, Model, load_local};
+use dsv2_core::model::{LocalExperts, Model};
 use dsv2_core::tokenizer::Tokenizer;
 
 /// `tiny` or a path → a model dir on disk.
@@ -45,11 +45,20 @@ macro_rules! on_device {
 }
 
 /// Loads the model dir (or `tiny`) onto `backend`, all experts in-process.
-pub fn load<B: Backend>(arg: &str, backend: Arc<B>) -> Result<Loaded<B>> {
+/// With `random = Some(seed)`: the random weights of the dir's config.json
+/// (`--random-weights`) instead of its weight files.
+pub fn load_with<B: Backend>(arg: &str, backend: Arc<B>, random: Option<u64>) -> Result<Loaded<B>> {
     let dir = model_dir(arg)?;
     let t0 = Instant::now();
-    eprint!("loading {} on {} ... ", dir.display(), backend.name());
-    let (model, experts) = load_local(backend, &dir)
+    match random {
+        Some(seed) => eprint!(
+            "loading {} with random weights (seed {seed}) on {} ... ",
+            dir.display(),
+            backend.name()
+        ),
+        None => eprint!("loading {} on {} ... ", dir.display(), backend.name()),
+    }
+    let (model, experts) = dsv2_core::model::load_local_with(backend, &dir, random)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
     let tokenizer = if dir.join("tokenizer.json").exists() {
         Some(Arc::new(Tokenizer::from_model_dir(

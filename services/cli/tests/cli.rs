@@ -158,7 +158,10 @@ fn prompt_logprobs_match_hf_logits() {
         let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
         let want = row[input[p] as usize] - lse;
         let got = entry["logprob"].as_f64().unwrap() as f32;
-        assert!((got - want).abs() < 1e-3, "position {p}: {got} vs HF {want}");
+        assert!(
+            (got - want).abs() < 1e-3,
+            "position {p}: {got} vs HF {want}"
+        );
         assert_eq!(entry["token"].as_u64().unwrap() as u32, input[p]);
         let top = entry["top"].as_array().unwrap();
         assert_eq!(top.len(), 2);

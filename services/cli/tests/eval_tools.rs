@@ -615,7 +615,10 @@ fn check_logprobs_over_the_wire_equal_in_process(router: &Router) {
     let l: serde_json::Value = serde_json::from_str(local.trim()).expect("JSON");
     let r: serde_json::Value = serde_json::from_str(remote.trim()).expect("JSON");
     for key in ["output_ids", "logprobs", "prompt_logprobs"] {
-        assert_eq!(l[key], r[key], "{key} differs between in-process and router");
+        assert_eq!(
+            l[key], r[key],
+            "{key} differs between in-process and router"
+        );
     }
     let lps = l["logprobs"].as_array().expect("logprobs");
     assert_eq!(lps.len(), 6);
@@ -627,5 +630,9 @@ fn check_logprobs_over_the_wire_equal_in_process(router: &Router) {
     }
     let plps = l["prompt_logprobs"].as_array().expect("prompt_logprobs");
     assert!(plps.len() > 1 && plps[0]["logprob"].is_null());
-    assert!(plps[1..].iter().all(|p| p["logprob"].as_f64().is_some_and(|v| v <= 0.0)));
+    assert!(
+        plps[1..]
+            .iter()
+            .all(|p| p["logprob"].as_f64().is_some_and(|v| v <= 0.0))
+    );
 }

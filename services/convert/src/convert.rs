@@ -189,7 +189,9 @@ pub fn plan(opts: &ConvertOptions) -> Result<Plan> {
             .entry(t.file.clone())
             .or_insert_with(|| Arc::new(t.file.clone()))
             .clone();
-        let (_, start, _) = t.mapping();
+        let (_, start, _) = t.mapping().ok_or_else(|| {
+            ConvertError::Invalid(format!("tensor `{name}` has no file behind it to convert"))
+        })?;
         Ok(Piece {
             name: name.to_string(),
             shape: t.shape.clone(),

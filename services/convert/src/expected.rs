@@ -4,9 +4,6 @@
 use dsv2_core::ModelConfig;
 pub use dsv2_core::layout::{Expected, Init};
 
-/// Std of linear weights in random checkpoints (DeepSeek's `initializer_range`).
-const LIN: f32 = 0.02;
-
 pub fn expected_tensors(c: &ModelConfig) -> Vec<Expected> {
-    dsv2_core::layout::expected_tensors(c, LIN)
+    dsv2_core::layout::expected_tensors(c, dsv2_core::layout::LINEAR_STD)
 }

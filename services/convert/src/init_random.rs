@@ -126,10 +126,7 @@ pub fn init_random(opts: &InitOptions, progress: &dyn Progress) -> Result<InitRe
                     name: e.name,
                     shape: e.shape,
                     source: Source::Random {
-                        seed: opts
-                            .seed
-                            .wrapping_mul(0x2545_F491_4F6C_DD1D)
-                            .wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                        seed: dsv2_core::layout::tensor_seed(opts.seed, i),
                         mean: e.init.mean,
                         std: e.init.std,
                         numel,

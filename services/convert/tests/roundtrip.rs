@@ -184,6 +184,62 @@ fn random_v2_structure_round_trip() {
     round_trip(hf.path());
 }
 
+/// `WeightStore::random` (weights that exist nowhere, for full-scale benchmarks) holds exactly
+/// what `init_random` writes with the same seed: every tensor's bytes, hence the logits.
+#[test]
+fn random_store_equals_the_written_random_checkpoint() {
+    let mut cfg = Preset::DeepseekV2.config_json(2);
+    for (k, v) in [
+        ("hidden_size", 64),
+        ("intermediate_size", 96),
+        ("moe_intermediate_size", 16),
+        ("num_attention_heads", 2),
+        ("num_key_value_heads", 2),
+        ("q_lora_rank", 48),
+        ("kv_lora_rank", 32),
+        ("qk_nope_head_dim", 16),
+        ("qk_rope_head_dim", 8),
+        ("v_head_dim", 16),
+        ("vocab_size", 640),
+    ] {
+        cfg[k] = serde_json::json!(v);
+    }
+    let hf = tempfile::tempdir().unwrap();
+    init_random(
+        &InitOptions {
+            config: cfg.clone(),
+            out: hf.path().to_path_buf(),
+            seed: 23,
+            threads: 2,
+            max_file_bytes: 1 << 30,
+        },
+        &NoProgress,
+    )
+    .unwrap();
+    // a dir with nothing but the config
+    let bare = tempfile::tempdir().unwrap();
+    std::fs::write(bare.path().join("config.json"), cfg.to_string()).unwrap();
+    let written = WeightStore::open(hf.path(), |_| true).unwrap();
+    let random = WeightStore::random(bare.path(), 23, |_| true).unwrap();
+    let mut names: Vec<&str> = written.names().collect();
+    names.sort_unstable();
+    let mut rnames: Vec<&str> = random.names().collect();
+    rnames.sort_unstable();
+    assert_eq!(names, rnames);
+    for n in names {
+        let (a, b) = (written.tensor(n).unwrap(), random.tensor(n).unwrap());
+        assert_eq!(a.shape, b.shape, "{n}");
+        assert!(b.mapping().is_none() && b.random_init().is_some(), "{n}");
+        assert_eq!(a.bytes(), b.bytes(), "{n}");
+    }
+    // another seed is another model; the filter keeps only the wanted tensors
+    let other = WeightStore::random(bare.path(), 24, |n| n.contains("experts.3.")).unwrap();
+    assert!(other.names().all(|n| n.contains("experts.3.")));
+    assert!(other.names().count() > 0);
+    let n = other.names().next().unwrap().to_string();
+    assert_ne!(other.tensor(&n).unwrap().bytes(), written.tensor(&n).unwrap().bytes());
+}
+
 /// Real V2-Lite dims (hidden 2048, 64 experts of 1408, vocab 102400), two layers: ~2.1 GB.
 #[test]
 fn random_v2_lite_real_dims_round_trip() {

@@ -19,6 +19,17 @@ pub struct Expected {
     pub init: Init,
 }
 
+/// Std of linear weights in random checkpoints (DeepSeek's `initializer_range`).
+pub const LINEAR_STD: f32 = 0.02;
+
+/// The RNG seed of the `index`-th tensor of [`expected_tensors`] in a random checkpoint drawn
+/// with `seed`: each tensor has its own stream, so files can be generated in parallel and a
+/// random store ([`crate::weights::WeightStore::random`]) reproduces a written one.
+pub fn tensor_seed(seed: u64, index: usize) -> u64 {
+    seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        .wrapping_add((index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
 /// Every tensor of a checkpoint for `c`, in the checkpoint's natural order; linear weights get
 /// N(0, `linear_std`) when generated.
 pub fn expected_tensors(c: &ModelConfig, linear_std: f32) -> Vec<Expected> {

@@ -352,8 +352,18 @@ pub fn load_local<B: Backend>(
     backend: Arc<B>,
     dir: &std::path::Path,
 ) -> Result<(Model<B>, LocalExperts<B>)> {
+    load_local_with(backend, dir, None)
+}
+
+/// [`load_local`], or with `random = Some(seed)` the random weights of `dir/config.json`
+/// ([`WeightStore::random`]).
+pub fn load_local_with<B: Backend>(
+    backend: Arc<B>,
+    dir: &std::path::Path,
+    random: Option<u64>,
+) -> Result<(Model<B>, LocalExperts<B>)> {
     let cfg = ModelConfig::from_model_dir(dir)?;
-    let store = WeightStore::open(dir, |_| true)?;
+    let store = WeightStore::open_or_random(dir, random, |_| true)?;
     let model = Model::load(backend.clone(), cfg.clone(), &store)?;
     let experts = LocalExperts::load(backend, &cfg, &store, &ExpertSelection::All)?;
     Ok((model, experts))

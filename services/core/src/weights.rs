@@ -71,9 +71,50 @@ pub struct TensorRef {
     pub file: PathBuf,
     pub dtype: DType,
     pub shape: Vec<usize>,
-    map: Arc<Mmap>,
-    start: usize,
-    end: usize,
+    data: RefData,
+}
+
+/// Where a tensor's values are.
+#[derive(Clone)]
+enum RefData {
+    /// Bytes `start..end` of a memory-mapped file.
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+        end: usize,
+    },
+    /// Nowhere yet: random values ([`WeightStore::random`]). The host materialises them on first
+    /// use, exactly as `dsv2 init-random` writes them; a device backend generates its own.
+    Random {
+        init: RandomInit,
+        host: std::sync::OnceLock<Vec<u8>>,
+    },
+}
+
+/// N(mean, std) values from a ChaCha8 stream seeded with `seed`, stored as bf16.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RandomInit {
+    pub seed: u64,
+    pub mean: f32,
+    pub std: f32,
+}
+
+impl RandomInit {
+    /// The `numel` values as little-endian bf16 bytes (`dsv2 init-random`'s exact values).
+    pub fn bf16_bytes(&self, numel: usize) -> Vec<u8> {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+        // A std that Normal refuses (negative, NaN) cannot come from the layout; fall back to
+        // the constant mean rather than fail deep inside a backend.
+        let dist = rand_distr::Normal::new(self.mean, self.std).ok();
+        let mut out = Vec::with_capacity(numel * 2);
+        for _ in 0..numel {
+            let v = dist.as_ref().map_or(self.mean, |d| d.sample(&mut rng));
+            out.extend(half::bf16::from_f32(v).to_bits().to_le_bytes());
+        }
+        out
+    }
 }
 
 impl std::fmt::Debug for TensorRef {
@@ -120,22 +161,35 @@ impl TensorRef {
             file: file.to_path_buf(),
             dtype,
             shape,
-            map,
-            start,
-            end,
+            data: RefData::Mapped { map, start, end },
         })
     }
 
-    /// The raw little-endian bytes as stored.
+    /// The raw little-endian bytes as stored (a random tensor is generated here on first use).
     pub fn bytes(&self) -> &[u8] {
-        &self.map[self.start..self.end]
+        match &self.data {
+            RefData::Mapped { map, start, end } => &map[*start..*end],
+            RefData::Random { init, host } => host.get_or_init(|| init.bf16_bytes(self.numel())),
+        }
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
-    /// The mapping and byte range, for backends that keep weights in the page cache.
-    pub fn mapping(&self) -> (Arc<Mmap>, usize, usize) {
-        (self.map.clone(), self.start, self.end)
+    /// The mapping and byte range, for backends that keep weights in the page cache; None for a
+    /// random tensor (no file behind it).
+    pub fn mapping(&self) -> Option<(Arc<Mmap>, usize, usize)> {
+        match &self.data {
+            RefData::Mapped { map, start, end } => Some((map.clone(), *start, *end)),
+            RefData::Random { .. } => None,
+        }
+    }
+    /// How a random tensor's values are drawn (None for a tensor read from a file): a device
+    /// backend generates such a tensor where it lives instead of materialising it on the host.
+    pub fn random_init(&self) -> Option<RandomInit> {
+        match &self.data {
+            RefData::Random { init, .. } => Some(*init),
+            RefData::Mapped { .. } => None,
+        }
     }
     /// Converts to f32 (for small tensors such as norms; large weights stay in their dtype).
     pub fn to_f32_vec(&self) -> Vec<f32> {
@@ -224,9 +278,11 @@ impl WeightStore {
                         file: file.clone(),
                         dtype,
                         shape: info.shape.clone(),
-                        map: map.clone(),
-                        start: data_start + s,
-                        end: data_start + e,
+                        data: RefData::Mapped {
+                            map: map.clone(),
+                            start: data_start + s,
+                            end: data_start + e,
+                        },
                     },
                 );
             }
@@ -235,6 +291,54 @@ impl WeightStore {
             dir: dir.to_path_buf(),
             tensors,
             files,
+        })
+    }
+
+    /// [`WeightStore::random`] with `Some(seed)`, else [`WeightStore::open`].
+    pub fn open_or_random(
+        dir: &Path,
+        random: Option<u64>,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<Self> {
+        match random {
+            Some(seed) => Self::random(dir, seed, wanted),
+            None => Self::open(dir, wanted),
+        }
+    }
+
+    /// A checkpoint that exists nowhere: every tensor of the layout of `dir/config.json`, with
+    /// random bf16 values from `seed` — on the host exactly what `dsv2 init-random --seed SEED`
+    /// writes (same names, shapes, N(mean, std) and per-tensor streams), on a device generated
+    /// where the weights live. For benchmarks at full scale without hundreds of GB of files.
+    pub fn random(dir: &Path, seed: u64, wanted: impl Fn(&str) -> bool) -> Result<Self> {
+        let cfg = crate::ModelConfig::from_model_dir(dir)?;
+        let file = dir.join(format!("<random weights, seed {seed}>"));
+        let tensors = crate::layout::expected_tensors(&cfg, crate::layout::LINEAR_STD)
+            .into_iter()
+            .enumerate()
+            .filter(|(_, e)| wanted(&e.name))
+            .map(|(i, e)| {
+                let t = TensorRef {
+                    name: e.name.clone(),
+                    file: file.clone(),
+                    dtype: DType::Bf16,
+                    shape: e.shape,
+                    data: RefData::Random {
+                        init: RandomInit {
+                            seed: crate::layout::tensor_seed(seed, i),
+                            mean: e.init.mean,
+                            std: e.init.std,
+                        },
+                        host: std::sync::OnceLock::new(),
+                    },
+                };
+                (e.name, t)
+            })
+            .collect();
+        Ok(WeightStore {
+            dir: dir.to_path_buf(),
+            tensors,
+            files: Vec::new(),
         })
     }
 
@@ -409,6 +513,11 @@ impl WeightStore {
         for (name, t) in sorted {
             h.update(name.as_bytes());
             h.update(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
+            if let Some(r) = t.random_init() {
+                // never materialise a random tensor just to fingerprint it
+                h.update(format!("random {} {} {}", r.seed, r.mean, r.std).as_bytes());
+                continue;
+            }
             let b = t.bytes();
             h.update(&b[..b.len().min(64)]);
             h.update(&b[b.len().saturating_sub(64)..]);

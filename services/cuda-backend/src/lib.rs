@@ -296,11 +296,22 @@ impl Backend for CudaBackend {
     }
 
     /// Uploads straight from the memory map: bf16 tensors in one copy (no host buffer), f32/f16
-    /// tensors converted in chunks of [`UPLOAD_CHUNK`] elements.
+    /// tensors converted in chunks of [`UPLOAD_CHUNK`] elements; random tensors are generated on
+    /// the device.
     fn weight(&self, t: &TensorRef) -> Result<CudaWeight> {
         let _g = self.lock()?;
         let n = t.numel();
         let mut dst = self.zeros(&t.shape)?;
+        if let Some(r) = t.random_init() {
+            // A random weight (`--random-weights`) is drawn where it lives: no host bytes, no
+            // upload. Same N(mean, std) as the host's values, not the same numbers.
+            ew::fill_normal(&self.gpu, dst.view_mut(), r.seed, r.mean, r.std).kx()?;
+            self.gpu
+                .stream
+                .synchronize()
+                .map_err(|e| upload_err(t, e))?;
+            return Ok(CudaWeight { t: dst });
+        }
         let bytes = t.bytes();
         let stream = &self.gpu.stream;
         let mut staging: Vec<bf16> = Vec::new();

@@ -42,6 +42,11 @@ struct Config {
     /// Model directory (Hugging Face layout), or `tiny` for the embedded tiny random model.
     #[arg(long, default_value = "tiny")]
     model_dir: String,
+    /// Serve the random weights of the model dir's config.json drawn from this seed (what
+    /// `dsv2 init-random --seed SEED` writes; on a GPU generated in place) instead of reading
+    /// weight files: full-scale benchmarks without a checkpoint. Router and shards must agree.
+    #[arg(long, value_name = "SEED")]
+    random_weights: Option<u64>,
     /// Address to serve on (port 0 picks a free port; printed as `DSV2_READY <addr>` on stdout).
     #[arg(long, default_value = "0.0.0.0:50061")]
     listen: SocketAddr,
@@ -309,8 +314,9 @@ async fn serve_on<B: Backend>(
     };
     let t0 = Instant::now();
     let selection = ExpertSelection::Only(experts.clone());
-    let store = WeightStore::open(&dir, LocalExperts::<B>::wants(&selection))
-        .with_context(|| format!("opening {}", dir.display()))?;
+    let store =
+        WeightStore::open_or_random(&dir, c.random_weights, LocalExperts::<B>::wants(&selection))
+            .with_context(|| format!("opening {}", dir.display()))?;
     let local = Arc::new(LocalExperts::load(
         backend.clone(),
         &cfg,

@@ -34,6 +34,11 @@ struct Config {
     /// Model directory (Hugging Face layout), or `tiny` for the embedded tiny random model.
     #[arg(long, default_value = "tiny")]
     model_dir: String,
+    /// Serve the random weights of the model dir's config.json drawn from this seed (what
+    /// `dsv2 init-random --seed SEED` writes; on a GPU generated in place) instead of reading
+    /// weight files: full-scale benchmarks without a checkpoint. Router and shards must agree.
+    #[arg(long, value_name = "SEED")]
+    random_weights: Option<u64>,
     /// Address to serve dsv2.v1.Inference on (port 0 picks a free port; the bound address is
     /// printed as `DSV2_READY <addr>` on stdout).
     #[arg(long, default_value = "0.0.0.0:50051")]
@@ -161,8 +166,9 @@ async fn serve_on<B: Backend>(
     let t0 = Instant::now();
     let mcfg = ModelConfig::from_model_dir(&dir)?;
     let local = c.shards.is_empty();
-    let store = WeightStore::open(&dir, |n| local || Model::<B>::wants(n))
-        .with_context(|| format!("opening {}", dir.display()))?;
+    let store =
+        WeightStore::open_or_random(&dir, c.random_weights, |n| local || Model::<B>::wants(n))
+            .with_context(|| format!("opening {}", dir.display()))?;
     let model = Arc::new(Model::load(backend.clone(), mcfg.clone(), &store)?);
     let tokenizer = if dir.join("tokenizer.json").exists() {
         Some(Arc::new(Tokenizer::from_model_dir(
