@@ -24,7 +24,8 @@ pub struct Args {
     /// Stop after this long, e.g. 30s or 2m (ghz -z).
     #[arg(long, short = 'z')]
     duration: Option<String>,
-    /// Request data: a GenerateRequest as JSON, or a list used round-robin (ghz -d format).
+    /// Request data file: a GenerateRequest as JSON, or a list of them used round-robin (ghz
+    /// -D format).
     #[arg(long)]
     data: Option<std::path::PathBuf>,
     /// Per-request timeout, e.g. 20s.
