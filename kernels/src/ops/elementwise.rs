@@ -199,7 +199,13 @@ pub fn rope(gpu: &Gpu, p: RopeParams<'_>) -> Result<()> {
 
 /// Fill a bf16 buffer with N(mean, std) values from a counter-based hash of `seed` (random
 /// weights generated on the device).
-pub fn fill_normal(gpu: &Gpu, out: ViewMut<'_, bf16>, seed: u64, mean: f32, std: f32) -> Result<()> {
+pub fn fill_normal(
+    gpu: &Gpu,
+    out: ViewMut<'_, bf16>,
+    seed: u64,
+    mean: f32,
+    std: f32,
+) -> Result<()> {
     const OP: &str = "fill_normal_bf16";
     let n: usize = out.shape().iter().product();
     if !out.is_contiguous() {

@@ -237,7 +237,10 @@ fn random_store_equals_the_written_random_checkpoint() {
     assert!(other.names().all(|n| n.contains("experts.3.")));
     assert!(other.names().count() > 0);
     let n = other.names().next().unwrap().to_string();
-    assert_ne!(other.tensor(&n).unwrap().bytes(), written.tensor(&n).unwrap().bytes());
+    assert_ne!(
+        other.tensor(&n).unwrap().bytes(),
+        written.tensor(&n).unwrap().bytes()
+    );
 }
 
 /// Real V2-Lite dims (hidden 2048, 64 experts of 1408, vocab 102400), two layers: ~2.1 GB.

@@ -261,10 +261,7 @@ mod tests {
             (ok.rank, ok.world, ok.cfg.timeout),
             (1, 2, DEFAULT_INIT_TIMEOUT)
         );
-        assert_eq!(
-            (ok.cfg.hidden, ok.cfg.max_rows, ok.cfg.max_k),
-            (8, 4, 2)
-        );
+        assert_eq!((ok.cfg.hidden, ok.cfg.max_rows, ok.cfg.max_k), (8, 4, 2));
         assert_eq!(ok.id.0, [7; 128]);
         assert_eq!(
             parse_request(&req(128, 3, 4, 1500))
