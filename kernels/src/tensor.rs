@@ -43,6 +43,21 @@ impl<T: DType> Tensor<T> {
         })
     }
 
+    /// A tensor with unspecified contents, for an output that a kernel or GEMM overwrites
+    /// entirely before anything reads it: it saves the memset (one launch) of [`Tensor::zeros`].
+    pub fn uninit(gpu: &Gpu, shape: &[usize]) -> Result<Self> {
+        let n = shape.iter().product::<usize>().max(1);
+        // SAFETY: T is a plain value type (DType) living in device memory, never read by the host
+        // as a Rust value before a device copy; the caller's contract is that the device writes
+        // every element before any is read, and stale device bytes are a wrong value at worst,
+        // not undefined behaviour.
+        let buf = unsafe { gpu.stream.alloc::<T>(n)? };
+        Ok(Self {
+            buf,
+            shape: shape.to_vec(),
+        })
+    }
+
     /// Upload host data; `data.len()` must equal the shape's element count.
     pub fn from_host(gpu: &Gpu, data: &[T], shape: &[usize]) -> Result<Self> {
         let n: usize = shape.iter().product();

@@ -4,7 +4,8 @@
 //!
 //! Where it stands: one cuBLAS call per (expert, projection) on the main stream, like the
 //! kernels crate's first expert FFN; weights stay in the checkpoint's per-expert tensors (the
-//! fused [E, 2I, H] layout of `ops::expert` would need a repacking at load).
+//! fused [E, 2I, H] layout of `ops::expert` would need a repacking at load). The row counts that
+//! size the GEMMs come from the routing the host already holds (no device round trip).
 
 use half::bf16;
 
@@ -34,6 +35,8 @@ pub(crate) fn run(
         )));
     }
     let n_exp = bank.experts.len();
+    // zeros: rows without a local expert are written only by moe_combine, which is skipped
+    // when no row is routed here at all
     let mut out = b.zeros(&[n, hidden])?;
     if n == 0 || routing.top_k == 0 || n_exp == 0 {
         return Ok(CudaAct::Bf16(out));
@@ -79,11 +82,18 @@ pub(crate) fn run(
         },
     )
     .kx()?;
-    // the host needs the per-expert row counts to size the GEMMs
-    let counts = perm.counts.to_host(gpu).kx()?;
+    // The host sizes the GEMMs by the per-expert row counts: the histogram of the ids it already
+    // holds (what moe_permute counts on the device), so no device-to-host copy and no stream
+    // synchronisation here.
+    let mut counts = vec![0i32; n_exp];
+    for &e in &ids {
+        if let Some(c) = usize::try_from(e).ok().and_then(|e| counts.get_mut(e)) {
+            *c += 1;
+        }
+    }
     let total: usize = counts.iter().map(|&c| c.max(0) as usize).sum();
     if total > 0 {
-        let mut xp = b.zeros(&[total, hidden])?;
+        let mut xp = b.empty(&[total, hidden])?;
         moe::moe_gather(
             gpu,
             moe::GatherParams {
@@ -93,9 +103,10 @@ pub(crate) fn run(
             },
         )
         .kx()?;
-        let gu = b.zeros(&[total, 2 * inter])?;
-        let mut act = b.zeros(&[total, inter])?;
-        let y = b.zeros(&[total, hidden])?;
+        // each written entirely: the spans of the GEMMs cover all `total` rows
+        let gu = b.empty(&[total, 2 * inter])?;
+        let mut act = b.empty(&[total, inter])?;
+        let y = b.empty(&[total, hidden])?;
         let mut off = 0usize;
         let mut spans = Vec::new();
         for (e, &c) in counts.iter().enumerate() {

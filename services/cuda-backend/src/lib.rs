@@ -183,6 +183,11 @@ impl CudaBackend {
         Tensor::<bf16>::zeros(&self.gpu, shape).kx()
     }
 
+    /// An output buffer that the next kernel or GEMM writes entirely (no memset launch).
+    fn empty(&self, shape: &[usize]) -> Result<Tensor<bf16>> {
+        Tensor::<bf16>::uninit(&self.gpu, shape).kx()
+    }
+
     /// y[M, N] = x[M, K] · wᵀ for a contiguous x (leading dim = rows) and a [N, K] weight.
     fn mm(&self, x: &Tensor<bf16>, w: &CudaWeight, op: &str) -> Result<Tensor<bf16>> {
         let (m, n) = (x.shape()[0], w.dims2(op)?.0);
@@ -205,7 +210,7 @@ impl CudaBackend {
                 w.shape()
             )));
         }
-        let y = self.zeros(shape)?;
+        let y = self.empty(shape)?;
         gemm::<bf16>(&self.gpu, Gemm::xwt(m, n, k, x.ptr(), w.t.ptr(), y.ptr())).kx()?;
         Ok(y)
     }
@@ -221,7 +226,7 @@ impl CudaBackend {
                 w.down.shape()
             )));
         }
-        let gu = self.zeros(&[m, 2 * inter])?;
+        let gu = self.empty(&[m, 2 * inter])?;
         // gate | up side by side in one [m, 2I] buffer, the layout silu_mul reads
         let mut g = Gemm::xwt(m, inter, h, x.ptr(), w.gate.t.ptr(), gu.ptr());
         g.ldy = 2 * inter;
@@ -229,7 +234,7 @@ impl CudaBackend {
         g.w = w.up.t.ptr();
         g.y = gu.ptr() + (inter * std::mem::size_of::<bf16>()) as u64; // byte offset of `up`
         gemm::<bf16>(&self.gpu, g).kx()?;
-        let mut act = self.zeros(&[m, inter])?;
+        let mut act = self.empty(&[m, inter])?;
         ew::silu_mul(
             &self.gpu,
             ew::SiluMulParams {
@@ -503,7 +508,7 @@ impl Backend for CudaBackend {
                 w.shape()
             )));
         }
-        let y = Tensor::<f32>::zeros(&self.gpu, &[m, n]).kx()?;
+        let y = Tensor::<f32>::uninit(&self.gpu, &[m, n]).kx()?;
         gemm::<f32>(&self.gpu, Gemm::xwt(m, n, k, xb.ptr(), w.t.ptr(), y.ptr())).kx()?;
         Ok(CudaAct::F32(y))
     }
