@@ -545,7 +545,7 @@ impl Backend for CudaBackend {
             )));
         }
         // gate logits in f32: routing compares softmax scores that can differ by 1e-4
-        let logits = Tensor::<f32>::zeros(&self.gpu, &[m, e]).kx()?;
+        let logits = Tensor::<f32>::uninit(&self.gpu, &[m, e]).kx()?;
         gemm::<f32>(
             &self.gpu,
             Gemm::xwt(m, e, k, xb.ptr(), gate.t.ptr(), logits.ptr()),
