@@ -3,7 +3,7 @@
 # trip), the gRPC round trip on the same GPUs for comparison, then router (cuda:0) + one expert
 # shard (cuda:1) over --transport nccl against the same pair over --transport grpc: greedy ids,
 # generated-token logprobs and prompt logprobs must be identical, on every golden fixture and on
-# a random real-dims DeepSeek-V2 (LAYERS layers, default 2).
+# a real-dims DeepSeek-V2 with random weights drawn on the GPUs (LAYERS layers, default 3).
 # Build here: cargo build --release --workspace; carry the stripped binaries (BIN, default
 # .gpubin): dsv2 dsv2-router dsv2-expert nccl-smoke nccl-roundtrip moe-roundtrip.
 # Log: $OUT/gpu-nccl.log. Exit status: 0 when every check passed.
@@ -16,7 +16,8 @@ exec > >(tee -a "$OUT_DIR/gpu-nccl.log") 2>&1
 # NVLink multicast must stay off on these hosts.
 export NCCL_NVLS_ENABLE=0 DSV2_CACHE_DIR=/tmp/dsv2-cache DSV2_LOG=warn
 PY="${PYTHON:-python3}"
-LAYERS="${LAYERS:-2}"
+LAYERS="${LAYERS:-3}"
+EXTRA=()  # extra args for every router and expert of `compare` (random weights in step 5)
 fail=0
 echo "== $(date -u +%FT%TZ) $(nvidia-smi -L | tr '\n' ' ')"
 
@@ -53,10 +54,10 @@ trap stop_all EXIT
 compare() {
   local dir=$1; shift
   local eg en rg rn
-  eg=$(start eg "$BIN/dsv2-expert" --model-dir "$dir" --device cuda:1 --shard-index 0 --num-shards 1) || { fail=1; stop_all; return; }
-  en=$(start en "$BIN/dsv2-expert" --model-dir "$dir" --device cuda:1 --shard-index 0 --num-shards 1 --transport nccl) || { fail=1; stop_all; return; }
-  rg=$(start rg "$BIN/dsv2-router" --model-dir "$dir" --device cuda:0 --shard "http://$eg") || { fail=1; stop_all; return; }
-  rn=$(start rn "$BIN/dsv2-router" --model-dir "$dir" --device cuda:0 --shard "http://$en" --transport nccl) || { tail -5 /tmp/en.err; fail=1; stop_all; return; }
+  eg=$(start eg "$BIN/dsv2-expert" --model-dir "$dir" "${EXTRA[@]}" --device cuda:1 --shard-index 0 --num-shards 1) || { fail=1; stop_all; return; }
+  en=$(start en "$BIN/dsv2-expert" --model-dir "$dir" "${EXTRA[@]}" --device cuda:1 --shard-index 0 --num-shards 1 --transport nccl) || { fail=1; stop_all; return; }
+  rg=$(start rg "$BIN/dsv2-router" --model-dir "$dir" "${EXTRA[@]}" --device cuda:0 --shard "http://$eg") || { fail=1; stop_all; return; }
+  rn=$(start rn "$BIN/dsv2-router" --model-dir "$dir" "${EXTRA[@]}" --device cuda:0 --shard "http://$en" --transport nccl) || { tail -5 /tmp/en.err; fail=1; stop_all; return; }
   for ids in "$@"; do
     for t in g n; do
       local ep=$([ $t = g ] && echo "$rg" || echo "$rn")
@@ -87,10 +88,10 @@ for fx in v2 v2-lite dense2; do
   compare "$dir" "$(ids_of "$dir/reference.json" 0)" "$(ids_of "$dir/reference.json" 1)" "$(ids_of "$dir/reference.json" 2)"
 done
 
-echo "== 5. the same on a random real-dims DeepSeek-V2 ($LAYERS layers)"
-t0=$(date +%s)
-"$BIN/dsv2" init-random --preset deepseek-v2 --layers "$LAYERS" --threads 16 --out /tmp/rd >/dev/null 2>/tmp/init.err || { tail -5 /tmp/init.err; fail=1; }
-echo "init-random: $(( $(date +%s) - t0 )) s, $(du -sh /tmp/rd | cut -f1)"
-compare /tmp/rd "138,158,33,333,438,211,210" "100000,17464,3,4,5,6,7,8,9,10,11,12,13"
+echo "== 5. the same on a real-dims DeepSeek-V2 ($LAYERS layers, --random-weights 1: drawn on each GPU)"
+mkdir -p /tmp/rdc
+"$BIN/dsv2" init-random --preset deepseek-v2 --layers "$LAYERS" --config-only --out /tmp/rdc 2>/dev/null
+EXTRA=(--random-weights 1)
+compare /tmp/rdc "138,158,33,333,438,211,210" "100000,17464,3,4,5,6,7,8,9,10,11,12,13"
 echo "gpu-nccl exit status: $fail"
 exit $fail
