@@ -31,21 +31,8 @@ SHARDS=$((G - 1))
 fail=0
 echo "== $(date -u +%FT%TZ) $G GPUs: $(nvidia-smi -L | head -1); router GPU 0, $SHARDS shard(s); layers $LAYERS${SHALLOW:+ (+ $SHALLOW for the extrapolation)}"
 
-start() {
-  local name=$1; shift
-  "$@" --listen 127.0.0.1:0 >"/tmp/$name.out" 2>"/tmp/$name.err" &
-  echo $! >>/tmp/dsv2-fs.pids
-  for _ in $(seq 3000); do
-    if grep -q DSV2_READY "/tmp/$name.out" 2>/dev/null; then awk '/DSV2_READY/{print $2}' "/tmp/$name.out"; return 0; fi
-    if ! kill -0 "$(tail -1 /tmp/dsv2-fs.pids)" 2>/dev/null; then break; fi
-    sleep 0.2
-  done
-  echo "$name did not start:" >&2; tail -20 "/tmp/$name.err" >&2; return 1
-}
-stop_all() {
-  [ -f /tmp/dsv2-fs.pids ] && kill $(cat /tmp/dsv2-fs.pids) 2>/dev/null
-  rm -f /tmp/dsv2-fs.pids; sleep 2
-}
+PIDFILE=/tmp/dsv2-fs.pids
+source scripts/lib/services.sh
 trap stop_all EXIT
 
 # cluster DIR: router on GPU 0 + SHARDS shards over NCCL; prints the router address.

@@ -32,22 +32,8 @@ pkill -9 -f nccl-roundtrip 2>/dev/null
 echo "== 3. gRPC round trip for comparison: 2 shards on cuda:1, loopback (full / raw / zero)"
 DSV2_BIN_DIR="$BIN" timeout -k 5 180 "$BIN/moe-roundtrip" --expert-device cuda:1 --iters 20 || { echo "moe-roundtrip FAILED ($?)"; fail=1; }
 
-start() {
-  local name=$1; shift
-  "$@" --listen 127.0.0.1:0 >"/tmp/$name.out" 2>"/tmp/$name.err" &
-  echo $! >>/tmp/dsv2-nccl.pids
-  for _ in $(seq 1500); do
-    if grep -q DSV2_READY "/tmp/$name.out" 2>/dev/null; then awk '/DSV2_READY/{print $2}' "/tmp/$name.out"; return 0; fi
-    if ! kill -0 "$(tail -1 /tmp/dsv2-nccl.pids)" 2>/dev/null; then break; fi
-    sleep 0.2
-  done
-  echo "$name did not start:" >&2; tail -20 "/tmp/$name.err" >&2; return 1
-}
-stop_all() {
-  [ -f /tmp/dsv2-nccl.pids ] && kill $(cat /tmp/dsv2-nccl.pids) 2>/dev/null
-  rm -f /tmp/dsv2-nccl.pids
-  sleep 1
-}
+PIDFILE=/tmp/dsv2-nccl.pids
+source scripts/lib/services.sh
 trap stop_all EXIT
 
 # compare MODEL_DIR IDS...: the same requests through both transports, byte-equal JSON fields.

@@ -44,7 +44,7 @@ impl CheckRow {
             note: String::new(),
         }
     }
-    fn exact<T: PartialEq>(op: &str, sizes: String, got: &[T], want: &[T]) -> Self {
+    pub(crate) fn exact<T: PartialEq>(op: &str, sizes: String, got: &[T], want: &[T]) -> Self {
         let bad =
             got.iter().zip(want).filter(|(a, b)| a != b).count() + got.len().abs_diff(want.len());
         Self {

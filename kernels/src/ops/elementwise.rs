@@ -197,6 +197,20 @@ pub fn rope(gpu: &Gpu, p: RopeParams<'_>) -> Result<()> {
     Ok(())
 }
 
+/// The element count of a fill's output (None when empty), which must be contiguous.
+fn fill_len(op: &'static str, out: &ViewMut<'_, bf16>) -> Result<Option<usize>> {
+    if !out.is_contiguous() {
+        return Err(KernelError::NotContiguous {
+            op,
+            tensor: "out",
+            shape: out.shape().to_vec(),
+            strides: out.strides().to_vec(),
+        });
+    }
+    let n: usize = out.shape().iter().product();
+    Ok((n > 0).then_some(n))
+}
+
 /// Fill a bf16 buffer with N(mean, std) values from a counter-based hash of `seed` (random
 /// weights generated on the device).
 pub fn fill_normal(
@@ -207,18 +221,9 @@ pub fn fill_normal(
     std: f32,
 ) -> Result<()> {
     const OP: &str = "fill_normal_bf16";
-    let n: usize = out.shape().iter().product();
-    if !out.is_contiguous() {
-        return Err(KernelError::NotContiguous {
-            op: OP,
-            tensor: "out",
-            shape: out.shape().to_vec(),
-            strides: out.strides().to_vec(),
-        });
-    }
-    if n == 0 {
+    let Some(n) = fill_len(OP, &out)? else {
         return Ok(());
-    }
+    };
     let (o, nn) = (out.ptr(), n as u64);
     let f = gpu.function(OP)?;
     let mut b = gpu.stream.launch_builder(f);
@@ -231,18 +236,9 @@ pub fn fill_normal(
 /// Fill a bf16 buffer with hash-based uniform values in [-scale, scale) (benchmark data).
 pub fn fill_uniform(gpu: &Gpu, out: ViewMut<'_, bf16>, seed: u64, scale: f32) -> Result<()> {
     const OP: &str = "fill_uniform_bf16";
-    let n: usize = out.shape().iter().product();
-    if !out.is_contiguous() {
-        return Err(KernelError::NotContiguous {
-            op: OP,
-            tensor: "out",
-            shape: out.shape().to_vec(),
-            strides: out.strides().to_vec(),
-        });
-    }
-    if n == 0 {
+    let Some(n) = fill_len(OP, &out)? else {
         return Ok(());
-    }
+    };
     let (o, nn) = (out.ptr(), n as u64);
     let f = gpu.function(OP)?;
     let mut b = gpu.stream.launch_builder(f);

@@ -582,25 +582,13 @@ pub fn check_rows_add(gpu: &Gpu, rows: usize, cols: usize) -> Result<CheckRow> {
         let it = Tensor::from_host(gpu, &idx, &[idx.len()])?;
         rows_add_f32(gpu, acc.view_mut(), src.view(), it.view())?;
     }
-    let got = acc.to_host(gpu)?;
-    let bad = got
-        .iter()
-        .zip(&want)
-        .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .count();
-    Ok(CheckRow {
-        op: "rows_add_f32".into(),
-        sizes: format!("rows {rows} cols {cols}, 2 shards"),
-        max_abs: bad as f32,
-        rel_l2: 0.0,
-        tol: 0.0,
-        pass: bad == 0,
-        note: if bad == 0 {
-            "exact".into()
-        } else {
-            format!("{bad} mismatches")
-        },
-    })
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    Ok(CheckRow::exact(
+        "rows_add_f32",
+        format!("rows {rows} cols {cols}, 2 shards"),
+        &bits(&acc.to_host(gpu)?),
+        &bits(&want),
+    ))
 }
 
 /// `mla_latent_append` of `tokens` rows into a shuffled set of slots (one slot left out as -1).

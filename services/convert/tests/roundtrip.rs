@@ -147,11 +147,10 @@ fn golden_dense2_round_trip() {
     round_trip(&fixture("dense2"));
 }
 
-/// A random checkpoint with DeepSeek-V2's structure (160 experts in 8 groups, q-LoRA, YaRN,
-/// first layer dense) at reduced widths, written by `init_random` (sharded with an index).
-#[test]
-fn random_v2_structure_round_trip() {
-    let mut cfg = Preset::DeepseekV2.config_json(3);
+/// DeepSeek-V2's config (160 experts in 8 groups, q-LoRA, YaRN, first layer dense) at reduced
+/// widths, with `layers` decoder layers.
+fn small_v2_config(layers: usize) -> serde_json::Value {
+    let mut cfg = Preset::DeepseekV2.config_json(layers);
     for (k, v) in [
         ("hidden_size", 64),
         ("intermediate_size", 96),
@@ -167,6 +166,14 @@ fn random_v2_structure_round_trip() {
     ] {
         cfg[k] = serde_json::json!(v);
     }
+    cfg
+}
+
+/// A random checkpoint with DeepSeek-V2's structure (160 experts in 8 groups, q-LoRA, YaRN,
+/// first layer dense) at reduced widths, written by `init_random` (sharded with an index).
+#[test]
+fn random_v2_structure_round_trip() {
+    let cfg = small_v2_config(3);
     let hf = tempfile::tempdir().unwrap();
     let rep = init_random(
         &InitOptions {
@@ -188,22 +195,7 @@ fn random_v2_structure_round_trip() {
 /// what `init_random` writes with the same seed: every tensor's bytes, hence the logits.
 #[test]
 fn random_store_equals_the_written_random_checkpoint() {
-    let mut cfg = Preset::DeepseekV2.config_json(2);
-    for (k, v) in [
-        ("hidden_size", 64),
-        ("intermediate_size", 96),
-        ("moe_intermediate_size", 16),
-        ("num_attention_heads", 2),
-        ("num_key_value_heads", 2),
-        ("q_lora_rank", 48),
-        ("kv_lora_rank", 32),
-        ("qk_nope_head_dim", 16),
-        ("qk_rope_head_dim", 8),
-        ("v_head_dim", 16),
-        ("vocab_size", 640),
-    ] {
-        cfg[k] = serde_json::json!(v);
-    }
+    let cfg = small_v2_config(2);
     let hf = tempfile::tempdir().unwrap();
     init_random(
         &InitOptions {

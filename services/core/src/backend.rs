@@ -151,25 +151,7 @@ pub trait Backend: Send + Sync + 'static {
             )));
         }
         let host = self.act_to_host(x)?;
-        let mut scratch = Vec::new();
-        Ok(rows
-            .iter()
-            .enumerate()
-            .map(|(r, s)| {
-                let p = crate::sampling::SamplingParams {
-                    temperature: s.temperature,
-                    top_k: s.top_k,
-                    top_p: s.top_p,
-                    seed: None,
-                };
-                crate::sampling::sample_with_uniform(
-                    &host[r * cols..(r + 1) * cols],
-                    &p,
-                    s.uniform,
-                    &mut scratch,
-                )
-            })
-            .collect())
+        Ok(crate::sampling::sample_rows_host(&host, cols, rows))
     }
 
     /// Weighted sum of the chosen experts' outputs for every row; rows whose experts are not in

@@ -88,6 +88,29 @@ impl Sampler {
     }
 }
 
+/// One token per row of host logits `logits` ([rows.len(), cols]) under each row's settings:
+/// [`sample_with_uniform`] row by row (what a backend without device sampling does).
+pub fn sample_rows_host(logits: &[f32], cols: usize, rows: &[RowSampling]) -> Vec<u32> {
+    let mut scratch = Vec::new();
+    rows.iter()
+        .enumerate()
+        .map(|(r, s)| {
+            let p = SamplingParams {
+                temperature: s.temperature,
+                top_k: s.top_k,
+                top_p: s.top_p,
+                seed: None,
+            };
+            sample_with_uniform(
+                &logits[r * cols..(r + 1) * cols],
+                &p,
+                s.uniform,
+                &mut scratch,
+            )
+        })
+        .collect()
+}
+
 /// One row's sampling settings and the uniform value in [0, 1) that drives its draw.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RowSampling {

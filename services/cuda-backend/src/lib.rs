@@ -606,25 +606,7 @@ impl Backend for CudaBackend {
                     return Err(err(format!("{} settings for {n} rows", rows.len())));
                 }
                 let host = self.act_to_host(x)?;
-                let mut scratch = Vec::new();
-                return Ok(rows
-                    .iter()
-                    .enumerate()
-                    .map(|(r, s)| {
-                        let p = dsv2_core::sampling::SamplingParams {
-                            temperature: s.temperature,
-                            top_k: s.top_k,
-                            top_p: s.top_p,
-                            seed: None,
-                        };
-                        dsv2_core::sampling::sample_with_uniform(
-                            &host[r * cols..(r + 1) * cols],
-                            &p,
-                            s.uniform,
-                            &mut scratch,
-                        )
-                    })
-                    .collect());
+                return Ok(dsv2_core::sampling::sample_rows_host(&host, cols, rows));
             }
         };
         let n = t.shape()[0];
