@@ -2,6 +2,7 @@
 //! and whose wait adds the shards' partials, with the NCCL exchange on a thread of its own
 //! (a communicator is used from the thread that created it).
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -16,9 +17,11 @@ use dsv2_cuda_backend::{CudaAct, CudaBackend};
 use dsv2_kernels::ops::{general, moe};
 use dsv2_kernels::{Gpu, KernelError, Tensor, View};
 use dsv2_nccl::bootstrap::bootstrap_router;
-use dsv2_nccl::{PlaneConfig, ShardPart};
+use dsv2_nccl::{PlaneConfig, RouterPlane, ShardPart};
 use half::bf16;
 use tokio::runtime::Handle;
+
+use crate::watchdog::ShardWatch;
 
 /// One shard's rows of one layer on the router's GPU.
 struct Part {
@@ -51,7 +54,13 @@ pub struct NcclExperts {
     timeout: Duration,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    watch: ShardWatch,
 }
+
+/// How often the shards' health is checked (a dead shard fails the layer within ~2 periods).
+const WATCH_PERIOD: Duration = Duration::from_millis(500);
+/// After a failure, the plane is brought up again at most this often (when every shard answers).
+const REINIT_EVERY: Duration = Duration::from_secs(2);
 
 fn experts_err(msg: impl std::fmt::Display) -> CoreError {
     CoreError::Experts(format!("NCCL data plane: {msg}"))
@@ -86,18 +95,22 @@ impl NcclExperts {
         let (job_tx, job_rx) = mpsc::channel::<Job>();
         let b = backend.clone();
         let eps = endpoints.clone();
+        let watch = ShardWatch::spawn(&rt, endpoints.clone(), WATCH_PERIOD);
+        let w = watch.clone();
         let thread = std::thread::Builder::new()
             .name("nccl-router".into())
-            .spawn(move || plane_loop(b, rt, eps, plane_cfg, init_tx, job_rx))
+            .spawn(move || plane_loop(b, rt, eps, plane_cfg, w, init_tx, job_rx))
             .map_err(|e| experts_err(format!("cannot start the plane thread: {e}")))?;
         match init_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 let _ = thread.join();
+                watch.stop();
                 return Err(experts_err(e));
             }
             Err(_) => {
                 let _ = thread.join();
+                watch.stop();
                 return Err(experts_err("the plane thread ended during init"));
             }
         }
@@ -116,6 +129,7 @@ impl NcclExperts {
             timeout,
             jobs: Mutex::new(Some(job_tx)),
             thread: Mutex::new(Some(thread)),
+            watch,
         })
     }
 
@@ -244,6 +258,7 @@ impl Drop for NcclExperts {
         {
             let _ = t.join();
         }
+        self.watch.stop();
     }
 }
 
@@ -261,6 +276,7 @@ fn plane_loop(
     rt: Handle,
     endpoints: Vec<String>,
     cfg: PlaneConfig,
+    watch: ShardWatch,
     init_tx: mpsc::Sender<Result<(), String>>,
     jobs: mpsc::Receiver<Job>,
 ) {
@@ -287,20 +303,47 @@ fn plane_loop(
             return;
         }
     };
-    let mut plane = match bootstrap_router(&rt, &endpoints, stream, cfg) {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = init_tx.send(Err(e.to_string()));
-            return;
-        }
+    let up = |plane: &mut Option<RouterPlane>| -> Result<(), String> {
+        // the old communicator (aborted after its failure) goes before a new one is made
+        plane.take();
+        let mut p =
+            bootstrap_router(&rt, &endpoints, stream.clone(), cfg).map_err(|e| e.to_string())?;
+        p.set_abort(watch.down.clone());
+        *plane = Some(p);
+        Ok(())
     };
+    let mut plane: Option<RouterPlane> = None;
+    if let Err(e) = up(&mut plane) {
+        let _ = init_tx.send(Err(e));
+        return;
+    }
     let _ = init_tx.send(Ok(()));
     let h = cfg.hidden;
     let mut broken: Option<String> = None;
+    let mut last_try = std::time::Instant::now();
     while let Ok(mut job) = jobs.recv() {
-        let result = match &broken {
-            Some(e) => Err(format!("failed earlier and stays down: {e}")),
-            None => {
+        // A failed plane comes back once every shard answers again (a restarted shard joins
+        // the new communicator through its NcclInit).
+        if broken.is_some()
+            && !watch.down.load(Ordering::SeqCst)
+            && last_try.elapsed() >= REINIT_EVERY
+        {
+            last_try = std::time::Instant::now();
+            match up(&mut plane) {
+                Ok(()) => {
+                    tracing::info!("NCCL data plane re-established");
+                    broken = None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "bringing the NCCL data plane back failed");
+                    broken = Some(e);
+                }
+            }
+        }
+        let result = match (&broken, plane.as_mut()) {
+            (Some(e), _) => Err(format!("down since a failure: {e}")),
+            (None, None) => Err("no communicator".to_string()),
+            (None, Some(plane)) => {
                 let mut views: Vec<ShardPart<'_>> = job
                     .parts
                     .iter_mut()
@@ -322,20 +365,25 @@ fn plane_loop(
                         },
                     })
                     .collect();
-                let r = plane
-                    .exchange(job.layer, job.k, &mut views)
-                    .map_err(|e| e.to_string());
+                let r = plane.exchange(job.layer, job.k, &mut views).map_err(|e| {
+                    // the watchdog's reason names the shard; NCCL's only says it was stopped
+                    match watch.reason() {
+                        Some(why) => format!("{why} ({e})"),
+                        None => e.to_string(),
+                    }
+                });
                 drop(views);
                 if let Err(e) = &r {
                     tracing::error!(error = %e, "NCCL exchange failed; the expert plane is down");
                     broken = Some(e.clone());
+                    last_try = std::time::Instant::now();
                 }
                 r
             }
         };
         let _ = job.reply.send((job.parts, result));
     }
-    if broken.is_none() {
+    if let (None, Some(plane)) = (broken, plane) {
         match plane.shutdown() {
             Ok(()) => tracing::info!("NCCL data plane shut down"),
             Err(e) => tracing::warn!(error = %e, "NCCL shutdown"),

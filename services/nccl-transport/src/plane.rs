@@ -54,6 +54,9 @@ pub struct RouterPlane {
     seq: u32,
     hdr_dev: CudaSlice<u32>,
     hdr_host: Pinned,
+    /// Set by a watchdog that saw a shard die: ends a waiting exchange at once instead of at its
+    /// deadline (a dead peer on NVLink raises no NCCL error; its receive simply never comes).
+    abort: Option<StopFlag>,
 }
 
 fn bytes_of<T>(n: usize) -> usize {
@@ -83,6 +86,7 @@ impl RouterPlane {
             seq: 0,
             hdr_dev,
             hdr_host,
+            abort: None,
         };
         let peers: Vec<usize> = (1..=shards).collect();
         handshake(&mut plane.comm, &peers, max_payload(&cfg), cfg.timeout)?;
@@ -91,6 +95,11 @@ impl RouterPlane {
 
     pub fn shards(&self) -> usize {
         self.shards
+    }
+
+    /// Exchanges end (with `Aborted`, the communicator aborted) as soon as `flag` is set.
+    pub fn set_abort(&mut self, flag: StopFlag) {
+        self.abort = Some(flag);
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -199,7 +208,7 @@ impl RouterPlane {
         issued?;
         ended?;
         self.comm
-            .wait("exchange", Some(self.cfg.timeout), None)
+            .wait("exchange", Some(self.cfg.timeout), self.abort.as_ref())
             .map_err(|e| name_shards(e, parts.len()))?;
         self.seq = self.seq.wrapping_add(1);
         Ok(())
