@@ -176,7 +176,8 @@ fn gather_part(
     }
     let idx_host: Vec<i32> = s.rows.iter().map(|&r| r as i32).collect();
     let idx = Tensor::from_host(gpu, &idx_host, &[n])?;
-    let mut xs = Tensor::<bf16>::zeros(gpu, &[n, h])?;
+    // written entirely: by the gather, and by the shard's partials over NCCL
+    let mut xs = Tensor::<bf16>::uninit(gpu, &[n, h])?;
     moe::moe_gather(
         gpu,
         moe::GatherParams {
@@ -191,7 +192,7 @@ fn gather_part(
         x: xs,
         ids: gpu.stream.clone_htod(&s.ids)?,
         weights: gpu.stream.clone_htod(&s.weights)?,
-        partial: Tensor::<bf16>::zeros(gpu, &[n, h])?,
+        partial: Tensor::<bf16>::uninit(gpu, &[n, h])?,
     }))
 }
 
@@ -239,7 +240,7 @@ impl ExpertExecutor<CudaBackend> for NcclExperts {
                 for p in parts.iter().flatten() {
                     general::rows_add_f32(gpu, acc.view_mut(), p.partial.view(), p.idx.view())?;
                 }
-                let mut out = Tensor::<bf16>::zeros(gpu, &[rows, h])?;
+                let mut out = Tensor::<bf16>::uninit(gpu, &[rows, h])?;
                 general::cast_f32_bf16(gpu, acc.view(), out.view_mut())?;
                 Ok(CudaAct::Bf16(out))
             })

@@ -73,11 +73,12 @@ impl ShardExperts {
         let (ids, weights, act) = self
             .backend
             .with_gpu(|gpu| {
-                let mut ids = self.ids.to_host(gpu)?;
-                ids.truncate(rows * k);
-                let mut weights = self.weights.to_host(gpu)?;
-                weights.truncate(rows * k);
-                let mut xs = Tensor::<bf16>::zeros(gpu, &[rows, self.hidden])?;
+                // only this layer's rows * k entries, not the whole receive buffer
+                let ids = gpu.stream.clone_dtoh(&self.ids.buf().slice(0..rows * k))?;
+                let weights = gpu
+                    .stream
+                    .clone_dtoh(&self.weights.buf().slice(0..rows * k))?;
+                let mut xs = Tensor::<bf16>::uninit(gpu, &[rows, self.hidden])?;
                 general::copy_rows(gpu, self.x.view().narrow(0, 0, rows)?, xs.view_mut())?;
                 Ok((ids, weights, CudaAct::Bf16(xs)))
             })
