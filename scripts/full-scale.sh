@@ -83,7 +83,7 @@ measure() {
     echo "{\"token_ids\":{\"ids\":[$PROMPT]},\"max_new_tokens\":64,\"ignore_eos\":true}" >/tmp/lt-decode.json
     "$BIN/dsv2" loadtest --endpoint "http://$r" -c "$b" -n "$((b * 2))" --timeout 1200s --data /tmp/lt-decode.json \
       --json-out "/tmp/lt-$b.json" >/dev/null 2>"/tmp/lt-$b.err" || { tail -3 "/tmp/lt-$b.err"; fail=1; }
-    "$PY" -c "import json; j=json.load(open('/tmp/lt-$b.json')); d=j['dsv2']; print('$label decode batch $b: %.1f tok/s (%d ok, %d errors; 16-token prompts, 64 new tokens)' % (d['tokensPerSec'], d['okCount'], d['errorCount']))" 2>/dev/null || echo "$label decode batch $b: no report"
+    "$PY" -c "import json; j=json.load(open('/tmp/lt-$b.json')); d=j['dsv2']; print('$label decode batch $b: %.1f tok/s (%d ok, %d errors; 16-token prompts, 64 new tokens)' % (d['tokensPerSec'], d['okCount'], d['errorCount'])); open('/tmp/fs-tps-${label#L=}-$b', 'w').write(str(d['tokensPerSec']))" 2>/dev/null || echo "$label decode batch $b: no report"
   done
   long=$("$PY" -c "import random; random.seed(0); print(','.join(str(random.randrange(1000, 100000)) for _ in range(2048)))")
   echo "{\"token_ids\":{\"ids\":[$long]},\"max_new_tokens\":1,\"ignore_eos\":true}" >/tmp/lt-prefill-req.json
@@ -102,7 +102,20 @@ if [ -n "$SHALLOW" ]; then
   mkdir -p /tmp/fsS
   "$BIN/dsv2" init-random --preset deepseek-v2 --layers "$SHALLOW" --config-only --out /tmp/fsS --seed "$SEED" 2>/dev/null
   measure /tmp/fsS "L=$SHALLOW"
-  echo "extrapolation: per batch b, step time t(L) = b / tok_s(L); t(60) = t($SHALLOW) + (60 - $SHALLOW) * (t($LAYERS) - t($SHALLOW)) / ($LAYERS - $SHALLOW); tok_s(60) = b / t(60) (done on the numbers above, in bench/RESULTS.md)"
+  # per batch b: step time t(L) = b / tok_s(L), linear in L; t(60) from the two depths
+  "$PY" - "$SHALLOW" "$LAYERS" <<'PYEOF'
+import sys
+lo, hi = int(sys.argv[1]), int(sys.argv[2])
+for b in (1, 64, 256):
+    try:
+        t = {L: b / float(open(f"/tmp/fs-tps-{L}-{b}").read()) for L in (lo, hi)}
+    except Exception as e:
+        print(f"EXTRAPOLATION batch {b}: missing a measurement ({e})"); continue
+    per_layer = (t[hi] - t[lo]) / (hi - lo)
+    t60 = t[lo] + (60 - lo) * per_layer
+    print(f"EXTRAPOLATED (not measured) 60 layers, decode batch {b}: {b / t60:.1f} tok/s "
+          f"(step {t60 * 1e3:.2f} ms = {t[lo] * 1e3:.2f} ms at {lo} layers + {per_layer * 1e3:.3f} ms per layer)")
+PYEOF
 fi
 echo "full-scale exit status: $fail"
 exit $fail
