@@ -7,7 +7,9 @@
 #   expert shards on GPUs 1..G-1 over --transport nccl, contiguous placement (160 experts do
 #   not split into 7 equal routing groups; contiguous gives 23/23/.../22). The router does the
 #   attention of every layer for every token: sharing its GPU with a shard would put the two on
-#   the critical path of each other; the shards' ~64 GB of experts each (8 GPUs) fit anyway.
+#   the critical path of each other; the shards' ~64 GB of experts each (8 GPUs) fit anyway. And
+#   NCCL refuses two ranks of one communicator on the same GPU, so over NCCL a shard cannot share
+#   the router's GPU at all (8 shards would need gRPC for the one on GPU 0).
 # Steps: (1) a truncated copy (3 layers) through the services against the in-process GPU run
 # (same seed, so the same weights): greedy ids must match, prompt logprobs close; (2) the full
 # model (LAYERS, default 60 on >= 8 GPUs; on fewer GPUs as many as fit on one shard, and a
