@@ -85,6 +85,42 @@ impl ExpertSelection {
     }
 }
 
+/// Logs load progress by layer, at most every few seconds: a full-size model takes minutes to
+/// load and a service should say how far it got (a tiny model logs nothing).
+struct LoadProgress {
+    what: &'static str,
+    layers: usize,
+    start: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl LoadProgress {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(3);
+
+    fn new(what: &'static str, layers: usize) -> Self {
+        let now = std::time::Instant::now();
+        LoadProgress {
+            what,
+            layers,
+            start: now,
+            last: now,
+        }
+    }
+
+    fn layer(&mut self, l: usize) {
+        if self.last.elapsed() >= Self::EVERY {
+            self.last = std::time::Instant::now();
+            tracing::info!(
+                part = self.what,
+                layer = l,
+                of = self.layers,
+                secs = self.start.elapsed().as_secs_f64(),
+                "loading"
+            );
+        }
+    }
+}
+
 /// Routed experts held in this process, per layer (None for dense layers).
 pub struct LocalExperts<B: Backend> {
     backend: Arc<B>,
@@ -118,7 +154,9 @@ impl<B: Backend> LocalExperts<B> {
             )));
         }
         let mut banks = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut progress = LoadProgress::new("routed experts", cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
+            progress.layer(l);
             if !cfg.is_moe_layer(l) {
                 banks.push(None);
                 continue;
@@ -180,7 +218,9 @@ impl<B: Backend> Model<B> {
         };
         let embed = w("model.embed_tokens.weight", &[v, h])?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        let mut progress = LoadProgress::new("attention side", c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
+            progress.layer(l);
             let p = format!("model.layers.{l}");
             let a = format!("{p}.self_attn");
             let q = match c.q_lora_rank {
