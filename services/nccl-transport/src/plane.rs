@@ -462,6 +462,11 @@ impl ShardPlane {
             };
             self.comm.group_end(self.cfg.timeout)?;
             r?;
+            // The rows must be here before the compute, which may synchronise the stream from
+            // the host: a router that died mid-layer would leave that synchronisation waiting
+            // forever, while this wait ends at the deadline or when the owner stops the loop
+            // (a new NcclInit does).
+            self.comm.wait("rows", Some(self.cfg.timeout), Some(stop))?;
             if let Err(m) = compute.compute(&hd) {
                 return Err(self.protocol(format!("compute failed: {m}")));
             }
