@@ -74,7 +74,7 @@ fn bad_summarize_data_names_file_and_line() {
     for f in ["bad/empty.jsonl", "bad/empty.csv", "bad/empty.parquet"] {
         let e = err(load_samples(&data(f), None));
         assert!(
-            e.contains(f) && e.contains("empty") || e.contains("no samples"),
+            e.contains(f) && (e.contains("empty") || e.contains("no samples")),
             "{e}"
         );
     }
