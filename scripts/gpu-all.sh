@@ -24,6 +24,20 @@ section() {
   "$@" || { echo "== $name FAILED"; rc=1; }
 }
 echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); $(nvidia-smi -L | tr '\n' ' ')"
+# The wgmma MLA decode kernel is the default; if its checks fail (or it crashes or hangs), every
+# later section runs the mma.sync kernel instead, so one bad kernel cannot void the whole call.
+OUT_DIR="${OUT:-/tmp/dsv2-gpu-all}"
+mkdir -p "$OUT_DIR"
+echo "== MLA decode kernels: checks against the CPU reference and P1 (dsv2-gpu-check --mla)"
+timeout -k 5 120 "$BIN/dsv2-gpu-check" --mla --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/mla.log" 2>&1
+mla_rc=$?
+grep -E "copy|cuBLAS|P1|FAIL|checks:" "$OUT_DIR/mla.log"
+if [ "$mla_rc" -ne 0 ] || grep -qE "^mla_decode_wgmma_bf16 .*FAIL" "$OUT_DIR/mla.log"; then
+  echo "== wgmma MLA decode kernel FAILED (exit $mla_rc): the rest of this call uses DSV2_MLA_KERNEL=mma"
+  tail -5 "$OUT_DIR/mla.log"
+  export DSV2_MLA_KERNEL=mma
+  rc=1
+fi
 section "NCCL data plane and --transport nccl vs grpc (scripts/gpu-nccl.sh)" bash scripts/gpu-nccl.sh
 section "services on the GPU, kernel checks, P3/P4 (scripts/gpu-e2e.sh)" bash scripts/gpu-e2e.sh
 section "full scale on this host, with the 60-layer extrapolation (scripts/full-scale.sh)" bash scripts/full-scale.sh

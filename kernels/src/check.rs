@@ -536,6 +536,7 @@ pub fn check_mla_decode(
     heads: usize,
     block_size: usize,
     splits: Option<usize>,
+    kernel: mla::MlaKernel,
 ) -> Result<CheckRow> {
     let mut g = rng(9);
     let batch = lens.len();
@@ -572,20 +573,26 @@ pub fn check_mla_decode(
             max_seq_len: max_len,
             scale,
             splits,
+            kernel: Some(kernel),
         },
     )?;
     let got = f32s(&out.to_host(gpu)?);
     let want = r::mla_decode(
         &qaf, &qpf, &cf, block_size, &table, max_blocks, &seq, heads, scale,
     );
-    let used = splits.unwrap_or_else(|| mla::choose_splits(gpu.sm_count, batch, heads, max_len));
+    let used =
+        splits.unwrap_or_else(|| mla::choose_splits(gpu.sm_count, batch, heads, max_len, kernel));
     let lens_s = if lens.len() <= 8 {
         format!("{lens:?}")
     } else {
         format!("{} seqs, max {max_len}", lens.len())
     };
+    let name = match kernel {
+        mla::MlaKernel::Wgmma => "mla_decode_wgmma_bf16",
+        mla::MlaKernel::Mma => "mla_decode_bf16",
+    };
     let mut row = CheckRow::cmp(
-        "mla_decode_bf16",
+        name,
         format!("lens {lens_s} heads {heads} block {block_size}"),
         &got,
         &want,
@@ -792,11 +799,7 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     out.push(check_sample(gpu, if quick { 500 } else { 5137 }, 1000)?);
     out.push(check_expert_ffn(gpu, 67, 8, 5120, 1536)?);
     out.push(check_expert_ffn(gpu, 7, 3, 512, 64)?);
-    out.push(check_mla_decode(gpu, &[1], 128, 64, None)?);
-    out.push(check_mla_decode(gpu, &[7, 1, 67, 130], 128, 64, None)?);
-    out.push(check_mla_decode(gpu, &[5137, 33, 1], 128, 64, None)?);
-    out.push(check_mla_decode(gpu, &[5137, 33, 1], 128, 64, Some(1))?);
-    out.push(check_mla_decode(gpu, &[67, 300, 7], 16, 16, None)?);
+    out.extend(run_mla(gpu)?);
     for (n, ctx, heads, dims, shared) in [
         (1, 1, 4, (32, 8, 32), true),
         (7, 37, 4, (16, 8, 16), false),
@@ -816,7 +819,59 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     out.push(crate::ops::general::check_rows_add(gpu, 300, 72)?);
     if !quick {
         let lens: Vec<usize> = (0..67).map(|i| 1 + (i * 97) % 700).collect();
-        out.push(check_mla_decode(gpu, &lens, 128, 64, None)?);
+        for kernel in [mla::MlaKernel::Wgmma, mla::MlaKernel::Mma] {
+            out.push(check_mla_decode(gpu, &lens, 128, 64, None, kernel)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The MLA decode rows alone, for both kernels (`dsv2-gpu-check --mla`).
+pub fn run_mla(gpu: &Gpu) -> Result<Vec<CheckRow>> {
+    let mut out = Vec::new();
+    for kernel in [mla::MlaKernel::Wgmma, mla::MlaKernel::Mma] {
+        out.push(check_mla_decode(gpu, &[1], 128, 64, None, kernel)?);
+        out.push(check_mla_decode(
+            gpu,
+            &[7, 1, 67, 130],
+            128,
+            64,
+            None,
+            kernel,
+        )?);
+        out.push(check_mla_decode(
+            gpu,
+            &[5137, 33, 1],
+            128,
+            64,
+            None,
+            kernel,
+        )?);
+        out.push(check_mla_decode(
+            gpu,
+            &[5137, 33, 1],
+            128,
+            64,
+            Some(1),
+            kernel,
+        )?);
+        out.push(check_mla_decode(
+            gpu,
+            &[5137, 33, 1],
+            128,
+            64,
+            Some(3),
+            kernel,
+        )?);
+        out.push(check_mla_decode(gpu, &[67, 300, 7], 16, 16, None, kernel)?);
+        out.push(check_mla_decode(
+            gpu,
+            &[64, 65, 63, 128],
+            100,
+            64,
+            None,
+            kernel,
+        )?);
     }
     Ok(out)
 }

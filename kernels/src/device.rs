@@ -226,6 +226,7 @@ mod tests {
             "embedding_bf16",
             "rmsnorm_bf16",
             "mla_decode_bf16",
+            "mla_decode_wgmma_bf16",
             "sample_f32",
             "moe_gate_f32",
         ] {

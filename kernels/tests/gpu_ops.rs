@@ -2,6 +2,7 @@
 //! DeepSeek-V2 dims. Without a CUDA driver or device each test prints why and passes.
 
 use dsv2_kernels::check::{self, CheckRow, ROWS};
+use dsv2_kernels::ops::mla::MlaKernel;
 use dsv2_kernels::ops::moe::GateConfig;
 use dsv2_kernels::{Gpu, GpuOptions, KernelError};
 
@@ -120,11 +121,14 @@ fn mla_decode_and_cache() {
     for n in ROWS {
         rows.push(check::check_cache_append(&g, n).unwrap());
     }
-    rows.push(check::check_mla_decode(&g, &[1], 128, 64, None).unwrap());
-    rows.push(check::check_mla_decode(&g, &[7, 1, 67, 130], 128, 64, None).unwrap());
-    rows.push(check::check_mla_decode(&g, &[5137, 33, 1], 128, 64, None).unwrap());
-    rows.push(check::check_mla_decode(&g, &[5137, 33, 1], 128, 64, Some(1)).unwrap());
-    rows.push(check::check_mla_decode(&g, &[67, 300, 7], 16, 16, None).unwrap());
+    for k in [MlaKernel::Wgmma, MlaKernel::Mma] {
+        rows.push(check::check_mla_decode(&g, &[1], 128, 64, None, k).unwrap());
+        rows.push(check::check_mla_decode(&g, &[7, 1, 67, 130], 128, 64, None, k).unwrap());
+        rows.push(check::check_mla_decode(&g, &[5137, 33, 1], 128, 64, None, k).unwrap());
+        rows.push(check::check_mla_decode(&g, &[5137, 33, 1], 128, 64, Some(1), k).unwrap());
+        rows.push(check::check_mla_decode(&g, &[67, 300, 7], 16, 16, None, k).unwrap());
+        rows.push(check::check_mla_decode(&g, &[64, 65, 63, 128], 100, 64, None, k).unwrap());
+    }
     assert_rows(rows);
 }
 

@@ -15,6 +15,7 @@ use dsv2_kernels::{Gpu, GpuOptions, Tensor};
 
 struct Args {
     quick: bool,
+    mla_only: bool,
     no_bench: bool,
     compile_only: bool,
     opts: GpuOptions,
@@ -23,6 +24,7 @@ struct Args {
 fn parse_args() -> Result<Args> {
     let mut a = Args {
         quick: false,
+        mla_only: false,
         no_bench: false,
         compile_only: false,
         opts: GpuOptions::default(),
@@ -31,6 +33,7 @@ fn parse_args() -> Result<Args> {
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => a.quick = true,
+            "--mla" => a.mla_only = true,
             "--no-bench" => a.no_bench = true,
             "--compile-only" => a.compile_only = true,
             "--no-cache" => a.opts.no_cache = true,
@@ -44,7 +47,10 @@ fn parse_args() -> Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "dsv2-gpu-check [--quick] [--no-bench] [--compile-only] [--no-cache] [--cache-dir DIR] [--device cuda:N]"
+                    "dsv2-gpu-check [--quick] [--mla] [--no-bench] [--compile-only] [--no-cache] [--cache-dir DIR] [--device cuda:N]\n\n\
+                     Checks every kernel against the CPU reference, then measures the ceilings (copy\n\
+                     bandwidth, cuBLAS) and P1/P2. --mla: only the MLA decode checks and P1 (both\n\
+                     kernels), a quick go/no-go for the wgmma decode kernel."
                 );
                 std::process::exit(0);
             }
@@ -124,7 +130,11 @@ fn main() -> Result<()> {
     drop(again);
 
     let t_check = Instant::now();
-    let rows = check::run_all(&gpu, args.quick)?;
+    let rows = if args.mla_only {
+        check::run_mla(&gpu)?
+    } else {
+        check::run_all(&gpu, args.quick)?
+    };
     check::print_table(&rows);
     let fails = rows.iter().filter(|r| !r.pass).count();
     println!(
@@ -135,7 +145,7 @@ fn main() -> Result<()> {
     );
 
     if !args.no_bench {
-        bench(&gpu)?;
+        bench(&gpu, args.mla_only)?;
     }
     if fails > 0 {
         bail!("{fails} check(s) failed");
@@ -143,7 +153,7 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn bench(gpu: &Gpu) -> Result<()> {
+fn bench(gpu: &Gpu, p1_only: bool) -> Result<()> {
     println!("\n== measurements (CUDA events; each beside a ceiling measured in this run) ==");
     // ceiling 1: device-to-device copy of 1 GiB (bytes read + written)
     let n = 1usize << 29; // bf16 elements = 1 GiB
@@ -182,10 +192,14 @@ fn bench(gpu: &Gpu) -> Result<()> {
     drop((x, w, y));
 
     // P1: MLA decode, batch 64, context 4096, 128 heads, 512 + 64
-    for (batch, ctx, force) in [
-        (64usize, 4096usize, None),
-        (64, 4096, Some(1usize)),
-        (1, 4096, None),
+    use mla::MlaKernel::{Mma, Wgmma};
+    for (batch, ctx, force, kernel) in [
+        (64usize, 4096usize, None, Wgmma),
+        (64, 4096, Some(1usize), Wgmma),
+        (64, 4096, Some(2usize), Wgmma),
+        (1, 4096, None, Wgmma),
+        (64, 4096, None, Mma),
+        (1, 4096, None, Mma),
     ] {
         let (heads, bs) = (128usize, 64usize);
         let blocks_per = ctx / bs;
@@ -215,7 +229,8 @@ fn bench(gpu: &Gpu) -> Result<()> {
                     out: out.view_mut(),
                     max_seq_len: ctx,
                     scale: 0.1,
-                    splits: None,
+                    splits: force,
+                    kernel: Some(kernel),
                 },
             )?;
             Ok(())
@@ -224,14 +239,17 @@ fn bench(gpu: &Gpu) -> Result<()> {
         let gbs = bytes / (ms * 1e-3) / 1e9;
         let flops = 2.0 * (batch * ctx * heads) as f64 * (mla::CACHE_DIM + mla::KV_LORA) as f64;
         println!(
-            "P1 MLA decode batch {batch} ctx {ctx} heads {heads}: {ms:.3} ms, cache read {gbs:.0} GB/s = {:.3} of copy; {:.0} TFLOP/s ({:.3} of cuBLAS); splits {}",
+            "P1 MLA decode ({kernel:?}) batch {batch} ctx {ctx} heads {heads}: {ms:.3} ms, cache read {gbs:.0} GB/s = {:.3} of copy; {:.0} TFLOP/s ({:.3} of cuBLAS); splits {}",
             gbs / copy_gbs,
             flops / (ms * 1e-3) / 1e12,
             flops / (ms * 1e-3) / 1e12 / blas_tflops,
-            force.unwrap_or_else(|| mla::choose_splits(gpu.sm_count, batch, heads, ctx))
+            force.unwrap_or_else(|| mla::choose_splits(gpu.sm_count, batch, heads, ctx, kernel))
         );
     }
 
+    if p1_only {
+        return Ok(());
+    }
     // P2: expert FFN, 8192 tokens x top-6 over 160 experts, hidden 5120, inter 1536
     let (tokens, n_exp, hidden, inter, k) = (8192usize, 160usize, 5120usize, 1536usize, 6usize);
     let mut gu_w = Tensor::<bf16>::zeros(gpu, &[n_exp, 2 * inter, hidden])?;

@@ -285,6 +285,296 @@ mla_decode_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, c
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Decode kernel for sm_90a: warpgroup MMA (wgmma) with both operands in shared memory.
+//
+// A CTA owns one sequence, 64 heads and one context slice: 2 warpgroups (256 threads). Per
+// 64-token tile of cache:
+//   S = Q . K^T        each warpgroup computes 32 of the 64 tokens (wgmma m64n32k16, 36 k-steps)
+//   online softmax     row max exchanged between the two warpgroups through shared memory
+//   O += P . V         each warpgroup owns 256 of the 512 output columns (wgmma m64n256k16, 4 k-steps)
+// Q, the K tiles and P live in shared memory in the canonical 128-byte-swizzled layout: a 64-row
+// operand is stored as 64-column chunks of 64 rows x 128 B, and inside every 8-row x 128 B block the
+// 16-byte piece j of row r sits at piece j ^ (r % 8). The same cache tile bytes are the K operand
+// of S (K-major) and the V operand of P.V (MN-major, transposed descriptor): the latent is
+// contiguous in both views, which is why MLA can share one copy of the tile.
+// Why wgmma: the mma.sync kernel above tops out at ~119 TFLOP/s (bench/RESULTS.md, P1) while this
+// shape needs ~500 TFLOP/s of tensor work to read the cache at half the copy bandwidth.
+
+#define WG_TN 64                          // tokens per tile
+#define WG_CHUNK (64 * 128)               // one 64-column chunk of a 64-row operand, bytes
+#define WG_TILE (9 * WG_CHUNK)            // 64 rows x 576 bf16
+#define WG_SMEM_P (3 * WG_TILE)           // offsets inside the 1024-aligned dynamic smem
+#define WG_SMEM_RED (WG_SMEM_P + WG_CHUNK)
+#define WG_SMEM_BYTES (WG_SMEM_RED + 2 * 2 * 64 * 4)
+
+// Byte offset of element (row, col) of a 64-row operand in the swizzled layout.
+__device__ __forceinline__ u32 wg_swz(int row, int col) {
+    int k = col & 63;
+    return (u32)((col >> 6) * WG_CHUNK + row * 128 + ((((k >> 3) ^ (row & 7))) << 4) + ((k & 7) << 1));
+}
+
+// wgmma shared-memory matrix descriptor, 128-byte swizzle (PTX ISA "Matrix Descriptor Format").
+__device__ __forceinline__ u64 wg_desc(u32 smem_addr, u32 lbo, u32 sbo) {
+    return (u64)((smem_addr & 0x3FFFF) >> 4) | ((u64)((lbo >> 4) & 0x3FFF) << 16) |
+           ((u64)((sbo >> 4) & 0x3FFF) << 32) | ((u64)1 << 62);
+}
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Generic-proxy writes (st.shared, cp.async) must be fenced before wgmma (async proxy) reads them.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ void wgmma_m64n32_ss(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "setp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+        "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_m64n256_ss_tn(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "setp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+
+// Load cache tokens [t0, t0 + 64) of one sequence into a swizzled tile; tokens >= end become zeros.
+__device__ __forceinline__ void wg_load_tile(unsigned char* dst, const bf16* __restrict__ cache,
+                                             const int* __restrict__ btab, int block_size, int t0, int end) {
+    for (int c = threadIdx.x; c < WG_TN * (D_QK / 8); c += 256) {
+        int r = c / (D_QK / 8), col = (c % (D_QK / 8)) * 8;
+        int t = t0 + r;
+        bool valid = t < end;
+        const bf16* src = cache;
+        if (valid) {
+            int blk = btab[t / block_size];
+            src = cache + ((size_t)blk * block_size + (t % block_size)) * D_QK + col;
+        }
+        cp_async16(dst + wg_swz(r, col), src, valid);
+    }
+}
+
+// Same arguments and outputs as mla_decode_bf16 (heads in groups of 64, tokens_per_split a
+// multiple of 64).
+extern "C" __global__ void __launch_bounds__(256, 1)
+mla_decode_wgmma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, const bf16* __restrict__ cache,
+                      const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
+                      float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size,
+                      int max_blocks, int splits, int tokens_per_split, float scale) {
+    extern __shared__ __align__(1024) unsigned char wg_smem_raw[];
+    // the swizzle is applied by the hardware on address bits 4..9: operands must be 1024-aligned
+    unsigned char* smem = reinterpret_cast<unsigned char*>(
+        (reinterpret_cast<size_t>(wg_smem_raw) + 1023) & ~(size_t)1023);
+    unsigned char* sq = smem;
+    unsigned char* sk0 = smem + WG_TILE;
+    unsigned char* sk1 = smem + 2 * WG_TILE;
+    unsigned char* sp = smem + WG_SMEM_P;
+    float* red_max = reinterpret_cast<float*>(smem + WG_SMEM_RED);  // [2][64]
+    float* red_l = red_max + 2 * 64;                                // [2][64]
+
+    const int hg = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
+    const int tid = threadIdx.x, wg = tid / 128, lane = tid % WARP, wq = (tid % 128) / WARP;
+    const int h0 = hg * 64;
+    const int len = seq_lens[b];
+    const int start = split * tokens_per_split;
+    const int end = min(len, start + tokens_per_split);
+    const int* btab = block_table + (size_t)b * max_blocks;
+    const float sl2 = scale * 1.4426950408889634f;
+
+    // Q: rows are heads h0 .. h0+63 (zeros past `heads`), cols 0..511 q_abs, 512..575 q_pe
+    for (int c = tid; c < 64 * (D_QK / 8); c += 256) {
+        int r = c / (D_QK / 8), col = (c % (D_QK / 8)) * 8;
+        int h = h0 + r;
+        bf16x8 v;
+        if (h < heads) {
+            const bf16* src = col < D_LAT ? q_abs + ((size_t)b * heads + h) * D_LAT + col
+                                          : q_pe + ((size_t)b * heads + h) * D_ROPE + (col - D_LAT);
+            v = *reinterpret_cast<const bf16x8*>(src);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) v.v[i] = __floats2bfloat162_rn(0.f, 0.f);
+        }
+        *reinterpret_cast<bf16x8*>(sq + wg_swz(r, col)) = v;
+    }
+
+    // accumulator rows of this thread (wgmma D layout): r_lo and r_lo + 8
+    const int r_lo = wq * 16 + lane / 4;
+    const int cq = (lane % 4) * 2;
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_part[2] = {0.f, 0.f};
+
+    const u32 q_addr = (u32)__cvta_generic_to_shared(sq);
+    const u32 k_addr0 = (u32)__cvta_generic_to_shared(sk0);
+    const u32 p_addr = (u32)__cvta_generic_to_shared(sp);
+
+    const int ntiles = end > start ? (end - start + WG_TN - 1) / WG_TN : 0;
+    if (ntiles > 0) wg_load_tile(sk0, cache, btab, block_size, start, end);
+    cp_async_commit();
+
+    for (int it = 0; it < ntiles; ++it) {
+        const int t0 = start + it * WG_TN;
+        cp_async_wait_all();
+        fence_async_smem();
+        __syncthreads();  // tile `it` (and Q) visible to wgmma; every warpgroup is done with tile it-1
+        if (it + 1 < ntiles) wg_load_tile((it & 1) ? sk0 : sk1, cache, btab, block_size, t0 + WG_TN, end);
+        cp_async_commit();
+        const u32 kt = k_addr0 + (it & 1) * WG_TILE;
+
+        // ---- S[64 x 32] for tokens t0 + 32*wg ..
+        float s[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) s[i] = 0.f;
+        wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < D_QK / 16; ++ks) {
+            const u32 koff = (ks >> 2) * WG_CHUNK + (ks & 3) * 32;
+            u64 da = wg_desc(q_addr + koff, 16, 1024);
+            u64 db = wg_desc(kt + koff + wg * 32 * 128, 16, 1024);
+            wgmma_m64n32_ss(s, da, db, ks > 0 ? 1 : 0);
+        }
+        wg_commit();
+        wg_wait0();
+
+        // ---- online softmax; this thread: rows r_lo (s[4j], s[4j+1]) and r_lo+8 (s[4j+2], s[4j+3]),
+        // token columns 32*wg + 8j + cq (+1)
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {
+                int t = t0 + 32 * wg + 8 * j + cq + (x & 1);
+                float v = t < end ? s[4 * j + x] * sl2 : -INFINITY;
+                s[4 * j + x] = v;
+                mx[x >> 1] = fmaxf(mx[x >> 1], v);
+            }
+#pragma unroll
+        for (int hlf = 0; hlf < 2; ++hlf) {
+            mx[hlf] = fmaxf(mx[hlf], __shfl_xor_sync(0xffffffffu, mx[hlf], 1));
+            mx[hlf] = fmaxf(mx[hlf], __shfl_xor_sync(0xffffffffu, mx[hlf], 2));
+        }
+        if ((lane & 3) == 0) {
+            red_max[wg * 64 + r_lo] = mx[0];
+            red_max[wg * 64 + r_lo + 8] = mx[1];
+        }
+        __syncthreads();
+        float alpha[2];
+#pragma unroll
+        for (int hlf = 0; hlf < 2; ++hlf) {
+            int r = r_lo + 8 * hlf;
+            // finite: token t0 is valid, so one of the two halves has a finite maximum
+            float m_new = fmaxf(m_run[hlf], fmaxf(red_max[r], red_max[64 + r]));
+            alpha[hlf] = exp2f(m_run[hlf] - m_new);  // 0 on the first tile (m_run = -inf)
+            m_run[hlf] = m_new;
+            l_part[hlf] *= alpha[hlf];
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int hlf = 0; hlf < 2; ++hlf) {
+                float p0 = exp2f(s[4 * j + 2 * hlf] - m_run[hlf]);
+                float p1 = exp2f(s[4 * j + 2 * hlf + 1] - m_run[hlf]);
+                __nv_bfloat162 pb = __floats2bfloat162_rn(p0, p1);
+                float2 pf = __bfloat1622float2(pb);
+                l_part[hlf] += pf.x + pf.y;  // sum what the PV product will actually use
+                *reinterpret_cast<__nv_bfloat162*>(sp + wg_swz(r_lo + 8 * hlf, 32 * wg + 8 * j + cq)) = pb;
+            }
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            o[4 * j] *= alpha[0];
+            o[4 * j + 1] *= alpha[0];
+            o[4 * j + 2] *= alpha[1];
+            o[4 * j + 3] *= alpha[1];
+        }
+        fence_async_smem();
+        __syncthreads();  // P complete
+
+        // ---- O[64 x 256 of this warpgroup] += P[64 x 64] . V[64 x 256]
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < WG_TN / 16; ++kk) {
+            u64 da = wg_desc(p_addr + kk * 32, 16, 1024);
+            // V: N = latent columns 256*wg .. (4 chunks, 8 KB apart = LBO), K = tokens 16*kk ..
+            // (8-token groups 1 KB apart = SBO)
+            u64 db = wg_desc(kt + (4 * wg) * WG_CHUNK + kk * 16 * 128, WG_CHUNK, 1024);
+            wgmma_m64n256_ss_tn(o, da, db, 1);
+        }
+        wg_commit();
+        wg_wait0();
+    }
+    cp_async_wait_all();
+
+    // ---- row sums over the quad and both warpgroups
+#pragma unroll
+    for (int hlf = 0; hlf < 2; ++hlf) {
+        l_part[hlf] += __shfl_xor_sync(0xffffffffu, l_part[hlf], 1);
+        l_part[hlf] += __shfl_xor_sync(0xffffffffu, l_part[hlf], 2);
+    }
+    if ((lane & 3) == 0) {
+        red_l[wg * 64 + r_lo] = l_part[0];
+        red_l[wg * 64 + r_lo + 8] = l_part[1];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int hlf = 0; hlf < 2; ++hlf) {
+        int r = r_lo + 8 * hlf;
+        int h = h0 + r;
+        if (h >= heads) continue;
+        float l = red_l[r] + red_l[64 + r];
+        float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            int c = 256 * wg + 8 * j + cq;
+            float o0 = o[4 * j + 2 * hlf] * inv, o1 = o[4 * j + 2 * hlf + 1] * inv;
+            if (splits == 1) {
+                *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)b * heads + h) * D_LAT + c) =
+                    __floats2bfloat162_rn(o0, o1);
+            } else {
+                *reinterpret_cast<float2*>(o_part + (((size_t)b * splits + split) * heads + h) * D_LAT + c) =
+                    make_float2(o0, o1);
+            }
+        }
+        if (splits > 1 && wg == 0 && (lane & 3) == 0) {
+            lse[((size_t)b * splits + split) * heads + h] =
+                l > 0.f ? (m_run[hlf] + log2f(l)) * 0.6931471805599453f : -INFINITY;
+        }
+    }
+}
+
 // grid (B, H), 128 threads: out[b, h, :] = sum_s o_part[b, s, h, :] * exp(lse_s - max) / sum exp(...)
 extern "C" __global__ void mla_combine_bf16(const float* __restrict__ o_part, const float* __restrict__ lse,
                                             bf16* __restrict__ out, int heads, int splits) {

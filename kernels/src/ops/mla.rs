@@ -16,9 +16,64 @@ pub const ROPE: usize = 64;
 /// Values per cached token.
 pub const CACHE_DIM: usize = KV_LORA + ROPE;
 const HEADS_PER_CTA: usize = 64;
-const TILE_TOKENS: usize = 32;
-/// Shared memory of one decode CTA (must match `MlaSmem` in mla.cu).
-const SMEM_BYTES: usize = 64 * 584 * 2 + 2 * 32 * 584 * 2 + 64 * 33 * 4 + 64 * 40 * 2 + 3 * 64 * 4;
+/// Shared memory of one `mla_decode_bf16` CTA (must match `MlaSmem` in mla.cu).
+const MMA_SMEM_BYTES: usize =
+    64 * 584 * 2 + 2 * 32 * 584 * 2 + 64 * 33 * 4 + 64 * 40 * 2 + 3 * 64 * 4;
+/// Shared memory of one `mla_decode_wgmma_bf16` CTA: `WG_SMEM_BYTES` in mla.cu (Q, two cache
+/// tiles, P, reduction scratch) plus 1 KiB so the kernel can align its operands to 1024 bytes.
+const WGMMA_SMEM_BYTES: usize = 3 * 64 * 576 * 2 + 64 * 128 + 2 * 2 * 64 * 4 + 1024;
+
+/// Which decode kernel runs. Both compute the same function; `Wgmma` is the fast one on sm_90a,
+/// `Mma` (mma.sync) is kept as a second implementation to compare against and to fall back to
+/// (`DSV2_MLA_KERNEL=mma`) should a driver or GPU misbehave with the first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MlaKernel {
+    Wgmma,
+    Mma,
+}
+
+impl MlaKernel {
+    /// The kernel named by `DSV2_MLA_KERNEL` (`wgmma`, the default, or `mma`).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("DSV2_MLA_KERNEL") {
+            Err(_) => Ok(MlaKernel::Wgmma),
+            Ok(v) => Self::parse(&v),
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "" | "wgmma" => Ok(MlaKernel::Wgmma),
+            "mma" => Ok(MlaKernel::Mma),
+            other => Err(KernelError::Unsupported {
+                op: "mla_decode",
+                what: format!("DSV2_MLA_KERNEL={other:?} (expected \"wgmma\" or \"mma\")"),
+            }),
+        }
+    }
+
+    /// Context tokens one CTA processes per step: splits are cut at multiples of it.
+    pub fn tile_tokens(self) -> usize {
+        match self {
+            MlaKernel::Wgmma => 64,
+            MlaKernel::Mma => 32,
+        }
+    }
+
+    fn function(self) -> &'static str {
+        match self {
+            MlaKernel::Wgmma => "mla_decode_wgmma_bf16",
+            MlaKernel::Mma => "mla_decode_bf16",
+        }
+    }
+
+    fn smem_bytes(self) -> usize {
+        match self {
+            MlaKernel::Wgmma => WGMMA_SMEM_BYTES,
+            MlaKernel::Mma => MMA_SMEM_BYTES,
+        }
+    }
+}
 
 /// Decode attention for one new token per sequence:
 /// `out[b, h] = softmax_t(scale * (q_abs[b,h]·c_t + q_pe[b,h]·kpe_t)) · c_t` over the sequence's
@@ -38,13 +93,23 @@ pub struct MlaDecodeParams<'a> {
     pub scale: f32,
     /// Force the number of context splits (None: chosen to fill the GPU).
     pub splits: Option<usize>,
+    /// Force a kernel (None: `MlaKernel::from_env`).
+    pub kernel: Option<MlaKernel>,
 }
 
 /// How many context splits to use so that (head groups x batch x splits) fills the SMs about once.
-pub fn choose_splits(sm_count: usize, batch: usize, heads: usize, max_seq_len: usize) -> usize {
+pub fn choose_splits(
+    sm_count: usize,
+    batch: usize,
+    heads: usize,
+    max_seq_len: usize,
+    kernel: MlaKernel,
+) -> usize {
     let ctas = batch * heads.div_ceil(HEADS_PER_CTA);
-    let max_useful = max_seq_len.div_ceil(TILE_TOKENS * 4).max(1); // at least 4 tiles per split
-    if ctas >= sm_count {
+    let max_useful = max_seq_len.div_ceil(kernel.tile_tokens() * 4).max(1); // at least 4 tiles per split
+    // Splitting costs a combine pass over f32 partials (33 MB at batch 64 x 128 heads): only
+    // worth it when a quarter or more of the SMs would otherwise sit idle.
+    if ctas * 4 >= sm_count * 3 {
         1
     } else {
         sm_count.div_ceil(ctas).min(max_useful).max(1)
@@ -53,6 +118,11 @@ pub fn choose_splits(sm_count: usize, batch: usize, heads: usize, max_seq_len: u
 
 pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     const OP: &str = "mla_decode_bf16";
+    let kernel = match p.kernel {
+        Some(k) => k,
+        None => MlaKernel::from_env()?,
+    };
+    let tile = kernel.tile_tokens();
     p.q_abs.expect(OP, "q_abs", &[None, None, Some(KV_LORA)])?;
     let (batch, heads) = (p.q_abs.shape()[0], p.q_abs.shape()[1]);
     p.q_pe
@@ -86,9 +156,9 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     }
     let splits = p
         .splits
-        .unwrap_or_else(|| choose_splits(gpu.sm_count, batch, heads, p.max_seq_len))
+        .unwrap_or_else(|| choose_splits(gpu.sm_count, batch, heads, p.max_seq_len, kernel))
         .clamp(1, 65535);
-    let per_split = p.max_seq_len.div_ceil(splits).div_ceil(TILE_TOKENS).max(1) * TILE_TOKENS;
+    let per_split = p.max_seq_len.div_ceil(splits).div_ceil(tile).max(1) * tile;
     let (o_part, lse) = if splits > 1 {
         (
             Some(Tensor::<f32>::zeros(gpu, &[batch, splits, heads, KV_LORA])?),
@@ -114,8 +184,8 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     );
     let (si, ps) = (splits as i32, dim_i32(OP, "tokens_per_split", per_split)?);
     let scale = p.scale;
-    gpu.set_max_dynamic_smem(OP, SMEM_BYTES)?;
-    let f = gpu.function(OP)?;
+    gpu.set_max_dynamic_smem(kernel.function(), kernel.smem_bytes())?;
+    let f = gpu.function(kernel.function())?;
     let mut b = gpu.stream.launch_builder(f);
     b.arg(&qa)
         .arg(&qp)
@@ -133,9 +203,9 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
             splits as u32,
         ),
         block_dim: (256, 1, 1),
-        shared_mem_bytes: SMEM_BYTES as u32,
+        shared_mem_bytes: kernel.smem_bytes() as u32,
     };
-    // SAFETY: matches mla_decode_bf16's signature; inputs shape-checked above; o_part/lse (when
+    // SAFETY: matches the signature mla_decode_bf16 and mla_decode_wgmma_bf16 share; inputs shape-checked above; o_part/lse (when
     // splits > 1) hold batch*splits*heads*512 and batch*splits*heads f32 and live until after the
     // combine below is enqueued (stream order keeps them valid: cudarc frees asynchronously on the
     // same stream).
@@ -190,4 +260,32 @@ pub fn mla_cache_append(gpu: &Gpu, p: CacheAppendParams<'_>) -> Result<()> {
     // SAFETY: matches mla_cache_append_bf16; the kernel bounds-checks slots against num_slots.
     unsafe { b.launch(cfg) }?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_names_parse_and_bad_names_say_what_is_accepted() {
+        assert_eq!(MlaKernel::parse("wgmma").ok(), Some(MlaKernel::Wgmma));
+        assert_eq!(MlaKernel::parse("").ok(), Some(MlaKernel::Wgmma));
+        assert_eq!(MlaKernel::parse("mma").ok(), Some(MlaKernel::Mma));
+        let err = MlaKernel::parse("flash").err().map(|e| e.to_string());
+        let msg = err.unwrap_or_default();
+        assert!(
+            msg.contains("DSV2_MLA_KERNEL") && msg.contains("wgmma"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn splits_fill_the_gpu_and_keep_whole_tiles() {
+        // 64 sequences x 2 head groups already cover 132 SMs' worth of CTAs: no split
+        assert_eq!(choose_splits(132, 64, 128, 4096, MlaKernel::Wgmma), 1);
+        // one sequence: split the context, but never below 4 tiles per split
+        assert_eq!(choose_splits(132, 1, 128, 4096, MlaKernel::Wgmma), 16);
+        assert_eq!(choose_splits(132, 1, 128, 4096, MlaKernel::Mma), 32);
+        assert_eq!(choose_splits(132, 1, 128, 10, MlaKernel::Wgmma), 1);
+    }
 }

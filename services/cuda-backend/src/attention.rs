@@ -257,6 +257,7 @@ pub(crate) fn run(
                 max_seq_len: max_len,
                 scale,
                 splits: None,
+                kernel: None,
             },
         )
         .kx()?;
