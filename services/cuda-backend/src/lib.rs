@@ -6,6 +6,7 @@
 //! is where a missing driver or device becomes a clear error.
 
 mod blas;
+mod profile;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -127,6 +128,7 @@ pub struct CudaBackend {
     ordinal: usize,
     exec: Mutex<()>,
     rope: Mutex<Option<RopeCache>>,
+    profile: Option<profile::Profile>,
 }
 
 impl CudaBackend {
@@ -138,7 +140,15 @@ impl CudaBackend {
             ordinal: opts.ordinal,
             exec: Mutex::new(()),
             rope: Mutex::new(None),
+            profile: profile::Profile::from_env(),
         })
+    }
+
+    /// Per-op timing under `DSV2_PROFILE=1` (see `profile`); None otherwise.
+    fn timed(&self, op: &'static str) -> Option<profile::OpTimer<'_>> {
+        self.profile
+            .as_ref()
+            .map(|p| profile::OpTimer::start(p, &self.gpu, op))
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -392,6 +402,7 @@ impl Backend for CudaBackend {
     }
 
     fn act_to_host(&self, a: &CudaAct) -> Result<Vec<f32>> {
+        let _t = self.timed("act_to_host");
         let _g = self.lock()?;
         match a {
             CudaAct::Bf16(t) => Ok(t
@@ -409,6 +420,7 @@ impl Backend for CudaBackend {
     }
 
     fn select_rows(&self, a: &CudaAct, rows: &[usize]) -> Result<CudaAct> {
+        let _t = self.timed("select_rows");
         let (n, cols) = a.dims();
         if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
             return Err(err(format!("row {bad} out of {n}")));
@@ -434,6 +446,7 @@ impl Backend for CudaBackend {
     }
 
     fn embed(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaAct> {
+        let _t = self.timed("embed");
         let (vocab, hidden) = table.dims2("embed")?;
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(CoreError::InvalidInput(format!(
@@ -457,6 +470,7 @@ impl Backend for CudaBackend {
     }
 
     fn rms_norm(&self, x: &CudaAct, w: &CudaWeight, eps: f32) -> Result<CudaAct> {
+        let _t = self.timed("rms_norm");
         let _g = self.lock()?;
         let xb = self.bf16_of(x)?;
         let mut out = self.zeros(xb.shape())?;
@@ -475,6 +489,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_assign(&self, acc: &mut CudaAct, x: &CudaAct) -> Result<()> {
+        let _t = self.timed("add_assign");
         if acc.dims() != x.dims() {
             return Err(err(format!("add: {:?} + {:?}", acc.dims(), x.dims())));
         }
@@ -498,6 +513,7 @@ impl Backend for CudaBackend {
     /// `x · Wᵀ` with an f32 result: the model uses `linear` for the logits only, and bf16 logits
     /// (steps of 2^-8 relative) would turn close top-2 pairs into ties.
     fn linear(&self, x: &CudaAct, w: &CudaWeight) -> Result<CudaAct> {
+        let _t = self.timed("linear");
         let _g = self.lock()?;
         let xb = self.bf16_of(x)?;
         let (m, k) = x.dims();
@@ -514,6 +530,7 @@ impl Backend for CudaBackend {
     }
 
     fn mlp(&self, w: &MlpWeights<CudaWeight>, x: &CudaAct) -> Result<CudaAct> {
+        let _t = self.timed("mlp");
         let _g = self.lock()?;
         let xb = self.bf16_of(x)?;
         Ok(CudaAct::Bf16(self.mlp_inner(w, &xb)?))
@@ -528,11 +545,13 @@ impl Backend for CudaBackend {
         cache: &mut CudaCache,
         layer: usize,
     ) -> Result<CudaAct> {
+        let _t = self.timed("attention");
         let _g = self.lock()?;
         attention::run(self, cfg, w, x, batch, cache, layer)
     }
 
     fn route(&self, gate: &CudaWeight, x: &CudaAct, p: &RoutingParams) -> Result<Routing> {
+        let _t = self.timed("route");
         let _g = self.lock()?;
         let xb = self.bf16_of(x)?;
         let (m, k) = x.dims();
@@ -597,6 +616,7 @@ impl Backend for CudaBackend {
     /// Temperature / top-k / top-p draws where the logits are (`sample_f32`): only the per-row
     /// settings go up and one id per row comes back.
     fn sample_rows(&self, x: &CudaAct, rows: &[RowSampling]) -> Result<Vec<u32>> {
+        let _t = self.timed("sample_rows");
         let t = match x {
             CudaAct::F32(t) => t,
             // Only lm_head produces f32 activations; anything else takes the host path.
@@ -646,6 +666,7 @@ impl Backend for CudaBackend {
     }
 
     fn argmax_rows(&self, x: &CudaAct) -> Result<Vec<u32>> {
+        let _t = self.timed("argmax_rows");
         let t = match x {
             CudaAct::F32(t) => t,
             // Only lm_head produces f32 activations; anything else takes the host path.
@@ -682,6 +703,7 @@ impl Backend for CudaBackend {
         x: &CudaAct,
         routing: &Routing,
     ) -> Result<CudaAct> {
+        let _t = self.timed("experts");
         let _g = self.lock()?;
         experts::run(self, bank, x, routing)
     }
@@ -689,6 +711,18 @@ impl Backend for CudaBackend {
 
 mod attention;
 mod experts;
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if let Some(p) = &self.profile {
+            eprintln!(
+                "DSV2_PROFILE: backend ops on {} (stream synchronised around each op)\n{}",
+                self.gpu.name,
+                p.report()
+            );
+        }
+    }
+}
 
 /// Convenience: an `Arc`'d backend on device `ordinal` with the default CUBIN cache.
 pub fn open(ordinal: usize) -> std::result::Result<Arc<CudaBackend>, KernelError> {
