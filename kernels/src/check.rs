@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::device::Gpu;
 use crate::error::Result;
-use crate::ops::{elementwise as ew, expert, gemm, mla, moe, sample};
+use crate::ops::{elementwise as ew, expert, gemm, mla, moe, sample, small_experts};
 use crate::reference as r;
 use crate::rope::{RopeTable, YarnConfig, yarn_cos_sin, yarn_softmax_scale};
 use crate::tensor::Tensor;
@@ -529,6 +529,104 @@ pub fn check_expert_ffn(
     Ok(row)
 }
 
+/// The two-launch small-batch expert path against the reference FFN: `n` rows, top-`k` of
+/// `n_exp` experts in separate tensors (as a checkpoint holds them), one slot in five not routed
+/// here (-1).
+pub fn check_small_experts(
+    gpu: &Gpu,
+    n: usize,
+    n_exp: usize,
+    k: usize,
+    hidden: usize,
+    inter: usize,
+) -> Result<CheckRow> {
+    let mut g = rng(11);
+    let ids: Vec<i32> = (0..n * k)
+        .map(|s| {
+            if s % 5 == 4 {
+                -1
+            } else {
+                g.random_range(0..n_exp as i32)
+            }
+        })
+        .collect();
+    let wts: Vec<f32> = (0..n * k).map(|_| g.random_range(0.05f32..1.0)).collect();
+    let (xb, xf) = rand_bf16(&mut g, n * hidden, 1.0);
+    let (gub, guf) = rand_bf16(
+        &mut g,
+        n_exp * 2 * inter * hidden,
+        1.7 / (hidden as f32).sqrt(),
+    );
+    let (db, df) = rand_bf16(&mut g, n_exp * hidden * inter, 1.7 / (inter as f32).sqrt());
+    let mut tensors = Vec::new();
+    let mut ptrs = Vec::new();
+    for e in 0..n_exp {
+        let gate = &gub[e * 2 * inter * hidden..(e * 2 + 1) * inter * hidden];
+        let up = &gub[(e * 2 + 1) * inter * hidden..(e + 1) * 2 * inter * hidden];
+        let down = &db[e * hidden * inter..(e + 1) * hidden * inter];
+        for (w, shape) in [
+            (gate, [inter, hidden]),
+            (up, [inter, hidden]),
+            (down, [hidden, inter]),
+        ] {
+            let t = Tensor::from_host(gpu, w, &shape)?;
+            ptrs.push(t.ptr() as i64);
+            tensors.push(t);
+        }
+    }
+    let x = Tensor::from_host(gpu, &xb, &[n, hidden])?;
+    let ids_t = Tensor::from_host(gpu, &ids, &[n, k])?;
+    let w_t = Tensor::from_host(gpu, &wts, &[n, k])?;
+    let ptr_t = Tensor::from_host(gpu, &ptrs, &[n_exp, 3])?;
+    let mut act = Tensor::<bf16>::zeros(gpu, &[n * k, inter])?;
+    let mut out = Tensor::<bf16>::zeros(gpu, &[n, hidden])?;
+    // SAFETY: ids are -1 or < n_exp; the table points at `tensors`, alive until after to_host.
+    unsafe {
+        small_experts::small_experts(
+            gpu,
+            small_experts::SmallExpertsParams {
+                x: x.view(),
+                ids: ids_t.view(),
+                weights: w_t.view(),
+                ptrs: ptr_t.view(),
+                act: act.view_mut(),
+                out: out.view_mut(),
+            },
+        )?;
+    }
+    let got = f32s(&out.to_host(gpu)?);
+    drop(tensors);
+    let mut want = vec![0f32; n * hidden];
+    for row in 0..n {
+        for j in 0..k {
+            let e = ids[row * k + j];
+            if e < 0 {
+                continue;
+            }
+            let mut one = vec![0usize; n_exp];
+            one[e as usize] = 1;
+            let y = r::expert_ffn(
+                &xf[row * hidden..(row + 1) * hidden],
+                &guf,
+                &df,
+                &one,
+                hidden,
+                inter,
+            );
+            for (o, v) in y.iter().enumerate() {
+                want[row * hidden + o] += wts[row * k + j] * r::bf(*v);
+            }
+        }
+    }
+    Ok(CheckRow::cmp(
+        "moe_small_experts_bf16",
+        format!("rows {n} E {n_exp} top-{k} hidden {hidden} inter {inter}"),
+        &got,
+        &want,
+        1e-2,
+    ))
+}
+
 /// MLA decode over a paged cache with shuffled blocks. `lens` are the per-sequence context lengths.
 pub fn check_mla_decode(
     gpu: &Gpu,
@@ -799,6 +897,9 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     out.push(check_sample(gpu, if quick { 500 } else { 5137 }, 1000)?);
     out.push(check_expert_ffn(gpu, 67, 8, 5120, 1536)?);
     out.push(check_expert_ffn(gpu, 7, 3, 512, 64)?);
+    out.push(check_small_experts(gpu, 1, 16, 6, 5120, 1536)?);
+    out.push(check_small_experts(gpu, 4, 16, 6, 5120, 1536)?);
+    out.push(check_small_experts(gpu, 3, 9, 2, 72, 40)?);
     out.extend(run_mla(gpu)?);
     for (n, ctx, heads, dims, shared) in [
         (1, 1, 4, (32, 8, 32), true),

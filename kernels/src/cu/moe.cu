@@ -194,3 +194,89 @@ extern "C" __global__ void moe_combine_bf16(const bf16* __restrict__ y, const in
         store8(out + (size_t)t * hidden + c, acc);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Routed experts for a handful of rows (decode at small batch): no permutation, no per-expert
+// GEMM launches, no host round trip. Each (row, slot) reads its expert's weights through a
+// pointer table, so two launches cover every expert of the layer. At batch 1 the permuted path
+// spends most of its time launching ~25 small kernels and cuBLAS calls for 6 GEMVs.
+// ptrs [E, 3] (as i64): gate [I, H], up [I, H], down [H, I] of expert e, bf16 row-major.
+// Roundings mirror the permuted path (bf16 gate/up outputs, bf16 SiLU·mul, bf16 expert outputs,
+// f32 weighted sum), so both paths agree up to f32 summation order.
+
+// grid (ceil(I / 8), n * k), 256 threads, smem H bf16: act[slot, i] = silu(x . Wg[i]) * (x . Wu[i]).
+extern "C" __global__ void moe_small_gate_up_bf16(const bf16* __restrict__ x, const int* __restrict__ ids,
+                                                  const long long* __restrict__ ptrs, bf16* __restrict__ act,
+                                                  int hidden, int inter, int k) {
+    extern __shared__ __align__(16) unsigned char small_smem[];
+    bf16* xs = reinterpret_cast<bf16*>(small_smem);
+    const int slot = blockIdx.y, row = slot / k;
+    const int e = ids[slot];
+    if (e < 0) return;  // not routed here: the down kernel skips the slot
+    for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8)
+        *reinterpret_cast<bf16x8*>(xs + c) = *reinterpret_cast<const bf16x8*>(x + (size_t)row * hidden + c);
+    __syncthreads();
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int i = blockIdx.x * (blockDim.x / WARP) + warp;
+    if (i >= inter) return;
+    const bf16* wg = reinterpret_cast<const bf16*>(ptrs[3 * e]) + (size_t)i * hidden;
+    const bf16* wu = reinterpret_cast<const bf16*>(ptrs[3 * e + 1]) + (size_t)i * hidden;
+    float ag = 0.f, au = 0.f;
+#pragma unroll 4
+    for (int c = lane * 8; c < hidden; c += WARP * 8) {
+        float xv[8], gv[8], uv[8];
+        load8(xs + c, xv);
+        load8(wg + c, gv);
+        load8(wu + c, uv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            ag += xv[j] * gv[j];
+            au += xv[j] * uv[j];
+        }
+    }
+    ag = warp_sum(ag);
+    au = warp_sum(au);
+    if (lane == 0) {
+        float g = __bfloat162float(__float2bfloat16_rn(ag));
+        float u = __bfloat162float(__float2bfloat16_rn(au));
+        act[(size_t)slot * inter + i] = __float2bfloat16_rn(g / (1.f + __expf(-g)) * u);
+    }
+}
+
+// grid (ceil(H / 8), n), 256 threads, smem k * I bf16:
+// out[row, o] = sum over routed slots j of w[row, j] * bf16(act[row*k + j] . Wd_e[o]).
+extern "C" __global__ void moe_small_down_bf16(const bf16* __restrict__ act, const int* __restrict__ ids,
+                                               const float* __restrict__ wts, const long long* __restrict__ ptrs,
+                                               bf16* __restrict__ out, int hidden, int inter, int k) {
+    extern __shared__ __align__(16) unsigned char small_smem[];
+    bf16* as = reinterpret_cast<bf16*>(small_smem);
+    const int row = blockIdx.y;
+    for (int j = 0; j < k; ++j) {
+        if (ids[row * k + j] < 0) continue;
+        for (int c = threadIdx.x * 8; c < inter; c += blockDim.x * 8)
+            *reinterpret_cast<bf16x8*>(as + j * inter + c) =
+                *reinterpret_cast<const bf16x8*>(act + ((size_t)row * k + j) * inter + c);
+    }
+    __syncthreads();
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int o = blockIdx.x * (blockDim.x / WARP) + warp;
+    if (o >= hidden) return;
+    float acc = 0.f;
+    for (int j = 0; j < k; ++j) {
+        const int e = ids[row * k + j];
+        if (e < 0) continue;
+        const bf16* wd = reinterpret_cast<const bf16*>(ptrs[3 * e + 2]) + (size_t)o * inter;
+        float d = 0.f;
+#pragma unroll 2
+        for (int c = lane * 8; c < inter; c += WARP * 8) {
+            float av[8], wv[8];
+            load8(as + j * inter + c, av);
+            load8(wd + c, wv);
+#pragma unroll
+            for (int q = 0; q < 8; ++q) d += av[q] * wv[q];
+        }
+        d = warp_sum(d);
+        acc += wts[row * k + j] * __bfloat162float(__float2bfloat16_rn(d));
+    }
+    if (lane == 0) out[(size_t)row * hidden + o] = __float2bfloat16_rn(acc);
+}

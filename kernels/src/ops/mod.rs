@@ -8,6 +8,7 @@ pub mod general;
 pub mod mla;
 pub mod moe;
 pub mod sample;
+pub mod small_experts;
 
 use cudarc::driver::LaunchConfig;
 

@@ -13,7 +13,7 @@ use dsv2_core::backend::ExpertBank;
 use dsv2_core::error::Result;
 use dsv2_core::routing::Routing;
 use dsv2_kernels::Tensor;
-use dsv2_kernels::ops::{elementwise as ew, moe};
+use dsv2_kernels::ops::{elementwise as ew, moe, small_experts as small};
 
 use crate::blas::{Gemm, gemm};
 use crate::{CudaAct, CudaBackend, CudaWeight, Kx, err};
@@ -74,6 +74,32 @@ pub(crate) fn run(
     let k = routing.top_k;
     let ids_t = Tensor::from_host(gpu, &ids, &[n, k]).kx()?;
     let w_t = Tensor::from_host(gpu, &routing.weights, &[n, k]).kx()?;
+    if n <= small::SMALL_EXPERTS_MAX_ROWS && b.small_experts_enabled() {
+        let table = b.expert_table(bank)?;
+        let mut act = b.empty(&[n * k, inter])?;
+        // SAFETY: ids are -1 or experts this bank holds (mapped above); the table holds the
+        // addresses of those experts' weights, shape-checked above, which live as long as the
+        // bank, i.e. past these launches.
+        let r = unsafe {
+            small::small_experts(
+                gpu,
+                small::SmallExpertsParams {
+                    x: xb.view(),
+                    ids: ids_t.view(),
+                    weights: w_t.view(),
+                    ptrs: table.view(),
+                    act: act.view_mut(),
+                    out: out.view_mut(),
+                },
+            )
+        };
+        match r {
+            Ok(()) => return Ok(CudaAct::Bf16(out)),
+            // sizes beyond the kernels' shared memory take the permuted path below
+            Err(dsv2_kernels::KernelError::Unsupported { .. }) => {}
+            Err(e) => return Err(crate::kerr(e)),
+        }
+    }
     let perm = moe::moe_permute(
         gpu,
         moe::PermuteParams {

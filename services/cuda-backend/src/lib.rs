@@ -123,12 +123,19 @@ struct RopeCache {
 
 /// The CUDA backend on one device. All work goes to the device's main stream; a mutex serialises
 /// callers because cuBLAS handles and the launch sequence of one op must not interleave.
+/// Host copy of a bank's expert weight addresses and the device table made from it.
+type ExpertTable = (Vec<i64>, Arc<Tensor<i64>>);
+
 pub struct CudaBackend {
     gpu: Gpu,
     ordinal: usize,
     exec: Mutex<()>,
     rope: Mutex<Option<RopeCache>>,
     profile: Option<profile::Profile>,
+    /// Device tables of expert weight addresses for the small-batch expert kernels, per bank
+    /// (keyed by the bank's address; the host copy of the addresses detects a stale entry).
+    expert_tables: Mutex<std::collections::HashMap<usize, ExpertTable>>,
+    small_experts: bool,
 }
 
 impl CudaBackend {
@@ -141,7 +148,43 @@ impl CudaBackend {
             exec: Mutex::new(()),
             rope: Mutex::new(None),
             profile: profile::Profile::from_env(),
+            expert_tables: Mutex::new(Default::default()),
+            // DSV2_SMALL_EXPERTS=0 keeps decode on the permuted path (to compare the two)
+            small_experts: std::env::var("DSV2_SMALL_EXPERTS").map_or(true, |v| v != "0"),
         })
+    }
+
+    fn small_experts_enabled(&self) -> bool {
+        self.small_experts
+    }
+
+    /// [E, 3] device addresses (gate, up, down) of `bank`'s experts, 0 for experts not held.
+    fn expert_table(&self, bank: &ExpertBank<CudaWeight>) -> Result<Arc<Tensor<i64>>> {
+        let addrs: Vec<i64> = bank
+            .experts
+            .iter()
+            .flat_map(|m| match m {
+                Some(m) => [
+                    m.gate.t.ptr() as i64,
+                    m.up.t.ptr() as i64,
+                    m.down.t.ptr() as i64,
+                ],
+                None => [0; 3],
+            })
+            .collect();
+        let key = bank as *const _ as usize;
+        let mut tables = self
+            .expert_tables
+            .lock()
+            .map_err(|_| err("expert table cache poisoned"))?;
+        if let Some((host, dev)) = tables.get(&key)
+            && *host == addrs
+        {
+            return Ok(dev.clone());
+        }
+        let dev = Arc::new(Tensor::from_host(&self.gpu, &addrs, &[bank.experts.len(), 3]).kx()?);
+        tables.insert(key, (addrs, dev.clone()));
+        Ok(dev)
     }
 
     /// Per-op timing under `DSV2_PROFILE=1` (see `profile`); None otherwise.

@@ -1,0 +1,116 @@
+//! Routed experts for a few rows (decode at small batch) in two launches, reading each row's
+//! expert weights through a device pointer table: `moe_small_gate_up_bf16` then
+//! `moe_small_down_bf16` (moe.cu). The permuted path (`moe_permute` → gather → one cuBLAS call per
+//! expert and projection → combine) launches ~25 kernels for the 6 GEMVs of one decode token; this
+//! path reads the same weights once per (row, slot), so it only pays off while rows × top-k is
+//! small compared with the number of experts (see `SMALL_EXPERTS_MAX_ROWS`).
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::dim_i32;
+use crate::device::Gpu;
+use crate::error::{Result, shape_err};
+use crate::tensor::{View, ViewMut};
+
+/// Up to this many rows the backends take the two-launch path (each row reads its 6 experts'
+/// weights itself; beyond a few rows shared experts would be read repeatedly).
+pub const SMALL_EXPERTS_MAX_ROWS: usize = 4;
+
+/// Largest dynamic shared memory the kernels ask for without raising the function's limit.
+const SMEM_LIMIT: usize = 48 * 1024;
+
+/// x [n, H]; ids [n, k] (expert ids, -1 = not routed here); weights [n, k] (f32 routing weights);
+/// ptrs [E, 3] device addresses of expert e's gate [I, H], up [I, H] and down [H, I] (bf16,
+/// row-major; 0 for experts that are absent, which ids must then not name); act [n * k, I]
+/// workspace; out [n, H] = Σ_j weights[r, j] · FFN_{ids[r, j]}(x[r]).
+pub struct SmallExpertsParams<'a> {
+    pub x: View<'a, bf16>,
+    pub ids: View<'a, i32>,
+    pub weights: View<'a, f32>,
+    pub ptrs: View<'a, i64>,
+    pub act: ViewMut<'a, bf16>,
+    pub out: ViewMut<'a, bf16>,
+}
+
+/// # Safety
+/// Every expert id in `ids` that is not -1 must be < E, and its three addresses in `ptrs` must
+/// point to live bf16 tensors of shapes [I, H], [I, H] and [H, I] (I = act's width) that outlive
+/// the launches (stream order). The kernels trust the table: they cannot check it.
+pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> {
+    const OP: &str = "moe_small_experts_bf16";
+    p.x.expect(OP, "x", &[None, None])?;
+    let (n, hidden) = (p.x.shape()[0], p.x.shape()[1]);
+    p.ids.expect(OP, "ids", &[Some(n), None])?;
+    let k = p.ids.shape()[1];
+    p.weights.expect(OP, "weights", &[Some(n), Some(k)])?;
+    p.ptrs.expect(OP, "ptrs", &[None, Some(3)])?;
+    p.act.expect(OP, "act", &[Some(n * k), None])?;
+    let inter = p.act.shape()[1];
+    p.out.expect(OP, "out", &[Some(n), Some(hidden)])?;
+    if !hidden.is_multiple_of(8) || !inter.is_multiple_of(8) {
+        return Err(crate::error::KernelError::Unsupported {
+            op: OP,
+            what: format!("hidden {hidden} / intermediate {inter} not multiples of 8"),
+        });
+    }
+    if hidden * 2 > SMEM_LIMIT || k * inter * 2 > SMEM_LIMIT {
+        return Err(crate::error::KernelError::Unsupported {
+            op: OP,
+            what: format!(
+                "hidden {hidden} / top-k {k} x intermediate {inter} exceed 48 KiB of shared memory"
+            ),
+        });
+    }
+    if n == 0 || k == 0 {
+        return Ok(());
+    }
+    let (x, ids, w, ptrs, act, out) = (
+        p.x.ptr(),
+        p.ids.ptr(),
+        p.weights.ptr(),
+        p.ptrs.ptr(),
+        p.act.ptr(),
+        p.out.ptr(),
+    );
+    let (h, i, ki) = (
+        dim_i32(OP, "hidden", hidden)?,
+        dim_i32(OP, "intermediate", inter)?,
+        dim_i32(OP, "top_k", k)?,
+    );
+    let slots = u32::try_from(n * k).map_err(|_| shape_err(OP, format!("{n} x {k} slots")))?;
+    let f = gpu.function("moe_small_gate_up_bf16")?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(&x)
+        .arg(&ids)
+        .arg(&ptrs)
+        .arg(&act)
+        .arg(&h)
+        .arg(&i)
+        .arg(&ki);
+    let cfg = LaunchConfig {
+        grid_dim: (inter.div_ceil(8) as u32, slots, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: (hidden * 2) as u32,
+    };
+    // SAFETY: matches moe_small_gate_up_bf16; shapes checked above, the table per the contract.
+    unsafe { b.launch(cfg) }?;
+    let f = gpu.function("moe_small_down_bf16")?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(&act)
+        .arg(&ids)
+        .arg(&w)
+        .arg(&ptrs)
+        .arg(&out)
+        .arg(&h)
+        .arg(&i)
+        .arg(&ki);
+    let cfg = LaunchConfig {
+        grid_dim: (hidden.div_ceil(8) as u32, n as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: (k * inter * 2) as u32,
+    };
+    // SAFETY: matches moe_small_down_bf16; act rows of routed slots were written just before.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
