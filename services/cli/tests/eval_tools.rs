@@ -1,7 +1,9 @@
-//! `dsv2 summarize` and `dsv2 mmlu` end to end against a real router (dsv2-router with
-//! in-process experts on the embedded tiny model), with every printed number recomputed here
-//! independently: prompts built by this file's own code, outputs and log-probabilities fetched
-//! by this file's own gRPC calls, ROUGE from dsv2-rouge.
+//! `dsv2 summarize` and `dsv2 mmlu` end to end against real routers, with every printed number
+//! recomputed here independently: prompts built by this file's own code, outputs and
+//! log-probabilities fetched by this file's own gRPC calls and again in-process (`dsv2 generate
+//! --model-dir`, no router), ROUGE from dsv2-rouge. Two deployments: dsv2-router with in-process
+//! experts on the embedded tiny model, and a local cluster (dsv2-router + 2 dsv2-expert shard
+//! processes on loopback) on the `v2` golden fixture.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -21,59 +23,236 @@ fn cache_dir() -> PathBuf {
     std::env::temp_dir().join("dsv2-cli-test-cache")
 }
 
-/// The router child; killed on drop.
-struct Router {
+/// A workspace binary next to `dsv2`; panics with instructions when it has not been built.
+fn sibling_bin(name: &str) -> PathBuf {
+    let dsv2 = PathBuf::from(env!("CARGO_BIN_EXE_dsv2"));
+    let bin = dsv2.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins; scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A server child (router or expert shard) that printed `DSV2_READY <addr>`; killed on drop.
+struct Server {
     child: Child,
     endpoint: String,
 }
 
-impl Drop for Router {
+impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-fn start_router() -> Router {
-    let dsv2 = PathBuf::from(env!("CARGO_BIN_EXE_dsv2"));
-    let bin = dsv2.with_file_name("dsv2-router");
-    assert!(
-        bin.exists(),
-        "{} is missing: build the binaries first (cargo build --workspace --bins; scripts/test.sh does)",
-        bin.display()
-    );
-    let mut child = Command::new(&bin)
-        .args([
-            "--model-dir",
-            "tiny",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-level",
-            "warn",
-        ])
+/// Starts `name` with `args` and waits for its `DSV2_READY <addr>` line.
+fn start_server(name: &str, args: &[&str]) -> Server {
+    let mut child = Command::new(sibling_bin(name))
+        .args(args)
+        .args(["--log-level", "warn"])
         .env("DSV2_CACHE_DIR", cache_dir())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("start dsv2-router");
-    let stdout = child.stdout.take().expect("router stdout");
+        .unwrap_or_else(|e| panic!("start {name}: {e}"));
+    let stdout = child.stdout.take().expect("server stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // Keep reading after READY so the child never blocks on a full pipe.
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(a) = line.strip_prefix("DSV2_READY ") {
-                let _ = tx.send(a.to_string());
+                let _ = tx.send(a.trim().to_string());
             }
         }
     });
-    let mut r = Router {
+    let mut s = Server {
         child,
         endpoint: String::new(),
     };
     let addr = rx
         .recv_timeout(Duration::from_secs(300))
-        .expect("router did not print DSV2_READY");
-    r.endpoint = format!("http://{addr}");
-    r
+        .unwrap_or_else(|_| panic!("{name} {args:?} did not print DSV2_READY"));
+    s.endpoint = format!("http://{addr}");
+    s
+}
+
+/// dsv2-router with in-process experts on the embedded tiny model.
+fn start_router() -> Server {
+    start_server(
+        "dsv2-router",
+        &["--model-dir", "tiny", "--listen", "127.0.0.1:0"],
+    )
+}
+
+/// The tokenizer's special tokens, in id order: ids 1 and 2 are the fixtures' bos_token_id
+/// and eos_token_id (config.json), id 0 is unused padding.
+const SPECIALS: [&str; 3] = ["<pad>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"];
+
+/// A golden fixture model (`tests/fixtures/models/NAME`: config and weights exactly as
+/// committed) copied into a temp dir with a tokenizer added. The fixtures ship no tokenizer
+/// (their own tests send token ids), but both tools send text and use the router's Tokenize,
+/// so the copy gets a byte-level BPE trained here with the `tokenizers` crate on the tiny
+/// model's corpus and this test's data, capped at the fixture's 512-token vocabulary, with BOS
+/// and EOS at the config's ids 1 and 2. The tokenizer only maps text to ids; every number the
+/// tools print is still checked against values recomputed with the same files.
+fn fixture_with_tokenizer(name: &str) -> (tempfile::TempDir, PathBuf) {
+    use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::{
+        AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
+        PreTokenizerWrapper, TokenizerImpl,
+    };
+
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(name);
+    std::fs::create_dir(&dir).unwrap();
+    let mut copied = 0;
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        let f = e.file_name().to_string_lossy().into_owned();
+        // Config and weights only: the reference outputs are not part of the model.
+        if f == "config.json"
+            || (f.ends_with(".safetensors") && !f.starts_with("reference"))
+            || f == "model.safetensors.index.json"
+        {
+            std::fs::copy(e.path(), dir.join(&f)).unwrap();
+            copied += 1;
+        }
+    }
+    assert!(
+        copied >= 2,
+        "{}: no config and weights found",
+        src.display()
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let vocab = cfg["vocab_size"].as_u64().unwrap() as usize;
+    assert_eq!(
+        (cfg["bos_token_id"].as_u64(), cfg["eos_token_id"].as_u64()),
+        (Some(1), Some(2)),
+        "the tokenizer below puts BOS and EOS at ids 1 and 2"
+    );
+
+    let mut corpus: Vec<String> = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/src/tiny_corpus.txt"),
+    )
+    .unwrap()
+    .lines()
+    .map(String::from)
+    .collect();
+    for (a, h) in articles() {
+        corpus.push(a);
+        corpus.push(h);
+    }
+    for split in ["dev", "test"] {
+        for e in std::fs::read_dir(eval_data("mmlu").join(split)).unwrap() {
+            let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+            corpus.extend(text.lines().map(String::from));
+        }
+    }
+    let trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(
+            SPECIALS
+                .iter()
+                .map(|t| AddedToken::from(*t, true))
+                .collect(),
+        )
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let mut trainer = tokenizers::models::TrainerWrapper::BpeTrainer(trainer);
+    let mut tk: TokenizerImpl<
+        ModelWrapper,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    > = TokenizerImpl::new(ModelWrapper::BPE(BPE::default()));
+    tk.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+        false, true, true,
+    ))));
+    tk.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
+    tk.train(&mut trainer, corpus.iter()).unwrap();
+    for (id, t) in SPECIALS.iter().enumerate() {
+        assert_eq!(tk.token_to_id(t), Some(id as u32), "{t}");
+    }
+    assert!(tk.get_vocab_size(true) <= vocab);
+    tk.save(dir.join("tokenizer.json"), true).unwrap();
+    let tcfg = serde_json::json!({
+        "add_bos_token": true, "add_eos_token": false,
+        "bos_token": {"content": SPECIALS[1], "special": true},
+        "eos_token": {"content": SPECIALS[2], "special": true},
+        "tokenizer_class": "LlamaTokenizerFast"
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), tcfg.to_string()).unwrap();
+    (tmp, dir)
+}
+
+/// A router and two expert shard processes on loopback; everything dies when this drops
+/// (fields drop in order: the router first, the model dir last).
+struct Cluster {
+    router: Server,
+    _shards: Vec<Server>,
+    model_dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+/// `dsv2-expert --shard-index i --num-shards 2` for i = 0, 1 (each hosts its share of the
+/// default placement, as a user would start them), then `dsv2-router --shard A --shard B` with
+/// no routed experts of its own.
+fn start_cluster(fixture: &str) -> Cluster {
+    let (tmp, dir) = fixture_with_tokenizer(fixture);
+    let d = dir.to_str().unwrap();
+    let shards: Vec<Server> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2)
+            .map(|i| {
+                s.spawn(move || {
+                    let i = i.to_string();
+                    start_server(
+                        "dsv2-expert",
+                        &[
+                            "--model-dir",
+                            d,
+                            "--shard-index",
+                            &i,
+                            "--num-shards",
+                            "2",
+                            "--listen",
+                            "127.0.0.1:0",
+                        ],
+                    )
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let router = start_server(
+        "dsv2-router",
+        &[
+            "--model-dir",
+            d,
+            "--listen",
+            "127.0.0.1:0",
+            "--shard",
+            &shards[0].endpoint,
+            "--shard",
+            &shards[1].endpoint,
+        ],
+    );
+    Cluster {
+        router,
+        _shards: shards,
+        model_dir: dir,
+        _tmp: tmp,
+    }
 }
 
 fn dsv2(args: &[&str]) -> (bool, String, String) {
@@ -127,7 +306,9 @@ fn articles() -> Vec<(String, String)> {
         .collect()
 }
 
-fn check_summarize(router: &Router) {
+/// `model_dir` is what `dsv2 generate --model-dir` loads for the in-process recomputation: the
+/// router's own model.
+fn check_summarize(endpoint: &str, model_dir: &str) {
     let refs = articles();
     let dir = tempfile::tempdir().unwrap();
     let mut outputs_per_format = Vec::new();
@@ -136,7 +317,7 @@ fn check_summarize(router: &Router) {
         let (ok, out, err) = dsv2(&[
             "summarize",
             "--endpoint",
-            &router.endpoint,
+            endpoint,
             "--dataset",
             eval_data(file).to_str().unwrap(),
             "--max-output-len",
@@ -209,7 +390,7 @@ fn check_summarize(router: &Router) {
     // Independent outputs: summarize.py's template built here, sent as text (the router adds
     // BOS, as summarize.py's add_special_tokens=True does), greedy, 12 tokens.
     rt().block_on(async {
-        let mut c = InferenceClient::connect(router.endpoint.clone())
+        let mut c = InferenceClient::connect(endpoint.to_string())
             .await
             .unwrap();
         for i in [0usize, 1] {
@@ -230,6 +411,28 @@ fn check_summarize(router: &Router) {
             assert_eq!(r.text, outputs_per_format[0][i], "sample {i}");
         }
     });
+    // And in-process, no router: the same model dir loaded by `dsv2 generate` (its text prompt
+    // gets BOS the same way), greedy, 12 tokens, stopping at EOS like the router.
+    for (i, (article, _)) in refs.iter().enumerate() {
+        let prompt = format!("{article} TL;DR: ").trim().replace(" n't", "n't");
+        let (ok, out, err) = dsv2(&[
+            "generate",
+            "--model-dir",
+            model_dir,
+            "--input-text",
+            &prompt,
+            "--max-output-len",
+            "12",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+        assert_eq!(
+            v["text"].as_str().unwrap(),
+            outputs_per_format[0][i],
+            "sample {i}: summarize's output differs from in-process greedy"
+        );
+    }
 
     // --hf-outputs: a second system whose outputs are the references scores 100 everywhere,
     // and its latency/tokens come from the file.
@@ -246,7 +449,7 @@ fn check_summarize(router: &Router) {
     let (ok, out, err) = dsv2(&[
         "summarize",
         "--endpoint",
-        &router.endpoint,
+        endpoint,
         "--dataset",
         eval_data("articles.csv").to_str().unwrap(),
         "--max-output-len",
@@ -336,14 +539,61 @@ fn example(r: &[String], with_answer: bool) -> String {
     s
 }
 
-fn check_mmlu(router: &Router) {
+/// Token ids and prompt log-probabilities (entry 0 has none) of `text` from `dsv2 generate
+/// --model-dir --json --prompt-logprobs 0`, in-process.
+fn in_process_prompt_logprobs(model_dir: &str, text: &str) -> (Vec<u64>, Vec<Option<f64>>) {
+    let (ok, out, err) = dsv2(&[
+        "generate",
+        "--model-dir",
+        model_dir,
+        "--input-text",
+        text,
+        "--max-output-len",
+        "1",
+        "--json",
+        "--prompt-logprobs",
+        "0",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+    let ids: Vec<u64> = v["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    let lps: Vec<Option<f64>> = v["prompt_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["logprob"].as_f64())
+        .collect();
+    assert_eq!(ids.len(), lps.len());
+    (ids, lps)
+}
+
+/// Each candidate's log-probability computed in-process: the sum over the tokens that
+/// `"{prompt} {letter}"` has after its common prefix with the prompt's own tokens.
+fn in_process_candidate_logprobs(model_dir: &str, prompt: &str) -> [f64; 4] {
+    let (base, _) = in_process_prompt_logprobs(model_dir, prompt);
+    let mut out = [0f64; 4];
+    for (k, letter) in CHOICES.iter().enumerate() {
+        let (ids, lps) = in_process_prompt_logprobs(model_dir, &format!("{prompt} {letter}"));
+        let p = base.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+        assert!(p > 0 && p < ids.len(), "candidate {letter} added no tokens");
+        out[k] = lps[p..].iter().map(|l| l.expect("a logprob")).sum();
+    }
+    out
+}
+
+fn check_mmlu(endpoint: &str, model_dir: &str) {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("mmlu.json");
     let data = eval_data("mmlu");
     let (ok, out, err) = dsv2(&[
         "mmlu",
         "--endpoint",
-        &router.endpoint,
+        endpoint,
         "--data-dir",
         data.to_str().unwrap(),
         "--ntrain",
@@ -380,7 +630,7 @@ fn check_mmlu(router: &Router) {
     ];
     let mut correct_by_subject = Vec::new();
     rt().block_on(async {
-        let mut c = InferenceClient::connect(router.endpoint.clone())
+        let mut c = InferenceClient::connect(endpoint.to_string())
             .await
             .unwrap();
         let mut qi = 0;
@@ -456,7 +706,20 @@ fn check_mmlu(router: &Router) {
                     }
                 }
                 assert_eq!(q["prediction"], CHOICES[best]);
-                if CHOICES[best] == r[5] {
+                // The same log-probabilities in-process, no router: the accuracy printed below
+                // is counted from these.
+                let local = in_process_candidate_logprobs(model_dir, &prompt);
+                for k in 0..4 {
+                    let got = q["logprobs"][k].as_f64().unwrap();
+                    assert!(
+                        (got - local[k]).abs() < 1e-3,
+                        "{subject} question {qi}: candidate {k} logprob {got}, in-process {}",
+                        local[k]
+                    );
+                }
+                let best_local = (1..4).fold(0, |b, k| if local[k] > local[b] { k } else { b });
+                assert_eq!(q["prediction"], CHOICES[best_local]);
+                if CHOICES[best_local] == r[5] {
                     correct += 1;
                 }
             }
@@ -499,9 +762,23 @@ fn check_mmlu(router: &Router) {
 #[test]
 fn summarize_and_mmlu_against_a_router() {
     let router = start_router();
-    check_logprobs_over_the_wire_equal_in_process(&router);
-    check_summarize(&router);
-    check_mmlu(&router);
+    check_logprobs_over_the_wire_equal_in_process(&router.endpoint, "tiny", Match::Exact);
+    check_summarize(&router.endpoint, "tiny");
+    check_mmlu(&router.endpoint, "tiny");
+}
+
+/// The same checks against a local cluster on the `v2` golden fixture (DeepSeek-V2 shape: group
+/// routing over 16 experts, bf16 weights in two files): every routed expert runs in one of two
+/// dsv2-expert processes, and the in-process recomputation loads the same model dir with all
+/// experts local.
+#[test]
+fn summarize_and_mmlu_against_a_local_cluster() {
+    let cluster = start_cluster("v2");
+    let model_dir = cluster.model_dir.to_str().unwrap();
+    let endpoint = &cluster.router.endpoint;
+    check_logprobs_over_the_wire_equal_in_process(endpoint, model_dir, Match::Within1e4);
+    check_summarize(endpoint, model_dir);
+    check_mmlu(endpoint, model_dir);
 }
 
 #[test]
@@ -592,9 +869,50 @@ fn shared_mmlu_copy_when_present() {
     );
 }
 
-/// `dsv2 generate --json --logprobs --prompt-logprobs` through the router prints exactly what the
-/// in-process run prints: same tokens, same log-probabilities bit for bit, same alternatives.
-fn check_logprobs_over_the_wire_equal_in_process(router: &Router) {
+/// How closely the router's log-probabilities must equal the in-process ones.
+#[derive(Clone, Copy, PartialEq)]
+enum Match {
+    /// Same computation in one process (router with in-process experts): bit for bit.
+    Exact,
+    /// Routed experts summed in shard processes, then across shards: the f32 sums round
+    /// differently (measured ~5e-7 on the v2 fixture), so values to 1e-4; ids still equal.
+    Within1e4,
+}
+
+/// Same token ids, and log-probabilities equal as `m` says, in two `generate --json` lists of
+/// {"token", "logprob", "top": [[id, lp], ...]}.
+fn assert_logprobs_match(key: &str, l: &serde_json::Value, r: &serde_json::Value, m: Match) {
+    if m == Match::Exact {
+        assert_eq!(l, r, "{key} differs between in-process and router");
+        return;
+    }
+    let close = |a: &serde_json::Value, b: &serde_json::Value| match (a.as_f64(), b.as_f64()) {
+        (Some(a), Some(b)) => (a - b).abs() < 1e-4,
+        (None, None) => a.is_null() && b.is_null(),
+        _ => false,
+    };
+    let (l, r) = (l.as_array().expect(key), r.as_array().expect(key));
+    assert_eq!(l.len(), r.len(), "{key}: lengths differ");
+    for (i, (a, b)) in l.iter().zip(r).enumerate() {
+        assert_eq!(a["token"], b["token"], "{key}[{i}]: token differs");
+        assert!(
+            close(&a["logprob"], &b["logprob"]),
+            "{key}[{i}]: {a} vs {b}"
+        );
+        let (ta, tb) = (a["top"].as_array().unwrap(), b["top"].as_array().unwrap());
+        assert_eq!(ta.len(), tb.len(), "{key}[{i}]: {a} vs {b}");
+        for (x, y) in ta.iter().zip(tb) {
+            assert!(
+                x[0] == y[0] && close(&x[1], &y[1]),
+                "{key}[{i}]: {a} vs {b}"
+            );
+        }
+    }
+}
+
+/// `dsv2 generate --json --logprobs --prompt-logprobs` through the router prints what the
+/// in-process run prints: same tokens, same log-probabilities (as `m` says), same alternatives.
+fn check_logprobs_over_the_wire_equal_in_process(endpoint: &str, model_dir: &str, m: Match) {
     let args = [
         "generate",
         "--input-text",
@@ -608,17 +926,18 @@ fn check_logprobs_over_the_wire_equal_in_process(router: &Router) {
         "--prompt-logprobs",
         "2",
     ];
-    let (ok, local, err) = dsv2(&[&args[..], &["--model-dir", "tiny"]].concat());
+    let (ok, local, err) = dsv2(&[&args[..], &["--model-dir", model_dir]].concat());
     assert!(ok, "{err}");
-    let (ok, remote, err) = dsv2(&[&args[..], &["--endpoint", &router.endpoint]].concat());
+    let (ok, remote, err) = dsv2(&[&args[..], &["--endpoint", endpoint]].concat());
     assert!(ok, "{err}");
     let l: serde_json::Value = serde_json::from_str(local.trim()).expect("JSON");
     let r: serde_json::Value = serde_json::from_str(remote.trim()).expect("JSON");
-    for key in ["output_ids", "logprobs", "prompt_logprobs"] {
-        assert_eq!(
-            l[key], r[key],
-            "{key} differs between in-process and router"
-        );
+    assert_eq!(
+        l["output_ids"], r["output_ids"],
+        "output_ids differ between in-process and router"
+    );
+    for key in ["logprobs", "prompt_logprobs"] {
+        assert_logprobs_match(key, &l[key], &r[key], m);
     }
     let lps = l["logprobs"].as_array().expect("logprobs");
     assert_eq!(lps.len(), 6);
