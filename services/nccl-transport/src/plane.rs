@@ -178,9 +178,16 @@ impl RouterPlane {
         let ended = self.comm.group_end(self.cfg.timeout);
         res?;
         ended?;
+        // Sends to every shard in one group, the receives of their partials in a second group.
+        // NCCL pairs the p2p operations of one group by peer into work items that run in order
+        // (send x with recv partial, then send ids, then send w): a receive that can only complete
+        // after the later sends have arrived would hold the first work item forever. That, not
+        // lazy connection setup, is what hung every asymmetric exchange on the H200 pair (the
+        // symmetric swap and the all-reduce always completed). The stream runs the second group
+        // after the first, and the shards post their receives as soon as the header arrives.
         self.comm.group_start()?;
-        let mut issue = || -> Result<()> {
-            for (s, p) in parts.iter_mut().enumerate() {
+        let sends = || -> Result<()> {
+            for (s, p) in parts.iter().enumerate() {
                 let peer = s + 1;
                 if p.rows == 0 {
                     continue;
@@ -192,18 +199,34 @@ impl RouterPlane {
                     let (x, _gx) = p.x.device_ptr(&stream);
                     let (ids, _gi) = p.ids.device_ptr(&stream);
                     let (w, _gw) = p.weights.device_ptr(&stream);
-                    let (out, _go) = p.partial.device_ptr_mut(&stream);
                     self.comm.send_raw(x, bytes_of::<bf16>(p.rows * h), peer)?;
                     self.comm.send_raw(ids, bytes_of::<u32>(p.rows * k), peer)?;
                     self.comm.send_raw(w, bytes_of::<f32>(p.rows * k), peer)?;
-                    self.comm
-                        .recv_raw(out, bytes_of::<bf16>(p.rows * h), peer)?;
                 }
             }
             Ok(())
         };
-        let issued = issue();
+        let issued = sends();
         // The group must be closed even when issuing failed part-way.
+        let ended = self.comm.group_end(self.cfg.timeout);
+        issued?;
+        ended?;
+        self.comm.group_start()?;
+        let mut recvs = || -> Result<()> {
+            for (s, p) in parts.iter_mut().enumerate() {
+                if p.rows == 0 {
+                    continue;
+                }
+                // SAFETY: as above; the partial buffer is written by the receive.
+                unsafe {
+                    let (out, _go) = p.partial.device_ptr_mut(&stream);
+                    self.comm
+                        .recv_raw(out, bytes_of::<bf16>(p.rows * h), s + 1)?;
+                }
+            }
+            Ok(())
+        };
+        let issued = recvs();
         let ended = self.comm.group_end(self.cfg.timeout);
         issued?;
         ended?;

@@ -14,6 +14,8 @@
 //! - `SMOKE_PRECONNECT=0`: skip the symmetric swap at the largest size that connects every p2p
 //!   channel both ways before the protocol starts (without it the protocol hangs: see
 //!   dsv2-nccl's plane.rs `handshake`).
+//! - `SMOKE_RECV_IN_GROUP=1`: the router receives the partials inside its send group, as the
+//!   first versions did (and hung); by default the receive is a separate call after the group.
 //! - `SMOKE_PROCS=threads`: both ranks as threads of one process (how the first attempts ran, and
 //!   hung); the default runs the shard as a second process, as router and expert shards do.
 
@@ -86,6 +88,13 @@ fn id_from_hex(s: &str) -> Result<Id> {
     Ok(Id::uninit(raw))
 }
 
+/// `SMOKE_RECV_IN_GROUP=1`: the router's receive of the partials in the same group as its sends
+/// (the pattern that hangs: NCCL runs a group's p2p work per peer in order, pairing the first send
+/// with the receive, which cannot complete before the later sends have arrived).
+fn recv_in_group() -> bool {
+    std::env::var("SMOKE_RECV_IN_GROUP").as_deref() == Ok("1")
+}
+
 fn use_cudarc_group() -> bool {
     std::env::var("SMOKE_GROUP").as_deref() == Ok("cudarc")
 }
@@ -130,17 +139,25 @@ fn router(id: Id) -> Result<()> {
                     .map_err(|e| anyhow!("send ids: {e:?}"))?;
                 g.send(w.as_view(), 1)
                     .map_err(|e| anyhow!("send w: {e:?}"))?;
-                g.recv(partial.as_view_mut(), 1)
-                    .map_err(|e| anyhow!("recv partial: {e:?}"))?;
+                if recv_in_group() {
+                    g.recv(partial.as_view_mut(), 1)
+                        .map_err(|e| anyhow!("recv partial: {e:?}"))?;
+                }
                 drop(g);
             } else {
                 group_start().map_err(|e| anyhow!("{e:?}"))?;
                 comm.send(&x, 1).map_err(|e| anyhow!("send x: {e:?}"))?;
                 comm.send(&ids, 1).map_err(|e| anyhow!("send ids: {e:?}"))?;
                 comm.send(&w, 1).map_err(|e| anyhow!("send w: {e:?}"))?;
+                if recv_in_group() {
+                    comm.recv(&mut partial, 1)
+                        .map_err(|e| anyhow!("recv partial: {e:?}"))?;
+                }
+                group_end().map_err(|e| anyhow!("{e:?}"))?;
+            }
+            if !recv_in_group() {
                 comm.recv(&mut partial, 1)
                     .map_err(|e| anyhow!("recv partial: {e:?}"))?;
-                group_end().map_err(|e| anyhow!("{e:?}"))?;
             }
             stream.synchronize()?;
             if it >= 10 {
