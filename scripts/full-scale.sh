@@ -69,7 +69,7 @@ ok = s["output_ids"] == r["output_ids"] and d < 0.05
 print(("OK" if ok else "MISMATCH") + f": greedy ids {'equal' if s['output_ids'] == r['output_ids'] else 'differ'}, max |d prompt logprob| {d:.2e}")
 PYEOF
 )
-  echo "check: $verdict"; case "$verdict" in OK*) ;; *) fail=1; tail -3 /tmp/fs-svc.err /tmp/fs-ref.err;; esac
+  echo "check: $verdict"; case "$verdict" in OK*) ;; *) fail=1; tail -n 3 /tmp/fs-svc.err /tmp/fs-ref.err;; esac
 else
   fail=1; stop_all
 fi
@@ -91,7 +91,7 @@ measure() {
   echo "{\"token_ids\":{\"ids\":[$long]},\"max_new_tokens\":1,\"ignore_eos\":true}" >/tmp/lt-prefill-req.json
   "$BIN/dsv2" loadtest --endpoint "http://$r" -c 4 -n 8 --timeout 1200s --data /tmp/lt-prefill-req.json \
     --json-out /tmp/lt-prefill.json >/dev/null 2>/tmp/lt-prefill.err || { tail -3 /tmp/lt-prefill.err; fail=1; }
-  "$PY" -c "import json; j=json.load(open('/tmp/lt-prefill.json')); print('$label prefill: %.0f prompt tok/s (2048-token prompts, 4 concurrent, rps %.3f)' % (j['rps'] * 2048, j['rps']))" 2>/dev/null || echo "$label prefill: no report"
+  "$PY" -c "import json; j=json.load(open('/tmp/lt-prefill.json')); d=j['dsv2']; print('$label prefill: %.0f prompt tok/s (2048-token prompts, 4 concurrent; %d ok, %d errors)' % (d['okCount'] * 2048 / (j['total'] / 1e9), d['okCount'], d['errorCount']))" 2>/dev/null || echo "$label prefill: no report"
   stop_all
 }
 
