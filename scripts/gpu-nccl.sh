@@ -24,6 +24,11 @@ echo "== $(date -u +%FT%TZ) $(nvidia-smi -L | tr '\n' ' ')"
 echo "== 1. nccl-smoke (shard as a second process, channels connected up front)"
 timeout -k 5 60 "$BIN/nccl-smoke" || { echo "nccl-smoke FAILED ($?)"; fail=1; }
 pkill -9 -f nccl-smoke 2>/dev/null
+echo "== 1b. the old pattern (receive inside the send group), expected to hang: confirms the diagnosis"
+SMOKE_RECV_IN_GROUP=1 timeout -k 2 10 "$BIN/nccl-smoke" >/tmp/smoke-old.log 2>&1
+old_rc=$?
+echo "receive-in-group variant: exit $old_rc ($([ $old_rc -eq 0 ] && echo completed || echo 'did not complete within 10 s'))"
+pkill -9 -f nccl-smoke 2>/dev/null
 
 echo "== 2. NCCL round trip, router GPU 0 -> shard GPU 1 (echo: compute excluded; ffn: 80 experts, compute included)"
 timeout -k 5 180 "$BIN/nccl-roundtrip" --iters 200 --warmup 20 || { echo "nccl-roundtrip FAILED ($?)"; fail=1; }
