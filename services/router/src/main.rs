@@ -19,9 +19,11 @@ use dsv2_cuda_backend::CudaBackend;
 use dsv2_nccl_experts::NcclExperts;
 use dsv2_proto::inference::v1::inference_server::InferenceServer;
 use dsv2_router::engine_task::EngineHandle;
+use dsv2_router::limits::{InFlightLimitLayer, RequestTimeoutLayer};
 use dsv2_router::remote_experts::{RemoteExperts, WireDtype, check_shards, shard_info};
 use dsv2_router::service::{InferenceApi, InferenceService, ModelFacts};
 use dsv2_server::{LogFormat, Transport};
+use tonic::service::LayerExt;
 use tonic_health::ServingStatus;
 
 #[derive(Parser, Debug)]
@@ -69,12 +71,16 @@ struct Config {
     /// Most requests held (queued + running); more get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 256)]
     max_queue: usize,
-    /// Most concurrent gRPC requests per connection.
-    #[arg(long, default_value_t = 512)]
-    max_concurrent: usize,
-    /// Deadline for a request without a client deadline, seconds (0: none).
-    #[arg(long, default_value_t = 600)]
-    request_timeout_s: u64,
+    /// Most dsv2.v1.Inference calls in flight at once, across all connections (a stream counts
+    /// until it ends); the next is answered RESOURCE_EXHAUSTED at once, before any work. Keep it
+    /// at or above --max-queue so the engine's queue can fill. Health and reflection are exempt.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    max_concurrent: u32,
+    /// Longest a dsv2.v1.Inference call may take, seconds, fractions allowed (0: no limit); a
+    /// client's gRPC deadline can shorten it, not extend it. Past it the call ends
+    /// DEADLINE_EXCEEDED and its cache is freed.
+    #[arg(long, default_value_t = 600.0, value_parser = parse_timeout_secs)]
+    request_timeout_s: f64,
     /// After SIGTERM, how long in-flight requests may take to finish, seconds.
     #[arg(long, default_value_t = 30)]
     drain_timeout_s: u64,
@@ -100,6 +106,13 @@ struct Config {
     /// Log filter (RUST_LOG syntax).
     #[arg(long, env = "DSV2_LOG", default_value = "info")]
     log_level: String,
+}
+
+/// A timeout in seconds: finite, not negative, and within what a `Duration` holds.
+fn parse_timeout_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    Duration::try_from_secs_f64(v).map_err(|e| format!("{v}: {e}"))?;
+    Ok(v)
 }
 
 fn main() -> Result<()> {
@@ -288,14 +301,21 @@ async fn serve_on<B: Backend>(
         shard_endpoints: c.shards.clone(),
         device: format!("{} ({})", c.device, backend.name()),
     };
+    // parse_timeout_secs made sure the value fits a Duration.
+    let request_timeout =
+        (c.request_timeout_s > 0.0).then(|| Duration::from_secs_f64(c.request_timeout_s));
     let service = Arc::new(InferenceService {
         engine: engine.clone(),
         tokenizer,
         facts,
         default_max_new_tokens: c.default_max_new_tokens,
-        request_timeout: (c.request_timeout_s > 0)
-            .then(|| Duration::from_secs(c.request_timeout_s)),
+        request_timeout,
     });
+    // Only the public API gets the limit and the timeout (outermost first: a shed request
+    // starts no timer); health and reflection stay answerable when the router is saturated.
+    let inference_layers = tower::ServiceBuilder::new()
+        .layer(InFlightLimitLayer::new(c.max_concurrent as usize))
+        .layer(RequestTimeoutLayer::new(request_timeout));
     // Both reflection versions: grpcurl speaks v1, older ghz builds v1alpha.
     let (reflection, reflection_alpha) = dsv2_server::reflection_services()?;
     let listener = tokio::net::TcpListener::bind(c.listen)
@@ -308,7 +328,13 @@ async fn serve_on<B: Backend>(
     health_reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
-    tracing::info!(%addr, blocks = engine.num_blocks, "router serving dsv2.v1.Inference");
+    tracing::info!(
+        %addr,
+        blocks = engine.num_blocks,
+        max_concurrent = c.max_concurrent,
+        request_timeout_s = c.request_timeout_s,
+        "router serving dsv2.v1.Inference"
+    );
     println!("DSV2_READY {addr}");
 
     if let Some(m) = c.metrics_listen {
@@ -345,11 +371,10 @@ async fn serve_on<B: Backend>(
     let stop = Arc::new(tokio::sync::Notify::new());
     let stop_server = stop.clone();
     let server = tonic::transport::Server::builder()
-        .concurrency_limit_per_connection(c.max_concurrent)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(InferenceServer::new(InferenceApi(service)))
+        .add_service(inference_layers.named_layer(InferenceServer::new(InferenceApi(service))))
         .serve_with_incoming_shutdown(
             // With a custom incoming stream tonic ignores Server::tcp_nodelay: set it on the
             // accepted sockets, or small messages (one token, one row) wait on Nagle.

@@ -41,7 +41,10 @@ pub struct InferenceService {
     pub tokenizer: Option<Arc<Tokenizer>>,
     pub facts: ModelFacts,
     pub default_max_new_tokens: u32,
-    /// Applied when the client sets no gRPC deadline.
+    /// The router's request timeout (`--request-timeout-s`). Unary calls are bounded by
+    /// `limits::RequestTimeoutLayer`, which answers DEADLINE_EXCEEDED and drops the handler;
+    /// that layer stops timing when a stream's response headers go out, so GenerateStream
+    /// gives the engine this (or the client's shorter deadline) as the request's deadline.
     pub request_timeout: Option<Duration>,
 }
 
@@ -99,15 +102,22 @@ impl InferenceService {
         Ok((prompt, params))
     }
 
-    fn deadline<T>(&self, req: &Request<T>) -> Option<Instant> {
-        let from_client = req
-            .metadata()
+    /// The client's gRPC deadline (`grpc-timeout`), if it set one.
+    fn client_deadline<T>(&self, req: &Request<T>) -> Option<Instant> {
+        req.metadata()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout);
-        from_client
-            .or(self.request_timeout)
+            .and_then(parse_grpc_timeout)
             .map(|d| Instant::now() + d)
+    }
+
+    /// A stream's deadline: the client's or the router's request timeout, whichever is sooner.
+    fn stream_deadline<T>(&self, req: &Request<T>) -> Option<Instant> {
+        let server = self.request_timeout.map(|d| Instant::now() + d);
+        match (self.client_deadline(req), server) {
+            (Some(c), Some(s)) => Some(c.min(s)),
+            (c, s) => c.or(s),
+        }
     }
 
     /// One entry per prompt token, as the proto says: the first has no context, so no logprob.
@@ -265,7 +275,11 @@ impl Inference for InferenceApi {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let deadline = self.deadline(&request);
+        // Only the client's deadline here: the router's own timeout for unary calls is
+        // `limits::RequestTimeoutLayer` around this service. Giving the engine that timeout as
+        // well would race the layer (whichever fires first decides the message); the layer
+        // dropping this future cancels the engine request just the same.
+        let deadline = self.client_deadline(&request);
         let work = self.generate_unary(request, deadline);
         match deadline {
             // Dropping `work` drops the request's event receiver: the engine cancels it at the
@@ -291,7 +305,9 @@ impl Inference for InferenceApi {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<StreamOut>, Status> {
         let t0 = Instant::now();
-        let deadline = self.deadline(&request);
+        // The request timeout layer stops timing when this returns (the response headers go
+        // out), so the engine enforces the timeout on the stream itself.
+        let deadline = self.stream_deadline(&request);
         let (prompt, params) = self.parse(request.get_ref())?;
         let first_token = prompt.first().copied().unwrap_or_default();
         let (id, mut events) = self.engine.submit(prompt, params, deadline)?;
