@@ -161,9 +161,13 @@ impl InferenceService {
     }
 }
 
-/// gRPC's `grpc-timeout` header: an integer and a unit (H, M, S, m, u, n).
+/// gRPC's `grpc-timeout` header: an integer of at most 8 digits (the spec's limit, which also
+/// keeps `n * 3600` and `now + timeout` far from overflowing) and a unit (H, M, S, m, u, n).
 fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    if num.len() > 8 {
+        return None;
+    }
     let n: u64 = num.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n * 3600),
@@ -418,5 +422,27 @@ impl Inference for InferenceApi {
             device: f.device.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_parses_and_rejects_what_the_spec_rejects() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            parse_grpc_timeout("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        // A client-controlled header: more than 8 digits would overflow `n * 3600` or
+        // `Instant::now() + d`, a panic on the request path.
+        assert_eq!(parse_grpc_timeout("18446744073709551615H"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        for bad in ["", "S", "5", "5x", "-5S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 }
