@@ -31,7 +31,10 @@ echo "receive-in-group variant: exit $old_rc ($([ $old_rc -eq 0 ] && echo comple
 pkill -9 -f nccl-smoke 2>/dev/null
 
 echo "== 2. NCCL round trip, router GPU 0 -> shard GPU 1 (echo: compute excluded; ffn: 80 experts, compute included)"
-timeout -k 5 180 "$BIN/nccl-roundtrip" --iters 200 --warmup 20 || { echo "nccl-roundtrip FAILED ($?)"; fail=1; }
+DSV2_NCCL_TRACE=1 timeout -k 5 180 "$BIN/nccl-roundtrip" --iters 200 --warmup 20 || { echo "nccl-roundtrip FAILED ($?)"; fail=1; }
+pkill -9 -f nccl-roundtrip 2>/dev/null
+echo "== 2b. the same with the header in the rows' group (DSV2_NCCL_MERGED=1: one NCCL group fewer per layer)"
+DSV2_NCCL_MERGED=1 DSV2_NCCL_TRACE=1 timeout -k 5 120 "$BIN/nccl-roundtrip" --iters 200 --warmup 20 --bw-rows 0 || { echo "nccl-roundtrip (merged) FAILED ($?)"; fail=1; }
 pkill -9 -f nccl-roundtrip 2>/dev/null
 
 echo "== 3. gRPC round trip for comparison: 2 shards on cuda:1, loopback (full / raw / zero)"

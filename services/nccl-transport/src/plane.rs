@@ -9,7 +9,7 @@
 //! Each side lives on the thread that created it (NCCL communicators are used from one thread).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use half::bf16;
@@ -57,6 +57,57 @@ pub struct RouterPlane {
     /// Set by a watchdog that saw a shard die: ends a waiting exchange at once instead of at its
     /// deadline (a dead peer on NVLink raises no NCCL error; its receive simply never comes).
     abort: Option<StopFlag>,
+    /// Header sent in the same group as the rows (`DSV2_NCCL_MERGED=1`): one group fewer per
+    /// layer. Safe because the shard receives the header alone first and NCCL's sends of these
+    /// sizes do not wait for the matching receive to be posted; off by default until measured.
+    merged: bool,
+    /// Per-phase host time of the exchanges (`DSV2_NCCL_TRACE=1`), see [`RouterPlane::trace`].
+    trace: Option<PhaseTimes>,
+}
+
+/// Accumulated host time of each exchange phase, to see where a round trip's time goes.
+#[derive(Debug, Default, Clone)]
+pub struct PhaseTimes {
+    pub exchanges: u64,
+    /// Header copy to the device and the header group (or nothing when merged).
+    pub headers: Duration,
+    /// Enqueueing the send group (ncclGroupEnd, polled in non-blocking mode).
+    pub sends: Duration,
+    /// Enqueueing the receive group.
+    pub recvs: Duration,
+    /// Waiting for the stream: transfers both ways and the shards' compute.
+    pub wait: Duration,
+}
+
+impl PhaseTimes {
+    /// What accumulated after `earlier` (a snapshot of the same counters).
+    pub fn since(&self, earlier: &PhaseTimes) -> PhaseTimes {
+        PhaseTimes {
+            exchanges: self.exchanges - earlier.exchanges,
+            headers: self.headers.saturating_sub(earlier.headers),
+            sends: self.sends.saturating_sub(earlier.sends),
+            recvs: self.recvs.saturating_sub(earlier.recvs),
+            wait: self.wait.saturating_sub(earlier.wait),
+        }
+    }
+
+    /// One line: mean µs per exchange of each phase.
+    pub fn summary(&self) -> String {
+        let n = self.exchanges.max(1) as f64;
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / n;
+        format!(
+            "{} exchanges, mean µs: headers {:.1}, send group {:.1}, receive group {:.1}, wait {:.1}",
+            self.exchanges,
+            us(self.headers),
+            us(self.sends),
+            us(self.recvs),
+            us(self.wait)
+        )
+    }
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
 }
 
 fn bytes_of<T>(n: usize) -> usize {
@@ -87,6 +138,8 @@ impl RouterPlane {
             hdr_dev,
             hdr_host,
             abort: None,
+            merged: env_flag("DSV2_NCCL_MERGED"),
+            trace: env_flag("DSV2_NCCL_TRACE").then(PhaseTimes::default),
         };
         let peers: Vec<usize> = (1..=shards).collect();
         handshake(&mut plane.comm, &peers, max_payload(&cfg), cfg.timeout)?;
@@ -104,6 +157,11 @@ impl RouterPlane {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         self.comm.stream()
+    }
+
+    /// Per-phase times so far, when `DSV2_NCCL_TRACE=1`.
+    pub fn trace(&self) -> Option<&PhaseTimes> {
+        self.trace.as_ref()
     }
 
     /// One MoE layer: sends every shard its part and waits until all partials are back (or the
@@ -155,6 +213,7 @@ impl RouterPlane {
             };
             words[s * HW..(s + 1) * HW].copy_from_slice(&hd.encode());
         }
+        let t0 = Instant::now();
         self.send_headers()?;
         let stream = self.comm.stream().clone();
         let hdr = {
@@ -166,18 +225,21 @@ impl RouterPlane {
         // way on both sides (the shard receives the header alone, then the three data buffers,
         // then sends the partials alone). Putting header and data in one group hung the first
         // exchange on the H200 pair.
-        self.comm.group_start()?;
-        let mut res = Ok(());
-        for s in 0..parts.len() {
+        let send_header = |comm: &Comm, s: usize| {
             // SAFETY: header slot s of the live header buffer; waited for before returning.
-            res = res.and_then(|_| unsafe {
-                self.comm
-                    .send_raw(hdr + bytes_of::<u32>(s * HW) as u64, HEADER_BYTES, s + 1)
-            });
+            unsafe { comm.send_raw(hdr + bytes_of::<u32>(s * HW) as u64, HEADER_BYTES, s + 1) }
+        };
+        if !self.merged {
+            self.comm.group_start()?;
+            let mut res = Ok(());
+            for s in 0..parts.len() {
+                res = res.and_then(|_| send_header(&self.comm, s));
+            }
+            let ended = self.comm.group_end(self.cfg.timeout);
+            res?;
+            ended?;
         }
-        let ended = self.comm.group_end(self.cfg.timeout);
-        res?;
-        ended?;
+        let t1 = Instant::now();
         // Sends to every shard in one group, the receives of their partials in a second group.
         // NCCL pairs the p2p operations of one group by peer into work items that run in order
         // (send x with recv partial, then send ids, then send w): a receive that can only complete
@@ -185,10 +247,14 @@ impl RouterPlane {
         // lazy connection setup, is what hung every asymmetric exchange on the H200 pair (the
         // symmetric swap and the all-reduce always completed). The stream runs the second group
         // after the first, and the shards post their receives as soon as the header arrives.
+        let merged = self.merged;
         self.comm.group_start()?;
         let sends = || -> Result<()> {
             for (s, p) in parts.iter().enumerate() {
                 let peer = s + 1;
+                if merged {
+                    send_header(&self.comm, s)?;
+                }
                 if p.rows == 0 {
                     continue;
                 }
@@ -211,6 +277,7 @@ impl RouterPlane {
         let ended = self.comm.group_end(self.cfg.timeout);
         issued?;
         ended?;
+        let t2 = Instant::now();
         self.comm.group_start()?;
         let mut recvs = || -> Result<()> {
             for (s, p) in parts.iter_mut().enumerate() {
@@ -230,10 +297,18 @@ impl RouterPlane {
         let ended = self.comm.group_end(self.cfg.timeout);
         issued?;
         ended?;
+        let t3 = Instant::now();
         self.comm
             .wait("exchange", Some(self.cfg.timeout), self.abort.as_ref())
             .map_err(|e| name_shards(e, parts.len()))?;
         self.seq = self.seq.wrapping_add(1);
+        if let Some(t) = self.trace.as_mut() {
+            t.exchanges += 1;
+            t.headers += t1 - t0;
+            t.sends += t2 - t1;
+            t.recvs += t3 - t2;
+            t.wait += t3.elapsed();
+        }
         Ok(())
     }
 

@@ -736,8 +736,12 @@ fn run_cases(
             one(plane, partial)?;
         }
         let mut t = Vec::with_capacity(iters);
+        let before = plane.trace().cloned();
         for _ in 0..iters {
             t.push(one(plane, partial)?);
+        }
+        if let (Some(b), Some(now)) = (before, plane.trace()) {
+            println!("  trace {rows} rows: {}", now.since(&b).summary());
         }
         let s = stat(t);
         let bytes = 2 * rows * h * 2 + rows * k * 8;
