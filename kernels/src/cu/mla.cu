@@ -372,18 +372,23 @@ __device__ __forceinline__ void wgmma_m64n256_ss_tn(float* d, u64 da, u64 db, in
 }
 
 // Load cache tokens [t0, t0 + 64) of one sequence into a swizzled tile; tokens >= end become zeros.
+// Thread t copies row t / 4 (one block-table lookup per tile), 16-byte pieces p = t % 4 + 4 i
+// (i = 0..17): four neighbouring threads read 64 contiguous bytes, and with i unrolled the
+// swizzled destination is a shift and an xor. (A per-piece division by 72 and a block-table
+// load per piece cost ~700 instructions per thread per tile, issued while the tensor cores waited.)
 __device__ __forceinline__ void wg_load_tile(unsigned char* dst, const bf16* __restrict__ cache,
                                              const int* __restrict__ btab, int block_size, int t0, int end) {
-    for (int c = threadIdx.x; c < WG_TN * (D_QK / 8); c += 256) {
-        int r = c / (D_QK / 8), col = (c % (D_QK / 8)) * 8;
-        int t = t0 + r;
-        bool valid = t < end;
-        const bf16* src = cache;
-        if (valid) {
-            int blk = btab[t / block_size];
-            src = cache + ((size_t)blk * block_size + (t % block_size)) * D_QK + col;
-        }
-        cp_async16(dst + wg_swz(r, col), src, valid);
+    const int r = threadIdx.x >> 2, q = threadIdx.x & 3;
+    const int t = t0 + r;
+    const bool valid = t < end;
+    const bf16* src = cache;
+    if (valid) src = cache + ((size_t)btab[t / block_size] * block_size + (t % block_size)) * D_QK;
+    unsigned char* drow = dst + r * 128;
+    const int rx = r & 7;
+#pragma unroll
+    for (int i = 0; i < D_QK / 32; ++i) {
+        const int piece = q + 4 * (i & 1);  // 16-byte piece within the 128-byte chunk
+        cp_async16(drow + (i >> 1) * WG_CHUNK + ((piece ^ rx) << 4), src + (i >> 1) * 64 + piece * 8, valid);
     }
 }
 
@@ -451,8 +456,6 @@ mla_decode_wgmma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
         cp_async_wait_all();
         fence_async_smem();
         __syncthreads();  // tile `it` (and Q) visible to wgmma; every warpgroup is done with tile it-1
-        if (it + 1 < ntiles) wg_load_tile((it & 1) ? sk0 : sk1, cache, btab, block_size, t0 + WG_TN, end);
-        cp_async_commit();
         const u32 kt = k_addr0 + (it & 1) * WG_TILE;
 
         // ---- S[64 x 32] for tokens t0 + 32*wg ..
@@ -468,6 +471,10 @@ mla_decode_wgmma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
             wgmma_m64n32_ss(s, da, db, ks > 0 ? 1 : 0);
         }
         wg_commit();
+        // the next tile's loads are issued while the tensor cores work on S (its buffer was last
+        // read by tile it-1's P.V, finished before the barrier above)
+        if (it + 1 < ntiles) wg_load_tile((it & 1) ? sk0 : sk1, cache, btab, block_size, t0 + WG_TN, end);
+        cp_async_commit();
         wg_wait0();
 
         // ---- online softmax; this thread: rows r_lo (s[4j], s[4j+1]) and r_lo+8 (s[4j+2], s[4j+3]),

@@ -22,7 +22,7 @@ const SMEM_LIMIT: usize = 48 * 1024;
 
 /// x [n, H]; ids [n, k] (expert ids, -1 = not routed here); weights [n, k] (f32 routing weights);
 /// ptrs [E, 3] device addresses of expert e's gate [I, H], up [I, H] and down [H, I] (bf16,
-/// row-major; 0 for experts that are absent, which ids must then not name); act [n * k, I]
+/// row-major; 0 for experts this process does not hold: their slots contribute nothing); act [n * k, I]
 /// workspace; out [n, H] = Σ_j weights[r, j] · FFN_{ids[r, j]}(x[r]).
 pub struct SmallExpertsParams<'a> {
     pub x: View<'a, bf16>,
@@ -35,7 +35,7 @@ pub struct SmallExpertsParams<'a> {
 
 /// # Safety
 /// Every expert id in `ids` that is not -1 must be < E, and its three addresses in `ptrs` must
-/// point to live bf16 tensors of shapes [I, H], [I, H] and [H, I] (I = act's width) that outlive
+/// be 0 or point to live bf16 tensors of shapes [I, H], [I, H] and [H, I] (I = act's width) that outlive
 /// the launches (stream order). The kernels trust the table: they cannot check it.
 pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> {
     const OP: &str = "moe_small_experts_bf16";

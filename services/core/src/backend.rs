@@ -162,6 +162,21 @@ pub trait Backend: Send + Sync + 'static {
         x: &Self::Act,
         routing: &Routing,
     ) -> Result<Self::Act>;
+
+    /// [`Backend::route`] and [`Backend::experts`] in one call, for experts this same backend
+    /// holds: a GPU can keep the chosen ids on the device instead of bringing them to the host,
+    /// which saves a stream synchronisation per MoE layer (at batch 1 the host then runs ahead of
+    /// the GPU instead of waiting for it every layer). `Ok(None)` means "not done here": the
+    /// caller routes and dispatches as usual. The default never does it.
+    fn route_local_experts(
+        &self,
+        _gate: &Self::Weight,
+        _x: &Self::Act,
+        _p: &RoutingParams,
+        _bank: &ExpertBank<Self::Weight>,
+    ) -> Result<Option<Self::Act>> {
+        Ok(None)
+    }
 }
 
 /// Where a process computes: `cpu`, `cuda` (GPU 0) or `cuda:N`.

@@ -67,6 +67,13 @@ impl<B: Backend> PendingExperts<B> {
 /// Runs the routed experts of a MoE layer: in-process, or on expert shards.
 pub trait ExpertExecutor<B: Backend>: Send + Sync {
     fn dispatch(&self, layer: usize, x: &B::Act, routing: &Routing) -> Result<PendingExperts<B>>;
+
+    /// Layer `layer`'s expert bank when this executor runs it in-process on the model's own
+    /// backend (so the backend may route and run it in one call, see
+    /// [`Backend::route_local_experts`]); None for shards and wrappers.
+    fn local_bank(&self, _layer: usize) -> Option<&ExpertBank<B::Weight>> {
+        None
+    }
 }
 
 /// Which routed experts a process loads.
@@ -201,6 +208,10 @@ impl<B: Backend> LocalExperts<B> {
 impl<B: Backend> ExpertExecutor<B> for LocalExperts<B> {
     fn dispatch(&self, layer: usize, x: &B::Act, routing: &Routing) -> Result<PendingExperts<B>> {
         Ok(PendingExperts::Ready(self.forward(layer, x, routing)?))
+    }
+
+    fn local_bank(&self, layer: usize) -> Option<&ExpertBank<B::Weight>> {
+        self.banks.get(layer).and_then(|b| b.as_ref())
     }
 }
 
@@ -367,11 +378,20 @@ impl<B: Backend> Model<B> {
             let out = match &layer.ffn {
                 Ffn::Dense(mlp) => b.mlp(mlp, &x)?,
                 Ffn::Moe { gate, shared } => {
-                    let routing = b.route(gate, &x, &self.routing)?;
-                    let pending = experts.dispatch(l, &x, &routing)?;
-                    // Shared experts run while routed experts are away.
-                    let shared_out = shared.as_ref().map(|s| b.mlp(s, &x)).transpose()?;
-                    let mut routed = pending.wait()?;
+                    let local = match experts.local_bank(l) {
+                        Some(bank) => b.route_local_experts(gate, &x, &self.routing, bank)?,
+                        None => None,
+                    };
+                    let (mut routed, shared_out) = match local {
+                        Some(r) => (r, shared.as_ref().map(|s| b.mlp(s, &x)).transpose()?),
+                        None => {
+                            let routing = b.route(gate, &x, &self.routing)?;
+                            let pending = experts.dispatch(l, &x, &routing)?;
+                            // Shared experts run while routed experts are away.
+                            let shared_out = shared.as_ref().map(|s| b.mlp(s, &x)).transpose()?;
+                            (pending.wait()?, shared_out)
+                        }
+                    };
                     if let Some(s) = shared_out {
                         b.add_assign(&mut routed, &s)?;
                     }

@@ -18,7 +18,9 @@ use dsv2_core::error::{CoreError, Result};
 use dsv2_core::routing::{Routing, RoutingParams};
 use dsv2_core::sampling::RowSampling;
 use dsv2_core::weights::{DType as CkptDType, TensorRef};
-use dsv2_kernels::ops::{elementwise as ew, general as gen_ops, moe, sample};
+use dsv2_kernels::ops::{
+    elementwise as ew, general as gen_ops, moe, sample, small_experts as small,
+};
 use dsv2_kernels::rope::RopeTable as DevRope;
 use dsv2_kernels::{Gpu, GpuOptions, KernelError, Tensor};
 
@@ -123,6 +125,17 @@ struct RopeCache {
 
 /// The CUDA backend on one device. All work goes to the device's main stream; a mutex serialises
 /// callers because cuBLAS handles and the launch sequence of one op must not interleave.
+/// The gate's result on the device, or the logits when only the host can route them.
+enum DeviceRouting {
+    Chosen {
+        ids: Tensor<i32>,
+        weights: Tensor<f32>,
+    },
+    HostOnly {
+        logits: Tensor<f32>,
+    },
+}
+
 /// Host copy of a bank's expert weight addresses and the device table made from it.
 type ExpertTable = (Vec<i64>, Arc<Tensor<i64>>);
 
@@ -156,6 +169,57 @@ impl CudaBackend {
 
     fn small_experts_enabled(&self) -> bool {
         self.small_experts
+    }
+
+    /// Gate logits (f32: routing compares softmax scores that can differ by 1e-4) and the gate
+    /// kernel's choice on the device; `HostOnly` for shapes the kernel does not cover (> 256
+    /// experts, ...), which route on the host from the logits.
+    fn gate_on_device(
+        &self,
+        gate: &CudaWeight,
+        x: &CudaAct,
+        p: &RoutingParams,
+    ) -> Result<DeviceRouting> {
+        let xb = self.bf16_of(x)?;
+        let (m, k) = x.dims();
+        let (e, gk) = gate.dims2("route")?;
+        if gk != k || e != p.n_experts {
+            return Err(err(format!(
+                "route: input [{m}, {k}], gate {:?}, {} experts",
+                gate.shape(),
+                p.n_experts
+            )));
+        }
+        let logits = Tensor::<f32>::uninit(&self.gpu, &[m, e]).kx()?;
+        gemm::<f32>(
+            &self.gpu,
+            Gemm::xwt(m, e, k, xb.ptr(), gate.t.ptr(), logits.ptr()),
+        )
+        .kx()?;
+        let grouped = p.method == TopkMethod::GroupLimitedGreedy && p.n_group > 1;
+        let gc = moe::GateConfig {
+            n_group: if grouped { p.n_group } else { 1 },
+            topk_group: if grouped { p.topk_group } else { 1 },
+            top_k: p.top_k,
+            norm_topk_prob: p.top_k > 1 && p.norm_topk_prob,
+            routed_scaling_factor: p.routed_scaling_factor,
+        };
+        let mut ids = Tensor::<i32>::zeros(&self.gpu, &[m, p.top_k]).kx()?;
+        let mut weights = Tensor::<f32>::zeros(&self.gpu, &[m, p.top_k]).kx()?;
+        let r = moe::moe_gate(
+            &self.gpu,
+            moe::GateParams {
+                logits: logits.view(),
+                ids: ids.view_mut(),
+                weights: weights.view_mut(),
+                cfg: gc,
+            },
+        );
+        match r {
+            Ok(()) => Ok(DeviceRouting::Chosen { ids, weights }),
+            Err(KernelError::Unsupported { .. }) => Ok(DeviceRouting::HostOnly { logits }),
+            Err(e) => Err(kerr(e)),
+        }
     }
 
     /// [E, 3] device addresses (gate, up, down) of `bank`'s experts, 0 for experts not held.
@@ -596,44 +660,8 @@ impl Backend for CudaBackend {
     fn route(&self, gate: &CudaWeight, x: &CudaAct, p: &RoutingParams) -> Result<Routing> {
         let _t = self.timed("route");
         let _g = self.lock()?;
-        let xb = self.bf16_of(x)?;
-        let (m, k) = x.dims();
-        let (e, gk) = gate.dims2("route")?;
-        if gk != k || e != p.n_experts {
-            return Err(err(format!(
-                "route: input [{m}, {k}], gate {:?}, {} experts",
-                gate.shape(),
-                p.n_experts
-            )));
-        }
-        // gate logits in f32: routing compares softmax scores that can differ by 1e-4
-        let logits = Tensor::<f32>::uninit(&self.gpu, &[m, e]).kx()?;
-        gemm::<f32>(
-            &self.gpu,
-            Gemm::xwt(m, e, k, xb.ptr(), gate.t.ptr(), logits.ptr()),
-        )
-        .kx()?;
-        let grouped = p.method == TopkMethod::GroupLimitedGreedy && p.n_group > 1;
-        let gc = moe::GateConfig {
-            n_group: if grouped { p.n_group } else { 1 },
-            topk_group: if grouped { p.topk_group } else { 1 },
-            top_k: p.top_k,
-            norm_topk_prob: p.top_k > 1 && p.norm_topk_prob,
-            routed_scaling_factor: p.routed_scaling_factor,
-        };
-        let mut ids = Tensor::<i32>::zeros(&self.gpu, &[m, p.top_k]).kx()?;
-        let mut wts = Tensor::<f32>::zeros(&self.gpu, &[m, p.top_k]).kx()?;
-        let r = moe::moe_gate(
-            &self.gpu,
-            moe::GateParams {
-                logits: logits.view(),
-                ids: ids.view_mut(),
-                weights: wts.view_mut(),
-                cfg: gc,
-            },
-        );
-        match r {
-            Ok(()) => Ok(Routing {
+        match self.gate_on_device(gate, x, p)? {
+            DeviceRouting::Chosen { ids, weights } => Ok(Routing {
                 top_k: p.top_k,
                 ids: ids
                     .to_host(&self.gpu)
@@ -641,13 +669,76 @@ impl Backend for CudaBackend {
                     .into_iter()
                     .map(|v| v as u32)
                     .collect(),
-                weights: wts.to_host(&self.gpu).kx()?,
+                weights: weights.to_host(&self.gpu).kx()?,
             }),
-            // shapes the gate kernel does not cover (> 256 experts, ...) route on the host
-            Err(KernelError::Unsupported { .. }) => {
+            DeviceRouting::HostOnly { logits } => {
                 let l = logits.to_host(&self.gpu).kx()?;
                 Ok(dsv2_core::routing::route(&l, p))
             }
+        }
+    }
+
+    /// Routing and this backend's experts without the host: the gate kernel's ids feed the
+    /// small-batch expert kernels directly (up to `SMALL_EXPERTS_MAX_ROWS` rows).
+    fn route_local_experts(
+        &self,
+        gate: &CudaWeight,
+        x: &CudaAct,
+        p: &RoutingParams,
+        bank: &ExpertBank<CudaWeight>,
+    ) -> Result<Option<CudaAct>> {
+        let (n, hidden) = x.dims();
+        if n == 0 || n > small::SMALL_EXPERTS_MAX_ROWS || !self.small_experts {
+            return Ok(None);
+        }
+        let Some(inter) = bank
+            .experts
+            .iter()
+            .flatten()
+            .next()
+            .map(|m| m.gate.shape()[0])
+        else {
+            return Ok(None);
+        };
+        for m in bank.experts.iter().flatten() {
+            if m.gate.shape() != [inter, hidden]
+                || m.up.shape() != [inter, hidden]
+                || m.down.shape() != [hidden, inter]
+            {
+                return Ok(None); // the usual path reports the mismatch
+            }
+        }
+        if p.n_experts != bank.experts.len() {
+            return Ok(None);
+        }
+        let _t = self.timed("route_local_experts");
+        let _g = self.lock()?;
+        let DeviceRouting::Chosen { ids, weights } = self.gate_on_device(gate, x, p)? else {
+            return Ok(None);
+        };
+        let table = self.expert_table(bank)?;
+        let xb = self.bf16_of(x)?;
+        let mut act = self.empty(&[n * p.top_k, inter])?;
+        let mut out = self.zeros(&[n, hidden])?;
+        // SAFETY: the gate kernel writes ids in 0..n_experts = the table's rows; the table holds
+        // the addresses of this bank's weights (0 for experts not held, which the kernels skip),
+        // shape-checked above and alive as long as the bank, i.e. past these launches.
+        let r = unsafe {
+            small::small_experts(
+                &self.gpu,
+                small::SmallExpertsParams {
+                    x: xb.view(),
+                    ids: ids.view(),
+                    weights: weights.view(),
+                    ptrs: table.view(),
+                    act: act.view_mut(),
+                    out: out.view_mut(),
+                },
+            )
+        };
+        match r {
+            Ok(()) => Ok(Some(CudaAct::Bf16(out))),
+            Err(KernelError::Unsupported { .. }) => Ok(None),
             Err(e) => Err(kerr(e)),
         }
     }
