@@ -64,7 +64,7 @@ pub(crate) fn run(
     let mut q = match &w.q {
         QProj::LowRank { a, norm, b: wb } => {
             let qa = b.mm(&xb, a, "q_a_proj")?;
-            let mut qn = b.zeros(qa.shape())?;
+            let mut qn = b.empty(qa.shape())?;
             ew::rmsnorm(
                 gpu,
                 ew::RmsNormParams {
@@ -107,8 +107,8 @@ pub(crate) fn run(
             max_pos = max_pos.max(p + 1);
         }
     }
-    let pos_t = Tensor::from_host(gpu, &pos, &[n]).kx()?;
-    let slots_t = Tensor::from_host(gpu, &slots, &[n]).kx()?;
+    let pos_t = b.upload_i32("positions", &pos, &[n])?;
+    let slots_t = b.upload_i64("cache slots", &slots, &[n])?;
     {
         let mut guard = b.rope.lock().map_err(|_| err("rope table lock poisoned"))?;
         let table = b.rope_table(&mut guard, batch.rope, max_pos)?;
@@ -155,7 +155,7 @@ pub(crate) fn run(
         .any(|s| !s.rows.is_empty() && absorbed_chunk(s.rows.len()));
     // q_abs[i, h] = q_nope[i, h] · W_UK_h, W_UK_h = kv_b rows h*(dn+dv) .. +dn ([dn, r]).
     let q_abs = if any_absorbed {
-        let t = b.zeros(&[n, heads, r])?;
+        let t = b.empty(&[n, heads, r])?;
         gemm::<bf16>(
             gpu,
             Gemm {
@@ -240,11 +240,11 @@ pub(crate) fn run(
             lens[i] = (s.pos0 + 1) as i32;
             max_len = max_len.max(s.pos0 + 1);
         }
-        let bt = Tensor::from_host(gpu, &table, &[n, max_blocks]).kx()?;
-        let sl = Tensor::from_host(gpu, &lens, &[n]).kx()?;
-        let mut q_pe = b.zeros(&[n, heads, dr])?;
+        let bt = b.upload_i32("block table", &table, &[n, max_blocks])?;
+        let sl = b.upload_i32("sequence lengths", &lens, &[n])?;
+        let mut q_pe = b.empty(&[n, heads, dr])?;
         g::copy_rows(gpu, q.view().narrow(2, dn, dr).kx()?, q_pe.view_mut()).kx()?;
-        let mut ctx_lat = b.zeros(&[n, heads, r])?;
+        let mut ctx_lat = b.empty(&[n, heads, r])?;
         mla::mla_decode(
             gpu,
             mla::MlaDecodeParams {

@@ -136,6 +136,10 @@ enum DeviceRouting {
     },
 }
 
+/// Device copies of small host arrays by name, with the host values they were made from.
+type UploadCache<T> =
+    Mutex<std::collections::HashMap<&'static str, (Vec<T>, Vec<usize>, Arc<Tensor<T>>)>>;
+
 /// Host copy of a bank's expert weight addresses and the device table made from it.
 type ExpertTable = (Vec<i64>, Arc<Tensor<i64>>);
 
@@ -149,6 +153,10 @@ pub struct CudaBackend {
     /// (keyed by the bank's address; the host copy of the addresses detects a stale entry).
     expert_tables: Mutex<std::collections::HashMap<usize, ExpertTable>>,
     small_experts: bool,
+    /// Per-step metadata (positions, cache slots, block table, lengths) is the same for every
+    /// layer of a step: the first layer uploads it, the others reuse it (4 copies per layer less).
+    uploads_i32: UploadCache<i32>,
+    uploads_i64: UploadCache<i64>,
 }
 
 impl CudaBackend {
@@ -164,7 +172,49 @@ impl CudaBackend {
             expert_tables: Mutex::new(Default::default()),
             // DSV2_SMALL_EXPERTS=0 keeps decode on the permuted path (to compare the two)
             small_experts: std::env::var("DSV2_SMALL_EXPERTS").map_or(true, |v| v != "0"),
+            uploads_i32: Mutex::new(Default::default()),
+            uploads_i64: Mutex::new(Default::default()),
         })
+    }
+
+    /// `host` on the device as a tensor of `shape`, reusing the copy made under `key` when the
+    /// values are the same (the tensors are only read, so sharing them is safe; a replaced one is
+    /// freed in stream order, after the kernels that read it).
+    fn upload_cached<T: dsv2_kernels::DType + PartialEq>(
+        &self,
+        cache: &UploadCache<T>,
+        key: &'static str,
+        host: &[T],
+        shape: &[usize],
+    ) -> Result<Arc<Tensor<T>>> {
+        let mut m = cache.lock().map_err(|_| err("upload cache poisoned"))?;
+        if let Some((h, sh, t)) = m.get(key)
+            && h.as_slice() == host
+            && sh.as_slice() == shape
+        {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(Tensor::from_host(&self.gpu, host, shape).kx()?);
+        m.insert(key, (host.to_vec(), shape.to_vec(), t.clone()));
+        Ok(t)
+    }
+
+    pub(crate) fn upload_i32(
+        &self,
+        key: &'static str,
+        host: &[i32],
+        shape: &[usize],
+    ) -> Result<Arc<Tensor<i32>>> {
+        self.upload_cached(&self.uploads_i32, key, host, shape)
+    }
+
+    pub(crate) fn upload_i64(
+        &self,
+        key: &'static str,
+        host: &[i64],
+        shape: &[usize],
+    ) -> Result<Arc<Tensor<i64>>> {
+        self.upload_cached(&self.uploads_i64, key, host, shape)
     }
 
     fn small_experts_enabled(&self) -> bool {
@@ -563,7 +613,7 @@ impl Backend for CudaBackend {
         let _g = self.lock()?;
         let idv: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
         let idt = Tensor::from_host(&self.gpu, &idv, &[ids.len()]).kx()?;
-        let mut out = self.zeros(&[ids.len(), hidden])?;
+        let mut out = self.empty(&[ids.len(), hidden])?;
         ew::embedding(
             &self.gpu,
             ew::EmbeddingParams {
@@ -580,7 +630,7 @@ impl Backend for CudaBackend {
         let _t = self.timed("rms_norm");
         let _g = self.lock()?;
         let xb = self.bf16_of(x)?;
-        let mut out = self.zeros(xb.shape())?;
+        let mut out = self.empty(xb.shape())?;
         ew::rmsnorm(
             &self.gpu,
             ew::RmsNormParams {
@@ -606,7 +656,7 @@ impl Backend for CudaBackend {
             let CudaAct::F32(t) = &*acc else {
                 return Err(err("add: accumulator changed type"));
             };
-            let mut b = self.zeros(t.shape())?;
+            let mut b = self.empty(t.shape())?;
             gen_ops::cast_f32_bf16(&self.gpu, t.view(), b.view_mut()).kx()?;
             *acc = CudaAct::Bf16(b);
         }
@@ -719,7 +769,7 @@ impl Backend for CudaBackend {
         let table = self.expert_table(bank)?;
         let xb = self.bf16_of(x)?;
         let mut act = self.empty(&[n * p.top_k, inter])?;
-        let mut out = self.zeros(&[n, hidden])?;
+        let mut out = self.empty(&[n, hidden])?;
         // SAFETY: the gate kernel writes ids in 0..n_experts = the table's rows; the table holds
         // the addresses of this bank's weights (0 for experts not held, which the kernels skip),
         // shape-checked above and alive as long as the bank, i.e. past these launches.
