@@ -90,6 +90,9 @@ rm -f /tmp/rd1/config.json
 for b in 1 64; do
   "$BIN/dsv2" bench --device cuda:0 --model-dir /tmp/rd --batch $b --new-tokens 32 --runs 3 2>/dev/null | sed "s/\"output_ids\":\[[^]]*\],//;s/^/ours $LAYERS-layer batch $b: /"
   "$BIN/dsv2" bench --device cuda:0 --model-dir /tmp/rd1 --batch $b --new-tokens 32 --runs 3 2>/dev/null | sed "s/\"output_ids\":\[[^]]*\],//;s/^/ours 1-layer batch $b: /"
+  if [ "$b" = 1 ]; then
+    DSV2_SMALL_EXPERTS=0 "$BIN/dsv2" bench --device cuda:0 --model-dir /tmp/rd --batch 1 --new-tokens 32 --runs 3 2>/dev/null | sed "s/\"output_ids\":\[[^]]*\],//;s/^/ours $LAYERS-layer batch 1, permuted experts (DSV2_SMALL_EXPERTS=0): /"
+  fi
   # where a step's time goes (ops timed one by one with the stream synchronised: slower overall)
   DSV2_PROFILE=1 "$BIN/dsv2" bench --device cuda:0 --model-dir /tmp/rd --batch $b --new-tokens 16 --runs 1 2>&1 >/dev/null | sed -n '/DSV2_PROFILE/,$p' | sed "s/^/profile batch $b: /"
   "$PY" bench/hf_cpu_decode.py /tmp/rd --device cuda --dtype bfloat16 --batch $b --prompt-ids 138,158,33,333,438,211,210 --new-tokens 32 --runs 3 2>/dev/null | sed "s/\"output_ids\": \[[^]]*\]//;s/^/hf $LAYERS-layer batch $b: /"
