@@ -38,9 +38,15 @@ if [ "$mla_rc" -ne 0 ] || grep -qE "^mla_decode_wgmma_bf16 .*FAIL" "$OUT_DIR/mla
   export DSV2_MLA_KERNEL=mma
   rc=1
 fi
-section "NCCL data plane and --transport nccl vs grpc (scripts/gpu-nccl.sh)" bash scripts/gpu-nccl.sh
-# P4 is defined on a 4-layer model (issue 4); E2E_LAYERS=2 halves that section's time
-section "services on the GPU, kernel checks, P3/P4 (scripts/gpu-e2e.sh)" env LAYERS="${E2E_LAYERS:-4}" bash scripts/gpu-e2e.sh
-section "full scale on this host, with the 60-layer extrapolation (scripts/full-scale.sh)" bash scripts/full-scale.sh
+# SECTIONS: which sections run, in that order (default: all three, NCCL first)
+for sec in ${SECTIONS:-nccl e2e full}; do
+  case "$sec" in
+    nccl) section "NCCL data plane and --transport nccl vs grpc (scripts/gpu-nccl.sh)" bash scripts/gpu-nccl.sh ;;
+    # P4 is defined on a 4-layer model (issue 4); E2E_LAYERS=2 halves that section's time
+    e2e) section "services on the GPU, kernel checks, P3/P4 (scripts/gpu-e2e.sh)" env LAYERS="${E2E_LAYERS:-4}" bash scripts/gpu-e2e.sh ;;
+    full) section "full scale on this host, with the 60-layer extrapolation (scripts/full-scale.sh)" bash scripts/full-scale.sh ;;
+    *) echo "== unknown section $sec (nccl, e2e, full)"; rc=1 ;;
+  esac
+done
 echo "gpu-all exit status: $rc after $(( $(date +%s) - t0 )) s"
 exit $rc

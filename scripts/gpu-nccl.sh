@@ -33,9 +33,14 @@ pkill -9 -f nccl-smoke 2>/dev/null
 echo "== 2. NCCL round trip, router GPU 0 -> shard GPU 1 (echo: compute excluded; ffn: 80 experts, compute included)"
 DSV2_NCCL_TRACE=1 timeout -k 5 180 "$BIN/nccl-roundtrip" --iters 200 --warmup 20 || { echo "nccl-roundtrip FAILED ($?)"; fail=1; }
 pkill -9 -f nccl-roundtrip 2>/dev/null
-echo "== 2b. the same with the header in the rows' group (DSV2_NCCL_MERGED=1: one NCCL group fewer per layer)"
-DSV2_NCCL_MERGED=1 DSV2_NCCL_TRACE=1 timeout -k 5 120 "$BIN/nccl-roundtrip" --iters 200 --warmup 20 --bw-rows 0 || { echo "nccl-roundtrip (merged) FAILED ($?)"; fail=1; }
-pkill -9 -f nccl-roundtrip 2>/dev/null
+# Variants (measured beside the default, not the default): a blocking-mode communicator split
+# from the non-blocking one (each non-blocking group end costs ~55 µs of host time), and that plus
+# the header in the rows' group.
+for v in "DSV2_NCCL_BLOCKING=1" "DSV2_NCCL_BLOCKING=1 DSV2_NCCL_MERGED=1"; do
+  echo "== 2b. variant $v"
+  env $v DSV2_NCCL_TRACE=1 timeout -k 5 60 "$BIN/nccl-roundtrip" --iters 200 --warmup 20 --bw-rows 0 || { echo "nccl-roundtrip ($v) FAILED ($?)"; fail=1; }
+  pkill -9 -f nccl-roundtrip 2>/dev/null
+done
 
 echo "== 3. gRPC round trip for comparison: 2 shards on cuda:1, loopback (full / raw / zero)"
 DSV2_BIN_DIR="$BIN" timeout -k 5 180 "$BIN/moe-roundtrip" --expert-device cuda:1 --iters 20 || { echo "moe-roundtrip FAILED ($?)"; fail=1; }

@@ -660,7 +660,13 @@ pub fn check_mla_decode(
     let scale = yarn_softmax_scale(&YarnConfig::deepseek_v2(), 192);
     let cache = Tensor::from_host(gpu, &cb, &[num_blocks, block_size, mla::CACHE_DIM])?;
     let qa = Tensor::from_host(gpu, &qab, &[batch, heads, mla::KV_LORA])?;
-    let qp = Tensor::from_host(gpu, &qpb, &[batch, heads, mla::ROPE])?;
+    // q_pe as the engine passes it: the rope columns of a [B, H, 128 + 64] q, read in place
+    let qd = 128 + mla::ROPE;
+    let mut qfull = vec![bf16::ZERO; batch * heads * qd];
+    for (i, row) in qpb.chunks(mla::ROPE).enumerate() {
+        qfull[i * qd + 128..(i + 1) * qd].copy_from_slice(row);
+    }
+    let qp = Tensor::from_host(gpu, &qfull, &[batch, heads, qd])?;
     let bt = Tensor::from_host(gpu, &table, &[batch, max_blocks])?;
     let sl = Tensor::from_host(gpu, &seq, &[batch])?;
     let mut out = Tensor::<bf16>::zeros(gpu, &[batch, heads, mla::KV_LORA])?;
@@ -668,7 +674,7 @@ pub fn check_mla_decode(
         gpu,
         mla::MlaDecodeParams {
             q_abs: qa.view(),
-            q_pe: qp.view(),
+            q_pe: qp.view().narrow(2, 128, mla::ROPE)?,
             cache: cache.view(),
             block_table: bt.view(),
             seq_lens: sl.view(),

@@ -77,7 +77,9 @@ __device__ __forceinline__ void load_k_tile(bf16* dst, const bf16* __restrict__ 
     }
 }
 
-// grid (ceil(H/64), B, splits). q_abs [B, H, 512], q_pe [B, H, 64], cache [blocks, block_size, 576],
+// grid (ceil(H/64), B, splits). q_abs [B, H, 512], q_pe [B, H, 64] with element strides qpe_sb,
+// qpe_sh between sequences and heads (it may be the rope part of the q projection in place),
+// cache [blocks, block_size, 576],
 // block_table [B, max_blocks] (i32), seq_lens [B] (i32).
 // splits == 1: out [B, H, 512] bf16 = softmax(scale * q.k) . c.
 // splits  > 1: o_part [B, splits, H, 512] f32 (normalised per split) and lse [B, splits, H] f32.
@@ -85,7 +87,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 mla_decode_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, const bf16* __restrict__ cache,
                 const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
                 float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size,
-                int max_blocks, int splits, int tokens_per_split, float scale) {
+                int max_blocks, int splits, int tokens_per_split, float scale, long long qpe_sb,
+                long long qpe_sh) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     MlaSmem& sm = *reinterpret_cast<MlaSmem*>(smem_raw);
     const int hg = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
@@ -104,7 +107,7 @@ mla_decode_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, c
         bf16x8 v;
         if (h < heads) {
             const bf16* src = col < D_LAT ? q_abs + ((size_t)b * heads + h) * D_LAT + col
-                                          : q_pe + ((size_t)b * heads + h) * D_ROPE + (col - D_LAT);
+                                          : q_pe + (size_t)b * qpe_sb + (size_t)h * qpe_sh + (col - D_LAT);
             v = *reinterpret_cast<const bf16x8*>(src);
         } else {
 #pragma unroll
@@ -398,7 +401,8 @@ extern "C" __global__ void __launch_bounds__(256, 1)
 mla_decode_wgmma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, const bf16* __restrict__ cache,
                       const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
                       float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size,
-                      int max_blocks, int splits, int tokens_per_split, float scale) {
+                      int max_blocks, int splits, int tokens_per_split, float scale, long long qpe_sb,
+                      long long qpe_sh) {
     extern __shared__ __align__(1024) unsigned char wg_smem_raw[];
     // the swizzle is applied by the hardware on address bits 4..9: operands must be 1024-aligned
     unsigned char* smem = reinterpret_cast<unsigned char*>(
@@ -426,7 +430,7 @@ mla_decode_wgmma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
         bf16x8 v;
         if (h < heads) {
             const bf16* src = col < D_LAT ? q_abs + ((size_t)b * heads + h) * D_LAT + col
-                                          : q_pe + ((size_t)b * heads + h) * D_ROPE + (col - D_LAT);
+                                          : q_pe + (size_t)b * qpe_sb + (size_t)h * qpe_sh + (col - D_LAT);
             v = *reinterpret_cast<const bf16x8*>(src);
         } else {
 #pragma unroll

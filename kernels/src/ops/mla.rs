@@ -78,7 +78,8 @@ impl MlaKernel {
 /// Decode attention for one new token per sequence:
 /// `out[b, h] = softmax_t(scale * (q_abs[b,h]·c_t + q_pe[b,h]·kpe_t)) · c_t` over the sequence's
 /// cached tokens t < seq_lens[b], found through its block table.
-/// q_abs [B, H, 512], q_pe [B, H, 64], cache [num_blocks, block_size, 576] (bf16),
+/// q_abs [B, H, 512], q_pe [B, H, 64] (may be strided, see the launcher), cache
+/// [num_blocks, block_size, 576] (bf16),
 /// block_table i32 [B, max_blocks], seq_lens i32 [B], out [B, H, 512] bf16.
 /// `max_seq_len` (host) bounds seq_lens and sizes the split of the context over CTAs; the kernel
 /// trusts seq_lens[b] <= max_seq_len <= max_blocks * block_size and block ids < num_blocks.
@@ -125,8 +126,25 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     let tile = kernel.tile_tokens();
     p.q_abs.expect(OP, "q_abs", &[None, None, Some(KV_LORA)])?;
     let (batch, heads) = (p.q_abs.shape()[0], p.q_abs.shape()[1]);
-    p.q_pe
-        .expect(OP, "q_pe", &[Some(batch), Some(heads), Some(ROPE)])?;
+    // q_pe may be strided (the rope columns of q in place): rows of 64 contiguous values on
+    // 16-byte boundaries, which is how the kernels load it
+    let (qs, qp_ptr) = (p.q_pe.strides(), p.q_pe.ptr());
+    if p.q_pe.shape() != [batch, heads, ROPE]
+        || qs[2] != 1
+        || !qs[0].is_multiple_of(8)
+        || !qs[1].is_multiple_of(8)
+        || !qp_ptr.is_multiple_of(16)
+    {
+        return Err(shape_err(
+            OP,
+            format!(
+                "q_pe is {:?} with strides {:?}: expected [{batch}, {heads}, {ROPE}], unit last stride, 16-byte aligned rows",
+                p.q_pe.shape(),
+                qs
+            ),
+        ));
+    }
+    let (qpe_sb, qpe_sh) = (qs[0] as i64, qs[1] as i64);
     p.cache
         .expect(OP, "cache", &[None, None, Some(CACHE_DIM)])?;
     let block_size = p.cache.shape()[1];
@@ -161,8 +179,12 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     let per_split = p.max_seq_len.div_ceil(splits).div_ceil(tile).max(1) * tile;
     let (o_part, lse) = if splits > 1 {
         (
-            Some(Tensor::<f32>::zeros(gpu, &[batch, splits, heads, KV_LORA])?),
-            Some(Tensor::<f32>::zeros(gpu, &[batch, splits, heads])?),
+            // written entirely by the decode kernel (an empty split writes zeros and -inf)
+            Some(Tensor::<f32>::uninit(
+                gpu,
+                &[batch, splits, heads, KV_LORA],
+            )?),
+            Some(Tensor::<f32>::uninit(gpu, &[batch, splits, heads])?),
         )
     } else {
         (None, None)
@@ -195,7 +217,14 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
         .arg(&o)
         .arg(&op_ptr)
         .arg(&lse_ptr);
-    b.arg(&h).arg(&bs).arg(&mb).arg(&si).arg(&ps).arg(&scale);
+    b.arg(&h)
+        .arg(&bs)
+        .arg(&mb)
+        .arg(&si)
+        .arg(&ps)
+        .arg(&scale)
+        .arg(&qpe_sb)
+        .arg(&qpe_sh);
     let cfg = LaunchConfig {
         grid_dim: (
             heads.div_ceil(HEADS_PER_CTA) as u32,

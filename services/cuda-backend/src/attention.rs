@@ -61,6 +61,8 @@ pub(crate) fn run(
     let num_blocks = layer_cache.shape()[0];
 
     // Projections: q [n, H, qd], kva [n, 1, r + dr] (the rope launcher's [tokens, heads, dim]).
+    // (the `timed` guards are no-ops unless DSV2_PROFILE is set)
+    let t_proj = b.timed("attn.projections");
     let mut q = match &w.q {
         QProj::LowRank { a, norm, b: wb } => {
             let qa = b.mm(&xb, a, "q_a_proj")?;
@@ -81,6 +83,8 @@ pub(crate) fn run(
         QProj::Plain(wq) => b.mm_as(&xb, wq, &[n, heads, qd], "q_proj")?,
     };
     let mut kva = b.mm_as(&xb, &w.kv_a, &[n, 1, width], "kv_a_proj_with_mqa")?;
+    drop(t_proj);
+    let t_rope = b.timed("attn.rope");
 
     // Positions and cache slots of the step's rows (rows in no chunk keep slot -1: not cached).
     let mut pos = vec![0i32; n];
@@ -131,6 +135,8 @@ pub(crate) fn run(
             .kx()?;
         }
     }
+    drop(t_rope);
+    let t_append = b.timed("attn.latent_append");
     g::mla_latent_append(
         gpu,
         g::LatentAppendParams {
@@ -144,6 +150,8 @@ pub(crate) fn run(
     )
     .kx()?;
 
+    drop(t_append);
+    let t_absorb = b.timed("attn.q_absorb");
     let absorbed_chunk = |len: usize| match batch.mode {
         AttnMode::Absorbed => true,
         AttnMode::Naive => false,
@@ -180,7 +188,25 @@ pub(crate) fn run(
     } else {
         None
     };
-    let mut attn_out = b.zeros(&[n, heads, dv])?;
+    drop(t_absorb);
+    let pure_decode = !batch.seqs.is_empty()
+        && batch.seqs.len() == n
+        && batch
+            .seqs
+            .iter()
+            .enumerate()
+            .all(|(i, s)| s.rows == (i..i + 1));
+    let fast = pure_decode
+        && batch.mode != AttnMode::Naive
+        && r == mla::KV_LORA
+        && dr == mla::ROPE
+        && heads <= 65535;
+    // the fast path writes every row; prefill chunks may leave rows outside any chunk
+    let mut attn_out = if fast {
+        b.empty(&[n, heads, dv])?
+    } else {
+        b.zeros(&[n, heads, dv])?
+    };
     let attn_ptr = attn_out.ptr();
     // o[rows, h] = ctx_lat[rows, h] · W_UV_hᵀ, W_UV_h = kv_b rows h*(dn+dv)+dn .. +dv ([dv, r]).
     let w_uv = |ctx_lat: u64, row0: usize, rows: usize| {
@@ -207,19 +233,8 @@ pub(crate) fn run(
     };
     let scale = cfg.softmax_scale();
 
-    let pure_decode = !batch.seqs.is_empty()
-        && batch.seqs.len() == n
-        && batch
-            .seqs
-            .iter()
-            .enumerate()
-            .all(|(i, s)| s.rows == (i..i + 1));
-    let fast = pure_decode
-        && batch.mode != AttnMode::Naive
-        && r == mla::KV_LORA
-        && dr == mla::ROPE
-        && heads <= 65535;
     if let (true, Some(q_abs)) = (fast, q_abs.as_ref()) {
+        let t_decode = b.timed("attn.decode");
         let max_blocks = batch
             .seqs
             .iter()
@@ -242,14 +257,14 @@ pub(crate) fn run(
         }
         let bt = b.upload_i32("block table", &table, &[n, max_blocks])?;
         let sl = b.upload_i32("sequence lengths", &lens, &[n])?;
-        let mut q_pe = b.empty(&[n, heads, dr])?;
-        g::copy_rows(gpu, q.view().narrow(2, dn, dr).kx()?, q_pe.view_mut()).kx()?;
+        // the kernel reads q's rope columns in place (no copy)
+        let q_pe = q.view().narrow(2, dn, dr).kx()?;
         let mut ctx_lat = b.empty(&[n, heads, r])?;
         mla::mla_decode(
             gpu,
             mla::MlaDecodeParams {
                 q_abs: q_abs.view(),
-                q_pe: q_pe.view(),
+                q_pe,
                 cache: layer_cache.view(),
                 block_table: bt.view(),
                 seq_lens: sl.view(),
@@ -261,8 +276,11 @@ pub(crate) fn run(
             },
         )
         .kx()?;
+        drop(t_decode);
+        let _t = b.timed("attn.w_uv");
         w_uv(ctx_lat.ptr(), 0, n)?;
     } else {
+        let _t = b.timed("attn.prefill");
         let mut ctx_lat = if any_absorbed {
             Some(b.zeros(&[n, heads, r])?)
         } else {
@@ -344,5 +362,6 @@ pub(crate) fn run(
             }
         }
     }
+    let _t = b.timed("attn.o_proj");
     Ok(CudaAct::Bf16(b.mm(&attn_out, &w.o, "o_proj")?))
 }

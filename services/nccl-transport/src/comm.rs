@@ -82,6 +82,13 @@ struct ConfigV22800 {
 const UNDEF: i32 = i32::MIN;
 
 impl ConfigV22800 {
+    fn blocking() -> Self {
+        ConfigV22800 {
+            blocking: 1,
+            ..Self::non_blocking()
+        }
+    }
+
     fn non_blocking() -> Self {
         ConfigV22800 {
             size: std::mem::size_of::<Self>(),
@@ -151,6 +158,9 @@ fn check(
 /// A communicator in non-blocking mode; aborted when dropped (like cudarc's `Comm`).
 pub struct Comm {
     raw: nc::ncclComm_t,
+    /// The non-blocking communicator this one was split from ([`Comm::into_blocking`]): kept
+    /// (and aborted with this one) because destroying it would be a collective call.
+    parent: Option<nc::ncclComm_t>,
     stream: Arc<CudaStream>,
     rank: usize,
     world: usize,
@@ -211,6 +221,7 @@ impl Comm {
         }
         let mut comm = Comm {
             raw,
+            parent: None,
             stream,
             rank,
             world,
@@ -272,9 +283,69 @@ impl Comm {
     pub fn abort(&mut self, reason: &str) {
         if self.dead.is_none() {
             self.dead = Some(reason.to_string());
-            // SAFETY: raw is live and never used again for NCCL work after this.
-            unsafe { nc::ncclCommAbort(self.raw) };
+            // SAFETY: raw (and parent) are live and never used again for NCCL work after this.
+            unsafe {
+                nc::ncclCommAbort(self.raw);
+                if let Some(p) = self.parent.take() {
+                    nc::ncclCommAbort(p);
+                }
+            }
         }
+    }
+
+    /// The same ranks as a blocking-mode communicator (collective: every rank calls it after
+    /// `init`). Why: in non-blocking mode every `ncclGroupEnd` hands the launch to a new NCCL
+    /// thread, which costs ~50-60 µs of host time per group on the H200 host (bench/RESULTS.md,
+    /// `DSV2_NCCL_TRACE`), three groups per MoE layer. The split waits at most `timeout` when the
+    /// parent reports it in progress; a rank that dies during the split itself is not detected
+    /// (the blocking call would wait), which is why it is opt-in (`DSV2_NCCL_BLOCKING=1`).
+    pub fn into_blocking(mut self, timeout: Duration) -> Result<Comm> {
+        self.alive()?;
+        let key =
+            i32::try_from(self.rank).map_err(|_| NcclError::InvalidArgument("rank".into()))?;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(cuda("bind context"))?;
+        let mut cfg = ConfigV22800::blocking();
+        let mut child: nc::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: raw is live; child is a valid out-pointer; cfg has ncclConfig_t's layout for
+        // its declared version and outlives the call.
+        let r = unsafe {
+            nc::ncclCommSplit(
+                self.raw,
+                0,
+                key,
+                &mut child,
+                (&mut cfg as *mut ConfigV22800).cast::<nc::ncclConfig_t>(),
+            )
+        };
+        let pending = check(r, "ncclCommSplit", self.rank, Some(self.raw))?;
+        if child.is_null() {
+            return Err(NcclError::Nccl {
+                op: "ncclCommSplit",
+                rank: self.rank,
+                code: "no communicator".into(),
+                detail: last_error(Some(self.raw)),
+            });
+        }
+        let parent = std::mem::replace(&mut self.raw, child);
+        self.parent = Some(parent);
+        if pending {
+            let deadline = Instant::now() + timeout;
+            while self.async_state("ncclCommSplit")? {
+                if Instant::now() >= deadline {
+                    self.abort("split timed out");
+                    return Err(NcclError::InitTimeout {
+                        rank: self.rank,
+                        world: self.world,
+                        timeout,
+                    });
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        Ok(self)
     }
 
     /// Opens a group (sends and recvs until `group_end` are issued together).
@@ -416,8 +487,13 @@ impl Comm {
 impl Drop for Comm {
     fn drop(&mut self) {
         if self.dead.is_none() {
-            // SAFETY: raw is live and not used after drop.
-            unsafe { nc::ncclCommAbort(self.raw) };
+            // SAFETY: raw (and parent) are live and not used after drop.
+            unsafe {
+                nc::ncclCommAbort(self.raw);
+                if let Some(p) = self.parent.take() {
+                    nc::ncclCommAbort(p);
+                }
+            }
         }
     }
 }

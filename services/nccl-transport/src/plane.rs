@@ -126,6 +126,11 @@ impl RouterPlane {
             return Err(NcclError::InvalidArgument("no shards".into()));
         }
         let comm = Comm::init(stream.clone(), id, 0, shards + 1, cfg.timeout)?;
+        let comm = if env_flag("DSV2_NCCL_BLOCKING") {
+            comm.into_blocking(cfg.timeout)?
+        } else {
+            comm
+        };
         let hdr_dev = stream
             .alloc_zeros::<u32>(HW * shards)
             .map_err(cuda("alloc header"))?;
@@ -471,6 +476,12 @@ impl ShardPlane {
             ));
         }
         let comm = Comm::init(stream.clone(), id, rank, world, cfg.timeout)?;
+        // must match the router's choice: the split is collective (same environment for both)
+        let comm = if env_flag("DSV2_NCCL_BLOCKING") {
+            comm.into_blocking(cfg.timeout)?
+        } else {
+            comm
+        };
         let hdr_dev = stream
             .alloc_zeros::<u32>(HW)
             .map_err(cuda("alloc header"))?;
