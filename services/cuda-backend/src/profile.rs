@@ -11,7 +11,9 @@ use dsv2_kernels::Gpu;
 
 #[derive(Default)]
 pub(crate) struct Profile {
-    ops: Mutex<BTreeMap<&'static str, (u64, Duration)>>,
+    /// Every call's time per op: the median keeps the first calls of a shape (cuBLAS picking
+    /// and loading kernels, milliseconds each) from hiding the steady-state cost.
+    ops: Mutex<BTreeMap<&'static str, Vec<Duration>>>,
 }
 
 impl Profile {
@@ -25,32 +27,42 @@ impl Profile {
 
     fn record(&self, op: &'static str, dt: Duration) {
         if let Ok(mut m) = self.ops.lock() {
-            let e = m.entry(op).or_default();
-            e.0 += 1;
-            e.1 += dt;
+            m.entry(op).or_default().push(dt);
         }
     }
 
-    /// The table, slowest op first: calls, total ms, µs per call, share of the profiled time.
+    /// The table, largest total first: calls, total ms, mean and median µs per call, share of
+    /// the profiled time (ops named `a.b` are parts of op `a` and counted in it too).
     pub(crate) fn report(&self) -> String {
         let Ok(m) = self.ops.lock() else {
             return String::new();
         };
-        let total: Duration = m.values().map(|v| v.1).sum();
+        let total_of = |v: &Vec<Duration>| v.iter().sum::<Duration>();
+        let all: Duration = m
+            .iter()
+            .filter(|(k, _)| !k.contains('.'))
+            .map(|(_, v)| total_of(v))
+            .sum();
         let mut rows: Vec<_> = m.iter().collect();
-        rows.sort_by_key(|r| std::cmp::Reverse(r.1.1));
+        rows.sort_by_key(|r| std::cmp::Reverse(total_of(r.1)));
         let mut s = format!(
-            "{:<14} {:>9} {:>11} {:>11} {:>7}\n",
-            "op", "calls", "total ms", "us/call", "share"
+            "{:<22} {:>7} {:>10} {:>10} {:>10} {:>7}\n",
+            "op", "calls", "total ms", "mean us", "median us", "share"
         );
-        for (op, (n, d)) in rows {
+        for (op, v) in rows {
+            let mut sorted = v.clone();
+            sorted.sort();
+            let total = total_of(v);
+            let n = v.len().max(1) as f64;
+            let median = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
             s += &format!(
-                "{:<14} {:>9} {:>11.2} {:>11.1} {:>6.1}%\n",
+                "{:<22} {:>7} {:>10.2} {:>10.1} {:>10.1} {:>6.1}%\n",
                 op,
-                n,
-                d.as_secs_f64() * 1e3,
-                d.as_secs_f64() * 1e6 / (*n).max(1) as f64,
-                100.0 * d.as_secs_f64() / total.as_secs_f64().max(1e-12)
+                v.len(),
+                total.as_secs_f64() * 1e3,
+                total.as_secs_f64() * 1e6 / n,
+                median.as_secs_f64() * 1e6,
+                100.0 * total.as_secs_f64() / all.as_secs_f64().max(1e-12)
             );
         }
         s
@@ -90,20 +102,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn report_sorts_by_total_time_and_adds_up() {
+    fn report_sorts_by_total_time_with_mean_and_median() {
         let p = Profile::default();
         p.record("attention", Duration::from_micros(300));
         p.record("experts", Duration::from_micros(500));
         p.record("attention", Duration::from_micros(100));
+        p.record("attention", Duration::from_micros(5000)); // a first call: the median ignores it
+        p.record("attention.decode", Duration::from_micros(50));
         let r = p.report();
         let lines: Vec<&str> = r.lines().collect();
-        assert!(lines[1].starts_with("experts"), "{r}");
-        assert!(lines[2].starts_with("attention"), "{r}");
-        // attention: 2 calls, 0.40 ms, 200 us per call, 44.4% of 0.9 ms
-        assert!(lines[2].contains(" 2 ") && lines[2].contains("0.40"), "{r}");
-        assert!(
-            lines[2].contains("200.0") && lines[2].contains("44.4%"),
-            "{r}"
-        );
+        assert!(lines[1].starts_with("attention "), "{r}");
+        assert!(lines[2].starts_with("experts"), "{r}");
+        // attention: 3 calls, 5.40 ms, mean 1800, median 300, 91.5% of 5.9 ms (parts excluded)
+        for want in [" 3 ", "5.40", "1800.0", "300.0", "91.5%"] {
+            assert!(lines[1].contains(want), "{want} in {r}");
+        }
+        assert!(lines[3].starts_with("attention.decode"), "{r}");
     }
 }

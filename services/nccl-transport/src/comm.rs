@@ -320,7 +320,27 @@ impl Comm {
                 (&mut cfg as *mut ConfigV22800).cast::<nc::ncclConfig_t>(),
             )
         };
-        let pending = check(r, "ncclCommSplit", self.rank, Some(self.raw))?;
+        let mut pending = check(r, "ncclCommSplit", self.rank, Some(self.raw))?;
+        // A non-blocking parent finishes the split in the background and writes the child
+        // handle only then (the first GPU run read it right away and found it NULL): wait on
+        // the parent's state first.
+        let deadline = Instant::now() + timeout;
+        while pending {
+            if Instant::now() >= deadline {
+                self.abort("split timed out");
+                return Err(NcclError::InitTimeout {
+                    rank: self.rank,
+                    world: self.world,
+                    timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+            pending = self.async_state("ncclCommSplit")?;
+        }
+        // NCCL's background thread wrote it through the pointer it was given: read it back
+        // from memory, not from a value the compiler may have kept from before the wait
+        // SAFETY: `child` is a live, initialised local.
+        let child = unsafe { std::ptr::read_volatile(&child) };
         if child.is_null() {
             return Err(NcclError::Nccl {
                 op: "ncclCommSplit",
@@ -331,19 +351,17 @@ impl Comm {
         }
         let parent = std::mem::replace(&mut self.raw, child);
         self.parent = Some(parent);
-        if pending {
-            let deadline = Instant::now() + timeout;
-            while self.async_state("ncclCommSplit")? {
-                if Instant::now() >= deadline {
-                    self.abort("split timed out");
-                    return Err(NcclError::InitTimeout {
-                        rank: self.rank,
-                        world: self.world,
-                        timeout,
-                    });
-                }
-                std::thread::sleep(Duration::from_micros(200));
+        // the child is blocking, but its own setup may still report in progress once
+        while self.async_state("ncclCommSplit (child)")? {
+            if Instant::now() >= deadline {
+                self.abort("split timed out");
+                return Err(NcclError::InitTimeout {
+                    rank: self.rank,
+                    world: self.world,
+                    timeout,
+                });
             }
+            std::thread::sleep(Duration::from_micros(200));
         }
         Ok(self)
     }
