@@ -381,6 +381,21 @@ def test_init_container_fetches_into_a_chart_created_claim():
         assert vol["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
 
 
+@needs_helm
+@pytest.mark.parametrize("timeout,flag", [(0.5, "0.5"), (1200, "1200"), (0, "0")])
+def test_router_limits_reach_the_router_flags(tmp_path, timeout, flag):
+    # --request-timeout-s takes fractions (0 = off); --max-concurrent counts calls over all
+    # connections; unset values leave the binary's defaults
+    f = tmp_path / "limits.yaml"
+    f.write_text(f"router:\n  requestTimeoutSeconds: {timeout}\n  maxConcurrent: 300\n")
+    args = router_args(render("-f", str(TINY), "-f", str(f)))
+    assert flag_values(args, "--request-timeout-s") == [flag]
+    assert flag_values(args, "--max-concurrent") == ["300"]
+    unset = router_args(render("-f", str(TINY)))
+    assert flag_values(unset, "--request-timeout-s") == []
+    assert flag_values(unset, "--max-concurrent") == []
+
+
 # ------------------------------------------------------------------------------------------------
 # The schema and the chart's own checks reject mistakes
 
@@ -394,6 +409,8 @@ def test_init_container_fetches_into_a_chart_created_claim():
     ("experts:\n  probes:\n    startup:\n      periodSecond: 5\n", "periodSecond"),
     ("images:\n  flavor: rocm\n", "flavor"),
     ("experts:\n  shards: 0\n", "shards"),
+    ("router:\n  requestTimeoutSeconds: -1\n", "requestTimeoutSeconds"),
+    ("router:\n  maxConcurrent: 0\n", "maxConcurrent"),
 ])
 def test_schema_rejects_typos_and_bad_values(tmp_path, values, needle):
     f = tmp_path / "bad.yaml"
