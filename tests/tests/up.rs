@@ -113,7 +113,14 @@ fn up_serves_endpoint_generate_and_ctrl_c_stops_every_child() {
     let local: serde_json::Value =
         serde_json::from_str(&dsv2_ok(cache.path(), &[&["generate"][..], &args].concat()))
             .expect("--json output");
-    for key in ["output_ids", "text", "finish_reason"] {
+    // the same JSON fields both ways (the prompt's ids too: the router tokenizes a text prompt)
+    for key in [
+        "input_ids",
+        "prompt_tokens",
+        "output_ids",
+        "text",
+        "finish_reason",
+    ] {
         assert_eq!(
             remote[key], local[key],
             "{key}: through dsv2 up vs in-process"

@@ -57,8 +57,25 @@ pub fn run(a: &Args, endpoint: &str) -> Result<()> {
         let mut client = InferenceClient::connect(endpoint.to_string())
             .await
             .with_context(|| format!("cannot reach the router at {endpoint}: is `dsv2 up` (or dsv2-router) running there?"))?;
+        // --json prints the prompt's ids like the in-process mode: a text prompt is tokenized
+        // by the router the way Generate does it (BOS included)
+        let input_ids = if a.json {
+            Some(match &req.prompt {
+                Some(pb::generate_request::Prompt::TokenIds(t)) => t.ids.clone(),
+                Some(pb::generate_request::Prompt::Text(t)) => client
+                    .tokenize(pb::TokenizeRequest { text: t.clone(), add_bos_token: true })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner()
+                    .token_ids,
+                None => Vec::new(),
+            })
+        } else {
+            None
+        };
         let t0 = Instant::now();
         let (mut lps, mut prompt_lps) = (Vec::new(), Vec::new());
+        let mut prompt_tokens = 0u32;
         let (ids, text, finish, ttft_ns) = if a.stream {
             let mut stream = client.generate_stream(req).await.map_err(status_err)?.into_inner();
             let (mut ids, mut text, mut finish, mut ttft) = (Vec::new(), String::new(), 0, 0);
@@ -74,6 +91,7 @@ pub fn run(a: &Args, endpoint: &str) -> Result<()> {
                 if let Some(s) = msg.summary {
                     finish = s.finish_reason;
                     ttft = s.time_to_first_token_ns;
+                    prompt_tokens = s.prompt_tokens;
                 }
             }
             if !a.json {
@@ -90,6 +108,7 @@ pub fn run(a: &Args, endpoint: &str) -> Result<()> {
             }
             lps = r.logprobs;
             prompt_lps = r.prompt_logprobs;
+            prompt_tokens = r.prompt_tokens;
             (r.token_ids, r.text, r.finish_reason, r.time_to_first_token_ns)
         };
         let secs = t0.elapsed().as_secs_f64();
@@ -97,6 +116,7 @@ pub fn run(a: &Args, endpoint: &str) -> Result<()> {
             println!(
                 "{}",
                 serde_json::json!({
+                    "input_ids": input_ids.unwrap_or_default(), "prompt_tokens": prompt_tokens,
                     "output_ids": ids, "text": text, "finish_reason": finish_name(finish),
                     "completion_tokens": ids.len(), "time_to_first_token_s": ttft_ns as f64 / 1e9,
                     "total_time_s": secs, "tokens_per_s": ids.len() as f64 / secs,
