@@ -78,6 +78,9 @@ echo "== 2. ceilings (copy bandwidth, cuBLAS) and op checks"
 "$BIN/dsv2-gpu-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check.log" 2>&1 || fail=1
 # the whole table is in gpu-check.log; here the failures, the summary and every measurement
 grep -E "FAIL|^checks:|^device|copy d2d|cuBLAS bf16|P1|P2" "$OUT_DIR/gpu-check.log"
+echo "== 2b. the full model on the golden fixtures vs HF and the CPU reference (dsv2-cuda-check)"
+"$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check.log" 2>&1 || { echo "dsv2-cuda-check FAILED"; fail=1; }
+tail -25 "$OUT_DIR/cuda-check.log"
 
 echo "== 3. P3/P4 on a random real-dims DeepSeek-V2 ($LAYERS layers: layer 0 dense, then MoE)"
 t0=$(date +%s)
