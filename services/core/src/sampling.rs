@@ -136,9 +136,18 @@ pub fn sample_with_uniform(
         return argmax(logits);
     }
     let t = params.temperature;
+    // Subtract the row's largest logit before dividing: a tiny valid temperature (1e-45) turns
+    // `l / t` into ±inf, and the softmax's inf - inf is NaN, which made the draw pick the least
+    // likely token. Shifted first, the best token scores 0 and the rest go to -inf, as they should.
+    let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let c = scratch;
     c.clear();
-    c.extend(logits.iter().enumerate().map(|(i, &l)| (l / t, i as u32)));
+    c.extend(
+        logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| ((l - top) / t, i as u32)),
+    );
     c.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     if params.top_k > 0 {
         c.truncate(params.top_k);
@@ -239,6 +248,36 @@ mod tests {
         // greedy rows draw nothing
         let mut g = Sampler::new(SamplingParams::default());
         assert_eq!(g.draw().uniform, 0.0);
+    }
+
+    #[test]
+    fn tiny_and_huge_temperatures_stay_finite() {
+        // Logits of both signs: `l / 1e-45` overflowed to +inf and -inf before the shift.
+        let logits = [-2.0, 3.5, 1.0, -7.0, 3.25];
+        let mut scratch = Vec::new();
+        for t in [1e-45, f32::MIN_POSITIVE, 1e-30] {
+            let p = SamplingParams {
+                temperature: t,
+                ..SamplingParams::default()
+            };
+            for u in [0.0, 0.5, 0.999_999] {
+                assert_eq!(
+                    sample_with_uniform(&logits, &p, u, &mut scratch),
+                    1,
+                    "t={t:e}"
+                );
+            }
+        }
+        // f32::MAX flattens the row to uniform: every token is reachable, none is NaN-picked.
+        let p = SamplingParams {
+            temperature: f32::MAX,
+            ..SamplingParams::default()
+        };
+        let got: Vec<u32> = [0.05, 0.25, 0.45, 0.65, 0.85]
+            .iter()
+            .map(|&u| sample_with_uniform(&logits, &p, u, &mut scratch))
+            .collect();
+        assert_eq!(got, [1, 4, 2, 0, 3]);
     }
 
     #[test]
