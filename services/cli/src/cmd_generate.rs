@@ -133,7 +133,8 @@ fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {
             .unwrap_or_default(),
         stop_strings: a.stop.clone(),
         ignore_eos: a.ignore_eos,
-        logprobs: a.logprobs as usize,
+        // The flag's 0 means none (as --endpoint sends it).
+        logprobs: (a.logprobs > 0).then_some(a.logprobs as usize),
         prompt_logprobs: a.prompt_logprobs.map(|n| n as usize),
     };
     let total = prompt.len() + params.max_new_tokens;

@@ -44,8 +44,9 @@ pub struct GenerateParams {
     pub stop_token_ids: Vec<u32>,
     pub stop_strings: Vec<String>,
     pub ignore_eos: bool,
-    /// Top-N alternatives reported per generated token (0: report nothing).
-    pub logprobs: usize,
+    /// Some(N): report each generated token's logprob and its top-N alternatives (N may be 0:
+    /// the token's own logprob only, as the public API documents).
+    pub logprobs: Option<usize>,
     /// Some(N): report each prompt token's logprob and its top-N alternatives.
     pub prompt_logprobs: Option<usize>,
 }
@@ -386,7 +387,7 @@ impl<B: Backend> Engine<B> {
         let on_device = self.model.backend.samples_on_device();
         let no_logits = plan.iter().all(|&(i, _)| {
             let p = &self.running[i].req.params;
-            p.logprobs == 0
+            p.logprobs.is_none()
                 && p.prompt_logprobs.is_none()
                 && (p.sampling.temperature == 0.0 || on_device)
         });
@@ -540,12 +541,12 @@ impl<B: Backend> Engine<B> {
             Choice::Row(row) => (s.sampler.sample(row), Some(row)),
             Choice::Token(t) => (t, None),
         };
-        let logprob = row.filter(|_| p.logprobs > 0).map(|row| {
+        let logprob = row.zip(p.logprobs).map(|(row, n)| {
             let lp = log_softmax(row);
             TokenLogprob {
                 token,
                 logprob: lp[token as usize],
-                top: top_n(&lp, p.logprobs),
+                top: top_n(&lp, n),
             }
         });
         s.tokens.push(token);
@@ -828,7 +829,7 @@ mod tests {
                     stop_token_ids: vec![],
                     stop_strings: vec![],
                     ignore_eos: true,
-                    logprobs: 0,
+                    logprobs: None,
                     prompt_logprobs: None,
                 },
             })

@@ -39,7 +39,7 @@ fn requests() -> Vec<SeqRequest> {
                         SamplingParams::default()
                     },
                     ignore_eos: true,
-                    logprobs: if i % 4 == 1 { 3 } else { 0 },
+                    logprobs: if i % 4 == 1 { Some(3) } else { None },
                     prompt_logprobs: if i % 5 == 2 { Some(2) } else { None },
                     ..Default::default()
                 },

@@ -96,7 +96,8 @@ impl InferenceService {
             stop_token_ids: req.stop_token_ids.clone(),
             stop_strings: req.stop.clone(),
             ignore_eos: req.ignore_eos,
-            logprobs: req.logprobs.unwrap_or(0) as usize,
+            // Some(0) still returns each token's own logprob (the proto's contract).
+            logprobs: req.logprobs.map(|n| n as usize),
             prompt_logprobs: req.prompt_logprobs.map(|n| n as usize),
         };
         Ok((prompt, params))
