@@ -185,6 +185,11 @@ impl Proc {
         assert!(st.success(), "kill -TERM {} failed", self.child.id());
     }
 
+    /// The child's exit status if it has exited (a crashed server), else None.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Waits up to `timeout` for the child to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let t0 = Instant::now();
