@@ -105,6 +105,8 @@ pub enum EngineEvent {
         completion_tokens: usize,
         /// Final text delta held back until now.
         text: String,
+        /// The stop string that ended generation (reason `Stop` because of a string).
+        matched_stop: Option<String>,
     },
     Failed {
         id: u64,
@@ -313,6 +315,7 @@ impl<B: Backend> Engine<B> {
                 prompt_tokens: s.req.prompt.len(),
                 completion_tokens: s.tokens.len() - s.req.prompt.len(),
                 text: String::new(),
+                matched_stop: None,
             }
         })
     }
@@ -560,19 +563,22 @@ impl<B: Backend> Engine<B> {
             None
         };
         let mut text = String::new();
+        let mut matched_stop = None;
         if let Some(t) = tok {
             if reason.is_none() {
                 s.held.push_str(&s.decoder.push(t, token)?);
             }
-            if let Some(cut) = find_stop(&s.held, &p.stop_strings) {
+            if let Some((cut, stop)) = find_stop(&s.held, &p.stop_strings) {
                 s.held.truncate(cut);
                 reason = Some(FinishReason::Stop);
+                matched_stop = Some(stop.to_string());
             }
             if reason.is_none() && generated >= p.max_new_tokens {
                 s.held.push_str(&s.decoder.flush(t)?);
-                if let Some(cut) = find_stop(&s.held, &p.stop_strings) {
+                if let Some((cut, stop)) = find_stop(&s.held, &p.stop_strings) {
                     s.held.truncate(cut);
                     reason = Some(FinishReason::Stop);
+                    matched_stop = Some(stop.to_string());
                 }
             }
             let keep = if reason.is_some() {
@@ -601,6 +607,7 @@ impl<B: Backend> Engine<B> {
                 prompt_tokens: s.req.prompt.len(),
                 completion_tokens: generated,
                 text: std::mem::take(&mut s.held),
+                matched_stop,
             });
         }
         Ok((events, reason.is_some()))
@@ -620,8 +627,13 @@ enum Choice<'a> {
 }
 
 /// Byte offset where the first stop string starts in `text`.
-fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter_map(|s| text.find(s.as_str())).min()
+/// Where the earliest stop string starts in `text`, and which one it is (the first listed wins
+/// between two starting at the same place).
+fn find_stop<'a>(text: &str, stops: &'a [String]) -> Option<(usize, &'a str)> {
+    stops
+        .iter()
+        .filter_map(|s| text.find(s.as_str()).map(|at| (at, s.as_str())))
+        .min_by_key(|&(at, _)| at)
 }
 
 /// Length of the longest suffix of `text` that is a proper prefix of a stop string (held back
@@ -854,7 +866,9 @@ mod tests {
     #[test]
     fn stop_helpers() {
         let stops = vec!["END".to_string(), "\n\n".to_string()];
-        assert_eq!(find_stop("abc END x", &stops), Some(4));
+        assert_eq!(find_stop("abc END x", &stops), Some((4, "END")));
+        // the earliest match wins, whichever string is listed first
+        assert_eq!(find_stop("a\n\nb END", &stops), Some((1, "\n\n")));
         assert_eq!(find_stop("abc", &stops), None);
         assert_eq!(stop_prefix_len("abc EN", &stops), 2);
         assert_eq!(stop_prefix_len("abc\n", &stops), 1);

@@ -192,24 +192,30 @@ fn stop_strings_cut_the_text_and_streamed_deltas_never_show_them() {
         .unwrap();
         let mut deltas = Vec::new();
         let mut reason = None;
+        let mut matched = None;
         while e.has_work() {
             for ev in e.step() {
                 match ev {
                     EngineEvent::Token { text, .. } => deltas.push(text),
                     EngineEvent::Finished {
-                        text, reason: r, ..
+                        text,
+                        reason: r,
+                        matched_stop,
+                        ..
                     } => {
                         deltas.push(text);
                         reason = Some(r);
+                        matched = matched_stop;
                     }
                     _ => {}
                 }
             }
         }
-        (deltas, reason.unwrap())
+        (deltas, reason.unwrap(), matched)
     };
-    let (free, reason) = run(vec![]);
+    let (free, reason, matched) = run(vec![]);
     assert_eq!(reason, FinishReason::Length);
+    assert_eq!(matched, None);
     let full: String = free.concat();
     // Stop at a 3-character piece from the middle of the free-running text.
     let chars: Vec<(usize, char)> = full.char_indices().collect();
@@ -223,9 +229,11 @@ fn stop_strings_cut_the_text_and_streamed_deltas_never_show_them() {
         .map(|c| c.0)
         .unwrap_or(full.len());
     let stop = full[start..end].to_string();
-    let (deltas, reason) = run(vec![stop.clone()]);
+    // a stop string that never appears is listed first: the one that matched is reported
+    let (deltas, reason, matched) = run(vec!["\u{1}never".into(), stop.clone()]);
     let text: String = deltas.concat();
     assert_eq!(reason, FinishReason::Stop);
+    assert_eq!(matched.as_deref(), Some(stop.as_str()));
     assert_eq!(
         text,
         full[..full.find(&stop).unwrap()],

@@ -240,10 +240,12 @@ impl InferenceApi {
                     prompt_tokens,
                     completion_tokens,
                     text,
+                    matched_stop,
                     ..
                 } => {
                     resp.text.push_str(&text);
                     resp.finish_reason = finish_to_pb(reason) as i32;
+                    resp.matched_stop = matched_stop;
                     resp.prompt_tokens = prompt_tokens as u32;
                     resp.completion_tokens = completion_tokens as u32;
                     resp.time_to_first_token_ns = ttft.unwrap_or_default().as_nanos() as u64;
@@ -347,12 +349,13 @@ impl Inference for InferenceApi {
                         prompt_tokens,
                         completion_tokens,
                         text,
+                        matched_stop,
                         ..
                     } => Ok(pb::GenerateStreamResponse {
                         text,
                         summary: Some(pb::GenerateSummary {
                             finish_reason: finish_to_pb(reason) as i32,
-                            matched_stop: None,
+                            matched_stop,
                             prompt_tokens: prompt_tokens as u32,
                             completion_tokens: completion_tokens as u32,
                             time_to_first_token_ns: ttft.unwrap_or_default().as_nanos() as u64,
