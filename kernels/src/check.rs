@@ -531,7 +531,7 @@ pub fn check_expert_ffn(
 
 /// The two-launch small-batch expert path against the reference FFN: `n` rows, top-`k` of
 /// `n_exp` experts in separate tensors (as a checkpoint holds them), one slot in five not routed
-/// here (-1) and the last expert not held (address 0).
+/// here (-1), one in seven an id beyond the table, and the last expert not held (address 0).
 pub fn check_small_experts(
     gpu: &Gpu,
     n: usize,
@@ -545,6 +545,8 @@ pub fn check_small_experts(
         .map(|s| {
             if s % 5 == 4 {
                 -1
+            } else if s % 7 == 6 {
+                n_exp as i32 // beyond the table: skipped like -1
             } else {
                 g.random_range(0..n_exp as i32)
             }
@@ -605,7 +607,7 @@ pub fn check_small_experts(
     for row in 0..n {
         for j in 0..k {
             let e = ids[row * k + j];
-            if e < 0 || e as usize == absent {
+            if e < 0 || e as usize >= n_exp || e as usize == absent {
                 continue;
             }
             let mut one = vec![0usize; n_exp];

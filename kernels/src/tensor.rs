@@ -179,6 +179,22 @@ macro_rules! view_common {
                 self.shape[dim] = len;
                 Ok(self)
             }
+            /// The same contiguous elements seen with another shape of equal size.
+            pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
+                let n: usize = self.shape.iter().product();
+                if !self.is_contiguous() || shape.iter().product::<usize>() != n {
+                    return Err(shape_err(
+                        "reshape",
+                        format!(
+                            "{:?} (strides {:?}) as {shape:?}: needs contiguous elements of the same count",
+                            self.shape, self.strides
+                        ),
+                    ));
+                }
+                self.shape = shape.to_vec();
+                self.strides = contiguous_strides(shape);
+                Ok(self)
+            }
             /// Check rank/dims (`None` = any) and contiguity for a launcher.
             pub(crate) fn expect(
                 &self,
@@ -269,5 +285,32 @@ mod tests {
         assert!(!is_contiguous(&[2, 3, 2], &[12, 4, 1]));
         // a slice of the first dim stays contiguous
         assert!(is_contiguous(&[1, 3, 4], &[12, 4, 1]));
+    }
+
+    #[test]
+    fn reshape_needs_contiguous_elements_of_the_same_count() {
+        let v = View::<f32> {
+            ptr: 4096,
+            shape: vec![12],
+            strides: vec![1],
+            _p: PhantomData,
+        };
+        let r = v.narrow(0, 0, 6).and_then(|v| v.reshape(&[2, 3]));
+        let r = r.map(|v| (v.shape().to_vec(), v.strides().to_vec(), v.ptr()));
+        assert_eq!(r.ok(), Some((vec![2, 3], vec![3, 1], 4096)));
+        let wide = View::<f32> {
+            ptr: 0,
+            shape: vec![2, 3],
+            strides: vec![4, 1],
+            _p: PhantomData,
+        };
+        assert!(wide.reshape(&[6]).is_err(), "strided rows are not one run");
+        let v = View::<f32> {
+            ptr: 0,
+            shape: vec![6],
+            strides: vec![1],
+            _p: PhantomData,
+        };
+        assert!(v.reshape(&[4, 2]).is_err(), "8 elements from 6");
     }
 }

@@ -202,20 +202,21 @@ extern "C" __global__ void moe_combine_bf16(const bf16* __restrict__ y, const in
 // spends most of its time launching ~25 small kernels and cuBLAS calls for 6 GEMVs.
 // ptrs [E, 3] (as i64): gate [I, H], up [I, H], down [H, I] of expert e, bf16 row-major; 0 for
 // an expert this process does not hold (its slots contribute nothing, as in the permuted path).
+// Ids outside 0..E (u32::MAX marks another shard's slot) are skipped the same way.
 // Roundings mirror the permuted path (bf16 gate/up outputs, bf16 SiLU·mul, bf16 expert outputs,
 // f32 weighted sum), so both paths agree up to f32 summation order.
 
 // grid (ceil(I / 8), n * k), 256 threads, smem H bf16: act[slot, i] = silu(x . Wg[i]) * (x . Wu[i]).
 extern "C" __global__ void moe_small_gate_up_bf16(const bf16* __restrict__ x, const int* __restrict__ ids,
                                                   const long long* __restrict__ ptrs, bf16* __restrict__ act,
-                                                  int hidden, int inter, int k) {
+                                                  int hidden, int inter, int k, int n_exp) {
     extern __shared__ __align__(16) unsigned char small_smem[];
     bf16* xs = reinterpret_cast<bf16*>(small_smem);
     const int slot = blockIdx.y, row = slot / k;
     const int e = ids[slot];
     // not routed here (-1), or an expert this process does not hold (address 0): the down
     // kernel skips the slot the same way
-    if (e < 0 || ptrs[3 * e] == 0) return;
+    if (e < 0 || e >= n_exp || ptrs[3 * e] == 0) return;
     for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8)
         *reinterpret_cast<bf16x8*>(xs + c) = *reinterpret_cast<const bf16x8*>(x + (size_t)row * hidden + c);
     __syncthreads();
@@ -250,13 +251,13 @@ extern "C" __global__ void moe_small_gate_up_bf16(const bf16* __restrict__ x, co
 // out[row, o] = sum over routed slots j of w[row, j] * bf16(act[row*k + j] . Wd_e[o]).
 extern "C" __global__ void moe_small_down_bf16(const bf16* __restrict__ act, const int* __restrict__ ids,
                                                const float* __restrict__ wts, const long long* __restrict__ ptrs,
-                                               bf16* __restrict__ out, int hidden, int inter, int k) {
+                                               bf16* __restrict__ out, int hidden, int inter, int k, int n_exp) {
     extern __shared__ __align__(16) unsigned char small_smem[];
     bf16* as = reinterpret_cast<bf16*>(small_smem);
     const int row = blockIdx.y;
     for (int j = 0; j < k; ++j) {
         const int e = ids[row * k + j];
-        if (e < 0 || ptrs[3 * e] == 0) continue;
+        if (e < 0 || e >= n_exp || ptrs[3 * e] == 0) continue;
         for (int c = threadIdx.x * 8; c < inter; c += blockDim.x * 8)
             *reinterpret_cast<bf16x8*>(as + j * inter + c) =
                 *reinterpret_cast<const bf16x8*>(act + ((size_t)row * k + j) * inter + c);
@@ -268,7 +269,7 @@ extern "C" __global__ void moe_small_down_bf16(const bf16* __restrict__ act, con
     float acc = 0.f;
     for (int j = 0; j < k; ++j) {
         const int e = ids[row * k + j];
-        if (e < 0 || ptrs[3 * e + 2] == 0) continue;
+        if (e < 0 || e >= n_exp || ptrs[3 * e + 2] == 0) continue;
         const bf16* wd = reinterpret_cast<const bf16*>(ptrs[3 * e + 2]) + (size_t)o * inter;
         float d = 0.f;
 #pragma unroll 2

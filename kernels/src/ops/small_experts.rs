@@ -34,8 +34,8 @@ pub struct SmallExpertsParams<'a> {
 }
 
 /// # Safety
-/// Every expert id in `ids` that is not -1 must be < E, and its three addresses in `ptrs` must
-/// be 0 or point to live bf16 tensors of shapes [I, H], [I, H] and [H, I] (I = act's width) that outlive
+/// For every expert id in `ids` within 0..E (others are skipped), its three addresses in `ptrs`
+/// must be 0 or point to live bf16 tensors of shapes [I, H], [I, H] and [H, I] (I = act's width) that outlive
 /// the launches (stream order). The kernels trust the table: they cannot check it.
 pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> {
     const OP: &str = "moe_small_experts_bf16";
@@ -73,10 +73,11 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
         p.act.ptr(),
         p.out.ptr(),
     );
-    let (h, i, ki) = (
+    let (h, i, ki, ne) = (
         dim_i32(OP, "hidden", hidden)?,
         dim_i32(OP, "intermediate", inter)?,
         dim_i32(OP, "top_k", k)?,
+        dim_i32(OP, "experts", p.ptrs.shape()[0])?,
     );
     let slots = u32::try_from(n * k).map_err(|_| shape_err(OP, format!("{n} x {k} slots")))?;
     let f = gpu.function("moe_small_gate_up_bf16")?;
@@ -87,7 +88,8 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
         .arg(&act)
         .arg(&h)
         .arg(&i)
-        .arg(&ki);
+        .arg(&ki)
+        .arg(&ne);
     let cfg = LaunchConfig {
         grid_dim: (inter.div_ceil(8) as u32, slots, 1),
         block_dim: (256, 1, 1),
@@ -104,7 +106,8 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
         .arg(&out)
         .arg(&h)
         .arg(&i)
-        .arg(&ki);
+        .arg(&ki)
+        .arg(&ne);
     let cfg = LaunchConfig {
         grid_dim: (hidden.div_ceil(8) as u32, n as u32, 1),
         block_dim: (256, 1, 1),

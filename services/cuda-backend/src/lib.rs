@@ -323,6 +323,67 @@ impl CudaBackend {
         f(&self.gpu).kx()
     }
 
+    /// Routed experts of `bank` for rows whose routing is already on this device, written into
+    /// `out` [rows, hidden]: ids [rows, k] (i32 global expert ids; negative, e.g. u32::MAX bits,
+    /// = another shard's slot), weights [rows, k] f32. An NCCL shard receives exactly this, so
+    /// at decode sizes it skips bringing the routing to the host (a stream synchronisation per
+    /// layer). `Ok(false)`: more rows than the small-batch kernels take, or shapes they do not
+    /// cover; the caller then routes on the host and calls `experts`.
+    pub fn experts_from_device_routing(
+        &self,
+        bank: &ExpertBank<CudaWeight>,
+        x: dsv2_kernels::View<'_, bf16>,
+        ids: dsv2_kernels::View<'_, i32>,
+        weights: dsv2_kernels::View<'_, f32>,
+        out: dsv2_kernels::ViewMut<'_, bf16>,
+    ) -> Result<bool> {
+        let (n, hidden) = match x.shape() {
+            [n, h] => (*n, *h),
+            other => return Err(err(format!("experts: input shape {other:?}"))),
+        };
+        if n == 0 || n > small::SMALL_EXPERTS_MAX_ROWS || !self.small_experts {
+            return Ok(false);
+        }
+        let Some(inter) = bank.experts.iter().flatten().next().map(|m| m.gate.shape()[0]) else {
+            return Ok(false);
+        };
+        for m in bank.experts.iter().flatten() {
+            if m.gate.shape() != [inter, hidden]
+                || m.up.shape() != [inter, hidden]
+                || m.down.shape() != [hidden, inter]
+            {
+                return Ok(false); // the host path reports the mismatch
+            }
+        }
+        let k = ids.shape().get(1).copied().unwrap_or(0);
+        let _t = self.timed("experts_from_device_routing");
+        let _g = self.lock()?;
+        let table = self.expert_table(bank)?;
+        let mut act = self.empty(&[n * k, inter])?;
+        // SAFETY: expert ids below the table's rows name this bank's experts or address 0 (not
+        // held: skipped); ids >= the table's rows cannot come from a router that routes over
+        // this model's experts, and the launcher's callers (the NCCL shard) check the header's
+        // sizes. The table's addresses are this bank's weights, alive past these launches.
+        let r = unsafe {
+            small::small_experts(
+                &self.gpu,
+                small::SmallExpertsParams {
+                    x,
+                    ids,
+                    weights,
+                    ptrs: table.view(),
+                    act: act.view_mut(),
+                    out,
+                },
+            )
+        };
+        match r {
+            Ok(()) => Ok(true),
+            Err(KernelError::Unsupported { .. }) => Ok(false),
+            Err(e) => Err(kerr(e)),
+        }
+    }
+
     /// Takes the execution lock and makes the context current on this thread (callers may come
     /// from any thread; cuBLAS calls do not bind the context themselves).
     fn lock(&self) -> Result<MutexGuard<'_, ()>> {

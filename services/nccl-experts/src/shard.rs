@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use dsv2_core::model::LocalExperts;
+use dsv2_core::model::{ExpertExecutor, LocalExperts};
 use dsv2_core::routing::{NO_EXPERT, Routing};
 use dsv2_cuda_backend::{CudaAct, CudaBackend};
 use dsv2_kernels::Tensor;
@@ -67,6 +67,35 @@ impl ShardExperts {
         let (rows, k, layer) = (hd.rows as usize, hd.k as usize, hd.layer as usize);
         if !self.moe_layer.get(layer).copied().unwrap_or(false) {
             return Err(format!("layer {layer} is not a MoE layer"));
+        }
+        // Decode sizes: the small-batch expert kernels read the received ids and weights where
+        // they are (an id of another shard, u32::MAX, is skipped; so is an expert this shard
+        // does not hold, which the host path below would report instead).
+        if rows <= dsv2_kernels::ops::small_experts::SMALL_EXPERTS_MAX_ROWS
+            && let Some(bank) = self.experts.local_bank(layer)
+        {
+            let shape = |e: dsv2_kernels::KernelError| e.to_string();
+            let done = self
+                .backend
+                .experts_from_device_routing(
+                    bank,
+                    self.x.view().narrow(0, 0, rows).map_err(shape)?,
+                    self.ids
+                        .view()
+                        .narrow(0, 0, rows * k)
+                        .and_then(|v| v.reshape(&[rows, k]))
+                        .map_err(shape)?,
+                    self.weights
+                        .view()
+                        .narrow(0, 0, rows * k)
+                        .and_then(|v| v.reshape(&[rows, k]))
+                        .map_err(shape)?,
+                    self.partial.view_mut().narrow(0, 0, rows).map_err(shape)?,
+                )
+                .map_err(|e| e.to_string())?;
+            if done {
+                return Ok(());
+            }
         }
         // Expert ids and gate weights come to the host (the expert FFN sizes its GEMMs there);
         // the hidden rows stay on the device.
