@@ -20,6 +20,37 @@ use crate::{CudaAct, CudaBackend, CudaWeight, Kx, err};
 
 const BF: u64 = std::mem::size_of::<bf16>() as u64;
 
+/// The intermediate size of `bank`'s experts: `Ok(None)` for a bank that holds none, an error
+/// naming the shapes when an expert does not fit an FFN over `hidden` features.
+pub(crate) fn bank_intermediate(
+    bank: &ExpertBank<CudaWeight>,
+    hidden: usize,
+) -> std::result::Result<Option<usize>, String> {
+    let Some(inter) = bank
+        .experts
+        .iter()
+        .flatten()
+        .next()
+        .map(|m| m.gate.shape()[0])
+    else {
+        return Ok(None);
+    };
+    for m in bank.experts.iter().flatten() {
+        if m.gate.shape() != [inter, hidden]
+            || m.up.shape() != [inter, hidden]
+            || m.down.shape() != [hidden, inter]
+        {
+            return Err(format!(
+                "experts: input has {hidden} features, expert weights are gate {:?} up {:?} down {:?}",
+                m.gate.shape(),
+                m.up.shape(),
+                m.down.shape()
+            ));
+        }
+    }
+    Ok(Some(inter))
+}
+
 pub(crate) fn run(
     b: &CudaBackend,
     bank: &ExpertBank<CudaWeight>,
@@ -50,26 +81,7 @@ pub(crate) fn run(
             _ => -1,
         })
         .collect();
-    let inter = bank
-        .experts
-        .iter()
-        .flatten()
-        .next()
-        .map(|m| m.gate.shape()[0])
-        .unwrap_or(0);
-    for m in bank.experts.iter().flatten() {
-        if m.gate.shape() != [inter, hidden]
-            || m.up.shape() != [inter, hidden]
-            || m.down.shape() != [hidden, inter]
-        {
-            return Err(err(format!(
-                "experts: input has {hidden} features, expert weights are gate {:?} up {:?} down {:?}",
-                m.gate.shape(),
-                m.up.shape(),
-                m.down.shape()
-            )));
-        }
-    }
+    let inter = bank_intermediate(bank, hidden).map_err(err)?.unwrap_or(0);
     let xb = b.bf16_of(x)?;
     let k = routing.top_k;
     let ids_t = Tensor::from_host(gpu, &ids, &[n, k]).kx()?;

@@ -344,17 +344,10 @@ impl CudaBackend {
         if n == 0 || n > small::SMALL_EXPERTS_MAX_ROWS || !self.small_experts {
             return Ok(false);
         }
-        let Some(inter) = bank.experts.iter().flatten().next().map(|m| m.gate.shape()[0]) else {
+        // an empty bank or mismatched shapes: the host path reports them
+        let Ok(Some(inter)) = experts::bank_intermediate(bank, hidden) else {
             return Ok(false);
         };
-        for m in bank.experts.iter().flatten() {
-            if m.gate.shape() != [inter, hidden]
-                || m.up.shape() != [inter, hidden]
-                || m.down.shape() != [hidden, inter]
-            {
-                return Ok(false); // the host path reports the mismatch
-            }
-        }
         let k = ids.shape().get(1).copied().unwrap_or(0);
         let _t = self.timed("experts_from_device_routing");
         let _g = self.lock()?;
@@ -802,23 +795,10 @@ impl Backend for CudaBackend {
         if n == 0 || n > small::SMALL_EXPERTS_MAX_ROWS || !self.small_experts {
             return Ok(None);
         }
-        let Some(inter) = bank
-            .experts
-            .iter()
-            .flatten()
-            .next()
-            .map(|m| m.gate.shape()[0])
-        else {
+        // an empty bank or mismatched shapes: the usual path reports them
+        let Ok(Some(inter)) = experts::bank_intermediate(bank, hidden) else {
             return Ok(None);
         };
-        for m in bank.experts.iter().flatten() {
-            if m.gate.shape() != [inter, hidden]
-                || m.up.shape() != [inter, hidden]
-                || m.down.shape() != [hidden, inter]
-            {
-                return Ok(None); // the usual path reports the mismatch
-            }
-        }
         if p.n_experts != bank.experts.len() {
             return Ok(None);
         }

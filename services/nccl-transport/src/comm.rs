@@ -227,21 +227,25 @@ impl Comm {
             world,
             dead: None,
         };
-        let deadline = Instant::now() + timeout;
-        loop {
-            match comm.async_state("ncclCommInitRankConfig")? {
-                false => return Ok(comm),
-                true if Instant::now() >= deadline => {
-                    comm.abort("init timed out");
-                    return Err(NcclError::InitTimeout {
-                        rank,
-                        world,
-                        timeout,
-                    });
-                }
-                true => std::thread::sleep(Duration::from_micros(200)),
+        comm.settle("ncclCommInitRankConfig", Instant::now() + timeout, timeout)?;
+        Ok(comm)
+    }
+
+    /// Polls until NCCL no longer reports `op` in progress on this communicator; at `deadline`
+    /// aborts it and fails with `InitTimeout` (`timeout` is what the error reports).
+    fn settle(&mut self, op: &'static str, deadline: Instant, timeout: Duration) -> Result<()> {
+        while self.async_state(op)? {
+            if Instant::now() >= deadline {
+                self.abort(&format!("{op} timed out"));
+                return Err(NcclError::InitTimeout {
+                    rank: self.rank,
+                    world: self.world,
+                    timeout,
+                });
             }
+            std::thread::sleep(Duration::from_micros(200));
         }
+        Ok(())
     }
 
     pub fn rank(&self) -> usize {
@@ -320,23 +324,12 @@ impl Comm {
                 (&mut cfg as *mut ConfigV22800).cast::<nc::ncclConfig_t>(),
             )
         };
-        let mut pending = check(r, "ncclCommSplit", self.rank, Some(self.raw))?;
+        check(r, "ncclCommSplit", self.rank, Some(self.raw))?;
         // A non-blocking parent finishes the split in the background and writes the child
         // handle only then (the first GPU run read it right away and found it NULL): wait on
         // the parent's state first.
         let deadline = Instant::now() + timeout;
-        while pending {
-            if Instant::now() >= deadline {
-                self.abort("split timed out");
-                return Err(NcclError::InitTimeout {
-                    rank: self.rank,
-                    world: self.world,
-                    timeout,
-                });
-            }
-            std::thread::sleep(Duration::from_micros(200));
-            pending = self.async_state("ncclCommSplit")?;
-        }
+        self.settle("ncclCommSplit", deadline, timeout)?;
         // NCCL's background thread wrote it through the pointer it was given: read it back
         // from memory, not from a value the compiler may have kept from before the wait
         // SAFETY: `child` is a live, initialised local.
@@ -352,17 +345,7 @@ impl Comm {
         let parent = std::mem::replace(&mut self.raw, child);
         self.parent = Some(parent);
         // the child is blocking, but its own setup may still report in progress once
-        while self.async_state("ncclCommSplit (child)")? {
-            if Instant::now() >= deadline {
-                self.abort("split timed out");
-                return Err(NcclError::InitTimeout {
-                    rank: self.rank,
-                    world: self.world,
-                    timeout,
-                });
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        self.settle("ncclCommSplit (child)", deadline, timeout)?;
         Ok(self)
     }
 
