@@ -942,50 +942,21 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
 
 /// The MLA decode rows alone, for both kernels (`dsv2-gpu-check --mla`).
 pub fn run_mla(gpu: &Gpu) -> Result<Vec<CheckRow>> {
+    // (context lengths, heads, block size, forced splits)
+    let cases: [(&[usize], usize, usize, Option<usize>); 7] = [
+        (&[1], 128, 64, None),
+        (&[7, 1, 67, 130], 128, 64, None),
+        (&[5137, 33, 1], 128, 64, None),
+        (&[5137, 33, 1], 128, 64, Some(1)),
+        (&[5137, 33, 1], 128, 64, Some(3)),
+        (&[67, 300, 7], 16, 16, None),
+        (&[64, 65, 63, 128], 100, 64, None),
+    ];
     let mut out = Vec::new();
     for kernel in [mla::MlaKernel::Wgmma, mla::MlaKernel::Mma] {
-        out.push(check_mla_decode(gpu, &[1], 128, 64, None, kernel)?);
-        out.push(check_mla_decode(
-            gpu,
-            &[7, 1, 67, 130],
-            128,
-            64,
-            None,
-            kernel,
-        )?);
-        out.push(check_mla_decode(
-            gpu,
-            &[5137, 33, 1],
-            128,
-            64,
-            None,
-            kernel,
-        )?);
-        out.push(check_mla_decode(
-            gpu,
-            &[5137, 33, 1],
-            128,
-            64,
-            Some(1),
-            kernel,
-        )?);
-        out.push(check_mla_decode(
-            gpu,
-            &[5137, 33, 1],
-            128,
-            64,
-            Some(3),
-            kernel,
-        )?);
-        out.push(check_mla_decode(gpu, &[67, 300, 7], 16, 16, None, kernel)?);
-        out.push(check_mla_decode(
-            gpu,
-            &[64, 65, 63, 128],
-            100,
-            64,
-            None,
-            kernel,
-        )?);
+        for (lens, heads, block, splits) in cases {
+            out.push(check_mla_decode(gpu, lens, heads, block, splits, kernel)?);
+        }
     }
     Ok(out)
 }

@@ -60,6 +60,22 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 __device__ __forceinline__ void cp_async_wait_all_but_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
+// Eight values of row (b, h) of the decode query [q_abs (512) | q_pe (64)] starting at column
+// `col` (a multiple of 8); zeros for padding heads h >= heads. q_pe may be strided (see below).
+__device__ __forceinline__ bf16x8 load_q8(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, int b,
+                                         int h, int heads, int col, long long qpe_sb, long long qpe_sh) {
+    bf16x8 v;
+    if (h < heads) {
+        const bf16* src = col < D_LAT ? q_abs + ((size_t)b * heads + h) * D_LAT + col
+                                      : q_pe + (size_t)b * qpe_sb + (size_t)h * qpe_sh + (col - D_LAT);
+        v = *reinterpret_cast<const bf16x8*>(src);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v.v[i] = __floats2bfloat162_rn(0.f, 0.f);
+    }
+    return v;
+}
+
 // Load cache tokens [t0, t0 + TN) of sequence b into a smem tile; tokens >= end become zeros.
 __device__ __forceinline__ void load_k_tile(bf16* dst, const bf16* __restrict__ cache,
                                             const int* __restrict__ btab, int block_size, int t0, int end) {
@@ -103,16 +119,7 @@ mla_decode_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, c
     // Q tile: rows are heads h0 .. h0+63 (zeros past `heads`), cols 0..511 q_abs, 512..575 q_pe.
     for (int c = tid; c < HB * (D_QK / 8); c += NTHREADS) {
         int r = c / (D_QK / 8), col = (c % (D_QK / 8)) * 8;
-        int h = h0 + r;
-        bf16x8 v;
-        if (h < heads) {
-            const bf16* src = col < D_LAT ? q_abs + ((size_t)b * heads + h) * D_LAT + col
-                                          : q_pe + (size_t)b * qpe_sb + (size_t)h * qpe_sh + (col - D_LAT);
-            v = *reinterpret_cast<const bf16x8*>(src);
-        } else {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) v.v[i] = __floats2bfloat162_rn(0.f, 0.f);
-        }
+        const bf16x8 v = load_q8(q_abs, q_pe, b, h0 + r, heads, col, qpe_sb, qpe_sh);
         *reinterpret_cast<bf16x8*>(&sm.q[r * SROW + col]) = v;
     }
 
@@ -426,16 +433,7 @@ mla_decode_wgmma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
     // Q: rows are heads h0 .. h0+63 (zeros past `heads`), cols 0..511 q_abs, 512..575 q_pe
     for (int c = tid; c < 64 * (D_QK / 8); c += 256) {
         int r = c / (D_QK / 8), col = (c % (D_QK / 8)) * 8;
-        int h = h0 + r;
-        bf16x8 v;
-        if (h < heads) {
-            const bf16* src = col < D_LAT ? q_abs + ((size_t)b * heads + h) * D_LAT + col
-                                          : q_pe + (size_t)b * qpe_sb + (size_t)h * qpe_sh + (col - D_LAT);
-            v = *reinterpret_cast<const bf16x8*>(src);
-        } else {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) v.v[i] = __floats2bfloat162_rn(0.f, 0.f);
-        }
+        const bf16x8 v = load_q8(q_abs, q_pe, b, h0 + r, heads, col, qpe_sb, qpe_sh);
         *reinterpret_cast<bf16x8*>(sq + wg_swz(r, col)) = v;
     }
 
