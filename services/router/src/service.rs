@@ -387,16 +387,23 @@ impl Inference for InferenceApi {
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let tok = self
             .tokenizer
-            .as_ref()
+            .clone()
             .ok_or_else(|| Status::failed_precondition("this model has no tokenizer"))?;
         let r = request.into_inner();
-        let ids = if r.add_bos_token {
-            tok.encode_prompt(&r.text)
-        } else {
-            tok.encode_raw(&r.text)
-        }
+        // Tokenizing a long text takes milliseconds of CPU: off the async workers that serve
+        // every other call.
+        let (ids, tokens) = tokio::task::spawn_blocking(move || {
+            let ids = if r.add_bos_token {
+                tok.encode_prompt(&r.text)
+            } else {
+                tok.encode_raw(&r.text)
+            }?;
+            let tokens = ids.iter().map(|&i| tok.token_text(i)).collect::<Vec<_>>();
+            Ok::<_, dsv2_core::error::CoreError>((ids, tokens))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("tokenizer task failed: {e}")))?
         .map_err(|e| status::from_core(&e))?;
-        let tokens = ids.iter().map(|&i| tok.token_text(i)).collect();
         Ok(Response::new(pb::TokenizeResponse {
             token_ids: ids,
             tokens,
