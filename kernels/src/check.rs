@@ -455,6 +455,30 @@ pub fn check_permute_combine(
     Ok(rows)
 }
 
+/// The reference FFN of expert `e` (of `n_exp` stacked in `gate_up` / `down`) on row `row` of x.
+#[allow(clippy::too_many_arguments)]
+fn one_expert(
+    x: &[f32],
+    row: usize,
+    gate_up: &[f32],
+    down: &[f32],
+    e: usize,
+    n_exp: usize,
+    hidden: usize,
+    inter: usize,
+) -> Vec<f32> {
+    let mut one = vec![0usize; n_exp];
+    one[e] = 1;
+    r::expert_ffn(
+        &x[row * hidden..(row + 1) * hidden],
+        gate_up,
+        down,
+        &one,
+        hidden,
+        inter,
+    )
+}
+
 pub fn check_expert_ffn(
     gpu: &Gpu,
     tokens: usize,
@@ -503,17 +527,7 @@ pub fn check_expert_ffn(
             .collect::<std::collections::BTreeSet<_>>()
         {
             let row = off + i;
-            let mut one = vec![0usize; n_exp];
-            one[e] = 1;
-            let y = r::expert_ffn(
-                &xf[row * hidden..(row + 1) * hidden],
-                &guf,
-                &df,
-                &one,
-                hidden,
-                inter,
-            );
-            ws.extend(y);
+            ws.extend(one_expert(&xf, row, &guf, &df, e, n_exp, hidden, inter));
             gs.extend_from_slice(&got[row * hidden..(row + 1) * hidden]);
         }
         off += n;
@@ -610,16 +624,7 @@ pub fn check_small_experts(
             if e < 0 || e as usize >= n_exp || e as usize == absent {
                 continue;
             }
-            let mut one = vec![0usize; n_exp];
-            one[e as usize] = 1;
-            let y = r::expert_ffn(
-                &xf[row * hidden..(row + 1) * hidden],
-                &guf,
-                &df,
-                &one,
-                hidden,
-                inter,
-            );
+            let y = one_expert(&xf, row, &guf, &df, e as usize, n_exp, hidden, inter);
             for (o, v) in y.iter().enumerate() {
                 want[row * hidden + o] += wts[row * k + j] * r::bf(*v);
             }
