@@ -235,21 +235,29 @@ fn random_store_equals_the_written_random_checkpoint() {
     );
 }
 
-/// Real V2-Lite dims (hidden 2048, 64 experts of 1408, vocab 102400), two layers: ~2.1 GB.
+/// Real V2-Lite widths where size matters (hidden 2048, 16 heads, 64 experts of 1408: 1.1 GB of
+/// experts in one MoE layer), written as several files. The vocabulary is cut to 4096 and the
+/// one layer is MoE so that the input plus one converted copy stay near 2.3 GB of disk: CI runs
+/// this on a machine whose free disk is not guaranteed (at full vocab and two layers, 4.2 GB ran
+/// it out of space).
 #[test]
 fn random_v2_lite_real_dims_round_trip() {
+    let mut config = Preset::DeepseekV2Lite.config_json(1);
+    config["vocab_size"] = serde_json::json!(4096);
+    config["first_k_dense_replace"] = serde_json::json!(0);
     let hf = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
-    init_random(
+    let rep = init_random(
         &InitOptions {
-            config: Preset::DeepseekV2Lite.config_json(2),
+            config,
             out: hf.path().to_path_buf(),
             seed: 5,
             threads: 2,
-            max_file_bytes: 5_000_000_000,
+            max_file_bytes: 400_000_000,
         },
         &NoProgress,
     )
     .unwrap();
+    assert!(rep.files.len() > 1, "{:?}", rep.files);
     let want = logit_bits(hf.path());
     for shards in [1usize, 2, 3] {
         let out = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
