@@ -4,8 +4,11 @@
 # shard (cuda:1) over --transport nccl against the same pair over --transport grpc: greedy ids,
 # generated-token logprobs and prompt logprobs must be identical, on every golden fixture and on
 # a real-dims DeepSeek-V2 with random weights drawn on the GPUs (LAYERS layers, default 3).
-# Build here: cargo build --release --workspace; carry the stripped binaries (BIN, default
-# .gpubin): dsv2 dsv2-router dsv2-expert nccl-smoke nccl-roundtrip moe-roundtrip.
+# A third pair runs the decode slots (DSV2_NCCL_SLOTS=4, blocking communicator) and must equal
+# gRPC too. Build here: cargo build --release --workspace; carry the stripped binaries (BIN,
+# default .gpubin): dsv2 dsv2-router dsv2-expert nccl-smoke nccl-roundtrip moe-roundtrip, and
+# nccl-two-ranks (the dsv2-nccl crate's GPU test binary, `cargo test --release -p dsv2-nccl
+# --test two_ranks --no-run` prints its path).
 # Log: $OUT/gpu-nccl.log. Exit status: 0 when every check passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,15 +33,25 @@ old_rc=$?
 echo "receive-in-group variant: exit $old_rc ($([ $old_rc -eq 0 ] && echo completed || echo 'did not complete within 10 s'))"
 pkill -9 -f nccl-smoke 2>/dev/null
 
+echo "== 1c. protocol tests on the GPU pair (dsv2-nccl two_ranks: per-layer, slots, dead shard, init timeout)"
+if [ -x "$BIN/nccl-two-ranks" ]; then
+  timeout -k 5 120 "$BIN/nccl-two-ranks" --test-threads=1 2>&1 | grep -E "^test |test result|panicked|skipped" \
+    || { echo "nccl-two-ranks FAILED"; fail=1; }
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "nccl-two-ranks FAILED (exit ${PIPESTATUS[0]})"; fail=1; }
+else
+  echo "nccl-two-ranks not carried in $BIN: SKIPPED"
+fi
+
 echo "== 2. NCCL round trip, router GPU 0 -> shard GPU 1 (echo: compute excluded; ffn: 80 experts, compute included)"
 DSV2_NCCL_TRACE=1 timeout -k 5 180 "$BIN/nccl-roundtrip" --iters 200 --warmup 20 || { echo "nccl-roundtrip FAILED ($?)"; fail=1; }
 pkill -9 -f nccl-roundtrip 2>/dev/null
 # Variants (measured beside the default, not the default): a blocking-mode communicator split
-# from the non-blocking one (each non-blocking group end costs ~55 µs of host time), and that plus
-# the header in the rows' group.
-for v in "DSV2_NCCL_BLOCKING=1" "DSV2_NCCL_BLOCKING=1 DSV2_NCCL_MERGED=1"; do
+# from the non-blocking one (each non-blocking group end costs ~55 µs of host time), and the
+# decode slots (one fixed-size message answered by a shard that enqueued its reply ahead), with
+# either communicator.
+for v in "--blocking --bw-rows 0" "--slot-rows 4 --rows 1,4" "--slot-rows 4 --rows 1,4 --blocking"; do
   echo "== 2b. variant $v"
-  env $v DSV2_NCCL_TRACE=1 timeout -k 5 60 "$BIN/nccl-roundtrip" --iters 200 --warmup 20 --bw-rows 0 || { echo "nccl-roundtrip ($v) FAILED ($?)"; fail=1; }
+  DSV2_NCCL_TRACE=1 timeout -k 5 60 "$BIN/nccl-roundtrip" --iters 200 --warmup 20 $v || { echo "nccl-roundtrip ($v) FAILED ($?)"; fail=1; }
   pkill -9 -f nccl-roundtrip 2>/dev/null
 done
 
@@ -49,29 +62,34 @@ PIDFILE=/tmp/dsv2-nccl.pids
 source scripts/lib/services.sh
 trap stop_all EXIT
 
-# compare MODEL_DIR IDS...: the same requests through both transports, byte-equal JSON fields.
+# compare MODEL_DIR IDS...: the same requests through gRPC, NCCL and NCCL with decode slots
+# (prompt: per-layer protocol after an announcement slot; decode: 1-row slots), byte-equal JSON.
 compare() {
   local dir=$1; shift
-  local eg en rg rn
+  local eg en es rg rn rs
   eg=$(start eg "$BIN/dsv2-expert" --model-dir "$dir" "${EXTRA[@]}" --device cuda:1 --shard-index 0 --num-shards 1) || { fail=1; stop_all; return; }
   en=$(start en "$BIN/dsv2-expert" --model-dir "$dir" "${EXTRA[@]}" --device cuda:1 --shard-index 0 --num-shards 1 --transport nccl) || { fail=1; stop_all; return; }
+  es=$(start es "$BIN/dsv2-expert" --model-dir "$dir" "${EXTRA[@]}" --device cuda:1 --shard-index 0 --num-shards 1 --transport nccl) || { fail=1; stop_all; return; }
   rg=$(start rg "$BIN/dsv2-router" --model-dir "$dir" "${EXTRA[@]}" --device cuda:0 --shard "http://$eg") || { fail=1; stop_all; return; }
   rn=$(start rn "$BIN/dsv2-router" --model-dir "$dir" "${EXTRA[@]}" --device cuda:0 --shard "http://$en" --transport nccl) || { tail -5 /tmp/en.err; fail=1; stop_all; return; }
+  rs=$(start rs env DSV2_NCCL_SLOTS=4 DSV2_NCCL_BLOCKING=1 "$BIN/dsv2-router" --model-dir "$dir" "${EXTRA[@]}" --device cuda:0 --shard "http://$es" --transport nccl) || { tail -5 /tmp/es.err; fail=1; stop_all; return; }
   for ids in "$@"; do
-    for t in g n; do
-      local ep=$([ $t = g ] && echo "$rg" || echo "$rn")
+    for t in g n s; do
+      local ep
+      case $t in g) ep=$rg ;; n) ep=$rn ;; s) ep=$rs ;; esac
       "$BIN/dsv2" generate --endpoint "http://$ep" --input-ids "$ids" --max-output-len 16 --ignore-eos \
         --json --logprobs 5 --prompt-logprobs 5 >"/tmp/out-$t.json" 2>"/tmp/out-$t.err" || tail -3 "/tmp/out-$t.err"
     done
     verdict=$("$PY" - <<'PYEOF'
 import json
 try:
-    g, n = (json.loads(open(f"/tmp/out-{t}.json").read().strip().splitlines()[-1]) for t in "gn")
+    g, n, s = (json.loads(open(f"/tmp/out-{t}.json").read().strip().splitlines()[-1]) for t in "gns")
 except Exception as e:
     print(f"NO-OUTPUT {e}"); raise SystemExit
-bad = [k for k in ("output_ids", "logprobs", "prompt_logprobs") if g[k] != n[k]]
-tps = f"nccl {n['tokens_per_s']:.1f} tok/s vs grpc {g['tokens_per_s']:.1f} tok/s"
-print(("EQUAL (ids, logprobs, prompt logprobs)" if not bad else "DIFF in " + ",".join(bad)) + f"; {len(g['output_ids'])} tokens; {tps}")
+keys = ("output_ids", "logprobs", "prompt_logprobs")
+bad = [f"nccl:{k}" for k in keys if g[k] != n[k]] + [f"slots:{k}" for k in keys if g[k] != s[k]]
+tps = f"nccl {n['tokens_per_s']:.1f}, slots {s['tokens_per_s']:.1f}, grpc {g['tokens_per_s']:.1f} tok/s"
+print(("EQUAL (ids, logprobs, prompt logprobs; nccl and slots vs grpc)" if not bad else "DIFF in " + ",".join(bad)) + f"; {len(g['output_ids'])} tokens; {tps}")
 PYEOF
 )
     echo "$(basename "$dir") [${ids:0:30}...]: $verdict"

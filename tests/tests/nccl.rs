@@ -53,6 +53,7 @@ async fn a_grpc_only_shard_answers_ncclinit_with_the_fix() {
             hidden_size: 64,
             max_rows: 16,
             max_experts_per_row: 2,
+            ..Default::default()
         })
         .await
         .expect("NcclInit is answered, not failed")

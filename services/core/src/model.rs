@@ -74,6 +74,20 @@ pub trait ExpertExecutor<B: Backend>: Send + Sync {
     fn local_bank(&self, _layer: usize) -> Option<&ExpertBank<B::Weight>> {
         None
     }
+
+    /// Routes `x` with `gate` and dispatches it in one step, for an executor that ships the
+    /// routing where the backend computed it (the NCCL decode slots keep it on the GPU instead
+    /// of a host round trip per layer). None: the model routes on the host and calls
+    /// [`ExpertExecutor::dispatch`].
+    fn dispatch_gated(
+        &self,
+        _layer: usize,
+        _gate: &B::Weight,
+        _x: &B::Act,
+        _p: &RoutingParams,
+    ) -> Result<Option<PendingExperts<B>>> {
+        Ok(None)
+    }
 }
 
 /// Which routed experts a process loads.
@@ -385,8 +399,14 @@ impl<B: Backend> Model<B> {
                     let (mut routed, shared_out) = match local {
                         Some(r) => (r, shared.as_ref().map(|s| b.mlp(s, &x)).transpose()?),
                         None => {
-                            let routing = b.route(gate, &x, &self.routing)?;
-                            let pending = experts.dispatch(l, &x, &routing)?;
+                            let pending =
+                                match experts.dispatch_gated(l, gate, &x, &self.routing)? {
+                                    Some(p) => p,
+                                    None => {
+                                        let routing = b.route(gate, &x, &self.routing)?;
+                                        experts.dispatch(l, &x, &routing)?
+                                    }
+                                };
                             // Shared experts run while routed experts are away.
                             let shared_out = shared.as_ref().map(|s| b.mlp(s, &x)).transpose()?;
                             (pending.wait()?, shared_out)

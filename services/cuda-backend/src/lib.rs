@@ -126,6 +126,16 @@ struct RopeCache {
 /// The CUDA backend on one device. All work goes to the device's main stream; a mutex serialises
 /// callers because cuBLAS handles and the launch sequence of one op must not interleave.
 /// The gate's result on the device, or the logits when only the host can route them.
+/// Rows and the gate's choice for them, on the device ([`CudaBackend::route_on_device`]).
+pub struct DeviceRouted {
+    /// [rows, hidden] bf16.
+    pub x: Tensor<bf16>,
+    /// [rows, top_k] global expert ids.
+    pub ids: Tensor<i32>,
+    /// [rows, top_k] gate weights.
+    pub weights: Tensor<f32>,
+}
+
 enum DeviceRouting {
     Chosen {
         ids: Tensor<i32>,
@@ -321,6 +331,40 @@ impl CudaBackend {
     ) -> Result<R> {
         let _g = self.lock()?;
         f(&self.gpu).kx()
+    }
+
+    /// The gate's choice for `x` left on the device, for a transport that ships it as it is (the
+    /// NCCL decode slots): a bf16 copy of the rows the caller owns, expert ids [rows, top_k]
+    /// (global, i32) and gate weights [rows, top_k]. None where the gate kernel does not cover
+    /// the shapes (the caller routes on the host instead).
+    pub fn route_on_device(
+        &self,
+        gate: &CudaWeight,
+        x: &CudaAct,
+        p: &RoutingParams,
+    ) -> Result<Option<DeviceRouted>> {
+        let _t = self.timed("route_on_device");
+        let _g = self.lock()?;
+        let DeviceRouting::Chosen { ids, weights } = self.gate_on_device(gate, x, p)? else {
+            return Ok(None);
+        };
+        let rows = match x {
+            CudaAct::Bf16(t) => {
+                let mut y = self.empty(t.shape())?;
+                gen_ops::copy_rows(&self.gpu, t.view(), y.view_mut()).kx()?;
+                y
+            }
+            CudaAct::F32(t) => {
+                let mut y = self.empty(t.shape())?;
+                gen_ops::cast_f32_bf16(&self.gpu, t.view(), y.view_mut()).kx()?;
+                y
+            }
+        };
+        Ok(Some(DeviceRouted {
+            x: rows,
+            ids,
+            weights,
+        }))
     }
 
     /// Routed experts of `bank` for rows whose routing is already on this device, written into

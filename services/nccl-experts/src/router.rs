@@ -11,13 +11,14 @@ use std::time::Duration;
 use cudarc::driver::CudaSlice;
 use dsv2_core::model::{ExpertExecutor, PendingExperts};
 use dsv2_core::placement::{Placement, split_rows};
-use dsv2_core::routing::Routing;
+use dsv2_core::routing::{Routing, RoutingParams};
 use dsv2_core::{CoreError, ModelConfig};
-use dsv2_cuda_backend::{CudaAct, CudaBackend};
+use dsv2_cuda_backend::{CudaAct, CudaBackend, CudaWeight};
+use dsv2_kernels::ops::small_experts::SMALL_EXPERTS_MAX_ROWS;
 use dsv2_kernels::ops::{general, moe};
 use dsv2_kernels::{Gpu, KernelError, Tensor, View};
 use dsv2_nccl::bootstrap::bootstrap_router;
-use dsv2_nccl::{PlaneConfig, RouterPlane, ShardPart};
+use dsv2_nccl::{LayerSet, PlaneConfig, RouterPlane, ShardPart};
 use half::bf16;
 use tokio::runtime::Handle;
 
@@ -36,11 +37,32 @@ struct Part {
 
 type Reply = (Vec<Option<Part>>, Result<(), String>);
 
+/// A layer whose rows go to the shards that hold their experts (the per-layer protocol).
 struct Job {
     layer: u32,
     k: usize,
     parts: Vec<Option<Part>>,
     reply: mpsc::SyncSender<Reply>,
+}
+
+/// A decode-size layer in one slot to every shard, routing as the gate kernel left it on the
+/// device; the reply is the summed partials (or why not).
+struct SlotJob {
+    layer: u32,
+    /// [rows, hidden] bf16 copy of the layer's input.
+    x: Tensor<bf16>,
+    /// [rows, k] global expert ids / gate weights.
+    ids: Tensor<i32>,
+    weights: Tensor<f32>,
+    /// The pass's last MoE layer: wait (bounded) until every exchange so far has completed,
+    /// so that the host's next unbounded wait (the logits) cannot hang on a dead shard.
+    last: bool,
+    reply: mpsc::SyncSender<Result<CudaAct, String>>,
+}
+
+enum Work {
+    Layer(Job),
+    Slot(Box<SlotJob>),
 }
 
 /// Routed experts on NCCL shards (ranks 1..=N), the router being rank 0.
@@ -52,9 +74,33 @@ pub struct NcclExperts {
     max_rows: usize,
     max_k: usize,
     timeout: Duration,
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    /// Rows of the decode slot (0: slots off, every layer takes the per-layer protocol).
+    slot_rows: usize,
+    /// The last MoE layer (slot jobs of it wait for completion).
+    last_moe_layer: usize,
+    jobs: Mutex<Option<mpsc::Sender<Work>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     watch: ShardWatch,
+}
+
+/// `DSV2_NCCL_SLOTS=N`: decode slots of N rows (0 or unset: off). Capped at the small-batch
+/// expert kernels' row limit: beyond it a shard could not answer a slot without the host.
+fn slot_rows_from_env(max_rows: usize) -> Result<usize, CoreError> {
+    let Ok(v) = std::env::var("DSV2_NCCL_SLOTS") else {
+        return Ok(0);
+    };
+    let n: usize = v.trim().parse().map_err(|_| {
+        CoreError::InvalidInput(format!(
+            "DSV2_NCCL_SLOTS={v}: expected a row count (0 = off, at most {})",
+            SMALL_EXPERTS_MAX_ROWS
+        ))
+    })?;
+    if n > SMALL_EXPERTS_MAX_ROWS {
+        return Err(CoreError::InvalidInput(format!(
+            "DSV2_NCCL_SLOTS={n}: at most {SMALL_EXPERTS_MAX_ROWS} rows (the small-batch expert kernels' limit)"
+        )));
+    }
+    Ok(n.min(max_rows))
 }
 
 /// How often the shards' health is checked (a dead shard fails the layer within ~2 periods).
@@ -85,14 +131,20 @@ impl NcclExperts {
                 "the NCCL data plane needs at least one expert shard".into(),
             ));
         }
+        let max_rows = max_rows.max(1);
+        let moe_layers = cfg.moe_layers();
         let plane_cfg = PlaneConfig {
             hidden: cfg.hidden_size,
-            max_rows: max_rows.max(1),
+            max_rows,
             max_k: cfg.num_experts_per_tok.max(1),
             timeout,
+            blocking: std::env::var("DSV2_NCCL_BLOCKING").is_ok_and(|v| v == "1"),
+            slot_rows: slot_rows_from_env(max_rows)?,
+            moe_layers: LayerSet::from_layers(moe_layers.iter().copied())
+                .map_err(|e| CoreError::InvalidInput(e.to_string()))?,
         };
         let (init_tx, init_rx) = mpsc::channel::<Result<(), String>>();
-        let (job_tx, job_rx) = mpsc::channel::<Job>();
+        let (job_tx, job_rx) = mpsc::channel::<Work>();
         let b = backend.clone();
         let eps = endpoints.clone();
         let watch = ShardWatch::spawn(&rt, endpoints.clone(), WATCH_PERIOD);
@@ -117,6 +169,8 @@ impl NcclExperts {
         tracing::info!(
             shards = endpoints.len(),
             max_rows = plane_cfg.max_rows,
+            blocking = plane_cfg.blocking,
+            slot_rows = plane_cfg.slot_rows,
             "NCCL data plane up: router is rank 0"
         );
         Ok(NcclExperts {
@@ -127,6 +181,8 @@ impl NcclExperts {
             max_rows: plane_cfg.max_rows,
             max_k: plane_cfg.max_k,
             timeout,
+            slot_rows: plane_cfg.slot_rows,
+            last_moe_layer: moe_layers.last().copied().unwrap_or(0),
             jobs: Mutex::new(Some(job_tx)),
             thread: Mutex::new(Some(thread)),
             watch,
@@ -218,13 +274,7 @@ impl ExpertExecutor<CudaBackend> for NcclExperts {
             parts,
             reply: reply_tx,
         };
-        let sent = match self.jobs.lock() {
-            Ok(g) => g.as_ref().is_some_and(|tx| tx.send(job).is_ok()),
-            Err(_) => false,
-        };
-        if !sent {
-            return Err(experts_err("the plane thread has stopped"));
-        }
+        self.submit(Work::Layer(job))?;
         let backend = self.backend.clone();
         // The plane enforces `timeout` per exchange; the margin covers the jobs queued ahead.
         let wait = self.timeout + Duration::from_secs(10);
@@ -245,6 +295,57 @@ impl ExpertExecutor<CudaBackend> for NcclExperts {
                 Ok(CudaAct::Bf16(out))
             })
         })))
+    }
+
+    /// Decode sizes with slots on: the gate kernel's ids and weights go to every shard as they
+    /// are, in one slot, with no routing on the host.
+    fn dispatch_gated(
+        &self,
+        layer: usize,
+        gate: &CudaWeight,
+        x: &CudaAct,
+        p: &RoutingParams,
+    ) -> dsv2_core::Result<Option<PendingExperts<CudaBackend>>> {
+        let rows = match x {
+            CudaAct::Bf16(t) => t.shape()[0],
+            CudaAct::F32(t) => t.shape()[0],
+        };
+        if self.slot_rows == 0 || rows == 0 || rows > self.slot_rows || p.top_k != self.max_k {
+            return Ok(None);
+        }
+        let Some(routed) = self.backend.route_on_device(gate, x, p)? else {
+            return Ok(None);
+        };
+        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+        self.submit(Work::Slot(Box::new(SlotJob {
+            layer: layer as u32,
+            x: routed.x,
+            ids: routed.ids,
+            weights: routed.weights,
+            last: layer == self.last_moe_layer,
+            reply: reply_tx,
+        })))?;
+        let wait = self.timeout + Duration::from_secs(10);
+        Ok(Some(PendingExperts::Later(Box::new(move || {
+            reply_rx
+                .recv_timeout(wait)
+                .map_err(|_| experts_err(format!("no answer within {wait:?}")))?
+                .map_err(experts_err)
+        }))))
+    }
+}
+
+impl NcclExperts {
+    fn submit(&self, work: Work) -> Result<(), CoreError> {
+        let sent = match self.jobs.lock() {
+            Ok(g) => g.as_ref().is_some_and(|tx| tx.send(work).is_ok()),
+            Err(_) => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            Err(experts_err("the plane thread has stopped"))
+        }
     }
 }
 
@@ -272,6 +373,52 @@ struct Empty {
     partial: CudaSlice<bf16>,
 }
 
+/// One slot exchange and the sum of the shards' partials (f32 in shard order, then one
+/// rounding to bf16: the arithmetic of the per-layer path and of the gRPC transport).
+fn slot_layer(
+    backend: &CudaBackend,
+    plane: &mut RouterPlane,
+    job: &SlotJob,
+    partials: &[Tensor<bf16>],
+    ident: &Tensor<i32>,
+    explain: impl Fn(dsv2_nccl::NcclError) -> String,
+) -> Result<CudaAct, String> {
+    let (rows, h) = (job.x.shape()[0], job.x.shape()[1]);
+    let k = job.ids.shape().get(1).copied().unwrap_or(0);
+    let ptrs: Vec<u64> = partials.iter().map(|t| t.ptr()).collect();
+    // SAFETY: x [rows, h] bf16, ids / weights [rows, k] and each partial [slot_rows, h] are
+    // live tensors on the plane's device and stream; the job owns the inputs until after the
+    // copies (tensors are freed in stream order), the partials live as long as the loop.
+    unsafe {
+        plane.exchange_slot(
+            job.layer,
+            rows,
+            k,
+            job.x.ptr(),
+            job.ids.ptr(),
+            job.weights.ptr(),
+            &ptrs,
+        )
+    }
+    .map_err(&explain)?;
+    let out = backend
+        .with_gpu(|gpu| {
+            let mut acc = Tensor::<f32>::zeros(gpu, &[rows, h])?;
+            for p in partials {
+                let idx = ident.view().narrow(0, 0, rows)?;
+                general::rows_add_f32(gpu, acc.view_mut(), p.view().narrow(0, 0, rows)?, idx)?;
+            }
+            let mut out = Tensor::<bf16>::uninit(gpu, &[rows, h])?;
+            general::cast_f32_bf16(gpu, acc.view(), out.view_mut())?;
+            Ok(CudaAct::Bf16(out))
+        })
+        .map_err(|e: CoreError| e.to_string())?;
+    if job.last {
+        plane.sync().map_err(&explain)?;
+    }
+    Ok(out)
+}
+
 fn plane_loop(
     backend: Arc<CudaBackend>,
     rt: Handle,
@@ -279,7 +426,7 @@ fn plane_loop(
     cfg: PlaneConfig,
     watch: ShardWatch,
     init_tx: mpsc::Sender<Result<(), String>>,
-    jobs: mpsc::Receiver<Job>,
+    jobs: mpsc::Receiver<Work>,
 ) {
     let gpu = backend.gpu();
     if let Err(e) = gpu.ctx.bind_to_thread() {
@@ -304,6 +451,28 @@ fn plane_loop(
             return;
         }
     };
+    let h = cfg.hidden;
+    // Slot mode: where each shard's partials of a slot land, and row indices 0..slot_rows for
+    // summing them (the same kernel, and order, as the per-layer path).
+    let slot_bufs = if cfg.slot_rows > 0 {
+        let r = backend.with_gpu(|gpu| {
+            let partials = (0..endpoints.len())
+                .map(|_| Tensor::<bf16>::zeros(gpu, &[cfg.slot_rows, h]))
+                .collect::<Result<Vec<_>, _>>()?;
+            let ident: Vec<i32> = (0..cfg.slot_rows as i32).collect();
+            let ident = Tensor::from_host(gpu, &ident, &[cfg.slot_rows])?;
+            Ok((partials, ident))
+        });
+        match r {
+            Ok(b) => Some(b),
+            Err(e) => {
+                let _ = init_tx.send(Err(format!("allocating the slot buffers: {e}")));
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let up = |plane: &mut Option<RouterPlane>| -> Result<(), String> {
         // the old communicator (aborted after its failure) goes before a new one is made
         plane.take();
@@ -319,10 +488,9 @@ fn plane_loop(
         return;
     }
     let _ = init_tx.send(Ok(()));
-    let h = cfg.hidden;
     let mut broken: Option<String> = None;
     let mut last_try = std::time::Instant::now();
-    while let Ok(mut job) = jobs.recv() {
+    while let Ok(work) = jobs.recv() {
         // A failed plane comes back once every shard answers again (a restarted shard joins
         // the new communicator through its NcclInit).
         if broken.is_some()
@@ -341,48 +509,71 @@ fn plane_loop(
                 }
             }
         }
-        let result = match (&broken, plane.as_mut()) {
+        let live = match (&broken, plane.as_mut()) {
             (Some(e), _) => Err(format!("down since a failure: {e}")),
             (None, None) => Err("no communicator".to_string()),
-            (None, Some(plane)) => {
-                let mut views: Vec<ShardPart<'_>> = job
-                    .parts
-                    .iter_mut()
-                    .zip(empties.iter_mut())
-                    .map(|(p, e)| match p {
-                        Some(p) => ShardPart {
-                            rows: p.rows,
-                            x: p.x.buf().slice(0..p.rows * h),
-                            ids: p.ids.slice(0..p.ids.len()),
-                            weights: p.weights.slice(0..p.weights.len()),
-                            partial: p.partial.buf_mut().slice_mut(0..p.rows * h),
-                        },
-                        None => ShardPart {
-                            rows: 0,
-                            x: e.x.slice(0..0),
-                            ids: e.ids.slice(0..0),
-                            weights: e.weights.slice(0..0),
-                            partial: e.partial.slice_mut(0..0),
-                        },
-                    })
-                    .collect();
-                let r = plane.exchange(job.layer, job.k, &mut views).map_err(|e| {
-                    // the watchdog's reason names the shard; NCCL's only says it was stopped
-                    match watch.reason() {
-                        Some(why) => format!("{why} ({e})"),
-                        None => e.to_string(),
-                    }
-                });
-                drop(views);
-                if let Err(e) = &r {
-                    tracing::error!(error = %e, "NCCL exchange failed; the expert plane is down");
-                    broken = Some(e.clone());
-                    last_try = std::time::Instant::now();
-                }
-                r
-            }
+            (None, Some(plane)) => Ok(plane),
         };
-        let _ = job.reply.send((job.parts, result));
+        // the watchdog's reason names the shard; NCCL's only says it was stopped
+        let explain = |e: dsv2_nccl::NcclError| match watch.reason() {
+            Some(why) => format!("{why} ({e})"),
+            None => e.to_string(),
+        };
+        match work {
+            Work::Layer(mut job) => {
+                let result = live.and_then(|plane| {
+                    let mut views: Vec<ShardPart<'_>> = job
+                        .parts
+                        .iter_mut()
+                        .zip(empties.iter_mut())
+                        .map(|(p, e)| match p {
+                            Some(p) => ShardPart {
+                                rows: p.rows,
+                                x: p.x.buf().slice(0..p.rows * h),
+                                ids: p.ids.slice(0..p.ids.len()),
+                                weights: p.weights.slice(0..p.weights.len()),
+                                partial: p.partial.buf_mut().slice_mut(0..p.rows * h),
+                            },
+                            None => ShardPart {
+                                rows: 0,
+                                x: e.x.slice(0..0),
+                                ids: e.ids.slice(0..0),
+                                weights: e.weights.slice(0..0),
+                                partial: e.partial.slice_mut(0..0),
+                            },
+                        })
+                        .collect();
+                    plane
+                        .exchange(job.layer, job.k, &mut views)
+                        .map_err(explain)
+                });
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "NCCL exchange failed; the expert plane is down");
+                    if broken.is_none() {
+                        broken = Some(e.clone());
+                        last_try = std::time::Instant::now();
+                    }
+                }
+                let _ = job.reply.send((job.parts, result));
+            }
+            Work::Slot(job) => {
+                let result = live.and_then(|plane| {
+                    let Some((partials, ident)) = slot_bufs.as_ref() else {
+                        return Err("slots are off on this plane".to_string());
+                    };
+                    slot_layer(&backend, plane, &job, partials, ident, explain)
+                });
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "NCCL slot exchange failed; the expert plane is down");
+                    if broken.is_none() {
+                        broken = Some(e.clone());
+                        last_try = std::time::Instant::now();
+                    }
+                }
+                // the job's tensors are freed in stream order after the copies that read them
+                let _ = job.reply.send(result);
+            }
+        }
     }
     if let (None, Some(plane)) = (broken, plane) {
         match plane.shutdown() {

@@ -38,6 +38,17 @@ impl ShardExperts {
         moe_layer: Vec<bool>,
         cfg: &PlaneConfig,
     ) -> Result<Self, String> {
+        if cfg.slot_rows > 0 {
+            let own: Vec<u32> = (0..moe_layer.len() as u32)
+                .filter(|&l| moe_layer[l as usize])
+                .collect();
+            let theirs: Vec<u32> = cfg.moe_layers.iter().collect();
+            if own != theirs {
+                return Err(format!(
+                    "the router's MoE layers {theirs:?} are not this shard's {own:?}: start both with the same model"
+                ));
+            }
+        }
         let (rows, h, k) = (cfg.max_rows, cfg.hidden, cfg.max_k);
         let (x, ids, weights, partial) = backend
             .with_gpu(|gpu| {
@@ -63,39 +74,45 @@ impl ShardExperts {
         })
     }
 
+    /// Decode sizes: the small-batch expert kernels read the received ids and weights where
+    /// they are, with no host step (an id of another shard, u32::MAX or one this shard does
+    /// not hold, is skipped: a row without experts here comes out as zeros). False when they
+    /// do not apply (too many rows, kernels off or unsupported shapes): nothing was enqueued.
+    fn run_on_device(&mut self, hd: &Header) -> Result<bool, String> {
+        let (rows, k, layer) = (hd.rows as usize, hd.k as usize, hd.layer as usize);
+        if rows == 0 || rows > dsv2_kernels::ops::small_experts::SMALL_EXPERTS_MAX_ROWS {
+            return Ok(false);
+        }
+        let Some(bank) = self.experts.local_bank(layer) else {
+            return Ok(false);
+        };
+        let shape = |e: dsv2_kernels::KernelError| e.to_string();
+        self.backend
+            .experts_from_device_routing(
+                bank,
+                self.x.view().narrow(0, 0, rows).map_err(shape)?,
+                self.ids
+                    .view()
+                    .narrow(0, 0, rows * k)
+                    .and_then(|v| v.reshape(&[rows, k]))
+                    .map_err(shape)?,
+                self.weights
+                    .view()
+                    .narrow(0, 0, rows * k)
+                    .and_then(|v| v.reshape(&[rows, k]))
+                    .map_err(shape)?,
+                self.partial.view_mut().narrow(0, 0, rows).map_err(shape)?,
+            )
+            .map_err(|e| e.to_string())
+    }
+
     fn run(&mut self, hd: &Header) -> Result<(), String> {
         let (rows, k, layer) = (hd.rows as usize, hd.k as usize, hd.layer as usize);
         if !self.moe_layer.get(layer).copied().unwrap_or(false) {
             return Err(format!("layer {layer} is not a MoE layer"));
         }
-        // Decode sizes: the small-batch expert kernels read the received ids and weights where
-        // they are (an id of another shard, u32::MAX, is skipped; so is an expert this shard
-        // does not hold, which the host path below would report instead).
-        if rows <= dsv2_kernels::ops::small_experts::SMALL_EXPERTS_MAX_ROWS
-            && let Some(bank) = self.experts.local_bank(layer)
-        {
-            let shape = |e: dsv2_kernels::KernelError| e.to_string();
-            let done = self
-                .backend
-                .experts_from_device_routing(
-                    bank,
-                    self.x.view().narrow(0, 0, rows).map_err(shape)?,
-                    self.ids
-                        .view()
-                        .narrow(0, 0, rows * k)
-                        .and_then(|v| v.reshape(&[rows, k]))
-                        .map_err(shape)?,
-                    self.weights
-                        .view()
-                        .narrow(0, 0, rows * k)
-                        .and_then(|v| v.reshape(&[rows, k]))
-                        .map_err(shape)?,
-                    self.partial.view_mut().narrow(0, 0, rows).map_err(shape)?,
-                )
-                .map_err(|e| e.to_string())?;
-            if done {
-                return Ok(());
-            }
+        if self.run_on_device(hd)? {
+            return Ok(());
         }
         // Expert ids and gate weights come to the host (the expert FFN sizes its GEMMs there);
         // the hidden rows stay on the device.
@@ -112,11 +129,16 @@ impl ShardExperts {
                 Ok((ids, weights, CudaAct::Bf16(xs)))
             })
             .map_err(|e| e.to_string())?;
-        let ids: Vec<u32> = ids.iter().map(|&v| v as u32).collect();
-        if let Some(e) = ids
-            .iter()
-            .find(|&&e| e != NO_EXPERT && !self.hosted.get(e as usize).copied().unwrap_or(false))
-        {
+        let hosted = |e: u32| self.hosted.get(e as usize).copied().unwrap_or(false);
+        let mut ids: Vec<u32> = ids.iter().map(|&v| v as u32).collect();
+        if hd.in_slot {
+            // a slot goes to every shard: the other shards' experts are theirs to run
+            for e in ids.iter_mut() {
+                if *e != NO_EXPERT && !hosted(*e) {
+                    *e = NO_EXPERT;
+                }
+            }
+        } else if let Some(e) = ids.iter().find(|&&e| e != NO_EXPERT && !hosted(e)) {
             return Err(format!("expert {e} is not hosted by this shard"));
         }
         let routing = Routing {
@@ -166,6 +188,18 @@ unsafe impl ShardCompute for ShardExperts {
 
     fn compute(&mut self, h: &Header) -> Result<(), String> {
         self.run(h)
+    }
+
+    fn compute_ahead(&mut self, h: &Header) -> Result<bool, String> {
+        if !self
+            .moe_layer
+            .get(h.layer as usize)
+            .copied()
+            .unwrap_or(false)
+        {
+            return Err(format!("layer {} is not a MoE layer", h.layer));
+        }
+        self.run_on_device(h)
     }
 }
 

@@ -15,7 +15,7 @@ use tokio::runtime::Handle;
 
 use crate::comm::{StopFlag, UniqueId};
 use crate::error::{NcclError, Result};
-use crate::plane::{LoopEnd, PlaneConfig, RouterPlane, ShardCompute, ShardPlane};
+use crate::plane::{LayerSet, LoopEnd, PlaneConfig, RouterPlane, ShardCompute, ShardPlane};
 
 /// Shard default when the request's timeout_ms is 0.
 pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -53,16 +53,21 @@ pub fn parse_request(req: &NcclInitRequest) -> Result<JoinRequest> {
             "hidden_size {hidden}, max_rows {max_rows}, max_experts_per_row {max_k}: all must be > 0"
         )));
     }
+    let cfg = PlaneConfig {
+        hidden,
+        max_rows,
+        max_k,
+        timeout,
+        blocking: req.blocking,
+        slot_rows: req.slot_rows as usize,
+        moe_layers: LayerSet::from_layers(req.moe_layers.iter().map(|&l| l as usize))?,
+    };
+    cfg.check_slots()?;
     Ok(JoinRequest {
         id,
         rank,
         world,
-        cfg: PlaneConfig {
-            hidden,
-            max_rows,
-            max_k,
-            timeout,
-        },
+        cfg,
     })
 }
 
@@ -188,6 +193,9 @@ pub async fn request_join(
             hidden_size: cfg.hidden as u32,
             max_rows: cfg.max_rows as u32,
             max_experts_per_row: cfg.max_k as u32,
+            blocking: cfg.blocking,
+            slot_rows: cfg.slot_rows as u32,
+            moe_layers: cfg.moe_layers.iter().collect(),
         })
         .await
         .map_err(|e| err(format!("NcclInit failed: {}", e.message())))?
@@ -251,7 +259,42 @@ mod tests {
             hidden_size: 8,
             max_rows: 4,
             max_experts_per_row: 2,
+            blocking: false,
+            slot_rows: 0,
+            moe_layers: Vec::new(),
         }
+    }
+
+    #[test]
+    fn parse_checks_the_slot_settings() {
+        let mut r = req(128, 1, 2, 0);
+        r.slot_rows = 2;
+        r.moe_layers = vec![1, 2, 5];
+        r.blocking = true;
+        let ok = parse_request(&r).expect("valid");
+        assert!(ok.cfg.blocking);
+        assert_eq!(
+            ok.cfg.slot(),
+            Some(crate::SlotLayout {
+                rows: 2,
+                hidden: 8,
+                k: 2
+            })
+        );
+        assert_eq!(ok.cfg.moe_layers.iter().collect::<Vec<_>>(), vec![1, 2, 5]);
+        // slots without the layer order, a slot larger than a batch, a layer past the bitmask
+        let mut none = r.clone();
+        none.moe_layers.clear();
+        let e = parse_request(&none).unwrap_err().to_string();
+        assert!(e.contains("MoE layers"), "{e}");
+        let mut big = r.clone();
+        big.slot_rows = 5;
+        let e = parse_request(&big).unwrap_err().to_string();
+        assert!(e.contains("slot_rows 5 > max_rows 4"), "{e}");
+        let mut far = r;
+        far.moe_layers = vec![1, 300];
+        let e = parse_request(&far).unwrap_err().to_string();
+        assert!(e.contains("layer 300"), "{e}");
     }
 
     #[test]

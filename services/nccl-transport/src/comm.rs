@@ -434,18 +434,47 @@ impl Comm {
         timeout: Option<Duration>,
         stop: Option<&StopFlag>,
     ) -> Result<()> {
+        let stream = self.stream.cu_stream();
+        // SAFETY: the stream handle is live for the lifetime of self.stream.
+        self.poll(op, timeout, stop, "cuStreamQuery", || unsafe {
+            cu::cuStreamQuery(stream)
+        })
+    }
+
+    /// [`Comm::wait`] for the stream to pass `event` only (recorded on it), not for the work
+    /// enqueued after it.
+    pub fn wait_event(
+        &mut self,
+        op: &'static str,
+        event: &Event,
+        timeout: Option<Duration>,
+        stop: Option<&StopFlag>,
+    ) -> Result<()> {
+        let ev = event.0;
+        // SAFETY: the event is live as long as `event`, which outlives this call.
+        self.poll(op, timeout, stop, "cuEventQuery", || unsafe {
+            cu::cuEventQuery(ev)
+        })
+    }
+
+    fn poll(
+        &mut self,
+        op: &'static str,
+        timeout: Option<Duration>,
+        stop: Option<&StopFlag>,
+        query_name: &'static str,
+        query: impl Fn() -> cu::CUresult,
+    ) -> Result<()> {
         self.alive()?;
         let start = Instant::now();
         let mut spins = 0u32;
         loop {
-            // SAFETY: the stream handle is live for the lifetime of self.stream.
-            let q = unsafe { cu::cuStreamQuery(self.stream.cu_stream()) };
-            match q {
+            match query() {
                 cu::CUresult::CUDA_SUCCESS => return Ok(()),
                 cu::CUresult::CUDA_ERROR_NOT_READY => {}
                 other => {
                     let e = NcclError::Cuda {
-                        op: "cuStreamQuery",
+                        op: query_name,
                         source: cudarc::driver::DriverError(other),
                     };
                     self.abort(&e.to_string());
@@ -483,6 +512,84 @@ impl Comm {
             std::hint::spin_loop();
         }
     }
+}
+
+/// A CUDA event (no timing) to wait for one point of a stream: a shard waits for a slot's
+/// header to arrive while the compute and reply it enqueued behind it go on.
+pub struct Event(cu::CUevent);
+
+impl Event {
+    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(cuda("bind context"))?;
+        let mut ev: cu::CUevent = std::ptr::null_mut();
+        // SAFETY: ev is a valid out-pointer.
+        let r = unsafe {
+            cu::cuEventCreate(
+                &mut ev,
+                cu::CUevent_flags_enum::CU_EVENT_DISABLE_TIMING as core::ffi::c_uint,
+            )
+        };
+        drv(r, "cuEventCreate")?;
+        Ok(Event(ev))
+    }
+
+    /// Marks the current end of `stream`'s work.
+    pub fn record(&self, stream: &CudaStream) -> Result<()> {
+        // SAFETY: both handles are live.
+        drv(
+            unsafe { cu::cuEventRecord(self.0, stream.cu_stream()) },
+            "cuEventRecord",
+        )
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created by cuEventCreate, destroyed once.
+        unsafe { cu::cuEventDestroy_v2(self.0) };
+    }
+}
+
+/// Device-side helpers the plane enqueues on its stream (raw addresses, like NCCL's buffers).
+///
+/// # Safety
+/// Every address must be live device memory of the stream's device, with room for the bytes
+/// or words named, until the stream has passed the operation.
+pub(crate) unsafe fn copy_dtod(
+    stream: &CudaStream,
+    dst: u64,
+    src: u64,
+    bytes: usize,
+) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    // SAFETY: per the function's contract.
+    drv(
+        unsafe { cu::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream.cu_stream()) },
+        "cuMemcpyDtoDAsync",
+    )
+}
+
+/// # Safety
+/// As [`copy_dtod`]: `dst` holds `words` u32.
+pub(crate) unsafe fn fill_u32(
+    stream: &CudaStream,
+    dst: u64,
+    value: u32,
+    words: usize,
+) -> Result<()> {
+    if words == 0 {
+        return Ok(());
+    }
+    // SAFETY: per the function's contract.
+    drv(
+        unsafe { cu::cuMemsetD32Async(dst, value, words, stream.cu_stream()) },
+        "cuMemsetD32Async",
+    )
 }
 
 impl Drop for Comm {
@@ -543,6 +650,33 @@ impl Pinned {
         // SAFETY: self holds >= words u32; dst is a device buffer of >= words u32 (caller).
         let r = unsafe {
             cu::cuMemcpyHtoDAsync_v2(dst, self.ptr.cast(), words * 4, stream.cu_stream())
+        };
+        drv(r, "cuMemcpyHtoDAsync")
+    }
+
+    /// Async copy host -> device of `words` u32 starting at word `from` of this buffer.
+    pub(crate) fn htod_from(
+        &self,
+        stream: &CudaStream,
+        from: usize,
+        dst: u64,
+        words: usize,
+    ) -> Result<()> {
+        if from + words > self.words {
+            return Err(NcclError::InvalidArgument(format!(
+                "pinned words {from}..{} of {}",
+                from + words,
+                self.words
+            )));
+        }
+        // SAFETY: from + words is within the buffer (checked); dst per the caller.
+        let r = unsafe {
+            cu::cuMemcpyHtoDAsync_v2(
+                dst,
+                self.ptr.add(from).cast(),
+                words * 4,
+                stream.cu_stream(),
+            )
         };
         drv(r, "cuMemcpyHtoDAsync")
     }

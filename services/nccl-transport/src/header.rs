@@ -28,6 +28,10 @@ pub struct Header {
     pub k: u32,
     /// Values per hidden row.
     pub hidden: u32,
+    /// The rows came inside this exchange's slot (slot mode, see `plane`), sent to every shard:
+    /// the expert ids are global and name other shards' experts too, which the shard skips.
+    /// False: the rows follow in messages of their own and carry only this shard's experts.
+    pub in_slot: bool,
 }
 
 impl Header {
@@ -44,7 +48,7 @@ impl Header {
             self.rows,
             self.k,
             self.hidden,
-            0,
+            u32::from(self.in_slot),
         ]
     }
 
@@ -64,6 +68,11 @@ impl Header {
             rows: w[4],
             k: w[5],
             hidden: w[6],
+            in_slot: match w[7] {
+                0 => false,
+                1 => true,
+                f => return Err(format!("unknown header payload flag {f}")),
+            },
         })
     }
 }
@@ -81,8 +90,11 @@ mod tests {
             rows: 64,
             k: 6,
             hidden: 5120,
+            in_slot: false,
         };
         assert_eq!(Header::decode(&h.encode()), Ok(h));
+        let inline = Header { in_slot: true, ..h };
+        assert_eq!(Header::decode(&inline.encode()), Ok(inline));
         let s = Header {
             command: Command::Shutdown,
             ..h
@@ -94,5 +106,8 @@ mod tests {
         let mut bad = h.encode();
         bad[1] = 9;
         assert!(Header::decode(&bad).unwrap_err().contains("command"));
+        let mut bad = h.encode();
+        bad[7] = 2;
+        assert!(Header::decode(&bad).unwrap_err().contains("payload"));
     }
 }

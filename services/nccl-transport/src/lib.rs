@@ -17,7 +17,8 @@ pub use comm::{Comm, UniqueId};
 pub use error::{NcclError, Result};
 pub use header::Header;
 pub use plane::{
-    BatchBuffers, LoopEnd, PlaneConfig, RouterPlane, ShardCompute, ShardPart, ShardPlane,
+    BatchBuffers, LayerSet, LoopEnd, PlaneConfig, RouterPlane, ShardCompute, ShardPart, ShardPlane,
+    SlotLayout,
 };
 
 /// Whether both a CUDA driver and libnccl can be loaded here (tests skip when not).

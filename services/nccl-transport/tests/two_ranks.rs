@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use dsv2_nccl::{
-    BatchBuffers, Header, NcclError, PlaneConfig, RouterPlane, ShardCompute, ShardPart, ShardPlane,
-    UniqueId,
+    BatchBuffers, Header, LayerSet, NcclError, PlaneConfig, RouterPlane, ShardCompute, ShardPart,
+    ShardPlane, UniqueId,
 };
 use half::bf16;
 
@@ -25,8 +25,10 @@ fn two_gpus() -> bool {
     true
 }
 
-/// Echo shard: partials = 2 x rows (so a mix-up of the two buffers shows).
+/// Echo shard: partials = 2 x rows (so a mix-up of the two buffers shows); with `ahead` (slot
+/// mode), slots are answered before they arrive with a device copy: partials = rows.
 struct Doubler {
+    ahead: bool,
     stream: Arc<CudaStream>,
     x: CudaSlice<bf16>,
     ids: CudaSlice<u32>,
@@ -49,6 +51,18 @@ unsafe impl ShardCompute for Doubler {
             partial: addr(&self.out, &self.stream),
         })
     }
+    fn compute_ahead(&mut self, h: &Header) -> Result<bool, String> {
+        if !self.ahead {
+            return Ok(false);
+        }
+        let n = (h.rows * h.hidden) as usize;
+        let src = self.x.slice(0..n);
+        let mut dst = self.out.slice_mut(0..n);
+        self.stream
+            .memcpy_dtod(&src, &mut dst)
+            .map_err(|e| e.to_string())?;
+        Ok(true)
+    }
     fn compute(&mut self, h: &Header) -> Result<(), String> {
         let n = (h.rows * h.hidden) as usize;
         let x = self
@@ -68,11 +82,23 @@ const CFG: PlaneConfig = PlaneConfig {
     max_rows: 16,
     max_k: 4,
     timeout: Duration::from_secs(5),
+    blocking: false,
+    slot_rows: 0,
+    moe_layers: LayerSet::EMPTY,
 };
 
 fn spawn_shard(
     id: UniqueId,
     die_after_init: bool,
+) -> std::thread::JoinHandle<Result<(), NcclError>> {
+    spawn_shard_with(id, die_after_init, CFG, false)
+}
+
+fn spawn_shard_with(
+    id: UniqueId,
+    die_after_init: bool,
+    cfg: PlaneConfig,
+    ahead: bool,
 ) -> std::thread::JoinHandle<Result<(), NcclError>> {
     std::thread::spawn(move || {
         let ctx = CudaContext::new(1).map_err(|e| NcclError::Unavailable(e.to_string()))?;
@@ -86,6 +112,7 @@ fn spawn_shard(
                 .map_err(|e| NcclError::Unavailable(e.to_string()))
         };
         let mut d = Doubler {
+            ahead,
             x: alloc(n)?,
             out: alloc(n)?,
             ids: stream
@@ -96,7 +123,7 @@ fn spawn_shard(
                 .map_err(|e| NcclError::Unavailable(e.to_string()))?,
             stream: stream.clone(),
         };
-        let mut plane = ShardPlane::new(stream, id, 1, 2, CFG)?;
+        let mut plane = ShardPlane::new(stream, id, 1, 2, cfg)?;
         if die_after_init {
             return Ok(()); // drops the plane: its communicator is aborted, like a killed shard
         }
@@ -232,4 +259,97 @@ fn init_times_out_when_a_rank_never_joins() {
     );
     assert!(t.elapsed() < Duration::from_secs(10));
     let _ = Ordering::SeqCst;
+}
+
+/// Slot mode: in-slot layers (answered ahead or after arrival), a layer skipped by the router
+/// (fillers realign the shard), a batch too big for the slot (announced, rows sent separately),
+/// blocking and non-blocking communicators, then shutdown.
+#[test]
+fn slots_round_trip_realign_and_shut_down() {
+    if !two_gpus() {
+        return;
+    }
+    for (ahead, blocking) in [(false, false), (true, false), (true, true)] {
+        let cfg = PlaneConfig {
+            slot_rows: 4,
+            blocking,
+            moe_layers: LayerSet::from_layers([1, 2, 3]).expect("layers"),
+            ..CFG
+        };
+        let id = UniqueId::new().expect("unique id");
+        let shard = spawn_shard_with(id, false, cfg, ahead);
+        let ctx = CudaContext::new(0).expect("ctx");
+        let stream = ctx.new_stream().expect("stream");
+        let mut plane = RouterPlane::new(stream.clone(), id, 1, cfg).expect("router init");
+        let k = CFG.max_k;
+        let h = CFG.hidden;
+        // (layer, rows): 1 2 3 in order, 1 again, then 3 (2 skipped), 1 with 9 rows (separate)
+        for (step, (layer, rows)) in [
+            (1u32, 1usize),
+            (2, 4),
+            (3, 2),
+            (1, 3),
+            (3, 1),
+            (1, 9),
+            (2, 4),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let xh: Vec<bf16> = (0..rows * h)
+                .map(|i| bf16::from_f32(((i + step) % 89) as f32 - 40.0))
+                .collect();
+            let x = stream.clone_htod(&xh).expect("x");
+            let ids = stream.clone_htod(&vec![7u32; rows * k]).expect("ids");
+            let w = stream.clone_htod(&vec![0.5f32; rows * k]).expect("w");
+            let mut out = stream
+                .alloc_zeros::<bf16>(rows.max(cfg.slot_rows) * h)
+                .expect("out");
+            let in_slot = rows <= cfg.slot_rows;
+            if in_slot {
+                let (xp, ip, wp, op) = (
+                    addr(&x, &stream),
+                    addr(&ids, &stream),
+                    addr(&w, &stream),
+                    addr(&out, &stream),
+                );
+                // SAFETY: live buffers of the sizes exchange_slot asks for; synced below.
+                unsafe { plane.exchange_slot(layer, rows, k, xp, ip, wp, &[op]) }
+                    .expect("slot exchange");
+                plane.sync().expect("sync");
+            } else {
+                let mut parts = [ShardPart {
+                    rows,
+                    x: x.slice(..),
+                    ids: ids.slice(..),
+                    weights: w.slice(..),
+                    partial: out.slice_mut(0..rows * h),
+                }];
+                plane.exchange(layer, k, &mut parts).expect("exchange");
+            }
+            let got = stream.clone_dtoh(&out).expect("dtoh");
+            let factor = if in_slot && ahead { 1.0 } else { 2.0 };
+            for i in 0..rows * h {
+                assert_eq!(
+                    got[i].to_f32(),
+                    factor * xh[i].to_f32(),
+                    "ahead {ahead} blocking {blocking}: step {step} layer {layer} value {i}"
+                );
+            }
+        }
+        // a layer outside the MoE layers and a slot too small are refused before sending
+        let dummy = stream.alloc_zeros::<u8>(1 << 16).expect("dummy");
+        let p = addr(&dummy, &stream);
+        // SAFETY: refused before anything is enqueued.
+        let e = unsafe { plane.exchange_slot(0, 1, k, p, p, p, &[p]) }.unwrap_err();
+        assert!(matches!(e, NcclError::InvalidArgument(_)), "{e}");
+        // SAFETY: as above.
+        let e = unsafe { plane.exchange_slot(1, 5, k, p, p, p, &[p]) }.unwrap_err();
+        assert!(matches!(e, NcclError::InvalidArgument(_)), "{e}");
+        plane.shutdown().expect("shutdown");
+        shard
+            .join()
+            .expect("shard thread")
+            .expect("shard loop ends with the router's shutdown");
+    }
 }

@@ -21,11 +21,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use dsv2_kernels::ops::{expert, moe};
 use dsv2_kernels::{Gpu, GpuOptions, Tensor};
 use dsv2_nccl::{
-    BatchBuffers, Header, PlaneConfig, RouterPlane, ShardCompute, ShardPart, ShardPlane, UniqueId,
+    BatchBuffers, Header, LayerSet, PlaneConfig, RouterPlane, ShardCompute, ShardPart, ShardPlane,
+    UniqueId,
 };
 use half::bf16;
 use rand::{Rng, SeedableRng};
@@ -64,6 +65,13 @@ struct Args {
     /// Both ranks as threads of this process (default: the shard is a child process).
     #[arg(long)]
     threads: bool,
+    /// Blocking-mode communicator (split after init); also DSV2_NCCL_BLOCKING=1.
+    #[arg(long)]
+    blocking: bool,
+    /// Decode slots of this many rows (0: off). Then only echo runs, for the row counts up to
+    /// it, each one slot exchange (RouterPlane::exchange_slot) waited for with `sync`.
+    #[arg(long, default_value_t = 0)]
+    slot_rows: usize,
     /// Internal: run as the shard child process with this NCCL id (hex) and capture directory.
     #[arg(long, hide = true, num_args = 2, value_names = ["ID_HEX", "DIR"])]
     shard_child: Option<Vec<String>>,
@@ -444,7 +452,23 @@ fn main() -> Result<()> {
         max_rows,
         max_k: k,
         timeout: Duration::from_millis(a.timeout_ms),
+        blocking: a.blocking || std::env::var("DSV2_NCCL_BLOCKING").is_ok_and(|v| v == "1"),
+        slot_rows: a.slot_rows,
+        moe_layers: LayerSet::from_layers([LAYER_ECHO as usize])?,
     };
+    println!(
+        "communicator: {}; slots: {}",
+        if cfg.blocking {
+            "blocking"
+        } else {
+            "non-blocking"
+        },
+        if a.slot_rows > 0 {
+            format!("{} rows", a.slot_rows)
+        } else {
+            "off".into()
+        }
+    );
     let mut ver = 0i32;
     // SAFETY: valid out-pointer; libnccl is present (device_count checked it).
     unsafe { cudarc::nccl::sys::ncclGetVersion(&mut ver) };
@@ -622,12 +646,29 @@ fn run_router(
         "rows", "mode", "median µs", "p10 µs", "p90 µs", "min µs", "GB/s"
     );
     let mut cases: Vec<(usize, u32)> = Vec::new();
-    for &r in &a.rows {
-        cases.push((r, LAYER_ECHO));
-        cases.push((r, LAYER_FFN));
-    }
-    if a.bw_rows > 0 {
-        cases.push((a.bw_rows, LAYER_ECHO));
+    if a.slot_rows > 0 {
+        // slots carry decode sizes only, and the slot order knows the echo layer alone
+        cases.extend(
+            a.rows
+                .iter()
+                .filter(|&&r| r >= 1 && r <= a.slot_rows)
+                .map(|&r| (r, LAYER_ECHO)),
+        );
+        if cases.is_empty() {
+            bail!(
+                "--slot-rows {} leaves none of --rows {:?}",
+                a.slot_rows,
+                a.rows
+            );
+        }
+    } else {
+        for &r in &a.rows {
+            cases.push((r, LAYER_ECHO));
+            cases.push((r, LAYER_FFN));
+        }
+        if a.bw_rows > 0 {
+            cases.push((a.bw_rows, LAYER_ECHO));
+        }
     }
     let run = run_cases(
         a,
@@ -693,7 +734,20 @@ fn run_cases(
                 partial: partial.slice_mut(0..rows * h),
             }];
             let t = Instant::now();
-            plane.exchange(layer, k, &mut parts)?;
+            if a.slot_rows > 0 {
+                let (xp, ip, wp, pp) = (
+                    parts[0].x.device_ptr(stream).0,
+                    parts[0].ids.device_ptr(stream).0,
+                    parts[0].weights.device_ptr(stream).0,
+                    parts[0].partial.device_ptr_mut(stream).0,
+                );
+                // SAFETY: views of live buffers of rows x hidden / rows x k (partial: max_rows
+                // >= slot rows x hidden); `sync` waits for the exchange before they are reused.
+                unsafe { plane.exchange_slot(layer, rows, k, xp, ip, wp, &[pp]) }?;
+                plane.sync()?;
+            } else {
+                plane.exchange(layer, k, &mut parts)?;
+            }
             Ok(t.elapsed().as_secs_f64() * 1e6)
         };
         // verification exchange
