@@ -14,6 +14,12 @@ mod remote;
 
 use clap::{Parser, Subcommand};
 
+/// Multi-MB message and activation buffers come and go every MoE layer: glibc hands them back
+/// to the kernel and faults them in again (half the loopback round trip at 256 rows,
+/// bench/RESULTS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "dsv2",

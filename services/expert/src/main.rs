@@ -8,6 +8,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Multi-MB message buffers come and go every MoE layer: glibc hands them back to the kernel
+/// and faults them in again (half the loopback round trip at 256 rows, bench/RESULTS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use dsv2_core::ModelConfig;

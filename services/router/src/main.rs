@@ -5,6 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Multi-MB message and activation buffers come and go every MoE layer: glibc hands them back
+/// to the kernel and faults them in again (half the loopback round trip at 256 rows,
+/// bench/RESULTS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use dsv2_core::ModelConfig;
