@@ -3,8 +3,9 @@
 # machine start instead of four). Sections run in order of importance while the elapsed time
 # stays under BUDGET_S (default 540 s; a call may last 600 s); a section that does not fit is
 # reported SKIPPED, not silently dropped. Each section writes its own log under $OUT.
-# BIN (default .gpubin) holds the stripped release binaries: dsv2 dsv2-router dsv2-expert
-# dsv2-gpu-check dsv2-cuda-check nccl-smoke nccl-roundtrip moe-roundtrip (about 40 MB).
+# BIN (default .gpubin) holds the stripped release binaries that scripts/build-gpubin.sh makes:
+# dsv2 dsv2-router dsv2-expert dsv2-gpu-check dsv2-cuda-check nccl-smoke nccl-roundtrip
+# moe-roundtrip nccl-two-ranks (about 45 MB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export BIN="${BIN:-.gpubin}"
