@@ -1020,19 +1020,7 @@ impl ShardPlane {
             // Idle between forward passes is normal: no deadline, but async errors and `stop`
             // end the wait.
             self.comm.wait("header", None, Some(stop))?;
-            let mut w = [0u32; HW];
-            w.copy_from_slice(self.hdr_host.slice());
-            let hd = match Header::decode(&w) {
-                Ok(hd) => hd,
-                Err(m) => return Err(self.protocol(m)),
-            };
-            if hd.seq != self.expect_seq {
-                let m = format!(
-                    "header seq {} but expected {} (lost lock-step)",
-                    hd.seq, self.expect_seq
-                );
-                return Err(self.protocol(m));
-            }
+            let hd = self.read_header("header")?;
             if hd.command == Command::Shutdown {
                 return Ok(LoopEnd::Shutdown);
             }
@@ -1045,38 +1033,28 @@ impl ShardPlane {
                 return Err(self.protocol(m));
             }
             self.expect_seq = self.expect_seq.wrapping_add(1);
-            if rows == 0 {
-                continue;
+            if rows > 0 {
+                self.separate_rows(compute, &hd, stop)?;
             }
-            let b = match compute.buffers(&hd) {
-                Ok(b) => b,
-                Err(m) => return Err(self.protocol(format!("compute buffers: {m}"))),
-            };
-            self.comm.group_start()?;
-            // SAFETY: ShardCompute guarantees the buffers (unsafe trait); the stream orders the
-            // compute after these receives and the send after the compute.
-            let r = unsafe {
-                self.comm
-                    .recv_raw(b.x, bytes_of::<bf16>(rows * h), 0)
-                    .and_then(|_| self.comm.recv_raw(b.ids, bytes_of::<u32>(rows * k), 0))
-                    .and_then(|_| self.comm.recv_raw(b.weights, bytes_of::<f32>(rows * k), 0))
-            };
-            self.comm.group_end(self.cfg.timeout)?;
-            r?;
-            // The rows must be here before the compute, which may synchronise the stream from
-            // the host: a router that died mid-layer would leave that synchronisation waiting
-            // forever, while this wait ends at the deadline or when the owner stops the loop
-            // (a new NcclInit does).
-            self.comm.wait("rows", Some(self.cfg.timeout), Some(stop))?;
-            if let Err(m) = compute.compute(&hd) {
-                return Err(self.protocol(format!("compute failed: {m}")));
-            }
-            self.comm.group_start()?;
-            // SAFETY: as above; the next header wait covers this send's completion.
-            let r = unsafe { self.comm.send_raw(b.partial, bytes_of::<bf16>(rows * h), 0) };
-            self.comm.group_end(self.cfg.timeout)?;
-            r?;
         }
+    }
+
+    /// The header just copied to the host, checked for its magic and sequence number.
+    fn read_header(&mut self, what: &str) -> Result<Header> {
+        let mut w = [0u32; HW];
+        w.copy_from_slice(self.hdr_host.slice());
+        let hd = match Header::decode(&w) {
+            Ok(hd) => hd,
+            Err(m) => return Err(self.protocol(m)),
+        };
+        if hd.seq != self.expect_seq {
+            let m = format!(
+                "{what} seq {} but expected {} (lost lock-step)",
+                hd.seq, self.expect_seq
+            );
+            return Err(self.protocol(m));
+        }
+        Ok(hd)
     }
 
     /// Slot mode: for the layer expected next, enqueue the slot's receive, its copy into the
@@ -1159,19 +1137,7 @@ impl ShardPlane {
                     .wait_event("slot", &sl.arrived, None, Some(stop))?,
                 None => return Err(NcclError::InvalidArgument("slots are off".into())),
             }
-            let mut w = [0u32; HW];
-            w.copy_from_slice(self.hdr_host.slice());
-            let hd = match Header::decode(&w) {
-                Ok(hd) => hd,
-                Err(m) => return Err(self.protocol(m)),
-            };
-            if hd.seq != self.expect_seq {
-                let m = format!(
-                    "slot seq {} but expected {} (lost lock-step)",
-                    hd.seq, self.expect_seq
-                );
-                return Err(self.protocol(m));
-            }
+            let hd = self.read_header("slot")?;
             if hd.command == Command::Shutdown {
                 if !ahead {
                     self.send_reply(b.partial, layout.reply_bytes())?;
@@ -1235,8 +1201,10 @@ impl ShardPlane {
         r
     }
 
-    /// The rows an announcement announced: receive, compute, send back (the per-layer
-    /// protocol's data part).
+    /// The rows a header announced: receive, compute, send back. The rows must be here before
+    /// the compute, which may synchronise the stream from the host: a router that died mid-layer
+    /// would leave that synchronisation waiting forever, while this wait ends at the deadline or
+    /// when the owner stops the loop (a new NcclInit does).
     fn separate_rows(
         &mut self,
         compute: &mut dyn ShardCompute,
