@@ -635,26 +635,9 @@ impl RouterPlane {
             )?;
         }
         let t1 = Instant::now();
-        // One send and one receive per peer: each peer's pair is one NCCL work item whose
-        // receive completes once the shard answered the send beside it (unlike several sends
-        // to one peer in a group with a receive, see `exchange`).
-        self.comm.group_start()?;
-        let mut issued = Ok(());
-        for (s, &out) in partials.iter().enumerate() {
-            // SAFETY: slot as above; out per the caller's contract.
-            issued = issued.and_then(|_| unsafe {
-                self.comm
-                    .send_raw(slot, layout.bytes(), s + 1)
-                    .and_then(|_| self.comm.recv_raw(out, layout.reply_bytes(), s + 1))
-            });
-        }
-        let ended = self.comm.group_end(self.cfg.timeout);
-        issued?;
-        ended?;
-        self.seq = self.seq.wrapping_add(1);
-        if let Some(sl) = self.slots.as_mut() {
-            sl.next = layers.next_after(Some(layer)).unwrap_or(layer);
-        }
+        let pairs: Vec<(u64, u64)> = partials.iter().map(|&out| (slot, out)).collect();
+        // SAFETY: the slot as above; the partials per the caller's contract.
+        unsafe { self.swap_slots(layer, &pairs) }?;
         if let Some(t) = self.trace.as_mut() {
             t.exchanges += 1;
             t.headers += t1 - t0;
@@ -717,20 +700,17 @@ impl RouterPlane {
     /// next.
     fn announce(&mut self, layer: u32, rows: &[usize], k: usize, command: Command) -> Result<()> {
         let stream = self.comm.stream().clone();
-        let (layout, layers, targets) = match self.slots.as_ref() {
-            Some(sl) => {
-                let t: Vec<(u64, u64)> = sl
-                    .empty
-                    .iter()
-                    .zip(&sl.sink)
-                    .map(|(e, k)| {
-                        let (ep, _ge) = e.device_ptr(&stream);
-                        let (kp, _gk) = k.device_ptr(&stream);
-                        (ep, kp)
-                    })
-                    .collect();
-                (sl.layout, sl.layers, t)
-            }
+        let targets: Vec<(u64, u64)> = match self.slots.as_ref() {
+            Some(sl) => sl
+                .empty
+                .iter()
+                .zip(&sl.sink)
+                .map(|(e, k)| {
+                    let (ep, _ge) = e.device_ptr(&stream);
+                    let (kp, _gk) = k.device_ptr(&stream);
+                    (ep, kp)
+                })
+                .collect(),
             None => return Err(NcclError::InvalidArgument("slots are off".into())),
         };
         for (s, &(slot, _)) in targets.iter().enumerate() {
@@ -745,14 +725,31 @@ impl RouterPlane {
             };
             self.put_ctl(&hd, slot)?;
         }
+        // SAFETY: this plane's live slot and sink buffers of the layout's sizes.
+        unsafe { self.swap_slots(layer, &targets) }
+    }
+
+    /// Slot mode, one NCCL group: to shard s the slot at `pairs[s].0`, from it the reply into
+    /// `pairs[s].1`; then the shards expect the layer after `layer`. One send and one receive
+    /// per peer: each peer's pair is one NCCL work item whose receive completes once the shard
+    /// answered the send beside it (unlike several sends to one peer in a group with a receive,
+    /// see `exchange`).
+    ///
+    /// # Safety
+    /// Each slot holds the layout's bytes and each reply buffer its reply bytes, device memory
+    /// of this plane's device valid until the stream has passed this group.
+    unsafe fn swap_slots(&mut self, layer: u32, pairs: &[(u64, u64)]) -> Result<()> {
+        let Some((layout, layers)) = self.slots.as_ref().map(|sl| (sl.layout, sl.layers)) else {
+            return Err(NcclError::InvalidArgument("slots are off".into()));
+        };
         self.comm.group_start()?;
         let mut issued = Ok(());
-        for (s, &(slot, sink)) in targets.iter().enumerate() {
-            // SAFETY: this plane's live slot and sink buffers of the layout's sizes.
+        for (s, &(slot, reply)) in pairs.iter().enumerate() {
+            // SAFETY: per this function's contract.
             issued = issued.and_then(|_| unsafe {
                 self.comm
                     .send_raw(slot, layout.bytes(), s + 1)
-                    .and_then(|_| self.comm.recv_raw(sink, layout.reply_bytes(), s + 1))
+                    .and_then(|_| self.comm.recv_raw(reply, layout.reply_bytes(), s + 1))
             });
         }
         let ended = self.comm.group_end(self.cfg.timeout);
