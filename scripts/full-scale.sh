@@ -31,7 +31,11 @@ PY="${PYTHON:-python3}"
 SEED="${SEED:-1}"
 G=$(nvidia-smi -L | wc -l)
 if [ "$G" -lt 2 ]; then echo "needs at least 2 GPUs (router + a shard); found $G"; exit 2; fi
-if [ "$G" -ge 8 ]; then LAYERS="${LAYERS:-60}"; SHALLOW=""; else LAYERS="${LAYERS:-16}"; SHALLOW="${SHALLOW:-4}"; fi
+# Below 8 GPUs: as many layers as the shards hold. One MoE layer's 160 experts are 7.55 GB of
+# bf16; 118 GB of experts per shard leaves room for the exchange buffers and the CUDA context on
+# a 139 GB H200 (x2: 16 layers, measured at 110.1 GB on the shard; x4: 47), and the dense layer 0
+# adds no experts.
+if [ "$G" -ge 8 ]; then LAYERS="${LAYERS:-60}"; SHALLOW=""; else LAYERS="${LAYERS:-$((1 + 118 * (G - 1) * 100 / 755))}"; SHALLOW="${SHALLOW:-4}"; fi
 SHARDS=$((G - 1))
 SLOTS_ENV="${SLOTS_ENV-DSV2_NCCL_SLOTS=4 DSV2_NCCL_BLOCKING=1}"
 ROUTER_ENV=""  # extra environment of the router (set per step below)
