@@ -192,16 +192,22 @@ fn bench(gpu: &Gpu, p1_only: bool) -> Result<()> {
     drop((x, w, y));
 
     // P1: MLA decode, batch 64, context 4096, 128 heads, 512 + 64
+    // The two 64-head rows tell where the time goes (same 128 CTAs and the same FLOPs as the
+    // P1 row for "batch 128, 64 heads"): at 128 heads the two head groups of a sequence read the
+    // same cache tiles, which L2 may or may not serve twice. If 128 x 64 heads costs about what
+    // 64 x 128 heads does, the kernel is bound by its own compute and barriers, not by DRAM.
     use mla::MlaKernel::{Mma, Wgmma};
-    for (batch, ctx, force, kernel) in [
-        (64usize, 4096usize, None, Wgmma),
-        (64, 4096, Some(1usize), Wgmma),
-        (64, 4096, Some(2usize), Wgmma),
-        (1, 4096, None, Wgmma),
-        (64, 4096, None, Mma),
-        (1, 4096, None, Mma),
+    for (batch, ctx, heads, force, kernel) in [
+        (64usize, 4096usize, 128usize, None, Wgmma),
+        (64, 4096, 128, Some(1usize), Wgmma),
+        (64, 4096, 128, Some(2usize), Wgmma),
+        (1, 4096, 128, None, Wgmma),
+        (64, 4096, 64, Some(1), Wgmma),
+        (128, 4096, 64, Some(1), Wgmma),
+        (64, 4096, 128, None, Mma),
+        (1, 4096, 128, None, Mma),
     ] {
-        let (heads, bs) = (128usize, 64usize);
+        let bs = 64usize;
         let blocks_per = ctx / bs;
         let nblocks = batch * blocks_per;
         let mut cache = Tensor::<bf16>::zeros(gpu, &[nblocks, bs, mla::CACHE_DIM])?;
