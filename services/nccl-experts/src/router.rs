@@ -490,7 +490,34 @@ fn plane_loop(
     let _ = init_tx.send(Ok(()));
     let mut broken: Option<String> = None;
     let mut last_try = std::time::Instant::now();
-    while let Ok(work) = jobs.recv() {
+    // Slot exchanges enqueued since the stream was last waited for. While any are, a quiet job
+    // queue may mean the model thread is stuck in a host synchronisation behind an NCCL receive
+    // from a dead shard: nothing else would abort the communicator then, so the idle plane
+    // waits for the stream itself (bounded, and ended by the watchdog's flag).
+    let mut unsynced = false;
+    loop {
+        let work = match jobs.recv_timeout(WATCH_PERIOD) {
+            Ok(w) => w,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if unsynced
+                    && broken.is_none()
+                    && let Some(p) = plane.as_mut()
+                {
+                    unsynced = false;
+                    if let Err(e) = p.sync() {
+                        let e = match watch.reason() {
+                            Some(why) => format!("{why} ({e})"),
+                            None => e.to_string(),
+                        };
+                        tracing::error!(error = %e, "NCCL slot exchanges did not complete; the expert plane is down");
+                        broken = Some(e);
+                        last_try = std::time::Instant::now();
+                    }
+                }
+                continue;
+            }
+        };
         // A failed plane comes back once every shard answers again (a restarted shard joins
         // the new communicator through its NcclInit).
         if broken.is_some()
@@ -521,6 +548,8 @@ fn plane_loop(
         };
         match work {
             Work::Layer(mut job) => {
+                // a per-layer exchange waits for the stream, slot exchanges before it included
+                unsynced = false;
                 let result = live.and_then(|plane| {
                     let mut views: Vec<ShardPart<'_>> = job
                         .parts
@@ -563,6 +592,8 @@ fn plane_loop(
                     };
                     slot_layer(&backend, plane, &job, partials, ident, explain)
                 });
+                // the last layer of a pass waits for the stream; the others leave it running
+                unsynced = !job.last;
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "NCCL slot exchange failed; the expert plane is down");
                     if broken.is_none() {
