@@ -110,5 +110,26 @@ mkdir -p /tmp/rdc
 "$BIN/dsv2" init-random --preset deepseek-v2 --layers "$LAYERS" --config-only --out /tmp/rdc 2>/dev/null
 EXTRA=(--random-weights 1)
 compare /tmp/rdc "138,158,33,333,438,211,210" "100000,17464,3,4,5,6,7,8,9,10,11,12,13"
+echo "== 6. a shard killed under a slot-mode router (DSV2_NCCL_SLOTS=4): the next request fails with UNAVAILABLE within 30 s, no hang"
+dir=tests/fixtures/models/v2
+EXTRA=()
+if es=$(start es "$BIN/dsv2-expert" --model-dir "$dir" --device cuda:1 --shard-index 0 --num-shards 1 --transport nccl) \
+  && rs=$(start rs env DSV2_NCCL_SLOTS=4 DSV2_NCCL_BLOCKING=1 "$BIN/dsv2-router" --model-dir "$dir" --device cuda:0 --shard "http://$es" --transport nccl); then
+  "$BIN/dsv2" generate --endpoint "http://$rs" --input-ids "$(ids_of "$dir/reference.json" 0)" --max-output-len 8 --ignore-eos >/dev/null 2>&1 \
+    && echo "before the kill: request OK" || { echo "before the kill: request FAILED"; fail=1; }
+  pkill -9 -f "dsv2-expert --model-dir $dir" ; sleep 2
+  t_kill=$(date +%s.%N)
+  timeout -k 5 30 "$BIN/dsv2" generate --endpoint "http://$rs" --input-ids "$(ids_of "$dir/reference.json" 0)" --max-output-len 8 --ignore-eos >/tmp/dead.out 2>/tmp/dead.err
+  rc=$?
+  took=$("$PY" -c "import time; print(round(time.time() - $t_kill, 1))")
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && grep -qi "unavailable" /tmp/dead.err; then
+    echo "after the kill: failed as expected in ${took} s: $(grep -i -m1 unavailable /tmp/dead.err | cut -c1-200)"
+  else
+    echo "after the kill: NOT as expected (exit $rc after ${took} s): $(tail -2 /tmp/dead.err)"; fail=1
+  fi
+else
+  fail=1
+fi
+stop_all
 echo "gpu-nccl exit status: $fail"
 exit $fail
