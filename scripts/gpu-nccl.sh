@@ -64,15 +64,24 @@ trap stop_all EXIT
 
 # compare MODEL_DIR IDS...: the same requests through gRPC, NCCL and NCCL with decode slots
 # (prompt: per-layer protocol after an announcement slot; decode: 1-row slots), byte-equal JSON.
+# NSHARDS shards per router (default 1), shard i on GPU 1 + i (NCCL puts every rank on a GPU of
+# its own).
 compare() {
   local dir=$1; shift
-  local eg en es rg rn rs
-  eg=$(start eg "$BIN/dsv2-expert" --model-dir "$dir" "${EXTRA[@]}" --device cuda:1 --shard-index 0 --num-shards 1) || { fail=1; stop_all; return; }
-  en=$(start en "$BIN/dsv2-expert" --model-dir "$dir" "${EXTRA[@]}" --device cuda:1 --shard-index 0 --num-shards 1 --transport nccl) || { fail=1; stop_all; return; }
-  es=$(start es "$BIN/dsv2-expert" --model-dir "$dir" "${EXTRA[@]}" --device cuda:1 --shard-index 0 --num-shards 1 --transport nccl) || { fail=1; stop_all; return; }
-  rg=$(start rg "$BIN/dsv2-router" --model-dir "$dir" "${EXTRA[@]}" --device cuda:0 --shard "http://$eg") || { fail=1; stop_all; return; }
-  rn=$(start rn "$BIN/dsv2-router" --model-dir "$dir" "${EXTRA[@]}" --device cuda:0 --shard "http://$en" --transport nccl) || { tail -5 /tmp/en.err; fail=1; stop_all; return; }
-  rs=$(start rs env DSV2_NCCL_SLOTS=4 DSV2_NCCL_BLOCKING=1 "$BIN/dsv2-router" --model-dir "$dir" "${EXTRA[@]}" --device cuda:0 --shard "http://$es" --transport nccl) || { tail -5 /tmp/es.err; fail=1; stop_all; return; }
+  local n=${NSHARDS:-1} i t a rg rn rs
+  local -a ug=() un=() us=()
+  for i in $(seq 0 $((n - 1))); do
+    for t in g n s; do
+      local tr=()
+      [ $t = g ] || tr=(--transport nccl)
+      a=$(start "e$t$i" "$BIN/dsv2-expert" --model-dir "$dir" "${EXTRA[@]}" --device "cuda:$((1 + i))" \
+        --shard-index "$i" --num-shards "$n" "${tr[@]}") || { fail=1; stop_all; return; }
+      case $t in g) ug+=(--shard "http://$a") ;; n) un+=(--shard "http://$a") ;; s) us+=(--shard "http://$a") ;; esac
+    done
+  done
+  rg=$(start rg "$BIN/dsv2-router" --model-dir "$dir" "${EXTRA[@]}" --device cuda:0 "${ug[@]}") || { fail=1; stop_all; return; }
+  rn=$(start rn "$BIN/dsv2-router" --model-dir "$dir" "${EXTRA[@]}" --device cuda:0 "${un[@]}" --transport nccl) || { tail -5 /tmp/en0.err; fail=1; stop_all; return; }
+  rs=$(start rs env DSV2_NCCL_SLOTS=4 DSV2_NCCL_BLOCKING=1 "$BIN/dsv2-router" --model-dir "$dir" "${EXTRA[@]}" --device cuda:0 "${us[@]}" --transport nccl) || { tail -5 /tmp/es0.err; fail=1; stop_all; return; }
   for ids in "$@"; do
     for t in g n s; do
       local ep
@@ -92,7 +101,7 @@ tps = f"nccl {n['tokens_per_s']:.1f}, slots {s['tokens_per_s']:.1f}, grpc {g['to
 print(("EQUAL (ids, logprobs, prompt logprobs; nccl and slots vs grpc)" if not bad else "DIFF in " + ",".join(bad)) + f"; {len(g['output_ids'])} tokens; {tps}")
 PYEOF
 )
-    echo "$(basename "$dir") [${ids:0:30}...]: $verdict"
+    echo "$(basename "$dir") ($n shard(s)) [${ids:0:30}...]: $verdict"
     case "$verdict" in EQUAL*) ;; *) fail=1;; esac
   done
   stop_all
@@ -104,6 +113,15 @@ for fx in v2 v2-lite dense2; do
   dir=tests/fixtures/models/$fx
   compare "$dir" "$(ids_of "$dir/reference.json" 0)" "$(ids_of "$dir/reference.json" 1)" "$(ids_of "$dir/reference.json" 2)"
 done
+
+G=$(nvidia-smi -L | wc -l)
+if [ "$G" -ge 3 ]; then
+  echo "== 4b. the same with $((G - 1)) shards (one per GPU 1..$((G - 1))), golden fixtures"
+  for fx in v2 v2-lite; do
+    dir=tests/fixtures/models/$fx
+    NSHARDS=$((G - 1)) compare "$dir" "$(ids_of "$dir/reference.json" 0)" "$(ids_of "$dir/reference.json" 1)"
+  done
+fi
 
 echo "== 5. the same on a real-dims DeepSeek-V2 ($LAYERS layers, --random-weights 1: drawn on each GPU)"
 mkdir -p /tmp/rdc
