@@ -104,7 +104,9 @@ struct Config {
     metrics_listen: Option<SocketAddr>,
     /// Data plane to the shards: grpc (any device, any host), or nccl (GPU to GPU on one host:
     /// needs --device cuda:N and shards started with --device cuda:M --transport nccl; gRPC
-    /// stays the control plane and hands them the NCCL id).
+    /// stays the control plane and hands them the NCCL id). Experimental NCCL settings, which
+    /// the router hands the shards too: DSV2_NCCL_SLOTS=N (decode batches of up to N <= 4 rows
+    /// in one pre-posted message per layer) and DSV2_NCCL_BLOCKING=1 (README, "GPUs").
     #[arg(long, value_enum, default_value = "grpc")]
     transport: Transport,
     #[arg(long, value_enum, env = "DSV2_LOG_FORMAT", default_value = "human")]
