@@ -241,3 +241,23 @@ fn stop_strings_cut_the_text_and_streamed_deltas_never_show_them() {
     );
     assert!(deltas.iter().all(|d| !d.contains(&stop)));
 }
+
+/// The start-up warm-up leaves no trace: every cache block free, counters at zero, and the
+/// requests that follow produce exactly what they produce on a fresh engine.
+#[test]
+fn warm_up_leaves_no_trace() {
+    let cfg = EngineConfig::default();
+    let mut warm = engine(cfg.clone());
+    let took = warm.warm_up().unwrap();
+    assert!(took.as_nanos() > 0);
+    assert_eq!(warm.free_blocks(), warm.num_blocks());
+    assert_eq!(warm.stats.steps, 0);
+    assert!(!warm.has_work());
+    let reqs: Vec<SeqRequest> = requests().into_iter().take(4).collect();
+    let after = run_to_completion(&mut warm, reqs.clone()).unwrap();
+    let fresh = run_to_completion(&mut engine(cfg), reqs).unwrap();
+    for (a, f) in after.iter().zip(&fresh) {
+        assert_eq!(a.output_ids, f.output_ids);
+        assert_eq!(a.logprobs, f.logprobs);
+    }
+}

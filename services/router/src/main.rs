@@ -290,6 +290,18 @@ async fn serve_on<B: Backend>(
             attn_mode: AttnMode::Auto,
         },
     )?;
+    // One short request before serving: the first client does not pay the one-time costs, and
+    // a data plane that cannot carry a layer stops the start here, not at the first request.
+    // (Blocking: the remote executors block on their own runtime, not on this one.)
+    let (engine, took) = tokio::task::spawn_blocking(move || {
+        let mut engine = engine;
+        let took = engine.warm_up();
+        (engine, took)
+    })
+    .await
+    .context("warm-up task")?;
+    let took = took.context("warm-up request through the model and the expert shards failed")?;
+    tracing::info!(ms = took.as_secs_f64() * 1e3, "warm-up request done");
     let engine = EngineHandle::spawn(engine, c.max_queue);
     let facts = ModelFacts {
         model_name: dir
