@@ -1,6 +1,6 @@
-//! Tower layers in front of `dsv2.v1.Inference`: a global in-flight limit that sheds excess
-//! requests with RESOURCE_EXHAUSTED, and the router's request timeout, answered with
-//! DEADLINE_EXCEEDED. Health and reflection are not wrapped: probes must answer when the router
+//! Tower layers in front of `dsv2.v1.Inference`: the arrival stamp that client deadlines count
+//! from, a global in-flight limit that sheds excess requests with RESOURCE_EXHAUSTED, and the
+//! router's request timeout, answered with DEADLINE_EXCEEDED. Health and reflection are not wrapped: probes must answer when the router
 //! is saturated.
 //!
 //! Both are hand-written on tokio's semaphore and timer rather than tower's
@@ -19,7 +19,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -28,6 +28,51 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// When a call reached the router, as tonic's own `grpc-timeout` timer sees it.
+///
+/// tonic's server starts a timer for the client's `grpc-timeout` as it takes the request and
+/// answers CANCELLED ("Timeout expired") when it fires. The router answers DEADLINE_EXCEEDED a
+/// little before that, which only works if both count from the same instant: a handler that
+/// counted from its own start (after routing, body decoding and, on a loaded machine, waiting
+/// for a worker thread) lost that race on a 2-core CI machine. This layer, outermost on the
+/// service, stamps the request in the same poll in which tonic starts its timer.
+#[derive(Clone, Copy, Debug)]
+pub struct Arrival(pub Instant);
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ArrivalLayer;
+
+impl<S> Layer<S> for ArrivalLayer {
+    type Service = StampArrival<S>;
+
+    fn layer(&self, inner: S) -> StampArrival<S> {
+        StampArrival { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct StampArrival<S> {
+    inner: S,
+}
+
+impl<S, ReqBody> Service<http::Request<ReqBody>> for StampArrival<S>
+where
+    S: Service<http::Request<ReqBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
+        req.extensions_mut().insert(Arrival(Instant::now()));
+        self.inner.call(req)
+    }
+}
 
 /// At most `max` Inference RPCs in flight across all connections; the next one is answered
 /// RESOURCE_EXHAUSTED at once instead of waiting. Shedding rather than queueing: a queue here
@@ -208,12 +253,25 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use tonic::Code;
     use tower::ServiceExt;
 
     use super::*;
+
+    /// The stamp is taken when the layer is called, before the inner service runs, and the
+    /// inner service sees it in the request's extensions.
+    #[tokio::test]
+    async fn arrival_is_stamped_before_the_inner_service_runs() {
+        let svc = ArrivalLayer.layer(tower::service_fn(|r: http::Request<Body>| async move {
+            let seen = r.extensions().get::<Arrival>().map(|a| a.0);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            Ok::<_, Infallible>(seen)
+        }));
+        let before = Instant::now();
+        let fut = svc.oneshot(req());
+        let seen = fut.await.expect("infallible").expect("stamped");
+        assert!(seen >= before && seen.duration_since(before) < Duration::from_millis(30));
+    }
 
     /// A body that never ends: a stream still being generated.
     struct Open;

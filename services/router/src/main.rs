@@ -25,7 +25,7 @@ use dsv2_cuda_backend::CudaBackend;
 use dsv2_nccl_experts::NcclExperts;
 use dsv2_proto::inference::v1::inference_server::InferenceServer;
 use dsv2_router::engine_task::EngineHandle;
-use dsv2_router::limits::{InFlightLimitLayer, RequestTimeoutLayer};
+use dsv2_router::limits::{ArrivalLayer, InFlightLimitLayer, RequestTimeoutLayer};
 use dsv2_router::remote_experts::{RemoteExperts, WireDtype, check_shards, shard_info};
 use dsv2_router::service::{InferenceApi, InferenceService, ModelFacts};
 use dsv2_server::{LogFormat, Transport};
@@ -331,9 +331,11 @@ async fn serve_on<B: Backend>(
         default_max_new_tokens: c.default_max_new_tokens,
         request_timeout,
     });
-    // Only the public API gets the limit and the timeout (outermost first: a shed request
-    // starts no timer); health and reflection stay answerable when the router is saturated.
+    // Only the public API gets the limit and the timeout (outermost first: the arrival stamp
+    // that client deadlines count from, then the limit, so a shed request starts no timer);
+    // health and reflection stay answerable when the router is saturated.
     let inference_layers = tower::ServiceBuilder::new()
+        .layer(ArrivalLayer)
         .layer(InFlightLimitLayer::new(c.max_concurrent as usize))
         .layer(RequestTimeoutLayer::new(request_timeout));
     // Both reflection versions: grpcurl speaks v1, older ghz builds v1alpha.

@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::engine_task::EngineHandle;
+use crate::limits::Arrival;
 use crate::status;
 
 /// Static facts reported by ModelInfo.
@@ -103,13 +104,19 @@ impl InferenceService {
         Ok((prompt, params))
     }
 
-    /// The client's gRPC deadline (`grpc-timeout`), if it set one.
+    /// The client's gRPC deadline (`grpc-timeout`), if it set one, counted from when the call
+    /// reached the router (`limits::Arrival`; now, where no layer stamped it).
     fn client_deadline<T>(&self, req: &Request<T>) -> Option<Instant> {
-        req.metadata()
+        let timeout = req
+            .metadata()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout)
-            .map(|d| Instant::now() + d)
+            .and_then(parse_grpc_timeout)?;
+        let arrived = req
+            .extensions()
+            .get::<Arrival>()
+            .map_or_else(Instant::now, |a| a.0);
+        Some(arrived + timeout)
     }
 
     /// A stream's deadline: the client's or the router's request timeout, whichever is sooner.
@@ -204,7 +211,7 @@ impl std::ops::Deref for InferenceApi {
 type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
 
 impl InferenceApi {
-    /// Generate without the deadline race (see `UNARY_DEADLINE_MARGIN`).
+    /// Generate without the deadline race (see `unary_deadline_margin`).
     async fn generate_unary(
         &self,
         request: Request<pb::GenerateRequest>,
@@ -274,7 +281,13 @@ impl InferenceApi {
 /// enforces `grpc-timeout` on unary calls itself and answers CANCELLED ("Timeout expired") at
 /// the deadline; answering just before it makes the client see DEADLINE_EXCEEDED, the code gRPC
 /// defines for this. Streams are not affected (tonic's timer stops at the response headers).
-const UNARY_DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+/// Both deadlines count from the same poll (`limits::Arrival`); the margin covers the gap
+/// between tonic starting its timer and that poll, which a descheduled thread can stretch to
+/// milliseconds, and costs a request at most 20 ms (a tenth of a short deadline) of its time.
+fn unary_deadline_margin(deadline: Instant, arrived: Instant) -> Duration {
+    let budget = deadline.saturating_duration_since(arrived);
+    (budget / 10).min(Duration::from_millis(20))
+}
 
 #[tonic::async_trait]
 impl Inference for InferenceApi {
@@ -287,12 +300,16 @@ impl Inference for InferenceApi {
         // well would race the layer (whichever fires first decides the message); the layer
         // dropping this future cancels the engine request just the same.
         let deadline = self.client_deadline(&request);
+        let arrived = request
+            .extensions()
+            .get::<Arrival>()
+            .map_or_else(Instant::now, |a| a.0);
         let work = self.generate_unary(request, deadline);
         match deadline {
             // Dropping `work` drops the request's event receiver: the engine cancels it at the
             // next step boundary and frees its cache.
             Some(d) => {
-                let at = d.checked_sub(UNARY_DEADLINE_MARGIN).unwrap_or(d);
+                let at = d - unary_deadline_margin(d, arrived);
                 tokio::time::timeout_at(tokio::time::Instant::from_std(at), work)
                     .await
                     .unwrap_or_else(|_| {
@@ -455,5 +472,16 @@ mod tests {
         for bad in ["", "S", "5", "5x", "-5S", "1.5S"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn unary_deadline_margin_is_a_tenth_up_to_20_ms_and_never_passes_the_arrival() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(unary_deadline_margin(t0 + ms(500), t0), ms(20));
+        assert_eq!(unary_deadline_margin(t0 + ms(60_000), t0), ms(20));
+        assert_eq!(unary_deadline_margin(t0 + ms(50), t0), ms(5));
+        // A deadline at or before the arrival (grpc-timeout 0): no margin, no underflow.
+        assert_eq!(unary_deadline_margin(t0, t0 + ms(3)), Duration::ZERO);
     }
 }
