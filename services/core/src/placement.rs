@@ -149,6 +149,25 @@ impl Placement {
     }
 }
 
+/// Experts that more than one shard has loaded (`hosted[s]`: the experts shard `s` reports),
+/// ascending. Transports that split rows by [`Placement::owner_table`] ignore such replicas;
+/// one that hands every shard all rows (NCCL decode slots) would add them twice.
+pub fn experts_on_several_shards(hosted: &[Vec<usize>]) -> Vec<usize> {
+    let mut seen = std::collections::BTreeMap::<usize, usize>::new();
+    for experts in hosted {
+        let mut mine = experts.clone();
+        mine.sort_unstable();
+        mine.dedup();
+        for e in mine {
+            *seen.entry(e).or_default() += 1;
+        }
+    }
+    seen.into_iter()
+        .filter(|&(_, n)| n > 1)
+        .map(|(e, _)| e)
+        .collect()
+}
+
 /// One shard's share of a MoE layer: the rows (ascending) that chose at least one of its experts,
 /// with all `top_k` slots of each row: the shard's own expert ids and gate weights, other shards'
 /// slots padded with [`crate::routing::NO_EXPERT`] and weight 0.
@@ -296,5 +315,17 @@ mod tests {
         std::fs::write(&f, r#"{"shards": [[0, 1], [2]]}"#).unwrap();
         let err = Placement::from_file(&f, &c).unwrap_err().to_string();
         assert!(err.contains("expert 3 is not hosted"), "{err}");
+    }
+
+    #[test]
+    fn experts_on_several_shards_lists_replicas_once() {
+        assert!(experts_on_several_shards(&[vec![0, 1], vec![2, 3]]).is_empty());
+        // A shard listing an expert twice is not a replica.
+        assert!(experts_on_several_shards(&[vec![0, 0, 1], vec![2]]).is_empty());
+        assert_eq!(
+            experts_on_several_shards(&[vec![0, 1, 5], vec![1, 2], vec![5, 1]]),
+            vec![1, 5]
+        );
+        assert!(experts_on_several_shards(&[]).is_empty());
     }
 }

@@ -381,6 +381,40 @@ impl CudaBackend {
         weights: dsv2_kernels::View<'_, f32>,
         out: dsv2_kernels::ViewMut<'_, bf16>,
     ) -> Result<bool> {
+        self.device_routed_experts(bank, x, ids, weights, out, true)
+    }
+
+    /// [`Self::experts_from_device_routing`] enqueued ahead of its inputs: behind a receive that
+    /// has not arrived yet (an NCCL shard's pre-posted decode slot). Never waits on the stream,
+    /// so `DSV2_PROFILE` does not time it (its timer synchronises the stream, which would park
+    /// the shard's thread until the router's next request, out of reach of a stop).
+    pub fn experts_from_device_routing_ahead(
+        &self,
+        bank: &ExpertBank<CudaWeight>,
+        x: dsv2_kernels::View<'_, bf16>,
+        ids: dsv2_kernels::View<'_, i32>,
+        weights: dsv2_kernels::View<'_, f32>,
+        out: dsv2_kernels::ViewMut<'_, bf16>,
+    ) -> Result<bool> {
+        self.device_routed_experts(bank, x, ids, weights, out, false)
+    }
+
+    /// Builds `bank`'s device table of expert addresses now (an upload from pageable memory),
+    /// so that a later [`Self::experts_from_device_routing_ahead`] does not.
+    pub fn prepare_expert_table(&self, bank: &ExpertBank<CudaWeight>) -> Result<()> {
+        let _g = self.lock()?;
+        self.expert_table(bank).map(|_| ())
+    }
+
+    fn device_routed_experts(
+        &self,
+        bank: &ExpertBank<CudaWeight>,
+        x: dsv2_kernels::View<'_, bf16>,
+        ids: dsv2_kernels::View<'_, i32>,
+        weights: dsv2_kernels::View<'_, f32>,
+        out: dsv2_kernels::ViewMut<'_, bf16>,
+        profiled: bool,
+    ) -> Result<bool> {
         let (n, hidden) = match x.shape() {
             [n, h] => (*n, *h),
             other => return Err(err(format!("experts: input shape {other:?}"))),
@@ -393,7 +427,11 @@ impl CudaBackend {
             return Ok(false);
         };
         let k = ids.shape().get(1).copied().unwrap_or(0);
-        let _t = self.timed("experts_from_device_routing");
+        let _t = if profiled {
+            self.timed("experts_from_device_routing")
+        } else {
+            None
+        };
         let _g = self.lock()?;
         let table = self.expert_table(bank)?;
         let mut act = self.empty(&[n * k, inter])?;

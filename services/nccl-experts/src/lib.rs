@@ -15,6 +15,6 @@ mod router;
 mod shard;
 mod watchdog;
 
-pub use router::NcclExperts;
+pub use router::{NcclExperts, PlaneShard};
 pub use shard::{NcclJoin, ShardExperts, shard_join_handler};
 pub use watchdog::ShardWatch;

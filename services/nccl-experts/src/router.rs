@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use cudarc::driver::CudaSlice;
 use dsv2_core::model::{ExpertExecutor, PendingExperts};
-use dsv2_core::placement::{Placement, split_rows};
+use dsv2_core::placement::{Placement, experts_on_several_shards, split_rows};
 use dsv2_core::routing::{Routing, RoutingParams};
 use dsv2_core::{CoreError, ModelConfig};
 use dsv2_cuda_backend::{CudaAct, CudaBackend, CudaWeight};
@@ -103,6 +103,32 @@ fn slot_rows_from_env(max_rows: usize) -> Result<usize, CoreError> {
     Ok(n.min(max_rows))
 }
 
+/// An expert shard as the data plane sees it: where its control endpoint is and which experts
+/// it has loaded (its `Info`), which may be more than the placement gives it.
+#[derive(Clone, Debug)]
+pub struct PlaneShard {
+    pub endpoint: String,
+    pub experts: Vec<usize>,
+}
+
+/// Decode slots go to every shard with all of a row's expert ids, and each shard adds the
+/// experts it has loaded: an expert loaded on two shards would be counted twice. Slots stay
+/// off then (the per-layer exchange splits rows by the placement's owner and is exact).
+fn slots_allowed(slot_rows: usize, hosted: &[Vec<usize>]) -> usize {
+    if slot_rows == 0 {
+        return 0;
+    }
+    let replicas = experts_on_several_shards(hosted);
+    if replicas.is_empty() {
+        return slot_rows;
+    }
+    tracing::warn!(
+        experts = ?replicas,
+        "DSV2_NCCL_SLOTS ignored: these experts are loaded on more than one shard and slots would add them twice; start each shard with only its placement's experts (--experts or --shard-index/--num-shards) to use slots"
+    );
+    0
+}
+
 /// How often the shards' health is checked (a dead shard fails the layer within ~2 periods).
 const WATCH_PERIOD: Duration = Duration::from_millis(500);
 /// After a failure, the plane is brought up again at most this often (when every shard answers).
@@ -122,27 +148,36 @@ impl NcclExperts {
         rt: Handle,
         cfg: &ModelConfig,
         placement: &Placement,
-        endpoints: Vec<String>,
+        shards: Vec<PlaneShard>,
         max_rows: usize,
         timeout: Duration,
     ) -> Result<Self, CoreError> {
-        if endpoints.is_empty() {
+        if shards.is_empty() {
             return Err(CoreError::InvalidInput(
                 "the NCCL data plane needs at least one expert shard".into(),
             ));
         }
         let max_rows = max_rows.max(1);
         let moe_layers = cfg.moe_layers();
+        let hosted: Vec<Vec<usize>> = shards.iter().map(|s| s.experts.clone()).collect();
+        let slot_rows = slots_allowed(slot_rows_from_env(max_rows)?, &hosted);
         let plane_cfg = PlaneConfig {
             hidden: cfg.hidden_size,
             max_rows,
             max_k: cfg.num_experts_per_tok.max(1),
             timeout,
             blocking: std::env::var("DSV2_NCCL_BLOCKING").is_ok_and(|v| v == "1"),
-            slot_rows: slot_rows_from_env(max_rows)?,
-            moe_layers: LayerSet::from_layers(moe_layers.iter().copied())
-                .map_err(|e| CoreError::InvalidInput(e.to_string()))?,
+            slot_rows,
+            // Only slots need the layer list (the per-layer exchange names its layer in the
+            // header), so only slots limit the model's depth.
+            moe_layers: if slot_rows > 0 {
+                LayerSet::from_layers(moe_layers.iter().copied())
+                    .map_err(|e| CoreError::InvalidInput(e.to_string()))?
+            } else {
+                LayerSet::EMPTY
+            },
         };
+        let endpoints: Vec<String> = shards.into_iter().map(|s| s.endpoint).collect();
         let (init_tx, init_rx) = mpsc::channel::<Result<(), String>>();
         let (job_tx, job_rx) = mpsc::channel::<Work>();
         let b = backend.clone();
@@ -611,5 +646,19 @@ fn plane_loop(
             Ok(()) => tracing::info!("NCCL data plane shut down"),
             Err(e) => tracing::warn!(error = %e, "NCCL shutdown"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_stay_off_when_an_expert_is_loaded_on_two_shards() {
+        let disjoint = [vec![0, 1], vec![2, 3]];
+        assert_eq!(slots_allowed(4, &disjoint), 4);
+        assert_eq!(slots_allowed(0, &disjoint), 0);
+        // Shard 1 also loaded expert 1: a slot would add expert 1's output twice.
+        assert_eq!(slots_allowed(4, &[vec![0, 1], vec![1, 2, 3]]), 0);
     }
 }

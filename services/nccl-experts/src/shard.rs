@@ -60,6 +60,15 @@ impl ShardExperts {
                 ))
             })
             .map_err(|e| format!("allocating the exchange buffers: {e}"))?;
+        // Uploaded now rather than on a layer's first use, which may be a launch queued ahead
+        // of its slot, where nothing may wait on the stream.
+        for layer in (0..moe_layer.len()).filter(|&l| moe_layer[l]) {
+            if let Some(bank) = experts.local_bank(layer) {
+                backend
+                    .prepare_expert_table(bank)
+                    .map_err(|e| format!("layer {layer}'s expert table: {e}"))?;
+            }
+        }
         Ok(ShardExperts {
             backend,
             experts,
@@ -78,7 +87,7 @@ impl ShardExperts {
     /// they are, with no host step (an id of another shard, u32::MAX or one this shard does
     /// not hold, is skipped: a row without experts here comes out as zeros). False when they
     /// do not apply (too many rows, kernels off or unsupported shapes): nothing was enqueued.
-    fn run_on_device(&mut self, hd: &Header) -> Result<bool, String> {
+    fn run_on_device(&mut self, hd: &Header, ahead: bool) -> Result<bool, String> {
         let (rows, k, layer) = (hd.rows as usize, hd.k as usize, hd.layer as usize);
         if rows == 0 || rows > dsv2_kernels::ops::small_experts::SMALL_EXPERTS_MAX_ROWS {
             return Ok(false);
@@ -87,23 +96,28 @@ impl ShardExperts {
             return Ok(false);
         };
         let shape = |e: dsv2_kernels::KernelError| e.to_string();
-        self.backend
-            .experts_from_device_routing(
-                bank,
-                self.x.view().narrow(0, 0, rows).map_err(shape)?,
-                self.ids
-                    .view()
-                    .narrow(0, 0, rows * k)
-                    .and_then(|v| v.reshape(&[rows, k]))
-                    .map_err(shape)?,
-                self.weights
-                    .view()
-                    .narrow(0, 0, rows * k)
-                    .and_then(|v| v.reshape(&[rows, k]))
-                    .map_err(shape)?,
-                self.partial.view_mut().narrow(0, 0, rows).map_err(shape)?,
-            )
-            .map_err(|e| e.to_string())
+        let launch = if ahead {
+            CudaBackend::experts_from_device_routing_ahead
+        } else {
+            CudaBackend::experts_from_device_routing
+        };
+        launch(
+            &self.backend,
+            bank,
+            self.x.view().narrow(0, 0, rows).map_err(shape)?,
+            self.ids
+                .view()
+                .narrow(0, 0, rows * k)
+                .and_then(|v| v.reshape(&[rows, k]))
+                .map_err(shape)?,
+            self.weights
+                .view()
+                .narrow(0, 0, rows * k)
+                .and_then(|v| v.reshape(&[rows, k]))
+                .map_err(shape)?,
+            self.partial.view_mut().narrow(0, 0, rows).map_err(shape)?,
+        )
+        .map_err(|e| e.to_string())
     }
 
     fn run(&mut self, hd: &Header) -> Result<(), String> {
@@ -111,7 +125,7 @@ impl ShardExperts {
         if !self.moe_layer.get(layer).copied().unwrap_or(false) {
             return Err(format!("layer {layer} is not a MoE layer"));
         }
-        if self.run_on_device(hd)? {
+        if self.run_on_device(hd, false)? {
             return Ok(());
         }
         // Expert ids and gate weights come to the host (the expert FFN sizes its GEMMs there);
@@ -199,7 +213,7 @@ unsafe impl ShardCompute for ShardExperts {
         {
             return Err(format!("layer {} is not a MoE layer", h.layer));
         }
-        self.run_on_device(h)
+        self.run_on_device(h, true)
     }
 }
 

@@ -731,9 +731,13 @@ impl RouterPlane {
 
     /// Slot mode, one NCCL group: to shard s the slot at `pairs[s].0`, from it the reply into
     /// `pairs[s].1`; then the shards expect the layer after `layer`. One send and one receive
-    /// per peer: each peer's pair is one NCCL work item whose receive completes once the shard
-    /// answered the send beside it (unlike several sends to one peer in a group with a receive,
-    /// see `exchange`).
+    /// per peer (unlike several sends to one peer in a group with a receive, see `exchange`).
+    /// NCCL schedules a group's point-to-point operations in rounds that pair the send to rank
+    /// r + d with the receive from rank r - d, so with one shard a peer's send and receive are
+    /// one work item; with several, the receive from one shard runs beside the send to another.
+    /// We expect every send to go out regardless (rounds run on separate p2p channels within
+    /// a node), but only one shard has run on a GPU so far (x2): several shards with slots are
+    /// step 4b of scripts/gpu-nccl.sh (at least 3 GPUs), not yet run.
     ///
     /// # Safety
     /// Each slot holds the layout's bytes and each reply buffer its reply bytes, device memory

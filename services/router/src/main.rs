@@ -22,7 +22,7 @@ use dsv2_core::placement::{Placement, PlacementKind};
 use dsv2_core::tokenizer::Tokenizer;
 use dsv2_core::weights::WeightStore;
 use dsv2_cuda_backend::CudaBackend;
-use dsv2_nccl_experts::NcclExperts;
+use dsv2_nccl_experts::{NcclExperts, PlaneShard};
 use dsv2_proto::inference::v1::inference_server::InferenceServer;
 use dsv2_router::engine_task::EngineHandle;
 use dsv2_router::limits::{ArrivalLayer, InFlightLimitLayer, RequestTimeoutLayer};
@@ -134,8 +134,11 @@ fn main() -> Result<()> {
 }
 
 /// Builds the NCCL expert executor once the model and the placement are known (CUDA only).
-type NcclMaker<B> =
-    Box<dyn FnOnce(&ModelConfig, &Placement) -> Result<Arc<dyn ExpertExecutor<B>>> + Send>;
+/// Its third argument: the experts each shard reports loaded, in `--shard` order.
+type NcclMaker<B> = Box<
+    dyn FnOnce(&ModelConfig, &Placement, Vec<Vec<usize>>) -> Result<Arc<dyn ExpertExecutor<B>>>
+        + Send,
+>;
 
 async fn serve(c: Config, rt: tokio::runtime::Handle) -> Result<()> {
     match c.device {
@@ -159,8 +162,14 @@ async fn serve(c: Config, rt: tokio::runtime::Handle) -> Result<()> {
                 let (b, r, eps) = (backend.clone(), rt.clone(), c.shards.clone());
                 let (rows, timeout) = (c.max_batch_tokens, Duration::from_secs(c.shard_timeout_s));
                 Some(Box::new(
-                    move |mcfg: &ModelConfig, placement: &Placement| {
-                        let ex = NcclExperts::connect(b, r, mcfg, placement, eps, rows, timeout)?;
+                    move |mcfg: &ModelConfig, placement: &Placement, hosted: Vec<Vec<usize>>| {
+                        let shards = eps
+                            .into_iter()
+                            .zip(hosted)
+                            .map(|(endpoint, experts)| PlaneShard { endpoint, experts })
+                            .collect();
+                        let ex =
+                            NcclExperts::connect(b, r, mcfg, placement, shards, rows, timeout)?;
                         Ok(Arc::new(ex) as Arc<dyn ExpertExecutor<CudaBackend>>)
                     },
                 ))
@@ -255,8 +264,12 @@ async fn serve_on<B: Backend>(
                 // The bootstrap blocks (NcclInit RPCs, then the collective init): off the
                 // async workers.
                 let m = mcfg.clone();
+                let hosted = infos
+                    .iter()
+                    .map(|i| i.expert_ids.iter().map(|&e| e as usize).collect())
+                    .collect();
                 let t0 = Instant::now();
-                let ex = tokio::task::spawn_blocking(move || make(&m, &placement))
+                let ex = tokio::task::spawn_blocking(move || make(&m, &placement, hosted))
                     .await
                     .context("NCCL bootstrap task")?
                     .context("--transport nccl: bringing up the NCCL data plane")?;
