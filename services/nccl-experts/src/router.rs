@@ -188,14 +188,28 @@ impl NcclExperts {
             .name("nccl-router".into())
             .spawn(move || plane_loop(b, rt, eps, plane_cfg, w, init_tx, job_rx))
             .map_err(|e| experts_err(format!("cannot start the plane thread: {e}")))?;
-        match init_rx.recv() {
+        // The init and the split are bounded by `timeout` each; the blocking communicator's
+        // first exchange is not (a shard dying right after the split leaves it waiting), so the
+        // router's start is bounded here. The stuck thread is left behind: the start fails.
+        let init_limit = 2 * timeout + Duration::from_secs(30);
+        match init_rx.recv_timeout(init_limit) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 let _ = thread.join();
                 watch.stop();
                 return Err(experts_err(e));
             }
-            Err(_) => {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let why = watch
+                    .reason()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default();
+                watch.stop();
+                return Err(experts_err(format!(
+                    "not up within {init_limit:?}: a shard stopped answering during the first exchange{why}"
+                )));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let _ = thread.join();
                 watch.stop();
                 return Err(experts_err("the plane thread ended during init"));
