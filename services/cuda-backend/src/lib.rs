@@ -367,12 +367,24 @@ impl CudaBackend {
         }))
     }
 
+    /// Builds `bank`'s device table of expert addresses now (an upload from pageable memory),
+    /// so that a later [`Self::experts_from_device_routing`] queued ahead of its inputs does not.
+    pub fn prepare_expert_table(&self, bank: &ExpertBank<CudaWeight>) -> Result<()> {
+        let _g = self.lock()?;
+        self.expert_table(bank).map(|_| ())
+    }
+
     /// Routed experts of `bank` for rows whose routing is already on this device, written into
     /// `out` [rows, hidden]: ids [rows, k] (i32 global expert ids; negative, e.g. u32::MAX bits,
     /// = another shard's slot), weights [rows, k] f32. An NCCL shard receives exactly this, so
     /// at decode sizes it skips bringing the routing to the host (a stream synchronisation per
     /// layer). `Ok(false)`: more rows than the small-batch kernels take, or shapes they do not
     /// cover; the caller then routes on the host and calls `experts`.
+    ///
+    /// `ahead`: enqueued ahead of its inputs, behind a receive that has not arrived yet (an
+    /// NCCL shard's pre-posted decode slot). Then nothing here may wait on the stream, so
+    /// `DSV2_PROFILE` does not time it (its timer synchronises the stream, which would park the
+    /// shard's thread until the router's next request, out of reach of a stop).
     pub fn experts_from_device_routing(
         &self,
         bank: &ExpertBank<CudaWeight>,
@@ -380,40 +392,7 @@ impl CudaBackend {
         ids: dsv2_kernels::View<'_, i32>,
         weights: dsv2_kernels::View<'_, f32>,
         out: dsv2_kernels::ViewMut<'_, bf16>,
-    ) -> Result<bool> {
-        self.device_routed_experts(bank, x, ids, weights, out, true)
-    }
-
-    /// [`Self::experts_from_device_routing`] enqueued ahead of its inputs: behind a receive that
-    /// has not arrived yet (an NCCL shard's pre-posted decode slot). Never waits on the stream,
-    /// so `DSV2_PROFILE` does not time it (its timer synchronises the stream, which would park
-    /// the shard's thread until the router's next request, out of reach of a stop).
-    pub fn experts_from_device_routing_ahead(
-        &self,
-        bank: &ExpertBank<CudaWeight>,
-        x: dsv2_kernels::View<'_, bf16>,
-        ids: dsv2_kernels::View<'_, i32>,
-        weights: dsv2_kernels::View<'_, f32>,
-        out: dsv2_kernels::ViewMut<'_, bf16>,
-    ) -> Result<bool> {
-        self.device_routed_experts(bank, x, ids, weights, out, false)
-    }
-
-    /// Builds `bank`'s device table of expert addresses now (an upload from pageable memory),
-    /// so that a later [`Self::experts_from_device_routing_ahead`] does not.
-    pub fn prepare_expert_table(&self, bank: &ExpertBank<CudaWeight>) -> Result<()> {
-        let _g = self.lock()?;
-        self.expert_table(bank).map(|_| ())
-    }
-
-    fn device_routed_experts(
-        &self,
-        bank: &ExpertBank<CudaWeight>,
-        x: dsv2_kernels::View<'_, bf16>,
-        ids: dsv2_kernels::View<'_, i32>,
-        weights: dsv2_kernels::View<'_, f32>,
-        out: dsv2_kernels::ViewMut<'_, bf16>,
-        profiled: bool,
+        ahead: bool,
     ) -> Result<bool> {
         let (n, hidden) = match x.shape() {
             [n, h] => (*n, *h),
@@ -427,10 +406,10 @@ impl CudaBackend {
             return Ok(false);
         };
         let k = ids.shape().get(1).copied().unwrap_or(0);
-        let _t = if profiled {
-            self.timed("experts_from_device_routing")
-        } else {
+        let _t = if ahead {
             None
+        } else {
+            self.timed("experts_from_device_routing")
         };
         let _g = self.lock()?;
         let table = self.expert_table(bank)?;

@@ -96,28 +96,24 @@ impl ShardExperts {
             return Ok(false);
         };
         let shape = |e: dsv2_kernels::KernelError| e.to_string();
-        let launch = if ahead {
-            CudaBackend::experts_from_device_routing_ahead
-        } else {
-            CudaBackend::experts_from_device_routing
-        };
-        launch(
-            &self.backend,
-            bank,
-            self.x.view().narrow(0, 0, rows).map_err(shape)?,
-            self.ids
-                .view()
-                .narrow(0, 0, rows * k)
-                .and_then(|v| v.reshape(&[rows, k]))
-                .map_err(shape)?,
-            self.weights
-                .view()
-                .narrow(0, 0, rows * k)
-                .and_then(|v| v.reshape(&[rows, k]))
-                .map_err(shape)?,
-            self.partial.view_mut().narrow(0, 0, rows).map_err(shape)?,
-        )
-        .map_err(|e| e.to_string())
+        self.backend
+            .experts_from_device_routing(
+                bank,
+                self.x.view().narrow(0, 0, rows).map_err(shape)?,
+                self.ids
+                    .view()
+                    .narrow(0, 0, rows * k)
+                    .and_then(|v| v.reshape(&[rows, k]))
+                    .map_err(shape)?,
+                self.weights
+                    .view()
+                    .narrow(0, 0, rows * k)
+                    .and_then(|v| v.reshape(&[rows, k]))
+                    .map_err(shape)?,
+                self.partial.view_mut().narrow(0, 0, rows).map_err(shape)?,
+                ahead,
+            )
+            .map_err(|e| e.to_string())
     }
 
     fn run(&mut self, hd: &Header) -> Result<(), String> {
