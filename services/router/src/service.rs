@@ -112,11 +112,7 @@ impl InferenceService {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)?;
-        let arrived = req
-            .extensions()
-            .get::<Arrival>()
-            .map_or_else(Instant::now, |a| a.0);
-        Some(arrived + timeout)
+        Some(arrival(req) + timeout)
     }
 
     /// A stream's deadline: the client's or the router's request timeout, whichever is sooner.
@@ -284,6 +280,13 @@ impl InferenceApi {
 /// Both deadlines count from the same poll (`limits::Arrival`); the margin covers the gap
 /// between tonic starting its timer and that poll, which a descheduled thread can stretch to
 /// milliseconds, and costs a request at most 20 ms (a tenth of a short deadline) of its time.
+/// When the call reached the router (`limits::Arrival`); now, where no layer stamped it.
+fn arrival<T>(req: &Request<T>) -> Instant {
+    req.extensions()
+        .get::<Arrival>()
+        .map_or_else(Instant::now, |a| a.0)
+}
+
 fn unary_deadline_margin(deadline: Instant, arrived: Instant) -> Duration {
     let budget = deadline.saturating_duration_since(arrived);
     (budget / 10).min(Duration::from_millis(20))
@@ -300,10 +303,7 @@ impl Inference for InferenceApi {
         // well would race the layer (whichever fires first decides the message); the layer
         // dropping this future cancels the engine request just the same.
         let deadline = self.client_deadline(&request);
-        let arrived = request
-            .extensions()
-            .get::<Arrival>()
-            .map_or_else(Instant::now, |a| a.0);
+        let arrived = arrival(&request);
         let work = self.generate_unary(request, deadline);
         match deadline {
             // Dropping `work` drops the request's event receiver: the engine cancels it at the
