@@ -1,9 +1,9 @@
 //! Tower layers in front of `dsv2.v1.Inference`: the arrival stamp that client deadlines count
 //! from, a global in-flight limit that sheds excess requests with RESOURCE_EXHAUSTED, and the
-//! router's request timeout, answered with DEADLINE_EXCEEDED. Health and reflection are not wrapped: probes must answer when the router
-//! is saturated.
+//! router's request timeout, answered with DEADLINE_EXCEEDED. Health and reflection are not
+//! wrapped: probes must answer when the router is saturated.
 //!
-//! Both are hand-written on tokio's semaphore and timer rather than tower's
+//! The limit and the timeout are hand-written on tokio's semaphore and timer rather than tower's
 //! `GlobalConcurrencyLimitLayer` + `LoadShedLayer` and `TimeoutLayer`, for two reasons:
 //! - tower's concurrency limit releases its permit when the response future resolves, which for
 //!   a server-streaming RPC is when the headers go out; GenerateStream, the main API, would not
@@ -36,7 +36,9 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// little before that, which only works if both count from the same instant: a handler that
 /// counted from its own start (after routing, body decoding and, on a loaded machine, waiting
 /// for a worker thread) lost that race on a 2-core CI machine. This layer, outermost on the
-/// service, stamps the request in the same poll in which tonic starts its timer.
+/// service, stamps the request as early as a layer can: tonic starts its timer when hyper calls
+/// the service, and the routing beneath it calls this layer at the first poll of the request's
+/// task, which follows at once (the unary margin in `service` covers the gap).
 #[derive(Clone, Copy, Debug)]
 pub struct Arrival(pub Instant);
 

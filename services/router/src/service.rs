@@ -117,7 +117,7 @@ impl InferenceService {
 
     /// A stream's deadline: the client's or the router's request timeout, whichever is sooner.
     fn stream_deadline<T>(&self, req: &Request<T>) -> Option<Instant> {
-        let server = self.request_timeout.map(|d| Instant::now() + d);
+        let server = self.request_timeout.map(|d| arrival(req) + d);
         match (self.client_deadline(req), server) {
             (Some(c), Some(s)) => Some(c.min(s)),
             (c, s) => c.or(s),
@@ -204,6 +204,13 @@ impl std::ops::Deref for InferenceApi {
     }
 }
 
+/// When the call reached the router (`limits::Arrival`); now, where no layer stamped it.
+fn arrival<T>(req: &Request<T>) -> Instant {
+    req.extensions()
+        .get::<Arrival>()
+        .map_or_else(Instant::now, |a| a.0)
+}
+
 type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
 
 impl InferenceApi {
@@ -277,16 +284,10 @@ impl InferenceApi {
 /// enforces `grpc-timeout` on unary calls itself and answers CANCELLED ("Timeout expired") at
 /// the deadline; answering just before it makes the client see DEADLINE_EXCEEDED, the code gRPC
 /// defines for this. Streams are not affected (tonic's timer stops at the response headers).
-/// Both deadlines count from the same poll (`limits::Arrival`); the margin covers the gap
-/// between tonic starting its timer and that poll, which a descheduled thread can stretch to
-/// milliseconds, and costs a request at most 20 ms (a tenth of a short deadline) of its time.
-/// When the call reached the router (`limits::Arrival`); now, where no layer stamped it.
-fn arrival<T>(req: &Request<T>) -> Instant {
-    req.extensions()
-        .get::<Arrival>()
-        .map_or_else(Instant::now, |a| a.0)
-}
-
+/// Both deadlines count from nearly the same instant (`limits::Arrival` is taken at the first
+/// poll of the request's task, just after tonic started its timer); the margin covers that gap,
+/// which a descheduled thread can stretch to milliseconds, and costs a request at most 20 ms
+/// (a tenth of a short deadline) of its time.
 fn unary_deadline_margin(deadline: Instant, arrived: Instant) -> Duration {
     let budget = deadline.saturating_duration_since(arrived);
     (budget / 10).min(Duration::from_millis(20))
