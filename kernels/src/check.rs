@@ -11,6 +11,8 @@ use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+mod grouped;
+
 use crate::device::Gpu;
 use crate::error::Result;
 use crate::ops::{elementwise as ew, expert, gemm, mla, moe, sample, small_experts};
@@ -918,6 +920,7 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     out.push(check_small_experts(gpu, 1, 16, 6, 5120, 1536)?);
     out.push(check_small_experts(gpu, 4, 16, 6, 5120, 1536)?);
     out.push(check_small_experts(gpu, 3, 9, 2, 72, 40)?);
+    out.extend(grouped::run(gpu, quick)?);
     out.extend(run_mla(gpu)?);
     for (n, ctx, heads, dims, shared) in [
         (1, 1, 4, (32, 8, 32), true),

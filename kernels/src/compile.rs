@@ -10,7 +10,10 @@ use crate::error::{KernelError, Result};
 use cudarc::nvrtc::sys as nvrtc;
 
 /// Shared headers, made available to every program under their file names.
-pub const HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("cu/common.cuh"))];
+pub const HEADERS: &[(&str, &str)] = &[
+    ("common.cuh", include_str!("cu/common.cuh")),
+    ("mma.cuh", include_str!("cu/mma.cuh")),
+];
 
 /// The kernel sources: (file name, text). Each becomes one CUDA module.
 pub const SOURCES: &[(&str, &str)] = &[
@@ -19,6 +22,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("mla.cu", include_str!("cu/mla.cu")),
     ("sample.cu", include_str!("cu/sample.cu")),
     ("general.cu", include_str!("cu/general.cu")),
+    ("grouped.cu", include_str!("cu/grouped.cu")),
 ];
 
 /// The architecture we build for: Hopper with its arch-specific features (wgmma, setmaxnreg).

@@ -401,5 +401,212 @@ fn bench(gpu: &Gpu, p1_only: bool) -> Result<()> {
         flops / (ms_all * 1e-3) / 1e12,
         flops / (ms_all * 1e-3) / 1e12 / blas_tflops
     );
+    bench_grouped(gpu, copy_gbs, blas_tflops, &gu_w, &d_w, &px, &perm, ms)?;
+    Ok(())
+}
+
+/// The grouped expert kernels (issue 19) beside the per-expert cuBLAS loop, on P2's weights
+/// (160 experts, hidden 5120, inter 1536, stacked [E, 2I, H] / [E, H, I]):
+/// - P2g: the FFN alone over P2's permuted rows (compute bound) against the cuBLAS peak;
+/// - decode rows at 1, 8, 64 and 256 distinct tokens (routing by the real gate on random logits,
+///   so a batch touches as many experts as distinct prompts do): the whole routed path, against
+///   max(touched experts' weight bytes / copy bandwidth, FLOPs / cuBLAS peak).
+#[allow(clippy::too_many_arguments)]
+fn bench_grouped(
+    gpu: &Gpu,
+    copy_gbs: f64,
+    blas_tflops: f64,
+    gu_w: &Tensor<bf16>,
+    d_w: &Tensor<bf16>,
+    px: &Tensor<bf16>,
+    perm: &moe::Permutation,
+    p2_ms: f64,
+) -> Result<()> {
+    use dsv2_kernels::ops::{grouped, small_experts};
+    let (n_exp, two_i, hidden) = (gu_w.shape()[0], gu_w.shape()[1], gu_w.shape()[2]);
+    let inter = two_i / 2;
+    let bsz = 2u64;
+    let mut ptrs = Vec::with_capacity(n_exp * 3);
+    for e in 0..n_exp as u64 {
+        let (i, h) = (inter as u64, hidden as u64);
+        ptrs.push((gu_w.ptr() + e * 2 * i * h * bsz) as i64);
+        ptrs.push((gu_w.ptr() + (e * 2 * i + i) * h * bsz) as i64);
+        ptrs.push((d_w.ptr() + e * h * i * bsz) as i64);
+    }
+    let table = Tensor::from_host(gpu, &ptrs, &[n_exp, 3])?;
+    let rows = px.shape()[0];
+    let flops = 2.0 * rows as f64 * (3 * inter * hidden) as f64;
+    let mut act = Tensor::<bf16>::zeros(gpu, &[rows, inter])?;
+    let mut y = Tensor::<bf16>::zeros(gpu, &[rows, hidden])?;
+    for tile in [grouped::RowTile::R128, grouped::RowTile::R64] {
+        let ms = time_ms(gpu, 2, 10, || {
+            // SAFETY: the table addresses P2's stacked weights, alive for this function.
+            unsafe {
+                grouped::grouped_ffn(
+                    gpu,
+                    grouped::GroupedFfnParams {
+                        x: px.view(),
+                        counts: perm.counts.view(),
+                        offsets: perm.offsets.view(),
+                        ptrs: table.view(),
+                        act: act.view_mut(),
+                        out: y.view_mut(),
+                        tile,
+                    },
+                )?;
+            }
+            Ok(())
+        })?;
+        let tf = flops / (ms * 1e-3) / 1e12;
+        println!(
+            "P2g grouped expert FFN (tile {} rows) {rows} rows / {n_exp} experts: {ms:.3} ms, {tf:.0} TFLOP/s = {:.3} of cuBLAS; {:.2}x the per-expert cuBLAS loop",
+            tile.rows(),
+            tf / blas_tflops,
+            p2_ms / ms
+        );
+    }
+    drop((act, y));
+
+    let cfg = moe::GateConfig {
+        n_group: 8,
+        topk_group: 3,
+        top_k: 6,
+        norm_topk_prob: false,
+        routed_scaling_factor: 16.0,
+    };
+    let k = cfg.top_k;
+    for tokens in [1usize, 8, 64, 256] {
+        let mut xt = Tensor::<bf16>::zeros(gpu, &[tokens, hidden])?;
+        fill(gpu, &mut xt, 20 + tokens as u64, 1.0)?;
+        let mut g = 0x9e37_79b9_7f4a_7c15u64 ^ tokens as u64;
+        let logits: Vec<f32> = (0..tokens * n_exp)
+            .map(|_| {
+                g ^= g << 13;
+                g ^= g >> 7;
+                g ^= g << 17;
+                (g >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+            })
+            .collect();
+        let lt = Tensor::from_host(gpu, &logits, &[tokens, n_exp])?;
+        let mut ids = Tensor::<i32>::zeros(gpu, &[tokens, k])?;
+        let mut wts = Tensor::<f32>::zeros(gpu, &[tokens, k])?;
+        moe::moe_gate(
+            gpu,
+            moe::GateParams {
+                logits: lt.view(),
+                ids: ids.view_mut(),
+                weights: wts.view_mut(),
+                cfg,
+            },
+        )?;
+        let host_ids = ids.to_host(gpu)?;
+        let mut touched = vec![false; n_exp];
+        for &e in &host_ids {
+            touched[e as usize] = true;
+        }
+        let touched = touched.iter().filter(|&&t| t).count();
+        let routed = tokens * k;
+        let bytes = (touched * 3 * inter * hidden * 2 + 2 * tokens * hidden * 2) as f64;
+        let fl = 2.0 * routed as f64 * (3 * inter * hidden) as f64;
+        let roof_ms = (bytes / (copy_gbs * 1e9)).max(fl / (blas_tflops * 1e12)) * 1e3;
+        let mut out = Tensor::<bf16>::zeros(gpu, &[tokens, hidden])?;
+        let ms_grouped = time_ms(gpu, 3, 20, || {
+            // SAFETY: as above; ids come from the gate (0..n_exp).
+            unsafe {
+                grouped::grouped_experts(
+                    gpu,
+                    grouped::GroupedExpertsParams {
+                        x: xt.view(),
+                        ids: ids.view(),
+                        weights: wts.view(),
+                        ptrs: table.view(),
+                        inter,
+                        out: out.view_mut(),
+                        routed_rows: Some(routed),
+                        touched_experts: Some(touched),
+                        tile: None,
+                        accumulate: false,
+                    },
+                )?;
+            }
+            Ok(())
+        })?;
+        // the path it replaces: permute, counts to the host, gather, per-expert cuBLAS, combine
+        let mut pxd = Tensor::<bf16>::zeros(gpu, &[routed, hidden])?;
+        let mut gu = Tensor::<bf16>::zeros(gpu, &[routed, two_i])?;
+        let mut actd = Tensor::<bf16>::zeros(gpu, &[routed, inter])?;
+        let mut yo = Tensor::<bf16>::zeros(gpu, &[routed, hidden])?;
+        let ms_loop = time_ms(gpu, 2, 10, || {
+            let p = moe::moe_permute(
+                gpu,
+                moe::PermuteParams {
+                    ids: ids.view(),
+                    n_experts: n_exp,
+                },
+            )?;
+            let c: Vec<usize> = p.counts.to_host(gpu)?.iter().map(|&c| c as usize).collect();
+            moe::moe_gather(
+                gpu,
+                moe::GatherParams {
+                    x: xt.view(),
+                    src_row: p.src_row.view(),
+                    out: pxd.view_mut(),
+                },
+            )?;
+            expert::expert_ffn(
+                gpu,
+                expert::ExpertFfnParams {
+                    x: pxd.view(),
+                    gate_up: gu_w.view(),
+                    down: d_w.view(),
+                    counts: &c,
+                    gu: gu.view_mut(),
+                    act: actd.view_mut(),
+                    out: yo.view_mut(),
+                },
+            )?;
+            moe::moe_combine(
+                gpu,
+                moe::CombineParams {
+                    y: yo.view(),
+                    slot_of: p.slot_of.view(),
+                    weights: wts.view(),
+                    out: out.view_mut(),
+                    accumulate: false,
+                },
+            )?;
+            Ok(())
+        })?;
+        let small = if tokens <= small_experts::SMALL_EXPERTS_MAX_ROWS {
+            let mut sa = Tensor::<bf16>::zeros(gpu, &[routed, inter])?;
+            let ms = time_ms(gpu, 3, 20, || {
+                // SAFETY: as above.
+                unsafe {
+                    small_experts::small_experts(
+                        gpu,
+                        small_experts::SmallExpertsParams {
+                            x: xt.view(),
+                            ids: ids.view(),
+                            weights: wts.view(),
+                            ptrs: table.view(),
+                            act: sa.view_mut(),
+                            out: out.view_mut(),
+                        },
+                    )?;
+                }
+                Ok(())
+            })?;
+            format!("; small-batch kernels {ms:.3} ms = {:.2}x roofline", ms / roof_ms)
+        } else {
+            String::new()
+        };
+        println!(
+            "D{tokens} routed experts, {tokens} distinct tokens, {touched} of {n_exp} experts touched ({:.1} MB weights): grouped {ms_grouped:.3} ms = {:.2}x roofline ({:.3} of copy bandwidth); per-expert cuBLAS loop {ms_loop:.3} ms = {:.2}x roofline; roofline {roof_ms:.3} ms{small}",
+            bytes / 1e6,
+            ms_grouped / roof_ms,
+            bytes / (ms_grouped * 1e-3) / 1e9 / copy_gbs,
+            ms_loop / roof_ms
+        );
+    }
     Ok(())
 }

@@ -9,6 +9,7 @@
 // The cache tile is loaded once into shared memory and used by all 64 heads of the CTA; the second
 // head-group CTA of the same sequence reads the same tiles, mostly from L2.
 #include "common.cuh"
+#include "mma.cuh"
 
 #define D_LAT 512
 #define D_ROPE 64
@@ -27,38 +28,6 @@ struct MlaSmem {
     float m_fin[HB];
     float l_fin[HB];
 };
-
-__device__ __forceinline__ void mma_bf16(float* d, const u32* a, const u32* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// Four 8x8 b16 matrices from shared memory; lane l supplies the address of row l % 8 of matrix l / 8.
-__device__ __forceinline__ void ldsm_x4(u32* r, const bf16* p) {
-    u32 a = (u32)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-// Same, transposed on the way (for B operands stored [k][n]).
-__device__ __forceinline__ void ldsm_x4_t(u32* r, const bf16* p) {
-    u32 a = (u32)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-    u32 s = (u32)__cvta_generic_to_shared(smem);
-    int n = valid ? 16 : 0;  // src-size 0 zero-fills the 16 bytes
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all_but_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 // Eight values of row (b, h) of the decode query [q_abs (512) | q_pe (64)] starting at column
 // `col` (a multiple of 8); zeros for padding heads h >= heads. q_pe may be strided (see below).

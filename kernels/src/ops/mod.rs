@@ -5,6 +5,7 @@ pub mod elementwise;
 pub mod expert;
 pub mod gemm;
 pub mod general;
+pub mod grouped;
 pub mod mla;
 pub mod moe;
 pub mod sample;

@@ -1,19 +1,19 @@
-//! Routed experts on the GPU: routing ids → permutation by expert (`moe_permute`), gather of the
-//! permuted rows, per-expert gate/up GEMMs into one [rows, 2I] buffer, one SiLU·mul over all rows,
-//! per-expert down GEMMs, then the weighted un-permute (`moe_combine`).
+//! Routed experts on the GPU: the one expert-FFN path of this backend, for in-process experts,
+//! gRPC shards and NCCL shards alike ([`on_device`]): a few rows take the two-launch small-batch
+//! kernels, everything else the grouped kernels (`ops::grouped`: permutation, gather, one
+//! launch per projection over every expert, weighted combine). Weights stay in the checkpoint's
+//! per-expert tensors, found through the bank's device address table.
 //!
-//! Where it stands: one cuBLAS call per (expert, projection) on the main stream, like the
-//! kernels crate's first expert FFN; weights stay in the checkpoint's per-expert tensors (the
-//! fused [E, 2I, H] layout of `ops::expert` would need a repacking at load). The row counts that
-//! size the GEMMs come from the routing the host already holds (no device round trip).
+//! The per-expert cuBLAS loop ([`run_loop`]) remains for shapes the kernels do not take (hidden
+//! or intermediate not a multiple of 8) and behind `DSV2_GROUPED_EXPERTS=0`, to compare.
 
 use half::bf16;
 
 use dsv2_core::backend::ExpertBank;
 use dsv2_core::error::Result;
 use dsv2_core::routing::Routing;
-use dsv2_kernels::Tensor;
-use dsv2_kernels::ops::{elementwise as ew, moe, small_experts as small};
+use dsv2_kernels::ops::{elementwise as ew, grouped, moe, small_experts as small};
+use dsv2_kernels::{Tensor, View, ViewMut};
 
 use crate::blas::{Gemm, gemm};
 use crate::{CudaAct, CudaBackend, CudaWeight, Kx, err};
@@ -81,37 +81,124 @@ pub(crate) fn run(
             _ => -1,
         })
         .collect();
-    let inter = bank_intermediate(bank, hidden).map_err(err)?.unwrap_or(0);
     let xb = b.bf16_of(x)?;
     let k = routing.top_k;
     let ids_t = Tensor::from_host(gpu, &ids, &[n, k]).kx()?;
     let w_t = Tensor::from_host(gpu, &routing.weights, &[n, k]).kx()?;
-    if n <= small::SMALL_EXPERTS_MAX_ROWS && b.small_experts_enabled() {
-        let table = b.expert_table(bank)?;
+    let routed = ids.iter().filter(|&&e| e >= 0).count();
+    let mut seen = vec![false; n_exp];
+    for &e in &ids {
+        if let Some(s) = usize::try_from(e).ok().and_then(|e| seen.get_mut(e)) {
+            *s = true;
+        }
+    }
+    let touched = seen.iter().filter(|&&s| s).count();
+    if on_device(
+        b,
+        bank,
+        xb.view(),
+        ids_t.view(),
+        w_t.view(),
+        out.view_mut(),
+        Some(routed),
+        Some(touched),
+    )? {
+        return Ok(CudaAct::Bf16(out));
+    }
+    run_loop(b, bank, &xb, &ids, &ids_t, &w_t, out)
+}
+
+/// Routed experts of `bank` for rows whose routing is already on the device: x [n, H] bf16,
+/// ids [n, k] (i32; values outside 0..E, or experts the bank does not hold, contribute
+/// nothing), weights [n, k] f32; writes out [n, H]. `routed` / `touched`: the routed
+/// assignments and distinct experts, when the caller knows them (host routing), else None.
+/// `Ok(false)`: shapes the kernels do not cover (or the grouped kernels switched off above the
+/// small-batch size); nothing was written and the caller takes the host path.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn on_device(
+    b: &CudaBackend,
+    bank: &ExpertBank<CudaWeight>,
+    x: View<'_, bf16>,
+    ids: View<'_, i32>,
+    weights: View<'_, f32>,
+    out: ViewMut<'_, bf16>,
+    routed: Option<usize>,
+    touched: Option<usize>,
+) -> Result<bool> {
+    let (n, hidden) = match x.shape() {
+        [n, h] => (*n, *h),
+        other => return Err(err(format!("experts: input shape {other:?}"))),
+    };
+    // an empty bank or mismatched shapes: the host path reports them
+    let Ok(Some(inter)) = bank_intermediate(bank, hidden) else {
+        return Ok(false);
+    };
+    let k = ids.shape().get(1).copied().unwrap_or(0);
+    let gpu = &b.gpu;
+    let table = b.expert_table(bank)?;
+    let r = if n <= small::SMALL_EXPERTS_MAX_ROWS && b.small_experts_enabled() {
         let mut act = b.empty(&[n * k, inter])?;
-        // SAFETY: ids are -1 or experts this bank holds (mapped above); the table holds the
-        // addresses of those experts' weights, shape-checked above, which live as long as the
-        // bank, i.e. past these launches.
-        let r = unsafe {
+        // SAFETY: ids within 0..E name this bank's experts or address 0 (not held: skipped);
+        // the table's addresses are this bank's weights, shape-checked by bank_intermediate and
+        // alive past these launches (the bank outlives the call).
+        unsafe {
             small::small_experts(
                 gpu,
                 small::SmallExpertsParams {
-                    x: xb.view(),
-                    ids: ids_t.view(),
-                    weights: w_t.view(),
+                    x,
+                    ids,
+                    weights,
                     ptrs: table.view(),
                     act: act.view_mut(),
-                    out: out.view_mut(),
+                    out,
                 },
             )
-        };
-        match r {
-            Ok(()) => return Ok(CudaAct::Bf16(out)),
-            // sizes beyond the kernels' shared memory take the permuted path below
-            Err(dsv2_kernels::KernelError::Unsupported { .. }) => {}
-            Err(e) => return Err(crate::kerr(e)),
         }
+    } else if b.grouped_experts_enabled() {
+        // SAFETY: as above; `routed`, when given, counts exactly the ids within 0..E (the
+        // callers compute it from the same ids).
+        unsafe {
+            grouped::grouped_experts(
+                gpu,
+                grouped::GroupedExpertsParams {
+                    x,
+                    ids,
+                    weights,
+                    ptrs: table.view(),
+                    inter,
+                    out,
+                    routed_rows: routed,
+                    touched_experts: touched,
+                    tile: None,
+                    accumulate: false,
+                },
+            )
+        }
+    } else {
+        return Ok(false);
+    };
+    match r {
+        Ok(()) => Ok(true),
+        Err(dsv2_kernels::KernelError::Unsupported { .. }) => Ok(false),
+        Err(e) => Err(crate::kerr(e)),
     }
+}
+
+/// The per-expert cuBLAS loop: permute, gather, one GEMM per (expert, projection), SiLU·mul,
+/// combine. `ids` (host) and `ids_t` are the routing with experts not held as -1.
+fn run_loop(
+    b: &CudaBackend,
+    bank: &ExpertBank<CudaWeight>,
+    xb: &Tensor<bf16>,
+    ids: &[i32],
+    ids_t: &Tensor<i32>,
+    w_t: &Tensor<f32>,
+    mut out: Tensor<bf16>,
+) -> Result<CudaAct> {
+    let gpu = &b.gpu;
+    let n_exp = bank.experts.len();
+    let hidden = xb.shape()[1];
+    let inter = bank_intermediate(bank, hidden).map_err(err)?.unwrap_or(0);
     let perm = moe::moe_permute(
         gpu,
         moe::PermuteParams {
@@ -124,7 +211,7 @@ pub(crate) fn run(
     // holds (what moe_permute counts on the device), so no device-to-host copy and no stream
     // synchronisation here.
     let mut counts = vec![0i32; n_exp];
-    for &e in &ids {
+    for &e in ids {
         if let Some(c) = usize::try_from(e).ok().and_then(|e| counts.get_mut(e)) {
             *c += 1;
         }

@@ -19,7 +19,7 @@ use dsv2_core::routing::{Routing, RoutingParams};
 use dsv2_core::sampling::RowSampling;
 use dsv2_core::weights::{DType as CkptDType, TensorRef};
 use dsv2_kernels::ops::{
-    elementwise as ew, general as gen_ops, moe, sample, small_experts as small,
+    elementwise as ew, general as gen_ops, moe, sample,
 };
 use dsv2_kernels::rope::RopeTable as DevRope;
 use dsv2_kernels::{Gpu, GpuOptions, KernelError, Tensor};
@@ -163,6 +163,7 @@ pub struct CudaBackend {
     /// (keyed by the bank's address; the host copy of the addresses detects a stale entry).
     expert_tables: Mutex<std::collections::HashMap<usize, ExpertTable>>,
     small_experts: bool,
+    grouped_experts: bool,
     /// Per-step metadata (positions, cache slots, block table, lengths) is the same for every
     /// layer of a step: the first layer uploads it, the others reuse it (4 copies per layer less).
     uploads_i32: UploadCache<i32>,
@@ -182,6 +183,9 @@ impl CudaBackend {
             expert_tables: Mutex::new(Default::default()),
             // DSV2_SMALL_EXPERTS=0 keeps decode on the permuted path (to compare the two)
             small_experts: std::env::var("DSV2_SMALL_EXPERTS").map_or(true, |v| v != "0"),
+            // DSV2_GROUPED_EXPERTS=0 runs the per-expert cuBLAS loop instead of the grouped
+            // kernels (to compare the two)
+            grouped_experts: std::env::var("DSV2_GROUPED_EXPERTS").map_or(true, |v| v != "0"),
             uploads_i32: Mutex::new(Default::default()),
             uploads_i64: Mutex::new(Default::default()),
         })
@@ -229,6 +233,10 @@ impl CudaBackend {
 
     fn small_experts_enabled(&self) -> bool {
         self.small_experts
+    }
+
+    fn grouped_experts_enabled(&self) -> bool {
+        self.grouped_experts
     }
 
     /// Gate logits (f32: routing compares softmax scores that can differ by 1e-4) and the gate
@@ -394,48 +402,19 @@ impl CudaBackend {
         out: dsv2_kernels::ViewMut<'_, bf16>,
         ahead: bool,
     ) -> Result<bool> {
-        let (n, hidden) = match x.shape() {
-            [n, h] => (*n, *h),
-            other => return Err(err(format!("experts: input shape {other:?}"))),
-        };
-        if n == 0 || n > small::SMALL_EXPERTS_MAX_ROWS || !self.small_experts {
+        if x.shape().first().is_none_or(|&n| n == 0) {
             return Ok(false);
         }
-        // an empty bank or mismatched shapes: the host path reports them
-        let Ok(Some(inter)) = experts::bank_intermediate(bank, hidden) else {
-            return Ok(false);
-        };
-        let k = ids.shape().get(1).copied().unwrap_or(0);
         let _t = if ahead {
             None
         } else {
             self.timed("experts_from_device_routing")
         };
         let _g = self.lock()?;
-        let table = self.expert_table(bank)?;
-        let mut act = self.empty(&[n * k, inter])?;
-        // SAFETY: expert ids below the table's rows name this bank's experts or address 0 (not
-        // held: skipped); ids >= the table's rows cannot come from a router that routes over
-        // this model's experts, and the launcher's callers (the NCCL shard) check the header's
-        // sizes. The table's addresses are this bank's weights, alive past these launches.
-        let r = unsafe {
-            small::small_experts(
-                &self.gpu,
-                small::SmallExpertsParams {
-                    x,
-                    ids,
-                    weights,
-                    ptrs: table.view(),
-                    act: act.view_mut(),
-                    out,
-                },
-            )
-        };
-        match r {
-            Ok(()) => Ok(true),
-            Err(KernelError::Unsupported { .. }) => Ok(false),
-            Err(e) => Err(kerr(e)),
-        }
+        // ids beyond the table cannot come from a router that routes over this model's
+        // experts, and the caller (the NCCL shard) checks the header's sizes; any such id is
+        // skipped by the kernels all the same.
+        experts::on_device(self, bank, x, ids, weights, out, None, None)
     }
 
     /// Takes the execution lock and makes the context current on this thread (callers may come
@@ -853,14 +832,11 @@ impl Backend for CudaBackend {
         bank: &ExpertBank<CudaWeight>,
     ) -> Result<Option<CudaAct>> {
         let (n, hidden) = x.dims();
-        if n == 0 || n > small::SMALL_EXPERTS_MAX_ROWS || !self.small_experts {
+        if n == 0 || p.n_experts != bank.experts.len() {
             return Ok(None);
         }
         // an empty bank or mismatched shapes: the usual path reports them
-        let Ok(Some(inter)) = experts::bank_intermediate(bank, hidden) else {
-            return Ok(None);
-        };
-        if p.n_experts != bank.experts.len() {
+        if !matches!(experts::bank_intermediate(bank, hidden), Ok(Some(_))) {
             return Ok(None);
         }
         let _t = self.timed("route_local_experts");
@@ -868,31 +844,20 @@ impl Backend for CudaBackend {
         let DeviceRouting::Chosen { ids, weights } = self.gate_on_device(gate, x, p)? else {
             return Ok(None);
         };
-        let table = self.expert_table(bank)?;
         let xb = self.bf16_of(x)?;
-        let mut act = self.empty(&[n * p.top_k, inter])?;
         let mut out = self.empty(&[n, hidden])?;
-        // SAFETY: the gate kernel writes ids in 0..n_experts = the table's rows; the table holds
-        // the addresses of this bank's weights (0 for experts not held, which the kernels skip),
-        // shape-checked above and alive as long as the bank, i.e. past these launches.
-        let r = unsafe {
-            small::small_experts(
-                &self.gpu,
-                small::SmallExpertsParams {
-                    x: xb.view(),
-                    ids: ids.view(),
-                    weights: weights.view(),
-                    ptrs: table.view(),
-                    act: act.view_mut(),
-                    out: out.view_mut(),
-                },
-            )
-        };
-        match r {
-            Ok(()) => Ok(Some(CudaAct::Bf16(out))),
-            Err(KernelError::Unsupported { .. }) => Ok(None),
-            Err(e) => Err(kerr(e)),
-        }
+        // the gate kernel writes ids in 0..n_experts = the table's rows
+        let done = experts::on_device(
+            self,
+            bank,
+            xb.view(),
+            ids.view(),
+            weights.view(),
+            out.view_mut(),
+            None,
+            None,
+        )?;
+        Ok(done.then_some(CudaAct::Bf16(out)))
     }
 
     fn samples_on_device(&self) -> bool {

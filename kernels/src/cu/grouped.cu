@@ -1,0 +1,247 @@
+// grouped.cu: the routed experts of one MoE layer, every expert in one launch per projection.
+//
+// Rows arrive permuted by expert (moe_permute + moe_gather): expert e owns rows
+// offsets[e] .. offsets[e + 1] of x. Weights stay in the checkpoint's per-expert tensors and are
+// found through a device table ptrs [E, 3] = (gate [I, H], up [I, H], down [H, I]) addresses,
+// 0 for an expert this process does not hold.
+//
+//   moe_grouped_gate_up_*:  act[r, i] = silu(x[r] . Wg_e[i]) * (x[r] . Wu_e[i])   (K = H, N = I)
+//   moe_grouped_down_*:     y[r, o]   = act[r] . Wd_e[o]                           (K = I, N = H)
+// The routing weight and the un-permute stay in moe_combine (one pass over [rows, H]).
+//
+// Tiling: a CTA computes one (expert, tile of BB rows) x (GA = 128 weight rows) block. The MMA
+// runs "swapped" (m16n8k16 with A = weights, B = activations): the weight rows fill the MMA's
+// M = 16 side, so a decode tile of 1..16 rows wastes no weight traffic and each touched expert's
+// weights stream from DRAM once (decode is weight-bandwidth bound: ~145 of 160 experts at 64
+// distinct rows). Tiles of 64 / 128 rows serve prefill, where the same code is compute bound.
+// Grid: x = tile of rows over all experts (tile_off [E + 1] is the prefix sum of
+// ceil(count_e / BB), built on the device by moe_tile_offsets_i32, so no host round trip; CTAs
+// past the last tile return at once), y = block of output features.
+//
+// gate_up: the 128 A rows of a CTA are 64 gate rows and the 64 up rows of the same features,
+// interleaved per 16 (rows 32w..32w+15 gate, 32w+16..32w+31 up): warp w's two m16 accumulators
+// then hold gate and up of the same (feature, row) in the same registers, and SiLU·mul happens in
+// the epilogue. Roundings mirror the unfused path (bf16 gate/up, bf16 SiLU·mul output, bf16 y).
+//
+// Shared memory: a k-step stage holds GA + BB rows of GK = 64 bf16 (128 bytes = 8 chunks of
+// 16 B); chunk c of row r is stored at c ^ (r & 7) so that the 8 row addresses of an ldmatrix
+// 8x8 matrix fall in 8 different 16-byte bank groups. STAGES stages are kept in flight with
+// cp.async (src-size 0 zero-fills rows past the expert's rows, features past N and k past K).
+#include "common.cuh"
+#include "mma.cuh"
+
+#define GK 64
+#define GA 128
+#define GWA 4  // warps along the weight rows: 32 rows (two m16 tiles) each
+
+// tile_off[0] = 0, tile_off[e + 1] = tile_off[e] + ceil(counts[e] / bb). One block of 1024
+// threads, E <= 1024 (the launcher checks).
+extern "C" __global__ void moe_tile_offsets_i32(const int* __restrict__ counts, int n_exp, int bb,
+                                                int* __restrict__ tile_off) {
+    __shared__ int buf[1024];
+    int e = threadIdx.x;
+    buf[e] = e < n_exp ? (counts[e] + bb - 1) / bb : 0;
+    __syncthreads();
+    for (int o = 1; o < 1024; o <<= 1) {
+        int v = e >= o ? buf[e - o] : 0;
+        __syncthreads();
+        buf[e] += v;
+        __syncthreads();
+    }
+    if (e < n_exp) tile_off[e + 1] = buf[e];
+    if (e == 0) tile_off[0] = 0;
+}
+
+__device__ __forceinline__ int swz(int r, int c) { return r * GK + ((c ^ (r & 7)) << 3); }
+
+template <int BB, int WB, int STAGES, bool GATE_UP>
+__device__ __forceinline__ void grouped_tile(const bf16* __restrict__ x, const long long* __restrict__ ptrs,
+                                             const int* __restrict__ offsets, const int* __restrict__ tile_off,
+                                             bf16* __restrict__ out, int K, int N, int n_exp) {
+    constexpr int NT = 32 * GWA * WB;
+    constexpr int WROWS = BB / WB;  // activation rows per warp
+    constexpr int NB8 = WROWS / 8;  // n8 MMA tiles per warp
+    static_assert(WROWS % 16 == 0, "B fragments are loaded 16 rows at a time");
+    constexpr int NF = GATE_UP ? GA / 2 : GA;  // output features per CTA
+    constexpr int SC = NF + 8;                   // epilogue staging row (bf16), 16-byte multiple
+    extern __shared__ __align__(128) unsigned char grouped_smem[];
+    bf16* sa = reinterpret_cast<bf16*>(grouped_smem);  // [STAGES][GA][GK]
+    bf16* sb = sa + STAGES * GA * GK;                     // [STAGES][BB][GK]
+
+    const int tile = blockIdx.x;
+    if (tile >= tile_off[n_exp]) return;
+    // the expert owning this tile: the largest e with tile_off[e] <= tile
+    int lo = 0, hi = n_exp;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) >> 1;
+        if (tile_off[mid] <= tile) lo = mid;
+        else hi = mid;
+    }
+    const int e = lo;
+    const int row0 = offsets[e] + (tile - tile_off[e]) * BB;
+    const int nrows = min(BB, offsets[e + 1] - row0);
+    const int f0 = blockIdx.y * NF;
+    const bf16* w0 = reinterpret_cast<const bf16*>(ptrs[3 * e + (GATE_UP ? 0 : 2)]);
+    const bf16* w1 = GATE_UP ? reinterpret_cast<const bf16*>(ptrs[3 * e + 1]) : w0;
+    const int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
+    const int wa = warp % GWA, wb = warp / GWA;
+
+    if (w0 == nullptr || w1 == nullptr) {
+        // rows routed to an expert this process does not hold contribute nothing
+        for (int c = tid; c < nrows * (NF / 8); c += NT) {
+            int r = c / (NF / 8), f = f0 + (c % (NF / 8)) * 8;
+            if (f < N) {
+                bf16x8 z;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) z.v[i] = __floats2bfloat162_rn(0.f, 0.f);
+                *reinterpret_cast<bf16x8*>(out + (size_t)(row0 + r) * N + f) = z;
+            }
+        }
+        return;
+    }
+
+    auto load_stage = [&](int stage, int kt) {
+        const int k0 = kt * GK;
+        bf16* a = sa + stage * GA * GK;
+        bf16* b = sb + stage * BB * GK;
+        for (int c = tid; c < GA * 8; c += NT) {
+            int r = c >> 3, ch = c & 7, k = k0 + ch * 8;
+            int f;
+            const bf16* w;
+            if (GATE_UP) {
+                int wi = r & 31;
+                f = f0 + (r >> 5) * 16 + (wi & 15);
+                w = wi < 16 ? w0 : w1;
+            } else {
+                f = f0 + r;
+                w = w0;
+            }
+            bool ok = f < N && k < K;
+            cp_async16(a + swz(r, ch), ok ? w + (size_t)f * K + k : w, ok);
+        }
+        for (int c = tid; c < BB * 8; c += NT) {
+            int r = c >> 3, ch = c & 7, k = k0 + ch * 8;
+            bool ok = r < nrows && k < K;
+            cp_async16(b + swz(r, ch), ok ? x + (size_t)(row0 + r) * K + k : x, ok);
+        }
+    };
+
+    float acc[2][NB8][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int nj = 0; nj < NB8; ++nj)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[mi][nj][q] = 0.f;
+
+    const int KT = (K + GK - 1) / GK;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < KT) load_stage(s, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < KT; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // stage kt visible to all; every warp is done with stage kt - 1
+        {
+            int nk = kt + STAGES - 1;
+            if (nk < KT) load_stage(nk % STAGES, nk);
+            cp_async_commit();
+        }
+        const bf16* a = sa + (kt % STAGES) * GA * GK;
+        const bf16* b = sb + (kt % STAGES) * BB * GK;
+#pragma unroll
+        for (int kk = 0; kk < GK / 16; ++kk) {
+            u32 af[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+                int r = wa * 32 + mi * 16 + (lane & 15);
+                ldsm_x4(af[mi], a + swz(r, kk * 2 + (lane >> 4)));
+            }
+#pragma unroll
+            for (int np = 0; np < NB8 / 2; ++np) {
+                u32 bf[4];
+                int r = wb * WROWS + np * 16 + (lane & 7) + ((lane >> 4) << 3);
+                ldsm_x4(bf, b + swz(r, kk * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi) {
+                    mma_bf16(acc[mi][2 * np], af[mi], bf);
+                    mma_bf16(acc[mi][2 * np + 1], af[mi], bf + 2);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the pipeline's smem becomes the epilogue's staging tile
+
+    bf16* sc = sa;  // [BB][SC]: rows x this CTA's NF features
+#pragma unroll
+    for (int nj = 0; nj < NB8; ++nj) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // c0,c1 (A row lane/4) and c2,c3 (A row lane/4 + 8)
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                int br = wb * WROWS + nj * 8 + 2 * (lane & 3) + q;
+                if (GATE_UP) {
+                    int fl = wa * 16 + (lane >> 2) + 8 * h;
+                    float g = __bfloat162float(__float2bfloat16_rn(acc[0][nj][2 * h + q]));
+                    float u = __bfloat162float(__float2bfloat16_rn(acc[1][nj][2 * h + q]));
+                    sc[br * SC + fl] = __float2bfloat16_rn(g / (1.f + __expf(-g)) * u);
+                } else {
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi) {
+                        int fl = wa * 32 + mi * 16 + (lane >> 2) + 8 * h;
+                        sc[br * SC + fl] = __float2bfloat16_rn(acc[mi][nj][2 * h + q]);
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+    for (int c = tid; c < nrows * (NF / 8); c += NT) {
+        int r = c / (NF / 8), fl = (c % (NF / 8)) * 8;
+        if (f0 + fl < N)
+            *reinterpret_cast<bf16x8*>(out + (size_t)(row0 + r) * N + f0 + fl) =
+                *reinterpret_cast<const bf16x8*>(sc + r * SC + fl);
+    }
+}
+
+// Instances: BB rows per tile, WB warps along the rows (threads = 128 * WB), STAGES in flight.
+// Launch: grid (tile bound, ceil(N / NF)), dynamic smem = STAGES * (128 + BB) * 64 * 2 bytes.
+// (written out, not generated by a macro: the module loader finds kernels by their names here)
+
+extern "C" __global__ void __launch_bounds__(128) moe_grouped_gate_up_b16_bf16(
+    const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+    const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    grouped_tile<16, 1, 4, true>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+extern "C" __global__ void __launch_bounds__(128) moe_grouped_down_b16_bf16(
+    const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+    const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    grouped_tile<16, 1, 4, false>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+extern "C" __global__ void __launch_bounds__(128) moe_grouped_gate_up_b64_bf16(
+    const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+    const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    grouped_tile<64, 1, 4, true>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+extern "C" __global__ void __launch_bounds__(128) moe_grouped_down_b64_bf16(
+    const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+    const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    grouped_tile<64, 1, 4, false>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) moe_grouped_gate_up_b128_bf16(
+    const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+    const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    grouped_tile<128, 2, 3, true>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) moe_grouped_down_b128_bf16(
+    const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+    const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    grouped_tile<128, 2, 3, false>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+}

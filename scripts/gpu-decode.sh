@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# One-GPU measurements of the decode and MLA issues (19, 20) in one device call:
+#   check    dsv2-gpu-check: every kernel against its CPU reference, then the ceilings (copy
+#            bandwidth, cuBLAS peak), MLA decode (P1), prefill attention, the expert FFN (P2,
+#            P2g) and the routed-expert decode rows (D1..D256) beside their rooflines
+#   fixtures dsv2-cuda-check: the whole model on the golden fixtures vs HF and the CPU reference,
+#            with the small-batch expert kernels on (default) and off (grouped kernels at every size)
+#   served   dsv2-router --device cuda:0 with local experts and random real-dims weights, driven by
+#            `dsv2 loadtest` with DISTINCT prompts (MoE cost depends on it): decode at c=1/64/256,
+#            prefill of 64 distinct 512-token prompts and time to first token of one 4096-token
+#            prompt; on the 4-layer DeepSeek-V2 (and the per-expert cuBLAS loop at c=64 to
+#            compare) and on DeepSeek-V2-Lite (27 layers)
+# Build here with scripts/build-gpubin.sh; on the device: BIN=.gpubin bash scripts/gpu-decode.sh.
+# Sections run in the order of SECTIONS while the elapsed time stays under BUDGET_S; logs in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN="${BIN:-.gpubin}"
+OUT_DIR="${OUT:-/tmp/dsv2-gpu-decode}"
+BUDGET_S="${BUDGET_S:-540}"
+NEW_TOKENS="${NEW_TOKENS:-128}"
+mkdir -p "$OUT_DIR"
+export DSV2_CACHE_DIR=/tmp/dsv2-cache DSV2_LOG=warn
+PY="${PYTHON:-python3}"
+PIDFILE=/tmp/dsv2-gd.pids
+source scripts/lib/services.sh
+trap stop_all EXIT
+t0=$(date +%s)
+fail=0
+echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); $(nvidia-smi -L | head -1)"
+
+over_budget() {
+  local used=$(( $(date +%s) - t0 ))
+  if [ "$used" -ge "$BUDGET_S" ]; then echo "== SKIPPED $1: $used s of the $BUDGET_S s budget used"; fail=1; return 0; fi
+  return 1
+}
+
+# distinct PROMPTS LEN NEW FILE: a loadtest data file of PROMPTS GenerateRequests with distinct
+# seeded random prompts of LEN ids each.
+distinct() {
+  "$PY" - "$@" <<'PYEOF'
+import json, random, sys
+n, length, new, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+rng = random.Random(n * 1000 + length)
+reqs = [{"token_ids": {"ids": [rng.randrange(100, 100000) for _ in range(length)]},
+         "max_new_tokens": new, "ignore_eos": True} for _ in range(n)]
+json.dump(reqs, open(path, "w"))
+PYEOF
+}
+
+# load LABEL ADDR C N DATA: one loadtest (streaming), one summary line.
+load() {
+  local label=$1 addr=$2 c=$3 n=$4 data=$5
+  "$BIN/dsv2" loadtest --endpoint "http://$addr" --call stream -c "$c" -n "$n" --timeout 1200s --data "$data" \
+    --json-out "$OUT_DIR/lt.json" >/dev/null 2>"$OUT_DIR/lt.err" || { tail -3 "$OUT_DIR/lt.err"; fail=1; }
+  "$PY" - "$label" "$OUT_DIR/lt.json" <<'PYEOF' || echo "$1: no report"
+import json, sys
+label, path = sys.argv[1], sys.argv[2]
+j = json.load(open(path)); d = j["dsv2"]; t = d.get("timeToFirstToken") or {}
+ms = lambda v: "%.0f ms" % (v / 1e6) if isinstance(v, (int, float)) else "-"
+print("%s: %.0f tok/s, %d ok, %d errors, wall %.2f s, TTFT mean %s p50 %s p99 %s" % (
+    label, d["tokensPerSec"], d["okCount"], d["errorCount"], j["total"] / 1e9,
+    ms(t.get("average")), ms(t.get("p50")), ms(t.get("p99"))))
+PYEOF
+}
+
+# served PRESET LAYERS LABEL [ENV...]: router with local experts on cuda:0, decode and prefill.
+served() {
+  local preset=$1 layers=$2 label=$3 r
+  shift 3
+  local dir="/tmp/gd-$preset-$layers"
+  mkdir -p "$dir"
+  "$BIN/dsv2" init-random --preset "$preset" --layers "$layers" --config-only --out "$dir" --seed 1 >/dev/null 2>&1
+  local t1=$(date +%s)
+  r=$(start router env "$@" "$BIN/dsv2-router" --model-dir "$dir" --random-weights 1 --device cuda:0 \
+    --max-batch-tokens 4096 --max-running 256 --max-queue 2048 --kv-cache-blocks 16384 --request-timeout-s 1200) \
+    || { fail=1; stop_all; return; }
+  echo "$label: router up in $(( $(date +%s) - t1 )) s; $(nvidia-smi --query-gpu=memory.used --format=csv,noheader) used"
+  distinct 4 16 "$NEW_TOKENS" /tmp/gd-c1.json
+  distinct 128 16 "$NEW_TOKENS" /tmp/gd-c64.json
+  distinct 512 16 "$NEW_TOKENS" /tmp/gd-c256.json
+  load "$label decode c=1 (4 distinct 16-token prompts, $NEW_TOKENS new)" "$r" 1 4 /tmp/gd-c1.json
+  load "$label decode c=64 (128 distinct prompts)" "$r" 64 128 /tmp/gd-c64.json
+  if [ "${DECODE_ONLY:-}" != 1 ]; then
+    load "$label decode c=256 (512 distinct prompts)" "$r" 256 512 /tmp/gd-c256.json
+    distinct 64 512 1 /tmp/gd-p512.json
+    load "$label prefill 64 distinct 512-token prompts, c=64, 1 new token" "$r" 64 64 /tmp/gd-p512.json
+    distinct 2 4096 1 /tmp/gd-p4096.json
+    load "$label prefill one 4096-token prompt at a time (2 prompts), 1 new token" "$r" 1 2 /tmp/gd-p4096.json
+  fi
+  stop_all
+}
+
+for sec in ${SECTIONS:-check fixtures served lite}; do
+  over_budget "$sec" && continue
+  echo "== $sec (at $(( $(date +%s) - t0 )) s)"
+  case "$sec" in
+    check)
+      timeout -k 5 300 "$BIN/dsv2-gpu-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check.log" 2>&1 || fail=1
+      grep -E "FAIL|^checks:|^device|copy d2d|cuBLAS bf16|^P[0-9]|^D[0-9]|prefill|grouped" "$OUT_DIR/gpu-check.log" | grep -v " ok " ;;
+    fixtures)
+      timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check.log" 2>&1 || { echo "dsv2-cuda-check FAILED"; fail=1; }
+      tail -12 "$OUT_DIR/cuda-check.log"
+      echo "-- again with DSV2_SMALL_EXPERTS=0 (grouped expert kernels at every batch size)"
+      DSV2_SMALL_EXPERTS=0 timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-grouped.log" 2>&1 || { echo "dsv2-cuda-check (grouped) FAILED"; fail=1; }
+      tail -12 "$OUT_DIR/cuda-check-grouped.log" ;;
+    served)
+      served deepseek-v2 4 "4-layer V2"
+      DECODE_ONLY=1 served deepseek-v2 4 "4-layer V2, per-expert cuBLAS loop (DSV2_GROUPED_EXPERTS=0)" DSV2_GROUPED_EXPERTS=0 ;;
+    lite)
+      served deepseek-v2-lite 27 "V2-Lite 27-layer" ;;
+    *) echo "unknown section $sec"; fail=1 ;;
+  esac
+done
+echo "gpu-decode exit status: $fail after $(( $(date +%s) - t0 )) s"
+exit $fail
