@@ -4,8 +4,9 @@
 //! launch per projection over every expert, weighted combine). Weights stay in the checkpoint's
 //! per-expert tensors, found through the bank's device address table.
 //!
-//! The per-expert cuBLAS loop ([`run_loop`]) remains for shapes the kernels do not take (hidden
-//! or intermediate not a multiple of 8) and behind `DSV2_GROUPED_EXPERTS=0`, to compare.
+//! The per-expert cuBLAS loop ([`run_loop`]) remains for prefill-sized batches (many rows per
+//! expert, where it is still faster than the mma.sync grouped kernels), for shapes the kernels
+//! do not take (hidden or intermediate not a multiple of 8) and behind `DSV2_GROUPED_EXPERTS=0`.
 
 use half::bf16;
 
@@ -112,8 +113,9 @@ pub(crate) fn run(
 /// ids [n, k] (i32; values outside 0..E, or experts the bank does not hold, contribute
 /// nothing), weights [n, k] f32; writes out [n, H]. `routed` / `touched`: the routed
 /// assignments and distinct experts, when the caller knows them (host routing), else None.
-/// `Ok(false)`: shapes the kernels do not cover (or the grouped kernels switched off above the
-/// small-batch size); nothing was written and the caller takes the host path.
+/// `Ok(false)`: shapes the kernels do not cover, a prefill-sized batch (see [`prefill_sized`]) or
+/// the grouped kernels switched off above the
+/// small-batch size; nothing was written and the caller takes the host path.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn on_device(
     b: &CudaBackend,
@@ -154,7 +156,7 @@ pub(crate) fn on_device(
                 },
             )
         }
-    } else if b.grouped_experts_enabled() {
+    } else if b.grouped_experts_enabled() && !prefill_sized(n * k, routed, touched, bank) {
         // SAFETY: as above; `routed`, when given, counts exactly the ids within 0..E (the
         // callers compute it from the same ids).
         unsafe {
@@ -182,6 +184,22 @@ pub(crate) fn on_device(
         Err(dsv2_kernels::KernelError::Unsupported { .. }) => Ok(false),
         Err(e) => Err(crate::kerr(e)),
     }
+}
+
+/// Whether the grouped kernels would take their prefill tile (many rows per expert), where the
+/// per-expert cuBLAS loop is still faster: on an H100, P2 (8192 tokens x top-6 over 160
+/// experts) ran at 0.47 of the cuBLAS peak through the loop and 0.27 through the mma.sync
+/// grouped kernel (bench/RESULTS.md, 2026-12-06), while at decode sizes the grouped kernels win
+/// (64 distinct rows: 2.42 ms against 3.08 ms). Such batches take the host path.
+fn prefill_sized(
+    bound: usize,
+    routed: Option<usize>,
+    touched: Option<usize>,
+    bank: &ExpertBank<CudaWeight>,
+) -> bool {
+    let rows = routed.unwrap_or(bound);
+    let touched = touched.unwrap_or_else(|| bank.experts.len().min(rows));
+    grouped::RowTile::for_rows(rows, touched) == grouped::RowTile::R128
 }
 
 /// The per-expert cuBLAS loop: permute, gather, one GEMM per (expert, projection), SiLU·mul,
