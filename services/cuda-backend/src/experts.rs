@@ -113,9 +113,9 @@ pub(crate) fn run(
 /// ids [n, k] (i32; values outside 0..E, or experts the bank does not hold, contribute
 /// nothing), weights [n, k] f32; writes out [n, H]. `routed` / `touched`: the routed
 /// assignments and distinct experts, when the caller knows them (host routing), else None.
-/// `Ok(false)`: shapes the kernels do not cover, a prefill-sized batch (see [`prefill_sized`]) or
-/// the grouped kernels switched off above the
-/// small-batch size; nothing was written and the caller takes the host path.
+/// `Ok(false)`: shapes the kernels do not cover, a prefill-sized batch (see [`prefill_sized`]),
+/// or the grouped kernels switched off above the small-batch size; nothing was written and the
+/// caller takes the host path.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn on_device(
     b: &CudaBackend,
