@@ -78,10 +78,12 @@ served() {
   distinct 4 16 "$NEW_TOKENS" /tmp/gd-c1.json
   distinct 128 16 "$NEW_TOKENS" /tmp/gd-c64.json
   distinct 512 16 "$NEW_TOKENS" /tmp/gd-c256.json
-  load "$label decode c=1 (4 distinct 16-token prompts, $NEW_TOKENS new)" "$r" 1 4 /tmp/gd-c1.json
-  load "$label decode c=64 (128 distinct prompts)" "$r" 64 128 /tmp/gd-c64.json
+  if [ "${PREFILL_ONLY:-}" != 1 ]; then
+    load "$label decode c=1 (4 distinct 16-token prompts, $NEW_TOKENS new)" "$r" 1 4 /tmp/gd-c1.json
+    load "$label decode c=64 (128 distinct prompts)" "$r" 64 128 /tmp/gd-c64.json
+  fi
   if [ "${DECODE_ONLY:-}" != 1 ]; then
-    load "$label decode c=256 (512 distinct prompts)" "$r" 256 512 /tmp/gd-c256.json
+    [ "${PREFILL_ONLY:-}" = 1 ] || load "$label decode c=256 (512 distinct prompts)" "$r" 256 512 /tmp/gd-c256.json
     distinct 64 512 1 /tmp/gd-p512.json
     load "$label prefill 64 distinct 512-token prompts, c=64, 1 new token" "$r" 64 64 /tmp/gd-p512.json
     distinct 2 4096 1 /tmp/gd-p4096.json
@@ -105,7 +107,8 @@ for sec in ${SECTIONS:-check fixtures served lite}; do
       tail -12 "$OUT_DIR/cuda-check-grouped.log" ;;
     served)
       served deepseek-v2 4 "4-layer V2"
-      DECODE_ONLY=1 served deepseek-v2 4 "4-layer V2, per-expert cuBLAS loop (DSV2_GROUPED_EXPERTS=0)" DSV2_GROUPED_EXPERTS=0 ;;
+      DECODE_ONLY=1 served deepseek-v2 4 "4-layer V2, per-expert cuBLAS loop (DSV2_GROUPED_EXPERTS=0)" DSV2_GROUPED_EXPERTS=0
+      PREFILL_ONLY=1 served deepseek-v2 4 "4-layer V2, prefill experts on the wgmma grouped kernel (DSV2_GROUPED_PREFILL=1)" DSV2_GROUPED_PREFILL=1 ;;
     lite)
       served deepseek-v2-lite 27 "V2-Lite 27-layer" ;;
     *) echo "unknown section $sec"; fail=1 ;;

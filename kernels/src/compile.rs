@@ -13,6 +13,7 @@ use cudarc::nvrtc::sys as nvrtc;
 pub const HEADERS: &[(&str, &str)] = &[
     ("common.cuh", include_str!("cu/common.cuh")),
     ("mma.cuh", include_str!("cu/mma.cuh")),
+    ("wgmma.cuh", include_str!("cu/wgmma.cuh")),
 ];
 
 /// The kernel sources: (file name, text). Each becomes one CUDA module.

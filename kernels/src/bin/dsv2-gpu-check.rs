@@ -438,7 +438,11 @@ fn bench_grouped(
     let flops = 2.0 * rows as f64 * (3 * inter * hidden) as f64;
     let mut act = Tensor::<bf16>::zeros(gpu, &[rows, inter])?;
     let mut y = Tensor::<bf16>::zeros(gpu, &[rows, hidden])?;
-    for tile in [grouped::RowTile::R128, grouped::RowTile::R64] {
+    for tile in [
+        grouped::RowTile::W128,
+        grouped::RowTile::R128,
+        grouped::RowTile::R64,
+    ] {
         let ms = time_ms(gpu, 2, 10, || {
             // SAFETY: the table addresses P2's stacked weights, alive for this function.
             unsafe {

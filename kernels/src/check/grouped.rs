@@ -146,7 +146,7 @@ pub fn check_grouped_experts(
 /// 64-wide k step, partial tiles, experts with 0 rows) and the real DeepSeek-V2 expert dims.
 pub fn run(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     let mut out = Vec::new();
-    for tile in [RowTile::R16, RowTile::R64, RowTile::R128] {
+    for tile in [RowTile::R16, RowTile::R64, RowTile::R128, RowTile::W128] {
         out.push(check_grouped_experts(gpu, 67, 9, 2, 72, 40, Some(tile), 67)?);
         out.push(check_grouped_experts(gpu, 67, 8, 6, 1024, 320, Some(tile), 67)?);
     }
@@ -156,6 +156,7 @@ pub fn run(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     out.push(check_grouped_experts(gpu, 7, 8, 6, 5120, 1536, None, 7)?);
     if !quick {
         out.push(check_grouped_experts(gpu, 300, 8, 6, 2048, 1408, None, 8)?);
+        out.push(check_grouped_experts(gpu, 1000, 8, 6, 5120, 1536, None, 8)?);
     }
     Ok(out)
 }

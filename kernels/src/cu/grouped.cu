@@ -29,6 +29,7 @@
 // cp.async (src-size 0 zero-fills rows past the expert's rows, features past N and k past K).
 #include "common.cuh"
 #include "mma.cuh"
+#include "wgmma.cuh"
 
 #define GK 64
 #define GA 128
@@ -244,4 +245,181 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_grouped_down_b128_bf16(
     const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
     grouped_tile<128, 2, 3, false>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill-sized batches (many rows per expert): the same grouped GEMMs on warpgroup MMA.
+//
+// A CTA is 2 warpgroups and computes 128 rows (warpgroup w: rows 64w .. 64w+63) x 256 weight
+// rows, k step 64: per stage A (rows) 16 KB and B (weights) 32 KB, both K-major in the
+// 128-byte-swizzled layout the wgmma descriptors name (the layout of the mma.sync tiles above:
+// chunk c of row r at c ^ (r & 7), 8-row groups 1024 bytes apart, stages 1024-aligned). Each
+// warpgroup issues 4 wgmma m64n256k16 per stage (k advances 32 bytes inside the swizzled rows)
+// while cp.async fills the stages WGM_STAGES - 1 ahead. Why: the mma.sync kernel moves every
+// operand through registers with ldmatrix and stays shared-memory bound at about a quarter of
+// the cuBLAS peak on P2 (bench/RESULTS.md); wgmma reads both operands from shared memory.
+// gate_up: B rows 0..127 are gate features f0.., rows 128..255 the up rows of the same
+// features, so accumulator columns c and c + 128 of a thread are gate and up of one feature.
+#define WGM_ROWS 128
+#define WGM_W 256
+#define WGM_STAGES 4
+#define WGM_STAGE_BYTES ((WGM_ROWS + WGM_W) * GK * 2)
+
+template <bool GATE_UP>
+__device__ __forceinline__ void grouped_tile_wgmma(const bf16* __restrict__ x, const long long* __restrict__ ptrs,
+                                                   const int* __restrict__ offsets, const int* __restrict__ tile_off,
+                                                   bf16* __restrict__ out, int K, int N, int n_exp) {
+    constexpr int NF = GATE_UP ? WGM_W / 2 : WGM_W;  // output features per CTA
+    constexpr int SCW = NF + 8;                        // epilogue staging row (bf16)
+    extern __shared__ __align__(1024) unsigned char wgm_smem_raw[];
+    // the hardware applies the swizzle on address bits 4..9: operands must be 1024-aligned
+    unsigned char* smem =
+        reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(wgm_smem_raw) + 1023) & ~(size_t)1023);
+
+    const int tile = blockIdx.x;
+    if (tile >= tile_off[n_exp]) return;
+    int lo = 0, hi = n_exp;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) >> 1;
+        if (tile_off[mid] <= tile) lo = mid;
+        else hi = mid;
+    }
+    const int e = lo;
+    const int row0 = offsets[e] + (tile - tile_off[e]) * WGM_ROWS;
+    const int nrows = min(WGM_ROWS, offsets[e + 1] - row0);
+    const int f0 = blockIdx.y * NF;
+    const bf16* w0 = reinterpret_cast<const bf16*>(ptrs[3 * e + (GATE_UP ? 0 : 2)]);
+    const bf16* w1 = GATE_UP ? reinterpret_cast<const bf16*>(ptrs[3 * e + 1]) : w0;
+    const int tid = threadIdx.x, wg = tid / 128, lane = tid % WARP, wq = (tid % 128) / WARP;
+
+    if (w0 == nullptr || w1 == nullptr) {
+        for (int c = tid; c < nrows * (NF / 8); c += 256) {
+            int r = c / (NF / 8), f = f0 + (c % (NF / 8)) * 8;
+            if (f < N) {
+                bf16x8 z;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) z.v[i] = __floats2bfloat162_rn(0.f, 0.f);
+                *reinterpret_cast<bf16x8*>(out + (size_t)(row0 + r) * N + f) = z;
+            }
+        }
+        return;
+    }
+
+    // This thread's copies: 16-byte chunk `ch` of rows rb + 32 i (A: i < 4, B: i < 8). Every one
+    // of those rows has the same row % 8, so the swizzled chunk is the same for all of them.
+    const int ch = tid & 7, rb = tid >> 3;
+    const u32 sw = (u32)((ch ^ (rb & 7)) << 4);
+    const bf16* asrc[WGM_ROWS / 32];
+    bool aok[WGM_ROWS / 32];
+#pragma unroll
+    for (int i = 0; i < WGM_ROWS / 32; ++i) {
+        int r = rb + 32 * i;
+        aok[i] = r < nrows;
+        asrc[i] = aok[i] ? x + (size_t)(row0 + r) * K + ch * 8 : x;
+    }
+    const bf16* bsrc[WGM_W / 32];
+    bool bok[WGM_W / 32];
+#pragma unroll
+    for (int i = 0; i < WGM_W / 32; ++i) {
+        int r = rb + 32 * i;
+        int f = GATE_UP ? f0 + (r & (WGM_W / 2 - 1)) : f0 + r;
+        const bf16* w = (GATE_UP && r >= WGM_W / 2) ? w1 : w0;
+        bok[i] = f < N;
+        bsrc[i] = bok[i] ? w + (size_t)f * K + ch * 8 : w;
+    }
+    auto load_stage = [&](int stage, int kt) {
+        unsigned char* a = smem + stage * WGM_STAGE_BYTES;
+        unsigned char* b = a + WGM_ROWS * 128;
+        const int k = kt * GK;
+        const bool kok = k + ch * 8 < K;
+#pragma unroll
+        for (int i = 0; i < WGM_ROWS / 32; ++i) {
+            bool ok = aok[i] && kok;
+            cp_async16(a + (rb + 32 * i) * 128 + sw, ok ? asrc[i] + k : x, ok);
+        }
+#pragma unroll
+        for (int i = 0; i < WGM_W / 32; ++i) {
+            bool ok = bok[i] && kok;
+            cp_async16(b + (rb + 32 * i) * 128 + sw, ok ? bsrc[i] + k : w0, ok);
+        }
+    };
+
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+    const int KT = (K + GK - 1) / GK;
+#pragma unroll
+    for (int s = 0; s < WGM_STAGES - 1; ++s) {
+        if (s < KT) load_stage(s, s);
+        cp_async_commit();
+    }
+    const u32 base = (u32)__cvta_generic_to_shared(smem);
+    for (int kt = 0; kt < KT; ++kt) {
+        cp_async_wait<WGM_STAGES - 2>();
+        fence_async_smem();
+        __syncthreads();  // stage kt visible to wgmma; every warpgroup finished stage kt - 1
+        {
+            int nk = kt + WGM_STAGES - 1;
+            if (nk < KT) load_stage(nk % WGM_STAGES, nk);
+            cp_async_commit();
+        }
+        const u32 sa = base + (kt % WGM_STAGES) * WGM_STAGE_BYTES;
+        const u32 sb = sa + WGM_ROWS * 128;
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < GK / 16; ++kk) {
+            u64 da = wg_desc(sa + wg * 64 * 128 + kk * 32, 16, 1024);
+            u64 db = wg_desc(sb + kk * 32, 16, 1024);
+            wgmma_m64n256_ss(acc, da, db, 1);
+        }
+        wg_commit();
+        wg_wait0();
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the stages become the epilogue's staging tile
+
+    // accumulator layout (wgmma D): rows r_lo and r_lo + 8, columns 8j + cq and 8j + cq + 1
+    bf16* sc = reinterpret_cast<bf16*>(smem);  // [128][SCW]
+    const int r_lo = wg * 64 + wq * 16 + lane / 4, cq = (lane % 4) * 2;
+#pragma unroll
+    for (int j = 0; j < NF / 8; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = r_lo + 8 * h, c = 8 * j + cq;
+            float v0, v1;
+            if (GATE_UP) {
+                float g0 = __bfloat162float(__float2bfloat16_rn(acc[4 * j + 2 * h]));
+                float g1 = __bfloat162float(__float2bfloat16_rn(acc[4 * j + 2 * h + 1]));
+                float u0 = __bfloat162float(__float2bfloat16_rn(acc[4 * (j + 16) + 2 * h]));
+                float u1 = __bfloat162float(__float2bfloat16_rn(acc[4 * (j + 16) + 2 * h + 1]));
+                v0 = g0 / (1.f + __expf(-g0)) * u0;
+                v1 = g1 / (1.f + __expf(-g1)) * u1;
+            } else {
+                v0 = acc[4 * j + 2 * h];
+                v1 = acc[4 * j + 2 * h + 1];
+            }
+            *reinterpret_cast<__nv_bfloat162*>(sc + r * SCW + c) = __floats2bfloat162_rn(v0, v1);
+        }
+    }
+    __syncthreads();
+    for (int c = tid; c < nrows * (NF / 8); c += 256) {
+        int r = c / (NF / 8), fl = (c % (NF / 8)) * 8;
+        if (f0 + fl < N)
+            *reinterpret_cast<bf16x8*>(out + (size_t)(row0 + r) * N + f0 + fl) =
+                *reinterpret_cast<const bf16x8*>(sc + r * SCW + fl);
+    }
+}
+
+// grid (tile bound for 128-row tiles, ceil(N / NF)), 256 threads, dynamic smem
+// WGM_STAGES * WGM_STAGE_BYTES + 1024 (alignment slack); NF = 128 (gate_up) or 256 (down).
+extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_gate_up_wgmma_bf16(
+    const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+    const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    grouped_tile_wgmma<true>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_down_wgmma_bf16(
+    const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+    const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    grouped_tile_wgmma<false>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }

@@ -26,8 +26,10 @@ pub enum RowTile {
     R16,
     /// 64 rows.
     R64,
-    /// 128 rows (prefill: compute bound).
+    /// 128 rows (mma.sync; kept to compare with [`RowTile::W128`]).
     R128,
+    /// 128 rows x 256 weight rows on warpgroup MMA (prefill: compute bound).
+    W128,
 }
 
 impl RowTile {
@@ -35,7 +37,15 @@ impl RowTile {
         match self {
             RowTile::R16 => 16,
             RowTile::R64 => 64,
-            RowTile::R128 => 128,
+            RowTile::R128 | RowTile::W128 => 128,
+        }
+    }
+
+    /// Weight rows per CTA (gate_up covers half as many features: gate + up).
+    fn weight_rows(self) -> usize {
+        match self {
+            RowTile::W128 => 256,
+            _ => WEIGHT_ROWS,
         }
     }
 
@@ -43,18 +53,25 @@ impl RowTile {
         match self {
             RowTile::R16 | RowTile::R64 => 4,
             RowTile::R128 => 3,
+            RowTile::W128 => 4,
         }
     }
 
     fn threads(self) -> u32 {
         match self {
             RowTile::R16 | RowTile::R64 => 128,
-            RowTile::R128 => 256,
+            RowTile::R128 | RowTile::W128 => 256,
         }
     }
 
     fn smem_bytes(self) -> usize {
-        self.stages() * (WEIGHT_ROWS + self.rows()) * K_STEP * 2
+        let stages = self.stages() * (self.weight_rows() + self.rows()) * K_STEP * 2;
+        // the wgmma kernel aligns its stages to 1024 bytes itself
+        if self == RowTile::W128 {
+            stages + 1024
+        } else {
+            stages
+        }
     }
 
     fn kernel(self, gate_up: bool) -> &'static str {
@@ -65,12 +82,14 @@ impl RowTile {
             (RowTile::R64, false) => "moe_grouped_down_b64_bf16",
             (RowTile::R128, true) => "moe_grouped_gate_up_b128_bf16",
             (RowTile::R128, false) => "moe_grouped_down_b128_bf16",
+            (RowTile::W128, true) => "moe_grouped_gate_up_wgmma_bf16",
+            (RowTile::W128, false) => "moe_grouped_down_wgmma_bf16",
         }
     }
 
     /// The tile for `rows` routed rows spread over `touched` experts: the smallest tile that
     /// holds the mean expert's rows, so decode reads each expert's weights once and prefill
-    /// gets tiles large enough to be compute bound.
+    /// gets tiles large enough to be compute bound (on wgmma).
     pub fn for_rows(rows: usize, touched: usize) -> Self {
         let mean = rows.div_ceil(touched.max(1));
         if mean <= 16 {
@@ -78,7 +97,7 @@ impl RowTile {
         } else if mean <= 48 {
             RowTile::R64
         } else {
-            RowTile::R128
+            RowTile::W128
         }
     }
 }
@@ -139,8 +158,8 @@ pub unsafe fn grouped_ffn(gpu: &Gpu, p: GroupedFfnParams<'_>) -> Result<()> {
     );
     let (h, i) = (dim_i32(OP, "hidden", hidden)?, dim_i32(OP, "inter", inter)?);
     for (gate_up, input, output, k, n, features) in [
-        (true, x, act, h, i, inter.div_ceil(WEIGHT_ROWS / 2)),
-        (false, act, out, i, h, hidden.div_ceil(WEIGHT_ROWS)),
+        (true, x, act, h, i, inter.div_ceil(tile.weight_rows() / 2)),
+        (false, act, out, i, h, hidden.div_ceil(tile.weight_rows())),
     ] {
         let name = tile.kernel(gate_up);
         gpu.set_max_dynamic_smem(name, tile.smem_bytes())?;

@@ -156,7 +156,9 @@ pub(crate) fn on_device(
                 },
             )
         }
-    } else if b.grouped_experts_enabled() && !prefill_sized(n * k, routed, touched, bank) {
+    } else if b.grouped_experts_enabled()
+        && (b.grouped_prefill_enabled() || !prefill_sized(n * k, routed, touched, bank))
+    {
         // SAFETY: as above; `routed`, when given, counts exactly the ids within 0..E (the
         // callers compute it from the same ids).
         unsafe {
@@ -186,11 +188,12 @@ pub(crate) fn on_device(
     }
 }
 
-/// Whether the grouped kernels would take their prefill tile (many rows per expert), where the
-/// per-expert cuBLAS loop is still faster: on an H100, P2 (8192 tokens x top-6 over 160
-/// experts) ran at 0.47 of the cuBLAS peak through the loop and 0.27 through the mma.sync
-/// grouped kernel (bench/RESULTS.md, 2026-12-06), while at decode sizes the grouped kernels win
-/// (64 distinct rows: 2.42 ms against 3.08 ms). Such batches take the host path.
+/// Whether the grouped kernels would take their prefill tile (many rows per expert). There the
+/// per-expert cuBLAS loop was still faster than the mma.sync grouped kernel on an H100 (P2, 8192
+/// tokens x top-6 over 160 experts: 0.47 against 0.27 of the cuBLAS peak, bench/RESULTS.md,
+/// 2026-12-06), while at decode sizes the grouped kernels win (64 distinct rows: 2.42 ms against
+/// 3.08 ms). Such batches take the host path unless `DSV2_GROUPED_PREFILL=1` sends them to the
+/// wgmma grouped kernel (not yet measured end to end).
 fn prefill_sized(
     bound: usize,
     routed: Option<usize>,
@@ -199,7 +202,7 @@ fn prefill_sized(
 ) -> bool {
     let rows = routed.unwrap_or(bound);
     let touched = touched.unwrap_or_else(|| bank.experts.len().min(rows));
-    grouped::RowTile::for_rows(rows, touched) == grouped::RowTile::R128
+    grouped::RowTile::for_rows(rows, touched) == grouped::RowTile::W128
 }
 
 /// The per-expert cuBLAS loop: permute, gather, one GEMM per (expert, projection), SiLU·mul,

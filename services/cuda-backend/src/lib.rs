@@ -164,6 +164,7 @@ pub struct CudaBackend {
     expert_tables: Mutex<std::collections::HashMap<usize, ExpertTable>>,
     small_experts: bool,
     grouped_experts: bool,
+    grouped_prefill: bool,
     /// Per-step metadata (positions, cache slots, block table, lengths) is the same for every
     /// layer of a step: the first layer uploads it, the others reuse it (4 copies per layer less).
     uploads_i32: UploadCache<i32>,
@@ -186,6 +187,9 @@ impl CudaBackend {
             // DSV2_GROUPED_EXPERTS=0 runs the per-expert cuBLAS loop instead of the grouped
             // kernels (to compare the two)
             grouped_experts: std::env::var("DSV2_GROUPED_EXPERTS").map_or(true, |v| v != "0"),
+            // DSV2_GROUPED_PREFILL=1: prefill-sized expert batches on the wgmma grouped kernel
+            // instead of the per-expert cuBLAS loop
+            grouped_prefill: std::env::var("DSV2_GROUPED_PREFILL").is_ok_and(|v| v == "1"),
             uploads_i32: Mutex::new(Default::default()),
             uploads_i64: Mutex::new(Default::default()),
         })
@@ -237,6 +241,10 @@ impl CudaBackend {
 
     fn grouped_experts_enabled(&self) -> bool {
         self.grouped_experts
+    }
+
+    fn grouped_prefill_enabled(&self) -> bool {
+        self.grouped_prefill
     }
 
     /// Gate logits (f32: routing compares softmax scores that can differ by 1e-4) and the gate
