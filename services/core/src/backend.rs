@@ -69,6 +69,26 @@ pub struct AttnBatch<'a> {
     pub mode: AttnMode,
 }
 
+/// What a backend can move and compute at best, measured in this process: the two ceilings of a
+/// roofline (`dsv2 bench` divides each step's bytes and FLOPs by them), and the formats in which
+/// the backend holds what a step moves, so that bytes are counted as they really are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ceilings {
+    /// Copy bandwidth: bytes read + bytes written per second (a copy of N bytes counts 2N).
+    pub copy_bytes_per_s: f64,
+    /// How the copy was measured (size, device or threads).
+    pub copy_method: String,
+    /// Dense matrix-multiply rate, 2·M·N·K per second.
+    pub gemm_flops_per_s: f64,
+    /// How the GEMM was measured (shape, dtype, library or threads).
+    pub gemm_method: String,
+    /// Bytes one weight element takes where this backend holds it; None: as the checkpoint
+    /// stores it.
+    pub weight_elem_bytes: Option<usize>,
+    /// Bytes one value of the latent KV cache takes.
+    pub cache_elem_bytes: usize,
+}
+
 pub trait Backend: Send + Sync + 'static {
     /// A weight tensor resident where this backend computes.
     type Weight: Send + Sync;
@@ -152,6 +172,15 @@ pub trait Backend: Send + Sync + 'static {
         }
         let host = self.act_to_host(x)?;
         Ok(crate::sampling::sample_rows_host(&host, cols, rows))
+    }
+
+    /// Measures this backend's [`Ceilings`] now (seconds of work: large copies and GEMMs).
+    /// `quick`: small sizes for tests, which do not reach the real ceilings.
+    fn measure_ceilings(&self, _quick: bool) -> Result<Ceilings> {
+        Err(CoreError::Backend {
+            backend: self.name(),
+            msg: "cannot measure its copy bandwidth and GEMM rate".into(),
+        })
     }
 
     /// Weighted sum of the chosen experts' outputs for every row; rows whose experts are not in

@@ -6,6 +6,7 @@
 //! is where a missing driver or device becomes a clear error.
 
 mod blas;
+mod ceilings;
 mod profile;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -567,6 +568,10 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.ordinal, self.gpu.name)
+    }
+
+    fn measure_ceilings(&self, _quick: bool) -> Result<dsv2_core::backend::Ceilings> {
+        ceilings::measure(self)
     }
 
     /// Uploads straight from the memory map: bf16 tensors in one copy (no host buffer), f32/f16

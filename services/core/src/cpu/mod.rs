@@ -1,12 +1,15 @@
 //! The CPU reference backend: f32 activations and accumulation, weights in their stored dtype,
 //! multi-threaded with rayon. Every other backend is tested against this one.
 
+mod ceilings;
 pub mod matmul;
 pub mod weight;
 
 use rayon::prelude::*;
 
-use crate::backend::{AttnBatch, AttnMode, AttnWeights, Backend, ExpertBank, MlpWeights, QProj};
+use crate::backend::{
+    AttnBatch, AttnMode, AttnWeights, Backend, Ceilings, ExpertBank, MlpWeights, QProj,
+};
 use crate::config::ModelConfig;
 use crate::error::{CoreError, Result};
 use crate::routing::{Routing, RoutingParams, route};
@@ -119,6 +122,10 @@ impl Backend for CpuBackend {
 
     fn weight(&self, t: &TensorRef) -> Result<CpuWeight> {
         Ok(CpuWeight::from_ref(t))
+    }
+
+    fn measure_ceilings(&self, quick: bool) -> Result<Ceilings> {
+        Ok(ceilings::measure(quick))
     }
 
     fn new_cache(
