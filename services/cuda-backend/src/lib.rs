@@ -394,9 +394,10 @@ impl CudaBackend {
     /// Routed experts of `bank` for rows whose routing is already on this device, written into
     /// `out` [rows, hidden]: ids [rows, k] (i32 global expert ids; negative, e.g. u32::MAX bits,
     /// = another shard's slot), weights [rows, k] f32. An NCCL shard receives exactly this, so
-    /// at decode sizes it skips bringing the routing to the host (a stream synchronisation per
-    /// layer). `Ok(false)`: more rows than the small-batch kernels take, or shapes they do not
-    /// cover; the caller then routes on the host and calls `experts`.
+    /// it skips bringing the routing to the host (a stream synchronisation per layer): the same
+    /// on-device path as in-process experts (`experts::on_device`). `Ok(false)`: a
+    /// prefill-sized batch or shapes the kernels do not cover; the caller then routes on the
+    /// host and calls `experts`.
     ///
     /// `ahead`: enqueued ahead of its inputs, behind a receive that has not arrived yet (an
     /// NCCL shard's pre-posted decode slot). Then nothing here may wait on the stream, so
@@ -836,7 +837,8 @@ impl Backend for CudaBackend {
     }
 
     /// Routing and this backend's experts without the host: the gate kernel's ids feed the
-    /// small-batch expert kernels directly (up to `SMALL_EXPERTS_MAX_ROWS` rows).
+    /// on-device expert path (small-batch or grouped kernels) directly, at every batch size but
+    /// prefill-sized ones.
     fn route_local_experts(
         &self,
         gate: &CudaWeight,

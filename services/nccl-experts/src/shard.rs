@@ -83,13 +83,14 @@ impl ShardExperts {
         })
     }
 
-    /// Decode sizes: the small-batch expert kernels read the received ids and weights where
-    /// they are, with no host step (an id of another shard, u32::MAX or one this shard does
-    /// not hold, is skipped: a row without experts here comes out as zeros). False when they
-    /// do not apply (too many rows, kernels off or unsupported shapes): nothing was enqueued.
+    /// The backend's on-device expert path (small-batch or grouped kernels) reads the received
+    /// ids and weights where they are, with no host step (an id of another shard, u32::MAX or
+    /// one this shard does not hold, is skipped: a row without experts here comes out as
+    /// zeros). False when it does not apply (prefill-sized batches, kernels off or unsupported
+    /// shapes): nothing was enqueued and the host path runs.
     fn run_on_device(&mut self, hd: &Header, ahead: bool) -> Result<bool, String> {
         let (rows, k, layer) = (hd.rows as usize, hd.k as usize, hd.layer as usize);
-        if rows == 0 || rows > dsv2_kernels::ops::small_experts::SMALL_EXPERTS_MAX_ROWS {
+        if rows == 0 {
             return Ok(false);
         }
         let Some(bank) = self.experts.local_bank(layer) else {
