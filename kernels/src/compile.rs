@@ -23,6 +23,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("mla.cu", include_str!("cu/mla.cu")),
     ("sample.cu", include_str!("cu/sample.cu")),
     ("general.cu", include_str!("cu/general.cu")),
+    ("mla_prefill.cu", include_str!("cu/mla_prefill.cu")),
     ("grouped.cu", include_str!("cu/grouped.cu")),
 ];
 

@@ -7,6 +7,7 @@ pub mod gemm;
 pub mod general;
 pub mod grouped;
 pub mod mla;
+pub mod mla_prefill;
 pub mod moe;
 pub mod sample;
 pub mod small_experts;

@@ -1,0 +1,330 @@
+// mla_prefill.cu: MLA prefill attention for every sequence of a step in one launch (varlen,
+// causal, K/V decompressed from the latent), and the row scatter the absorbed rows of a mixed
+// step are put back with.
+//
+// Shapes (DeepSeek-V2 dims, fixed at compile time; the launcher sends other dims elsewhere):
+//   q      [n, H, 192]  128 nope + 64 rope (RoPE applied), any row / head stride (multiples of 8)
+//   k_nope [T, H, 128]  the first 128 of each head of the decompressed kv [T, H, 256]
+//   k_pe   [T, 64]      the rotated rope key, shared by all heads (latent columns 512..576)
+//   v      [T, H, 128]  the last 128 of each head of kv
+//   out    [n, H, 128]
+// T counts the context rows of all sequences, gathered one sequence after the other. Sequence s
+// (an int4 descriptor: q_row0, q_len, pos0, ctx_row0) owns query rows q_row0 .. q_row0+q_len-1 at
+// positions pos0 .. pos0+q_len-1 and context rows ctx_row0 .. ctx_row0+pos0+q_len-1 (position p at
+// row ctx_row0 + p). Query i sees positions 0 ..= pos0 + i:
+//   out[q_row0+i, h] = sum_{p <= pos0+i} softmax_p(scale * q[i,h]·[k_nope[p,h] | k_pe[p]]) v[p,h]
+//
+// Tiling (flash-attention 2): a CTA owns BM = 16 * WARPS query rows of one sequence and one head;
+// the grid is (query tiles of all sequences, heads), the tile list (int2: sequence, first query)
+// built on the host with no tile past a sequence's end and the longest causal windows first (the
+// x dimension is dispatched first, so one head's tiles run side by side and share its K/V in L2).
+// Warp w owns query rows 16w .. 16w+15 of the tile. Per 64-key tile of the context:
+//   S[16 x 64]  = Q[16 x 192] · K[64 x 192]^T    12 k-steps x 8 n-tiles of mma m16n8k16
+//   online softmax on S in registers (row max / sum across the 4 lanes of a quad), f32, exp2
+//   O[16 x 128] = O * alpha + P[16 x 64] · V[64 x 128]   4 k-steps x 16 n-tiles
+// The K/V tiles are double-buffered in shared memory with cp.async: tile j+1 is in flight while
+// tile j is computed. Q is loaded into shared memory once and kept in registers as A fragments
+// (48 registers) for the whole loop. Key tiles that lie past all of a warp's rows are skipped by
+// that warp; the causal mask is applied only in tiles that reach past the warp's first row. A
+// warp whose rows all lie past the sequence's end only helps load.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 .bf16; g = lane / 4, t = lane % 4):
+//   A 16x16 row-major: a0 (row g, k 2t..2t+1), a1 (row g+8, same k), a2 (row g, k 2t+8..),
+//     a3 (row g+8, k 2t+8..). ldmatrix.x4 with lane l addressing row l % 16, k-chunk l / 16
+//     gives exactly a0..a3 (matrices: rows 0-7/k 0-7, rows 8-15/k 0-7, rows 0-7/k 8-15, ...).
+//   B 16x8 "col" (k x n, n-major = a [n][k] tile with k contiguous, which is how K sits in smem):
+//     b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g). ldmatrix.x4 (no .trans) with lane l addressing
+//     n-row (l / 16) * 8 + l % 8, k-chunk (l / 8) % 2 gives b0, b1 of n-tile 0 and b0, b1 of n-tile 1.
+//   V sits [key][dv] (dv contiguous) = k-major B, so P·V loads it with ldmatrix.x4.trans: lane l
+//     addresses key row l % 8 + ((l / 8) % 2) * 8, dv-chunk l / 16; the transpose hands thread
+//     (g, t) the elements (key 2t..2t+1, dv g) = b0 (then b1 for keys +8) of two dv n-tiles.
+//   C 16x8: c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8). The S accumulators of n-tiles 2j,
+//     2j+1 are, once rounded to bf16 pairs, the A fragment of P for k-step j (keys 16j .. 16j+15):
+//     a0 = S[2j].c0c1, a1 = S[2j].c2c3, a2 = S[2j+1].c0c1, a3 = S[2j+1].c2c3 (no shuffles).
+// Shared memory rows are 384 B (Q, K: 24 chunks of 16 B) or 256 B (V: 16 chunks); both are
+// multiples of 128 B, so the 8 rows one ldmatrix phase reads would all hit the same banks. The
+// 16-byte chunk c of row r is therefore stored at chunk c ^ (r % 8) (XOR swizzle inside each
+// aligned group of 8 chunks): 8 consecutive rows at one logical chunk land in 8 distinct bank
+// groups, for the cp.async writes and every ldmatrix read alike.
+#include "common.cuh"
+#include "mma.cuh"
+
+#define PF_DN 128              // qk_nope_head_dim
+#define PF_DR 64               // qk_rope_head_dim
+#define PF_DQK (PF_DN + PF_DR) // 192
+#define PF_DV 128              // v_head_dim
+#define PF_BN 64               // keys per tile
+#define PF_QCH (PF_DQK / 8)    // 16-byte chunks per Q / K row (24)
+#define PF_VCH (PF_DV / 8)     // per V row (16)
+// Q's A fragments stay in registers across the key loop (243 registers, no spill with the tile
+// loaders kept rolled); 0 re-reads them from shared memory every k-step (201 registers).
+#ifndef PF_Q_REGS
+#define PF_Q_REGS 1
+#endif
+
+// Offset in bf16 elements of 16-byte chunk `ch` of row `r` in a swizzled tile of `chunks` per row.
+__device__ __forceinline__ int pf_swz(int r, int ch, int chunks) { return (r * chunks + (ch ^ (r & 7))) * 8; }
+
+// Shared memory of one CTA, in bytes (must match PREFILL_SMEM in ops/mla_prefill.rs).
+template <int WARPS>
+struct PfSmem {
+    static constexpr int BM = 16 * WARPS;
+    static constexpr int Q = BM * PF_DQK;      // bf16 elements
+    static constexpr int K = PF_BN * PF_DQK;   // per stage
+    static constexpr int V = PF_BN * PF_DV;    // per stage
+    static constexpr int BYTES = (Q + 2 * K + 2 * V) * 2;
+};
+
+template <int WARPS>
+__device__ __forceinline__ void pf_load_kv(bf16* sK, bf16* sV, const bf16* __restrict__ k_nope, long long kn_rs,
+                                           long long kn_hs, const bf16* __restrict__ k_pe, long long kp_rs,
+                                           const bf16* __restrict__ v, long long v_rs, long long v_hs, int h,
+                                           long long row0, int k0, int n_keys) {
+    constexpr int NT = WARPS * 32;
+    // rolled loops: unrolled, their hoisted addresses pushed the kernel into spills
+#pragma unroll 1
+    for (int c = threadIdx.x; c < PF_BN * PF_QCH; c += NT) {
+        int r = c / PF_QCH, ch = c % PF_QCH;
+        bool valid = k0 + r < n_keys;
+        const bf16* src = k_nope;  // not read when !valid (zero fill)
+        if (valid) {
+            long long row = row0 + k0 + r;
+            src = ch < PF_DN / 8 ? k_nope + row * kn_rs + h * kn_hs + ch * 8 : k_pe + row * kp_rs + (ch - PF_DN / 8) * 8;
+        }
+        cp_async16(sK + pf_swz(r, ch, PF_QCH), src, valid);
+    }
+#pragma unroll 1
+    for (int c = threadIdx.x; c < PF_BN * PF_VCH; c += NT) {
+        int r = c / PF_VCH, ch = c % PF_VCH;
+        bool valid = k0 + r < n_keys;
+        const bf16* src = v;
+        if (valid) src = v + (row0 + k0 + r) * v_rs + h * v_hs + ch * 8;
+        cp_async16(sV + pf_swz(r, ch, PF_VCH), src, valid);
+    }
+}
+
+__device__ __forceinline__ u32 pf_pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = the smaller column
+    return *reinterpret_cast<u32*>(&v);
+}
+
+// grid (tiles, H), block WARPS * 32 threads, dynamic smem PfSmem<WARPS>::BYTES.
+// seqs int4 [S] (q_row0, q_len, pos0, ctx_row0); tiles int2 [tiles] (sequence, first query of the
+// tile). Strides are in elements. n_q / n_ctx are the rows of q and out / of the context
+// operands: a tile whose sequence does not fit them is skipped.
+template <int WARPS>
+__device__ __forceinline__ void mla_prefill_body(const bf16* __restrict__ q, long long q_rs, long long q_hs,
+                                                 const bf16* __restrict__ k_nope, long long kn_rs, long long kn_hs,
+                                                 const bf16* __restrict__ k_pe, long long kp_rs,
+                                                 const bf16* __restrict__ v, long long v_rs, long long v_hs,
+                                                 bf16* __restrict__ out, long long o_rs, long long o_hs,
+                                                 const int4* __restrict__ seqs, int n_seqs,
+                                                 const int2* __restrict__ tiles, long long n_q, long long n_ctx,
+                                                 float scale) {
+    using SM = PfSmem<WARPS>;
+    constexpr int BM = SM::BM, NT = WARPS * 32;
+    extern __shared__ __align__(128) unsigned char pf_smem[];
+    bf16* sQ = reinterpret_cast<bf16*>(pf_smem);
+    bf16* sK = sQ + SM::Q;       // 2 stages
+    bf16* sV = sK + 2 * SM::K;   // 2 stages
+
+    const int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
+    const int h = blockIdx.y;
+    const int2 tile = tiles[blockIdx.x];
+    if (tile.x < 0 || tile.x >= n_seqs) return;
+    const int4 sd = seqs[tile.x];
+    const int q_row0 = sd.x, q_len = sd.y, pos0 = sd.z;
+    const long long ctx_row0 = sd.w;
+    const int m0 = tile.y;
+    // a descriptor that does not fit the operands is skipped (uniform over the CTA, before any
+    // barrier): the launcher cannot see the device arrays, the kernel keeps them in bounds
+    if (m0 < 0 || m0 >= q_len || q_row0 < 0 || pos0 < 0 || ctx_row0 < 0 || (long long)q_row0 + q_len > n_q ||
+        ctx_row0 + pos0 + q_len > n_ctx)
+        return;
+    // keys this CTA needs: up to the position of its last valid query (inclusive)
+    const int n_keys = pos0 + min(m0 + BM, q_len);
+    const int n_kt = (n_keys + PF_BN - 1) / PF_BN;
+    const int wq0 = m0 + 16 * warp;               // first query (index in the sequence) of this warp
+    const bool active = wq0 < q_len;
+    const int w_last = pos0 + min(wq0 + 15, q_len - 1);  // last key any row of this warp sees
+    const float sl2 = scale * 1.4426950408889634f;       // softmax in exp2 with the scale folded in
+    const int g = lane / 4, t = lane % 4;
+
+    // Q tile (rows past q_len are zero) and K/V tile 0: cp.async group 0
+    for (int c = tid; c < BM * PF_QCH; c += NT) {
+        int r = c / PF_QCH, ch = c % PF_QCH;
+        bool valid = m0 + r < q_len;
+        const bf16* src = q;
+        if (valid) src = q + (long long)(q_row0 + m0 + r) * q_rs + h * q_hs + ch * 8;
+        cp_async16(sQ + pf_swz(r, ch, PF_QCH), src, valid);
+    }
+    pf_load_kv<WARPS>(sK, sV, k_nope, kn_rs, kn_hs, k_pe, kp_rs, v, v_rs, v_hs, h, ctx_row0, 0, n_keys);
+    cp_async_commit();
+
+    float o[PF_DV / 8][4];
+#pragma unroll
+    for (int d = 0; d < PF_DV / 8; ++d)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[d][e] = 0.f;
+    float m_r[2] = {-INFINITY, -INFINITY};  // running max (scaled, log2 units) of rows g, g+8
+    float l_r[2] = {0.f, 0.f};              // this thread's share of the running sums
+#if PF_Q_REGS
+    u32 qf[PF_DQK / 16][4];
+#endif
+
+    // the swizzle XOR term: every ldmatrix below addresses rows whose r % 8 == lane % 8
+    const int l7 = lane & 7;
+    const int q_row = 16 * warp + (lane & 15), q_ch = lane >> 4;               // A (Q)
+    const int k_row = ((lane >> 4) << 3) + l7, k_ch = (lane >> 3) & 1;        // B (K)
+    const int v_row = l7 + (((lane >> 3) & 1) << 3), v_ch = lane >> 4;        // B (V, .trans)
+
+    for (int kt = 0; kt < n_kt; ++kt) {
+        const int st = kt & 1;
+        if (kt + 1 < n_kt)
+            pf_load_kv<WARPS>(sK + (st ^ 1) * SM::K, sV + (st ^ 1) * SM::V, k_nope, kn_rs, kn_hs, k_pe, kp_rs, v,
+                              v_rs, v_hs, h, ctx_row0, (kt + 1) * PF_BN, n_keys);
+        cp_async_commit();  // possibly empty: keeps "all but the newest group" = tile kt
+        cp_async_wait<1>();
+        __syncthreads();
+#if PF_Q_REGS
+        if (kt == 0 && active) {
+#pragma unroll
+            for (int ks = 0; ks < PF_DQK / 16; ++ks)
+                ldsm_x4(qf[ks], sQ + q_row * PF_QCH * 8 + (((2 * ks + q_ch) ^ l7) << 3));
+        }
+#endif
+        const int k0 = kt * PF_BN;
+        if (active && k0 <= w_last) {
+            const bf16* kS = sK + st * SM::K;
+            const bf16* vS = sV + st * SM::V;
+            float s[PF_BN / 8][4];
+#pragma unroll
+            for (int j = 0; j < PF_BN / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+            // ---- S = Q K^T
+#pragma unroll
+            for (int ks = 0; ks < PF_DQK / 16; ++ks) {
+#if PF_Q_REGS
+                const u32* qa = qf[ks];
+#else
+                u32 qa[4];
+                ldsm_x4(qa, sQ + q_row * PF_QCH * 8 + (((2 * ks + q_ch) ^ l7) << 3));
+#endif
+#pragma unroll
+                for (int np = 0; np < PF_BN / 16; ++np) {
+                    u32 b[4];
+                    ldsm_x4(b, kS + (np * 16 + k_row) * PF_QCH * 8 + (((2 * ks + k_ch) ^ l7) << 3));
+                    mma_bf16(s[2 * np], qa, b);
+                    mma_bf16(s[2 * np + 1], qa, b + 2);
+                }
+            }
+            // ---- causal mask, only where the tile reaches past the warp's first row
+            if (k0 + PF_BN - 1 > pos0 + wq0) {
+#pragma unroll
+                for (int j = 0; j < PF_BN / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        int key = k0 + j * 8 + 2 * t + (e & 1);
+                        int lim = pos0 + wq0 + g + (e >> 1) * 8;
+                        if (key > lim) s[j][e] = -INFINITY;
+                    }
+            }
+            // ---- online softmax (rows g: e = 0,1; g+8: e = 2,3)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                float mx = -INFINITY;
+#pragma unroll
+                for (int j = 0; j < PF_BN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * hf], s[j][2 * hf + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                float m_new = fmaxf(m_r[hf], mx * sl2);
+                // key 0 is in tile 0 and visible to every row, so m_new is finite; the guard keeps
+                // a fully masked row at zeros instead of NaN should that ever change
+                float m_use = m_new == -INFINITY ? 0.f : m_new;
+                float alpha = exp2f(m_r[hf] - m_use);  // 0 on the first tile (m_r = -inf)
+                float sum = 0.f;
+#pragma unroll
+                for (int j = 0; j < PF_BN / 8; ++j) {
+                    float p0 = exp2f(s[j][2 * hf] * sl2 - m_use);
+                    float p1 = exp2f(s[j][2 * hf + 1] * sl2 - m_use);
+                    s[j][2 * hf] = p0;
+                    s[j][2 * hf + 1] = p1;
+                    sum += p0 + p1;
+                }
+                l_r[hf] = l_r[hf] * alpha + sum;
+                m_r[hf] = m_new;
+#pragma unroll
+                for (int d = 0; d < PF_DV / 8; ++d) {
+                    o[d][2 * hf] *= alpha;
+                    o[d][2 * hf + 1] *= alpha;
+                }
+            }
+            // ---- O += P V
+#pragma unroll
+            for (int ks = 0; ks < PF_BN / 16; ++ks) {
+                u32 a[4];
+                a[0] = pf_pack(s[2 * ks][0], s[2 * ks][1]);
+                a[1] = pf_pack(s[2 * ks][2], s[2 * ks][3]);
+                a[2] = pf_pack(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+                a[3] = pf_pack(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+#pragma unroll
+                for (int dp = 0; dp < PF_DV / 16; ++dp) {
+                    u32 b[4];
+                    ldsm_x4_t(b, vS + (ks * 16 + v_row) * PF_VCH * 8 + (((2 * dp + v_ch) ^ l7) << 3));
+                    mma_bf16(o[2 * dp], a, b);
+                    mma_bf16(o[2 * dp + 1], a, b + 2);
+                }
+            }
+        }
+        __syncthreads();  // stage st is refilled by the load issued in the next iteration
+    }
+    cp_async_wait<0>();
+
+    // ---- normalise and store rows g, g+8 of the warp (quad-reduce the row sums first: every lane
+    // takes part in the shuffles)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        float l = l_r[hf];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        int qi = wq0 + g + 8 * hf;
+        if (!active || qi >= q_len) continue;
+        float inv = l > 0.f ? 1.f / l : 0.f;
+        bf16* dst = out + (long long)(q_row0 + qi) * o_rs + h * o_hs + 2 * t;
+#pragma unroll
+        for (int d = 0; d < PF_DV / 8; ++d)
+            *reinterpret_cast<__nv_bfloat162*>(dst + d * 8) =
+                __floats2bfloat162_rn(o[d][2 * hf] * inv, o[d][2 * hf + 1] * inv);
+    }
+}
+
+// Two tile heights: 128 query rows (8 warps, 128 KiB of smem, one CTA per SM: K/V tiles shared by
+// more rows) and 64 (4 warps, 104 KiB, two CTAs per SM: less padding on short sequences).
+#define PF_ARGS                                                                                                     \
+    const bf16 *__restrict__ q, long long q_rs, long long q_hs, const bf16 *__restrict__ k_nope, long long kn_rs,  \
+        long long kn_hs, const bf16 *__restrict__ k_pe, long long kp_rs, const bf16 *__restrict__ v, long long v_rs, \
+        long long v_hs, bf16 *__restrict__ out, long long o_rs, long long o_hs, const int4 *__restrict__ seqs,     \
+        int n_seqs, const int2 *__restrict__ tiles, long long n_q, long long n_ctx, float scale
+#define PF_PASS \
+    q, q_rs, q_hs, k_nope, kn_rs, kn_hs, k_pe, kp_rs, v, v_rs, v_hs, out, o_rs, o_hs, seqs, n_seqs, tiles, n_q, n_ctx, scale
+
+extern "C" __global__ void __launch_bounds__(256, 1) mla_prefill_m128_bf16(PF_ARGS) {
+    mla_prefill_body<8>(PF_PASS);
+}
+extern "C" __global__ void __launch_bounds__(128, 2) mla_prefill_m64_bf16(PF_ARGS) {
+    mla_prefill_body<4>(PF_PASS);
+}
+
+// dst[idx[i], :] = src[i, :] for i < n; src [n, width], dst [rows, width] bf16, width a multiple of 8.
+// One block per source row; indices outside [0, rows) are skipped.
+extern "C" __global__ void scatter_rows_bf16(const bf16* __restrict__ src, const int* __restrict__ idx,
+                                             bf16* __restrict__ dst, int n, int rows, int width) {
+    int i = blockIdx.x;
+    if (i >= n) return;
+    int r = idx[i];
+    if (r < 0 || r >= rows) return;
+    const bf16x8* s = reinterpret_cast<const bf16x8*>(src + (size_t)i * width);
+    bf16x8* d = reinterpret_cast<bf16x8*>(dst + (size_t)r * width);
+    for (int c = threadIdx.x; c < width / 8; c += blockDim.x) d[c] = s[c];
+}

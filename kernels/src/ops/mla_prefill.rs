@@ -1,0 +1,516 @@
+//! Launchers for mla_prefill.cu: MLA prefill attention for every sequence of a step in one launch
+//! (varlen, causal, K/V decompressed from the latent), its host-side plan (sequence descriptors
+//! and tile list), the K/V decompression GEMM that feeds it, and the row scatter.
+
+use cudarc::cublas::{result as blas, sys as bsys};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::dim_i32;
+use crate::device::Gpu;
+use crate::error::{KernelError, Result, shape_err};
+use crate::tensor::{DType, View, ViewMut};
+
+/// Head dims the kernel is compiled for (DeepSeek-V2 and V2-Lite): q·k over nope + rope, v.
+pub const QK_NOPE: usize = 128;
+pub const QK_ROPE: usize = 64;
+pub const V_HEAD: usize = 128;
+/// Keys per tile of the kernel's loop (`PF_BN`).
+const BLOCK_N: usize = 64;
+
+/// Query rows per CTA: two compiled variants of the same kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillTile {
+    /// 128 rows, 8 warps, 128 KiB of shared memory, one CTA per SM.
+    M128,
+    /// 64 rows, 4 warps, 104 KiB, two CTAs per SM: less padding on short chunks.
+    M64,
+}
+
+impl PrefillTile {
+    pub fn rows(self) -> usize {
+        match self {
+            PrefillTile::M128 => 128,
+            PrefillTile::M64 => 64,
+        }
+    }
+
+    fn function(self) -> &'static str {
+        match self {
+            PrefillTile::M128 => "mla_prefill_m128_bf16",
+            PrefillTile::M64 => "mla_prefill_m64_bf16",
+        }
+    }
+
+    /// Dynamic shared memory (`PfSmem<WARPS>::BYTES` in mla_prefill.cu): the Q tile and two
+    /// stages of K (64 x 192) and V (64 x 128) tiles, bf16.
+    pub fn smem_bytes(self) -> usize {
+        (self.rows() * (QK_NOPE + QK_ROPE)
+            + 2 * BLOCK_N * (QK_NOPE + QK_ROPE)
+            + 2 * BLOCK_N * V_HEAD)
+            * 2
+    }
+
+    fn threads(self) -> u32 {
+        (self.rows() / 16 * 32) as u32
+    }
+
+    /// Shared-memory-slot time the sequence's CTAs take, in (16 rows x 64 keys) blocks: every
+    /// CTA holds its SM share for `rows` rows over all the key tiles it loads, whether or not all
+    /// its warps have rows there (a 7-row chunk leaves 7 of 8 warps of an M128 CTA idle).
+    fn padded_work(self, q_len: usize, pos0: usize) -> usize {
+        (0..q_len)
+            .step_by(self.rows())
+            .map(|m0| self.rows() / 16 * (pos0 + (m0 + self.rows()).min(q_len)).div_ceil(BLOCK_N))
+            .sum()
+    }
+}
+
+/// One sequence's share of a prefill launch: query rows `q_row0 .. q_row0 + q_len` of q / out at
+/// positions `pos0 ..`, its context (positions `0 .. pos0 + q_len`) at rows `ctx_row0 ..` of the
+/// gathered latent and the decompressed K/V.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillSeq {
+    pub q_row0: usize,
+    pub q_len: usize,
+    pub pos0: usize,
+    pub ctx_row0: usize,
+}
+
+/// The host side of one launch: the descriptors and the tile list the kernel reads (upload
+/// `seqs` and `tiles` as they are), plus the sizes the launcher checks the operands against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrefillPlan {
+    pub tile: PrefillTile,
+    /// [S, 4] i32: q_row0, q_len, pos0, ctx_row0 per sequence.
+    pub seqs: Vec<i32>,
+    /// [tiles, 2] i32: sequence index, first query of the tile; longest causal window first, so
+    /// the tail of the launch is made of short tiles.
+    pub tiles: Vec<i32>,
+    /// Query rows of q / out the plan reaches (max q_row0 + q_len).
+    pub q_rows: usize,
+    /// Context rows the plan reaches (max ctx_row0 + pos0 + q_len).
+    pub ctx_rows: usize,
+    /// Causal (query, key) pairs: sum over sequences of q_len * pos0 + q_len (q_len + 1) / 2.
+    pub pairs: u64,
+}
+
+impl PrefillPlan {
+    /// `tile` None: M128 (K/V tiles shared by twice the rows) unless M64 pads over 10 % less.
+    pub fn new(seqs: &[PrefillSeq], tile: Option<PrefillTile>) -> Result<Self> {
+        const OP: &str = "mla_prefill plan";
+        let tile = tile.unwrap_or_else(|| {
+            let work = |t: PrefillTile| {
+                seqs.iter()
+                    .map(|s| t.padded_work(s.q_len, s.pos0))
+                    .sum::<usize>()
+            };
+            if work(PrefillTile::M64) * 10 < work(PrefillTile::M128) * 9 {
+                PrefillTile::M64
+            } else {
+                PrefillTile::M128
+            }
+        });
+        let (mut q_rows, mut ctx_rows, mut pairs) = (0usize, 0usize, 0u64);
+        let mut desc = Vec::with_capacity(seqs.len() * 4);
+        let mut tiles: Vec<(usize, i32, i32)> = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            let ctx = s.pos0 + s.q_len;
+            for (what, v) in [
+                ("q_row0 + q_len", s.q_row0 + s.q_len),
+                ("ctx_row0 + context", s.ctx_row0 + ctx),
+            ] {
+                dim_i32(OP, what, v)?;
+            }
+            desc.extend([s.q_row0, s.q_len, s.pos0, s.ctx_row0].map(|v| v as i32));
+            if s.q_len == 0 {
+                continue;
+            }
+            q_rows = q_rows.max(s.q_row0 + s.q_len);
+            ctx_rows = ctx_rows.max(s.ctx_row0 + ctx);
+            let l = s.q_len as u64;
+            pairs += l * s.pos0 as u64 + l * (l + 1) / 2;
+            for m0 in (0..s.q_len).step_by(tile.rows()) {
+                let keys = s.pos0 + (m0 + tile.rows()).min(s.q_len);
+                tiles.push((keys, i as i32, m0 as i32));
+            }
+        }
+        // stable: equal windows keep sequence order
+        tiles.sort_by_key(|t| std::cmp::Reverse(t.0));
+        dim_i32(OP, "tiles", tiles.len())?;
+        Ok(Self {
+            tile,
+            seqs: desc,
+            tiles: tiles.iter().flat_map(|t| [t.1, t.2]).collect(),
+            q_rows,
+            ctx_rows,
+            pairs,
+        })
+    }
+
+    pub fn n_seqs(&self) -> usize {
+        self.seqs.len() / 4
+    }
+
+    pub fn n_tiles(&self) -> usize {
+        self.tiles.len() / 2
+    }
+}
+
+/// Causal MLA prefill attention over decompressed K/V for every sequence of a plan:
+/// `out[q_row0+i, h] = sum_{p <= pos0+i} softmax_p(scale * q[q_row0+i, h]·[k_nope[c+p, h] | k_pe[c+p]]) v[c+p, h]`
+/// with c = ctx_row0 of the sequence.
+/// q [n, H, 192] (RoPE applied to its last 64), k_nope [T, H, 128], k_pe [T, 64] (shared by the
+/// heads), v [T, H, 128], out [n, H, 128]: bf16, unit last stride, other strides multiples of 8
+/// elements and 16-byte aligned rows (slices of one kv [T, H, 256] and of the latent [T, 576] are
+/// what the backend passes). seqs i32 [S, 4] and tiles i32 [tiles, 2] are `plan.seqs` and
+/// `plan.tiles` on the device; the kernel skips a tile whose descriptor does not fit n / T, so a
+/// stale upload gives wrong rows, never an out-of-bounds access. Rows of out that no sequence
+/// covers are not written.
+pub struct MlaPrefillParams<'a> {
+    pub q: View<'a, bf16>,
+    pub k_nope: View<'a, bf16>,
+    pub k_pe: View<'a, bf16>,
+    pub v: View<'a, bf16>,
+    pub out: ViewMut<'a, bf16>,
+    pub plan: &'a PrefillPlan,
+    pub seqs: View<'a, i32>,
+    pub tiles: View<'a, i32>,
+    pub scale: f32,
+}
+
+/// (row stride, head stride) of a [rows, H, d] operand (or (row stride, 0) of a [rows, d] one)
+/// whose rows the kernel reads as 16-byte pieces: unit last stride, strides multiples of 8,
+/// 16-byte aligned base.
+fn strides16<T: DType>(
+    op: &'static str,
+    name: &'static str,
+    shape: &[usize],
+    strides: &[usize],
+    ptr: u64,
+    want: &[Option<usize>],
+) -> Result<(i64, i64)> {
+    let dims_ok = shape.len() == want.len()
+        && want
+            .iter()
+            .zip(shape)
+            .all(|(w, s)| w.is_none_or(|w| w == *s));
+    if !dims_ok {
+        return Err(shape_err(
+            op,
+            format!(
+                "{name} ({}) has shape {shape:?}, expected {want:?}",
+                T::NAME
+            ),
+        ));
+    }
+    let n = strides.len();
+    if strides[n - 1] != 1
+        || strides[..n - 1].iter().any(|s| !s.is_multiple_of(8))
+        || !ptr.is_multiple_of(16)
+    {
+        return Err(KernelError::NotContiguous {
+            op,
+            tensor: name,
+            shape: shape.to_vec(),
+            strides: strides.to_vec(),
+        });
+    }
+    Ok((
+        strides[0] as i64,
+        if n == 3 { strides[1] as i64 } else { 0 },
+    ))
+}
+
+pub fn mla_prefill(gpu: &Gpu, p: MlaPrefillParams<'_>) -> Result<()> {
+    const OP: &str = "mla_prefill_bf16";
+    let qk = QK_NOPE + QK_ROPE;
+    let (n, heads) = (
+        p.q.shape().first().copied().unwrap_or(0),
+        p.q.shape().get(1).copied().unwrap_or(0),
+    );
+    let t = p.k_pe.shape().first().copied().unwrap_or(0);
+    let (q_rs, q_hs) = strides16::<bf16>(
+        OP,
+        "q",
+        p.q.shape(),
+        p.q.strides(),
+        p.q.ptr(),
+        &[None, None, Some(qk)],
+    )?;
+    let (kn_rs, kn_hs) = strides16::<bf16>(
+        OP,
+        "k_nope",
+        p.k_nope.shape(),
+        p.k_nope.strides(),
+        p.k_nope.ptr(),
+        &[Some(t), Some(heads), Some(QK_NOPE)],
+    )?;
+    let (kp_rs, _) = strides16::<bf16>(
+        OP,
+        "k_pe",
+        p.k_pe.shape(),
+        p.k_pe.strides(),
+        p.k_pe.ptr(),
+        &[Some(t), Some(QK_ROPE)],
+    )?;
+    let (v_rs, v_hs) = strides16::<bf16>(
+        OP,
+        "v",
+        p.v.shape(),
+        p.v.strides(),
+        p.v.ptr(),
+        &[Some(t), Some(heads), Some(V_HEAD)],
+    )?;
+    let (o_rs, o_hs) = strides16::<bf16>(
+        OP,
+        "out",
+        p.out.shape(),
+        p.out.strides(),
+        p.out.ptr(),
+        &[Some(n), Some(heads), Some(V_HEAD)],
+    )?;
+    let plan = p.plan;
+    p.seqs.expect(OP, "seqs", &[Some(plan.n_seqs()), Some(4)])?;
+    p.tiles
+        .expect(OP, "tiles", &[Some(plan.n_tiles()), Some(2)])?;
+    if plan.q_rows > n || plan.ctx_rows > t {
+        return Err(shape_err(
+            OP,
+            format!(
+                "the plan reaches query row {} and context row {} of q [{n}, ..] and K/V [{t}, ..]",
+                plan.q_rows, plan.ctx_rows
+            ),
+        ));
+    }
+    if plan.n_tiles() == 0 || heads == 0 {
+        return Ok(());
+    }
+    if heads > 65535 {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!("{heads} heads > 65535 (grid y)"),
+        });
+    }
+    let tile = plan.tile;
+    let smem = tile.smem_bytes();
+    gpu.set_max_dynamic_smem(tile.function(), smem)?;
+    let (qp, knp, kpp, vp, op, sp, tp) = (
+        p.q.ptr(),
+        p.k_nope.ptr(),
+        p.k_pe.ptr(),
+        p.v.ptr(),
+        p.out.ptr(),
+        p.seqs.ptr(),
+        p.tiles.ptr(),
+    );
+    let n_seqs = dim_i32(OP, "sequences", plan.n_seqs())?;
+    let (nq, nctx) = (n as i64, t as i64);
+    let scale = p.scale;
+    let f = gpu.function(tile.function())?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(&qp).arg(&q_rs).arg(&q_hs);
+    b.arg(&knp).arg(&kn_rs).arg(&kn_hs);
+    b.arg(&kpp).arg(&kp_rs);
+    b.arg(&vp).arg(&v_rs).arg(&v_hs);
+    b.arg(&op).arg(&o_rs).arg(&o_hs);
+    b.arg(&sp)
+        .arg(&n_seqs)
+        .arg(&tp)
+        .arg(&nq)
+        .arg(&nctx)
+        .arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (plan.n_tiles() as u32, heads as u32, 1),
+        block_dim: (tile.threads(), 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: matches mla_prefill_m{128,64}_bf16(PF_ARGS); every operand's shape, strides and
+    // 16-byte alignment were checked above against (n, H, T); seqs / tiles hold n_seqs x int4 and
+    // n_tiles x int2 (shape-checked, contiguous i32, 16- and 8-byte aligned as cudarc allocations
+    // are), and the kernel skips any descriptor that does not fit n and T.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// K/V decompression for prefill: `kv[T, H*(dn+dv)] = lat[:, :kv_lora] · kv_bᵀ`.
+/// lat [T, width >= kv_lora] (row-major with any row stride, unit last stride: the gathered
+/// latent rows, whose rope columns are skipped), kv_b [H*(dn+dv), kv_lora] (the checkpoint's
+/// kv_b_proj), kv [T, H*(dn+dv)] or [T, H, dn+dv] contiguous. bf16, f32 accumulation (cuBLAS).
+pub struct DecompressParams<'a> {
+    pub lat: View<'a, bf16>,
+    pub kv_lora: usize,
+    pub kv_b: View<'a, bf16>,
+    pub kv: ViewMut<'a, bf16>,
+}
+
+pub fn decompress_kv(gpu: &Gpu, p: DecompressParams<'_>) -> Result<()> {
+    const OP: &str = "decompress_kv (cuBLAS)";
+    if p.lat.shape().len() != 2 || p.lat.strides()[1] != 1 || p.lat.shape()[1] < p.kv_lora {
+        return Err(shape_err(
+            OP,
+            format!(
+                "lat is {:?} with strides {:?}: expected [T, >= {}] with unit last stride",
+                p.lat.shape(),
+                p.lat.strides(),
+                p.kv_lora
+            ),
+        ));
+    }
+    let (t, ldx) = (p.lat.shape()[0], p.lat.strides()[0]);
+    p.kv_b.expect(OP, "kv_b", &[None, Some(p.kv_lora)])?;
+    let nout = p.kv_b.shape()[0];
+    if p.kv.shape().first() != Some(&t)
+        || p.kv.shape().iter().product::<usize>() != t * nout
+        || !p.kv.is_contiguous()
+    {
+        return Err(shape_err(
+            OP,
+            format!(
+                "kv is {:?}: expected {t} contiguous rows of {nout}",
+                p.kv.shape()
+            ),
+        ));
+    }
+    if t == 0 || nout == 0 {
+        return Ok(());
+    }
+    let (m, n, k, lda) = (
+        dim_i32(OP, "T", t)?,
+        dim_i32(OP, "H*(dn+dv)", nout)?,
+        dim_i32(OP, "kv_lora", p.kv_lora)?,
+        dim_i32(OP, "lat row stride", ldx)?,
+    );
+    let (alpha, beta) = (1f32, 0f32);
+    // Column-major view: kvᵀ [N, T] = kv_b [N, K] (K x N col-major, op T) · latᵀ (K x T col-major
+    // with leading dim = lat's row stride, op N).
+    // SAFETY: lat holds T rows of >= kv_lora values at row stride lda, kv_b N x K and kv T x N
+    // contiguous (all checked above) and borrowed for the call; alpha / beta are f32 as
+    // COMPUTE_32F requires; the handle runs on gpu.stream, after the producers of lat and kv_b.
+    unsafe {
+        blas::gemm_ex(
+            *gpu.blas.handle(),
+            bsys::cublasOperation_t::CUBLAS_OP_T,
+            bsys::cublasOperation_t::CUBLAS_OP_N,
+            n,
+            m,
+            k,
+            (&alpha) as *const f32 as *const _,
+            p.kv_b.ptr() as *const _,
+            bsys::cudaDataType::CUDA_R_16BF,
+            k,
+            p.lat.ptr() as *const _,
+            bsys::cudaDataType::CUDA_R_16BF,
+            lda,
+            (&beta) as *const f32 as *const _,
+            p.kv.ptr() as *mut _,
+            bsys::cudaDataType::CUDA_R_16BF,
+            n,
+            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )?;
+    }
+    Ok(())
+}
+
+/// `dst[idx[i]] = src[i]` row by row: src [n, ..] and dst [rows, ..] contiguous bf16 with the
+/// same row width (a multiple of 8), idx i32 [n]; indices outside 0..rows are skipped. Puts the
+/// absorbed rows of a mixed step, computed packed, back in the step's row order.
+pub struct ScatterRowsParams<'a> {
+    pub src: View<'a, bf16>,
+    pub idx: View<'a, i32>,
+    pub dst: ViewMut<'a, bf16>,
+}
+
+pub fn scatter_rows(gpu: &Gpu, p: ScatterRowsParams<'_>) -> Result<()> {
+    const OP: &str = "scatter_rows_bf16";
+    let row_dims = |s: &[usize]| s.iter().skip(1).product::<usize>();
+    let (n, width) = (
+        p.src.shape().first().copied().unwrap_or(0),
+        row_dims(p.src.shape()),
+    );
+    let rows = p.dst.shape().first().copied().unwrap_or(0);
+    if !p.src.is_contiguous() || !p.dst.is_contiguous() || row_dims(p.dst.shape()) != width {
+        return Err(shape_err(
+            OP,
+            format!(
+                "src {:?} and dst {:?} must be contiguous with equal rows",
+                p.src.shape(),
+                p.dst.shape()
+            ),
+        ));
+    }
+    p.idx.expect(OP, "idx", &[Some(n)])?;
+    if !width.is_multiple_of(8) {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!("row width {width} is not a multiple of 8"),
+        });
+    }
+    if n == 0 || width == 0 {
+        return Ok(());
+    }
+    let (s, i, d) = (p.src.ptr(), p.idx.ptr(), p.dst.ptr());
+    let (ni, ri, wi) = (
+        dim_i32(OP, "n", n)?,
+        dim_i32(OP, "rows", rows)?,
+        dim_i32(OP, "width", width)?,
+    );
+    let f = gpu.function(OP)?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(&s).arg(&i).arg(&d).arg(&ni).arg(&ri).arg(&wi);
+    // SAFETY: matches scatter_rows_bf16; src holds n rows and dst `rows` rows of `width`
+    // contiguous values (checked above); the kernel skips indices outside 0..rows.
+    unsafe { b.launch(super::per_row(n, 128)) }?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(q_row0: usize, q_len: usize, pos0: usize, ctx_row0: usize) -> PrefillSeq {
+        PrefillSeq {
+            q_row0,
+            q_len,
+            pos0,
+            ctx_row0,
+        }
+    }
+
+    #[test]
+    fn plan_covers_every_query_once_longest_window_first() {
+        let seqs = [
+            seq(0, 130, 3584, 0),
+            seq(133, 7, 5, 3714),
+            seq(140, 0, 9, 3726),
+        ];
+        let p = PrefillPlan::new(&seqs, Some(PrefillTile::M64)).unwrap();
+        assert_eq!(p.n_seqs(), 3);
+        // 130 rows -> tiles at 0, 64, 128; 7 rows -> one tile; the empty sequence none
+        assert_eq!(p.tiles, vec![0, 128, 0, 64, 0, 0, 1, 0]);
+        assert_eq!((p.q_rows, p.ctx_rows), (140, 3726));
+        assert_eq!(p.pairs, 130 * 3584 + 130 * 131 / 2 + 7 * 5 + 28);
+        assert_eq!(&p.seqs[4..8], &[133, 7, 5, 3714]);
+    }
+
+    #[test]
+    fn tile_choice_prefers_short_tiles_only_where_they_save_work() {
+        let long = [seq(0, 4096, 0, 0)];
+        assert_eq!(
+            PrefillPlan::new(&long, None).unwrap().tile,
+            PrefillTile::M128
+        );
+        let short: Vec<PrefillSeq> = (0..64).map(|i| seq(i * 40, 40, 0, i * 40)).collect();
+        assert_eq!(
+            PrefillPlan::new(&short, None).unwrap().tile,
+            PrefillTile::M64
+        );
+    }
+
+    #[test]
+    fn smem_matches_the_kernel() {
+        assert_eq!(PrefillTile::M128.smem_bytes(), 128 * 1024);
+        assert_eq!(PrefillTile::M64.smem_bytes(), 104 * 1024);
+    }
+}
