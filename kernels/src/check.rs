@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 mod grouped;
+pub mod prefill;
 
 use crate::device::Gpu;
 use crate::error::Result;
@@ -948,7 +949,7 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     Ok(out)
 }
 
-/// The MLA decode rows alone, for both kernels (`dsv2-gpu-check --mla`).
+/// The MLA rows alone (`dsv2-gpu-check --mla`): decode for both kernels, then prefill.
 pub fn run_mla(gpu: &Gpu) -> Result<Vec<CheckRow>> {
     // (context lengths, heads, block size, forced splits)
     let cases: [(&[usize], usize, usize, Option<usize>); 7] = [
@@ -966,6 +967,7 @@ pub fn run_mla(gpu: &Gpu) -> Result<Vec<CheckRow>> {
             out.push(check_mla_decode(gpu, lens, heads, block, splits, kernel)?);
         }
     }
+    out.extend(prefill::run_prefill(gpu)?);
     Ok(out)
 }
 
