@@ -1,6 +1,6 @@
 //! dsv2-gpu-check: runs every kernel against its CPU reference on the GPU and prints a table, then
-//! measures copy bandwidth, cuBLAS bf16 GEMM, MLA decode (P1) and the expert FFN (P2) beside those
-//! ceilings. Exits non-zero on any FAIL.
+//! measures copy bandwidth, cuBLAS bf16 GEMM, MLA decode (P1), MLA prefill attention (PF) and the
+//! expert FFN (P2) beside those ceilings. Exits non-zero on any FAIL.
 
 use std::time::Instant;
 
@@ -81,6 +81,176 @@ fn time_ms(gpu: &Gpu, warm: usize, iters: usize, mut f: impl FnMut() -> Result<(
 
 fn fill(gpu: &Gpu, t: &mut Tensor<bf16>, seed: u64, scale: f32) -> Result<()> {
     ew::fill_uniform(gpu, t.view_mut(), seed, scale)?;
+    Ok(())
+}
+
+/// PF rows (issue 20): MLA prefill attention alone at 128 heads, the whole decompressed path
+/// (one gather of every sequence's latent context, one K/V GEMM, one `mla_prefill` launch) and
+/// the attention kernel alone for each tile, for 64 x 512 tokens, 1 x 4096, and one 512-token
+/// chunk over a 3584-token cached prefix. FLOPs: causal (query, key) pairs x H x (2·192 + 2·128)
+/// for the attention, plus 2 · 512 · H · 256 per context token for the K/V GEMM; the ratio is to
+/// the cuBLAS bf16 rate measured in this run. For 64 x 512 also the old per-sequence path (slot
+/// upload, gather, GEMM and the general causal kernel per sequence), for the before / after.
+fn bench_prefill(gpu: &Gpu, blas_tflops: f64) -> Result<()> {
+    use dsv2_kernels::ops::general as g;
+    use dsv2_kernels::ops::mla_prefill::{self as pf, PrefillPlan, PrefillSeq, PrefillTile};
+    let heads = 128usize;
+    let (dqk, kvw, bs) = (pf::QK_NOPE + pf::QK_ROPE, pf::QK_NOPE + pf::V_HEAD, 64usize);
+    let scale = 0.1352f32; // DeepSeek-V2's YaRN softmax scale at 192 dims, roughly
+    let mut kv_b = Tensor::<bf16>::zeros(gpu, &[heads * kvw, mla::KV_LORA])?;
+    fill(gpu, &mut kv_b, 11, 0.05)?;
+    for (name, count, len, pos0) in [
+        ("64 x 512", 64usize, 512usize, 0usize),
+        ("1 x 4096", 1, 4096, 0),
+        ("512 over 3584 cached", 1, 512, 3584),
+    ] {
+        let ctx = pos0 + len;
+        let (n, t) = (count * len, count * ctx);
+        let blocks_per = ctx.div_ceil(bs);
+        let mut cache = Tensor::<bf16>::zeros(gpu, &[count * blocks_per, bs, mla::CACHE_DIM])?;
+        fill(gpu, &mut cache, 12, 1.0)?;
+        let mut q = Tensor::<bf16>::zeros(gpu, &[n, heads, dqk])?;
+        fill(gpu, &mut q, 13, 1.0)?;
+        // blocks of different sequences interleaved, as a running server's allocator leaves them
+        let block = |s: usize, j: usize| j * count + s;
+        let mut slots = Vec::with_capacity(t);
+        let mut specs = Vec::with_capacity(count);
+        for s in 0..count {
+            specs.push(PrefillSeq {
+                q_row0: s * len,
+                q_len: len,
+                pos0,
+                ctx_row0: slots.len(),
+            });
+            slots.extend((0..ctx).map(|p| (block(s, p / bs) * bs + p % bs) as i32));
+        }
+        let st = Tensor::from_host(gpu, &slots, &[t])?;
+        let mut lat = Tensor::<bf16>::zeros(gpu, &[t, mla::CACHE_DIM])?;
+        let mut kv = Tensor::<bf16>::zeros(gpu, &[t, heads, kvw])?;
+        let mut out = Tensor::<bf16>::zeros(gpu, &[n, heads, pf::V_HEAD])?;
+        // a plan with its descriptors and tiles on the device (uploaded once, outside the timing)
+        let upload = |plan: PrefillPlan| -> Result<(PrefillPlan, Tensor<i32>, Tensor<i32>)> {
+            let sd = Tensor::from_host(gpu, &plan.seqs, &[plan.n_seqs(), 4])?;
+            let td = Tensor::from_host(gpu, &plan.tiles, &[plan.n_tiles(), 2])?;
+            Ok((plan, sd, td))
+        };
+        let auto = upload(PrefillPlan::new(&specs, None)?)?;
+        let pairs = auto.0.pairs as f64;
+        let attn_flops = pairs * heads as f64 * (2 * dqk + 2 * pf::V_HEAD) as f64;
+        let dec_flops = 2.0 * (mla::KV_LORA * heads * kvw) as f64 * t as f64;
+        let flash = |(plan, sd, td): &(PrefillPlan, Tensor<i32>, Tensor<i32>),
+                     lat: &Tensor<bf16>,
+                     kv: &Tensor<bf16>,
+                     out: &mut Tensor<bf16>|
+         -> Result<()> {
+            pf::mla_prefill(
+                gpu,
+                pf::MlaPrefillParams {
+                    q: q.view(),
+                    k_nope: kv.view().narrow(2, 0, pf::QK_NOPE)?,
+                    k_pe: lat.view().narrow(1, mla::KV_LORA, pf::QK_ROPE)?,
+                    v: kv.view().narrow(2, pf::QK_NOPE, pf::V_HEAD)?,
+                    out: out.view_mut(),
+                    plan,
+                    seqs: sd.view(),
+                    tiles: td.view(),
+                    scale,
+                },
+            )?;
+            Ok(())
+        };
+        let ms_all = time_ms(gpu, 2, 10, || {
+            g::gather_slots(
+                gpu,
+                g::GatherSlotsParams {
+                    cache: cache.view(),
+                    slots: st.view(),
+                    out: lat.view_mut(),
+                },
+            )?;
+            pf::decompress_kv(
+                gpu,
+                pf::DecompressParams {
+                    lat: lat.view(),
+                    kv_lora: mla::KV_LORA,
+                    kv_b: kv_b.view(),
+                    kv: kv.view_mut(),
+                },
+            )?;
+            flash(&auto, &lat, &kv, &mut out)
+        })?;
+        let tf = |flops: f64, ms: f64| flops / (ms * 1e-3) / 1e12;
+        println!(
+            "PF prefill attention {name}, heads {heads}: gather + K/V GEMM + flash ({:?}) {ms_all:.3} ms for {:.1} GFLOP ({:.1} attention + {:.1} K/V GEMM), {:.0} TFLOP/s = {:.3} of cuBLAS",
+            auto.0.tile,
+            (attn_flops + dec_flops) / 1e9,
+            attn_flops / 1e9,
+            dec_flops / 1e9,
+            tf(attn_flops + dec_flops, ms_all),
+            tf(attn_flops + dec_flops, ms_all) / blas_tflops
+        );
+        for tile in [PrefillTile::M128, PrefillTile::M64] {
+            let plan = upload(PrefillPlan::new(&specs, Some(tile))?)?;
+            let ms = time_ms(gpu, 2, 10, || flash(&plan, &lat, &kv, &mut out))?;
+            println!(
+                "PF   flash alone {name} ({tile:?}, {} CTAs): {ms:.3} ms, {:.0} TFLOP/s = {:.3} of cuBLAS",
+                plan.0.n_tiles() * heads,
+                tf(attn_flops, ms),
+                tf(attn_flops, ms) / blas_tflops
+            );
+        }
+        if count == 64 {
+            // the old path: per sequence, its slots uploaded, gathered, decompressed, attended
+            let ms_old = time_ms(gpu, 1, 2, || {
+                for s in 0..count {
+                    let st = Tensor::from_host(gpu, &slots[s * ctx..(s + 1) * ctx], &[ctx])?;
+                    let mut lat = Tensor::<bf16>::zeros(gpu, &[ctx, mla::CACHE_DIM])?;
+                    g::gather_slots(
+                        gpu,
+                        g::GatherSlotsParams {
+                            cache: cache.view(),
+                            slots: st.view(),
+                            out: lat.view_mut(),
+                        },
+                    )?;
+                    let mut kv = Tensor::<bf16>::zeros(gpu, &[ctx, heads, kvw])?;
+                    pf::decompress_kv(
+                        gpu,
+                        pf::DecompressParams {
+                            lat: lat.view(),
+                            kv_lora: mla::KV_LORA,
+                            kv_b: kv_b.view(),
+                            kv: kv.view_mut(),
+                        },
+                    )?;
+                    let rows = s * len;
+                    g::mla_attn_causal(
+                        gpu,
+                        g::AttnCausalParams {
+                            q1: q.view().narrow(0, rows, len)?.narrow(2, 0, pf::QK_NOPE)?,
+                            q2: q.view().narrow(0, rows, len)?.narrow(
+                                2,
+                                pf::QK_NOPE,
+                                pf::QK_ROPE,
+                            )?,
+                            k1: kv.view().narrow(2, 0, pf::QK_NOPE)?,
+                            k2: lat.view().narrow(1, mla::KV_LORA, pf::QK_ROPE)?,
+                            v: kv.view().narrow(2, pf::QK_NOPE, pf::V_HEAD)?,
+                            out: out.view_mut().narrow(0, rows, len)?,
+                            pos0,
+                            scale,
+                        },
+                    )?;
+                }
+                Ok(())
+            })?;
+            println!(
+                "PF   old per-sequence path {name}: {ms_old:.3} ms, {:.1} TFLOP/s; the new path is {:.1}x faster",
+                tf(attn_flops + dec_flops, ms_old),
+                ms_old / ms_all
+            );
+        }
+    }
     Ok(())
 }
 
@@ -252,6 +422,7 @@ fn bench(gpu: &Gpu, p1_only: bool) -> Result<()> {
             force.unwrap_or_else(|| mla::choose_splits(gpu.sm_count, batch, heads, ctx, kernel))
         );
     }
+    bench_prefill(gpu, blas_tflops)?;
 
     if p1_only {
         return Ok(());
@@ -600,7 +771,10 @@ fn bench_grouped(
                 }
                 Ok(())
             })?;
-            format!("; small-batch kernels {ms:.3} ms = {:.2}x roofline", ms / roof_ms)
+            format!(
+                "; small-batch kernels {ms:.3} ms = {:.2}x roofline",
+                ms / roof_ms
+            )
         } else {
             String::new()
         };
