@@ -1,11 +1,14 @@
 //! MLA on the GPU for one layer and one step: q and latent projections, YaRN RoPE, the latent
 //! append (RMSNorm fused with the cache write), attention, output projection.
 //!
-//! Attention takes one of two routes. A pure decode step at DeepSeek-V2's latent dims (512 + 64,
+//! Attention takes one of three routes. A pure decode step at DeepSeek-V2's latent dims (512 + 64,
 //! one new token per sequence, absorbed mode) runs the tuned `mla_decode_bf16` over the paged
-//! cache for the whole batch at once. Everything else (prefill chunks, mixed steps, other dims)
-//! gathers each sequence's latent context and runs the general causal kernel, naive (K/V
-//! decompressed with one GEMM) or absorbed, following the same `AttnMode` rule as the CPU.
+//! cache for the whole batch at once. Prefill and mixed steps at DeepSeek-V2's head dims run
+//! `prefill`: one launch of each kind for all sequences, decompressed or absorbed per chunk by
+//! FLOPs. Other dims (the tiny models) gather each sequence's latent context and run the general
+//! causal kernel, naive or absorbed, following the same `AttnMode` rule as the CPU.
+
+mod prefill;
 
 use half::bf16;
 
@@ -151,44 +154,7 @@ pub(crate) fn run(
     .kx()?;
 
     drop(t_append);
-    let t_absorb = b.timed("attn.q_absorb");
-    let absorbed_chunk = |len: usize| match batch.mode {
-        AttnMode::Absorbed => true,
-        AttnMode::Naive => false,
-        AttnMode::Auto => len <= ABSORB_MAX_CHUNK,
-    };
-    let any_absorbed = batch
-        .seqs
-        .iter()
-        .any(|s| !s.rows.is_empty() && absorbed_chunk(s.rows.len()));
-    // q_abs[i, h] = q_nope[i, h] · W_UK_h, W_UK_h = kv_b rows h*(dn+dv) .. +dn ([dn, r]).
-    let q_abs = if any_absorbed {
-        let t = b.empty(&[n, heads, r])?;
-        gemm::<bf16>(
-            gpu,
-            Gemm {
-                m: n,
-                n: r,
-                k: dn,
-                x: q.ptr(),
-                ldx: heads * qd,
-                sx: qd,
-                w: w.kv_b.t.ptr(),
-                ldw: r,
-                sw: (dn + dv) * r,
-                w_nk: false,
-                y: t.ptr(),
-                ldy: heads * r,
-                sy: r,
-                batch: heads,
-            },
-        )
-        .kx()?;
-        Some(t)
-    } else {
-        None
-    };
-    drop(t_absorb);
+    let layer_cache = &*layer_cache;
     let pure_decode = !batch.seqs.is_empty()
         && batch.seqs.len() == n
         && batch
@@ -201,167 +167,292 @@ pub(crate) fn run(
         && r == mla::KV_LORA
         && dr == mla::ROPE
         && heads <= 65535;
-    // the fast path writes every row; prefill chunks may leave rows outside any chunk
-    let mut attn_out = if fast {
-        b.empty(&[n, heads, dv])?
+    let attn_out = if fast {
+        decode(b, cfg, w, &q, layer_cache, batch)?
+    } else if prefill::supported(cfg) {
+        prefill::run(&prefill::Step {
+            b,
+            cfg,
+            w,
+            batch,
+            q: &q,
+            cache: layer_cache,
+        })?
     } else {
-        b.zeros(&[n, heads, dv])?
+        general(b, cfg, w, &q, layer_cache, batch)?
     };
-    let attn_ptr = attn_out.ptr();
-    // o[rows, h] = ctx_lat[rows, h] · W_UV_hᵀ, W_UV_h = kv_b rows h*(dn+dv)+dn .. +dv ([dv, r]).
-    let w_uv = |ctx_lat: u64, row0: usize, rows: usize| {
-        gemm::<bf16>(
-            gpu,
-            Gemm {
-                m: rows,
-                n: dv,
-                k: r,
-                x: ctx_lat + (row0 * heads * r) as u64 * BF,
-                ldx: heads * r,
-                sx: r,
-                w: w.kv_b.t.ptr() + (dn * r) as u64 * BF,
-                ldw: r,
-                sw: (dn + dv) * r,
-                w_nk: true,
-                y: attn_ptr + (row0 * heads * dv) as u64 * BF,
-                ldy: heads * dv,
-                sy: dv,
-                batch: heads,
-            },
-        )
-        .kx()
-    };
-    let scale = cfg.softmax_scale();
+    let _t = b.timed("attn.o_proj");
+    Ok(CudaAct::Bf16(b.mm(&attn_out, &w.o, "o_proj")?))
+}
 
-    if let (true, Some(q_abs)) = (fast, q_abs.as_ref()) {
-        let t_decode = b.timed("attn.decode");
-        let max_blocks = batch
-            .seqs
-            .iter()
-            .map(|s| s.blocks.len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let mut table = vec![0i32; n * max_blocks];
-        let mut lens = vec![0i32; n];
-        let mut max_len = 1usize;
-        for (i, s) in batch.seqs.iter().enumerate() {
-            for (j, &blk) in s.blocks.iter().enumerate() {
-                if blk as usize >= num_blocks {
-                    return Err(err(format!("block {blk} out of {num_blocks}")));
-                }
-                table[i * max_blocks + j] = blk as i32;
+/// q_abs[i, h] = q_nope[i, h] · W_UK_h for m rows of q ([m, H, dn + dr] at `q`, row stride
+/// H·(dn + dr)), W_UK_h = kv_b rows h·(dn+dv) .. +dn ([dn, r]); q_abs [m, H, r] at `out`.
+pub(super) fn absorb_q(
+    b: &CudaBackend,
+    cfg: &ModelConfig,
+    w: &AttnWeights<CudaWeight>,
+    q: u64,
+    m: usize,
+    out: u64,
+) -> Result<()> {
+    let (heads, dn, dr, dv, r) = dims(cfg);
+    let qd = dn + dr;
+    gemm::<bf16>(
+        &b.gpu,
+        Gemm {
+            m,
+            n: r,
+            k: dn,
+            x: q,
+            ldx: heads * qd,
+            sx: qd,
+            w: w.kv_b.t.ptr(),
+            ldw: r,
+            sw: (dn + dv) * r,
+            w_nk: false,
+            y: out,
+            ldy: heads * r,
+            sy: r,
+            batch: heads,
+        },
+    )
+    .kx()
+}
+
+/// o[i, h] = ctx_lat[i, h] · W_UV_hᵀ for m rows: ctx_lat [m, H, r] at `ctx_lat`, W_UV_h = kv_b
+/// rows h·(dn+dv)+dn .. +dv ([dv, r]), o [m, H, dv] at `out` (row stride H·dv).
+pub(super) fn project_uv(
+    b: &CudaBackend,
+    cfg: &ModelConfig,
+    w: &AttnWeights<CudaWeight>,
+    ctx_lat: u64,
+    m: usize,
+    out: u64,
+) -> Result<()> {
+    let (heads, dn, _, dv, r) = dims(cfg);
+    gemm::<bf16>(
+        &b.gpu,
+        Gemm {
+            m,
+            n: dv,
+            k: r,
+            x: ctx_lat,
+            ldx: heads * r,
+            sx: r,
+            w: w.kv_b.t.ptr() + (dn * r) as u64 * BF,
+            ldw: r,
+            sw: (dn + dv) * r,
+            w_nk: true,
+            y: out,
+            ldy: heads * dv,
+            sy: dv,
+            batch: heads,
+        },
+    )
+    .kx()
+}
+
+/// (heads, qk_nope, qk_rope, v_head, kv_lora).
+fn dims(cfg: &ModelConfig) -> (usize, usize, usize, usize, usize) {
+    (
+        cfg.num_attention_heads,
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+        cfg.kv_lora_rank,
+    )
+}
+
+/// A pure decode step (one new token per sequence, row i = sequence i) at DeepSeek-V2's latent
+/// dims, absorbed: the tuned `mla_decode` over the paged cache for the whole batch.
+fn decode(
+    b: &CudaBackend,
+    cfg: &ModelConfig,
+    w: &AttnWeights<CudaWeight>,
+    q: &Tensor<bf16>,
+    cache: &Tensor<bf16>,
+    batch: &AttnBatch<'_>,
+) -> Result<Tensor<bf16>> {
+    let (heads, dn, dr, dv, r) = dims(cfg);
+    let n = q.shape()[0];
+    let num_blocks = cache.shape()[0];
+    let t_absorb = b.timed("attn.q_absorb");
+    let q_abs = b.empty(&[n, heads, r])?;
+    absorb_q(b, cfg, w, q.ptr(), n, q_abs.ptr())?;
+    drop(t_absorb);
+    let t_decode = b.timed("attn.decode");
+    let max_blocks = batch
+        .seqs
+        .iter()
+        .map(|s| s.blocks.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut table = vec![0i32; n * max_blocks];
+    let mut lens = vec![0i32; n];
+    let mut max_len = 1usize;
+    for (i, s) in batch.seqs.iter().enumerate() {
+        for (j, &blk) in s.blocks.iter().enumerate() {
+            if blk as usize >= num_blocks {
+                return Err(err(format!("block {blk} out of {num_blocks}")));
             }
-            lens[i] = (s.pos0 + 1) as i32;
-            max_len = max_len.max(s.pos0 + 1);
+            table[i * max_blocks + j] = blk as i32;
         }
-        let bt = b.upload_i32("block table", &table, &[n, max_blocks])?;
-        let sl = b.upload_i32("sequence lengths", &lens, &[n])?;
-        // the kernel reads q's rope columns in place (no copy)
-        let q_pe = q.view().narrow(2, dn, dr).kx()?;
-        let mut ctx_lat = b.empty(&[n, heads, r])?;
-        mla::mla_decode(
+        lens[i] = (s.pos0 + 1) as i32;
+        max_len = max_len.max(s.pos0 + 1);
+    }
+    let bt = b.upload_i32("block table", &table, &[n, max_blocks])?;
+    let sl = b.upload_i32("sequence lengths", &lens, &[n])?;
+    // the kernel reads q's rope columns in place (no copy)
+    let q_pe = q.view().narrow(2, dn, dr).kx()?;
+    let mut ctx_lat = b.empty(&[n, heads, r])?;
+    mla::mla_decode(
+        &b.gpu,
+        mla::MlaDecodeParams {
+            q_abs: q_abs.view(),
+            q_pe,
+            cache: cache.view(),
+            block_table: bt.view(),
+            seq_lens: sl.view(),
+            out: ctx_lat.view_mut(),
+            max_seq_len: max_len,
+            scale: cfg.softmax_scale(),
+            splits: None,
+            kernel: None,
+        },
+    )
+    .kx()?;
+    drop(t_decode);
+    let _t = b.timed("attn.w_uv");
+    // the decode path writes every row
+    let attn_out = b.empty(&[n, heads, dv])?;
+    project_uv(b, cfg, w, ctx_lat.ptr(), n, attn_out.ptr())?;
+    Ok(attn_out)
+}
+
+/// Any head dims (the tiny models): per sequence, gather its latent context and run the general
+/// causal kernel, naive (K/V decompressed with one GEMM) or absorbed, by the CPU's `AttnMode`
+/// rule. Slow (a host loop over sequences, no tensor cores); DeepSeek-V2's dims take `prefill`.
+fn general(
+    b: &CudaBackend,
+    cfg: &ModelConfig,
+    w: &AttnWeights<CudaWeight>,
+    q: &Tensor<bf16>,
+    cache: &Tensor<bf16>,
+    batch: &AttnBatch<'_>,
+) -> Result<Tensor<bf16>> {
+    let gpu = &b.gpu;
+    let (heads, dn, dr, dv, r) = dims(cfg);
+    let (n, width) = (q.shape()[0], r + dr);
+    let (num_blocks, bs) = (cache.shape()[0], cache.shape()[1]);
+    let scale = cfg.softmax_scale();
+    let absorbed_chunk = |len: usize| match batch.mode {
+        AttnMode::Absorbed => true,
+        AttnMode::Naive => false,
+        AttnMode::Auto => len <= ABSORB_MAX_CHUNK,
+    };
+    let any_absorbed = batch
+        .seqs
+        .iter()
+        .any(|s| !s.rows.is_empty() && absorbed_chunk(s.rows.len()));
+    let t_absorb = b.timed("attn.q_absorb");
+    let q_abs = if any_absorbed {
+        let t = b.empty(&[n, heads, r])?;
+        absorb_q(b, cfg, w, q.ptr(), n, t.ptr())?;
+        Some(t)
+    } else {
+        None
+    };
+    drop(t_absorb);
+    let _t = b.timed("attn.prefill");
+    // prefill chunks may leave rows outside any chunk: those read as zeros
+    let mut attn_out = b.zeros(&[n, heads, dv])?;
+    let mut ctx_lat = if any_absorbed {
+        Some(b.zeros(&[n, heads, r])?)
+    } else {
+        None
+    };
+    for s in batch.seqs {
+        let len = s.rows.len();
+        if len == 0 {
+            continue;
+        }
+        let (row0, ctx) = (s.rows.start, s.pos0 + len);
+        let ctx_slots = (0..ctx)
+            .map(|p| match s.blocks.get(p / bs) {
+                Some(&blk) if (blk as usize) < num_blocks => {
+                    Ok((blk as usize * bs + p % bs) as i32)
+                }
+                _ => Err(err(format!("position {p} has no valid cache block"))),
+            })
+            .collect::<Result<Vec<i32>>>()?;
+        let st = Tensor::from_host(gpu, &ctx_slots, &[ctx]).kx()?;
+        let mut lat = b.zeros(&[ctx, width])?;
+        g::gather_slots(
             gpu,
-            mla::MlaDecodeParams {
-                q_abs: q_abs.view(),
-                q_pe,
-                cache: layer_cache.view(),
-                block_table: bt.view(),
-                seq_lens: sl.view(),
-                out: ctx_lat.view_mut(),
-                max_seq_len: max_len,
-                scale,
-                splits: None,
-                kernel: None,
+            g::GatherSlotsParams {
+                cache: cache.view(),
+                slots: st.view(),
+                out: lat.view_mut(),
             },
         )
         .kx()?;
-        drop(t_decode);
-        let _t = b.timed("attn.w_uv");
-        w_uv(ctx_lat.ptr(), 0, n)?;
-    } else {
-        let _t = b.timed("attn.prefill");
-        let mut ctx_lat = if any_absorbed {
-            Some(b.zeros(&[n, heads, r])?)
-        } else {
-            None
-        };
-        for s in batch.seqs {
-            let len = s.rows.len();
-            if len == 0 {
-                continue;
+        let k_pe = lat.view().narrow(1, r, dr).kx()?;
+        let q_pe = q.view().narrow(0, row0, len).kx()?.narrow(2, dn, dr).kx()?;
+        match (absorbed_chunk(len), q_abs.as_ref(), ctx_lat.as_mut()) {
+            (true, Some(q_abs), Some(ctx_lat)) => {
+                g::mla_attn_causal(
+                    gpu,
+                    g::AttnCausalParams {
+                        q1: q_abs.view().narrow(0, row0, len).kx()?,
+                        q2: q_pe,
+                        k1: lat.view().narrow(1, 0, r).kx()?,
+                        k2: k_pe,
+                        v: lat.view().narrow(1, 0, r).kx()?,
+                        out: ctx_lat.view_mut().narrow(0, row0, len).kx()?,
+                        pos0: s.pos0,
+                        scale,
+                    },
+                )
+                .kx()?;
+                project_uv(
+                    b,
+                    cfg,
+                    w,
+                    ctx_lat.ptr() + (row0 * heads * r) as u64 * BF,
+                    len,
+                    attn_out.ptr() + (row0 * heads * dv) as u64 * BF,
+                )?;
             }
-            let (row0, ctx) = (s.rows.start, s.pos0 + len);
-            let ctx_slots = (0..ctx)
-                .map(|p| match s.blocks.get(p / bs) {
-                    Some(&blk) if (blk as usize) < num_blocks => {
-                        Ok((blk as usize * bs + p % bs) as i32)
-                    }
-                    _ => Err(err(format!("position {p} has no valid cache block"))),
-                })
-                .collect::<Result<Vec<i32>>>()?;
-            let st = Tensor::from_host(gpu, &ctx_slots, &[ctx]).kx()?;
-            let mut lat = b.zeros(&[ctx, width])?;
-            g::gather_slots(
-                gpu,
-                g::GatherSlotsParams {
-                    cache: layer_cache.view(),
-                    slots: st.view(),
-                    out: lat.view_mut(),
-                },
-            )
-            .kx()?;
-            let k_pe = lat.view().narrow(1, r, dr).kx()?;
-            let q_pe = q.view().narrow(0, row0, len).kx()?.narrow(2, dn, dr).kx()?;
-            match (absorbed_chunk(len), q_abs.as_ref(), ctx_lat.as_mut()) {
-                (true, Some(q_abs), Some(ctx_lat)) => {
-                    g::mla_attn_causal(
-                        gpu,
-                        g::AttnCausalParams {
-                            q1: q_abs.view().narrow(0, row0, len).kx()?,
-                            q2: q_pe,
-                            k1: lat.view().narrow(1, 0, r).kx()?,
-                            k2: k_pe,
-                            v: lat.view().narrow(1, 0, r).kx()?,
-                            out: ctx_lat.view_mut().narrow(0, row0, len).kx()?,
-                            pos0: s.pos0,
-                            scale,
-                        },
-                    )
-                    .kx()?;
-                    w_uv(ctx_lat.ptr(), row0, len)?;
-                }
-                _ => {
-                    // K/V decompressed from the latent: kv [ctx, H, dn + dv] = c · kv_bᵀ.
-                    let kv = b.zeros(&[ctx, heads, dn + dv])?;
-                    let mut gm = Gemm::xwt(
-                        ctx,
-                        heads * (dn + dv),
-                        r,
-                        lat.ptr(),
-                        w.kv_b.t.ptr(),
-                        kv.ptr(),
-                    );
-                    gm.ldx = width;
-                    gemm::<bf16>(gpu, gm).kx()?;
-                    g::mla_attn_causal(
-                        gpu,
-                        g::AttnCausalParams {
-                            q1: q.view().narrow(0, row0, len).kx()?.narrow(2, 0, dn).kx()?,
-                            q2: q_pe,
-                            k1: kv.view().narrow(2, 0, dn).kx()?,
-                            k2: k_pe,
-                            v: kv.view().narrow(2, dn, dv).kx()?,
-                            out: attn_out.view_mut().narrow(0, row0, len).kx()?,
-                            pos0: s.pos0,
-                            scale,
-                        },
-                    )
-                    .kx()?;
-                }
+            _ => {
+                // K/V decompressed from the latent: kv [ctx, H, dn + dv] = c · kv_bᵀ.
+                let kv = b.zeros(&[ctx, heads, dn + dv])?;
+                let mut gm = Gemm::xwt(
+                    ctx,
+                    heads * (dn + dv),
+                    r,
+                    lat.ptr(),
+                    w.kv_b.t.ptr(),
+                    kv.ptr(),
+                );
+                gm.ldx = width;
+                gemm::<bf16>(gpu, gm).kx()?;
+                g::mla_attn_causal(
+                    gpu,
+                    g::AttnCausalParams {
+                        q1: q.view().narrow(0, row0, len).kx()?.narrow(2, 0, dn).kx()?,
+                        q2: q_pe,
+                        k1: kv.view().narrow(2, 0, dn).kx()?,
+                        k2: k_pe,
+                        v: kv.view().narrow(2, dn, dv).kx()?,
+                        out: attn_out.view_mut().narrow(0, row0, len).kx()?,
+                        pos0: s.pos0,
+                        scale,
+                    },
+                )
+                .kx()?;
             }
         }
     }
-    let _t = b.timed("attn.o_proj");
-    Ok(CudaAct::Bf16(b.mm(&attn_out, &w.o, "o_proj")?))
+    Ok(attn_out)
 }

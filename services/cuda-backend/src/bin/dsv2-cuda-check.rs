@@ -333,8 +333,9 @@ fn main() -> Result<()> {
 /// A random 2-layer dense model with DeepSeek-V2's MLA dims (latent 512 + rope 64, nope 128,
 /// v 128, YaRN) but 16 heads and hidden 1024, written as a checkpoint to a temp dir: its decode
 /// steps take the tuned `mla_decode_bf16` path, which the tiny fixtures (latent 32) never reach.
-/// GPU against the CPU backend on the same weights (rel L2 ≤ 1e-2): prefill (naive, general
-/// kernel), decode-from-24 absorbed (tuned kernel) and naive (general kernel).
+/// GPU against the CPU backend on the same weights (rel L2 ≤ 1e-2): prefill (naive, the flash
+/// prefill kernel), decode-from-24 absorbed (tuned kernel) and naive (flash prefill kernel, one
+/// query per step), and several sequences per step in every attention mode.
 fn real_dims_mla(cuda: &Arc<CudaBackend>) -> Result<Vec<Row>> {
     use half::bf16;
     use safetensors::tensor::TensorView;
@@ -452,6 +453,67 @@ fn real_dims_mla(cuda: &Arc<CudaBackend>) -> Result<Vec<Row>> {
             note: "vs CPU backend, same random bf16 weights".into(),
         });
     }
+    // several sequences per step: a batched prefill, then a mixed step whose chunks take both
+    // of the prefill path's routes (decompressed and absorbed, packed or scattered rows)
+    for mode in [AttnMode::Auto, AttnMode::Naive, AttnMode::Absorbed] {
+        let want = batched_logits(&cm, &ce, &tokens, mode)?;
+        let got = batched_logits(&gm, &ge, &tokens, mode)?;
+        let (max_abs, rel_l2) = errors(&got, &want);
+        rows.push(Row {
+            what: format!("real-dims MLA (16 heads) batched prefill + mixed step {mode:?}"),
+            rel_l2,
+            max_abs,
+            vs_cpu: rel_l2,
+            pass: got.len() == want.len() && rel_l2 <= REL_L2_TOL,
+            note: "vs CPU backend; 3 prompts in one step, then 4 chunks (7, 3 new, 1, 7)".into(),
+        });
+    }
     std::fs::remove_dir_all(&dir).ok();
     Ok(rows)
+}
+
+/// Logits of every row of two steps over four sequences (token ids taken from `tokens`):
+/// step 1 prefills A (40 tokens), B (5) and C (the first 23 of 30); step 2 runs, in row order, A's
+/// next 7 tokens, D's first 3, B's 6th token and C's last 7. On the GPU under `Auto`, A, B and C
+/// run absorbed (short chunks over a prefix: not contiguous rows, so scattered back) and D
+/// decompressed; `Absorbed` packs all 18 rows; `Naive` decompresses all.
+fn batched_logits<B: Backend>(
+    model: &dsv2_core::model::Model<B>,
+    experts: &dyn ExpertExecutor<B>,
+    tokens: &[u32],
+    mode: AttnMode,
+) -> Result<Vec<f32>> {
+    use dsv2_core::backend::SeqChunk;
+    use dsv2_core::kv_cache::BlockTable;
+    use dsv2_core::model::StepInput;
+    let mut cache = model.new_cache(32, 16)?;
+    let mut tables: Vec<BlockTable> = (0..4).map(|_| BlockTable::default()).collect();
+    let tok = |from: usize, n: usize| -> Vec<u32> {
+        (from..from + n).map(|i| tokens[i % tokens.len()]).collect()
+    };
+    // (sequence, first position, new tokens) per chunk, in row order, for each step
+    let steps: [&[(usize, usize, usize)]; 2] = [
+        &[(0, 0, 40), (1, 0, 5), (2, 0, 23)],
+        &[(0, 40, 7), (3, 0, 3), (1, 5, 1), (2, 23, 7)],
+    ];
+    let mut out = Vec::new();
+    for chunks in steps {
+        let mut step = StepInput {
+            tokens: Vec::new(),
+            seqs: Vec::new(),
+        };
+        for &(seq, pos0, n) in chunks {
+            cache.reserve(&mut tables[seq], pos0 + n)?;
+            let row0 = step.tokens.len();
+            step.tokens.extend(tok(seq * 11 + pos0, n));
+            step.seqs.push(SeqChunk {
+                rows: row0..row0 + n,
+                pos0,
+                blocks: tables[seq].blocks.clone(),
+            });
+        }
+        let rows: Vec<usize> = (0..step.tokens.len()).collect();
+        out.extend(model.forward(&step, &mut cache, experts, mode, &rows)?);
+    }
+    Ok(out)
 }
