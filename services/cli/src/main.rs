@@ -46,7 +46,8 @@ enum Cmd {
     Up(cmd_up::Args),
     /// Load-test a running router like ghz does (summary, latency distribution, tokens/s).
     Loadtest(cmd_loadtest::Args),
-    /// Measure in-process decode tokens/s.
+    /// Measure batched decode and prefill of distinct prompts against this device's roofline.
+    #[command(long_about = cmd_bench::LONG_ABOUT)]
     Bench(cmd_bench::Args),
     /// Convert a Hugging Face checkpoint into router + per-shard files with a manifest.
     Convert(cmd_convert::Args),
