@@ -1,30 +1,43 @@
 #!/usr/bin/env python3
-"""Greedy CPU decode speed of Hugging Face transformers on a DeepSeek-V2 checkpoint dir.
+"""Greedy decode speed of Hugging Face transformers on a DeepSeek-V2 checkpoint dir.
 
-The baseline our CPU backend is compared against. Usage:
+The baseline `dsv2 bench` is compared against, on the same prompts. Usage:
 
-    /opt/hfvenv/bin/python bench/hf_cpu_decode.py tests/fixtures/models/v2 \\
-        --prompt-ids 5,17,300,42 --new-tokens 32 --threads 2
+    # the same seeded random ids as `dsv2 bench --seed 0 --context 512 --batch 8`
+    /opt/hfvenv/bin/python bench/hf_cpu_decode.py MODEL_DIR --seed 0 --prompt-len 512 --batch 8
+    # or exactly the ids a dsv2 bench run used (`dsv2 bench --dump-prompts prompts.txt`)
+    /opt/hfvenv/bin/python bench/hf_cpu_decode.py MODEL_DIR --prompt-file prompts.txt \\
+        --prompt-len 512 --batch 8
+
+Prompts: distinct by default, as in dsv2 bench: sequence i of a batch gets its own ids, drawn by
+bench/prompts.py from (--seed, i) exactly as dsv2 bench draws them, or read from --prompt-file
+(first --batch lines, each cut to --prompt-len). --prompt-ids gives one explicit prompt (batch 1
+only); --same-prompt copies sequence 0's prompt to every row (hides the MoE cost, as in dsv2
+bench, and the output says so).
 
 Loads the directory with transformers' native DeepseekV2ForCausalLM (float32, CPU, eager
 attention unless --attn says otherwise), then:
   1. warm-up (not timed): model.generate(do_sample=False) for --new-tokens tokens with eos
      disabled; its ids are kept to check the timed loop;
   2. --runs timed runs of an explicit greedy loop with a DynamicCache: one prefill forward over
-     the prompt (gives new token 1), then new_tokens-1 single-token decode forwards.
+     the prompts (gives new token 1), then new_tokens-1 decode forwards of the whole batch.
      The timed loop's ids must equal the warm-up generate() ids, or the script fails.
 Prints one JSON line:
-  tokens_per_s      decode rate: (new_tokens - 1) / decode seconds, prefill excluded
-                    (median over runs)
-  e2e_tokens_per_s  new_tokens / (prefill + decode seconds), what generate() users see
-  prefill_s, decode_s (medians), runs, new_tokens, prompt_tokens, threads, torch, transformers,
-  output_ids (the greedy tokens, so a run can be checked against reference.json).
+  tokens_per_s      decode rate of the batch: batch * (new_tokens - 1) / decode seconds, prefill
+                    excluded (median over runs)
+  e2e_tokens_per_s  batch * new_tokens / (prefill + decode seconds), what generate() users see
+  prompt_tokens_per_s  batch * prompt_len / prefill seconds
+  prefill_s, decode_s (medians), runs, new_tokens, prompt_tokens, batch, distinct_prompts,
+  prompts (where they came from), threads, torch, transformers,
+  output_ids (sequence 0's greedy tokens, so a run can be checked against reference.json or
+  against dsv2 bench's output_ids_seq0).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -32,6 +45,9 @@ import time
 import torch
 import transformers
 from transformers import DeepseekV2ForCausalLM, DynamicCache, GenerationConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import prompts as bench_prompts  # noqa: E402  (bench/prompts.py: dsv2 bench's prompt ids)
 
 
 def parse_ids(text: str) -> list[int]:
@@ -71,14 +87,22 @@ def greedy_loop(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model_dir")
-    ap.add_argument("--prompt-ids", type=parse_ids, default=[1, 2, 3])
+    ap.add_argument("--prompt-ids", type=parse_ids, default=None,
+                    help="one explicit prompt (batch 1, or with --same-prompt)")
+    ap.add_argument("--prompt-file", default=None,
+                    help="prompt ids written by `dsv2 bench --dump-prompts` (first --batch lines)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of dsv2 bench's random prompts")
+    ap.add_argument("--prompt-len", type=int, default=None,
+                    help="prompt tokens (random prompts: default 512; --prompt-file: cut to this)")
+    ap.add_argument("--same-prompt", action="store_true",
+                    help="every row gets sequence 0's prompt (hides the MoE cost)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--attn", default="eager", help="transformers attn_implementation")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU comparison, issue 4 P4)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (same prompt)")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (distinct prompts)")
     args = ap.parse_args()
     if args.new_tokens < 2 or args.runs < 1 or args.threads < 1:
         ap.error("--new-tokens must be >= 2, --runs and --threads >= 1")
@@ -93,15 +117,27 @@ def main() -> int:
         # tokens are not the original model's; the speed is still representative.
         print("warning: norm_topk_prob=true is ignored by native transformers", file=sys.stderr)
     vocab = model.config.vocab_size
-    if any(not 0 <= i < vocab for i in args.prompt_ids):
-        ap.error(f"--prompt-ids must lie in [0, {vocab})")
-    prompt = torch.tensor([args.prompt_ids] * args.batch, dtype=torch.int64, device=args.device)
+    try:
+        seqs, source = bench_prompts.choose(
+            prompt_ids=args.prompt_ids, prompt_file=args.prompt_file, seed=args.seed,
+            prompt_len=args.prompt_len, batch=args.batch, same=args.same_prompt, vocab=vocab,
+            special=bench_prompts.special_ids(model.config),
+        )
+    except ValueError as err:
+        ap.error(str(err))
+    distinct = len({tuple(s) for s in seqs})
+    if args.same_prompt:
+        print("NOTE: --same-prompt: ONE PROMPT REPEATED, which hides the MoE cost", file=sys.stderr)
+    prompt = torch.tensor(seqs, dtype=torch.int64, device=args.device)
 
     gen_cfg = GenerationConfig(
         do_sample=False, max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0
     )
     with torch.inference_mode():
-        warm = model.generate(input_ids=prompt, generation_config=gen_cfg)[0, prompt.shape[1] :].tolist()
+        # an explicit all-ones mask: generate() would otherwise mask prompt ids equal to the pad id
+        warm = model.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=gen_cfg
+        )[0, prompt.shape[1] :].tolist()
 
     prefill, decode, ids = [], [], None
     for _ in range(args.runs):
@@ -118,14 +154,17 @@ def main() -> int:
                 "impl": "hf-transformers",
                 "tokens_per_s": args.batch * (args.new_tokens - 1) / d_med,
                 "batch": args.batch,
+                "distinct_prompts": distinct,
+                "prompts": source,
                 "device": args.device,
                 "dtype": args.dtype,
-                "e2e_tokens_per_s": args.new_tokens / (p_med + d_med),
+                "e2e_tokens_per_s": args.batch * args.new_tokens / (p_med + d_med),
+                "prompt_tokens_per_s": prompt.numel() / p_med,
                 "prefill_s": p_med,
                 "decode_s": d_med,
                 "runs": args.runs,
                 "new_tokens": args.new_tokens,
-                "prompt_tokens": len(args.prompt_ids),
+                "prompt_tokens": prompt.shape[1],
                 "threads": args.threads,
                 "attn": args.attn,
                 "model_dir": args.model_dir,

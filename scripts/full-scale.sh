@@ -95,10 +95,14 @@ measure() {
   echo "$label: cluster up in $(( $(date +%s) - t0 )) s"
   nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv,noheader | sed "s/^/$label memory (GPU, used, total): /"
   for b in $batches; do
-    echo "{\"token_ids\":{\"ids\":[$PROMPT]},\"max_new_tokens\":64,\"ignore_eos\":true}" >/tmp/lt-decode.json
+    # 2 x b DISTINCT 16-token prompts (dsv2 bench's seeded ids, bench/prompts.py): copies of one
+    # prompt would route every row to the same experts and hide the MoE cost (issue 19)
+    "$PY" -c "import json, sys; sys.path.insert(0, 'bench'); import prompts
+json.dump([{'token_ids': {'ids': p}, 'max_new_tokens': 64, 'ignore_eos': True}
+           for p in prompts.random_batch(0, 2 * $b, 16, 102400, [100000, 100001])], open('/tmp/lt-decode.json', 'w'))"
     "$BIN/dsv2" loadtest --endpoint "http://$r" -c "$b" -n "$((b * 2))" --timeout 1200s --data /tmp/lt-decode.json \
       --json-out "/tmp/lt-$b.json" >/dev/null 2>"/tmp/lt-$b.err" || { tail -3 "/tmp/lt-$b.err"; fail=1; }
-    "$PY" -c "import json; j=json.load(open('/tmp/lt-$b.json')); d=j['dsv2']; print('$label decode batch $b: %.1f tok/s (%d ok, %d errors; 16-token prompts, 64 new tokens)' % (d['tokensPerSec'], d['okCount'], d['errorCount'])); open('/tmp/fs-tps-$label-$b', 'w').write(str(d['tokensPerSec']))" 2>/dev/null || echo "$label decode batch $b: no report"
+    "$PY" -c "import json; j=json.load(open('/tmp/lt-$b.json')); d=j['dsv2']; print('$label decode batch $b: %.1f tok/s (%d ok, %d errors; distinct 16-token prompts, 64 new tokens)' % (d['tokensPerSec'], d['okCount'], d['errorCount'])); open('/tmp/fs-tps-$label-$b', 'w').write(str(d['tokensPerSec']))" 2>/dev/null || echo "$label decode batch $b: no report"
   done
   if [ "$prefill" != prefill ]; then stop_all; return; fi
   long=$("$PY" -c "import random; random.seed(0); print(','.join(str(random.randrange(1000, 100000)) for _ in range(2048)))")

@@ -90,15 +90,19 @@ echo "init-random: $(( $(date +%s) - t0 )) s, $(du -sh /tmp/rd | cut -f1)"
 mkdir -p /tmp/rd1 && ln -sf /tmp/rd/*.safetensors /tmp/rd/*.json /tmp/rd1/ 2>/dev/null
 rm -f /tmp/rd1/config.json
 "$PY" -c "import json; c=json.load(open('/tmp/rd/config.json')); c['num_hidden_layers']=1; json.dump(c, open('/tmp/rd1/config.json','w'))"
+# In-process decode of DISTINCT seeded prompts (context 512, batch 1 and 64), each configuration
+# beside the roofline of this card; the prompt ids go to the HF script too (--dump-prompts).
+# Every number lands in $OUT_DIR/bench-*.json; the table goes to this log.
+"$BIN/dsv2" bench --device cuda:0 --model-dir /tmp/rd --batch 1,64 --context 512 --new-tokens 32 --runs 3 \
+  --json "$OUT_DIR/bench-$LAYERS-layer.json" --dump-prompts "$OUT_DIR/prompts.txt" 2>/dev/null | sed "s/^/ours $LAYERS-layer: /"
+"$BIN/dsv2" bench --device cuda:0 --model-dir /tmp/rd1 --batch 1,64 --context 512 --new-tokens 32 --runs 3 \
+  --json "$OUT_DIR/bench-1-layer.json" 2>/dev/null | sed "s/^/ours 1-layer: /"
+DSV2_SMALL_EXPERTS=0 "$BIN/dsv2" bench --device cuda:0 --model-dir /tmp/rd --batch 1 --context 512 --new-tokens 32 --runs 3 \
+  --json "$OUT_DIR/bench-$LAYERS-layer-permuted.json" 2>/dev/null | sed "s/^/ours $LAYERS-layer, permuted experts (DSV2_SMALL_EXPERTS=0): /"
 for b in 1 64; do
-  "$BIN/dsv2" bench --device cuda:0 --model-dir /tmp/rd --batch $b --new-tokens 32 --runs 3 2>/dev/null | sed "s/\"output_ids\":\[[^]]*\],//;s/^/ours $LAYERS-layer batch $b: /"
-  "$BIN/dsv2" bench --device cuda:0 --model-dir /tmp/rd1 --batch $b --new-tokens 32 --runs 3 2>/dev/null | sed "s/\"output_ids\":\[[^]]*\],//;s/^/ours 1-layer batch $b: /"
-  if [ "$b" = 1 ]; then
-    DSV2_SMALL_EXPERTS=0 "$BIN/dsv2" bench --device cuda:0 --model-dir /tmp/rd --batch 1 --new-tokens 32 --runs 3 2>/dev/null | sed "s/\"output_ids\":\[[^]]*\],//;s/^/ours $LAYERS-layer batch 1, permuted experts (DSV2_SMALL_EXPERTS=0): /"
-  fi
   # where a step's time goes (ops timed one by one with the stream synchronised: slower overall)
-  DSV2_PROFILE=1 "$BIN/dsv2" bench --device cuda:0 --model-dir /tmp/rd --batch $b --new-tokens 16 --runs 1 2>&1 >/dev/null | sed -n '/DSV2_PROFILE/,$p' | sed "s/^/profile batch $b: /"
-  "$PY" bench/hf_cpu_decode.py /tmp/rd --device cuda --dtype bfloat16 --batch $b --prompt-ids 138,158,33,333,438,211,210 --new-tokens 32 --runs 3 2>/dev/null | sed "s/\"output_ids\": \[[^]]*\]//;s/^/hf $LAYERS-layer batch $b: /"
+  DSV2_PROFILE=1 "$BIN/dsv2" bench --device cuda:0 --model-dir /tmp/rd --batch $b --context 512 --new-tokens 16 --probe-steps 0 2>&1 >/dev/null | sed -n '/DSV2_PROFILE/,$p' | sed "s/^/profile batch $b: /"
+  "$PY" bench/hf_cpu_decode.py /tmp/rd --device cuda --dtype bfloat16 --batch $b --prompt-file "$OUT_DIR/prompts.txt" --prompt-len 512 --new-tokens 32 --runs 3 2>/dev/null | sed "s/\"output_ids\": \[[^]]*\]//;s/^/hf $LAYERS-layer batch $b: /"
 done
 echo "gpu-e2e exit status: $fail"
 exit $fail
