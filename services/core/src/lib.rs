@@ -1,7 +1,9 @@
 //! DeepSeek-V2 model core: configuration, checkpoint access, the backend trait with the CPU
-//! reference backend, the paged latent KV cache, sampling, tokenizer and generation. No networking.
+//! reference backend, the paged latent KV cache, sampling, tokenizer, chat templates and
+//! generation. No networking.
 
 pub mod backend;
+pub mod chat;
 pub mod config;
 pub mod cpu;
 pub mod engine;

@@ -32,13 +32,13 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(CoreError::InvalidInput(format!(
-                "temperature must be a finite number >= 0, got {}",
+                "temperature: must be a finite number >= 0, got {}",
                 self.temperature
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(CoreError::InvalidInput(format!(
-                "top_p must be in (0, 1], got {}",
+                "top_p: must be in (0, 1], got {}",
                 self.top_p
             )));
         }

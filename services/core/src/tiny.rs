@@ -19,11 +19,19 @@ use tokenizers::{
 use crate::error::{CoreError, Result};
 
 /// Bump when the model or tokenizer recipe changes: a new directory is made.
-pub const TINY_VERSION: &str = "tiny-v1";
+pub const TINY_VERSION: &str = "tiny-v2";
 const SEED: u64 = 0x05EE_D0D5_2024;
 const CORPUS: &str = include_str!("tiny_corpus.txt");
 pub const BOS: &str = "<｜begin▁of▁sentence｜>";
 pub const EOS: &str = "<｜end▁of▁sentence｜>";
+/// The tiny model's chat template (in its tokenizer_config.json): DeepSeek-V2-Chat's turn
+/// format, but an unknown role is an error instead of being dropped.
+pub const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}\
+{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}\
+{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n\\n' }}\
+{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}\
+{% else %}{{ raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') }}\
+{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}";
 
 /// The tiny model's config.json, in DeepSeek's original format.
 pub fn config_json() -> serde_json::Value {
@@ -143,7 +151,7 @@ type RawTokenizer = TokenizerImpl<
 >;
 
 /// Trains a byte-level BPE on the embedded corpus and writes tokenizer.json and
-/// tokenizer_config.json (BOS added to prompts, as DeepSeek's config says).
+/// tokenizer_config.json (BOS added to prompts, as DeepSeek's config says; a chat template).
 fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<()> {
     let tk_err = |e: Box<dyn std::error::Error + Send + Sync>| {
         CoreError::Tokenizer(format!("training the tiny tokenizer: {e}"))
@@ -172,7 +180,8 @@ fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<()> {
         "add_bos_token": true, "add_eos_token": false,
         "bos_token": {"content": BOS, "special": true},
         "eos_token": {"content": EOS, "special": true},
-        "model_max_length": 2560, "tokenizer_class": "LlamaTokenizerFast"
+        "model_max_length": 2560, "tokenizer_class": "LlamaTokenizerFast",
+        "chat_template": CHAT_TEMPLATE
     });
     let p = dir.join("tokenizer_config.json");
     std::fs::write(&p, serde_json::to_string_pretty(&tcfg).unwrap_or_default())
