@@ -343,6 +343,7 @@ fn describe(r: &pb::GenerateRequest) -> String {
             t.len(),
             t.chars().take(12).collect::<String>()
         ),
+        Some(Prompt::Messages(m)) => format!("messages[{}]", m.messages.len()),
     };
     let stop_max = r.stop.iter().map(String::len).max();
     format!(
@@ -383,6 +384,8 @@ fn oracle(r: &pb::GenerateRequest, plen: Option<usize>, f: &Facts) -> Expect {
                 None => return Expect::Rejected,
             }
         }
+        // This fuzzer makes no conversations.
+        Some(Prompt::Messages(_)) => return Expect::Any,
     };
     let max_new = r.max_new_tokens.unwrap_or(f.default_max_new);
     let temperature = r.temperature.unwrap_or(1.0);

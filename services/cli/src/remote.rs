@@ -68,7 +68,8 @@ pub fn run(a: &Args, endpoint: &str) -> Result<()> {
                     .map_err(status_err)?
                     .into_inner()
                     .token_ids,
-                None => Vec::new(),
+                // `dsv2 generate` sends no conversations.
+                Some(pb::generate_request::Prompt::Messages(_)) | None => Vec::new(),
             })
         } else {
             None

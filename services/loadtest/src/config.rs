@@ -285,6 +285,18 @@ fn request_to_json(r: &GenerateRequest) -> serde_json::Value {
         Some(Prompt::TokenIds(ids)) => {
             m.insert("token_ids".into(), serde_json::json!({ "ids": ids.ids }));
         }
+        Some(Prompt::Messages(c)) => {
+            let msgs: Vec<_> = c
+                .messages
+                .iter()
+                .map(|m| serde_json::json!({ "role": m.role, "content": m.content }))
+                .collect();
+            let mut v = serde_json::json!({ "messages": msgs });
+            if let Some(g) = c.add_generation_prompt {
+                v["add_generation_prompt"] = g.into();
+            }
+            m.insert("messages".into(), v);
+        }
         None => {}
     }
     if let Some(v) = r.max_new_tokens {

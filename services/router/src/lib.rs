@@ -1,8 +1,9 @@
 //! The router (attention service) as a library: the engine task, the public gRPC service and
-//! the tower layers in front of it, the client side of the expert shards, and the error →
-//! status table. `main.rs` only wires them.
+//! the tower layers in front of it, the OpenAI-compatible HTTP API over that service, the
+//! client side of the expert shards, and the error → status tables. `main.rs` only wires them.
 
 pub mod engine_task;
+pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod remote_experts;

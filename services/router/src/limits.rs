@@ -1,7 +1,8 @@
 //! Tower layers in front of `dsv2.v1.Inference`: the arrival stamp that client deadlines count
 //! from, a global in-flight limit that sheds excess requests with RESOURCE_EXHAUSTED, and the
 //! router's request timeout, answered with DEADLINE_EXCEEDED. Health and reflection are not
-//! wrapped: probes must answer when the router is saturated.
+//! wrapped: probes must answer when the router is saturated. The HTTP API takes its permits
+//! from the same limit (`InFlightLimitLayer::try_acquire`).
 //!
 //! The limit and the timeout are hand-written on tokio's semaphore and timer rather than tower's
 //! `GlobalConcurrencyLimitLayer` + `LoadShedLayer` and `TimeoutLayer`, for two reasons:
@@ -98,6 +99,23 @@ impl InFlightLimitLayer {
     pub fn in_flight(&self) -> usize {
         self.max - self.permits.available_permits()
     }
+
+    /// A permit of the same limit for a call that does not pass through this layer (the HTTP
+    /// API): held until the call's response has ended.
+    pub fn try_acquire(&self) -> Result<OwnedSemaphorePermit, Status> {
+        acquire(&self.permits, self.max)
+    }
+}
+
+/// A permit, or the RESOURCE_EXHAUSTED that names the flag to change.
+fn acquire(permits: &Arc<Semaphore>, max: usize) -> Result<OwnedSemaphorePermit, Status> {
+    permits.clone().try_acquire_owned().map_err(|_| {
+        // debug, not warn: under overload this fires once per rejected request.
+        tracing::debug!(limit = max, "request shed");
+        Status::resource_exhausted(format!(
+            "the router is already serving {max} requests (--max-concurrent); retry later"
+        ))
+    })
 }
 
 impl<S> Layer<S> for InFlightLimitLayer {
@@ -134,14 +152,9 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            // debug, not warn: under overload this fires once per rejected request.
-            tracing::debug!(limit = self.max, path = %req.uri().path(), "request shed");
-            let status = Status::resource_exhausted(format!(
-                "the router is already serving {} requests (--max-concurrent); retry later",
-                self.max
-            ));
-            return Box::pin(std::future::ready(Ok(status.into_http())));
+        let permit = match acquire(&self.permits, self.max) {
+            Ok(p) => p,
+            Err(status) => return Box::pin(std::future::ready(Ok(status.into_http()))),
         };
         let fut = self.inner.call(req);
         Box::pin(async move {

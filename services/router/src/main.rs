@@ -1,7 +1,9 @@
 //! `dsv2-router`: loads everything but the routed experts, checks the expert shards, and serves
-//! `dsv2.v1.Inference` with health and reflection until SIGTERM/Ctrl-C, then drains.
+//! `dsv2.v1.Inference` with health and reflection (and, with --http-listen, the OpenAI-compatible
+//! HTTP API) until SIGTERM/Ctrl-C, then drains.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +17,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use dsv2_core::ModelConfig;
 use dsv2_core::backend::{AttnMode, Backend, DeviceSpec};
+use dsv2_core::chat::ChatTemplate;
 use dsv2_core::cpu::CpuBackend;
 use dsv2_core::engine::{Engine, EngineConfig};
 use dsv2_core::model::{ExpertExecutor, ExpertSelection, LocalExperts, Model};
@@ -25,6 +28,7 @@ use dsv2_cuda_backend::CudaBackend;
 use dsv2_nccl_experts::{NcclExperts, PlaneShard};
 use dsv2_proto::inference::v1::inference_server::InferenceServer;
 use dsv2_router::engine_task::EngineHandle;
+use dsv2_router::http::HttpApi;
 use dsv2_router::limits::{ArrivalLayer, InFlightLimitLayer, RequestTimeoutLayer};
 use dsv2_router::remote_experts::{RemoteExperts, WireDtype, check_shards, shard_info};
 use dsv2_router::service::{InferenceApi, InferenceService, ModelFacts};
@@ -51,6 +55,16 @@ struct Config {
     /// printed as `DSV2_READY <addr>` on stdout).
     #[arg(long, default_value = "0.0.0.0:50051")]
     listen: SocketAddr,
+    /// Also serve the OpenAI-compatible HTTP API here, e.g. 0.0.0.0:8000: POST /v1/completions
+    /// and /v1/chat/completions (stream: true for server-sent events), GET /v1/models and
+    /// /health. Same engine, validation, --max-concurrent and --request-timeout-s as gRPC. Port 0
+    /// picks a free port, printed as `DSV2_HTTP_READY <addr>` on stdout. Unset: no HTTP API.
+    #[arg(long, env = "DSV2_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// Jinja chat template for conversation prompts (gRPC `messages`, /v1/chat/completions),
+    /// instead of the `chat_template` of the model dir's tokenizer_config.json.
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<PathBuf>,
     /// Expert shard URL, e.g. http://127.0.0.1:50061 (repeat, in shard order). None: all routed
     /// experts run inside the router.
     #[arg(long = "shard")]
@@ -209,6 +223,26 @@ async fn serve_on<B: Backend>(
         None
     };
     tracing::info!(dir = %dir.display(), layers = mcfg.num_hidden_layers, experts = mcfg.n_routed_experts, secs = t0.elapsed().as_secs_f64(), "model loaded");
+    let template_override = c
+        .chat_template
+        .as_ref()
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading --chat-template {}", p.display()))
+        })
+        .transpose()?;
+    if template_override.is_some() && tokenizer.is_none() {
+        bail!(
+            "--chat-template: the model dir has no tokenizer.json to tokenize the rendered prompt with"
+        );
+    }
+    let chat_template = match &tokenizer {
+        Some(_) => ChatTemplate::from_model_dir(&dir, template_override.as_deref())?.map(Arc::new),
+        None => None,
+    };
+    if chat_template.is_none() {
+        tracing::info!("no chat template: conversation prompts (messages) will be refused");
+    }
 
     let experts: Arc<dyn ExpertExecutor<B>> = if local {
         tracing::info!("no --shard given: routed experts run inside the router");
@@ -340,6 +374,7 @@ async fn serve_on<B: Backend>(
     let service = Arc::new(InferenceService {
         engine: engine.clone(),
         tokenizer,
+        chat_template,
         facts,
         default_max_new_tokens: c.default_max_new_tokens,
         request_timeout,
@@ -347,9 +382,11 @@ async fn serve_on<B: Backend>(
     // Only the public API gets the limit and the timeout (outermost first: the arrival stamp
     // that client deadlines count from, then the limit, so a shed request starts no timer);
     // health and reflection stay answerable when the router is saturated.
+    // One in-flight limit for both APIs.
+    let in_flight = InFlightLimitLayer::new(c.max_concurrent as usize);
     let inference_layers = tower::ServiceBuilder::new()
         .layer(ArrivalLayer)
-        .layer(InFlightLimitLayer::new(c.max_concurrent as usize))
+        .layer(in_flight.clone())
         .layer(RequestTimeoutLayer::new(request_timeout));
     // Both reflection versions: grpcurl speaks v1, older ghz builds v1alpha.
     let (reflection, reflection_alpha) = dsv2_server::reflection_services()?;
@@ -357,6 +394,14 @@ async fn serve_on<B: Backend>(
         .await
         .with_context(|| format!("binding {}", c.listen))?;
     let addr = listener.local_addr()?;
+    let http_listener = match c.http_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding --http-listen {a}"))?,
+        ),
+        None => None,
+    };
     health_reporter
         .set_serving::<InferenceServer<InferenceApi>>()
         .await;
@@ -370,6 +415,23 @@ async fn serve_on<B: Backend>(
         request_timeout_s = c.request_timeout_s,
         "router serving dsv2.v1.Inference"
     );
+    let api = InferenceApi(service);
+    let http_stop = Arc::new(tokio::sync::Notify::new());
+    let (http_api, mut http_server) = match http_listener {
+        Some(l) => {
+            let http_addr = l.local_addr()?;
+            let state = HttpApi::new(api.clone(), in_flight.clone());
+            let stop = http_stop.clone();
+            let server = tokio::spawn(dsv2_router::http::serve(l, state.clone(), async move {
+                stop.notified().await;
+            }));
+            tracing::info!(addr = %http_addr, "router serving the OpenAI-compatible HTTP API");
+            // Before DSV2_READY: whoever waits for that line finds both addresses.
+            println!("DSV2_HTTP_READY {http_addr}");
+            (Some(state), Some(server))
+        }
+        None => (None, None),
+    };
     println!("DSV2_READY {addr}");
 
     if let Some(m) = c.metrics_listen {
@@ -409,7 +471,7 @@ async fn serve_on<B: Backend>(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(inference_layers.named_layer(InferenceServer::new(InferenceApi(service))))
+        .add_service(inference_layers.named_layer(InferenceServer::new(api)))
         .serve_with_incoming_shutdown(
             // With a custom incoming stream tonic ignores Server::tcp_nodelay: set it on the
             // accepted sockets, or small messages (one token, one row) wait on Nagle.
@@ -424,6 +486,15 @@ async fn serve_on<B: Backend>(
             r.context("gRPC server task")?.context("gRPC server failed")?;
             return Ok(());
         }
+        r = async {
+            match http_server.as_mut() {
+                Some(h) => h.await,
+                None => std::future::pending().await,
+            }
+        } => {
+            r.context("HTTP server task")?.context("HTTP server failed")?;
+            bail!("the HTTP server stopped");
+        }
         _ = dsv2_server::shutdown_signal() => {}
     }
     tracing::info!(
@@ -436,9 +507,19 @@ async fn serve_on<B: Backend>(
     health_reporter
         .set_service_status("", ServingStatus::NotServing)
         .await;
+    if let Some(h) = &http_api {
+        h.set_not_serving();
+    }
     stop.notify_one();
+    http_stop.notify_one();
     // New connections are refused now; in-flight requests get the drain timeout to finish.
-    if tokio::time::timeout(Duration::from_secs(c.drain_timeout_s), server)
+    let drained = async {
+        let _ = server.await;
+        if let Some(h) = http_server.take() {
+            let _ = h.await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(c.drain_timeout_s), drained)
         .await
         .is_err()
     {

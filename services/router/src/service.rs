@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dsv2_core::chat::{ChatMessage, ChatTemplate};
 use dsv2_core::engine::{EngineEvent, FinishReason, GenerateParams, TokenLogprob};
 use dsv2_core::sampling::SamplingParams;
 use dsv2_core::tokenizer::Tokenizer;
@@ -40,6 +41,8 @@ pub struct ModelFacts {
 pub struct InferenceService {
     pub engine: EngineHandle,
     pub tokenizer: Option<Arc<Tokenizer>>,
+    /// Renders `messages` prompts; None: the model has no chat template.
+    pub chat_template: Option<Arc<ChatTemplate>>,
     pub facts: ModelFacts,
     pub default_max_new_tokens: u32,
     /// The router's request timeout (`--request-timeout-s`). Unary calls are bounded by
@@ -64,9 +67,10 @@ impl InferenceService {
                 tok.encode_prompt(t).map_err(|e| status::from_core(&e))?
             }
             Some(pb::generate_request::Prompt::TokenIds(ids)) => ids.ids.clone(),
+            Some(pb::generate_request::Prompt::Messages(chat)) => self.chat_prompt(chat)?,
             None => {
                 return Err(Status::invalid_argument(
-                    "prompt: set either text or token_ids",
+                    "prompt: set one of text, token_ids or messages",
                 ));
             }
         };
@@ -102,6 +106,38 @@ impl InferenceService {
             prompt_logprobs: req.prompt_logprobs.map(|n| n as usize),
         };
         Ok((prompt, params))
+    }
+
+    /// A conversation's prompt ids: the chat template's text, tokenized without an added BOS
+    /// (the template writes it), as transformers' `apply_chat_template(tokenize=True)` does.
+    fn chat_prompt(&self, chat: &pb::ChatMessages) -> Result<Vec<u32>, Status> {
+        if chat.messages.is_empty() {
+            return Err(Status::invalid_argument(
+                "messages: at least one message is needed",
+            ));
+        }
+        if let Some(i) = chat.messages.iter().position(|m| m.role.is_empty()) {
+            return Err(Status::invalid_argument(format!(
+                "messages[{i}].role: is empty"
+            )));
+        }
+        let (Some(template), Some(tok)) = (&self.chat_template, &self.tokenizer) else {
+            return Err(Status::invalid_argument(format!(
+                "messages: the model {:?} has no chat template (no chat_template in its \
+                 tokenizer_config.json); start the router with --chat-template FILE, or send a \
+                 text prompt",
+                self.facts.model_name
+            )));
+        };
+        let messages: Vec<ChatMessage> = chat
+            .messages
+            .iter()
+            .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
+            .collect();
+        let text = template
+            .render(&messages, chat.add_generation_prompt.unwrap_or(true))
+            .map_err(|e| status::from_core(&e))?;
+        tok.encode_raw(&text).map_err(|e| status::from_core(&e))
     }
 
     /// The client's gRPC deadline (`grpc-timeout`), if it set one, counted from when the call
@@ -280,6 +316,35 @@ impl InferenceApi {
     }
 }
 
+impl InferenceApi {
+    /// Generate, answered DEADLINE_EXCEEDED (and the engine request cancelled) at `deadline`
+    /// less `unary_deadline_margin`. gRPC's Generate passes the client's deadline; the HTTP API,
+    /// which no timeout layer wraps, the router's request timeout.
+    pub async fn generate_until(
+        &self,
+        request: Request<pb::GenerateRequest>,
+        deadline: Option<Instant>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let arrived = arrival(&request);
+        let work = self.generate_unary(request, deadline);
+        match deadline {
+            // Dropping `work` drops the request's event receiver: the engine cancels it at the
+            // next step boundary and frees its cache.
+            Some(d) => {
+                let at = d - unary_deadline_margin(d, arrived);
+                tokio::time::timeout_at(tokio::time::Instant::from_std(at), work)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Status::deadline_exceeded(
+                            "deadline exceeded before generation finished",
+                        ))
+                    })
+            }
+            None => work.await,
+        }
+    }
+}
+
 /// How much earlier than the client's deadline a unary Generate gives up. tonic's server
 /// enforces `grpc-timeout` on unary calls itself and answers CANCELLED ("Timeout expired") at
 /// the deadline; answering just before it makes the client see DEADLINE_EXCEEDED, the code gRPC
@@ -304,23 +369,7 @@ impl Inference for InferenceApi {
         // well would race the layer (whichever fires first decides the message); the layer
         // dropping this future cancels the engine request just the same.
         let deadline = self.client_deadline(&request);
-        let arrived = arrival(&request);
-        let work = self.generate_unary(request, deadline);
-        match deadline {
-            // Dropping `work` drops the request's event receiver: the engine cancels it at the
-            // next step boundary and frees its cache.
-            Some(d) => {
-                let at = d - unary_deadline_margin(d, arrived);
-                tokio::time::timeout_at(tokio::time::Instant::from_std(at), work)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(Status::deadline_exceeded(
-                            "deadline exceeded before generation finished",
-                        ))
-                    })
-            }
-            None => work.await,
-        }
+        self.generate_until(request, deadline).await
     }
 
     type GenerateStreamStream = StreamOut;
