@@ -2,7 +2,9 @@
 //! each step packs decode tokens first, then prefill chunks, under a token budget. The engine
 //! never touches a request's text until a token is sampled, and owns every sequence's cache
 //! blocks: admission reserves a request's whole footprint (prompt + max_new_tokens), so a
-//! running request can never run out of cache and nothing is ever preempted.
+//! running request can never run out of cache and nothing is ever preempted. With the prefix
+//! cache on, a request takes the cached blocks of its prompt's longest cached prefix by reference
+//! and reserves and prefills only the rest.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -23,6 +25,8 @@ pub struct EngineConfig {
     /// Most sequences in flight at once.
     pub max_running: usize,
     pub attn_mode: AttnMode,
+    /// Share the full cache blocks of common prompt prefixes between requests (kv_cache.rs).
+    pub prefix_cache: bool,
 }
 
 impl Default for EngineConfig {
@@ -33,6 +37,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             max_running: 64,
             attn_mode: AttnMode::Auto,
+            prefix_cache: true,
         }
     }
 }
@@ -210,8 +215,13 @@ pub struct Engine<B: Backend> {
 #[derive(Debug, Clone, Default)]
 pub struct EngineStats {
     pub steps: u64,
+    /// Prompt tokens computed (a cached prefix is not).
     pub prefill_tokens: u64,
     pub decode_tokens: u64,
+    /// Prompt tokens of admitted requests looked up in the prefix cache.
+    pub prefix_cache_queried_tokens: u64,
+    /// Of those, tokens found cached (not prefilled).
+    pub prefix_cache_hit_tokens: u64,
 }
 
 impl<B: Backend> Engine<B> {
@@ -226,7 +236,8 @@ impl<B: Backend> Engine<B> {
                 "max_batch_tokens and max_running must be positive".into(),
             ));
         }
-        let cache = model.new_cache(cfg.num_blocks, cfg.block_size)?;
+        let mut cache = model.new_cache(cfg.num_blocks, cfg.block_size)?;
+        cache.set_prefix_cache(cfg.prefix_cache);
         Ok(Engine {
             model,
             experts,
@@ -248,8 +259,17 @@ impl<B: Backend> Engine<B> {
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
     }
+    /// Blocks a new request can take (free, or cached and held by no request).
     pub fn free_blocks(&self) -> usize {
         self.cache.free_blocks()
+    }
+    /// Blocks holding a cached prefix (0 with the prefix cache off).
+    pub fn cached_blocks(&self) -> usize {
+        self.cache.cached_blocks()
+    }
+    /// The cache's bookkeeping and storage, for tests and measurements.
+    pub fn cache(&self) -> &KvCache<B> {
+        &self.cache
     }
     pub fn num_blocks(&self) -> usize {
         self.cache.num_blocks()
@@ -310,6 +330,7 @@ impl<B: Backend> Engine<B> {
         };
         run_to_completion(self, vec![req])?;
         self.stats = EngineStats::default();
+        self.cache.clear_prefix_cache();
         Ok(t0.elapsed())
     }
 
@@ -352,24 +373,59 @@ impl<B: Backend> Engine<B> {
         })
     }
 
+    /// Moves requests from the queue to the running batch while their blocks fit, in order
+    /// (FIFO: nobody overtakes the head of the queue).
     fn admit(&mut self) {
         while self.running.len() < self.cfg.max_running {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            let need = front.req.prompt.len() + front.req.params.max_new_tokens;
-            if self.cache.blocks_for(need) > self.cache.free_blocks() {
-                break; // FIFO: nobody overtakes the head of the queue.
+            // Prompt logprobs need every prompt position computed: such a request takes nothing
+            // from the prefix cache (its full blocks are still cached for others).
+            let use_cached =
+                self.cache.prefix_cache_enabled() && front.req.params.prompt_logprobs.is_none();
+            if use_cached && self.prefix_in_flight(&front.req.prompt) {
+                break;
             }
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
-            if self.cache.reserve(&mut seq.table, need).is_err() {
+            let need = seq.req.prompt.len() + seq.req.params.max_new_tokens;
+            let Some(hit) = self
+                .cache
+                .admit(&mut seq.table, &seq.req.prompt, need, use_cached)
+            else {
                 self.waiting.push_front(seq);
                 break;
+            };
+            if use_cached {
+                self.stats.prefix_cache_queried_tokens += seq.req.prompt.len() as u64;
+                self.stats.prefix_cache_hit_tokens += hit as u64;
             }
+            seq.computed = hit;
             self.running.push(seq);
         }
+    }
+
+    /// Whether a running request is computing full blocks of `prompt` that the prefix cache
+    /// does not hold yet. Admitted once they are computed (registered block by block, at the end
+    /// of each step), a request takes them instead of prefilling the same prefix a second time
+    /// in the same steps: requests that arrive together with a common prefix compute it once.
+    fn prefix_in_flight(&self, prompt: &[u32]) -> bool {
+        let bs = self.cache.block_size();
+        let usable = prompt.len().saturating_sub(1);
+        let cached = self.cache.cached_prefix_tokens(prompt);
+        self.running.iter().any(|s| {
+            let common = prompt
+                .iter()
+                .zip(&s.tokens)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(usable)
+                / bs
+                * bs;
+            common > cached && s.computed < common
+        })
     }
 
     /// Runs one forward step over the running sequences; returns what happened.
@@ -391,6 +447,28 @@ impl<B: Backend> Engine<B> {
             }
             budget -= take;
             plan.push((i, take));
+        }
+        // The new tokens' latents go into blocks no other sequence reads (kv_cache.rs): a
+        // violation is an engine bug, and fails the request rather than corrupt another one.
+        let bs = self.cache.block_size();
+        let unwritable: Vec<usize> = plan
+            .iter()
+            .filter(|&&(i, take)| {
+                let s = &self.running[i];
+                (s.computed / bs..=(s.computed + take - 1) / bs).any(|b| {
+                    s.table
+                        .blocks
+                        .get(b)
+                        .is_none_or(|&blk| !self.cache.is_writable(blk))
+                })
+            })
+            .map(|&(i, _)| i)
+            .collect();
+        if !unwritable.is_empty() {
+            return self.fail_all(
+                unwritable,
+                CoreError::Cache("a step would write into a shared cache block".into()),
+            );
         }
         let mut step = StepInput::default();
         let mut logit_rows = Vec::new();
@@ -502,6 +580,8 @@ impl<B: Backend> Engine<B> {
                 }
             }
             s.computed += take;
+            self.cache
+                .register_full_blocks(&mut s.table, &s.tokens, s.computed);
             if s.computed < s.tokens.len() {
                 continue;
             }

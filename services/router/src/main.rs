@@ -88,6 +88,10 @@ struct Config {
     /// Most sequences decoded together.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
+    /// Turn off the prefix cache (on by default: requests take the cached KV blocks of a prompt
+    /// prefix an earlier request computed, and prefill only the rest).
+    #[arg(long)]
+    no_prefix_cache: bool,
     /// Most requests held (queued + running); more get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 256)]
     max_queue: usize,
@@ -335,6 +339,7 @@ async fn serve_on<B: Backend>(
             max_batch_tokens: c.max_batch_tokens,
             max_running: c.max_running,
             attn_mode: AttnMode::Auto,
+            prefix_cache: !c.no_prefix_cache,
         },
     )?;
     // One short request before serving: the first client does not pay the one-time costs, and
