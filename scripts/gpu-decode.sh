@@ -92,7 +92,7 @@ served() {
   stop_all
 }
 
-for sec in ${SECTIONS:-check fixtures served lite}; do
+for sec in ${SECTIONS:-check fixtures served lite profile}; do
   over_budget "$sec" && continue
   echo "== $sec (at $(( $(date +%s) - t0 )) s)"
   case "$sec" in
@@ -111,6 +111,14 @@ for sec in ${SECTIONS:-check fixtures served lite}; do
       PREFILL_ONLY=1 served deepseek-v2 4 "4-layer V2, prefill experts on the wgmma grouped kernel (DSV2_GROUPED_PREFILL=1)" DSV2_GROUPED_PREFILL=1 ;;
     lite)
       served deepseek-v2-lite 27 "V2-Lite 27-layer" ;;
+    profile)
+      # where a decode step's time goes at batch 1 (ops timed one by one, stream synchronised
+      # around each: slower overall, but the split is what counts)
+      dir=/tmp/gd-deepseek-v2-4
+      mkdir -p "$dir"
+      "$BIN/dsv2" init-random --preset deepseek-v2 --layers 4 --config-only --out "$dir" --seed 1 >/dev/null 2>&1
+      DSV2_PROFILE=1 timeout -k 5 120 "$BIN/dsv2" bench --device cuda:0 --model-dir "$dir" --random-weights 1 --batch 1 \
+        --new-tokens 16 --runs 1 2>&1 >/dev/null | sed -n '/DSV2_PROFILE/,$p' | head -40 ;;
     *) echo "unknown section $sec"; fail=1 ;;
   esac
 done

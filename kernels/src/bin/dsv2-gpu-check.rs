@@ -634,8 +634,7 @@ fn bench_grouped(
         })?;
         let tf = flops / (ms * 1e-3) / 1e12;
         println!(
-            "P2g grouped expert FFN (tile {} rows) {rows} rows / {n_exp} experts: {ms:.3} ms, {tf:.0} TFLOP/s = {:.3} of cuBLAS; {:.2}x the per-expert cuBLAS loop",
-            tile.rows(),
+            "P2g grouped expert FFN (tile {tile:?}) {rows} rows / {n_exp} experts: {ms:.3} ms, {tf:.0} TFLOP/s = {:.3} of cuBLAS; {:.2}x the per-expert cuBLAS loop",
             tf / blas_tflops,
             p2_ms / ms
         );

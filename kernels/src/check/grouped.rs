@@ -131,8 +131,7 @@ pub fn check_grouped_experts(
     let mut row = CheckRow::cmp(
         "moe_grouped_experts_bf16",
         format!(
-            "tokens {tokens} E {n_exp} top-{k} hidden {hidden} inter {inter} tile {}",
-            chosen.rows()
+            "tokens {tokens} E {n_exp} top-{k} hidden {hidden} inter {inter} tile {chosen:?}"
         ),
         &got,
         &want,

@@ -254,8 +254,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_grouped_down_b128_bf16(
 // rows, k step 64: per stage A (rows) 16 KB and B (weights) 32 KB, both K-major in the
 // 128-byte-swizzled layout the wgmma descriptors name (the layout of the mma.sync tiles above:
 // chunk c of row r at c ^ (r & 7), 8-row groups 1024 bytes apart, stages 1024-aligned). Each
-// warpgroup issues 4 wgmma m64n256k16 per stage (k advances 32 bytes inside the swizzled rows)
-// while cp.async fills the stages WGM_STAGES - 1 ahead. Why: the mma.sync kernel moves every
+// warpgroup issues 4 wgmma m64n256k16 per stage (k advances 32 bytes inside the swizzled rows),
+// then the cp.async copies of the stage WGM_STAGES - 1 ahead, then waits for its wgmma. Why: the mma.sync kernel moves every
 // operand through registers with ldmatrix and stays shared-memory bound at about a quarter of
 // the cuBLAS peak on P2 (bench/RESULTS.md); wgmma reads both operands from shared memory.
 // gate_up: B rows 0..127 are gate features f0.., rows 128..255 the up rows of the same
@@ -358,11 +358,6 @@ __device__ __forceinline__ void grouped_tile_wgmma(const bf16* __restrict__ x, c
         cp_async_wait<WGM_STAGES - 2>();
         fence_async_smem();
         __syncthreads();  // stage kt visible to wgmma; every warpgroup finished stage kt - 1
-        {
-            int nk = kt + WGM_STAGES - 1;
-            if (nk < KT) load_stage(nk % WGM_STAGES, nk);
-            cp_async_commit();
-        }
         const u32 sa = base + (kt % WGM_STAGES) * WGM_STAGE_BYTES;
         const u32 sb = sa + WGM_ROWS * 128;
         wg_fence();
@@ -373,6 +368,14 @@ __device__ __forceinline__ void grouped_tile_wgmma(const bf16* __restrict__ x, c
             wgmma_m64n256_ss(acc, da, db, 1);
         }
         wg_commit();
+        // The next stage's copies are issued while the tensor cores work (12 cp.async per
+        // thread: issued before the wgmma they held it back). Their stage was last read by
+        // stage kt - 1's wgmma, which every warpgroup waited for before the barrier above.
+        {
+            int nk = kt + WGM_STAGES - 1;
+            if (nk < KT) load_stage(nk % WGM_STAGES, nk);
+            cp_async_commit();
+        }
         wg_wait0();
     }
     cp_async_wait<0>();

@@ -188,9 +188,9 @@ impl CudaBackend {
             // DSV2_GROUPED_EXPERTS=0 runs the per-expert cuBLAS loop instead of the grouped
             // kernels (to compare the two)
             grouped_experts: std::env::var("DSV2_GROUPED_EXPERTS").map_or(true, |v| v != "0"),
-            // DSV2_GROUPED_PREFILL=1: prefill-sized expert batches on the wgmma grouped kernel
-            // instead of the per-expert cuBLAS loop
-            grouped_prefill: std::env::var("DSV2_GROUPED_PREFILL").is_ok_and(|v| v == "1"),
+            // DSV2_GROUPED_PREFILL=0: prefill-sized expert batches on the per-expert cuBLAS loop
+            // instead of the wgmma grouped kernel (to compare the two)
+            grouped_prefill: std::env::var("DSV2_GROUPED_PREFILL").map_or(true, |v| v != "0"),
             uploads_i32: Mutex::new(Default::default()),
             uploads_i64: Mutex::new(Default::default()),
         })
