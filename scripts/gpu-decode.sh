@@ -108,7 +108,7 @@ for sec in ${SECTIONS:-check fixtures served lite profile}; do
     served)
       served deepseek-v2 4 "4-layer V2"
       DECODE_ONLY=1 served deepseek-v2 4 "4-layer V2, per-expert cuBLAS loop (DSV2_GROUPED_EXPERTS=0)" DSV2_GROUPED_EXPERTS=0
-      PREFILL_ONLY=1 served deepseek-v2 4 "4-layer V2, prefill experts on the wgmma grouped kernel (DSV2_GROUPED_PREFILL=1)" DSV2_GROUPED_PREFILL=1 ;;
+      PREFILL_ONLY=1 served deepseek-v2 4 "4-layer V2, prefill experts on the per-expert cuBLAS loop (DSV2_GROUPED_PREFILL=0)" DSV2_GROUPED_PREFILL=0 ;;
     lite)
       served deepseek-v2-lite 27 "V2-Lite 27-layer" ;;
     profile)

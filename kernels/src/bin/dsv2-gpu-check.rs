@@ -611,6 +611,7 @@ fn bench_grouped(
     let mut y = Tensor::<bf16>::zeros(gpu, &[rows, hidden])?;
     for tile in [
         grouped::RowTile::W128,
+        grouped::RowTile::W64,
         grouped::RowTile::R128,
         grouped::RowTile::R64,
     ] {

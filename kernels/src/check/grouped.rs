@@ -130,9 +130,7 @@ pub fn check_grouped_experts(
     let chosen = tile.unwrap_or_else(|| RowTile::for_rows(routed, n_exp.min(routed)));
     let mut row = CheckRow::cmp(
         "moe_grouped_experts_bf16",
-        format!(
-            "tokens {tokens} E {n_exp} top-{k} hidden {hidden} inter {inter} tile {chosen:?}"
-        ),
+        format!("tokens {tokens} E {n_exp} top-{k} hidden {hidden} inter {inter} tile {chosen:?}"),
         &got,
         &want,
         1e-2,
@@ -145,9 +143,33 @@ pub fn check_grouped_experts(
 /// 64-wide k step, partial tiles, experts with 0 rows) and the real DeepSeek-V2 expert dims.
 pub fn run(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     let mut out = Vec::new();
-    for tile in [RowTile::R16, RowTile::R64, RowTile::R128, RowTile::W128] {
-        out.push(check_grouped_experts(gpu, 67, 9, 2, 72, 40, Some(tile), 67)?);
-        out.push(check_grouped_experts(gpu, 67, 8, 6, 1024, 320, Some(tile), 67)?);
+    for tile in [
+        RowTile::R16,
+        RowTile::R64,
+        RowTile::R128,
+        RowTile::W128,
+        RowTile::W64,
+    ] {
+        out.push(check_grouped_experts(
+            gpu,
+            67,
+            9,
+            2,
+            72,
+            40,
+            Some(tile),
+            67,
+        )?);
+        out.push(check_grouped_experts(
+            gpu,
+            67,
+            8,
+            6,
+            1024,
+            320,
+            Some(tile),
+            67,
+        )?);
     }
     // real DeepSeek-V2 / V2-Lite expert dims, the tile chosen by the launcher: one decode row,
     // a decode batch, a prefill chunk (several tiles per expert)

@@ -260,17 +260,23 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_grouped_down_b128_bf16(
 // the cuBLAS peak on P2 (bench/RESULTS.md); wgmma reads both operands from shared memory.
 // gate_up: B rows 0..127 are gate features f0.., rows 128..255 the up rows of the same
 // features, so accumulator columns c and c + 128 of a thread are gate and up of one feature.
-#define WGM_ROWS 128
 #define WGM_W 256
 #define WGM_STAGES 4
-#define WGM_STAGE_BYTES ((WGM_ROWS + WGM_W) * GK * 2)
 
-template <bool GATE_UP>
+// MR = 128: warpgroup w computes rows 64w .. 64w+63 against all 256 weight rows (m64n256).
+// MR = 64 (less padding when experts hold few rows more than a multiple of 128): both
+// warpgroups take rows 0..63, warpgroup w the weight rows 128w .. 128w+127 (m64n128); for
+// gate_up the weight rows then alternate in blocks of 64 (gate f0.., up f0.., gate f0+64..,
+// up f0+64..) so each warpgroup still holds gate and up of the same features.
+template <bool GATE_UP, int MR>
 __device__ __forceinline__ void grouped_tile_wgmma(const bf16* __restrict__ x, const long long* __restrict__ ptrs,
                                                    const int* __restrict__ offsets, const int* __restrict__ tile_off,
                                                    bf16* __restrict__ out, int K, int N, int n_exp) {
+    constexpr int STAGE_BYTES = (MR + WGM_W) * GK * 2;
     constexpr int NF = GATE_UP ? WGM_W / 2 : WGM_W;  // output features per CTA
     constexpr int SCW = NF + 8;                        // epilogue staging row (bf16)
+    constexpr int WN = MR == 128 ? WGM_W : WGM_W / 2;  // weight rows (wgmma N) per warpgroup
+    constexpr int ACC = WN / 2;                        // accumulator floats per thread
     extern __shared__ __align__(1024) unsigned char wgm_smem_raw[];
     // the hardware applies the swizzle on address bits 4..9: operands must be 1024-aligned
     unsigned char* smem =
@@ -285,8 +291,8 @@ __device__ __forceinline__ void grouped_tile_wgmma(const bf16* __restrict__ x, c
         else hi = mid;
     }
     const int e = lo;
-    const int row0 = offsets[e] + (tile - tile_off[e]) * WGM_ROWS;
-    const int nrows = min(WGM_ROWS, offsets[e + 1] - row0);
+    const int row0 = offsets[e] + (tile - tile_off[e]) * MR;
+    const int nrows = min(MR, offsets[e + 1] - row0);
     const int f0 = blockIdx.y * NF;
     const bf16* w0 = reinterpret_cast<const bf16*>(ptrs[3 * e + (GATE_UP ? 0 : 2)]);
     const bf16* w1 = GATE_UP ? reinterpret_cast<const bf16*>(ptrs[3 * e + 1]) : w0;
@@ -305,14 +311,14 @@ __device__ __forceinline__ void grouped_tile_wgmma(const bf16* __restrict__ x, c
         return;
     }
 
-    // This thread's copies: 16-byte chunk `ch` of rows rb + 32 i (A: i < 4, B: i < 8). Every one
-    // of those rows has the same row % 8, so the swizzled chunk is the same for all of them.
+    // This thread's copies: 16-byte chunk `ch` of rows rb + 32 i (A: i < MR / 32, B: i < 8).
+    // Every one of those rows has the same row % 8, so the swizzled chunk is the same for all.
     const int ch = tid & 7, rb = tid >> 3;
     const u32 sw = (u32)((ch ^ (rb & 7)) << 4);
-    const bf16* asrc[WGM_ROWS / 32];
-    bool aok[WGM_ROWS / 32];
+    const bf16* asrc[MR / 32];
+    bool aok[MR / 32];
 #pragma unroll
-    for (int i = 0; i < WGM_ROWS / 32; ++i) {
+    for (int i = 0; i < MR / 32; ++i) {
         int r = rb + 32 * i;
         aok[i] = r < nrows;
         asrc[i] = aok[i] ? x + (size_t)(row0 + r) * K + ch * 8 : x;
@@ -322,18 +328,26 @@ __device__ __forceinline__ void grouped_tile_wgmma(const bf16* __restrict__ x, c
 #pragma unroll
     for (int i = 0; i < WGM_W / 32; ++i) {
         int r = rb + 32 * i;
-        int f = GATE_UP ? f0 + (r & (WGM_W / 2 - 1)) : f0 + r;
-        const bf16* w = (GATE_UP && r >= WGM_W / 2) ? w1 : w0;
+        int f;
+        bool up;
+        if (MR == 128) {  // gate rows 0..127, up rows 128..255
+            f = GATE_UP ? f0 + (r & 127) : f0 + r;
+            up = GATE_UP && r >= 128;
+        } else {  // blocks of 64: gate, up, gate, up
+            f = GATE_UP ? f0 + (r >> 7) * 64 + (r & 63) : f0 + r;
+            up = GATE_UP && ((r >> 6) & 1);
+        }
+        const bf16* w = up ? w1 : w0;
         bok[i] = f < N;
         bsrc[i] = bok[i] ? w + (size_t)f * K + ch * 8 : w;
     }
     auto load_stage = [&](int stage, int kt) {
-        unsigned char* a = smem + stage * WGM_STAGE_BYTES;
-        unsigned char* b = a + WGM_ROWS * 128;
+        unsigned char* a = smem + stage * STAGE_BYTES;
+        unsigned char* b = a + MR * 128;
         const int k = kt * GK;
         const bool kok = k + ch * 8 < K;
 #pragma unroll
-        for (int i = 0; i < WGM_ROWS / 32; ++i) {
+        for (int i = 0; i < MR / 32; ++i) {
             bool ok = aok[i] && kok;
             cp_async16(a + (rb + 32 * i) * 128 + sw, ok ? asrc[i] + k : x, ok);
         }
@@ -344,9 +358,9 @@ __device__ __forceinline__ void grouped_tile_wgmma(const bf16* __restrict__ x, c
         }
     };
 
-    float acc[128];
+    float acc[ACC];
 #pragma unroll
-    for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+    for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
     const int KT = (K + GK - 1) / GK;
 #pragma unroll
     for (int s = 0; s < WGM_STAGES - 1; ++s) {
@@ -354,23 +368,26 @@ __device__ __forceinline__ void grouped_tile_wgmma(const bf16* __restrict__ x, c
         cp_async_commit();
     }
     const u32 base = (u32)__cvta_generic_to_shared(smem);
+    const u32 a_off = MR == 128 ? wg * 64 * 128 : 0;
+    const u32 b_off = MR == 128 ? 0 : wg * WN * 128;
     for (int kt = 0; kt < KT; ++kt) {
         cp_async_wait<WGM_STAGES - 2>();
         fence_async_smem();
         __syncthreads();  // stage kt visible to wgmma; every warpgroup finished stage kt - 1
-        const u32 sa = base + (kt % WGM_STAGES) * WGM_STAGE_BYTES;
-        const u32 sb = sa + WGM_ROWS * 128;
+        const u32 sa = base + (kt % WGM_STAGES) * STAGE_BYTES;
+        const u32 sb = sa + MR * 128;
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < GK / 16; ++kk) {
-            u64 da = wg_desc(sa + wg * 64 * 128 + kk * 32, 16, 1024);
-            u64 db = wg_desc(sb + kk * 32, 16, 1024);
-            wgmma_m64n256_ss(acc, da, db, 1);
+            u64 da = wg_desc(sa + a_off + kk * 32, 16, 1024);
+            u64 db = wg_desc(sb + b_off + kk * 32, 16, 1024);
+            if (MR == 128) wgmma_m64n256_ss(acc, da, db, 1);
+            else wgmma_m64n128_ss(acc, da, db, 1);
         }
         wg_commit();
-        // The next stage's copies are issued while the tensor cores work (12 cp.async per
-        // thread: issued before the wgmma they held it back). Their stage was last read by
-        // stage kt - 1's wgmma, which every warpgroup waited for before the barrier above.
+        // The next stage's copies are issued while the tensor cores work (issued before the
+        // wgmma they held it back). Their stage was last read by stage kt - 1's wgmma, which
+        // every warpgroup waited for before the barrier above.
         {
             int nk = kt + WGM_STAGES - 1;
             if (nk < KT) load_stage(nk % WGM_STAGES, nk);
@@ -382,19 +399,23 @@ __device__ __forceinline__ void grouped_tile_wgmma(const bf16* __restrict__ x, c
     __syncthreads();  // the stages become the epilogue's staging tile
 
     // accumulator layout (wgmma D): rows r_lo and r_lo + 8, columns 8j + cq and 8j + cq + 1
-    bf16* sc = reinterpret_cast<bf16*>(smem);  // [128][SCW]
-    const int r_lo = wg * 64 + wq * 16 + lane / 4, cq = (lane % 4) * 2;
+    bf16* sc = reinterpret_cast<bf16*>(smem);  // [MR][SCW]
+    const int r_lo = (MR == 128 ? wg * 64 : 0) + wq * 16 + lane / 4, cq = (lane % 4) * 2;
+    // gate_up: accumulator columns c (gate) and c + WN / 2 (up) are one feature: feature
+    // c of warpgroup 0 (MR 128) or wg * 64 + c (MR 64)
+    const int fbase = MR == 128 ? 0 : wg * (GATE_UP ? WN / 2 : WN);
 #pragma unroll
-    for (int j = 0; j < NF / 8; ++j) {
+    for (int j = 0; j < (GATE_UP ? WN / 16 : WN / 8); ++j) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int r = r_lo + 8 * h, c = 8 * j + cq;
+            const int r = r_lo + 8 * h, c = fbase + 8 * j + cq;
             float v0, v1;
             if (GATE_UP) {
+                constexpr int UP = WN / 16;  // accumulator column blocks between gate and up
                 float g0 = __bfloat162float(__float2bfloat16_rn(acc[4 * j + 2 * h]));
                 float g1 = __bfloat162float(__float2bfloat16_rn(acc[4 * j + 2 * h + 1]));
-                float u0 = __bfloat162float(__float2bfloat16_rn(acc[4 * (j + 16) + 2 * h]));
-                float u1 = __bfloat162float(__float2bfloat16_rn(acc[4 * (j + 16) + 2 * h + 1]));
+                float u0 = __bfloat162float(__float2bfloat16_rn(acc[4 * (j + UP) + 2 * h]));
+                float u1 = __bfloat162float(__float2bfloat16_rn(acc[4 * (j + UP) + 2 * h + 1]));
                 v0 = g0 / (1.f + __expf(-g0)) * u0;
                 v1 = g1 / (1.f + __expf(-g1)) * u1;
             } else {
@@ -413,16 +434,28 @@ __device__ __forceinline__ void grouped_tile_wgmma(const bf16* __restrict__ x, c
     }
 }
 
-// grid (tile bound for 128-row tiles, ceil(N / NF)), 256 threads, dynamic smem
-// WGM_STAGES * WGM_STAGE_BYTES + 1024 (alignment slack); NF = 128 (gate_up) or 256 (down).
+// grid (tile bound for MR-row tiles, ceil(N / NF)), 256 threads, dynamic smem
+// WGM_STAGES * (MR + 256) * 128 + 1024 (alignment slack); NF = 128 (gate_up) or 256 (down).
 extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_gate_up_wgmma_bf16(
     const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
-    grouped_tile_wgmma<true>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+    grouped_tile_wgmma<true, 128>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_down_wgmma_bf16(
     const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
-    grouped_tile_wgmma<false>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+    grouped_tile_wgmma<false, 128>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_gate_up_wgmma64_bf16(
+    const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+    const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    grouped_tile_wgmma<true, 64>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_down_wgmma64_bf16(
+    const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+    const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    grouped_tile_wgmma<false, 64>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }

@@ -30,13 +30,16 @@ pub enum RowTile {
     R128,
     /// 128 rows x 256 weight rows on warpgroup MMA (prefill: compute bound).
     W128,
+    /// 64 rows x 256 weight rows on warpgroup MMA (less padding for experts holding a little
+    /// more than a multiple of 128 rows).
+    W64,
 }
 
 impl RowTile {
     pub fn rows(self) -> usize {
         match self {
             RowTile::R16 => 16,
-            RowTile::R64 => 64,
+            RowTile::R64 | RowTile::W64 => 64,
             RowTile::R128 | RowTile::W128 => 128,
         }
     }
@@ -44,7 +47,7 @@ impl RowTile {
     /// Weight rows per CTA (gate_up covers half as many features: gate + up).
     fn weight_rows(self) -> usize {
         match self {
-            RowTile::W128 => 256,
+            RowTile::W128 | RowTile::W64 => 256,
             _ => WEIGHT_ROWS,
         }
     }
@@ -53,21 +56,26 @@ impl RowTile {
         match self {
             RowTile::R16 | RowTile::R64 => 4,
             RowTile::R128 => 3,
-            RowTile::W128 => 4,
+            RowTile::W128 | RowTile::W64 => 4,
         }
     }
 
     fn threads(self) -> u32 {
         match self {
             RowTile::R16 | RowTile::R64 => 128,
-            RowTile::R128 | RowTile::W128 => 256,
+            RowTile::R128 | RowTile::W128 | RowTile::W64 => 256,
         }
+    }
+
+    /// The warpgroup-MMA tiles (prefill-sized batches).
+    pub fn is_wgmma(self) -> bool {
+        matches!(self, RowTile::W128 | RowTile::W64)
     }
 
     fn smem_bytes(self) -> usize {
         let stages = self.stages() * (self.weight_rows() + self.rows()) * K_STEP * 2;
         // the wgmma kernel aligns its stages to 1024 bytes itself
-        if self == RowTile::W128 {
+        if self.is_wgmma() {
             stages + 1024
         } else {
             stages
@@ -84,6 +92,8 @@ impl RowTile {
             (RowTile::R128, false) => "moe_grouped_down_b128_bf16",
             (RowTile::W128, true) => "moe_grouped_gate_up_wgmma_bf16",
             (RowTile::W128, false) => "moe_grouped_down_wgmma_bf16",
+            (RowTile::W64, true) => "moe_grouped_gate_up_wgmma64_bf16",
+            (RowTile::W64, false) => "moe_grouped_down_wgmma64_bf16",
         }
     }
 
@@ -97,7 +107,15 @@ impl RowTile {
         } else if mean <= 48 {
             RowTile::R64
         } else {
-            RowTile::W128
+            // The 128-row tile moves less shared memory per FLOP; the 64-row one pads less. Take
+            // the 64-row tile when it computes at least 10 % fewer padded rows for the mean
+            // expert (e.g. 307 rows: 320 against 384).
+            let padded = |t: usize| mean.div_ceil(t) * t;
+            if padded(64) * 11 <= padded(128) * 10 {
+                RowTile::W64
+            } else {
+                RowTile::W128
+            }
         }
     }
 }
@@ -301,4 +319,41 @@ pub unsafe fn grouped_experts(gpu: &Gpu, p: GroupedExpertsParams<'_>) -> Result<
             accumulate: p.accumulate,
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RowTile;
+
+    #[test]
+    fn row_tile_follows_the_rows_per_expert() {
+        // decode: one token's 6 experts; 64 distinct tokens over ~145 experts; 256 over 160
+        assert_eq!(RowTile::for_rows(6, 6), RowTile::R16);
+        assert_eq!(RowTile::for_rows(384, 145), RowTile::R16);
+        assert_eq!(RowTile::for_rows(1536, 160), RowTile::R16);
+        assert_eq!(RowTile::for_rows(160 * 30, 160), RowTile::R64);
+        // prefill: P2's 307 rows per expert pad to 320 with 64-row tiles, 384 with 128-row ones
+        assert_eq!(RowTile::for_rows(49152, 160), RowTile::W64);
+        // a multiple of 128 pads nothing either way: the 128-row tile
+        assert_eq!(RowTile::for_rows(160 * 256, 160), RowTile::W128);
+        assert_eq!(RowTile::for_rows(160 * 1200, 160), RowTile::W128);
+        // no expert touched is still a valid (empty) choice
+        assert_eq!(RowTile::for_rows(0, 0), RowTile::R16);
+    }
+
+    #[test]
+    fn wgmma_tiles_fit_shared_memory() {
+        for t in [
+            RowTile::R16,
+            RowTile::R64,
+            RowTile::R128,
+            RowTile::W64,
+            RowTile::W128,
+        ] {
+            // 227 KiB of dynamic shared memory per block on sm_90
+            assert!(t.smem_bytes() <= 227 * 1024, "{t:?}: {}", t.smem_bytes());
+        }
+        assert_eq!(RowTile::W128.smem_bytes(), 4 * 384 * 128 + 1024);
+        assert_eq!(RowTile::W64.smem_bytes(), 4 * 320 * 128 + 1024);
+    }
 }

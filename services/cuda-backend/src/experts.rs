@@ -202,7 +202,7 @@ fn prefill_sized(
 ) -> bool {
     let rows = routed.unwrap_or(bound);
     let touched = touched.unwrap_or_else(|| bank.experts.len().min(rows));
-    grouped::RowTile::for_rows(rows, touched) == grouped::RowTile::W128
+    grouped::RowTile::for_rows(rows, touched).is_wgmma()
 }
 
 /// The per-expert cuBLAS loop: permute, gather, one GEMM per (expert, projection), SiLU·mul,
