@@ -19,9 +19,7 @@ use dsv2_core::error::{CoreError, Result};
 use dsv2_core::routing::{Routing, RoutingParams};
 use dsv2_core::sampling::RowSampling;
 use dsv2_core::weights::{DType as CkptDType, TensorRef};
-use dsv2_kernels::ops::{
-    elementwise as ew, general as gen_ops, moe, sample,
-};
+use dsv2_kernels::ops::{elementwise as ew, general as gen_ops, moe, sample};
 use dsv2_kernels::rope::RopeTable as DevRope;
 use dsv2_kernels::{Gpu, GpuOptions, KernelError, Tensor};
 
