@@ -376,6 +376,10 @@ fn bench(gpu: &Gpu, p1_only: bool) -> Result<()> {
         (128, 4096, 64, Some(1), Wgmma),
         (64, 4096, 128, None, Mma),
         (1, 4096, 128, None, Mma),
+        // issue 20's other rows: batch 128 at 128 heads, long context at batch 1 and 8
+        (128, 4096, 128, None, Wgmma),
+        (1, 32768, 128, None, Wgmma),
+        (8, 32768, 128, None, Wgmma),
     ] {
         let bs = 64usize;
         let blocks_per = ctx / bs;
@@ -414,11 +418,18 @@ fn bench(gpu: &Gpu, p1_only: bool) -> Result<()> {
         let bytes = (batch * ctx * mla::CACHE_DIM * 2) as f64;
         let gbs = bytes / (ms * 1e-3) / 1e9;
         let flops = 2.0 * (batch * ctx * heads) as f64 * (mla::CACHE_DIM + mla::KV_LORA) as f64;
+        // the binding roofline: max(cache bytes / copy bandwidth, FLOPs / cuBLAS rate)
+        let (t_bytes, t_flops) = (bytes / (copy_gbs * 1e9), flops / (blas_tflops * 1e12));
+        let roof_ms = t_bytes.max(t_flops) * 1e3;
         println!(
-            "P1 MLA decode ({kernel:?}) batch {batch} ctx {ctx} heads {heads}: {ms:.3} ms, cache read {gbs:.0} GB/s = {:.3} of copy; {:.0} TFLOP/s ({:.3} of cuBLAS); splits {}",
+            "P1 MLA decode ({kernel:?}) batch {batch} ctx {ctx} heads {heads}: {ms:.3} ms, {:.1} MB, {:.1} GFLOP; cache read {gbs:.0} GB/s = {:.3} of copy; {:.0} TFLOP/s ({:.3} of cuBLAS); roofline {roof_ms:.3} ms ({} bound), {:.3} of it; splits {}",
+            bytes / 1e6,
+            flops / 1e9,
             gbs / copy_gbs,
             flops / (ms * 1e-3) / 1e12,
             flops / (ms * 1e-3) / 1e12 / blas_tflops,
+            if t_bytes >= t_flops { "bytes" } else { "FLOPs" },
+            roof_ms / ms,
             force.unwrap_or_else(|| mla::choose_splits(gpu.sm_count, batch, heads, ctx, kernel))
         );
     }
