@@ -1,6 +1,7 @@
 //! Test support for the cross-process tests: finds the built `dsv2-router`, `dsv2-expert` and
 //! `dsv2` binaries, starts them as child processes on ephemeral loopback ports (each prints
-//! `DSV2_READY <addr>` once it serves), and kills every child when its guard drops.
+//! `DSV2_READY <addr>` once it serves; a router with `--http-listen` prints
+//! `DSV2_HTTP_READY <addr>` just before), and kills every child when its guard drops.
 //!
 //! Helpers panic with a message instead of returning errors: they only ever run inside tests,
 //! where a panic with a clear reason is the failure report.
@@ -90,6 +91,8 @@ pub fn expert_list(ids: &[usize]) -> String {
 pub struct Proc {
     pub name: String,
     pub addr: SocketAddr,
+    /// The HTTP API's address, for a router started with `--http-listen`.
+    pub http_addr: Option<SocketAddr>,
     child: Child,
     log: tempfile::NamedTempFile,
 }
@@ -111,8 +114,10 @@ impl Proc {
         std::thread::spawn(move || {
             // Keep reading after READY so the child never blocks on a full pipe.
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("DSV2_READY ") {
-                    let _ = tx.send(addr.trim().to_string());
+                if let Some(addr) = line.strip_prefix("DSV2_HTTP_READY ") {
+                    let _ = tx.send((true, addr.trim().to_string()));
+                } else if let Some(addr) = line.strip_prefix("DSV2_READY ") {
+                    let _ = tx.send((false, addr.trim().to_string()));
                 }
             }
         });
@@ -120,12 +125,19 @@ impl Proc {
         let mut proc = Proc {
             name: name.to_string(),
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: None,
             child,
             log,
         };
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(a) => {
+                Ok((true, a)) => {
+                    proc.http_addr = Some(
+                        a.parse()
+                            .unwrap_or_else(|e| panic!("{name} printed DSV2_HTTP_READY {a}: {e}")),
+                    );
+                }
+                Ok((false, a)) => {
                     proc.addr = a
                         .parse()
                         .unwrap_or_else(|e| panic!("{name} printed DSV2_READY {a}: {e}"));

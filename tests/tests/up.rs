@@ -3,7 +3,7 @@
 //! exactly as the in-process `dsv2 generate` does, serves `dsv2 generate --endpoint` until
 //! Ctrl-C, and stops every child on Ctrl-C.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -36,6 +36,8 @@ fn up_with_a_prompt_answers_like_in_process_generate_and_exits() {
             "up",
             "--listen",
             "127.0.0.1:0",
+            "--http-listen",
+            "off",
             "--prompt",
             prompt,
             "--max-output-len",
@@ -60,7 +62,13 @@ fn refuses_connections(addr: SocketAddr) -> bool {
 fn up_serves_endpoint_generate_and_ctrl_c_stops_every_child() {
     let cache = tempfile::tempdir().expect("temp cache dir");
     let mut up = Command::new(bin("dsv2"))
-        .args(["up", "--listen", "127.0.0.1:0"])
+        .args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .env("DSV2_CACHE_DIR", cache.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -71,10 +79,17 @@ fn up_serves_endpoint_generate_and_ctrl_c_stops_every_child() {
     // keep draining it).
     let stderr = up.stderr.take().expect("piped stderr");
     let (shard_tx, shard_rx) = std::sync::mpsc::channel();
+    let (http_tx, http_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some((_, addr)) = line.split_once(" ready at ") {
                 let _ = shard_tx.send(addr.trim().to_string());
+            }
+            // `cluster up ...: router http://A (gRPC ...), http://B/v1 (HTTP, OpenAI-compatible)`
+            if let Some(end) = line.find("/v1 (HTTP")
+                && let Some(start) = line[..end].rfind("http://")
+            {
+                let _ = http_tx.send(line[start + "http://".len()..end].to_string());
             }
         }
     });
@@ -97,6 +112,19 @@ fn up_serves_endpoint_generate_and_ctrl_c_stops_every_child() {
         .map(|a| a.parse().expect("a shard address"))
         .collect();
     assert_eq!(addrs.len(), 2, "two expert shards by default: {addrs:?}");
+    // The HTTP API is on too, announced next to the gRPC endpoint.
+    let http: SocketAddr = http_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("dsv2 up announced no HTTP address")
+        .parse()
+        .expect("the HTTP address");
+    let mut s = TcpStream::connect_timeout(&http, Duration::from_secs(5)).expect("connecting");
+    s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .expect("sending");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("reading");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    addrs.push(http);
     addrs.push(
         endpoint
             .trim_start_matches("http://")

@@ -1,6 +1,7 @@
 //! `dsv2 up`: a local cluster — N expert shards and one router as child processes on loopback —
-//! on the embedded tiny model or --model-dir. Prints the endpoint and runs until Ctrl-C, or with
-//! --prompt answers one request and stops (the README's one-command demo).
+//! on the embedded tiny model or --model-dir. Prints the gRPC endpoint (and, on stderr, the
+//! OpenAI-compatible HTTP API's) and runs until Ctrl-C, or with --prompt answers one request and
+//! stops (the README's one-command demo).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -21,6 +22,10 @@ pub struct Args {
     /// Router address.
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: String,
+    /// Address of the router's OpenAI-compatible HTTP API (/v1/completions,
+    /// /v1/chat/completions, /v1/models, /health); `off`: gRPC only.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    http_listen: String,
     /// Expert placement passed to the router (groups, contiguous or a file).
     #[arg(long)]
     placement: Option<String>,
@@ -63,8 +68,16 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// The addresses a child announced on stdout.
+struct Ready {
+    /// `DSV2_READY <addr>`: its gRPC address.
+    addr: String,
+    /// `DSV2_HTTP_READY <addr>` (printed before READY): the router's HTTP API, when on.
+    http: Option<String>,
+}
+
 /// Starts a child and waits for its `DSV2_READY <addr>` line.
-fn start(cluster: &mut Cluster, name: &str, mut cmd: Command, timeout: Duration) -> Result<String> {
+fn start(cluster: &mut Cluster, name: &str, mut cmd: Command, timeout: Duration) -> Result<Ready> {
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .stdin(Stdio::null());
@@ -74,14 +87,23 @@ fn start(cluster: &mut Cluster, name: &str, mut cmd: Command, timeout: Duration)
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("DSV2_READY ") {
-                let _ = tx.send(addr.to_string());
+            if let Some(addr) = line.strip_prefix("DSV2_HTTP_READY ") {
+                let _ = tx.send((true, addr.to_string()));
+            } else if let Some(addr) = line.strip_prefix("DSV2_READY ") {
+                let _ = tx.send((false, addr.to_string()));
             }
         }
     });
-    rx.recv_timeout(timeout).map_err(|_| {
-        anyhow::anyhow!("{name} did not become ready within {timeout:?} (see its log above)")
-    })
+    let t0 = Instant::now();
+    let mut http = None;
+    loop {
+        let left = timeout.saturating_sub(t0.elapsed());
+        match rx.recv_timeout(left) {
+            Ok((true, addr)) => http = Some(addr),
+            Ok((false, addr)) => return Ok(Ready { addr, http }),
+            Err(_) => bail!("{name} did not become ready within {timeout:?} (see its log above)"),
+        }
+    }
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -118,7 +140,8 @@ pub fn run(a: Args) -> Result<()> {
             &format!("expert-{i}"),
             cmd,
             Duration::from_secs(600),
-        )?;
+        )?
+        .addr;
         eprintln!("expert shard {i} ready at {addr}");
         shard_urls.push(format!("http://{addr}"));
     }
@@ -137,11 +160,18 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(p) = &a.placement {
         cmd.args(["--placement", p]);
     }
-    let addr = start(&mut cluster, "router", cmd, Duration::from_secs(600))?;
-    let endpoint = format!("http://{addr}");
+    if a.http_listen != "off" {
+        cmd.args(["--http-listen", &a.http_listen]);
+    }
+    let ready = start(&mut cluster, "router", cmd, Duration::from_secs(600))?;
+    let endpoint = format!("http://{}", ready.addr);
+    let http = ready.http.map(|h| format!("http://{h}"));
     eprintln!(
-        "cluster up in {:.1}s: router {endpoint} with {} expert shards",
+        "cluster up in {:.1}s: router {endpoint} (gRPC dsv2.v1.Inference){} with {} expert shards",
         t0.elapsed().as_secs_f64(),
+        http.as_deref()
+            .map(|h| format!(", {h}/v1 (HTTP, OpenAI-compatible)"))
+            .unwrap_or_default(),
         a.shards
     );
     println!("{endpoint}");
@@ -173,6 +203,11 @@ pub fn run(a: Args) -> Result<()> {
     eprintln!(
         "try: dsv2 generate --endpoint {endpoint} --input-text \"Hello\"   (Ctrl-C stops the cluster)"
     );
+    if let Some(h) = &http {
+        eprintln!(
+            "  or: curl -N {h}/v1/chat/completions -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"stream\": true}}'"
+        );
+    }
     let (tx, rx) = std::sync::mpsc::channel();
     ctrlc_channel(tx)?;
     loop {
