@@ -36,8 +36,15 @@ pub struct EngineGauges {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
     pub free_blocks: AtomicUsize,
+    /// Blocks holding a cached prefix (held by requests or not).
+    pub cached_blocks: AtomicUsize,
     pub steps: AtomicU64,
     pub generated_tokens: AtomicU64,
+    /// Prompt tokens looked up in the prefix cache, and those found there.
+    pub prefix_cache_queried_tokens: AtomicU64,
+    pub prefix_cache_hit_tokens: AtomicU64,
+    /// Cached blocks evicted to make room.
+    pub evicted_blocks: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -58,9 +65,7 @@ impl EngineHandle {
         let gauges = Arc::new(EngineGauges::default());
         let limits = engine.limits();
         let num_blocks = engine.num_blocks();
-        gauges
-            .free_blocks
-            .store(engine.free_blocks(), Ordering::Relaxed);
+        publish(&engine, &gauges);
         let g = gauges.clone();
         std::thread::Builder::new()
             .name("dsv2-engine".into())
@@ -204,6 +209,14 @@ fn publish<B: Backend>(engine: &Engine<B>, g: &EngineGauges) {
     g.waiting.store(engine.waiting(), Ordering::Relaxed);
     g.running.store(engine.running(), Ordering::Relaxed);
     g.free_blocks.store(engine.free_blocks(), Ordering::Relaxed);
+    g.cached_blocks
+        .store(engine.cached_blocks(), Ordering::Relaxed);
+    g.prefix_cache_queried_tokens
+        .store(engine.stats.prefix_cache_queried_tokens, Ordering::Relaxed);
+    g.prefix_cache_hit_tokens
+        .store(engine.stats.prefix_cache_hit_tokens, Ordering::Relaxed);
+    g.evicted_blocks
+        .store(engine.cache().evicted_blocks(), Ordering::Relaxed);
 }
 
 fn accept<B: Backend>(engine: &mut Engine<B>, live: &mut HashMap<u64, Live>, cmd: Cmd) {

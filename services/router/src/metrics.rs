@@ -38,7 +38,7 @@ pub fn render(engine: &EngineHandle) -> String {
     metric(
         "dsv2_router_kv_cache_free_blocks",
         "gauge",
-        "Free latent KV cache blocks.",
+        "Latent KV cache blocks a new request can take (free, or cached and held by no request).",
         g.free_blocks.load(Ordering::Relaxed) as u64,
     );
     metric(
@@ -46,6 +46,30 @@ pub fn render(engine: &EngineHandle) -> String {
         "gauge",
         "Latent KV cache blocks in all.",
         engine.num_blocks as u64,
+    );
+    metric(
+        "dsv2_router_kv_cache_cached_blocks",
+        "gauge",
+        "Latent KV cache blocks holding a cached prompt prefix (held by requests or not; those held by none count as free too).",
+        g.cached_blocks.load(Ordering::Relaxed) as u64,
+    );
+    metric(
+        "dsv2_router_kv_cache_evicted_blocks_total",
+        "counter",
+        "Cached blocks evicted to make room.",
+        g.evicted_blocks.load(Ordering::Relaxed),
+    );
+    metric(
+        "dsv2_router_prefix_cache_queried_tokens_total",
+        "counter",
+        "Prompt tokens of admitted requests looked up in the prefix cache.",
+        g.prefix_cache_queried_tokens.load(Ordering::Relaxed),
+    );
+    metric(
+        "dsv2_router_prefix_cache_hit_tokens_total",
+        "counter",
+        "Prompt tokens found in the prefix cache (not prefilled).",
+        g.prefix_cache_hit_tokens.load(Ordering::Relaxed),
     );
     metric(
         "dsv2_router_engine_steps_total",

@@ -23,27 +23,32 @@ async fn metrics_count_tokens_and_blocks() {
     )
     .unwrap();
     let handle = EngineHandle::spawn(engine, 8);
-    let (_, mut rx) = handle
-        .submit(
-            vec![5, 6, 7],
-            GenerateParams {
-                max_new_tokens: 6,
-                ignore_eos: true,
-                ..Default::default()
-            },
-            None,
-        )
-        .unwrap();
-    while let Some(ev) = rx.recv().await {
-        if matches!(ev, EngineEvent::Finished { .. }) {
-            break;
+    // 40 prompt tokens, then 35 of which the first 32 (two blocks of 16) are the same.
+    let first: Vec<u32> = (0..40).map(|t| 3 + t).collect();
+    let second: Vec<u32> = first[..32].iter().copied().chain([100, 101, 102]).collect();
+    for prompt in [first, second] {
+        let (_, mut rx) = handle
+            .submit(
+                prompt,
+                GenerateParams {
+                    max_new_tokens: 6,
+                    ignore_eos: true,
+                    ..Default::default()
+                },
+                None,
+            )
+            .unwrap();
+        while let Some(ev) = rx.recv().await {
+            if matches!(ev, EngineEvent::Finished { .. }) {
+                break;
+            }
         }
     }
     // The engine publishes after the step that finished the request.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let text = dsv2_router::metrics::render(&handle);
     assert!(
-        text.contains("dsv2_router_generated_tokens_total 6"),
+        text.contains("dsv2_router_generated_tokens_total 12"),
         "{text}"
     );
     assert!(text.contains("dsv2_router_kv_cache_blocks 32"), "{text}");
@@ -55,4 +60,13 @@ async fn metrics_count_tokens_and_blocks() {
         text.contains("# TYPE dsv2_router_engine_steps_total counter"),
         "{text}"
     );
+    for line in [
+        "dsv2_router_prefix_cache_queried_tokens_total 75",
+        "dsv2_router_prefix_cache_hit_tokens_total 32",
+        "dsv2_router_kv_cache_cached_blocks 2",
+        "dsv2_router_kv_cache_evicted_blocks_total 0",
+        "# TYPE dsv2_router_prefix_cache_hit_tokens_total counter",
+    ] {
+        assert!(text.contains(line), "{line} missing from {text}");
+    }
 }
