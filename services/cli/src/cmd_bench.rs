@@ -145,13 +145,21 @@ fn run_on<B: Backend>(a: &Args, backend: Arc<B>) -> Result<()> {
     );
     let loaded = load_with(&a.model_dir, backend.clone(), a.random_weights)?;
     let cfg = loaded.model.cfg.clone();
-    let store = WeightStore::open_or_random(&loaded.dir, a.random_weights, |_| true)?;
+    // Bytes per weight element: the backend's own format, or (CPU) each tensor's stored dtype.
+    let store = match ceilings.weight_elem_bytes {
+        Some(_) => None,
+        None => Some(WeightStore::open_or_random(
+            &loaded.dir,
+            a.random_weights,
+            |_| true,
+        )?),
+    };
     let cost = ModelCost::new(
         &cfg,
-        |name| {
-            ceilings
-                .weight_elem_bytes
-                .unwrap_or_else(|| store.tensor(name).map_or(2, |t| t.dtype.size()))
+        |name| match (ceilings.weight_elem_bytes, &store) {
+            (Some(b), _) => b,
+            (None, Some(s)) => s.tensor(name).map_or(2, |t| t.dtype.size()),
+            (None, None) => 2,
         },
         ceilings.cache_elem_bytes,
     );
