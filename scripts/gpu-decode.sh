@@ -5,6 +5,8 @@
 #            P2g) and the routed-expert decode rows (D1..D256) beside their rooflines
 #   fixtures dsv2-cuda-check: the whole model on the golden fixtures vs HF and the CPU reference,
 #            with the small-batch expert kernels on (default) and off (grouped kernels at every size)
+#   bench    scripts/gpu-bench.sh: in-process `dsv2 bench` (distinct prompts, batch 1/8/64/256, context
+#            512 and 4096) beside the roofline measured in the same process
 #   served   dsv2-router --device cuda:0 with local experts and random real-dims weights, driven by
 #            `dsv2 loadtest` with DISTINCT prompts (MoE cost depends on it): decode at c=1/64/256,
 #            prefill of 64 distinct 512-token prompts and time to first token of one 4096-token
@@ -111,6 +113,9 @@ for sec in ${SECTIONS:-check fixtures served lite profile}; do
       PREFILL_ONLY=1 served deepseek-v2 4 "4-layer V2, prefill experts on the per-expert cuBLAS loop (DSV2_GROUPED_PREFILL=0)" DSV2_GROUPED_PREFILL=0 ;;
     lite)
       served deepseek-v2-lite 27 "V2-Lite 27-layer" ;;
+    bench)
+      # in-process decode and prefill of distinct prompts against the roofline (dsv2 bench)
+      LIMIT_S="${BENCH_LIMIT_S:-150}" OUT="$OUT_DIR" bash scripts/gpu-bench.sh ;;
     profile)
       # where a decode step's time goes at batch 1 (ops timed one by one, stream synchronised
       # around each: slower overall, but the split is what counts)
