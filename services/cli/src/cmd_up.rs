@@ -29,6 +29,9 @@ pub struct Args {
     /// Expert placement passed to the router (groups, contiguous or a file).
     #[arg(long)]
     placement: Option<String>,
+    /// Start the router with --no-prefix-cache (every request prefills its whole prompt).
+    #[arg(long)]
+    no_prefix_cache: bool,
     /// Answer this prompt once the cluster is up, print the answer, then stop everything.
     #[arg(long)]
     prompt: Option<String>,
@@ -159,6 +162,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     if let Some(p) = &a.placement {
         cmd.args(["--placement", p]);
+    }
+    if a.no_prefix_cache {
+        cmd.arg("--no-prefix-cache");
     }
     if a.http_listen != "off" {
         cmd.args(["--http-listen", &a.http_listen]);
