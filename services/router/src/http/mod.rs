@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -86,6 +87,9 @@ impl HttpApi {
     }
 }
 
+/// Largest request body: gRPC's default message limit, which the public gRPC API keeps.
+const MAX_BODY_BYTES: usize = 4 << 20;
+
 /// The routes, with the arrival stamp that the request timeout counts from.
 pub fn router(state: Arc<HttpApi>) -> Router {
     Router::new()
@@ -95,6 +99,7 @@ pub fn router(state: Arc<HttpApi>) -> Router {
         .route("/health", get(health))
         .fallback(not_found)
         .with_state(state)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(ArrivalLayer)
 }
 
@@ -139,7 +144,7 @@ fn json_body(v: &Value) -> ([(header::HeaderName, &'static str); 1], String) {
 async fn completions(
     State(s): State<Arc<HttpApi>>,
     arrival: Option<Extension<Arrival>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     generate(s, Endpoint::Completions, arrival, body).await
 }
@@ -147,7 +152,7 @@ async fn completions(
 async fn chat_completions(
     State(s): State<Arc<HttpApi>>,
     arrival: Option<Extension<Arrival>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     generate(s, Endpoint::Chat, arrival, body).await
 }
@@ -156,9 +161,17 @@ async fn generate(
     s: Arc<HttpApi>,
     endpoint: Endpoint,
     arrival: Option<Extension<Arrival>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = arrival.map_or_else(Instant::now, |a| a.0.0);
+    let body = match body {
+        Ok(b) => b,
+        // Too large (413) or unreadable: axum's status, OpenAI's error shape.
+        Err(r) => {
+            let st = Status::invalid_argument(format!("the body: {}", r.body_text()));
+            return (r.status(), json_body(&response::error(&st, None))).into_response();
+        }
+    };
     let parsed = match request::parse(endpoint, &body, &s.api.facts.model_name) {
         Ok(p) => p,
         Err(st) => return error_response(&st, status::field_of(st.message())),
