@@ -31,7 +31,7 @@ pub enum RowTile {
     /// 128 rows x 256 weight rows on warpgroup MMA (prefill: compute bound).
     W128,
     /// 64 rows x 256 weight rows on warpgroup MMA (less padding for experts holding a little
-    /// more than a multiple of 128 rows).
+    /// more than a multiple of 128 rows, but slower than W128 on P2: kept to compare).
     W64,
 }
 
@@ -107,15 +107,10 @@ impl RowTile {
         } else if mean <= 48 {
             RowTile::R64
         } else {
-            // The 128-row tile moves less shared memory per FLOP; the 64-row one pads less. Take
-            // the 64-row tile when it computes at least 10 % fewer padded rows for the mean
-            // expert (e.g. 307 rows: 320 against 384).
-            let padded = |t: usize| mean.div_ceil(t) * t;
-            if padded(64) * 11 <= padded(128) * 10 {
-                RowTile::W64
-            } else {
-                RowTile::W128
-            }
+            // The 128-row tile, although the 64-row one pads less: on P2 (307 rows per expert,
+            // 384 vs 320 computed) the 128-row tile still ran at 0.456 of cuBLAS against 0.404
+            // (H100, bench/RESULTS.md, 2026-12-06 run 3): it moves less shared memory per FLOP.
+            RowTile::W128
         }
     }
 }
@@ -332,8 +327,8 @@ mod tests {
         assert_eq!(RowTile::for_rows(384, 145), RowTile::R16);
         assert_eq!(RowTile::for_rows(1536, 160), RowTile::R16);
         assert_eq!(RowTile::for_rows(160 * 30, 160), RowTile::R64);
-        // prefill: P2's 307 rows per expert pad to 320 with 64-row tiles, 384 with 128-row ones
-        assert_eq!(RowTile::for_rows(49152, 160), RowTile::W64);
+        // prefill: the 128-row wgmma tile (measured faster than the 64-row one on P2)
+        assert_eq!(RowTile::for_rows(49152, 160), RowTile::W128);
         // a multiple of 128 pads nothing either way: the 128-row tile
         assert_eq!(RowTile::for_rows(160 * 256, 160), RowTile::W128);
         assert_eq!(RowTile::for_rows(160 * 1200, 160), RowTile::W128);
