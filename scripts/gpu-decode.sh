@@ -103,14 +103,18 @@ for sec in ${SECTIONS:-check fixtures served lite profile}; do
       grep -E "FAIL|^checks:|^device|copy d2d|cuBLAS bf16|^P[0-9]|^D[0-9]|prefill|grouped" "$OUT_DIR/gpu-check.log" | grep -v " ok " ;;
     fixtures)
       timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check.log" 2>&1 || { echo "dsv2-cuda-check FAILED"; fail=1; }
-      tail -12 "$OUT_DIR/cuda-check.log"
+      tail -14 "$OUT_DIR/cuda-check.log"
+      echo "-- again with DSV2_PREFILL_KERNEL=mma (the mma.sync prefill attention kernel)"
+      DSV2_PREFILL_KERNEL=mma timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-mma.log" 2>&1 || { echo "dsv2-cuda-check (mma prefill) FAILED"; fail=1; }
+      tail -4 "$OUT_DIR/cuda-check-mma.log"
       echo "-- again with DSV2_SMALL_EXPERTS=0 (grouped expert kernels at every batch size)"
       DSV2_SMALL_EXPERTS=0 timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-grouped.log" 2>&1 || { echo "dsv2-cuda-check (grouped) FAILED"; fail=1; }
       tail -12 "$OUT_DIR/cuda-check-grouped.log" ;;
     served)
       served deepseek-v2 4 "4-layer V2"
       DECODE_ONLY=1 served deepseek-v2 4 "4-layer V2, per-expert cuBLAS loop (DSV2_GROUPED_EXPERTS=0)" DSV2_GROUPED_EXPERTS=0
-      PREFILL_ONLY=1 served deepseek-v2 4 "4-layer V2, prefill experts on the per-expert cuBLAS loop (DSV2_GROUPED_PREFILL=0)" DSV2_GROUPED_PREFILL=0 ;;
+      PREFILL_ONLY=1 served deepseek-v2 4 "4-layer V2, prefill experts on the per-expert cuBLAS loop (DSV2_GROUPED_PREFILL=0)" DSV2_GROUPED_PREFILL=0
+      PREFILL_ONLY=1 served deepseek-v2 4 "4-layer V2, prefill attention on the mma.sync kernel (DSV2_PREFILL_KERNEL=mma)" DSV2_PREFILL_KERNEL=mma ;;
     lite)
       served deepseek-v2-lite 27 "V2-Lite 27-layer" ;;
     bench)
