@@ -546,6 +546,42 @@ pub fn check_expert_ffn(
     Ok(row)
 }
 
+/// Expert e's gate [I, H], up [I, H] and down [H, I] as separate device tensors (as a checkpoint
+/// holds them), cut from stacked host weights gate_up [E, 2I, H] and down [E, H, I], and their
+/// [E, 3] address table; expert `absent` is not uploaded (addresses 0: not held here). The
+/// tensors must outlive every launch that reads the table.
+pub(crate) fn expert_tensors(
+    gpu: &Gpu,
+    gate_up: &[bf16],
+    down: &[bf16],
+    n_exp: usize,
+    hidden: usize,
+    inter: usize,
+    absent: usize,
+) -> Result<(Vec<Tensor<bf16>>, Vec<i64>)> {
+    let mut tensors = Vec::new();
+    let mut ptrs = Vec::new();
+    for e in 0..n_exp {
+        if e == absent {
+            ptrs.extend([0i64; 3]);
+            continue;
+        }
+        let gate = &gate_up[e * 2 * inter * hidden..(e * 2 + 1) * inter * hidden];
+        let up = &gate_up[(e * 2 + 1) * inter * hidden..(e + 1) * 2 * inter * hidden];
+        let dn = &down[e * hidden * inter..(e + 1) * hidden * inter];
+        for (w, shape) in [
+            (gate, [inter, hidden]),
+            (up, [inter, hidden]),
+            (dn, [hidden, inter]),
+        ] {
+            let t = Tensor::from_host(gpu, w, &shape)?;
+            ptrs.push(t.ptr() as i64);
+            tensors.push(t);
+        }
+    }
+    Ok((tensors, ptrs))
+}
+
 /// The two-launch small-batch expert path against the reference FFN: `n` rows, top-`k` of
 /// `n_exp` experts in separate tensors (as a checkpoint holds them), one slot in five not routed
 /// here (-1), one in seven an id beyond the table, and the last expert not held (address 0).
@@ -577,27 +613,8 @@ pub fn check_small_experts(
         1.7 / (hidden as f32).sqrt(),
     );
     let (db, df) = rand_bf16(&mut g, n_exp * hidden * inter, 1.7 / (inter as f32).sqrt());
-    let mut tensors = Vec::new();
-    let mut ptrs = Vec::new();
     let absent = n_exp - 1;
-    for e in 0..n_exp {
-        if e == absent {
-            ptrs.extend([0i64; 3]); // an expert this process does not hold
-            continue;
-        }
-        let gate = &gub[e * 2 * inter * hidden..(e * 2 + 1) * inter * hidden];
-        let up = &gub[(e * 2 + 1) * inter * hidden..(e + 1) * 2 * inter * hidden];
-        let down = &db[e * hidden * inter..(e + 1) * hidden * inter];
-        for (w, shape) in [
-            (gate, [inter, hidden]),
-            (up, [inter, hidden]),
-            (down, [hidden, inter]),
-        ] {
-            let t = Tensor::from_host(gpu, w, &shape)?;
-            ptrs.push(t.ptr() as i64);
-            tensors.push(t);
-        }
-    }
+    let (tensors, ptrs) = expert_tensors(gpu, &gub, &db, n_exp, hidden, inter, absent)?;
     let x = Tensor::from_host(gpu, &xb, &[n, hidden])?;
     let ids_t = Tensor::from_host(gpu, &ids, &[n, k])?;
     let w_t = Tensor::from_host(gpu, &wts, &[n, k])?;

@@ -538,42 +538,19 @@ fn bench(gpu: &Gpu, p1_only: bool) -> Result<()> {
                 cfg,
             },
         )?;
-        let p = moe::moe_permute(
+        routed_loop(
             gpu,
-            moe::PermuteParams {
-                ids: ids.view(),
-                n_experts: n_exp,
-            },
-        )?;
-        let c: Vec<usize> = p.counts.to_host(gpu)?.iter().map(|&c| c as usize).collect();
-        moe::moe_gather(
-            gpu,
-            moe::GatherParams {
-                x: xt.view(),
-                src_row: p.src_row.view(),
-                out: px.view_mut(),
-            },
-        )?;
-        expert::expert_ffn(
-            gpu,
-            expert::ExpertFfnParams {
-                x: px.view(),
-                gate_up: gu_w.view(),
-                down: d_w.view(),
-                counts: &c,
-                gu: gu.view_mut(),
-                act: act.view_mut(),
-                out: yo.view_mut(),
-            },
-        )?;
-        moe::moe_combine(
-            gpu,
-            moe::CombineParams {
-                y: yo.view(),
-                slot_of: p.slot_of.view(),
-                weights: wts.view(),
-                out: comb.view_mut(),
-                accumulate: false,
+            RoutedLoop {
+                x: &xt,
+                ids: &ids,
+                weights: &wts,
+                gate_up: &gu_w,
+                down: &d_w,
+                px: &mut px,
+                gu: &mut gu,
+                act: &mut act,
+                y: &mut yo,
+                out: &mut comb,
             },
         )?;
         Ok(())
@@ -723,45 +700,21 @@ fn bench_grouped(
         let mut actd = Tensor::<bf16>::zeros(gpu, &[routed, inter])?;
         let mut yo = Tensor::<bf16>::zeros(gpu, &[routed, hidden])?;
         let ms_loop = time_ms(gpu, 2, 10, || {
-            let p = moe::moe_permute(
+            routed_loop(
                 gpu,
-                moe::PermuteParams {
-                    ids: ids.view(),
-                    n_experts: n_exp,
+                RoutedLoop {
+                    x: &xt,
+                    ids: &ids,
+                    weights: &wts,
+                    gate_up: gu_w,
+                    down: d_w,
+                    px: &mut pxd,
+                    gu: &mut gu,
+                    act: &mut actd,
+                    y: &mut yo,
+                    out: &mut out,
                 },
-            )?;
-            let c: Vec<usize> = p.counts.to_host(gpu)?.iter().map(|&c| c as usize).collect();
-            moe::moe_gather(
-                gpu,
-                moe::GatherParams {
-                    x: xt.view(),
-                    src_row: p.src_row.view(),
-                    out: pxd.view_mut(),
-                },
-            )?;
-            expert::expert_ffn(
-                gpu,
-                expert::ExpertFfnParams {
-                    x: pxd.view(),
-                    gate_up: gu_w.view(),
-                    down: d_w.view(),
-                    counts: &c,
-                    gu: gu.view_mut(),
-                    act: actd.view_mut(),
-                    out: yo.view_mut(),
-                },
-            )?;
-            moe::moe_combine(
-                gpu,
-                moe::CombineParams {
-                    y: yo.view(),
-                    slot_of: p.slot_of.view(),
-                    weights: wts.view(),
-                    out: out.view_mut(),
-                    accumulate: false,
-                },
-            )?;
-            Ok(())
+            )
         })?;
         let small = if tokens <= small_experts::SMALL_EXPERTS_MAX_ROWS {
             let mut sa = Tensor::<bf16>::zeros(gpu, &[routed, inter])?;
@@ -797,5 +750,63 @@ fn bench_grouped(
             ms_loop / roof_ms
         );
     }
+    Ok(())
+}
+
+/// The routed-expert path the grouped kernels replace, on stacked weights gate_up [E, 2I, H] and
+/// down [E, H, I]: permute, counts to the host, gather, one cuBLAS GEMM per (expert,
+/// projection), combine into `out`.
+struct RoutedLoop<'a> {
+    x: &'a Tensor<bf16>,
+    ids: &'a Tensor<i32>,
+    weights: &'a Tensor<f32>,
+    gate_up: &'a Tensor<bf16>,
+    down: &'a Tensor<bf16>,
+    px: &'a mut Tensor<bf16>,
+    gu: &'a mut Tensor<bf16>,
+    act: &'a mut Tensor<bf16>,
+    y: &'a mut Tensor<bf16>,
+    out: &'a mut Tensor<bf16>,
+}
+
+fn routed_loop(gpu: &Gpu, r: RoutedLoop<'_>) -> Result<()> {
+    let p = moe::moe_permute(
+        gpu,
+        moe::PermuteParams {
+            ids: r.ids.view(),
+            n_experts: r.gate_up.shape()[0],
+        },
+    )?;
+    let c: Vec<usize> = p.counts.to_host(gpu)?.iter().map(|&c| c as usize).collect();
+    moe::moe_gather(
+        gpu,
+        moe::GatherParams {
+            x: r.x.view(),
+            src_row: p.src_row.view(),
+            out: r.px.view_mut(),
+        },
+    )?;
+    expert::expert_ffn(
+        gpu,
+        expert::ExpertFfnParams {
+            x: r.px.view(),
+            gate_up: r.gate_up.view(),
+            down: r.down.view(),
+            counts: &c,
+            gu: r.gu.view_mut(),
+            act: r.act.view_mut(),
+            out: r.y.view_mut(),
+        },
+    )?;
+    moe::moe_combine(
+        gpu,
+        moe::CombineParams {
+            y: r.y.view(),
+            slot_of: p.slot_of.view(),
+            weights: r.weights.view(),
+            out: r.out.view_mut(),
+            accumulate: false,
+        },
+    )?;
     Ok(())
 }

@@ -6,7 +6,7 @@
 use half::bf16;
 use rand::Rng;
 
-use super::{CheckRow, f32s, one_expert, rand_bf16, rng};
+use super::{CheckRow, expert_tensors, f32s, one_expert, rand_bf16, rng};
 use crate::device::Gpu;
 use crate::error::Result;
 use crate::ops::grouped::{self, RowTile};
@@ -51,26 +51,7 @@ pub fn check_grouped_experts(
     );
     let (db, df) = rand_bf16(&mut g, n_exp * hidden * inter, 1.7 / (inter as f32).sqrt());
     let absent = n_exp - 1;
-    let mut tensors = Vec::new();
-    let mut ptrs = Vec::new();
-    for e in 0..n_exp {
-        if e == absent {
-            ptrs.extend([0i64; 3]);
-            continue;
-        }
-        let gate = &gub[e * 2 * inter * hidden..(e * 2 + 1) * inter * hidden];
-        let up = &gub[(e * 2 + 1) * inter * hidden..(e + 1) * 2 * inter * hidden];
-        let down = &db[e * hidden * inter..(e + 1) * hidden * inter];
-        for (w, shape) in [
-            (gate, [inter, hidden]),
-            (up, [inter, hidden]),
-            (down, [hidden, inter]),
-        ] {
-            let t = Tensor::from_host(gpu, w, &shape)?;
-            ptrs.push(t.ptr() as i64);
-            tensors.push(t);
-        }
-    }
+    let (tensors, ptrs) = expert_tensors(gpu, &gub, &db, n_exp, hidden, inter, absent)?;
     let routed = ids
         .iter()
         .filter(|&&e| e >= 0 && (e as usize) < n_exp)

@@ -15,7 +15,7 @@
 // weights stream from DRAM once (decode is weight-bandwidth bound: ~145 of 160 experts at 64
 // distinct rows). Tiles of 64 / 128 rows serve prefill, where the same code is compute bound.
 // Grid: x = tile of rows over all experts (tile_off [E + 1] is the prefix sum of
-// ceil(count_e / BB), built on the device by moe_tile_offsets_i32, so no host round trip; CTAs
+// ceil(count_e / BB), built on the device by moe_offsets_i32 (moe.cu), so no host round trip; CTAs
 // past the last tile return at once), y = block of output features.
 //
 // gate_up: the 128 A rows of a CTA are 64 gate rows and the 64 up rows of the same features,
@@ -35,25 +35,43 @@
 #define GA 128
 #define GWA 4  // warps along the weight rows: 32 rows (two m16 tiles) each
 
-// tile_off[0] = 0, tile_off[e + 1] = tile_off[e] + ceil(counts[e] / bb). One block of 1024
-// threads, E <= 1024 (the launcher checks).
-extern "C" __global__ void moe_tile_offsets_i32(const int* __restrict__ counts, int n_exp, int bb,
-                                                int* __restrict__ tile_off) {
-    __shared__ int buf[1024];
-    int e = threadIdx.x;
-    buf[e] = e < n_exp ? (counts[e] + bb - 1) / bb : 0;
-    __syncthreads();
-    for (int o = 1; o < 1024; o <<= 1) {
-        int v = e >= o ? buf[e - o] : 0;
-        __syncthreads();
-        buf[e] += v;
-        __syncthreads();
+__device__ __forceinline__ int swz(int r, int c) { return r * GK + ((c ^ (r & 7)) << 3); }
+
+// The CTA's tile: expert e (the largest e with tile_off[e] <= blockIdx.x), its first row and
+// how many of its rows the tile holds (tiles of `rows_per_tile` rows). False past the last tile.
+struct GroupedTile {
+    int e, row0, nrows;
+};
+__device__ __forceinline__ bool grouped_find_tile(const int* __restrict__ offsets, const int* __restrict__ tile_off,
+                                                  int n_exp, int rows_per_tile, GroupedTile& t) {
+    const int tile = blockIdx.x;
+    if (tile >= tile_off[n_exp]) return false;
+    int lo = 0, hi = n_exp;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) >> 1;
+        if (tile_off[mid] <= tile) lo = mid;
+        else hi = mid;
     }
-    if (e < n_exp) tile_off[e + 1] = buf[e];
-    if (e == 0) tile_off[0] = 0;
+    t.e = lo;
+    t.row0 = offsets[lo] + (tile - tile_off[lo]) * rows_per_tile;
+    t.nrows = min(rows_per_tile, offsets[lo + 1] - t.row0);
+    return true;
 }
 
-__device__ __forceinline__ int swz(int r, int c) { return r * GK + ((c ^ (r & 7)) << 3); }
+// Rows routed to an expert this process does not hold contribute nothing: zeros for the tile's
+// rows x features f0 .. f0 + nf.
+__device__ __forceinline__ void grouped_zero_tile(bf16* __restrict__ out, int row0, int nrows, int f0, int nf, int N,
+                                                  int nthreads) {
+    for (int c = threadIdx.x; c < nrows * (nf / 8); c += nthreads) {
+        int r = c / (nf / 8), f = f0 + (c % (nf / 8)) * 8;
+        if (f < N) {
+            bf16x8 z;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) z.v[i] = __floats2bfloat162_rn(0.f, 0.f);
+            *reinterpret_cast<bf16x8*>(out + (size_t)(row0 + r) * N + f) = z;
+        }
+    }
+}
 
 template <int BB, int WB, int STAGES, bool GATE_UP>
 __device__ __forceinline__ void grouped_tile(const bf16* __restrict__ x, const long long* __restrict__ ptrs,
@@ -69,35 +87,16 @@ __device__ __forceinline__ void grouped_tile(const bf16* __restrict__ x, const l
     bf16* sa = reinterpret_cast<bf16*>(grouped_smem);  // [STAGES][GA][GK]
     bf16* sb = sa + STAGES * GA * GK;                     // [STAGES][BB][GK]
 
-    const int tile = blockIdx.x;
-    if (tile >= tile_off[n_exp]) return;
-    // the expert owning this tile: the largest e with tile_off[e] <= tile
-    int lo = 0, hi = n_exp;
-    while (hi - lo > 1) {
-        int mid = (lo + hi) >> 1;
-        if (tile_off[mid] <= tile) lo = mid;
-        else hi = mid;
-    }
-    const int e = lo;
-    const int row0 = offsets[e] + (tile - tile_off[e]) * BB;
-    const int nrows = min(BB, offsets[e + 1] - row0);
+    GroupedTile t;
+    if (!grouped_find_tile(offsets, tile_off, n_exp, BB, t)) return;
+    const int e = t.e, row0 = t.row0, nrows = t.nrows;
     const int f0 = blockIdx.y * NF;
     const bf16* w0 = reinterpret_cast<const bf16*>(ptrs[3 * e + (GATE_UP ? 0 : 2)]);
     const bf16* w1 = GATE_UP ? reinterpret_cast<const bf16*>(ptrs[3 * e + 1]) : w0;
     const int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
     const int wa = warp % GWA, wb = warp / GWA;
-
     if (w0 == nullptr || w1 == nullptr) {
-        // rows routed to an expert this process does not hold contribute nothing
-        for (int c = tid; c < nrows * (NF / 8); c += NT) {
-            int r = c / (NF / 8), f = f0 + (c % (NF / 8)) * 8;
-            if (f < N) {
-                bf16x8 z;
-#pragma unroll
-                for (int i = 0; i < 4; ++i) z.v[i] = __floats2bfloat162_rn(0.f, 0.f);
-                *reinterpret_cast<bf16x8*>(out + (size_t)(row0 + r) * N + f) = z;
-            }
-        }
+        grouped_zero_tile(out, row0, nrows, f0, NF, N, NT);
         return;
     }
 
@@ -282,32 +281,15 @@ __device__ __forceinline__ void grouped_tile_wgmma(const bf16* __restrict__ x, c
     unsigned char* smem =
         reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(wgm_smem_raw) + 1023) & ~(size_t)1023);
 
-    const int tile = blockIdx.x;
-    if (tile >= tile_off[n_exp]) return;
-    int lo = 0, hi = n_exp;
-    while (hi - lo > 1) {
-        int mid = (lo + hi) >> 1;
-        if (tile_off[mid] <= tile) lo = mid;
-        else hi = mid;
-    }
-    const int e = lo;
-    const int row0 = offsets[e] + (tile - tile_off[e]) * MR;
-    const int nrows = min(MR, offsets[e + 1] - row0);
+    GroupedTile t;
+    if (!grouped_find_tile(offsets, tile_off, n_exp, MR, t)) return;
+    const int e = t.e, row0 = t.row0, nrows = t.nrows;
     const int f0 = blockIdx.y * NF;
     const bf16* w0 = reinterpret_cast<const bf16*>(ptrs[3 * e + (GATE_UP ? 0 : 2)]);
     const bf16* w1 = GATE_UP ? reinterpret_cast<const bf16*>(ptrs[3 * e + 1]) : w0;
     const int tid = threadIdx.x, wg = tid / 128, lane = tid % WARP, wq = (tid % 128) / WARP;
-
     if (w0 == nullptr || w1 == nullptr) {
-        for (int c = tid; c < nrows * (NF / 8); c += 256) {
-            int r = c / (NF / 8), f = f0 + (c % (NF / 8)) * 8;
-            if (f < N) {
-                bf16x8 z;
-#pragma unroll
-                for (int i = 0; i < 4; ++i) z.v[i] = __floats2bfloat162_rn(0.f, 0.f);
-                *reinterpret_cast<bf16x8*>(out + (size_t)(row0 + r) * N + f) = z;
-            }
-        }
+        grouped_zero_tile(out, row0, nrows, f0, NF, N, 256);
         return;
     }
 

@@ -106,11 +106,13 @@ extern "C" __global__ void moe_count_i32(const int* __restrict__ ids, int n_assi
     }
 }
 
-// offsets[0] = 0, offsets[e + 1] = offsets[e] + counts[e]. One block of 1024 threads, E <= 1024.
-extern "C" __global__ void moe_offsets_i32(const int* __restrict__ counts, int n_exp, int* __restrict__ offsets) {
+// offsets[0] = 0, offsets[e + 1] = offsets[e] + ceil(counts[e] / bb): the permuted row offsets
+// (bb = 1) or the grouped kernels' tile offsets (bb rows per tile). One block of 1024 threads,
+// E <= 1024.
+extern "C" __global__ void moe_offsets_i32(const int* __restrict__ counts, int n_exp, int bb, int* __restrict__ offsets) {
     __shared__ int buf[1024];
     int e = threadIdx.x;
-    buf[e] = e < n_exp ? counts[e] : 0;
+    buf[e] = e < n_exp ? (counts[e] + bb - 1) / bb : 0;
     __syncthreads();
     for (int o = 1; o < 1024; o <<= 1) {
         int v = e >= o ? buf[e - o] : 0;

@@ -153,10 +153,10 @@ pub unsafe fn grouped_ffn(gpu: &Gpu, p: GroupedFfnParams<'_>) -> Result<()> {
     let tile_off = Tensor::<i32>::uninit(gpu, &[n_exp + 1])?;
     let (counts, to) = (p.counts.ptr(), tile_off.ptr());
     let (ne, bb) = (dim_i32(OP, "experts", n_exp)?, tile.rows() as i32);
-    let f = gpu.function("moe_tile_offsets_i32")?;
+    let f = gpu.function("moe_offsets_i32")?;
     let mut b = gpu.stream.launch_builder(f);
     b.arg(&counts).arg(&ne).arg(&bb).arg(&to);
-    // SAFETY: matches moe_tile_offsets_i32(counts, n_exp, bb, tile_off); one block of 1024 >= E
+    // SAFETY: matches moe_offsets_i32(counts, n_exp, bb, tile_off); one block of 1024 >= E
     // threads (check_dims), tile_off has E + 1 entries.
     unsafe { b.launch(per_row(1, 1024)) }?;
     // Every expert's last tile may be partial: at most rows / BB full tiles plus one per expert.

@@ -152,8 +152,10 @@ pub fn moe_permute(gpu: &Gpu, p: PermuteParams<'_>) -> Result<Permutation> {
     }
     let f = gpu.function("moe_offsets_i32")?;
     let mut b = gpu.stream.launch_builder(f);
-    b.arg(&counts).arg(&ne).arg(&offsets);
-    // SAFETY: matches moe_offsets_i32(counts, n_exp, offsets); one block of 1024 >= n_exp threads.
+    let rows_per_tile = 1i32;
+    b.arg(&counts).arg(&ne).arg(&rows_per_tile).arg(&offsets);
+    // SAFETY: matches moe_offsets_i32(counts, n_exp, bb, offsets); one block of 1024 >= n_exp
+    // threads.
     unsafe { b.launch(per_row(1, 1024)) }?;
     if n_assign > 0 {
         let f = gpu.function("moe_scatter_i32")?;
