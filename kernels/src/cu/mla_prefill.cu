@@ -1,6 +1,8 @@
 // mla_prefill.cu: MLA prefill attention for every sequence of a step in one launch (varlen,
 // causal, K/V decompressed from the latent), and the row scatter the absorbed rows of a mixed
-// step are put back with.
+// step are put back with. Two implementations of the attention: mma.sync (mla_prefill_m128_bf16,
+// mla_prefill_m64_bf16, described first) and warpgroup MMA (mla_prefill_wgmma_bf16, the default,
+// described at its own code below).
 //
 // Shapes (DeepSeek-V2 dims, fixed at compile time; the launcher sends other dims elsewhere):
 //   q      [n, H, 192]  128 nope + 64 rope (RoPE applied), any row / head stride (multiples of 8)
@@ -48,6 +50,7 @@
 // groups, for the cp.async writes and every ldmatrix read alike.
 #include "common.cuh"
 #include "mma.cuh"
+#include "wgmma.cuh"
 
 #define PF_DN 128              // qk_nope_head_dim
 #define PF_DR 64               // qk_rope_head_dim
@@ -314,6 +317,365 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_prefill_m128_bf16(PF_AR
 }
 extern "C" __global__ void __launch_bounds__(128, 2) mla_prefill_m64_bf16(PF_ARGS) {
     mla_prefill_body<4>(PF_PASS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// mla_prefill_wgmma_bf16: the same function on Hopper's warpgroup MMA (sm_90a), flash-attention-3
+// style. Same arguments, descriptors, tile list and bounds checks as the kernels above; a tile
+// of the list is 128 query rows (PrefillTile::Wgmma128).
+//
+// Why: mma.sync moves every operand through registers with ldmatrix (about one ldmatrix.x4 per
+// two MMAs), which held the kernels above to 0.18-0.25 of the cuBLAS rate. wgmma reads both
+// operands of Q.K^T and the V operand of P.V straight from shared memory, 64 rows x N per
+// instruction, asynchronously: the warps are free for softmax and loads while it runs.
+//
+// CTA: 2 warpgroups (256 threads), one head, 128 query rows; warpgroup w owns rows
+// m0 + 64w .. m0 + 64w + 63 (wgmma M = 64). Both share every 128-key K/V tile. Per key tile j:
+//   S[64 x 128] = Q[64 x 192] . K_j[128 x 192]^T   12 x wgmma m64n128k16, A and B from smem,
+//                                                  both K-major
+//   online softmax on S in registers (f32, exp2, scale folded in), P = bf16(S) kept in registers
+//   O[64 x 128] = O * alpha + P[64 x 128] . V_j[128 x 128]   8 x wgmma m64n128k16, A (P) from
+//                                                  registers, B (V) from smem, MN-major
+// P stays in registers (the "rs" form): the S accumulator of an m64nN wgmma, rounded to bf16
+// pairs, is exactly the register A fragment of the next wgmma (see wgmma_m64n128_rs_tn), so P
+// needs no shared-memory round trip, no proxy fence and no warpgroup barrier before P.V (the
+// decode kernel, whose P is shared by two warpgroups, has to go through smem).
+//
+// Accumulator layout (wgmma m64nN, f32): thread t of the warpgroup (warp w = t / 32, lane l,
+// g = l / 4, q = l % 4) holds rows r_lo = 16w + g and r_lo + 8, columns 8j + 2q and 8j + 2q + 1
+// for j = 0 .. N/8 - 1, as d[4j + 0, 1] (row r_lo) and d[4j + 2, 3] (row r_lo + 8). Row max and
+// row sum reduce over the 4 lanes of a quad (shfl xor 1, 2). P's A fragment for keys
+// 16k .. 16k + 15 is p[4k + i] = bf16x2(s[8k + 2i], s[8k + 2i + 1]), i.e. p[i] = (s[2i], s[2i+1]).
+//
+// Shared memory (1024-aligned; the 128-byte swizzle is a function of address bits 4..9): every
+// operand is stored as 64-column chunks of [128 rows x 128 B] (16 KiB); inside a chunk row r sits
+// at r * 128 and its 16-byte piece c at piece c ^ (r % 8) (8-row groups 1024 B apart):
+//   Q      3 chunks (cols 0-63, 64-127 nope, 128-191 rope)       48 KiB
+//   K x 2  3 chunks per stage (k_nope 0-63, 64-127, k_pe)        96 KiB
+//   V x 2  2 chunks per stage (dv 0-63, 64-127)                  64 KiB    total 208 KiB + 1 KiB
+// Descriptors (wg_desc(addr, LBO, SBO), 128-byte swizzle):
+//   Q (A, K-major): addr = Q + (ks / 4) * 16K + 64w * 128 + (ks % 4) * 32 for k-step ks (16
+//     columns = 32 bytes inside the 128-byte row), LBO 16 (unused with K-major swizzle), SBO 1024
+//     (next 8 rows). As grouped.cu's K-major operands and the decode kernel's Q.
+//   K (B, K-major, N = keys): addr = K_stage + (ks / 4) * 16K + (ks % 4) * 32, LBO 16, SBO 1024.
+//   V (B, MN-major, N = dv, K = keys): addr = V_stage + kk * 16 * 128 for keys 16kk .., LBO = 16K
+//     (from dv 0-63 to dv 64-127: the next chunk), SBO = 1024 (next 8 keys). As the decode
+//     kernel's V (LBO = chunk stride, SBO = 1024), which ran correctly.
+// Loads: cp.async (16 B, src-size 0 zero-fills keys past the CTA's last key and queries past
+// q_len); 8 consecutive threads copy the 128 contiguous bytes of one row chunk.
+//
+// Pipeline (epoch j = the j-th CTA barrier; FA3's intra-warpgroup overlap):
+//   wait own cp.async, fence.proxy.async, __syncthreads  -> K_j and V_{j-1} visible; every
+//       warpgroup finished Q.K_{j-1} and P.V_{j-2}, so K stage (j+1)%2 and V stage j%2 are free
+//   issue S_j = Q.K_j (commit), issue O += P_{j-1}.V_{j-1} (commit)
+//   issue the cp.async of K_{j+1} and V_j while the tensor cores work
+//   wgmma wait 1 (S_j done), mask + softmax of S_j   <- overlaps P_{j-1}.V_{j-1} on the tensor core
+//   wgmma wait 0, O *= alpha_j, P_j = bf16(S_j)
+// then epoch n_wt (the warpgroup's tile count) issues only the last P.V, and epochs n_wt + 1 ..
+// n_kt only load and pass the barrier (for the other warpgroup's later tiles): each warpgroup
+// passes n_kt + 1 barriers. V lags K by one tile so that the V stage refilled at epoch j was last
+// read by P.V_{j-2}, finished before the barrier. Why the pipeline is not the more compact
+// "for j <= n_kt, if (j < n_wt) ..." loop: ptxas serializes every wgmma of the kernel (C7511,
+// C7515, C7520 in its -v output) when Q.K sits under a condition in the loop that holds the
+// softmax, when two wgmma shapes write the same accumulator registers, or when a wgmma's
+// condition is not provably warp-uniform (hence the warpgroup index through a shuffle, and the
+// 64-key last tile peeled out of the loop with an accumulator of its own).
+// Causal work: a warpgroup computes key tiles 0 .. (its last row's position) / 128 only; in its
+// last tile, when keys k0 + 64 .. lie past all its rows, Q.K runs as m64n64 and P.V over 64 keys
+// (so a 128-key tile wastes no more than a 64-key one on the diagonal). The mask is applied only in
+// tiles reaching past the warpgroup's first row; keys past the CTA's last key (zero-filled) are
+// always in such a tile and masked there.
+// Registers: O 64 + S 64 (+ 32 for the 64-key tile) + P 32 per thread: 216, no spills; one CTA
+// (256 threads, up to 255 registers, 209 KiB of smem) per SM. ptxas still injects a few
+// warpgroup.arrive (C7519, an extra fence) around the P.V that is cut short in the 64-key tile.
+
+#define PW_BM 128                      // query rows per CTA
+#define PW_BN 128                      // keys per tile
+#define PW_CH (128 * 128)              // one 64-column chunk of a 128-row operand, bytes
+#define PW_KST (3 * PW_CH)             // one K stage
+#define PW_VST (2 * PW_CH)             // one V stage
+#define PW_OFF_K PW_KST                // Q occupies the first 3 chunks
+#define PW_OFF_V (PW_OFF_K + 2 * PW_KST)
+#define PW_BYTES (PW_OFF_V + 2 * PW_VST)  // 212992; the launcher adds 1024 for the alignment
+#define PW_DV_N8 (PF_DV / 8)            // n8 column blocks of the O accumulator
+
+template <int N>
+struct PwCols {
+    static constexpr int n = N;
+};
+
+// Barrier of the 128 threads of warpgroup wg alone (ids 1, 2; 0 is __syncthreads).
+__device__ __forceinline__ void pw_bar_sync_wg(int wg) {
+    if (wg == 0)
+        asm volatile("bar.sync 1, 128;\n" ::: "memory");
+    else
+        asm volatile("bar.sync 2, 128;\n" ::: "memory");
+}
+
+// K tile (keys k0 .. k0 + 127 of the sequence) into one K stage: thread tid copies piece tid % 8
+// of rows tid / 8 + 32i of the three chunks.
+__device__ __forceinline__ void pw_load_k(unsigned char* dst, const bf16* __restrict__ k_nope, long long kn_rs,
+                                          long long kn_hs, const bf16* __restrict__ k_pe, long long kp_rs, int h,
+                                          long long row0, int k0, int n_keys) {
+    const int lr = threadIdx.x >> 3, pc = threadIdx.x & 7;
+    unsigned char* d = dst + lr * 128 + ((pc ^ (lr & 7)) << 4);
+#pragma unroll
+    for (int i = 0; i < PW_BN / 32; ++i) {
+        const int key = k0 + lr + 32 * i;
+        const bool valid = key < n_keys;
+        const bf16* sn = k_nope;  // not read when !valid (zero fill)
+        const bf16* sp = k_pe;
+        if (valid) {
+            const long long row = row0 + key;
+            sn = k_nope + row * kn_rs + h * kn_hs + pc * 8;
+            sp = k_pe + row * kp_rs + pc * 8;
+        }
+        cp_async16(d + i * 32 * 128, sn, valid);
+        cp_async16(d + i * 32 * 128 + PW_CH, valid ? sn + 64 : sn, valid);
+        cp_async16(d + i * 32 * 128 + 2 * PW_CH, sp, valid);
+    }
+}
+
+// V tile (keys k0 .. k0 + 127) into one V stage, same thread mapping, two chunks.
+__device__ __forceinline__ void pw_load_v(unsigned char* dst, const bf16* __restrict__ v, long long v_rs,
+                                          long long v_hs, int h, long long row0, int k0, int n_keys) {
+    const int lr = threadIdx.x >> 3, pc = threadIdx.x & 7;
+    unsigned char* d = dst + lr * 128 + ((pc ^ (lr & 7)) << 4);
+#pragma unroll
+    for (int i = 0; i < PW_BN / 32; ++i) {
+        const int key = k0 + lr + 32 * i;
+        const bool valid = key < n_keys;
+        const bf16* sv = v;
+        if (valid) sv = v + (row0 + key) * v_rs + h * v_hs + pc * 8;
+        cp_async16(d + i * 32 * 128, sv, valid);
+        cp_async16(d + i * 32 * 128 + PW_CH, valid ? sv + 64 : sv, valid);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) mla_prefill_wgmma_bf16(PF_ARGS) {
+    extern __shared__ __align__(1024) unsigned char pw_smem_raw[];
+    unsigned char* smem =
+        reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(pw_smem_raw) + 1023) & ~(size_t)1023);
+    unsigned char* sQ = smem;
+    unsigned char* sK = smem + PW_OFF_K;
+    unsigned char* sV = smem + PW_OFF_V;
+
+    // the warpgroup index through a shuffle: ptxas then knows it is warp-uniform, and a wgmma
+    // under a condition it cannot prove uniform is serialized (C7520)
+    const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid >> 7, 0), wt = tid & 127, warp = wt >> 5,
+              lane = tid & 31;
+    const int h = blockIdx.y;
+    const int2 tile = tiles[blockIdx.x];
+    if (tile.x < 0 || tile.x >= n_seqs) return;
+    const int4 sd = seqs[tile.x];
+    const int q_row0 = sd.x, q_len = sd.y, pos0 = sd.z;
+    const long long ctx_row0 = sd.w;
+    const int m0 = tile.y;
+    // uniform over the CTA, before any barrier (as in mla_prefill_body)
+    if (m0 < 0 || m0 >= q_len || q_row0 < 0 || pos0 < 0 || ctx_row0 < 0 || (long long)q_row0 + q_len > n_q ||
+        ctx_row0 + pos0 + q_len > n_ctx)
+        return;
+    const int n_keys = pos0 + min(m0 + PW_BM, q_len);  // keys the CTA needs
+    const int n_kt = (n_keys + PW_BN - 1) / PW_BN;
+    const int wq0 = m0 + 64 * wg;                                 // first query of this warpgroup
+    const int w_last = pos0 + min(wq0 + 63, q_len - 1);           // last key any of its rows sees
+    const int n_wt = wq0 < q_len ? w_last / PW_BN + 1 : 0;        // key tiles it computes (<= n_kt)
+    const float sl2 = scale * 1.4426950408889634f;
+    const int g = lane >> 2, cq = 2 * (lane & 3);
+    const int r_lo = 16 * warp + g;  // accumulator rows r_lo, r_lo + 8 of the warpgroup's 64
+
+    // Q (rows past q_len zero) and K_0: cp.async group 0
+    {
+        const int lr = tid >> 3, pc = tid & 7;
+        unsigned char* d = sQ + lr * 128 + ((pc ^ (lr & 7)) << 4);
+#pragma unroll
+        for (int i = 0; i < PW_BM / 32; ++i) {
+            const int r = lr + 32 * i;
+            const bool valid = m0 + r < q_len;
+            const bf16* src = q;
+            if (valid) src = q + (long long)(q_row0 + m0 + r) * q_rs + h * q_hs + pc * 8;
+#pragma unroll
+            for (int c = 0; c < 3; ++c) cp_async16(d + i * 32 * 128 + c * PW_CH, valid ? src + 64 * c : src, valid);
+        }
+    }
+    pw_load_k(sK, k_nope, kn_rs, kn_hs, k_pe, kp_rs, h, ctx_row0, 0, n_keys);
+    cp_async_commit();
+
+    float o[64], s[64], s2[32];  // s2: S of the 64-key last tile
+    u32 p[32];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = s[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+        s2[i] = 0.f;
+        p[i] = 0u;
+    }
+    float m_r[2] = {-INFINITY, -INFINITY};  // running max (scaled, log2 units) of rows r_lo, r_lo+8
+    float l_r[2] = {0.f, 0.f};              // this thread's share of the running sums
+
+    const u32 q_addr = (u32)__cvta_generic_to_shared(sQ) + wg * 64 * 128;
+    const u32 k_addr = (u32)__cvta_generic_to_shared(sK);
+    const u32 v_addr = (u32)__cvta_generic_to_shared(sV);
+
+    // the cp.async of epoch j (after the j-th barrier): K_{j+1} and V_j, into stages that every
+    // warpgroup finished reading before that barrier
+    auto load_epoch = [&](int j) {
+        if (j + 1 < n_kt)
+            pw_load_k(sK + ((j + 1) & 1) * PW_KST, k_nope, kn_rs, kn_hs, k_pe, kp_rs, h, ctx_row0, (j + 1) * PW_BN,
+                      n_keys);
+        if (j < n_kt) pw_load_v(sV + (j & 1) * PW_VST, v, v_rs, v_hs, h, ctx_row0, j * PW_BN, n_keys);
+        cp_async_commit();
+    };
+    auto barrier = [&]() {
+        cp_async_wait<0>();
+        fence_async_smem();
+        __syncthreads();
+    };
+    // O += P_jp . V_jp, over the first 64 keys only when `phalf` (the warpgroup's 64-key last
+    // tile; the P.V of every other tile runs inside the loop, unconditionally over 128 keys)
+    auto issue_pv = [&](int jp, bool phalf) {
+        const u32 vb = v_addr + (jp & 1) * PW_VST;
+#pragma unroll
+        for (int kk = 0; kk < PW_BN / 16; ++kk)
+            if (kk < 4 || !phalf) wgmma_m64n128_rs_tn(o, p + 4 * kk, wg_desc(vb + kk * 16 * 128, PW_CH, 1024), 1);
+    };
+
+    // Epoch j for this warpgroup: S_j = Q.K_j over N = 128 keys, or 64 in its last tile when
+    // keys k0 + 64 .. lie past all of its rows; P_{j-1}.V_{j-1} issued behind it; the loads of
+    // the epoch; softmax of S_j while P.V runs; then O *= alpha and P_j = bf16(S_j).
+    auto step = [&](auto cols, int j) {
+        constexpr int N = decltype(cols)::n;
+        float* sa = N == 128 ? s : s2;
+        barrier();
+        const int k0 = j * PW_BN;
+        // compiler pins first, then the hardware fence: every register write before it (softmax,
+        // rescale, P) is ordered before the wgmma reads of the same registers
+        wg_fence_regs<N / 2>(sa);
+        wg_fence_regs<64>(o);
+        wg_fence_regs<32>(p);
+        wg_fence();
+        const u32 kb = k_addr + (j & 1) * PW_KST;
+#pragma unroll
+        for (int ks = 0; ks < PF_DQK / 16; ++ks) {
+            const u32 off = (ks >> 2) * PW_CH + (ks & 3) * 32;
+            const u64 da = wg_desc(q_addr + off, 16, 1024), db = wg_desc(kb + off, 16, 1024);
+            if (N == 128)
+                wgmma_m64n128_ss(sa, da, db, ks);
+            else
+                wgmma_m64n64_ss(sa, da, db, ks);
+        }
+        wg_commit();
+        if (j > 0) {
+            wg_fence();
+            issue_pv(j - 1, false);  // tile j - 1 is never this warpgroup's last
+        }
+        wg_commit();    // an empty group at j = 0 keeps the wait counts below the same
+        load_epoch(j);  // issued while the tensor cores work
+
+        wg_wait<1>();  // S_j done; P_{j-1}.V_{j-1} may still run
+        wg_fence_regs<N / 2>(sa);
+        // ---- causal mask, only where the tile reaches past the warpgroup's first row
+        if (k0 + N - 1 > pos0 + wq0) {
+            const int lim = pos0 + wq0 + r_lo - k0 - cq;  // this thread's row limit, as a key offset
+#pragma unroll
+            for (int jj = 0; jj < N / 8; ++jj)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (8 * jj + (e & 1) > lim + 8 * (e >> 1)) sa[4 * jj + e] = -INFINITY;
+        }
+        // ---- online softmax (row r_lo: e = 0, 1; r_lo + 8: e = 2, 3), overlapping P_{j-1}.V_{j-1}
+        float alpha[2];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int jj = 0; jj < N / 8; ++jj) mx = fmaxf(mx, fmaxf(sa[4 * jj + 2 * hf], sa[4 * jj + 2 * hf + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_r[hf], mx * sl2);
+            // key 0 is in tile 0 and visible to every row, so m_new is finite; the guard keeps
+            // a fully masked row at zeros instead of NaN should that ever change
+            const float m_use = m_new == -INFINITY ? 0.f : m_new;
+            alpha[hf] = exp2f(m_r[hf] - m_use);  // 0 on the first tile (m_r = -inf)
+            float sum = 0.f;
+#pragma unroll
+            for (int jj = 0; jj < N / 8; ++jj) {
+                const float p0 = exp2f(fmaf(sa[4 * jj + 2 * hf], sl2, -m_use));
+                const float p1 = exp2f(fmaf(sa[4 * jj + 2 * hf + 1], sl2, -m_use));
+                sa[4 * jj + 2 * hf] = p0;
+                sa[4 * jj + 2 * hf + 1] = p1;
+                sum += p0 + p1;
+            }
+            l_r[hf] = l_r[hf] * alpha[hf] + sum;
+            m_r[hf] = m_new;
+        }
+        wg_wait<0>();
+        wg_fence_regs<64>(o);
+        wg_fence_regs<32>(p);  // the old P stays live (its registers not reused) until here
+#pragma unroll
+        for (int jj = 0; jj < PW_DV_N8; ++jj) {
+            o[4 * jj] *= alpha[0];
+            o[4 * jj + 1] *= alpha[0];
+            o[4 * jj + 2] *= alpha[1];
+            o[4 * jj + 3] *= alpha[1];
+        }
+#pragma unroll
+        for (int i = 0; i < N / 4; ++i) p[i] = pf_pack(sa[2 * i], sa[2 * i + 1]);
+    };
+
+    // Every warpgroup passes n_kt + 1 barriers (epochs 0 .. n_kt) and issues its share of every
+    // epoch's loads; it computes in epochs 0 .. n_wt. The 64-key last tile is peeled out of the
+    // loop, and the idle epochs follow it: with Q.K issued under a condition (or as two shapes
+    // into the same registers) inside the loop, ptxas serializes every wgmma (C7511 / C7515).
+    const bool last_half = n_wt > 0 && (n_wt - 1) * PW_BN + 64 > w_last;
+    const int n_full = n_wt - (last_half ? 1 : 0);
+    for (int j = 0; j < n_full; ++j) step(PwCols<128>{}, j);
+    if (last_half) step(PwCols<64>{}, n_full);
+    // epoch n_wt: the last P.V (V_{n_wt-1} arrived with this barrier)
+    barrier();
+    if (n_wt > 0) {
+        wg_fence_regs<64>(o);
+        wg_fence_regs<32>(p);
+        wg_fence();
+        issue_pv(n_wt - 1, last_half);
+    }
+    wg_commit();
+    load_epoch(n_wt);
+    wg_wait<0>();
+    wg_fence_regs<64>(o);
+    // epochs n_wt + 1 .. n_kt: loads and barriers only (the other warpgroup's later tiles)
+    for (int j = n_wt + 1; j <= n_kt; ++j) {
+        barrier();
+        load_epoch(j);
+    }
+    cp_async_wait<0>();
+    if (n_wt == 0) return;  // every row of this warpgroup lies past q_len (no barrier follows
+                            // but the warpgroup's own)
+
+    // ---- normalise, stage the warpgroup's 64 x 128 bf16 rows in the (now unused) K stage 0
+    // (16-byte piece c of row r at c ^ (r % 8): conflict-free for these writes), then store 16 B
+    // per thread, rows past q_len skipped
+    unsigned char* so = sK + wg * 64 * 256;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        float l = l_r[hf];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int r = r_lo + 8 * hf;
+#pragma unroll
+        for (int jj = 0; jj < PW_DV_N8; ++jj)
+            *reinterpret_cast<__nv_bfloat162*>(so + r * 256 + ((jj ^ (r & 7)) << 4) + cq * 2) =
+                __floats2bfloat162_rn(o[4 * jj + 2 * hf] * inv, o[4 * jj + 2 * hf + 1] * inv);
+    }
+    pw_bar_sync_wg(wg);
+#pragma unroll
+    for (int i = 0; i < 64 * 16 / 128; ++i) {
+        const int idx = wt + 128 * i, r = idx >> 4, c = idx & 15;
+        if (wq0 + r < q_len)
+            *reinterpret_cast<uint4*>(out + (long long)(q_row0 + wq0 + r) * o_rs + h * o_hs + c * 8) =
+                *reinterpret_cast<const uint4*>(so + r * 256 + ((c ^ (r & 7)) << 4));
+    }
 }
 
 // dst[idx[i], :] = src[i, :] for i < n; src [n, width], dst [rows, width] bf16, width a multiple of 8.
