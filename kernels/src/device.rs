@@ -227,6 +227,7 @@ mod tests {
             "rmsnorm_bf16",
             "mla_decode_bf16",
             "mla_decode_wgmma_bf16",
+            "mla_prefill_wgmma_bf16",
             "sample_f32",
             "moe_gate_f32",
         ] {

@@ -85,8 +85,9 @@ fn fill(gpu: &Gpu, t: &mut Tensor<bf16>, seed: u64, scale: f32) -> Result<()> {
 }
 
 /// PF rows (issue 20): MLA prefill attention alone at 128 heads, the whole decompressed path
-/// (one gather of every sequence's latent context, one K/V GEMM, one `mla_prefill` launch) and
-/// the attention kernel alone for each tile, for 64 x 512 tokens, 1 x 4096, and one 512-token
+/// (one gather of every sequence's latent context, one K/V GEMM, one `mla_prefill` launch of the
+/// default kernel) and the attention kernel alone for each kernel and tile (wgmma, mma.sync M128
+/// and M64), for 64 x 512 tokens, 1 x 4096, and one 512-token
 /// chunk over a 3584-token cached prefix. FLOPs: causal (query, key) pairs x H x (2·192 + 2·128)
 /// for the attention, plus 2 · 512 · H · 256 per context token for the K/V GEMM; the ratio is to
 /// the cuBLAS bf16 rate measured in this run. For 64 x 512 also the old per-sequence path (slot
@@ -189,7 +190,7 @@ fn bench_prefill(gpu: &Gpu, blas_tflops: f64) -> Result<()> {
             tf(attn_flops + dec_flops, ms_all),
             tf(attn_flops + dec_flops, ms_all) / blas_tflops
         );
-        for tile in [PrefillTile::M128, PrefillTile::M64] {
+        for tile in [PrefillTile::Wgmma128, PrefillTile::M128, PrefillTile::M64] {
             let plan = upload(PrefillPlan::new(&specs, Some(tile))?)?;
             let ms = time_ms(gpu, 2, 10, || flash(&plan, &lat, &kv, &mut out))?;
             println!(

@@ -1,6 +1,7 @@
 //! Checks of the varlen MLA prefill path (`ops::mla_prefill`) as the backend runs it: every
 //! sequence's context slots gathered from the paged cache in one launch, K/V decompressed by one
-//! GEMM, one attention launch for all sequences (each tile variant in turn); against an f32
+//! GEMM, one attention launch for all sequences (each kernel and tile in turn: wgmma, mma.sync
+//! M128 and M64); against an f32
 //! reference at awkward query lengths and prefixes, 100 and 128 heads, cache blocks of 16 and 64.
 //! Also the row scatter the absorbed rows of a mixed step are put back with.
 
@@ -196,7 +197,7 @@ pub fn check_mla_prefill(
     }
 
     let specs: Vec<pf::PrefillSeq> = seqs.clone();
-    for tile in [PrefillTile::M128, PrefillTile::M64] {
+    for tile in [PrefillTile::Wgmma128, PrefillTile::M128, PrefillTile::M64] {
         let plan = PrefillPlan::new(&specs, Some(tile))?;
         let sd = Tensor::from_host(gpu, &plan.seqs, &[plan.n_seqs(), 4])?;
         let td = Tensor::from_host(gpu, &plan.tiles, &[plan.n_tiles(), 2])?;
@@ -238,11 +239,7 @@ pub fn check_mla_prefill(
                     .any(|&x| x != SENTINEL)
             })
             .count();
-        let name = match tile {
-            PrefillTile::M128 => "mla_prefill_m128_bf16",
-            PrefillTile::M64 => "mla_prefill_m64_bf16",
-        };
-        let mut row = CheckRow::cmp(name, sizes.clone(), &got, &want, 1e-2);
+        let mut row = CheckRow::cmp(tile.function(), sizes.clone(), &got, &want, 1e-2);
         row.pass &= touched == 0;
         row.note = format!(
             "{} query rows compared, {} tiles; {touched} rows outside the sequences written",

@@ -15,44 +15,117 @@ use crate::tensor::{DType, View, ViewMut};
 pub const QK_NOPE: usize = 128;
 pub const QK_ROPE: usize = 64;
 pub const V_HEAD: usize = 128;
-/// Keys per tile of the kernel's loop (`PF_BN`).
+/// Keys per tile of the mma.sync kernels' loop (`PF_BN`).
 const BLOCK_N: usize = 64;
+/// Keys per tile of the wgmma kernel (`PW_BN`).
+const WGMMA_BLOCK_N: usize = 128;
 
-/// Query rows per CTA: two compiled variants of the same kernel.
+/// Which prefill attention kernel runs. Both compute the same function; `Wgmma` (warpgroup MMA,
+/// sm_90a) is the default, `Mma` (mma.sync, M128 / M64 tiles) is kept as a second
+/// implementation to compare against and to fall back to: the CUDA backend reads
+/// `DSV2_PREFILL_KERNEL` (`wgmma` or `mma`) into its config and passes it to
+/// [`PrefillPlan::for_kernel`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrefillKernel {
+    #[default]
+    Wgmma,
+    Mma,
+}
+
+impl PrefillKernel {
+    /// The environment variable a binary reads the choice from.
+    pub const ENV: &'static str = "DSV2_PREFILL_KERNEL";
+
+    /// `wgmma` (or empty) or `mma`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "" | "wgmma" => Ok(PrefillKernel::Wgmma),
+            "mma" => Ok(PrefillKernel::Mma),
+            other => Err(KernelError::Unsupported {
+                op: "mla_prefill",
+                what: format!("{}={other:?} (expected \"wgmma\" or \"mma\")", Self::ENV),
+            }),
+        }
+    }
+
+    /// The tile this kernel runs `seqs` with: the wgmma kernel has one; for mma.sync, M128 (K/V
+    /// tiles shared by twice the rows) unless M64 pads over 10 % less.
+    pub fn tile_for(self, seqs: &[PrefillSeq]) -> PrefillTile {
+        match self {
+            PrefillKernel::Wgmma => PrefillTile::Wgmma128,
+            PrefillKernel::Mma => {
+                let work = |t: PrefillTile| {
+                    seqs.iter()
+                        .map(|s| t.padded_work(s.q_len, s.pos0))
+                        .sum::<usize>()
+                };
+                if work(PrefillTile::M64) * 10 < work(PrefillTile::M128) * 9 {
+                    PrefillTile::M64
+                } else {
+                    PrefillTile::M128
+                }
+            }
+        }
+    }
+}
+
+/// One compiled kernel and its query rows per CTA.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillTile {
-    /// 128 rows, 8 warps, 128 KiB of shared memory, one CTA per SM.
+    /// `mla_prefill_wgmma_bf16`: 128 rows (two warpgroups of 64), 128-key tiles, 209 KiB of
+    /// shared memory, one CTA per SM.
+    Wgmma128,
+    /// mma.sync, 128 rows, 8 warps, 128 KiB of shared memory, one CTA per SM.
     M128,
-    /// 64 rows, 4 warps, 104 KiB, two CTAs per SM: less padding on short chunks.
+    /// mma.sync, 64 rows, 4 warps, 104 KiB, two CTAs per SM: less padding on short chunks.
     M64,
 }
 
 impl PrefillTile {
     pub fn rows(self) -> usize {
         match self {
-            PrefillTile::M128 => 128,
+            PrefillTile::Wgmma128 | PrefillTile::M128 => 128,
             PrefillTile::M64 => 64,
         }
     }
 
-    fn function(self) -> &'static str {
+    pub fn kernel(self) -> PrefillKernel {
         match self {
+            PrefillTile::Wgmma128 => PrefillKernel::Wgmma,
+            PrefillTile::M128 | PrefillTile::M64 => PrefillKernel::Mma,
+        }
+    }
+
+    /// The CUDA function (also the name of its check rows).
+    pub fn function(self) -> &'static str {
+        match self {
+            PrefillTile::Wgmma128 => "mla_prefill_wgmma_bf16",
             PrefillTile::M128 => "mla_prefill_m128_bf16",
             PrefillTile::M64 => "mla_prefill_m64_bf16",
         }
     }
 
-    /// Dynamic shared memory (`PfSmem<WARPS>::BYTES` in mla_prefill.cu): the Q tile and two
-    /// stages of K (64 x 192) and V (64 x 128) tiles, bf16.
+    /// Dynamic shared memory. mma.sync (`PfSmem<WARPS>::BYTES` in mla_prefill.cu): the Q tile
+    /// and two stages of K (64 x 192) and V (64 x 128) tiles, bf16. wgmma (`PW_BYTES` + 1024 for
+    /// the kernel's 1024-byte alignment): Q (128 x 192) and two stages of K (128 x 192) and V
+    /// (128 x 128).
     pub fn smem_bytes(self) -> usize {
-        (self.rows() * (QK_NOPE + QK_ROPE)
-            + 2 * BLOCK_N * (QK_NOPE + QK_ROPE)
-            + 2 * BLOCK_N * V_HEAD)
-            * 2
+        let qk = QK_NOPE + QK_ROPE;
+        match self {
+            PrefillTile::Wgmma128 => {
+                (128 * qk + 2 * WGMMA_BLOCK_N * qk + 2 * WGMMA_BLOCK_N * V_HEAD) * 2 + 1024
+            }
+            PrefillTile::M128 | PrefillTile::M64 => {
+                (self.rows() * qk + 2 * BLOCK_N * qk + 2 * BLOCK_N * V_HEAD) * 2
+            }
+        }
     }
 
     fn threads(self) -> u32 {
-        (self.rows() / 16 * 32) as u32
+        match self {
+            PrefillTile::Wgmma128 => 256,
+            PrefillTile::M128 | PrefillTile::M64 => (self.rows() / 16 * 32) as u32,
+        }
     }
 
     /// Shared-memory-slot time the sequence's CTAs take, in (16 rows x 64 keys) blocks: every
@@ -96,21 +169,15 @@ pub struct PrefillPlan {
 }
 
 impl PrefillPlan {
-    /// `tile` None: M128 (K/V tiles shared by twice the rows) unless M64 pads over 10 % less.
+    /// The plan of `kernel` for `seqs` (its tile chosen by [`PrefillKernel::tile_for`]).
+    pub fn for_kernel(seqs: &[PrefillSeq], kernel: PrefillKernel) -> Result<Self> {
+        Self::new(seqs, Some(kernel.tile_for(seqs)))
+    }
+
+    /// `tile` None: the default kernel's ([`PrefillKernel::default`], wgmma).
     pub fn new(seqs: &[PrefillSeq], tile: Option<PrefillTile>) -> Result<Self> {
         const OP: &str = "mla_prefill plan";
-        let tile = tile.unwrap_or_else(|| {
-            let work = |t: PrefillTile| {
-                seqs.iter()
-                    .map(|s| t.padded_work(s.q_len, s.pos0))
-                    .sum::<usize>()
-            };
-            if work(PrefillTile::M64) * 10 < work(PrefillTile::M128) * 9 {
-                PrefillTile::M64
-            } else {
-                PrefillTile::M128
-            }
-        });
+        let tile = tile.unwrap_or_else(|| PrefillKernel::default().tile_for(seqs));
         let (mut q_rows, mut ctx_rows, mut pairs) = (0usize, 0usize, 0u64);
         let mut desc = Vec::with_capacity(seqs.len() * 4);
         let mut tiles: Vec<(usize, i32, i32)> = Vec::new();
@@ -325,7 +392,7 @@ pub fn mla_prefill(gpu: &Gpu, p: MlaPrefillParams<'_>) -> Result<()> {
         block_dim: (tile.threads(), 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    // SAFETY: matches mla_prefill_m{128,64}_bf16(PF_ARGS); every operand's shape, strides and
+    // SAFETY: matches mla_prefill_{m128,m64,wgmma}_bf16(PF_ARGS); every operand's shape, strides and
     // 16-byte alignment were checked above against (n, H, T); seqs / tiles hold n_seqs x int4 and
     // n_tiles x int2 (shape-checked, contiguous i32, 16- and 8-byte aligned as cudarc allocations
     // are), and the kernel skips any descriptor that does not fit n and T.
@@ -495,16 +562,44 @@ mod tests {
     }
 
     #[test]
-    fn tile_choice_prefers_short_tiles_only_where_they_save_work() {
-        let long = [seq(0, 4096, 0, 0)];
-        assert_eq!(
-            PrefillPlan::new(&long, None).unwrap().tile,
-            PrefillTile::M128
-        );
+    fn mma_tile_choice_prefers_short_tiles_only_where_they_save_work() {
+        let mma = |seqs: &[PrefillSeq]| {
+            PrefillPlan::for_kernel(seqs, PrefillKernel::Mma)
+                .unwrap()
+                .tile
+        };
+        assert_eq!(mma(&[seq(0, 4096, 0, 0)]), PrefillTile::M128);
         let short: Vec<PrefillSeq> = (0..64).map(|i| seq(i * 40, 40, 0, i * 40)).collect();
+        assert_eq!(mma(&short), PrefillTile::M64);
+    }
+
+    #[test]
+    fn default_plan_is_the_wgmma_kernel_with_128_row_tiles() {
+        let seqs = [seq(0, 130, 3584, 0), seq(133, 7, 5, 3714)];
+        let p = PrefillPlan::new(&seqs, None).unwrap();
+        assert_eq!(p.tile, PrefillTile::Wgmma128);
+        assert_eq!(p.tile.kernel(), PrefillKernel::Wgmma);
         assert_eq!(
-            PrefillPlan::new(&short, None).unwrap().tile,
-            PrefillTile::M64
+            p,
+            PrefillPlan::for_kernel(&seqs, PrefillKernel::Wgmma).unwrap()
+        );
+        // 130 rows -> tiles at 0 and 128, 7 rows -> one
+        assert_eq!(p.tiles, vec![0, 128, 0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn kernel_names_parse() {
+        assert_eq!(PrefillKernel::parse("").ok(), Some(PrefillKernel::Wgmma));
+        assert_eq!(
+            PrefillKernel::parse("wgmma").ok(),
+            Some(PrefillKernel::Wgmma)
+        );
+        assert_eq!(PrefillKernel::parse("mma").ok(), Some(PrefillKernel::Mma));
+        let err = PrefillKernel::parse("flash").err().map(|e| e.to_string());
+        let msg = err.unwrap_or_default();
+        assert!(
+            msg.contains("DSV2_PREFILL_KERNEL") && msg.contains("mma"),
+            "{msg}"
         );
     }
 
@@ -512,5 +607,8 @@ mod tests {
     fn smem_matches_the_kernel() {
         assert_eq!(PrefillTile::M128.smem_bytes(), 128 * 1024);
         assert_eq!(PrefillTile::M64.smem_bytes(), 104 * 1024);
+        // PW_BYTES (208 KiB) + 1 KiB of alignment slack, within the 227 KiB an H100 CTA may use
+        assert_eq!(PrefillTile::Wgmma128.smem_bytes(), 209 * 1024);
+        assert!(PrefillTile::Wgmma128.smem_bytes() <= 227 * 1024);
     }
 }
