@@ -29,16 +29,26 @@ echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || e
 # later section runs the mma.sync kernel instead, so one bad kernel cannot void the whole call.
 OUT_DIR="${OUT:-/tmp/dsv2-gpu-all}"
 mkdir -p "$OUT_DIR"
-echo "== MLA decode kernels: checks against the CPU reference and P1 (dsv2-gpu-check --mla)"
+echo "== MLA decode and prefill kernels: checks against the CPU reference, P1 and PF (dsv2-gpu-check --mla)"
 timeout -k 5 120 "$BIN/dsv2-gpu-check" --mla --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/mla.log" 2>&1
 mla_rc=$?
-grep -E "copy|cuBLAS|P1|FAIL|checks:" "$OUT_DIR/mla.log"
+grep -E "copy|cuBLAS|P1|PF|FAIL|checks:" "$OUT_DIR/mla.log"
 # (only the default kernel's rows decide; a crash or hang of the run counts as a failure)
-if [ "$mla_rc" -eq 124 ] || [ "$mla_rc" -ge 128 ] || ! grep -q "^checks:" "$OUT_DIR/mla.log" \
-  || grep -qE "^mla_decode_wgmma_bf16 .*FAIL" "$OUT_DIR/mla.log"; then
+# The wgmma prefill kernel likewise (DSV2_PREFILL_KERNEL=mma); a crash or hang, which the log
+# cannot pin on one kernel, sends both to their mma.sync versions.
+crashed=0
+if [ "$mla_rc" -eq 124 ] || [ "$mla_rc" -ge 128 ] || ! grep -q "^checks:" "$OUT_DIR/mla.log"; then
+  crashed=1
+fi
+if [ "$crashed" -eq 1 ] || grep -qE "^mla_decode_wgmma_bf16 .*FAIL" "$OUT_DIR/mla.log"; then
   echo "== wgmma MLA decode kernel FAILED (exit $mla_rc): the rest of this call uses DSV2_MLA_KERNEL=mma"
   tail -5 "$OUT_DIR/mla.log"
   export DSV2_MLA_KERNEL=mma
+  rc=1
+fi
+if [ "$crashed" -eq 1 ] || grep -qE "^mla_prefill_wgmma_bf16 .*FAIL" "$OUT_DIR/mla.log"; then
+  echo "== wgmma MLA prefill kernel FAILED (exit $mla_rc): the rest of this call uses DSV2_PREFILL_KERNEL=mma"
+  export DSV2_PREFILL_KERNEL=mma
   rc=1
 fi
 # SECTIONS: which sections run, in that order (default: all three, NCCL first)

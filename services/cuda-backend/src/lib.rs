@@ -19,6 +19,7 @@ use dsv2_core::error::{CoreError, Result};
 use dsv2_core::routing::{Routing, RoutingParams};
 use dsv2_core::sampling::RowSampling;
 use dsv2_core::weights::{DType as CkptDType, TensorRef};
+use dsv2_kernels::ops::mla_prefill::PrefillKernel;
 use dsv2_kernels::ops::{elementwise as ew, general as gen_ops, moe, sample};
 use dsv2_kernels::rope::RopeTable as DevRope;
 use dsv2_kernels::{Gpu, GpuOptions, KernelError, Tensor};
@@ -164,6 +165,8 @@ pub struct CudaBackend {
     small_experts: bool,
     grouped_experts: bool,
     grouped_prefill: bool,
+    /// The MLA prefill attention kernel (`DSV2_PREFILL_KERNEL`: `wgmma`, the default, or `mma`).
+    prefill_kernel: PrefillKernel,
     /// Per-step metadata (positions, cache slots, block table, lengths) is the same for every
     /// layer of a step: the first layer uploads it, the others reuse it (4 copies per layer less).
     uploads_i32: UploadCache<i32>,
@@ -189,6 +192,12 @@ impl CudaBackend {
             // DSV2_GROUPED_PREFILL=0: prefill-sized expert batches on the per-expert cuBLAS loop
             // instead of the wgmma grouped kernel (to compare the two)
             grouped_prefill: std::env::var("DSV2_GROUPED_PREFILL").map_or(true, |v| v != "0"),
+            // DSV2_PREFILL_KERNEL=mma: prefill attention on the mma.sync kernels instead of the
+            // wgmma one (to compare the two, or to fall back should the wgmma kernel fail its checks)
+            prefill_kernel: match std::env::var(PrefillKernel::ENV) {
+                Ok(v) => PrefillKernel::parse(&v)?,
+                Err(_) => PrefillKernel::default(),
+            },
             uploads_i32: Mutex::new(Default::default()),
             uploads_i64: Mutex::new(Default::default()),
         })
@@ -244,6 +253,10 @@ impl CudaBackend {
 
     fn grouped_prefill_enabled(&self) -> bool {
         self.grouped_prefill
+    }
+
+    fn prefill_kernel(&self) -> PrefillKernel {
+        self.prefill_kernel
     }
 
     /// Gate logits (f32: routing compares softmax scores that can differ by 1e-4) and the gate

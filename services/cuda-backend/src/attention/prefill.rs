@@ -192,7 +192,7 @@ fn decompressed(s: &Step<'_>, chunks: &[&SeqChunk], attn_out: &mut Tensor<bf16>)
         },
     )
     .kx()?;
-    let plan = PrefillPlan::new(&specs, None).kx()?;
+    let plan = PrefillPlan::for_kernel(&specs, b.prefill_kernel()).kx()?;
     let sd = b.upload_i32("prefill sequences", &plan.seqs, &[plan.n_seqs(), 4])?;
     let td = b.upload_i32("prefill tiles", &plan.tiles, &[plan.n_tiles(), 2])?;
     pf::mla_prefill(
