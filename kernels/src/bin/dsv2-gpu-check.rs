@@ -49,8 +49,8 @@ fn parse_args() -> Result<Args> {
                 println!(
                     "dsv2-gpu-check [--quick] [--mla] [--no-bench] [--compile-only] [--no-cache] [--cache-dir DIR] [--device cuda:N]\n\n\
                      Checks every kernel against the CPU reference, then measures the ceilings (copy\n\
-                     bandwidth, cuBLAS) and P1/P2. --mla: only the MLA decode checks and P1 (both\n\
-                     kernels), a quick go/no-go for the wgmma decode kernel."
+                     bandwidth, cuBLAS) and P1/P2. --mla: only the MLA checks (decode, both kernels;\n\
+                     prefill: wgmma, M128, M64), P1 and PF, a quick go/no-go for the wgmma kernels."
                 );
                 std::process::exit(0);
             }
