@@ -308,6 +308,7 @@ fn gen_request(rng: &mut ChaCha8Rng, f: &Facts) -> pb::GenerateRequest {
         logprobs,
         prompt_logprobs,
         ignore_eos: rng.random_bool(0.5),
+        prompt_logprobs_skip_tokens: pick(rng, &[0, 0, 0, 1, 2, 17, 40, 100_000]),
     }
 }
 
@@ -348,7 +349,7 @@ fn describe(r: &pb::GenerateRequest) -> String {
     let stop_max = r.stop.iter().map(String::len).max();
     format!(
         "prompt={prompt} max_new={:?} temp={:?} top_p={:?} top_k={} seed={:?} stop=[n {}, longest {:?}] \
-         stop_ids=[n {}, max {:?}] logprobs={:?} prompt_logprobs={:?} ignore_eos={}",
+         stop_ids=[n {}, max {:?}] logprobs={:?} prompt_logprobs={:?} skip={} ignore_eos={}",
         r.max_new_tokens,
         r.temperature,
         r.top_p,
@@ -360,6 +361,7 @@ fn describe(r: &pb::GenerateRequest) -> String {
         r.stop_token_ids.iter().max(),
         r.logprobs,
         r.prompt_logprobs,
+        r.prompt_logprobs_skip_tokens,
         r.ignore_eos
     )
 }
@@ -512,9 +514,10 @@ fn check_output(r: &pb::GenerateRequest, plen: Option<usize>, o: &Out, f: &Facts
                     bad.push("prompt_logprobs token ids differ from the prompt".into());
                 }
             }
+            let skip = (r.prompt_logprobs_skip_tokens as usize).max(1);
             for (i, l) in o.prompt_logprobs.iter().enumerate() {
-                let ok = if i == 0 {
-                    l.logprob.is_none()
+                let ok = if i < skip {
+                    l.logprob.is_none() && l.top_logprobs.is_empty()
                 } else {
                     lp_ok(l) && l.top_logprobs.len() == (k as usize).min(f.vocab as usize)
                 };

@@ -136,6 +136,7 @@ fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {
         // The flag's 0 means none (as --endpoint sends it).
         logprobs: (a.logprobs > 0).then_some(a.logprobs as usize),
         prompt_logprobs: a.prompt_logprobs.map(|n| n as usize),
+        prompt_logprobs_skip_tokens: 0,
     };
     let total = prompt.len() + params.max_new_tokens;
     let cfg = EngineConfig {

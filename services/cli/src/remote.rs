@@ -45,6 +45,7 @@ pub fn request_from_args(a: &Args) -> Result<pb::GenerateRequest> {
         logprobs: (a.logprobs > 0).then_some(a.logprobs),
         prompt_logprobs: a.prompt_logprobs,
         ignore_eos: a.ignore_eos,
+        prompt_logprobs_skip_tokens: 0,
     })
 }
 

@@ -54,6 +54,9 @@ pub struct GenerateParams {
     pub logprobs: Option<usize>,
     /// Some(N): report each prompt token's logprob and its top-N alternatives.
     pub prompt_logprobs: Option<usize>,
+    /// With `prompt_logprobs`: the first N prompt tokens get no logprob (the first never has
+    /// one), so their positions need not be computed and may come from the prefix cache.
+    pub prompt_logprobs_skip_tokens: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -90,7 +93,8 @@ pub enum FailKind {
 
 #[derive(Debug, Clone)]
 pub enum EngineEvent {
-    /// Logprob of every prompt token after the first (the first has no context).
+    /// Logprob of every prompt token after the first (the first has no context), from
+    /// position `max(1, prompt_logprobs_skip_tokens)` on.
     PromptLogprobs {
         id: u64,
         logprobs: Vec<TokenLogprob>,
@@ -108,6 +112,8 @@ pub enum EngineEvent {
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens taken from the prefix cache instead of being prefilled.
+        cached_prompt_tokens: usize,
         /// Final text delta held back until now.
         text: String,
         /// The stop string that ended generation (reason `Stop` because of a string).
@@ -193,6 +199,8 @@ struct Seq {
     table: BlockTable,
     tokens: Vec<u32>,
     computed: usize,
+    /// Prompt tokens taken from the prefix cache at admission.
+    cached: usize,
     sampler: Sampler,
     decoder: IncrementalDecoder,
     /// Decoded text not yet emitted because it may be the start of a stop string.
@@ -326,6 +334,7 @@ impl<B: Backend> Engine<B> {
                 ignore_eos: true,
                 logprobs: None,
                 prompt_logprobs: None,
+                prompt_logprobs_skip_tokens: 0,
             },
         };
         run_to_completion(self, vec![req])?;
@@ -342,6 +351,7 @@ impl<B: Backend> Engine<B> {
             req,
             table: BlockTable::default(),
             computed: 0,
+            cached: 0,
             sampler,
             decoder: IncrementalDecoder::default(),
             held: String::new(),
@@ -367,6 +377,7 @@ impl<B: Backend> Engine<B> {
                 reason: FinishReason::Cancelled,
                 prompt_tokens: s.req.prompt.len(),
                 completion_tokens: s.tokens.len() - s.req.prompt.len(),
+                cached_prompt_tokens: s.cached,
                 text: String::new(),
                 matched_stop: None,
             }
@@ -380,11 +391,9 @@ impl<B: Backend> Engine<B> {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            // Prompt logprobs need every prompt position computed: such a request takes nothing
-            // from the prefix cache (its full blocks are still cached for others).
-            let use_cached =
-                self.cache.prefix_cache_enabled() && front.req.params.prompt_logprobs.is_none();
-            if use_cached && self.prefix_in_flight(&front.req.prompt) {
+            let on = self.cache.prefix_cache_enabled();
+            let cacheable = if on { cacheable_tokens(&front.req) } else { 0 };
+            if cacheable > 0 && self.prefix_in_flight(&front.req.prompt, cacheable) {
                 break;
             }
             let Some(mut seq) = self.waiting.pop_front() else {
@@ -393,16 +402,17 @@ impl<B: Backend> Engine<B> {
             let need = seq.req.prompt.len() + seq.req.params.max_new_tokens;
             let Some(hit) = self
                 .cache
-                .admit(&mut seq.table, &seq.req.prompt, need, use_cached)
+                .admit(&mut seq.table, &seq.req.prompt, need, cacheable)
             else {
                 self.waiting.push_front(seq);
                 break;
             };
-            if use_cached {
+            if on {
                 self.stats.prefix_cache_queried_tokens += seq.req.prompt.len() as u64;
                 self.stats.prefix_cache_hit_tokens += hit as u64;
             }
             seq.computed = hit;
+            seq.cached = hit;
             self.running.push(seq);
         }
     }
@@ -411,10 +421,9 @@ impl<B: Backend> Engine<B> {
     /// does not hold yet. Admitted once they are computed (registered block by block, at the end
     /// of each step), a request takes them instead of prefilling the same prefix a second time
     /// in the same steps: requests that arrive together with a common prefix compute it once.
-    fn prefix_in_flight(&self, prompt: &[u32]) -> bool {
+    fn prefix_in_flight(&self, prompt: &[u32], usable: usize) -> bool {
         let bs = self.cache.block_size();
-        let usable = prompt.len().saturating_sub(1);
-        let cached = self.cache.cached_prefix_tokens(prompt);
+        let cached = self.cache.cached_prefix_tokens(prompt, usable);
         self.running.iter().any(|s| {
             let common = prompt
                 .iter()
@@ -566,9 +575,10 @@ impl<B: Backend> Engine<B> {
                 (s.req.params.prompt_logprobs, was_prefill, &picked)
             {
                 // Row at position p scores prompt token p + 1.
+                let skip = s.req.params.prompt_logprobs_skip_tokens;
                 for r in 0..count {
                     let p = s.computed + r;
-                    if p + 1 < s.req.prompt.len() {
+                    if p + 1 < s.req.prompt.len() && p + 1 >= skip {
                         let lp = log_softmax(&logits[(first + r) * vocab..(first + r + 1) * vocab]);
                         let tok = s.req.prompt[p + 1];
                         s.prompt_lp.push(TokenLogprob {
@@ -718,6 +728,7 @@ impl<B: Backend> Engine<B> {
                 reason,
                 prompt_tokens: s.req.prompt.len(),
                 completion_tokens: generated,
+                cached_prompt_tokens: s.cached,
                 text: std::mem::take(&mut s.held),
                 matched_stop,
             });
@@ -762,6 +773,17 @@ fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
     best
 }
 
+/// Prompt tokens a request may take from the prefix cache: all but the last, whose logits it
+/// needs, and with prompt logprobs none of the positions whose logprobs it reports (the row at
+/// position p scores token p + 1).
+fn cacheable_tokens(req: &SeqRequest) -> usize {
+    let all = req.prompt.len().saturating_sub(1);
+    match req.params.prompt_logprobs {
+        Some(_) => all.min(req.params.prompt_logprobs_skip_tokens.saturating_sub(1)),
+        None => all,
+    }
+}
+
 /// The result of running one request to completion.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
@@ -769,6 +791,8 @@ pub struct Completion {
     pub text: String,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens taken from the prefix cache.
+    pub cached_prompt_tokens: usize,
     pub logprobs: Vec<TokenLogprob>,
     pub prompt_logprobs: Vec<TokenLogprob>,
 }
@@ -787,6 +811,7 @@ pub fn run_to_completion<B: Backend>(
             text: String::new(),
             finish_reason: FinishReason::Length,
             prompt_tokens: r.prompt.len(),
+            cached_prompt_tokens: 0,
             logprobs: vec![],
             prompt_logprobs: vec![],
         })
@@ -816,11 +841,16 @@ pub fn run_to_completion<B: Backend>(
                     }
                 }
                 EngineEvent::Finished {
-                    id, reason, text, ..
+                    id,
+                    reason,
+                    text,
+                    cached_prompt_tokens,
+                    ..
                 } => {
                     if let Some(i) = idx(id) {
                         partial[i].text.push_str(&text);
                         partial[i].finish_reason = reason;
+                        partial[i].cached_prompt_tokens = cached_prompt_tokens;
                         out[i] = Some(partial[i].clone());
                     }
                 }
@@ -955,6 +985,7 @@ mod tests {
                     ignore_eos: true,
                     logprobs: None,
                     prompt_logprobs: None,
+                    prompt_logprobs_skip_tokens: 0,
                 },
             })
             .collect();

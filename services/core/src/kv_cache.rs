@@ -124,14 +124,14 @@ impl<B: Backend> KvCache<B> {
     }
 
     /// The cached blocks of the longest cached prefix of `prompt` that a new sequence may take:
-    /// at most `(prompt.len() - 1) / block_size` blocks, because the last prompt token must be
-    /// computed to give logits (a fully cached prompt recomputes its last block into a block of
-    /// its own rather than write into a shared one).
-    fn lookup(&self, prompt: &[u32]) -> Vec<(u32, u64)> {
+    /// whole blocks of at most `max_tokens` tokens, and never the block of the last prompt
+    /// token, which must be computed to give logits (a fully cached prompt recomputes its last
+    /// block into a block of its own rather than write into a shared one).
+    fn lookup(&self, prompt: &[u32], max_tokens: usize) -> Vec<(u32, u64)> {
         let Some(p) = self.prefix.as_ref() else {
             return Vec::new();
         };
-        let usable = prompt.len().saturating_sub(1) / self.block_size;
+        let usable = prompt.len().saturating_sub(1).min(max_tokens) / self.block_size;
         let mut parent = ROOT;
         let mut out = Vec::new();
         for chunk in prompt.chunks_exact(self.block_size).take(usable) {
@@ -144,28 +144,25 @@ impl<B: Backend> KvCache<B> {
         out
     }
 
-    /// Tokens of `prompt` a sequence admitted now would take from the prefix cache.
-    pub fn cached_prefix_tokens(&self, prompt: &[u32]) -> usize {
-        self.lookup(prompt).len() * self.block_size
+    /// Tokens of `prompt` a sequence admitted now would take from the prefix cache (at most
+    /// `max_tokens`).
+    pub fn cached_prefix_tokens(&self, prompt: &[u32], max_tokens: usize) -> usize {
+        self.lookup(prompt, max_tokens).len() * self.block_size
     }
 
     /// Sets up an empty `table` for a sequence of `prompt` that may grow to `total_tokens`:
-    /// takes the cached blocks of the prompt's longest cached prefix by reference (if
-    /// `use_cached`) and allocates the rest. Returns the number of prompt tokens already in the
+    /// takes the cached blocks of the prompt's longest cached prefix (up to `max_cached_tokens`)
+    /// by reference and allocates the rest. Returns the number of prompt tokens already in the
     /// cache, or None (nothing changed) when the blocks it really needs are not available.
     pub fn admit(
         &mut self,
         table: &mut BlockTable,
         prompt: &[u32],
         total_tokens: usize,
-        use_cached: bool,
+        max_cached_tokens: usize,
     ) -> Option<usize> {
         debug_assert!(table.blocks.is_empty(), "admit takes an empty table");
-        let hit = if use_cached {
-            self.lookup(prompt)
-        } else {
-            Vec::new()
-        };
+        let hit = self.lookup(prompt, max_cached_tokens);
         let need = self.blocks_for(total_tokens).saturating_sub(hit.len());
         // Cached blocks nobody holds count as available; taking them by reference uses them up.
         let parked = hit
@@ -274,7 +271,7 @@ mod tests {
     /// Admits `prompt` and marks it computed; returns the table and the cached tokens.
     fn run(c: &mut KvCache<CpuBackend>, prompt: &[u32], total: usize) -> (BlockTable, usize) {
         let mut t = BlockTable::default();
-        let hit = c.admit(&mut t, prompt, total, true).expect("room");
+        let hit = c.admit(&mut t, prompt, total, usize::MAX).expect("room");
         c.register_full_blocks(&mut t, prompt, prompt.len());
         (t, hit)
     }
@@ -295,6 +292,12 @@ mod tests {
         assert!(c.is_writable(tb.blocks[2]));
         // 3 blocks for a, 1 more for b
         assert_eq!(c.free_blocks(), 4);
+        let mut t = BlockTable::default();
+        assert_eq!(
+            c.admit(&mut t, &b, 12, 5),
+            Some(4),
+            "whole blocks of at most 5 tokens"
+        );
     }
 
     #[test]
@@ -346,7 +349,7 @@ mod tests {
         assert_eq!(c.free_blocks(), 0);
         let mut t = BlockTable::default();
         assert_eq!(
-            c.admit(&mut t, &p, 16, true),
+            c.admit(&mut t, &p, 16, usize::MAX),
             None,
             "needs 1 block, none free"
         );
@@ -369,6 +372,6 @@ mod tests {
         c.set_prefix_cache(false);
         assert_eq!((c.free_blocks(), c.cached_blocks()), (4, 0));
         let mut t = BlockTable::default();
-        assert_eq!(c.admit(&mut t, &[0, 1, 2, 3, 4], 5, true), Some(0));
+        assert_eq!(c.admit(&mut t, &[0, 1, 2, 3, 4], 5, usize::MAX), Some(0));
     }
 }

@@ -124,6 +124,8 @@ fn every_shared_prefix_length_gives_the_same_outputs() {
                 let with = run_to_completion(&mut on, vec![request(1, p.clone(), 6)]).unwrap();
                 let without = run_to_completion(&mut off, vec![request(1, p.clone(), 6)]).unwrap();
                 assert_same(&with[0], &without[0], &what);
+                assert_eq!(with[0].cached_prompt_tokens, hits[i], "{what}");
+                assert_eq!(without[0].cached_prompt_tokens, 0, "{what}");
                 let hit = on.stats.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens;
                 assert_eq!(hit as usize, hits[i], "{what}: cached tokens");
                 let prefilled = on.stats.prefill_tokens - before.prefill_tokens;
@@ -369,4 +371,47 @@ fn no_step_writes_into_a_block_another_request_reads() {
     );
     assert!(st.reads_of_cached > 0, "no request read a cached block");
     assert!(e.stats.prefix_cache_hit_tokens >= 6 * 192);
+}
+
+#[test]
+fn prompt_logprobs_after_the_skipped_tokens_come_with_a_cached_prefix() {
+    let m = load(CpuBackend);
+    let prefix = tokens(70, 300);
+    let mut on = engine(&m, cfg(true, 64, 512));
+    let mut off = engine(&m, cfg(false, 64, 512));
+    run_to_completion(&mut on, vec![request(1, cat(&prefix, &tokens(71, 5)), 4)]).unwrap();
+    let b = cat(&prefix, &tokens(72, 6));
+    let scored = |skip| {
+        let mut r = request(2, b.clone(), 4);
+        r.params.prompt_logprobs = Some(2);
+        r.params.prompt_logprobs_skip_tokens = skip;
+        r
+    };
+    // Every prompt logprob, computed without the cache.
+    let full = run_to_completion(&mut off, vec![scored(0)])
+        .unwrap()
+        .remove(0);
+    assert_eq!(full.prompt_logprobs.len(), b.len() - 1);
+    for skip in [0, 1, 200, 290, 305, 306, 400] {
+        let what = format!("skip {skip}");
+        let with = run_to_completion(&mut on, vec![scored(skip)])
+            .unwrap()
+            .remove(0);
+        assert_same(&with, &full, &what);
+        // Position p's row scores token p + 1: positions from skip - 1 on are computed. (The
+        // first run, skip 0, computes all of b and leaves its whole blocks cached.)
+        let cacheable = skip.saturating_sub(1).min(b.len() - 1);
+        assert_eq!(
+            with.cached_prompt_tokens,
+            expected_hit(cacheable, b.len()),
+            "{what}"
+        );
+        let from = skip.max(1).min(b.len());
+        let tail = &full.prompt_logprobs[from - 1..];
+        assert_eq!(with.prompt_logprobs.len(), tail.len(), "{what}");
+        for (x, y) in with.prompt_logprobs.iter().zip(tail) {
+            assert_eq!((x.token, x.top.len()), (y.token, y.top.len()), "{what}");
+            assert!((x.logprob - y.logprob).abs() < 1e-4, "{what}");
+        }
+    }
 }

@@ -81,5 +81,6 @@ pub fn greedy_request(ids: Vec<u32>, max_new_tokens: u32) -> pb::GenerateRequest
         logprobs: None,
         prompt_logprobs: None,
         ignore_eos: false,
+        prompt_logprobs_skip_tokens: 0,
     }
 }

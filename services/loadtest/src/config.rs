@@ -223,6 +223,8 @@ struct GenerateRequestJson {
     prompt_logprobs: Option<u32>,
     #[serde(default, alias = "ignoreEos")]
     ignore_eos: bool,
+    #[serde(default, alias = "promptLogprobsSkipTokens")]
+    prompt_logprobs_skip_tokens: u32,
 }
 
 /// `dsv2.v1.TokenIds` in protobuf-JSON form: `{"ids": [...]}`.
@@ -271,6 +273,7 @@ impl GenerateRequestJson {
             logprobs: self.logprobs,
             prompt_logprobs: self.prompt_logprobs,
             ignore_eos: self.ignore_eos,
+            prompt_logprobs_skip_tokens: self.prompt_logprobs_skip_tokens,
         })
     }
 }
@@ -328,6 +331,12 @@ fn request_to_json(r: &GenerateRequest) -> serde_json::Value {
     }
     if r.ignore_eos {
         m.insert("ignore_eos".into(), true.into());
+    }
+    if r.prompt_logprobs_skip_tokens != 0 {
+        m.insert(
+            "prompt_logprobs_skip_tokens".into(),
+            r.prompt_logprobs_skip_tokens.into(),
+        );
     }
     serde_json::Value::Object(m)
 }

@@ -104,6 +104,7 @@ impl InferenceService {
             // Some(0) still returns each token's own logprob (the proto's contract).
             logprobs: req.logprobs.map(|n| n as usize),
             prompt_logprobs: req.prompt_logprobs.map(|n| n as usize),
+            prompt_logprobs_skip_tokens: req.prompt_logprobs_skip_tokens as usize,
         };
         Ok((prompt, params))
     }
@@ -160,19 +161,22 @@ impl InferenceService {
         }
     }
 
-    /// One entry per prompt token, as the proto says: the first has no context, so no logprob.
-    fn prompt_lps(&self, first_token: u32, rest: &[TokenLogprob]) -> Vec<pb::TokenLogprob> {
-        let first = pb::TokenLogprob {
-            token_id: first_token,
+    /// One entry per prompt token, as the proto says: `head` (the first token, which has no
+    /// context, or the first prompt_logprobs_skip_tokens) without a logprob, then the engine's
+    /// `rest`.
+    fn prompt_lps(&self, head: &[u32], rest: &[TokenLogprob]) -> Vec<pb::TokenLogprob> {
+        let bare = |&id: &u32| pb::TokenLogprob {
+            token_id: id,
             text: self
                 .tokenizer
                 .as_ref()
-                .map(|tk| tk.token_text(first_token))
+                .map(|tk| tk.token_text(id))
                 .unwrap_or_default(),
             logprob: None,
             top_logprobs: vec![],
         };
-        std::iter::once(first)
+        head.iter()
+            .map(bare)
             .chain(rest.iter().map(|l| self.lp(l)))
             .collect()
     }
@@ -247,6 +251,13 @@ fn arrival<T>(req: &Request<T>) -> Instant {
         .map_or_else(Instant::now, |a| a.0)
 }
 
+/// The prompt tokens whose prompt-logprob entries carry no logprob: the first, or the first
+/// `prompt_logprobs_skip_tokens` (the engine reports the rest).
+fn prompt_head(prompt: &[u32], params: &GenerateParams) -> Vec<u32> {
+    let n = params.prompt_logprobs_skip_tokens.max(1).min(prompt.len());
+    prompt[..n].to_vec()
+}
+
 type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
 
 impl InferenceApi {
@@ -258,7 +269,7 @@ impl InferenceApi {
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         let t0 = Instant::now();
         let (prompt, params) = self.parse(request.get_ref())?;
-        let first_token = prompt.first().copied().unwrap_or_default();
+        let head = prompt_head(&prompt, &params);
         let (id, mut events) = self.engine.submit(prompt, params, deadline)?;
         tracing::debug!(request = id, "generate queued");
         let mut resp = pb::GenerateResponse::default();
@@ -266,7 +277,7 @@ impl InferenceApi {
         while let Some(ev) = events.recv().await {
             match ev {
                 EngineEvent::PromptLogprobs { logprobs, .. } => {
-                    resp.prompt_logprobs = self.prompt_lps(first_token, &logprobs);
+                    resp.prompt_logprobs = self.prompt_lps(&head, &logprobs);
                 }
                 EngineEvent::Token {
                     token,
@@ -285,6 +296,7 @@ impl InferenceApi {
                     reason,
                     prompt_tokens,
                     completion_tokens,
+                    cached_prompt_tokens,
                     text,
                     matched_stop,
                     ..
@@ -294,6 +306,7 @@ impl InferenceApi {
                     resp.matched_stop = matched_stop;
                     resp.prompt_tokens = prompt_tokens as u32;
                     resp.completion_tokens = completion_tokens as u32;
+                    resp.cached_prompt_tokens = cached_prompt_tokens as u32;
                     resp.time_to_first_token_ns = ttft.unwrap_or_default().as_nanos() as u64;
                     resp.total_time_ns = t0.elapsed().as_nanos() as u64;
                     tracing::info!(
@@ -383,7 +396,7 @@ impl Inference for InferenceApi {
         // out), so the engine enforces the timeout on the stream itself.
         let deadline = self.stream_deadline(&request);
         let (prompt, params) = self.parse(request.get_ref())?;
-        let first_token = prompt.first().copied().unwrap_or_default();
+        let head = prompt_head(&prompt, &params);
         let (id, mut events) = self.engine.submit(prompt, params, deadline)?;
         let (tx, rx) = mpsc::channel(16);
         let me = self.0.clone();
@@ -393,7 +406,7 @@ impl Inference for InferenceApi {
                 let msg = match ev {
                     EngineEvent::PromptLogprobs { logprobs, .. } => {
                         Ok(pb::GenerateStreamResponse {
-                            prompt_logprobs: me.prompt_lps(first_token, &logprobs),
+                            prompt_logprobs: me.prompt_lps(&head, &logprobs),
                             ..Default::default()
                         })
                     }
@@ -415,6 +428,7 @@ impl Inference for InferenceApi {
                         reason,
                         prompt_tokens,
                         completion_tokens,
+                        cached_prompt_tokens,
                         text,
                         matched_stop,
                         ..
@@ -427,6 +441,7 @@ impl Inference for InferenceApi {
                             completion_tokens: completion_tokens as u32,
                             time_to_first_token_ns: ttft.unwrap_or_default().as_nanos() as u64,
                             total_time_ns: t0.elapsed().as_nanos() as u64,
+                            cached_prompt_tokens: cached_prompt_tokens as u32,
                         }),
                         ..Default::default()
                     }),
