@@ -15,7 +15,9 @@ question, A, B, C, D, answer). Prompt: \"The following are multiple choice quest
 answers) about <subject>.\\n\\n\", --ntrain dev examples \"Q\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer: X\\n\\n\",\n\
 then the test question ending \"Answer:\" (fewer examples when it would not fit the context).\n\
 The prediction is the choice whose continuation \" A\", \" B\", \" C\" or \" D\" gets the highest\n\
-log-probability (the router's prompt_logprobs, one request per candidate).\n\
+log-probability (the router's prompt_logprobs, one request per candidate; each skips the logprobs\n\
+of the tokens before the candidate, so the router may take them from its prefix cache: the\n\
+share it took and the run's time are printed on stderr and kept in --report).\n\
 \n\
 The copy in ../shared/data/mmlu builds its dev/ split from the first five TEST questions of\n\
 each subject (its README says so): accuracy on it is close to, not equal to, published MMLU.\n\
@@ -70,12 +72,17 @@ pub fn run(a: Args) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let t0 = std::time::Instant::now();
     let results = rt.block_on(async {
         let client = dsv2_eval::Client::connect(&a.endpoint).await?;
         mmlu::run(&client, &subjects, &cfg, progress).await
     });
+    let seconds = t0.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let results = results?;
+    let sent: usize = results.iter().map(|r| r.sent_prompt_tokens).sum();
+    let cached: usize = results.iter().map(|r| r.cached_prompt_tokens).sum();
+    let hit_rate = cached as f64 / sent.max(1) as f64;
     let order: Vec<String> = subjects.iter().map(|s| s.name.clone()).collect();
     let summary = mmlu::summarize(&results, &order);
     print!("{}", mmlu::format_summary(&summary));
@@ -89,12 +96,22 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(n) = &note {
         println!("{n}");
     }
+    // stderr: stdout stays the seed's printout.
+    eprintln!(
+        "{} questions in {seconds:.1} s; prefix cache: {cached} of {sent} prompt tokens sent were cached ({:.1}%)",
+        results.len(),
+        hit_rate * 100.0
+    );
     if let Some(path) = &a.report {
         let report = serde_json::json!({
             "data_dir": a.data_dir,
             "ntrain": a.ntrain,
             "data_note": note,
             "summary": summary,
+            "seconds": seconds,
+            "prompt_tokens_sent": sent,
+            "prompt_tokens_cached": cached,
+            "prefix_cache_hit_rate": hit_rate,
             "questions": results,
         });
         std::fs::write(path, serde_json::to_string_pretty(&report)?)

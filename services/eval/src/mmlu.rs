@@ -2,7 +2,9 @@
 //! does it: the hendrycks CSV layout, the k-shot prompt format, the subject → subcategory →
 //! category mapping and the printed summary; the answer is the choice whose continuation
 //! (" A", " B", " C", " D") has the highest log-probability, scored with the router's
-//! prompt_logprobs.
+//! prompt_logprobs. Only the candidate's tokens are scored, so each request skips the logprobs
+//! of what comes before them (prompt_logprobs_skip_tokens) and the router can take that shared
+//! part (the subject's few-shot header, the question) from its prefix cache.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -328,6 +330,12 @@ pub struct QuestionResult {
     /// Few-shot examples actually used.
     pub shots: usize,
     pub prompt_tokens: usize,
+    /// Prompt tokens of the four candidate requests together, and how many of them the router
+    /// took from its prefix cache.
+    #[serde(default)]
+    pub sent_prompt_tokens: usize,
+    #[serde(default)]
+    pub cached_prompt_tokens: usize,
 }
 
 /// Index of the largest value; the first one on ties (numpy's argmax).
@@ -444,6 +452,7 @@ async fn score_question(
     // appended to the prompt's tokens; if a merge crossed the boundary, the scored span starts
     // earlier, and the comparison is still between full tokenizations of each candidate text.
     let mut futs = Vec::with_capacity(4);
+    let sent_prompt_tokens = whole.iter().map(Vec::len).sum();
     for w in whole {
         let p = base.iter().zip(&w).take_while(|(a, b)| a == b).count();
         if p == w.len() || p == 0 {
@@ -458,6 +467,8 @@ async fn score_question(
             let n = w.len();
             let mut req = greedy_request(w.clone(), 1);
             req.prompt_logprobs = Some(0);
+            // Only positions p.. are scored: the rest may come from the prefix cache.
+            req.prompt_logprobs_skip_tokens = p as u32;
             let r = client.generate(req).await?;
             // The proto documents one entry per prompt token (the first without a logprob);
             // the router sends entries for tokens 1.. only. Accept both, and check every
@@ -484,7 +495,7 @@ async fn score_question(
                     EvalError::Protocol(format!("no logprob for prompt token {t}"))
                 })? as f64;
             }
-            Ok::<f64, EvalError>(sum)
+            Ok::<(f64, usize), EvalError>((sum, r.cached_prompt_tokens as usize))
         });
     }
     let mut it = futs.into_iter();
@@ -493,7 +504,8 @@ async fn score_question(
         _ => return Err(EvalError::Protocol("four candidates expected".into())),
     };
     let (a, b, c, d) = tokio::try_join!(a, b, c, d)?;
-    let logprobs = [a, b, c, d];
+    let logprobs = [a.0, b.0, c.0, d.0];
+    let cached_prompt_tokens = a.1 + b.1 + c.1 + d.1;
     let pred = argmax(&logprobs);
     Ok(QuestionResult {
         subject: subject.to_string(),
@@ -505,6 +517,8 @@ async fn score_question(
         logprobs,
         shots,
         prompt_tokens: base.len(),
+        sent_prompt_tokens,
+        cached_prompt_tokens,
     })
 }
 
@@ -667,6 +681,8 @@ mod tests {
             logprobs: [0.0; 4],
             shots: 0,
             prompt_tokens: 1,
+            sent_prompt_tokens: 4,
+            cached_prompt_tokens: 0,
         };
         let res = vec![
             r("anatomy", true),
