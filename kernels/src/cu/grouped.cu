@@ -254,9 +254,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_grouped_down_b128_bf16(
 // 128-byte-swizzled layout the wgmma descriptors name (the layout of the mma.sync tiles above:
 // chunk c of row r at c ^ (r & 7), 8-row groups 1024 bytes apart, stages 1024-aligned). Each
 // warpgroup issues 4 wgmma m64n256k16 per stage (k advances 32 bytes inside the swizzled rows),
-// then the cp.async copies of the stage WGM_STAGES - 2 ahead, and keeps one wgmma group in flight. Why: the mma.sync kernel moves every
-// operand through registers with ldmatrix and stays shared-memory bound at about a quarter of
-// the cuBLAS peak on P2 (bench/RESULTS.md); wgmma reads both operands from shared memory.
+// then the cp.async copies of the stage WGM_STAGES - 1 ahead, then waits for its wgmma. Why
+// wgmma: the mma.sync kernel moves every operand through registers with ldmatrix and stays
+// shared-memory bound at about a quarter of the cuBLAS peak on P2 (bench/RESULTS.md); wgmma
+// reads both operands from shared memory (0.45 of the peak; TMA loads and producer/consumer
+// warp specialisation are the next step).
 // gate_up: B rows 0..127 are gate features f0.., rows 128..255 the up rows of the same
 // features, so accumulator columns c and c + 128 of a thread are gate and up of one feature.
 #define WGM_W 256
@@ -343,14 +345,12 @@ __device__ __forceinline__ void grouped_tile_wgmma(const bf16* __restrict__ x, c
     float acc[ACC];
 #pragma unroll
     for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
-    // Pipeline: copies run WGM_STAGES - 2 stages ahead and one wgmma group stays in flight
-    // across the barrier (wait_group 1), so the tensor cores are fed while the next stage's
-    // barrier and issue happen. Iteration kt loads stage kt + WGM_STAGES - 2 into the buffer of
-    // stage kt - 2, whose wgmma every warpgroup has finished: each waited for all but its newest
-    // group (stage kt - 1) before this iteration's barrier.
+    // Pipeline: copies run WGM_STAGES - 1 stages ahead; each stage's wgmma is waited for before
+    // the next barrier. (Keeping one wgmma group in flight across the barrier, with copies only
+    // two stages ahead, measured slower on P2: 0.413 against 0.456 of cuBLAS, 2026-12-06.)
     const int KT = (K + GK - 1) / GK;
 #pragma unroll
-    for (int s = 0; s < WGM_STAGES - 2; ++s) {
+    for (int s = 0; s < WGM_STAGES - 1; ++s) {
         if (s < KT) load_stage(s, s);
         cp_async_commit();
     }
@@ -358,9 +358,9 @@ __device__ __forceinline__ void grouped_tile_wgmma(const bf16* __restrict__ x, c
     const u32 a_off = MR == 128 ? wg * 64 * 128 : 0;
     const u32 b_off = MR == 128 ? 0 : wg * WN * 128;
     for (int kt = 0; kt < KT; ++kt) {
-        cp_async_wait<WGM_STAGES - 3>();
+        cp_async_wait<WGM_STAGES - 2>();
         fence_async_smem();
-        __syncthreads();  // stage kt visible to wgmma; every warpgroup finished stage kt - 2
+        __syncthreads();  // stage kt visible to wgmma; every warpgroup finished stage kt - 1
         const u32 sa = base + (kt % WGM_STAGES) * STAGE_BYTES;
         const u32 sb = sa + MR * 128;
         wg_fence();
@@ -372,14 +372,16 @@ __device__ __forceinline__ void grouped_tile_wgmma(const bf16* __restrict__ x, c
             else wgmma_m64n128_ss(acc, da, db, 1);
         }
         wg_commit();
+        // The next stage's copies are issued while the tensor cores work (issued before the
+        // wgmma they held it back). Their stage was last read by stage kt - 1's wgmma, which
+        // every warpgroup waited for before the barrier above.
         {
-            int nk = kt + WGM_STAGES - 2;
+            int nk = kt + WGM_STAGES - 1;
             if (nk < KT) load_stage(nk % WGM_STAGES, nk);
             cp_async_commit();
         }
-        wg_wait1();
+        wg_wait0();
     }
-    wg_wait0();
     cp_async_wait<0>();
     __syncthreads();  // the stages become the epilogue's staging tile
 
