@@ -74,7 +74,7 @@ served() {
   "$BIN/dsv2" init-random --preset "$preset" --layers "$layers" --config-only --out "$dir" --seed 1 >/dev/null 2>&1
   local t1=$(date +%s)
   r=$(start router env "$@" "$BIN/dsv2-router" --model-dir "$dir" --random-weights 1 --device cuda:0 \
-    --max-batch-tokens 4096 --max-running 256 --max-queue 2048 --kv-cache-blocks 16384 --request-timeout-s 1200) \
+    --max-running 256 --max-queue 2048 --kv-cache-blocks 16384 --request-timeout-s 1200 ${ROUTER_ARGS:-}) \
     || { fail=1; stop_all; return; }
   echo "$label: router up in $(( $(date +%s) - t1 )) s; $(nvidia-smi --query-gpu=memory.used --format=csv,noheader) used"
   distinct 4 16 "$NEW_TOKENS" /tmp/gd-c1.json

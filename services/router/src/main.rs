@@ -82,9 +82,11 @@ struct Config {
     /// Tokens per KV cache block.
     #[arg(long, default_value_t = 16)]
     block_size: usize,
-    /// Token budget of one scheduler step.
-    #[arg(long, default_value_t = 512)]
-    max_batch_tokens: usize,
+    /// Token budget of one scheduler step [default: 512 on the CPU, 8192 on a GPU, where long
+    /// prompts prefill in few large steps: the prefill kernels need thousands of rows per step to
+    /// run near their peak].
+    #[arg(long)]
+    max_batch_tokens: Option<usize>,
     /// Most sequences decoded together.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
@@ -141,6 +143,16 @@ fn parse_timeout_secs(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
+impl Config {
+    /// `--max-batch-tokens`, or the device's default.
+    fn max_batch_tokens(&self) -> usize {
+        self.max_batch_tokens.unwrap_or(match self.device {
+            DeviceSpec::Cpu => 512,
+            DeviceSpec::Cuda(_) => 8192,
+        })
+    }
+}
+
 fn main() -> Result<()> {
     let cfg = Config::parse();
     dsv2_server::init_logging(&cfg.log_level, cfg.log_format, "info");
@@ -178,7 +190,8 @@ async fn serve(c: Config, rt: tokio::runtime::Handle) -> Result<()> {
                     );
                 }
                 let (b, r, eps) = (backend.clone(), rt.clone(), c.shards.clone());
-                let (rows, timeout) = (c.max_batch_tokens, Duration::from_secs(c.shard_timeout_s));
+                let (rows, timeout) =
+                    (c.max_batch_tokens(), Duration::from_secs(c.shard_timeout_s));
                 Some(Box::new(
                     move |mcfg: &ModelConfig, placement: &Placement, hosted: Vec<Vec<usize>>| {
                         let shards = eps
@@ -336,7 +349,7 @@ async fn serve_on<B: Backend>(
         EngineConfig {
             num_blocks: c.kv_cache_blocks,
             block_size: c.block_size,
-            max_batch_tokens: c.max_batch_tokens,
+            max_batch_tokens: c.max_batch_tokens(),
             max_running: c.max_running,
             attn_mode: AttnMode::Auto,
             prefix_cache: !c.no_prefix_cache,
