@@ -8,6 +8,7 @@
 #
 #   bench/prefix_cache.sh            # 64 x (2048 + 32), 8 new tokens each
 #   N=16 PREFIX=512 bench/prefix_cache.sh
+#   MODEL_ARGS="--model-dir DIR --random-weights 1 --device cuda:0" bench/prefix_cache.sh   # a GPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release}
@@ -40,7 +41,8 @@ for mode in cache no-cache; do
     flags=()
     [ "$mode" = no-cache ] && flags=(--no-prefix-cache)
     # shellcheck disable=SC2086
-    "$BIN/dsv2-router" --model-dir tiny --listen "127.0.0.1:$PORT" \
+    # shellcheck disable=SC2086
+    "$BIN/dsv2-router" ${MODEL_ARGS:---model-dir tiny} --listen "127.0.0.1:$PORT" \
         --metrics-listen "127.0.0.1:$METRICS" "${flags[@]}" $ROUTER_ARGS \
         --log-level warn >"$work/router-$mode.out" 2>"$work/router-$mode.err" &
     router=$!

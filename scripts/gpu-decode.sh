@@ -117,6 +117,16 @@ for sec in ${SECTIONS:-check fixtures served lite profile}; do
       PREFILL_ONLY=1 served deepseek-v2 4 "4-layer V2, prefill attention on the mma.sync kernel (DSV2_PREFILL_KERNEL=mma)" DSV2_PREFILL_KERNEL=mma ;;
     lite)
       served deepseek-v2-lite 27 "V2-Lite 27-layer" ;;
+    prefix)
+      # issue 15's GPU row: 64 requests of one 2048-token prefix + an own 32-token question, all
+      # at once, with the prefix cache and with --no-prefix-cache (bench/prefix_cache.sh)
+      dir=/tmp/gd-deepseek-v2-4
+      mkdir -p "$dir"
+      "$BIN/dsv2" init-random --preset deepseek-v2 --layers 4 --config-only --out "$dir" --seed 1 >/dev/null 2>&1
+      BIN="$BIN" MODEL_ARGS="--model-dir $dir --random-weights 1 --device cuda:0" \
+        ROUTER_ARGS="--kv-cache-blocks 16384 --max-running 256 --max-queue 2048" \
+        timeout -k 5 200 bash bench/prefix_cache.sh >"$OUT_DIR/prefix.log" 2>&1 || { echo "prefix cache bench FAILED"; fail=1; }
+      grep -iE "===|time to first|average|tokens/s|prefix_cache|cached_blocks|engine_steps" "$OUT_DIR/prefix.log" | head -30 ;;
     bench)
       # in-process decode and prefill of distinct prompts against the roofline (dsv2 bench)
       LIMIT_S="${BENCH_LIMIT_S:-150}" OUT="$OUT_DIR" bash scripts/gpu-bench.sh ;;
