@@ -22,7 +22,8 @@ METRICS=${METRICS:-$(free_port)}
 ROUTER_ARGS=${ROUTER_ARGS:-}
 work=$(mktemp -d)
 echo "work dir: $work" >&2
-trap 'kill "${router:-0}" 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+# (never `kill 0`: with no router running that would signal this whole process group)
+trap 'if [ -n "${router:-}" ]; then kill "$router" 2>/dev/null || true; fi; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 
 python3 - "$work/data.json" "$N" "$PREFIX" "$QUESTION" "$NEW" <<'EOF'
 import json, random, sys
