@@ -11,12 +11,14 @@ use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-mod grouped;
+mod experts;
+
+pub use experts::{check_grouped_experts, check_small_experts};
 pub mod prefill;
 
 use crate::device::Gpu;
 use crate::error::Result;
-use crate::ops::{elementwise as ew, expert, gemm, mla, moe, sample, small_experts};
+use crate::ops::{elementwise as ew, expert, gemm, mla, moe, sample};
 use crate::reference as r;
 use crate::rope::{RopeTable, YarnConfig, yarn_cos_sin, yarn_softmax_scale};
 use crate::tensor::Tensor;
@@ -546,119 +548,6 @@ pub fn check_expert_ffn(
     Ok(row)
 }
 
-/// Expert e's gate [I, H], up [I, H] and down [H, I] as separate device tensors (as a checkpoint
-/// holds them), cut from stacked host weights gate_up [E, 2I, H] and down [E, H, I], and their
-/// [E, 3] address table; expert `absent` is not uploaded (addresses 0: not held here). The
-/// tensors must outlive every launch that reads the table.
-pub(crate) fn expert_tensors(
-    gpu: &Gpu,
-    gate_up: &[bf16],
-    down: &[bf16],
-    n_exp: usize,
-    hidden: usize,
-    inter: usize,
-    absent: usize,
-) -> Result<(Vec<Tensor<bf16>>, Vec<i64>)> {
-    let mut tensors = Vec::new();
-    let mut ptrs = Vec::new();
-    for e in 0..n_exp {
-        if e == absent {
-            ptrs.extend([0i64; 3]);
-            continue;
-        }
-        let gate = &gate_up[e * 2 * inter * hidden..(e * 2 + 1) * inter * hidden];
-        let up = &gate_up[(e * 2 + 1) * inter * hidden..(e + 1) * 2 * inter * hidden];
-        let dn = &down[e * hidden * inter..(e + 1) * hidden * inter];
-        for (w, shape) in [
-            (gate, [inter, hidden]),
-            (up, [inter, hidden]),
-            (dn, [hidden, inter]),
-        ] {
-            let t = Tensor::from_host(gpu, w, &shape)?;
-            ptrs.push(t.ptr() as i64);
-            tensors.push(t);
-        }
-    }
-    Ok((tensors, ptrs))
-}
-
-/// The two-launch small-batch expert path against the reference FFN: `n` rows, top-`k` of
-/// `n_exp` experts in separate tensors (as a checkpoint holds them), one slot in five not routed
-/// here (-1), one in seven an id beyond the table, and the last expert not held (address 0).
-pub fn check_small_experts(
-    gpu: &Gpu,
-    n: usize,
-    n_exp: usize,
-    k: usize,
-    hidden: usize,
-    inter: usize,
-) -> Result<CheckRow> {
-    let mut g = rng(11);
-    let ids: Vec<i32> = (0..n * k)
-        .map(|s| {
-            if s % 5 == 4 {
-                -1
-            } else if s % 7 == 6 {
-                n_exp as i32 // beyond the table: skipped like -1
-            } else {
-                g.random_range(0..n_exp as i32)
-            }
-        })
-        .collect();
-    let wts: Vec<f32> = (0..n * k).map(|_| g.random_range(0.05f32..1.0)).collect();
-    let (xb, xf) = rand_bf16(&mut g, n * hidden, 1.0);
-    let (gub, guf) = rand_bf16(
-        &mut g,
-        n_exp * 2 * inter * hidden,
-        1.7 / (hidden as f32).sqrt(),
-    );
-    let (db, df) = rand_bf16(&mut g, n_exp * hidden * inter, 1.7 / (inter as f32).sqrt());
-    let absent = n_exp - 1;
-    let (tensors, ptrs) = expert_tensors(gpu, &gub, &db, n_exp, hidden, inter, absent)?;
-    let x = Tensor::from_host(gpu, &xb, &[n, hidden])?;
-    let ids_t = Tensor::from_host(gpu, &ids, &[n, k])?;
-    let w_t = Tensor::from_host(gpu, &wts, &[n, k])?;
-    let ptr_t = Tensor::from_host(gpu, &ptrs, &[n_exp, 3])?;
-    let mut act = Tensor::<bf16>::zeros(gpu, &[n * k, inter])?;
-    let mut out = Tensor::<bf16>::zeros(gpu, &[n, hidden])?;
-    // SAFETY: ids are -1 or < n_exp; the table points at `tensors`, alive until after to_host.
-    unsafe {
-        small_experts::small_experts(
-            gpu,
-            small_experts::SmallExpertsParams {
-                x: x.view(),
-                ids: ids_t.view(),
-                weights: w_t.view(),
-                ptrs: ptr_t.view(),
-                act: act.view_mut(),
-                out: out.view_mut(),
-            },
-        )?;
-    }
-    let got = f32s(&out.to_host(gpu)?);
-    drop(tensors);
-    let mut want = vec![0f32; n * hidden];
-    for row in 0..n {
-        for j in 0..k {
-            let e = ids[row * k + j];
-            if e < 0 || e as usize >= n_exp || e as usize == absent {
-                continue;
-            }
-            let y = one_expert(&xf, row, &guf, &df, e as usize, n_exp, hidden, inter);
-            for (o, v) in y.iter().enumerate() {
-                want[row * hidden + o] += wts[row * k + j] * r::bf(*v);
-            }
-        }
-    }
-    Ok(CheckRow::cmp(
-        "moe_small_experts_bf16",
-        format!("rows {n} E {n_exp} top-{k} hidden {hidden} inter {inter}"),
-        &got,
-        &want,
-        1e-2,
-    ))
-}
-
 /// MLA decode over a paged cache with shuffled blocks. `lens` are the per-sequence context lengths.
 pub fn check_mla_decode(
     gpu: &Gpu,
@@ -938,7 +827,7 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     out.push(check_small_experts(gpu, 1, 16, 6, 5120, 1536)?);
     out.push(check_small_experts(gpu, 4, 16, 6, 5120, 1536)?);
     out.push(check_small_experts(gpu, 3, 9, 2, 72, 40)?);
-    out.extend(grouped::run(gpu, quick)?);
+    out.extend(experts::run_grouped(gpu, quick)?);
     out.extend(run_mla(gpu)?);
     for (n, ctx, heads, dims, shared) in [
         (1, 1, 4, (32, 8, 32), true),

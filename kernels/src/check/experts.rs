@@ -1,0 +1,306 @@
+//! Checks of the routed-expert kernels against the reference FFN: the two-launch small-batch
+//! kernels (`ops::small_experts`) and the grouped kernels (`ops::grouped`: permute, gather,
+//! grouped gate_up + SiLU·mul, grouped down, combine), on one kind of case: expert weights in
+//! separate tensors as a checkpoint holds them, unrouted slots, ids beyond the table, an expert
+//! this process does not hold, and (at awkward sizes) experts with no rows.
+
+use half::bf16;
+use rand::Rng;
+
+use super::{CheckRow, f32s, one_expert, rand_bf16, rng};
+use crate::device::Gpu;
+use crate::error::Result;
+use crate::ops::grouped::{self, RowTile};
+use crate::ops::small_experts;
+use crate::reference as r;
+use crate::tensor::Tensor;
+
+/// x, ids, routing weights and the expert address table of an [`ExpertCase`] on the device.
+type CaseInputs = (Tensor<bf16>, Tensor<i32>, Tensor<f32>, Tensor<i64>);
+
+/// `tokens` rows routed to top-`k` of `n_exp` experts: one slot in five is not routed here (-1),
+/// one in seven names an id beyond the table (skipped the same way), and the last expert is not
+/// held (address 0 in the table). The weight tensors must outlive every launch that reads
+/// `ptrs`.
+struct ExpertCase {
+    tokens: usize,
+    n_exp: usize,
+    k: usize,
+    hidden: usize,
+    inter: usize,
+    ids: Vec<i32>,
+    wts: Vec<f32>,
+    xb: Vec<bf16>,
+    xf: Vec<f32>,
+    gate_up: Vec<f32>,
+    down: Vec<f32>,
+    absent: usize,
+    tensors: Vec<Tensor<bf16>>,
+    ptrs: Vec<i64>,
+}
+
+impl ExpertCase {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        gpu: &Gpu,
+        seed: u64,
+        tokens: usize,
+        n_exp: usize,
+        k: usize,
+        hidden: usize,
+        inter: usize,
+    ) -> Result<Self> {
+        let mut g = rng(seed);
+        let ids: Vec<i32> = (0..tokens * k)
+            .map(|s| {
+                if s % 5 == 4 {
+                    -1
+                } else if s % 7 == 6 {
+                    n_exp as i32
+                } else {
+                    g.random_range(0..n_exp as i32)
+                }
+            })
+            .collect();
+        let wts: Vec<f32> = (0..tokens * k)
+            .map(|_| g.random_range(0.05f32..1.0))
+            .collect();
+        let (xb, xf) = rand_bf16(&mut g, tokens * hidden, 1.0);
+        let (gub, gate_up) = rand_bf16(
+            &mut g,
+            n_exp * 2 * inter * hidden,
+            1.7 / (hidden as f32).sqrt(),
+        );
+        let (db, down) = rand_bf16(&mut g, n_exp * hidden * inter, 1.7 / (inter as f32).sqrt());
+        let absent = n_exp - 1;
+        // expert e's gate, up and down cut from the stacked weights into tensors of their own
+        let mut tensors = Vec::new();
+        let mut ptrs = Vec::new();
+        for e in 0..n_exp {
+            if e == absent {
+                ptrs.extend([0i64; 3]);
+                continue;
+            }
+            let gate = &gub[e * 2 * inter * hidden..(e * 2 + 1) * inter * hidden];
+            let up = &gub[(e * 2 + 1) * inter * hidden..(e + 1) * 2 * inter * hidden];
+            let dn = &db[e * hidden * inter..(e + 1) * hidden * inter];
+            for (w, shape) in [
+                (gate, [inter, hidden]),
+                (up, [inter, hidden]),
+                (dn, [hidden, inter]),
+            ] {
+                let t = Tensor::from_host(gpu, w, &shape)?;
+                ptrs.push(t.ptr() as i64);
+                tensors.push(t);
+            }
+        }
+        Ok(Self {
+            tokens,
+            n_exp,
+            k,
+            hidden,
+            inter,
+            ids,
+            wts,
+            xb,
+            xf,
+            gate_up,
+            down,
+            absent,
+            tensors,
+            ptrs,
+        })
+    }
+
+    /// Assignments routed to experts of the table (held or not).
+    fn routed(&self) -> usize {
+        let n = self.n_exp as i32;
+        self.ids.iter().filter(|&&e| e >= 0 && e < n).count()
+    }
+
+    /// The reference output of `row`: Σ_j w · bf16(FFN_e(x)) over its slots with a held expert.
+    fn reference(&self, row: usize) -> Vec<f32> {
+        let mut acc = vec![0f32; self.hidden];
+        for j in 0..self.k {
+            let e = self.ids[row * self.k + j];
+            if e < 0 || e as usize >= self.n_exp || e as usize == self.absent {
+                continue;
+            }
+            let y = one_expert(
+                &self.xf,
+                row,
+                &self.gate_up,
+                &self.down,
+                e as usize,
+                self.n_exp,
+                self.hidden,
+                self.inter,
+            );
+            for (a, v) in acc.iter_mut().zip(&y) {
+                *a += self.wts[row * self.k + j] * r::bf(*v);
+            }
+        }
+        acc
+    }
+
+    /// The device inputs: x [T, H], ids [T, k], weights [T, k], the address table [E, 3].
+    fn upload(&self, gpu: &Gpu) -> Result<CaseInputs> {
+        let (t, k) = (self.tokens, self.k);
+        Ok((
+            Tensor::from_host(gpu, &self.xb, &[t, self.hidden])?,
+            Tensor::from_host(gpu, &self.ids, &[t, k])?,
+            Tensor::from_host(gpu, &self.wts, &[t, k])?,
+            Tensor::from_host(gpu, &self.ptrs, &[self.n_exp, 3])?,
+        ))
+    }
+}
+
+/// The two-launch small-batch expert path against the reference FFN: `n` rows, top-`k` of
+/// `n_exp` experts.
+pub fn check_small_experts(
+    gpu: &Gpu,
+    n: usize,
+    n_exp: usize,
+    k: usize,
+    hidden: usize,
+    inter: usize,
+) -> Result<CheckRow> {
+    let c = ExpertCase::new(gpu, 11, n, n_exp, k, hidden, inter)?;
+    let (x, ids, w, ptrs) = c.upload(gpu)?;
+    let mut act = Tensor::<bf16>::zeros(gpu, &[n * k, inter])?;
+    let mut out = Tensor::<bf16>::zeros(gpu, &[n, hidden])?;
+    // SAFETY: ids are -1, beyond the table or < n_exp; the table points at `c.tensors`, alive
+    // until after to_host.
+    unsafe {
+        small_experts::small_experts(
+            gpu,
+            small_experts::SmallExpertsParams {
+                x: x.view(),
+                ids: ids.view(),
+                weights: w.view(),
+                ptrs: ptrs.view(),
+                act: act.view_mut(),
+                out: out.view_mut(),
+            },
+        )?;
+    }
+    let got = f32s(&out.to_host(gpu)?);
+    let want: Vec<f32> = (0..n).flat_map(|row| c.reference(row)).collect();
+    drop(c.tensors);
+    Ok(CheckRow::cmp(
+        "moe_small_experts_bf16",
+        format!("rows {n} E {n_exp} top-{k} hidden {hidden} inter {inter}"),
+        &got,
+        &want,
+        1e-2,
+    ))
+}
+
+/// The grouped path (`grouped_experts`) against the reference FFN; `tile` forces a row tile
+/// (None: the launcher's choice). Compares at most `max_cmp` tokens (the reference is slow at
+/// real dims), spread over the batch.
+#[allow(clippy::too_many_arguments)]
+pub fn check_grouped_experts(
+    gpu: &Gpu,
+    tokens: usize,
+    n_exp: usize,
+    k: usize,
+    hidden: usize,
+    inter: usize,
+    tile: Option<RowTile>,
+    max_cmp: usize,
+) -> Result<CheckRow> {
+    let c = ExpertCase::new(gpu, 17, tokens, n_exp, k, hidden, inter)?;
+    let (x, ids, w, ptrs) = c.upload(gpu)?;
+    let routed = c.routed();
+    // garbage in `out` proves the kernels overwrite it (accumulate off)
+    let junk: Vec<bf16> = (0..tokens * hidden).map(|_| bf16::from_f32(7.0)).collect();
+    let mut out = Tensor::from_host(gpu, &junk, &[tokens, hidden])?;
+    // SAFETY: the table points at `c.tensors`, alive until after to_host; routed_rows counts
+    // exactly the ids within 0..n_exp.
+    unsafe {
+        grouped::grouped_experts(
+            gpu,
+            grouped::GroupedExpertsParams {
+                x: x.view(),
+                ids: ids.view(),
+                weights: w.view(),
+                ptrs: ptrs.view(),
+                inter,
+                out: out.view_mut(),
+                routed_rows: Some(routed),
+                touched_experts: None,
+                tile,
+                accumulate: false,
+            },
+        )?;
+    }
+    let got_all = f32s(&out.to_host(gpu)?);
+    let cmp: Vec<usize> = if tokens <= max_cmp {
+        (0..tokens).collect()
+    } else {
+        let mut v: Vec<usize> = (0..tokens).step_by(tokens / max_cmp + 1).collect();
+        v.push(tokens - 1);
+        v.dedup();
+        v
+    };
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for &row in &cmp {
+        want.extend(c.reference(row));
+        got.extend_from_slice(&got_all[row * hidden..(row + 1) * hidden]);
+    }
+    drop(c.tensors);
+    let chosen = tile.unwrap_or_else(|| RowTile::for_rows(routed, n_exp.min(routed)));
+    let mut row = CheckRow::cmp(
+        "moe_grouped_experts_bf16",
+        format!("tokens {tokens} E {n_exp} top-{k} hidden {hidden} inter {inter} tile {chosen:?}"),
+        &got,
+        &want,
+        1e-2,
+    );
+    row.note = format!("{} of {tokens} tokens compared", cmp.len());
+    Ok(row)
+}
+
+/// The grouped rows of `run_all`: every row tile at awkward sizes (dims not multiples of the
+/// 64-wide k step, partial tiles, experts with 0 rows) and the real DeepSeek-V2 expert dims.
+pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
+    let mut out = Vec::new();
+    for tile in [
+        RowTile::R16,
+        RowTile::R64,
+        RowTile::R128,
+        RowTile::W128,
+        RowTile::W64,
+    ] {
+        out.push(check_grouped_experts(
+            gpu,
+            67,
+            9,
+            2,
+            72,
+            40,
+            Some(tile),
+            67,
+        )?);
+        out.push(check_grouped_experts(
+            gpu,
+            67,
+            8,
+            6,
+            1024,
+            320,
+            Some(tile),
+            67,
+        )?);
+    }
+    // real DeepSeek-V2 / V2-Lite expert dims, the tile chosen by the launcher: one decode row,
+    // a decode batch, a prefill chunk (several tiles per expert)
+    out.push(check_grouped_experts(gpu, 1, 8, 6, 5120, 1536, None, 1)?);
+    out.push(check_grouped_experts(gpu, 7, 8, 6, 5120, 1536, None, 7)?);
+    if !quick {
+        out.push(check_grouped_experts(gpu, 300, 8, 6, 2048, 1408, None, 8)?);
+        out.push(check_grouped_experts(gpu, 1000, 8, 6, 5120, 1536, None, 8)?);
+    }
+    Ok(out)
+}
