@@ -396,6 +396,26 @@ def test_router_limits_reach_the_router_flags(tmp_path, timeout, flag):
     assert flag_values(unset, "--max-concurrent") == []
 
 
+@needs_helm
+def test_router_serves_the_http_api_on_a_named_port_the_service_exposes(tmp_path):
+    docs = render("-f", str(TINY))
+    dep, svc = one(docs, "Deployment", ROUTER), one(docs, "Service", ROUTER)
+    ports = {p["name"]: p for p in container(dep)["ports"]}
+    assert flag_values(router_args(docs), "--http-listen") == [f"0.0.0.0:{ports['http']['containerPort']}"]
+    http = [p for p in svc["spec"]["ports"] if p["name"] == "http"]
+    assert len(http) == 1 and http[0]["targetPort"] == "http" and http[0]["port"] == 8000
+    f = tmp_path / "http.yaml"
+    f.write_text("router:\n  http:\n    enabled: true\n    port: 9000\n    servicePort: 80\n")
+    docs = render("-f", str(TINY), "-f", str(f))
+    assert flag_values(router_args(docs), "--http-listen") == ["0.0.0.0:9000"]
+    assert [p["port"] for p in one(docs, "Service", ROUTER)["spec"]["ports"] if p["name"] == "http"] == [80]
+    f.write_text("router:\n  http:\n    enabled: false\n    port: 8000\n    servicePort: 8000\n")
+    docs = render("-f", str(TINY), "-f", str(f))
+    assert flag_values(router_args(docs), "--http-listen") == []
+    assert "http" not in {p["name"] for p in container(one(docs, "Deployment", ROUTER))["ports"]}
+    assert "http" not in {p["name"] for p in one(docs, "Service", ROUTER)["spec"]["ports"]}
+
+
 # ------------------------------------------------------------------------------------------------
 # The schema and the chart's own checks reject mistakes
 
