@@ -483,6 +483,9 @@ def test_compose_wires_router_to_two_experts():
     assert router["healthcheck"]["test"][:2] == ["CMD", "grpc-health-probe"]
     router_port = flag_values(cmd, "--listen")[0].rsplit(":", 1)[1]
     assert any(str(p).endswith(f":{router_port}:{router_port}") for p in router["ports"])
+    # the HTTP API is published too
+    http_port = flag_values(cmd, "--http-listen")[0].rsplit(":", 1)[1]
+    assert any(str(p).endswith(f":{http_port}:{http_port}") for p in router["ports"])
 
 
 def _compose_cli() -> list[str] | None:
