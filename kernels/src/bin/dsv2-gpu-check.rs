@@ -448,34 +448,8 @@ fn bench(gpu: &Gpu, p1_only: bool) -> Result<()> {
     let mut xt = Tensor::<bf16>::zeros(gpu, &[tokens, hidden])?;
     fill(gpu, &mut xt, 8, 1.0)?;
     // routing from the real gate on random logits (group-limited, 8 groups / top-3 / top-6)
-    let mut g = 0x1234_5678u64;
-    let logits: Vec<f32> = (0..tokens * n_exp)
-        .map(|_| {
-            g ^= g << 13;
-            g ^= g >> 7;
-            g ^= g << 17;
-            (g >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-        })
-        .collect();
-    let lt = Tensor::from_host(gpu, &logits, &[tokens, n_exp])?;
-    let mut ids = Tensor::<i32>::zeros(gpu, &[tokens, k])?;
-    let mut wts = Tensor::<f32>::zeros(gpu, &[tokens, k])?;
-    let cfg = moe::GateConfig {
-        n_group: 8,
-        topk_group: 3,
-        top_k: k,
-        norm_topk_prob: false,
-        routed_scaling_factor: 16.0,
-    };
-    moe::moe_gate(
-        gpu,
-        moe::GateParams {
-            logits: lt.view(),
-            ids: ids.view_mut(),
-            weights: wts.view_mut(),
-            cfg,
-        },
-    )?;
+    let cfg = V2_GATE;
+    let (lt, mut ids, mut wts) = random_routing(gpu, tokens, n_exp, cfg, 0x1234_5678)?;
     let perm = moe::moe_permute(
         gpu,
         moe::PermuteParams {
@@ -631,37 +605,17 @@ fn bench_grouped(
     }
     drop((act, y));
 
-    let cfg = moe::GateConfig {
-        n_group: 8,
-        topk_group: 3,
-        top_k: 6,
-        norm_topk_prob: false,
-        routed_scaling_factor: 16.0,
-    };
+    let cfg = V2_GATE;
     let k = cfg.top_k;
     for tokens in [1usize, 8, 64, 256] {
         let mut xt = Tensor::<bf16>::zeros(gpu, &[tokens, hidden])?;
         fill(gpu, &mut xt, 20 + tokens as u64, 1.0)?;
-        let mut g = 0x9e37_79b9_7f4a_7c15u64 ^ tokens as u64;
-        let logits: Vec<f32> = (0..tokens * n_exp)
-            .map(|_| {
-                g ^= g << 13;
-                g ^= g >> 7;
-                g ^= g << 17;
-                (g >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-            })
-            .collect();
-        let lt = Tensor::from_host(gpu, &logits, &[tokens, n_exp])?;
-        let mut ids = Tensor::<i32>::zeros(gpu, &[tokens, k])?;
-        let mut wts = Tensor::<f32>::zeros(gpu, &[tokens, k])?;
-        moe::moe_gate(
+        let (_, ids, wts) = random_routing(
             gpu,
-            moe::GateParams {
-                logits: lt.view(),
-                ids: ids.view_mut(),
-                weights: wts.view_mut(),
-                cfg,
-            },
+            tokens,
+            n_exp,
+            cfg,
+            0x9e37_79b9_7f4a_7c15 ^ tokens as u64,
         )?;
         let host_ids = ids.to_host(gpu)?;
         let mut touched = vec![false; n_exp];
@@ -810,4 +764,47 @@ fn routed_loop(gpu: &Gpu, r: RoutedLoop<'_>) -> Result<()> {
         },
     )?;
     Ok(())
+}
+
+/// DeepSeek-V2's routing: 160 experts in 8 groups, the best 3 groups, top-6, weights x 16.
+const V2_GATE: moe::GateConfig = moe::GateConfig {
+    n_group: 8,
+    topk_group: 3,
+    top_k: 6,
+    norm_topk_prob: false,
+    routed_scaling_factor: 16.0,
+};
+
+/// The gate kernel's choice for `tokens` rows of uniform logits in [-2, 2) (xorshift from
+/// `seed`), so a batch touches as many experts as distinct prompts do: (logits [tokens, E],
+/// ids [tokens, k], weights [tokens, k]).
+fn random_routing(
+    gpu: &Gpu,
+    tokens: usize,
+    n_exp: usize,
+    cfg: moe::GateConfig,
+    seed: u64,
+) -> Result<(Tensor<f32>, Tensor<i32>, Tensor<f32>)> {
+    let mut g = seed;
+    let logits: Vec<f32> = (0..tokens * n_exp)
+        .map(|_| {
+            g ^= g << 13;
+            g ^= g >> 7;
+            g ^= g << 17;
+            (g >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect();
+    let lt = Tensor::from_host(gpu, &logits, &[tokens, n_exp])?;
+    let mut ids = Tensor::<i32>::zeros(gpu, &[tokens, cfg.top_k])?;
+    let mut wts = Tensor::<f32>::zeros(gpu, &[tokens, cfg.top_k])?;
+    moe::moe_gate(
+        gpu,
+        moe::GateParams {
+            logits: lt.view(),
+            ids: ids.view_mut(),
+            weights: wts.view_mut(),
+            cfg,
+        },
+    )?;
+    Ok((lt, ids, wts))
 }
