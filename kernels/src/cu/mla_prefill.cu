@@ -106,6 +106,27 @@ __device__ __forceinline__ void pf_load_kv(bf16* sK, bf16* sV, const bf16* __res
     }
 }
 
+// The CTA's tile: sequence descriptor tiles[blockIdx.x].x of `seqs` and first query m0.
+// False for a descriptor that does not fit the operands (the CTA returns, uniformly, before any
+// barrier): the launcher cannot see the device arrays, the kernel keeps them in bounds.
+struct PfTile {
+    int q_row0, q_len, pos0, m0;
+    long long ctx_row0;
+};
+__device__ __forceinline__ bool pf_tile(const int4* __restrict__ seqs, int n_seqs, const int2* __restrict__ tiles,
+                                        long long n_q, long long n_ctx, PfTile& t) {
+    const int2 tile = tiles[blockIdx.x];
+    if (tile.x < 0 || tile.x >= n_seqs) return false;
+    const int4 sd = seqs[tile.x];
+    t.q_row0 = sd.x;
+    t.q_len = sd.y;
+    t.pos0 = sd.z;
+    t.ctx_row0 = sd.w;
+    t.m0 = tile.y;
+    return !(t.m0 < 0 || t.m0 >= t.q_len || t.q_row0 < 0 || t.pos0 < 0 || t.ctx_row0 < 0 ||
+             (long long)t.q_row0 + t.q_len > n_q || t.ctx_row0 + t.pos0 + t.q_len > n_ctx);
+}
+
 __device__ __forceinline__ u32 pf_pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = the smaller column
     return *reinterpret_cast<u32*>(&v);
@@ -133,17 +154,10 @@ __device__ __forceinline__ void mla_prefill_body(const bf16* __restrict__ q, lon
 
     const int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
     const int h = blockIdx.y;
-    const int2 tile = tiles[blockIdx.x];
-    if (tile.x < 0 || tile.x >= n_seqs) return;
-    const int4 sd = seqs[tile.x];
-    const int q_row0 = sd.x, q_len = sd.y, pos0 = sd.z;
-    const long long ctx_row0 = sd.w;
-    const int m0 = tile.y;
-    // a descriptor that does not fit the operands is skipped (uniform over the CTA, before any
-    // barrier): the launcher cannot see the device arrays, the kernel keeps them in bounds
-    if (m0 < 0 || m0 >= q_len || q_row0 < 0 || pos0 < 0 || ctx_row0 < 0 || (long long)q_row0 + q_len > n_q ||
-        ctx_row0 + pos0 + q_len > n_ctx)
-        return;
+    PfTile pt;
+    if (!pf_tile(seqs, n_seqs, tiles, n_q, n_ctx, pt)) return;
+    const int q_row0 = pt.q_row0, q_len = pt.q_len, pos0 = pt.pos0, m0 = pt.m0;
+    const long long ctx_row0 = pt.ctx_row0;
     // keys this CTA needs: up to the position of its last valid query (inclusive)
     const int n_keys = pos0 + min(m0 + BM, q_len);
     const int n_kt = (n_keys + PF_BN - 1) / PF_BN;
@@ -465,16 +479,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_prefill_wgmma_bf16(PF_A
     const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid >> 7, 0), wt = tid & 127, warp = wt >> 5,
               lane = tid & 31;
     const int h = blockIdx.y;
-    const int2 tile = tiles[blockIdx.x];
-    if (tile.x < 0 || tile.x >= n_seqs) return;
-    const int4 sd = seqs[tile.x];
-    const int q_row0 = sd.x, q_len = sd.y, pos0 = sd.z;
-    const long long ctx_row0 = sd.w;
-    const int m0 = tile.y;
-    // uniform over the CTA, before any barrier (as in mla_prefill_body)
-    if (m0 < 0 || m0 >= q_len || q_row0 < 0 || pos0 < 0 || ctx_row0 < 0 || (long long)q_row0 + q_len > n_q ||
-        ctx_row0 + pos0 + q_len > n_ctx)
-        return;
+    PfTile pt;
+    if (!pf_tile(seqs, n_seqs, tiles, n_q, n_ctx, pt)) return;
+    const int q_row0 = pt.q_row0, q_len = pt.q_len, pos0 = pt.pos0, m0 = pt.m0;
+    const long long ctx_row0 = pt.ctx_row0;
     const int n_keys = pos0 + min(m0 + PW_BM, q_len);  // keys the CTA needs
     const int n_kt = (n_keys + PW_BN - 1) / PW_BN;
     const int wq0 = m0 + 64 * wg;                                 // first query of this warpgroup
