@@ -3,10 +3,15 @@
 #   check    dsv2-gpu-check: every kernel against its CPU reference, then the ceilings (copy
 #            bandwidth, cuBLAS peak), MLA decode (P1), prefill attention, the expert FFN (P2,
 #            P2g) and the routed-expert decode rows (D1..D256) beside their rooflines
+#   mla      dsv2-gpu-check --mla: the MLA kernels against their CPU reference, then the decode
+#            (P1) and prefill attention rows beside their rooflines
 #   fixtures dsv2-cuda-check: the whole model on the golden fixtures vs HF and the CPU reference,
-#            with the small-batch expert kernels on (default) and off (grouped kernels at every size)
+#            with the small-batch expert kernels on (default) and off (grouped kernels at every size),
+#            and with CUDA graphs off (DSV2_CUDA_GRAPHS=0; the real-dims decode rows replay graphs)
 #   bench    scripts/gpu-bench.sh: in-process `dsv2 bench` (distinct prompts, batch 1/8/64/256, context
 #            512 and 4096) beside the roofline measured in the same process
+#   bench-eager  the same with CUDA graphs off (DSV2_CUDA_GRAPHS=0), to compare
+#   lite-bench, lite-bench-eager  the same on DeepSeek-V2-Lite (27 layers), graphs on and off
 #   served   dsv2-router --device cuda:0 with local experts and random real-dims weights, driven by
 #            `dsv2 loadtest` with DISTINCT prompts (MoE cost depends on it): decode at c=1/64/256,
 #            prefill of 64 distinct 512-token prompts and time to first token of one 4096-token
@@ -101,9 +106,24 @@ for sec in ${SECTIONS:-check fixtures served lite profile}; do
     check)
       timeout -k 5 300 "$BIN/dsv2-gpu-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|^device|copy d2d|cuBLAS bf16|^P[0-9]|^D[0-9]|prefill|grouped" "$OUT_DIR/gpu-check.log" | grep -v " ok " ;;
+    ncu)
+      # Nsight Compute on one timed launch of the MLA decode kernel at batch 64 x ctx 4096 x 128
+      # heads (the first P1 row; the MLA checks launch it 9 times before, the row 3 warm-ups)
+      NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      timeout -k 5 240 "$NCU" -k regex:mla_decode_wgmma --launch-skip 12 --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --section SchedulerStats --section Occupancy --section LaunchStats \
+        "$BIN/dsv2-gpu-check" --mla --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/ncu-mla.log" 2>&1 || { echo "ncu FAILED"; fail=1; }
+      grep -vE "^(P1|P2|checks|device|copy|cuBLAS|prefill|==PROF==)" "$OUT_DIR/ncu-mla.log" | grep -E "Throughput|Duration|Stall|Warp Cycles|Issued|Eligible|Active|Hit Rate|Bandwidth|Mem Pipes|Registers|Shared Memory|Occupancy|L1|L2|DRAM|Busy|Compute" | head -60 ;;
+    mla)
+      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-mla.log" 2>&1 || fail=1
+      grep -E "FAIL|^checks:|^device|copy d2d|cuBLAS bf16|^P1|prefill" "$OUT_DIR/gpu-check-mla.log" | grep -v " ok " ;;
     fixtures)
       timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check.log" 2>&1 || { echo "dsv2-cuda-check FAILED"; fail=1; }
       tail -14 "$OUT_DIR/cuda-check.log"
+      echo "-- again with DSV2_CUDA_GRAPHS=0 (every decode step eager)"
+      DSV2_CUDA_GRAPHS=0 timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-eager.log" 2>&1 || { echo "dsv2-cuda-check (graphs off) FAILED"; fail=1; }
+      tail -4 "$OUT_DIR/cuda-check-eager.log"
       echo "-- again with DSV2_PREFILL_KERNEL=mma (the mma.sync prefill attention kernel)"
       DSV2_PREFILL_KERNEL=mma timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-mma.log" 2>&1 || { echo "dsv2-cuda-check (mma prefill) FAILED"; fail=1; }
       tail -4 "$OUT_DIR/cuda-check-mma.log"
@@ -130,6 +150,14 @@ for sec in ${SECTIONS:-check fixtures served lite profile}; do
     bench)
       # in-process decode and prefill of distinct prompts against the roofline (dsv2 bench)
       LIMIT_S="${BENCH_LIMIT_S:-150}" OUT="$OUT_DIR" bash scripts/gpu-bench.sh ;;
+    bench-eager)
+      echo "-- CUDA graphs off (DSV2_CUDA_GRAPHS=0)"
+      DSV2_CUDA_GRAPHS=0 LIMIT_S="${BENCH_LIMIT_S:-150}" OUT="$OUT_DIR/eager" bash scripts/gpu-bench.sh ;;
+    lite-bench)
+      PRESET=deepseek-v2-lite LAYERS=27 LIMIT_S="${BENCH_LIMIT_S:-150}" OUT="$OUT_DIR" bash scripts/gpu-bench.sh ;;
+    lite-bench-eager)
+      echo "-- CUDA graphs off (DSV2_CUDA_GRAPHS=0)"
+      DSV2_CUDA_GRAPHS=0 PRESET=deepseek-v2-lite LAYERS=27 LIMIT_S="${BENCH_LIMIT_S:-150}" OUT="$OUT_DIR/eager" bash scripts/gpu-bench.sh ;;
     profile)
       # where a decode step's time goes at batch 1 (ops timed one by one, stream synchronised
       # around each: slower overall, but the split is what counts)

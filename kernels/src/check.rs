@@ -858,7 +858,7 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
 /// The MLA rows alone (`dsv2-gpu-check --mla`): decode for both kernels, then prefill.
 pub fn run_mla(gpu: &Gpu) -> Result<Vec<CheckRow>> {
     // (context lengths, heads, block size, forced splits)
-    let cases: [(&[usize], usize, usize, Option<usize>); 7] = [
+    let cases: [(&[usize], usize, usize, Option<usize>); 9] = [
         (&[1], 128, 64, None),
         (&[7, 1, 67, 130], 128, 64, None),
         (&[5137, 33, 1], 128, 64, None),
@@ -866,6 +866,9 @@ pub fn run_mla(gpu: &Gpu) -> Result<Vec<CheckRow>> {
         (&[5137, 33, 1], 128, 64, Some(3)),
         (&[67, 300, 7], 16, 16, None),
         (&[64, 65, 63, 128], 100, 64, None),
+        // more splits than a sequence has tiles: empty splits write only their -inf lse
+        (&[1, 2, 100], 128, 16, Some(64)),
+        (&[2000, 1, 129], 128, 16, Some(200)),
     ];
     let mut out = Vec::new();
     for kernel in [mla::MlaKernel::Wgmma, mla::MlaKernel::Mma] {

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys as cu;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -57,6 +58,8 @@ pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub blas: CudaBlas,
+    /// The main handle's cuBLAS workspace (declared after `blas` so that it outlives it).
+    _blas_workspace: CudaSlice<u8>,
     /// Extra streams and cuBLAS handles for running independent GEMMs side by side (expert FFN).
     pub side: Vec<(Arc<CudaStream>, CudaBlas)>,
     functions: HashMap<String, CudaFunction>,
@@ -67,6 +70,9 @@ pub struct Gpu {
     pub sm_count: usize,
     pub driver_version: i32,
 }
+
+/// The main cuBLAS handle's workspace: 32 MiB, what cuBLAS itself takes on Hopper.
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 /// How many side streams the expert FFN spreads its per-expert GEMMs over.
 pub const SIDE_STREAMS: usize = 4;
@@ -97,6 +103,27 @@ impl Gpu {
             ));
         }
         let blas = CudaBlas::new(stream.clone())?;
+        // An explicit workspace for the main handle: cuBLAS then never allocates during a CUDA
+        // graph capture of the decode step (its own default pool is not capture-safe).
+        let blas_workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)?;
+        {
+            let (ptr, _sync) = blas_workspace.device_ptr(&stream);
+            // SAFETY: the handle and the workspace live together in this Gpu (the workspace is
+            // dropped after the handle: fields drop in declaration order, blas first); the size
+            // is the buffer's.
+            let status = unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ptr as *mut std::ffi::c_void,
+                    BLAS_WORKSPACE_BYTES,
+                )
+            };
+            if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(KernelError::NoCublas(format!(
+                    "cublasSetWorkspace failed: {status:?}"
+                )));
+            }
+        }
         let mut side = Vec::with_capacity(SIDE_STREAMS);
         for _ in 0..SIDE_STREAMS {
             let s = ctx.new_stream()?;
@@ -138,6 +165,7 @@ impl Gpu {
             ctx,
             stream,
             blas,
+            _blas_workspace: blas_workspace,
             side,
             functions,
             _modules: modules,

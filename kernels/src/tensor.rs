@@ -83,6 +83,29 @@ impl<T: DType> Tensor<T> {
         })
     }
 
+    /// Overwrites the tensor with host data of the same element count, in stream order (the
+    /// buffer keeps its address: a captured CUDA graph that reads it sees the new values).
+    pub fn write_host(&mut self, gpu: &Gpu, data: &[T]) -> Result<()> {
+        if data.len() != self.len() {
+            return Err(shape_err(
+                "Tensor::write_host",
+                format!("{} values for shape {:?}", data.len(), self.shape),
+            ));
+        }
+        if !data.is_empty() {
+            gpu.stream.memcpy_htod(data, &mut self.buf)?;
+        }
+        Ok(())
+    }
+
+    /// A new tensor with the same contents, copied on the device.
+    pub fn clone_on_device(&self, gpu: &Gpu) -> Result<Self> {
+        Ok(Self {
+            buf: gpu.stream.clone_dtod(&self.buf)?,
+            shape: self.shape.clone(),
+        })
+    }
+
     /// Download to the host (synchronises the stream).
     pub fn to_host(&self, gpu: &Gpu) -> Result<Vec<T>> {
         let mut v = gpu.stream.clone_dtoh(&self.buf)?;

@@ -63,17 +63,35 @@ __device__ __forceinline__ void load_k_tile(bf16* dst, const bf16* __restrict__ 
     }
 }
 
+// Context tokens of one split of a sequence of `len` tokens: the context is cut into `splits`
+// equal runs of whole tiles from the sequence's own length (read on the device), so that splits
+// stay balanced whatever the other sequences' lengths, and a launch does not depend on the host
+// knowing the lengths (a captured CUDA graph replays it for every step).
+__device__ __forceinline__ int split_tokens(int len, int splits, int tile) {
+    const int per = (len + splits - 1) / splits;
+    return max(tile, (per + tile - 1) / tile * tile);
+}
+
+// A split past the end of its sequence: only its log-sum-exp (-inf), which tells the combine to
+// skip the split without reading its partial output.
+__device__ __forceinline__ void empty_split(float* __restrict__ lse, int b, int split, int splits, int heads, int h0) {
+    for (int r = threadIdx.x; r < HB && h0 + r < heads; r += blockDim.x)
+        lse[((size_t)b * splits + split) * heads + h0 + r] = -INFINITY;
+}
+
 // grid (ceil(H/64), B, splits). q_abs [B, H, 512], q_pe [B, H, 64] with element strides qpe_sb,
 // qpe_sh between sequences and heads (it may be the rope part of the q projection in place),
 // cache [blocks, block_size, 576],
 // block_table [B, max_blocks] (i32), seq_lens [B] (i32).
 // splits == 1: out [B, H, 512] bf16 = softmax(scale * q.k) . c.
-// splits  > 1: o_part [B, splits, H, 512] f32 (normalised per split) and lse [B, splits, H] f32.
+// splits  > 1: o_part [B, splits, H, 512] f32 (normalised per split) and lse [B, splits, H] f32;
+// sequence b's split s covers tokens [s * per, (s + 1) * per) with per = split_tokens(len_b, ...);
+// a split with no tokens writes only lse = -inf (its o_part is left unwritten).
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 mla_decode_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, const bf16* __restrict__ cache,
                 const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
                 float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size,
-                int max_blocks, int splits, int tokens_per_split, float scale, long long qpe_sb,
+                int max_blocks, int splits, float scale, long long qpe_sb,
                 long long qpe_sh) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     MlaSmem& sm = *reinterpret_cast<MlaSmem*>(smem_raw);
@@ -81,10 +99,15 @@ mla_decode_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, c
     const int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
     const int h0 = hg * HB;
     const int len = seq_lens[b];
-    const int start = split * tokens_per_split;
-    const int end = min(len, start + tokens_per_split);
+    const int per = split_tokens(len, splits, TN);
+    const int start = split * per;
+    const int end = min(len, start + per);
     const int* btab = block_table + (size_t)b * max_blocks;
     const float sl2 = scale * 1.4426950408889634f;  // scale * log2(e): softmax via exp2
+    if (splits > 1 && start >= len) {  // nothing to attend: the combine skips a -inf split
+        empty_split(lse, b, split, splits, heads, h0);
+        return;
+    }
 
     // Q tile: rows are heads h0 .. h0+63 (zeros past `heads`), cols 0..511 q_abs, 512..575 q_pe.
     for (int c = tid; c < HB * (D_QK / 8); c += NTHREADS) {
@@ -315,13 +338,12 @@ __device__ __forceinline__ void wg_load_tile(unsigned char* dst, const bf16* __r
     }
 }
 
-// Same arguments and outputs as mla_decode_bf16 (heads in groups of 64, tokens_per_split a
-// multiple of 64).
+// Same arguments and outputs as mla_decode_bf16 (heads in groups of 64, splits cut at 64 tokens).
 extern "C" __global__ void __launch_bounds__(256, 1)
 mla_decode_wgmma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, const bf16* __restrict__ cache,
                       const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
                       float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size,
-                      int max_blocks, int splits, int tokens_per_split, float scale, long long qpe_sb,
+                      int max_blocks, int splits, float scale, long long qpe_sb,
                       long long qpe_sh) {
     extern __shared__ __align__(1024) unsigned char wg_smem_raw[];
     // the swizzle is applied by the hardware on address bits 4..9: operands must be 1024-aligned
@@ -338,10 +360,15 @@ mla_decode_wgmma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
     const int tid = threadIdx.x, wg = tid / 128, lane = tid % WARP, wq = (tid % 128) / WARP;
     const int h0 = hg * 64;
     const int len = seq_lens[b];
-    const int start = split * tokens_per_split;
-    const int end = min(len, start + tokens_per_split);
+    const int per = split_tokens(len, splits, WG_TN);
+    const int start = split * per;
+    const int end = min(len, start + per);
     const int* btab = block_table + (size_t)b * max_blocks;
     const float sl2 = scale * 1.4426950408889634f;
+    if (splits > 1 && start >= len) {
+        empty_split(lse, b, split, splits, heads, h0);
+        return;
+    }
 
     // Q: rows are heads h0 .. h0+63 (zeros past `heads`), cols 0..511 q_abs, 512..575 q_pe
     for (int c = tid; c < 64 * (D_QK / 8); c += 256) {
@@ -498,28 +525,61 @@ mla_decode_wgmma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
 }
 
 // grid (B, H), 128 threads: out[b, h, :] = sum_s o_part[b, s, h, :] * exp(lse_s - max) / sum exp(...)
-extern "C" __global__ void mla_combine_bf16(const float* __restrict__ o_part, const float* __restrict__ lse,
-                                            bf16* __restrict__ out, int heads, int splits) {
-    int b = blockIdx.x, h = blockIdx.y;
+// The split weights are computed once into shared memory by all threads together (0 for an empty
+// split, whose partial is never read), then each thread sums its 4 columns over the splits in
+// order, four loads in flight at a time: a serial loop of one dependent load per split left this
+// kernel latency-bound at batch 1 with 66 splits. The order is fixed, so results are reproducible.
+#define COMBINE_MAX_SPLITS 1024
+extern "C" __global__ void __launch_bounds__(128)
+mla_combine_bf16(const float* __restrict__ o_part, const float* __restrict__ lse, bf16* __restrict__ out,
+                 int heads, int splits) {
+    __shared__ float w_s[COMBINE_MAX_SPLITS];
+    __shared__ float red[4];
+    const int b = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+    const float* lse_bh = lse + (size_t)b * splits * heads + h;  // split s at lse_bh[s * heads]
     float mx = -INFINITY;
-    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, lse[((size_t)b * splits + s) * heads + h]);
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int s = tid; s < splits; s += 128) mx = fmaxf(mx, lse_bh[(size_t)s * heads]);
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (tid % 32 == 0) red[tid / 32] = mx;
+    __syncthreads();
+    mx = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
+    __syncthreads();  // red is reused below
     float den = 0.f;
-    for (int s = 0; s < splits; ++s) {
-        float l = lse[((size_t)b * splits + s) * heads + h];
-        if (l == -INFINITY) continue;
-        float w = __expf(l - mx);
+    for (int s = tid; s < splits; s += 128) {
+        const float l = lse_bh[(size_t)s * heads];
+        const float w = l == -INFINITY ? 0.f : __expf(l - mx);
+        w_s[s] = w;
         den += w;
-        float4 v = *reinterpret_cast<const float4*>(o_part + (((size_t)b * splits + s) * heads + h) * D_LAT + threadIdx.x * 4);
-        acc[0] += w * v.x;
-        acc[1] += w * v.y;
-        acc[2] += w * v.z;
-        acc[3] += w * v.w;
     }
-    float inv = den > 0.f ? 1.f / den : 0.f;
-    bf16* o = out + ((size_t)b * heads + h) * D_LAT + threadIdx.x * 4;
-    *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(acc[0] * inv, acc[1] * inv);
-    *reinterpret_cast<__nv_bfloat162*>(o + 2) = __floats2bfloat162_rn(acc[2] * inv, acc[3] * inv);
+    for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
+    if (tid % 32 == 0) red[tid / 32] = den;
+    __syncthreads();
+    den = (red[0] + red[1]) + (red[2] + red[3]);
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+    const size_t split_stride = (size_t)heads * D_LAT;
+    const float* base = o_part + ((size_t)b * splits * heads + h) * D_LAT + tid * 4;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s0 = 0; s0 < splits; s0 += 4) {
+        float4 v[4];
+        float w[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int s = s0 + u;
+            w[u] = s < splits ? w_s[s] : 0.f;
+            v[u] = w[u] != 0.f ? *reinterpret_cast<const float4*>(base + s * split_stride)
+                               : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            acc.x += w[u] * v[u].x;
+            acc.y += w[u] * v[u].y;
+            acc.z += w[u] * v[u].z;
+            acc.w += w[u] * v[u].w;
+        }
+    }
+    bf16* o = out + ((size_t)b * heads + h) * D_LAT + tid * 4;
+    *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(acc.x * inv, acc.y * inv);
+    *reinterpret_cast<__nv_bfloat162*>(o + 2) = __floats2bfloat162_rn(acc.z * inv, acc.w * inv);
 }
 
 // cache[slot, :] = c_kv[t, :] | k_pe[t, :] with slot = slots[t] (block * block_size + offset);

@@ -16,6 +16,9 @@ pub const ROPE: usize = 64;
 /// Values per cached token.
 pub const CACHE_DIM: usize = KV_LORA + ROPE;
 const HEADS_PER_CTA: usize = 64;
+/// Most context splits per sequence: the combine kernel keeps one weight per split in shared
+/// memory (`COMBINE_MAX_SPLITS` in mla.cu).
+const MAX_SPLITS: usize = 1024;
 /// Shared memory of one `mla_decode_bf16` CTA (must match `MlaSmem` in mla.cu).
 const MMA_SMEM_BYTES: usize =
     64 * 584 * 2 + 2 * 32 * 584 * 2 + 64 * 33 * 4 + 64 * 40 * 2 + 3 * 64 * 4;
@@ -110,10 +113,12 @@ pub fn choose_splits(
     let max_useful = max_seq_len.div_ceil(kernel.tile_tokens() * 4).max(1); // at least 4 tiles per split
     // Splitting costs a combine pass over f32 partials (33 MB at batch 64 x 128 heads): only
     // worth it when a quarter or more of the SMs would otherwise sit idle.
+    // Rounded down: one CTA more than the SMs hold would run a second wave for the whole
+    // kernel's duration (16 CTAs x 9 splits = 144 on 132 SMs halved batch 8's speed).
     if ctas * 4 >= sm_count * 3 {
         1
     } else {
-        sm_count.div_ceil(ctas).min(max_useful).max(1)
+        (sm_count / ctas).min(max_useful).max(1)
     }
 }
 
@@ -123,7 +128,6 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
         Some(k) => k,
         None => MlaKernel::from_env()?,
     };
-    let tile = kernel.tile_tokens();
     p.q_abs.expect(OP, "q_abs", &[None, None, Some(KV_LORA)])?;
     let (batch, heads) = (p.q_abs.shape()[0], p.q_abs.shape()[1]);
     // q_pe may be strided (the rope columns of q in place): rows of 64 contiguous values on
@@ -172,14 +176,15 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
             what: format!("batch {batch} > 65535"),
         });
     }
+    // each sequence cuts its own context into `splits` runs of whole tiles on the device
     let splits = p
         .splits
         .unwrap_or_else(|| choose_splits(gpu.sm_count, batch, heads, p.max_seq_len, kernel))
-        .clamp(1, 65535);
-    let per_split = p.max_seq_len.div_ceil(splits).div_ceil(tile).max(1) * tile;
+        .clamp(1, MAX_SPLITS);
     let (o_part, lse) = if splits > 1 {
         (
-            // written entirely by the decode kernel (an empty split writes zeros and -inf)
+            // lse is written for every split; o_part only for splits with tokens (the combine
+            // reads no other)
             Some(Tensor::<f32>::uninit(
                 gpu,
                 &[batch, splits, heads, KV_LORA],
@@ -204,7 +209,7 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
         dim_i32(OP, "block_size", block_size)?,
         dim_i32(OP, "max_blocks", max_blocks)?,
     );
-    let (si, ps) = (splits as i32, dim_i32(OP, "tokens_per_split", per_split)?);
+    let si = splits as i32;
     let scale = p.scale;
     gpu.set_max_dynamic_smem(kernel.function(), kernel.smem_bytes())?;
     let f = gpu.function(kernel.function())?;
@@ -221,7 +226,6 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
         .arg(&bs)
         .arg(&mb)
         .arg(&si)
-        .arg(&ps)
         .arg(&scale)
         .arg(&qpe_sb)
         .arg(&qpe_sh);
@@ -316,5 +320,8 @@ mod tests {
         assert_eq!(choose_splits(132, 1, 128, 4096, MlaKernel::Wgmma), 16);
         assert_eq!(choose_splits(132, 1, 128, 4096, MlaKernel::Mma), 32);
         assert_eq!(choose_splits(132, 1, 128, 10, MlaKernel::Wgmma), 1);
+        // 8 sequences x 2 head groups: 8 splits (128 CTAs), not 9 (144: a second wave)
+        assert_eq!(choose_splits(132, 8, 128, 32768, MlaKernel::Wgmma), 8);
+        assert_eq!(choose_splits(132, 1, 128, 32768, MlaKernel::Wgmma), 66);
     }
 }

@@ -69,6 +69,16 @@ pub struct AttnBatch<'a> {
     pub mode: AttnMode,
 }
 
+/// A decode step offered to [`Backend::decode_graph`]: every sequence adds one token (row i is
+/// sequence i) and every MoE layer's routed experts are held by this same backend.
+pub struct GraphStep<'a> {
+    pub step: &'a crate::model::StepInput,
+    pub cfg: &'a ModelConfig,
+    pub rope: &'a RopeTable,
+    pub block_size: usize,
+    pub mode: AttnMode,
+}
+
 /// What a backend can move and compute at best, measured in this process: the two ceilings of a
 /// roofline (`dsv2 bench` divides each step's bytes and FLOPs by them), and the formats in which
 /// the backend holds what a step moves, so that bytes are counted as they really are.
@@ -191,6 +201,22 @@ pub trait Backend: Send + Sync + 'static {
         x: &Self::Act,
         routing: &Routing,
     ) -> Result<Self::Act>;
+
+    /// Runs a decode step through device work recorded once per shape and replayed (CUDA
+    /// graphs), so that a step costs one launch instead of one per op. `layers` computes the
+    /// step's hidden states (embedding through the last layer, over `cache`) for the step it is
+    /// given, which
+    /// may be `g.step` padded with copies of its first sequence up to a recorded batch size.
+    /// Returns those hidden states (the first rows are `g.step`'s), or `Ok(None)` when this
+    /// backend does not record graphs for this step: the caller then runs `layers` itself.
+    fn decode_graph(
+        &self,
+        _g: &GraphStep<'_>,
+        _cache: &mut Self::Cache,
+        _layers: &mut dyn FnMut(&crate::model::StepInput, &mut Self::Cache) -> Result<Self::Act>,
+    ) -> Result<Option<Self::Act>> {
+        Ok(None)
+    }
 
     /// [`Backend::route`] and [`Backend::experts`] in one call, for experts this same backend
     /// holds: a GPU can keep the chosen ids on the device instead of bringing them to the host,

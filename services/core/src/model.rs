@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::backend::{
-    AttnBatch, AttnMode, AttnWeights, Backend, ExpertBank, MlpWeights, QProj, SeqChunk,
+    AttnBatch, AttnMode, AttnWeights, Backend, ExpertBank, GraphStep, MlpWeights, QProj, SeqChunk,
 };
 use crate::config::ModelConfig;
 use crate::error::{CoreError, Result};
@@ -376,17 +376,68 @@ impl<B: Backend> Model<B> {
             )));
         }
         let b = &*self.backend;
+        let block_size = cache.block_size();
+        let graphed = if self.graph_eligible(step, experts) {
+            let g = GraphStep {
+                step,
+                cfg: &self.cfg,
+                rope: &self.rope,
+                block_size,
+                mode,
+            };
+            b.decode_graph(
+                &g,
+                &mut cache.storage,
+                &mut |s: &StepInput, storage: &mut B::Cache| {
+                    self.forward_layers(s, storage, block_size, experts, mode)
+                },
+            )?
+        } else {
+            None
+        };
+        let hidden = match graphed {
+            Some(h) => h,
+            None => self.forward_layers(step, &mut cache.storage, block_size, experts, mode)?,
+        };
+        // the final norm is per row: normalising only the logit rows is the same
+        let last = b.select_rows(&hidden, logit_rows)?;
+        let normed = b.rms_norm(&last, &self.norm, self.cfg.rms_norm_eps)?;
+        b.linear(&normed, self.lm_head.as_ref().unwrap_or(&self.embed))
+    }
+
+    /// A pure decode step (one new token per sequence, row i = sequence i) whose routed experts
+    /// are all in this process: what a backend may run as a recorded graph.
+    fn graph_eligible(&self, step: &StepInput, experts: &dyn ExpertExecutor<B>) -> bool {
+        let n = step.tokens.len();
+        n > 0
+            && step.seqs.len() == n
+            && step.seqs.iter().enumerate().all(|(i, s)| s.rows == (i..i + 1))
+            && (0..self.cfg.num_hidden_layers)
+                .all(|l| !self.cfg.is_moe_layer(l) || experts.local_bank(l).is_some())
+    }
+
+    /// Embedding and every layer of one step: the hidden states [rows, hidden], before the
+    /// final norm.
+    fn forward_layers(
+        &self,
+        step: &StepInput,
+        storage: &mut B::Cache,
+        block_size: usize,
+        experts: &dyn ExpertExecutor<B>,
+        mode: AttnMode,
+    ) -> Result<B::Act> {
+        let b = &*self.backend;
         let eps = self.cfg.rms_norm_eps;
         let batch = AttnBatch {
             seqs: &step.seqs,
             rope: &self.rope,
-            block_size: cache.block_size(),
+            block_size,
             mode,
         };
         let mut hidden = b.embed(&self.embed, &step.tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let x = b.rms_norm(&hidden, &layer.input_norm, eps)?;
-            let attn = b.attention(&self.cfg, &layer.attn, &x, &batch, &mut cache.storage, l)?;
+            let attn = b.attention(&self.cfg, &layer.attn, &x, &batch, storage, l)?;
             b.add_assign(&mut hidden, &attn)?;
             let x = b.rms_norm(&hidden, &layer.post_norm, eps)?;
             let out = match &layer.ffn {
@@ -420,9 +471,7 @@ impl<B: Backend> Model<B> {
             };
             b.add_assign(&mut hidden, &out)?;
         }
-        let last = b.select_rows(&hidden, logit_rows)?;
-        let normed = b.rms_norm(&last, &self.norm, eps)?;
-        b.linear(&normed, self.lm_head.as_ref().unwrap_or(&self.embed))
+        Ok(hidden)
     }
 }
 

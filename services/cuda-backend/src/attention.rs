@@ -12,7 +12,7 @@ mod prefill;
 
 use half::bf16;
 
-use dsv2_core::backend::{AttnBatch, AttnMode, AttnWeights, QProj};
+use dsv2_core::backend::{AttnBatch, AttnMode, AttnWeights, QProj, SeqChunk};
 use dsv2_core::config::ModelConfig;
 use dsv2_core::error::Result;
 use dsv2_kernels::Tensor;
@@ -89,33 +89,10 @@ pub(crate) fn run(
     drop(t_proj);
     let t_rope = b.timed("attn.rope");
 
-    // Positions and cache slots of the step's rows (rows in no chunk keep slot -1: not cached).
-    let mut pos = vec![0i32; n];
-    let mut slots = vec![-1i64; n];
-    let mut max_pos = 0usize;
-    for s in batch.seqs {
-        if s.rows.end > n {
-            return Err(err(format!(
-                "chunk rows {:?} beyond the step's {n}",
-                s.rows
-            )));
-        }
-        for (i, row) in s.rows.clone().enumerate() {
-            let p = s.pos0 + i;
-            let blk =
-                *s.blocks.get(p / bs).ok_or_else(|| {
-                    err(format!("position {p} is not covered by the chunk's blocks"))
-                })? as usize;
-            if blk >= num_blocks {
-                return Err(err(format!("block {blk} out of {num_blocks}")));
-            }
-            pos[row] = i32::try_from(p).map_err(|_| err(format!("position {p} > i32")))?;
-            slots[row] = (blk * bs + p % bs) as i64;
-            max_pos = max_pos.max(p + 1);
-        }
-    }
-    let pos_t = b.upload_i32("positions", &pos, &[n])?;
-    let slots_t = b.upload_i64("cache slots", &slots, &[n])?;
+    let rows = row_positions(batch.seqs, n, bs, num_blocks)?;
+    let max_pos = rows.max_pos;
+    let pos_t = b.upload_i32(POSITIONS, &rows.pos, &[n])?;
+    let slots_t = b.upload_i64(CACHE_SLOTS, &rows.slots, &[n])?;
     {
         let mut guard = b.rope.lock().map_err(|_| err("rope table lock poisoned"))?;
         let table = b.rope_table(&mut guard, batch.rope, max_pos)?;
@@ -162,11 +139,7 @@ pub(crate) fn run(
             .iter()
             .enumerate()
             .all(|(i, s)| s.rows == (i..i + 1));
-    let fast = pure_decode
-        && batch.mode != AttnMode::Naive
-        && r == mla::KV_LORA
-        && dr == mla::ROPE
-        && heads <= 65535;
+    let fast = pure_decode && decode_route(cfg, batch.mode);
     let attn_out = if fast {
         decode(b, cfg, w, &q, layer_cache, batch)?
     } else if prefill::supported(cfg) {
@@ -183,6 +156,97 @@ pub(crate) fn run(
     };
     let _t = b.timed("attn.o_proj");
     Ok(CudaAct::Bf16(b.mm(&attn_out, &w.o, "o_proj")?))
+}
+
+/// Upload keys of a step's metadata (the same for every layer of the step; a recorded decode
+/// graph holds one fixed buffer per key, see `graphs`).
+pub(crate) const POSITIONS: &str = "positions";
+pub(crate) const CACHE_SLOTS: &str = "cache slots";
+pub(crate) const BLOCK_TABLE: &str = "block table";
+pub(crate) const SEQ_LENS: &str = "sequence lengths";
+
+/// Positions and cache slots of a step's rows (rows in no chunk keep slot -1: not cached).
+pub(crate) struct RowPositions {
+    pub pos: Vec<i32>,
+    pub slots: Vec<i64>,
+    /// One past the largest position.
+    pub max_pos: usize,
+}
+
+pub(crate) fn row_positions(
+    seqs: &[SeqChunk],
+    n: usize,
+    bs: usize,
+    num_blocks: usize,
+) -> Result<RowPositions> {
+    let mut pos = vec![0i32; n];
+    let mut slots = vec![-1i64; n];
+    let mut max_pos = 0usize;
+    for s in seqs {
+        if s.rows.end > n {
+            return Err(err(format!(
+                "chunk rows {:?} beyond the step's {n}",
+                s.rows
+            )));
+        }
+        for (i, row) in s.rows.clone().enumerate() {
+            let p = s.pos0 + i;
+            let blk =
+                *s.blocks.get(p / bs).ok_or_else(|| {
+                    err(format!("position {p} is not covered by the chunk's blocks"))
+                })? as usize;
+            if blk >= num_blocks {
+                return Err(err(format!("block {blk} out of {num_blocks}")));
+            }
+            pos[row] = i32::try_from(p).map_err(|_| err(format!("position {p} > i32")))?;
+            slots[row] = (blk * bs + p % bs) as i64;
+            max_pos = max_pos.max(p + 1);
+        }
+    }
+    Ok(RowPositions {
+        pos,
+        slots,
+        max_pos,
+    })
+}
+
+/// A pure decode step's block table [n, max_blocks] (one row per sequence, as many columns as
+/// the longest block list, zeros past a sequence's own) and context lengths [n].
+pub(crate) struct DecodeTables {
+    pub table: Vec<i32>,
+    pub lens: Vec<i32>,
+    pub max_blocks: usize,
+}
+
+pub(crate) fn decode_tables(seqs: &[SeqChunk], num_blocks: usize) -> Result<DecodeTables> {
+    let n = seqs.len();
+    let max_blocks = seqs.iter().map(|s| s.blocks.len()).max().unwrap_or(1).max(1);
+    let mut table = vec![0i32; n * max_blocks];
+    let mut lens = vec![0i32; n];
+    for (i, s) in seqs.iter().enumerate() {
+        for (j, &blk) in s.blocks.iter().enumerate() {
+            if blk as usize >= num_blocks {
+                return Err(err(format!("block {blk} out of {num_blocks}")));
+            }
+            table[i * max_blocks + j] = blk as i32;
+        }
+        lens[i] = i32::try_from(s.pos0 + 1)
+            .map_err(|_| err(format!("context {} > i32", s.pos0 + 1)))?;
+    }
+    Ok(DecodeTables {
+        table,
+        lens,
+        max_blocks,
+    })
+}
+
+/// Whether a pure decode step of this model takes the `decode` route (latent dims 512 + 64,
+/// absorbed): the route a recorded decode graph needs.
+pub(crate) fn decode_route(cfg: &ModelConfig, mode: AttnMode) -> bool {
+    mode != AttnMode::Naive
+        && cfg.kv_lora_rank == mla::KV_LORA
+        && cfg.qk_rope_head_dim == mla::ROPE
+        && cfg.num_attention_heads <= 65535
 }
 
 /// q_abs[i, h] = q_nope[i, h] · W_UK_h for m rows of q ([m, H, dn + dr] at `q`, row stride
@@ -281,28 +345,9 @@ fn decode(
     absorb_q(b, cfg, w, q.ptr(), n, q_abs.ptr())?;
     drop(t_absorb);
     let t_decode = b.timed("attn.decode");
-    let max_blocks = batch
-        .seqs
-        .iter()
-        .map(|s| s.blocks.len())
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let mut table = vec![0i32; n * max_blocks];
-    let mut lens = vec![0i32; n];
-    let mut max_len = 1usize;
-    for (i, s) in batch.seqs.iter().enumerate() {
-        for (j, &blk) in s.blocks.iter().enumerate() {
-            if blk as usize >= num_blocks {
-                return Err(err(format!("block {blk} out of {num_blocks}")));
-            }
-            table[i * max_blocks + j] = blk as i32;
-        }
-        lens[i] = (s.pos0 + 1) as i32;
-        max_len = max_len.max(s.pos0 + 1);
-    }
-    let bt = b.upload_i32("block table", &table, &[n, max_blocks])?;
-    let sl = b.upload_i32("sequence lengths", &lens, &[n])?;
+    let t = decode_tables(batch.seqs, num_blocks)?;
+    let bt = b.upload_i32(BLOCK_TABLE, &t.table, &[n, t.max_blocks])?;
+    let sl = b.upload_i32(SEQ_LENS, &t.lens, &[n])?;
     // the kernel reads q's rope columns in place (no copy)
     let q_pe = q.view().narrow(2, dn, dr).kx()?;
     let mut ctx_lat = b.empty(&[n, heads, r])?;
@@ -315,7 +360,10 @@ fn decode(
             block_table: bt.view(),
             seq_lens: sl.view(),
             out: ctx_lat.view_mut(),
-            max_seq_len: max_len,
+            // the table's capacity, not the longest context: the split count then depends on
+            // the shape alone (each sequence cuts its own length into those splits on the
+            // device), which is what lets a recorded graph replay for any lengths
+            max_seq_len: t.max_blocks * batch.block_size,
             scale: cfg.softmax_scale(),
             splits: None,
             kernel: None,

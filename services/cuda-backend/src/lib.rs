@@ -7,13 +7,14 @@
 
 mod blas;
 mod ceilings;
+mod graphs;
 mod profile;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use half::bf16;
 
-use dsv2_core::backend::{AttnBatch, AttnWeights, Backend, ExpertBank, MlpWeights};
+use dsv2_core::backend::{AttnBatch, AttnWeights, Backend, ExpertBank, GraphStep, MlpWeights};
 use dsv2_core::config::{ModelConfig, TopkMethod};
 use dsv2_core::error::{CoreError, Result};
 use dsv2_core::routing::{Routing, RoutingParams};
@@ -114,13 +115,26 @@ impl std::ops::Deref for Bf<'_> {
 pub struct CudaCache {
     layers: Vec<Tensor<bf16>>,
     block_size: usize,
+    /// Unique per cache made in this process: recorded decode graphs name the cache they write.
+    id: u64,
 }
+
+impl CudaCache {
+    fn num_blocks(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.shape()[0])
+    }
+}
+
+/// Upload key of a step's token ids.
+const TOKEN_IDS: &str = "token ids";
 
 /// The device copy of the RoPE cos/sin table, grown on demand.
 struct RopeCache {
     inv_freq: Vec<f32>,
     mscale: f32,
     table: DevRope,
+    /// Bumped on every rebuild (a recorded graph reads one table).
+    generation: u64,
 }
 
 /// The CUDA backend on one device. All work goes to the device's main stream; a mutex serialises
@@ -146,9 +160,25 @@ enum DeviceRouting {
     },
 }
 
-/// Device copies of small host arrays by name, with the host values they were made from.
-type UploadCache<T> =
-    Mutex<std::collections::HashMap<&'static str, (Vec<T>, Vec<usize>, Arc<Tensor<T>>)>>;
+/// Device copies of small host arrays by name, with the host values and shape they were made
+/// from.
+type UploadMap<T> = std::collections::HashMap<&'static str, (Vec<T>, Vec<usize>, Arc<Tensor<T>>)>;
+
+/// A step's small uploads by name: reused while the values stay the same, and, while a decode
+/// graph is recorded, the graph's fixed input buffers (`staged`).
+struct Uploads<T: dsv2_kernels::DType> {
+    cache: Mutex<UploadMap<T>>,
+    staged: Mutex<Option<UploadMap<T>>>,
+}
+
+impl<T: dsv2_kernels::DType> Default for Uploads<T> {
+    fn default() -> Self {
+        Uploads {
+            cache: Mutex::new(Default::default()),
+            staged: Mutex::new(None),
+        }
+    }
+}
 
 /// Host copy of a bank's expert weight addresses and the device table made from it.
 type ExpertTable = (Vec<i64>, Arc<Tensor<i64>>);
@@ -169,20 +199,24 @@ pub struct CudaBackend {
     prefill_kernel: PrefillKernel,
     /// Per-step metadata (positions, cache slots, block table, lengths) is the same for every
     /// layer of a step: the first layer uploads it, the others reuse it (4 copies per layer less).
-    uploads_i32: UploadCache<i32>,
-    uploads_i64: UploadCache<i64>,
+    uploads_i32: Uploads<i32>,
+    uploads_i64: Uploads<i64>,
+    /// Recorded decode graphs (`DSV2_CUDA_GRAPHS`).
+    graphs: Mutex<graphs::DecodeGraphs>,
 }
 
 impl CudaBackend {
     /// Opens device `opts.ordinal` and compiles or loads the kernels.
     pub fn new(opts: &GpuOptions) -> std::result::Result<Self, KernelError> {
         let gpu = Gpu::open(opts)?;
+        let profile = profile::Profile::from_env();
+        let graphs = graphs::DecodeGraphs::from_env(profile.is_some());
         Ok(Self {
             gpu,
             ordinal: opts.ordinal,
             exec: Mutex::new(()),
             rope: Mutex::new(None),
-            profile: profile::Profile::from_env(),
+            profile,
             expert_tables: Mutex::new(Default::default()),
             // DSV2_SMALL_EXPERTS=0 keeps decode on the permuted path (to compare the two)
             small_experts: std::env::var("DSV2_SMALL_EXPERTS").map_or(true, |v| v != "0"),
@@ -198,22 +232,46 @@ impl CudaBackend {
                 Ok(v) => PrefillKernel::parse(&v)?,
                 Err(_) => PrefillKernel::default(),
             },
-            uploads_i32: Mutex::new(Default::default()),
-            uploads_i64: Mutex::new(Default::default()),
+            uploads_i32: Uploads::default(),
+            uploads_i64: Uploads::default(),
+            graphs: Mutex::new(graphs),
         })
     }
 
     /// `host` on the device as a tensor of `shape`, reusing the copy made under `key` when the
     /// values are the same (the tensors are only read, so sharing them is safe; a replaced one is
     /// freed in stream order, after the kernels that read it).
+    ///
+    /// While a decode graph is being recorded, the key's staged buffer instead, which must have
+    /// been made from exactly these values (anything else would replay with the wrong inputs).
     fn upload_cached<T: dsv2_kernels::DType + PartialEq>(
         &self,
-        cache: &UploadCache<T>,
+        uploads: &Uploads<T>,
         key: &'static str,
         host: &[T],
         shape: &[usize],
     ) -> Result<Arc<Tensor<T>>> {
-        let mut m = cache.lock().map_err(|_| err("upload cache poisoned"))?;
+        if let Some(staged) = uploads
+            .staged
+            .lock()
+            .map_err(|_| err("staged uploads poisoned"))?
+            .as_ref()
+        {
+            return match staged.get(key) {
+                Some((h, sh, t)) if h.as_slice() == host && sh.as_slice() == shape => Ok(t.clone()),
+                Some((_, sh, _)) => Err(err(format!(
+                    "graph recording: the step's {key} {shape:?} differs from what was staged \
+                     ({sh:?})"
+                ))),
+                None => Err(err(format!(
+                    "graph recording: the step uploads {key}, which is not staged"
+                ))),
+            };
+        }
+        let mut m = uploads
+            .cache
+            .lock()
+            .map_err(|_| err("upload cache poisoned"))?;
         if let Some((h, sh, t)) = m.get(key)
             && h.as_slice() == host
             && sh.as_slice() == shape
@@ -241,6 +299,59 @@ impl CudaBackend {
         shape: &[usize],
     ) -> Result<Arc<Tensor<i64>>> {
         self.upload_cached(&self.uploads_i64, key, host, shape)
+    }
+
+    /// Sets (or with None clears) the buffers `upload_i32/i64` hand out while a decode graph is
+    /// recorded: each staged key's host values and its fixed device buffer.
+    fn stage_uploads(
+        &self,
+        s: Option<(
+            &graphs::Staged,
+            &std::collections::HashMap<&'static str, Arc<Tensor<i32>>>,
+            &std::collections::HashMap<&'static str, Arc<Tensor<i64>>>,
+        )>,
+    ) -> Result<()> {
+        fn map<T: dsv2_kernels::DType>(
+            host: &[(&'static str, Vec<T>, Vec<usize>)],
+            dev: &std::collections::HashMap<&'static str, Arc<Tensor<T>>>,
+        ) -> Result<UploadMap<T>> {
+            host.iter()
+                .map(|(k, v, sh)| {
+                    let t = dev
+                        .get(k)
+                        .ok_or_else(|| err(format!("no buffer for staged {k}")))?;
+                    Ok((*k, (v.clone(), sh.clone(), t.clone())))
+                })
+                .collect()
+        }
+        let (i32s, i64s) = match s {
+            Some((st, d32, d64)) => (Some(map(&st.i32s, d32)?), Some(map(&st.i64s, d64)?)),
+            None => (None, None),
+        };
+        *self
+            .uploads_i32
+            .staged
+            .lock()
+            .map_err(|_| err("staged uploads poisoned"))? = i32s;
+        *self
+            .uploads_i64
+            .staged
+            .lock()
+            .map_err(|_| err("staged uploads poisoned"))? = i64s;
+        Ok(())
+    }
+
+    /// What the recorded decode graphs have done so far (`graphs`).
+    pub fn decode_graph_stats(&self) -> GraphStats {
+        self.graphs.lock().map(|g| g.stats()).unwrap_or_default()
+    }
+
+    /// Makes the RoPE table cover positions < `need`; returns its generation.
+    fn ensure_rope(&self, rope: &dsv2_core::rope::RopeTable, need: usize) -> Result<u64> {
+        let _g = self.lock()?;
+        let mut guard = self.rope.lock().map_err(|_| err("rope table lock poisoned"))?;
+        self.rope_table(&mut guard, rope, need)?;
+        Ok(guard.as_ref().map_or(0, |c| c.generation))
     }
 
     fn small_experts_enabled(&self) -> bool {
@@ -556,10 +667,12 @@ impl CudaBackend {
                 }
             }
             let table = DevRope::from_host(&self.gpu, &cos, &sin, max_pos, 2 * half).kx()?;
+            let generation = guard.as_ref().map_or(0, |c| c.generation) + 1;
             *guard = Some(RopeCache {
                 inv_freq: rope.inv_freq.clone(),
                 mscale: rope.mscale,
                 table,
+                generation,
             });
         }
         guard
@@ -660,7 +773,12 @@ impl Backend for CudaBackend {
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| self.zeros(&[num_blocks, block_size, width]))
             .collect::<Result<Vec<_>>>()?;
-        Ok(CudaCache { layers, block_size })
+        static NEXT_CACHE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Ok(CudaCache {
+            layers,
+            block_size,
+            id: NEXT_CACHE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        })
     }
 
     fn act_from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaAct> {
@@ -731,7 +849,7 @@ impl Backend for CudaBackend {
         }
         let _g = self.lock()?;
         let idv: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-        let idt = Tensor::from_host(&self.gpu, &idv, &[ids.len()]).kx()?;
+        let idt = self.upload_i32(TOKEN_IDS, &idv, &[ids.len()])?;
         let mut out = self.empty(&[ids.len(), hidden])?;
         ew::embedding(
             &self.gpu,
@@ -890,6 +1008,15 @@ impl Backend for CudaBackend {
         true
     }
 
+    fn decode_graph(
+        &self,
+        g: &GraphStep<'_>,
+        cache: &mut CudaCache,
+        layers: &mut dyn FnMut(&dsv2_core::model::StepInput, &mut CudaCache) -> Result<CudaAct>,
+    ) -> Result<Option<CudaAct>> {
+        self.run_decode_graph(g, cache, layers)
+    }
+
     /// Temperature / top-k / top-p draws where the logits are (`sample_f32`): only the per-row
     /// settings go up and one id per row comes back.
     fn sample_rows(&self, x: &CudaAct, rows: &[RowSampling]) -> Result<Vec<u32>> {
@@ -988,6 +1115,8 @@ impl Backend for CudaBackend {
 
 mod attention;
 mod experts;
+
+pub use graphs::GraphStats;
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {

@@ -330,9 +330,11 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// A random 2-layer dense model with DeepSeek-V2's MLA dims (latent 512 + rope 64, nope 128,
-/// v 128, YaRN) but 16 heads and hidden 1024, written as a checkpoint to a temp dir: its decode
-/// steps take the tuned `mla_decode_bf16` path, which the tiny fixtures (latent 32) never reach.
+/// A random 2-layer model with DeepSeek-V2's MLA dims (latent 512 + rope 64, nope 128,
+/// v 128, YaRN) but 16 heads and hidden 1024, layer 0 dense and layer 1 MoE (16 routed experts of
+/// 256 in 4 groups, top-4, 2 shared), written as a checkpoint to a temp dir: its decode steps
+/// take the tuned `mla_decode_bf16` path and the on-device expert kernels, and run as recorded
+/// CUDA graphs, none of which the tiny fixtures (latent 32) reach.
 /// GPU against the CPU backend on the same weights (rel L2 ≤ 1e-2): prefill (naive, the flash
 /// prefill kernel), decode-from-24 absorbed (tuned kernel) and naive (flash prefill kernel, one
 /// query per step), and several sequences per step in every attention mode.
@@ -346,12 +348,16 @@ fn real_dims_mla(cuda: &Arc<CudaBackend>) -> Result<Vec<Row>> {
     let mut cfg: serde_json::Value = serde_json::from_str(&base)?;
     let (h, heads, layers, vocab, inter) = (1024usize, 16usize, 2usize, 1024usize, 1024usize);
     let (ql, r, dr, dn, dv) = (768usize, 512usize, 64usize, 128usize, 128usize);
+    let (n_exp, moe_inter, n_shared) = (16usize, 256usize, 2usize);
     for (k, v) in [
         ("hidden_size", h),
         ("num_attention_heads", heads),
         ("num_key_value_heads", heads),
         ("num_hidden_layers", layers),
-        ("first_k_dense_replace", layers),
+        ("first_k_dense_replace", 1),
+        ("n_routed_experts", n_exp),
+        ("moe_intermediate_size", moe_inter),
+        ("n_shared_experts", n_shared),
         ("vocab_size", vocab),
         ("intermediate_size", inter),
         ("q_lora_rank", ql),
@@ -395,16 +401,30 @@ fn real_dims_mla(cuda: &Arc<CudaBackend>) -> Result<Vec<Row>> {
         let p = format!("model.layers.{l}");
         let a = format!("{p}.self_attn");
         let lin = |o: usize, i: usize| (vec![o, i], 1.7 / (i as f32).sqrt());
-        for (name, (shape, sc)) in [
+        let mut mats = vec![
             (format!("{a}.q_a_proj.weight"), lin(ql, h)),
             (format!("{a}.q_b_proj.weight"), lin(heads * qd, ql)),
             (format!("{a}.kv_a_proj_with_mqa.weight"), lin(r + dr, h)),
             (format!("{a}.kv_b_proj.weight"), lin(heads * (dn + dv), r)),
             (format!("{a}.o_proj.weight"), lin(h, heads * dv)),
-            (format!("{p}.mlp.gate_proj.weight"), lin(inter, h)),
-            (format!("{p}.mlp.up_proj.weight"), lin(inter, h)),
-            (format!("{p}.mlp.down_proj.weight"), lin(h, inter)),
-        ] {
+        ];
+        let mlp = |m: &str, i: usize| {
+            [
+                (format!("{m}.gate_proj.weight"), lin(i, h)),
+                (format!("{m}.up_proj.weight"), lin(i, h)),
+                (format!("{m}.down_proj.weight"), lin(h, i)),
+            ]
+        };
+        if l == 0 {
+            mats.extend(mlp(&format!("{p}.mlp"), inter));
+        } else {
+            mats.push((format!("{p}.mlp.gate.weight"), lin(n_exp, h)));
+            mats.extend(mlp(&format!("{p}.mlp.shared_experts"), moe_inter * n_shared));
+            for e in 0..n_exp {
+                mats.extend(mlp(&format!("{p}.mlp.experts.{e}"), moe_inter));
+            }
+        }
+        for (name, (shape, sc)) in mats {
             let n = shape.iter().product();
             tensors.push((name, shape, rnd(n, sc, 0.0)));
         }
@@ -468,8 +488,73 @@ fn real_dims_mla(cuda: &Arc<CudaBackend>) -> Result<Vec<Row>> {
             note: "vs CPU backend; 3 prompts in one step, then 4 chunks (7, 3 new, 1, 7)".into(),
         });
     }
+    // batched decode: what the recorded CUDA graphs run (3 sequences padded to 4 rows); the
+    // row fails if graphs are on (the default) and no step was replayed from one
+    let before = cuda.decode_graph_stats();
+    let want = batched_decode_logits(&cm, &ce, &tokens)?;
+    let got = batched_decode_logits(&gm, &ge, &tokens)?;
+    let after = cuda.decode_graph_stats();
+    let replays = after.replays - before.replays;
+    let (max_abs, rel_l2) = errors(&got, &want);
+    rows.push(Row {
+        what: "real-dims MLA + MoE batched decode (3 sequences, 8 steps)".into(),
+        rel_l2,
+        max_abs,
+        vs_cpu: rel_l2,
+        pass: got.len() == want.len() && rel_l2 <= REL_L2_TOL && (!after.on || replays >= 6),
+        note: format!(
+            "vs CPU backend; CUDA graphs {} ({} recorded, {replays} steps replayed)",
+            if after.on { "on" } else { "off" },
+            after.recorded
+        ),
+    });
     std::fs::remove_dir_all(&dir).ok();
     Ok(rows)
+}
+
+/// Logits of 8 decode steps over three sequences prefilled to 40, 17 and 5 tokens (one step),
+/// every row of every decode step.
+fn batched_decode_logits<B: Backend>(
+    model: &dsv2_core::model::Model<B>,
+    experts: &dyn ExpertExecutor<B>,
+    tokens: &[u32],
+) -> Result<Vec<f32>> {
+    use dsv2_core::backend::SeqChunk;
+    use dsv2_core::kv_cache::BlockTable;
+    use dsv2_core::model::StepInput;
+    let mut cache = model.new_cache(32, 16)?;
+    let lens = [40usize, 17, 5];
+    let mut tables: Vec<BlockTable> = lens.iter().map(|_| BlockTable::default()).collect();
+    let tok = |i: usize| tokens[i % tokens.len()];
+    let mut step = StepInput::default();
+    for (s, &n) in lens.iter().enumerate() {
+        cache.reserve(&mut tables[s], n)?;
+        let row0 = step.tokens.len();
+        step.tokens.extend((0..n).map(|i| tok(s * 13 + i)));
+        step.seqs.push(SeqChunk {
+            rows: row0..row0 + n,
+            pos0: 0,
+            blocks: tables[s].blocks.clone(),
+        });
+    }
+    let last: Vec<usize> = step.seqs.iter().map(|c| c.rows.end - 1).collect();
+    model.forward(&step, &mut cache, experts, AttnMode::Auto, &last)?;
+    let mut out = Vec::new();
+    for k in 0..8 {
+        let mut step = StepInput::default();
+        for (s, &n) in lens.iter().enumerate() {
+            let pos = n + k;
+            cache.reserve(&mut tables[s], pos + 1)?;
+            step.tokens.push(tok(s * 13 + pos));
+            step.seqs.push(SeqChunk {
+                rows: s..s + 1,
+                pos0: pos,
+                blocks: tables[s].blocks.clone(),
+            });
+        }
+        out.extend(model.forward(&step, &mut cache, experts, AttnMode::Auto, &[0, 1, 2])?);
+    }
+    Ok(out)
 }
 
 /// Logits of every row of two steps over four sequences (token ids taken from `tokens`):
