@@ -12,6 +12,9 @@
 #            512 and 4096) beside the roofline measured in the same process
 #   bench-eager  the same with CUDA graphs off (DSV2_CUDA_GRAPHS=0), to compare
 #   lite-bench, lite-bench-eager  the same on DeepSeek-V2-Lite (27 layers), graphs on and off
+#   served-graphs  the served decode rows alone (4-layer V2)
+#   nsys     per-kernel GPU time of batch-1 decode (Nsight Systems, kernels inside graphs traced)
+#   ncu, ncu-stalls  Nsight Compute on the MLA decode kernel (throughputs; why warps wait)
 #   served   dsv2-router --device cuda:0 with local experts and random real-dims weights, driven by
 #            `dsv2 loadtest` with DISTINCT prompts (MoE cost depends on it): decode at c=1/64/256,
 #            prefill of 64 distinct 512-token prompts and time to first token of one 4096-token
@@ -114,7 +117,58 @@ for sec in ${SECTIONS:-check fixtures served lite profile}; do
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
         --section SchedulerStats --section Occupancy --section LaunchStats \
         "$BIN/dsv2-gpu-check" --mla --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/ncu-mla.log" 2>&1 || { echo "ncu FAILED"; fail=1; }
-      grep -vE "^(P1|P2|checks|device|copy|cuBLAS|prefill|==PROF==)" "$OUT_DIR/ncu-mla.log" | grep -E "Throughput|Duration|Stall|Warp Cycles|Issued|Eligible|Active|Hit Rate|Bandwidth|Mem Pipes|Registers|Shared Memory|Occupancy|L1|L2|DRAM|Busy|Compute" | head -60 ;;
+      grep -vE "^(P1|P2|checks|device|copy|cuBLAS|prefill|==PROF==)" "$OUT_DIR/ncu-mla.log" | grep -E "Throughput|Duration|Stall|Warp Cycles|Issued|Eligible|Active|Hit Rate|Bandwidth|Mem Pipes|Registers|Shared Memory|Occupancy|L1|L2|DRAM|Busy|Compute" | head -60
+      # and the batch-1 ctx-32768 row (after 6 more rows and the batch-128 one, 23 launches each)
+      timeout -k 5 240 "$NCU" -k regex:mla_decode_wgmma --launch-skip 173 --launch-count 1 \
+        --section SpeedOfLight --section WarpStateStats --section LaunchStats \
+        "$BIN/dsv2-gpu-check" --mla --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/ncu-mla-long.log" 2>&1 || { echo "ncu FAILED"; fail=1; }
+      grep -E "Duration|Grid Size|Throughput|Stall|Warp Cycles" "$OUT_DIR/ncu-mla-long.log" | head -20 ;;
+    ncu-stalls)
+      # why the MLA decode kernel's warps wait (batch 64 x ctx 4096 x 128 heads, one launch)
+      NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      timeout -k 5 240 "$NCU" -k regex:mla_decode_wgmma --launch-skip 12 --launch-count 1 \
+        --section WarpStateStats --section SpeedOfLight --page raw --csv \
+        "$BIN/dsv2-gpu-check" --mla --cache-dir /tmp/dsv2-cubin >/tmp/ncu-stalls.csv 2>&1 || { echo "ncu FAILED"; fail=1; }
+      "$PY" - /tmp/ncu-stalls.csv <<'PYEOF'
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+if len(rows) < 3: print("no ncu rows"); sys.exit()
+head, units, vals = rows[0], rows[1], rows[2]
+for h, u, v in zip(head, units, vals):
+    if ("stall" in h and "ratio" in h) or "dram__throughput" in h or "gpu__time_duration" in h:
+        try:
+            if float(v.replace(",", "")) < 0.05: continue
+        except ValueError: continue
+        print("%-90s %10s %s" % (h, v, u))
+PYEOF
+      ;;
+    nsys)
+      # per-kernel GPU time of batch-1 decode (graphs on; kernels inside graphs traced one by one)
+      NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+      dir=/tmp/gd-deepseek-v2-4
+      mkdir -p "$dir"
+      "$BIN/dsv2" init-random --preset deepseek-v2 --layers 4 --config-only --out "$dir" --seed 1 >/dev/null 2>&1
+      if [ -z "$NSYS" ]; then echo "no nsys on this machine"; else
+        timeout -k 5 200 "$NSYS" profile -o /tmp/b1 --force-overwrite true --cuda-graph-trace=node --trace=cuda \
+          "$BIN/dsv2" bench --device cuda:0 --model-dir "$dir" --random-weights 1 --batch 1 --context 512 \
+          --new-tokens 64 --runs 1 >/tmp/nsys-bench.log 2>&1 || { echo "nsys FAILED"; tail -5 /tmp/nsys-bench.log; fail=1; }
+        grep -E "^ +1 +512" /tmp/nsys-bench.log
+        "$NSYS" stats --report cuda_gpu_kern_sum --format csv /tmp/b1.nsys-rep 2>/dev/null >/tmp/kern.csv
+        "$PY" - /tmp/kern.csv <<'PYEOF'
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 8]
+h = rows[0]; rows = rows[1:]
+i_t, i_n, i_avg, i_name = h.index("Total Time (ns)"), h.index("Instances"), h.index("Avg (ns)"), h.index("Name")
+# decode kernels run once per layer per step: many instances; the ceiling probes run 10-20 times
+rows = [r for r in rows if int(r[i_n]) >= 60]
+tot = sum(int(r[i_t]) for r in rows)
+print("kernels with >= 60 launches: %.2f ms in total" % (tot / 1e6))
+for r in sorted(rows, key=lambda r: -int(r[i_t]))[:28]:
+    print("%8.3f ms %6s x %8.1f us  %s" % (int(r[i_t]) / 1e6, r[i_n], float(r[i_avg]) / 1e3, r[i_name][:110]))
+PYEOF
+      fi ;;
+    served-graphs)
+      DECODE_ONLY=1 served deepseek-v2 4 "4-layer V2 (CUDA graphs)" ;;
     mla)
       timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-mla.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|^device|copy d2d|cuBLAS bf16|^P1|prefill" "$OUT_DIR/gpu-check-mla.log" | grep -v " ok " ;;
@@ -149,15 +203,15 @@ for sec in ${SECTIONS:-check fixtures served lite profile}; do
       grep -iE "===|time to first|average|tokens/s|prefix_cache|cached_blocks|engine_steps" "$OUT_DIR/prefix.log" | head -30 ;;
     bench)
       # in-process decode and prefill of distinct prompts against the roofline (dsv2 bench)
-      LIMIT_S="${BENCH_LIMIT_S:-150}" OUT="$OUT_DIR" bash scripts/gpu-bench.sh ;;
+      LIMIT_S="${BENCH_LIMIT_S:-150}" OUT=/tmp/gd-bench bash scripts/gpu-bench.sh ;;
     bench-eager)
       echo "-- CUDA graphs off (DSV2_CUDA_GRAPHS=0)"
-      DSV2_CUDA_GRAPHS=0 LIMIT_S="${BENCH_LIMIT_S:-150}" OUT="$OUT_DIR/eager" bash scripts/gpu-bench.sh ;;
+      DSV2_CUDA_GRAPHS=0 LIMIT_S="${BENCH_LIMIT_S:-150}" OUT=/tmp/gd-bench-eager bash scripts/gpu-bench.sh ;;
     lite-bench)
-      PRESET=deepseek-v2-lite LAYERS=27 LIMIT_S="${BENCH_LIMIT_S:-150}" OUT="$OUT_DIR" bash scripts/gpu-bench.sh ;;
+      PRESET=deepseek-v2-lite LAYERS=27 LIMIT_S="${BENCH_LIMIT_S:-150}" OUT=/tmp/gd-bench-lite bash scripts/gpu-bench.sh ;;
     lite-bench-eager)
       echo "-- CUDA graphs off (DSV2_CUDA_GRAPHS=0)"
-      DSV2_CUDA_GRAPHS=0 PRESET=deepseek-v2-lite LAYERS=27 LIMIT_S="${BENCH_LIMIT_S:-150}" OUT="$OUT_DIR/eager" bash scripts/gpu-bench.sh ;;
+      DSV2_CUDA_GRAPHS=0 PRESET=deepseek-v2-lite LAYERS=27 LIMIT_S="${BENCH_LIMIT_S:-150}" OUT=/tmp/gd-bench-lite-eager bash scripts/gpu-bench.sh ;;
     profile)
       # where a decode step's time goes at batch 1 (ops timed one by one, stream synchronised
       # around each: slower overall, but the split is what counts)

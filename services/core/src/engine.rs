@@ -952,10 +952,94 @@ mod tests {
         }
     }
 
+    /// The CPU backend doing what a graph-recording backend does with a decode step
+    /// (`Backend::decode_graph`): it runs the layers on the step padded to the next power of two
+    /// rows and 32 blocks per sequence, and hands back all the padded rows' hidden states.
+    struct PaddedDecode(CpuBackend, std::sync::atomic::AtomicUsize);
+
+    impl Backend for PaddedDecode {
+        type Weight = <CpuBackend as Backend>::Weight;
+        type Act = <CpuBackend as Backend>::Act;
+        type Cache = <CpuBackend as Backend>::Cache;
+        fn name(&self) -> String {
+            "cpu (padded decode steps)".into()
+        }
+        fn weight(&self, t: &TensorRef) -> Result<Self::Weight> {
+            self.0.weight(t)
+        }
+        fn new_cache(&self, c: &crate::ModelConfig, n: usize, b: usize) -> Result<Self::Cache> {
+            self.0.new_cache(c, n, b)
+        }
+        fn act_from_host(&self, r: usize, c: usize, d: &[f32]) -> Result<Self::Act> {
+            self.0.act_from_host(r, c, d)
+        }
+        fn act_to_host(&self, a: &Self::Act) -> Result<Vec<f32>> {
+            self.0.act_to_host(a)
+        }
+        fn act_shape(&self, a: &Self::Act) -> (usize, usize) {
+            self.0.act_shape(a)
+        }
+        fn select_rows(&self, a: &Self::Act, rows: &[usize]) -> Result<Self::Act> {
+            self.0.select_rows(a, rows)
+        }
+        fn embed(&self, t: &Self::Weight, ids: &[u32]) -> Result<Self::Act> {
+            self.0.embed(t, ids)
+        }
+        fn rms_norm(&self, x: &Self::Act, w: &Self::Weight, eps: f32) -> Result<Self::Act> {
+            self.0.rms_norm(x, w, eps)
+        }
+        fn add_assign(&self, acc: &mut Self::Act, x: &Self::Act) -> Result<()> {
+            self.0.add_assign(acc, x)
+        }
+        fn linear(&self, x: &Self::Act, w: &Self::Weight) -> Result<Self::Act> {
+            self.0.linear(x, w)
+        }
+        fn mlp(&self, w: &MlpWeights<Self::Weight>, x: &Self::Act) -> Result<Self::Act> {
+            self.0.mlp(w, x)
+        }
+        fn attention(
+            &self,
+            cfg: &crate::ModelConfig,
+            w: &AttnWeights<Self::Weight>,
+            x: &Self::Act,
+            batch: &AttnBatch<'_>,
+            cache: &mut Self::Cache,
+            layer: usize,
+        ) -> Result<Self::Act> {
+            self.0.attention(cfg, w, x, batch, cache, layer)
+        }
+        fn route(&self, g: &Self::Weight, x: &Self::Act, p: &RoutingParams) -> Result<Routing> {
+            self.0.route(g, x, p)
+        }
+        fn experts(
+            &self,
+            bank: &ExpertBank<Self::Weight>,
+            x: &Self::Act,
+            routing: &Routing,
+        ) -> Result<Self::Act> {
+            self.0.experts(bank, x, routing)
+        }
+        fn decode_graph(
+            &self,
+            g: &crate::backend::GraphStep<'_>,
+            cache: &mut Self::Cache,
+            layers: &mut dyn FnMut(&crate::model::StepInput, &mut Self::Cache) -> Result<Self::Act>,
+        ) -> Result<Option<Self::Act>> {
+            let rows = g.step.tokens.len().next_power_of_two();
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            layers(&g.step.padded_decode(rows, 32), cache).map(Some)
+        }
+    }
+
     fn sampled_runs<B: Backend>(backend: B) -> Vec<Vec<u32>> {
+        sampled_runs_n(Arc::new(backend), 4)
+    }
+
+    /// The first `n` of `sampled_runs`' requests, decoded together.
+    fn sampled_runs_n<B: Backend>(backend: Arc<B>, n: u64) -> Vec<Vec<u32>> {
         let dir = crate::tiny::ensure(&std::env::temp_dir().join("dsv2-engine-test"))
             .expect("tiny model");
-        let (model, experts) = crate::model::load_local(Arc::new(backend), &dir).expect("load");
+        let (model, experts) = crate::model::load_local(backend, &dir).expect("load");
         let mut engine = Engine::new(
             Arc::new(model),
             Arc::new(experts),
@@ -968,7 +1052,7 @@ mod tests {
         )
         .expect("engine");
         // sampled rows of different settings plus a greedy one, decoded together
-        let reqs = (0..4u64)
+        let reqs = (0..n)
             .map(|id| SeqRequest {
                 id,
                 prompt: vec![1, 5 + id as u32, 9, 2],
@@ -994,6 +1078,18 @@ mod tests {
             .into_iter()
             .map(|c| c.output_ids)
             .collect()
+    }
+
+    #[test]
+    fn padded_decode_steps_give_the_same_tokens() {
+        // 3 sequences: each decode step is padded to 4 rows
+        let plain = sampled_runs_n(Arc::new(CpuBackend), 3);
+        let padded = Arc::new(PaddedDecode(CpuBackend, Default::default()));
+        assert_eq!(sampled_runs_n(padded.clone(), 3), plain);
+        assert!(
+            padded.1.load(std::sync::atomic::Ordering::Relaxed) >= 11,
+            "decode steps did not go through decode_graph"
+        );
     }
 
     #[test]

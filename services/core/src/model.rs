@@ -48,6 +48,38 @@ pub struct StepInput {
     pub seqs: Vec<SeqChunk>,
 }
 
+impl StepInput {
+    /// A pure decode step (row i = sequence i, one token each) padded to `rows` rows with copies
+    /// of its first sequence, and every block list padded with block 0 to at least `min_blocks`
+    /// entries: a fixed shape that a recorded graph can replay (see `Backend::decode_graph`).
+    /// A copy recomputes the first sequence's token at the same position and writes the same
+    /// values into the same cache slot, so it changes nothing; its rows follow the real ones.
+    pub fn padded_decode(&self, rows: usize, min_blocks: usize) -> StepInput {
+        let pad = |s: &SeqChunk, row: usize| {
+            let mut blocks = s.blocks.clone();
+            if blocks.len() < min_blocks {
+                blocks.resize(min_blocks, 0);
+            }
+            SeqChunk {
+                rows: row..row + 1,
+                pos0: s.pos0,
+                blocks,
+            }
+        };
+        let mut out = StepInput {
+            tokens: self.tokens.clone(),
+            seqs: self.seqs.iter().enumerate().map(|(i, s)| pad(s, i)).collect(),
+        };
+        if let (Some(&t0), Some(s0)) = (self.tokens.first(), self.seqs.first()) {
+            for row in self.tokens.len()..rows {
+                out.tokens.push(t0);
+                out.seqs.push(pad(s0, row));
+            }
+        }
+        out
+    }
+}
+
 /// Routed experts' results for one MoE layer, possibly still being computed elsewhere (remote
 /// shards); the model computes the shared experts before it waits.
 pub enum PendingExperts<B: Backend> {

@@ -6,9 +6,10 @@
 //!
 //! How a recorded step stays valid for later steps:
 //! - Shapes are bucketed: the batch is padded to a power of two (1, 2, 4, ... 256 rows) with
-//!   copies of its first sequence (they recompute that sequence's token and write the same values
-//!   to the same cache slot, so they change nothing), and every block list is padded with block 0
-//!   to a power-of-two width of at least [`MIN_TABLE_BLOCKS`]. A graph is kept per (rows, width).
+//!   copies of its first sequence (`StepInput::padded_decode`: they recompute that sequence's
+//!   token and write the same values to the same cache slot, so they change nothing), and every
+//!   block list is padded with block 0 to a power-of-two width of at least [`MIN_TABLE_BLOCKS`].
+//!   A graph is kept per (cache, rows, width).
 //! - Everything a step uploads (token ids, positions, cache slots, block table, lengths) goes
 //!   through `CudaBackend::upload_i32/i64` under a fixed key. While a graph is recorded those calls
 //!   return fixed buffers made beforehand from the same step ([`staged`]), after checking that the
@@ -33,7 +34,7 @@ use cudarc::driver::CudaGraph;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use half::bf16;
 
-use dsv2_core::backend::{GraphStep, SeqChunk};
+use dsv2_core::backend::GraphStep;
 use dsv2_core::error::Result;
 use dsv2_core::model::StepInput;
 use dsv2_kernels::Tensor;
@@ -95,6 +96,11 @@ impl DecodeGraphs {
         }
     }
 
+    pub(crate) fn set_on(&mut self, on: bool) {
+        self.on = on;
+        self.recorded.clear();
+    }
+
     pub(crate) fn count(&self) -> usize {
         self.recorded.len()
     }
@@ -143,35 +149,6 @@ pub(crate) fn staged(step: &StepInput, block_size: usize, num_blocks: usize) -> 
     })
 }
 
-/// `step` padded to `rows` rows with copies of its first sequence, every block list padded with
-/// block 0 to `table_blocks` entries.
-fn padded(step: &StepInput, rows: usize, table_blocks: usize) -> StepInput {
-    let pad_blocks = |s: &SeqChunk, row: usize| {
-        let mut blocks = s.blocks.clone();
-        blocks.resize(table_blocks, 0);
-        SeqChunk {
-            rows: row..row + 1,
-            pos0: s.pos0,
-            blocks,
-        }
-    };
-    let n = step.tokens.len();
-    let mut out = StepInput {
-        tokens: step.tokens.clone(),
-        seqs: step
-            .seqs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| pad_blocks(s, i))
-            .collect(),
-    };
-    for row in n..rows {
-        out.tokens.push(step.tokens[0]);
-        out.seqs.push(pad_blocks(&step.seqs[0], row));
-    }
-    out
-}
-
 impl CudaBackend {
     /// [`dsv2_core::backend::Backend::decode_graph`] on this GPU (see the module comment).
     pub(crate) fn run_decode_graph(
@@ -207,7 +184,7 @@ impl CudaBackend {
             graphs.rope_generation = generation;
             graphs.cache = cache.id;
         }
-        let step = padded(step, shape.rows, shape.table_blocks);
+        let step = step.padded_decode(shape.rows, shape.table_blocks);
         if g.block_size != cache.block_size {
             return Ok(None); // the layers report it
         }
@@ -341,6 +318,7 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dsv2_core::backend::SeqChunk;
 
     fn chunk(row: usize, pos0: usize, blocks: Vec<u32>) -> SeqChunk {
         SeqChunk {
@@ -360,7 +338,7 @@ mod tests {
                 chunk(2, 0, vec![1]),
             ],
         };
-        let p = padded(&step, 4, 32);
+        let p = step.padded_decode(4, 32);
         assert_eq!(p.tokens, vec![7, 8, 9, 7]);
         assert_eq!(p.seqs.len(), 4);
         assert_eq!(p.seqs[3].rows, 3..4);
@@ -390,6 +368,6 @@ mod tests {
             tokens: vec![1],
             seqs: vec![chunk(0, 0, vec![99])],
         };
-        assert!(staged(&padded(&step, 1, 32), 16, 10).is_err());
+        assert!(staged(&step.padded_decode(1, 32), 16, 10).is_err());
     }
 }

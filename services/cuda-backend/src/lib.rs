@@ -346,6 +346,14 @@ impl CudaBackend {
         self.graphs.lock().map(|g| g.stats()).unwrap_or_default()
     }
 
+    /// Turns decode graphs on or off for later steps (on also retries after a failed
+    /// recording); graphs recorded so far are dropped either way.
+    pub fn set_decode_graphs(&self, on: bool) {
+        if let Ok(mut g) = self.graphs.lock() {
+            g.set_on(on);
+        }
+    }
+
     /// Makes the RoPE table cover positions < `need`; returns its generation.
     fn ensure_rope(&self, rope: &dsv2_core::rope::RopeTable, need: usize) -> Result<u64> {
         let _g = self.lock()?;

@@ -330,19 +330,15 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// A random 2-layer model with DeepSeek-V2's MLA dims (latent 512 + rope 64, nope 128,
-/// v 128, YaRN) but 16 heads and hidden 1024, layer 0 dense and layer 1 MoE (16 routed experts of
-/// 256 in 4 groups, top-4, 2 shared), written as a checkpoint to a temp dir: its decode steps
-/// take the tuned `mla_decode_bf16` path and the on-device expert kernels, and run as recorded
-/// CUDA graphs, none of which the tiny fixtures (latent 32) reach.
-/// GPU against the CPU backend on the same weights (rel L2 ≤ 1e-2): prefill (naive, the flash
-/// prefill kernel), decode-from-24 absorbed (tuned kernel) and naive (flash prefill kernel, one
-/// query per step), and several sequences per step in every attention mode.
-fn real_dims_mla(cuda: &Arc<CudaBackend>) -> Result<Vec<Row>> {
+/// A random 2-layer model with DeepSeek-V2's MLA dims (latent 512 + rope 64, nope 128, v 128,
+/// YaRN) but 16 heads and hidden 1024, written as a checkpoint to `dir`: its decode steps take the
+/// tuned `mla_decode_bf16` path and run as recorded CUDA graphs, which the tiny fixtures (latent
+/// 32) never reach. Both layers dense, or with `moe` layer 1 MoE (16 routed experts of 256 in 4
+/// groups, top-4, 2 shared, scaling 1), which adds the on-device expert kernels.
+fn write_real_dims_model(dir: &Path, moe: bool) -> Result<usize> {
     use half::bf16;
     use safetensors::tensor::TensorView;
-    let dir = std::env::temp_dir().join(format!("dsv2-cuda-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(dir)?;
     let base = std::fs::read_to_string("tests/fixtures/models/v2/config.json")
         .context("reading the v2 fixture config as a template")?;
     let mut cfg: serde_json::Value = serde_json::from_str(&base)?;
@@ -354,7 +350,7 @@ fn real_dims_mla(cuda: &Arc<CudaBackend>) -> Result<Vec<Row>> {
         ("num_attention_heads", heads),
         ("num_key_value_heads", heads),
         ("num_hidden_layers", layers),
-        ("first_k_dense_replace", 1),
+        ("first_k_dense_replace", if moe { 1 } else { layers }),
         ("n_routed_experts", n_exp),
         ("moe_intermediate_size", moe_inter),
         ("n_shared_experts", n_shared),
@@ -368,6 +364,7 @@ fn real_dims_mla(cuda: &Arc<CudaBackend>) -> Result<Vec<Row>> {
     ] {
         cfg[k] = serde_json::json!(v);
     }
+    cfg["routed_scaling_factor"] = serde_json::json!(1.0);
     cfg["rope_scaling"]["original_max_position_embeddings"] = serde_json::json!(4096);
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
     // xorshift, uniform in [-a, a): reproducible without another dependency
@@ -415,7 +412,7 @@ fn real_dims_mla(cuda: &Arc<CudaBackend>) -> Result<Vec<Row>> {
                 (format!("{m}.down_proj.weight"), lin(h, i)),
             ]
         };
-        if l == 0 {
+        if l == 0 || !moe {
             mats.extend(mlp(&format!("{p}.mlp"), inter));
         } else {
             mats.push((format!("{p}.mlp.gate.weight"), lin(n_exp, h)));
@@ -447,7 +444,17 @@ fn real_dims_mla(cuda: &Arc<CudaBackend>) -> Result<Vec<Row>> {
         })
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))?;
-    drop(tensors);
+    Ok(vocab)
+}
+
+/// GPU against the CPU backend on the same weights (rel L2 ≤ 1e-2), on the dense real-dims
+/// model: prefill (naive, the flash prefill kernel), decode-from-24 absorbed (tuned kernel) and
+/// naive (flash prefill kernel, one query per step), several sequences per step in every
+/// attention mode, and batched decode steps (recorded graphs). Then, on the MoE variant,
+/// batched decode with graphs against the same steps run eagerly on the GPU.
+fn real_dims_mla(cuda: &Arc<CudaBackend>) -> Result<Vec<Row>> {
+    let dir = std::env::temp_dir().join(format!("dsv2-cuda-check-{}", std::process::id()));
+    let vocab = write_real_dims_model(&dir, false)?;
     let (gm, ge) = load_local(cuda.clone(), &dir)?;
     let (cm, ce) = load_local(Arc::new(CpuBackend), &dir)?;
     let tokens: Vec<u32> = (0..40u32).map(|i| (i * 389 + 7) % vocab as u32).collect();
@@ -489,7 +496,7 @@ fn real_dims_mla(cuda: &Arc<CudaBackend>) -> Result<Vec<Row>> {
         });
     }
     // batched decode: what the recorded CUDA graphs run (3 sequences padded to 4 rows); the
-    // row fails if graphs are on (the default) and no step was replayed from one
+    // row fails if graphs are on (the default) and fewer than 6 steps replayed one
     let before = cuda.decode_graph_stats();
     let want = batched_decode_logits(&cm, &ce, &tokens)?;
     let got = batched_decode_logits(&gm, &ge, &tokens)?;
@@ -497,16 +504,45 @@ fn real_dims_mla(cuda: &Arc<CudaBackend>) -> Result<Vec<Row>> {
     let replays = after.replays - before.replays;
     let (max_abs, rel_l2) = errors(&got, &want);
     rows.push(Row {
-        what: "real-dims MLA + MoE batched decode (3 sequences, 8 steps)".into(),
+        what: "real-dims MLA batched decode (3 sequences, 8 steps)".into(),
         rel_l2,
         max_abs,
         vs_cpu: rel_l2,
         pass: got.len() == want.len() && rel_l2 <= REL_L2_TOL && (!after.on || replays >= 6),
         note: format!(
-            "vs CPU backend; CUDA graphs {} ({} recorded, {replays} steps replayed)",
-            if after.on { "on" } else { "off" },
-            after.recorded
+            "vs CPU backend; CUDA graphs {} ({replays} steps replayed)",
+            if after.on { "on" } else { "off" }
         ),
+    });
+    drop((gm, ge, cm, ce));
+    std::fs::remove_dir_all(&dir).ok();
+
+    // MoE: the same decode steps replayed from graphs and run eagerly (the on-device expert
+    // kernels inside the graph); vs the CPU for the record
+    let was_on = cuda.decode_graph_stats().on;
+    if !was_on {
+        return Ok(rows); // DSV2_CUDA_GRAPHS=0: every step above ran eagerly
+    }
+    write_real_dims_model(&dir, true)?;
+    let (gm, ge) = load_local(cuda.clone(), &dir)?;
+    let (cm, ce) = load_local(Arc::new(CpuBackend), &dir)?;
+    let before = cuda.decode_graph_stats();
+    let graphed = batched_decode_logits(&gm, &ge, &tokens)?;
+    let replays = cuda.decode_graph_stats().replays - before.replays;
+    cuda.set_decode_graphs(false);
+    let eager = batched_decode_logits(&gm, &ge, &tokens);
+    cuda.set_decode_graphs(true);
+    let eager = eager?;
+    let cpu = batched_decode_logits(&cm, &ce, &tokens)?;
+    let (max_abs, rel_l2) = errors(&graphed, &eager);
+    let (_, vs_cpu) = errors(&graphed, &cpu);
+    rows.push(Row {
+        what: "real-dims MLA + MoE batched decode, graphs vs eager".into(),
+        rel_l2,
+        max_abs,
+        vs_cpu,
+        pass: graphed.len() == eager.len() && rel_l2 <= REL_L2_TOL && replays >= 6,
+        note: format!("GPU graphs ({replays} steps replayed) vs GPU eager; vs CPU {vs_cpu:.3e}"),
     });
     std::fs::remove_dir_all(&dir).ok();
     Ok(rows)
