@@ -167,6 +167,37 @@ for r in sorted(rows, key=lambda r: -int(r[i_t]))[:28]:
     print("%8.3f ms %6s x %8.1f us  %s" % (int(r[i_t]) / 1e6, r[i_n], float(r[i_avg]) / 1e3, r[i_name][:110]))
 PYEOF
       fi ;;
+    ncu-step)
+      # GPU time of every kernel of one decode step (Nsight Compute times each launch alone; graphs
+      # off so that launches are counted one by one): NCU_PRESET/NCU_LAYERS, batch NCU_BATCH
+      NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      preset=${NCU_PRESET:-deepseek-v2-lite}; layers=${NCU_LAYERS:-27}
+      dir=/tmp/gd-$preset-$layers
+      mkdir -p "$dir"
+      "$BIN/dsv2" init-random --preset "$preset" --layers "$layers" --config-only --out "$dir" --seed 1 >/dev/null 2>&1
+      DSV2_CUDA_GRAPHS=0 timeout -k 5 300 "$NCU" --launch-skip "${NCU_SKIP:-3000}" --launch-count "${NCU_COUNT:-1300}" \
+        --metrics gpu__time_duration.sum --csv --print-units base \
+        "$BIN/dsv2" bench --device cuda:0 --model-dir "$dir" --random-weights 1 --batch "${NCU_BATCH:-1}" --context 512 \
+        --new-tokens 64 --runs 1 >/tmp/ncu-step.csv 2>/tmp/ncu-step.err || { echo "ncu FAILED"; tail -3 /tmp/ncu-step.err; fail=1; }
+      "$PY" - /tmp/ncu-step.csv "$preset $layers layers, batch ${NCU_BATCH:-1}" <<'PYEOF'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+if not rows: print("no ncu rows"); sys.exit()
+h = rows[0]; rows = rows[1:]
+k, v = h.index("Kernel Name"), h.index("Metric Value")
+seq = [(r[k], float(r[v].replace(",", ""))) for r in rows if r[h.index("Metric Name")] == "gpu__time_duration.sum"]
+emb = [i for i, (n, _) in enumerate(seq) if "embedding" in n]
+if len(emb) < 2: print("no whole step among %d launches" % len(seq)); sys.exit()
+step = seq[emb[0]:emb[1]]
+tot = sum(d for _, d in step)
+print("%s: one decode step = %d kernels, %.1f us of kernel time (each launch timed alone)" % (sys.argv[2], len(step), tot / 1e3))
+agg = collections.defaultdict(lambda: [0, 0.0])
+for n, d in step:
+    a = agg[n.split("(")[0][:70]]; a[0] += 1; a[1] += d
+for n, (c, d) in sorted(agg.items(), key=lambda x: -x[1][1])[:24]:
+    print("%9.1f us %5.1f%% %4d x %7.2f us  %s" % (d / 1e3, 100 * d / tot, c, d / c / 1e3, n))
+PYEOF
+      ;;
     served-graphs)
       DECODE_ONLY=1 served deepseek-v2 4 "4-layer V2 (CUDA graphs)" ;;
     mla)
@@ -220,6 +251,13 @@ PYEOF
       "$BIN/dsv2" init-random --preset deepseek-v2 --layers 4 --config-only --out "$dir" --seed 1 >/dev/null 2>&1
       DSV2_PROFILE=1 timeout -k 5 120 "$BIN/dsv2" bench --device cuda:0 --model-dir "$dir" --random-weights 1 --batch 1 \
         --new-tokens 16 --runs 1 2>&1 >/dev/null | sed -n '/DSV2_PROFILE/,$p' | head -40 ;;
+    profile-lite256)
+      # the same split for V2-Lite at batch 256 (ops long enough that the per-op sync matters little)
+      dir=/tmp/gd-deepseek-v2-lite-27
+      mkdir -p "$dir"
+      "$BIN/dsv2" init-random --preset deepseek-v2-lite --layers 27 --config-only --out "$dir" --seed 1 >/dev/null 2>&1
+      DSV2_PROFILE=1 timeout -k 5 150 "$BIN/dsv2" bench --device cuda:0 --model-dir "$dir" --random-weights 1 --batch 256 \
+        --context 512 --new-tokens 8 --runs 1 2>&1 >/dev/null | sed -n '/DSV2_PROFILE/,$p' | head -40 ;;
     *) echo "unknown section $sec"; fail=1 ;;
   esac
 done

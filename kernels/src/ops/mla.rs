@@ -110,7 +110,9 @@ pub fn choose_splits(
     kernel: MlaKernel,
 ) -> usize {
     let ctas = batch * heads.div_ceil(HEADS_PER_CTA);
-    let max_useful = max_seq_len.div_ceil(kernel.tile_tokens() * 4).max(1); // at least 4 tiles per split
+    // at least 2 tiles per split: a CTA's first tile load is not overlapped with anything, so a
+    // 1-tile split is mostly latency
+    let max_useful = max_seq_len.div_ceil(kernel.tile_tokens() * 2).max(1);
     // Splitting costs a combine pass over f32 partials (33 MB at batch 64 x 128 heads): only
     // worth it when a quarter or more of the SMs would otherwise sit idle.
     // Rounded down: one CTA more than the SMs hold would run a second wave for the whole
@@ -316,9 +318,10 @@ mod tests {
     fn splits_fill_the_gpu_and_keep_whole_tiles() {
         // 64 sequences x 2 head groups already cover 132 SMs' worth of CTAs: no split
         assert_eq!(choose_splits(132, 64, 128, 4096, MlaKernel::Wgmma), 1);
-        // one sequence: split the context, but never below 4 tiles per split
-        assert_eq!(choose_splits(132, 1, 128, 4096, MlaKernel::Wgmma), 16);
-        assert_eq!(choose_splits(132, 1, 128, 4096, MlaKernel::Mma), 32);
+        // one sequence: split the context, but never below 2 tiles per split
+        assert_eq!(choose_splits(132, 1, 128, 4096, MlaKernel::Wgmma), 32);
+        assert_eq!(choose_splits(132, 1, 128, 4096, MlaKernel::Mma), 64);
+        assert_eq!(choose_splits(132, 1, 16, 512, MlaKernel::Wgmma), 4);
         assert_eq!(choose_splits(132, 1, 128, 10, MlaKernel::Wgmma), 1);
         // 8 sequences x 2 head groups: 8 splits (128 CTAs), not 9 (144: a second wave)
         assert_eq!(choose_splits(132, 8, 128, 32768, MlaKernel::Wgmma), 8);
