@@ -268,6 +268,7 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     let mut out = Vec::new();
     for tile in [
         RowTile::R16,
+        RowTile::R32,
         RowTile::R64,
         RowTile::R128,
         RowTile::W128,

@@ -222,6 +222,18 @@ extern "C" __global__ void __launch_bounds__(128) moe_grouped_down_b16_bf16(
     grouped_tile<16, 1, 4, false>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
 
+extern "C" __global__ void __launch_bounds__(128) moe_grouped_gate_up_b32_bf16(
+    const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+    const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    grouped_tile<32, 1, 4, true>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+extern "C" __global__ void __launch_bounds__(128) moe_grouped_down_b32_bf16(
+    const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+    const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    grouped_tile<32, 1, 4, false>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
 extern "C" __global__ void __launch_bounds__(128) moe_grouped_gate_up_b64_bf16(
     const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {

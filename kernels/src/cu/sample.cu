@@ -13,11 +13,28 @@ extern "C" __global__ void argmax_f32(const float* __restrict__ logits, int* __r
     const float* row = logits + (size_t)r * vocab;
     float v = -INFINITY;
     int idx = 0x7fffffff;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        float x = row[j];
-        if (x > v) {  // j increases per thread, so strict > keeps the first of equal values
-            v = x;
-            idx = j;
+    // j increases per thread, so strict > keeps the first of equal values
+    if ((vocab & 3) == 0 && (reinterpret_cast<size_t>(row) & 15) == 0) {
+        // 16-byte loads, four in flight per thread: one CTA reads a batch-1 row of 102400 logits
+        // (410 KB) alone, and one dependent 4-byte load at a time made that 44 us (H100)
+        const float4* row4 = reinterpret_cast<const float4*>(row);
+        const int n4 = vocab >> 2;
+#pragma unroll 4
+        for (int j = threadIdx.x; j < n4; j += blockDim.x) {
+            const float4 x = row4[j];
+            const int b = j << 2;
+            if (x.x > v) { v = x.x; idx = b; }
+            if (x.y > v) { v = x.y; idx = b + 1; }
+            if (x.z > v) { v = x.z; idx = b + 2; }
+            if (x.w > v) { v = x.w; idx = b + 3; }
+        }
+    } else {
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+            float x = row[j];
+            if (x > v) {
+                v = x;
+                idx = j;
+            }
         }
     }
     block_argmax(v, idx, sv, si);

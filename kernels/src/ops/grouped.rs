@@ -24,6 +24,10 @@ const K_STEP: usize = 64;
 pub enum RowTile {
     /// 16 rows (decode: a few rows per expert; weight-bandwidth bound).
     R16,
+    /// 32 rows (large decode batches of few experts: V2-Lite's 64 experts at batch 256 hold ~24
+    /// rows each, where the 64-row tile's padded MMAs made gate_up compute bound at 0.68 of the
+    /// copy bandwidth, bench/RESULTS.md session 7).
+    R32,
     /// 64 rows.
     R64,
     /// 128 rows (mma.sync; kept to compare with [`RowTile::W128`]).
@@ -39,6 +43,7 @@ impl RowTile {
     pub fn rows(self) -> usize {
         match self {
             RowTile::R16 => 16,
+            RowTile::R32 => 32,
             RowTile::R64 | RowTile::W64 => 64,
             RowTile::R128 | RowTile::W128 => 128,
         }
@@ -54,7 +59,7 @@ impl RowTile {
 
     fn stages(self) -> usize {
         match self {
-            RowTile::R16 | RowTile::R64 => 4,
+            RowTile::R16 | RowTile::R32 | RowTile::R64 => 4,
             RowTile::R128 => 3,
             RowTile::W128 | RowTile::W64 => 4,
         }
@@ -62,7 +67,7 @@ impl RowTile {
 
     fn threads(self) -> u32 {
         match self {
-            RowTile::R16 | RowTile::R64 => 128,
+            RowTile::R16 | RowTile::R32 | RowTile::R64 => 128,
             RowTile::R128 | RowTile::W128 | RowTile::W64 => 256,
         }
     }
@@ -86,6 +91,8 @@ impl RowTile {
         match (self, gate_up) {
             (RowTile::R16, true) => "moe_grouped_gate_up_b16_bf16",
             (RowTile::R16, false) => "moe_grouped_down_b16_bf16",
+            (RowTile::R32, true) => "moe_grouped_gate_up_b32_bf16",
+            (RowTile::R32, false) => "moe_grouped_down_b32_bf16",
             (RowTile::R64, true) => "moe_grouped_gate_up_b64_bf16",
             (RowTile::R64, false) => "moe_grouped_down_b64_bf16",
             (RowTile::R128, true) => "moe_grouped_gate_up_b128_bf16",
@@ -104,6 +111,8 @@ impl RowTile {
         let mean = rows.div_ceil(touched.max(1));
         if mean <= 16 {
             RowTile::R16
+        } else if mean <= 32 {
+            RowTile::R32
         } else if mean <= 48 {
             RowTile::R64
         } else {
@@ -326,7 +335,10 @@ mod tests {
         assert_eq!(RowTile::for_rows(6, 6), RowTile::R16);
         assert_eq!(RowTile::for_rows(384, 145), RowTile::R16);
         assert_eq!(RowTile::for_rows(1536, 160), RowTile::R16);
-        assert_eq!(RowTile::for_rows(160 * 30, 160), RowTile::R64);
+        assert_eq!(RowTile::for_rows(160 * 30, 160), RowTile::R32);
+        assert_eq!(RowTile::for_rows(160 * 40, 160), RowTile::R64);
+        // V2-Lite at batch 256: 1536 rows over 64 experts, 24 each
+        assert_eq!(RowTile::for_rows(1536, 64), RowTile::R32);
         // prefill: the 128-row wgmma tile (measured faster than the 64-row one on P2)
         assert_eq!(RowTile::for_rows(49152, 160), RowTile::W128);
         // a multiple of 128 pads nothing either way: the 128-row tile
@@ -340,6 +352,7 @@ mod tests {
     fn wgmma_tiles_fit_shared_memory() {
         for t in [
             RowTile::R16,
+            RowTile::R32,
             RowTile::R64,
             RowTile::R128,
             RowTile::W64,
