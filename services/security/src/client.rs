@@ -29,10 +29,12 @@ impl Bearer {
                 msg: "is empty".into(),
             });
         }
-        let v = format!("Bearer {t}").parse().map_err(|_| SecurityError::Config {
-            flag,
-            msg: "holds characters an HTTP header cannot carry".into(),
-        })?;
+        let v = format!("Bearer {t}")
+            .parse()
+            .map_err(|_| SecurityError::Config {
+                flag,
+                msg: "holds characters an HTTP header cannot carry".into(),
+            })?;
         Ok(Bearer(Some(v)))
     }
 }

@@ -9,6 +9,8 @@ pub mod client;
 mod error;
 mod pem;
 pub mod server;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod watched;
 
 pub use error::SecurityError;

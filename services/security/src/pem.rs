@@ -40,7 +40,10 @@ pub(crate) fn certs(
 }
 
 /// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
-pub(crate) fn key(flag: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, SecurityError> {
+pub(crate) fn key(
+    flag: &'static str,
+    path: &Path,
+) -> Result<PrivateKeyDer<'static>, SecurityError> {
     let bytes = read(flag, path)?;
     PrivateKeyDer::from_pem_slice(&bytes)
         .map_err(|e| invalid(flag, path, format!("no PEM private key: {e}")))

@@ -116,13 +116,14 @@ fn build(
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder
-        .with_single_cert(certs, key_der)
-        .map_err(|e| SecurityError::Invalid {
-            flag: "--tls-key",
-            path: key.to_path_buf(),
-            msg: format!("does not go with --tls-cert {}: {e}", cert.display()),
-        })?;
+    let mut config =
+        builder
+            .with_single_cert(certs, key_der)
+            .map_err(|e| SecurityError::Invalid {
+                flag: "--tls-key",
+                path: key.to_path_buf(),
+                msg: format!("does not go with --tls-cert {}: {e}", cert.display()),
+            })?;
     config.alpn_protocols = alpn.to_vec();
     Ok(config)
 }
