@@ -64,6 +64,10 @@ struct Config {
     /// Number of shards in the default placement (with --shard-index).
     #[arg(long, requires = "shard_index")]
     num_shards: Option<usize>,
+    /// Each expert on this many shards (with --shard-index; the router's --replicas): this
+    /// shard also hosts the experts of the next replicas-1 shards of the default placement.
+    #[arg(long, default_value_t = 1, requires = "shard_index")]
+    replicas: usize,
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -310,7 +314,7 @@ async fn serve_on<B: Backend>(
     let experts: Vec<usize> = match (&c.experts, c.shard_index, c.num_shards) {
         (Some(list), _, _) => parse_expert_list(list)?,
         (None, Some(i), Some(n)) => {
-            let p = Placement::default_for(&cfg, n)?;
+            let p = Placement::default_for(&cfg, n)?.replicated(c.replicas)?;
             p.shards.get(i).cloned().with_context(|| {
                 format!("--shard-index {i} is out of range for --num-shards {n}")
             })?

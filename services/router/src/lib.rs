@@ -8,4 +8,5 @@ pub mod limits;
 pub mod metrics;
 pub mod remote_experts;
 pub mod service;
+pub mod shard_health;
 pub mod status;

@@ -73,6 +73,11 @@ struct Config {
     /// groups when the routing groups divide evenly over the shards, else contiguous.
     #[arg(long)]
     placement: Option<String>,
+    /// Put each expert on this many shards (the placement chained: shard s also hosts shard
+    /// s+1's experts, ...; start each shard with the same --replicas). The router spreads rows
+    /// over the replicas and, when a shard fails, re-sends its rows to another within the step.
+    #[arg(long, default_value_t = 1, env = "DSV2_REPLICAS")]
+    replicas: usize,
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -261,6 +266,8 @@ async fn serve_on<B: Backend>(
         tracing::info!("no chat template: conversation prompts (messages) will be refused");
     }
 
+    // Shard liveness and row counters for /metrics (the gRPC data plane's).
+    let mut shard_stats = None;
     let experts: Arc<dyn ExpertExecutor<B>> = if local {
         tracing::info!("no --shard given: routed experts run inside the router");
         Arc::new(LocalExperts::load(
@@ -277,7 +284,8 @@ async fn serve_on<B: Backend>(
                 Placement::build(&mcfg, c.shards.len(), PlacementKind::Contiguous)?
             }
             Some(file) => Placement::from_file(std::path::Path::new(file), &mcfg)?,
-        };
+        }
+        .replicated(c.replicas)?;
         if placement.shards.len() != c.shards.len() {
             bail!(
                 "the placement lists {} shards but {} --shard URLs were given",
@@ -312,6 +320,11 @@ async fn serve_on<B: Backend>(
         );
         match nccl {
             Some(make) => {
+                if c.replicas > 1 {
+                    tracing::warn!(
+                        "--transport nccl does not fail over: each expert's first shard serves it, and a lost shard fails its steps UNAVAILABLE until the plane is re-established"
+                    );
+                }
                 // The bootstrap blocks (NcclInit RPCs, then the collective init): off the
                 // async workers.
                 let m = mcfg.clone();
@@ -330,15 +343,19 @@ async fn serve_on<B: Backend>(
                 );
                 ex
             }
-            None => Arc::new(RemoteExperts::new(
-                backend.clone(),
-                rt.clone(),
-                &mcfg,
-                &placement,
-                c.shards.clone(),
-                WireDtype::F32,
-                Duration::from_secs(c.shard_timeout_s),
-            )),
+            None => {
+                let ex = RemoteExperts::new(
+                    backend.clone(),
+                    rt.clone(),
+                    &mcfg,
+                    &placement,
+                    c.shards.clone(),
+                    WireDtype::F32,
+                    Duration::from_secs(c.shard_timeout_s),
+                );
+                shard_stats = Some(ex.stats());
+                Arc::new(ex)
+            }
         }
     };
 
@@ -453,7 +470,7 @@ async fn serve_on<B: Backend>(
     println!("DSV2_READY {addr}");
 
     if let Some(m) = c.metrics_listen {
-        let bound = dsv2_router::metrics::serve(m, engine.clone())
+        let bound = dsv2_router::metrics::serve(m, engine.clone(), shard_stats.clone())
             .await
             .with_context(|| format!("binding --metrics-listen {m}"))?;
         tracing::info!(addr = %bound, "metrics on /metrics");

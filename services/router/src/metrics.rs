@@ -87,17 +87,24 @@ pub fn render(engine: &EngineHandle) -> String {
 }
 
 /// Serves GET /metrics until the process ends.
-pub async fn serve(addr: SocketAddr, engine: EngineHandle) -> std::io::Result<SocketAddr> {
+/// `shards`: the expert shards' liveness and rows (`dsv2_router_shard_*`), when they travel
+/// over gRPC.
+pub async fn serve(
+    addr: SocketAddr,
+    engine: EngineHandle,
+    shards: Option<Arc<crate::shard_health::ShardStats>>,
+) -> std::io::Result<SocketAddr> {
     let engine = Arc::new(engine);
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let engine = engine.clone();
+            let (engine, shards) = (engine.clone(), shards.clone());
             async move {
-                (
-                    [("content-type", "text/plain; version=0.0.4")],
-                    render(&engine),
-                )
+                let mut text = render(&engine);
+                if let Some(s) = &shards {
+                    text.push_str(&s.render());
+                }
+                ([("content-type", "text/plain; version=0.0.4")], text)
             }
         }),
     );
