@@ -30,10 +30,13 @@ use dsv2_proto::expert::v1::{
     NcclInitResponse, ShardError, ShardErrorCode,
 };
 use dsv2_proto::tensor::{decode_rows_to_f32, encode_f32, encode_f32_as_bf16};
+use dsv2_security::auth::{RequireBearerLayer, Tokens};
+use dsv2_security::server::{ALPN_GRPC, Incoming};
 use dsv2_server::{LogFormat, Transport};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::service::LayerExt;
 use tonic::{Request, Response, Status, Streaming};
 use tonic_health::ServingStatus;
 
@@ -55,6 +58,14 @@ struct Config {
     /// Address to serve on (port 0 picks a free port; printed as `DSV2_READY <addr>` on stdout).
     #[arg(long, default_value = "0.0.0.0:50061")]
     listen: SocketAddr,
+    /// TLS; with --tls-client-ca only a router presenting a certificate of that CA gets in.
+    #[command(flatten)]
+    tls: dsv2_security::args::ServerTlsArgs,
+    /// Tokens (one a line, re-read when the file changes) the router must send as
+    /// `authorization: Bearer` (its --shard-token) on every dsv2.expert.v1 call; health and
+    /// reflection stay open.
+    #[arg(long, env = "DSV2_SHARD_TOKEN_FILE", value_name = "FILE")]
+    shard_token_file: Option<std::path::PathBuf>,
     /// Experts to host, e.g. 0-79 or 0,3,8-15.
     #[arg(long, conflicts_with_all = ["shard_index", "num_shards"])]
     experts: Option<String>,
@@ -309,6 +320,13 @@ async fn serve_on<B: Backend>(
     health_reporter
         .set_service_status("", ServingStatus::NotServing)
         .await;
+    // Read before the experts load: a bad certificate, key or token file fails at once.
+    let tls = dsv2_security::server::ServerTls::from_args(&c.tls, ALPN_GRPC)?;
+    let tokens = c
+        .shard_token_file
+        .clone()
+        .map(|f| Tokens::from_file("--shard-token-file", f))
+        .transpose()?;
     let dir = dsv2_server::resolve_model_dir(&c.model_dir)?;
     let cfg = ModelConfig::from_model_dir(&dir)?;
     let experts: Vec<usize> = match (&c.experts, c.shard_index, c.num_shards) {
@@ -393,14 +411,18 @@ async fn serve_on<B: Backend>(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(
-            ExpertShardServer::new(Service(Arc::new(shard)))
-                .max_decoding_message_size(1 << 30)
-                .max_encoding_message_size(1 << 30),
+            tower::ServiceBuilder::new()
+                .layer(RequireBearerLayer(tokens))
+                .named_layer(
+                    ExpertShardServer::new(Service(Arc::new(shard)))
+                        .max_decoding_message_size(1 << 30)
+                        .max_encoding_message_size(1 << 30),
+                ),
         )
         .serve_with_incoming_shutdown(
-            // With a custom incoming stream tonic ignores Server::tcp_nodelay: set it on the
-            // accepted sockets, or small messages (one token, one row) wait on Nagle.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            // TCP_NODELAY on the accepted sockets (small messages, one row, must not wait on
+            // Nagle), TLS with --tls-cert.
+            Incoming::new(listener, tls)?,
             async move {
                 dsv2_server::shutdown_signal().await;
                 reporter

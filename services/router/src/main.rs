@@ -32,6 +32,9 @@ use dsv2_router::http::HttpApi;
 use dsv2_router::limits::{ArrivalLayer, InFlightLimitLayer, RequestTimeoutLayer};
 use dsv2_router::remote_experts::{RemoteExperts, WireDtype, check_shards, shard_info};
 use dsv2_router::service::{InferenceApi, InferenceService, ModelFacts};
+use dsv2_security::auth::{RequireBearerLayer, Tokens};
+use dsv2_security::client::Dialer;
+use dsv2_security::server::{ALPN_GRPC, ALPN_HTTP1, Incoming};
 use dsv2_server::{LogFormat, Transport};
 use tonic::service::LayerExt;
 use tonic_health::ServingStatus;
@@ -61,6 +64,17 @@ struct Config {
     /// picks a free port, printed as `DSV2_HTTP_READY <addr>` on stdout. Unset: no HTTP API.
     #[arg(long, env = "DSV2_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
+    /// TLS of the gRPC and HTTP APIs (README, "TLS and auth").
+    #[command(flatten)]
+    tls: dsv2_security::args::ServerTlsArgs,
+    /// Bearer tokens (one a line, re-read when the file changes) that every dsv2.v1.Inference
+    /// call and /v1/* request must send as `authorization: Bearer <token>`; health and
+    /// reflection stay open. Unset: no authentication.
+    #[arg(long, env = "DSV2_AUTH_TOKEN_FILE", value_name = "FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// How to reach https:// shards, and the token they want.
+    #[command(flatten)]
+    shard_client: dsv2_security::args::ShardClientArgs,
     /// Jinja chat template for conversation prompts (gRPC `messages`, /v1/chat/completions),
     /// instead of the `chat_template` of the model dir's tokenizer_config.json.
     #[arg(long, value_name = "FILE")]
@@ -227,6 +241,15 @@ async fn serve_on<B: Backend>(
     health_reporter
         .set_service_status("", ServingStatus::NotServing)
         .await;
+    // Every certificate, key and token file is read before the model: a bad one fails at once.
+    let grpc_tls = dsv2_security::server::ServerTls::from_args(&c.tls, ALPN_GRPC)?;
+    let http_tls = dsv2_security::server::ServerTls::from_args(&c.tls, ALPN_HTTP1)?;
+    let tokens = c
+        .auth_token_file
+        .clone()
+        .map(|f| Tokens::from_file("--auth-token-file", f))
+        .transpose()?;
+    dsv2_security::client::set_shard_dialer(Dialer::from_args(&c.shard_client)?)?;
 
     let dir = dsv2_server::resolve_model_dir(&c.model_dir)?;
     let t0 = Instant::now();
@@ -457,9 +480,15 @@ async fn serve_on<B: Backend>(
             let http_addr = l.local_addr()?;
             let state = HttpApi::new(api.clone(), in_flight.clone());
             let stop = http_stop.clone();
-            let server = tokio::spawn(dsv2_router::http::serve(l, state.clone(), async move {
-                stop.notified().await;
-            }));
+            let incoming = Incoming::new(l, http_tls)?;
+            let server = tokio::spawn(dsv2_router::http::serve(
+                incoming,
+                state.clone(),
+                tokens.clone(),
+                async move {
+                    stop.notified().await;
+                },
+            ));
             tracing::info!(addr = %http_addr, "router serving the OpenAI-compatible HTTP API");
             // Before DSV2_READY: whoever waits for that line finds both addresses.
             println!("DSV2_HTTP_READY {http_addr}");
@@ -506,11 +535,17 @@ async fn serve_on<B: Backend>(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(inference_layers.named_layer(InferenceServer::new(api)))
+        .add_service(
+            // The token check outermost: a refused call takes no in-flight permit.
+            tower::ServiceBuilder::new()
+                .layer(RequireBearerLayer(tokens))
+                .layer(inference_layers)
+                .named_layer(InferenceServer::new(api)),
+        )
         .serve_with_incoming_shutdown(
-            // With a custom incoming stream tonic ignores Server::tcp_nodelay: set it on the
-            // accepted sockets, or small messages (one token, one row) wait on Nagle.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            // TCP_NODELAY on the accepted sockets (small messages, one token or one row, must
+            // not wait on Nagle), TLS with --tls-cert.
+            Incoming::new(listener, grpc_tls)?,
             async move {
                 stop_server.notified().await;
             },

@@ -8,6 +8,7 @@
 //! request timeout are the same code. A failure keeps its gRPC code and message; its HTTP status
 //! and OpenAI error type come from `status::http_status`, the table next to the gRPC one.
 
+mod auth;
 pub mod request;
 pub mod response;
 
@@ -22,7 +23,6 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::{Extension, Router};
 use dsv2_proto::inference::v1::inference_server::Inference;
 use serde_json::{Value, json};
@@ -105,16 +105,22 @@ pub fn router(state: Arc<HttpApi>) -> Router {
 
 /// Serves the API on `listener` until `shutdown` resolves, then until the open answers
 /// (streams included) have ended.
+/// `incoming` sets TCP_NODELAY (small SSE events must not wait on Nagle) and does TLS when
+/// configured; with `tokens`, /v1/* needs a bearer token.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    incoming: dsv2_security::server::Incoming,
     state: Arc<HttpApi>,
+    tokens: Option<dsv2_security::auth::Tokens>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // Small SSE events must not wait on Nagle.
-    let listener = listener.tap_io(|s| {
-        let _ = s.set_nodelay(true);
-    });
-    axum::serve(listener, router(state))
+    let mut app = router(state);
+    if let Some(t) = tokens {
+        app = app.layer(axum::middleware::from_fn_with_state(
+            t,
+            auth::require_bearer,
+        ));
+    }
+    axum::serve(auth::HttpIncoming(incoming), app)
         .with_graceful_shutdown(shutdown)
         .await
 }
