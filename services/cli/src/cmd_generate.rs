@@ -73,6 +73,9 @@ pub struct Args {
     /// With --endpoint: stream tokens as they are generated.
     #[arg(long, requires = "endpoint")]
     pub stream: bool,
+    /// With --endpoint: the router's token (--auth-token-file) and CA (https://).
+    #[command(flatten)]
+    pub security: dsv2_security::args::ClientArgs,
     /// Compute device for the in-process mode.
     #[arg(long, default_value = "cpu")]
     pub device: String,

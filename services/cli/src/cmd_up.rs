@@ -200,6 +200,7 @@ pub fn run(a: Args) -> Result<()> {
             random_weights: None,
             endpoint: Some(endpoint.clone()),
             stream: true,
+            security: Default::default(),
             device: "cpu".into(),
         };
         crate::remote::run(&args, &endpoint)?;

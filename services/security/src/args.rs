@@ -46,3 +46,26 @@ pub struct ShardClientArgs {
     #[arg(long, env = "DSV2_SHARD_TOKEN", hide_env_values = true)]
     pub shard_token: Option<String>,
 }
+
+/// A client of the public API (`dsv2 generate/loadtest/summarize/mmlu`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ClientArgs {
+    /// Bearer token for a router started with --auth-token-file.
+    #[arg(long, env = "DSV2_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM CA file to verify an https:// endpoint with (else the system's roots).
+    #[arg(long, env = "DSV2_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// The endpoint for `url`, with TLS for https:// URLs.
+    pub fn endpoint(&self, url: &str) -> Result<tonic::transport::Endpoint, crate::SecurityError> {
+        crate::client::client_endpoint(url, self.ca.as_deref())
+    }
+
+    /// The interceptor that sends --token.
+    pub fn bearer(&self) -> Result<crate::client::Bearer, crate::SecurityError> {
+        crate::client::Bearer::new(self.token.as_deref(), "--token")
+    }
+}

@@ -183,3 +183,7 @@ pub fn set_shard_dialer(d: Dialer) -> Result<(), SecurityError> {
 pub fn shard_dialer() -> &'static Dialer {
     SHARD_DIALER.get_or_init(Dialer::default)
 }
+
+/// A channel that sends the bearer token with every call.
+pub type AuthChannel =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
