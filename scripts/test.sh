@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Cross-process tests start the real binaries: build them first.
 cargo build --workspace --bins
+# deploy/Dockerfile's cargo commands resolve (packages, bins, features, --locked) and build.
+python3 scripts/dockerfile-check.py
 cargo test --workspace
 bash scripts/openai-check.sh
 bash scripts/helm-check.sh
