@@ -335,13 +335,17 @@ fn replicas_chain_the_placement_over_the_shards() {
     assert_eq!(rep.placement, want.shards);
     // 16 experts in 4 groups: shard 3 holds group 3 and, as the replica, group 0.
     assert_eq!(rep.placement[3], vec![0, 1, 2, 3, 12, 13, 14, 15]);
+    // Every shard dir holds a copy of each of its experts.
+    let m = Manifest::read(&conv).unwrap();
     for (s, experts) in rep.placement.iter().enumerate() {
-        let sel = ExpertSelection::Only(experts.clone());
-        maps_only(
-            &conv,
-            &format!("shard-{s}"),
-            LocalExperts::<CpuBackend>::wants(&sel),
-        );
+        for e in experts {
+            let t = &m.tensors[&format!("model.layers.1.mlp.experts.{e}.up_proj.weight")];
+            let dir = format!("shard-{s}/");
+            assert!(
+                t.file.starts_with(&dir) || t.replicas.iter().any(|r| r.file.starts_with(&dir)),
+                "expert {e} has no copy in {dir}"
+            );
+        }
     }
     o.replicas = 5;
     let err = convert(&o, &NoProgress).unwrap_err().to_string();
