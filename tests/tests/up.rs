@@ -42,13 +42,31 @@ fn up_with_a_prompt_answers_like_in_process_generate_and_exits() {
             prompt,
             "--max-output-len",
             "12",
+            "--temperature",
+            "0.7",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "5",
         ],
     );
     let (endpoint, answer) = up.split_once('\n').expect("endpoint line, then the answer");
     assert!(endpoint.starts_with("http://127.0.0.1:"), "{up:?}");
     let want = dsv2_ok(
         cache.path(),
-        &["generate", "--input-text", prompt, "--max-output-len", "12"],
+        &[
+            "generate",
+            "--input-text",
+            prompt,
+            "--max-output-len",
+            "12",
+            "--temperature",
+            "0.7",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "5",
+        ],
     );
     assert!(!want.trim().is_empty(), "in-process answer is empty");
     assert_eq!(answer, want, "dsv2 up --prompt differs from in-process");

@@ -15,7 +15,8 @@ use crate::common::{load_with, parse_ids};
 
 #[derive(ClapArgs, Debug, Clone)]
 pub struct Args {
-    /// Model directory (Hugging Face layout) or `tiny` for the embedded tiny random model.
+    /// Model directory (Hugging Face layout), `tiny` (the embedded model trained on the Rust book)
+    /// or `tiny-random` (the embedded random-weight model).
     #[arg(long, default_value = "tiny")]
     pub model_dir: String,
     /// Serve the random weights of the model dir's config.json drawn from this seed (as

@@ -13,7 +13,8 @@ use clap::Args as ClapArgs;
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
-    /// Model directory, or `tiny` for the embedded tiny random model.
+    /// Model directory; `tiny`: the embedded tiny model trained on the Rust book; `tiny-random`:
+    /// the embedded tiny model with random weights.
     #[arg(long, default_value = "tiny")]
     model_dir: String,
     /// Number of expert shards.
@@ -38,6 +39,16 @@ pub struct Args {
     /// Tokens to generate for --prompt.
     #[arg(long, default_value_t = 32)]
     max_output_len: usize,
+    /// Sampling temperature for --prompt; 0 is greedy. The demo default (with --top-p and
+    /// --seed) reads better than greedy, which repeats itself on a small model.
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
+    temperature: f32,
+    /// Nucleus sampling threshold for --prompt.
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
+    top_p: f32,
+    /// Sampling seed for --prompt: the same seed gives the same answer.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Log level of the children (RUST_LOG syntax); default info, or warn with --prompt.
     #[arg(long)]
     child_log_level: Option<String>,
@@ -187,10 +198,10 @@ pub fn run(a: Args) -> Result<()> {
             input_text: Some(prompt.clone()),
             input_ids: None,
             max_output_len: a.max_output_len,
-            temperature: 0.0,
+            temperature: a.temperature,
             top_k: 0,
-            top_p: 1.0,
-            seed: None,
+            top_p: a.top_p,
+            seed: Some(a.seed),
             stop: vec![],
             stop_token_ids: None,
             ignore_eos: false,
