@@ -50,3 +50,73 @@ pub async fn require_bearer(State(tokens): State<Tokens>, req: Request, next: Ne
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::body::Body;
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// /v1/models and /health behind the middleware; `work` counts handler runs.
+    fn app(tokens: Tokens, work: Arc<AtomicUsize>) -> axum::Router {
+        let w = work.clone();
+        axum::Router::new()
+            .route(
+                "/v1/models",
+                get(move || async move {
+                    w.fetch_add(1, Ordering::SeqCst);
+                    "models"
+                }),
+            )
+            .route("/health", get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn_with_state(tokens, require_bearer))
+    }
+
+    async fn call(app: &axum::Router, path: &str, auth: Option<&str>) -> (StatusCode, Response) {
+        let mut req = axum::http::Request::get(path);
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        let resp = app
+            .clone()
+            .oneshot(req.body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        (resp.status(), resp)
+    }
+
+    #[tokio::test]
+    async fn v1_needs_an_accepted_token_and_health_does_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, "good\n").expect("write");
+        let tokens = Tokens::from_file("--auth-token-file", file).expect("tokens");
+        let work = Arc::new(AtomicUsize::new(0));
+        let app = app(tokens, work.clone());
+        for auth in [None, Some("Bearer bad"), Some("good"), Some("Basic Z29vZA==")] {
+            let (status, resp) = call(&app, "/v1/models", auth).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{auth:?}");
+            assert_eq!(resp.headers()[header::WWW_AUTHENTICATE], "Bearer");
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                .await
+                .expect("body");
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+            assert_eq!(v["error"]["type"], "authentication_error", "{v}");
+            assert_eq!(v["error"]["code"], "unauthenticated", "{v}");
+            assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+        assert_eq!(work.load(Ordering::SeqCst), 0, "a refused call reached the handler");
+        assert_eq!(
+            call(&app, "/v1/models", Some("Bearer good")).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(work.load(Ordering::SeqCst), 1);
+        assert_eq!(call(&app, "/health", None).await.0, StatusCode::OK);
+    }
+}
