@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use dsv2_proto::inference::v1::inference_client::InferenceClient;
-use tokio::sync::watch;
 use dsv2_security::client::AuthChannel;
+use tokio::sync::watch;
 use tonic::{Code, Status};
 
 use crate::LoadtestError;

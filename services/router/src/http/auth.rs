@@ -99,7 +99,12 @@ mod tests {
         let tokens = Tokens::from_file("--auth-token-file", file).expect("tokens");
         let work = Arc::new(AtomicUsize::new(0));
         let app = app(tokens, work.clone());
-        for auth in [None, Some("Bearer bad"), Some("good"), Some("Basic Z29vZA==")] {
+        for auth in [
+            None,
+            Some("Bearer bad"),
+            Some("good"),
+            Some("Basic Z29vZA=="),
+        ] {
             let (status, resp) = call(&app, "/v1/models", auth).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{auth:?}");
             assert_eq!(resp.headers()[header::WWW_AUTHENTICATE], "Bearer");
@@ -109,9 +114,17 @@ mod tests {
             let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
             assert_eq!(v["error"]["type"], "authentication_error", "{v}");
             assert_eq!(v["error"]["code"], "unauthenticated", "{v}");
-            assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty())
+            );
         }
-        assert_eq!(work.load(Ordering::SeqCst), 0, "a refused call reached the handler");
+        assert_eq!(
+            work.load(Ordering::SeqCst),
+            0,
+            "a refused call reached the handler"
+        );
         assert_eq!(
             call(&app, "/v1/models", Some("Bearer good")).await.0,
             StatusCode::OK
