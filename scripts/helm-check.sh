@@ -58,6 +58,7 @@ CASES=(
     "tiny-tls-public-only|-f $TINY --set tls.enabled=true --set tls.secretName=dsv2-tls --set tls.internal=false"
     "8gpu-tls-servicemonitor|-f $GPU8 --set tls.enabled=true --set tls.secretName=dsv2-tls --set metrics.enabled=true --set serviceMonitor.enabled=true"
     "8gpu-init-into-new-pvc|-f $GPU8 --set model.source=init --set model.init.volume=pvc --set model.pvc.claimName= --set model.pvc.create=true --set model.pvc.accessModes[0]=ReadWriteMany"
+    "tiny-metrics-tracing|-f $TINY --set metrics.enabled=true --set tracing.otlpEndpoint=http://otel-collector:4317"
     "tiny-router-flags|-f $TINY --set router.replicas=2 --set router.maxQueue=64 --set router.kvCacheBlocks=4096 --set router.service.type=LoadBalancer"
 )
 

@@ -422,6 +422,31 @@ def test_service_monitor_scrapes_a_port_the_services_have():
 
 
 @needs_helm
+def test_metrics_and_tracing_flags_reach_router_and_every_shard(tmp_path):
+    docs = render("-f", str(TINY), "--set", "metrics.enabled=true",
+                  "--set", "tracing.otlpEndpoint=http://otel-collector.obs:4317")
+    dep, sts = one(docs, "Deployment", ROUTER), one(docs, "StatefulSet", STS)
+    router_port = {p["name"]: p for p in container(dep)["ports"]}["metrics"]["containerPort"]
+    expert_port = {p["name"]: p for p in container(sts)["ports"]}["metrics"]["containerPort"]
+    assert flag_values(router_args(docs), "--metrics-listen") == [f"0.0.0.0:{router_port}"]
+    assert flag_values(router_args(docs), "--otlp-endpoint") == ["http://otel-collector.obs:4317"]
+    for ordinal in (0, 1):
+        status, argv, err = run_expert_wrapper(docs, f"{STS}-{ordinal}", tmp_path)
+        assert status == 0, err
+        assert flag_values(argv, "--metrics-listen") == [f"0.0.0.0:{expert_port}"]
+        assert flag_values(argv, "--otlp-endpoint") == ["http://otel-collector.obs:4317"]
+    svc = one(docs, "Service", STS)
+    assert [p["port"] for p in svc["spec"]["ports"] if p["name"] == "metrics"] == [expert_port]
+    # Off by default: no flags, no ports.
+    docs = render("-f", str(TINY))
+    assert flag_values(router_args(docs), "--metrics-listen") == []
+    assert flag_values(router_args(docs), "--otlp-endpoint") == []
+    status, argv, err = run_expert_wrapper(docs, f"{STS}-0", tmp_path)
+    assert status == 0, err
+    assert "--metrics-listen" not in argv and "--otlp-endpoint" not in argv
+
+
+@needs_helm
 def test_pdbs_select_the_pods_they_protect():
     docs = render("-f", str(GPU8))
     pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
@@ -525,6 +550,8 @@ def test_router_serves_the_http_api_on_a_named_port_the_service_exposes(tmp_path
     ("experts:\n  shards: 0\n", "shards"),
     ("router:\n  requestTimeoutSeconds: -1\n", "requestTimeoutSeconds"),
     ("router:\n  maxConcurrent: 0\n", "maxConcurrent"),
+    ("tracing:\n  otlpEndpoint: otel-collector:4317\n", "otlpEndpoint"),
+    ("tracing:\n  endpoint: http://x:4317\n", "endpoint"),
 ])
 def test_schema_rejects_typos_and_bad_values(tmp_path, values, needle):
     f = tmp_path / "bad.yaml"
@@ -581,6 +608,11 @@ def test_compose_wires_router_to_two_experts():
     # the HTTP API is published too
     http_port = flag_values(cmd, "--http-listen")[0].rsplit(":", 1)[1]
     assert any(str(p).endswith(f":{http_port}:{http_port}") for p in router["ports"])
+    # and every service's metrics; the router's are published for a local Prometheus
+    metrics_port = flag_values(cmd, "--metrics-listen")[0].rsplit(":", 1)[1]
+    assert any(str(p).endswith(f":{metrics_port}:{metrics_port}") for p in router["ports"])
+    for i in (0, 1):
+        assert len(flag_values(services[f"expert-{i}"]["command"], "--metrics-listen")) == 1
 
 
 def _compose_cli() -> list[str] | None:

@@ -138,9 +138,16 @@ struct Config {
     /// Default max_new_tokens when a request sets none.
     #[arg(long, default_value_t = 256)]
     default_max_new_tokens: u32,
-    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 0.0.0.0:9090.
-    #[arg(long)]
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 0.0.0.0:9090 (port 0 picks
+    /// a free port, printed as `DSV2_METRICS_READY <addr>` on stdout before DSV2_READY).
+    #[arg(long, env = "DSV2_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Export trace spans over OTLP/gRPC to this collector, e.g. http://otel-collector:4317
+    /// (service name dsv2-router; OTEL_* variables tune the batching and sampling). A client's
+    /// W3C `traceparent` (gRPC metadata or HTTP header) parents the request's spans, and the
+    /// shards get the trace context with each layer. Unset: spans only reach the logs.
+    #[arg(long, env = "DSV2_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Data plane to the shards: grpc (any device, any host), or nccl (GPU to GPU on one host:
     /// needs --device cuda:N and shards started with --device cuda:M --transport nccl; gRPC
     /// stays the control plane and hands them the NCCL id). Experimental NCCL settings, which
@@ -174,12 +181,23 @@ impl Config {
 
 fn main() -> Result<()> {
     let cfg = Config::parse();
-    dsv2_server::init_logging(&cfg.log_level, cfg.log_format, "info");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let handle = rt.handle().clone();
-    rt.block_on(serve(cfg, handle))
+    let telemetry = dsv2_server::telemetry::init(
+        "dsv2-router",
+        &cfg.log_level,
+        cfg.log_format,
+        "info",
+        cfg.otlp_endpoint.as_deref(),
+        &handle,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let served = rt.block_on(serve(cfg, handle));
+    // Off the runtime's workers, while it still runs the export of the last spans.
+    telemetry.shutdown();
+    served
 }
 
 /// Builds the NCCL expert executor once the model and the placement are known (CUDA only).
@@ -441,7 +459,8 @@ async fn serve_on<B: Backend>(
     // that client deadlines count from, then the limit, so a shed request starts no timer);
     // health and reflection stay answerable when the router is saturated.
     // One in-flight limit for both APIs.
-    let in_flight = InFlightLimitLayer::new(c.max_concurrent as usize);
+    let in_flight =
+        InFlightLimitLayer::new(c.max_concurrent as usize).counting_into(engine.metrics.clone());
     let inference_layers = tower::ServiceBuilder::new()
         .layer(ArrivalLayer)
         .layer(in_flight.clone())
@@ -496,14 +515,14 @@ async fn serve_on<B: Backend>(
         }
         None => (None, None),
     };
-    println!("DSV2_READY {addr}");
-
     if let Some(m) = c.metrics_listen {
         let bound = dsv2_router::metrics::serve(m, engine.clone(), shard_stats.clone())
             .await
             .with_context(|| format!("binding --metrics-listen {m}"))?;
         tracing::info!(addr = %bound, "metrics on /metrics");
+        println!("DSV2_METRICS_READY {bound}");
     }
+    println!("DSV2_READY {addr}");
 
     // Log throughput every 10 s while busy, so operators see what the service is doing.
     let gauges = engine.gauges.clone();

@@ -328,7 +328,13 @@ impl<B: Backend> Inner<B> {
         ))
     }
 
-    fn request(&self, layer: usize, part: &ShardRows, host: &[f32]) -> ForwardRequest {
+    fn request(
+        &self,
+        layer: usize,
+        part: &ShardRows,
+        host: &[f32],
+        traceparents: &[String],
+    ) -> ForwardRequest {
         let h = self.hidden;
         let mut rows_f32 = Vec::with_capacity(part.rows.len() * h);
         for &r in &part.rows {
@@ -349,6 +355,7 @@ impl<B: Backend> Inner<B> {
             expert_ids: part.ids.clone(),
             gate_weights: part.weights.clone(),
             partial_dtype: dtype as i32,
+            traceparents: traceparents.to_vec(),
         }
     }
 
@@ -387,6 +394,7 @@ impl<B: Backend> Inner<B> {
         set: usize,
         part: &ShardRows,
         host: &[f32],
+        traceparents: &[String],
         load: &mut [usize],
         turn: usize,
         tried: &mut Vec<usize>,
@@ -399,7 +407,7 @@ impl<B: Backend> Inner<B> {
                 self.stats.add_failover();
             }
             tried.push(s);
-            match self.send(s, self.request(layer, part, host)) {
+            match self.send(s, self.request(layer, part, host, traceparents)) {
                 Ok(sent) => {
                     load[s] += part.rows.len();
                     self.stats.add_rows(s, part.rows.len());
@@ -467,6 +475,9 @@ impl<B: Backend> ExpertExecutor<B> for RemoteExperts<B> {
         let host = me.backend.act_to_host(x)?;
         // Rows per replica set, with that set's slots (others padded).
         let parts = split_rows(routing, &me.set_of, me.sets.len());
+        // The trace context of the requests in this step (set by the engine thread, which
+        // runs this).
+        let traceparents = crate::trace::step_parents();
         let turn = me.turn.fetch_add(1, Ordering::Relaxed);
         let mut load = vec![0usize; me.shards.len()];
         // Biggest sets first: the greedy least-loaded choice then balances the rows.
@@ -477,7 +488,16 @@ impl<B: Backend> ExpertExecutor<B> for RemoteExperts<B> {
         let mut sent: Vec<Option<(Sent, Vec<usize>)>> = (0..parts.len()).map(|_| None).collect();
         for i in order {
             let mut tried = Vec::new();
-            let s = me.send_set(layer, i, &parts[i], &host, &mut load, turn, &mut tried)?;
+            let s = me.send_set(
+                layer,
+                i,
+                &parts[i],
+                &host,
+                &traceparents,
+                &mut load,
+                turn,
+                &mut tried,
+            )?;
             sent[i] = Some((s, tried));
         }
         let me = me.clone();
@@ -498,7 +518,16 @@ impl<B: Backend> ExpertExecutor<B> for RemoteExperts<B> {
                             me.shard_failed(shard, &e);
                             // Loads of this layer no longer matter: only live owners compete.
                             let mut load = vec![0usize; me.shards.len()];
-                            s = me.send_set(layer, i, part, &host, &mut load, turn, &mut tried)?;
+                            s = me.send_set(
+                                layer,
+                                i,
+                                part,
+                                &host,
+                                &traceparents,
+                                &mut load,
+                                turn,
+                                &mut tried,
+                            )?;
                         }
                     }
                 };
