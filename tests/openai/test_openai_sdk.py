@@ -134,6 +134,20 @@ def test_chat_streamed_equals_whole_and_usage_equals_tokenize(client, model, clu
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_usage_counts_the_prompt_tokens_taken_from_the_prefix_cache(client, model):
+    # A prompt no other test sends: the first time nothing is cached, the second time every
+    # whole block of 16 tokens but the one holding the last prompt token is.
+    prompt = "Cached tokens come from an earlier prompt with the same prefix. " * 5
+    args = dict(model=model, prompt=prompt, max_tokens=2, temperature=0)
+    first = client.completions.create(**args)
+    n = first.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    again = client.completions.create(**args)
+    assert again.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16
+
+
 def test_stop_strings_are_honoured(client, model):
     args = dict(model=model, prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
     text = client.completions.create(**args).choices[0].text

@@ -1,12 +1,15 @@
 //! Test support for the cross-process tests: finds the built `dsv2-router`, `dsv2-expert` and
 //! `dsv2` binaries, starts them as child processes on ephemeral loopback ports (each prints
 //! `DSV2_READY <addr>` once it serves; a router with `--http-listen` prints
-//! `DSV2_HTTP_READY <addr>` just before), and kills every child when its guard drops.
+//! `DSV2_HTTP_READY <addr>` just before, and a server with `--metrics-listen`
+//! `DSV2_METRICS_READY <addr>`), and kills every child when its guard drops. Also small blocking
+//! HTTP/1.1 helpers and a Prometheus text parser for the metrics tests.
 //!
 //! Helpers panic with a message instead of returning errors: they only ever run inside tests,
 //! where a panic with a clear reason is the failure report.
 
-use std::io::{BufRead, BufReader, Read};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -87,12 +90,22 @@ pub fn expert_list(ids: &[usize]) -> String {
         .join(",")
 }
 
+/// Which address a `DSV2_*READY` line announced.
+#[derive(Clone, Copy)]
+enum Ready {
+    Grpc,
+    Http,
+    Metrics,
+}
+
 /// One child process that announced its address; killed (SIGKILL) when dropped.
 pub struct Proc {
     pub name: String,
     pub addr: SocketAddr,
     /// The HTTP API's address, for a router started with `--http-listen`.
     pub http_addr: Option<SocketAddr>,
+    /// The metrics endpoint's address, for a server started with `--metrics-listen`.
+    pub metrics_addr: Option<SocketAddr>,
     child: Child,
     log: tempfile::NamedTempFile,
 }
@@ -114,10 +127,14 @@ impl Proc {
         std::thread::spawn(move || {
             // Keep reading after READY so the child never blocks on a full pipe.
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("DSV2_HTTP_READY ") {
-                    let _ = tx.send((true, addr.trim().to_string()));
-                } else if let Some(addr) = line.strip_prefix("DSV2_READY ") {
-                    let _ = tx.send((false, addr.trim().to_string()));
+                for (kind, prefix) in [
+                    (Ready::Http, "DSV2_HTTP_READY "),
+                    (Ready::Metrics, "DSV2_METRICS_READY "),
+                    (Ready::Grpc, "DSV2_READY "),
+                ] {
+                    if let Some(addr) = line.strip_prefix(prefix) {
+                        let _ = tx.send((kind, addr.trim().to_string()));
+                    }
                 }
             }
         });
@@ -126,18 +143,25 @@ impl Proc {
             name: name.to_string(),
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_addr: None,
+            metrics_addr: None,
             child,
             log,
         };
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok((true, a)) => {
+                Ok((Ready::Http, a)) => {
                     proc.http_addr = Some(
                         a.parse()
                             .unwrap_or_else(|e| panic!("{name} printed DSV2_HTTP_READY {a}: {e}")),
                     );
                 }
-                Ok((false, a)) => {
+                Ok((Ready::Metrics, a)) => {
+                    proc.metrics_addr =
+                        Some(a.parse().unwrap_or_else(|e| {
+                            panic!("{name} printed DSV2_METRICS_READY {a}: {e}")
+                        }));
+                }
+                Ok((Ready::Grpc, a)) => {
                     proc.addr = a
                         .parse()
                         .unwrap_or_else(|e| panic!("{name} printed DSV2_READY {a}: {e}"));
@@ -231,6 +255,17 @@ impl Drop for Proc {
 
 /// `dsv2-expert` hosting `experts` of `model_dir` on `listen` (use port 0 for a fresh port).
 pub fn start_expert(name: &str, model_dir: &Path, experts: &[usize], listen: &str) -> Proc {
+    start_expert_with(name, model_dir, experts, listen, &Extra::default())
+}
+
+/// `start_expert` with `extra.expert_args` and `extra.env`.
+pub fn start_expert_with(
+    name: &str,
+    model_dir: &Path,
+    experts: &[usize],
+    listen: &str,
+    extra: &Extra<'_>,
+) -> Proc {
     let mut cmd = Command::new(bin("dsv2-expert"));
     cmd.arg("--model-dir").arg(model_dir).args([
         "--experts",
@@ -238,7 +273,18 @@ pub fn start_expert(name: &str, model_dir: &Path, experts: &[usize], listen: &st
         "--listen",
         listen,
     ]);
+    cmd.args(extra.expert_args);
+    cmd.envs(extra.env.iter().copied());
     Proc::start(name, cmd)
+}
+
+/// What a test adds to a cluster's children.
+#[derive(Default, Clone, Copy)]
+pub struct Extra<'a> {
+    /// Arguments added to every expert shard's command line.
+    pub expert_args: &'a [&'a str],
+    /// Environment variables of every child (router and shards).
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 /// A router and its expert shards; every child dies when this drops.
@@ -252,6 +298,16 @@ impl Cluster {
     /// Starts one shard per entry of `shards` (its expert ids), then the router pointed at them
     /// with `router_args` added (e.g. `--placement contiguous`, `--kv-cache-blocks 8`).
     pub fn start(model_dir: &Path, shards: &[Vec<usize>], router_args: &[&str]) -> Cluster {
+        Cluster::start_with(model_dir, shards, router_args, &Extra::default())
+    }
+
+    /// `start`, with arguments for the shards and environment variables for every child.
+    pub fn start_with(
+        model_dir: &Path,
+        shards: &[Vec<usize>],
+        router_args: &[&str],
+        extra: &Extra<'_>,
+    ) -> Cluster {
         // Start the shards together: each loads on its own.
         let experts: Vec<Proc> = std::thread::scope(|s| {
             let hs: Vec<_> = shards
@@ -259,7 +315,13 @@ impl Cluster {
                 .enumerate()
                 .map(|(i, ids)| {
                     s.spawn(move || {
-                        start_expert(&format!("expert-{i}"), model_dir, ids, "127.0.0.1:0")
+                        start_expert_with(
+                            &format!("expert-{i}"),
+                            model_dir,
+                            ids,
+                            "127.0.0.1:0",
+                            extra,
+                        )
                     })
                 })
                 .collect();
@@ -275,6 +337,7 @@ impl Cluster {
             cmd.args(["--shard", &e.url()]);
         }
         cmd.args(router_args);
+        cmd.envs(extra.env.iter().copied());
         let router = Proc::start("router", cmd);
         Cluster {
             model_dir: model_dir.to_path_buf(),
@@ -437,4 +500,133 @@ pub fn fixture_prompts(name: &str) -> Vec<Vec<u32>> {
                 .collect()
         })
         .collect()
+}
+
+/// One blocking HTTP/1.1 exchange on a fresh connection (`Connection: close`): the status and
+/// the body. For the metrics endpoints and small JSON calls; `headers` are added as given.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut s =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("a read timeout");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).expect("sending the request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("reading the response");
+    let text = String::from_utf8(raw).expect("a UTF-8 response");
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {text:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "chunked answers are not decoded here: {head}"
+    );
+    (status, body.to_string())
+}
+
+/// GET /metrics of a server started with `--metrics-listen`.
+pub fn scrape(p: &Proc) -> String {
+    let addr = p
+        .metrics_addr
+        .unwrap_or_else(|| panic!("{} was started without --metrics-listen", p.name));
+    let (status, body) = http_request(addr, "GET", "/metrics", &[], "");
+    assert_eq!(status, 200, "GET /metrics of {}: {body}", p.name);
+    body
+}
+
+/// One sample of the Prometheus text format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// The samples of a Prometheus text exposition (comments skipped). Panics on a malformed line:
+/// what a scraper would reject is a test failure.
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value in {line:?}"));
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|e| panic!("bad value in {line:?}: {e}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_string(), BTreeMap::new()),
+            Some((name, rest)) => {
+                let inner = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("unclosed labels in {line:?}"));
+                let mut labels = BTreeMap::new();
+                // Label values here hold no commas or quotes.
+                for pair in inner.split(',').filter(|p| !p.is_empty()) {
+                    let (k, v) = pair
+                        .split_once('=')
+                        .unwrap_or_else(|| panic!("bad label {pair:?} in {line:?}"));
+                    let v = v
+                        .strip_prefix('"')
+                        .and_then(|v| v.strip_suffix('"'))
+                        .unwrap_or_else(|| panic!("unquoted label {pair:?} in {line:?}"));
+                    labels.insert(k.to_string(), v.to_string());
+                }
+                (name.to_string(), labels)
+            }
+        };
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line:?}"
+        );
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+/// The sum of the samples named `name` whose labels include `with`.
+pub fn metric_sum(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| {
+            s.name == name
+                && with
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).is_some_and(|x| x == v))
+        })
+        .map(|s| s.value)
+        .sum()
 }

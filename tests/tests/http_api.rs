@@ -346,7 +346,16 @@ async fn completions_and_chat_match_grpc_streamed_or_not() {
     );
     assert_eq!(streamed_text(&events), reply, "streamed chat vs whole");
     assert_eq!(finish_of(&events), vec!["length"]);
-    assert_eq!(events.last().expect("events")["usage"], whole["usage"]);
+    let streamed_usage = &events.last().expect("events")["usage"];
+    for key in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(streamed_usage[key], whole["usage"][key], "{key}");
+    }
+    // The second time, the conversation's whole blocks come from the prefix cache.
+    assert_eq!(whole["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(
+        streamed_usage["prompt_tokens_details"]["cached_tokens"],
+        (chat_ids.len() - 1) / 16 * 16
+    );
     assert!(
         events
             .iter()
@@ -369,6 +378,37 @@ async fn completions_and_chat_match_grpc_streamed_or_not() {
             .all(|t| t["top_logprobs"].as_array().map(Vec::len) == Some(2)
                 && t["logprob"].is_number())
     );
+
+    // The prefix cache: `usage.prompt_tokens_details.cached_tokens` counts the prompt tokens a
+    // request took from it (whole blocks of 16, all but the last prompt token), whole and
+    // streamed, as gRPC's cached_prompt_tokens does.
+    let long = "Prefix caching keeps the latent blocks of earlier prompts. ".repeat(5);
+    let n = tokenize(&mut grpc, &long, true).await.len();
+    assert!(n > 33, "a prompt of several blocks ({n} tokens)");
+    let want = (n - 1) / 16 * 16;
+    let creq = json!({"prompt": long, "max_tokens": 4, "temperature": 0, "ignore_eos": true});
+    let first = ok_json(h, "/v1/completions", &creq).await;
+    assert_eq!(first["usage"]["prompt_tokens"], n);
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let again = ok_json(h, "/v1/completions", &creq).await;
+    assert_eq!(
+        again["usage"]["prompt_tokens_details"]["cached_tokens"],
+        want
+    );
+    assert_eq!(again["choices"][0]["text"], first["choices"][0]["text"]);
+    let mut sc = creq.clone();
+    sc["stream"] = json!(true);
+    sc["stream_options"] = json!({"include_usage": true});
+    let events = ok_sse(h, "/v1/completions", &sc).await;
+    let last = events.last().expect("events");
+    assert_eq!(
+        last["usage"]["prompt_tokens_details"]["cached_tokens"],
+        want
+    );
+    let mut g = dsv2_e2e::text_request(&long, 4);
+    g.ignore_eos = true;
+    let r = grpc.generate(g).await.expect("gRPC Generate").into_inner();
+    assert_eq!(r.cached_prompt_tokens as usize, want, "gRPC agrees");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,13 +42,31 @@ fn up_with_a_prompt_answers_like_in_process_generate_and_exits() {
             prompt,
             "--max-output-len",
             "12",
+            "--temperature",
+            "0.7",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "5",
         ],
     );
     let (endpoint, answer) = up.split_once('\n').expect("endpoint line, then the answer");
     assert!(endpoint.starts_with("http://127.0.0.1:"), "{up:?}");
     let want = dsv2_ok(
         cache.path(),
-        &["generate", "--input-text", prompt, "--max-output-len", "12"],
+        &[
+            "generate",
+            "--input-text",
+            prompt,
+            "--max-output-len",
+            "12",
+            "--temperature",
+            "0.7",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "5",
+        ],
     );
     assert!(!want.trim().is_empty(), "in-process answer is empty");
     assert_eq!(answer, want, "dsv2 up --prompt differs from in-process");
@@ -80,8 +98,13 @@ fn up_serves_endpoint_generate_and_ctrl_c_stops_every_child() {
     let stderr = up.stderr.take().expect("piped stderr");
     let (shard_tx, shard_rx) = std::sync::mpsc::channel();
     let (http_tx, http_rx) = std::sync::mpsc::channel();
+    let (metrics_tx, metrics_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // `metrics: router http://A/metrics, expert-0 http://B/metrics, ...`
+            if let Some(list) = line.strip_prefix("metrics: ") {
+                let _ = metrics_tx.send(list.to_string());
+            }
             if let Some((_, addr)) = line.split_once(" ready at ") {
                 let _ = shard_tx.send(addr.trim().to_string());
             }
@@ -125,6 +148,39 @@ fn up_serves_endpoint_generate_and_ctrl_c_stops_every_child() {
     s.read_to_string(&mut answer).expect("reading");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     addrs.push(http);
+    // Every child serves /metrics (on free ports by default), announced on one line.
+    let list = metrics_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("dsv2 up announced no metrics addresses");
+    let targets: Vec<(&str, SocketAddr)> = list
+        .split(", ")
+        .map(|t| {
+            let (name, url) = t.split_once(' ').expect("NAME URL");
+            let a = url
+                .trim_start_matches("http://")
+                .trim_end_matches("/metrics")
+                .parse()
+                .expect("a metrics address");
+            (name, a)
+        })
+        .collect();
+    let names: Vec<&str> = targets.iter().map(|t| t.0).collect();
+    assert_eq!(names, ["router", "expert-0", "expert-1"], "{list}");
+    for (name, a) in &targets {
+        let mut s = TcpStream::connect_timeout(a, Duration::from_secs(5)).expect("connecting");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .expect("sending");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("reading");
+        assert!(text.starts_with("HTTP/1.1 200"), "{name}: {text}");
+        let want = if *name == "router" {
+            "dsv2_router_"
+        } else {
+            "dsv2_expert_"
+        };
+        assert!(text.contains(want), "{name}: {text}");
+        addrs.push(*a);
+    }
     addrs.push(
         endpoint
             .trim_start_matches("http://")

@@ -127,6 +127,9 @@ routedExperts/expertGroups experts, so "whole groups per shard" is also a contig
 {{- if and $v.tls.enabled (not $v.tls.secretName) -}}
 {{- fail "tls.enabled needs tls.secretName" -}}
 {{- end -}}
+{{- if and $v.auth.enabled (not $v.auth.secretName) -}}
+{{- fail "auth.enabled needs auth.secretName" -}}
+{{- end -}}
 {{- if and $v.serviceMonitor.enabled (not $v.metrics.enabled) -}}
 {{- fail "serviceMonitor.enabled needs metrics.enabled" -}}
 {{- end -}}
@@ -136,22 +139,68 @@ routedExperts/expertGroups experts, so "whole groups per shard" is also a contig
 {{- default (printf "%s-model" (include "dsv2.fullname" .)) .Values.model.pvc.claimName -}}
 {{- end -}}
 
-{{/* Env shared by both servers: logging, TLS file paths, and the component's own env list. */}}
+{{/* Whether a component ("router" or "expert") serves TLS: the router with tls.enabled, the
+shards only when tls.internal (the router then dials them over https://). */}}
+{{- define "dsv2.servesTls" -}}
+{{- $v := .root.Values -}}
+{{- if and $v.tls.enabled (or (eq .component "router") $v.tls.internal) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Whether a component requires client certificates: the router with tls.clientAuth (its
+public API), the shards with tls.internal and tls.internalClientAuth (only the router, which
+presents the pod certificate, gets in). */}}
+{{- define "dsv2.mutualTls" -}}
+{{- $v := .root.Values -}}
+{{- if include "dsv2.servesTls" . -}}
+{{- if or (and (eq .component "router") $v.tls.clientAuth) (and (eq .component "expert") $v.tls.internalClientAuth) -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Env shared by both servers: logging, the TLS and auth flags of the component ("router" or
+"expert"; each flag of the binaries reads the DSV2_* variable named here), and the component's
+own env list. */}}
 {{- define "dsv2.env" -}}
 {{- $v := .root.Values -}}
+{{- $tls := $v.tls.mountPath -}}
 - name: DSV2_LOG_FORMAT
   value: {{ $v.logging.format | quote }}
 - name: DSV2_LOG
   value: {{ $v.logging.level | quote }}
 - name: XDG_CACHE_HOME
   value: /var/cache/dsv2
-{{- if $v.tls.enabled }}
+{{- if include "dsv2.servesTls" . }}
 - name: DSV2_TLS_CERT
-  value: {{ printf "%s/tls.crt" $v.tls.mountPath | quote }}
+  value: {{ printf "%s/tls.crt" $tls | quote }}
 - name: DSV2_TLS_KEY
-  value: {{ printf "%s/tls.key" $v.tls.mountPath | quote }}
-- name: DSV2_TLS_CA
-  value: {{ printf "%s/ca.crt" $v.tls.mountPath | quote }}
+  value: {{ printf "%s/tls.key" $tls | quote }}
+{{- end }}
+{{- if include "dsv2.mutualTls" . }}
+- name: DSV2_TLS_CLIENT_CA
+  value: {{ printf "%s/ca.crt" $tls | quote }}
+{{- end }}
+{{- if and (eq .component "router") $v.tls.enabled $v.tls.internal }}
+- name: DSV2_SHARD_CA
+  value: {{ printf "%s/ca.crt" $tls | quote }}
+{{- if $v.tls.internalClientAuth }}
+- name: DSV2_SHARD_CLIENT_CERT
+  value: {{ printf "%s/tls.crt" $tls | quote }}
+- name: DSV2_SHARD_CLIENT_KEY
+  value: {{ printf "%s/tls.key" $tls | quote }}
+{{- end }}
+{{- end }}
+{{- if $v.auth.enabled }}
+{{- if eq .component "router" }}
+- name: DSV2_AUTH_TOKEN_FILE
+  value: {{ printf "%s/%s" $v.auth.mountPath $v.auth.tokensKey | quote }}
+- name: DSV2_SHARD_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.auth.secretName }}
+      key: {{ $v.auth.shardTokenKey }}
+{{- else }}
+- name: DSV2_SHARD_TOKEN_FILE
+  value: {{ printf "%s/%s" $v.auth.mountPath $v.auth.shardTokenKey | quote }}
+{{- end }}
 {{- end }}
 {{- with .env }}
 {{ toYaml . }}
@@ -173,13 +222,15 @@ routedExperts/expertGroups experts, so "whole groups per shard" is also a contig
 {{- end -}}
 
 {{/*
-gRPC probes on grpc.health.v1. Without TLS the kubelet's native grpc probe is used; with TLS
-(which that probe cannot speak) grpc-health-probe from the image runs as an exec probe. The
-exec probe skips certificate verification: it dials 127.0.0.1, a name the cert need not carry.
+gRPC probes on grpc.health.v1 (open without a token). Where the component serves plain gRPC the
+kubelet's native grpc probe is used; where it serves TLS (which that probe cannot speak)
+grpc-health-probe from the image runs as an exec probe. The exec probe skips certificate
+verification: it dials 127.0.0.1, a name the cert need not carry; where the component requires
+client certificates it presents the pod's own certificate.
 */}}
 {{- define "dsv2.probe" -}}
 {{- $v := .root.Values -}}
-{{- if $v.tls.enabled }}
+{{- if include "dsv2.servesTls" . }}
 exec:
   command:
     - grpc-health-probe
@@ -187,6 +238,10 @@ exec:
     - {{ printf "-service=%s" .service | quote }}
     - -tls
     - -tls-no-verify
+    {{- if include "dsv2.mutualTls" . }}
+    - {{ printf "-tls-client-cert=%s/tls.crt" $v.tls.mountPath | quote }}
+    - {{ printf "-tls-client-key=%s/tls.key" $v.tls.mountPath | quote }}
+    {{- end }}
 {{- else }}
 grpc:
   port: {{ int .port }}
@@ -199,14 +254,14 @@ timeoutSeconds: {{ int .probe.timeoutSeconds }}
 
 {{- define "dsv2.probes" -}}
 startupProbe:
-  {{- include "dsv2.probe" (dict "root" .root "port" .port "service" .service "probe" .probes.startup) | trim | nindent 2 }}
+  {{- include "dsv2.probe" (dict "root" .root "component" .component "port" .port "service" .service "probe" .probes.startup) | trim | nindent 2 }}
 readinessProbe:
-  {{- include "dsv2.probe" (dict "root" .root "port" .port "service" .service "probe" .probes.readiness) | trim | nindent 2 }}
+  {{- include "dsv2.probe" (dict "root" .root "component" .component "port" .port "service" .service "probe" .probes.readiness) | trim | nindent 2 }}
 livenessProbe:
-  {{- include "dsv2.probe" (dict "root" .root "port" .port "service" "" "probe" .probes.liveness) | trim | nindent 2 }}
+  {{- include "dsv2.probe" (dict "root" .root "component" .component "port" .port "service" "" "probe" .probes.liveness) | trim | nindent 2 }}
 {{- end -}}
 
-{{/* Volumes shared by both pod templates: scratch dirs, the model, TLS. */}}
+{{/* Volumes shared by both pod templates: scratch dirs, the model, TLS, the auth secret. */}}
 {{- define "dsv2.volumes" -}}
 {{- $v := .Values -}}
 - name: tmp
@@ -229,6 +284,12 @@ livenessProbe:
     secretName: {{ $v.tls.secretName }}
     defaultMode: 0440
 {{- end }}
+{{- if $v.auth.enabled }}
+- name: auth
+  secret:
+    secretName: {{ $v.auth.secretName }}
+    defaultMode: 0440
+{{- end }}
 {{- end -}}
 
 {{- define "dsv2.volumeMounts" -}}
@@ -245,6 +306,11 @@ livenessProbe:
 {{- if $v.tls.enabled }}
 - name: tls
   mountPath: {{ $v.tls.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if $v.auth.enabled }}
+- name: auth
+  mountPath: {{ $v.auth.mountPath }}
   readOnly: true
 {{- end }}
 {{- end -}}

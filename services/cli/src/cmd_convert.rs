@@ -27,6 +27,11 @@ pub struct Args {
     /// Default: groups when the routing groups divide evenly over the shards, else contiguous.
     #[arg(long)]
     placement: Option<String>,
+    /// Put each expert on this many shards (chained over the placement: shard s also gets the
+    /// experts of shards s+1 .. s+R-1), for a router started with the same --replicas to fail
+    /// over between.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
     /// keep (source dtypes; serving is bit-identical) or bf16.
     #[arg(long, default_value = "keep")]
     dtype: String,
@@ -130,6 +135,7 @@ pub fn run(a: Args) -> Result<()> {
             output_dir: a.output_dir.clone(),
             expert_shards: a.expert_shards,
             placement,
+            replicas: a.replicas,
             dtype,
             resume: a.resume,
             threads: a.threads,

@@ -15,7 +15,8 @@ use crate::common::{load_with, parse_ids};
 
 #[derive(ClapArgs, Debug, Clone)]
 pub struct Args {
-    /// Model directory (Hugging Face layout) or `tiny` for the embedded tiny random model.
+    /// Model directory (Hugging Face layout), `tiny` (the embedded model trained on the Rust book)
+    /// or `tiny-random` (the embedded random-weight model).
     #[arg(long, default_value = "tiny")]
     pub model_dir: String,
     /// Serve the random weights of the model dir's config.json drawn from this seed (as
@@ -73,6 +74,9 @@ pub struct Args {
     /// With --endpoint: stream tokens as they are generated.
     #[arg(long, requires = "endpoint")]
     pub stream: bool,
+    /// With --endpoint: the router's token (--auth-token-file) and CA (https://).
+    #[command(flatten)]
+    pub security: dsv2_security::args::ClientArgs,
     /// Compute device for the in-process mode.
     #[arg(long, default_value = "cpu")]
     pub device: String,

@@ -7,9 +7,11 @@ use dsv2_loadtest::{CallKind, LoadtestConfig, RequestData};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
-    /// Router URL, e.g. http://127.0.0.1:50051.
+    /// Router URL, e.g. http://127.0.0.1:50051 (https:// for a router serving TLS).
     #[arg(long)]
     endpoint: String,
+    #[command(flatten)]
+    security: dsv2_security::args::ClientArgs,
     /// generate (unary) or stream.
     #[arg(long, default_value = "generate")]
     call: String,
@@ -44,6 +46,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let mut cfg = LoadtestConfig::new(a.endpoint.clone(), call, data);
     cfg.concurrency = a.concurrency;
+    cfg.security = a.security.clone();
     cfg.total = a.total;
     cfg.duration = a
         .duration

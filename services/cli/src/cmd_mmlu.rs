@@ -26,9 +26,11 @@ each subject (its README says so): accuracy on it is close to, not equal to, pub
 #[derive(ClapArgs, Debug)]
 #[command(after_help = MMLU_HELP)]
 pub struct Args {
-    /// Router URL, e.g. http://127.0.0.1:50051 (what `dsv2 up` prints).
+    /// Router URL, e.g. http://127.0.0.1:50051 (what `dsv2 up` prints; https:// for TLS).
     #[arg(long)]
     endpoint: String,
+    #[command(flatten)]
+    security: dsv2_security::args::ClientArgs,
     /// MMLU directory in the hendrycks layout (dev/ and test/).
     #[arg(long)]
     data_dir: PathBuf,
@@ -74,7 +76,7 @@ pub fn run(a: Args) -> Result<()> {
         .build()?;
     let t0 = std::time::Instant::now();
     let results = rt.block_on(async {
-        let client = dsv2_eval::Client::connect(&a.endpoint).await?;
+        let client = dsv2_eval::Client::connect(&a.endpoint, &a.security).await?;
         mmlu::run(&client, &subjects, &cfg, progress).await
     });
     let seconds = t0.elapsed().as_secs_f64();

@@ -25,9 +25,11 @@ tokenizer; no stemming unless --stemmer, as evaluate's \"rouge\" defaults).\n\
 #[derive(ClapArgs, Debug)]
 #[command(after_help = SUMMARIZE_HELP)]
 pub struct Args {
-    /// Router URL, e.g. http://127.0.0.1:50051 (what `dsv2 up` prints).
+    /// Router URL, e.g. http://127.0.0.1:50051 (what `dsv2 up` prints; https:// for TLS).
     #[arg(long)]
     endpoint: String,
+    #[command(flatten)]
+    security: dsv2_security::args::ClientArgs,
     /// Dataset with `article` and `highlights` columns: .parquet, .jsonl or .csv (with a header).
     #[arg(long)]
     dataset: PathBuf,
@@ -83,7 +85,7 @@ pub fn run(a: Args) -> Result<()> {
         .enable_all()
         .build()?;
     let run = rt.block_on(async {
-        let client = dsv2_eval::Client::connect(&a.endpoint).await?;
+        let client = dsv2_eval::Client::connect(&a.endpoint, &a.security).await?;
         summarize::run(&client, &samples, &cfg, progress).await
     });
     bar.finish_and_clear();

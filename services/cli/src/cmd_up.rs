@@ -1,9 +1,10 @@
 //! `dsv2 up`: a local cluster — N expert shards and one router as child processes on loopback —
 //! on the embedded tiny model or --model-dir. Prints the gRPC endpoint (and, on stderr, the
-//! OpenAI-compatible HTTP API's) and runs until Ctrl-C, or with --prompt answers one request and
-//! stops (the README's one-command demo).
+//! OpenAI-compatible HTTP API's and every child's /metrics) and runs until Ctrl-C, or with
+//! --prompt answers one request and stops (the README's one-command demo).
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,7 +14,8 @@ use clap::Args as ClapArgs;
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
-    /// Model directory, or `tiny` for the embedded tiny random model.
+    /// Model directory; `tiny`: the embedded tiny model trained on the Rust book; `tiny-random`:
+    /// the embedded tiny model with random weights.
     #[arg(long, default_value = "tiny")]
     model_dir: String,
     /// Number of expert shards.
@@ -26,6 +28,15 @@ pub struct Args {
     /// /v1/chat/completions, /v1/models, /health); `off`: gRPC only.
     #[arg(long, default_value = "127.0.0.1:8000")]
     http_listen: String,
+    /// Prometheus metrics (GET /metrics) of the router on this address, and of expert shard i on
+    /// the next port + i (all on free ports when the port is 0, the default; the addresses are
+    /// printed); `off`: none.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    metrics_listen: String,
+    /// Export the trace spans of the router and the shards over OTLP/gRPC to this collector
+    /// (e.g. http://127.0.0.1:4317).
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Expert placement passed to the router (groups, contiguous or a file).
     #[arg(long)]
     placement: Option<String>,
@@ -38,6 +49,16 @@ pub struct Args {
     /// Tokens to generate for --prompt.
     #[arg(long, default_value_t = 32)]
     max_output_len: usize,
+    /// Sampling temperature for --prompt; 0 is greedy. The demo default (with --top-p and
+    /// --seed) reads better than greedy, which repeats itself on a small model.
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
+    temperature: f32,
+    /// Nucleus sampling threshold for --prompt.
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
+    top_p: f32,
+    /// Sampling seed for --prompt: the same seed gives the same answer.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Log level of the children (RUST_LOG syntax); default info, or warn with --prompt.
     #[arg(long)]
     child_log_level: Option<String>,
@@ -77,6 +98,15 @@ struct Ready {
     addr: String,
     /// `DSV2_HTTP_READY <addr>` (printed before READY): the router's HTTP API, when on.
     http: Option<String>,
+    /// `DSV2_METRICS_READY <addr>` (printed before READY): its /metrics, when on.
+    metrics: Option<String>,
+}
+
+/// What a `DSV2_*READY` line announced.
+enum Line {
+    Grpc(String),
+    Http(String),
+    Metrics(String),
 }
 
 /// Starts a child and waits for its `DSV2_READY <addr>` line.
@@ -90,20 +120,32 @@ fn start(cluster: &mut Cluster, name: &str, mut cmd: Command, timeout: Duration)
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("DSV2_HTTP_READY ") {
-                let _ = tx.send((true, addr.to_string()));
+            let sent = if let Some(addr) = line.strip_prefix("DSV2_HTTP_READY ") {
+                Line::Http(addr.to_string())
+            } else if let Some(addr) = line.strip_prefix("DSV2_METRICS_READY ") {
+                Line::Metrics(addr.to_string())
             } else if let Some(addr) = line.strip_prefix("DSV2_READY ") {
-                let _ = tx.send((false, addr.to_string()));
-            }
+                Line::Grpc(addr.to_string())
+            } else {
+                continue;
+            };
+            let _ = tx.send(sent);
         }
     });
     let t0 = Instant::now();
-    let mut http = None;
+    let (mut http, mut metrics) = (None, None);
     loop {
         let left = timeout.saturating_sub(t0.elapsed());
         match rx.recv_timeout(left) {
-            Ok((true, addr)) => http = Some(addr),
-            Ok((false, addr)) => return Ok(Ready { addr, http }),
+            Ok(Line::Http(addr)) => http = Some(addr),
+            Ok(Line::Metrics(addr)) => metrics = Some(addr),
+            Ok(Line::Grpc(addr)) => {
+                return Ok(Ready {
+                    addr,
+                    http,
+                    metrics,
+                });
+            }
             Err(_) => bail!("{name} did not become ready within {timeout:?} (see its log above)"),
         }
     }
@@ -119,11 +161,29 @@ pub fn run(a: Args) -> Result<()> {
         .unwrap_or_else(|| if a.prompt.is_some() { "warn" } else { "info" }.to_string());
     let dir = crate::common::model_dir(&a.model_dir)?;
     let dir = dir.to_string_lossy().into_owned();
+    let metrics: Option<SocketAddr> = match a.metrics_listen.as_str() {
+        "off" => None,
+        m => Some(m.parse().with_context(|| {
+            format!("--metrics-listen {m}: an address like 127.0.0.1:9400, or off")
+        })?),
+    };
+    // Shard i's metrics: the router's port + 1 + i, or a free port.
+    let shard_metrics = |i: usize| {
+        metrics.map(|m| {
+            let port = if m.port() == 0 {
+                0
+            } else {
+                m.port().saturating_add(1 + i as u16)
+            };
+            SocketAddr::new(m.ip(), port).to_string()
+        })
+    };
     let mut cluster = Cluster {
         children: Vec::new(),
     };
     let t0 = Instant::now();
     let mut shard_urls = Vec::new();
+    let mut metrics_urls = Vec::new();
     for i in 0..a.shards {
         let mut cmd = Command::new(sibling("dsv2-expert")?);
         cmd.args([
@@ -138,15 +198,24 @@ pub fn run(a: Args) -> Result<()> {
             "--log-level",
             &child_log,
         ]);
-        let addr = start(
+        if let Some(m) = shard_metrics(i) {
+            cmd.args(["--metrics-listen", &m]);
+        }
+        if let Some(o) = &a.otlp_endpoint {
+            cmd.args(["--otlp-endpoint", o]);
+        }
+        let ready = start(
             &mut cluster,
             &format!("expert-{i}"),
             cmd,
             Duration::from_secs(600),
-        )?
-        .addr;
+        )?;
+        let addr = ready.addr;
         eprintln!("expert shard {i} ready at {addr}");
         shard_urls.push(format!("http://{addr}"));
+        if let Some(m) = ready.metrics {
+            metrics_urls.push(format!("expert-{i} http://{m}/metrics"));
+        }
     }
     let mut cmd = Command::new(sibling("dsv2-router")?);
     cmd.args([
@@ -169,7 +238,16 @@ pub fn run(a: Args) -> Result<()> {
     if a.http_listen != "off" {
         cmd.args(["--http-listen", &a.http_listen]);
     }
+    if let Some(m) = metrics {
+        cmd.args(["--metrics-listen", &m.to_string()]);
+    }
+    if let Some(o) = &a.otlp_endpoint {
+        cmd.args(["--otlp-endpoint", o]);
+    }
     let ready = start(&mut cluster, "router", cmd, Duration::from_secs(600))?;
+    if let Some(m) = &ready.metrics {
+        metrics_urls.insert(0, format!("router http://{m}/metrics"));
+    }
     let endpoint = format!("http://{}", ready.addr);
     let http = ready.http.map(|h| format!("http://{h}"));
     eprintln!(
@@ -180,6 +258,9 @@ pub fn run(a: Args) -> Result<()> {
             .unwrap_or_default(),
         a.shards
     );
+    if !metrics_urls.is_empty() {
+        eprintln!("metrics: {}", metrics_urls.join(", "));
+    }
     println!("{endpoint}");
     if let Some(prompt) = &a.prompt {
         let args = crate::cmd_generate::Args {
@@ -187,10 +268,10 @@ pub fn run(a: Args) -> Result<()> {
             input_text: Some(prompt.clone()),
             input_ids: None,
             max_output_len: a.max_output_len,
-            temperature: 0.0,
+            temperature: a.temperature,
             top_k: 0,
-            top_p: 1.0,
-            seed: None,
+            top_p: a.top_p,
+            seed: Some(a.seed),
             stop: vec![],
             stop_token_ids: None,
             ignore_eos: false,
@@ -200,6 +281,7 @@ pub fn run(a: Args) -> Result<()> {
             random_weights: None,
             endpoint: Some(endpoint.clone()),
             stream: true,
+            security: Default::default(),
             device: "cpu".into(),
         };
         crate::remote::run(&args, &endpoint)?;

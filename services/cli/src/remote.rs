@@ -55,9 +55,13 @@ pub fn run(a: &Args, endpoint: &str) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut client = InferenceClient::connect(endpoint.to_string())
+        let channel = a
+            .security
+            .endpoint(endpoint)?
+            .connect()
             .await
             .with_context(|| format!("cannot reach the router at {endpoint}: is `dsv2 up` (or dsv2-router) running there?"))?;
+        let mut client = InferenceClient::with_interceptor(channel, a.security.bearer()?);
         // --json prints the prompt's ids like the in-process mode: a text prompt is tokenized
         // by the router the way Generate does it (BOS included)
         let input_ids = if a.json {

@@ -21,11 +21,14 @@ fn dsv2(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// A short bench of the tiny model: batch 1 and 4, context 12, 3 decode steps.
+/// A short bench of the random tiny model (the checks below know its shape and 1024-token
+/// vocabulary): batch 1 and 4, context 12, 3 decode steps.
 fn bench(dir: &Path, extra: &[&str]) -> (String, Value) {
     let json = dir.join("bench.json");
     let mut args = vec![
         "bench",
+        "--model-dir",
+        "tiny-random",
         "--batch",
         "1,4",
         "--context",

@@ -51,6 +51,9 @@ pub struct ConvertOptions {
     pub output_dir: PathBuf,
     pub expert_shards: usize,
     pub placement: PlacementChoice,
+    /// Each expert on this many shards (`Placement::replicated`): what the router's and the
+    /// shards' `--replicas` expect.
+    pub replicas: usize,
     pub dtype: DtypeChoice,
     /// Keep finished files whose recorded checksum and plan still match.
     pub resume: bool,
@@ -67,6 +70,7 @@ impl ConvertOptions {
             output_dir: output_dir.to_path_buf(),
             expert_shards,
             placement: PlacementChoice::Default,
+            replicas: 1,
             dtype: DtypeChoice::Keep,
             resume: false,
             threads: 4,
@@ -164,7 +168,8 @@ pub fn plan(opts: &ConvertOptions) -> Result<Plan> {
             PlacementChoice::Default => Placement::default_for(&cfg, opts.expert_shards)?,
             PlacementChoice::Kind(k) => Placement::build(&cfg, opts.expert_shards, *k)?,
             PlacementChoice::File(f) => Placement::from_file(f, &cfg)?,
-        };
+        }
+        .replicated(opts.replicas)?;
         p.check(&cfg)?;
         p.shards
             .into_iter()

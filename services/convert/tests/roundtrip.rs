@@ -320,6 +320,39 @@ fn replicated_experts_are_written_to_each_shard() {
 }
 
 #[test]
+fn replicas_chain_the_placement_over_the_shards() {
+    let hf = fixture("v2");
+    let out = tempfile::tempdir().unwrap();
+    let conv = out.path().join("conv");
+    let mut o = opts(&hf, &conv, 4, None);
+    o.replicas = 2;
+    let rep = convert(&o, &NoProgress).unwrap();
+    let cfg = dsv2_core::ModelConfig::from_model_dir(&hf).unwrap();
+    let want = dsv2_core::placement::Placement::default_for(&cfg, 4)
+        .unwrap()
+        .replicated(2)
+        .unwrap();
+    assert_eq!(rep.placement, want.shards);
+    // 16 experts in 4 groups: shard 3 holds group 3 and, as the replica, group 0.
+    assert_eq!(rep.placement[3], vec![0, 1, 2, 3, 12, 13, 14, 15]);
+    // Every shard dir holds a copy of each of its experts.
+    let m = Manifest::read(&conv).unwrap();
+    for (s, experts) in rep.placement.iter().enumerate() {
+        for e in experts {
+            let t = &m.tensors[&format!("model.layers.1.mlp.experts.{e}.up_proj.weight")];
+            let dir = format!("shard-{s}/");
+            assert!(
+                t.file.starts_with(&dir) || t.replicas.iter().any(|r| r.file.starts_with(&dir)),
+                "expert {e} has no copy in {dir}"
+            );
+        }
+    }
+    o.replicas = 5;
+    let err = convert(&o, &NoProgress).unwrap_err().to_string();
+    assert!(err.contains("--replicas 5"), "{err}");
+}
+
+#[test]
 fn bf16_output_rounds_each_value() {
     let hf = fixture("v2-lite"); // stored f32
     let out = tempfile::tempdir().unwrap();

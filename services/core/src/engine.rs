@@ -218,6 +218,15 @@ pub struct Engine<B: Backend> {
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     pub stats: EngineStats,
+    /// What the last `step` ran (zero before the first).
+    pub last_step: StepShape,
+}
+
+/// The batch of one step: sequences in it and tokens computed (decode rows + prefill chunks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepShape {
+    pub sequences: usize,
+    pub tokens: usize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -255,6 +264,7 @@ impl<B: Backend> Engine<B> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             stats: EngineStats::default(),
+            last_step: StepShape::default(),
         })
     }
 
@@ -385,8 +395,10 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Moves requests from the queue to the running batch while their blocks fit, in order
-    /// (FIFO: nobody overtakes the head of the queue).
-    fn admit(&mut self) {
+    /// (FIFO: nobody overtakes the head of the queue); returns the ids it moved. `step` admits
+    /// first; a caller that measures queue time calls this just before `step`.
+    pub fn admit(&mut self) -> Vec<u64> {
+        let mut admitted = Vec::new();
         while self.running.len() < self.cfg.max_running {
             let Some(front) = self.waiting.front() else {
                 break;
@@ -413,8 +425,10 @@ impl<B: Backend> Engine<B> {
             }
             seq.computed = hit;
             seq.cached = hit;
+            admitted.push(seq.req.id);
             self.running.push(seq);
         }
+        admitted
     }
 
     /// Whether a running request is computing full blocks of `prompt` that the prefix cache
@@ -439,6 +453,7 @@ impl<B: Backend> Engine<B> {
 
     /// Runs one forward step over the running sequences; returns what happened.
     pub fn step(&mut self) -> Vec<EngineEvent> {
+        self.last_step = StepShape::default();
         self.admit();
         if self.running.is_empty() {
             return vec![];
@@ -457,6 +472,10 @@ impl<B: Backend> Engine<B> {
             budget -= take;
             plan.push((i, take));
         }
+        self.last_step = StepShape {
+            sequences: plan.len(),
+            tokens: self.cfg.max_batch_tokens - budget,
+        };
         // The new tokens' latents go into blocks no other sequence reads (kv_cache.rs): a
         // violation is an engine bug, and fails the request rather than corrupt another one.
         let bs = self.cache.block_size();
@@ -1100,6 +1119,60 @@ mod tests {
         assert!(host.iter().all(|o| o.len() == 12));
         // the sampled rows really sampled: not all equal to the greedy one
         assert!(host[1..].iter().any(|o| *o != host[0]));
+    }
+
+    #[test]
+    fn admit_names_the_admitted_and_a_step_reports_its_batch() {
+        let dir = crate::tiny::ensure(&std::env::temp_dir().join("dsv2-engine-test"))
+            .expect("tiny model");
+        let (model, experts) = crate::model::load_local(Arc::new(CpuBackend), &dir).expect("load");
+        let mut engine = Engine::new(
+            Arc::new(model),
+            Arc::new(experts),
+            None,
+            EngineConfig {
+                num_blocks: 64,
+                block_size: 16,
+                max_batch_tokens: 8,
+                ..EngineConfig::default()
+            },
+        )
+        .expect("engine");
+        let params = GenerateParams {
+            max_new_tokens: 2,
+            ignore_eos: true,
+            ..GenerateParams::default()
+        };
+        for (id, len) in [(7u64, 5usize), (9, 6)] {
+            engine
+                .submit(SeqRequest {
+                    id,
+                    prompt: (1..=len as u32).collect(),
+                    params: params.clone(),
+                })
+                .expect("submit");
+        }
+        assert_eq!(engine.last_step, StepShape::default());
+        assert_eq!(engine.admit(), vec![7, 9]);
+        assert!(engine.admit().is_empty(), "nothing left to admit");
+        engine.step();
+        // 5 prompt tokens of the first, then 3 of the second under the budget of 8.
+        assert_eq!(
+            engine.last_step,
+            StepShape {
+                sequences: 2,
+                tokens: 8
+            }
+        );
+        engine.step();
+        // The first decodes one token, the second prefills its last 3.
+        assert_eq!(
+            engine.last_step,
+            StepShape {
+                sequences: 2,
+                tokens: 4
+            }
+        );
     }
 
     #[test]

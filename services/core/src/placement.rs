@@ -72,7 +72,7 @@ impl Placement {
     }
 
     /// Reads `{"shards": [[0, 1, ...], [...]]}`; an expert may appear on several shards
-    /// (replicas; the first listed shard serves it).
+    /// (replicas: the router spreads its rows over them and fails over between them).
     pub fn from_file(path: &Path, cfg: &ModelConfig) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| CoreError::File {
@@ -135,6 +135,56 @@ impl Placement {
         Ok(())
     }
 
+    /// This placement with every expert on `replicas` shards: shard `s` also takes the experts
+    /// of shards `s+1 .. s+replicas-1` (mod the shard count). Chained rather than mirrored pairs
+    /// so any shard count works, each shard holds `replicas / n` of the experts, and whole
+    /// routing groups stay together (a groups placement keeps its locality).
+    pub fn replicated(&self, replicas: usize) -> Result<Self> {
+        let n = self.shards.len();
+        if replicas == 0 || replicas > n {
+            return Err(CoreError::InvalidInput(format!(
+                "--replicas {replicas}: need 1..={n} (each expert on that many of the {n} shards)"
+            )));
+        }
+        let shards = (0..n)
+            .map(|s| {
+                let mut mine: Vec<usize> = (0..replicas)
+                    .flat_map(|j| self.shards[(s + j) % n].iter().copied())
+                    .collect();
+                mine.sort_unstable();
+                mine.dedup();
+                mine
+            })
+            .collect();
+        Ok(Placement { shards })
+    }
+
+    /// The experts grouped by the exact set of shards hosting them, ordered by that set (so
+    /// without replicas: one set per shard, in shard order). A set is the unit the router sends
+    /// to one of its owners and sums in this order, so a result does not depend on which
+    /// replica computed it.
+    pub fn replica_sets(&self, n_experts: usize) -> Vec<ReplicaSet> {
+        let mut owners: Vec<Vec<usize>> = vec![Vec::new(); n_experts];
+        for (s, experts) in self.shards.iter().enumerate() {
+            for &e in experts {
+                if let Some(o) = owners.get_mut(e)
+                    && o.last() != Some(&s)
+                {
+                    o.push(s);
+                }
+            }
+        }
+        let mut sets = std::collections::BTreeMap::<Vec<usize>, Vec<usize>>::new();
+        for (e, o) in owners.into_iter().enumerate() {
+            if !o.is_empty() {
+                sets.entry(o).or_default().push(e);
+            }
+        }
+        sets.into_iter()
+            .map(|(owners, experts)| ReplicaSet { experts, owners })
+            .collect()
+    }
+
     /// For each expert, the shard serving it.
     pub fn owner_table(&self, n_experts: usize) -> Vec<usize> {
         let mut owner = vec![usize::MAX; n_experts];
@@ -147,6 +197,15 @@ impl Placement {
         }
         owner
     }
+}
+
+/// Experts hosted by exactly the same shards (see [`Placement::replica_sets`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaSet {
+    /// Ascending expert ids.
+    pub experts: Vec<usize>,
+    /// Ascending shard indices, at least one.
+    pub owners: Vec<usize>,
 }
 
 /// Experts that more than one shard has loaded (`hosted[s]`: the experts shard `s` reports),
@@ -315,6 +374,57 @@ mod tests {
         std::fs::write(&f, r#"{"shards": [[0, 1], [2]]}"#).unwrap();
         let err = Placement::from_file(&f, &c).unwrap_err().to_string();
         assert!(err.contains("expert 3 is not hosted"), "{err}");
+    }
+
+    #[test]
+    fn replicated_chains_whole_shards() {
+        let c = v2();
+        let p = Placement::default_for(&c, 4)
+            .unwrap()
+            .replicated(2)
+            .unwrap();
+        assert_eq!(p.shards[0], (0..80).collect::<Vec<_>>());
+        let last: Vec<usize> = (0..40).chain(120..160).collect();
+        assert_eq!(p.shards[3], last);
+        p.check(&c).unwrap();
+        let sets = p.replica_sets(160);
+        assert_eq!(sets.len(), 4);
+        assert_eq!(sets[0].owners, vec![0, 1]);
+        assert_eq!(sets[0].experts, (40..80).collect::<Vec<_>>());
+        assert_eq!(sets[1].owners, vec![0, 3]);
+        assert_eq!(sets[1].experts, (0..40).collect::<Vec<_>>());
+        assert_eq!(sets[3].owners, vec![2, 3]);
+        for s in &sets {
+            assert_eq!(s.owners.len(), 2, "{s:?}");
+        }
+        let one = Placement::default_for(&c, 4).unwrap();
+        assert_eq!(one.replicated(1).unwrap(), one);
+        assert!(one.replicated(0).is_err());
+        assert!(
+            one.replicated(5)
+                .unwrap_err()
+                .to_string()
+                .contains("--replicas 5")
+        );
+    }
+
+    #[test]
+    fn replica_sets_without_replicas_follow_the_shards() {
+        let p = Placement {
+            shards: vec![vec![2, 3], vec![0, 1], vec![4, 1]],
+        };
+        let sets = p.replica_sets(5);
+        let got: Vec<(Vec<usize>, Vec<usize>)> =
+            sets.into_iter().map(|s| (s.owners, s.experts)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (vec![0], vec![2, 3]),
+                (vec![1], vec![0]),
+                (vec![1, 2], vec![1]),
+                (vec![2], vec![4]),
+            ]
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! The embedded tiny model: a DeepSeek-V2-architecture checkpoint with random weights from a
-//! fixed seed and a small byte-level BPE tokenizer trained here on an embedded text, written on
-//! first use into a cache dir in the exact Hugging Face layout. Its text is noise; it exists so
-//! the whole system runs anywhere with no GPU and no download.
+//! The embedded tiny models, written on first use into a cache dir in the exact Hugging Face
+//! layout so the whole system runs anywhere with no GPU and no download. `tiny` is the trained
+//! one (`trained`: it writes English); `tiny-random` is a DeepSeek-V2-architecture checkpoint
+//! with random weights from a fixed seed and a small byte-level BPE trained here on an embedded
+//! text (its text is noise; tests that pin its outputs use it).
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,9 @@ use tokenizers::{
 };
 
 use crate::error::{CoreError, Result};
+
+mod trained;
+pub use trained::{TRAINED_VERSION, ensure_trained, write_trained_to};
 
 /// Bump when the model or tokenizer recipe changes: a new directory is made.
 pub const TINY_VERSION: &str = "tiny-v2";
@@ -54,16 +58,23 @@ pub fn config_json() -> serde_json::Value {
     })
 }
 
-/// Returns the tiny model's directory under `cache_root`, creating it if needed.
+/// Returns the random tiny model's directory under `cache_root`, creating it if needed.
 pub fn ensure(cache_root: &Path) -> Result<PathBuf> {
     let dir = cache_root.join(TINY_VERSION);
     if dir.join("model.safetensors").exists() && dir.join("tokenizer.json").exists() {
         return Ok(dir);
     }
+    publish(cache_root, TINY_VERSION, write_to)?;
+    Ok(dir)
+}
+
+/// Writes a model dir with `write` into a temp dir, then renames it to `cache_root/name`.
+fn publish(cache_root: &Path, name: &str, write: fn(&Path) -> Result<()>) -> Result<()> {
+    let dir = cache_root.join(name);
     std::fs::create_dir_all(cache_root).map_err(|e| CoreError::io(cache_root, e))?;
-    let tmp = cache_root.join(format!("{TINY_VERSION}.tmp-{}", std::process::id()));
+    let tmp = cache_root.join(format!("{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    write_to(&tmp)?;
+    write(&tmp)?;
     // Atomic publish: a concurrent creator may win the rename; its result is identical.
     if std::fs::rename(&tmp, &dir).is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -74,7 +85,7 @@ pub fn ensure(cache_root: &Path) -> Result<PathBuf> {
             });
         }
     }
-    Ok(dir)
+    Ok(())
 }
 
 /// Writes the whole tiny model dir (config, weights, tokenizer) into `dir`.
@@ -153,6 +164,19 @@ type RawTokenizer = TokenizerImpl<
 /// Trains a byte-level BPE on the embedded corpus and writes tokenizer.json and
 /// tokenizer_config.json (BOS added to prompts, as DeepSeek's config says; a chat template).
 fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<()> {
+    train_tokenizer(dir, vocab_size, CORPUS.lines(), CHAT_TEMPLATE)
+}
+
+/// Our byte-level BPE recipe (the tiny models' tokenizer): trains on `lines` with BOS and EOS
+/// as the first two ids and writes `dir/tokenizer.json` plus a `tokenizer_config.json` holding
+/// `chat_template`. The trained tiny model's script runs this too (examples/train_tokenizer.rs),
+/// so both tiny models' tokenizers are the format the product loads.
+pub fn train_tokenizer<'a>(
+    dir: &Path,
+    vocab_size: usize,
+    lines: impl Iterator<Item = &'a str> + Send,
+    chat_template: &str,
+) -> Result<()> {
     let tk_err = |e: Box<dyn std::error::Error + Send + Sync>| {
         CoreError::Tokenizer(format!("training the tiny tokenizer: {e}"))
     };
@@ -172,8 +196,7 @@ fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<()> {
         false, true, true,
     ))));
     tk.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
-    let lines: Vec<&str> = CORPUS.lines().collect();
-    tk.train(&mut trainer, lines.into_iter()).map_err(tk_err)?;
+    tk.train(&mut trainer, lines).map_err(tk_err)?;
     let path = dir.join("tokenizer.json");
     tk.save(&path, true).map_err(tk_err)?;
     let tcfg = serde_json::json!({
@@ -181,7 +204,7 @@ fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<()> {
         "bos_token": {"content": BOS, "special": true},
         "eos_token": {"content": EOS, "special": true},
         "model_max_length": 2560, "tokenizer_class": "LlamaTokenizerFast",
-        "chat_template": CHAT_TEMPLATE
+        "chat_template": chat_template
     });
     let p = dir.join("tokenizer_config.json");
     std::fs::write(&p, serde_json::to_string_pretty(&tcfg).unwrap_or_default())
@@ -207,17 +230,19 @@ pub fn cache_root(
     std::env::temp_dir().join("dsv2-cache")
 }
 
-/// `tiny` means the embedded tiny model (created under `cache_root` on first use); anything else
-/// is a path to a model dir.
+/// `tiny` means the embedded trained tiny model and `tiny-random` the random one (each created
+/// under `cache_root` on first use); anything else is a path to a model dir.
 pub fn resolve_model_dir(arg: &str, cache_root: &Path) -> Result<PathBuf> {
-    if arg == "tiny" {
-        return ensure(cache_root);
+    match arg {
+        "tiny" => return ensure_trained(cache_root),
+        "tiny-random" => return ensure(cache_root),
+        _ => {}
     }
     let p = PathBuf::from(arg);
     if !p.join("config.json").exists() {
         return Err(CoreError::File {
             path: p,
-            msg: "is not a model directory (no config.json); pass a Hugging Face DeepSeek-V2 checkpoint dir, or `tiny`".into(),
+            msg: "is not a model directory (no config.json); pass a Hugging Face DeepSeek-V2 checkpoint dir, `tiny` or `tiny-random`".into(),
         });
     }
     Ok(p)

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use dsv2_proto::inference::v1 as pb;
 use dsv2_proto::inference::v1::inference_client::InferenceClient;
-use tonic::transport::Channel;
+use dsv2_security::args::ClientArgs;
+use dsv2_security::client::AuthChannel;
 
 use crate::error::{EvalError, Result};
 
@@ -21,17 +22,24 @@ pub fn no_progress() -> Progress {
 /// concurrent requests of one evaluation reach the router's batching.
 #[derive(Clone)]
 pub struct Client {
-    inner: InferenceClient<Channel>,
+    inner: InferenceClient<AuthChannel>,
 }
 
 impl Client {
-    pub async fn connect(endpoint: &str) -> Result<Client> {
-        let inner = InferenceClient::connect(endpoint.to_string())
+    /// `security`: the token and CA (https://) of a router with --auth-token-file or TLS.
+    pub async fn connect(endpoint: &str, security: &ClientArgs) -> Result<Client> {
+        let connect_err = |message: String| EvalError::Connect {
+            endpoint: endpoint.to_string(),
+            message,
+        };
+        let bearer = security.bearer().map_err(|e| connect_err(e.to_string()))?;
+        let channel = security
+            .endpoint(endpoint)
+            .map_err(|e| connect_err(e.to_string()))?
+            .connect()
             .await
-            .map_err(|e| EvalError::Connect {
-                endpoint: endpoint.to_string(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| connect_err(e.to_string()))?;
+        let inner = InferenceClient::with_interceptor(channel, bearer);
         // Long MMLU prompts with prompt logprobs are big answers; lift tonic's 4 MiB default.
         let inner = inner.max_decoding_message_size(256 << 20);
         Ok(Client { inner })

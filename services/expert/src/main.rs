@@ -1,11 +1,15 @@
 //! `dsv2-expert`: an expert shard. Loads only its routed experts (memory-mapped, filtered by
 //! name), answers Info, and serves one Forward stream per router: per MoE layer, the rows routed
 //! here with their expert ids and gate weights in, weighted partial sums out. Stateless per
-//! request, so shards restart and replicate freely.
+//! request, so shards restart and replicate freely. With --metrics-listen it serves Prometheus
+//! metrics (`dsv2_expert_*`: Forward latency, rows and experts per layer, errors); each Forward
+//! runs in a `forward` span whose parent is the router span the request names (`traceparents`),
+//! exported over OTLP with --otlp-endpoint.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Multi-MB message buffers come and go every MoE layer: glibc hands them back to the kernel
@@ -30,10 +34,16 @@ use dsv2_proto::expert::v1::{
     NcclInitResponse, ShardError, ShardErrorCode,
 };
 use dsv2_proto::tensor::{decode_rows_to_f32, encode_f32, encode_f32_as_bf16};
+use dsv2_security::auth::{RequireBearerLayer, Tokens};
+use dsv2_security::server::{ALPN_GRPC, Incoming};
+use dsv2_server::metrics::{
+    CounterVec, Exposition, FAST_SECONDS, Histogram, IndexedHistograms, POWERS_OF_TWO,
+};
 use dsv2_server::{LogFormat, Transport};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::service::LayerExt;
 use tonic::{Request, Response, Status, Streaming};
 use tonic_health::ServingStatus;
 
@@ -55,6 +65,14 @@ struct Config {
     /// Address to serve on (port 0 picks a free port; printed as `DSV2_READY <addr>` on stdout).
     #[arg(long, default_value = "0.0.0.0:50061")]
     listen: SocketAddr,
+    /// TLS; with --tls-client-ca only a router presenting a certificate of that CA gets in.
+    #[command(flatten)]
+    tls: dsv2_security::args::ServerTlsArgs,
+    /// Tokens (one a line, re-read when the file changes) the router must send as
+    /// `authorization: Bearer` (its --shard-token) on every dsv2.expert.v1 call; health and
+    /// reflection stay open.
+    #[arg(long, env = "DSV2_SHARD_TOKEN_FILE", value_name = "FILE")]
+    shard_token_file: Option<std::path::PathBuf>,
     /// Experts to host, e.g. 0-79 or 0,3,8-15.
     #[arg(long, conflicts_with_all = ["shard_index", "num_shards"])]
     experts: Option<String>,
@@ -64,6 +82,10 @@ struct Config {
     /// Number of shards in the default placement (with --shard-index).
     #[arg(long, requires = "shard_index")]
     num_shards: Option<usize>,
+    /// Each expert on this many shards (with --shard-index; the router's --replicas): this
+    /// shard also hosts the experts of the next replicas-1 shards of the default placement.
+    #[arg(long, default_value_t = 1, requires = "shard_index")]
+    replicas: usize,
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -71,6 +93,14 @@ struct Config {
     /// the layers over NCCL on this GPU; needs --device cuda:N). Forward stays available.
     #[arg(long, value_enum, default_value = "grpc")]
     transport: Transport,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 0.0.0.0:9091 (port 0 picks
+    /// a free port, printed as `DSV2_METRICS_READY <addr>` on stdout before DSV2_READY).
+    #[arg(long, env = "DSV2_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Export trace spans over OTLP/gRPC to this collector, e.g. http://otel-collector:4317
+    /// (service name dsv2-expert). Each Forward's span is a child of the router span that sent it.
+    #[arg(long, env = "DSV2_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[arg(long, value_enum, env = "DSV2_LOG_FORMAT", default_value = "human")]
     log_format: LogFormat,
     /// Log filter (RUST_LOG syntax).
@@ -86,6 +116,94 @@ struct Shard<B: Backend> {
     moe_layer: Vec<bool>,
     /// The NcclInit handler (GPU shards started with --transport nccl).
     nccl: Option<NcclJoin>,
+    metrics: Arc<ShardMetrics>,
+}
+
+/// What the gRPC Forward path observes (the NCCL data plane is not counted here).
+struct ShardMetrics {
+    forward_duration: Histogram,
+    /// Per MoE layer: rows of one Forward, and the distinct experts they use.
+    rows: IndexedHistograms,
+    experts: IndexedHistograms,
+    /// Failed Forwards by ShardErrorCode (`invalid_argument`, `expert_not_hosted`, ...).
+    errors: CounterVec,
+    /// Router streams open now.
+    streams: AtomicUsize,
+    hosted_experts: usize,
+}
+
+impl ShardMetrics {
+    fn new(moe_layer: &[bool], hosted_experts: usize) -> Self {
+        ShardMetrics {
+            forward_duration: Histogram::new(FAST_SECONDS),
+            rows: IndexedHistograms::new(moe_layer, POWERS_OF_TWO),
+            experts: IndexedHistograms::new(moe_layer, POWERS_OF_TWO),
+            errors: CounterVec::new(&["code"]),
+            streams: AtomicUsize::new(0),
+            hosted_experts,
+        }
+    }
+
+    fn render(&self) -> String {
+        let mut e = Exposition::new();
+        e.gauge(
+            "dsv2_expert_hosted_experts",
+            "Routed experts this shard hosts (in every MoE layer).",
+            self.hosted_experts,
+        );
+        e.gauge(
+            "dsv2_expert_forward_streams",
+            "Forward streams open (one per router).",
+            self.streams.load(Ordering::Relaxed),
+        );
+        e.histogram(
+            "dsv2_expert_forward_duration_seconds",
+            "Time to serve one Forward request (one MoE layer's rows): decode, expert FFNs, encode.",
+            &self.forward_duration,
+        );
+        e.histogram_vec(
+            "dsv2_expert_forward_rows",
+            "Hidden rows (tokens) in one Forward request, by decoder layer.",
+            "layer",
+            self.rows.series(),
+        );
+        e.histogram_vec(
+            "dsv2_expert_forward_experts",
+            "Distinct experts of this shard that one Forward request uses, by decoder layer.",
+            "layer",
+            self.experts.series(),
+        );
+        e.counter_vec(
+            "dsv2_expert_forward_errors_total",
+            "Forward requests answered with a ShardError, by its code.",
+            &self.errors,
+        );
+        e.finish()
+    }
+}
+
+/// `SHARD_ERROR_CODE_EXPERT_NOT_HOSTED` → `expert_not_hosted`.
+fn error_label(code: i32) -> String {
+    let name = ShardErrorCode::try_from(code)
+        .unwrap_or(ShardErrorCode::Unspecified)
+        .as_str_name();
+    name.trim_start_matches("SHARD_ERROR_CODE_")
+        .to_ascii_lowercase()
+}
+
+/// Distinct expert ids among `ids` (padding slots excluded).
+fn distinct_experts(ids: &[u32], num_experts: usize) -> usize {
+    let mut seen = vec![false; num_experts];
+    let mut n = 0;
+    for &e in ids {
+        if let Some(s) = seen.get_mut(e as usize)
+            && !*s
+        {
+            *s = true;
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Builds the NcclInit handler from the loaded experts (CUDA only): (experts, hosted, moe
@@ -106,6 +224,33 @@ fn shard_error(code: ShardErrorCode, req: &ForwardRequest, message: String) -> F
 }
 
 impl<B: Backend> Shard<B> {
+    /// `forward`, measured.
+    fn forward_observed(&self, req: ForwardRequest) -> ForwardResponse {
+        let t0 = Instant::now();
+        let (layer, rows) = (req.layer as usize, req.num_rows);
+        let experts = distinct_experts(&req.expert_ids, self.hosted.len());
+        let resp = self.forward(req);
+        let m = &self.metrics;
+        match &resp.error {
+            Some(err) => m.errors.inc(&[&error_label(err.code)]),
+            None => {
+                m.forward_duration.observe_duration(t0.elapsed());
+                if let Some(h) = m.rows.get(layer) {
+                    h.observe(rows as f64);
+                }
+                if let Some(h) = m.experts.get(layer) {
+                    h.observe(experts as f64);
+                }
+            }
+        }
+        let span = tracing::Span::current();
+        span.record("experts", experts);
+        if let Some(err) = &resp.error {
+            span.record("error", err.message.as_str());
+        }
+        resp
+    }
+
     /// One MoE layer's share; errors become a ShardError answer, never a dead stream.
     fn forward(&self, req: ForwardRequest) -> ForwardResponse {
         let t0 = Instant::now();
@@ -207,6 +352,7 @@ impl<B: Backend> ExpertShard for Service<B> {
         let shard = self.0.clone();
         tokio::spawn(async move {
             tracing::info!("router connected");
+            shard.metrics.streams.fetch_add(1, Ordering::Relaxed);
             while let Some(msg) = inbound.next().await {
                 let req = match msg {
                     Ok(r) => r,
@@ -216,8 +362,13 @@ impl<B: Backend> ExpertShard for Service<B> {
                     }
                 };
                 let s = shard.clone();
+                let span = forward_span(&req);
                 // Expert math is CPU-bound: keep it off the async workers.
-                let resp = match tokio::task::spawn_blocking(move || s.forward(req)).await {
+                let resp = match tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| s.forward_observed(req))
+                })
+                .await
+                {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::error!(error = %e, "expert computation panicked");
@@ -228,6 +379,7 @@ impl<B: Backend> ExpertShard for Service<B> {
                     break;
                 }
             }
+            shard.metrics.streams.fetch_sub(1, Ordering::Relaxed);
             tracing::info!("router disconnected");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -261,13 +413,45 @@ impl<B: Backend> ExpertShard for Service<B> {
     }
 }
 
+/// The span of one Forward request: a child of the first router span it names, linked to the
+/// others (the other requests of the router's step).
+fn forward_span(req: &ForwardRequest) -> tracing::Span {
+    let span = tracing::info_span!(
+        "forward",
+        otel.kind = "server",
+        layer = req.layer,
+        rows = req.num_rows,
+        experts = tracing::field::Empty,
+        error = tracing::field::Empty,
+    );
+    let mut parents = req.traceparents.iter();
+    if let Some(first) = parents.next() {
+        dsv2_server::telemetry::set_remote_parent(&span, first, None);
+    }
+    for other in parents {
+        dsv2_server::telemetry::add_remote_link(&span, other);
+    }
+    span
+}
+
 fn main() -> Result<()> {
     let c = Config::parse();
-    dsv2_server::init_logging(&c.log_level, c.log_format, "info");
-    tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(serve(c))
+        .build()?;
+    let telemetry = dsv2_server::telemetry::init(
+        "dsv2-expert",
+        &c.log_level,
+        c.log_format,
+        "info",
+        c.otlp_endpoint.as_deref(),
+        rt.handle(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let served = rt.block_on(serve(c));
+    // Off the runtime's workers, while it still runs the export of the last spans.
+    telemetry.shutdown();
+    served
 }
 
 async fn serve(c: Config) -> Result<()> {
@@ -305,12 +489,19 @@ async fn serve_on<B: Backend>(
     health_reporter
         .set_service_status("", ServingStatus::NotServing)
         .await;
+    // Read before the experts load: a bad certificate, key or token file fails at once.
+    let tls = dsv2_security::server::ServerTls::from_args(&c.tls, ALPN_GRPC)?;
+    let tokens = c
+        .shard_token_file
+        .clone()
+        .map(|f| Tokens::from_file("--shard-token-file", f))
+        .transpose()?;
     let dir = dsv2_server::resolve_model_dir(&c.model_dir)?;
     let cfg = ModelConfig::from_model_dir(&dir)?;
     let experts: Vec<usize> = match (&c.experts, c.shard_index, c.num_shards) {
         (Some(list), _, _) => parse_expert_list(list)?,
         (None, Some(i), Some(n)) => {
-            let p = Placement::default_for(&cfg, n)?;
+            let p = Placement::default_for(&cfg, n)?.replicated(c.replicas)?;
             p.shards.get(i).cloned().with_context(|| {
                 format!("--shard-index {i} is out of range for --num-shards {n}")
             })?
@@ -360,6 +551,7 @@ async fn serve_on<B: Backend>(
             cfg.hidden_size,
         )
     });
+    let metrics = Arc::new(ShardMetrics::new(&moe_layer, experts.len()));
     let shard = Shard {
         experts: local,
         backend,
@@ -367,6 +559,7 @@ async fn serve_on<B: Backend>(
         hosted,
         moe_layer,
         nccl,
+        metrics: metrics.clone(),
     };
     // Both reflection versions: grpcurl speaks v1, older ghz builds v1alpha.
     let (reflection, reflection_alpha) = dsv2_server::reflection_services()?;
@@ -380,6 +573,16 @@ async fn serve_on<B: Backend>(
     health_reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
+    if let Some(m) = c.metrics_listen {
+        let bound = dsv2_server::metrics::serve(m, move || {
+            let metrics = metrics.clone();
+            async move { metrics.render() }
+        })
+        .await
+        .with_context(|| format!("binding --metrics-listen {m}"))?;
+        tracing::info!(addr = %bound, "metrics on /metrics");
+        println!("DSV2_METRICS_READY {bound}");
+    }
     tracing::info!(%addr, "expert shard serving dsv2.expert.v1.ExpertShard");
     println!("DSV2_READY {addr}");
     let reporter = health_reporter.clone();
@@ -389,14 +592,18 @@ async fn serve_on<B: Backend>(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(
-            ExpertShardServer::new(Service(Arc::new(shard)))
-                .max_decoding_message_size(1 << 30)
-                .max_encoding_message_size(1 << 30),
+            tower::ServiceBuilder::new()
+                .layer(RequireBearerLayer(tokens))
+                .named_layer(
+                    ExpertShardServer::new(Service(Arc::new(shard)))
+                        .max_decoding_message_size(1 << 30)
+                        .max_encoding_message_size(1 << 30),
+                ),
         )
         .serve_with_incoming_shutdown(
-            // With a custom incoming stream tonic ignores Server::tcp_nodelay: set it on the
-            // accepted sockets, or small messages (one token, one row) wait on Nagle.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            // TCP_NODELAY on the accepted sockets (small messages, one row, must not wait on
+            // Nagle), TLS with --tls-cert.
+            Incoming::new(listener, tls)?,
             async move {
                 dsv2_server::shutdown_signal().await;
                 reporter
@@ -408,4 +615,25 @@ async fn serve_on<B: Backend>(
         .await?;
     let _ = Duration::ZERO;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_become_short_labels() {
+        assert_eq!(
+            error_label(ShardErrorCode::ExpertNotHosted as i32),
+            "expert_not_hosted"
+        );
+        assert_eq!(error_label(999), "unspecified");
+    }
+
+    #[test]
+    fn distinct_experts_skip_padding() {
+        let pad = dsv2_core::routing::NO_EXPERT;
+        assert_eq!(distinct_experts(&[3, 5, 3, pad, 5, 0], 8), 3);
+        assert_eq!(distinct_experts(&[], 8), 0);
+    }
 }

@@ -73,6 +73,8 @@ pub struct LoadtestConfig {
     pub connect_timeout: Duration,
     /// Optional run name, printed in the summary and the JSON report (ghz `--name`).
     pub name: Option<String>,
+    /// Bearer token and CA for a router with --auth-token-file or TLS (https:// endpoints).
+    pub security: dsv2_security::args::ClientArgs,
 }
 
 impl LoadtestConfig {
@@ -89,6 +91,7 @@ impl LoadtestConfig {
             timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(10),
             name: None,
+            security: Default::default(),
         }
     }
 

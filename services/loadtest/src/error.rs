@@ -23,14 +23,9 @@ pub enum LoadtestError {
     /// The request data is not valid JSON for a `dsv2.v1.GenerateRequest` (or a list of them).
     #[error("invalid request data: {0}")]
     Data(String),
-    /// The endpoint URL cannot be parsed.
-    #[error("invalid endpoint {endpoint:?}: {source}")]
-    Endpoint {
-        /// The endpoint as given.
-        endpoint: String,
-        /// tonic's parse error.
-        source: tonic::transport::Error,
-    },
+    /// The endpoint is not a URL, or --token / --ca is unusable.
+    #[error(transparent)]
+    Security(#[from] dsv2_security::SecurityError),
     /// The connection to the endpoint could not be established.
     #[error("cannot connect to {endpoint}: {source}")]
     Connect {

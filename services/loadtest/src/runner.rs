@@ -7,11 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use dsv2_proto::inference::v1::inference_client::InferenceClient;
+use dsv2_security::client::AuthChannel;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::LoadtestError;
+
+type Client = InferenceClient<AuthChannel>;
 use crate::config::{CallKind, LoadtestConfig, RequestData};
 use crate::report::{CallResult, EndReason, Report, ReportOptions, TtftSource};
 
@@ -28,12 +30,11 @@ pub async fn run_until(
     cancel: impl Future<Output = ()>,
 ) -> Result<Report, LoadtestError> {
     cfg.validate()?;
-    let endpoint = Endpoint::from_shared(cfg.endpoint.clone())
-        .map_err(|source| LoadtestError::Endpoint {
-            endpoint: cfg.endpoint.clone(),
-            source,
-        })?
+    let endpoint = cfg
+        .security
+        .endpoint(&cfg.endpoint)?
         .connect_timeout(cfg.connect_timeout);
+    let bearer = cfg.security.bearer()?;
     // ghz fails fast when it cannot connect, rather than reporting N Unavailable requests.
     let channel = endpoint
         .connect()
@@ -57,7 +58,7 @@ pub async fn run_until(
     let (stop_tx, stop_rx) = watch::channel(false);
     let workers: Vec<_> = (0..cfg.concurrency)
         .map(|_| {
-            let client = InferenceClient::new(channel.clone());
+            let client = InferenceClient::with_interceptor(channel.clone(), bearer.clone());
             tokio::spawn(worker(client, Arc::clone(&shared), stop_rx.clone()))
         })
         .collect();
@@ -150,7 +151,7 @@ impl Shared {
 }
 
 async fn worker(
-    mut client: InferenceClient<Channel>,
+    mut client: Client,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) -> Vec<CallResult> {
@@ -170,7 +171,7 @@ async fn worker(
 }
 
 /// Sends request `n` and records its outcome; never fails (failures are results).
-async fn one_call(client: &mut InferenceClient<Channel>, shared: &Shared, n: u64) -> CallResult {
+async fn one_call(client: &mut Client, shared: &Shared, n: u64) -> CallResult {
     let timestamp = SystemTime::now();
     let start = Instant::now();
     let mut request = tonic::Request::new(shared.data.for_request(n));
@@ -221,7 +222,7 @@ struct CallOk {
 }
 
 async fn unary(
-    client: &mut InferenceClient<Channel>,
+    client: &mut Client,
     request: tonic::Request<dsv2_proto::inference::v1::GenerateRequest>,
 ) -> Result<CallOk, Status> {
     let resp = client.generate(request).await?.into_inner();
@@ -235,7 +236,7 @@ async fn unary(
 }
 
 async fn stream(
-    client: &mut InferenceClient<Channel>,
+    client: &mut Client,
     request: tonic::Request<dsv2_proto::inference::v1::GenerateRequest>,
     start: Instant,
 ) -> Result<CallOk, Status> {

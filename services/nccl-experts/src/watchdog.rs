@@ -75,8 +75,10 @@ impl ShardWatch {
 }
 
 async fn check(endpoint: &str, timeout: Duration) -> Result<(), String> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| format!("not a valid URL: {e}"))?
+    // TLS for https:// shards, as the router dials them (health needs no token).
+    let channel = dsv2_security::client::shard_dialer()
+        .endpoint(endpoint)
+        .map_err(|e| e.to_string())?
         .connect_timeout(timeout)
         .timeout(timeout)
         .connect()

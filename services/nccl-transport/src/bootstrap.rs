@@ -176,15 +176,18 @@ pub async fn request_join(
         rank,
         message,
     };
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
-        .map_err(|e| err(format!("not a valid URL: {e}")))?
+    // The router's shard dialer: TLS for https:// shards, the shard token (dsv2_security).
+    let dialer = dsv2_security::client::shard_dialer();
+    let channel = dialer
+        .endpoint(&endpoint)
+        .map_err(|e| err(e.to_string()))?
         .connect_timeout(timeout)
         // the shard answers after its init, which may take the whole init timeout
         .timeout(timeout + Duration::from_secs(60))
         .connect()
         .await
         .map_err(|e| err(format!("cannot connect: {e}")))?;
-    let resp = ExpertShardClient::new(channel)
+    let resp = ExpertShardClient::with_interceptor(channel, dialer.bearer())
         .nccl_init(NcclInitRequest {
             unique_id: id.0.to_vec(),
             world_size: world as u32,

@@ -4,7 +4,6 @@
 
 /// Size of one header in bytes.
 pub const HEADER_BYTES: usize = 32;
-const MAGIC: u32 = 0x6473_7632; // "dsv2"
 
 /// What the header announces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,13 +34,16 @@ pub struct Header {
 }
 
 impl Header {
+    /// The first word of every header: "dsv2".
+    pub const MAGIC: u32 = 0x6473_7632;
+
     pub fn encode(&self) -> [u32; HEADER_BYTES / 4] {
         let cmd = match self.command {
             Command::Forward => 1,
             Command::Shutdown => 2,
         };
         [
-            MAGIC,
+            Self::MAGIC,
             cmd,
             self.seq,
             self.layer,
@@ -52,14 +54,15 @@ impl Header {
         ]
     }
 
+    /// Errors name the header field (`magic: ...`): the words come from a peer.
     pub fn decode(w: &[u32; HEADER_BYTES / 4]) -> Result<Self, String> {
-        if w[0] != MAGIC {
-            return Err(format!("bad header magic {:#x}", w[0]));
+        if w[0] != Self::MAGIC {
+            return Err(format!("magic: {:#x} is not a dsv2 header", w[0]));
         }
         let command = match w[1] {
             1 => Command::Forward,
             2 => Command::Shutdown,
-            c => return Err(format!("unknown header command {c}")),
+            c => return Err(format!("command: unknown header command {c}")),
         };
         Ok(Header {
             command,
@@ -71,7 +74,7 @@ impl Header {
             in_slot: match w[7] {
                 0 => false,
                 1 => true,
-                f => return Err(format!("unknown header payload flag {f}")),
+                f => return Err(format!("in_slot: unknown header payload flag {f}")),
             },
         })
     }

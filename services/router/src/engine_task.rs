@@ -2,18 +2,26 @@
 //! handlers talk to it through a bounded command channel; each request gets a bounded event
 //! channel. A request whose receiver is gone (client cancelled or disconnected) or whose
 //! deadline passed is cancelled at the next step boundary, which frees its cache blocks at once.
+//!
+//! The engine thread also keeps each request's trace spans (`queue`, then `prefill` from
+//! admission to the first token, then one `decode` span to the end: one span per phase, not per
+//! step) under the span of the handler that submitted it, hands the expert shards the trace
+//! context of the requests in each step (`trace`), and observes the per-step metrics.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
+use tracing::Span;
+
 use dsv2_core::backend::Backend;
 use dsv2_core::engine::{Engine, EngineEvent, FailKind, GenerateParams, RequestLimits, SeqRequest};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::Status;
 
-use crate::status;
+use crate::metrics::RouterMetrics;
+use crate::{status, trace};
 
 enum Cmd {
     Submit {
@@ -21,13 +29,51 @@ enum Cmd {
         events: mpsc::Sender<EngineEvent>,
         deadline: Option<Instant>,
         permit: OwnedSemaphorePermit,
+        /// The submitting handler's span: the request's phase spans go under it.
+        span: Span,
+        /// The client's `traceparent`, passed on to the shards when spans are not exported.
+        incoming_traceparent: Option<String>,
+        submitted: Instant,
     },
+}
+
+/// Where a request is, for its spans.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Queue,
+    Prefill,
+    Decode,
 }
 
 struct Live {
     events: mpsc::Sender<EngineEvent>,
     deadline: Option<Instant>,
     _permit: OwnedSemaphorePermit,
+    span: Span,
+    phase: Phase,
+    /// The span of the current phase (closed when the next one starts or the request ends).
+    phase_span: Span,
+    incoming_traceparent: Option<String>,
+    /// What the shards get as this request's parent while it is in a step.
+    traceparent: Option<String>,
+    submitted: Instant,
+    tokens: u64,
+}
+
+impl Live {
+    /// Ends the current phase and starts `next` under the request's span.
+    fn enter(&mut self, next: Phase) {
+        self.phase = next;
+        self.phase_span = match next {
+            Phase::Queue => tracing::info_span!(parent: &self.span, "queue"),
+            Phase::Prefill => tracing::info_span!(parent: &self.span, "prefill"),
+            Phase::Decode => {
+                tracing::info_span!(parent: &self.span, "decode", output_tokens = tracing::field::Empty)
+            }
+        };
+        self.traceparent = dsv2_server::telemetry::traceparent_of(&self.phase_span)
+            .or_else(|| self.incoming_traceparent.clone());
+    }
 }
 
 /// Snapshot of the engine, for logs and tests.
@@ -55,6 +101,7 @@ pub struct EngineHandle {
     next_id: Arc<AtomicU64>,
     pub limits: RequestLimits,
     pub gauges: Arc<EngineGauges>,
+    pub metrics: Arc<RouterMetrics>,
     pub num_blocks: usize,
 }
 
@@ -66,10 +113,11 @@ impl EngineHandle {
         let limits = engine.limits();
         let num_blocks = engine.num_blocks();
         publish(&engine, &gauges);
-        let g = gauges.clone();
+        let metrics = Arc::new(RouterMetrics::default());
+        let (g, m) = (gauges.clone(), metrics.clone());
         std::thread::Builder::new()
             .name("dsv2-engine".into())
-            .spawn(move || run(engine, rx, g))
+            .spawn(move || run(engine, rx, g, m))
             .expect("spawning the engine thread");
         EngineHandle {
             tx,
@@ -78,16 +126,31 @@ impl EngineHandle {
             next_id: Arc::new(AtomicU64::new(1)),
             limits,
             gauges,
+            metrics,
             num_blocks,
         }
     }
 
-    /// Validates and queues a request; events arrive on the returned channel.
+    /// Validates and queues a request; events arrive on the returned channel. Its spans go
+    /// under the caller's current span.
     pub fn submit(
         &self,
         prompt: Vec<u32>,
         params: GenerateParams,
         deadline: Option<Instant>,
+    ) -> Result<(u64, mpsc::Receiver<EngineEvent>), Status> {
+        self.submit_traced(prompt, params, deadline, None)
+    }
+
+    /// `submit`, with the client's `traceparent`: what the expert shards get as the request's
+    /// trace context where the router exports no spans of its own (with export on, they get the
+    /// router's phase span, a child of the client's).
+    pub fn submit_traced(
+        &self,
+        prompt: Vec<u32>,
+        params: GenerateParams,
+        deadline: Option<Instant>,
+        incoming_traceparent: Option<String>,
     ) -> Result<(u64, mpsc::Receiver<EngineEvent>), Status> {
         self.limits
             .validate(&prompt, &params)
@@ -104,6 +167,9 @@ impl EngineHandle {
             events: etx,
             deadline,
             permit,
+            span: Span::current(),
+            incoming_traceparent,
+            submitted: Instant::now(),
         };
         self.tx.try_send(cmd).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => status::queue_full(self.max_queue),
@@ -118,7 +184,12 @@ impl EngineHandle {
     }
 }
 
-fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<Cmd>, gauges: Arc<EngineGauges>) {
+fn run<B: Backend>(
+    mut engine: Engine<B>,
+    mut rx: mpsc::Receiver<Cmd>,
+    gauges: Arc<EngineGauges>,
+    metrics: Arc<RouterMetrics>,
+) {
     let mut live: HashMap<u64, Live> = HashMap::new();
     loop {
         if !engine.has_work() {
@@ -161,8 +232,30 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<Cmd>, gauges: A
             publish(&engine, &gauges);
             continue;
         }
-        let events = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.step()))
-        {
+        // Admitted here rather than inside `step`, so the queue wait ends where it does.
+        let now = Instant::now();
+        for id in engine.admit() {
+            if let Some(l) = live.get_mut(&id) {
+                metrics
+                    .queue_wait
+                    .observe_duration(now.saturating_duration_since(l.submitted));
+                l.enter(Phase::Prefill);
+            }
+        }
+        trace::set_step_parents(
+            live.values()
+                .filter(|l| l.phase != Phase::Queue)
+                .filter_map(|l| l.traceparent.clone())
+                .take(trace::MAX_STEP_PARENTS)
+                .collect(),
+        );
+        // The cache as the step finds it (a step frees the blocks of the requests it finishes).
+        let total_blocks = engine.num_blocks().max(1);
+        let used_blocks = total_blocks.saturating_sub(engine.free_blocks());
+        let t_step = Instant::now();
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.step()));
+        trace::set_step_parents(Vec::new());
+        let events = match stepped {
             Ok(ev) => ev,
             Err(_) => {
                 // A bug, not a request error: fail everything in flight and stop serving rather
@@ -181,6 +274,15 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<Cmd>, gauges: A
                 break;
             }
         };
+        let shape = engine.last_step;
+        if shape.sequences > 0 {
+            metrics.step_duration.observe_duration(t_step.elapsed());
+            metrics.step_sequences.observe(shape.sequences as f64);
+            metrics.step_tokens.observe(shape.tokens as f64);
+            metrics
+                .step_kv_cache_usage
+                .observe(used_blocks as f64 / total_blocks as f64);
+        }
         for ev in events {
             let (id, last) = match &ev {
                 EngineEvent::PromptLogprobs { id, .. } | EngineEvent::Token { id, .. } => {
@@ -190,6 +292,15 @@ fn run<B: Backend>(mut engine: Engine<B>, mut rx: mpsc::Receiver<Cmd>, gauges: A
             };
             if matches!(ev, EngineEvent::Token { .. }) {
                 gauges.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                if let Some(l) = live.get_mut(&id) {
+                    l.tokens += 1;
+                    if l.phase != Phase::Decode {
+                        l.enter(Phase::Decode);
+                    }
+                }
+            }
+            if last && let Some(l) = live.get(&id) {
+                l.phase_span.record("output_tokens", l.tokens);
             }
             if let Some(l) = live.get(&id) {
                 // Capacity covers every event of a request, so this fails only if the client left.
@@ -226,18 +337,27 @@ fn accept<B: Backend>(engine: &mut Engine<B>, live: &mut HashMap<u64, Live>, cmd
             events,
             deadline,
             permit,
+            span,
+            incoming_traceparent,
+            submitted,
         } => {
             let id = req.id;
             match engine.submit(req) {
                 Ok(()) => {
-                    live.insert(
-                        id,
-                        Live {
-                            events,
-                            deadline,
-                            _permit: permit,
-                        },
-                    );
+                    let mut l = Live {
+                        events,
+                        deadline,
+                        _permit: permit,
+                        span,
+                        phase: Phase::Queue,
+                        phase_span: Span::none(),
+                        incoming_traceparent,
+                        traceparent: None,
+                        submitted,
+                        tokens: 0,
+                    };
+                    l.enter(Phase::Queue);
+                    live.insert(id, l);
                 }
                 Err(e) => {
                     let _ = events.try_send(EngineEvent::Failed {

@@ -1,6 +1,7 @@
 //! The router (attention service) as a library: the engine task, the public gRPC service and
 //! the tower layers in front of it, the OpenAI-compatible HTTP API over that service, the
-//! client side of the expert shards, and the error → status tables. `main.rs` only wires them.
+//! client side of the expert shards, the error → status tables, metrics and trace context.
+//! `main.rs` only wires them.
 
 pub mod engine_task;
 pub mod http;
@@ -8,4 +9,6 @@ pub mod limits;
 pub mod metrics;
 pub mod remote_experts;
 pub mod service;
+pub mod shard_health;
 pub mod status;
+pub mod trace;

@@ -28,6 +28,8 @@ use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
+use crate::metrics::{Api, RouterMetrics};
+
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// When a call reached the router, as tonic's own `grpc-timeout` timer sees it.
@@ -85,6 +87,7 @@ where
 pub struct InFlightLimitLayer {
     permits: Arc<Semaphore>,
     max: usize,
+    metrics: Option<Arc<RouterMetrics>>,
 }
 
 impl InFlightLimitLayer {
@@ -92,7 +95,15 @@ impl InFlightLimitLayer {
         InFlightLimitLayer {
             permits: Arc::new(Semaphore::new(max)),
             max,
+            metrics: None,
         }
+    }
+
+    /// Counts the generation calls this layer sheds in `dsv2_router_requests_total` (they never
+    /// reach the handler that counts the others).
+    pub fn counting_into(mut self, metrics: Arc<RouterMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// RPCs holding a permit now (for logs and tests).
@@ -126,6 +137,7 @@ impl<S> Layer<S> for InFlightLimitLayer {
             inner,
             permits: self.permits.clone(),
             max: self.max,
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -135,6 +147,7 @@ pub struct InFlightLimit<S> {
     inner: S,
     permits: Arc<Semaphore>,
     max: usize,
+    metrics: Option<Arc<RouterMetrics>>,
 }
 
 impl<S, ReqBody> Service<http::Request<ReqBody>> for InFlightLimit<S>
@@ -154,7 +167,15 @@ where
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
         let permit = match acquire(&self.permits, self.max) {
             Ok(p) => p,
-            Err(status) => return Box::pin(std::future::ready(Ok(status.into_http()))),
+            Err(status) => {
+                let path = req.uri().path();
+                if let Some(m) = &self.metrics
+                    && (path.ends_with("/Generate") || path.ends_with("/GenerateStream"))
+                {
+                    m.request_ended(Api::Grpc, status.code());
+                }
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
         };
         let fut = self.inner.call(req);
         Box::pin(async move {

@@ -32,6 +32,9 @@ use dsv2_router::http::HttpApi;
 use dsv2_router::limits::{ArrivalLayer, InFlightLimitLayer, RequestTimeoutLayer};
 use dsv2_router::remote_experts::{RemoteExperts, WireDtype, check_shards, shard_info};
 use dsv2_router::service::{InferenceApi, InferenceService, ModelFacts};
+use dsv2_security::auth::{RequireBearerLayer, Tokens};
+use dsv2_security::client::Dialer;
+use dsv2_security::server::{ALPN_GRPC, ALPN_HTTP1, Incoming};
 use dsv2_server::{LogFormat, Transport};
 use tonic::service::LayerExt;
 use tonic_health::ServingStatus;
@@ -61,6 +64,17 @@ struct Config {
     /// picks a free port, printed as `DSV2_HTTP_READY <addr>` on stdout. Unset: no HTTP API.
     #[arg(long, env = "DSV2_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
+    /// TLS of the gRPC and HTTP APIs (README, "TLS and auth").
+    #[command(flatten)]
+    tls: dsv2_security::args::ServerTlsArgs,
+    /// Bearer tokens (one a line, re-read when the file changes) that every dsv2.v1.Inference
+    /// call and /v1/* request must send as `authorization: Bearer <token>`; health and
+    /// reflection stay open. Unset: no authentication.
+    #[arg(long, env = "DSV2_AUTH_TOKEN_FILE", value_name = "FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// How to reach https:// shards, and the token they want.
+    #[command(flatten)]
+    shard_client: dsv2_security::args::ShardClientArgs,
     /// Jinja chat template for conversation prompts (gRPC `messages`, /v1/chat/completions),
     /// instead of the `chat_template` of the model dir's tokenizer_config.json.
     #[arg(long, value_name = "FILE")]
@@ -73,6 +87,11 @@ struct Config {
     /// groups when the routing groups divide evenly over the shards, else contiguous.
     #[arg(long)]
     placement: Option<String>,
+    /// Put each expert on this many shards (the placement chained: shard s also hosts shard
+    /// s+1's experts, ...; start each shard with the same --replicas). The router spreads rows
+    /// over the replicas and, when a shard fails, re-sends its rows to another within the step.
+    #[arg(long, default_value_t = 1, env = "DSV2_REPLICAS")]
+    replicas: usize,
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -119,9 +138,16 @@ struct Config {
     /// Default max_new_tokens when a request sets none.
     #[arg(long, default_value_t = 256)]
     default_max_new_tokens: u32,
-    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 0.0.0.0:9090.
-    #[arg(long)]
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 0.0.0.0:9090 (port 0 picks
+    /// a free port, printed as `DSV2_METRICS_READY <addr>` on stdout before DSV2_READY).
+    #[arg(long, env = "DSV2_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Export trace spans over OTLP/gRPC to this collector, e.g. http://otel-collector:4317
+    /// (service name dsv2-router; OTEL_* variables tune the batching and sampling). A client's
+    /// W3C `traceparent` (gRPC metadata or HTTP header) parents the request's spans, and the
+    /// shards get the trace context with each layer. Unset: spans only reach the logs.
+    #[arg(long, env = "DSV2_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Data plane to the shards: grpc (any device, any host), or nccl (GPU to GPU on one host:
     /// needs --device cuda:N and shards started with --device cuda:M --transport nccl; gRPC
     /// stays the control plane and hands them the NCCL id). Experimental NCCL settings, which
@@ -155,12 +181,23 @@ impl Config {
 
 fn main() -> Result<()> {
     let cfg = Config::parse();
-    dsv2_server::init_logging(&cfg.log_level, cfg.log_format, "info");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let handle = rt.handle().clone();
-    rt.block_on(serve(cfg, handle))
+    let telemetry = dsv2_server::telemetry::init(
+        "dsv2-router",
+        &cfg.log_level,
+        cfg.log_format,
+        "info",
+        cfg.otlp_endpoint.as_deref(),
+        &handle,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let served = rt.block_on(serve(cfg, handle));
+    // Off the runtime's workers, while it still runs the export of the last spans.
+    telemetry.shutdown();
+    served
 }
 
 /// Builds the NCCL expert executor once the model and the placement are known (CUDA only).
@@ -222,6 +259,15 @@ async fn serve_on<B: Backend>(
     health_reporter
         .set_service_status("", ServingStatus::NotServing)
         .await;
+    // Every certificate, key and token file is read before the model: a bad one fails at once.
+    let grpc_tls = dsv2_security::server::ServerTls::from_args(&c.tls, ALPN_GRPC)?;
+    let http_tls = dsv2_security::server::ServerTls::from_args(&c.tls, ALPN_HTTP1)?;
+    let tokens = c
+        .auth_token_file
+        .clone()
+        .map(|f| Tokens::from_file("--auth-token-file", f))
+        .transpose()?;
+    dsv2_security::client::set_shard_dialer(Dialer::from_args(&c.shard_client)?)?;
 
     let dir = dsv2_server::resolve_model_dir(&c.model_dir)?;
     let t0 = Instant::now();
@@ -261,6 +307,8 @@ async fn serve_on<B: Backend>(
         tracing::info!("no chat template: conversation prompts (messages) will be refused");
     }
 
+    // Shard liveness and row counters for /metrics (the gRPC data plane's).
+    let mut shard_stats = None;
     let experts: Arc<dyn ExpertExecutor<B>> = if local {
         tracing::info!("no --shard given: routed experts run inside the router");
         Arc::new(LocalExperts::load(
@@ -277,7 +325,8 @@ async fn serve_on<B: Backend>(
                 Placement::build(&mcfg, c.shards.len(), PlacementKind::Contiguous)?
             }
             Some(file) => Placement::from_file(std::path::Path::new(file), &mcfg)?,
-        };
+        }
+        .replicated(c.replicas)?;
         if placement.shards.len() != c.shards.len() {
             bail!(
                 "the placement lists {} shards but {} --shard URLs were given",
@@ -312,6 +361,11 @@ async fn serve_on<B: Backend>(
         );
         match nccl {
             Some(make) => {
+                if c.replicas > 1 {
+                    tracing::warn!(
+                        "--transport nccl does not fail over: each expert's first shard serves it, and a lost shard fails its steps UNAVAILABLE until the plane is re-established"
+                    );
+                }
                 // The bootstrap blocks (NcclInit RPCs, then the collective init): off the
                 // async workers.
                 let m = mcfg.clone();
@@ -330,15 +384,19 @@ async fn serve_on<B: Backend>(
                 );
                 ex
             }
-            None => Arc::new(RemoteExperts::new(
-                backend.clone(),
-                rt.clone(),
-                &mcfg,
-                &placement,
-                c.shards.clone(),
-                WireDtype::F32,
-                Duration::from_secs(c.shard_timeout_s),
-            )),
+            None => {
+                let ex = RemoteExperts::new(
+                    backend.clone(),
+                    rt.clone(),
+                    &mcfg,
+                    &placement,
+                    c.shards.clone(),
+                    WireDtype::F32,
+                    Duration::from_secs(c.shard_timeout_s),
+                );
+                shard_stats = Some(ex.stats());
+                Arc::new(ex)
+            }
         }
     };
 
@@ -401,7 +459,8 @@ async fn serve_on<B: Backend>(
     // that client deadlines count from, then the limit, so a shed request starts no timer);
     // health and reflection stay answerable when the router is saturated.
     // One in-flight limit for both APIs.
-    let in_flight = InFlightLimitLayer::new(c.max_concurrent as usize);
+    let in_flight =
+        InFlightLimitLayer::new(c.max_concurrent as usize).counting_into(engine.metrics.clone());
     let inference_layers = tower::ServiceBuilder::new()
         .layer(ArrivalLayer)
         .layer(in_flight.clone())
@@ -440,9 +499,15 @@ async fn serve_on<B: Backend>(
             let http_addr = l.local_addr()?;
             let state = HttpApi::new(api.clone(), in_flight.clone());
             let stop = http_stop.clone();
-            let server = tokio::spawn(dsv2_router::http::serve(l, state.clone(), async move {
-                stop.notified().await;
-            }));
+            let incoming = Incoming::new(l, http_tls)?;
+            let server = tokio::spawn(dsv2_router::http::serve(
+                incoming,
+                state.clone(),
+                tokens.clone(),
+                async move {
+                    stop.notified().await;
+                },
+            ));
             tracing::info!(addr = %http_addr, "router serving the OpenAI-compatible HTTP API");
             // Before DSV2_READY: whoever waits for that line finds both addresses.
             println!("DSV2_HTTP_READY {http_addr}");
@@ -450,14 +515,14 @@ async fn serve_on<B: Backend>(
         }
         None => (None, None),
     };
-    println!("DSV2_READY {addr}");
-
     if let Some(m) = c.metrics_listen {
-        let bound = dsv2_router::metrics::serve(m, engine.clone())
+        let bound = dsv2_router::metrics::serve(m, engine.clone(), shard_stats.clone())
             .await
             .with_context(|| format!("binding --metrics-listen {m}"))?;
         tracing::info!(addr = %bound, "metrics on /metrics");
+        println!("DSV2_METRICS_READY {bound}");
     }
+    println!("DSV2_READY {addr}");
 
     // Log throughput every 10 s while busy, so operators see what the service is doing.
     let gauges = engine.gauges.clone();
@@ -489,11 +554,17 @@ async fn serve_on<B: Backend>(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(inference_layers.named_layer(InferenceServer::new(api)))
+        .add_service(
+            // The token check outermost: a refused call takes no in-flight permit.
+            tower::ServiceBuilder::new()
+                .layer(RequireBearerLayer(tokens))
+                .layer(inference_layers)
+                .named_layer(InferenceServer::new(api)),
+        )
         .serve_with_incoming_shutdown(
-            // With a custom incoming stream tonic ignores Server::tcp_nodelay: set it on the
-            // accepted sockets, or small messages (one token, one row) wait on Nagle.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            // TCP_NODELAY on the accepted sockets (small messages, one token or one row, must
+            // not wait on Nagle), TLS with --tls-cert.
+            Incoming::new(listener, grpc_tls)?,
             async move {
                 stop_server.notified().await;
             },

@@ -1,5 +1,7 @@
 //! `dsv2.v1.Inference`: requests are parsed into validated engine parameters at the edge,
-//! queued on the engine, and answered from the engine's events (unary or streamed).
+//! queued on the engine, and answered from the engine's events (unary or streamed). Each
+//! generation request runs in a `generate` span (a child of the client's `traceparent`) with a
+//! `validate` span for the parsing, and is measured and counted by a `RequestObserver`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,10 +17,12 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::engine_task::EngineHandle;
 use crate::limits::Arrival;
-use crate::status;
+use crate::metrics::{Api, RequestObserver, code_name};
+use crate::{status, trace};
 
 /// Static facts reported by ModelInfo.
 #[derive(Clone, Debug, Default)]
@@ -152,6 +156,25 @@ impl InferenceService {
         Some(arrival(req) + timeout)
     }
 
+    /// The span and the observer of a generation request (`rpc`: Generate or GenerateStream).
+    /// The HTTP API marks its requests with `Api::Http` in the extensions.
+    fn begin<T>(&self, req: &Request<T>, rpc: &'static str) -> (tracing::Span, RequestObserver) {
+        let api = req.extensions().get::<Api>().copied().unwrap_or_default();
+        let span = trace::request_span(rpc, api.label(), req.metadata());
+        let obs = RequestObserver::new(
+            self.engine.metrics.clone(),
+            api,
+            arrival(req),
+            self.stream_deadline(req),
+        );
+        (span, obs)
+    }
+
+    /// The prompt and parameters of a request, in the `validate` span.
+    fn validate(&self, req: &pb::GenerateRequest) -> Result<(Vec<u32>, GenerateParams), Status> {
+        tracing::info_span!("validate").in_scope(|| self.parse(req))
+    }
+
     /// A stream's deadline: the client's or the router's request timeout, whichever is sooner.
     fn stream_deadline<T>(&self, req: &Request<T>) -> Option<Instant> {
         let server = self.request_timeout.map(|d| arrival(req) + d);
@@ -224,6 +247,16 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
+/// A finished request's counts and outcome, on its span.
+fn record_finish(prompt: usize, cached: usize, completion: usize, reason: FinishReason) {
+    let span = tracing::Span::current();
+    span.record("prompt_tokens", prompt);
+    span.record("cached_prompt_tokens", cached);
+    span.record("completion_tokens", completion);
+    span.record("finish_reason", tracing::field::debug(reason));
+    span.record("code", "OK");
+}
+
 pub fn finish_to_pb(r: FinishReason) -> pb::FinishReason {
     match r {
         FinishReason::Length => pb::FinishReason::Length,
@@ -266,11 +299,16 @@ impl InferenceApi {
         &self,
         request: Request<pb::GenerateRequest>,
         deadline: Option<Instant>,
+        obs: &mut RequestObserver,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         let t0 = Instant::now();
-        let (prompt, params) = self.parse(request.get_ref())?;
+        let (prompt, params) = self.validate(request.get_ref())?;
         let head = prompt_head(&prompt, &params);
-        let (id, mut events) = self.engine.submit(prompt, params, deadline)?;
+        let incoming = trace::incoming_traceparent(request.metadata());
+        let (id, mut events) = self
+            .engine
+            .submit_traced(prompt, params, deadline, incoming)?;
+        tracing::Span::current().record("request_id", id);
         tracing::debug!(request = id, "generate queued");
         let mut resp = pb::GenerateResponse::default();
         let mut ttft = None;
@@ -286,6 +324,7 @@ impl InferenceApi {
                     ..
                 } => {
                     ttft.get_or_insert_with(|| t0.elapsed());
+                    obs.token();
                     resp.token_ids.push(token);
                     resp.text.push_str(&text);
                     if let Some(l) = logprob {
@@ -309,6 +348,13 @@ impl InferenceApi {
                     resp.cached_prompt_tokens = cached_prompt_tokens as u32;
                     resp.time_to_first_token_ns = ttft.unwrap_or_default().as_nanos() as u64;
                     resp.total_time_ns = t0.elapsed().as_nanos() as u64;
+                    obs.finished(prompt_tokens, completion_tokens);
+                    record_finish(
+                        prompt_tokens,
+                        cached_prompt_tokens,
+                        completion_tokens,
+                        reason,
+                    );
                     tracing::info!(
                         request = id,
                         prompt_tokens,
@@ -339,22 +385,34 @@ impl InferenceApi {
         deadline: Option<Instant>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         let arrived = arrival(&request);
-        let work = self.generate_unary(request, deadline);
-        match deadline {
-            // Dropping `work` drops the request's event receiver: the engine cancels it at the
-            // next step boundary and frees its cache.
-            Some(d) => {
-                let at = d - unary_deadline_margin(d, arrived);
-                tokio::time::timeout_at(tokio::time::Instant::from_std(at), work)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(Status::deadline_exceeded(
-                            "deadline exceeded before generation finished",
-                        ))
-                    })
+        let (span, mut obs) = self.begin(&request, "Generate");
+        async move {
+            let answer = {
+                let work = self.generate_unary(request, deadline, &mut obs);
+                match deadline {
+                    // Dropping `work` drops the request's event receiver: the engine cancels it
+                    // at the next step boundary and frees its cache.
+                    Some(d) => {
+                        let at = d - unary_deadline_margin(d, arrived);
+                        tokio::time::timeout_at(tokio::time::Instant::from_std(at), work)
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(Status::deadline_exceeded(
+                                    "deadline exceeded before generation finished",
+                                ))
+                            })
+                    }
+                    None => work.await,
+                }
+            };
+            if let Err(st) = &answer {
+                obs.failed(st.code());
+                tracing::Span::current().record("code", code_name(st.code()));
             }
-            None => work.await,
+            answer
         }
+        .instrument(span)
+        .await
     }
 }
 
@@ -395,12 +453,28 @@ impl Inference for InferenceApi {
         // The request timeout layer stops timing when this returns (the response headers go
         // out), so the engine enforces the timeout on the stream itself.
         let deadline = self.stream_deadline(&request);
-        let (prompt, params) = self.parse(request.get_ref())?;
-        let head = prompt_head(&prompt, &params);
-        let (id, mut events) = self.engine.submit(prompt, params, deadline)?;
+        let (span, mut obs) = self.begin(&request, "GenerateStream");
+        let incoming = trace::incoming_traceparent(request.metadata());
+        let submitted = span.in_scope(|| {
+            let (prompt, params) = self.validate(request.get_ref())?;
+            let head = prompt_head(&prompt, &params);
+            let (id, events) = self
+                .engine
+                .submit_traced(prompt, params, deadline, incoming)?;
+            tracing::Span::current().record("request_id", id);
+            Ok::<_, Status>((head, id, events))
+        });
+        let (head, id, mut events) = match submitted {
+            Ok(s) => s,
+            Err(st) => {
+                obs.failed(st.code());
+                span.record("code", code_name(st.code()));
+                return Err(st);
+            }
+        };
         let (tx, rx) = mpsc::channel(16);
         let me = self.0.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let mut ttft = None;
             while let Some(ev) = events.recv().await {
                 let msg = match ev {
@@ -417,6 +491,7 @@ impl Inference for InferenceApi {
                         ..
                     } => {
                         ttft.get_or_insert_with(|| t0.elapsed());
+                        obs.token();
                         Ok(pb::GenerateStreamResponse {
                             text,
                             token_ids: vec![token],
@@ -432,21 +507,33 @@ impl Inference for InferenceApi {
                         text,
                         matched_stop,
                         ..
-                    } => Ok(pb::GenerateStreamResponse {
-                        text,
-                        summary: Some(pb::GenerateSummary {
-                            finish_reason: finish_to_pb(reason) as i32,
-                            matched_stop,
-                            prompt_tokens: prompt_tokens as u32,
-                            completion_tokens: completion_tokens as u32,
-                            time_to_first_token_ns: ttft.unwrap_or_default().as_nanos() as u64,
-                            total_time_ns: t0.elapsed().as_nanos() as u64,
-                            cached_prompt_tokens: cached_prompt_tokens as u32,
-                        }),
-                        ..Default::default()
-                    }),
+                    } => {
+                        obs.finished(prompt_tokens, completion_tokens);
+                        record_finish(
+                            prompt_tokens,
+                            cached_prompt_tokens,
+                            completion_tokens,
+                            reason,
+                        );
+                        Ok(pb::GenerateStreamResponse {
+                            text,
+                            summary: Some(pb::GenerateSummary {
+                                finish_reason: finish_to_pb(reason) as i32,
+                                matched_stop,
+                                prompt_tokens: prompt_tokens as u32,
+                                completion_tokens: completion_tokens as u32,
+                                time_to_first_token_ns: ttft.unwrap_or_default().as_nanos() as u64,
+                                total_time_ns: t0.elapsed().as_nanos() as u64,
+                                cached_prompt_tokens: cached_prompt_tokens as u32,
+                            }),
+                            ..Default::default()
+                        })
+                    }
                     EngineEvent::Failed { kind, message, .. } => {
-                        Err(status::from_failure(kind, &message))
+                        let st = status::from_failure(kind, &message);
+                        obs.failed(st.code());
+                        tracing::Span::current().record("code", code_name(st.code()));
+                        Err(st)
                     }
                 };
                 let last = !matches!(&msg, Ok(m) if m.summary.is_none());
@@ -459,7 +546,8 @@ impl Inference for InferenceApi {
                     return;
                 }
             }
-        });
+        };
+        tokio::spawn(task.instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -1,6 +1,10 @@
-//! What `dsv2-router` and `dsv2-expert` (and the `dsv2` CLI) share at their edges: log setup,
-//! model-dir resolution from the environment, gRPC reflection and shutdown signals. Binaries
-//! read the environment; the libraries below them do not.
+//! What `dsv2-router` and `dsv2-expert` (and the `dsv2` CLI) share at their edges: logs and
+//! traces (`telemetry`), Prometheus metrics (`metrics`), model-dir resolution from the
+//! environment, gRPC reflection and shutdown signals. Binaries read the environment; the
+//! libraries below them do not.
+
+pub mod metrics;
+pub mod telemetry;
 
 use std::path::PathBuf;
 

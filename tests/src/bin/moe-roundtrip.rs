@@ -210,6 +210,7 @@ async fn raw_round_trip(
                 expert_ids: ids.clone(),
                 gate_weights: ws.clone(),
                 partial_dtype: wire as i32,
+                traceparents: vec![],
             })
             .await
             .context("shard stream closed")?;

@@ -6,8 +6,11 @@
 //! GenerateRequest (`request`) and runs through the gRPC handlers themselves, so validation,
 //! chat templates, the engine, the in-flight limit (`--max-concurrent`, shared with gRPC) and the
 //! request timeout are the same code. A failure keeps its gRPC code and message; its HTTP status
-//! and OpenAI error type come from `status::http_status`, the table next to the gRPC one.
+//! and OpenAI error type come from `status::http_status`, the table next to the gRPC one. So are
+//! metrics and traces: a request is marked `Api::Http` and its `traceparent` header becomes
+//! gRPC metadata; only what fails before the gRPC handler (the body, the limit) is counted here.
 
+mod auth;
 pub mod request;
 pub mod response;
 
@@ -19,10 +22,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::{Extension, Router};
 use dsv2_proto::inference::v1::inference_server::Inference;
 use serde_json::{Value, json};
@@ -30,6 +32,7 @@ use tokio_stream::StreamExt;
 use tonic::Status;
 
 use crate::limits::{Arrival, ArrivalLayer, InFlightLimitLayer};
+use crate::metrics::Api;
 use crate::service::InferenceApi;
 use crate::status;
 use request::Endpoint;
@@ -105,16 +108,22 @@ pub fn router(state: Arc<HttpApi>) -> Router {
 
 /// Serves the API on `listener` until `shutdown` resolves, then until the open answers
 /// (streams included) have ended.
+/// `incoming` sets TCP_NODELAY (small SSE events must not wait on Nagle) and does TLS when
+/// configured; with `tokens`, /v1/* needs a bearer token.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    incoming: dsv2_security::server::Incoming,
     state: Arc<HttpApi>,
+    tokens: Option<dsv2_security::auth::Tokens>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // Small SSE events must not wait on Nagle.
-    let listener = listener.tap_io(|s| {
-        let _ = s.set_nodelay(true);
-    });
-    axum::serve(listener, router(state))
+    let mut app = router(state);
+    if let Some(t) = tokens {
+        app = app.layer(axum::middleware::from_fn_with_state(
+            t,
+            auth::require_bearer,
+        ));
+    }
+    axum::serve(auth::HttpIncoming(incoming), app)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -144,46 +153,73 @@ fn json_body(v: &Value) -> ([(header::HeaderName, &'static str); 1], String) {
 async fn completions(
     State(s): State<Arc<HttpApi>>,
     arrival: Option<Extension<Arrival>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    generate(s, Endpoint::Completions, arrival, body).await
+    generate(s, Endpoint::Completions, arrival, &headers, body).await
 }
 
 async fn chat_completions(
     State(s): State<Arc<HttpApi>>,
     arrival: Option<Extension<Arrival>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    generate(s, Endpoint::Chat, arrival, body).await
+    generate(s, Endpoint::Chat, arrival, &headers, body).await
+}
+
+/// The W3C trace context headers, as the gRPC metadata the handlers read them from.
+fn trace_metadata(headers: &HeaderMap, md: &mut tonic::metadata::MetadataMap) {
+    use dsv2_server::telemetry::{TRACEPARENT, TRACESTATE};
+    for key in [TRACEPARENT, TRACESTATE] {
+        if let Some(v) = headers
+            .get(key)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+        {
+            md.insert(key, v);
+        }
+    }
 }
 
 async fn generate(
     s: Arc<HttpApi>,
     endpoint: Endpoint,
     arrival: Option<Extension<Arrival>>,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = arrival.map_or_else(Instant::now, |a| a.0.0);
+    let metrics = &s.api.engine.metrics;
     let body = match body {
         Ok(b) => b,
         // Too large (413) or unreadable: axum's status, OpenAI's error shape.
         Err(r) => {
             let st = Status::invalid_argument(format!("the body: {}", r.body_text()));
+            metrics.request_ended(Api::Http, st.code());
             return (r.status(), json_body(&response::error(&st, None))).into_response();
         }
     };
     let parsed = match request::parse(endpoint, &body, &s.api.facts.model_name) {
         Ok(p) => p,
-        Err(st) => return error_response(&st, status::field_of(st.message())),
+        Err(st) => {
+            metrics.request_ended(Api::Http, st.code());
+            return error_response(&st, status::field_of(st.message()));
+        }
     };
     // Held until the answer has ended (for a stream: moved into its body).
     let permit = match s.limit.try_acquire() {
         Ok(p) => p,
-        Err(st) => return error_response(&st, None),
+        Err(st) => {
+            metrics.request_ended(Api::Http, st.code());
+            return error_response(&st, None);
+        }
     };
     let meta = s.meta(endpoint, parsed.logprobs);
     let mut req = tonic::Request::new(parsed.grpc);
     req.extensions_mut().insert(Arrival(arrived));
+    req.extensions_mut().insert(Api::Http);
+    trace_metadata(headers, req.metadata_mut());
     if !parsed.stream {
         // No timeout layer wraps this API: the router's request timeout is the deadline.
         let deadline = s.api.request_timeout.map(|d| arrived + d);

@@ -48,11 +48,14 @@ fn finish_reason(r: i32) -> Value {
     }
 }
 
-fn usage(prompt_tokens: u32, completion_tokens: u32) -> Value {
+/// OpenAI's `usage`; `prompt_tokens_details.cached_tokens` counts the prompt tokens taken from
+/// the prefix cache instead of being prefilled.
+fn usage(prompt_tokens: u32, completion_tokens: u32, cached_prompt_tokens: u32) -> Value {
     json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_prompt_tokens},
     })
 }
 
@@ -122,7 +125,7 @@ pub fn whole(meta: &Meta, r: &pb::GenerateResponse) -> Value {
         }),
     };
     let mut v = meta.envelope(false, vec![choice]);
-    v["usage"] = usage(r.prompt_tokens, r.completion_tokens);
+    v["usage"] = usage(r.prompt_tokens, r.completion_tokens, r.cached_prompt_tokens);
     v
 }
 
@@ -239,7 +242,7 @@ impl SseEncoder {
             self.chunk(&mut out, "", Value::Null, finish_reason(s.finish_reason));
             if self.include_usage {
                 let mut v = self.meta.envelope(true, vec![]);
-                v["usage"] = usage(s.prompt_tokens, s.completion_tokens);
+                v["usage"] = usage(s.prompt_tokens, s.completion_tokens, s.cached_prompt_tokens);
                 event(&mut out, &v);
             }
             self.finish(&mut out);
@@ -305,6 +308,7 @@ mod tests {
             finish_reason: pb::FinishReason::Length as i32,
             prompt_tokens: 4,
             completion_tokens: 3,
+            cached_prompt_tokens: 2,
             ..Default::default()
         });
         all.push_str(&enc.encode(Ok(last)));
@@ -318,6 +322,7 @@ mod tests {
         assert_eq!(ev[3]["usage"], Value::Null);
         assert_eq!(ev[4]["choices"], json!([]));
         assert_eq!(ev[4]["usage"]["total_tokens"], 7);
+        assert_eq!(ev[4]["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
         assert_eq!(ev[5], "[DONE]");
         assert!(
             ev[..5]
@@ -368,6 +373,7 @@ mod tests {
         assert_eq!(l["top_logprobs"][0]["z"], -3.0);
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
         assert_eq!(v["usage"]["prompt_tokens"], 2);
+        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
         let mut m = meta(Endpoint::Chat);
         m.logprobs = true;
         let v = whole(&m, &r);
