@@ -79,6 +79,10 @@ pub struct GraphStep<'a> {
     pub mode: AttnMode,
 }
 
+/// The step function [`Backend::decode_graph`] is given: a (possibly padded) step and the
+/// cache in, the step's hidden states out.
+pub type DecodeLayers<'a, C, A> = dyn FnMut(&crate::model::StepInput, &mut C) -> Result<A> + 'a;
+
 /// What a backend can move and compute at best, measured in this process: the two ceilings of a
 /// roofline (`dsv2 bench` divides each step's bytes and FLOPs by them), and the formats in which
 /// the backend holds what a step moves, so that bytes are counted as they really are.
@@ -213,7 +217,7 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         _g: &GraphStep<'_>,
         _cache: &mut Self::Cache,
-        _layers: &mut dyn FnMut(&crate::model::StepInput, &mut Self::Cache) -> Result<Self::Act>,
+        _layers: &mut DecodeLayers<'_, Self::Cache, Self::Act>,
     ) -> Result<Option<Self::Act>> {
         Ok(None)
     }

@@ -1042,7 +1042,7 @@ mod tests {
             &self,
             g: &crate::backend::GraphStep<'_>,
             cache: &mut Self::Cache,
-            layers: &mut dyn FnMut(&crate::model::StepInput, &mut Self::Cache) -> Result<Self::Act>,
+            layers: &mut crate::backend::DecodeLayers<'_, Self::Cache, Self::Act>,
         ) -> Result<Option<Self::Act>> {
             let rows = g.step.tokens.len().next_power_of_two();
             self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

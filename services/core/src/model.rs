@@ -68,7 +68,12 @@ impl StepInput {
         };
         let mut out = StepInput {
             tokens: self.tokens.clone(),
-            seqs: self.seqs.iter().enumerate().map(|(i, s)| pad(s, i)).collect(),
+            seqs: self
+                .seqs
+                .iter()
+                .enumerate()
+                .map(|(i, s)| pad(s, i))
+                .collect(),
         };
         if let (Some(&t0), Some(s0)) = (self.tokens.first(), self.seqs.first()) {
             for row in self.tokens.len()..rows {
@@ -443,7 +448,11 @@ impl<B: Backend> Model<B> {
         let n = step.tokens.len();
         n > 0
             && step.seqs.len() == n
-            && step.seqs.iter().enumerate().all(|(i, s)| s.rows == (i..i + 1))
+            && step
+                .seqs
+                .iter()
+                .enumerate()
+                .all(|(i, s)| s.rows == (i..i + 1))
             && (0..self.cfg.num_hidden_layers)
                 .all(|l| !self.cfg.is_moe_layer(l) || experts.local_bank(l).is_some())
     }

@@ -220,7 +220,12 @@ pub(crate) struct DecodeTables {
 
 pub(crate) fn decode_tables(seqs: &[SeqChunk], num_blocks: usize) -> Result<DecodeTables> {
     let n = seqs.len();
-    let max_blocks = seqs.iter().map(|s| s.blocks.len()).max().unwrap_or(1).max(1);
+    let max_blocks = seqs
+        .iter()
+        .map(|s| s.blocks.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let mut table = vec![0i32; n * max_blocks];
     let mut lens = vec![0i32; n];
     for (i, s) in seqs.iter().enumerate() {
@@ -230,8 +235,8 @@ pub(crate) fn decode_tables(seqs: &[SeqChunk], num_blocks: usize) -> Result<Deco
             }
             table[i * max_blocks + j] = blk as i32;
         }
-        lens[i] = i32::try_from(s.pos0 + 1)
-            .map_err(|_| err(format!("context {} > i32", s.pos0 + 1)))?;
+        lens[i] =
+            i32::try_from(s.pos0 + 1).map_err(|_| err(format!("context {} > i32", s.pos0 + 1)))?;
     }
     Ok(DecodeTables {
         table,

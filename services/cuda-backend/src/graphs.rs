@@ -34,7 +34,7 @@ use cudarc::driver::CudaGraph;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use half::bf16;
 
-use dsv2_core::backend::GraphStep;
+use dsv2_core::backend::{DecodeLayers, GraphStep};
 use dsv2_core::error::Result;
 use dsv2_core::model::StepInput;
 use dsv2_kernels::Tensor;
@@ -61,12 +61,15 @@ struct Shape {
     table_blocks: usize,
 }
 
+/// A recorded graph's fixed input buffers, by upload key.
+pub(crate) type GraphInputs<T> = HashMap<&'static str, Arc<Tensor<T>>>;
+
 /// One recorded step: the graph, the fixed buffers it reads its inputs from and the one it
 /// leaves the hidden states in.
 struct Recorded {
     graph: CudaGraph,
-    inputs_i32: HashMap<&'static str, Arc<Tensor<i32>>>,
-    inputs_i64: HashMap<&'static str, Arc<Tensor<i64>>>,
+    inputs_i32: GraphInputs<i32>,
+    inputs_i64: GraphInputs<i64>,
     hidden: Tensor<bf16>,
 }
 
@@ -155,11 +158,14 @@ impl CudaBackend {
         &self,
         g: &GraphStep<'_>,
         cache: &mut CudaCache,
-        layers: &mut dyn FnMut(&StepInput, &mut CudaCache) -> Result<CudaAct>,
+        layers: &mut DecodeLayers<'_, CudaCache, CudaAct>,
     ) -> Result<Option<CudaAct>> {
         let step = g.step;
         let n = step.tokens.len();
-        let mut graphs = self.graphs.lock().map_err(|_| err("graph table poisoned"))?;
+        let mut graphs = self
+            .graphs
+            .lock()
+            .map_err(|_| err("graph table poisoned"))?;
         if !graphs.on
             || n == 0
             || n > MAX_GRAPH_ROWS
@@ -249,7 +255,7 @@ impl CudaBackend {
         inputs: &Staged,
         like: &CudaAct,
         cache: &mut CudaCache,
-        layers: &mut dyn FnMut(&StepInput, &mut CudaCache) -> Result<CudaAct>,
+        layers: &mut DecodeLayers<'_, CudaCache, CudaAct>,
     ) -> Result<Recorded> {
         let CudaAct::Bf16(like) = like else {
             return Err(err("decode hidden states are not bf16"));
@@ -292,13 +298,13 @@ impl CudaBackend {
                 drop(t); // freed inside the graph: the graph owns no memory past its end
                 Ok(())
             }
-            _ => Err(err("recorded decode step returned hidden states of another shape")),
+            _ => Err(err(
+                "recorded decode step returned hidden states of another shape",
+            )),
         });
         let graph = {
             let _g = self.lock()?;
-            self.gpu
-                .stream
-                .end_capture(CUgraphInstantiate_flags(0))
+            self.gpu.stream.end_capture(CUgraphInstantiate_flags(0))
         };
         self.stage_uploads(None)?;
         body?;

@@ -307,13 +307,13 @@ impl CudaBackend {
         &self,
         s: Option<(
             &graphs::Staged,
-            &std::collections::HashMap<&'static str, Arc<Tensor<i32>>>,
-            &std::collections::HashMap<&'static str, Arc<Tensor<i64>>>,
+            &graphs::GraphInputs<i32>,
+            &graphs::GraphInputs<i64>,
         )>,
     ) -> Result<()> {
         fn map<T: dsv2_kernels::DType>(
             host: &[(&'static str, Vec<T>, Vec<usize>)],
-            dev: &std::collections::HashMap<&'static str, Arc<Tensor<T>>>,
+            dev: &graphs::GraphInputs<T>,
         ) -> Result<UploadMap<T>> {
             host.iter()
                 .map(|(k, v, sh)| {
@@ -357,7 +357,10 @@ impl CudaBackend {
     /// Makes the RoPE table cover positions < `need`; returns its generation.
     fn ensure_rope(&self, rope: &dsv2_core::rope::RopeTable, need: usize) -> Result<u64> {
         let _g = self.lock()?;
-        let mut guard = self.rope.lock().map_err(|_| err("rope table lock poisoned"))?;
+        let mut guard = self
+            .rope
+            .lock()
+            .map_err(|_| err("rope table lock poisoned"))?;
         self.rope_table(&mut guard, rope, need)?;
         Ok(guard.as_ref().map_or(0, |c| c.generation))
     }
@@ -1020,7 +1023,7 @@ impl Backend for CudaBackend {
         &self,
         g: &GraphStep<'_>,
         cache: &mut CudaCache,
-        layers: &mut dyn FnMut(&dsv2_core::model::StepInput, &mut CudaCache) -> Result<CudaAct>,
+        layers: &mut dsv2_core::backend::DecodeLayers<'_, CudaCache, CudaAct>,
     ) -> Result<Option<CudaAct>> {
         self.run_decode_graph(g, cache, layers)
     }

@@ -416,7 +416,10 @@ fn write_real_dims_model(dir: &Path, moe: bool) -> Result<usize> {
             mats.extend(mlp(&format!("{p}.mlp"), inter));
         } else {
             mats.push((format!("{p}.mlp.gate.weight"), lin(n_exp, h)));
-            mats.extend(mlp(&format!("{p}.mlp.shared_experts"), moe_inter * n_shared));
+            mats.extend(mlp(
+                &format!("{p}.mlp.shared_experts"),
+                moe_inter * n_shared,
+            ));
             for e in 0..n_exp {
                 mats.extend(mlp(&format!("{p}.mlp.experts.{e}"), moe_inter));
             }
