@@ -147,6 +147,30 @@ async fn tls_mtls_and_tokens_from_client_to_router_to_shard() {
     assert!(matches!(ok, Ok(n) if n > 0), "the right token: {ok:?}");
     assert!(metric(&metrics, steps) > before, "the accepted call ran");
 
+    // The project's CLI: --ca, and the token from DSV2_TOKEN (none: refused).
+    let cli = |token: Option<&str>| {
+        let mut cmd = Command::new(bin("dsv2"));
+        cmd.args(["generate", "--endpoint", &url, "--ca", p(&ca_file)])
+            .args(["--input-ids", "1,2,3", "--max-output-len", "4"])
+            .env_remove("DSV2_TOKEN");
+        if let Some(t) = token {
+            cmd.env("DSV2_TOKEN", t);
+        }
+        cmd.output().expect("running dsv2 generate")
+    };
+    let out = cli(Some("user-token"));
+    assert!(
+        out.status.success(),
+        "dsv2 generate with the token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("Unauthenticated"),
+        "{err}"
+    );
+
     // Health stays open: no token.
     let ch = with_ca(None)
         .endpoint(&url)
