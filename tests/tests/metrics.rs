@@ -132,7 +132,22 @@ async fn after_load_every_histogram_counts_on_router_and_shards() {
         .expect("an answer")
         .expect("a message");
     assert!(answer.error.is_some(), "{answer:?}");
-    drop(tx);
+    drop((tx, answers));
+    // The shard notices the end of this test's stream on its own time: wait for it, so only the
+    // router's stream is open below.
+    let t0 = std::time::Instant::now();
+    while metric_sum(
+        &parse_metrics(&scrape(&cluster.experts[0])),
+        "dsv2_expert_forward_streams",
+        &[],
+    ) != 1.0
+    {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "shard 0 still counts the test's Forward stream"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     // The engine publishes after each step, the handlers as they answer: all done by now.
     let router = parse_metrics(&scrape(&cluster.router));
