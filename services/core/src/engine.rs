@@ -900,121 +900,59 @@ mod tests {
     use crate::routing::{Routing, RoutingParams};
     use crate::weights::TensorRef;
 
-    /// The CPU backend, claiming to sample on its device: the engine then takes the
-    /// `sample_rows` path (here the trait's host default), which must reproduce host sampling.
-    struct DeviceSampled(CpuBackend);
-
-    impl Backend for DeviceSampled {
-        type Weight = <CpuBackend as Backend>::Weight;
-        type Act = <CpuBackend as Backend>::Act;
-        type Cache = <CpuBackend as Backend>::Cache;
-        fn name(&self) -> String {
-            "cpu (device-sampling path)".into()
-        }
-        fn weight(&self, t: &TensorRef) -> Result<Self::Weight> {
-            self.0.weight(t)
-        }
-        fn new_cache(&self, c: &crate::ModelConfig, n: usize, b: usize) -> Result<Self::Cache> {
-            self.0.new_cache(c, n, b)
-        }
-        fn act_from_host(&self, r: usize, c: usize, d: &[f32]) -> Result<Self::Act> {
-            self.0.act_from_host(r, c, d)
-        }
-        fn act_to_host(&self, a: &Self::Act) -> Result<Vec<f32>> {
-            self.0.act_to_host(a)
-        }
-        fn act_shape(&self, a: &Self::Act) -> (usize, usize) {
-            self.0.act_shape(a)
-        }
-        fn select_rows(&self, a: &Self::Act, rows: &[usize]) -> Result<Self::Act> {
-            self.0.select_rows(a, rows)
-        }
-        fn embed(&self, t: &Self::Weight, ids: &[u32]) -> Result<Self::Act> {
-            self.0.embed(t, ids)
-        }
-        fn rms_norm(&self, x: &Self::Act, w: &Self::Weight, eps: f32) -> Result<Self::Act> {
-            self.0.rms_norm(x, w, eps)
-        }
-        fn add_assign(&self, acc: &mut Self::Act, x: &Self::Act) -> Result<()> {
-            self.0.add_assign(acc, x)
-        }
-        fn linear(&self, x: &Self::Act, w: &Self::Weight) -> Result<Self::Act> {
-            self.0.linear(x, w)
-        }
-        fn mlp(&self, w: &MlpWeights<Self::Weight>, x: &Self::Act) -> Result<Self::Act> {
-            self.0.mlp(w, x)
-        }
-        fn attention(
-            &self,
-            cfg: &crate::ModelConfig,
-            w: &AttnWeights<Self::Weight>,
-            x: &Self::Act,
-            batch: &AttnBatch<'_>,
-            cache: &mut Self::Cache,
-            layer: usize,
-        ) -> Result<Self::Act> {
-            self.0.attention(cfg, w, x, batch, cache, layer)
-        }
-        fn route(&self, g: &Self::Weight, x: &Self::Act, p: &RoutingParams) -> Result<Routing> {
-            self.0.route(g, x, p)
-        }
-        fn samples_on_device(&self) -> bool {
-            true
-        }
-        fn experts(
-            &self,
-            bank: &ExpertBank<Self::Weight>,
-            x: &Self::Act,
-            routing: &Routing,
-        ) -> Result<Self::Act> {
-            self.0.experts(bank, x, routing)
-        }
+    /// The CPU backend with one of the device paths of the engine switched on:
+    /// - `device_sampling`: claims to sample on its device, so the engine takes the
+    ///   `sample_rows` path (here the trait's host default), which must reproduce host sampling;
+    /// - `padded_decode`: does what a graph-recording backend does with a decode step
+    ///   (`Backend::decode_graph`): runs the layers on the step padded to the next power of two
+    ///   rows and 32 blocks per sequence, and hands back all the padded rows' hidden states
+    ///   (counted in `decode_graph_calls`).
+    #[derive(Default)]
+    struct CpuVariant {
+        device_sampling: bool,
+        padded_decode: bool,
+        decode_graph_calls: std::sync::atomic::AtomicUsize,
     }
 
-    /// The CPU backend doing what a graph-recording backend does with a decode step
-    /// (`Backend::decode_graph`): it runs the layers on the step padded to the next power of two
-    /// rows and 32 blocks per sequence, and hands back all the padded rows' hidden states.
-    struct PaddedDecode(CpuBackend, std::sync::atomic::AtomicUsize);
-
-    impl Backend for PaddedDecode {
+    impl Backend for CpuVariant {
         type Weight = <CpuBackend as Backend>::Weight;
         type Act = <CpuBackend as Backend>::Act;
         type Cache = <CpuBackend as Backend>::Cache;
         fn name(&self) -> String {
-            "cpu (padded decode steps)".into()
+            "cpu (a device path of the engine)".into()
         }
         fn weight(&self, t: &TensorRef) -> Result<Self::Weight> {
-            self.0.weight(t)
+            CpuBackend.weight(t)
         }
         fn new_cache(&self, c: &crate::ModelConfig, n: usize, b: usize) -> Result<Self::Cache> {
-            self.0.new_cache(c, n, b)
+            CpuBackend.new_cache(c, n, b)
         }
         fn act_from_host(&self, r: usize, c: usize, d: &[f32]) -> Result<Self::Act> {
-            self.0.act_from_host(r, c, d)
+            CpuBackend.act_from_host(r, c, d)
         }
         fn act_to_host(&self, a: &Self::Act) -> Result<Vec<f32>> {
-            self.0.act_to_host(a)
+            CpuBackend.act_to_host(a)
         }
         fn act_shape(&self, a: &Self::Act) -> (usize, usize) {
-            self.0.act_shape(a)
+            CpuBackend.act_shape(a)
         }
         fn select_rows(&self, a: &Self::Act, rows: &[usize]) -> Result<Self::Act> {
-            self.0.select_rows(a, rows)
+            CpuBackend.select_rows(a, rows)
         }
         fn embed(&self, t: &Self::Weight, ids: &[u32]) -> Result<Self::Act> {
-            self.0.embed(t, ids)
+            CpuBackend.embed(t, ids)
         }
         fn rms_norm(&self, x: &Self::Act, w: &Self::Weight, eps: f32) -> Result<Self::Act> {
-            self.0.rms_norm(x, w, eps)
+            CpuBackend.rms_norm(x, w, eps)
         }
         fn add_assign(&self, acc: &mut Self::Act, x: &Self::Act) -> Result<()> {
-            self.0.add_assign(acc, x)
+            CpuBackend.add_assign(acc, x)
         }
         fn linear(&self, x: &Self::Act, w: &Self::Weight) -> Result<Self::Act> {
-            self.0.linear(x, w)
+            CpuBackend.linear(x, w)
         }
         fn mlp(&self, w: &MlpWeights<Self::Weight>, x: &Self::Act) -> Result<Self::Act> {
-            self.0.mlp(w, x)
+            CpuBackend.mlp(w, x)
         }
         fn attention(
             &self,
@@ -1025,10 +963,13 @@ mod tests {
             cache: &mut Self::Cache,
             layer: usize,
         ) -> Result<Self::Act> {
-            self.0.attention(cfg, w, x, batch, cache, layer)
+            CpuBackend.attention(cfg, w, x, batch, cache, layer)
         }
         fn route(&self, g: &Self::Weight, x: &Self::Act, p: &RoutingParams) -> Result<Routing> {
-            self.0.route(g, x, p)
+            CpuBackend.route(g, x, p)
+        }
+        fn samples_on_device(&self) -> bool {
+            self.device_sampling
         }
         fn experts(
             &self,
@@ -1036,7 +977,7 @@ mod tests {
             x: &Self::Act,
             routing: &Routing,
         ) -> Result<Self::Act> {
-            self.0.experts(bank, x, routing)
+            CpuBackend.experts(bank, x, routing)
         }
         fn decode_graph(
             &self,
@@ -1044,8 +985,12 @@ mod tests {
             cache: &mut Self::Cache,
             layers: &mut crate::backend::DecodeLayers<'_, Self::Cache, Self::Act>,
         ) -> Result<Option<Self::Act>> {
+            if !self.padded_decode {
+                return Ok(None);
+            }
             let rows = g.step.tokens.len().next_power_of_two();
-            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.decode_graph_calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             layers(&g.step.padded_decode(rows, 32), cache).map(Some)
         }
     }
@@ -1103,10 +1048,16 @@ mod tests {
     fn padded_decode_steps_give_the_same_tokens() {
         // 3 sequences: each decode step is padded to 4 rows
         let plain = sampled_runs_n(Arc::new(CpuBackend), 3);
-        let padded = Arc::new(PaddedDecode(CpuBackend, Default::default()));
+        let padded = Arc::new(CpuVariant {
+            padded_decode: true,
+            ..CpuVariant::default()
+        });
         assert_eq!(sampled_runs_n(padded.clone(), 3), plain);
         assert!(
-            padded.1.load(std::sync::atomic::Ordering::Relaxed) >= 11,
+            padded
+                .decode_graph_calls
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 11,
             "decode steps did not go through decode_graph"
         );
     }
@@ -1114,7 +1065,10 @@ mod tests {
     #[test]
     fn device_sampling_path_draws_the_same_tokens_as_host_sampling() {
         let host = sampled_runs(CpuBackend);
-        let device = sampled_runs(DeviceSampled(CpuBackend));
+        let device = sampled_runs(CpuVariant {
+            device_sampling: true,
+            ..CpuVariant::default()
+        });
         assert_eq!(host, device);
         assert!(host.iter().all(|o| o.len() == 12));
         // the sampled rows really sampled: not all equal to the greedy one

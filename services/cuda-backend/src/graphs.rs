@@ -152,6 +152,25 @@ pub(crate) fn staged(step: &StepInput, block_size: usize, num_blocks: usize) -> 
     })
 }
 
+/// Writes a step's staged values into a recorded graph's input buffers (same keys and shapes:
+/// the graph's shape key fixes them).
+fn write_inputs<T: dsv2_kernels::DType>(
+    gpu: &dsv2_kernels::Gpu,
+    bufs: &mut GraphInputs<T>,
+    staged: &[(&'static str, Vec<T>, Vec<usize>)],
+) -> Result<()> {
+    for (key, host, _) in staged {
+        let t = bufs
+            .get_mut(key)
+            .ok_or_else(|| err(format!("recorded graph has no input {key}")))?;
+        Arc::get_mut(t)
+            .ok_or_else(|| err(format!("graph input {key} is shared")))?
+            .write_host(gpu, host)
+            .kx()?;
+    }
+    Ok(())
+}
+
 impl CudaBackend {
     /// [`dsv2_core::backend::Backend::decode_graph`] on this GPU (see the module comment).
     pub(crate) fn run_decode_graph(
@@ -198,26 +217,8 @@ impl CudaBackend {
         let inputs = staged(&step, g.block_size, cache.num_blocks())?;
         if let Some(rec) = graphs.recorded.get_mut(&shape) {
             let _g = self.lock()?;
-            for (key, host, _) in &inputs.i32s {
-                let t = rec
-                    .inputs_i32
-                    .get_mut(key)
-                    .ok_or_else(|| err(format!("recorded graph has no input {key}")))?;
-                Arc::get_mut(t)
-                    .ok_or_else(|| err(format!("graph input {key} is shared")))?
-                    .write_host(&self.gpu, host)
-                    .kx()?;
-            }
-            for (key, host, _) in &inputs.i64s {
-                let t = rec
-                    .inputs_i64
-                    .get_mut(key)
-                    .ok_or_else(|| err(format!("recorded graph has no input {key}")))?;
-                Arc::get_mut(t)
-                    .ok_or_else(|| err(format!("graph input {key} is shared")))?
-                    .write_host(&self.gpu, host)
-                    .kx()?;
-            }
+            write_inputs(&self.gpu, &mut rec.inputs_i32, &inputs.i32s)?;
+            write_inputs(&self.gpu, &mut rec.inputs_i64, &inputs.i64s)?;
             rec.graph.launch().kx()?;
             let hidden = rec.hidden.clone_on_device(&self.gpu).kx()?;
             graphs.replays += 1;
