@@ -24,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN_DIR = Path(os.environ.get("DSV2_BIN_DIR", ROOT / "target" / "debug"))
 DSV2 = BIN_DIR / "dsv2"
 PROMPT = "The router receives a request"
-# What the tiny model's chat template makes of [user: Hello] (after its BOS).
-CHAT_PROMPT_TEXT = "User: Hello\n\nAssistant:"
+# What the default (trained) tiny model's chat template makes of [user: Hello] after its BOS:
+# each message is a line of text the model continues
+# (services/core/assets/tiny-trained/tokenizer_config.json).
+CHAT_PROMPT_TEXT = "Hello\n"
 
 
 @pytest.fixture(scope="module")
