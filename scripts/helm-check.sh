@@ -2,8 +2,8 @@
 # Checks the deployment files: for the chart helm/dsv2 with each values preset and a few
 # overrides, `helm lint --strict`, `helm template`, and Kubernetes 1.33 schema validation of every
 # rendered manifest (kubernetes-validate --strict, offline: the schemas ship in the package);
-# then the pytest file tests/deploy/test_chart.py (placement, GPUs, probes, shard wiring, TLS and
-# auth wiring, schema strictness, compose file, Dockerfile).
+# then the pytest file tests/deploy/test_chart.py (placement, expert replicas, GPUs, probes, shard
+# wiring, TLS and auth wiring, schema strictness, compose file, Dockerfile).
 # Tools come from scripts/install-ci-tools.sh (.tools/). Exits non-zero on any failure; exits 0
 # with a SKIPPED line only when helm is not installed at all.
 set -uo pipefail
@@ -59,6 +59,8 @@ CASES=(
     "8gpu-tls-servicemonitor|-f $GPU8 --set tls.enabled=true --set tls.secretName=dsv2-tls --set metrics.enabled=true --set serviceMonitor.enabled=true"
     "8gpu-init-into-new-pvc|-f $GPU8 --set model.source=init --set model.init.volume=pvc --set model.pvc.claimName= --set model.pvc.create=true --set model.pvc.accessModes[0]=ReadWriteMany"
     "tiny-metrics-tracing|-f $TINY --set metrics.enabled=true --set tracing.otlpEndpoint=http://otel-collector:4317"
+    "tiny-4-shards-replicas-2|-f $TINY --set experts.shards=4 --set experts.replicas=2"
+    "8gpu-replicas-2|-f $GPU8 --set experts.replicas=2"
     "tiny-router-flags|-f $TINY --set router.replicas=2 --set router.maxQueue=64 --set router.kvCacheBlocks=4096 --set router.service.type=LoadBalancer"
 )
 

@@ -208,6 +208,62 @@ def test_tiny_preset_passes_ordinal_as_shard_index(tmp_path, shards):
 
 
 @needs_helm
+@pytest.mark.parametrize("shards,replicas", [(4, 2), (3, 3)])
+def test_replicas_reach_the_router_and_every_shard_with_shard_index(tmp_path, shards, replicas):
+    docs = render("-f", str(TINY), "--set", f"experts.shards={shards}", "--set", f"experts.replicas={replicas}")
+    assert flag_values(router_args(docs), "--replicas") == [str(replicas)]
+    assert len(flag_values(router_args(docs), "--shard")) == shards
+    sts = one(docs, "StatefulSet", STS)
+    assert sts["spec"]["replicas"] == shards
+    assert sts["metadata"]["annotations"]["dsv2.io/replicas"] == str(replicas)
+    for i in range(shards):
+        status, argv, err = run_expert_wrapper(docs, f"{STS}-{i}", tmp_path)
+        assert status == 0, err
+        assert flag_values(argv, "--shard-index") == [str(i)]
+        assert flag_values(argv, "--num-shards") == [str(shards)]
+        assert flag_values(argv, "--replicas") == [str(replicas)]
+        assert "--experts" not in argv
+    # Default: one owner per expert, no --replicas anywhere (the binaries' default is 1).
+    docs = render("-f", str(TINY))
+    assert "--replicas" not in router_args(docs)
+    assert one(docs, "StatefulSet", STS)["metadata"]["annotations"]["dsv2.io/replicas"] == "1"
+    status, argv, err = run_expert_wrapper(docs, f"{STS}-0", tmp_path)
+    assert status == 0, err
+    assert "--replicas" not in argv
+
+
+@needs_helm
+@pytest.mark.parametrize("args,shards,replicas", [
+    (["-f", str(GPU8), "--set", "experts.replicas=2"], 7, 2),
+    (["-f", str(GPU8), "--set", "experts.shards=8", "--set", "placement.mode=groups", "--set", "experts.replicas=3"], 8, 3),
+    (["-f", str(GPU8), "--set", "experts.shards=4", "--set", "experts.replicas=4"], 4, 4),
+], ids=["8gpu-preset-r2", "8gpu-8shards-groups-r3", "8gpu-4shards-r4-everywhere"])
+def test_explicit_placement_with_replicas_is_chained(tmp_path, args, shards, replicas):
+    docs = render(*args)
+    # Shard i's set with replicas is the union of the plain sets of shards i .. i+R-1 (wrapping),
+    # which is what the router derives from --placement MODE --replicas R.
+    base_args = [a for i, a in enumerate(args)
+                 if not (a.startswith("experts.replicas=") or (a == "--set" and args[i + 1].startswith("experts.replicas=")))]
+    assert len(base_args) == len(args) - 2
+    base = shard_expert_sets(render(*base_args), shards, tmp_path)
+    sets = shard_expert_sets(docs, shards, tmp_path)
+    for i in range(shards):
+        want = sorted(set().union(*(base[(i + j) % shards] for j in range(replicas))))
+        # The binary sorts the --experts list; the chart lists each expert once.
+        assert sorted(sets[i]) == want and len(sets[i]) == len(want), f"shard {i}"
+    counts: dict[int, int] = {}
+    for s in sets:
+        for e in s:
+            counts[e] = counts.get(e, 0) + 1
+    assert sorted(counts) == list(range(160))
+    assert set(counts.values()) == {replicas}, "every expert must be on exactly `replicas` shards"
+    ra = router_args(docs)
+    assert flag_values(ra, "--replicas") == [str(replicas)]
+    assert flag_values(ra, "--placement") == flag_values(router_args(render(*base_args)), "--placement")
+    assert one(docs, "StatefulSet", STS)["metadata"]["annotations"]["dsv2.io/replicas"] == str(replicas)
+
+
+@needs_helm
 def test_extra_args_reach_the_expert_binary_intact(tmp_path):
     docs = render("-f", str(TINY), "--set-json", 'experts.extraArgs=["--log-level", "it\'s $HOME; rm -rf /"]')
     status, argv, err = run_expert_wrapper(docs, f"{STS}-0", tmp_path)
@@ -548,6 +604,8 @@ def test_router_serves_the_http_api_on_a_named_port_the_service_exposes(tmp_path
     ("experts:\n  probes:\n    startup:\n      periodSecond: 5\n", "periodSecond"),
     ("images:\n  flavor: rocm\n", "flavor"),
     ("experts:\n  shards: 0\n", "shards"),
+    ("experts:\n  replicas: 0\n", "replicas"),
+    ("experts:\n  replicas: two\n", "replicas"),
     ("router:\n  requestTimeoutSeconds: -1\n", "requestTimeoutSeconds"),
     ("router:\n  maxConcurrent: 0\n", "maxConcurrent"),
     ("tracing:\n  otlpEndpoint: otel-collector:4317\n", "otlpEndpoint"),
@@ -571,6 +629,8 @@ def test_schema_rejects_typos_and_bad_values(tmp_path, values, needle):
     (["-f", str(TINY), "--set", "auth.enabled=true"], "auth.secretName"),
     (["--set", "serviceMonitor.enabled=true"], "metrics.enabled"),
     (["-f", str(TINY), "--set", "placement.mode=groups"], "routedExperts"),
+    (["-f", str(TINY), "--set", "experts.replicas=3"], "experts.replicas (3) exceeds experts.shards (2)"),
+    (["-f", str(GPU8), "--set", "experts.replicas=8"], "experts.replicas (8) exceeds experts.shards (7)"),
 ])
 def test_chart_rejects_impossible_combinations(args, needle):
     proc = helm_template(*args, check=False)

@@ -97,6 +97,27 @@ routedExperts/expertGroups experts, so "whole groups per shard" is also a contig
 {{- printf "%d-%d" $start (sub (add $start $len) 1) -}}
 {{- end -}}
 
+{{/* Number of shards holding each expert (experts.replicas, 1 when unset). */}}
+{{- define "dsv2.replicas" -}}
+{{- int (default 1 .Values.experts.replicas) -}}
+{{- end -}}
+
+{{/*
+--experts list of shard .ordinal with replicas: its own range and those of the next replicas-1
+shards, wrapping around (what the binaries' Placement::replicated computes, so the router's
+--placement MODE --replicas R names the same sets), e.g. "23-45,46-68" for shard 1 of 7, R=2.
+*/}}
+{{- define "dsv2.expertSet" -}}
+{{- $root := .root -}}
+{{- $i := int .ordinal -}}
+{{- $n := int $root.Values.experts.shards -}}
+{{- $out := list -}}
+{{- range $j := until (int (include "dsv2.replicas" $root)) -}}
+{{- $out = append $out (include "dsv2.expertRange" (dict "root" $root "ordinal" (mod (add $i $j) $n))) -}}
+{{- end -}}
+{{- join "," $out -}}
+{{- end -}}
+
 {{- define "dsv2.validate" -}}
 {{- $v := .Values -}}
 {{- $e := int $v.model.routedExperts -}}
@@ -123,6 +144,13 @@ routedExperts/expertGroups experts, so "whole groups per shard" is also a contig
 {{- end -}}
 {{- else if ne $v.placement.mode "auto" -}}
 {{- fail "placement.mode other than auto needs model.routedExperts (the chart computes the ranges); with routedExperts=0 the binaries place experts themselves" -}}
+{{- end -}}
+{{- $reps := int (include "dsv2.replicas" .) -}}
+{{- if lt $reps 1 -}}
+{{- fail (printf "experts.replicas (%d) must be at least 1 (1 = each expert on one shard, no failover)" $reps) -}}
+{{- end -}}
+{{- if gt $reps $n -}}
+{{- fail (printf "experts.replicas (%d) exceeds experts.shards (%d): each expert can be on at most every shard" $reps $n) -}}
 {{- end -}}
 {{- if and $v.tls.enabled (not $v.tls.secretName) -}}
 {{- fail "tls.enabled needs tls.secretName" -}}
