@@ -8,6 +8,7 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod remote_experts;
+pub mod request;
 pub mod service;
 pub mod shard_health;
 pub mod status;
