@@ -429,6 +429,16 @@ pub async fn generate_stream(
     c: &mut InferenceClient<Channel>,
     req: pb::GenerateRequest,
 ) -> Result<Output, tonic::Status> {
+    generate_stream_counting(c, req, None).await
+}
+
+/// [`generate_stream`], adding every streamed token to `tokens` as it arrives (tests that act
+/// at a point of a run, e.g. kill a shard after so many tokens).
+pub async fn generate_stream_counting(
+    c: &mut InferenceClient<Channel>,
+    req: pb::GenerateRequest,
+    tokens: Option<&std::sync::atomic::AtomicUsize>,
+) -> Result<Output, tonic::Status> {
     let mut s = c.generate_stream(req).await?.into_inner();
     let mut out = Output {
         token_ids: vec![],
@@ -437,6 +447,9 @@ pub async fn generate_stream(
         completion_tokens: 0,
     };
     while let Some(m) = s.message().await? {
+        if let Some(t) = tokens {
+            t.fetch_add(m.token_ids.len(), std::sync::atomic::Ordering::SeqCst);
+        }
         out.token_ids.extend(&m.token_ids);
         out.text.push_str(&m.text);
         if let Some(sum) = m.summary {

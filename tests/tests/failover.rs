@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use dsv2_core::ModelConfig;
 use dsv2_core::placement::Placement;
-use dsv2_e2e::{Output, Proc, bin, fixture, ids_request, start_expert};
+use dsv2_e2e::{
+    Output, Proc, bin, fixture, generate_stream, generate_stream_counting, ids_request,
+    start_expert,
+};
 use dsv2_proto::inference::v1::inference_client::InferenceClient;
 use tonic::transport::Channel;
 
@@ -111,7 +114,7 @@ async fn run_all(client: &InferenceClient<Channel>, tokens: Arc<AtomicUsize>) ->
             let mut c = client.clone();
             let tokens = tokens.clone();
             tokio::spawn(async move {
-                let r = stream_counting(&mut c, request(i), &tokens).await;
+                let r = generate_stream_counting(&mut c, request(i), Some(&tokens)).await;
                 (r, Instant::now())
             })
         })
@@ -121,35 +124,6 @@ async fn run_all(client: &InferenceClient<Channel>, tokens: Arc<AtomicUsize>) ->
         out.push(h.await.expect("request task"));
     }
     out
-}
-
-async fn stream_counting(
-    c: &mut InferenceClient<Channel>,
-    req: dsv2_proto::inference::v1::GenerateRequest,
-    tokens: &AtomicUsize,
-) -> Result<Output, tonic::Status> {
-    let mut s = c.generate_stream(req).await?.into_inner();
-    let mut out = Output {
-        token_ids: vec![],
-        text: String::new(),
-        finish_reason: 0,
-        completion_tokens: 0,
-    };
-    while let Some(m) = s.message().await? {
-        tokens.fetch_add(m.token_ids.len(), Ordering::SeqCst);
-        out.token_ids.extend(&m.token_ids);
-        out.text.push_str(&m.text);
-        if let Some(sum) = m.summary {
-            out.finish_reason = sum.finish_reason;
-            out.completion_tokens = sum.completion_tokens;
-        }
-    }
-    if out.finish_reason == 0 {
-        return Err(tonic::Status::internal(
-            "test: stream ended without a summary",
-        ));
-    }
-    Ok(out)
 }
 
 /// SIGKILLs `pid` once `tokens` reaches `after`; returns the count then and the time.
@@ -277,12 +251,9 @@ async fn one_replica_fails_unavailable_within_a_second_and_recovers() {
     let mut failed = 0;
     for i in 0..4 {
         let t0 = Instant::now();
-        let r = tokio::time::timeout(
-            Duration::from_secs(5),
-            stream_counting(&mut cl, request(i), &AtomicUsize::new(0)),
-        )
-        .await
-        .expect("a request hung with the shard down");
+        let r = tokio::time::timeout(Duration::from_secs(5), generate_stream(&mut cl, request(i)))
+            .await
+            .expect("a request hung with the shard down");
         if let Err(e) = r {
             assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
             assert!(
