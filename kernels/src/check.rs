@@ -12,8 +12,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 mod experts;
+mod gemv;
 
 pub use experts::{check_grouped_experts, check_small_experts};
+pub use gemv::{GemvCase, check_gemv, run_gemv};
 pub mod prefill;
 
 use crate::device::Gpu;
@@ -828,6 +830,7 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     out.push(check_small_experts(gpu, 4, 16, 6, 5120, 1536)?);
     out.push(check_small_experts(gpu, 3, 9, 2, 72, 40)?);
     out.extend(experts::run_grouped(gpu, quick)?);
+    out.extend(gemv::run_gemv(gpu)?);
     out.extend(run_mla(gpu)?);
     for (n, ctx, heads, dims, shared) in [
         (1, 1, 4, (32, 8, 32), true),

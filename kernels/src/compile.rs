@@ -25,6 +25,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("general.cu", include_str!("cu/general.cu")),
     ("mla_prefill.cu", include_str!("cu/mla_prefill.cu")),
     ("grouped.cu", include_str!("cu/grouped.cu")),
+    ("gemv.cu", include_str!("cu/gemv.cu")),
 ];
 
 /// The architecture we build for: Hopper with its arch-specific features (wgmma, setmaxnreg).

@@ -10,12 +10,13 @@ use half::bf16;
 
 use dsv2_kernels::check;
 use dsv2_kernels::compile::{self, CompileConfig};
-use dsv2_kernels::ops::{elementwise as ew, expert, gemm, mla, moe};
+use dsv2_kernels::ops::{elementwise as ew, expert, gemm, gemv, mla, moe};
 use dsv2_kernels::{Gpu, GpuOptions, Tensor};
 
 struct Args {
     quick: bool,
     mla_only: bool,
+    gemv_only: bool,
     no_bench: bool,
     compile_only: bool,
     opts: GpuOptions,
@@ -25,6 +26,7 @@ fn parse_args() -> Result<Args> {
     let mut a = Args {
         quick: false,
         mla_only: false,
+        gemv_only: false,
         no_bench: false,
         compile_only: false,
         opts: GpuOptions::default(),
@@ -34,6 +36,7 @@ fn parse_args() -> Result<Args> {
         match arg.as_str() {
             "--quick" => a.quick = true,
             "--mla" => a.mla_only = true,
+            "--gemv" => a.gemv_only = true,
             "--no-bench" => a.no_bench = true,
             "--compile-only" => a.compile_only = true,
             "--no-cache" => a.opts.no_cache = true,
@@ -47,10 +50,11 @@ fn parse_args() -> Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "dsv2-gpu-check [--quick] [--mla] [--no-bench] [--compile-only] [--no-cache] [--cache-dir DIR] [--device cuda:N]\n\n\
+                    "dsv2-gpu-check [--quick] [--mla] [--gemv] [--no-bench] [--compile-only] [--no-cache] [--cache-dir DIR] [--device cuda:N]\n\n\
                      Checks every kernel against the CPU reference, then measures the ceilings (copy\n\
                      bandwidth, cuBLAS) and P1/P2. --mla: only the MLA checks (decode, both kernels;\n\
-                     prefill: wgmma, M128, M64), P1 and PF, a quick go/no-go for the wgmma kernels."
+                     prefill: wgmma, M128, M64), P1 and PF, a quick go/no-go for the wgmma kernels.\n\
+                     --gemv: only the few-row GEMV checks and their timings beside cuBLAS and copy."
                 );
                 std::process::exit(0);
             }
@@ -303,6 +307,8 @@ fn main() -> Result<()> {
     let t_check = Instant::now();
     let rows = if args.mla_only {
         check::run_mla(&gpu)?
+    } else if args.gemv_only {
+        check::run_gemv(&gpu)?
     } else {
         check::run_all(&gpu, args.quick)?
     };
@@ -316,7 +322,13 @@ fn main() -> Result<()> {
     );
 
     if !args.no_bench {
-        bench(&gpu, args.mla_only)?;
+        if args.gemv_only {
+            println!("\n== measurements (CUDA events; each beside a ceiling measured in this run) ==");
+            let copy_gbs = copy_ceiling(&gpu)?;
+            bench_gemv(&gpu, copy_gbs)?;
+        } else {
+            bench(&gpu, args.mla_only)?;
+        }
     }
     if fails > 0 {
         bail!("{fails} check(s) failed");
@@ -324,9 +336,8 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn bench(gpu: &Gpu, p1_only: bool) -> Result<()> {
-    println!("\n== measurements (CUDA events; each beside a ceiling measured in this run) ==");
-    // ceiling 1: device-to-device copy of 1 GiB (bytes read + written)
+/// Ceiling 1: device-to-device copy of 1 GiB, GB/s counting bytes read + written.
+fn copy_ceiling(gpu: &Gpu) -> Result<f64> {
     let n = 1usize << 29; // bf16 elements = 1 GiB
     let src = Tensor::<bf16>::zeros(gpu, &[n])?;
     let mut dst = Tensor::<bf16>::zeros(gpu, &[n])?;
@@ -336,7 +347,97 @@ fn bench(gpu: &Gpu, p1_only: bool) -> Result<()> {
     })?;
     let copy_gbs = 2.0 * (n * 2) as f64 / (ms * 1e-3) / 1e9;
     println!("copy d2d 1 GiB: {ms:.3} ms, {copy_gbs:.0} GB/s (read + write)");
-    drop((src, dst));
+    Ok(copy_gbs)
+}
+
+/// G rows (issue 19): the few-row projections of a decode step at DeepSeek-V2 and V2-Lite shapes,
+/// GEMV kernel vs cuBLAS, each beside its roofline (weight + activation bytes / copy bandwidth;
+/// FLOPs are negligible at <= 8 rows).
+fn bench_gemv(gpu: &Gpu, copy_gbs: f64) -> Result<()> {
+    use gemm::Gemm;
+    // (label, n, k, batch, w_nk, f32 out)
+    let shapes: [(&str, usize, usize, usize, bool, bool); 14] = [
+        ("V2 q_a", 1536, 5120, 1, true, false),
+        ("V2 kv_a", 576, 5120, 1, true, false),
+        ("V2 q_b", 24576, 1536, 1, true, false),
+        ("V2 absorb W_UK x128", 512, 128, 128, false, false),
+        ("V2 W_UV x128", 128, 512, 128, true, false),
+        ("V2 o_proj", 5120, 16384, 1, true, false),
+        ("V2 shared gate", 3072, 5120, 1, true, false),
+        ("V2 shared down", 5120, 3072, 1, true, false),
+        ("V2 router gate", 160, 5120, 1, true, true),
+        ("V2 lm_head", 102400, 5120, 1, true, true),
+        ("Lite q", 3072, 2048, 1, true, false),
+        ("Lite kv_a", 576, 2048, 1, true, false),
+        ("Lite o_proj", 2048, 2048, 1, true, false),
+        ("Lite shared down", 2048, 2816, 1, true, false),
+    ];
+    for (label, n, k, batch, w_nk, f32_out) in shapes {
+        let w_len = batch * n * k;
+        let mut w = Tensor::<bf16>::zeros(gpu, &[w_len])?;
+        fill(gpu, &mut w, 3, 0.05)?;
+        for m in [1usize, 2, 4, 8] {
+            let mut x = Tensor::<bf16>::zeros(gpu, &[batch * m * k])?;
+            fill(gpu, &mut x, 4, 1.0)?;
+            let y = Tensor::<f32>::zeros(gpu, &[batch * m * n])?;
+            let g = Gemm {
+                m,
+                n,
+                k,
+                x: x.ptr(),
+                ldx: k,
+                sx: m * k,
+                w: w.ptr(),
+                ldw: if w_nk { k } else { n },
+                sw: n * k,
+                w_nk,
+                y: y.ptr(),
+                ldy: n,
+                sy: m * n,
+                batch,
+            };
+            let bytes = (w_len * 2 + batch * m * (k * 2 + n * if f32_out { 4 } else { 2 })) as f64;
+            let roof_ms = bytes / (copy_gbs * 1e9) * 1e3;
+            let run = |use_gemv: bool| -> Result<f64> {
+                let plan = gemv::plan(&g, gpu.sm_count, true);
+                time_ms(gpu, 3, 20, || {
+                    // SAFETY: x, w, y are allocated above with the extents g addresses.
+                    unsafe {
+                        match (use_gemv, plan, f32_out) {
+                            (true, Some(p), true) => gemv::gemv::<f32>(gpu, &g, p)?,
+                            (true, Some(p), false) => gemv::gemv::<bf16>(gpu, &g, p)?,
+                            (_, _, true) => gemm::cublas_strided::<f32>(gpu, &g)?,
+                            (_, _, false) => gemm::cublas_strided::<bf16>(gpu, &g)?,
+                        }
+                    }
+                    Ok(())
+                })
+            };
+            let ms_blas = run(false)?;
+            let gemv_col = match gemv::plan(&g, gpu.sm_count, true) {
+                Some(p) => {
+                    let ms = run(true)?;
+                    format!(
+                        "GEMV {ms:.4} ms = {:.2}x roofline (splits {})",
+                        ms / roof_ms,
+                        p.splits
+                    )
+                }
+                None => "GEMV n/a".into(),
+            };
+            println!(
+                "G {label} M {m} N {n} K {k} x{batch}: {gemv_col}; cuBLAS {ms_blas:.4} ms = {:.2}x roofline; roofline {roof_ms:.4} ms ({:.1} MB)",
+                ms_blas / roof_ms,
+                bytes / 1e6
+            );
+        }
+    }
+    Ok(())
+}
+
+fn bench(gpu: &Gpu, p1_only: bool) -> Result<()> {
+    println!("\n== measurements (CUDA events; each beside a ceiling measured in this run) ==");
+    let copy_gbs = copy_ceiling(gpu)?;
 
     // ceiling 2: cuBLAS bf16 8192^3, Y = X W^T
     let s = 8192;
@@ -439,6 +540,7 @@ fn bench(gpu: &Gpu, p1_only: bool) -> Result<()> {
     if p1_only {
         return Ok(());
     }
+    bench_gemv(gpu, copy_gbs)?;
     // P2: expert FFN, 8192 tokens x top-6 over 160 experts, hidden 5120, inter 1536
     let (tokens, n_exp, hidden, inter, k) = (8192usize, 160usize, 5120usize, 1536usize, 6usize);
     let mut gu_w = Tensor::<bf16>::zeros(gpu, &[n_exp, 2 * inter, hidden])?;

@@ -4,6 +4,7 @@
 pub mod elementwise;
 pub mod expert;
 pub mod gemm;
+pub mod gemv;
 pub mod general;
 pub mod grouped;
 pub mod mla;

@@ -132,6 +132,18 @@ pub trait Backend: Send + Sync + 'static {
     fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Act>;
     fn rms_norm(&self, x: &Self::Act, w: &Self::Weight, eps: f32) -> Result<Self::Act>;
     fn add_assign(&self, acc: &mut Self::Act, x: &Self::Act) -> Result<()>;
+    /// `residual += x`, then the RMSNorm of the updated residual: the pre-norm step between
+    /// sublayers. Backends fuse it into one pass; the result must equal the two ops in turn.
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Act,
+        x: &Self::Act,
+        w: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Act> {
+        self.add_assign(residual, x)?;
+        self.rms_norm(residual, w, eps)
+    }
     /// `x · Wᵀ`.
     fn linear(&self, x: &Self::Act, w: &Self::Weight) -> Result<Self::Act>;
     fn mlp(&self, w: &MlpWeights<Self::Weight>, x: &Self::Act) -> Result<Self::Act>;

@@ -476,11 +476,15 @@ impl<B: Backend> Model<B> {
             mode,
         };
         let mut hidden = b.embed(&self.embed, &step.tokens)?;
+        // each sublayer's output joins the residual stream in the next norm's pass
+        let mut ffn_out: Option<B::Act> = None;
         for (l, layer) in self.layers.iter().enumerate() {
-            let x = b.rms_norm(&hidden, &layer.input_norm, eps)?;
+            let x = match ffn_out.take() {
+                Some(out) => b.add_rms_norm(&mut hidden, &out, &layer.input_norm, eps)?,
+                None => b.rms_norm(&hidden, &layer.input_norm, eps)?,
+            };
             let attn = b.attention(&self.cfg, &layer.attn, &x, &batch, storage, l)?;
-            b.add_assign(&mut hidden, &attn)?;
-            let x = b.rms_norm(&hidden, &layer.post_norm, eps)?;
+            let x = b.add_rms_norm(&mut hidden, &attn, &layer.post_norm, eps)?;
             let out = match &layer.ffn {
                 Ffn::Dense(mlp) => b.mlp(mlp, &x)?,
                 Ffn::Moe { gate, shared } => {
@@ -510,6 +514,9 @@ impl<B: Backend> Model<B> {
                     routed
                 }
             };
+            ffn_out = Some(out);
+        }
+        if let Some(out) = ffn_out {
             b.add_assign(&mut hidden, &out)?;
         }
         Ok(hidden)

@@ -893,6 +893,39 @@ impl Backend for CudaBackend {
         Ok(CudaAct::Bf16(out))
     }
 
+    fn add_rms_norm(
+        &self,
+        residual: &mut CudaAct,
+        x: &CudaAct,
+        w: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaAct> {
+        if residual.dims() != x.dims() {
+            return Err(err(format!("add_rms_norm: {:?} + {:?}", residual.dims(), x.dims())));
+        }
+        let CudaAct::Bf16(res) = residual else {
+            // an f32 residual is narrowed by add_assign first; not on the model's path
+            self.add_assign(residual, x)?;
+            return self.rms_norm(residual, w, eps);
+        };
+        let _t = self.timed("add_rms_norm");
+        let _g = self.lock()?;
+        let xb = self.bf16_of(x)?;
+        let mut out = self.empty(xb.shape())?;
+        ew::rmsnorm(
+            &self.gpu,
+            ew::RmsNormParams {
+                x: xb.view(),
+                weight: w.t.view(),
+                residual: Some(res.view_mut()),
+                out: out.view_mut(),
+                eps,
+            },
+        )
+        .kx()?;
+        Ok(CudaAct::Bf16(out))
+    }
+
     fn add_assign(&self, acc: &mut CudaAct, x: &CudaAct) -> Result<()> {
         let _t = self.timed("add_assign");
         if acc.dims() != x.dims() {

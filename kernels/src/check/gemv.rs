@@ -1,0 +1,152 @@
+//! Checks of the few-row GEMV kernels (gemv.cu) against the f64 CPU product, both weight layouts,
+//! with padded leading dims and batch strides, at awkward sizes.
+
+use half::bf16;
+
+use super::{CheckRow, f32s, rand_bf16, rng};
+use crate::device::Gpu;
+use crate::error::{Result, shape_err};
+use crate::ops::gemm::{Gemm, GemmOut};
+use crate::ops::gemv;
+use crate::tensor::Tensor;
+
+/// One GEMV problem: `batch` x (Y[m, n] = X[m, k] · op(W)), X rows padded to `k + pad`, W stored
+/// [n, k] (`w_nk`) or [k, n] with rows padded by `pad`.
+#[derive(Debug, Clone, Copy)]
+pub struct GemvCase {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub batch: usize,
+    pub w_nk: bool,
+    pub pad: usize,
+}
+
+/// Runs one case with output type `O` and compares every output with the CPU product.
+pub fn check_gemv<O: GemmOut + ToF32s>(gpu: &Gpu, c: GemvCase) -> Result<CheckRow> {
+    let GemvCase {
+        m,
+        n,
+        k,
+        batch,
+        w_nk,
+        pad,
+    } = c;
+    let mut g = rng(17 + (m * 31 + n * 7 + k) as u64);
+    let ldx = k + pad;
+    let sx = m * ldx;
+    let (ldw, w_rows) = if w_nk { (k + pad, n) } else { (n + pad, k) };
+    let sw = w_rows * ldw;
+    let ldy = n + pad;
+    let sy = m * ldy;
+    let (xb, xf) = rand_bf16(&mut g, batch * sx, 1.0);
+    let (wb, wf) = rand_bf16(&mut g, batch * sw, 1.0);
+    let x = Tensor::from_host(gpu, &xb, &[batch * sx])?;
+    let w = Tensor::from_host(gpu, &wb, &[batch * sw])?;
+    let y = Tensor::<O>::zeros(gpu, &[batch * sy])?;
+    let gm = Gemm {
+        m,
+        n,
+        k,
+        x: x.ptr(),
+        ldx,
+        sx,
+        w: w.ptr(),
+        ldw,
+        sw,
+        w_nk,
+        y: y.ptr(),
+        ldy,
+        sy,
+        batch,
+    };
+    let op = format!(
+        "gemv_{}_m{m}_{}",
+        if w_nk { "nk" } else { "kn" },
+        O::KERNEL_SUFFIX
+    );
+    let plan = gemv::plan(&gm, gpu.sm_count, true)
+        .ok_or_else(|| shape_err("gemv", format!("{c:?} has no GEMV plan")))?;
+    // SAFETY: x, w, y were allocated above with exactly the extents the strides address.
+    unsafe { gemv::gemv::<O>(gpu, &gm, plan)? };
+    let got_all = O::to_f32s(&y.to_host(gpu)?);
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for b in 0..batch {
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for kk in 0..k {
+                    let xv = xf[b * sx + i * ldx + kk] as f64;
+                    let wv = if w_nk {
+                        wf[b * sw + j * ldw + kk]
+                    } else {
+                        wf[b * sw + kk * ldw + j]
+                    };
+                    s += xv * wv as f64;
+                }
+                want.push(s as f32);
+                got.push(got_all[b * sy + i * ldy + j]);
+            }
+        }
+    }
+    // f32 outputs hold only f32 accumulation error; bf16 outputs add one rounding (module docs)
+    let tol = if O::KERNEL_SUFFIX == "f32" { 1e-5 } else { 1e-2 };
+    let mut row = CheckRow::cmp(
+        &op,
+        format!("M {m} N {n} K {k} batch {batch} pad {pad}"),
+        &got,
+        &want,
+        tol,
+    );
+    row.note = format!("splits {}", plan.splits);
+    Ok(row)
+}
+
+/// Host copies of GPU outputs as f32, for either output type.
+pub trait ToF32s: Sized {
+    fn to_f32s(v: &[Self]) -> Vec<f32>;
+}
+impl ToF32s for f32 {
+    fn to_f32s(v: &[Self]) -> Vec<f32> {
+        v.to_vec()
+    }
+}
+impl ToF32s for bf16 {
+    fn to_f32s(v: &[Self]) -> Vec<f32> {
+        f32s(v)
+    }
+}
+
+/// The GEMV rows of the check table: 1, 3, 7 and 8 rows; odd column counts; K that splits
+/// unevenly; padded strides; batched per-head problems like MLA's; real DeepSeek-V2 shapes.
+pub fn run_gemv(gpu: &Gpu) -> Result<Vec<CheckRow>> {
+    let nk = |m, n, k, batch, pad| GemvCase {
+        m,
+        n,
+        k,
+        batch,
+        w_nk: true,
+        pad,
+    };
+    let kn = |m, n, k, batch, pad| GemvCase {
+        m,
+        n,
+        k,
+        batch,
+        w_nk: false,
+        pad,
+    };
+    let mut out = Vec::new();
+    for m in [1, 3, 7, 8] {
+        out.push(check_gemv::<bf16>(gpu, nk(m, 67, 72, 1, 0))?);
+        out.push(check_gemv::<bf16>(gpu, nk(m, 576, 5120, 1, 0))?);
+        out.push(check_gemv::<f32>(gpu, nk(m, 160, 5120, 1, 0))?);
+        out.push(check_gemv::<bf16>(gpu, nk(m, 129, 1544, 3, 8))?);
+    }
+    for m in [1, 2, 3, 4] {
+        out.push(check_gemv::<bf16>(gpu, kn(m, 512, 128, 16, 0))?);
+        out.push(check_gemv::<bf16>(gpu, kn(m, 264, 40, 3, 8))?);
+        out.push(check_gemv::<f32>(gpu, kn(m, 8, 7, 1, 0))?);
+    }
+    Ok(out)
+}

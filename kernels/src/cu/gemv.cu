@@ -1,0 +1,267 @@
+// gemv.cu: Y[M, N] = X[M, K] · op(W) for few rows (M <= 8), bf16 in, f32 accumulation, bf16 or f32
+// out, `batch` independent problems (blockIdx.y) at element strides sx / sw / sy.
+//
+// Why not cuBLAS: at 1-8 rows a projection is a pure weight read, and cuBLAS answers these shapes
+// with split-K GEMMs plus a separate reduction kernel (two launches, a workspace round trip and
+// tensor-core tiles that are 1/16 full). These kernels stream every weight byte exactly once with
+// 16-byte non-L1-allocating loads, keep several loads in flight per lane, and reduce split-K
+// partials inside the block, so one launch per projection reads at close to copy bandwidth.
+//
+// gemv_nk: W stored [N, K] (a checkpoint `weight`). A warp owns C columns and one of `splits`
+//   slices of K; each lane reads 8 consecutive k of each column per step, so one weight row is
+//   read by whole 512-byte warp transactions. X (a few KB) stays in L1, weights bypass it.
+// gemv_kn: W stored [K, N] (MLA's absorbed W_UK). A lane owns 8 consecutive columns; the 8 warps of
+//   a block split K and reduce through shared memory.
+#include "common.cuh"
+
+#define GEMV_THREADS 256
+#define GEMV_WARPS (GEMV_THREADS / WARP)
+
+// 16 bytes of weights: read-only path, not kept in L1 (each byte is used once), so X stays there.
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ void unpack8(uint4 u, float* f) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float2 v = __bfloat1622float2(h[i]);
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
+    }
+}
+
+__device__ __forceinline__ void store_out(float* y, float v) { *y = v; }
+__device__ __forceinline__ void store_out(bf16* y, float v) { *y = __float2bfloat16(v); }
+
+// Block: GEMV_WARPS warps = (GEMV_WARPS / splits) column groups x splits K slices; a column group
+// is C columns. Grid: (ceil(N / (C * GEMV_WARPS / splits)), batch).
+template <int M, int C, typename OutT>
+__device__ __forceinline__ void gemv_nk(const bf16* __restrict__ x, long long ldx, long long sx,
+                                        const bf16* __restrict__ w, long long ldw, long long sw,
+                                        OutT* __restrict__ y, long long ldy, long long sy, int n, int k,
+                                        int splits) {
+    // loads of 16 bytes in flight per lane per step: U steps of C columns
+    constexpr int U = C >= 4 ? 1 : 4 / C;
+    __shared__ float part[GEMV_WARPS][M][C];
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int groups = GEMV_WARPS / splits;
+    const int g = warp / splits, sp = warp % splits;
+    const int col0 = (blockIdx.x * groups + g) * C;
+    x += blockIdx.y * sx;
+    w += blockIdx.y * sw;
+    y += blockIdx.y * sy;
+
+    const int chunk = ((k / 8 + splits - 1) / splits) * 8;
+    const int k0 = sp * chunk;
+    const int k1 = min(k, k0 + chunk);
+    const bf16* wr[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        // columns past N read row 0 (in bounds, discarded) so the loop stays branch-free
+        int col = col0 + c < n ? col0 + c : 0;
+        wr[c] = w + (long long)col * ldw;
+    }
+    float acc[M][C];
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int c = 0; c < C; ++c) acc[m][c] = 0.f;
+
+    for (int base = k0 + lane * 8; base < k1; base += U * WARP * 8) {
+        uint4 wv[U][C];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            int kq = base + u * WARP * 8;
+#pragma unroll
+            for (int c = 0; c < C; ++c) wv[u][c] = kq < k1 ? ld_stream16(wr[c] + kq) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            int kq = base + u * WARP * 8;
+            if (kq >= k1) break;
+            float wf[C][8];
+#pragma unroll
+            for (int c = 0; c < C; ++c) unpack8(wv[u][c], wf[c]);
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                float xf[8];
+                load8(x + m * ldx + kq, xf);
+#pragma unroll
+                for (int c = 0; c < C; ++c)
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[m][c] = fmaf(xf[i], wf[c][i], acc[m][c]);
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            float v = warp_sum(acc[m][c]);
+            if (lane == 0) part[warp][m][c] = v;
+        }
+    __syncthreads();
+    // one thread per (column, row) of the block sums its K slices in a fixed order (reproducible)
+    for (int t = threadIdx.x; t < groups * C * M; t += GEMV_THREADS) {
+        int m = t % M, cc = (t / M) % C, gg = t / (M * C);
+        int col = (blockIdx.x * groups + gg) * C + cc;
+        if (col >= n) continue;
+        float s = 0.f;
+        for (int q = 0; q < splits; ++q) s += part[gg * splits + q][m][cc];
+        store_out(y + m * ldy + col, s);
+    }
+}
+
+// Block: GEMV_WARPS warps over one tile of 256 columns (a lane owns 8 consecutive columns); warp i
+// takes every GEMV_WARPS-th row of K starting at i, R rows per step in flight. Grid: (ceil(N / 256),
+// batch). Dynamic shared memory: GEMV_WARPS * M * 256 floats.
+template <int M, typename OutT>
+__device__ __forceinline__ void gemv_kn(const bf16* __restrict__ x, long long ldx, long long sx,
+                                        const bf16* __restrict__ w, long long ldw, long long sw,
+                                        OutT* __restrict__ y, long long ldy, long long sy, int n, int k) {
+    constexpr int R = 4;
+    extern __shared__ float kn_part[];  // [GEMV_WARPS][M][256]
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int c0 = blockIdx.x * 256 + lane * 8;
+    x += blockIdx.y * sx;
+    w += blockIdx.y * sw;
+    y += blockIdx.y * sy;
+    const bool live = c0 < n;  // n is a multiple of 8, so a lane's 8 columns are all in or all out
+    float acc[M][8];
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[m][i] = 0.f;
+    if (live) {
+        for (int kb = warp; kb < k; kb += R * GEMV_WARPS) {
+            uint4 wv[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                int kk = kb + r * GEMV_WARPS;
+                wv[r] = kk < k ? ld_stream16(w + (long long)kk * ldw + c0) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                int kk = kb + r * GEMV_WARPS;
+                if (kk >= k) break;
+                float wf[8];
+                unpack8(wv[r], wf);
+#pragma unroll
+                for (int m = 0; m < M; ++m) {
+                    float xv = __bfloat162float(x[m * ldx + kk]);
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[m][i] = fmaf(xv, wf[i], acc[m][i]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) kn_part[(warp * M + m) * 256 + lane * 8 + i] = acc[m][i];
+    __syncthreads();
+    for (int t = threadIdx.x; t < M * 256; t += GEMV_THREADS) {
+        int m = t / 256, cc = t % 256;
+        int col = blockIdx.x * 256 + cc;
+        if (col >= n) continue;
+        float s = 0.f;
+        for (int q = 0; q < GEMV_WARPS; ++q) s += kn_part[(q * M + m) * 256 + cc];
+        store_out(y + m * ldy + col, s);
+    }
+}
+
+// The exported kernels, written out (not token-pasted) because the module loader finds kernel
+// names by reading the exported declarations in this text. Column group width per row
+// count (C): more columns per warp reuse each X load (from L1) for more weight loads, which
+// matters once M grows (L1 bandwidth, not DRAM, would bind at M = 8, C = 1). [K, N] takes up to 4
+// rows: 8 KiB of split-K partials per row stays under the 48 KiB default shared memory.
+#define GEMV_NK_ARGS                                                                                  \
+    const bf16 *__restrict__ x, long long ldx, long long sx, const bf16 *__restrict__ w, long long ldw, \
+        long long sw, OUT_T *__restrict__ y, long long ldy, long long sy, int n, int k, int splits
+#define GEMV_KN_ARGS                                                                                  \
+    const bf16 *__restrict__ x, long long ldx, long long sx, const bf16 *__restrict__ w, long long ldw, \
+        long long sw, OUT_T *__restrict__ y, long long ldy, long long sy, int n, int k
+
+#define OUT_T bf16
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m1_bf16(GEMV_NK_ARGS) {
+    gemv_nk<1, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m2_bf16(GEMV_NK_ARGS) {
+    gemv_nk<2, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m3_bf16(GEMV_NK_ARGS) {
+    gemv_nk<3, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m4_bf16(GEMV_NK_ARGS) {
+    gemv_nk<4, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m5_bf16(GEMV_NK_ARGS) {
+    gemv_nk<5, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m6_bf16(GEMV_NK_ARGS) {
+    gemv_nk<6, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m7_bf16(GEMV_NK_ARGS) {
+    gemv_nk<7, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m8_bf16(GEMV_NK_ARGS) {
+    gemv_nk<8, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m1_bf16(GEMV_KN_ARGS) {
+    gemv_kn<1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m2_bf16(GEMV_KN_ARGS) {
+    gemv_kn<2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m3_bf16(GEMV_KN_ARGS) {
+    gemv_kn<3, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m4_bf16(GEMV_KN_ARGS) {
+    gemv_kn<4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k);
+}
+#undef OUT_T
+
+#define OUT_T float
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m1_f32(GEMV_NK_ARGS) {
+    gemv_nk<1, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m2_f32(GEMV_NK_ARGS) {
+    gemv_nk<2, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m3_f32(GEMV_NK_ARGS) {
+    gemv_nk<3, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m4_f32(GEMV_NK_ARGS) {
+    gemv_nk<4, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m5_f32(GEMV_NK_ARGS) {
+    gemv_nk<5, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m6_f32(GEMV_NK_ARGS) {
+    gemv_nk<6, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m7_f32(GEMV_NK_ARGS) {
+    gemv_nk<7, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m8_f32(GEMV_NK_ARGS) {
+    gemv_nk<8, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m1_f32(GEMV_KN_ARGS) {
+    gemv_kn<1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m2_f32(GEMV_KN_ARGS) {
+    gemv_kn<2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m3_f32(GEMV_KN_ARGS) {
+    gemv_kn<3, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m4_f32(GEMV_KN_ARGS) {
+    gemv_kn<4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k);
+}
+#undef OUT_T

@@ -1,0 +1,207 @@
+//! Launchers for gemv.cu: few-row projections (M <= 8) as one weight-streaming launch instead of
+//! cuBLAS's split-K GEMM + reduction. [`plan`] says whether a [`Gemm`] can take this path;
+//! [`gemv`] runs it.
+
+use std::sync::OnceLock;
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::gemm::{Gemm, GemmOut};
+use crate::device::Gpu;
+use crate::error::{Result, shape_err};
+
+/// Most rows the [N, K]-weight kernels take (their accumulators live in registers).
+pub const MAX_ROWS_NK: usize = 8;
+/// Most rows the [K, N]-weight kernels take (their split-K partials live in shared memory:
+/// 8 KiB per row).
+pub const MAX_ROWS_KN: usize = 4;
+const THREADS: u32 = 256;
+const WARPS: usize = THREADS as usize / 32;
+/// Columns of one [K, N] tile (32 lanes x 8 columns).
+const KN_TILE: usize = 256;
+
+/// `DSV2_GEMV=0` sends every projection to cuBLAS (diagnosis, and the A/B rows of dsv2-gpu-check).
+fn enabled_by_env() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DSV2_GEMV").map_or(true, |v| v != "0"))
+}
+
+/// Columns one warp of the [N, K] kernel owns at `m` rows (must match gemv.cu's instantiations).
+fn cols_per_warp(m: usize) -> usize {
+    match m {
+        1 | 2 => 1,
+        3 | 4 => 2,
+        _ => 4,
+    }
+}
+
+/// How a GEMV launch is cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemvPlan {
+    /// K slices per column group ([N, K] kernel; 1 for [K, N]).
+    pub splits: usize,
+    pub blocks_x: usize,
+}
+
+/// The launch plan for `g` when the GEMV kernels can run it (rows, layout, 16-byte alignment of
+/// every vector access, 32-bit dims), else None (cuBLAS runs it).
+pub fn plan(g: &Gemm, sm_count: usize, force: bool) -> Option<GemvPlan> {
+    if !force && !enabled_by_env() {
+        return None;
+    }
+    let a8 = |v: usize| v.is_multiple_of(8);
+    let a16 = |p: u64| p.is_multiple_of(16);
+    let max_rows = if g.w_nk { MAX_ROWS_NK } else { MAX_ROWS_KN };
+    let aligned = a16(g.w) && a8(g.ldw) && a8(g.sw) && a16(g.x) && a8(g.ldx) && a8(g.sx);
+    if g.m == 0
+        || g.m > max_rows
+        || g.n == 0
+        || g.k == 0
+        || g.batch == 0
+        || g.batch > 65_535
+        || !aligned
+        || i32::try_from(g.n).is_err()
+        || i32::try_from(g.k).is_err()
+    {
+        return None;
+    }
+    if g.w_nk {
+        if !a8(g.k) {
+            return None;
+        }
+        let groups = g.n.div_ceil(cols_per_warp(g.m));
+        // Enough warps to keep every SM's load pipes full (about 24 warps each, several 16-byte
+        // loads in flight per lane), but no slice shorter than two warp-wide steps of K.
+        let mut splits = 1;
+        while splits < WARPS
+            && groups * g.batch * splits < sm_count.max(1) * 24
+            && g.k / (splits * 2) >= 2 * 256
+        {
+            splits *= 2;
+        }
+        let blocks_x = groups.div_ceil(WARPS / splits);
+        Some(GemvPlan { splits, blocks_x })
+    } else {
+        if !a8(g.n) {
+            return None;
+        }
+        Some(GemvPlan {
+            splits: 1,
+            blocks_x: g.n.div_ceil(KN_TILE),
+        })
+    }
+}
+
+/// The gemv.cu kernel for a layout, row count and output suffix.
+fn kernel_name(w_nk: bool, m: usize, out: &str) -> String {
+    format!("gemv_{}_m{m}_{out}", if w_nk { "nk" } else { "kn" })
+}
+
+/// Runs `g` with the GEMV kernels on the GPU's main stream; `p` from [`plan`] for this `g`.
+///
+/// # Safety
+/// Every pointer must address enough live device memory for the dims, leading dims and batch
+/// strides of `g` (as for cuBLAS), and stay valid until the launch has run.
+pub unsafe fn gemv<O: GemmOut>(gpu: &Gpu, g: &Gemm, p: GemvPlan) -> Result<()> {
+    const OP: &str = "gemv";
+    let i64_of = |v: usize, what: &str| {
+        i64::try_from(v).map_err(|_| shape_err(OP, format!("{what} = {v} exceeds i64")))
+    };
+    let (ldx, sx, ldw, sw, ldy, sy) = (
+        i64_of(g.ldx, "ldx")?,
+        i64_of(g.sx, "sx")?,
+        i64_of(g.ldw, "ldw")?,
+        i64_of(g.sw, "sw")?,
+        i64_of(g.ldy, "ldy")?,
+        i64_of(g.sy, "sy")?,
+    );
+    let (n, k) = (g.n as i32, g.k as i32);
+    let f = gpu.function(&kernel_name(g.w_nk, g.m, O::KERNEL_SUFFIX))?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(&g.x).arg(&ldx).arg(&sx);
+    b.arg(&g.w).arg(&ldw).arg(&sw);
+    b.arg(&g.y).arg(&ldy).arg(&sy);
+    b.arg(&n).arg(&k);
+    let splits = p.splits as i32;
+    if g.w_nk {
+        b.arg(&splits);
+    }
+    let shared_mem_bytes = if g.w_nk {
+        0
+    } else {
+        (WARPS * g.m * KN_TILE * std::mem::size_of::<f32>()) as u32
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (p.blocks_x as u32, g.batch as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes,
+    };
+    // SAFETY: the argument list matches gemv_{nk,kn}_m*'s signatures; `plan` checked rows, layout
+    // and alignment; the caller guarantees the memory (above).
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(m: usize, n: usize, k: usize) -> Gemm {
+        Gemm::xwt(m, n, k, 0x1000, 0x2000, 0x3000)
+    }
+
+    #[test]
+    fn every_launchable_kernel_is_exported_by_name() {
+        // the module loader looks kernels up by the names it reads in the source text
+        let src = crate::compile::SOURCES
+            .iter()
+            .find(|(f, _)| *f == "gemv.cu")
+            .map(|(_, s)| *s)
+            .unwrap();
+        let names = crate::device::kernel_names(src);
+        for out in ["bf16", "f32"] {
+            for m in 1..=MAX_ROWS_NK {
+                assert!(names.contains(&kernel_name(true, m, out)), "nk m{m} {out}");
+            }
+            for m in 1..=MAX_ROWS_KN {
+                assert!(names.contains(&kernel_name(false, m, out)), "kn m{m} {out}");
+            }
+        }
+        assert_eq!(names.len(), 2 * (MAX_ROWS_NK + MAX_ROWS_KN));
+    }
+
+    #[test]
+    fn rows_layout_and_alignment_pick_the_path() {
+        assert!(plan(&g(1, 576, 5120), 132, true).is_some());
+        assert!(plan(&g(8, 576, 5120), 132, true).is_some());
+        assert!(plan(&g(9, 576, 5120), 132, true).is_none());
+        assert!(plan(&g(1, 576, 5121), 132, true).is_none(), "K not a multiple of 8");
+        let mut odd = g(1, 576, 5120);
+        odd.x += 2;
+        assert!(plan(&odd, 132, true).is_none(), "X not 16-byte aligned");
+        let mut kn = g(4, 512, 128);
+        kn.w_nk = false;
+        kn.ldw = 512;
+        assert!(plan(&kn, 132, true).is_some());
+        kn.m = 5;
+        assert!(plan(&kn, 132, true).is_none(), "[K, N] takes at most 4 rows");
+    }
+
+    #[test]
+    fn splits_grow_for_narrow_outputs_and_stop_at_short_slices() {
+        // kv_a of DeepSeek-V2: 576 columns would fill only a third of the card unsplit
+        let p = plan(&g(1, 576, 5120), 132, true).unwrap();
+        assert_eq!(p.splits, 8);
+        assert_eq!(p.blocks_x, 576);
+        // q_b: 24576 columns are plenty
+        let p = plan(&g(1, 24576, 1536), 132, true).unwrap();
+        assert_eq!(p.splits, 1);
+        assert_eq!(p.blocks_x, 24576 / 8);
+        // a short K is never cut below two warp-wide steps per slice
+        assert_eq!(plan(&g(1, 16, 1024), 132, true).unwrap().splits, 2);
+        assert_eq!(plan(&g(1, 16, 512), 132, true).unwrap().splits, 1);
+        // 4 columns per warp at 8 rows
+        let p = plan(&g(8, 5120, 3072), 132, true).unwrap();
+        assert_eq!(p.blocks_x * WARPS / p.splits * 4, 5120);
+    }
+}
