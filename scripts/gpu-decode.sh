@@ -3,6 +3,8 @@
 #   check    dsv2-gpu-check: every kernel against its CPU reference, then the ceilings (copy
 #            bandwidth, cuBLAS peak), MLA decode (P1), prefill attention, the expert FFN (P2,
 #            P2g) and the routed-expert decode rows (D1..D256) beside their rooflines
+#   gemv     dsv2-gpu-check --gemv: the few-row GEMV kernels against the CPU, then each decode
+#            projection shape at 1/2/4/8 rows, GEMV vs cuBLAS beside the copy-bandwidth roofline
 #   mla      dsv2-gpu-check --mla: the MLA kernels against their CPU reference, then the decode
 #            (P1) and prefill attention rows beside their rooflines
 #   fixtures dsv2-cuda-check: the whole model on the golden fixtures vs HF and the CPU reference,
@@ -200,6 +202,9 @@ PYEOF
       ;;
     served-graphs)
       DECODE_ONLY=1 served deepseek-v2 4 "4-layer V2 (CUDA graphs)" ;;
+    gemv)
+      timeout -k 5 120 "$BIN/dsv2-gpu-check" --gemv --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-gemv.log" 2>&1 || fail=1
+      grep -E "FAIL|^checks:|^device|copy d2d|^G " "$OUT_DIR/gpu-check-gemv.log" ;;
     mla)
       timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-mla.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|^device|copy d2d|cuBLAS bf16|^P1|prefill" "$OUT_DIR/gpu-check-mla.log" | grep -v " ok " ;;

@@ -323,7 +323,9 @@ fn main() -> Result<()> {
 
     if !args.no_bench {
         if args.gemv_only {
-            println!("\n== measurements (CUDA events; each beside a ceiling measured in this run) ==");
+            println!(
+                "\n== measurements (CUDA events; each beside a ceiling measured in this run) =="
+            );
             let copy_gbs = copy_ceiling(&gpu)?;
             bench_gemv(&gpu, copy_gbs)?;
         } else {
@@ -404,8 +406,12 @@ fn bench_gemv(gpu: &Gpu, copy_gbs: f64) -> Result<()> {
                     // SAFETY: x, w, y are allocated above with the extents g addresses.
                     unsafe {
                         match (use_gemv, plan, f32_out) {
-                            (true, Some(p), true) => gemv::gemv::<f32>(gpu, &g, p)?,
-                            (true, Some(p), false) => gemv::gemv::<bf16>(gpu, &g, p)?,
+                            (true, Some(p), true) => {
+                                gemv::gemv::<f32>(gpu, &g, p, Default::default())?
+                            }
+                            (true, Some(p), false) => {
+                                gemv::gemv::<bf16>(gpu, &g, p, Default::default())?
+                            }
                             (_, _, true) => gemm::cublas_strided::<f32>(gpu, &g)?,
                             (_, _, false) => gemm::cublas_strided::<bf16>(gpu, &g)?,
                         }

@@ -68,7 +68,7 @@ pub fn check_gemv<O: GemmOut + ToF32s>(gpu: &Gpu, c: GemvCase) -> Result<CheckRo
     let plan = gemv::plan(&gm, gpu.sm_count, true)
         .ok_or_else(|| shape_err("gemv", format!("{c:?} has no GEMV plan")))?;
     // SAFETY: x, w, y were allocated above with exactly the extents the strides address.
-    unsafe { gemv::gemv::<O>(gpu, &gm, plan)? };
+    unsafe { gemv::gemv::<O>(gpu, &gm, plan, Default::default())? };
     let got_all = O::to_f32s(&y.to_host(gpu)?);
     let (mut got, mut want) = (Vec::new(), Vec::new());
     for b in 0..batch {
@@ -90,7 +90,11 @@ pub fn check_gemv<O: GemmOut + ToF32s>(gpu: &Gpu, c: GemvCase) -> Result<CheckRo
         }
     }
     // f32 outputs hold only f32 accumulation error; bf16 outputs add one rounding (module docs)
-    let tol = if O::KERNEL_SUFFIX == "f32" { 1e-5 } else { 1e-2 };
+    let tol = if O::KERNEL_SUFFIX == "f32" {
+        1e-5
+    } else {
+        1e-2
+    };
     let mut row = CheckRow::cmp(
         &op,
         format!("M {m} N {n} K {k} batch {batch} pad {pad}"),
@@ -99,6 +103,73 @@ pub fn check_gemv<O: GemmOut + ToF32s>(gpu: &Gpu, c: GemvCase) -> Result<CheckRo
         tol,
     );
     row.note = format!("splits {}", plan.splits);
+    Ok(row)
+}
+
+/// The few-row FFN as the CUDA backend runs it: gate and up as one paired launch into [m, 2I],
+/// then the down projection with the SwiGLU folded into its input, added into an existing bf16
+/// accumulator. Against the CPU: bf16(acc + bf16(down(bf16(silu(gate) · up)))).
+pub fn check_gemv_ffn(gpu: &Gpu, m: usize, h: usize, inter: usize) -> Result<CheckRow> {
+    let mut g = rng(23 + (m * 7 + inter) as u64);
+    let (xb, xf) = rand_bf16(&mut g, m * h, 1.0);
+    let (gb, gf) = rand_bf16(&mut g, inter * h, 0.1);
+    let (ub, uf) = rand_bf16(&mut g, inter * h, 0.1);
+    let (db, df) = rand_bf16(&mut g, h * inter, 0.1);
+    let (ab, af) = rand_bf16(&mut g, m * h, 0.05);
+    let x = Tensor::from_host(gpu, &xb, &[m, h])?;
+    let wg = Tensor::from_host(gpu, &gb, &[inter, h])?;
+    let wu = Tensor::from_host(gpu, &ub, &[inter, h])?;
+    let wd = Tensor::from_host(gpu, &db, &[h, inter])?;
+    let acc = Tensor::from_host(gpu, &ab, &[m, h])?;
+    let gu = Tensor::<bf16>::zeros(gpu, &[m, 2 * inter])?;
+    let mut first = Gemm::xwt(m, inter, h, x.ptr(), wg.ptr(), gu.ptr());
+    first.ldy = 2 * inter;
+    let up_y = gu.ptr() + (inter * 2) as u64;
+    let mut down = Gemm::xwt(m, h, inter, gu.ptr(), wd.ptr(), acc.ptr());
+    down.ldx = 2 * inter;
+    let op = format!("gemv ffn (pair, swiglu, accumulate) m{m}");
+    // SAFETY: every tensor above has the extents these problems address.
+    let paired =
+        unsafe { gemv::gemv_pair::<bf16>(gpu, &first, wu.ptr(), up_y, Default::default())? };
+    let plan = gemv::plan(&down, gpu.sm_count, true)
+        .ok_or_else(|| shape_err("gemv", format!("down [{m}, {inter}] has no GEMV plan")))?;
+    if !paired {
+        return Err(shape_err(
+            "gemv",
+            format!("gate/up [{m}, {h}] x {inter} not paired"),
+        ));
+    }
+    let mode = gemv::GemvMode {
+        accumulate: true,
+        swiglu: true,
+    };
+    // SAFETY: as above.
+    unsafe { gemv::gemv::<bf16>(gpu, &down, plan, mode)? };
+    let got = f32s(&acc.to_host(gpu)?);
+    let bf = |v: f32| bf16::from_f32(v).to_f32();
+    let dot = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(p, q)| *p as f64 * *q as f64)
+            .sum::<f64>() as f32
+    };
+    let mut want = Vec::with_capacity(m * h);
+    for i in 0..m {
+        let xr = &xf[i * h..(i + 1) * h];
+        let act: Vec<f32> = (0..inter)
+            .map(|j| {
+                let gv = bf(dot(xr, &gf[j * h..(j + 1) * h]));
+                let uv = bf(dot(xr, &uf[j * h..(j + 1) * h]));
+                bf(gv / (1.0 + (-gv).exp()) * uv)
+            })
+            .collect();
+        for c in 0..h {
+            let d = bf(dot(&act, &df[c * inter..(c + 1) * inter]));
+            want.push(bf(af[i * h + c] + d));
+        }
+    }
+    let mut row = CheckRow::cmp(&op, format!("M {m} H {h} I {inter}"), &got, &want, 1e-2);
+    row.note = format!("down splits {}", plan.splits);
     Ok(row)
 }
 
@@ -142,6 +213,10 @@ pub fn run_gemv(gpu: &Gpu) -> Result<Vec<CheckRow>> {
         out.push(check_gemv::<bf16>(gpu, nk(m, 576, 5120, 1, 0))?);
         out.push(check_gemv::<f32>(gpu, nk(m, 160, 5120, 1, 0))?);
         out.push(check_gemv::<bf16>(gpu, nk(m, 129, 1544, 3, 8))?);
+    }
+    for m in [1, 3, 8] {
+        out.push(check_gemv_ffn(gpu, m, 5120, 1536)?);
+        out.push(check_gemv_ffn(gpu, m, 72, 40)?);
     }
     for m in [1, 2, 3, 4] {
         out.push(check_gemv::<bf16>(gpu, kn(m, 512, 128, 16, 0))?);

@@ -36,16 +36,33 @@ __device__ __forceinline__ void unpack8(uint4 u, float* f) {
     }
 }
 
-__device__ __forceinline__ void store_out(float* y, float v) { *y = v; }
-__device__ __forceinline__ void store_out(bf16* y, float v) { *y = __float2bfloat16(v); }
+// `accumulate`: y += the product, rounded as a separate add of a bf16 product would be (the
+// product to bf16 first, then the sum to bf16), so fused and unfused runs agree bit for bit.
+__device__ __forceinline__ void store_out(float* y, float v, int accumulate) { *y = accumulate ? *y + v : v; }
+__device__ __forceinline__ void store_out(bf16* y, float v, int accumulate) {
+    float r = __bfloat162float(__float2bfloat16(v));
+    *y = __float2bfloat16(accumulate ? __bfloat162float(*y) + r : r);
+}
+
+// The FFN activation of 8 columns from a [gate | up] row: bf16(silu(gate) * up), the exact
+// expression and rounding of silu_mul_bf16, so a fused down projection sees the same input.
+__device__ __forceinline__ void load8_swiglu(const bf16* gate, int inter, float* out) {
+    float g[8], u[8];
+    load8(gate, g);
+    load8(gate + inter, u);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = __bfloat162float(__float2bfloat16(g[j] / (1.f + __expf(-g[j])) * u[j]));
+}
 
 // Block: GEMV_WARPS warps = (GEMV_WARPS / splits) column groups x splits K slices; a column group
 // is C columns. Grid: (ceil(N / (C * GEMV_WARPS / splits)), batch).
-template <int M, int C, typename OutT>
+// SWIGLU: X rows are [gate | up] of width 2K and the product runs on silu(gate) * up (the shared
+// experts' down projection without the separate activation launch).
+template <int M, int C, bool SWIGLU, typename OutT>
 __device__ __forceinline__ void gemv_nk(const bf16* __restrict__ x, long long ldx, long long sx,
                                         const bf16* __restrict__ w, long long ldw, long long sw,
                                         OutT* __restrict__ y, long long ldy, long long sy, int n, int k,
-                                        int splits) {
+                                        int splits, int accumulate) {
     // loads of 16 bytes in flight per lane per step: U steps of C columns
     constexpr int U = C >= 4 ? 1 : 4 / C;
     __shared__ float part[GEMV_WARPS][M][C];
@@ -91,7 +108,10 @@ __device__ __forceinline__ void gemv_nk(const bf16* __restrict__ x, long long ld
 #pragma unroll
             for (int m = 0; m < M; ++m) {
                 float xf[8];
-                load8(x + m * ldx + kq, xf);
+                if (SWIGLU)
+                    load8_swiglu(x + m * ldx + kq, k, xf);
+                else
+                    load8(x + m * ldx + kq, xf);
 #pragma unroll
                 for (int c = 0; c < C; ++c)
 #pragma unroll
@@ -114,7 +134,7 @@ __device__ __forceinline__ void gemv_nk(const bf16* __restrict__ x, long long ld
         if (col >= n) continue;
         float s = 0.f;
         for (int q = 0; q < splits; ++q) s += part[gg * splits + q][m][cc];
-        store_out(y + m * ldy + col, s);
+        store_out(y + m * ldy + col, s, accumulate);
     }
 }
 
@@ -124,7 +144,8 @@ __device__ __forceinline__ void gemv_nk(const bf16* __restrict__ x, long long ld
 template <int M, typename OutT>
 __device__ __forceinline__ void gemv_kn(const bf16* __restrict__ x, long long ldx, long long sx,
                                         const bf16* __restrict__ w, long long ldw, long long sw,
-                                        OutT* __restrict__ y, long long ldy, long long sy, int n, int k) {
+                                        OutT* __restrict__ y, long long ldy, long long sy, int n, int k,
+                                        int accumulate) {
     constexpr int R = 4;
     extern __shared__ float kn_part[];  // [GEMV_WARPS][M][256]
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
@@ -172,96 +193,121 @@ __device__ __forceinline__ void gemv_kn(const bf16* __restrict__ x, long long ld
         if (col >= n) continue;
         float s = 0.f;
         for (int q = 0; q < GEMV_WARPS; ++q) s += kn_part[(q * M + m) * 256 + cc];
-        store_out(y + m * ldy + col, s);
+        store_out(y + m * ldy + col, s, accumulate);
     }
 }
 
 // The exported kernels, written out (not token-pasted) because the module loader finds kernel
-// names by reading the exported declarations in this text. Column group width per row
-// count (C): more columns per warp reuse each X load (from L1) for more weight loads, which
-// matters once M grows (L1 bandwidth, not DRAM, would bind at M = 8, C = 1). [K, N] takes up to 4
-// rows: 8 KiB of split-K partials per row stays under the 48 KiB default shared memory.
+// names by reading the exported declarations in this text. Column group width per row count (C):
+// more columns per warp reuse each X load (from L1) for more weight loads, which matters once M
+// grows (L1 bandwidth, not DRAM, would bind at M = 8, C = 1). [K, N] takes up to 4 rows: 8 KiB of
+// split-K partials per row stays under the 48 KiB default shared memory. `accumulate` != 0: y +=.
 #define GEMV_NK_ARGS                                                                                  \
     const bf16 *__restrict__ x, long long ldx, long long sx, const bf16 *__restrict__ w, long long ldw, \
-        long long sw, OUT_T *__restrict__ y, long long ldy, long long sy, int n, int k, int splits
+        long long sw, OUT_T *__restrict__ y, long long ldy, long long sy, int n, int k, int splits,     \
+        int accumulate
 #define GEMV_KN_ARGS                                                                                  \
     const bf16 *__restrict__ x, long long ldx, long long sx, const bf16 *__restrict__ w, long long ldw, \
-        long long sw, OUT_T *__restrict__ y, long long ldy, long long sy, int n, int k
+        long long sw, OUT_T *__restrict__ y, long long ldy, long long sy, int n, int k, int accumulate
 
 #define OUT_T bf16
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m1_bf16(GEMV_NK_ARGS) {
-    gemv_nk<1, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+    gemv_nk<1, 1, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m2_bf16(GEMV_NK_ARGS) {
-    gemv_nk<2, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+    gemv_nk<2, 1, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m3_bf16(GEMV_NK_ARGS) {
-    gemv_nk<3, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+    gemv_nk<3, 2, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m4_bf16(GEMV_NK_ARGS) {
-    gemv_nk<4, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+    gemv_nk<4, 2, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m5_bf16(GEMV_NK_ARGS) {
-    gemv_nk<5, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+    gemv_nk<5, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m6_bf16(GEMV_NK_ARGS) {
-    gemv_nk<6, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+    gemv_nk<6, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m7_bf16(GEMV_NK_ARGS) {
-    gemv_nk<7, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+    gemv_nk<7, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m8_bf16(GEMV_NK_ARGS) {
-    gemv_nk<8, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+    gemv_nk<8, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m1_bf16(GEMV_NK_ARGS) {
+    gemv_nk<1, 1, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m2_bf16(GEMV_NK_ARGS) {
+    gemv_nk<2, 1, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m3_bf16(GEMV_NK_ARGS) {
+    gemv_nk<3, 2, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m4_bf16(GEMV_NK_ARGS) {
+    gemv_nk<4, 2, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m5_bf16(GEMV_NK_ARGS) {
+    gemv_nk<5, 4, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m6_bf16(GEMV_NK_ARGS) {
+    gemv_nk<6, 4, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m7_bf16(GEMV_NK_ARGS) {
+    gemv_nk<7, 4, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m8_bf16(GEMV_NK_ARGS) {
+    gemv_nk<8, 4, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m1_bf16(GEMV_KN_ARGS) {
-    gemv_kn<1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k);
+    gemv_kn<1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m2_bf16(GEMV_KN_ARGS) {
-    gemv_kn<2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k);
+    gemv_kn<2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m3_bf16(GEMV_KN_ARGS) {
-    gemv_kn<3, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k);
+    gemv_kn<3, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m4_bf16(GEMV_KN_ARGS) {
-    gemv_kn<4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k);
+    gemv_kn<4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 #undef OUT_T
 
 #define OUT_T float
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m1_f32(GEMV_NK_ARGS) {
-    gemv_nk<1, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+    gemv_nk<1, 1, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m2_f32(GEMV_NK_ARGS) {
-    gemv_nk<2, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+    gemv_nk<2, 1, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m3_f32(GEMV_NK_ARGS) {
-    gemv_nk<3, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+    gemv_nk<3, 2, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m4_f32(GEMV_NK_ARGS) {
-    gemv_nk<4, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+    gemv_nk<4, 2, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m5_f32(GEMV_NK_ARGS) {
-    gemv_nk<5, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+    gemv_nk<5, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m6_f32(GEMV_NK_ARGS) {
-    gemv_nk<6, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+    gemv_nk<6, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m7_f32(GEMV_NK_ARGS) {
-    gemv_nk<7, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+    gemv_nk<7, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m8_f32(GEMV_NK_ARGS) {
-    gemv_nk<8, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits);
+    gemv_nk<8, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m1_f32(GEMV_KN_ARGS) {
-    gemv_kn<1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k);
+    gemv_kn<1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m2_f32(GEMV_KN_ARGS) {
-    gemv_kn<2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k);
+    gemv_kn<2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m3_f32(GEMV_KN_ARGS) {
-    gemv_kn<3, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k);
+    gemv_kn<3, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m4_f32(GEMV_KN_ARGS) {
-    gemv_kn<4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k);
+    gemv_kn<4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 #undef OUT_T

@@ -178,7 +178,11 @@ pub unsafe fn cublas_strided<O: GemmOut>(gpu: &Gpu, g: &Gemm) -> Result<()> {
         bsys::cublasOperation_t::CUBLAS_OP_N
     };
     let (m, n, k) = (i32_dim(g.m, "M")?, i32_dim(g.n, "N")?, i32_dim(g.k, "K")?);
-    let (ldw, ldx, ldy) = (i32_dim(g.ldw, "ldw")?, i32_dim(g.ldx, "ldx")?, i32_dim(g.ldy, "ldy")?);
+    let (ldw, ldx, ldy) = (
+        i32_dim(g.ldw, "ldw")?,
+        i32_dim(g.ldx, "ldx")?,
+        i32_dim(g.ldy, "ldy")?,
+    );
     let handle = *gpu.blas.handle();
     // SAFETY: the caller's contract (above); alpha/beta are f32 as COMPUTE_32F requires, and the
     // handle is bound to gpu.stream, which orders this GEMM after the producers of X and W.

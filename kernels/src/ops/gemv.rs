@@ -8,7 +8,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::gemm::{Gemm, GemmOut};
 use crate::device::Gpu;
-use crate::error::{Result, shape_err};
+use crate::error::{KernelError, Result, shape_err};
 
 /// Most rows the [N, K]-weight kernels take (their accumulators live in registers).
 pub const MAX_ROWS_NK: usize = 8;
@@ -92,31 +92,109 @@ pub fn plan(g: &Gemm, sm_count: usize, force: bool) -> Option<GemvPlan> {
     }
 }
 
-/// The gemv.cu kernel for a layout, row count and output suffix.
-fn kernel_name(w_nk: bool, m: usize, out: &str) -> String {
-    format!("gemv_{}_m{m}_{out}", if w_nk { "nk" } else { "kn" })
+/// What a GEMV launch does around the product.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GemvMode {
+    /// `y += X·op(W)` (a bf16 y gets the product rounded to bf16 first, as a separate add would).
+    pub accumulate: bool,
+    /// X rows are `[gate | up]` (2K wide) and the product runs on `bf16(silu(gate) · up)`, as
+    /// `silu_mul` would have written it: the FFN's down projection with its activation folded in.
+    /// [N, K] weights and bf16 output only.
+    pub swiglu: bool,
+}
+
+/// The gemv.cu kernel for a layout, row count, mode and output suffix.
+fn kernel_name(w_nk: bool, swiglu: bool, m: usize, out: &str) -> String {
+    let layout = match (w_nk, swiglu) {
+        (true, false) => "nk",
+        (true, true) => "nk_swiglu",
+        (false, _) => "kn",
+    };
+    format!("gemv_{layout}_m{m}_{out}")
 }
 
 /// Runs `g` with the GEMV kernels on the GPU's main stream; `p` from [`plan`] for this `g`.
 ///
 /// # Safety
 /// Every pointer must address enough live device memory for the dims, leading dims and batch
-/// strides of `g` (as for cuBLAS), and stay valid until the launch has run.
-pub unsafe fn gemv<O: GemmOut>(gpu: &Gpu, g: &Gemm, p: GemvPlan) -> Result<()> {
+/// strides of `g` (as for cuBLAS; with `mode.swiglu`, X rows are 2K wide), and stay valid until
+/// the launch has run.
+pub unsafe fn gemv<O: GemmOut>(gpu: &Gpu, g: &Gemm, p: GemvPlan, mode: GemvMode) -> Result<()> {
+    let i64_of = |v: usize, what: &str| {
+        i64::try_from(v).map_err(|_| shape_err("gemv", format!("{what} = {v} exceeds i64")))
+    };
+    let strides = [
+        i64_of(g.sx, "sx")?,
+        i64_of(g.sw, "sw")?,
+        i64_of(g.sy, "sy")?,
+    ];
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { launch::<O>(gpu, g, strides, p, mode) }
+}
+
+/// Two problems that share X and differ in W and Y (the gate and up projections of an FFN, each
+/// its own checkpoint tensor) as one launch: `first` (batch 1) plus `w2` / `y2`, which take the
+/// place of `first.w` / `first.y` for the second problem. False when the pair cannot take the
+/// GEMV path (the caller runs the two problems some other way).
+///
+/// # Safety
+/// As [`gemv`], for both problems.
+pub unsafe fn gemv_pair<O: GemmOut>(
+    gpu: &Gpu,
+    first: &Gemm,
+    w2: u64,
+    y2: u64,
+    mode: GemvMode,
+) -> Result<bool> {
+    let mut g = *first;
+    g.batch = 2;
+    (g.sx, g.sw, g.sy) = (0, 0, 0);
+    let elem = std::mem::size_of::<O>() as i64;
+    let (dw, dy) = (w2 as i64 - g.w as i64, y2 as i64 - g.y as i64);
+    let Some(p) = plan(&g, gpu.sm_count, false) else {
+        return Ok(false);
+    };
+    if first.batch != 1 || dw % 16 != 0 || dy % elem != 0 {
+        return Ok(false);
+    }
+    // SAFETY: forwarded from the caller's contract; the second problem is addressed by the
+    // (signed) element distance between the two weights and the two outputs.
+    unsafe { launch::<O>(gpu, &g, [0, dw / 2, dy / elem], p, mode)? };
+    Ok(true)
+}
+
+/// # Safety
+/// As [`gemv`]; `strides` = (sx, sw, sy) in elements, signed.
+unsafe fn launch<O: GemmOut>(
+    gpu: &Gpu,
+    g: &Gemm,
+    strides: [i64; 3],
+    p: GemvPlan,
+    mode: GemvMode,
+) -> Result<()> {
     const OP: &str = "gemv";
+    if mode.swiglu && (!g.w_nk || O::KERNEL_SUFFIX != "bf16" || g.ldx < 2 * g.k) {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!(
+                "the SwiGLU input needs [N, K] weights, bf16 output and X rows of 2K = {} (ldx {})",
+                2 * g.k,
+                g.ldx
+            ),
+        });
+    }
     let i64_of = |v: usize, what: &str| {
         i64::try_from(v).map_err(|_| shape_err(OP, format!("{what} = {v} exceeds i64")))
     };
-    let (ldx, sx, ldw, sw, ldy, sy) = (
+    let (ldx, ldw, ldy) = (
         i64_of(g.ldx, "ldx")?,
-        i64_of(g.sx, "sx")?,
         i64_of(g.ldw, "ldw")?,
-        i64_of(g.sw, "sw")?,
         i64_of(g.ldy, "ldy")?,
-        i64_of(g.sy, "sy")?,
     );
+    let [sx, sw, sy] = strides;
     let (n, k) = (g.n as i32, g.k as i32);
-    let f = gpu.function(&kernel_name(g.w_nk, g.m, O::KERNEL_SUFFIX))?;
+    let accumulate = i32::from(mode.accumulate);
+    let f = gpu.function(&kernel_name(g.w_nk, mode.swiglu, g.m, O::KERNEL_SUFFIX))?;
     let mut b = gpu.stream.launch_builder(f);
     b.arg(&g.x).arg(&ldx).arg(&sx);
     b.arg(&g.w).arg(&ldw).arg(&sw);
@@ -126,6 +204,7 @@ pub unsafe fn gemv<O: GemmOut>(gpu: &Gpu, g: &Gemm, p: GemvPlan) -> Result<()> {
     if g.w_nk {
         b.arg(&splits);
     }
+    b.arg(&accumulate);
     let shared_mem_bytes = if g.w_nk {
         0
     } else {
@@ -136,8 +215,8 @@ pub unsafe fn gemv<O: GemmOut>(gpu: &Gpu, g: &Gemm, p: GemvPlan) -> Result<()> {
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes,
     };
-    // SAFETY: the argument list matches gemv_{nk,kn}_m*'s signatures; `plan` checked rows, layout
-    // and alignment; the caller guarantees the memory (above).
+    // SAFETY: the argument list matches gemv_{nk,nk_swiglu,kn}_m*'s signatures; `plan` checked
+    // rows, layout and alignment; the caller guarantees the memory (above).
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -161,13 +240,25 @@ mod tests {
         let names = crate::device::kernel_names(src);
         for out in ["bf16", "f32"] {
             for m in 1..=MAX_ROWS_NK {
-                assert!(names.contains(&kernel_name(true, m, out)), "nk m{m} {out}");
+                assert!(
+                    names.contains(&kernel_name(true, false, m, out)),
+                    "nk m{m} {out}"
+                );
             }
             for m in 1..=MAX_ROWS_KN {
-                assert!(names.contains(&kernel_name(false, m, out)), "kn m{m} {out}");
+                assert!(
+                    names.contains(&kernel_name(false, false, m, out)),
+                    "kn m{m} {out}"
+                );
             }
         }
-        assert_eq!(names.len(), 2 * (MAX_ROWS_NK + MAX_ROWS_KN));
+        for m in 1..=MAX_ROWS_NK {
+            assert!(
+                names.contains(&kernel_name(true, true, m, "bf16")),
+                "swiglu m{m}"
+            );
+        }
+        assert_eq!(names.len(), 2 * (MAX_ROWS_NK + MAX_ROWS_KN) + MAX_ROWS_NK);
     }
 
     #[test]
@@ -175,7 +266,10 @@ mod tests {
         assert!(plan(&g(1, 576, 5120), 132, true).is_some());
         assert!(plan(&g(8, 576, 5120), 132, true).is_some());
         assert!(plan(&g(9, 576, 5120), 132, true).is_none());
-        assert!(plan(&g(1, 576, 5121), 132, true).is_none(), "K not a multiple of 8");
+        assert!(
+            plan(&g(1, 576, 5121), 132, true).is_none(),
+            "K not a multiple of 8"
+        );
         let mut odd = g(1, 576, 5120);
         odd.x += 2;
         assert!(plan(&odd, 132, true).is_none(), "X not 16-byte aligned");
@@ -184,7 +278,10 @@ mod tests {
         kn.ldw = 512;
         assert!(plan(&kn, 132, true).is_some());
         kn.m = 5;
-        assert!(plan(&kn, 132, true).is_none(), "[K, N] takes at most 4 rows");
+        assert!(
+            plan(&kn, 132, true).is_none(),
+            "[K, N] takes at most 4 rows"
+        );
     }
 
     #[test]

@@ -493,7 +493,12 @@ impl<B: Backend> Model<B> {
                         None => None,
                     };
                     let (mut routed, shared_out) = match local {
-                        Some(r) => (r, shared.as_ref().map(|s| b.mlp(s, &x)).transpose()?),
+                        Some(mut r) => {
+                            if let Some(s) = shared {
+                                b.mlp_add(s, &x, &mut r)?;
+                            }
+                            (r, None)
+                        }
                         None => {
                             let pending =
                                 match experts.dispatch_gated(l, gate, &x, &self.routing)? {

@@ -20,6 +20,7 @@ use dsv2_core::error::{CoreError, Result};
 use dsv2_core::routing::{Routing, RoutingParams};
 use dsv2_core::sampling::RowSampling;
 use dsv2_core::weights::{DType as CkptDType, TensorRef};
+use dsv2_kernels::ops::gemv::{self, GemvMode};
 use dsv2_kernels::ops::mla_prefill::PrefillKernel;
 use dsv2_kernels::ops::{elementwise as ew, general as gen_ops, moe, sample};
 use dsv2_kernels::rope::RopeTable as DevRope;
@@ -619,7 +620,14 @@ impl CudaBackend {
         Ok(y)
     }
 
-    fn mlp_inner(&self, w: &MlpWeights<CudaWeight>, x: &Tensor<bf16>) -> Result<Tensor<bf16>> {
+    /// The FFN `down(silu(gate(x)) · up(x))`; with `acc`, added into it (bf16-rounded product
+    /// first, as `add_assign` would) instead of returned.
+    fn mlp_inner(
+        &self,
+        w: &MlpWeights<CudaWeight>,
+        x: &Tensor<bf16>,
+        acc: Option<&mut Tensor<bf16>>,
+    ) -> Result<Option<Tensor<bf16>>> {
         let (m, h) = (x.shape()[0], x.shape()[1]);
         let (inter, gh) = w.gate.dims2("mlp gate")?;
         if gh != h || w.up.shape() != [inter, h] || w.down.shape() != [h, inter] {
@@ -630,14 +638,56 @@ impl CudaBackend {
                 w.down.shape()
             )));
         }
+        if let Some(a) = &acc
+            && a.shape() != [m, h]
+        {
+            return Err(err(format!(
+                "mlp: accumulator {:?}, input [{m}, {h}]",
+                a.shape()
+            )));
+        }
         let gu = self.empty(&[m, 2 * inter])?;
         // gate | up side by side in one [m, 2I] buffer, the layout silu_mul reads
         let mut g = Gemm::xwt(m, inter, h, x.ptr(), w.gate.t.ptr(), gu.ptr());
         g.ldy = 2 * inter;
-        gemm::<bf16>(&self.gpu, g).kx()?;
-        g.w = w.up.t.ptr();
-        g.y = gu.ptr() + (inter * std::mem::size_of::<bf16>()) as u64; // byte offset of `up`
-        gemm::<bf16>(&self.gpu, g).kx()?;
+        let up_y = gu.ptr() + (inter * std::mem::size_of::<bf16>()) as u64; // byte offset of `up`
+        let down = Gemm::xwt(m, h, inter, gu.ptr(), w.down.t.ptr(), 0);
+        // Few rows: gate and up in one launch, the activation folded into the down projection,
+        // and the result added into `acc` there (5 launches become 2).
+        // SAFETY (both blocks): every pointer is a live tensor shape-checked above.
+        let paired = unsafe {
+            gemv::gemv_pair::<bf16>(&self.gpu, &g, w.up.t.ptr(), up_y, GemvMode::default())
+        }
+        .kx()?;
+        let mut down_x = Gemm {
+            ldx: 2 * inter,
+            ..down
+        };
+        if paired && let Some(p) = gemv::plan(&down_x, self.gpu.sm_count, false) {
+            let mode = GemvMode {
+                accumulate: acc.is_some(),
+                swiglu: true,
+            };
+            return match acc {
+                Some(a) => {
+                    down_x.y = a.ptr();
+                    unsafe { gemv::gemv::<bf16>(&self.gpu, &down_x, p, mode) }.kx()?;
+                    Ok(None)
+                }
+                None => {
+                    let y = self.empty(&[m, h])?;
+                    down_x.y = y.ptr();
+                    unsafe { gemv::gemv::<bf16>(&self.gpu, &down_x, p, mode) }.kx()?;
+                    Ok(Some(y))
+                }
+            };
+        }
+        if !paired {
+            gemm::<bf16>(&self.gpu, g).kx()?;
+            g.w = w.up.t.ptr();
+            g.y = up_y;
+            gemm::<bf16>(&self.gpu, g).kx()?;
+        }
         let mut act = self.empty(&[m, inter])?;
         ew::silu_mul(
             &self.gpu,
@@ -647,7 +697,14 @@ impl CudaBackend {
             },
         )
         .kx()?;
-        self.mm(&act, &w.down, "mlp down")
+        let y = self.mm(&act, &w.down, "mlp down")?;
+        match acc {
+            Some(a) => {
+                gen_ops::add(&self.gpu, a.view_mut(), y.view()).kx()?;
+                Ok(None)
+            }
+            None => Ok(Some(y)),
+        }
     }
 
     /// The device RoPE table covering positions < `need` (rebuilt when the model's table changes
@@ -901,7 +958,11 @@ impl Backend for CudaBackend {
         eps: f32,
     ) -> Result<CudaAct> {
         if residual.dims() != x.dims() {
-            return Err(err(format!("add_rms_norm: {:?} + {:?}", residual.dims(), x.dims())));
+            return Err(err(format!(
+                "add_rms_norm: {:?} + {:?}",
+                residual.dims(),
+                x.dims()
+            )));
         }
         let CudaAct::Bf16(res) = residual else {
             // an f32 residual is narrowed by add_assign first; not on the model's path
@@ -971,7 +1032,22 @@ impl Backend for CudaBackend {
         let _t = self.timed("mlp");
         let _g = self.lock()?;
         let xb = self.bf16_of(x)?;
-        Ok(CudaAct::Bf16(self.mlp_inner(w, &xb)?))
+        let y = self
+            .mlp_inner(w, &xb, None)?
+            .ok_or_else(|| err("mlp: no output"))?;
+        Ok(CudaAct::Bf16(y))
+    }
+
+    fn mlp_add(&self, w: &MlpWeights<CudaWeight>, x: &CudaAct, acc: &mut CudaAct) -> Result<()> {
+        let CudaAct::Bf16(a) = acc else {
+            let y = self.mlp(w, x)?;
+            return self.add_assign(acc, &y);
+        };
+        let _t = self.timed("mlp");
+        let _g = self.lock()?;
+        let xb = self.bf16_of(x)?;
+        self.mlp_inner(w, &xb, Some(a))?;
+        Ok(())
     }
 
     fn attention(
