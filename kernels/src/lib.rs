@@ -6,6 +6,7 @@ pub mod check;
 pub mod compile;
 pub mod device;
 pub mod error;
+pub mod launch;
 pub mod ops;
 pub mod reference;
 pub mod rope;

@@ -5,6 +5,7 @@
 // out[r, :] = table[ids[r], :]; ids outside [0, vocab) give a zero row (the router validates ids).
 extern "C" __global__ void embedding_bf16(const bf16* __restrict__ table, const int* __restrict__ ids,
                                           bf16* __restrict__ out, int rows, int hidden, int vocab) {
+    griddep_wait();
     int r = blockIdx.x;
     if (r >= rows) return;
     int id = ids[r];
@@ -20,6 +21,7 @@ extern "C" __global__ void embedding_bf16(const bf16* __restrict__ table, const 
 // out = w * x / sqrt(mean(x^2) + eps), f32 math, one block per row.
 extern "C" __global__ void rmsnorm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                         bf16* __restrict__ out, int rows, int hidden, float eps) {
+    griddep_wait();
     __shared__ float scratch[32];
     int r = blockIdx.x;
     if (r >= rows) return;
@@ -47,6 +49,7 @@ extern "C" __global__ void rmsnorm_bf16(const bf16* __restrict__ x, const bf16* 
 extern "C" __global__ void add_rmsnorm_bf16(const bf16* __restrict__ x, bf16* __restrict__ residual,
                                             const bf16* __restrict__ w, bf16* __restrict__ out, int rows,
                                             int hidden, float eps) {
+    griddep_wait();
     __shared__ float scratch[32];
     int r = blockIdx.x;
     if (r >= rows) return;
@@ -78,6 +81,7 @@ extern "C" __global__ void add_rmsnorm_bf16(const bf16* __restrict__ x, bf16* __
 // in [rows, 2I] = gate | up  ->  out [rows, I] = silu(gate) * up.
 extern "C" __global__ void silu_mul_bf16(const bf16* __restrict__ in, bf16* __restrict__ out, int rows,
                                          int inter) {
+    griddep_wait();
     size_t vec_per_row = inter / 8;
     size_t total = (size_t)rows * vec_per_row;
     for (size_t v = blockIdx.x * (size_t)blockDim.x + threadIdx.x; v < total; v += (size_t)gridDim.x * blockDim.x) {
@@ -98,6 +102,7 @@ extern "C" __global__ void rope_bf16(bf16* __restrict__ x, const int* __restrict
                                      const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                      int tokens, int heads, long long token_stride, long long head_stride,
                                      int rope_offset, int rope_dim, int max_pos) {
+    griddep_wait();
     int half = rope_dim / 2;
     size_t total = (size_t)tokens * heads * half;
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
@@ -117,6 +122,7 @@ extern "C" __global__ void rope_bf16(bf16* __restrict__ x, const int* __restrict
 // Fill with uniform values in [-scale, scale) from a counter-based hash (benchmarks need gigabytes
 // of random weights without a host upload).
 extern "C" __global__ void fill_uniform_bf16(bf16* __restrict__ out, unsigned long long n, unsigned long long seed, float scale) {
+    griddep_wait();
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
         unsigned long long z = i + seed * 0x9E3779B97F4A7C15ull;
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -138,6 +144,7 @@ __device__ __forceinline__ float hash_uniform(unsigned long long i, unsigned lon
 }
 extern "C" __global__ void fill_normal_bf16(bf16* __restrict__ out, unsigned long long n, unsigned long long seed,
                                             float mean, float std) {
+    griddep_wait();
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
         float u1 = hash_uniform(2 * i, seed), u2 = hash_uniform(2 * i + 1, seed);
         float z = sqrtf(-2.f * logf(u1)) * cospif(2.f * u2);

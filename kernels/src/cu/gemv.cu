@@ -212,102 +212,134 @@ __device__ __forceinline__ void gemv_kn(const bf16* __restrict__ x, long long ld
 
 #define OUT_T bf16
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m1_bf16(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<1, 1, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m2_bf16(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<2, 1, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m3_bf16(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<3, 2, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m4_bf16(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<4, 2, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m5_bf16(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<5, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m6_bf16(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<6, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m7_bf16(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<7, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m8_bf16(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<8, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m1_bf16(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<1, 1, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m2_bf16(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<2, 1, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m3_bf16(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<3, 2, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m4_bf16(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<4, 2, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m5_bf16(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<5, 4, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m6_bf16(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<6, 4, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m7_bf16(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<7, 4, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m8_bf16(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<8, 4, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m1_bf16(GEMV_KN_ARGS) {
+    griddep_wait();
     gemv_kn<1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m2_bf16(GEMV_KN_ARGS) {
+    griddep_wait();
     gemv_kn<2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m3_bf16(GEMV_KN_ARGS) {
+    griddep_wait();
     gemv_kn<3, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m4_bf16(GEMV_KN_ARGS) {
+    griddep_wait();
     gemv_kn<4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 #undef OUT_T
 
 #define OUT_T float
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m1_f32(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<1, 1, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m2_f32(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<2, 1, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m3_f32(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<3, 2, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m4_f32(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<4, 2, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m5_f32(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<5, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m6_f32(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<6, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m7_f32(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<7, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m8_f32(GEMV_NK_ARGS) {
+    griddep_wait();
     gemv_nk<8, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m1_f32(GEMV_KN_ARGS) {
+    griddep_wait();
     gemv_kn<1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m2_f32(GEMV_KN_ARGS) {
+    griddep_wait();
     gemv_kn<2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m3_f32(GEMV_KN_ARGS) {
+    griddep_wait();
     gemv_kn<3, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m4_f32(GEMV_KN_ARGS) {
+    griddep_wait();
     gemv_kn<4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 #undef OUT_T

@@ -16,6 +16,7 @@
 extern "C" __global__ void mla_latent_append_bf16(const bf16* __restrict__ kva, const bf16* __restrict__ w,
                                                   const long long* __restrict__ slots, bf16* __restrict__ cache,
                                                   int tokens, int r, int dr, long long num_slots, float eps) {
+    griddep_wait();
     __shared__ float scratch[32];
     int t = blockIdx.x;
     if (t >= tokens) return;
@@ -51,6 +52,7 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
                          const bf16* __restrict__ k2, long long k2_ts, long long k2_hs,
                          const bf16* __restrict__ v, long long v_ts, long long v_hs, bf16* __restrict__ out,
                          int n_q, int heads, int d1, int d2, int dv, int pos0, int ctx, float scale) {
+    griddep_wait();
     extern __shared__ float sm[];
     __shared__ float scratch[32];
     float* q = sm;              // d1 + d2
@@ -102,6 +104,7 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 // dst[r, c] = src[r, c] for a [rows, cols] bf16 matrix with row strides in elements.
 extern "C" __global__ void copy_rows_bf16(const bf16* __restrict__ src, long long src_rs, bf16* __restrict__ dst,
                                           long long dst_rs, int rows, int cols) {
+    griddep_wait();
     long long n = (long long)rows * cols;
     for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x) {
         long long r = k / cols, c = k % cols;
@@ -111,12 +114,14 @@ extern "C" __global__ void copy_rows_bf16(const bf16* __restrict__ src, long lon
 
 // acc <- bf16(acc + x), n elements (the residual stream is bf16, as in the HF bf16 model).
 extern "C" __global__ void add_bf16(bf16* __restrict__ acc, const bf16* __restrict__ x, long long n) {
+    griddep_wait();
     for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x)
         acc[k] = __float2bfloat16(__bfloat162float(acc[k]) + __bfloat162float(x[k]));
 }
 
 // y = bf16(x), n elements.
 extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16* __restrict__ y, long long n) {
+    griddep_wait();
     for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x)
         y[k] = __float2bfloat16(x[k]);
 }
@@ -127,6 +132,7 @@ extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16* __re
 // blocks touch the same accumulator row. Indices outside [0, rows) are skipped.
 extern "C" __global__ void rows_add_f32(float* __restrict__ acc, const bf16* __restrict__ src,
                                         const int* __restrict__ idx, int n, int rows, int cols) {
+    griddep_wait();
     int i = blockIdx.x;
     if (i >= n) return;
     int r = idx[i];

@@ -213,48 +213,56 @@ __device__ __forceinline__ void grouped_tile(const bf16* __restrict__ x, const l
 extern "C" __global__ void __launch_bounds__(128) moe_grouped_gate_up_b16_bf16(
     const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    griddep_wait();
     grouped_tile<16, 1, 4, true>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
 
 extern "C" __global__ void __launch_bounds__(128) moe_grouped_down_b16_bf16(
     const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    griddep_wait();
     grouped_tile<16, 1, 4, false>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
 
 extern "C" __global__ void __launch_bounds__(128) moe_grouped_gate_up_b32_bf16(
     const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    griddep_wait();
     grouped_tile<32, 1, 4, true>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
 
 extern "C" __global__ void __launch_bounds__(128) moe_grouped_down_b32_bf16(
     const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    griddep_wait();
     grouped_tile<32, 1, 4, false>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
 
 extern "C" __global__ void __launch_bounds__(128) moe_grouped_gate_up_b64_bf16(
     const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    griddep_wait();
     grouped_tile<64, 1, 4, true>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
 
 extern "C" __global__ void __launch_bounds__(128) moe_grouped_down_b64_bf16(
     const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    griddep_wait();
     grouped_tile<64, 1, 4, false>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) moe_grouped_gate_up_b128_bf16(
     const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    griddep_wait();
     grouped_tile<128, 2, 3, true>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) moe_grouped_down_b128_bf16(
     const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    griddep_wait();
     grouped_tile<128, 2, 3, false>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
 
@@ -438,23 +446,27 @@ __device__ __forceinline__ void grouped_tile_wgmma(const bf16* __restrict__ x, c
 extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_gate_up_wgmma_bf16(
     const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    griddep_wait();
     grouped_tile_wgmma<true, 128>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_down_wgmma_bf16(
     const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    griddep_wait();
     grouped_tile_wgmma<false, 128>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_gate_up_wgmma64_bf16(
     const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    griddep_wait();
     grouped_tile_wgmma<true, 64>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_down_wgmma64_bf16(
     const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    griddep_wait();
     grouped_tile_wgmma<false, 64>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }

@@ -93,6 +93,7 @@ mla_decode_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, c
                 float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size,
                 int max_blocks, int splits, float scale, long long qpe_sb,
                 long long qpe_sh) {
+    griddep_wait();
     extern __shared__ __align__(16) unsigned char smem_raw[];
     MlaSmem& sm = *reinterpret_cast<MlaSmem*>(smem_raw);
     const int hg = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
@@ -345,6 +346,7 @@ mla_decode_wgmma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
                       float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size,
                       int max_blocks, int splits, float scale, long long qpe_sb,
                       long long qpe_sh) {
+    griddep_wait();
     extern __shared__ __align__(1024) unsigned char wg_smem_raw[];
     // the swizzle is applied by the hardware on address bits 4..9: operands must be 1024-aligned
     unsigned char* smem = reinterpret_cast<unsigned char*>(
@@ -533,6 +535,7 @@ mla_decode_wgmma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
 extern "C" __global__ void __launch_bounds__(128)
 mla_combine_bf16(const float* __restrict__ o_part, const float* __restrict__ lse, bf16* __restrict__ out,
                  int heads, int splits) {
+    griddep_wait();
     __shared__ float w_s[COMBINE_MAX_SPLITS];
     __shared__ float red[4];
     const int b = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
@@ -587,6 +590,7 @@ mla_combine_bf16(const float* __restrict__ o_part, const float* __restrict__ lse
 extern "C" __global__ void mla_cache_append_bf16(bf16* __restrict__ cache, const bf16* __restrict__ c_kv,
                                                  const bf16* __restrict__ k_pe, const long long* __restrict__ slots,
                                                  int tokens, long long num_slots) {
+    griddep_wait();
     int t = blockIdx.x;
     if (t >= tokens) return;
     long long slot = slots[t];

@@ -327,9 +327,11 @@ __device__ __forceinline__ void mla_prefill_body(const bf16* __restrict__ q, lon
     q, q_rs, q_hs, k_nope, kn_rs, kn_hs, k_pe, kp_rs, v, v_rs, v_hs, out, o_rs, o_hs, seqs, n_seqs, tiles, n_q, n_ctx, scale
 
 extern "C" __global__ void __launch_bounds__(256, 1) mla_prefill_m128_bf16(PF_ARGS) {
+    griddep_wait();
     mla_prefill_body<8>(PF_PASS);
 }
 extern "C" __global__ void __launch_bounds__(128, 2) mla_prefill_m64_bf16(PF_ARGS) {
+    griddep_wait();
     mla_prefill_body<4>(PF_PASS);
 }
 
@@ -467,6 +469,7 @@ __device__ __forceinline__ void pw_load_v(unsigned char* dst, const bf16* __rest
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1) mla_prefill_wgmma_bf16(PF_ARGS) {
+    griddep_wait();
     extern __shared__ __align__(1024) unsigned char pw_smem_raw[];
     unsigned char* smem =
         reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(pw_smem_raw) + 1023) & ~(size_t)1023);
@@ -690,6 +693,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_prefill_wgmma_bf16(PF_A
 // One block per source row; indices outside [0, rows) are skipped.
 extern "C" __global__ void scatter_rows_bf16(const bf16* __restrict__ src, const int* __restrict__ idx,
                                              bf16* __restrict__ dst, int n, int rows, int width) {
+    griddep_wait();
     int i = blockIdx.x;
     if (i >= n) return;
     int r = idx[i];

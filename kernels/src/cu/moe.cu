@@ -12,6 +12,7 @@
 extern "C" __global__ void moe_gate_f32(const float* __restrict__ logits, int* __restrict__ ids,
                                         float* __restrict__ weights, int tokens, int n_exp, int n_group,
                                         int topk_group, int k, int norm_topk, float scaling) {
+    griddep_wait();
     int lane = threadIdx.x % WARP;
     int t = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     if (t >= tokens) return;
@@ -100,6 +101,7 @@ extern "C" __global__ void moe_gate_f32(const float* __restrict__ logits, int* _
 // (an expert shard marks experts it does not own with -1). counts must be zeroed first.
 extern "C" __global__ void moe_count_i32(const int* __restrict__ ids, int n_assign, int n_exp,
                                          int* __restrict__ counts) {
+    griddep_wait();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n_assign; i += gridDim.x * blockDim.x) {
         int e = ids[i];
         if (e >= 0 && e < n_exp) atomicAdd(&counts[e], 1);
@@ -110,6 +112,7 @@ extern "C" __global__ void moe_count_i32(const int* __restrict__ ids, int n_assi
 // (bb = 1) or the grouped kernels' tile offsets (bb rows per tile). One block of 1024 threads,
 // E <= 1024.
 extern "C" __global__ void moe_offsets_i32(const int* __restrict__ counts, int n_exp, int bb, int* __restrict__ offsets) {
+    griddep_wait();
     __shared__ int buf[1024];
     int e = threadIdx.x;
     buf[e] = e < n_exp ? (counts[e] + bb - 1) / bb : 0;
@@ -130,6 +133,7 @@ extern "C" __global__ void moe_offsets_i32(const int* __restrict__ counts, int n
 extern "C" __global__ void moe_scatter_i32(const int* __restrict__ ids, int n_assign, int k,
                                            const int* __restrict__ offsets, int* __restrict__ slot_of,
                                            int* __restrict__ src_row) {
+    griddep_wait();
     __shared__ int warp_counts[32];
     __shared__ int base;
     int e = blockIdx.x;
@@ -163,6 +167,7 @@ extern "C" __global__ void moe_scatter_i32(const int* __restrict__ ids, int n_as
 // out[slot, :] = x[src_row[slot], :] for slot < n_rows. One block per permuted row.
 extern "C" __global__ void moe_gather_bf16(const bf16* __restrict__ x, const int* __restrict__ src_row,
                                            bf16* __restrict__ out, int n_rows, int hidden) {
+    griddep_wait();
     int slot = blockIdx.x;
     if (slot >= n_rows) return;
     const bf16x8* s = reinterpret_cast<const bf16x8*>(x + (size_t)src_row[slot] * hidden);
@@ -174,6 +179,7 @@ extern "C" __global__ void moe_gather_bf16(const bf16* __restrict__ x, const int
 extern "C" __global__ void moe_combine_bf16(const bf16* __restrict__ y, const int* __restrict__ slot_of,
                                             const float* __restrict__ weights, bf16* __restrict__ out,
                                             int tokens, int k, int hidden, int accumulate) {
+    griddep_wait();
     int t = blockIdx.x;
     if (t >= tokens) return;
     for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8) {
@@ -212,6 +218,7 @@ extern "C" __global__ void moe_combine_bf16(const bf16* __restrict__ y, const in
 extern "C" __global__ void moe_small_gate_up_bf16(const bf16* __restrict__ x, const int* __restrict__ ids,
                                                   const long long* __restrict__ ptrs, bf16* __restrict__ act,
                                                   int hidden, int inter, int k, int n_exp) {
+    griddep_wait();
     extern __shared__ __align__(16) unsigned char small_smem[];
     bf16* xs = reinterpret_cast<bf16*>(small_smem);
     const int slot = blockIdx.y, row = slot / k;
@@ -254,6 +261,7 @@ extern "C" __global__ void moe_small_gate_up_bf16(const bf16* __restrict__ x, co
 extern "C" __global__ void moe_small_down_bf16(const bf16* __restrict__ act, const int* __restrict__ ids,
                                                const float* __restrict__ wts, const long long* __restrict__ ptrs,
                                                bf16* __restrict__ out, int hidden, int inter, int k, int n_exp) {
+    griddep_wait();
     extern __shared__ __align__(16) unsigned char small_smem[];
     bf16* as = reinterpret_cast<bf16*>(small_smem);
     const int row = blockIdx.y;

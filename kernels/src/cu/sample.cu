@@ -6,6 +6,7 @@
 
 // ids[r] = argmax_j logits[r, j] (ties -> smallest j). One block per row.
 extern "C" __global__ void argmax_f32(const float* __restrict__ logits, int* __restrict__ ids, int rows, int vocab) {
+    griddep_wait();
     __shared__ float sv[32];
     __shared__ int si[32];
     int r = blockIdx.x;
@@ -61,6 +62,7 @@ extern "C" __global__ void sample_f32(const float* __restrict__ logits, const fl
                                       const int* __restrict__ top_k, const float* __restrict__ top_p,
                                       const float* __restrict__ uniform, float* __restrict__ work,
                                       int* __restrict__ ids, int rows, int vocab) {
+    griddep_wait();
     __shared__ float scratch[32];
     __shared__ float sv[32];
     __shared__ int si[32];

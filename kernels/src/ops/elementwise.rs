@@ -1,6 +1,5 @@
 //! Launchers for elementwise.cu: embedding gather, RMSNorm (+ residual add), SiLU·mul, RoPE.
 
-use cudarc::driver::PushKernelArg;
 use half::bf16;
 
 use super::{dim_i32, grid_for, per_row};
@@ -45,7 +44,7 @@ pub fn embedding(gpu: &Gpu, p: EmbeddingParams<'_>) -> Result<()> {
         dim_i32(OP, "vocab", vocab)?,
     );
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&t).arg(&i).arg(&o).arg(&r).arg(&h).arg(&v);
     // SAFETY: argument list matches embedding_bf16's signature; all buffers were shape-checked above
     // and live for the borrow 'a, which outlasts the launch's use on this stream.
@@ -84,7 +83,7 @@ pub fn rmsnorm(gpu: &Gpu, p: RmsNormParams<'_>) -> Result<()> {
     match &p.residual {
         None => {
             let f = gpu.function(OP)?;
-            let mut b = gpu.stream.launch_builder(f);
+            let mut b = gpu.launch(f);
             b.arg(&x).arg(&w).arg(&o).arg(&r).arg(&h).arg(&eps);
             // SAFETY: matches rmsnorm_bf16(x, w, out, rows, hidden, eps); shapes checked above.
             unsafe { b.launch(per_row(rows, threads)) }?;
@@ -92,7 +91,7 @@ pub fn rmsnorm(gpu: &Gpu, p: RmsNormParams<'_>) -> Result<()> {
         Some(res) => {
             let rp = res.ptr();
             let f = gpu.function("add_rmsnorm_bf16")?;
-            let mut b = gpu.stream.launch_builder(f);
+            let mut b = gpu.launch(f);
             b.arg(&x).arg(&rp).arg(&w).arg(&o).arg(&r).arg(&h).arg(&eps);
             // SAFETY: matches add_rmsnorm_bf16(x, residual, w, out, rows, hidden, eps); shapes checked.
             unsafe { b.launch(per_row(rows, threads)) }?;
@@ -126,7 +125,7 @@ pub fn silu_mul(gpu: &Gpu, p: SiluMulParams<'_>) -> Result<()> {
     let (i, o) = (p.input.ptr(), p.out.ptr());
     let (r, n) = (dim_i32(OP, "rows", rows)?, dim_i32(OP, "inter", inter)?);
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&i).arg(&o).arg(&r).arg(&n);
     // SAFETY: matches silu_mul_bf16(in, out, rows, inter); shapes checked above.
     unsafe { b.launch(grid_for(rows * inter / 8, 256, (gpu.sm_count * 16) as u32)) }?;
@@ -173,7 +172,7 @@ pub fn rope(gpu: &Gpu, p: RopeParams<'_>) -> Result<()> {
         dim_i32(OP, "max_pos", p.table.max_pos)?,
     );
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&x)
         .arg(&pos)
         .arg(&c)
@@ -226,7 +225,7 @@ pub fn fill_normal(
     };
     let (o, nn) = (out.ptr(), n as u64);
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&o).arg(&nn).arg(&seed).arg(&mean).arg(&std);
     // SAFETY: matches fill_normal_bf16(out, n, seed, mean, std); out holds n contiguous bf16.
     unsafe { b.launch(grid_for(n, 256, (gpu.sm_count * 32) as u32)) }?;
@@ -241,7 +240,7 @@ pub fn fill_uniform(gpu: &Gpu, out: ViewMut<'_, bf16>, seed: u64, scale: f32) ->
     };
     let (o, nn) = (out.ptr(), n as u64);
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&o).arg(&nn).arg(&seed).arg(&scale);
     // SAFETY: matches fill_uniform_bf16(out, n, seed, scale); out holds n contiguous bf16.
     unsafe { b.launch(grid_for(n, 256, (gpu.sm_count * 32) as u32)) }?;

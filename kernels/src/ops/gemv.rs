@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::gemm::{Gemm, GemmOut};
 use crate::device::Gpu;
@@ -52,7 +52,10 @@ pub fn plan(g: &Gemm, sm_count: usize, force: bool) -> Option<GemvPlan> {
     let a8 = |v: usize| v.is_multiple_of(8);
     let a16 = |p: u64| p.is_multiple_of(16);
     let max_rows = if g.w_nk { MAX_ROWS_NK } else { MAX_ROWS_KN };
-    let aligned = a16(g.w) && a8(g.ldw) && a8(g.sw) && a16(g.x) && a8(g.ldx) && a8(g.sx);
+    // weights are read 16 bytes at a time in both layouts; X only by the [N, K] kernels (the
+    // [K, N] kernels read one X value per weight row)
+    let aligned =
+        a16(g.w) && a8(g.ldw) && a8(g.sw) && (!g.w_nk || a16(g.x) && a8(g.ldx) && a8(g.sx));
     if g.m == 0
         || g.m > max_rows
         || g.n == 0
@@ -195,7 +198,7 @@ unsafe fn launch<O: GemmOut>(
     let (n, k) = (g.n as i32, g.k as i32);
     let accumulate = i32::from(mode.accumulate);
     let f = gpu.function(&kernel_name(g.w_nk, mode.swiglu, g.m, O::KERNEL_SUFFIX))?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&g.x).arg(&ldx).arg(&sx);
     b.arg(&g.w).arg(&ldw).arg(&sw);
     b.arg(&g.y).arg(&ldy).arg(&sy);

@@ -2,7 +2,7 @@
 //! write, causal attention over a gathered context, strided row copy, residual add, f32 -> bf16
 //! cast, indexed row accumulation), their f32 references, and their GPU checks.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -93,7 +93,7 @@ pub fn mla_latent_append(gpu: &Gpu, p: LatentAppendParams<'_>) -> Result<()> {
     );
     let eps = p.eps;
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&k)
         .arg(&w)
         .arg(&s)
@@ -138,7 +138,7 @@ pub fn gather_slots(gpu: &Gpu, p: GatherSlotsParams<'_>) -> Result<()> {
     let (x, s, o) = (p.cache.ptr(), p.slots.ptr(), p.out.ptr());
     let (r, h) = (dim_i32(OP, "rows", n)?, dim_i32(OP, "width", width)?);
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&x).arg(&s).arg(&o).arg(&r).arg(&h);
     // SAFETY: matches moe_gather_bf16(x, src_row, out, n_rows, hidden); out holds n rows of width.
     unsafe { b.launch(super::per_row(n, 128)) }?;
@@ -239,7 +239,7 @@ pub fn mla_attn_causal(gpu: &Gpu, p: AttnCausalParams<'_>) -> Result<()> {
     let (pos0, ctxi) = (dim_i32(OP, "pos0", p.pos0)?, dim_i32(OP, "ctx", ctx)?);
     let scale = p.scale;
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&q1).arg(&q1_rs).arg(&q1_hs);
     b.arg(&q2).arg(&q2_rs).arg(&q2_hs);
     b.arg(&k1).arg(&k1_ts).arg(&k1_hs);
@@ -308,7 +308,7 @@ pub fn copy_rows(gpu: &Gpu, src: View<'_, bf16>, dst: ViewMut<'_, bf16>) -> Resu
     let (s, d) = (src.ptr(), dst.ptr());
     let (ri, ci) = (dim_i32(OP, "rows", rows)?, dim_i32(OP, "cols", cols)?);
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&s).arg(&srs).arg(&d).arg(&drs).arg(&ri).arg(&ci);
     // SAFETY: matches copy_rows_bf16; both views hold rows x cols elements at their row strides.
     unsafe { b.launch(grid_for(rows * cols, 256, (gpu.sm_count * 16) as u32)) }?;
@@ -327,7 +327,7 @@ pub fn add(gpu: &Gpu, acc: ViewMut<'_, bf16>, x: View<'_, bf16>) -> Result<()> {
     }
     let (a, xp, nn) = (acc.ptr(), x.ptr(), n as i64);
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&a).arg(&xp).arg(&nn);
     // SAFETY: matches add_bf16(acc, x, n); both contiguous with n elements.
     unsafe { b.launch(grid_for(n, 256, (gpu.sm_count * 16) as u32)) }?;
@@ -346,7 +346,7 @@ pub fn cast_f32_bf16(gpu: &Gpu, x: View<'_, f32>, y: ViewMut<'_, bf16>) -> Resul
     }
     let (xp, yp, nn) = (x.ptr(), y.ptr(), n as i64);
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&xp).arg(&yp).arg(&nn);
     // SAFETY: matches cast_f32_bf16(x, y, n); both contiguous with n elements.
     unsafe { b.launch(grid_for(n, 256, (gpu.sm_count * 16) as u32)) }?;
@@ -537,7 +537,7 @@ pub fn rows_add_f32(
         dim_i32(OP, "cols", cols)?,
     );
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&a).arg(&s).arg(&i).arg(&ni).arg(&ri).arg(&ci);
     let cfg = LaunchConfig {
         grid_dim: (n as u32, 1, 1),

@@ -5,7 +5,7 @@
 //! repacking, and every size (1 row to a whole prefill) takes the same kernels with a row tile
 //! chosen by the rows per touched expert.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use super::moe::{self, CombineParams, GatherParams, PermuteParams};
@@ -163,7 +163,7 @@ pub unsafe fn grouped_ffn(gpu: &Gpu, p: GroupedFfnParams<'_>) -> Result<()> {
     let (counts, to) = (p.counts.ptr(), tile_off.ptr());
     let (ne, bb) = (dim_i32(OP, "experts", n_exp)?, tile.rows() as i32);
     let f = gpu.function("moe_offsets_i32")?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&counts).arg(&ne).arg(&bb).arg(&to);
     // SAFETY: matches moe_offsets_i32(counts, n_exp, bb, tile_off); one block of 1024 >= E
     // threads (check_dims), tile_off has E + 1 entries.
@@ -186,7 +186,7 @@ pub unsafe fn grouped_ffn(gpu: &Gpu, p: GroupedFfnParams<'_>) -> Result<()> {
         let name = tile.kernel(gate_up);
         gpu.set_max_dynamic_smem(name, tile.smem_bytes())?;
         let f = gpu.function(name)?;
-        let mut b = gpu.stream.launch_builder(f);
+        let mut b = gpu.launch(f);
         b.arg(&input)
             .arg(&ptrs)
             .arg(&offsets)

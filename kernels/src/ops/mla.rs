@@ -1,7 +1,7 @@
 //! Launchers for mla.cu: decode attention over the paged latent cache (absorbed weights) and the
 //! cache append.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use super::dim_i32;
@@ -215,7 +215,7 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     let scale = p.scale;
     gpu.set_max_dynamic_smem(kernel.function(), kernel.smem_bytes())?;
     let f = gpu.function(kernel.function())?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&qa)
         .arg(&qp)
         .arg(&c)
@@ -247,7 +247,7 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     unsafe { b.launch(cfg) }?;
     if splits > 1 {
         let f = gpu.function("mla_combine_bf16")?;
-        let mut b = gpu.stream.launch_builder(f);
+        let mut b = gpu.launch(f);
         b.arg(&op_ptr).arg(&lse_ptr).arg(&o).arg(&h).arg(&si);
         let cfg = LaunchConfig {
             grid_dim: (batch as u32, heads as u32, 1),
@@ -285,7 +285,7 @@ pub fn mla_cache_append(gpu: &Gpu, p: CacheAppendParams<'_>) -> Result<()> {
     let (c, kv, pe, s) = (p.cache.ptr(), p.c_kv.ptr(), p.k_pe.ptr(), p.slots.ptr());
     let t = dim_i32(OP, "tokens", tokens)?;
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&c).arg(&kv).arg(&pe).arg(&s).arg(&t).arg(&num_slots);
     let cfg = LaunchConfig {
         grid_dim: (tokens as u32, 1, 1),

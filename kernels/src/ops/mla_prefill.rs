@@ -3,7 +3,7 @@
 //! and tile list), the K/V decompression GEMM that feeds it, and the row scatter.
 
 use cudarc::cublas::{result as blas, sys as bsys};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use super::dim_i32;
@@ -375,7 +375,7 @@ pub fn mla_prefill(gpu: &Gpu, p: MlaPrefillParams<'_>) -> Result<()> {
     let (nq, nctx) = (n as i64, t as i64);
     let scale = p.scale;
     let f = gpu.function(tile.function())?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&qp).arg(&q_rs).arg(&q_hs);
     b.arg(&knp).arg(&kn_rs).arg(&kn_hs);
     b.arg(&kpp).arg(&kp_rs);
@@ -524,7 +524,7 @@ pub fn scatter_rows(gpu: &Gpu, p: ScatterRowsParams<'_>) -> Result<()> {
         dim_i32(OP, "width", width)?,
     );
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&s).arg(&i).arg(&d).arg(&ni).arg(&ri).arg(&wi);
     // SAFETY: matches scatter_rows_bf16; src holds n rows and dst `rows` rows of `width`
     // contiguous values (checked above); the kernel skips indices outside 0..rows.

@@ -1,7 +1,7 @@
 //! Launchers for moe.cu: gating (softmax + group-limited greedy top-k), permutation of token rows
 //! by expert, gather of permuted rows, and the weighted combine.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use super::{dim_i32, grid_for, per_row};
@@ -73,7 +73,7 @@ pub fn moe_gate(gpu: &Gpu, p: GateParams<'_>) -> Result<()> {
     let norm = c.norm_topk_prob as i32;
     let scale = c.routed_scaling_factor;
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&l)
         .arg(&i)
         .arg(&w)
@@ -145,13 +145,13 @@ pub fn moe_permute(gpu: &Gpu, p: PermuteParams<'_>) -> Result<Permutation> {
     );
     if n_assign > 0 {
         let f = gpu.function("moe_count_i32")?;
-        let mut b = gpu.stream.launch_builder(f);
+        let mut b = gpu.launch(f);
         b.arg(&ids).arg(&na).arg(&ne).arg(&counts);
         // SAFETY: matches moe_count_i32(ids, n_assign, n_exp, counts); counts zeroed, n_exp long.
         unsafe { b.launch(grid_for(n_assign, 256, (gpu.sm_count * 8) as u32)) }?;
     }
     let f = gpu.function("moe_offsets_i32")?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     let rows_per_tile = 1i32;
     b.arg(&counts).arg(&ne).arg(&rows_per_tile).arg(&offsets);
     // SAFETY: matches moe_offsets_i32(counts, n_exp, bb, offsets); one block of 1024 >= n_exp
@@ -159,7 +159,7 @@ pub fn moe_permute(gpu: &Gpu, p: PermuteParams<'_>) -> Result<Permutation> {
     unsafe { b.launch(per_row(1, 1024)) }?;
     if n_assign > 0 {
         let f = gpu.function("moe_scatter_i32")?;
-        let mut b = gpu.stream.launch_builder(f);
+        let mut b = gpu.launch(f);
         b.arg(&ids)
             .arg(&na)
             .arg(&ki)
@@ -208,7 +208,7 @@ pub fn moe_gather(gpu: &Gpu, p: GatherParams<'_>) -> Result<()> {
     let (x, s, o) = (p.x.ptr(), p.src_row.ptr(), p.out.ptr());
     let (r, h) = (dim_i32(OP, "rows", rows)?, dim_i32(OP, "hidden", hidden)?);
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&x).arg(&s).arg(&o).arg(&r).arg(&h);
     // SAFETY: matches moe_gather_bf16; src_row entries are token indices < x rows by construction
     // in moe_permute.
@@ -251,7 +251,7 @@ pub fn moe_combine(gpu: &Gpu, p: CombineParams<'_>) -> Result<()> {
         p.accumulate as i32,
     );
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&y)
         .arg(&s)
         .arg(&w)

@@ -1,7 +1,5 @@
 //! Launchers for sample.cu: argmax and temperature / top-k / top-p sampling on the GPU.
 
-use cudarc::driver::PushKernelArg;
-
 use super::{dim_i32, per_row};
 use crate::device::Gpu;
 use crate::error::Result;
@@ -24,7 +22,7 @@ pub fn argmax(gpu: &Gpu, p: ArgmaxParams<'_>) -> Result<()> {
     let (l, i) = (p.logits.ptr(), p.ids.ptr());
     let (r, v) = (dim_i32(OP, "rows", rows)?, dim_i32(OP, "vocab", vocab)?);
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&l).arg(&i).arg(&r).arg(&v);
     // SAFETY: matches argmax_f32(logits, ids, rows, vocab); shapes checked.
     unsafe { b.launch(per_row(rows, 1024)) }?;
@@ -71,7 +69,7 @@ pub fn sample(gpu: &Gpu, p: SampleParams<'_>) -> Result<()> {
     );
     let (r, v) = (dim_i32(OP, "rows", rows)?, dim_i32(OP, "vocab", vocab)?);
     let f = gpu.function(OP)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&l)
         .arg(&t)
         .arg(&k)

@@ -5,7 +5,7 @@
 //! path reads the same weights once per (row, slot), so it only pays off while rows × top-k is
 //! small compared with the number of experts (see `SMALL_EXPERTS_MAX_ROWS`).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use super::dim_i32;
@@ -81,7 +81,7 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
     );
     let slots = u32::try_from(n * k).map_err(|_| shape_err(OP, format!("{n} x {k} slots")))?;
     let f = gpu.function("moe_small_gate_up_bf16")?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&x)
         .arg(&ids)
         .arg(&ptrs)
@@ -98,7 +98,7 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
     // SAFETY: matches moe_small_gate_up_bf16; shapes checked above, the table per the contract.
     unsafe { b.launch(cfg) }?;
     let f = gpu.function("moe_small_down_bf16")?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = gpu.launch(f);
     b.arg(&act)
         .arg(&ids)
         .arg(&w)

@@ -651,60 +651,68 @@ impl CudaBackend {
         let mut g = Gemm::xwt(m, inter, h, x.ptr(), w.gate.t.ptr(), gu.ptr());
         g.ldy = 2 * inter;
         let up_y = gu.ptr() + (inter * std::mem::size_of::<bf16>()) as u64; // byte offset of `up`
-        let down = Gemm::xwt(m, h, inter, gu.ptr(), w.down.t.ptr(), 0);
-        // Few rows: gate and up in one launch, the activation folded into the down projection,
-        // and the result added into `acc` there (5 launches become 2).
-        // SAFETY (both blocks): every pointer is a live tensor shape-checked above.
+        // Few rows: gate and up in one launch; the activation folded into the down projection
+        // at 1-2 rows (above that every column group recomputing it costs more than the separate
+        // silu_mul launch saves); the result added into `acc` by the down projection itself.
+        // SAFETY (every GEMV below): each pointer is a live tensor shape-checked above.
         let paired = unsafe {
             gemv::gemv_pair::<bf16>(&self.gpu, &g, w.up.t.ptr(), up_y, GemvMode::default())
         }
         .kx()?;
-        let mut down_x = Gemm {
-            ldx: 2 * inter,
-            ..down
-        };
-        if paired && let Some(p) = gemv::plan(&down_x, self.gpu.sm_count, false) {
-            let mode = GemvMode {
-                accumulate: acc.is_some(),
-                swiglu: true,
-            };
-            return match acc {
-                Some(a) => {
-                    down_x.y = a.ptr();
-                    unsafe { gemv::gemv::<bf16>(&self.gpu, &down_x, p, mode) }.kx()?;
-                    Ok(None)
-                }
-                None => {
-                    let y = self.empty(&[m, h])?;
-                    down_x.y = y.ptr();
-                    unsafe { gemv::gemv::<bf16>(&self.gpu, &down_x, p, mode) }.kx()?;
-                    Ok(Some(y))
-                }
-            };
-        }
         if !paired {
             gemm::<bf16>(&self.gpu, g).kx()?;
             g.w = w.up.t.ptr();
             g.y = up_y;
             gemm::<bf16>(&self.gpu, g).kx()?;
         }
-        let mut act = self.empty(&[m, inter])?;
-        ew::silu_mul(
-            &self.gpu,
-            ew::SiluMulParams {
-                input: gu.view(),
-                out: act.view_mut(),
+        let fold = paired && m <= 2;
+        let act = if fold {
+            None
+        } else {
+            let mut act = self.empty(&[m, inter])?;
+            ew::silu_mul(
+                &self.gpu,
+                ew::SiluMulParams {
+                    input: gu.view(),
+                    out: act.view_mut(),
+                },
+            )
+            .kx()?;
+            Some(act)
+        };
+        let down = match &act {
+            Some(a) => Gemm::xwt(m, h, inter, a.ptr(), w.down.t.ptr(), 0),
+            None => Gemm {
+                ldx: 2 * inter,
+                ..Gemm::xwt(m, h, inter, gu.ptr(), w.down.t.ptr(), 0)
             },
-        )
-        .kx()?;
-        let y = self.mm(&act, &w.down, "mlp down")?;
-        match acc {
-            Some(a) => {
-                gen_ops::add(&self.gpu, a.view_mut(), y.view()).kx()?;
-                Ok(None)
-            }
-            None => Ok(Some(y)),
+        };
+        let mode = GemvMode {
+            accumulate: acc.is_some(),
+            swiglu: fold,
+        };
+        let mut out = match acc {
+            Some(a) => Err(a),
+            None => Ok(self.empty(&[m, h])?),
+        };
+        let y_ptr = match &out {
+            Ok(y) => y.ptr(),
+            Err(a) => a.ptr(),
+        };
+        let down = Gemm { y: y_ptr, ..down };
+        match gemv::plan(&down, self.gpu.sm_count, false) {
+            Some(p) => unsafe { gemv::gemv::<bf16>(&self.gpu, &down, p, mode) }.kx()?,
+            None if fold => return Err(err("mlp: folded SwiGLU without a GEMV plan")),
+            None => match &mut out {
+                Ok(_) => gemm::<bf16>(&self.gpu, down).kx()?,
+                Err(a) => {
+                    let y = self.empty(&[m, h])?;
+                    gemm::<bf16>(&self.gpu, Gemm { y: y.ptr(), ..down }).kx()?;
+                    gen_ops::add(&self.gpu, a.view_mut(), y.view()).kx()?;
+                }
+            },
         }
+        Ok(out.ok())
     }
 
     /// The device RoPE table covering positions < `need` (rebuilt when the model's table changes
