@@ -2,14 +2,15 @@
 //! scheduled while the kernel before it on the stream is still finishing, and waits at its first
 //! instruction (`griddepcontrol.wait`, see `common.cuh`) until that kernel's memory is visible.
 //!
-//! Why: a decode step at batch 1 is ~20 small kernels per layer; without PDL each boundary costs
-//! the launch latency of the next grid after the previous one has fully drained. With PDL the next
-//! grid is already resident when the previous one ends (bench/RESULTS.md, session 8).
+//! Why: a decode step at batch 1 is ~20 small kernels per layer, and each boundary costs the
+//! launch latency of the next grid after the previous one has fully drained; PDL lets the next
+//! grid launch while the previous one's memory is still being flushed.
 //!
-//! Safety rule this relies on: every kernel launched here starts with `griddep_wait()` before it
-//! reads or writes global memory (checked over the sources by a unit test below), so allowing
-//! the overlap never lets a kernel see its predecessor's memory half-written. `DSV2_PDL=0`
-//! launches without the attribute (the wait is then a no-op).
+//! Off by default (`DSV2_PDL=1` turns it on): measured, it has not paid yet (bench/RESULTS.md,
+//! session 8). Safety rule it relies on: every kernel starts with `griddep_wait()` before it reads
+//! or writes global memory (checked over the sources by a unit test below), so the overlap never
+//! lets a kernel see its predecessor's memory half-written; without the attribute the wait is a
+//! no-op.
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
@@ -23,7 +24,7 @@ use crate::error::Result;
 
 fn pdl_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("DSV2_PDL").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| std::env::var("DSV2_PDL").is_ok_and(|v| v == "1"))
 }
 
 /// A kernel launch being built on the GPU's main stream: arguments by reference, in the

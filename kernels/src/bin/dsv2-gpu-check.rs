@@ -488,6 +488,13 @@ fn bench(gpu: &Gpu, p1_only: bool) -> Result<()> {
         (128, 4096, 128, None, Wgmma),
         (1, 32768, 128, None, Wgmma),
         (8, 32768, 128, None, Wgmma),
+        // batch 1 at a short context, DeepSeek-V2 (128 heads) and V2-Lite (16 heads): latency,
+        // and how many splits pay (the default keeps at least 2 tiles per split)
+        (1, 512, 128, None, Wgmma),
+        (1, 512, 128, Some(4), Wgmma),
+        (1, 512, 128, Some(8), Wgmma),
+        (1, 512, 16, None, Wgmma),
+        (1, 512, 16, Some(8), Wgmma),
     ] {
         let bs = 64usize;
         let blocks_per = ctx / bs;

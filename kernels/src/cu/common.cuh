@@ -12,14 +12,12 @@ typedef unsigned long long u64;
 
 #define WARP 32
 
-// Programmatic dependent launch (kernels/src/launch.rs): every kernel begins with this. The wait
-// returns once the kernel before it on the stream has completed and its writes are visible (at
-// once when launched without PDL); the trigger then lets the next kernel's blocks be scheduled,
-// so they are resident and waiting when this kernel ends instead of launching only after it.
-__device__ __forceinline__ void griddep_wait() {
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-}
+// Programmatic dependent launch (kernels/src/launch.rs): every kernel begins with this. It returns
+// once the kernel before it on the stream has completed and its writes are visible (at once when
+// launched without PDL). No early `griddepcontrol.launch_dependents`: with it, the next kernel's
+// blocks became resident while this one ran and V2-Lite's batch-1 step got 16 % slower
+// (bench/RESULTS.md, session 8 run 2); without it the next grid launches as this one's blocks exit.
+__device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 
 // 8 bf16 values moved as one 16-byte access: the unit of every vectorised row kernel
 // (H200 reaches copy bandwidth only with 16-byte loads, see docs/GPU.md).

@@ -63,8 +63,9 @@ __device__ __forceinline__ void gemv_nk(const bf16* __restrict__ x, long long ld
                                         const bf16* __restrict__ w, long long ldw, long long sw,
                                         OutT* __restrict__ y, long long ldy, long long sy, int n, int k,
                                         int splits, int accumulate) {
-    // loads of 16 bytes in flight per lane per step: U steps of C columns
-    constexpr int U = C >= 4 ? 1 : 4 / C;
+    // 16-byte loads in flight per lane per step: U steps of C columns, 8 in all (4 left V2's
+    // 32 KB o_proj rows at 1.23x the copy roofline: one memory latency per 2 KB per warp)
+    constexpr int U = 8 / C;
     __shared__ float part[GEMV_WARPS][M][C];
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int groups = GEMV_WARPS / splits;

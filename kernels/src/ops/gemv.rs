@@ -68,6 +68,23 @@ pub fn plan(g: &Gemm, sm_count: usize, force: bool) -> Option<GemvPlan> {
     {
         return None;
     }
+    // Where the GEMV beats cuBLAS (dsv2-gpu-check --gemv, bench/RESULTS.md session 8): one row
+    // always (cuBLAS answers with split-K + a reduction); more rows only for small weights, where
+    // cuBLAS is latency-bound (5-9x the copy roofline at kv_a's 5.9 MB) — on large ones its
+    // tensor-core tiles reuse each weight load across rows, which these CUDA-core loops do not.
+    let weight_bytes = g
+        .batch
+        .saturating_mul(g.n)
+        .saturating_mul(g.k)
+        .saturating_mul(2);
+    let rows_pay = match g.m {
+        1 => true,
+        2 => weight_bytes <= 16 << 20,
+        _ => weight_bytes <= 12 << 20,
+    };
+    if !force && !rows_pay {
+        return None;
+    }
     if g.w_nk {
         if !a8(g.k) {
             return None;
@@ -284,6 +301,21 @@ mod tests {
         assert!(
             plan(&kn, 132, true).is_none(),
             "[K, N] takes at most 4 rows"
+        );
+    }
+
+    #[test]
+    fn more_than_one_row_takes_the_gemv_only_for_small_weights() {
+        // as measured on an H100 (bench/RESULTS.md, session 8): cuBLAS wins on large weights
+        // once there are rows to reuse each weight load across
+        assert!(plan(&g(1, 5120, 16384), 132, false).is_some());
+        assert!(plan(&g(2, 1536, 5120), 132, false).is_some(), "15.7 MB");
+        assert!(plan(&g(2, 3072, 5120), 132, false).is_none(), "31.5 MB");
+        assert!(plan(&g(8, 576, 5120), 132, false).is_some(), "5.9 MB");
+        assert!(plan(&g(8, 1536, 5120), 132, false).is_none(), "15.7 MB");
+        assert!(
+            plan(&g(8, 1536, 5120), 132, true).is_some(),
+            "forced (checks, benchmarks)"
         );
     }
 

@@ -665,7 +665,11 @@ impl CudaBackend {
             g.y = up_y;
             gemm::<bf16>(&self.gpu, g).kx()?;
         }
-        let fold = paired && m <= 2;
+        let folded = Gemm {
+            ldx: 2 * inter,
+            ..Gemm::xwt(m, h, inter, gu.ptr(), w.down.t.ptr(), 0)
+        };
+        let fold = paired && m <= 2 && gemv::plan(&folded, self.gpu.sm_count, false).is_some();
         let act = if fold {
             None
         } else {
@@ -682,10 +686,7 @@ impl CudaBackend {
         };
         let down = match &act {
             Some(a) => Gemm::xwt(m, h, inter, a.ptr(), w.down.t.ptr(), 0),
-            None => Gemm {
-                ldx: 2 * inter,
-                ..Gemm::xwt(m, h, inter, gu.ptr(), w.down.t.ptr(), 0)
-            },
+            None => folded,
         };
         let mode = GemvMode {
             accumulate: acc.is_some(),
