@@ -151,9 +151,13 @@ pub fn check_shards(
     placement.check(cfg).map_err(|e| e.to_string())
 }
 
+/// `a-b` for a run of consecutive ids, the list otherwise (a placement file may list any
+/// order).
 fn compact(v: &[usize]) -> String {
-    match (v.first(), v.last()) {
-        (Some(a), Some(b)) if b - a + 1 == v.len() => format!("{a}-{b}"),
+    let run = v.windows(2).all(|w| w[0].checked_add(1) == Some(w[1]));
+    match (v, v.first(), v.last()) {
+        ([a], _, _) => format!("{a}"),
+        (_, Some(a), Some(b)) if run => format!("{a}-{b}"),
         _ => format!("{v:?}"),
     }
 }
@@ -600,6 +604,15 @@ impl<B: Backend> ExpertExecutor<B> for RemoteExperts<B> {
 mod tests {
     use super::*;
     use dsv2_core::ExpertRows;
+
+    #[test]
+    fn compact_names_runs_and_lists() {
+        assert_eq!(compact(&[15]), "15");
+        assert_eq!(compact(&[4, 5, 6, 7]), "4-7");
+        assert_eq!(compact(&[5, 3]), "[5, 3]");
+        assert_eq!(compact(&[0, 5, 2]), "[0, 5, 2]");
+        assert_eq!(compact(&[]), "[]");
+    }
 
     #[test]
     fn lost_sets_fail_only_their_rows() {
