@@ -604,3 +604,25 @@ pub fn position_logits<B: Backend>(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_padded_rows_expert_failure_is_the_first_sequences() {
+        let e = unpad_expert_rows(CoreError::experts_for_rows(vec![5, 2, 3], "gone"), 3);
+        assert!(matches!(
+            e,
+            CoreError::Experts { rows: ExpertRows::Only(ref r), .. } if r == &[0, 2]
+        ));
+        let e = unpad_expert_rows(CoreError::experts("gone"), 3);
+        assert!(matches!(
+            e,
+            CoreError::Experts {
+                rows: ExpertRows::All,
+                ..
+            }
+        ));
+    }
+}
