@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::backend::{AttnMode, Backend, SeqChunk};
-use crate::error::{CoreError, Result};
+use crate::error::{CoreError, ExpertRows, Result};
 use crate::kv_cache::{BlockTable, KvCache};
 use crate::model::{ExpertExecutor, Model, StepInput};
 use crate::sampling::{Sampler, SamplingParams, log_softmax, top_n};
@@ -222,7 +222,8 @@ pub struct Engine<B: Backend> {
     pub last_step: StepShape,
 }
 
-/// The batch of one step: sequences in it and tokens computed (decode rows + prefill chunks).
+/// The batch of one step: sequences in it and tokens computed (decode rows + prefill chunks),
+/// as scheduled (a step that runs again without failed sequences reports its first batch).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StepShape {
     pub sequences: usize,
@@ -451,7 +452,9 @@ impl<B: Backend> Engine<B> {
         })
     }
 
-    /// Runs one forward step over the running sequences; returns what happened.
+    /// Runs one forward step over the running sequences; returns what happened. When the
+    /// routed experts of some rows cannot be reached ([`ExpertRows::Only`]), only the requests
+    /// of those rows fail (UNAVAILABLE) and the step runs again for the others.
     pub fn step(&mut self) -> Vec<EngineEvent> {
         self.last_step = StepShape::default();
         self.admit();
@@ -498,30 +501,8 @@ impl<B: Backend> Engine<B> {
                 CoreError::Cache("a step would write into a shared cache block".into()),
             );
         }
-        let mut step = StepInput::default();
-        let mut logit_rows = Vec::new();
-        let mut row_of: Vec<(usize, usize)> = Vec::new(); // per plan entry: first logit row, count
-        for &(i, take) in &plan {
-            let s = &self.running[i];
-            let start = step.tokens.len();
-            step.tokens
-                .extend_from_slice(&s.tokens[s.computed..s.computed + take]);
-            step.seqs.push(SeqChunk {
-                rows: start..start + take,
-                pos0: s.computed,
-                blocks: s.table.blocks.clone(),
-            });
-            let finishes = s.computed + take == s.tokens.len();
-            let wants_prompt_lp =
-                s.req.params.prompt_logprobs.is_some() && s.computed < s.req.prompt.len();
-            let first = logit_rows.len();
-            if wants_prompt_lp {
-                logit_rows.extend(start..start + take);
-            } else if finishes {
-                logit_rows.push(start + take - 1);
-            }
-            row_of.push((first, logit_rows.len() - first));
-        }
+        // Flags of the whole batch hold for any part of it, so a re-run without some sequences
+        // (below) takes the same path.
         // Rows that report no logprobs need only a token: greedy rows the argmax, sampled rows a
         // draw where the backend samples on its device. The logits stay where the backend
         // computed them (on a GPU, 400 KB per row never crosses PCIe).
@@ -535,52 +516,71 @@ impl<B: Backend> Engine<B> {
         let greedy_only = plan
             .iter()
             .all(|&(i, _)| self.running[i].req.params.sampling.temperature == 0.0);
-        let result = if no_logits {
-            // One logit row per finishing sequence (no prompt logprobs here), in plan order.
-            let draws: Vec<crate::sampling::RowSampling> = if greedy_only {
-                Vec::new()
-            } else {
-                plan.iter()
-                    .zip(&row_of)
-                    .filter(|(_, rc)| rc.1 > 0)
-                    .map(|(&(i, _), _)| self.running[i].sampler.draw())
-                    .collect()
-            };
-            self.model
-                .forward_logits(
-                    &step,
-                    &mut self.cache,
-                    &*self.experts,
-                    self.cfg.attn_mode,
-                    &logit_rows,
-                )
-                .and_then(|a| {
-                    if greedy_only {
-                        self.model.backend.argmax_rows(&a)
-                    } else {
-                        self.model.backend.sample_rows(&a, &draws)
-                    }
-                })
-                .map(Picked::Tokens)
-        } else {
-            self.model
-                .forward(
-                    &step,
-                    &mut self.cache,
-                    &*self.experts,
-                    self.cfg.attn_mode,
-                    &logit_rows,
-                )
-                .map(Picked::Logits)
-        };
+        // One draw per sequence that gets a token, taken once per step even when the step runs
+        // again: a sequence samples what it would have sampled had nobody failed.
+        let mut draws: Vec<Option<crate::sampling::RowSampling>> = plan
+            .iter()
+            .map(|&(i, take)| {
+                let s = &mut self.running[i];
+                let finishes = s.computed + take == s.tokens.len();
+                (no_logits && !greedy_only && finishes).then(|| s.sampler.draw())
+            })
+            .collect();
         self.stats.steps += 1;
-        let picked = match result {
-            Ok(l) => l,
-            Err(e) => return self.fail_all(plan.iter().map(|p| p.0).collect(), e),
+        let mut events = Vec::new();
+        // Running indices of the sequences this step fails; they leave with the finished ones.
+        let mut failed: Vec<usize> = Vec::new();
+        let (picked, row_of) = loop {
+            let (step, logit_rows, row_of) = self.build_step(&plan);
+            let row_draws: Vec<_> = draws.iter().flatten().copied().collect();
+            let err = match self.run_step(&step, &logit_rows, no_logits, greedy_only, &row_draws) {
+                Ok(picked) => break (picked, row_of),
+                Err(e) => e,
+            };
+            let message = err.to_string();
+            match rows_failed_by(&err, &step.seqs) {
+                // Some sequences' experts are gone: those fail and the others run the step
+                // again. Every row's computation reads only its own sequence's cache, and the
+                // re-run writes the survivors' new cache slots again, for every layer, before
+                // reading them, so what the failed attempt wrote there does not matter; the
+                // failed sequences' slots go back to the cache with their blocks. Each re-run
+                // has fewer sequences, so this ends.
+                Some(hit) if hit.len() < plan.len() => {
+                    tracing::warn!(
+                        %message,
+                        failed = hit.len(),
+                        rerun = plan.len() - hit.len(),
+                        "expert failure: failing the requests that needed the lost experts, running the step again for the others"
+                    );
+                    for &k in hit.iter().rev() {
+                        let (i, _) = plan.remove(k);
+                        draws.remove(k);
+                        events.push(EngineEvent::Failed {
+                            id: self.running[i].req.id,
+                            kind: FailKind::Unavailable,
+                            message: message.clone(),
+                        });
+                        failed.push(i);
+                    }
+                }
+                _ => {
+                    let kind = fail_kind(&err);
+                    tracing::warn!(%message, requests = plan.len(), "step failed");
+                    for &(i, _) in &plan {
+                        events.push(EngineEvent::Failed {
+                            id: self.running[i].req.id,
+                            kind,
+                            message: message.clone(),
+                        });
+                        failed.push(i);
+                    }
+                    self.remove_running(failed);
+                    return events;
+                }
+            }
         };
         let vocab = self.model.cfg.vocab_size;
-        let mut events = Vec::new();
-        let mut done: Vec<usize> = Vec::new();
+        let mut done = failed;
         for (k, &(i, take)) in plan.iter().enumerate() {
             let (first, count) = row_of[k];
             let s = &mut self.running[i];
@@ -643,36 +643,104 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
-        done.sort_unstable();
-        for i in done.into_iter().rev() {
-            let mut s = self.running.remove(i);
-            self.cache.release(&mut s.table);
-        }
+        self.remove_running(done);
         events
     }
 
-    fn fail_all(&mut self, idx: Vec<usize>, e: CoreError) -> Vec<EngineEvent> {
-        let kind = match e {
-            CoreError::Experts(_) => FailKind::Unavailable,
-            _ => FailKind::Internal,
-        };
-        let message = e.to_string();
-        tracing::warn!(%message, requests = idx.len(), "step failed");
-        let mut idx = idx;
+    /// The step of the sequences in `plan` (running index, tokens this step): its input, the
+    /// rows whose logits it needs, and per plan entry the first of its logit rows and their
+    /// count.
+    #[allow(clippy::type_complexity)]
+    fn build_step(&self, plan: &[(usize, usize)]) -> (StepInput, Vec<usize>, Vec<(usize, usize)>) {
+        let mut step = StepInput::default();
+        let mut logit_rows = Vec::new();
+        let mut row_of = Vec::with_capacity(plan.len());
+        for &(i, take) in plan {
+            let s = &self.running[i];
+            let start = step.tokens.len();
+            step.tokens
+                .extend_from_slice(&s.tokens[s.computed..s.computed + take]);
+            step.seqs.push(SeqChunk {
+                rows: start..start + take,
+                pos0: s.computed,
+                blocks: s.table.blocks.clone(),
+            });
+            let finishes = s.computed + take == s.tokens.len();
+            let wants_prompt_lp =
+                s.req.params.prompt_logprobs.is_some() && s.computed < s.req.prompt.len();
+            let first = logit_rows.len();
+            if wants_prompt_lp {
+                logit_rows.extend(start..start + take);
+            } else if finishes {
+                logit_rows.push(start + take - 1);
+            }
+            row_of.push((first, logit_rows.len() - first));
+        }
+        (step, logit_rows, row_of)
+    }
+
+    /// Runs the model over `step` and picks what the engine needs of the logits: the tokens
+    /// themselves (`no_logits`: argmax, or a draw per logit row from `draws`), else host logits.
+    fn run_step(
+        &mut self,
+        step: &StepInput,
+        logit_rows: &[usize],
+        no_logits: bool,
+        greedy_only: bool,
+        draws: &[crate::sampling::RowSampling],
+    ) -> Result<Picked> {
+        if no_logits {
+            let logits = self.model.forward_logits(
+                step,
+                &mut self.cache,
+                &*self.experts,
+                self.cfg.attn_mode,
+                logit_rows,
+            )?;
+            let b = &self.model.backend;
+            if greedy_only {
+                b.argmax_rows(&logits).map(Picked::Tokens)
+            } else {
+                b.sample_rows(&logits, draws).map(Picked::Tokens)
+            }
+        } else {
+            self.model
+                .forward(
+                    step,
+                    &mut self.cache,
+                    &*self.experts,
+                    self.cfg.attn_mode,
+                    logit_rows,
+                )
+                .map(Picked::Logits)
+        }
+    }
+
+    /// Takes the running sequences at indices `idx` out of the batch and frees their cache.
+    fn remove_running(&mut self, mut idx: Vec<usize>) {
         idx.sort_unstable();
-        let mut events = Vec::new();
+        idx.dedup();
         for i in idx.into_iter().rev() {
             let mut s = self.running.remove(i);
             self.cache.release(&mut s.table);
-            events.push(EngineEvent::Failed {
-                id: s.req.id,
-                kind,
-                message: message.clone(),
-            });
         }
-        events
     }
 
+    fn fail_all(&mut self, idx: Vec<usize>, e: CoreError) -> Vec<EngineEvent> {
+        let kind = fail_kind(&e);
+        let message = e.to_string();
+        tracing::warn!(%message, requests = idx.len(), "step failed");
+        let events = idx
+            .iter()
+            .map(|&i| EngineEvent::Failed {
+                id: self.running[i].req.id,
+                kind,
+                message: message.clone(),
+            })
+            .collect();
+        self.remove_running(idx);
+        events
+    }
     /// Samples the next token of `s`, decodes it and checks the stop rules.
     fn accept_token(
         model: &Model<B>,
@@ -766,6 +834,38 @@ enum Picked {
 enum Choice<'a> {
     Row(&'a [f32]),
     Token(u32),
+}
+
+/// How a request that a step failed with `e` fails: expert shards out of reach are worth a
+/// retry, anything else is the server's fault.
+fn fail_kind(e: &CoreError) -> FailKind {
+    match e {
+        CoreError::Experts { .. } => FailKind::Unavailable,
+        _ => FailKind::Internal,
+    }
+}
+
+/// The sequences (indices into `seqs`) that own a row an expert failure names, or None when the
+/// failure is not confined to rows or names none of the step's sequences.
+fn rows_failed_by(e: &CoreError, seqs: &[SeqChunk]) -> Option<Vec<usize>> {
+    let CoreError::Experts {
+        rows: ExpertRows::Only(rows),
+        ..
+    } = e
+    else {
+        return None;
+    };
+    let hit: Vec<usize> = seqs
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| {
+            // `rows` is sorted: the first one at or after the chunk's start decides.
+            let at = rows.partition_point(|&r| r < s.rows.start);
+            rows.get(at).is_some_and(|&r| r < s.rows.end)
+        })
+        .map(|(k, _)| k)
+        .collect();
+    (!hit.is_empty()).then_some(hit)
 }
 
 /// Byte offset where the first stop string starts in `text`.
@@ -876,7 +976,7 @@ pub fn run_to_completion<B: Backend>(
                 EngineEvent::Failed { id, message, kind } => {
                     return Err(match kind {
                         FailKind::Unavailable => {
-                            CoreError::Experts(format!("request {id}: {message}"))
+                            CoreError::experts(format!("request {id}: {message}"))
                         }
                         FailKind::Internal | FailKind::DeadlineExceeded => {
                             CoreError::InvalidInput(format!("request {id}: {message}"))
@@ -1127,6 +1227,311 @@ mod tests {
                 tokens: 4
             }
         );
+    }
+
+    /// What [`LosingExperts`] has lost.
+    #[derive(Clone, Copy, Debug)]
+    enum Lose {
+        Nothing,
+        /// One expert of one layer: as if its only shard died.
+        Expert {
+            layer: usize,
+            expert: u32,
+        },
+        /// Everything: as if the whole data plane went (NCCL).
+        Everything,
+    }
+
+    /// The tiny model's routed experts, in-process, minus what `lose` says: rows that chose a
+    /// lost expert fail when the layer is awaited, named with `ExpertRows::Only` the way
+    /// `RemoteExperts` names them; every other row gets its full result. Records every
+    /// (layer, expert) it was asked for, and how many layers it refused.
+    struct LosingExperts<B: Backend> {
+        inner: crate::model::LocalExperts<B>,
+        lose: std::sync::Mutex<Lose>,
+        used: std::sync::Mutex<std::collections::BTreeSet<(usize, u32)>>,
+        refused: std::sync::atomic::AtomicUsize,
+    }
+
+    impl<B: Backend> ExpertExecutor<B> for LosingExperts<B> {
+        fn dispatch(
+            &self,
+            layer: usize,
+            x: &B::Act,
+            routing: &Routing,
+        ) -> Result<crate::model::PendingExperts<B>> {
+            let rows = routing.rows();
+            self.used
+                .lock()
+                .expect("used")
+                .extend((0..rows).flat_map(|r| routing.row(r).0.iter().map(move |&e| (layer, e))));
+            let lose = *self.lose.lock().expect("lose");
+            let err = match lose {
+                Lose::Nothing => None,
+                Lose::Everything => Some(CoreError::experts("the data plane is gone")),
+                Lose::Expert { layer: l, expert } if l == layer => {
+                    let hit: Vec<usize> = (0..rows)
+                        .filter(|&r| routing.row(r).0.contains(&expert))
+                        .collect();
+                    (!hit.is_empty()).then(|| {
+                        CoreError::experts_for_rows(
+                            hit,
+                            format!("no live shard hosts expert {expert}"),
+                        )
+                    })
+                }
+                Lose::Expert { .. } => None,
+            };
+            match err {
+                None => self.inner.dispatch(layer, x, routing),
+                Some(e) => {
+                    self.refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Ok(crate::model::PendingExperts::Later(Box::new(move || {
+                        Err(e)
+                    })))
+                }
+            }
+        }
+    }
+
+    /// Requests of distinct prompts (no shared prefix), greedy and sampled mixed, most of them
+    /// one prompt token long so that they decode from the first step (a failure then meets
+    /// survivors that sample in the same step); `logprobs`: some report logprobs, which puts
+    /// their steps on the host-logits path.
+    fn mixed_requests(n: u64, logprobs: bool) -> Vec<SeqRequest> {
+        (0..n)
+            .map(|id| SeqRequest {
+                id,
+                prompt: (0..if id % 4 == 0 { 6 } else { 1 })
+                    .map(|j| 3 + (id as u32 * 37 + j * 11) % 250)
+                    .collect(),
+                params: GenerateParams {
+                    max_new_tokens: 8,
+                    sampling: SamplingParams {
+                        temperature: if id % 2 == 0 { 0.0 } else { 0.9 },
+                        top_k: 0,
+                        top_p: 1.0,
+                        seed: Some(100 + id),
+                    },
+                    ignore_eos: true,
+                    logprobs: (logprobs && id % 3 == 0).then_some(2),
+                    ..GenerateParams::default()
+                },
+            })
+            .collect()
+    }
+
+    /// Steps `engine` until it is idle: completions by id, failures by id.
+    #[allow(clippy::type_complexity)]
+    fn drive<B: Backend>(
+        engine: &mut Engine<B>,
+        reqs: Vec<SeqRequest>,
+    ) -> (
+        std::collections::BTreeMap<u64, (Vec<u32>, Vec<TokenLogprob>)>,
+        std::collections::BTreeMap<u64, (FailKind, String)>,
+    ) {
+        let mut tokens: std::collections::BTreeMap<u64, (Vec<u32>, Vec<TokenLogprob>)> =
+            Default::default();
+        let mut done = std::collections::BTreeMap::new();
+        let mut failed = std::collections::BTreeMap::new();
+        for r in reqs {
+            engine.submit(r).expect("submit");
+        }
+        let mut steps = 0;
+        while engine.has_work() {
+            steps += 1;
+            assert!(steps < 10_000, "the engine does not finish");
+            for ev in engine.step() {
+                match ev {
+                    EngineEvent::Token {
+                        id, token, logprob, ..
+                    } => {
+                        let t = tokens.entry(id).or_default();
+                        t.0.push(token);
+                        t.1.extend(logprob);
+                    }
+                    EngineEvent::Finished { id, .. } => {
+                        done.insert(id, tokens.remove(&id).unwrap_or_default());
+                    }
+                    EngineEvent::Failed { id, kind, message } => {
+                        failed.insert(id, (kind, message));
+                    }
+                    EngineEvent::PromptLogprobs { .. } => {}
+                }
+            }
+        }
+        (done, failed)
+    }
+
+    /// With one expert of one layer lost, exactly the requests whose rows choose it fail
+    /// UNAVAILABLE; every other request, decoded in the same steps, finishes with the tokens
+    /// (and logprobs) it gets when it runs alone with every expert, and no cache block is
+    /// left held.
+    ///
+    /// Why the comparison can be exact: at most 4 tokens a step and absorbed attention put every
+    /// row on the CPU backend's row-at-a-time paths (`matmul::STREAM_MAX_ROWS`,
+    /// `ABSORB_MAX_CHUNK`), so a row's numbers do not depend on what else is in its step; the
+    /// routing a request gets alone is the routing it gets in the batch.
+    fn lost_expert_fails_only_the_requests_that_need_it<B: Backend>(backend: B, logprobs: bool) {
+        let dir = crate::tiny::ensure(&std::env::temp_dir().join("dsv2-engine-test"))
+            .expect("tiny model");
+        let (model, inner) = crate::model::load_local(Arc::new(backend), &dir).expect("load");
+        let model = Arc::new(model);
+        let moe_layers: Vec<usize> = (0..model.cfg.num_hidden_layers)
+            .filter(|&l| model.cfg.is_moe_layer(l))
+            .collect();
+        let experts = Arc::new(LosingExperts {
+            inner,
+            lose: std::sync::Mutex::new(Lose::Nothing),
+            used: Default::default(),
+            refused: Default::default(),
+        });
+        let cfg = EngineConfig {
+            num_blocks: 128,
+            block_size: 4,
+            max_batch_tokens: 4,
+            attn_mode: AttnMode::Absorbed,
+            ..EngineConfig::default()
+        };
+        let new_engine =
+            || Engine::new(model.clone(), experts.clone(), None, cfg.clone()).expect("engine");
+        let reqs = mixed_requests(10, logprobs);
+
+        // Each request alone, every expert there: its output and the experts it used.
+        let mut alone = std::collections::BTreeMap::new();
+        let mut used = Vec::new();
+        for r in &reqs {
+            experts.used.lock().expect("used").clear();
+            let (done, failed) = drive(&mut new_engine(), vec![r.clone()]);
+            assert!(failed.is_empty(), "{failed:?}");
+            alone.extend(done);
+            used.push(std::mem::take(&mut *experts.used.lock().expect("used")));
+        }
+
+        // The expert to lose: of the last MoE layer (so the failing step has already written
+        // every earlier layer's cache for all its sequences), needed by about half the requests.
+        let users = |l: usize, e: u32| used.iter().filter(|u| u.contains(&(l, e))).count();
+        let n = reqs.len();
+        let (layer, expert) = moe_layers
+            .iter()
+            .rev()
+            .find_map(|&l| {
+                (0..model.cfg.n_routed_experts as u32)
+                    .filter(|&e| (1..n).contains(&users(l, e)))
+                    .min_by_key(|&e| users(l, e).abs_diff(n / 2))
+                    .map(|e| (l, e))
+            })
+            .expect("an expert that some requests need and some do not");
+        let needs: std::collections::BTreeSet<u64> = reqs
+            .iter()
+            .zip(&used)
+            .filter(|(_, u)| u.contains(&(layer, expert)))
+            .map(|(r, _)| r.id)
+            .collect();
+
+        *experts.lose.lock().expect("lose") = Lose::Expert { layer, expert };
+        experts
+            .refused
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        let mut engine = new_engine();
+        let (done, failed) = drive(&mut engine, reqs.clone());
+        assert_eq!(
+            failed
+                .keys()
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>(),
+            needs,
+            "lost expert {expert} of layer {layer}: the failed requests are not those that need it"
+        );
+        for (id, (kind, message)) in &failed {
+            assert_eq!(*kind, FailKind::Unavailable, "request {id}: {message}");
+            assert!(message.contains("no live shard"), "request {id}: {message}");
+        }
+        assert_eq!(done.len() + failed.len(), n, "every request ends");
+        for (id, out) in &done {
+            assert_eq!(
+                Some(out),
+                alone.get(id),
+                "request {id} differs from its run without the lost expert"
+            );
+        }
+        assert!(experts.refused.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        assert_eq!(engine.running(), 0);
+        assert_eq!(
+            engine.free_blocks(),
+            engine.num_blocks(),
+            "cache blocks left held"
+        );
+    }
+
+    /// Tokens picked where the logits are (argmax, and the draws of a device sampler, which a
+    /// re-run must not draw again).
+    #[test]
+    fn lost_expert_fails_only_its_requests_tokens_picked_where_computed() {
+        let device_sampling = CpuVariant {
+            device_sampling: true,
+            ..CpuVariant::default()
+        };
+        lost_expert_fails_only_the_requests_that_need_it(device_sampling, false);
+    }
+
+    /// Logits brought to the host (sampling there, logprobs).
+    #[test]
+    fn lost_expert_fails_only_its_requests_with_host_logits() {
+        lost_expert_fails_only_the_requests_that_need_it(CpuBackend, true);
+    }
+
+    /// A failure not confined to rows (the NCCL plane lost) fails every request of the step
+    /// UNAVAILABLE and frees their blocks.
+    #[test]
+    fn lost_data_plane_fails_every_request_of_the_step() {
+        let dir = crate::tiny::ensure(&std::env::temp_dir().join("dsv2-engine-test"))
+            .expect("tiny model");
+        let (model, inner) = crate::model::load_local(Arc::new(CpuBackend), &dir).expect("load");
+        let experts = Arc::new(LosingExperts {
+            inner,
+            lose: std::sync::Mutex::new(Lose::Everything),
+            used: Default::default(),
+            refused: Default::default(),
+        });
+        let mut engine = Engine::new(
+            Arc::new(model),
+            experts,
+            None,
+            EngineConfig {
+                num_blocks: 64,
+                block_size: 4,
+                ..EngineConfig::default()
+            },
+        )
+        .expect("engine");
+        let (done, failed) = drive(&mut engine, mixed_requests(4, false));
+        assert!(done.is_empty(), "{done:?}");
+        assert_eq!(failed.len(), 4);
+        assert!(failed.values().all(|(k, _)| *k == FailKind::Unavailable));
+        assert_eq!(engine.free_blocks(), engine.num_blocks());
+    }
+
+    #[test]
+    fn failed_rows_name_the_sequences_that_own_them() {
+        let seqs: Vec<SeqChunk> = [0..3, 3..4, 4..9, 9..10]
+            .into_iter()
+            .map(|rows| SeqChunk {
+                rows,
+                pos0: 0,
+                blocks: vec![],
+            })
+            .collect();
+        let hit = |rows: Vec<usize>| rows_failed_by(&CoreError::experts_for_rows(rows, "x"), &seqs);
+        assert_eq!(hit(vec![8, 2]), Some(vec![0, 2]));
+        assert_eq!(hit(vec![3]), Some(vec![1]));
+        assert_eq!(hit(vec![9, 9, 0]), Some(vec![0, 3]));
+        // Rows past the step (a padded graph's) name nobody: the caller fails everyone.
+        assert_eq!(hit(vec![10]), None);
+        assert_eq!(hit(vec![]), None);
+        assert_eq!(rows_failed_by(&CoreError::experts("x"), &seqs), None);
+        assert_eq!(rows_failed_by(&CoreError::Cache("x".into()), &seqs), None);
     }
 
     #[test]

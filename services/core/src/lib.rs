@@ -20,4 +20,4 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::ModelConfig;
-pub use error::{CoreError, Result};
+pub use error::{CoreError, ExpertRows, Result};

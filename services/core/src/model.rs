@@ -7,7 +7,7 @@ use crate::backend::{
     AttnBatch, AttnMode, AttnWeights, Backend, ExpertBank, GraphStep, MlpWeights, QProj, SeqChunk,
 };
 use crate::config::ModelConfig;
-use crate::error::{CoreError, Result};
+use crate::error::{CoreError, ExpertRows, Result};
 use crate::kv_cache::KvCache;
 use crate::rope::RopeTable;
 use crate::routing::{Routing, RoutingParams};
@@ -102,6 +102,12 @@ impl<B: Backend> PendingExperts<B> {
 }
 
 /// Runs the routed experts of a MoE layer: in-process, or on expert shards.
+///
+/// Failures: when the experts some rows chose cannot be reached (no live shard hosts them), the
+/// dispatch or its wait fails with [`CoreError::Experts`] naming those rows
+/// ([`ExpertRows::Only`], rows of `x`, which are the rows of the step): the engine then fails
+/// just the sequences of those rows and runs the step again without them. A failure that is
+/// not tied to rows (a lost NCCL data plane) is [`ExpertRows::All`].
 pub trait ExpertExecutor<B: Backend>: Send + Sync {
     fn dispatch(&self, layer: usize, x: &B::Act, routing: &Routing) -> Result<PendingExperts<B>>;
 
@@ -428,7 +434,8 @@ impl<B: Backend> Model<B> {
                 &mut |s: &StepInput, storage: &mut B::Cache| {
                     self.forward_layers(s, storage, block_size, experts, mode)
                 },
-            )?
+            )
+            .map_err(|e| unpad_expert_rows(e, n))?
         } else {
             None
         };
@@ -528,6 +535,24 @@ impl<B: Backend> Model<B> {
     }
 }
 
+/// The rows an expert failure names are rows of the step the engine built: a padded decode
+/// step's extra rows are copies of its first row ([`StepInput::padded_decode`]), so their
+/// failure is the first sequence's.
+fn unpad_expert_rows(e: CoreError, n: usize) -> CoreError {
+    match e {
+        CoreError::Experts {
+            msg,
+            rows: ExpertRows::Only(rows),
+        } => CoreError::experts_for_rows(
+            rows.into_iter()
+                .map(|r| if r < n { r } else { 0 })
+                .collect(),
+            msg,
+        ),
+        e => e,
+    }
+}
+
 /// Loads the attention-side model and all routed experts of `dir` into one process (the
 /// single-process mode of `dsv2 generate/logits`, and the reference for distributed runs).
 pub fn load_local<B: Backend>(
@@ -590,4 +615,26 @@ pub fn position_logits<B: Backend>(
         out.extend(model.forward(&step, &mut cache, experts, mode, &rows)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_padded_rows_expert_failure_is_the_first_sequences() {
+        let e = unpad_expert_rows(CoreError::experts_for_rows(vec![5, 2, 3], "gone"), 3);
+        assert!(matches!(
+            e,
+            CoreError::Experts { rows: ExpertRows::Only(ref r), .. } if r == &[0, 2]
+        ));
+        let e = unpad_expert_rows(CoreError::experts("gone"), 3);
+        assert!(matches!(
+            e,
+            CoreError::Experts {
+                rows: ExpertRows::All,
+                ..
+            }
+        ));
+    }
 }

@@ -106,7 +106,12 @@ pub fn write_to(dir: &Path) -> Result<()> {
 
 /// Every tensor of a DeepSeek-V2 checkpoint with these dims, random from `seed`, stored bf16.
 pub fn write_random_weights(c: &crate::ModelConfig, seed: u64, path: &Path) -> Result<()> {
-    let tensors = random_tensors(c, seed);
+    write_bf16_tensors(random_tensors(c, seed), path)
+}
+
+/// Writes (name, shape, values) tensors as one bf16 safetensors file, the format of the
+/// checkpoints this crate writes (also how a test derives a model from a fixture's tensors).
+pub fn write_bf16_tensors(tensors: Vec<(String, Vec<usize>, Vec<f32>)>, path: &Path) -> Result<()> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
         .map(|(n, s, v)| {

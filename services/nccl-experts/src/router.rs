@@ -135,7 +135,7 @@ const WATCH_PERIOD: Duration = Duration::from_millis(500);
 const REINIT_EVERY: Duration = Duration::from_secs(2);
 
 fn experts_err(msg: impl std::fmt::Display) -> CoreError {
-    CoreError::Experts(format!("NCCL data plane: {msg}"))
+    CoreError::experts(format!("NCCL data plane: {msg}"))
 }
 
 impl NcclExperts {

@@ -5,8 +5,9 @@
 //! answered. Load spreads over the replicas (each set goes to its least-loaded live owner).
 //! A shard whose stream fails, drops or misses the per-layer deadline is marked down and the
 //! layer's rows for its sets go to another replica within the same step; a background probe
-//! takes it back once it serves again (shard_health.rs). Only a set with no live owner fails
-//! the step, with UNAVAILABLE at once.
+//! takes it back once it serves again (shard_health.rs). A set with no live owner fails only
+//! the rows that chose its experts (`ExpertRows::Only`), at once: the engine fails their
+//! requests UNAVAILABLE and runs the step again for the others.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -86,7 +87,7 @@ pub struct RemoteExperts<B: Backend> {
 const MAX_MESSAGE_BYTES: usize = 1 << 30;
 
 fn unavailable(endpoint: &str, msg: impl std::fmt::Display) -> CoreError {
-    CoreError::Experts(format!("shard {endpoint}: {msg}"))
+    CoreError::experts(format!("shard {endpoint}: {msg}"))
 }
 
 /// The one place a shard URL becomes an endpoint (the data stream, Info and the health probe
@@ -150,9 +151,13 @@ pub fn check_shards(
     placement.check(cfg).map_err(|e| e.to_string())
 }
 
+/// `a-b` for a run of consecutive ids, the list otherwise (a placement file may list any
+/// order).
 fn compact(v: &[usize]) -> String {
-    match (v.first(), v.last()) {
-        (Some(a), Some(b)) if b - a + 1 == v.len() => format!("{a}-{b}"),
+    let run = v.windows(2).all(|w| w[0].checked_add(1) == Some(w[1]));
+    match (v, v.first(), v.last()) {
+        ([a], _, _) => format!("{a}"),
+        (_, Some(a), Some(b)) if run => format!("{a}-{b}"),
         _ => format!("{v:?}"),
     }
 }
@@ -206,6 +211,41 @@ impl<B: Backend> RemoteExperts<B> {
     /// Liveness and counters of the shards, for /metrics.
     pub fn stats(&self) -> Arc<ShardStats> {
         self.inner.stats.clone()
+    }
+}
+
+/// The rows of a layer whose replica sets no shard could serve, and why. Only those rows fail
+/// (their requests need an expert with no live owner); the others got their whole result.
+#[derive(Default)]
+struct Lost {
+    rows: Vec<usize>,
+    first: Option<String>,
+    more: usize,
+}
+
+impl Lost {
+    fn add(&mut self, rows: &[usize], e: CoreError) {
+        self.rows.extend_from_slice(rows);
+        let msg = match e {
+            CoreError::Experts { msg, .. } => msg,
+            other => other.to_string(),
+        };
+        match self.first {
+            None => self.first = Some(msg),
+            Some(_) => self.more += 1,
+        }
+    }
+
+    fn into_result(self) -> Result<(), CoreError> {
+        let Some(msg) = self.first else {
+            return Ok(());
+        };
+        let msg = match self.more {
+            0 => msg,
+            1 => format!("{msg}; 1 more expert set unreachable"),
+            n => format!("{msg}; {n} more expert sets unreachable"),
+        };
+        Err(CoreError::experts_for_rows(self.rows, msg))
     }
 }
 
@@ -321,7 +361,7 @@ impl<B: Backend> Inner<B> {
             .iter()
             .map(|&s| self.shards[s].endpoint.as_str())
             .collect();
-        CoreError::Experts(format!(
+        CoreError::experts(format!(
             "no live shard hosts experts {} (hosted by {}, all down)",
             compact(&set.experts),
             owners.join(", ")
@@ -420,7 +460,7 @@ impl<B: Backend> Inner<B> {
 
     /// Waits for `sent`'s answer. Err(Ok(e)): the shard failed (transport: fail over);
     /// Err(Err(e)): the shard answered an error or a malformed result (no replica would do
-    /// better: fail the step).
+    /// better: fail the rows that were sent).
     fn wait(&self, sent: Sent, rows: usize) -> Result<Vec<f32>, Result<CoreError, CoreError>> {
         let ep = &self.shards[sent.shard].endpoint;
         let timeout = self.timeout;
@@ -442,10 +482,7 @@ impl<B: Backend> Inner<B> {
         };
         let h = self.hidden;
         if let Some(err) = resp.error {
-            return Err(Err(CoreError::Experts(format!(
-                "shard {ep}: {}",
-                err.message
-            ))));
+            return Err(Err(unavailable(ep, err.message)));
         }
         if resp.num_rows as usize != rows || resp.hidden_size as usize != h {
             return Err(Err(unavailable(
@@ -486,9 +523,10 @@ impl<B: Backend> ExpertExecutor<B> for RemoteExperts<B> {
             .collect();
         order.sort_by_key(|&i| std::cmp::Reverse(parts[i].rows.len()));
         let mut sent: Vec<Option<(Sent, Vec<usize>)>> = (0..parts.len()).map(|_| None).collect();
+        let mut lost = Lost::default();
         for i in order {
             let mut tried = Vec::new();
-            let s = me.send_set(
+            match me.send_set(
                 layer,
                 i,
                 &parts[i],
@@ -497,13 +535,17 @@ impl<B: Backend> ExpertExecutor<B> for RemoteExperts<B> {
                 &mut load,
                 turn,
                 &mut tried,
-            )?;
-            sent[i] = Some((s, tried));
+            ) {
+                Ok(s) => sent[i] = Some((s, tried)),
+                Err(e) => lost.add(&parts[i].rows, e),
+            }
         }
         let me = me.clone();
         Ok(PendingExperts::Later(Box::new(move || {
             let mut out = vec![0f32; rows * h];
             // In set order whoever answered: the sum is the same with or without a failover.
+            // Every set is awaited even once some are lost, so the step's other shards are
+            // done with this layer (and any other dead one is marked down) before it runs again.
             for (i, entry) in sent.into_iter().enumerate() {
                 let Some((mut s, mut tried)) = entry else {
                     continue;
@@ -512,13 +554,16 @@ impl<B: Backend> ExpertExecutor<B> for RemoteExperts<B> {
                 let partial = loop {
                     let shard = s.shard;
                     match me.wait(s, part.rows.len()) {
-                        Ok(p) => break p,
-                        Err(Err(e)) => return Err(e),
+                        Ok(p) => break Some(p),
+                        Err(Err(e)) => {
+                            lost.add(&part.rows, e);
+                            break None;
+                        }
                         Err(Ok(e)) => {
                             me.shard_failed(shard, &e);
                             // Loads of this layer no longer matter: only live owners compete.
                             let mut load = vec![0usize; me.shards.len()];
-                            s = me.send_set(
+                            match me.send_set(
                                 layer,
                                 i,
                                 part,
@@ -527,9 +572,18 @@ impl<B: Backend> ExpertExecutor<B> for RemoteExperts<B> {
                                 &mut load,
                                 turn,
                                 &mut tried,
-                            )?;
+                            ) {
+                                Ok(next) => s = next,
+                                Err(e) => {
+                                    lost.add(&part.rows, e);
+                                    break None;
+                                }
+                            }
                         }
                     }
+                };
+                let Some(partial) = partial else {
+                    continue;
                 };
                 for (j, &r) in part.rows.iter().enumerate() {
                     for (o, v) in out[r * h..(r + 1) * h]
@@ -540,7 +594,47 @@ impl<B: Backend> ExpertExecutor<B> for RemoteExperts<B> {
                     }
                 }
             }
+            lost.into_result()?;
             me.backend.act_from_host(rows, h, &out)
         })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dsv2_core::ExpertRows;
+
+    #[test]
+    fn compact_names_runs_and_lists() {
+        assert_eq!(compact(&[15]), "15");
+        assert_eq!(compact(&[4, 5, 6, 7]), "4-7");
+        assert_eq!(compact(&[5, 3]), "[5, 3]");
+        assert_eq!(compact(&[0, 5, 2]), "[0, 5, 2]");
+        assert_eq!(compact(&[]), "[]");
+    }
+
+    #[test]
+    fn lost_sets_fail_only_their_rows() {
+        assert!(Lost::default().into_result().is_ok());
+        let mut lost = Lost::default();
+        lost.add(
+            &[4, 1],
+            CoreError::experts("no live shard hosts experts 8-11"),
+        );
+        lost.add(
+            &[1, 7],
+            CoreError::experts("no live shard hosts experts 12-15"),
+        );
+        match lost.into_result() {
+            Err(CoreError::Experts { msg, rows }) => {
+                assert_eq!(rows, ExpertRows::Only(vec![1, 4, 7]));
+                assert_eq!(
+                    msg,
+                    "no live shard hosts experts 8-11; 1 more expert set unreachable"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -11,7 +11,9 @@ pub fn from_core(e: &CoreError) -> Status {
     match e {
         CoreError::InvalidInput(m) => Status::invalid_argument(m.clone()),
         CoreError::Tokenizer(m) => Status::invalid_argument(format!("tokenizer: {m}")),
-        CoreError::Experts(m) => Status::unavailable(format!("expert shards unavailable: {m}")),
+        CoreError::Experts { msg, .. } => {
+            Status::unavailable(format!("expert shards unavailable: {msg}"))
+        }
         CoreError::Cache(m) => Status::resource_exhausted(format!("KV cache: {m}")),
         other => Status::internal(other.to_string()),
     }
@@ -75,10 +77,7 @@ mod tests {
         assert_eq!(st(from_core(&CoreError::InvalidInput("x".into()))), 400);
         assert_eq!(st(queue_full(4)), 429);
         assert_eq!(st(from_core(&CoreError::Cache("full".into()))), 429);
-        assert_eq!(
-            st(from_core(&CoreError::Experts("shard 1 gone".into()))),
-            503
-        );
+        assert_eq!(st(from_core(&CoreError::experts("shard 1 gone"))), 503);
         assert_eq!(st(from_failure(FailKind::Unavailable, "x")), 503);
         assert_eq!(st(shutting_down()), 503);
         assert_eq!(st(from_failure(FailKind::DeadlineExceeded, "x")), 504);
