@@ -253,8 +253,12 @@ impl Backend for Watch {
     type Weight = <CpuBackend as Backend>::Weight;
     type Act = <CpuBackend as Backend>::Act;
     type Cache = <CpuBackend as Backend>::Cache;
+    type HostBlocks = <CpuBackend as Backend>::HostBlocks;
     fn name(&self) -> String {
         "cpu (watched writes)".into()
+    }
+    fn host_block_bytes(&self, c: &ModelConfig, b: usize) -> usize {
+        self.cpu.host_block_bytes(c, b)
     }
     fn weight(&self, t: &TensorRef) -> Result<Self::Weight> {
         self.cpu.weight(t)
