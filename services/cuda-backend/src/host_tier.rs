@@ -26,9 +26,11 @@ use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
     LaunchConfig, PinnedHostSlice, PushKernelArg, sys,
 };
+use cudarc::nvrtc::Ptx;
 use dsv2_core::backend::BlockCopy;
 use dsv2_core::config::ModelConfig;
 use dsv2_core::error::Result;
+use dsv2_kernels::compile::{self, CompileConfig};
 
 use crate::{CudaBackend, CudaCache, Kx, err};
 
@@ -139,23 +141,29 @@ impl CudaHostBlocks {
         block_size: usize,
         max_slots: usize,
     ) -> Result<Self> {
-        if !dsv2_kernels::compile::nvrtc_available() {
-            return Err(err(
-                "the host tier's copy kernels need NVRTC (libnvrtc.so could not be loaded)",
-            ));
-        }
+        // Compiled and cached like every other kernel of the process (dsv2_kernels::compile),
+        // with the defaults `open` gives the device.
+        let compile = CompileConfig {
+            arch: compile::DEFAULT_ARCH.to_string(),
+            include_dir: compile::find_cuda_include(None).kx()?,
+            cache_dir: Some(compile::default_cache_dir()),
+            driver_version: backend.gpu.driver_version,
+        };
+        let (cubin, _) = compile::cubin_for(&compile, "host_tier.cu", SRC).kx()?;
         let _g = backend.lock()?;
         let ctx = backend.gpu.ctx.clone();
         let stream = ctx.new_stream().kx()?;
-        let ptx = cudarc::nvrtc::compile_ptx(SRC)
-            .map_err(|e| err(format!("compiling the host tier's copy kernels: {e}")))?;
-        let module = ctx.load_module(ptx).kx()?;
+        let module = ctx.load_module(Ptx::from_binary(cubin)).kx()?;
         let layer_bytes = layer_block_bytes(cfg, block_size);
         let bytes = cfg.num_hidden_layers * layer_bytes;
         if bytes == 0 {
             return Err(err("a cache block of 0 bytes"));
         }
-        let word_bytes = if layer_bytes.is_multiple_of(16) { 16 } else { 2 };
+        let word_bytes = if layer_bytes.is_multiple_of(16) {
+            16
+        } else {
+            2
+        };
         let suffix = if word_bytes == 16 { "u4" } else { "u2" };
         Ok(CudaHostBlocks {
             gather: module
