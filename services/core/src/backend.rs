@@ -195,6 +195,13 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether imports run beside the steps issued after them until awaited (a GPU's copy
+    /// stream). When not (the CPU copies before `import_blocks` returns), the engine does not
+    /// hold a request back a step for its copies.
+    fn imports_overlap_steps(&self) -> bool {
+        false
+    }
+
     /// Blocks the calling thread until every copy issued on `host` is done (for measurements).
     fn sync_host_blocks(&self, host: &mut Self::HostBlocks) -> Result<()> {
         let _ = host;

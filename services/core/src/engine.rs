@@ -8,8 +8,9 @@
 //!
 //! With the host tier on, blocks of that prefix that the device evicted come back from host
 //! memory into blocks of the request's own: admitted like computed ones (a device block each, no
-//! prefill). The copies back are issued at admission and the request sits out the step they are
-//! issued in, which runs beside them, unless nothing else is ready to run (then the step waits).
+//! prefill). The copies back are issued at admission; where they overlap steps (a GPU), the
+//! request sits out the step they are issued in, which runs beside them, unless nothing else is
+//! ready to run (then the step waits for them).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -498,8 +499,9 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Orders the copies back from the host tier before this step when they were issued in an
-    /// earlier step (they have had that step to run), or when no request that does not wait for
-    /// them has anything to compute (running the step without them would only idle).
+    /// earlier step (they have had that step to run), when no request that does not wait for
+    /// them has anything to compute (running the step without them would only idle), or when
+    /// the backend's copies do not overlap steps anyway.
     fn await_imports_if_due(&mut self) {
         if !self.cache.has_imports_in_flight() {
             return;
@@ -508,7 +510,9 @@ impl<B: Backend> Engine<B> {
             .running
             .iter()
             .any(|s| s.computed < s.tokens.len() && !self.reads_importing(s));
-        if (self.imports_issued_at < self.stats.steps || !others_ready)
+        if (self.imports_issued_at < self.stats.steps
+            || !others_ready
+            || !self.model.backend.imports_overlap_steps())
             && let Err(e) = self.cache.await_imports(&*self.model.backend)
         {
             self.fail_lost(e);

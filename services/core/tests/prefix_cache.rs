@@ -346,6 +346,9 @@ impl Backend for Watch {
         st.importing.extend(copies.iter().map(|c| c.block));
         Ok(())
     }
+    fn imports_overlap_steps(&self) -> bool {
+        true
+    }
     fn await_imports(&self, host: &mut LateHostBlocks, cache: &mut Self::Cache) -> Result<()> {
         for (mut read, into) in host.late.drain(..) {
             self.cpu.import_blocks(&mut read, cache, &into)?;

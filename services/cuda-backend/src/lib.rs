@@ -736,6 +736,9 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         host.import(self, cache, copies)
     }
+    fn imports_overlap_steps(&self) -> bool {
+        true
+    }
     fn await_imports(&self, host: &mut Self::HostBlocks, _cache: &mut CudaCache) -> Result<()> {
         host.await_imports(self)
     }
