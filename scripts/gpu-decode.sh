@@ -22,6 +22,10 @@
 #            prefill of 64 distinct 512-token prompts and time to first token of one 4096-token
 #            prompt; on the 4-layer DeepSeek-V2 (and the per-expert cuBLAS loop at c=64 to
 #            compare) and on DeepSeek-V2-Lite (27 layers)
+#   host-tier  the prefix cache's host tier (issue 15): restore from pinned host memory vs
+#            recompute (prefill) of 256..16384-token prefixes, the restored blocks checked against
+#            the originals, and the engine with a too-small device cache + host tier against one
+#            that keeps everything (`dsv2 bench --host-restore`); 4-layer V2, then V2-Lite (27)
 # Build here with scripts/build-gpubin.sh; on the device: BIN=.gpubin bash scripts/gpu-decode.sh.
 # Sections run in the order of SECTIONS while the elapsed time stays under BUDGET_S; logs in $OUT.
 set -uo pipefail
@@ -237,6 +241,21 @@ PYEOF
         ROUTER_ARGS="--kv-cache-blocks 16384 --max-running 256 --max-queue 2048" \
         timeout -k 5 200 bash bench/prefix_cache.sh >"$OUT_DIR/prefix.log" 2>&1 || { echo "prefix cache bench FAILED"; fail=1; }
       grep -iE "===|time to first|average|tokens/s|prefix_cache|cached_blocks|engine_steps" "$OUT_DIR/prefix.log" | head -30 ;;
+    host-tier)
+      # issue 15's host tier: restore vs recompute for 2K and 16K prefixes (and the lengths
+      # between, to see from where restoring pays), then the engine check; per-layer bytes are
+      # those of the full model, so the restore time scales with layers, as the prefill does
+      for m in deepseek-v2:4 deepseek-v2-lite:27; do
+        preset=${m%:*} layers=${m#*:}
+        dir=/tmp/gd-$preset-$layers
+        mkdir -p "$dir"
+        "$BIN/dsv2" init-random --preset "$preset" --layers "$layers" --config-only --out "$dir" --seed 1 >/dev/null 2>&1
+        echo "-- $preset, $layers layers"
+        timeout -k 5 200 "$BIN/dsv2" bench --device cuda:0 --model-dir "$dir" --random-weights 1 \
+          --host-restore "${HOST_RESTORE_LENS:-256,512,1024,2048,4096,8192,16384}" --runs 3 \
+          --json "$OUT_DIR/host-restore-$preset-$layers.json" 2>"$OUT_DIR/host-restore-$preset-$layers.err" \
+          || { echo "host-tier bench FAILED ($preset)"; tail -5 "$OUT_DIR/host-restore-$preset-$layers.err"; fail=1; }
+      done ;;
     bench)
       # in-process decode and prefill of distinct prompts against the roofline (dsv2 bench)
       LIMIT_S="${BENCH_LIMIT_S:-150}" OUT=/tmp/gd-bench bash scripts/gpu-bench.sh ;;

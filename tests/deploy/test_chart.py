@@ -572,6 +572,16 @@ def test_router_limits_reach_the_router_flags(tmp_path, timeout, flag):
 
 
 @needs_helm
+@pytest.mark.parametrize("gb,flag", [(0.5, "0.5"), (16, "16"), (0, "0")])
+def test_host_cache_reaches_the_router_flag(tmp_path, gb, flag):
+    # --host-cache-gb takes fractions (0 = no host tier); unset leaves the router's default
+    f = tmp_path / "host.yaml"
+    f.write_text(f"router:\n  hostCacheGb: {gb}\n")
+    assert flag_values(router_args(render("-f", str(TINY), "-f", str(f))), "--host-cache-gb") == [flag]
+    assert flag_values(router_args(render("-f", str(TINY))), "--host-cache-gb") == []
+
+
+@needs_helm
 def test_router_serves_the_http_api_on_a_named_port_the_service_exposes(tmp_path):
     docs = render("-f", str(TINY))
     dep, svc = one(docs, "Deployment", ROUTER), one(docs, "Service", ROUTER)
@@ -608,6 +618,8 @@ def test_router_serves_the_http_api_on_a_named_port_the_service_exposes(tmp_path
     ("experts:\n  replicas: two\n", "replicas"),
     ("router:\n  requestTimeoutSeconds: -1\n", "requestTimeoutSeconds"),
     ("router:\n  maxConcurrent: 0\n", "maxConcurrent"),
+    ("router:\n  hostCacheGb: -1\n", "hostCacheGb"),
+    ("router:\n  hostCacheGb: lots\n", "hostCacheGb"),
     ("tracing:\n  otlpEndpoint: otel-collector:4317\n", "otlpEndpoint"),
     ("tracing:\n  endpoint: http://x:4317\n", "endpoint"),
 ])

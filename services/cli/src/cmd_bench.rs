@@ -2,6 +2,7 @@
 //! beside the roofline of this device (copy bandwidth and GEMM rate measured in the same process).
 
 mod cost;
+mod host_restore;
 mod measure;
 mod probe;
 mod prompts;
@@ -41,6 +42,9 @@ run: on cuda a 1 GiB device-to-device copy and a cuBLAS bf16 8192^3 GEMM, on cpu
 memcpy and a 1024^3 GEMM through the backend's matmul, over its threads.\n\n\
 Copies of one prompt (all rows route to the same experts, which hides the MoE cost) only with \
 --same-prompt, and the output says so.\n\n\
+With --host-restore LENS it measures the prefix cache's host tier instead: per prefix length, \
+the prefill of the prefix against copying its cache blocks to host memory and back (what a hit \
+in the host tier costs instead), and checks that the restored blocks give the same logits.\n\n\
 Examples: `dsv2 bench --batch 1,8 --context 64,256` (the tiny model on the CPU); \
 `dsv2 bench --device cuda:0 --model-dir DIR --random-weights 1 --json bench.json` (the \
 defaults: batch 1, 8, 64, 256 x context 512, 4096).";
@@ -109,6 +113,19 @@ pub struct Args {
     /// expert ids on the device).
     #[arg(long, default_value_t = 4)]
     probe_steps: usize,
+    /// Instead of the decode/prefill bench, time the prefix cache's host tier for these prefix
+    /// lengths (tokens, comma-separated, cut to whole blocks of 16): the prefill of the prefix
+    /// (the recompute a host-tier hit saves), the copy of its blocks to host memory and the copy
+    /// back into other blocks, all in one batch as the engine issues them; then checks that a
+    /// decode step over the restored blocks gives the same logits. Takes --runs (median),
+    /// --prefill-tokens, --seed, --json.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "TOKENS",
+        conflicts_with = "prompts"
+    )]
+    host_restore: Option<Vec<usize>>,
     /// Small ceilings measurement (tests only: not a real ceiling).
     #[arg(long, hide = true)]
     quick_ceilings: bool,
@@ -130,7 +147,61 @@ pub fn run(a: Args) -> Result<()> {
     if a.runs == 0 || a.prefill_tokens == 0 {
         bail!("--runs and --prefill-tokens must be at least 1");
     }
+    if let Some(lens) = &a.host_restore {
+        if lens.is_empty() {
+            bail!("--host-restore: give at least one prefix length");
+        }
+        return crate::on_device!(a.device, |backend| host_restore_on(&a, lens, backend));
+    }
     crate::on_device!(a.device, |backend| run_on(&a, backend))
+}
+
+fn host_restore_on<B: Backend>(a: &Args, lens: &[usize], backend: Arc<B>) -> Result<()> {
+    let loaded = load_with(&a.model_dir, backend.clone(), a.random_weights)?;
+    let cfg = &loaded.model.cfg;
+    let mut special: Vec<u32> = cfg.eos_token_ids.clone();
+    special.extend(cfg.bos_token_id);
+    let plan = host_restore::Plan {
+        lens,
+        runs: a.runs,
+        prefill_tokens: a.prefill_tokens,
+        seed: a.seed,
+        special: &special,
+    };
+    let rows = host_restore::run(&loaded.model, &*loaded.experts, &plan)?;
+    let prefix = 256.min(cfg.max_position_embeddings / 2);
+    let check = host_restore::engine_check(
+        &loaded.model,
+        loaded.experts.clone(),
+        prefix,
+        a.seed,
+        &special,
+    )?;
+    let table = host_restore::table(&backend.name(), &rows) + &check.line();
+    let json = serde_json::json!({
+        "backend": backend.name(),
+        "device": a.device,
+        "model_dir": loaded.dir.display().to_string(),
+        "random_weights": a.random_weights,
+        "layers": cfg.num_hidden_layers,
+        "runs": a.runs,
+        "prefill_tokens": a.prefill_tokens,
+        "host_restore": rows.iter().map(host_restore::Row::json).collect::<Vec<_>>(),
+        "engine_check": check.json(),
+    });
+    match a.json.as_deref() {
+        Some("-") => {
+            eprint!("{table}");
+            println!("{json}");
+        }
+        Some(path) => {
+            print!("{table}");
+            std::fs::write(path, format!("{json:#}\n"))
+                .with_context(|| format!("--json: cannot write {path}"))?;
+        }
+        None => print!("{table}"),
+    }
+    Ok(())
 }
 
 fn run_on<B: Backend>(a: &Args, backend: Arc<B>) -> Result<()> {

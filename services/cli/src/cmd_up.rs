@@ -43,6 +43,10 @@ pub struct Args {
     /// Start the router with --no-prefix-cache (every request prefills its whole prompt).
     #[arg(long)]
     no_prefix_cache: bool,
+    /// The router's --host-cache-gb: GiB of host memory for cached KV blocks the device evicts
+    /// (default: the router's, off on the CPU).
+    #[arg(long, value_name = "GIB")]
+    host_cache_gb: Option<String>,
     /// Answer this prompt once the cluster is up, print the answer, then stop everything.
     #[arg(long)]
     prompt: Option<String>,
@@ -234,6 +238,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     if a.no_prefix_cache {
         cmd.arg("--no-prefix-cache");
+    }
+    if let Some(gb) = &a.host_cache_gb {
+        cmd.args(["--host-cache-gb", gb]);
     }
     if a.http_listen != "off" {
         cmd.args(["--http-listen", &a.http_listen]);

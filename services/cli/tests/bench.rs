@@ -259,3 +259,49 @@ fn a_context_beyond_the_model_is_skipped_with_the_reason() {
     assert_eq!(v["results"].as_array().unwrap().len(), 1);
     assert_eq!(v["skipped"][0]["context"], 4096);
 }
+
+#[test]
+fn host_restore_times_restore_against_prefill_and_checks_the_restored_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("host.json");
+    let (ok, out, err) = dsv2(&[
+        "bench",
+        "--model-dir",
+        "tiny-random",
+        "--host-restore",
+        "16,70",
+        "--runs",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("restore/pf"), "{out}");
+    assert!(out.contains("restoring "), "{out}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = v["host_restore"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    // 70 tokens are cut to whole blocks: 64
+    assert_eq!(
+        (
+            num(&rows[0], "prefix_tokens"),
+            num(&rows[1], "prefix_tokens")
+        ),
+        (16.0, 64.0)
+    );
+    assert_eq!(num(&rows[1], "blocks"), 4.0);
+    for r in rows {
+        assert_eq!(num(r, "max_abs_logit_diff"), 0.0);
+        for k in ["prefill_ms", "save_ms", "restore_ms", "restore_gb_per_s"] {
+            assert!(num(r, k) > 0.0, "{k}: {r}");
+        }
+    }
+    assert_eq!(
+        num(&rows[1], "bytes"),
+        4.0 * num(&rows[0], "bytes"),
+        "bytes are blocks × block bytes"
+    );
+    // less than a block is refused, naming the flag
+    let (ok, _, err) = dsv2(&["bench", "--model-dir", "tiny-random", "--host-restore", "8"]);
+    assert!(!ok && err.contains("--host-restore"), "{err}");
+}

@@ -103,6 +103,14 @@ pub struct Ceilings {
     pub cache_elem_bytes: usize,
 }
 
+/// One block's copy between the latent cache and host memory (the prefix cache's host tier):
+/// device cache block `block` and host slot `slot`, each holding every layer of the block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockCopy {
+    pub block: u32,
+    pub slot: u32,
+}
+
 pub trait Backend: Send + Sync + 'static {
     /// A weight tensor resident where this backend computes.
     type Weight: Send + Sync;
@@ -110,6 +118,10 @@ pub trait Backend: Send + Sync + 'static {
     type Act: Send + Sync;
     /// The latent KV cache storage of all layers.
     type Cache: Send;
+    /// Host memory holding copies of latent cache blocks, in slots of one block (every layer):
+    /// the prefix cache's host tier (kv_cache/host.rs). Page-locked on a GPU, so that copies run
+    /// asynchronously on a DMA engine.
+    type HostBlocks: Send;
 
     fn name(&self) -> String;
 
@@ -122,6 +134,79 @@ pub trait Backend: Send + Sync + 'static {
         num_blocks: usize,
         block_size: usize,
     ) -> Result<Self::Cache>;
+
+    /// Bytes one cache block (every layer) takes in host memory: sizes the host tier.
+    fn host_block_bytes(&self, cfg: &ModelConfig, block_size: usize) -> usize;
+
+    /// Host memory for up to `max_slots` blocks of a cache made by `new_cache(cfg, _,
+    /// block_size)`, allocated as slots are first written (a tier of many GB costs nothing until
+    /// it fills).
+    fn new_host_blocks(
+        &self,
+        cfg: &ModelConfig,
+        block_size: usize,
+        max_slots: usize,
+    ) -> Result<Self::HostBlocks> {
+        let _ = (cfg, block_size, max_slots);
+        Err(CoreError::Backend {
+            backend: self.name(),
+            msg: "has no host tier for the KV cache".into(),
+        })
+    }
+
+    /// Copies each `copies[i].block` of `cache` into host slot `copies[i].slot`. May return
+    /// before the copies are done, but they see every step issued before, and every step issued
+    /// after (which may overwrite those blocks) waits for them. Slots are distinct.
+    fn export_blocks(
+        &self,
+        cache: &Self::Cache,
+        host: &mut Self::HostBlocks,
+        copies: &[BlockCopy],
+    ) -> Result<()> {
+        let _ = (cache, host, copies);
+        Err(CoreError::Backend {
+            backend: self.name(),
+            msg: "has no host tier for the KV cache".into(),
+        })
+    }
+
+    /// Copies each host slot `copies[i].slot` into `copies[i].block` of `cache`, after every
+    /// export issued before (a slot may have been written by one). May return before the copies
+    /// are done and, unlike an export, need not be ordered before later steps until
+    /// [`Backend::await_imports`]: a GPU runs them beside the next step, which must not read those
+    /// blocks. Blocks are distinct.
+    fn import_blocks(
+        &self,
+        host: &mut Self::HostBlocks,
+        cache: &mut Self::Cache,
+        copies: &[BlockCopy],
+    ) -> Result<()> {
+        let _ = (cache, host, copies);
+        Err(CoreError::Backend {
+            backend: self.name(),
+            msg: "has no host tier for the KV cache".into(),
+        })
+    }
+
+    /// Orders every import issued so far before any step issued after this call (a GPU makes
+    /// its compute stream wait for the copies; the host does not block).
+    fn await_imports(&self, host: &mut Self::HostBlocks, cache: &mut Self::Cache) -> Result<()> {
+        let _ = (cache, host);
+        Ok(())
+    }
+
+    /// Whether imports run beside the steps issued after them until awaited (a GPU's copy
+    /// stream). When not (the CPU copies before `import_blocks` returns), the engine does not
+    /// hold a request back a step for its copies.
+    fn imports_overlap_steps(&self) -> bool {
+        false
+    }
+
+    /// Blocks the calling thread until every copy issued on `host` is done (for measurements).
+    fn sync_host_blocks(&self, host: &mut Self::HostBlocks) -> Result<()> {
+        let _ = host;
+        Ok(())
+    }
 
     fn act_from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Act>;
     fn act_to_host(&self, a: &Self::Act) -> Result<Vec<f32>>;

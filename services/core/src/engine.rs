@@ -5,13 +5,19 @@
 //! running request can never run out of cache and nothing is ever preempted. With the prefix
 //! cache on, a request takes the cached blocks of its prompt's longest cached prefix by reference
 //! and reserves and prefills only the rest.
+//!
+//! With the host tier on, blocks of that prefix that the device evicted come back from host
+//! memory into blocks of the request's own: admitted like computed ones (a device block each, no
+//! prefill). The copies back are issued at admission; where they overlap steps (a GPU), the
+//! request sits out the step they are issued in, which runs beside them, unless nothing else is
+//! ready to run (then the step waits for them).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::backend::{AttnMode, Backend, SeqChunk};
 use crate::error::{CoreError, ExpertRows, Result};
-use crate::kv_cache::{BlockTable, KvCache};
+use crate::kv_cache::{BlockTable, KvCache, TransferError};
 use crate::model::{ExpertExecutor, Model, StepInput};
 use crate::sampling::{Sampler, SamplingParams, log_softmax, top_n};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
@@ -27,6 +33,9 @@ pub struct EngineConfig {
     pub attn_mode: AttnMode,
     /// Share the full cache blocks of common prompt prefixes between requests (kv_cache.rs).
     pub prefix_cache: bool,
+    /// Bytes of host memory for cached blocks the device evicts (kv_cache/host.rs); 0: none.
+    /// Only with `prefix_cache`.
+    pub host_cache_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -38,6 +47,7 @@ impl Default for EngineConfig {
             max_running: 64,
             attn_mode: AttnMode::Auto,
             prefix_cache: true,
+            host_cache_bytes: 0,
         }
     }
 }
@@ -220,6 +230,11 @@ pub struct Engine<B: Backend> {
     pub stats: EngineStats,
     /// What the last `step` ran (zero before the first).
     pub last_step: StepShape,
+    /// Events of requests that failed outside a step (a copy from the host tier), for the next
+    /// `step` to return.
+    pending: Vec<EngineEvent>,
+    /// `stats.steps` when copies back from the host tier were last issued.
+    imports_issued_at: u64,
 }
 
 /// The batch of one step: sequences in it and tokens computed (decode rows + prefill chunks),
@@ -240,6 +255,8 @@ pub struct EngineStats {
     pub prefix_cache_queried_tokens: u64,
     /// Of those, tokens found cached (not prefilled).
     pub prefix_cache_hit_tokens: u64,
+    /// Of those, tokens copied back from the host tier.
+    pub host_cache_hit_tokens: u64,
 }
 
 impl<B: Backend> Engine<B> {
@@ -256,6 +273,19 @@ impl<B: Backend> Engine<B> {
         }
         let mut cache = model.new_cache(cfg.num_blocks, cfg.block_size)?;
         cache.set_prefix_cache(cfg.prefix_cache);
+        if cfg.host_cache_bytes > 0 {
+            if cfg.prefix_cache {
+                let blocks =
+                    cache.set_host_tier(&*model.backend, &model.cfg, cfg.host_cache_bytes)?;
+                tracing::info!(
+                    blocks,
+                    block_bytes = cache.host_block_bytes(),
+                    "host tier of the prefix cache"
+                );
+            } else {
+                tracing::warn!("the prefix cache is off, so it has no host tier");
+            }
+        }
         Ok(Engine {
             model,
             experts,
@@ -266,6 +296,8 @@ impl<B: Backend> Engine<B> {
             running: Vec::new(),
             stats: EngineStats::default(),
             last_step: StepShape::default(),
+            pending: Vec::new(),
+            imports_issued_at: 0,
         })
     }
 
@@ -413,7 +445,7 @@ impl<B: Backend> Engine<B> {
                 break;
             };
             let need = seq.req.prompt.len() + seq.req.params.max_new_tokens;
-            let Some(hit) = self
+            let Some(got) = self
                 .cache
                 .admit(&mut seq.table, &seq.req.prompt, need, cacheable)
             else {
@@ -422,14 +454,70 @@ impl<B: Backend> Engine<B> {
             };
             if on {
                 self.stats.prefix_cache_queried_tokens += seq.req.prompt.len() as u64;
-                self.stats.prefix_cache_hit_tokens += hit as u64;
+                self.stats.prefix_cache_hit_tokens += got.cached_tokens as u64;
+                self.stats.host_cache_hit_tokens += got.restored_tokens as u64;
             }
-            seq.computed = hit;
-            seq.cached = hit;
+            if got.restored_tokens > 0 {
+                self.imports_issued_at = self.stats.steps;
+            }
+            seq.computed = got.cached_tokens;
+            seq.cached = got.cached_tokens;
             admitted.push(seq.req.id);
             self.running.push(seq);
         }
+        // One batch of copies to and from the host tier for everything admitted this round.
+        if let Err(e) = self.cache.flush_transfers(&*self.model.backend) {
+            self.fail_lost(e);
+        }
         admitted
+    }
+
+    /// Fails the running requests that hold a block a failed host-tier copy left unknown.
+    fn fail_lost(&mut self, e: TransferError) {
+        let message = format!("restoring cached blocks from host memory: {}", e.error);
+        tracing::warn!(%message, blocks = e.lost_blocks.len(), "host tier copy failed");
+        let lost = |s: &Seq| s.table.blocks.iter().any(|b| e.lost_blocks.contains(b));
+        let mut i = 0;
+        while i < self.running.len() {
+            if lost(&self.running[i]) {
+                let mut s = self.running.remove(i);
+                self.cache.release(&mut s.table);
+                self.pending.push(EngineEvent::Failed {
+                    id: s.req.id,
+                    kind: FailKind::Internal,
+                    message: message.clone(),
+                });
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Whether `s` holds a block that a copy from the host may still be writing.
+    fn reads_importing(&self, s: &Seq) -> bool {
+        self.cache.has_imports_in_flight()
+            && s.table.blocks.iter().any(|&b| self.cache.is_importing(b))
+    }
+
+    /// Orders the copies back from the host tier before this step when they were issued in an
+    /// earlier step (they have had that step to run), when no request that does not wait for
+    /// them has anything to compute (running the step without them would only idle), or when
+    /// the backend's copies do not overlap steps anyway.
+    fn await_imports_if_due(&mut self) {
+        if !self.cache.has_imports_in_flight() {
+            return;
+        }
+        let others_ready = self
+            .running
+            .iter()
+            .any(|s| s.computed < s.tokens.len() && !self.reads_importing(s));
+        if (self.imports_issued_at < self.stats.steps
+            || !others_ready
+            || !self.model.backend.imports_overlap_steps())
+            && let Err(e) = self.cache.await_imports(&*self.model.backend)
+        {
+            self.fail_lost(e);
+        }
     }
 
     /// Whether a running request is computing full blocks of `prompt` that the prefix cache
@@ -458,10 +546,19 @@ impl<B: Backend> Engine<B> {
     pub fn step(&mut self) -> Vec<EngineEvent> {
         self.last_step = StepShape::default();
         self.admit();
+        self.await_imports_if_due();
+        let mut events = std::mem::take(&mut self.pending);
+        events.extend(self.run_scheduled());
+        events
+    }
+
+    /// Plans this step (decode rows first, then prefill chunks, under the token budget) and runs it.
+    fn run_scheduled(&mut self) -> Vec<EngineEvent> {
         if self.running.is_empty() {
             return vec![];
         }
-        // Decode tokens first (one row each), then prefill chunks, under the token budget.
+        // Decode tokens first (one row each), then prefill chunks, under the token budget;
+        // requests whose blocks are still coming from the host wait for the next step.
         let mut budget = self.cfg.max_batch_tokens;
         let mut plan: Vec<(usize, usize)> = Vec::new(); // (running index, tokens this step)
         let mut order: Vec<usize> = (0..self.running.len()).collect();
@@ -469,11 +566,14 @@ impl<B: Backend> Engine<B> {
         for i in order {
             let s = &self.running[i];
             let take = (s.tokens.len() - s.computed).min(budget);
-            if take == 0 {
+            if take == 0 || self.reads_importing(s) {
                 continue;
             }
             budget -= take;
             plan.push((i, take));
+        }
+        if plan.is_empty() {
+            return vec![];
         }
         self.last_step = StepShape {
             sequences: plan.len(),
@@ -1018,8 +1118,12 @@ mod tests {
         type Weight = <CpuBackend as Backend>::Weight;
         type Act = <CpuBackend as Backend>::Act;
         type Cache = <CpuBackend as Backend>::Cache;
+        type HostBlocks = <CpuBackend as Backend>::HostBlocks;
         fn name(&self) -> String {
             "cpu (a device path of the engine)".into()
+        }
+        fn host_block_bytes(&self, c: &crate::ModelConfig, b: usize) -> usize {
+            CpuBackend.host_block_bytes(c, b)
         }
         fn weight(&self, t: &TensorRef) -> Result<Self::Weight> {
             CpuBackend.weight(t)

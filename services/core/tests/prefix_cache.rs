@@ -5,6 +5,10 @@
 //! does not share; no step writes into a cached block; and a cache too small for everything
 //! evicts without losing a request.
 //!
+//! The host tier too: with a device cache too small to keep the prefixes, blocks come back from
+//! host memory instead of being prefilled, with the same outputs; a host tier too small for them
+//! evicts without losing a request; and no step reads a block before its copy back is awaited.
+//!
 //! Logprobs are compared to 1e-4, as in engine_batching.rs: a request that takes a cached prefix
 //! computes its suffix in chunks of other shapes, and the CPU matmul picks its path by row count,
 //! so the last bits may differ (as they do between chunked and unchunked prefill).
@@ -14,8 +18,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use dsv2_core::ModelConfig;
-use dsv2_core::backend::{AttnBatch, AttnWeights, Backend, ExpertBank, MlpWeights};
-use dsv2_core::cpu::CpuBackend;
+use dsv2_core::backend::{AttnBatch, AttnWeights, Backend, BlockCopy, ExpertBank, MlpWeights};
+use dsv2_core::cpu::{CpuBackend, CpuHostBlocks};
 use dsv2_core::engine::{
     Completion, Engine, EngineConfig, GenerateParams, SeqRequest, run_to_completion,
 };
@@ -236,6 +240,10 @@ fn eviction_under_memory_pressure_loses_no_request() {
 
 /// The CPU backend, checking every attention call's writes: none may land in a block the test
 /// marked cached before the step. It also counts reads of such blocks, to show sharing happened.
+///
+/// Its host tier copies back the way a GPU does, late: `import_blocks` only reads the host slots,
+/// the blocks are written in `await_imports`. A step that read them before would see what they
+/// held before (and is recorded).
 #[derive(Default)]
 struct Watch {
     cpu: CpuBackend,
@@ -247,14 +255,106 @@ struct WatchState {
     cached: HashSet<u32>,
     writes_into_cached: Vec<String>,
     reads_of_cached: usize,
+    /// Blocks whose copy back is issued and not yet awaited.
+    importing: HashSet<u32>,
+    reads_of_importing: Vec<String>,
+    /// Steps (layer 0's attention) that ran while copies back were in flight.
+    steps_beside_imports: usize,
+    exports_of_importing: usize,
+    /// Every copy back fails.
+    fail_imports: bool,
+}
+
+/// Host slots, and the copies back not yet written: (what was read from the slots, into which
+/// blocks).
+struct LateHostBlocks {
+    slots: CpuHostBlocks,
+    cfg: ModelConfig,
+    block_size: usize,
+    late: Vec<(CpuHostBlocks, Vec<BlockCopy>)>,
 }
 
 impl Backend for Watch {
     type Weight = <CpuBackend as Backend>::Weight;
     type Act = <CpuBackend as Backend>::Act;
     type Cache = <CpuBackend as Backend>::Cache;
+    type HostBlocks = LateHostBlocks;
     fn name(&self) -> String {
         "cpu (watched writes)".into()
+    }
+    fn host_block_bytes(&self, c: &ModelConfig, b: usize) -> usize {
+        self.cpu.host_block_bytes(c, b)
+    }
+    fn new_host_blocks(&self, c: &ModelConfig, b: usize, slots: usize) -> Result<LateHostBlocks> {
+        Ok(LateHostBlocks {
+            slots: self.cpu.new_host_blocks(c, b, slots)?,
+            cfg: c.clone(),
+            block_size: b,
+            late: Vec::new(),
+        })
+    }
+    fn export_blocks(
+        &self,
+        cache: &Self::Cache,
+        host: &mut LateHostBlocks,
+        copies: &[BlockCopy],
+    ) -> Result<()> {
+        let mut st = self.state.lock().unwrap();
+        st.exports_of_importing += copies
+            .iter()
+            .filter(|c| st.importing.contains(&c.block))
+            .count();
+        self.cpu.export_blocks(cache, &mut host.slots, copies)
+    }
+    fn import_blocks(
+        &self,
+        host: &mut LateHostBlocks,
+        _cache: &mut Self::Cache,
+        copies: &[BlockCopy],
+    ) -> Result<()> {
+        if self.state.lock().unwrap().fail_imports {
+            return Err(dsv2_core::CoreError::Backend {
+                backend: self.name(),
+                msg: "copy back failed (test)".into(),
+            });
+        }
+        // Read the slots now (a later export may reuse them, as on a GPU's copy stream, which
+        // runs in order), through a scratch cache of one block per copy.
+        let n = copies.len();
+        let mut scratch = self.cpu.new_cache(&host.cfg, n, host.block_size)?;
+        let to_scratch: Vec<BlockCopy> = (0..n as u32)
+            .map(|i| BlockCopy {
+                block: i,
+                slot: copies[i as usize].slot,
+            })
+            .collect();
+        self.cpu
+            .import_blocks(&mut host.slots, &mut scratch, &to_scratch)?;
+        let mut read = self.cpu.new_host_blocks(&host.cfg, host.block_size, n)?;
+        let same: Vec<BlockCopy> = (0..n as u32)
+            .map(|i| BlockCopy { block: i, slot: i })
+            .collect();
+        self.cpu.export_blocks(&scratch, &mut read, &same)?;
+        let into = (0..n as u32)
+            .map(|i| BlockCopy {
+                block: copies[i as usize].block,
+                slot: i,
+            })
+            .collect();
+        host.late.push((read, into));
+        let mut st = self.state.lock().unwrap();
+        st.importing.extend(copies.iter().map(|c| c.block));
+        Ok(())
+    }
+    fn imports_overlap_steps(&self) -> bool {
+        true
+    }
+    fn await_imports(&self, host: &mut LateHostBlocks, cache: &mut Self::Cache) -> Result<()> {
+        for (mut read, into) in host.late.drain(..) {
+            self.cpu.import_blocks(&mut read, cache, &into)?;
+        }
+        self.state.lock().unwrap().importing.clear();
+        Ok(())
     }
     fn weight(&self, t: &TensorRef) -> Result<Self::Weight> {
         self.cpu.weight(t)
@@ -310,6 +410,18 @@ impl Backend for Watch {
             }
             let read = (0..s.pos0.div_ceil(bs)).filter(|&i| st.cached.contains(&s.blocks[i]));
             st.reads_of_cached += read.count();
+            for i in 0..s.pos0.div_ceil(bs) {
+                if st.importing.contains(&s.blocks[i]) {
+                    let msg = format!(
+                        "layer {layer}: block {} read before its copy back",
+                        s.blocks[i]
+                    );
+                    st.reads_of_importing.push(msg);
+                }
+            }
+        }
+        if layer == 0 && !st.importing.is_empty() {
+            st.steps_beside_imports += 1;
         }
         drop(st);
         self.cpu.attention(cfg, w, x, batch, cache, layer)
@@ -414,4 +526,257 @@ fn prompt_logprobs_after_the_skipped_tokens_come_with_a_cached_prefix() {
             assert!((x.logprob - y.logprob).abs() < 1e-4, "{what}");
         }
     }
+}
+
+/// `cfg` with a host tier of `blocks` blocks of the fixture model.
+fn with_host<B: Backend>(m: &Loaded<B>, mut cfg: EngineConfig, blocks: u64) -> EngineConfig {
+    cfg.host_cache_bytes = blocks * m.0.backend.host_block_bytes(&m.0.cfg, BS) as u64;
+    cfg
+}
+
+/// Four families of a 100-token prefix, four requests each, interleaved (as in the eviction test
+/// above): 105 + 8 tokens, 8 blocks, each.
+fn families() -> Vec<SeqRequest> {
+    let families: Vec<Vec<u32>> = (0..4).map(|f| tokens(30 + f, 100)).collect();
+    (0..16u64)
+        .map(|i| {
+            let f = &families[i as usize % 4];
+            request(i, cat(f, &tokens(40 + i as u32, 5)), 8)
+        })
+        .collect()
+}
+
+#[test]
+fn the_host_tier_brings_back_what_the_device_evicted_with_the_same_outputs() {
+    let reqs = families();
+    let reference = run_to_completion(
+        &mut engine(&load(CpuBackend), cfg(false, 256, 512)),
+        reqs.clone(),
+    )
+    .unwrap();
+    let watch = Watch::default();
+    let state = watch.state.clone();
+    let m = load(watch);
+    // Budget 48: requests finish one at a time, and the four families cycle through a device
+    // cache with room for three: without the host tier every prefix is evicted before its next
+    // use and nothing is hit.
+    for budget in [512, 48] {
+        let what = format!("budget {budget}");
+        let mut device_only = engine(&m, cfg(true, 24, budget));
+        let mut tiered = engine(&m, with_host(&m, cfg(true, 24, budget), 64));
+        let a = run_to_completion(&mut device_only, reqs.clone()).unwrap();
+        let b = run_to_completion(&mut tiered, reqs.clone()).unwrap();
+        for (i, ((a, b), r)) in a.iter().zip(&b).zip(&reference).enumerate() {
+            assert_same(a, r, &format!("{what}, device only, request {i}"));
+            assert_same(b, r, &format!("{what}, host tier, request {i}"));
+        }
+        let (d, t) = (&device_only.stats, &tiered.stats);
+        assert_eq!(d.host_cache_hit_tokens, 0);
+        assert!(
+            t.host_cache_hit_tokens > 0,
+            "{what}: the host tier was never hit"
+        );
+        assert!(
+            t.prefill_tokens < d.prefill_tokens,
+            "{what}: {} tokens prefilled with the host tier, {} without",
+            t.prefill_tokens,
+            d.prefill_tokens
+        );
+        // Restored tokens count as cached, in the stats and in each request's usage.
+        assert_eq!(
+            t.prefix_cache_hit_tokens,
+            b.iter().map(|c| c.cached_prompt_tokens as u64).sum::<u64>()
+        );
+        assert_eq!(
+            t.prefill_tokens + t.prefix_cache_hit_tokens,
+            reqs.iter().map(|r| r.prompt.len() as u64).sum::<u64>()
+        );
+        let hs = tiered.cache().host_stats();
+        assert_eq!(
+            hs.restored_blocks * BS as u64,
+            t.host_cache_hit_tokens,
+            "{what}"
+        );
+        assert!(tiered.cache().host_cached_blocks() > 0);
+        assert_eq!(
+            tiered.free_blocks(),
+            24,
+            "{what}: every block free or evictable again"
+        );
+    }
+    let st = state.lock().unwrap();
+    assert!(
+        st.reads_of_importing.is_empty(),
+        "{:?}",
+        st.reads_of_importing
+    );
+    assert_eq!(st.exports_of_importing, 0);
+}
+
+#[test]
+fn eviction_from_the_host_tier_under_pressure_loses_no_request() {
+    let reqs = families();
+    let m = load(CpuBackend);
+    let reference = run_to_completion(&mut engine(&m, cfg(false, 256, 512)), reqs.clone()).unwrap();
+    for budget in [512, 48] {
+        // A host tier of 8 blocks: one family's prefix (6 full blocks) and a little more.
+        let mut e = engine(&m, with_host(&m, cfg(true, 24, budget), 8));
+        assert_eq!(e.cache().host_capacity_blocks(), 8);
+        let out = run_to_completion(&mut e, reqs.clone()).unwrap();
+        for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
+            assert_same(a, b, &format!("budget {budget}, request {i}"));
+        }
+        let hs = e.cache().host_stats();
+        assert!(
+            hs.evicted_blocks > 0,
+            "budget {budget}: the host tier was never full"
+        );
+        assert!(e.cache().host_cached_blocks() <= 8);
+        let back: Vec<SeqRequest> = reqs.iter().rev().cloned().collect();
+        let again = run_to_completion(&mut e, back).unwrap();
+        for (a, b) in again.iter().rev().zip(&reference) {
+            assert_same(a, b, &format!("budget {budget}, second round"));
+        }
+    }
+}
+
+#[test]
+fn copies_back_run_beside_other_requests_and_are_awaited_before_a_read() {
+    let watch = Watch::default();
+    let state = watch.state.clone();
+    let m = load(watch);
+    let prefix = tokens(80, 100);
+    let p = request(1, cat(&prefix, &tokens(81, 5)), 8);
+    // 240 + 16 tokens: the whole device cache of 16 blocks, which evicts p's prefix to the host.
+    let filler = request(2, tokens(82, 240), 16);
+    let long = request(3, tokens(83, 10), 40);
+    let q = request(4, cat(&prefix, &tokens(84, 7)), 8);
+    let reference = {
+        let mut off = engine(&load(CpuBackend), cfg(false, 64, 512));
+        run_to_completion(
+            &mut off,
+            vec![p.clone(), filler.clone(), long.clone(), q.clone()],
+        )
+        .unwrap()
+    };
+    let mut e = engine(&m, with_host(&m, cfg(true, 16, 512), 64));
+    let first = run_to_completion(&mut e, vec![p.clone()]).unwrap();
+    run_to_completion(&mut e, vec![filler.clone()]).unwrap();
+    assert_eq!(
+        e.cache().cached_prefix_tokens(&q.prompt, usize::MAX),
+        96,
+        "on the host"
+    );
+    // `long` decodes while q's prefix comes back.
+    let mut events = Vec::new();
+    e.submit(long.clone()).unwrap();
+    for _ in 0..3 {
+        events.extend(e.step());
+    }
+    let prefilled = e.stats.prefill_tokens;
+    e.submit(q.clone()).unwrap();
+    while e.has_work() {
+        events.extend(e.step());
+    }
+    assert_eq!(
+        e.stats.prefill_tokens - prefilled,
+        q.prompt.len() as u64 - 96,
+        "q prefilled only its tail"
+    );
+    assert_eq!(e.stats.host_cache_hit_tokens, 96);
+    let done = |id: u64| -> Completion {
+        let mut c = Completion {
+            output_ids: vec![],
+            text: String::new(),
+            finish_reason: dsv2_core::engine::FinishReason::Length,
+            prompt_tokens: 0,
+            cached_prompt_tokens: 0,
+            logprobs: vec![],
+            prompt_logprobs: vec![],
+        };
+        for ev in &events {
+            match ev {
+                dsv2_core::engine::EngineEvent::Token {
+                    id: i,
+                    token,
+                    logprob,
+                    ..
+                } if *i == id => {
+                    c.output_ids.push(*token);
+                    c.logprobs.extend(logprob.clone());
+                }
+                dsv2_core::engine::EngineEvent::Finished {
+                    id: i,
+                    cached_prompt_tokens,
+                    ..
+                } if *i == id => {
+                    c.cached_prompt_tokens = *cached_prompt_tokens;
+                }
+                dsv2_core::engine::EngineEvent::Failed { message, .. } => panic!("{message}"),
+                _ => {}
+            }
+        }
+        c
+    };
+    assert_same(&first[0], &reference[0], "p");
+    assert_same(&done(3), &reference[2], "long");
+    let q_out = done(4);
+    assert_same(&q_out, &reference[3], "q, its prefix from the host");
+    assert_eq!(q_out.cached_prompt_tokens, 96);
+    let st = state.lock().unwrap();
+    assert!(
+        st.reads_of_importing.is_empty(),
+        "{:?}",
+        st.reads_of_importing
+    );
+    assert!(
+        st.steps_beside_imports > 0,
+        "no step ran while q's blocks were coming back"
+    );
+}
+
+#[test]
+fn a_failed_copy_back_fails_only_the_requests_that_read_it() {
+    let watch = Watch::default();
+    let state = watch.state.clone();
+    let m = load(watch);
+    let prefix = tokens(90, 100);
+    let mut e = engine(&m, with_host(&m, cfg(true, 16, 512), 64));
+    run_to_completion(&mut e, vec![request(1, cat(&prefix, &tokens(91, 5)), 8)]).unwrap();
+    run_to_completion(&mut e, vec![request(2, tokens(92, 240), 16)]).unwrap();
+    state.lock().unwrap().fail_imports = true;
+    e.submit(request(3, tokens(93, 10), 20)).unwrap();
+    e.step();
+    e.submit(request(4, cat(&prefix, &tokens(94, 7)), 8))
+        .unwrap();
+    let mut failed = Vec::new();
+    let mut finished = Vec::new();
+    while e.has_work() {
+        for ev in e.step() {
+            match ev {
+                dsv2_core::engine::EngineEvent::Failed { id, message, .. } => {
+                    failed.push((id, message))
+                }
+                dsv2_core::engine::EngineEvent::Finished { id, .. } => finished.push(id),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].0, 4);
+    assert!(failed[0].1.contains("copy back failed"), "{}", failed[0].1);
+    assert_eq!(finished, vec![3]);
+    assert_eq!(e.free_blocks(), 16, "the failed request's blocks came back");
+    assert_eq!(
+        e.cache().host_cached_blocks(),
+        0,
+        "the tier forgot what it held"
+    );
+    // And the engine goes on: the same prompt again is prefilled, correctly.
+    state.lock().unwrap().fail_imports = false;
+    let q = request(5, cat(&prefix, &tokens(94, 7)), 8);
+    let again = run_to_completion(&mut e, vec![q.clone()]).unwrap();
+    let reference =
+        run_to_completion(&mut engine(&load(CpuBackend), cfg(false, 64, 512)), vec![q]).unwrap();
+    assert_same(&again[0], &reference[0], "after the failure");
 }

@@ -8,6 +8,7 @@
 mod blas;
 mod ceilings;
 mod graphs;
+mod host_tier;
 mod profile;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -767,9 +768,48 @@ impl Backend for CudaBackend {
     type Weight = CudaWeight;
     type Act = CudaAct;
     type Cache = CudaCache;
+    type HostBlocks = host_tier::CudaHostBlocks;
 
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.ordinal, self.gpu.name)
+    }
+
+    // The prefix cache's host tier: host_tier.rs.
+    fn host_block_bytes(&self, cfg: &ModelConfig, block_size: usize) -> usize {
+        host_tier::block_bytes(cfg, block_size)
+    }
+    fn new_host_blocks(
+        &self,
+        cfg: &ModelConfig,
+        block_size: usize,
+        max_slots: usize,
+    ) -> Result<Self::HostBlocks> {
+        host_tier::CudaHostBlocks::new(self, cfg, block_size, max_slots)
+    }
+    fn export_blocks(
+        &self,
+        cache: &CudaCache,
+        host: &mut Self::HostBlocks,
+        copies: &[dsv2_core::backend::BlockCopy],
+    ) -> Result<()> {
+        host.export(self, cache, copies)
+    }
+    fn import_blocks(
+        &self,
+        host: &mut Self::HostBlocks,
+        cache: &mut CudaCache,
+        copies: &[dsv2_core::backend::BlockCopy],
+    ) -> Result<()> {
+        host.import(self, cache, copies)
+    }
+    fn imports_overlap_steps(&self) -> bool {
+        true
+    }
+    fn await_imports(&self, host: &mut Self::HostBlocks, _cache: &mut CudaCache) -> Result<()> {
+        host.await_imports(self)
+    }
+    fn sync_host_blocks(&self, host: &mut Self::HostBlocks) -> Result<()> {
+        host.synchronize()
     }
 
     fn measure_ceilings(&self, _quick: bool) -> Result<dsv2_core::backend::Ceilings> {

@@ -91,6 +91,17 @@ pub struct EngineGauges {
     pub prefix_cache_hit_tokens: AtomicU64,
     /// Cached blocks evicted to make room.
     pub evicted_blocks: AtomicU64,
+    /// Host tier of the prefix cache: blocks it can hold and holds, prompt tokens restored from
+    /// it, and the copies each way (kv_cache/host.rs).
+    pub host_capacity_blocks: AtomicUsize,
+    pub host_cached_blocks: AtomicUsize,
+    pub host_hit_tokens: AtomicU64,
+    pub host_restores: AtomicU64,
+    pub host_restored_blocks: AtomicU64,
+    pub host_saved_blocks: AtomicU64,
+    pub host_evicted_blocks: AtomicU64,
+    /// Bytes one block takes in the host tier (restored and saved bytes are blocks × this).
+    pub host_block_bytes: AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -328,6 +339,22 @@ fn publish<B: Backend>(engine: &Engine<B>, g: &EngineGauges) {
         .store(engine.stats.prefix_cache_hit_tokens, Ordering::Relaxed);
     g.evicted_blocks
         .store(engine.cache().evicted_blocks(), Ordering::Relaxed);
+    let c = engine.cache();
+    let h = c.host_stats();
+    g.host_capacity_blocks
+        .store(c.host_capacity_blocks(), Ordering::Relaxed);
+    g.host_cached_blocks
+        .store(c.host_cached_blocks(), Ordering::Relaxed);
+    g.host_block_bytes
+        .store(c.host_block_bytes(), Ordering::Relaxed);
+    g.host_hit_tokens
+        .store(engine.stats.host_cache_hit_tokens, Ordering::Relaxed);
+    g.host_restores.store(h.restores, Ordering::Relaxed);
+    g.host_restored_blocks
+        .store(h.restored_blocks, Ordering::Relaxed);
+    g.host_saved_blocks.store(h.saved_blocks, Ordering::Relaxed);
+    g.host_evicted_blocks
+        .store(h.evicted_blocks, Ordering::Relaxed);
 }
 
 fn accept<B: Backend>(engine: &mut Engine<B>, live: &mut HashMap<u64, Live>, cmd: Cmd) {

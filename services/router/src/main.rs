@@ -113,6 +113,13 @@ struct Config {
     /// prefix an earlier request computed, and prefill only the rest).
     #[arg(long)]
     no_prefix_cache: bool,
+    /// Host memory for the prefix cache's host tier, GiB (fractions allowed; 0: none). Cached KV
+    /// blocks the device evicts are copied there (page-locked on a GPU) and copied back, instead
+    /// of prefilled again, when a later prompt starts with them; the least recently used go when
+    /// it is full. Allocated as it fills. Needs the prefix cache. [default: 0 on the CPU; on a
+    /// GPU min(16, a quarter of the host's memory or cgroup limit)]
+    #[arg(long, env = "DSV2_HOST_CACHE_GB", value_name = "GIB", value_parser = dsv2_router::host_memory::parse_gib)]
+    host_cache_gb: Option<u64>,
     /// Most requests held (queued + running); more get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 256)]
     max_queue: usize,
@@ -170,6 +177,20 @@ fn parse_timeout_secs(s: &str) -> Result<f64, String> {
 }
 
 impl Config {
+    /// `--host-cache-gb` in bytes, or the device's default (none without the prefix cache).
+    fn host_cache_bytes(&self) -> Result<u64> {
+        match (self.host_cache_gb, self.no_prefix_cache) {
+            (Some(b), true) if b > 0 => {
+                bail!("--host-cache-gb needs the prefix cache: drop --no-prefix-cache or set 0")
+            }
+            (_, true) => Ok(0),
+            (Some(b), false) => Ok(b),
+            (None, false) => Ok(dsv2_router::host_memory::default_host_cache_bytes(
+                self.device,
+            )),
+        }
+    }
+
     /// `--max-batch-tokens`, or the device's default.
     fn max_batch_tokens(&self) -> usize {
         self.max_batch_tokens.unwrap_or(match self.device {
@@ -208,6 +229,8 @@ type NcclMaker<B> = Box<
 >;
 
 async fn serve(c: Config, rt: tokio::runtime::Handle) -> Result<()> {
+    // Contradicting flags stop the start before anything loads.
+    c.host_cache_bytes()?;
     match c.device {
         DeviceSpec::Cpu => {
             if c.transport == Transport::Nccl {
@@ -411,6 +434,7 @@ async fn serve_on<B: Backend>(
             max_running: c.max_running,
             attn_mode: AttnMode::Auto,
             prefix_cache: !c.no_prefix_cache,
+            host_cache_bytes: c.host_cache_bytes()?,
         },
     )?;
     // One short request before serving: the first client does not pay the one-time costs, and

@@ -234,6 +234,54 @@ pub fn render(engine: &EngineHandle) -> String {
         "Prompt tokens found in the prefix cache (not prefilled).",
         g.prefix_cache_hit_tokens.load(Ordering::Relaxed),
     );
+    let host_block_bytes = g.host_block_bytes.load(Ordering::Relaxed) as u64;
+    e.gauge(
+        "dsv2_router_kv_cache_host_blocks",
+        "Blocks the prefix cache's host-memory tier can hold (0: no host tier, --host-cache-gb).",
+        g.host_capacity_blocks.load(Ordering::Relaxed),
+    );
+    e.gauge(
+        "dsv2_router_kv_cache_host_cached_blocks",
+        "Blocks of cached prompt prefixes held in host memory (evicted from the device, or restored and kept).",
+        g.host_cached_blocks.load(Ordering::Relaxed),
+    );
+    e.counter(
+        "dsv2_router_prefix_cache_host_hit_tokens_total",
+        "Prompt tokens copied back from the host tier instead of prefilled (part of the prefix cache's hit tokens).",
+        g.host_hit_tokens.load(Ordering::Relaxed),
+    );
+    e.counter(
+        "dsv2_router_kv_cache_host_restores_total",
+        "Batches of blocks copied back from the host tier (one per admission round that restored any).",
+        g.host_restores.load(Ordering::Relaxed),
+    );
+    let restored = g.host_restored_blocks.load(Ordering::Relaxed);
+    e.counter(
+        "dsv2_router_kv_cache_host_restored_blocks_total",
+        "Blocks copied back from the host tier into the device cache.",
+        restored,
+    );
+    e.counter(
+        "dsv2_router_kv_cache_host_restored_bytes_total",
+        "Bytes copied back from the host tier into the device cache.",
+        restored * host_block_bytes,
+    );
+    let saved = g.host_saved_blocks.load(Ordering::Relaxed);
+    e.counter(
+        "dsv2_router_kv_cache_host_saved_blocks_total",
+        "Evicted cached blocks copied from the device cache to the host tier.",
+        saved,
+    );
+    e.counter(
+        "dsv2_router_kv_cache_host_saved_bytes_total",
+        "Bytes copied from the device cache to the host tier.",
+        saved * host_block_bytes,
+    );
+    e.counter(
+        "dsv2_router_kv_cache_host_evicted_blocks_total",
+        "Blocks the host tier evicted (least recently used) to make room.",
+        g.host_evicted_blocks.load(Ordering::Relaxed),
+    );
     e.counter(
         "dsv2_router_engine_steps_total",
         "Model steps run.",

@@ -2,6 +2,7 @@
 //! multi-threaded with rayon. Every other backend is tested against this one.
 
 mod ceilings;
+mod host_tier;
 pub mod matmul;
 pub mod weight;
 
@@ -14,6 +15,7 @@ use crate::config::ModelConfig;
 use crate::error::{CoreError, Result};
 use crate::routing::{Routing, RoutingParams, route};
 use crate::weights::TensorRef;
+pub use host_tier::CpuHostBlocks;
 pub use matmul::matmul_xwt;
 pub use weight::CpuWeight;
 
@@ -115,9 +117,45 @@ impl Backend for CpuBackend {
     type Weight = CpuWeight;
     type Act = CpuAct;
     type Cache = CpuCache;
+    type HostBlocks = CpuHostBlocks;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn host_block_bytes(&self, cfg: &ModelConfig, block_size: usize) -> usize {
+        cfg.num_hidden_layers * block_size * cfg.latent_cache_width() * size_of::<f32>()
+    }
+
+    fn new_host_blocks(
+        &self,
+        cfg: &ModelConfig,
+        block_size: usize,
+        max_slots: usize,
+    ) -> Result<CpuHostBlocks> {
+        CpuHostBlocks::new(
+            cfg.num_hidden_layers,
+            block_size * cfg.latent_cache_width(),
+            max_slots,
+        )
+    }
+
+    fn export_blocks(
+        &self,
+        cache: &CpuCache,
+        host: &mut CpuHostBlocks,
+        copies: &[crate::backend::BlockCopy],
+    ) -> Result<()> {
+        host.export(cache, copies)
+    }
+
+    fn import_blocks(
+        &self,
+        host: &mut CpuHostBlocks,
+        cache: &mut CpuCache,
+        copies: &[crate::backend::BlockCopy],
+    ) -> Result<()> {
+        host.import(cache, copies)
     }
 
     fn weight(&self, t: &TensorRef) -> Result<CpuWeight> {

@@ -6,6 +6,10 @@
 //! give equal contents, whatever the backend. Chain ids are handed out fresh for every prefix
 //! registered (never a hash), and a hit compares the parent id and the ids themselves, so a hash
 //! collision can cost a hit but never hand a sequence the wrong contents.
+//!
+//! The same index serves both tiers of the cache: over device blocks, and over the host tier's
+//! slots (kv_cache/host.rs). A prefix keeps its chain id when it moves between them, so the blocks
+//! after it still chain onto it wherever they are cached.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, HashMap};
@@ -14,12 +18,13 @@ use std::hash::{Hash, Hasher};
 /// Chain id of the empty prefix: the parent of every sequence's first block.
 pub(crate) const ROOT: u64 = 0;
 
-struct Entry {
+/// A cached prefix's last block: what an evicted block held, enough to cache it in another tier.
+pub(crate) struct Entry {
     block: u32,
     /// Chain id of the prefix that ends with this block.
-    id: u64,
-    parent: u64,
-    tokens: Box<[u32]>,
+    pub(crate) id: u64,
+    pub(crate) parent: u64,
+    pub(crate) tokens: Box<[u32]>,
 }
 
 pub(crate) struct PrefixIndex {
@@ -64,14 +69,23 @@ impl PrefixIndex {
     }
 
     /// Records that `block` holds `tokens` after the prefix `parent`, and returns the chain id of
-    /// the prefix it ends. If another block already holds that prefix, its id is returned and
-    /// `block` stays unregistered (private to its sequence, freed with it).
-    pub(crate) fn insert(&mut self, parent: u64, tokens: &[u32], block: u32) -> u64 {
+    /// the prefix it ends: `known`, the id the prefix has in another tier, else a fresh one. If
+    /// another block already holds that prefix, its id is returned and `block` stays unregistered
+    /// (private to its sequence, freed with it).
+    pub(crate) fn insert(
+        &mut self,
+        parent: u64,
+        tokens: &[u32],
+        block: u32,
+        known: Option<u64>,
+    ) -> u64 {
         if let Some((_, id)) = self.get(parent, tokens) {
             return id;
         }
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = known.unwrap_or_else(|| {
+            self.next_id += 1;
+            self.next_id - 1
+        });
         let h = chain_hash(parent, tokens);
         let slot = self.hash_of.get_mut(block as usize);
         // A colliding hash of other contents keeps its block; this prefix just goes uncached.
@@ -111,14 +125,31 @@ impl PrefixIndex {
         self.evicted
     }
 
+    /// Makes room for blocks `0..n` (the host tier's slots are handed out as it fills).
+    pub(crate) fn grow(&mut self, n: usize) {
+        if n > self.hash_of.len() {
+            self.hash_of.resize(n, None);
+            self.stamp_of.resize(n, None);
+        }
+    }
+
     /// A cached block that no sequence holds any more: evictable from now on, after every block
-    /// parked before it.
+    /// parked before it (parked again, it moves to the back).
     pub(crate) fn park(&mut self, block: u32) {
         self.clock += 1;
         if let Some(s) = self.stamp_of.get_mut(block as usize) {
-            *s = Some(self.clock);
+            if let Some(old) = s.replace(self.clock) {
+                self.lru.remove(&(old, block));
+            }
             self.lru.insert((self.clock, block));
         }
+    }
+
+    /// Whether `block` is cached and evictable (parked).
+    pub(crate) fn is_parked(&self, block: u32) -> bool {
+        self.stamp_of
+            .get(block as usize)
+            .is_some_and(|s| s.is_some())
     }
 
     /// A parked block taken by a sequence again.
@@ -128,15 +159,26 @@ impl PrefixIndex {
         }
     }
 
-    /// Evicts the least recently parked block: it forgets its prefix and is returned for reuse.
-    pub(crate) fn evict(&mut self) -> Option<u32> {
+    /// Evicts the least recently parked block: it forgets its prefix and is returned for reuse,
+    /// with what it held (always, as a parked block is registered).
+    pub(crate) fn evict(&mut self) -> Option<(u32, Option<Entry>)> {
         let (_, block) = self.lru.pop_first()?;
         self.stamp_of[block as usize] = None;
-        if let Some(h) = self.hash_of[block as usize].take() {
+        self.evicted += 1;
+        let held = self.hash_of[block as usize]
+            .take()
+            .and_then(|h| self.by_hash.remove(&h));
+        Some((block, held))
+    }
+
+    /// Forgets the prefix `block` holds, parked or not (its contents are not to be trusted).
+    pub(crate) fn forget(&mut self, block: u32) {
+        if let Some(stamp) = self.stamp_of.get_mut(block as usize).and_then(Option::take) {
+            self.lru.remove(&(stamp, block));
+        }
+        if let Some(h) = self.hash_of.get_mut(block as usize).and_then(Option::take) {
             self.by_hash.remove(&h);
         }
-        self.evicted += 1;
-        Some(block)
     }
 
     /// Forgets every cached prefix; returns the parked blocks, which are plain free blocks now.
