@@ -130,7 +130,7 @@ pub fn check_gemv_ffn(gpu: &Gpu, m: usize, h: usize, inter: usize) -> Result<Che
     let op = format!("gemv ffn (pair, swiglu, accumulate) m{m}");
     // SAFETY: every tensor above has the extents these problems address.
     let paired =
-        unsafe { gemv::gemv_pair::<bf16>(gpu, &first, wu.ptr(), up_y, Default::default())? };
+        unsafe { gemv::gemv_pair::<bf16>(gpu, &first, wu.ptr(), up_y, Default::default(), true)? };
     let plan = gemv::plan(&down, gpu.sm_count, true)
         .ok_or_else(|| shape_err("gemv", format!("down [{m}, {inter}] has no GEMV plan")))?;
     if !paired {

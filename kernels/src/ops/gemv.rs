@@ -155,7 +155,7 @@ pub unsafe fn gemv<O: GemmOut>(gpu: &Gpu, g: &Gemm, p: GemvPlan, mode: GemvMode)
 /// Two problems that share X and differ in W and Y (the gate and up projections of an FFN, each
 /// its own checkpoint tensor) as one launch: `first` (batch 1) plus `w2` / `y2`, which take the
 /// place of `first.w` / `first.y` for the second problem. False when the pair cannot take the
-/// GEMV path (the caller runs the two problems some other way).
+/// GEMV path (the caller runs the two problems some other way). `force` as for [`plan`].
 ///
 /// # Safety
 /// As [`gemv`], for both problems.
@@ -165,13 +165,14 @@ pub unsafe fn gemv_pair<O: GemmOut>(
     w2: u64,
     y2: u64,
     mode: GemvMode,
+    force: bool,
 ) -> Result<bool> {
     let mut g = *first;
     g.batch = 2;
     (g.sx, g.sw, g.sy) = (0, 0, 0);
     let elem = std::mem::size_of::<O>() as i64;
     let (dw, dy) = (w2 as i64 - g.w as i64, y2 as i64 - g.y as i64);
-    let Some(p) = plan(&g, gpu.sm_count, false) else {
+    let Some(p) = plan(&g, gpu.sm_count, force) else {
         return Ok(false);
     };
     if first.batch != 1 || dw % 16 != 0 || dy % elem != 0 {

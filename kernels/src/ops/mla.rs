@@ -110,9 +110,16 @@ pub fn choose_splits(
     kernel: MlaKernel,
 ) -> usize {
     let ctas = batch * heads.div_ceil(HEADS_PER_CTA);
-    // at least 2 tiles per split: a CTA's first tile load is not overlapped with anything, so a
-    // 1-tile split is mostly latency
-    let max_useful = max_seq_len.div_ceil(kernel.tile_tokens() * 2).max(1);
+    // At least 2 tiles per split: a CTA's first tile load is not overlapped with anything, so a
+    // 1-tile split is mostly latency. Unless even 1-tile splits leave most SMs idle (batch 1 at a
+    // short context): then the shorter chain wins (batch 1 x 512 tokens: 20.5 -> 18 us at 128
+    // heads, 17 -> 14 us at 16, bench/RESULTS.md session 8 run 3).
+    let tiles = max_seq_len.div_ceil(kernel.tile_tokens()).max(1);
+    let max_useful = if ctas * tiles * 2 <= sm_count {
+        tiles
+    } else {
+        tiles.div_ceil(2)
+    };
     // Splitting costs a combine pass over f32 partials (33 MB at batch 64 x 128 heads): only
     // worth it when a quarter or more of the SMs would otherwise sit idle.
     // Rounded down: one CTA more than the SMs hold would run a second wave for the whole
@@ -321,7 +328,10 @@ mod tests {
         // one sequence: split the context, but never below 2 tiles per split
         assert_eq!(choose_splits(132, 1, 128, 4096, MlaKernel::Wgmma), 32);
         assert_eq!(choose_splits(132, 1, 128, 4096, MlaKernel::Mma), 64);
-        assert_eq!(choose_splits(132, 1, 16, 512, MlaKernel::Wgmma), 4);
+        // batch 1 at a short context: one tile per split, the card is mostly idle anyway
+        assert_eq!(choose_splits(132, 1, 16, 512, MlaKernel::Wgmma), 8);
+        assert_eq!(choose_splits(132, 1, 128, 512, MlaKernel::Wgmma), 8);
+        assert_eq!(choose_splits(132, 4, 128, 1024, MlaKernel::Wgmma), 8);
         assert_eq!(choose_splits(132, 1, 128, 10, MlaKernel::Wgmma), 1);
         // 8 sequences x 2 head groups: 8 splits (128 CTAs), not 9 (144: a second wave)
         assert_eq!(choose_splits(132, 8, 128, 32768, MlaKernel::Wgmma), 8);

@@ -657,7 +657,14 @@ impl CudaBackend {
         // silu_mul launch saves); the result added into `acc` by the down projection itself.
         // SAFETY (every GEMV below): each pointer is a live tensor shape-checked above.
         let paired = unsafe {
-            gemv::gemv_pair::<bf16>(&self.gpu, &g, w.up.t.ptr(), up_y, GemvMode::default())
+            gemv::gemv_pair::<bf16>(
+                &self.gpu,
+                &g,
+                w.up.t.ptr(),
+                up_y,
+                GemvMode::default(),
+                false,
+            )
         }
         .kx()?;
         if !paired {
