@@ -7,7 +7,7 @@ use super::{CheckRow, f32s, rand_bf16, rng};
 use crate::device::Gpu;
 use crate::error::{Result, shape_err};
 use crate::ops::gemm::{Gemm, GemmOut};
-use crate::ops::gemv;
+use crate::ops::{elementwise as ew, gemv};
 use crate::tensor::Tensor;
 
 /// One GEMV problem: `batch` x (Y[m, n] = X[m, k] · op(W)), X rows padded to `k + pad`, W stored
@@ -107,8 +107,8 @@ pub fn check_gemv<O: GemmOut + ToF32s>(gpu: &Gpu, c: GemvCase) -> Result<CheckRo
 }
 
 /// The few-row FFN as the CUDA backend runs it: gate and up as one paired launch into [m, 2I],
-/// then the down projection with the SwiGLU folded into its input, added into an existing bf16
-/// accumulator. Against the CPU: bf16(acc + bf16(down(bf16(silu(gate) · up)))).
+/// `silu_mul`, then the down projection added into an existing bf16 accumulator. Against the CPU:
+/// bf16(acc + bf16(down(bf16(silu(gate) · up)))).
 pub fn check_gemv_ffn(gpu: &Gpu, m: usize, h: usize, inter: usize) -> Result<CheckRow> {
     let mut g = rng(23 + (m * 7 + inter) as u64);
     let (xb, xf) = rand_bf16(&mut g, m * h, 1.0);
@@ -125,9 +125,9 @@ pub fn check_gemv_ffn(gpu: &Gpu, m: usize, h: usize, inter: usize) -> Result<Che
     let mut first = Gemm::xwt(m, inter, h, x.ptr(), wg.ptr(), gu.ptr());
     first.ldy = 2 * inter;
     let up_y = gu.ptr() + (inter * 2) as u64;
-    let mut down = Gemm::xwt(m, h, inter, gu.ptr(), wd.ptr(), acc.ptr());
-    down.ldx = 2 * inter;
-    let op = format!("gemv ffn (pair, swiglu, accumulate) m{m}");
+    let mut act = Tensor::<bf16>::zeros(gpu, &[m, inter])?;
+    let down = Gemm::xwt(m, h, inter, act.ptr(), wd.ptr(), acc.ptr());
+    let op = format!("gemv ffn (pair, silu_mul, accumulate) m{m}");
     // SAFETY: every tensor above has the extents these problems address.
     let paired =
         unsafe { gemv::gemv_pair::<bf16>(gpu, &first, wu.ptr(), up_y, Default::default(), true)? };
@@ -139,10 +139,14 @@ pub fn check_gemv_ffn(gpu: &Gpu, m: usize, h: usize, inter: usize) -> Result<Che
             format!("gate/up [{m}, {h}] x {inter} not paired"),
         ));
     }
-    let mode = gemv::GemvMode {
-        accumulate: true,
-        swiglu: true,
-    };
+    ew::silu_mul(
+        gpu,
+        ew::SiluMulParams {
+            input: gu.view(),
+            out: act.view_mut(),
+        },
+    )?;
+    let mode = gemv::GemvMode { accumulate: true };
     // SAFETY: as above.
     unsafe { gemv::gemv::<bf16>(gpu, &down, plan, mode)? };
     let got = f32s(&acc.to_host(gpu)?);

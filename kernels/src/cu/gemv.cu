@@ -44,21 +44,9 @@ __device__ __forceinline__ void store_out(bf16* y, float v, int accumulate) {
     *y = __float2bfloat16(accumulate ? __bfloat162float(*y) + r : r);
 }
 
-// The FFN activation of 8 columns from a [gate | up] row: bf16(silu(gate) * up), the exact
-// expression and rounding of silu_mul_bf16, so a fused down projection sees the same input.
-__device__ __forceinline__ void load8_swiglu(const bf16* gate, int inter, float* out) {
-    float g[8], u[8];
-    load8(gate, g);
-    load8(gate + inter, u);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) out[j] = __bfloat162float(__float2bfloat16(g[j] / (1.f + __expf(-g[j])) * u[j]));
-}
-
 // Block: GEMV_WARPS warps = (GEMV_WARPS / splits) column groups x splits K slices; a column group
 // is C columns. Grid: (ceil(N / (C * GEMV_WARPS / splits)), batch).
-// SWIGLU: X rows are [gate | up] of width 2K and the product runs on silu(gate) * up (the shared
-// experts' down projection without the separate activation launch).
-template <int M, int C, bool SWIGLU, typename OutT>
+template <int M, int C, typename OutT>
 __device__ __forceinline__ void gemv_nk(const bf16* __restrict__ x, long long ldx, long long sx,
                                         const bf16* __restrict__ w, long long ldw, long long sw,
                                         OutT* __restrict__ y, long long ldy, long long sy, int n, int k,
@@ -109,10 +97,7 @@ __device__ __forceinline__ void gemv_nk(const bf16* __restrict__ x, long long ld
 #pragma unroll
             for (int m = 0; m < M; ++m) {
                 float xf[8];
-                if (SWIGLU)
-                    load8_swiglu(x + m * ldx + kq, k, xf);
-                else
-                    load8(x + m * ldx + kq, xf);
+                load8(x + m * ldx + kq, xf);
 #pragma unroll
                 for (int c = 0; c < C; ++c)
 #pragma unroll
@@ -214,67 +199,35 @@ __device__ __forceinline__ void gemv_kn(const bf16* __restrict__ x, long long ld
 #define OUT_T bf16
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m1_bf16(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<1, 1, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<1, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m2_bf16(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<2, 1, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<2, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m3_bf16(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<3, 2, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<3, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m4_bf16(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<4, 2, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<4, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m5_bf16(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<5, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<5, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m6_bf16(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<6, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<6, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m7_bf16(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<7, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<7, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m8_bf16(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<8, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
-}
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m1_bf16(GEMV_NK_ARGS) {
-    griddep_wait();
-    gemv_nk<1, 1, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
-}
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m2_bf16(GEMV_NK_ARGS) {
-    griddep_wait();
-    gemv_nk<2, 1, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
-}
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m3_bf16(GEMV_NK_ARGS) {
-    griddep_wait();
-    gemv_nk<3, 2, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
-}
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m4_bf16(GEMV_NK_ARGS) {
-    griddep_wait();
-    gemv_nk<4, 2, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
-}
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m5_bf16(GEMV_NK_ARGS) {
-    griddep_wait();
-    gemv_nk<5, 4, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
-}
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m6_bf16(GEMV_NK_ARGS) {
-    griddep_wait();
-    gemv_nk<6, 4, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
-}
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m7_bf16(GEMV_NK_ARGS) {
-    griddep_wait();
-    gemv_nk<7, 4, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
-}
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_swiglu_m8_bf16(GEMV_NK_ARGS) {
-    griddep_wait();
-    gemv_nk<8, 4, true, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<8, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m1_bf16(GEMV_KN_ARGS) {
     griddep_wait();
@@ -297,35 +250,35 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m4_bf16(GEMV_
 #define OUT_T float
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m1_f32(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<1, 1, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<1, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m2_f32(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<2, 1, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<2, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m3_f32(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<3, 2, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<3, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m4_f32(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<4, 2, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<4, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m5_f32(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<5, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<5, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m6_f32(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<6, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<6, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m7_f32(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<7, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<7, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m8_f32(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<8, 4, false, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<8, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m1_f32(GEMV_KN_ARGS) {
     griddep_wait();

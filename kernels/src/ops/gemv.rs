@@ -8,7 +8,7 @@ use cudarc::driver::LaunchConfig;
 
 use super::gemm::{Gemm, GemmOut};
 use crate::device::Gpu;
-use crate::error::{KernelError, Result, shape_err};
+use crate::error::{Result, shape_err};
 
 /// Most rows the [N, K]-weight kernels take (their accumulators live in registers).
 pub const MAX_ROWS_NK: usize = 8;
@@ -117,28 +117,18 @@ pub fn plan(g: &Gemm, sm_count: usize, force: bool) -> Option<GemvPlan> {
 pub struct GemvMode {
     /// `y += X·op(W)` (a bf16 y gets the product rounded to bf16 first, as a separate add would).
     pub accumulate: bool,
-    /// X rows are `[gate | up]` (2K wide) and the product runs on `bf16(silu(gate) · up)`, as
-    /// `silu_mul` would have written it: the FFN's down projection with its activation folded in.
-    /// [N, K] weights and bf16 output only.
-    pub swiglu: bool,
 }
 
-/// The gemv.cu kernel for a layout, row count, mode and output suffix.
-fn kernel_name(w_nk: bool, swiglu: bool, m: usize, out: &str) -> String {
-    let layout = match (w_nk, swiglu) {
-        (true, false) => "nk",
-        (true, true) => "nk_swiglu",
-        (false, _) => "kn",
-    };
-    format!("gemv_{layout}_m{m}_{out}")
+/// The gemv.cu kernel for a layout, row count and output suffix.
+fn kernel_name(w_nk: bool, m: usize, out: &str) -> String {
+    format!("gemv_{}_m{m}_{out}", if w_nk { "nk" } else { "kn" })
 }
 
 /// Runs `g` with the GEMV kernels on the GPU's main stream; `p` from [`plan`] for this `g`.
 ///
 /// # Safety
 /// Every pointer must address enough live device memory for the dims, leading dims and batch
-/// strides of `g` (as for cuBLAS; with `mode.swiglu`, X rows are 2K wide), and stay valid until
-/// the launch has run.
+/// strides of `g` (as for cuBLAS), and stay valid until the launch has run.
 pub unsafe fn gemv<O: GemmOut>(gpu: &Gpu, g: &Gemm, p: GemvPlan, mode: GemvMode) -> Result<()> {
     let i64_of = |v: usize, what: &str| {
         i64::try_from(v).map_err(|_| shape_err("gemv", format!("{what} = {v} exceeds i64")))
@@ -194,16 +184,6 @@ unsafe fn launch<O: GemmOut>(
     mode: GemvMode,
 ) -> Result<()> {
     const OP: &str = "gemv";
-    if mode.swiglu && (!g.w_nk || O::KERNEL_SUFFIX != "bf16" || g.ldx < 2 * g.k) {
-        return Err(KernelError::Unsupported {
-            op: OP,
-            what: format!(
-                "the SwiGLU input needs [N, K] weights, bf16 output and X rows of 2K = {} (ldx {})",
-                2 * g.k,
-                g.ldx
-            ),
-        });
-    }
     let i64_of = |v: usize, what: &str| {
         i64::try_from(v).map_err(|_| shape_err(OP, format!("{what} = {v} exceeds i64")))
     };
@@ -215,7 +195,7 @@ unsafe fn launch<O: GemmOut>(
     let [sx, sw, sy] = strides;
     let (n, k) = (g.n as i32, g.k as i32);
     let accumulate = i32::from(mode.accumulate);
-    let f = gpu.function(&kernel_name(g.w_nk, mode.swiglu, g.m, O::KERNEL_SUFFIX))?;
+    let f = gpu.function(&kernel_name(g.w_nk, g.m, O::KERNEL_SUFFIX))?;
     let mut b = gpu.launch(f);
     b.arg(&g.x).arg(&ldx).arg(&sx);
     b.arg(&g.w).arg(&ldw).arg(&sw);
@@ -236,7 +216,7 @@ unsafe fn launch<O: GemmOut>(
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes,
     };
-    // SAFETY: the argument list matches gemv_{nk,nk_swiglu,kn}_m*'s signatures; `plan` checked
+    // SAFETY: the argument list matches gemv_{nk,kn}_m*'s signatures; `plan` checked
     // rows, layout and alignment; the caller guarantees the memory (above).
     unsafe { b.launch(cfg) }?;
     Ok(())
@@ -261,25 +241,13 @@ mod tests {
         let names = crate::device::kernel_names(src);
         for out in ["bf16", "f32"] {
             for m in 1..=MAX_ROWS_NK {
-                assert!(
-                    names.contains(&kernel_name(true, false, m, out)),
-                    "nk m{m} {out}"
-                );
+                assert!(names.contains(&kernel_name(true, m, out)), "nk m{m} {out}");
             }
             for m in 1..=MAX_ROWS_KN {
-                assert!(
-                    names.contains(&kernel_name(false, false, m, out)),
-                    "kn m{m} {out}"
-                );
+                assert!(names.contains(&kernel_name(false, m, out)), "kn m{m} {out}");
             }
         }
-        for m in 1..=MAX_ROWS_NK {
-            assert!(
-                names.contains(&kernel_name(true, true, m, "bf16")),
-                "swiglu m{m}"
-            );
-        }
-        assert_eq!(names.len(), 2 * (MAX_ROWS_NK + MAX_ROWS_KN) + MAX_ROWS_NK);
+        assert_eq!(names.len(), 2 * (MAX_ROWS_NK + MAX_ROWS_KN));
     }
 
     #[test]

@@ -652,9 +652,10 @@ impl CudaBackend {
         let mut g = Gemm::xwt(m, inter, h, x.ptr(), w.gate.t.ptr(), gu.ptr());
         g.ldy = 2 * inter;
         let up_y = gu.ptr() + (inter * std::mem::size_of::<bf16>()) as u64; // byte offset of `up`
-        // Few rows: gate and up in one launch; the activation folded into the down projection
-        // at 1-2 rows (above that every column group recomputing it costs more than the separate
-        // silu_mul launch saves); the result added into `acc` by the down projection itself.
+        // Few rows: gate and up in one launch, and the result added into `acc` by the down
+        // projection itself (5 launches become 3). The activation stays its own launch: folded
+        // into the down projection, every column group recomputed it, which cost V2's batch-1
+        // step 1.6 % (bench/RESULTS.md, session 8 run 4).
         // SAFETY (every GEMV below): each pointer is a live tensor shape-checked above.
         let paired = unsafe {
             gemv::gemv_pair::<bf16>(
@@ -673,32 +674,18 @@ impl CudaBackend {
             g.y = up_y;
             gemm::<bf16>(&self.gpu, g).kx()?;
         }
-        let folded = Gemm {
-            ldx: 2 * inter,
-            ..Gemm::xwt(m, h, inter, gu.ptr(), w.down.t.ptr(), 0)
-        };
-        let fold = paired && m <= 2 && gemv::plan(&folded, self.gpu.sm_count, false).is_some();
-        let act = if fold {
-            None
-        } else {
-            let mut act = self.empty(&[m, inter])?;
-            ew::silu_mul(
-                &self.gpu,
-                ew::SiluMulParams {
-                    input: gu.view(),
-                    out: act.view_mut(),
-                },
-            )
-            .kx()?;
-            Some(act)
-        };
-        let down = match &act {
-            Some(a) => Gemm::xwt(m, h, inter, a.ptr(), w.down.t.ptr(), 0),
-            None => folded,
-        };
+        let mut act = self.empty(&[m, inter])?;
+        ew::silu_mul(
+            &self.gpu,
+            ew::SiluMulParams {
+                input: gu.view(),
+                out: act.view_mut(),
+            },
+        )
+        .kx()?;
+        let down = Gemm::xwt(m, h, inter, act.ptr(), w.down.t.ptr(), 0);
         let mode = GemvMode {
             accumulate: acc.is_some(),
-            swiglu: fold,
         };
         let mut out = match acc {
             Some(a) => Err(a),
@@ -711,7 +698,6 @@ impl CudaBackend {
         let down = Gemm { y: y_ptr, ..down };
         match gemv::plan(&down, self.gpu.sm_count, false) {
             Some(p) => unsafe { gemv::gemv::<bf16>(&self.gpu, &down, p, mode) }.kx()?,
-            None if fold => return Err(err("mlp: folded SwiGLU without a GEMV plan")),
             None => match &mut out {
                 Ok(_) => gemm::<bf16>(&self.gpu, down).kx()?,
                 Err(a) => {
