@@ -148,10 +148,7 @@ pub trait Backend: Send + Sync + 'static {
         max_slots: usize,
     ) -> Result<Self::HostBlocks> {
         let _ = (cfg, block_size, max_slots);
-        Err(CoreError::Backend {
-            backend: self.name(),
-            msg: "has no host tier for the KV cache".into(),
-        })
+        Err(no_host_tier(self.name()))
     }
 
     /// Copies each `copies[i].block` of `cache` into host slot `copies[i].slot`. May return
@@ -164,10 +161,7 @@ pub trait Backend: Send + Sync + 'static {
         copies: &[BlockCopy],
     ) -> Result<()> {
         let _ = (cache, host, copies);
-        Err(CoreError::Backend {
-            backend: self.name(),
-            msg: "has no host tier for the KV cache".into(),
-        })
+        Err(no_host_tier(self.name()))
     }
 
     /// Copies each host slot `copies[i].slot` into `copies[i].block` of `cache`, after every
@@ -182,10 +176,7 @@ pub trait Backend: Send + Sync + 'static {
         copies: &[BlockCopy],
     ) -> Result<()> {
         let _ = (cache, host, copies);
-        Err(CoreError::Backend {
-            backend: self.name(),
-            msg: "has no host tier for the KV cache".into(),
-        })
+        Err(no_host_tier(self.name()))
     }
 
     /// Orders every import issued so far before any step issued after this call (a GPU makes
@@ -374,5 +365,13 @@ impl std::fmt::Display for DeviceSpec {
             DeviceSpec::Cpu => write!(f, "cpu"),
             DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
         }
+    }
+}
+
+/// What a backend without a host tier answers to the tier's hooks.
+fn no_host_tier(backend: String) -> CoreError {
+    CoreError::Backend {
+        backend,
+        msg: "has no host tier for the KV cache".into(),
     }
 }

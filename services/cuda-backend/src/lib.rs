@@ -621,6 +621,30 @@ impl CudaBackend {
         Ok(y)
     }
 
+    /// RMSNorm of `x` (with `residual`: of `residual += x`, updated in place), one launch.
+    fn norm_of(
+        &self,
+        x: &CudaAct,
+        w: &CudaWeight,
+        residual: Option<&mut Tensor<bf16>>,
+        eps: f32,
+    ) -> Result<CudaAct> {
+        let xb = self.bf16_of(x)?;
+        let mut out = self.empty(xb.shape())?;
+        ew::rmsnorm(
+            &self.gpu,
+            ew::RmsNormParams {
+                x: xb.view(),
+                weight: w.t.view(),
+                residual: residual.map(|r| r.view_mut()),
+                out: out.view_mut(),
+                eps,
+            },
+        )
+        .kx()?;
+        Ok(CudaAct::Bf16(out))
+    }
+
     /// The FFN `down(silu(gate(x)) · up(x))`; with `acc`, added into it (bf16-rounded product
     /// first, as `add_assign` would) instead of returned.
     fn mlp_inner(
@@ -976,20 +1000,7 @@ impl Backend for CudaBackend {
     fn rms_norm(&self, x: &CudaAct, w: &CudaWeight, eps: f32) -> Result<CudaAct> {
         let _t = self.timed("rms_norm");
         let _g = self.lock()?;
-        let xb = self.bf16_of(x)?;
-        let mut out = self.empty(xb.shape())?;
-        ew::rmsnorm(
-            &self.gpu,
-            ew::RmsNormParams {
-                x: xb.view(),
-                weight: w.t.view(),
-                residual: None,
-                out: out.view_mut(),
-                eps,
-            },
-        )
-        .kx()?;
-        Ok(CudaAct::Bf16(out))
+        self.norm_of(x, w, None, eps)
     }
 
     fn add_rms_norm(
@@ -1013,20 +1024,7 @@ impl Backend for CudaBackend {
         };
         let _t = self.timed("add_rms_norm");
         let _g = self.lock()?;
-        let xb = self.bf16_of(x)?;
-        let mut out = self.empty(xb.shape())?;
-        ew::rmsnorm(
-            &self.gpu,
-            ew::RmsNormParams {
-                x: xb.view(),
-                weight: w.t.view(),
-                residual: Some(res.view_mut()),
-                out: out.view_mut(),
-                eps,
-            },
-        )
-        .kx()?;
-        Ok(CudaAct::Bf16(out))
+        self.norm_of(x, w, Some(res), eps)
     }
 
     fn add_assign(&self, acc: &mut CudaAct, x: &CudaAct) -> Result<()> {
