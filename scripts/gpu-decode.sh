@@ -193,7 +193,12 @@ h = rows[0]; rows = rows[1:]
 k, v = h.index("Kernel Name"), h.index("Metric Value")
 seq = [(r[k], float(r[v].replace(",", ""))) for r in rows if r[h.index("Metric Name")] == "gpu__time_duration.sum"]
 emb = [i for i, (n, _) in enumerate(seq) if "embedding" in n]
-if len(emb) < 2: print("no whole step among %d launches" % len(seq)); sys.exit()
+if len(emb) < 2:
+    # say what was seen, so the next run can pick NCU_SKIP / NCU_COUNT (or the step's first kernel)
+    names = collections.Counter(n.split("(")[0][:60] for n, _ in seq)
+    print("no whole step among %d launches (%d embedding launches); most launched:" % (len(seq), len(emb)))
+    for n, c in names.most_common(8): print("  %5d x %s" % (c, n))
+    sys.exit()
 step = seq[emb[0]:emb[1]]
 tot = sum(d for _, d in step)
 print("%s: one decode step = %d kernels, %.1f us of kernel time (each launch timed alone)" % (sys.argv[2], len(step), tot / 1e3))
