@@ -406,12 +406,8 @@ fn bench_gemv(gpu: &Gpu, copy_gbs: f64) -> Result<()> {
                     // SAFETY: x, w, y are allocated above with the extents g addresses.
                     unsafe {
                         match (use_gemv, plan, f32_out) {
-                            (true, Some(p), true) => {
-                                gemv::gemv::<f32>(gpu, &g, p, Default::default())?
-                            }
-                            (true, Some(p), false) => {
-                                gemv::gemv::<bf16>(gpu, &g, p, Default::default())?
-                            }
+                            (true, Some(p), true) => gemv::gemv::<f32>(gpu, &g, p, false)?,
+                            (true, Some(p), false) => gemv::gemv::<bf16>(gpu, &g, p, false)?,
                             (_, _, true) => gemm::cublas_strided::<f32>(gpu, &g)?,
                             (_, _, false) => gemm::cublas_strided::<bf16>(gpu, &g)?,
                         }

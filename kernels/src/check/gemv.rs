@@ -68,7 +68,7 @@ pub fn check_gemv<O: GemmOut + ToF32s>(gpu: &Gpu, c: GemvCase) -> Result<CheckRo
     let plan = gemv::plan(&gm, gpu.sm_count, true)
         .ok_or_else(|| shape_err("gemv", format!("{c:?} has no GEMV plan")))?;
     // SAFETY: x, w, y were allocated above with exactly the extents the strides address.
-    unsafe { gemv::gemv::<O>(gpu, &gm, plan, Default::default())? };
+    unsafe { gemv::gemv::<O>(gpu, &gm, plan, false)? };
     let got_all = O::to_f32s(&y.to_host(gpu)?);
     let (mut got, mut want) = (Vec::new(), Vec::new());
     for b in 0..batch {
@@ -129,8 +129,7 @@ pub fn check_gemv_ffn(gpu: &Gpu, m: usize, h: usize, inter: usize) -> Result<Che
     let down = Gemm::xwt(m, h, inter, act.ptr(), wd.ptr(), acc.ptr());
     let op = format!("gemv ffn (pair, silu_mul, accumulate) m{m}");
     // SAFETY: every tensor above has the extents these problems address.
-    let paired =
-        unsafe { gemv::gemv_pair::<bf16>(gpu, &first, wu.ptr(), up_y, Default::default(), true)? };
+    let paired = unsafe { gemv::gemv_pair::<bf16>(gpu, &first, wu.ptr(), up_y, true)? };
     let plan = gemv::plan(&down, gpu.sm_count, true)
         .ok_or_else(|| shape_err("gemv", format!("down [{m}, {inter}] has no GEMV plan")))?;
     if !paired {
@@ -146,9 +145,8 @@ pub fn check_gemv_ffn(gpu: &Gpu, m: usize, h: usize, inter: usize) -> Result<Che
             out: act.view_mut(),
         },
     )?;
-    let mode = gemv::GemvMode { accumulate: true };
     // SAFETY: as above.
-    unsafe { gemv::gemv::<bf16>(gpu, &down, plan, mode)? };
+    unsafe { gemv::gemv::<bf16>(gpu, &down, plan, true)? };
     let got = f32s(&acc.to_host(gpu)?);
     let bf = |v: f32| bf16::from_f32(v).to_f32();
     let dot = |a: &[f32], b: &[f32]| {

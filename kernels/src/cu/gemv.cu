@@ -5,7 +5,9 @@
 // with split-K GEMMs plus a separate reduction kernel (two launches, a workspace round trip and
 // tensor-core tiles that are 1/16 full). These kernels stream every weight byte exactly once with
 // 16-byte non-L1-allocating loads, keep several loads in flight per lane, and reduce split-K
-// partials inside the block, so one launch per projection reads at close to copy bandwidth.
+// partials inside the block, in one launch. Measured (bench/RESULTS.md, session 8): at one row
+// they match or beat cuBLAS on every DeepSeek-V2 projection (lm_head 0.98x its copy roofline);
+// at 2-8 rows they lose on large weights, which ops/gemv.rs's plan leaves to cuBLAS.
 //
 // gemv_nk: W stored [N, K] (a checkpoint `weight`). A warp owns C columns and one of `splits`
 //   slices of K; each lane reads 8 consecutive k of each column per step, so one weight row is

@@ -70,7 +70,7 @@ pub fn plan(g: &Gemm, sm_count: usize, force: bool) -> Option<GemvPlan> {
     }
     // Where the GEMV beats cuBLAS (dsv2-gpu-check --gemv, bench/RESULTS.md session 8): one row
     // always (cuBLAS answers with split-K + a reduction); more rows only for small weights, where
-    // cuBLAS is latency-bound (5-9x the copy roofline at kv_a's 5.9 MB) — on large ones its
+    // cuBLAS is latency-bound (5-15x the copy roofline on kv_a) — on large ones its
     // tensor-core tiles reuse each weight load across rows, which these CUDA-core loops do not.
     let weight_bytes = g
         .batch
@@ -112,11 +112,8 @@ pub fn plan(g: &Gemm, sm_count: usize, force: bool) -> Option<GemvPlan> {
     }
 }
 
-/// What a GEMV launch does around the product.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct GemvMode {
-    /// `y += X·op(W)` (a bf16 y gets the product rounded to bf16 first, as a separate add would).
-    pub accumulate: bool,
+fn i64_dim(v: usize, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| shape_err("gemv", format!("{what} = {v} exceeds i64")))
 }
 
 /// The gemv.cu kernel for a layout, row count and output suffix.
@@ -125,21 +122,20 @@ fn kernel_name(w_nk: bool, m: usize, out: &str) -> String {
 }
 
 /// Runs `g` with the GEMV kernels on the GPU's main stream; `p` from [`plan`] for this `g`.
+/// `accumulate`: `y += X·op(W)` (a bf16 y gets the product rounded to bf16 first, as a separate
+/// add would), else `y = X·op(W)`.
 ///
 /// # Safety
 /// Every pointer must address enough live device memory for the dims, leading dims and batch
 /// strides of `g` (as for cuBLAS), and stay valid until the launch has run.
-pub unsafe fn gemv<O: GemmOut>(gpu: &Gpu, g: &Gemm, p: GemvPlan, mode: GemvMode) -> Result<()> {
-    let i64_of = |v: usize, what: &str| {
-        i64::try_from(v).map_err(|_| shape_err("gemv", format!("{what} = {v} exceeds i64")))
-    };
+pub unsafe fn gemv<O: GemmOut>(gpu: &Gpu, g: &Gemm, p: GemvPlan, accumulate: bool) -> Result<()> {
     let strides = [
-        i64_of(g.sx, "sx")?,
-        i64_of(g.sw, "sw")?,
-        i64_of(g.sy, "sy")?,
+        i64_dim(g.sx, "sx")?,
+        i64_dim(g.sw, "sw")?,
+        i64_dim(g.sy, "sy")?,
     ];
     // SAFETY: forwarded from the caller's contract.
-    unsafe { launch::<O>(gpu, g, strides, p, mode) }
+    unsafe { launch::<O>(gpu, g, strides, p, accumulate) }
 }
 
 /// Two problems that share X and differ in W and Y (the gate and up projections of an FFN, each
@@ -154,7 +150,6 @@ pub unsafe fn gemv_pair<O: GemmOut>(
     first: &Gemm,
     w2: u64,
     y2: u64,
-    mode: GemvMode,
     force: bool,
 ) -> Result<bool> {
     let mut g = *first;
@@ -170,7 +165,7 @@ pub unsafe fn gemv_pair<O: GemmOut>(
     }
     // SAFETY: forwarded from the caller's contract; the second problem is addressed by the
     // (signed) element distance between the two weights and the two outputs.
-    unsafe { launch::<O>(gpu, &g, [0, dw / 2, dy / elem], p, mode)? };
+    unsafe { launch::<O>(gpu, &g, [0, dw / 2, dy / elem], p, false)? };
     Ok(true)
 }
 
@@ -181,20 +176,16 @@ unsafe fn launch<O: GemmOut>(
     g: &Gemm,
     strides: [i64; 3],
     p: GemvPlan,
-    mode: GemvMode,
+    accumulate: bool,
 ) -> Result<()> {
-    const OP: &str = "gemv";
-    let i64_of = |v: usize, what: &str| {
-        i64::try_from(v).map_err(|_| shape_err(OP, format!("{what} = {v} exceeds i64")))
-    };
     let (ldx, ldw, ldy) = (
-        i64_of(g.ldx, "ldx")?,
-        i64_of(g.ldw, "ldw")?,
-        i64_of(g.ldy, "ldy")?,
+        i64_dim(g.ldx, "ldx")?,
+        i64_dim(g.ldw, "ldw")?,
+        i64_dim(g.ldy, "ldy")?,
     );
     let [sx, sw, sy] = strides;
     let (n, k) = (g.n as i32, g.k as i32);
-    let accumulate = i32::from(mode.accumulate);
+    let accumulate = i32::from(accumulate);
     let f = gpu.function(&kernel_name(g.w_nk, g.m, O::KERNEL_SUFFIX))?;
     let mut b = gpu.launch(f);
     b.arg(&g.x).arg(&ldx).arg(&sx);

@@ -19,7 +19,7 @@ pub fn gemm<O: GemmOut>(gpu: &Gpu, g: Gemm) -> Result<(), KernelError> {
     }
     if let Some(p) = gemv::plan(&g, gpu.sm_count, false) {
         // SAFETY: the caller's contract (above) is the GEMV kernels' contract.
-        return unsafe { gemv::gemv::<O>(gpu, &g, p, gemv::GemvMode::default()) };
+        return unsafe { gemv::gemv::<O>(gpu, &g, p, false) };
     }
     // SAFETY: the caller's contract (above) is cuBLAS's contract.
     unsafe { cublas_strided::<O>(gpu, &g) }

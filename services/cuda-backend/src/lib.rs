@@ -21,7 +21,7 @@ use dsv2_core::error::{CoreError, Result};
 use dsv2_core::routing::{Routing, RoutingParams};
 use dsv2_core::sampling::RowSampling;
 use dsv2_core::weights::{DType as CkptDType, TensorRef};
-use dsv2_kernels::ops::gemv::{self, GemvMode};
+use dsv2_kernels::ops::gemv;
 use dsv2_kernels::ops::mla_prefill::PrefillKernel;
 use dsv2_kernels::ops::{elementwise as ew, general as gen_ops, moe, sample};
 use dsv2_kernels::rope::RopeTable as DevRope;
@@ -678,20 +678,12 @@ impl CudaBackend {
         let up_y = gu.ptr() + (inter * std::mem::size_of::<bf16>()) as u64; // byte offset of `up`
         // Few rows: gate and up in one launch, and the result added into `acc` by the down
         // projection itself (5 launches become 3). The activation stays its own launch: folded
-        // into the down projection, every column group recomputed it, which cost V2's batch-1
-        // step 1.6 % (bench/RESULTS.md, session 8 run 4).
+        // into the down projection, every column group recomputed it, and with the fold V2's
+        // batch-1 step was 1.6 % slower on the GEMV path than on cuBLAS (bench/RESULTS.md,
+        // session 8 runs 3-4; the fold is the likely cause, its removal is not yet measured).
         // SAFETY (every GEMV below): each pointer is a live tensor shape-checked above.
-        let paired = unsafe {
-            gemv::gemv_pair::<bf16>(
-                &self.gpu,
-                &g,
-                w.up.t.ptr(),
-                up_y,
-                GemvMode::default(),
-                false,
-            )
-        }
-        .kx()?;
+        let paired =
+            unsafe { gemv::gemv_pair::<bf16>(&self.gpu, &g, w.up.t.ptr(), up_y, false) }.kx()?;
         if !paired {
             gemm::<bf16>(&self.gpu, g).kx()?;
             g.w = w.up.t.ptr();
@@ -707,31 +699,18 @@ impl CudaBackend {
             },
         )
         .kx()?;
-        let down = Gemm::xwt(m, h, inter, act.ptr(), w.down.t.ptr(), 0);
-        let mode = GemvMode {
-            accumulate: acc.is_some(),
+        let Some(acc) = acc else {
+            return self.mm(&act, &w.down, "mlp down").map(Some);
         };
-        let mut out = match acc {
-            Some(a) => Err(a),
-            None => Ok(self.empty(&[m, h])?),
-        };
-        let y_ptr = match &out {
-            Ok(y) => y.ptr(),
-            Err(a) => a.ptr(),
-        };
-        let down = Gemm { y: y_ptr, ..down };
+        let down = Gemm::xwt(m, h, inter, act.ptr(), w.down.t.ptr(), acc.ptr());
         match gemv::plan(&down, self.gpu.sm_count, false) {
-            Some(p) => unsafe { gemv::gemv::<bf16>(&self.gpu, &down, p, mode) }.kx()?,
-            None => match &mut out {
-                Ok(_) => gemm::<bf16>(&self.gpu, down).kx()?,
-                Err(a) => {
-                    let y = self.empty(&[m, h])?;
-                    gemm::<bf16>(&self.gpu, Gemm { y: y.ptr(), ..down }).kx()?;
-                    gen_ops::add(&self.gpu, a.view_mut(), y.view()).kx()?;
-                }
-            },
+            Some(p) => unsafe { gemv::gemv::<bf16>(&self.gpu, &down, p, true) }.kx()?,
+            None => {
+                let y = self.mm(&act, &w.down, "mlp down")?;
+                gen_ops::add(&self.gpu, acc.view_mut(), y.view()).kx()?;
+            }
         }
-        Ok(out.ok())
+        Ok(None)
     }
 
     /// The device RoPE table covering positions < `need` (rebuilt when the model's table changes
