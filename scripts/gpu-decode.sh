@@ -178,10 +178,15 @@ PYEOF
       # off so that launches are counted one by one): NCU_PRESET/NCU_LAYERS, batch NCU_BATCH
       NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
       preset=${NCU_PRESET:-deepseek-v2-lite}; layers=${NCU_LAYERS:-27}
+      # --random-weights draws every tensor on the device, one launch each: V2-Lite's 27 layers x
+      # 64 experts make ~6,000 launches before the prompt, so its decode steps start far later
+      if [ -z "${NCU_SKIP:-}" ]; then
+        case $preset in deepseek-v2-lite) NCU_SKIP=20000 ;; *) NCU_SKIP=3000 ;; esac
+      fi
       dir=/tmp/gd-$preset-$layers
       mkdir -p "$dir"
       "$BIN/dsv2" init-random --preset "$preset" --layers "$layers" --config-only --out "$dir" --seed 1 >/dev/null 2>&1
-      DSV2_CUDA_GRAPHS=0 timeout -k 5 300 "$NCU" --launch-skip "${NCU_SKIP:-3000}" --launch-count "${NCU_COUNT:-1300}" \
+      DSV2_CUDA_GRAPHS=0 timeout -k 5 300 "$NCU" --launch-skip "$NCU_SKIP" --launch-count "${NCU_COUNT:-1300}" \
         --metrics gpu__time_duration.sum --csv --print-units base \
         "$BIN/dsv2" bench --device cuda:0 --model-dir "$dir" --random-weights 1 --batch "${NCU_BATCH:-1}" --context 512 \
         --new-tokens 64 --runs 1 >/tmp/ncu-step.csv 2>/tmp/ncu-step.err || { echo "ncu FAILED"; tail -3 /tmp/ncu-step.err; fail=1; }
