@@ -6,7 +6,8 @@
 #   gemv     dsv2-gpu-check --gemv: the few-row GEMV kernels against the CPU, then each decode
 #            projection shape at 1/2/4/8 rows, GEMV vs cuBLAS beside the copy-bandwidth roofline
 #   mla      dsv2-gpu-check --mla: the MLA kernels against their CPU reference, then the decode
-#            (P1) and prefill attention rows beside their rooflines
+#            (P1) and prefill attention rows beside their rooflines (MLA_KERNELS: which decode kernels)
+#   seesaw   the TMA + seesaw MLA decode kernel alone (checks, P1), then dsv2-cuda-check with it
 #   fixtures dsv2-cuda-check: the whole model on the golden fixtures vs HF and the CPU reference,
 #            with the small-batch expert kernels on (default) and off (grouped kernels at every size),
 #            and with CUDA graphs off (DSV2_CUDA_GRAPHS=0; the real-dims decode rows replay graphs)
@@ -219,8 +220,20 @@ PYEOF
     gemv)
       timeout -k 5 120 "$BIN/dsv2-gpu-check" --gemv --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-gemv.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|^device|copy d2d|^G " "$OUT_DIR/gpu-check-gemv.log" ;;
+    seesaw)
+      # the TMA + seesaw MLA decode kernel (mla_seesaw.cu) alone first, in its own process (a
+      # kernel that traps leaves the other kernels' rows alone), then end to end with it
+      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels seesaw --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-seesaw.log" 2>&1
+      rc=$?
+      grep -E "FAIL|^checks:|^device|copy d2d|cuBLAS bf16|^P1" "$OUT_DIR/gpu-check-seesaw.log" | grep -v " ok "
+      if [ $rc -ne 0 ] || ! grep -q "^checks: .* 0 FAIL" "$OUT_DIR/gpu-check-seesaw.log"; then
+        echo "seesaw kernel FAILED (exit $rc)"; grep -E "rel_l2|error|Error" "$OUT_DIR/gpu-check-seesaw.log" | tail -8; fail=1
+      else
+        DSV2_MLA_KERNEL=seesaw timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-seesaw.log" 2>&1 || { echo "dsv2-cuda-check (seesaw) FAILED"; fail=1; }
+        tail -6 "$OUT_DIR/cuda-check-seesaw.log"
+      fi ;;
     mla)
-      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-mla.log" 2>&1 || fail=1
+      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels "${MLA_KERNELS:-wgmma,mma,seesaw}" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-mla.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|^device|copy d2d|cuBLAS bf16|^P1|prefill" "$OUT_DIR/gpu-check-mla.log" | grep -v " ok " ;;
     fixtures)
       timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check.log" 2>&1 || { echo "dsv2-cuda-check FAILED"; fail=1; }

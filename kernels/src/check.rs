@@ -614,10 +614,7 @@ pub fn check_mla_decode(
     } else {
         format!("{} seqs, max {max_len}", lens.len())
     };
-    let name = match kernel {
-        mla::MlaKernel::Wgmma => "mla_decode_wgmma_bf16",
-        mla::MlaKernel::Mma => "mla_decode_bf16",
-    };
+    let name = kernel.function();
     let mut row = CheckRow::cmp(
         name,
         format!("lens {lens_s} heads {heads} block {block_size}"),
@@ -831,7 +828,10 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     out.push(check_small_experts(gpu, 3, 9, 2, 72, 40)?);
     out.extend(experts::run_grouped(gpu, quick)?);
     out.extend(gemv::run_gemv(gpu)?);
-    out.extend(run_mla(gpu)?);
+    out.extend(run_mla(
+        gpu,
+        &[mla::MlaKernel::Wgmma, mla::MlaKernel::Mma, mla::MlaKernel::Seesaw],
+    )?);
     for (n, ctx, heads, dims, shared) in [
         (1, 1, 4, (32, 8, 32), true),
         (7, 37, 4, (16, 8, 16), false),
@@ -851,17 +851,19 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     out.push(crate::ops::general::check_rows_add(gpu, 300, 72)?);
     if !quick {
         let lens: Vec<usize> = (0..67).map(|i| 1 + (i * 97) % 700).collect();
-        for kernel in [mla::MlaKernel::Wgmma, mla::MlaKernel::Mma] {
+        for kernel in [mla::MlaKernel::Wgmma, mla::MlaKernel::Mma, mla::MlaKernel::Seesaw] {
             out.push(check_mla_decode(gpu, &lens, 128, 64, None, kernel)?);
         }
     }
     Ok(out)
 }
 
-/// The MLA rows alone (`dsv2-gpu-check --mla`): decode for both kernels, then prefill.
-pub fn run_mla(gpu: &Gpu) -> Result<Vec<CheckRow>> {
+/// The MLA rows alone (`dsv2-gpu-check --mla`): decode for each of `kernels`, then prefill.
+/// Each row prints as soon as it is taken, so that a kernel that crashes the context leaves the
+/// rows before it on record.
+pub fn run_mla(gpu: &Gpu, kernels: &[mla::MlaKernel]) -> Result<Vec<CheckRow>> {
     // (context lengths, heads, block size, forced splits)
-    let cases: [(&[usize], usize, usize, Option<usize>); 9] = [
+    let cases: [(&[usize], usize, usize, Option<usize>); 11] = [
         (&[1], 128, 64, None),
         (&[7, 1, 67, 130], 128, 64, None),
         (&[5137, 33, 1], 128, 64, None),
@@ -872,11 +874,23 @@ pub fn run_mla(gpu: &Gpu) -> Result<Vec<CheckRow>> {
         // more splits than a sequence has tiles: empty splits write only their -inf lse
         (&[1, 2, 100], 128, 16, Some(64)),
         (&[2000, 1, 129], 128, 16, Some(200)),
+        // the seesaw kernel's rounds of two tiles: an odd tile count, a last tile of one token,
+        // cache blocks of 32 and of 128 tokens (TMA pieces of 32 and 64 rows)
+        (&[192, 129, 65, 64], 128, 32, Some(1)),
+        (&[300, 1000, 17], 128, 128, None),
     ];
     let mut out = Vec::new();
-    for kernel in [mla::MlaKernel::Wgmma, mla::MlaKernel::Mma] {
+    for &kernel in kernels {
         for (lens, heads, block, splits) in cases {
-            out.push(check_mla_decode(gpu, lens, heads, block, splits, kernel)?);
+            let row = check_mla_decode(gpu, lens, heads, block, splits, kernel)?;
+            eprintln!(
+                "{} {} rel_l2 {:.3e} {}",
+                row.op,
+                row.sizes,
+                row.rel_l2,
+                if row.pass { "PASS" } else { "FAIL" }
+            );
+            out.push(row);
         }
     }
     out.extend(prefill::run_prefill(gpu)?);

@@ -14,6 +14,8 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("common.cuh", include_str!("cu/common.cuh")),
     ("mma.cuh", include_str!("cu/mma.cuh")),
     ("wgmma.cuh", include_str!("cu/wgmma.cuh")),
+    ("tma.cuh", include_str!("cu/tma.cuh")),
+    ("mla_common.cuh", include_str!("cu/mla_common.cuh")),
 ];
 
 /// The kernel sources: (file name, text). Each becomes one CUDA module.
@@ -21,6 +23,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("elementwise.cu", include_str!("cu/elementwise.cu")),
     ("moe.cu", include_str!("cu/moe.cu")),
     ("mla.cu", include_str!("cu/mla.cu")),
+    ("mla_seesaw.cu", include_str!("cu/mla_seesaw.cu")),
     ("sample.cu", include_str!("cu/sample.cu")),
     ("general.cu", include_str!("cu/general.cu")),
     ("mla_prefill.cu", include_str!("cu/mla_prefill.cu")),

@@ -19,6 +19,8 @@ struct Args {
     gemv_only: bool,
     no_bench: bool,
     compile_only: bool,
+    /// MLA decode kernels to check and time (`--mla-kernels`; default all).
+    mla_kernels: Vec<mla::MlaKernel>,
     opts: GpuOptions,
 }
 
@@ -29,6 +31,11 @@ fn parse_args() -> Result<Args> {
         gemv_only: false,
         no_bench: false,
         compile_only: false,
+        mla_kernels: vec![
+            mla::MlaKernel::Wgmma,
+            mla::MlaKernel::Mma,
+            mla::MlaKernel::Seesaw,
+        ],
         opts: GpuOptions::default(),
     };
     let mut it = std::env::args().skip(1);
@@ -40,6 +47,13 @@ fn parse_args() -> Result<Args> {
             "--no-bench" => a.no_bench = true,
             "--compile-only" => a.compile_only = true,
             "--no-cache" => a.opts.no_cache = true,
+            "--mla-kernels" => {
+                let list = it.next().context("--mla-kernels needs a list, e.g. seesaw,wgmma")?;
+                a.mla_kernels = list
+                    .split(',')
+                    .map(mla::MlaKernel::parse)
+                    .collect::<std::result::Result<_, _>>()?;
+            }
             "--cache-dir" => {
                 a.opts.cache_dir = Some(it.next().context("--cache-dir needs a path")?.into())
             }
@@ -50,10 +64,13 @@ fn parse_args() -> Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "dsv2-gpu-check [--quick] [--mla] [--gemv] [--no-bench] [--compile-only] [--no-cache] [--cache-dir DIR] [--device cuda:N]\n\n\
+                    "dsv2-gpu-check [--quick] [--mla] [--mla-kernels LIST] [--gemv] [--no-bench] [--compile-only] [--no-cache] [--cache-dir DIR] [--device cuda:N]\n\n\
                      Checks every kernel against the CPU reference, then measures the ceilings (copy\n\
                      bandwidth, cuBLAS) and P1/P2. --mla: only the MLA checks (decode, both kernels;\n\
                      prefill: wgmma, M128, M64), P1 and PF, a quick go/no-go for the wgmma kernels.\n\
+                     --mla-kernels: which MLA decode kernels --mla checks and times (comma-separated:\n\
+                     wgmma, mma, seesaw; default all, a new kernel last so that a crash of it\n\
+                     leaves the others' rows printed).\n\
                      --gemv: only the few-row GEMV checks and their timings beside cuBLAS and copy."
                 );
                 std::process::exit(0);
@@ -306,7 +323,7 @@ fn main() -> Result<()> {
 
     let t_check = Instant::now();
     let rows = if args.mla_only {
-        check::run_mla(&gpu)?
+        check::run_mla(&gpu, &args.mla_kernels)?
     } else if args.gemv_only {
         check::run_gemv(&gpu)?
     } else {
@@ -329,7 +346,7 @@ fn main() -> Result<()> {
             let copy_gbs = copy_ceiling(&gpu)?;
             bench_gemv(&gpu, copy_gbs)?;
         } else {
-            bench(&gpu, args.mla_only)?;
+            bench(&gpu, args.mla_only, &args.mla_kernels)?;
         }
     }
     if fails > 0 {
@@ -437,7 +454,7 @@ fn bench_gemv(gpu: &Gpu, copy_gbs: f64) -> Result<()> {
     Ok(())
 }
 
-fn bench(gpu: &Gpu, p1_only: bool) -> Result<()> {
+fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()> {
     println!("\n== measurements (CUDA events; each beside a ceiling measured in this run) ==");
     let copy_gbs = copy_ceiling(gpu)?;
 
@@ -470,7 +487,7 @@ fn bench(gpu: &Gpu, p1_only: bool) -> Result<()> {
     // P1 row for "batch 128, 64 heads"): at 128 heads the two head groups of a sequence read the
     // same cache tiles, which L2 may or may not serve twice. If 128 x 64 heads costs about what
     // 64 x 128 heads does, the kernel is bound by its own compute and barriers, not by DRAM.
-    use mla::MlaKernel::{Mma, Wgmma};
+    use mla::MlaKernel::{Mma, Seesaw, Wgmma};
     for (batch, ctx, heads, force, kernel) in [
         (64usize, 4096usize, 128usize, None, Wgmma),
         (64, 4096, 128, Some(1usize), Wgmma),
@@ -491,7 +508,19 @@ fn bench(gpu: &Gpu, p1_only: bool) -> Result<()> {
         (1, 512, 128, Some(8), Wgmma),
         (1, 512, 16, None, Wgmma),
         (1, 512, 16, Some(8), Wgmma),
+        // the seesaw kernel (mla_seesaw.cu) on issue 20's rows, last
+        (64, 4096, 128, None, Seesaw),
+        (128, 4096, 128, None, Seesaw),
+        (128, 4096, 64, Some(1), Seesaw),
+        (64, 4096, 64, Some(1), Seesaw),
+        (1, 32768, 128, None, Seesaw),
+        (8, 32768, 128, None, Seesaw),
+        (1, 512, 128, None, Seesaw),
+        (1, 512, 16, None, Seesaw),
     ] {
+        if !mla_kernels.contains(&kernel) {
+            continue;
+        }
         let bs = 64usize;
         let blocks_per = ctx / bs;
         let nblocks = batch * blocks_per;

@@ -9,12 +9,10 @@
 // The cache tile is loaded once into shared memory and used by all 64 heads of the CTA; the second
 // head-group CTA of the same sequence reads the same tiles, mostly from L2.
 #include "common.cuh"
+#include "mla_common.cuh"
 #include "mma.cuh"
 #include "wgmma.cuh"
 
-#define D_LAT 512
-#define D_ROPE 64
-#define D_QK 576
 #define HB 64           // heads per CTA
 #define TN 32           // tokens per tile
 #define SROW (D_QK + 8) // padded smem row (bf16): 292 words, rows land 4 banks apart
@@ -29,22 +27,6 @@ struct MlaSmem {
     float m_fin[HB];
     float l_fin[HB];
 };
-
-// Eight values of row (b, h) of the decode query [q_abs (512) | q_pe (64)] starting at column
-// `col` (a multiple of 8); zeros for padding heads h >= heads. q_pe may be strided (see below).
-__device__ __forceinline__ bf16x8 load_q8(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, int b,
-                                         int h, int heads, int col, long long qpe_sb, long long qpe_sh) {
-    bf16x8 v;
-    if (h < heads) {
-        const bf16* src = col < D_LAT ? q_abs + ((size_t)b * heads + h) * D_LAT + col
-                                      : q_pe + (size_t)b * qpe_sb + (size_t)h * qpe_sh + (col - D_LAT);
-        v = *reinterpret_cast<const bf16x8*>(src);
-    } else {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) v.v[i] = __floats2bfloat162_rn(0.f, 0.f);
-    }
-    return v;
-}
 
 // Load cache tokens [t0, t0 + TN) of sequence b into a smem tile; tokens >= end become zeros.
 __device__ __forceinline__ void load_k_tile(bf16* dst, const bf16* __restrict__ cache,
@@ -61,22 +43,6 @@ __device__ __forceinline__ void load_k_tile(bf16* dst, const bf16* __restrict__ 
         }
         cp_async16(dst + r * SROW + col, src, valid);
     }
-}
-
-// Context tokens of one split of a sequence of `len` tokens: the context is cut into `splits`
-// equal runs of whole tiles from the sequence's own length (read on the device), so that splits
-// stay balanced whatever the other sequences' lengths, and a launch does not depend on the host
-// knowing the lengths (a captured CUDA graph replays it for every step).
-__device__ __forceinline__ int split_tokens(int len, int splits, int tile) {
-    const int per = (len + splits - 1) / splits;
-    return max(tile, (per + tile - 1) / tile * tile);
-}
-
-// A split past the end of its sequence: only its log-sum-exp (-inf), which tells the combine to
-// skip the split without reading its partial output.
-__device__ __forceinline__ void empty_split(float* __restrict__ lse, int b, int split, int splits, int heads, int h0) {
-    for (int r = threadIdx.x; r < HB && h0 + r < heads; r += blockDim.x)
-        lse[((size_t)b * splits + split) * heads + h0 + r] = -INFINITY;
 }
 
 // grid (ceil(H/64), B, splits). q_abs [B, H, 512], q_pe [B, H, 64] with element strides qpe_sb,
@@ -311,12 +277,6 @@ mla_decode_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, c
 #define WG_SMEM_P (3 * WG_TILE)           // offsets inside the 1024-aligned dynamic smem
 #define WG_SMEM_RED (WG_SMEM_P + WG_CHUNK)
 #define WG_SMEM_BYTES (WG_SMEM_RED + 2 * 2 * 64 * 4)
-
-// Byte offset of element (row, col) of a 64-row operand in the swizzled layout.
-__device__ __forceinline__ u32 wg_swz(int row, int col) {
-    int k = col & 63;
-    return (u32)((col >> 6) * WG_CHUNK + row * 128 + ((((k >> 3) ^ (row & 7))) << 4) + ((k & 7) << 1));
-}
 
 // Load cache tokens [t0, t0 + 64) of one sequence into a swizzled tile; tokens >= end become zeros.
 // Thread t copies row t / 4 (one block-table lookup per tile), 16-byte pieces p = t % 4 + 4 i

@@ -26,11 +26,17 @@ const MMA_SMEM_BYTES: usize =
 /// tiles, P, reduction scratch) plus 1 KiB so the kernel can align its operands to 1024 bytes.
 const WGMMA_SMEM_BYTES: usize = 3 * 64 * 576 * 2 + 64 * 128 + 2 * 2 * 64 * 4 + 1024;
 
-/// Which decode kernel runs. Both compute the same function; `Wgmma` is the fast one on sm_90a,
-/// `Mma` (mma.sync) is kept as a second implementation to compare against and to fall back to
-/// (`DSV2_MLA_KERNEL=mma`) should a driver or GPU misbehave with the first.
+/// Shared memory of one `mla_decode_seesaw_bf16` CTA: `SS_BYTES` in mla_seesaw.cu (Q's latent
+/// columns, two cache tiles, two P buffers, row state, 18 mbarriers) plus 1 KiB for alignment.
+const SEESAW_SMEM_BYTES: usize = 8 * 8192 + 2 * 9 * 8192 + 2 * 8192 + 3 * 256 + 512 + 18 * 8 + 1024;
+
+/// Which decode kernel runs. All compute the same function. `Seesaw` (TMA loads, the two
+/// warpgroups' softmax and tensor work interleaved, mla_seesaw.cu) and `Wgmma` (one phase after
+/// another) are the sm_90a kernels; `Mma` (mma.sync) is kept as a second implementation to compare
+/// against and to fall back to (`DSV2_MLA_KERNEL=mma`) should a driver or GPU misbehave.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MlaKernel {
+    Seesaw,
     Wgmma,
     Mma,
 }
@@ -47,10 +53,13 @@ impl MlaKernel {
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "" | "wgmma" => Ok(MlaKernel::Wgmma),
+            "seesaw" => Ok(MlaKernel::Seesaw),
             "mma" => Ok(MlaKernel::Mma),
             other => Err(KernelError::Unsupported {
                 op: "mla_decode",
-                what: format!("DSV2_MLA_KERNEL={other:?} (expected \"wgmma\" or \"mma\")"),
+                what: format!(
+                    "DSV2_MLA_KERNEL={other:?} (expected \"wgmma\", \"seesaw\" or \"mma\")"
+                ),
             }),
         }
     }
@@ -58,13 +67,15 @@ impl MlaKernel {
     /// Context tokens one CTA processes per step: splits are cut at multiples of it.
     pub fn tile_tokens(self) -> usize {
         match self {
-            MlaKernel::Wgmma => 64,
+            MlaKernel::Seesaw | MlaKernel::Wgmma => 64,
             MlaKernel::Mma => 32,
         }
     }
 
-    fn function(self) -> &'static str {
+    /// The kernel's function name in the CUDA sources.
+    pub fn function(self) -> &'static str {
         match self {
+            MlaKernel::Seesaw => "mla_decode_seesaw_bf16",
             MlaKernel::Wgmma => "mla_decode_wgmma_bf16",
             MlaKernel::Mma => "mla_decode_bf16",
         }
@@ -72,9 +83,75 @@ impl MlaKernel {
 
     fn smem_bytes(self) -> usize {
         match self {
+            MlaKernel::Seesaw => SEESAW_SMEM_BYTES,
             MlaKernel::Wgmma => WGMMA_SMEM_BYTES,
             MlaKernel::Mma => MMA_SMEM_BYTES,
         }
+    }
+
+    /// Whether the kernel reads caches of this block size: the seesaw kernel's TMA pieces are
+    /// min(block_size, 64) rows of one block, so 64 must be a multiple of the block size or the
+    /// other way round.
+    pub fn supports_block_size(self, block_size: usize) -> bool {
+        match self {
+            MlaKernel::Seesaw => {
+                block_size > 0 && (64usize.is_multiple_of(block_size) || block_size.is_multiple_of(64))
+            }
+            MlaKernel::Wgmma | MlaKernel::Mma => block_size > 0,
+        }
+    }
+}
+
+/// A CUtensorMap, passed to a kernel by value (`TmaMap` in tma.cuh).
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct TmaMap([u64; 16]);
+
+// SAFETY: plain bytes the driver wrote; the kernel takes it by value as a 128-byte parameter.
+unsafe impl cudarc::driver::DeviceRepr for TmaMap {}
+
+/// The latent cache [num_blocks, block_size, 576] as a 2-D TMA tensor [num_blocks * block_size,
+/// 576] bf16, read in boxes of 64 columns x min(block_size, 64) rows with the 128-byte swizzle
+/// the wgmma operands use.
+pub fn cache_tensor_map(cache: &View<'_, bf16>) -> Result<TmaMap> {
+    use cudarc::driver::sys as cu;
+    const OP: &str = "mla_decode_seesaw_bf16";
+    let (blocks, block_size) = (cache.shape()[0], cache.shape()[1]);
+    if cache.shape()[2] != CACHE_DIM || !cache.ptr().is_multiple_of(16) {
+        return Err(shape_err(
+            OP,
+            format!(
+                "cache {:?} at {:#x}: expected [blocks, block_size, {CACHE_DIM}], 16-byte aligned",
+                cache.shape(),
+                cache.ptr()
+            ),
+        ));
+    }
+    let dims: [u64; 2] = [CACHE_DIM as u64, (blocks * block_size) as u64];
+    let strides: [u64; 1] = [(CACHE_DIM * 2) as u64];
+    let boxes: [u32; 2] = [64, block_size.min(64) as u32];
+    let element_strides: [u32; 2] = [1, 1];
+    let mut map = std::mem::MaybeUninit::<cu::CUtensorMap>::zeroed();
+    // SAFETY: every array outlives the call and has the rank (2, strides 1) the call is given;
+    // the global address is the cache's device pointer, valid while `cache` is borrowed.
+    unsafe {
+        cu::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            cache.ptr() as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            cu::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            cu::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            cu::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()?;
+        let map = map.assume_init();
+        Ok(TmaMap(map.opaque))
     }
 }
 
@@ -167,6 +244,15 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     p.seq_lens.expect(OP, "seq_lens", &[Some(batch)])?;
     p.out
         .expect(OP, "out", &[Some(batch), Some(heads), Some(KV_LORA)])?;
+    if !kernel.supports_block_size(block_size) {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!(
+                "{} with cache blocks of {block_size} tokens (64 must be a multiple of the block size or the other way round)",
+                kernel.function()
+            ),
+        });
+    }
     if block_size == 0 || p.max_seq_len > max_blocks * block_size {
         return Err(shape_err(
             OP,
@@ -220,17 +306,18 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     );
     let si = splits as i32;
     let scale = p.scale;
+    let map = match kernel {
+        MlaKernel::Seesaw => Some(cache_tensor_map(&p.cache)?),
+        MlaKernel::Wgmma | MlaKernel::Mma => None,
+    };
     gpu.set_max_dynamic_smem(kernel.function(), kernel.smem_bytes())?;
     let f = gpu.function(kernel.function())?;
     let mut b = gpu.launch(f);
-    b.arg(&qa)
-        .arg(&qp)
-        .arg(&c)
-        .arg(&bt)
-        .arg(&sl)
-        .arg(&o)
-        .arg(&op_ptr)
-        .arg(&lse_ptr);
+    b.arg(&qa).arg(&qp);
+    if map.is_none() {
+        b.arg(&c);
+    }
+    b.arg(&bt).arg(&sl).arg(&o).arg(&op_ptr).arg(&lse_ptr);
     b.arg(&h)
         .arg(&bs)
         .arg(&mb)
@@ -238,6 +325,9 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
         .arg(&scale)
         .arg(&qpe_sb)
         .arg(&qpe_sh);
+    if let Some(m) = map.as_ref() {
+        b.arg(m);
+    }
     let cfg = LaunchConfig {
         grid_dim: (
             heads.div_ceil(HEADS_PER_CTA) as u32,
@@ -247,7 +337,8 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
         block_dim: (256, 1, 1),
         shared_mem_bytes: kernel.smem_bytes() as u32,
     };
-    // SAFETY: matches the signature mla_decode_bf16 and mla_decode_wgmma_bf16 share; inputs shape-checked above; o_part/lse (when
+    // SAFETY: matches the signature mla_decode_bf16 and mla_decode_wgmma_bf16 share (the seesaw
+    // kernel's: no cache pointer, the cache's tensor map last); inputs shape-checked above; o_part/lse (when
     // splits > 1) hold batch*splits*heads*512 and batch*splits*heads f32 and live until after the
     // combine below is enqueued (stream order keeps them valid: cudarc frees asynchronously on the
     // same stream).

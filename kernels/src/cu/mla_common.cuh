@@ -1,0 +1,48 @@
+// mla_common.cuh: what the MLA decode kernels share: the query row loader, how a sequence's
+// context is cut into splits, the empty-split marker, and the 128-byte-swizzled operand layout.
+#pragma once
+#include "common.cuh"
+
+#define D_LAT 512
+#define D_ROPE 64
+#define D_QK 576
+
+// Eight values of row (b, h) of the decode query [q_abs (512) | q_pe (64)] starting at column
+// `col` (a multiple of 8); zeros for padding heads h >= heads. q_pe may be strided (see below).
+__device__ __forceinline__ bf16x8 load_q8(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe, int b,
+                                         int h, int heads, int col, long long qpe_sb, long long qpe_sh) {
+    bf16x8 v;
+    if (h < heads) {
+        const bf16* src = col < D_LAT ? q_abs + ((size_t)b * heads + h) * D_LAT + col
+                                      : q_pe + (size_t)b * qpe_sb + (size_t)h * qpe_sh + (col - D_LAT);
+        v = *reinterpret_cast<const bf16x8*>(src);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v.v[i] = __floats2bfloat162_rn(0.f, 0.f);
+    }
+    return v;
+}
+
+// Context tokens of one split of a sequence of `len` tokens: the context is cut into `splits`
+// equal runs of whole tiles from the sequence's own length (read on the device), so that splits
+// stay balanced whatever the other sequences' lengths, and a launch does not depend on the host
+// knowing the lengths (a captured CUDA graph replays it for every step).
+__device__ __forceinline__ int split_tokens(int len, int splits, int tile) {
+    const int per = (len + splits - 1) / splits;
+    return max(tile, (per + tile - 1) / tile * tile);
+}
+
+// A split past the end of its sequence: only its log-sum-exp (-inf), which tells the combine to
+// skip the split without reading its partial output.
+__device__ __forceinline__ void empty_split(float* __restrict__ lse, int b, int split, int splits, int heads, int h0) {
+    for (int r = threadIdx.x; r < 64 && h0 + r < heads; r += blockDim.x)
+        lse[((size_t)b * splits + split) * heads + h0 + r] = -INFINITY;
+}
+
+// The canonical 128-byte-swizzled wgmma layout of a 64-row operand: 64-column chunks of 64 rows x
+// 128 B (8 KiB), and inside every 8-row x 128 B block the 16-byte piece j of row r sits at piece
+// j ^ (r % 8). The byte offset of element (row, col) of such an operand:
+__device__ __forceinline__ u32 wg_swz(int row, int col) {
+    int k = col & 63;
+    return (u32)((col >> 6) * 8192 + row * 128 + ((((k >> 3) ^ (row & 7))) << 4) + ((k & 7) << 1));
+}

@@ -1,0 +1,68 @@
+// tma.cuh: Hopper tensor memory accelerator (TMA) copies, the shared-memory transaction barriers
+// (mbarrier) that tell when they have landed, and named barriers between warpgroups.
+#pragma once
+#include "common.cuh"
+
+// A CUtensorMap as cuTensorMapEncodeTiled writes it: 128 opaque bytes, passed to a kernel by
+// value as a `const __grid_constant__` parameter (the TMA unit reads it from parameter space).
+struct __align__(64) TmaMap {
+    unsigned long long v[16];
+};
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+// Makes barrier initialisation visible to the TMA unit and to the CTA's other threads (with the
+// __syncthreads that must follow).
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+
+// One arrival that also announces `bytes` of TMA traffic the phase must wait for.
+__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+// One arrival with no traffic (a phase with nothing to load completes at once).
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ bool mbar_try_wait(u32 bar, u32 parity) {
+    u32 done;
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    return done != 0;
+}
+
+// Waits until the barrier's phase of this parity has completed. A phase that never completes (a
+// copy that was never issued, a byte count that does not match) traps after about two seconds
+// instead of hanging the GPU: the launch then fails with an error the caller reports.
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    if (mbar_try_wait(bar, parity)) return;
+    const long long t0 = clock64();
+    while (!mbar_try_wait(bar, parity)) {
+        if (clock64() - t0 > 4000000000ll) __trap();
+    }
+}
+
+// 2-D tile copy global -> shared through the tensor map; completion is counted in bytes on `bar`.
+// c0 is the inner (contiguous) coordinate in elements, c1 the row.
+__device__ __forceinline__ void tma_load_2d(u32 dst, const TmaMap* map, int c0, int c1, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+
+// Named barriers (ids 1..15; 0 is __syncthreads): `n` threads in all must arrive. A producer
+// warpgroup arrives without waiting, the consumer warpgroup waits; shared-memory writes made
+// before the arrival are visible to the waiters after it.
+__device__ __forceinline__ void named_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
