@@ -45,11 +45,13 @@ __device__ __forceinline__ bool mbar_try_wait(u32 bar, u32 parity) {
 // copy that was never issued, a byte count that does not match) traps after about two seconds
 // instead of hanging the GPU: the launch then fails with an error the caller reports.
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    if (mbar_try_wait(bar, parity)) return;
-    const long long t0 = clock64();
-    while (!mbar_try_wait(bar, parity)) {
-        if (clock64() - t0 > 4000000000ll) __trap();
+    if (!mbar_try_wait(bar, parity)) {
+        const long long t0 = clock64();
+        while (!mbar_try_wait(bar, parity)) {
+            if (clock64() - t0 > 4000000000ll) __trap();
+        }
     }
+    __syncwarp();  // lanes may leave the poll loop at different turns; wgmma after it is .aligned
 }
 
 // 2-D tile copy global -> shared through the tensor map; completion is counted in bytes on `bar`.
