@@ -819,6 +819,19 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             ..gate_cfg_v2()
         },
     )?);
+    // the general gate path (72 experts: not whole lanes of 32)
+    out.push(check_gate(
+        gpu,
+        67,
+        72,
+        moe::GateConfig {
+            n_group: 4,
+            topk_group: 2,
+            top_k: 4,
+            norm_topk_prob: true,
+            routed_scaling_factor: 1.0,
+        },
+    )?);
     out.push(check_sample(gpu, 67, 102400)?);
     out.push(check_sample(gpu, if quick { 500 } else { 5137 }, 1000)?);
     out.push(check_expert_ffn(gpu, 67, 8, 5120, 1536)?);

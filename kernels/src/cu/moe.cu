@@ -9,14 +9,115 @@
 // softmax over E; if n_group > 1 keep the topk_group groups with the largest max score (others
 // scored 0, as DeepSeek's masked_fill does); greedy top-k (ties -> lower expert id);
 // norm_topk: w / (sum + 1e-20), else w * scaling.
+//
+// Fast path (E a multiple of 32 up to 256, each group a power-of-two run of whole lanes): lane l
+// holds experts PER l .. PER l + PER - 1, so a group's maximum is a few shuffles among its lanes,
+// the kept groups are found by rank in one pass, and each top-k round is one __reduce_max_sync
+// over order-preserving keys plus a ballot for the lowest expert id among equals. Why: the general
+// path below is a single warp's chain of ~5,000 dependent instructions (runtime group divisions,
+// a warp reduction per group, 10 shuffles per round) and took 14.5 us per MoE layer at batch 1
+// (bench/RESULTS.md, session 7 run 3), 10 % of V2-Lite's batch-1 layer.
+template <int PER>
+__device__ __forceinline__ void gate_contiguous(const float* __restrict__ row, int* __restrict__ ids,
+                                                float* __restrict__ weights, int n_group, int topk_group,
+                                                int k, int norm_topk, float scaling) {
+    const int lane = threadIdx.x % WARP;
+    const int n_exp = PER * WARP;
+    float s[PER];
+    float m = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+        s[j] = row[lane * PER + j];
+        m = fmaxf(m, s[j]);
+    }
+    m = warp_max(m);
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+        s[j] = expf(s[j] - m);
+        sum += s[j];
+    }
+    sum = warp_sum(sum);
+#pragma unroll
+    for (int j = 0; j < PER; ++j) s[j] = s[j] / sum;
+    if (n_group > 1) {
+        const int lanes = n_exp / n_group / PER;  // lanes per group: a power of two (launcher)
+        float gm = s[0];
+#pragma unroll
+        for (int j = 1; j < PER; ++j) gm = fmaxf(gm, s[j]);
+        for (int o = 1; o < lanes; o <<= 1) gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, o));
+        const int mine = lane / lanes;
+        // rank of this lane's group among all groups (larger max first, ties to the lower group)
+        int rank = 0;
+        for (int g = 0; g < n_group; ++g) {
+            const float v = __shfl_sync(0xffffffffu, gm, g * lanes);
+            rank += (v > gm || (v == gm && g < mine)) ? 1 : 0;
+        }
+        if (rank >= topk_group) {
+#pragma unroll
+            for (int j = 0; j < PER; ++j) s[j] = 0.f;
+        }
+    }
+    // keys: scores are >= 0, so their bits order as unsigned integers; + 1 leaves 0 for "taken"
+    u32 key[PER];
+#pragma unroll
+    for (int j = 0; j < PER; ++j) key[j] = __float_as_uint(s[j]) + 1u;
+    float wsum = 0.f, my_w = 0.f;
+    int my_id = 0;
+    for (int r = 0; r < k; ++r) {
+        u32 best = key[0];
+        int bj = 0;
+#pragma unroll
+        for (int j = 1; j < PER; ++j)
+            if (key[j] > best) {  // strict: the lower expert id keeps a tie
+                best = key[j];
+                bj = j;
+            }
+        const u32 top = __reduce_max_sync(0xffffffffu, best);
+        const int win = __ffs(__ballot_sync(0xffffffffu, best == top)) - 1;  // lowest lane: lowest id
+        const int wj = __shfl_sync(0xffffffffu, bj, win);
+        const float v = __uint_as_float(top - 1u);
+        if (lane == win) {
+#pragma unroll
+            for (int j = 0; j < PER; ++j)
+                if (j == wj) key[j] = 0u;
+        }
+        wsum += v;
+        if (lane == r) {
+            my_w = v;
+            my_id = win * PER + wj;
+        }
+    }
+    if (lane < k) {
+        const float w = norm_topk ? my_w / (wsum + 1e-20f) : my_w * scaling;
+        ids[lane] = my_id;
+        weights[lane] = w;
+    }
+}
+
 extern "C" __global__ void moe_gate_f32(const float* __restrict__ logits, int* __restrict__ ids,
                                         float* __restrict__ weights, int tokens, int n_exp, int n_group,
-                                        int topk_group, int k, int norm_topk, float scaling) {
+                                        int topk_group, int k, int norm_topk, float scaling, int contiguous) {
     griddep_wait();
     int lane = threadIdx.x % WARP;
     int t = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     if (t >= tokens) return;
     const float* row = logits + (size_t)t * n_exp;
+    if (contiguous) {
+        int* id_t = ids + (size_t)t * k;
+        float* w_t = weights + (size_t)t * k;
+        switch (n_exp / WARP) {
+            case 1: gate_contiguous<1>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
+            case 2: gate_contiguous<2>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
+            case 3: gate_contiguous<3>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
+            case 4: gate_contiguous<4>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
+            case 5: gate_contiguous<5>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
+            case 6: gate_contiguous<6>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
+            case 7: gate_contiguous<7>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
+            case 8: gate_contiguous<8>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
+            default: break;  // the launcher only sets `contiguous` for 32..256 experts in steps of 32
+        }
+    }
     float s[PER_LANE];
     float m = -INFINITY;
 #pragma unroll

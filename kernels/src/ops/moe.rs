@@ -28,6 +28,20 @@ pub struct GateParams<'a> {
     pub cfg: GateConfig,
 }
 
+/// Whether `moe_gate_f32` can take its fast path (see moe.cu): experts a multiple of 32 (each lane
+/// holds E / 32 neighbouring experts) and, with groups, each group a power-of-two run of whole lanes.
+fn gate_fast_path(n_exp: usize, n_group: usize) -> bool {
+    if n_exp == 0 || !n_exp.is_multiple_of(32) || n_exp > 256 {
+        return false;
+    }
+    let per = n_exp / 32;
+    if n_group <= 1 {
+        return true;
+    }
+    let group = n_exp / n_group;
+    group.is_multiple_of(per) && (group / per).is_power_of_two()
+}
+
 pub fn moe_gate(gpu: &Gpu, p: GateParams<'_>) -> Result<()> {
     const OP: &str = "moe_gate_f32";
     p.logits.expect(OP, "logits", &[None, None])?;
@@ -72,6 +86,7 @@ pub fn moe_gate(gpu: &Gpu, p: GateParams<'_>) -> Result<()> {
     );
     let norm = c.norm_topk_prob as i32;
     let scale = c.routed_scaling_factor;
+    let contiguous = i32::from(gate_fast_path(n_exp, c.n_group));
     let f = gpu.function(OP)?;
     let mut b = gpu.launch(f);
     b.arg(&l)
@@ -83,7 +98,8 @@ pub fn moe_gate(gpu: &Gpu, p: GateParams<'_>) -> Result<()> {
         .arg(&tg)
         .arg(&k)
         .arg(&norm)
-        .arg(&scale);
+        .arg(&scale)
+        .arg(&contiguous);
     // 4 warps per block, one token per warp
     let cfg = LaunchConfig {
         grid_dim: (tokens.div_ceil(4) as u32, 1, 1),
@@ -263,4 +279,22 @@ pub fn moe_combine(gpu: &Gpu, p: CombineParams<'_>) -> Result<()> {
     // SAFETY: matches moe_combine_bf16; slot_of values are < y rows (moe_permute) or -1.
     unsafe { b.launch(per_row(tokens, 128)) }?;
     Ok(())
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::gate_fast_path;
+
+    #[test]
+    fn the_fast_gate_path_takes_the_deepseek_shapes_and_leaves_the_rest_to_the_general_one() {
+        assert!(gate_fast_path(160, 8)); // V2: groups of 20 = 4 lanes of 5
+        assert!(gate_fast_path(64, 1)); // V2-Lite
+        assert!(gate_fast_path(256, 8)); // groups of 32 = 4 lanes of 8
+        assert!(gate_fast_path(96, 8)); // groups of 12 = 4 lanes of 3
+        assert!(!gate_fast_path(72, 4)); // not a multiple of 32
+        assert!(!gate_fast_path(160, 5)); // groups of 32 = 6.4 lanes of 5
+        assert!(!gate_fast_path(192, 3)); // groups of 64 = 10.7 lanes of 6
+        assert!(gate_fast_path(160, 2)); // groups of 80 = 16 lanes of 5
+        assert!(!gate_fast_path(288, 1)); // more than 256
+    }
 }
