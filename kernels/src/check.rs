@@ -839,6 +839,8 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     out.push(check_small_experts(gpu, 1, 16, 6, 5120, 1536)?);
     out.push(check_small_experts(gpu, 4, 16, 6, 5120, 1536)?);
     out.push(check_small_experts(gpu, 3, 9, 2, 72, 40)?);
+    // more slots than the down kernel reads side by side (8): two groups
+    out.push(check_small_experts(gpu, 2, 16, 10, 72, 40)?);
     out.extend(experts::run_grouped(gpu, quick)?);
     out.extend(gemv::run_gemv(gpu)?);
     out.extend(run_mla(
@@ -855,8 +857,9 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             gpu, n, ctx, heads, dims, shared,
         )?);
     }
-    out.push(crate::ops::general::check_latent_append(gpu, 67, 512, 64)?);
-    out.push(crate::ops::general::check_latent_append(gpu, 7, 32, 8)?);
+    out.push(crate::ops::general::check_latent_append(gpu, 67, 512, 64, false)?);
+    out.push(crate::ops::general::check_latent_append(gpu, 67, 512, 64, true)?);
+    out.push(crate::ops::general::check_latent_append(gpu, 7, 32, 8, true)?);
     out.push(check_fill_normal(gpu, 0.0, 0.02)?);
     out.push(check_fill_normal(gpu, 1.0, 0.5)?);
     out.push(crate::ops::general::check_rows_add(gpu, 1, 5120)?);

@@ -15,7 +15,9 @@
 // One block per token; f32 math, one bf16 rounding of the stored latent.
 extern "C" __global__ void mla_latent_append_bf16(const bf16* __restrict__ kva, const bf16* __restrict__ w,
                                                   const long long* __restrict__ slots, bf16* __restrict__ cache,
-                                                  int tokens, int r, int dr, long long num_slots, float eps) {
+                                                  int tokens, int r, int dr, long long num_slots, float eps,
+                                                  const int* __restrict__ pos, const float* __restrict__ cos_t,
+                                                  const float* __restrict__ sin_t, int max_pos) {
     griddep_wait();
     __shared__ float scratch[32];
     int t = blockIdx.x;
@@ -34,7 +36,18 @@ extern "C" __global__ void mla_latent_append_bf16(const bf16* __restrict__ kva, 
     float inv = rsqrtf(block_sum(ss, scratch) / (float)r + eps);
     for (int i = threadIdx.x; i < r; i += blockDim.x)
         dst[i] = __float2bfloat16(__bfloat162float(w[i]) * (__bfloat162float(src[i]) * inv));
-    for (int i = threadIdx.x; i < dr; i += blockDim.x) dst[r + i] = src[r + i];
+    // the shared rope key: rotated here (as rope_bf16 would, in bf16) when a table is given
+    const int p = pos != nullptr ? pos[t] : -1;
+    if (p >= 0 && p < max_pos) {
+        const int half = dr / 2;
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(src + r + 2 * i));
+            const float c = cos_t[(size_t)p * half + i], s = sin_t[(size_t)p * half + i];
+            *reinterpret_cast<__nv_bfloat162*>(dst + r + 2 * i) = __floats2bfloat162_rn(v.x * c - v.y * s, v.x * s + v.y * c);
+        }
+    } else {
+        for (int i = threadIdx.x; i < dr; i += blockDim.x) dst[r + i] = src[r + i];
+    }
 }
 
 // Causal attention of n_q query rows (positions pos0 .. pos0+n_q-1) over a context gathered in

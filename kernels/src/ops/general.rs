@@ -51,10 +51,12 @@ fn expect_rows<T: DType>(
     Ok(())
 }
 
-/// cache[slots[t]] = [ norm_w * rmsnorm(kva[t, :r]) | kva[t, r:] ].
-/// kva [T, r + dr] or [T, 1, r + dr] (k_pe part already rotated), norm_w [r],
+/// cache[slots[t]] = [ norm_w * rmsnorm(kva[t, :r]) | rope(kva[t, r:]) ].
+/// kva [T, r + dr] or [T, 1, r + dr], norm_w [r],
 /// cache [num_blocks, block_size, r + dr] (bf16), slots i64 [T] (block * block_size + offset;
-/// negative or out-of-range slots are skipped).
+/// negative or out-of-range slots are skipped). With `rope`, the k_pe part is rotated on the way
+/// (as `rope_bf16` would, positions outside the table left as they are); without, it is copied
+/// as given (already rotated). Rotating here saves decode a launch per layer.
 pub struct LatentAppendParams<'a> {
     pub kva: View<'a, bf16>,
     pub norm_w: View<'a, bf16>,
@@ -62,6 +64,13 @@ pub struct LatentAppendParams<'a> {
     pub cache: ViewMut<'a, bf16>,
     pub kv_lora: usize,
     pub eps: f32,
+    pub rope: Option<LatentRope<'a>>,
+}
+
+/// Positions i32 [T] and the table for [`LatentAppendParams::rope`].
+pub struct LatentRope<'a> {
+    pub positions: View<'a, i32>,
+    pub table: &'a crate::rope::RopeTable,
 }
 
 pub fn mla_latent_append(gpu: &Gpu, p: LatentAppendParams<'_>) -> Result<()> {
@@ -92,6 +101,28 @@ pub fn mla_latent_append(gpu: &Gpu, p: LatentAppendParams<'_>) -> Result<()> {
         dim_i32(OP, "rope", width - p.kv_lora)?,
     );
     let eps = p.eps;
+    let (pos, cos, sin, max_pos) = match &p.rope {
+        Some(rope) => {
+            rope.positions.expect(OP, "positions", &[Some(tokens)])?;
+            if rope.table.rope_dim != width - p.kv_lora {
+                return Err(shape_err(
+                    OP,
+                    format!(
+                        "rope table rotates {} dims, the key has {}",
+                        rope.table.rope_dim,
+                        width - p.kv_lora
+                    ),
+                ));
+            }
+            (
+                rope.positions.ptr(),
+                rope.table.cos_ptr(),
+                rope.table.sin_ptr(),
+                dim_i32(OP, "max_pos", rope.table.max_pos)?,
+            )
+        }
+        None => (0, 0, 0, 0),
+    };
     let f = gpu.function(OP)?;
     let mut b = gpu.launch(f);
     b.arg(&k)
@@ -102,7 +133,11 @@ pub fn mla_latent_append(gpu: &Gpu, p: LatentAppendParams<'_>) -> Result<()> {
         .arg(&rr)
         .arg(&dr)
         .arg(&num_slots)
-        .arg(&eps);
+        .arg(&eps)
+        .arg(&pos)
+        .arg(&cos)
+        .arg(&sin)
+        .arg(&max_pos);
     // SAFETY: matches mla_latent_append_bf16's signature; shapes checked above, the kernel
     // bounds-checks slots against num_slots.
     unsafe { b.launch(super::per_row(tokens, 128)) }?;
@@ -597,6 +632,7 @@ pub fn check_latent_append(
     tokens: usize,
     kv_lora: usize,
     rope: usize,
+    rotate: bool,
 ) -> Result<CheckRow> {
     let mut g = ChaCha8Rng::seed_from_u64(22);
     let width = kv_lora + rope;
@@ -618,6 +654,21 @@ pub fn check_latent_append(
     let st = Tensor::from_host(gpu, &slots, &[tokens])?;
     let mut cache = Tensor::<bf16>::zeros(gpu, &[nblocks, block, width])?;
     let eps = 1e-6;
+    // positions for the rotating variant: the last one outside the table (left unrotated)
+    let max_pos = 4096;
+    let mut positions: Vec<i32> = (0..tokens).map(|_| g.random_range(0..max_pos as i32)).collect();
+    if let Some(last) = positions.last_mut().filter(|_| tokens > 1) {
+        *last = max_pos as i32 + 3;
+    }
+    let (cos, sin) = crate::rope::yarn_cos_sin(
+        &crate::rope::YarnConfig {
+            dim: rope,
+            ..crate::rope::YarnConfig::deepseek_v2()
+        },
+        max_pos,
+    );
+    let table = crate::rope::RopeTable::from_host(gpu, &cos, &sin, max_pos, rope)?;
+    let pt = Tensor::from_host(gpu, &positions, &[tokens])?;
     mla_latent_append(
         gpu,
         LatentAppendParams {
@@ -627,8 +678,19 @@ pub fn check_latent_append(
             cache: cache.view_mut(),
             kv_lora,
             eps,
+            rope: rotate.then(|| LatentRope {
+                positions: pt.view(),
+                table: &table,
+            }),
         },
     )?;
+    let mut kf = kf;
+    if rotate {
+        // the reference rotates in place: rows of one "head" of `width` values
+        let mut rows = kf.clone();
+        r::rope(&mut rows, 1, width, kv_lora, rope, &positions, &cos, &sin);
+        kf = rows;
+    }
     let got: Vec<f32> = cache.to_host(gpu)?.iter().map(|x| x.to_f32()).collect();
     let mut want = vec![0f32; num_slots * width];
     for (t, &s) in slots.iter().enumerate() {
@@ -642,7 +704,10 @@ pub fn check_latent_append(
     }
     Ok(row(
         "mla_latent_append_bf16",
-        format!("tokens {tokens} latent {kv_lora}+{rope}"),
+        format!(
+            "tokens {tokens} latent {kv_lora}+{rope}{}",
+            if rotate { " with rope" } else { "" }
+        ),
         &got,
         &want,
         1e-2,

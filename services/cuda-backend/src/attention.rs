@@ -85,7 +85,7 @@ pub(crate) fn run(
         }
         QProj::Plain(wq) => b.mm_as(&xb, wq, &[n, heads, qd], "q_proj")?,
     };
-    let mut kva = b.mm_as(&xb, &w.kv_a, &[n, 1, width], "kv_a_proj_with_mqa")?;
+    let kva = b.mm_as(&xb, &w.kv_a, &[n, 1, width], "kv_a_proj_with_mqa")?;
     drop(t_proj);
     let t_rope = b.timed("attn.rope");
 
@@ -102,35 +102,36 @@ pub(crate) fn run(
                 table.rope_dim
             )));
         }
-        for (t, off) in [(&mut q, dn), (&mut kva, r)] {
-            ew::rope(
-                gpu,
-                ew::RopeParams {
-                    x: t.view_mut(),
+        ew::rope(
+            gpu,
+            ew::RopeParams {
+                x: q.view_mut(),
+                positions: pos_t.view(),
+                table,
+                rope_offset: dn,
+            },
+        )
+        .kx()?;
+        drop(t_rope);
+        // the shared key k_pe is rotated by the append itself (one launch less per layer)
+        let _t_append = b.timed("attn.latent_append");
+        g::mla_latent_append(
+            gpu,
+            g::LatentAppendParams {
+                kva: kva.view(),
+                norm_w: w.kv_a_norm.t.view(),
+                slots: slots_t.view(),
+                cache: layer_cache.view_mut(),
+                kv_lora: r,
+                eps: cfg.rms_norm_eps,
+                rope: Some(g::LatentRope {
                     positions: pos_t.view(),
                     table,
-                    rope_offset: off,
-                },
-            )
-            .kx()?;
-        }
+                }),
+            },
+        )
+        .kx()?;
     }
-    drop(t_rope);
-    let t_append = b.timed("attn.latent_append");
-    g::mla_latent_append(
-        gpu,
-        g::LatentAppendParams {
-            kva: kva.view(),
-            norm_w: w.kv_a_norm.t.view(),
-            slots: slots_t.view(),
-            cache: layer_cache.view_mut(),
-            kv_lora: r,
-            eps: cfg.rms_norm_eps,
-        },
-    )
-    .kx()?;
-
-    drop(t_append);
     let layer_cache = &*layer_cache;
     let pure_decode = !batch.seqs.is_empty()
         && batch.seqs.len() == n
