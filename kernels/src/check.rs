@@ -845,7 +845,11 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     out.extend(gemv::run_gemv(gpu)?);
     out.extend(run_mla(
         gpu,
-        &[mla::MlaKernel::Wgmma, mla::MlaKernel::Mma, mla::MlaKernel::Seesaw],
+        &[
+            mla::MlaKernel::Wgmma,
+            mla::MlaKernel::Mma,
+            mla::MlaKernel::Seesaw,
+        ],
     )?);
     for (n, ctx, heads, dims, shared) in [
         (1, 1, 4, (32, 8, 32), true),
@@ -857,9 +861,15 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             gpu, n, ctx, heads, dims, shared,
         )?);
     }
-    out.push(crate::ops::general::check_latent_append(gpu, 67, 512, 64, false)?);
-    out.push(crate::ops::general::check_latent_append(gpu, 67, 512, 64, true)?);
-    out.push(crate::ops::general::check_latent_append(gpu, 7, 32, 8, true)?);
+    out.push(crate::ops::general::check_latent_append(
+        gpu, 67, 512, 64, false,
+    )?);
+    out.push(crate::ops::general::check_latent_append(
+        gpu, 67, 512, 64, true,
+    )?);
+    out.push(crate::ops::general::check_latent_append(
+        gpu, 7, 32, 8, true,
+    )?);
     out.push(check_fill_normal(gpu, 0.0, 0.02)?);
     out.push(check_fill_normal(gpu, 1.0, 0.5)?);
     out.push(crate::ops::general::check_rows_add(gpu, 1, 5120)?);
@@ -867,7 +877,11 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     out.push(crate::ops::general::check_rows_add(gpu, 300, 72)?);
     if !quick {
         let lens: Vec<usize> = (0..67).map(|i| 1 + (i * 97) % 700).collect();
-        for kernel in [mla::MlaKernel::Wgmma, mla::MlaKernel::Mma, mla::MlaKernel::Seesaw] {
+        for kernel in [
+            mla::MlaKernel::Wgmma,
+            mla::MlaKernel::Mma,
+            mla::MlaKernel::Seesaw,
+        ] {
             out.push(check_mla_decode(gpu, &lens, 128, 64, None, kernel)?);
         }
     }

@@ -48,7 +48,9 @@ fn parse_args() -> Result<Args> {
             "--compile-only" => a.compile_only = true,
             "--no-cache" => a.opts.no_cache = true,
             "--mla-kernels" => {
-                let list = it.next().context("--mla-kernels needs a list, e.g. seesaw,wgmma")?;
+                let list = it
+                    .next()
+                    .context("--mla-kernels needs a list, e.g. seesaw,wgmma")?;
                 a.mla_kernels = list
                     .split(',')
                     .map(mla::MlaKernel::parse)

@@ -656,7 +656,9 @@ pub fn check_latent_append(
     let eps = 1e-6;
     // positions for the rotating variant: the last one outside the table (left unrotated)
     let max_pos = 4096;
-    let mut positions: Vec<i32> = (0..tokens).map(|_| g.random_range(0..max_pos as i32)).collect();
+    let mut positions: Vec<i32> = (0..tokens)
+        .map(|_| g.random_range(0..max_pos as i32))
+        .collect();
     if let Some(last) = positions.last_mut().filter(|_| tokens > 1) {
         *last = max_pos as i32 + 3;
     }

@@ -95,7 +95,8 @@ impl MlaKernel {
     pub fn supports_block_size(self, block_size: usize) -> bool {
         match self {
             MlaKernel::Seesaw => {
-                block_size > 0 && (64usize.is_multiple_of(block_size) || block_size.is_multiple_of(64))
+                block_size > 0
+                    && (64usize.is_multiple_of(block_size) || block_size.is_multiple_of(64))
             }
             MlaKernel::Wgmma | MlaKernel::Mma => block_size > 0,
         }
