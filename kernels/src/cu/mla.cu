@@ -449,41 +449,7 @@ mla_decode_wgmma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
     }
     cp_async_wait_all();
 
-    // ---- row sums over the quad and both warpgroups
-#pragma unroll
-    for (int hlf = 0; hlf < 2; ++hlf) {
-        l_part[hlf] += __shfl_xor_sync(0xffffffffu, l_part[hlf], 1);
-        l_part[hlf] += __shfl_xor_sync(0xffffffffu, l_part[hlf], 2);
-    }
-    if ((lane & 3) == 0) {
-        red_l[wg * 64 + r_lo] = l_part[0];
-        red_l[wg * 64 + r_lo + 8] = l_part[1];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int hlf = 0; hlf < 2; ++hlf) {
-        int r = r_lo + 8 * hlf;
-        int h = h0 + r;
-        if (h >= heads) continue;
-        float l = red_l[r] + red_l[64 + r];
-        float inv = l > 0.f ? 1.f / l : 0.f;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-            int c = 256 * wg + 8 * j + cq;
-            float o0 = o[4 * j + 2 * hlf] * inv, o1 = o[4 * j + 2 * hlf + 1] * inv;
-            if (splits == 1) {
-                *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)b * heads + h) * D_LAT + c) =
-                    __floats2bfloat162_rn(o0, o1);
-            } else {
-                *reinterpret_cast<float2*>(o_part + (((size_t)b * splits + split) * heads + h) * D_LAT + c) =
-                    make_float2(o0, o1);
-            }
-        }
-        if (splits > 1 && wg == 0 && (lane & 3) == 0) {
-            lse[((size_t)b * splits + split) * heads + h] =
-                l > 0.f ? (m_run[hlf] + log2f(l)) * 0.6931471805599453f : -INFINITY;
-        }
-    }
+    wg2_store_rows(o, l_part, m_run, red_l, out, o_part, lse, b, split, splits, heads, h0, wg, r_lo, cq);
 }
 
 // grid (B, H), 128 threads: out[b, h, :] = sum_s o_part[b, s, h, :] * exp(lse_s - max) / sum exp(...)

@@ -46,3 +46,50 @@ __device__ __forceinline__ u32 wg_swz(int row, int col) {
     int k = col & 63;
     return (u32)((col >> 6) * 8192 + row * 128 + ((((k >> 3) ^ (row & 7))) << 4) + ((k & 7) << 1));
 }
+
+// The end of a two-warpgroup decode CTA (64 heads h0.., one context split): warpgroup wg holds
+// output columns 256 wg .. 256 wg + 255 of rows r_lo and r_lo + 8 in `o` (the wgmma accumulator
+// layout of m64n256) and its partial row sums over those columns in l_part; m[hlf] is the row
+// maximum (log2 units of scale * q.k) of row r_lo + 8 hlf. Sums the rows over the quad and both
+// warpgroups through red_l [2][64] (one __syncthreads), then writes normalised rows: bf16 `out`
+// when splits == 1, else f32 partials and their log-sum-exp (natural log units) for the combine.
+__device__ __forceinline__ void wg2_store_rows(const float* o, float* l_part, const float* m, float* red_l,
+                                               bf16* __restrict__ out, float* __restrict__ o_part,
+                                               float* __restrict__ lse, int b, int split, int splits, int heads,
+                                               int h0, int wg, int r_lo, int cq) {
+    const int lane = threadIdx.x % WARP;
+#pragma unroll
+    for (int hlf = 0; hlf < 2; ++hlf) {
+        l_part[hlf] += __shfl_xor_sync(0xffffffffu, l_part[hlf], 1);
+        l_part[hlf] += __shfl_xor_sync(0xffffffffu, l_part[hlf], 2);
+    }
+    if ((lane & 3) == 0) {
+        red_l[wg * 64 + r_lo] = l_part[0];
+        red_l[wg * 64 + r_lo + 8] = l_part[1];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int hlf = 0; hlf < 2; ++hlf) {
+        const int row = r_lo + 8 * hlf;
+        const int h = h0 + row;
+        if (h >= heads) continue;
+        const float l = red_l[row] + red_l[64 + row];
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            const int c = 256 * wg + 8 * j + cq;
+            const float o0 = o[4 * j + 2 * hlf] * inv, o1 = o[4 * j + 2 * hlf + 1] * inv;
+            if (splits == 1) {
+                *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)b * heads + h) * D_LAT + c) =
+                    __floats2bfloat162_rn(o0, o1);
+            } else {
+                *reinterpret_cast<float2*>(o_part + (((size_t)b * splits + split) * heads + h) * D_LAT + c) =
+                    make_float2(o0, o1);
+            }
+        }
+        if (splits > 1 && wg == 0 && (lane & 3) == 0) {
+            lse[((size_t)b * splits + split) * heads + h] =
+                l > 0.f ? (m[hlf] + log2f(l)) * 0.6931471805599453f : -INFINITY;
+        }
+    }
+}

@@ -366,37 +366,7 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
         }
     }
 
-    // ---- row sums over the quad and both warpgroups; m is the last round's m1
-#pragma unroll
-    for (int hlf = 0; hlf < 2; ++hlf) {
-        l_acc[hlf] += __shfl_xor_sync(0xffffffffu, l_acc[hlf], 1);
-        l_acc[hlf] += __shfl_xor_sync(0xffffffffu, l_acc[hlf], 2);
-    }
-    if ((lane & 3) == 0) {
-        s_l[wg * 64 + r_lo] = l_acc[0];
-        s_l[wg * 64 + r_lo + 8] = l_acc[1];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int hlf = 0; hlf < 2; ++hlf) {
-        const int row = r_lo + 8 * hlf;
-        const int h = h0 + row;
-        if (h >= heads) continue;
-        const float l = s_l[row] + s_l[64 + row];
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-            const int c = 256 * wg + 8 * j + cq;
-            const float o0 = o[4 * j + 2 * hlf] * inv, o1 = o[4 * j + 2 * hlf + 1] * inv;
-            if (splits == 1) {
-                *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)b * heads + h) * D_LAT + c) = __floats2bfloat162_rn(o0, o1);
-            } else {
-                *reinterpret_cast<float2*>(o_part + (((size_t)b * splits + split) * heads + h) * D_LAT + c) = make_float2(o0, o1);
-            }
-        }
-        if (splits > 1 && wg == 0 && (lane & 3) == 0) {
-            lse[((size_t)b * splits + split) * heads + h] =
-                l > 0.f ? (s_m[row] + log2f(l)) * 0.6931471805599453f : -INFINITY;
-        }
-    }
+    // ---- m is the last round's m1 (warpgroup 1 wrote it before warpgroup 0's last wait on it)
+    const float m_fin[2] = {s_m[r_lo], s_m[r_lo + 8]};
+    wg2_store_rows(o, l_acc, m_fin, s_l, out, o_part, lse, b, split, splits, heads, h0, wg, r_lo, cq);
 }
