@@ -336,7 +336,7 @@ extern "C" __global__ void moe_small_gate_up_bf16(const bf16* __restrict__ x, co
     const bf16* wg = reinterpret_cast<const bf16*>(ptrs[3 * e]) + (size_t)i * hidden;
     const bf16* wu = reinterpret_cast<const bf16*>(ptrs[3 * e + 1]) + (size_t)i * hidden;
     float ag = 0.f, au = 0.f;
-#pragma unroll 8
+#pragma unroll 4
     for (int c = lane * 8; c < hidden; c += WARP * 8) {
         float xv[8], gv[8], uv[8];
         load8(xs + c, xv);
@@ -359,11 +359,6 @@ extern "C" __global__ void moe_small_gate_up_bf16(const bf16* __restrict__ x, co
 
 // grid (ceil(H / 8), n), 256 threads, smem k * I bf16:
 // out[row, o] = sum over routed slots j of w[row, j] * bf16(act[row*k + j] . Wd_e[o]).
-// A warp reads up to SMALL_GROUP experts' rows of o side by side (each lane 16 bytes of each per
-// step, all loads of a step in flight together) and reduces their dot products in interleaved
-// shuffle chains: one expert at a time left each lane ~2 loads in flight and ran at 0.45 of copy
-// bandwidth on V2-Lite's shapes (bench/RESULTS.md, session 9 run 1).
-#define SMALL_GROUP 8
 extern "C" __global__ void moe_small_down_bf16(const bf16* __restrict__ act, const int* __restrict__ ids,
                                                const float* __restrict__ wts, const long long* __restrict__ ptrs,
                                                bf16* __restrict__ out, int hidden, int inter, int k, int n_exp) {
@@ -383,38 +378,21 @@ extern "C" __global__ void moe_small_down_bf16(const bf16* __restrict__ act, con
     const int o = blockIdx.x * (blockDim.x / WARP) + warp;
     if (o >= hidden) return;
     float acc = 0.f;
-    for (int j0 = 0; j0 < k; j0 += SMALL_GROUP) {
-        const bf16* wd[SMALL_GROUP];
-#pragma unroll
-        for (int g = 0; g < SMALL_GROUP; ++g) {
-            const int j = j0 + g;
-            const int e = j < k ? ids[row * k + j] : -1;
-            const bool use = e >= 0 && e < n_exp && ptrs[3 * e + 2] != 0;
-            wd[g] = use ? reinterpret_cast<const bf16*>(ptrs[3 * e + 2]) + (size_t)o * inter : nullptr;
-        }
-        float d[SMALL_GROUP];
-#pragma unroll
-        for (int g = 0; g < SMALL_GROUP; ++g) d[g] = 0.f;
+    for (int j = 0; j < k; ++j) {
+        const int e = ids[row * k + j];
+        if (e < 0 || e >= n_exp || ptrs[3 * e + 2] == 0) continue;
+        const bf16* wd = reinterpret_cast<const bf16*>(ptrs[3 * e + 2]) + (size_t)o * inter;
+        float d = 0.f;
 #pragma unroll 2
         for (int c = lane * 8; c < inter; c += WARP * 8) {
+            float av[8], wv[8];
+            load8(as + j * inter + c, av);
+            load8(wd + c, wv);
 #pragma unroll
-            for (int g = 0; g < SMALL_GROUP; ++g) {
-                if (wd[g] == nullptr) continue;
-                float av[8], wv[8];
-                load8(wd[g] + c, wv);
-                load8(as + (j0 + g) * inter + c, av);
-#pragma unroll
-                for (int q = 0; q < 8; ++q) d[g] += av[q] * wv[q];
-            }
+            for (int q = 0; q < 8; ++q) d += av[q] * wv[q];
         }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1)
-#pragma unroll
-            for (int g = 0; g < SMALL_GROUP; ++g) d[g] += __shfl_xor_sync(0xffffffffu, d[g], off);
-        // the slots in order, as the per-slot loop summed them
-#pragma unroll
-        for (int g = 0; g < SMALL_GROUP; ++g)
-            if (wd[g] != nullptr) acc += wts[row * k + j0 + g] * __bfloat162float(__float2bfloat16_rn(d[g]));
+        d = warp_sum(d);
+        acc += wts[row * k + j] * __bfloat162float(__float2bfloat16_rn(d));
     }
     if (lane == 0) out[(size_t)row * hidden + o] = __float2bfloat16_rn(acc);
 }
