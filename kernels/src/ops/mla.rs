@@ -29,6 +29,8 @@ const WGMMA_SMEM_BYTES: usize = 3 * 64 * 576 * 2 + 64 * 128 + 2 * 2 * 64 * 4 + 1
 /// Shared memory of one `mla_decode_seesaw_bf16` CTA: `SS_BYTES` in mla_seesaw.cu (Q's latent
 /// columns, two cache tiles, two P buffers, row state, 18 mbarriers) plus 1 KiB for alignment.
 const SEESAW_SMEM_BYTES: usize = 8 * 8192 + 2 * 9 * 8192 + 2 * 8192 + 3 * 256 + 512 + 18 * 8 + 1024;
+// within the most dynamic shared memory a CTA may use on sm_90 (227 KiB)
+const _: () = assert!(SEESAW_SMEM_BYTES <= 232_448);
 
 /// Which decode kernel runs. All compute the same function. `Seesaw` (TMA loads, the two
 /// warpgroups' softmax and tensor work interleaved, mla_seesaw.cu) and `Wgmma` (one phase after
@@ -405,11 +407,47 @@ mod tests {
         assert_eq!(MlaKernel::parse("wgmma").ok(), Some(MlaKernel::Wgmma));
         assert_eq!(MlaKernel::parse("").ok(), Some(MlaKernel::Wgmma));
         assert_eq!(MlaKernel::parse("mma").ok(), Some(MlaKernel::Mma));
+        assert_eq!(MlaKernel::parse("seesaw").ok(), Some(MlaKernel::Seesaw));
         let err = MlaKernel::parse("flash").err().map(|e| e.to_string());
         let msg = err.unwrap_or_default();
         assert!(
             msg.contains("DSV2_MLA_KERNEL") && msg.contains("wgmma"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn every_decode_kernel_is_exported_and_says_which_block_sizes_it_reads() {
+        for k in [MlaKernel::Seesaw, MlaKernel::Wgmma, MlaKernel::Mma] {
+            let sig = format!("{}(", k.function());
+            let exported = crate::compile::SOURCES
+                .iter()
+                .any(|(_, src)| src.contains("extern \"C\" __global__") && src.contains(&sig));
+            assert!(exported, "{} is not in the CUDA sources", k.function());
+            assert!(k.supports_block_size(16) && k.supports_block_size(64));
+            assert!(!k.supports_block_size(0));
+        }
+        // TMA pieces of min(block, 64) rows must stay inside one cache block
+        assert!(MlaKernel::Seesaw.supports_block_size(32));
+        assert!(MlaKernel::Seesaw.supports_block_size(128));
+        assert!(!MlaKernel::Seesaw.supports_block_size(48));
+        assert!(!MlaKernel::Seesaw.supports_block_size(96));
+        assert!(MlaKernel::Wgmma.supports_block_size(48));
+    }
+
+    #[test]
+    fn seesaw_shared_memory_matches_the_kernel_and_fits_a_cta() {
+        // SS_BYTES in mla_seesaw.cu: 8 chunks of Q, 2 tiles of 9 chunks, 2 P chunks (8 KiB each),
+        // 3 x 64 floats of row state, 2 x 64 row sums, 18 mbarriers; + 1 KiB alignment slack
+        let src = crate::compile::SOURCES
+            .iter()
+            .find(|(f, _)| *f == "mla_seesaw.cu")
+            .map(|(_, s)| *s)
+            .unwrap_or_default();
+        assert!(src.contains("#define SS_BYTES (SS_BAR + 2 * 9 * 8)"));
+        assert_eq!(
+            SEESAW_SMEM_BYTES,
+            (8 + 18 + 2) * 8192 + 3 * 256 + 512 + 144 + 1024
         );
     }
 
