@@ -26,6 +26,12 @@
 // done: the rope chunk after S, the V_L chunks after warpgroup 0's P.V, the V_R chunks after
 // warpgroup 1's. The rope columns of Q stay in registers (16 per thread), which frees the shared
 // memory for the second P buffer: Q 64 KiB + 2 tiles 144 KiB + 2 P 16 KiB fill the 227 KiB.
+//
+// Measured (bench/RESULTS.md, session 9 run 1): correct, but slower than mla_decode_wgmma_bf16 on
+// our bytes-bound rows (0.392 vs 0.467 of the roofline at batch 64 x 4096 x 128 heads). Every
+// chunk of both buffers is last read in a round's final P.V, so the next round's copies start at
+// the round's end and their latency is exposed each round. FlashMLA uses this schedule for
+// compute-bound shapes only. Hence an option (DSV2_MLA_KERNEL=seesaw), not the default.
 #include "common.cuh"
 #include "mla_common.cuh"
 #include "tma.cuh"
