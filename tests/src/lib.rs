@@ -515,6 +515,30 @@ pub fn fixture_prompts(name: &str) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// POST a JSON body with [`http_request`] from a blocking thread (the tests' clusters run on the
+/// async runtime); `extra_headers` follow the content type. The status and the body.
+pub async fn post_json(
+    addr: SocketAddr,
+    path: &str,
+    body: &serde_json::Value,
+    extra_headers: &[(&str, &str)],
+) -> (u16, String) {
+    let (path, body) = (path.to_string(), body.to_string());
+    let headers: Vec<(String, String)> = std::iter::once(("content-type", "application/json"))
+        .chain(extra_headers.iter().copied())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let h: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        http_request(addr, "POST", &path, &h, &body)
+    })
+    .await
+    .expect("HTTP task")
+}
+
 /// One blocking HTTP/1.1 exchange on a fresh connection (`Connection: close`): the status and
 /// the body. For the metrics endpoints and small JSON calls; `headers` are added as given.
 pub fn http_request(

@@ -4,7 +4,7 @@
 //! restored tokens count as cached in gRPC's `cached_prompt_tokens` and in HTTP's
 //! `usage.prompt_tokens_details.cached_tokens`.
 
-use dsv2_e2e::{Cluster, http_request, ids_request, metric_sum, parse_metrics, scrape, tiny_model};
+use dsv2_e2e::{Cluster, ids_request, metric_sum, parse_metrics, post_json, scrape, tiny_model};
 use dsv2_proto::inference::v1 as pb;
 use serde_json::{Value, json};
 
@@ -77,19 +77,8 @@ async fn prefixes_evicted_to_host_memory_come_back_with_the_same_outputs() {
     let ids = prompt(0, 3);
     let want = run(&plain, &ids).await;
     let http = tiered.router.http_addr.expect("--http-listen");
-    let body =
-        json!({"prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": true}).to_string();
-    let (status, text) = tokio::task::spawn_blocking(move || {
-        http_request(
-            http,
-            "POST",
-            "/v1/completions",
-            &[("content-type", "application/json")],
-            &body,
-        )
-    })
-    .await
-    .expect("HTTP task");
+    let body = json!({"prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": true});
+    let (status, text) = post_json(http, "/v1/completions", &body, &[]).await;
     assert_eq!(status, 200, "{text}");
     let v: Value = serde_json::from_str(&text).expect("JSON");
     assert_eq!(v["choices"][0]["text"], want.text.as_str());

@@ -8,8 +8,8 @@ use std::path::Path;
 
 use dsv2_core::placement::PlacementKind;
 use dsv2_e2e::{
-    Cluster, Extra, Sample, http_request, ids_request, metric_sum, parse_metrics, placement,
-    scrape, text_request, tiny_model,
+    Cluster, Extra, Sample, ids_request, metric_sum, parse_metrics, placement, post_json, scrape,
+    text_request, tiny_model,
 };
 use dsv2_proto::expert::v1::ForwardRequest;
 use dsv2_proto::expert::v1::expert_shard_client::ExpertShardClient;
@@ -91,18 +91,8 @@ async fn after_load_every_histogram_counts_on_router_and_shards() {
     let refused = c.generate(bad).await.expect_err("a negative temperature");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     let http = cluster.router.http_addr.expect("--http-listen");
-    let body = json!({"prompt": "The router", "max_tokens": 5, "temperature": 0}).to_string();
-    let (status, text) = tokio::task::spawn_blocking(move || {
-        http_request(
-            http,
-            "POST",
-            "/v1/completions",
-            &[("content-type", "application/json")],
-            &body,
-        )
-    })
-    .await
-    .expect("HTTP task");
+    let body = json!({"prompt": "The router", "max_tokens": 5, "temperature": 0});
+    let (status, text) = post_json(http, "/v1/completions", &body, &[]).await;
     assert_eq!(status, 200, "{text}");
 
     // A Forward the shard must refuse: layer 0 is the dense layer of the tiny model.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dsv2_core::placement::PlacementKind;
-use dsv2_e2e::{Cluster, Extra, http_request, ids_request, placement, tiny_model};
+use dsv2_e2e::{Cluster, Extra, ids_request, placement, post_json, tiny_model};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -199,20 +199,9 @@ async fn a_traceparent_reaches_router_and_shard_spans_over_grpc_and_http() {
     // HTTP: the traceparent header.
     let http = cluster.router.http_addr.expect("--http-listen");
     let body =
-        json!({"prompt": "The router", "max_tokens": 4, "temperature": 0, "ignore_eos": true})
-            .to_string();
+        json!({"prompt": "The router", "max_tokens": 4, "temperature": 0, "ignore_eos": true});
     let tp = format!("00-{TRACE_HTTP}-{CLIENT_SPAN}-01");
-    let (status, text) = tokio::task::spawn_blocking(move || {
-        http_request(
-            http,
-            "POST",
-            "/v1/completions",
-            &[("content-type", "application/json"), ("traceparent", &tp)],
-            &body,
-        )
-    })
-    .await
-    .expect("HTTP task");
+    let (status, text) = post_json(http, "/v1/completions", &body, &[("traceparent", &tp)]).await;
     assert_eq!(status, 200, "{text}");
 
     // Spans arrive in batches; wait until each trace has its router phases and shard spans.
