@@ -26,24 +26,7 @@ async fn metrics_count_tokens_and_blocks() {
     // 40 prompt tokens, then 35 of which the first 32 (two blocks of 16) are the same.
     let first: Vec<u32> = (0..40).map(|t| 3 + t).collect();
     let second: Vec<u32> = first[..32].iter().copied().chain([100, 101, 102]).collect();
-    for prompt in [first, second] {
-        let (_, mut rx) = handle
-            .submit(
-                prompt,
-                GenerateParams {
-                    max_new_tokens: 6,
-                    ignore_eos: true,
-                    ..Default::default()
-                },
-                None,
-            )
-            .unwrap();
-        while let Some(ev) = rx.recv().await {
-            if matches!(ev, EngineEvent::Finished { .. }) {
-                break;
-            }
-        }
-    }
+    run_in_turn(&handle, [first, second]).await;
     // The engine publishes after the step that finished the request.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let text = dsv2_router::metrics::render(&handle);
@@ -96,24 +79,7 @@ async fn metrics_count_the_host_tier() {
     let first: Vec<u32> = (0..40).map(|t| 3 + t).collect();
     let other: Vec<u32> = (0..58).map(|t| 200 + t).collect();
     let again: Vec<u32> = first[..32].iter().copied().chain([100, 101]).collect();
-    for prompt in [first, other, again] {
-        let (_, mut rx) = handle
-            .submit(
-                prompt,
-                GenerateParams {
-                    max_new_tokens: 6,
-                    ignore_eos: true,
-                    ..Default::default()
-                },
-                None,
-            )
-            .unwrap();
-        while let Some(ev) = rx.recv().await {
-            if matches!(ev, EngineEvent::Finished { .. }) {
-                break;
-            }
-        }
-    }
+    run_in_turn(&handle, [first, other, again]).await;
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let text = dsv2_router::metrics::render(&handle);
     let value = |name: &str| -> u64 {
@@ -148,4 +114,27 @@ async fn metrics_count_the_host_tier() {
     );
     assert!(value("dsv2_router_kv_cache_host_cached_blocks") >= 2);
     assert_eq!(value("dsv2_router_kv_cache_host_evicted_blocks_total"), 0);
+}
+
+/// Each prompt to the end (6 new tokens), one after the other, so that later ones can hit the
+/// prefixes the earlier ones cached.
+async fn run_in_turn<const N: usize>(handle: &EngineHandle, prompts: [Vec<u32>; N]) {
+    for prompt in prompts {
+        let (_, mut rx) = handle
+            .submit(
+                prompt,
+                GenerateParams {
+                    max_new_tokens: 6,
+                    ignore_eos: true,
+                    ..Default::default()
+                },
+                None,
+            )
+            .unwrap();
+        while let Some(ev) = rx.recv().await {
+            if matches!(ev, EngineEvent::Finished { .. }) {
+                break;
+            }
+        }
+    }
 }
