@@ -14,9 +14,9 @@
 // holds experts PER l .. PER l + PER - 1, so a group's maximum is a few shuffles among its lanes,
 // the kept groups are found by rank in one pass, and each top-k round is one __reduce_max_sync
 // over order-preserving keys plus a ballot for the lowest expert id among equals. Why: the general
-// path below is a single warp's chain of ~5,000 dependent instructions (runtime group divisions,
-// a warp reduction per group, 10 shuffles per round) and took 14.5 us per MoE layer at batch 1
-// (bench/RESULTS.md, session 7 run 3), 10 % of V2-Lite's batch-1 layer.
+// path below is one warp's long chain of dependent instructions (runtime group divisions, a warp
+// reduction per group, 10 shuffles per top-k round); it took 14.5 us per MoE layer on V2 at batch
+// 1 (bench/RESULTS.md, session 7 run 3), this path 4.1 us on V2-Lite (session 9 run 1).
 template <int PER>
 __device__ __forceinline__ void gate_contiguous(const float* __restrict__ row, int* __restrict__ ids,
                                                 float* __restrict__ weights, int n_group, int topk_group,
