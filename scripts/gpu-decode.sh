@@ -7,7 +7,7 @@
 #            projection shape at 1/2/4/8 rows, GEMV vs cuBLAS beside the copy-bandwidth roofline
 #   mla      dsv2-gpu-check --mla: the MLA kernels against their CPU reference, then the decode
 #            (P1) and prefill attention rows beside their rooflines (MLA_KERNELS: which decode kernels)
-#   seesaw   the TMA + seesaw MLA decode kernel alone (checks, P1), then dsv2-cuda-check with it
+#   seesaw, tma  that TMA MLA decode kernel alone (checks, P1), then dsv2-cuda-check with it
 #   fixtures dsv2-cuda-check: the whole model on the golden fixtures vs HF and the CPU reference,
 #            with the small-batch expert kernels on (default) and off (grouped kernels at every size),
 #            and with CUDA graphs off (DSV2_CUDA_GRAPHS=0; the real-dims decode rows replay graphs)
@@ -17,7 +17,8 @@
 #   lite-bench, lite-bench-eager  the same on DeepSeek-V2-Lite (27 layers), graphs on and off
 #   served-graphs  the served decode rows alone (4-layer V2)
 #   nsys     per-kernel GPU time of batch-1 decode (Nsight Systems, kernels inside graphs traced)
-#   ncu, ncu-stalls  Nsight Compute on the MLA decode kernel (throughputs; why warps wait)
+#   ncu, ncu-stalls  Nsight Compute on an MLA decode kernel (NCU_MLA=wgmma/tma/seesaw; throughputs,
+#            why warps wait)
 #   served   dsv2-router --device cuda:0 with local experts and random real-dims weights, driven by
 #            `dsv2 loadtest` with DISTINCT prompts (MoE cost depends on it): decode at c=1/64/256,
 #            prefill of 64 distinct 512-token prompts and time to first token of one 4096-token
@@ -117,26 +118,25 @@ for sec in ${SECTIONS:-check fixtures served lite profile}; do
       timeout -k 5 300 "$BIN/dsv2-gpu-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|^device|copy d2d|cuBLAS bf16|^P[0-9]|^D[0-9]|prefill|grouped" "$OUT_DIR/gpu-check.log" | grep -v " ok " ;;
     ncu)
-      # Nsight Compute on one timed launch of the MLA decode kernel at batch 64 x ctx 4096 x 128
-      # heads (the first P1 row; the MLA checks launch it 9 times before, the row 3 warm-ups)
+      # Nsight Compute on one timed launch of an MLA decode kernel (NCU_MLA: tma, wgmma, seesaw;
+      # default wgmma) at batch 64 x ctx 4096 x 128 heads, the first P1 row: --mla with that
+      # kernel alone runs its 11 check cases first, then the row's 3 warm-ups
+      k=${NCU_MLA:-wgmma}
       NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-      timeout -k 5 240 "$NCU" -k regex:mla_decode_wgmma --launch-skip 12 --launch-count 1 \
+      timeout -k 5 240 "$NCU" -k "regex:mla_decode_${k}_bf16" --launch-skip 14 --launch-count 1 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-        --section SchedulerStats --section Occupancy --section LaunchStats \
-        "$BIN/dsv2-gpu-check" --mla --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/ncu-mla.log" 2>&1 || { echo "ncu FAILED"; fail=1; }
-      grep -vE "^(P1|P2|checks|device|copy|cuBLAS|prefill|==PROF==)" "$OUT_DIR/ncu-mla.log" | grep -E "Throughput|Duration|Stall|Warp Cycles|Issued|Eligible|Active|Hit Rate|Bandwidth|Mem Pipes|Registers|Shared Memory|Occupancy|L1|L2|DRAM|Busy|Compute" | head -60
-      # and the batch-1 ctx-32768 row (after 6 more rows and the batch-128 one, 23 launches each)
-      timeout -k 5 240 "$NCU" -k regex:mla_decode_wgmma --launch-skip 173 --launch-count 1 \
-        --section SpeedOfLight --section WarpStateStats --section LaunchStats \
-        "$BIN/dsv2-gpu-check" --mla --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/ncu-mla-long.log" 2>&1 || { echo "ncu FAILED"; fail=1; }
-      grep -E "Duration|Grid Size|Throughput|Stall|Warp Cycles" "$OUT_DIR/ncu-mla-long.log" | head -20 ;;
+        --section SchedulerStats --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+        "$BIN/dsv2-gpu-check" --mla --mla-kernels "$k" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/ncu-mla-$k.log" 2>&1 || { echo "ncu FAILED"; fail=1; }
+      grep -vE "^(P1|P2|checks|device|copy|cuBLAS|prefill|==PROF==)" "$OUT_DIR/ncu-mla-$k.log" | grep -E "Throughput|Duration|Stall|Warp Cycles|Issued|Eligible|Active|Hit Rate|Bandwidth|Mem Pipes|Registers|Shared Memory|Occupancy|L1|L2|DRAM|Busy|Compute|Pipe" | head -60 ;;
     ncu-stalls)
-      # why the MLA decode kernel's warps wait (batch 64 x ctx 4096 x 128 heads, one launch)
+      # why the MLA decode kernel's warps wait (batch 64 x ctx 4096 x 128 heads, one launch; NCU_MLA
+      # as for ncu)
+      k=${NCU_MLA:-wgmma}
       NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-      timeout -k 5 240 "$NCU" -k regex:mla_decode_wgmma --launch-skip 12 --launch-count 1 \
+      timeout -k 5 240 "$NCU" -k "regex:mla_decode_${k}_bf16" --launch-skip 14 --launch-count 1 \
         --section WarpStateStats --section SpeedOfLight --page raw --csv \
-        "$BIN/dsv2-gpu-check" --mla --cache-dir /tmp/dsv2-cubin >/tmp/ncu-stalls.csv 2>&1 || { echo "ncu FAILED"; fail=1; }
-      "$PY" - /tmp/ncu-stalls.csv <<'PYEOF'
+        "$BIN/dsv2-gpu-check" --mla --mla-kernels "$k" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/ncu-stalls-$k.csv" 2>&1 || { echo "ncu FAILED"; fail=1; }
+      "$PY" - "$OUT_DIR/ncu-stalls-$k.csv" <<'PYEOF'
 import csv, sys
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
 if len(rows) < 3: print("no ncu rows"); sys.exit()
@@ -220,20 +220,20 @@ PYEOF
     gemv)
       timeout -k 5 120 "$BIN/dsv2-gpu-check" --gemv --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-gemv.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|^device|copy d2d|^G " "$OUT_DIR/gpu-check-gemv.log" ;;
-    seesaw)
-      # the TMA + seesaw MLA decode kernel (mla_seesaw.cu) alone first, in its own process (a
-      # kernel that traps leaves the other kernels' rows alone), then end to end with it
-      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels seesaw --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-seesaw.log" 2>&1
+    seesaw|tma)
+      # one TMA MLA decode kernel (mla_seesaw.cu or mla_tma.cu) alone first, in its own process
+      # (a kernel that traps leaves the other kernels' rows alone), then end to end with it
+      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels "$sec" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-$sec.log" 2>&1
       rc=$?
-      grep -E "FAIL|^checks:|^device|copy d2d|cuBLAS bf16|^P1" "$OUT_DIR/gpu-check-seesaw.log" | grep -v " ok "
-      if [ $rc -ne 0 ] || ! grep -q "^checks: .* 0 FAIL" "$OUT_DIR/gpu-check-seesaw.log"; then
-        echo "seesaw kernel FAILED (exit $rc)"; grep -E "rel_l2|error|Error" "$OUT_DIR/gpu-check-seesaw.log" | tail -8; fail=1
+      grep -E "FAIL|^checks:|^device|copy d2d|cuBLAS bf16|^P1" "$OUT_DIR/gpu-check-$sec.log" | grep -v " ok "
+      if [ $rc -ne 0 ] || ! grep -q "^checks: .* 0 FAIL" "$OUT_DIR/gpu-check-$sec.log"; then
+        echo "$sec kernel FAILED (exit $rc)"; grep -E "rel_l2|error|Error" "$OUT_DIR/gpu-check-$sec.log" | tail -8; fail=1
       else
-        DSV2_MLA_KERNEL=seesaw timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-seesaw.log" 2>&1 || { echo "dsv2-cuda-check (seesaw) FAILED"; fail=1; }
-        tail -6 "$OUT_DIR/cuda-check-seesaw.log"
+        DSV2_MLA_KERNEL=$sec timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-$sec.log" 2>&1 || { echo "dsv2-cuda-check ($sec) FAILED"; fail=1; }
+        tail -6 "$OUT_DIR/cuda-check-$sec.log"
       fi ;;
     mla)
-      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels "${MLA_KERNELS:-wgmma,mma,seesaw}" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-mla.log" 2>&1 || fail=1
+      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels "${MLA_KERNELS:-wgmma,mma,seesaw,tma}" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-mla.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|^device|copy d2d|cuBLAS bf16|^P1|prefill" "$OUT_DIR/gpu-check-mla.log" | grep -v " ok " ;;
     fixtures)
       timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check.log" 2>&1 || { echo "dsv2-cuda-check FAILED"; fail=1; }

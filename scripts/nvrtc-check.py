@@ -5,18 +5,27 @@ Why: the device machine's time is scarce; a syntax error or a register spill fou
 nothing. Needs an NVRTC library and the CUDA headers, e.g. from PyPI:
   python3 -m venv /tmp/nvrtcenv && /tmp/nvrtcenv/bin/pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12
   /tmp/nvrtcenv/bin/python scripts/nvrtc-check.py [file.cu ...]
-Prints ptxas' resource usage (registers, spills, shared memory) per kernel.
+or, with the device's NVRTC 13 (whose ptxas may warn where 12's does not):
+  python3 -m venv /tmp/nvrtc13 && /tmp/nvrtc13/bin/pip install "nvidia-cuda-nvrtc==13.0.*" "nvidia-cuda-runtime==13.0.*"
+Prints ptxas' resource usage (registers, spills, shared memory) per kernel, and any wgmma
+serialisation warning ("Potential Performance Loss").
 """
 import ctypes
 import glob
 import os
 import sys
 
-import nvidia.cuda_nvrtc as nvrtc_pkg
-import nvidia.cuda_runtime as rt_pkg
+try:  # CUDA 12 wheels: one package per library
+    import nvidia.cuda_nvrtc as nvrtc_pkg
+    import nvidia.cuda_runtime as rt_pkg
 
-nvrtc_dir = os.path.join(list(nvrtc_pkg.__path__)[0], "lib")
-inc = os.path.join(list(rt_pkg.__path__)[0], "include")
+    nvrtc_dir = os.path.join(list(nvrtc_pkg.__path__)[0], "lib")
+    inc = os.path.join(list(rt_pkg.__path__)[0], "include")
+except ImportError:  # CUDA 13 wheels (the device's NVRTC): everything under nvidia/cu13
+    import nvidia.cu13 as cu13_pkg
+
+    nvrtc_dir = os.path.join(list(cu13_pkg.__path__)[0], "lib")
+    inc = os.path.join(list(cu13_pkg.__path__)[0], "include")
 lib = ctypes.CDLL(sorted(glob.glob(os.path.join(nvrtc_dir, "libnvrtc.so.*")))[0])
 
 root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels", "src", "cu")
@@ -41,7 +50,9 @@ for path in files:
     log = buf.value.decode(errors="replace")
     print(f"== {os.path.basename(path)}: {'ok' if rc == 0 else 'FAILED'}")
     for line in log.splitlines():
-        if rc != 0 or "registers" in line or "spill" in line or "Compiling entry" in line:
+        # "Performance Loss": ptxas serialised a kernel's wgmma (C7512 / C7518), a silent slowdown
+        if (rc != 0 or "registers" in line or "spill" in line or "Compiling entry" in line
+                or "Performance Loss" in line):
             print("  " + line)
     failed += rc != 0
 sys.exit(1 if failed else 0)

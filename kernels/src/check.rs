@@ -849,6 +849,7 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             mla::MlaKernel::Wgmma,
             mla::MlaKernel::Mma,
             mla::MlaKernel::Seesaw,
+            mla::MlaKernel::Tma,
         ],
     )?);
     for (n, ctx, heads, dims, shared) in [
@@ -881,6 +882,7 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             mla::MlaKernel::Wgmma,
             mla::MlaKernel::Mma,
             mla::MlaKernel::Seesaw,
+            mla::MlaKernel::Tma,
         ] {
             out.push(check_mla_decode(gpu, &lens, 128, 64, None, kernel)?);
         }
@@ -904,8 +906,8 @@ pub fn run_mla(gpu: &Gpu, kernels: &[mla::MlaKernel]) -> Result<Vec<CheckRow>> {
         // more splits than a sequence has tiles: empty splits write only their -inf lse
         (&[1, 2, 100], 128, 16, Some(64)),
         (&[2000, 1, 129], 128, 16, Some(200)),
-        // the seesaw kernel's rounds of two tiles: an odd tile count, a last tile of one token,
-        // cache blocks of 32 and of 128 tokens (TMA pieces of 32 and 64 rows)
+        // the TMA kernels: an odd tile count (the seesaw's rounds of two tiles), a last tile of
+        // one token, cache blocks of 32 and of 128 tokens (TMA pieces of 32 and 64 rows)
         (&[192, 129, 65, 64], 128, 32, Some(1)),
         (&[300, 1000, 17], 128, 128, None),
     ];

@@ -16,6 +16,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("wgmma.cuh", include_str!("cu/wgmma.cuh")),
     ("tma.cuh", include_str!("cu/tma.cuh")),
     ("mla_common.cuh", include_str!("cu/mla_common.cuh")),
+    ("mla_tma.cuh", include_str!("cu/mla_tma.cuh")),
 ];
 
 /// The kernel sources: (file name, text). Each becomes one CUDA module.
@@ -24,6 +25,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("moe.cu", include_str!("cu/moe.cu")),
     ("mla.cu", include_str!("cu/mla.cu")),
     ("mla_seesaw.cu", include_str!("cu/mla_seesaw.cu")),
+    ("mla_tma.cu", include_str!("cu/mla_tma.cu")),
     ("sample.cu", include_str!("cu/sample.cu")),
     ("general.cu", include_str!("cu/general.cu")),
     ("mla_prefill.cu", include_str!("cu/mla_prefill.cu")),

@@ -36,8 +36,9 @@
 #include "mla_common.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
+#include "mla_tma.cuh"
 
-#define SS_CHUNK 8192                 // one 64-column chunk of a 64-row operand (64 x 128 B)
+#define SS_CHUNK MLA_CHUNK
 #define SS_TILE (9 * SS_CHUNK)        // 64 tokens x 576
 #define SS_Q 0                        // Q latent columns 0..511: 8 chunks
 #define SS_K0 (8 * SS_CHUNK)
@@ -56,113 +57,6 @@
 #define NB_SC1 2 // sc1 and m1 written (1 -> 0)
 #define NB_P0 3  // P0 sc1 in shared memory (0 -> 1)
 #define NB_P1 4  // P1 in shared memory (1 -> 0)
-
-// Issue the copies of chunks [c_lo, c_hi) of the tile of tokens [t0, t0 + 64) into the tile buffer
-// `kbuf` (one thread). Rows come from cache blocks of `block_size` tokens: 64 % block_size == 0 or
-// block_size % 64 == 0 (the launcher checks), so each piece of min(block_size, 64) rows is
-// contiguous in the cache. Pieces at or past `end` are not loaded (their rows keep what they held:
-// zeros or an earlier tile's finite values; softmax masks them); a tile wholly past `end` only
-// arrives, so that its phase completes.
-__device__ __forceinline__ void ss_issue(u32 kbuf, u32 bars, const TmaMap* map, const int* __restrict__ btab,
-                                         int block_size, int t0, int end, int c_lo, int c_hi) {
-    const int piece = min(block_size, 64);
-    const int valid = t0 < end ? min(64, end - t0) : 0;
-    const int pieces = (valid + piece - 1) / piece;
-    for (int c = c_lo; c < c_hi; ++c) {
-        const u32 bar = bars + c * 8;
-        if (pieces == 0) {
-            mbar_arrive(bar);
-            continue;
-        }
-        mbar_arrive_expect_tx(bar, (u32)(pieces * piece * 128));
-        for (int j = 0; j < pieces; ++j) {
-            const int t = t0 + j * piece;
-            const int row = btab[t / block_size] * block_size + (t % block_size);
-            tma_load_2d(kbuf + c * SS_CHUNK + j * piece * 128, map, c * 64, row, bar);
-        }
-    }
-}
-
-// S[64 x 64] = Q . K^T over the 576 columns of the tile in `kbuf`, waiting for each chunk's copy.
-// The rope chunk (8) goes first: it is reloaded earliest. rq: this thread's A fragments of Q's
-// rope columns. Committed as one wgmma group (not waited for).
-__device__ __forceinline__ void ss_qk(float* s, u32 q_addr, u32 kbuf, u32 bars, u32 parity, const u32* rq) {
-    mbar_wait(bars + 8 * 8, parity);
-    wg_fence();
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks)
-        wgmma_m64n64_rs(s, rq + 4 * ks, wg_desc(kbuf + 8 * SS_CHUNK + ks * 32, 16, 1024), ks > 0 ? 1 : 0);
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {
-        mbar_wait(bars + c * 8, parity);
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-            const u32 off = c * SS_CHUNK + ks * 32;
-            wgmma_m64n64_ss(s, wg_desc(q_addr + off, 16, 1024), wg_desc(kbuf + off, 16, 1024), 1);
-        }
-    }
-    wg_commit();
-}
-
-// P (bf16, rows r_lo and r_lo + 8 of this thread) into a swizzled 64 x 64 shared operand, times `mul`.
-__device__ __forceinline__ void ss_store_p(unsigned char* sp, const float* p, int r_lo, int cq, float mul0, float mul1) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int hlf = 0; hlf < 2; ++hlf) {
-            const float mul = hlf ? mul1 : mul0;
-            *reinterpret_cast<__nv_bfloat162*>(sp + wg_swz(r_lo + 8 * hlf, 8 * j + cq)) =
-                __floats2bfloat162_rn(p[4 * j + 2 * hlf] * mul, p[4 * j + 2 * hlf + 1] * mul);
-        }
-}
-
-// Softmax numerators of one tile, in place: s (raw Q.K) -> exp2(s * sl2 - m_new) with columns at or
-// past `end` masked; returns the row maxima of the masked, scaled scores (per half: rows r_lo, r_lo + 8).
-__device__ __forceinline__ void ss_rowmax(float* s, int t0, int cq, int end, float sl2, float* mx) {
-    mx[0] = mx[1] = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int x = 0; x < 4; ++x) {
-            const int t = t0 + 8 * j + cq + (x & 1);
-            const float v = t < end ? s[4 * j + x] * sl2 : -INFINITY;
-            s[4 * j + x] = v;
-            mx[x >> 1] = fmaxf(mx[x >> 1], v);
-        }
-#pragma unroll
-    for (int hlf = 0; hlf < 2; ++hlf) {
-        mx[hlf] = fmaxf(mx[hlf], __shfl_xor_sync(0xffffffffu, mx[hlf], 1));
-        mx[hlf] = fmaxf(mx[hlf], __shfl_xor_sync(0xffffffffu, mx[hlf], 2));
-    }
-}
-
-// p = exp2(s - m) into s, the bf16 A fragments of P into pa, and the row sums of what P.V uses.
-__device__ __forceinline__ void ss_exp(float* s, const float* m, u32* pa, float* sum) {
-    sum[0] = sum[1] = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int hlf = 0; hlf < 2; ++hlf) {
-            const float p0 = exp2f(s[4 * j + 2 * hlf] - m[hlf]);
-            const float p1 = exp2f(s[4 * j + 2 * hlf + 1] - m[hlf]);
-            const __nv_bfloat162 pb = __floats2bfloat162_rn(p0, p1);
-            const float2 pf = __bfloat1622float2(pb);
-            s[4 * j + 2 * hlf] = pf.x;
-            s[4 * j + 2 * hlf + 1] = pf.y;
-            sum[hlf] += pf.x + pf.y;
-            pa[2 * j + hlf] = *reinterpret_cast<const u32*>(&pb);
-        }
-}
-
-__device__ __forceinline__ void ss_scale_o(float* o, float a0, float a1) {
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-        o[4 * j] *= a0;
-        o[4 * j + 1] *= a0;
-        o[4 * j + 2] *= a1;
-        o[4 * j + 3] *= a1;
-    }
-}
 
 // Same outputs as mla_decode_wgmma_bf16 (mla.cu): grid (ceil(H/64), B, splits), 256 threads,
 // SS_BYTES + 1024 bytes of dynamic shared memory; splits cut at 64 tokens. The cache is read
@@ -187,7 +81,8 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
     const u32 bars0 = base + SS_BAR, bars1 = bars0 + 9 * 8;
 
     const int hg = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
-    const int tid = threadIdx.x, wg = tid / 128, lane = tid % WARP, wq = (tid % 128) / WARP;
+    // warp-uniform to ptxas (tid / 128 is not, and wgmma under a branch on it is serialised)
+    const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0), lane = tid % WARP, wq = (tid % 128) / WARP;
     const int h0 = hg * 64;
     const int len = seq_lens[b];
     const int per = split_tokens(len, splits, 64);
@@ -197,19 +92,7 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
     const float sl2 = scale * 1.4426950408889634f;
     const int r_lo = wq * 16 + lane / 4, cq = (lane % 4) * 2;
     if (start >= end) {
-        if (splits > 1) {
-            empty_split(lse, b, split, splits, heads, h0);
-        } else {  // an empty sequence (a padding row): zeros, as the other kernels write
-            for (int i = tid; i < 64 * (D_LAT / 8); i += 256) {
-                const int h = h0 + i / (D_LAT / 8);
-                if (h < heads) {
-                    bf16x8 z;
-#pragma unroll
-                    for (int k = 0; k < 4; ++k) z.v[k] = __floats2bfloat162_rn(0.f, 0.f);
-                    *reinterpret_cast<bf16x8*>(out + ((size_t)b * heads + h) * D_LAT + (i % (D_LAT / 8)) * 8) = z;
-                }
-            }
-        }
+        tma_decode_empty(out, lse, b, split, splits, heads, h0);
         return;
     }
     const int ntiles = (end - start + 63) / 64;
@@ -225,26 +108,15 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
         for (int i = tid; i < 2 * SS_TILE / 16; i += 256)
             *reinterpret_cast<uint4*>(smem + SS_K0 + i * 16) = make_uint4(0, 0, 0, 0);
     }
-    for (int i = tid; i < 64 * (D_LAT / 8); i += 256) {
-        const int r = i / (D_LAT / 8), col = (i % (D_LAT / 8)) * 8;
-        *reinterpret_cast<bf16x8*>(smem + SS_Q + wg_swz(r, col)) = load_q8(q_abs, q_pe, b, h0 + r, heads, col, qpe_sb, qpe_sh);
-    }
-    // Q's rope columns as A fragments: k-step ks covers rope columns 16 ks .. 16 ks + 15
+    load_q_latent_swz(smem + SS_Q, q_abs, q_pe, b, h0, heads, qpe_sb, qpe_sh);
     u32 rq[16];
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int h = h0 + r_lo + 8 * (i & 1);
-            const int col = 16 * ks + cq + 8 * (i >> 1);
-            rq[4 * ks + i] = h < heads ? *reinterpret_cast<const u32*>(q_pe + (size_t)b * qpe_sb + (size_t)h * qpe_sh + col) : 0u;
-        }
+    load_q_rope_frags(rq, q_pe, b, h0, heads, qpe_sb, qpe_sh, r_lo, cq);
     if (tid < 64) s_m[tid] = -INFINITY;
     fence_async_smem();  // the zeros and Q (generic writes) before TMA writes and wgmma reads
     __syncthreads();
     if (tid == 0) {
-        ss_issue(kb0, bars0, &cache_map, btab, block_size, start, end, 0, 9);
-        ss_issue(kb1, bars1, &cache_map, btab, block_size, start + 64, end, 0, 9);
+        tile_issue(kb0, bars0, &cache_map, btab, block_size, start, end, 0, 9);
+        tile_issue(kb1, bars1, &cache_map, btab, block_size, start + 64, end, 0, 9);
     }
     const bool issuer = (tid % 128) == 0;
 
@@ -260,19 +132,19 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
             const u32 par = r & 1;
             const int ta = start + 128 * r;  // tokens of K0; K1 holds ta + 64 ..
             const bool next = r + 1 < nrounds;
-            ss_qk(s, q_addr, kb0, bars0, par, rq);
+            tile_qk(s, q_addr, kb0, bars0, par, rq);
             wg_wait<0>();
             wg_fence_regs<32>(s);
-            if (issuer && next) ss_issue(kb0, bars0, &cache_map, btab, block_size, ta + 128, end, 8, 9);
+            if (issuer && next) tile_issue(kb0, bars0, &cache_map, btab, block_size, ta + 128, end, 8, 9);
             float mx[2], m_new[2], sc0[2], sum[2];
-            ss_rowmax(s, ta, cq, end, sl2, mx);
+            tile_rowmax(s, ta, cq, end, sl2, mx);
 #pragma unroll
             for (int hlf = 0; hlf < 2; ++hlf) {
                 const float m_old = s_m[r_lo + 8 * hlf];
                 m_new[hlf] = fmaxf(m_old, mx[hlf]);  // finite: token ta is valid
                 sc0[hlf] = exp2f(m_old - m_new[hlf]);
             }
-            ss_exp(s, m_new, pa, sum);
+            tile_exp(s, m_new, pa, sum);
             __syncwarp();  // every lane of the quad has read m_old
             if ((lane & 3) == 0) {
 #pragma unroll
@@ -283,7 +155,7 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
             }
             named_arrive(NB_SC0, 256);
             // O_L = O_L sc0 + P0 V0_L
-            ss_scale_o(o, sc0[0], sc0[1]);
+            scale_o_rows(o, sc0[0], sc0[1]);
             wg_fence();
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk)
@@ -292,7 +164,7 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
             // P0 sc1 for warpgroup 1
             named_sync(NB_SC1, 256);
             const float sc1_0 = s_sc1[r_lo], sc1_1 = s_sc1[r_lo + 8];
-            ss_store_p(smem + SS_P0, s, r_lo, cq, sc1_0, sc1_1);
+            store_p_swz(smem + SS_P0, s, r_lo, cq, sc1_0, sc1_1);
             fence_async_smem();
             named_arrive(NB_P0, 256);
             l_acc[0] = (l_acc[0] * sc0[0] + sum[0]) * sc1_0;
@@ -300,9 +172,9 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
             wg_wait<0>();
             wg_fence_regs<128>(o);
             wg_fence_regs<16>(pa);
-            if (issuer && next) ss_issue(kb0, bars0, &cache_map, btab, block_size, ta + 128, end, 0, 4);
+            if (issuer && next) tile_issue(kb0, bars0, &cache_map, btab, block_size, ta + 128, end, 0, 4);
             // O_L = O_L sc1 + P1 V1_L
-            ss_scale_o(o, sc1_0, sc1_1);
+            scale_o_rows(o, sc1_0, sc1_1);
             named_sync(NB_P1, 256);
             wg_fence();
 #pragma unroll
@@ -312,19 +184,19 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
             wg_commit();
             wg_wait<0>();
             wg_fence_regs<128>(o);
-            if (issuer && next) ss_issue(kb1, bars1, &cache_map, btab, block_size, ta + 192, end, 0, 4);
+            if (issuer && next) tile_issue(kb1, bars1, &cache_map, btab, block_size, ta + 192, end, 0, 4);
         }
     } else {
         for (int r = 0; r < nrounds; ++r) {
             const u32 par = r & 1;
             const int tb = start + 128 * r + 64;  // tokens of K1
             const bool next = r + 1 < nrounds;
-            ss_qk(s, q_addr, kb1, bars1, par, rq);
+            tile_qk(s, q_addr, kb1, bars1, par, rq);
             wg_wait<0>();
             wg_fence_regs<32>(s);
-            if (issuer && next) ss_issue(kb1, bars1, &cache_map, btab, block_size, tb + 128, end, 8, 9);
+            if (issuer && next) tile_issue(kb1, bars1, &cache_map, btab, block_size, tb + 128, end, 8, 9);
             float mx[2], m_new[2], sc1[2], sum[2];
-            ss_rowmax(s, tb, cq, end, sl2, mx);  // all -inf when the round has no second tile
+            tile_rowmax(s, tb, cq, end, sl2, mx);  // all -inf when the round has no second tile
             named_sync(NB_SC0, 256);
             float sc0[2];
 #pragma unroll
@@ -334,7 +206,7 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
                 m_new[hlf] = fmaxf(m0, mx[hlf]);
                 sc1[hlf] = exp2f(m0 - m_new[hlf]);
             }
-            ss_exp(s, m_new, pa, sum);
+            tile_exp(s, m_new, pa, sum);
             __syncwarp();
             if ((lane & 3) == 0) {
 #pragma unroll
@@ -347,13 +219,13 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
             l_acc[0] = l_acc[0] * sc0[0] * sc1[0] + sum[0];
             l_acc[1] = l_acc[1] * sc0[1] * sc1[1] + sum[1];
             // O_R = O_R sc0 sc1 + P1 V1_R
-            ss_scale_o(o, sc0[0] * sc1[0], sc0[1] * sc1[1]);
+            scale_o_rows(o, sc0[0] * sc1[0], sc0[1] * sc1[1]);
             wg_fence();
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk)
                 wgmma_m64n256_rs_tn(o, pa + 4 * kk, wg_desc(kb1 + 4 * SS_CHUNK + kk * 16 * 128, SS_CHUNK, 1024), 1);
             wg_commit();
-            ss_store_p(smem + SS_P1, s, r_lo, cq, 1.f, 1.f);
+            store_p_swz(smem + SS_P1, s, r_lo, cq, 1.f, 1.f);
             fence_async_smem();
             named_arrive(NB_P1, 256);
             // O_R += (P0 sc1) V0_R
@@ -365,10 +237,10 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
             wg_commit();
             wg_wait<1>();
             wg_fence_regs<16>(pa);
-            if (issuer && next) ss_issue(kb1, bars1, &cache_map, btab, block_size, tb + 128, end, 4, 8);
+            if (issuer && next) tile_issue(kb1, bars1, &cache_map, btab, block_size, tb + 128, end, 4, 8);
             wg_wait<0>();
             wg_fence_regs<128>(o);
-            if (issuer && next) ss_issue(kb0, bars0, &cache_map, btab, block_size, tb + 64, end, 4, 8);
+            if (issuer && next) tile_issue(kb0, bars0, &cache_map, btab, block_size, tb + 64, end, 4, 8);
         }
     }
 

@@ -41,16 +41,22 @@ __device__ __forceinline__ bool mbar_try_wait(u32 bar, u32 parity) {
     return done != 0;
 }
 
+// The slow path of mbar_wait, out of line: with the trap inline, ptxas treats everything after
+// the wait as a divergent path and serialises every wgmma of the kernel (C7518/C7520 "Potential
+// Performance Loss"); out of line it does not.
+__device__ __noinline__ void mbar_wait_slow(u32 bar, u32 parity) {
+    const long long t0 = clock64();
+    while (!mbar_try_wait(bar, parity)) {
+        if (clock64() - t0 > 4000000000ll) __trap();
+    }
+}
+
 // Waits until the barrier's phase of this parity has completed. A phase that never completes (a
 // copy that was never issued, a byte count that does not match) traps after about two seconds
 // instead of hanging the GPU: the launch then fails with an error the caller reports.
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    if (!mbar_try_wait(bar, parity)) {
-        const long long t0 = clock64();
-        while (!mbar_try_wait(bar, parity)) {
-            if (clock64() - t0 > 4000000000ll) __trap();
-        }
-    }
+    // the branch on a warp vote is uniform to ptxas (a branch on each lane's own result is not)
+    if (__any_sync(0xffffffffu, !mbar_try_wait(bar, parity))) mbar_wait_slow(bar, parity);
     __syncwarp();  // lanes may leave the poll loop at different turns; wgmma after it is .aligned
 }
 

@@ -29,15 +29,20 @@ const WGMMA_SMEM_BYTES: usize = 3 * 64 * 576 * 2 + 64 * 128 + 2 * 2 * 64 * 4 + 1
 /// Shared memory of one `mla_decode_seesaw_bf16` CTA: `SS_BYTES` in mla_seesaw.cu (Q's latent
 /// columns, two cache tiles, two P buffers, row state, 18 mbarriers) plus 1 KiB for alignment.
 const SEESAW_SMEM_BYTES: usize = 8 * 8192 + 2 * 9 * 8192 + 2 * 8192 + 3 * 256 + 512 + 18 * 8 + 1024;
+/// Shared memory of one `mla_decode_tma_bf16` CTA: `TM_BYTES` in mla_tma.cu (Q's latent columns,
+/// two cache tiles, two P buffers, rescales and row sums, 18 mbarriers) plus 1 KiB for alignment.
+const TMA_SMEM_BYTES: usize = 8 * 8192 + 2 * 9 * 8192 + 2 * 8192 + 2 * 512 + 18 * 8 + 1024;
 // within the most dynamic shared memory a CTA may use on sm_90 (227 KiB)
-const _: () = assert!(SEESAW_SMEM_BYTES <= 232_448);
+const _: () = assert!(SEESAW_SMEM_BYTES <= 232_448 && TMA_SMEM_BYTES <= 232_448);
 
-/// Which decode kernel runs. All compute the same function. `Seesaw` (TMA loads, the two
-/// warpgroups' softmax and tensor work interleaved, mla_seesaw.cu) and `Wgmma` (one phase after
-/// another) are the sm_90a kernels; `Mma` (mma.sync) is kept as a second implementation to compare
+/// Which decode kernel runs. All compute the same function. `Tma` (TMA loads, fixed warpgroup
+/// roles: one computes S and softmax while the other's P.V runs, mla_tma.cu), `Seesaw` (TMA loads,
+/// the two warpgroups' softmax and tensor work interleaved over rounds of two tiles,
+/// mla_seesaw.cu) and `Wgmma` (one phase after another) are the sm_90a kernels; `Mma` (mma.sync) is kept as a second implementation to compare
 /// against and to fall back to (`DSV2_MLA_KERNEL=mma`) should a driver or GPU misbehave.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MlaKernel {
+    Tma,
     Seesaw,
     Wgmma,
     Mma,
@@ -56,11 +61,12 @@ impl MlaKernel {
         match name {
             "" | "wgmma" => Ok(MlaKernel::Wgmma),
             "seesaw" => Ok(MlaKernel::Seesaw),
+            "tma" => Ok(MlaKernel::Tma),
             "mma" => Ok(MlaKernel::Mma),
             other => Err(KernelError::Unsupported {
                 op: "mla_decode",
                 what: format!(
-                    "DSV2_MLA_KERNEL={other:?} (expected \"wgmma\", \"seesaw\" or \"mma\")"
+                    "DSV2_MLA_KERNEL={other:?} (expected \"wgmma\", \"tma\", \"seesaw\" or \"mma\")"
                 ),
             }),
         }
@@ -69,7 +75,7 @@ impl MlaKernel {
     /// Context tokens one CTA processes per step: splits are cut at multiples of it.
     pub fn tile_tokens(self) -> usize {
         match self {
-            MlaKernel::Seesaw | MlaKernel::Wgmma => 64,
+            MlaKernel::Tma | MlaKernel::Seesaw | MlaKernel::Wgmma => 64,
             MlaKernel::Mma => 32,
         }
     }
@@ -77,6 +83,7 @@ impl MlaKernel {
     /// The kernel's function name in the CUDA sources.
     pub fn function(self) -> &'static str {
         match self {
+            MlaKernel::Tma => "mla_decode_tma_bf16",
             MlaKernel::Seesaw => "mla_decode_seesaw_bf16",
             MlaKernel::Wgmma => "mla_decode_wgmma_bf16",
             MlaKernel::Mma => "mla_decode_bf16",
@@ -85,18 +92,19 @@ impl MlaKernel {
 
     fn smem_bytes(self) -> usize {
         match self {
+            MlaKernel::Tma => TMA_SMEM_BYTES,
             MlaKernel::Seesaw => SEESAW_SMEM_BYTES,
             MlaKernel::Wgmma => WGMMA_SMEM_BYTES,
             MlaKernel::Mma => MMA_SMEM_BYTES,
         }
     }
 
-    /// Whether the kernel reads caches of this block size: the seesaw kernel's TMA pieces are
+    /// Whether the kernel reads caches of this block size: the TMA kernels' pieces are
     /// min(block_size, 64) rows of one block, so 64 must be a multiple of the block size or the
     /// other way round.
     pub fn supports_block_size(self, block_size: usize) -> bool {
         match self {
-            MlaKernel::Seesaw => {
+            MlaKernel::Tma | MlaKernel::Seesaw => {
                 block_size > 0
                     && (64usize.is_multiple_of(block_size) || block_size.is_multiple_of(64))
             }
@@ -310,7 +318,7 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     let si = splits as i32;
     let scale = p.scale;
     let map = match kernel {
-        MlaKernel::Seesaw => Some(cache_tensor_map(&p.cache)?),
+        MlaKernel::Tma | MlaKernel::Seesaw => Some(cache_tensor_map(&p.cache)?),
         MlaKernel::Wgmma | MlaKernel::Mma => None,
     };
     gpu.set_max_dynamic_smem(kernel.function(), kernel.smem_bytes())?;
@@ -408,6 +416,7 @@ mod tests {
         assert_eq!(MlaKernel::parse("").ok(), Some(MlaKernel::Wgmma));
         assert_eq!(MlaKernel::parse("mma").ok(), Some(MlaKernel::Mma));
         assert_eq!(MlaKernel::parse("seesaw").ok(), Some(MlaKernel::Seesaw));
+        assert_eq!(MlaKernel::parse("tma").ok(), Some(MlaKernel::Tma));
         let err = MlaKernel::parse("flash").err().map(|e| e.to_string());
         let msg = err.unwrap_or_default();
         assert!(
@@ -418,7 +427,12 @@ mod tests {
 
     #[test]
     fn every_decode_kernel_is_exported_and_says_which_block_sizes_it_reads() {
-        for k in [MlaKernel::Seesaw, MlaKernel::Wgmma, MlaKernel::Mma] {
+        for k in [
+            MlaKernel::Tma,
+            MlaKernel::Seesaw,
+            MlaKernel::Wgmma,
+            MlaKernel::Mma,
+        ] {
             let sig = format!("{}(", k.function());
             let exported = crate::compile::SOURCES
                 .iter()
@@ -432,12 +446,13 @@ mod tests {
         assert!(MlaKernel::Seesaw.supports_block_size(128));
         assert!(!MlaKernel::Seesaw.supports_block_size(48));
         assert!(!MlaKernel::Seesaw.supports_block_size(96));
+        assert!(!MlaKernel::Tma.supports_block_size(48));
         assert!(MlaKernel::Wgmma.supports_block_size(48));
     }
 
     type Defines = std::collections::HashMap<String, String>;
 
-    /// Evaluates a `#define` expression of mla_seesaw.cu's shared-memory layout: integers, other
+    /// Evaluates a `#define` expression of a TMA kernel's shared-memory layout: integers, other
     /// defines, `+`, `*` and parentheses (all the layout uses).
     fn eval_define(defs: &Defines, expr: &str) -> usize {
         fn sum(t: &[String], i: &mut usize, d: &Defines) -> usize {
@@ -478,22 +493,33 @@ mod tests {
         v
     }
 
-    #[test]
-    fn seesaw_shared_memory_matches_the_kernel() {
-        let src = crate::compile::SOURCES
+    /// The `#define`s of a CUDA source (the kernel's and mla_tma.cuh's), name -> expression.
+    fn defines(file: &str) -> Defines {
+        let src = |name: &str| {
+            crate::compile::SOURCES
+                .iter()
+                .chain(crate::compile::HEADERS)
+                .find(|(f, _)| *f == name)
+                .map(|(_, s)| *s)
+                .unwrap_or_default()
+        };
+        [src(file), src("mla_tma.cuh")]
             .iter()
-            .find(|(f, _)| *f == "mla_seesaw.cu")
-            .map(|(_, s)| *s)
-            .unwrap_or_default();
-        let defs: Defines = src
-            .lines()
-            .filter_map(|l| l.strip_prefix("#define SS_"))
+            .flat_map(|s| s.lines())
+            .filter_map(|l| l.strip_prefix("#define "))
             .map(|l| l.split("//").next().unwrap_or(l))
             .filter_map(|l| l.split_once(' '))
-            .map(|(name, expr)| (format!("SS_{name}"), expr.trim().to_string()))
-            .collect();
-        // + 1 KiB: the kernel aligns its base to 1024 bytes
-        assert_eq!(SEESAW_SMEM_BYTES, eval_define(&defs, "SS_BYTES") + 1024);
+            .map(|(name, expr)| (name.to_string(), expr.trim().to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn tma_kernels_shared_memory_matches_the_kernels() {
+        // + 1 KiB: the kernels align their base to 1024 bytes
+        let seesaw = defines("mla_seesaw.cu");
+        assert_eq!(SEESAW_SMEM_BYTES, eval_define(&seesaw, "SS_BYTES") + 1024);
+        let tma = defines("mla_tma.cu");
+        assert_eq!(TMA_SMEM_BYTES, eval_define(&tma, "TM_BYTES") + 1024);
     }
 
     #[test]

@@ -1,0 +1,184 @@
+// mla_tma.cu: MLA decode attention for sm_90a with TMA loads and fixed warpgroup roles, the
+// schedule of FlashMLA's first (2025-02) kernel for memory-bound shapes; our own implementation.
+//
+// Why: mla_decode_wgmma_bf16 (mla.cu) runs load, S, softmax and P.V one after another with
+// block-wide barriers, at 0.47 of the binding roofline on batch 64 x 4096 x 128 heads; the seesaw
+// kernel (mla_seesaw.cu) overlaps the math but issues a round's copies only at the round's end
+// (0.39). Per 64-token tile a CTA moves 73.7 KB and does 8.9 MFLOP: ~1.6 us of its share of the
+// copy bandwidth against ~1.3 us of tensor work, so the copies must stay in flight all the time.
+//
+// A CTA owns one sequence, 64 heads and one context split: 2 warpgroups, 256 threads.
+//   warpgroup 0: S = Q.K^T (m64n64, the whole tile), online softmax (it alone owns the row
+//                maximum and sum), P to shared memory, O_L += P.V_L (latent columns 0..255, P
+//                from registers), then straight on to the next tile's S;
+//   warpgroup 1: waits for P, rescales O_R, O_R += P.V_R (columns 256..511, P from shared).
+// The tensor work of both warpgroups interleaves: warpgroup 1's P.V of tile i runs beside
+// warpgroup 0's P.V and the next S. Two cache-tile buffers and two P buffers.
+//
+// Loads: each tile buffer is 9 column chunks with an mbarrier each (mla_tma.cuh), so S starts on
+// the first chunk to land. Warpgroup 1 issues tile i + 2 into the buffer of tile i as soon as
+// both warpgroups' P.V of tile i are done, all 9 chunks at once, so each load has the whole of
+// tile i + 1's math to land. (Reloading chunk by chunk as each chunk's last reader finished, with
+// warpgroup 0 issuing V_L's chunks after the next tile's S was queued, chained every tile's loads
+// behind the previous tile's arrival: 0.28 of the roofline, bench/RESULTS.md session 10 run 1.)
+#include "common.cuh"
+#include "mla_common.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
+#include "mla_tma.cuh"
+
+#define TM_TILE (9 * MLA_CHUNK)         // 64 tokens x 576
+#define TM_Q 0                          // Q latent columns 0..511: 8 chunks (rope in registers)
+#define TM_K0 (8 * MLA_CHUNK)
+#define TM_K1 (TM_K0 + TM_TILE)
+#define TM_P0 (TM_K1 + TM_TILE)
+#define TM_P1 (TM_P0 + MLA_CHUNK)
+#define TM_ALPHA (TM_P1 + MLA_CHUNK)    // float[2][64]: the tile's O rescale, per P buffer
+#define TM_L (TM_ALPHA + 512)           // float[2][64]: row sums at the end
+#define TM_BAR (TM_L + 512)             // u64[2][9]: one mbarrier per chunk of each tile buffer
+#define TM_BYTES (TM_BAR + 2 * 9 * 8)
+
+// named barriers: P (and its rescale) of buffer j written (0 -> 1); P buffer j read (1 -> 0);
+// warpgroup 0 done with the current tile buffer (0 -> 1)
+#define NB_PREADY 1
+#define NB_PFREE 3
+#define NB_EMPTY 5
+
+// Same outputs and arguments as mla_decode_seesaw_bf16: grid (ceil(H/64), B, splits), 256 threads,
+// TM_BYTES + 1024 bytes of dynamic shared memory; splits cut at 64 tokens; the cache read through
+// `cache_map` (a 2-D tensor map [slots, 576] bf16, box {64, min(block_size, 64)}, 128-byte swizzle).
+extern "C" __global__ void __launch_bounds__(256, 1)
+mla_decode_tma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
+                    const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
+                    float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size, int max_blocks,
+                    int splits, float scale, long long qpe_sb, long long qpe_sh,
+                    const __grid_constant__ TmaMap cache_map) {
+    griddep_wait();
+    extern __shared__ __align__(1024) unsigned char tm_smem_raw[];
+    unsigned char* smem = reinterpret_cast<unsigned char*>(
+        (reinterpret_cast<size_t>(tm_smem_raw) + 1023) & ~(size_t)1023);
+    float* s_alpha = reinterpret_cast<float*>(smem + TM_ALPHA);
+    float* s_l = reinterpret_cast<float*>(smem + TM_L);
+    const u32 base = smem_addr(smem);
+    const u32 q_addr = base + TM_Q;
+
+    const int hg = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
+    // warp-uniform to ptxas (tid / 128 is not, and wgmma under a branch on it is serialised)
+    const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0), lane = tid % WARP, wq = (tid % 128) / WARP;
+    const int h0 = hg * 64;
+    const int len = seq_lens[b];
+    const int per = split_tokens(len, splits, 64);
+    const int start = split * per;
+    const int end = min(len, start + per);
+    const int* btab = block_table + (size_t)b * max_blocks;
+    const float sl2 = scale * 1.4426950408889634f;
+    const int r_lo = wq * 16 + lane / 4, cq = (lane % 4) * 2;
+    if (start >= end) {
+        tma_decode_empty(out, lse, b, split, splits, heads, h0);
+        return;
+    }
+    const int ntiles = (end - start + 63) / 64;
+    // tile i lives in buffer i & 1; its chunks' barriers complete for the (i >> 1)-th time
+    auto kbuf = [&](int i) -> u32 { return base + ((i & 1) ? TM_K1 : TM_K0); };
+    auto bars = [&](int i) -> u32 { return base + TM_BAR + (i & 1) * 9 * 8; };
+
+    if (tid == 0) {
+        for (int i = 0; i < 18; ++i) mbar_init(base + TM_BAR + 8 * i, 1);
+        mbar_init_fence();
+    }
+    // Rows of the last tile that are never loaded (past `end`) must not hold NaN from whatever ran
+    // on this SM before: P is 0 there, but 0 * NaN is NaN. A buffer that held an earlier tile
+    // holds finite values, so only a first use needs the zeros.
+    if ((end - start) % 64 != 0 && ntiles <= 2) {
+        unsigned char* kb = smem + (((ntiles - 1) & 1) ? TM_K1 : TM_K0);
+        for (int i = tid; i < TM_TILE / 16; i += 256) *reinterpret_cast<uint4*>(kb + i * 16) = make_uint4(0, 0, 0, 0);
+    }
+    load_q_latent_swz(smem + TM_Q, q_abs, q_pe, b, h0, heads, qpe_sb, qpe_sh);
+    fence_async_smem();  // the zeros and Q (generic writes) before TMA writes and wgmma reads
+    __syncthreads();
+    // the rope chunk first: S (tile_qk) starts with it
+    if (tid == 0) {
+        for (int i = 0; i < min(ntiles, 2); ++i) {
+            tile_issue(kbuf(i), bars(i), &cache_map, btab, block_size, start + 64 * i, end, 8, 9);
+            tile_issue(kbuf(i), bars(i), &cache_map, btab, block_size, start + 64 * i, end, 0, 8);
+        }
+    }
+    const bool issuer = (tid % 128) == 0;
+
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float l_acc[2] = {0.f, 0.f};
+    float m_run[2] = {-INFINITY, -INFINITY};
+
+    if (wg == 0) {
+        u32 rq[16];
+        load_q_rope_frags(rq, q_pe, b, h0, heads, qpe_sb, qpe_sh, r_lo, cq);
+        float s[32];
+        u32 pa[16];  // P's bf16 A fragments (P.V_L reads P from registers)
+        for (int i = 0; i < ntiles; ++i) {
+            const int pb = i & 1;
+            const int t0 = start + 64 * i;
+            tile_qk(s, q_addr, kbuf(i), bars(i), (i >> 1) & 1, rq);
+            wg_wait<0>();
+            wg_fence_regs<32>(s);
+            float mx[2], alpha[2], sum[2];
+            tile_rowmax(s, t0, cq, end, sl2, mx);
+#pragma unroll
+            for (int hlf = 0; hlf < 2; ++hlf) {
+                const float m_new = fmaxf(m_run[hlf], mx[hlf]);  // finite: token t0 is valid
+                alpha[hlf] = exp2f(m_run[hlf] - m_new);          // 0 on the first tile
+                m_run[hlf] = m_new;
+            }
+            tile_exp(s, m_run, pa, sum);
+            l_acc[0] = l_acc[0] * alpha[0] + sum[0];
+            l_acc[1] = l_acc[1] * alpha[1] + sum[1];
+            if (i >= 2) named_sync(NB_PFREE + pb, 256);  // warpgroup 1 is done with tile i - 2's P
+            store_p_swz(smem + (pb ? TM_P1 : TM_P0), s, r_lo, cq, 1.f, 1.f);
+            if ((lane & 3) == 0) {
+                s_alpha[pb * 64 + r_lo] = alpha[0];
+                s_alpha[pb * 64 + r_lo + 8] = alpha[1];
+            }
+            fence_async_smem();
+            named_arrive(NB_PREADY + pb, 256);
+            scale_o_rows(o, alpha[0], alpha[1]);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk)
+                wgmma_m64n256_rs_tn(o, pa + 4 * kk, wg_desc(kbuf(i) + kk * 16 * 128, MLA_CHUNK, 1024), 1);
+            wg_commit();
+            wg_wait<0>();
+            wg_fence_regs<128>(o);
+            wg_fence_regs<16>(pa);
+            if (i + 2 < ntiles) named_arrive(NB_EMPTY, 256);  // done with buffer i & 1
+        }
+    } else {
+        for (int i = 0; i < ntiles; ++i) {
+            const int pb = i & 1;
+            const u32 kb = kbuf(i);
+            named_sync(NB_PREADY + pb, 256);
+            scale_o_rows(o, s_alpha[pb * 64 + r_lo], s_alpha[pb * 64 + r_lo + 8]);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk)
+                wgmma_m64n256_ss_tn(o, wg_desc(base + (pb ? TM_P1 : TM_P0) + kk * 32, 16, 1024),
+                                    wg_desc(kb + 4 * MLA_CHUNK + kk * 16 * 128, MLA_CHUNK, 1024), 1);
+            wg_commit();
+            wg_wait<0>();
+            wg_fence_regs<128>(o);
+            if (i + 2 < ntiles) {
+                named_arrive(NB_PFREE + pb, 256);
+                // the whole buffer is free once warpgroup 0's P.V_L is done too: tile i + 2 in
+                // one go, whole cache rows at a time
+                named_sync(NB_EMPTY, 256);
+                if (issuer) {
+                    const int t2 = start + 64 * (i + 2);
+                    tile_issue(kb, bars(i), &cache_map, btab, block_size, t2, end, 8, 9);
+                    tile_issue(kb, bars(i), &cache_map, btab, block_size, t2, end, 0, 8);
+                }
+            }
+        }
+    }
+    // warpgroup 0 owns the row maximum and sum; warpgroup 1 adds 0 to the sum
+    wg2_store_rows(o, l_acc, m_run, s_l, out, o_part, lse, b, split, splits, heads, h0, wg, r_lo, cq);
+}
