@@ -5,7 +5,8 @@ Why: the device machine's time is scarce; a syntax error or a register spill fou
 nothing. Needs an NVRTC library and the CUDA headers, e.g. from PyPI:
   python3 -m venv /tmp/nvrtcenv && /tmp/nvrtcenv/bin/pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12
   /tmp/nvrtcenv/bin/python scripts/nvrtc-check.py [file.cu ...]
-Prints ptxas' resource usage (registers, spills, shared memory) per kernel.
+Prints ptxas' resource usage (registers, spills, shared memory) per kernel, and any wgmma
+serialisation warning ("Potential Performance Loss").
 """
 import ctypes
 import glob
@@ -41,7 +42,9 @@ for path in files:
     log = buf.value.decode(errors="replace")
     print(f"== {os.path.basename(path)}: {'ok' if rc == 0 else 'FAILED'}")
     for line in log.splitlines():
-        if rc != 0 or "registers" in line or "spill" in line or "Compiling entry" in line:
+        # "Performance Loss": ptxas serialised a kernel's wgmma (C7512 / C7518), a silent slowdown
+        if (rc != 0 or "registers" in line or "spill" in line or "Compiling entry" in line
+                or "Performance Loss" in line):
             print("  " + line)
     failed += rc != 0
 sys.exit(1 if failed else 0)
