@@ -14,7 +14,10 @@ use rand_chacha::ChaCha8Rng;
 mod experts;
 mod gemv;
 
-pub use experts::{check_grouped_experts, check_small_experts};
+pub use experts::{
+    check_grouped_counts, check_grouped_experts, check_small_experts, run_grouped,
+    run_grouped_counts,
+};
 pub use gemv::{GemvCase, check_gemv, run_gemv};
 pub mod prefill;
 

@@ -17,6 +17,7 @@ struct Args {
     quick: bool,
     mla_only: bool,
     gemv_only: bool,
+    grouped_only: bool,
     no_bench: bool,
     compile_only: bool,
     /// MLA decode kernels to check and time (`--mla-kernels`; default all).
@@ -29,6 +30,7 @@ fn parse_args() -> Result<Args> {
         quick: false,
         mla_only: false,
         gemv_only: false,
+        grouped_only: false,
         no_bench: false,
         compile_only: false,
         mla_kernels: vec![
@@ -45,6 +47,7 @@ fn parse_args() -> Result<Args> {
             "--quick" => a.quick = true,
             "--mla" => a.mla_only = true,
             "--gemv" => a.gemv_only = true,
+            "--grouped" => a.grouped_only = true,
             "--no-bench" => a.no_bench = true,
             "--compile-only" => a.compile_only = true,
             "--no-cache" => a.opts.no_cache = true,
@@ -67,14 +70,16 @@ fn parse_args() -> Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "dsv2-gpu-check [--quick] [--mla] [--mla-kernels LIST] [--gemv] [--no-bench] [--compile-only] [--no-cache] [--cache-dir DIR] [--device cuda:N]\n\n\
+                    "dsv2-gpu-check [--quick] [--mla] [--mla-kernels LIST] [--gemv] [--grouped] [--no-bench] [--compile-only] [--no-cache] [--cache-dir DIR] [--device cuda:N]\n\n\
                      Checks every kernel against the CPU reference, then measures the ceilings (copy\n\
                      bandwidth, cuBLAS) and P1/P2. --mla: only the MLA checks (decode, both kernels;\n\
                      prefill: wgmma, M128, M64), P1 and PF, a quick go/no-go for the wgmma kernels.\n\
                      --mla-kernels: which MLA decode kernels --mla checks and times (comma-separated:\n\
                      wgmma, mma, seesaw, tma; default all, a new kernel last so that a crash of it\n\
                      leaves the others' rows printed).\n\
-                     --gemv: only the few-row GEMV checks and their timings beside cuBLAS and copy."
+                     --gemv: only the few-row GEMV checks and their timings beside cuBLAS and copy.\n\
+                     --grouped: only the grouped expert checks (every row tile, the warp-specialised\n\
+                     one at awkward per-expert counts), then P2, P2g per tile and the decode rows."
                 );
                 std::process::exit(0);
             }
@@ -329,6 +334,8 @@ fn main() -> Result<()> {
         check::run_mla(&gpu, &args.mla_kernels)?
     } else if args.gemv_only {
         check::run_gemv(&gpu)?
+    } else if args.grouped_only {
+        check::run_grouped(&gpu, args.quick)?
     } else {
         check::run_all(&gpu, args.quick)?
     };
@@ -348,6 +355,13 @@ fn main() -> Result<()> {
             );
             let copy_gbs = copy_ceiling(&gpu)?;
             bench_gemv(&gpu, copy_gbs)?;
+        } else if args.grouped_only {
+            println!(
+                "\n== measurements (CUDA events; each beside a ceiling measured in this run) =="
+            );
+            let copy_gbs = copy_ceiling(&gpu)?;
+            let blas_tflops = blas_ceiling(&gpu)?;
+            bench_p2(&gpu, copy_gbs, blas_tflops)?;
         } else {
             bench(&gpu, args.mla_only, &args.mla_kernels)?;
         }
@@ -461,29 +475,7 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
     println!("\n== measurements (CUDA events; each beside a ceiling measured in this run) ==");
     let copy_gbs = copy_ceiling(gpu)?;
 
-    // ceiling 2: cuBLAS bf16 8192^3, Y = X W^T
-    let s = 8192;
-    let mut x = Tensor::<bf16>::zeros(gpu, &[s, s])?;
-    let mut w = Tensor::<bf16>::zeros(gpu, &[s, s])?;
-    fill(gpu, &mut x, 1, 1.0)?;
-    fill(gpu, &mut w, 2, 1.0)?;
-    let mut y = Tensor::<bf16>::zeros(gpu, &[s, s])?;
-    let ms = time_ms(gpu, 3, 10, || {
-        gemm::gemm(
-            gpu,
-            gemm::GemmParams {
-                x: x.view(),
-                w: w.view(),
-                y: y.view_mut(),
-                alpha: 1.0,
-                beta: 0.0,
-            },
-        )?;
-        Ok(())
-    })?;
-    let blas_tflops = 2.0 * (s as f64).powi(3) / (ms * 1e-3) / 1e12;
-    println!("cuBLAS bf16 8192^3 (X W^T, f32 acc): {ms:.3} ms, {blas_tflops:.0} TFLOP/s");
-    drop((x, w, y));
+    let blas_tflops = blas_ceiling(gpu)?;
 
     // P1: MLA decode, batch 64, context 4096, 128 heads, 512 + 64
     // The two 64-head rows tell where the time goes (same 128 CTAs and the same FLOPs as the
@@ -591,6 +583,40 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
         return Ok(());
     }
     bench_gemv(gpu, copy_gbs)?;
+    bench_p2(gpu, copy_gbs, blas_tflops)
+}
+
+/// Ceiling 2: cuBLAS bf16 8192^3, Y = X W^T (TFLOP/s).
+fn blas_ceiling(gpu: &Gpu) -> Result<f64> {
+    // ceiling 2: cuBLAS bf16 8192^3, Y = X W^T
+    let s = 8192;
+    let mut x = Tensor::<bf16>::zeros(gpu, &[s, s])?;
+    let mut w = Tensor::<bf16>::zeros(gpu, &[s, s])?;
+    fill(gpu, &mut x, 1, 1.0)?;
+    fill(gpu, &mut w, 2, 1.0)?;
+    let mut y = Tensor::<bf16>::zeros(gpu, &[s, s])?;
+    let ms = time_ms(gpu, 3, 10, || {
+        gemm::gemm(
+            gpu,
+            gemm::GemmParams {
+                x: x.view(),
+                w: w.view(),
+                y: y.view_mut(),
+                alpha: 1.0,
+                beta: 0.0,
+            },
+        )?;
+        Ok(())
+    })?;
+    let blas_tflops = 2.0 * (s as f64).powi(3) / (ms * 1e-3) / 1e12;
+    println!("cuBLAS bf16 8192^3 (X W^T, f32 acc): {ms:.3} ms, {blas_tflops:.0} TFLOP/s");
+    drop((x, w, y));
+    Ok(blas_tflops)
+}
+
+/// P2 (the per-expert cuBLAS loop, the whole routed path) and the grouped kernels' rows beside
+/// it (P2g per row tile, decode rows).
+fn bench_p2(gpu: &Gpu, copy_gbs: f64, blas_tflops: f64) -> Result<()> {
     // P2: expert FFN, 8192 tokens x top-6 over 160 experts, hidden 5120, inter 1536
     let (tokens, n_exp, hidden, inter, k) = (8192usize, 160usize, 5120usize, 1536usize, 6usize);
     let mut gu_w = Tensor::<bf16>::zeros(gpu, &[n_exp, 2 * inter, hidden])?;
@@ -725,6 +751,7 @@ fn bench_grouped(
     let mut act = Tensor::<bf16>::zeros(gpu, &[rows, inter])?;
     let mut y = Tensor::<bf16>::zeros(gpu, &[rows, hidden])?;
     for tile in [
+        grouped::RowTile::Ws128,
         grouped::RowTile::W128,
         grouped::RowTile::W64,
         grouped::RowTile::R128,
@@ -795,6 +822,7 @@ fn bench_grouped(
                         routed_rows: Some(routed),
                         touched_experts: Some(touched),
                         tile: None,
+                        prefill_tile: grouped::PREFILL_TILE,
                         accumulate: false,
                     },
                 )?;

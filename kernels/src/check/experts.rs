@@ -231,6 +231,7 @@ pub fn check_grouped_experts(
                 routed_rows: Some(routed),
                 touched_experts: None,
                 tile,
+                prefill_tile: grouped::PREFILL_TILE,
                 accumulate: false,
             },
         )?;
@@ -262,6 +263,201 @@ pub fn check_grouped_experts(
     Ok(row)
 }
 
+/// One grouped FFN launch pair (`grouped_ffn`, no routing) over experts holding exactly `counts`
+/// rows each, against the reference FFN: expert `absent` is not held (its rows must come out
+/// zero). `tile` forces the row tile. Compares every row when there are at most `max_cmp`, else
+/// the rows at each expert's edges (first, 63rd, 64th, 65th, last: where 64- and 128-row
+/// blocks end).
+pub fn check_grouped_counts(
+    gpu: &Gpu,
+    counts: &[usize],
+    absent: usize,
+    hidden: usize,
+    inter: usize,
+    tile: RowTile,
+    max_cmp: usize,
+) -> Result<CheckRow> {
+    let n_exp = counts.len();
+    let rows: usize = counts.iter().sum();
+    let mut g = rng(23);
+    let (xb, xf) = rand_bf16(&mut g, rows * hidden, 1.0);
+    let (gub, gate_up) = rand_bf16(
+        &mut g,
+        n_exp * 2 * inter * hidden,
+        1.7 / (hidden as f32).sqrt(),
+    );
+    let (db, down) = rand_bf16(&mut g, n_exp * hidden * inter, 1.7 / (inter as f32).sqrt());
+    let mut tensors = Vec::new();
+    let mut ptrs = Vec::new();
+    for e in 0..n_exp {
+        if e == absent {
+            ptrs.extend([0i64; 3]);
+            continue;
+        }
+        let gate = &gub[e * 2 * inter * hidden..(e * 2 + 1) * inter * hidden];
+        let up = &gub[(e * 2 + 1) * inter * hidden..(e + 1) * 2 * inter * hidden];
+        let dn = &db[e * hidden * inter..(e + 1) * hidden * inter];
+        for (w, shape) in [
+            (gate, [inter, hidden]),
+            (up, [inter, hidden]),
+            (dn, [hidden, inter]),
+        ] {
+            let t = Tensor::from_host(gpu, w, &shape)?;
+            ptrs.push(t.ptr() as i64);
+            tensors.push(t);
+        }
+    }
+    let mut offsets = vec![0i32];
+    for &c in counts {
+        offsets.push(offsets.last().copied().unwrap_or(0) + c as i32);
+    }
+    let counts_i: Vec<i32> = counts.iter().map(|&c| c as i32).collect();
+    let x = Tensor::from_host(gpu, &xb, &[rows, hidden])?;
+    let table = Tensor::from_host(gpu, &ptrs, &[n_exp, 3])?;
+    let cd = Tensor::from_host(gpu, &counts_i, &[n_exp])?;
+    let od = Tensor::from_host(gpu, &offsets, &[n_exp + 1])?;
+    // garbage in act and out proves the kernels overwrite them (zeros of the absent expert too)
+    let junk = |n: usize| -> Vec<bf16> { (0..n).map(|_| bf16::from_f32(7.0)).collect() };
+    let mut act = Tensor::from_host(gpu, &junk(rows * inter), &[rows, inter])?;
+    let mut out = Tensor::from_host(gpu, &junk(rows * hidden), &[rows, hidden])?;
+    // SAFETY: the table points at `tensors` ([I, H], [I, H], [H, I] each), alive until after
+    // to_host; offsets are the prefix sums of counts, within x's rows.
+    unsafe {
+        grouped::grouped_ffn(
+            gpu,
+            grouped::GroupedFfnParams {
+                x: x.view(),
+                counts: cd.view(),
+                offsets: od.view(),
+                ptrs: table.view(),
+                act: act.view_mut(),
+                out: out.view_mut(),
+                tile,
+            },
+        )?;
+    }
+    let got_all = f32s(&out.to_host(gpu)?);
+    drop(tensors);
+    let mut cmp: Vec<usize> = Vec::new();
+    for e in 0..n_exp {
+        let (a, b) = (offsets[e] as usize, offsets[e + 1] as usize);
+        if rows <= max_cmp {
+            cmp.extend(a..b);
+        } else {
+            cmp.extend(
+                [
+                    a,
+                    a + 63,
+                    a + 64,
+                    a + 65,
+                    a + 127,
+                    a + 128,
+                    b.saturating_sub(1),
+                ]
+                .into_iter()
+                .filter(|&r| r >= a && r < b),
+            );
+        }
+    }
+    cmp.sort_unstable();
+    cmp.dedup();
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for &row in &cmp {
+        let e = offsets.partition_point(|&o| o as usize <= row) - 1;
+        if e == absent {
+            want.extend(std::iter::repeat_n(0f32, hidden));
+        } else {
+            let y = one_expert(&xf, row, &gate_up, &down, e, n_exp, hidden, inter);
+            want.extend(y.into_iter().map(r::bf));
+        }
+        got.extend_from_slice(&got_all[row * hidden..(row + 1) * hidden]);
+    }
+    let mut row = CheckRow::cmp(
+        "moe_grouped_ffn_bf16",
+        format!(
+            "rows/expert {counts:?} (expert {absent} not held) hidden {hidden} inter {inter} tile {tile:?}"
+        ),
+        &got,
+        &want,
+        1e-2,
+    );
+    // a zero row that came out non-zero fails however small the relative error
+    let absent_rows = (offsets[absent] as usize..offsets[absent + 1] as usize)
+        .filter(|r| {
+            got_all[r * hidden..(r + 1) * hidden]
+                .iter()
+                .any(|&v| v != 0.0)
+        })
+        .count();
+    if absent_rows > 0 {
+        row.pass = false;
+    }
+    row.note = format!(
+        "{} of {rows} rows compared; {absent_rows} rows of the absent expert not zero",
+        cmp.len()
+    );
+    Ok(row)
+}
+
+/// The warp-specialised tile (and W128 beside it) at the counts that stress its schedule and
+/// padding: 1, 7, 67 rows; 0 rows; exactly 64 (one consumer) and 65 (both); 128 and 129 (a
+/// second block of one row); 300 (3 blocks); an expert not held that has rows; dims whose k and
+/// features are not multiples of the 64-wide k step, 128 (gate_up) or 256 (down) features.
+pub fn run_grouped_counts(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
+    let mut out = Vec::new();
+    let small = [1, 7, 0, 67, 64, 65, 0, 128, 129, 300, 5];
+    for tile in [RowTile::Ws128, RowTile::W128] {
+        out.push(check_grouped_counts(gpu, &small, 10, 72, 40, tile, 1000)?);
+        out.push(check_grouped_counts(
+            gpu, &small, 10, 1024, 200, tile, 1000,
+        )?);
+        // the absent expert first, empty experts last
+        out.push(check_grouped_counts(
+            gpu,
+            &[9, 64, 65, 1, 0, 0],
+            0,
+            200,
+            72,
+            tile,
+            1000,
+        )?);
+    }
+    // real DeepSeek-V2 expert dims (edges of each expert compared)
+    let real = [1, 7, 0, 67, 64, 65, 300, 3];
+    out.push(check_grouped_counts(
+        gpu,
+        &real,
+        7,
+        5120,
+        1536,
+        RowTile::Ws128,
+        64,
+    )?);
+    if !quick {
+        // V2-Lite dims, and more experts than CTAs have SMs' worth of tiles at once
+        out.push(check_grouped_counts(
+            gpu,
+            &real,
+            7,
+            2048,
+            1408,
+            RowTile::Ws128,
+            64,
+        )?);
+        let many: Vec<usize> = (0..160).map(|e| [265, 300, 351, 0, 1][e % 5]).collect();
+        out.push(check_grouped_counts(
+            gpu,
+            &many,
+            5,
+            1024,
+            256,
+            RowTile::Ws128,
+            0,
+        )?);
+    }
+    Ok(out)
+}
+
 /// The grouped rows of `run_all`: every row tile at awkward sizes (dims not multiples of the
 /// 64-wide k step, partial tiles, experts with 0 rows) and the real DeepSeek-V2 expert dims.
 pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
@@ -273,6 +469,7 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
         RowTile::R128,
         RowTile::W128,
         RowTile::W64,
+        RowTile::Ws128,
     ] {
         out.push(check_grouped_experts(
             gpu,
@@ -303,5 +500,6 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
         out.push(check_grouped_experts(gpu, 300, 8, 6, 2048, 1408, None, 8)?);
         out.push(check_grouped_experts(gpu, 1000, 8, 6, 5120, 1536, None, 8)?);
     }
+    out.extend(run_grouped_counts(gpu, quick)?);
     Ok(out)
 }

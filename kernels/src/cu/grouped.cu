@@ -470,3 +470,296 @@ extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_down_wgmma64_bf
     griddep_wait();
     grouped_tile_wgmma<false, 64>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Prefill-sized batches, warp-specialised and persistent (RowTile::Ws128): the same two GEMMs,
+// roundings and outputs as the wgmma kernels above, built the way fast Hopper GEMMs are.
+//
+// CTA = 3 warpgroups, 384 threads, one CTA per SM (grid = SM count, at most the tile count):
+// - warpgroup 0, the producer, gives its registers back (setmaxnreg 40); one thread issues
+//   every copy: per k step (64) the activation rows (two TMA boxes of 64 rows x 64 k, the
+//   second skipped when the tile holds <= 64 rows) and the 256 weight rows (two boxes of 128
+//   rows: gate and up of the same 128 features for gate_up, features f0.. and f0+128.. for
+//   down), all in the 128-byte swizzle the wgmma descriptors name (wg_desc(.., 16, 1024)),
+//   into a ring of WS_STAGES stages guarded by full / empty mbarriers;
+// - warpgroups 1 and 2, the consumers (setmaxnreg 232), compute rows 0..63 and 64..127 of the
+//   tile against all 256 weight rows (m64n256k16, 4 per stage), keep one wgmma group in flight
+//   (wait_group 1) and hand the previous stage back to the producer (one arrival per warp:
+//   the empty barrier completes when all 8 consumer warps are done with the stage).
+// No __syncthreads after the set-up: producer and consumers walk the same tile sequence and
+// meet only at the barriers, so the producer runs ahead across tile boundaries and loads the
+// next tile's first stages while the consumers run the epilogue (registers -> global).
+//
+// Weights: the experts' tensors are separate allocations, so each expert gets its own tensor
+// maps (gate, up, down). They are written on the device by moe_grouped_weight_maps just
+// before the GEMMs (a template encoded on the host, the address patched with
+// tensormap.replace), so the table of addresses stays the only interface and no host round trip
+// is needed; 128 bytes each, 64-byte aligned in a device buffer. Why TMA and not cp.async by
+// the producer warpgroup's 128 threads: the weights are 2/3 of every stage's bytes; TMA moves
+// them without registers or issue slots (one instruction per 16 KB box instead of 1024
+// cp.async), so the producer warpgroup can sit at 40 registers and the consumers get 232.
+//
+// Scheduler: tiles are (expert e, 128-row block m, feature block n) numbered expert-major, then
+// n, then m innermost: the CTAs running at the same time (consecutive tile numbers, static
+// stride gridDim.x) are the row blocks of one weight block, which then streams from DRAM once
+// for all of them (P2 streams 7.5 GB of weights per layer: with ~3 row blocks per expert, L2
+// reuse of the weight block is what keeps the kernel compute bound) and the 12 (gate_up) or 20
+// (down) feature blocks of one expert's rows follow within a few dozen tiles.
+//
+// Padding: P2 (8192 tokens x top-6 over 160 experts; 265..351 rows per expert measured,
+// bench/RESULTS.md) gives every expert 3 row blocks whose last holds 9..95 rows: with whole
+// 128-row tiles 384 rows are computed per ~307 (25 % waste); a tile of <= 64 rows runs only
+// the first consumer's wgmma (the second waits on the same barriers and releases the stages
+// untouched), which computes ceil(rows / 64) * 64, i.e. 320 for the experts at <= 320 rows,
+// about half of P2's (~15 % waste in all).
+//
+// Experts with 0 rows take no tiles; an expert this process does not hold (address 0) takes
+// its tiles without loads: the consumers write its rows' zeros.
+#include "tma.cuh"
+
+#define WS_STAGES 4
+#define WS_A_BYTES (128 * 128)                    // 128 rows x 64 k (bf16)
+#define WS_B_BYTES (256 * 128)                    // 256 weight rows x 64 k
+#define WS_STAGE_BYTES (WS_A_BYTES + WS_B_BYTES)  // 48 KB
+#define WS_MAX_EXP 1024
+// dynamic smem: 1024 (alignment slack) + stages + 128 (barriers) + tile_off and offsets (ints)
+#define WS_SMEM_BYTES (1024 + WS_STAGES * WS_STAGE_BYTES + 128 + 2 * 4 * (WS_MAX_EXP + 1))
+
+__device__ __forceinline__ void ws_setmaxnreg_dec40() { asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory"); }
+__device__ __forceinline__ void ws_setmaxnreg_inc232() { asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory"); }
+
+// Barrier waits of this kernel: the poll's fast path inline, the slow path (which traps after
+// about two seconds, like mbar_wait, so a lost arrival fails the launch instead of hanging the
+// GPU) out of line. With the trap inline (mbar_wait) ptxas treats everything after the wait as
+// a divergent path and serialises every wgmma (C7518); out of line it does not.
+__device__ __noinline__ void ws_wait_slow(u32 bar, u32 parity) {
+    const long long t0 = clock64();
+    while (!mbar_try_wait(bar, parity)) {
+        if (clock64() - t0 > 4000000000ll) __trap();
+    }
+}
+// one thread alone (the producer's; no wgmma there, the trap may stay inline)
+__device__ __forceinline__ void ws_wait_one(u32 bar, u32 parity) {
+    if (!mbar_try_wait(bar, parity)) {
+        const long long t0 = clock64();
+        while (!mbar_try_wait(bar, parity)) {
+            if (clock64() - t0 > 4000000000ll) __trap();
+        }
+    }
+}
+// a whole warp, converged again after the wait (wgmma is .aligned)
+__device__ __forceinline__ void ws_wait_warp(u32 bar, u32 parity) {
+    if (!mbar_try_wait(bar, parity)) ws_wait_slow(bar, parity);
+    __syncwarp();
+}
+
+// The maps were written by an earlier launch through the generic proxy; TMA reads them through
+// the tensormap proxy.
+__device__ __forceinline__ void ws_map_acquire(const TmaMap* m) {
+    asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(reinterpret_cast<u64>(m)) : "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<u64>(m)) : "memory");
+}
+
+// Tile t of the schedule (t < s_toff[n_exp] * nb): s_toff is the prefix sum of the experts'
+// 128-row blocks, nb the feature blocks per row block.
+struct WsTile {
+    int e, row0, nrows, f0;
+};
+__device__ __forceinline__ WsTile ws_tile(const int* s_toff, const int* s_off, int n_exp, int nb, int nf, int t) {
+    int lo = 0, hi = n_exp;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) >> 1;
+        if (s_toff[mid] * nb <= t) lo = mid;
+        else hi = mid;
+    }
+    const int mb = s_toff[lo + 1] - s_toff[lo], local = t - s_toff[lo] * nb;
+    const int n = local / mb, m = local - n * mb;
+    WsTile w;
+    w.e = lo;
+    w.row0 = s_off[lo] + m * 128;
+    w.nrows = min(128, s_off[lo + 1] - w.row0);
+    w.f0 = n * nf;
+    return w;
+}
+
+template <bool GATE_UP>
+__device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMap* __restrict__ wmaps,
+                                                const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+                                                const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N,
+                                                int n_exp) {
+    constexpr int NF = GATE_UP ? 128 : 256;  // output features per tile
+    extern __shared__ __align__(1024) unsigned char ws_smem_raw[];
+    unsigned char* smem =
+        reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(ws_smem_raw) + 1023) & ~(size_t)1023);
+    const u32 base = smem_addr(smem);
+    const u32 full0 = base + WS_STAGES * WS_STAGE_BYTES;  // full[s] at full0 + 8 s
+    const u32 empty0 = full0 + 8 * WS_STAGES;              // empty[s] at empty0 + 8 s
+    int* s_toff = reinterpret_cast<int*>(smem + WS_STAGES * WS_STAGE_BYTES + 128);
+    int* s_off = s_toff + (WS_MAX_EXP + 1);
+    // (role and per-tile decisions broadcast with __shfl_sync: the compiler then knows them to
+    // be warp-uniform, and wgmma under them is not serialised as in a divergent path)
+    const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0);
+
+    for (int i = tid; i <= n_exp; i += blockDim.x) {
+        s_toff[i] = tile_off[i];
+        s_off[i] = offsets[i];
+    }
+    if (tid == 0) {
+        for (int s = 0; s < WS_STAGES; ++s) {
+            mbar_init(full0 + 8 * s, 1);   // the producer's expect_tx arrival (+ the TMA bytes)
+            mbar_init(empty0 + 8 * s, 8);  // one arrival per consumer warp
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    const int nb = (N + NF - 1) / NF;
+    const int total = __shfl_sync(0xffffffffu, s_toff[n_exp] * nb, 0);
+    const int KT = (K + GK - 1) / GK;
+
+    if (wg == 0) {
+        // ---- producer ----
+        ws_setmaxnreg_dec40();
+        if (tid != 0) return;
+        int it = 0, last_e = -1;
+        for (int t = blockIdx.x; t < total; t += gridDim.x) {
+            const WsTile w = ws_tile(s_toff, s_off, n_exp, nb, NF, t);
+            const bool held = GATE_UP ? ptrs[3 * w.e] != 0 && ptrs[3 * w.e + 1] != 0 : ptrs[3 * w.e + 2] != 0;
+            if (!held) continue;  // no stages: the consumers write zeros
+            const TmaMap* m0 = wmaps + 3 * w.e + (GATE_UP ? 0 : 2);
+            const TmaMap* m1 = GATE_UP ? m0 + 1 : m0;
+            if (w.e != last_e) {
+                ws_map_acquire(m0);
+                if (GATE_UP) ws_map_acquire(m1);
+                last_e = w.e;
+            }
+            const bool two = w.nrows > 64;
+            const u32 bytes = (two ? WS_A_BYTES : WS_A_BYTES / 2) + WS_B_BYTES;
+            const int fb = GATE_UP ? w.f0 : w.f0 + 128;  // the second weight box's first row
+            for (int kt = 0; kt < KT; ++kt, ++it) {
+                const int s = it % WS_STAGES;
+                const u32 full = full0 + 8 * s;
+                ws_wait_one(empty0 + 8 * s, ((it / WS_STAGES) & 1) ^ 1);
+                mbar_arrive_expect_tx(full, bytes);
+                const u32 a = base + s * WS_STAGE_BYTES, b = a + WS_A_BYTES;
+                const int k0 = kt * GK;
+                tma_load_2d(a, x_map, k0, w.row0, full);
+                if (two) tma_load_2d(a + WS_A_BYTES / 2, x_map, k0, w.row0 + 64, full);
+                tma_load_2d(b, m0, k0, w.f0, full);
+                tma_load_2d(b + WS_B_BYTES / 2, m1, k0, fb, full);
+            }
+        }
+        return;
+    }
+
+    // ---- consumers: warpgroup c = 0, 1 computes rows 64c .. 64c + 63 of each tile ----
+    ws_setmaxnreg_inc232();
+    const int c = wg - 1, t128 = tid % 128, lane = tid % WARP, wq = t128 / WARP;
+    float acc[128];
+    int it = 0;
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        const WsTile w = ws_tile(s_toff, s_off, n_exp, nb, NF, t);
+        const int r0 = 64 * c, nr = min(64, w.nrows - r0);  // this warpgroup's rows of the tile
+        const bool held = __shfl_sync(0xffffffffu, GATE_UP ? ptrs[3 * w.e] != 0 && ptrs[3 * w.e + 1] != 0
+                                                             : ptrs[3 * w.e + 2] != 0, 0);
+        if (!held) {
+            for (int i = t128; i < max(nr, 0) * (NF / 8); i += 128) {
+                const int r = i / (NF / 8), f = w.f0 + (i % (NF / 8)) * 8;
+                if (f < N) *reinterpret_cast<uint4*>(out + (size_t)(w.row0 + r0 + r) * N + f) = make_uint4(0, 0, 0, 0);
+            }
+            continue;
+        }
+        // the second warpgroup sits out tiles of <= 64 rows
+        const bool active = __shfl_sync(0xffffffffu, nr > 0, 0);
+        for (int kt = 0; kt < KT; ++kt, ++it) {
+            const int s = it % WS_STAGES;
+            ws_wait_warp(full0 + 8 * s, (it / WS_STAGES) & 1);
+            if (active) {
+                const u32 a = base + s * WS_STAGE_BYTES + c * (WS_A_BYTES / 2), b = base + s * WS_STAGE_BYTES + WS_A_BYTES;
+                wg_fence();
+#pragma unroll
+                for (int kk = 0; kk < GK / 16; ++kk)
+                    wgmma_m64n256_ss(acc, wg_desc(a + kk * 32, 16, 1024), wg_desc(b + kk * 32, 16, 1024),
+                                     (kt | kk) != 0);
+                wg_commit();
+                wg_wait<1>();  // the group of step kt - 1 is done: its stage goes back
+            }
+            if (kt > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((it - 1) % WS_STAGES));
+        }
+        if (active) {
+            wg_wait<0>();
+            wg_fence_regs<128>(acc);
+        }
+        if (lane == 0) mbar_arrive(empty0 + 8 * ((it - 1) % WS_STAGES));
+        if (!active) continue;
+
+        // epilogue: accumulator rows r_lo, r_lo + 8 (of the tile), columns 8j + cq, 8j + cq + 1.
+        // (Values are computed unconditionally and only the stores are guarded: a read of the
+        // accumulators under a thread-dependent branch makes ptxas serialise every wgmma.)
+        const int r_lo = r0 + wq * 16 + lane / 4, cq = (lane % 4) * 2;
+#pragma unroll
+        for (int j = 0; j < (GATE_UP ? 16 : 32); ++j) {
+            const int f = w.f0 + 8 * j + cq;
+            const bool fok = w.f0 + 8 * j < N;  // N is a multiple of 8: the pair is in or out
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = r_lo + 8 * h;
+                float v0, v1;
+                if (GATE_UP) {  // gate: columns 0..127, up: 128..255 of the same features
+                    float g0 = __bfloat162float(__float2bfloat16_rn(acc[4 * j + 2 * h]));
+                    float g1 = __bfloat162float(__float2bfloat16_rn(acc[4 * j + 2 * h + 1]));
+                    float u0 = __bfloat162float(__float2bfloat16_rn(acc[4 * (j + 16) + 2 * h]));
+                    float u1 = __bfloat162float(__float2bfloat16_rn(acc[4 * (j + 16) + 2 * h + 1]));
+                    v0 = g0 / (1.f + __expf(-g0)) * u0;
+                    v1 = g1 / (1.f + __expf(-g1)) * u1;
+                } else {
+                    v0 = acc[4 * j + 2 * h];
+                    v1 = acc[4 * j + 2 * h + 1];
+                }
+                const __nv_bfloat162 v = __floats2bfloat162_rn(v0, v1);
+                if (fok && r < w.nrows)
+                    *reinterpret_cast<__nv_bfloat162*>(out + (size_t)(w.row0 + r) * N + f) = v;
+            }
+        }
+    }
+}
+
+// grid min(SM count, tile bound), 384 threads, dynamic smem WS_SMEM_BYTES; x_map: x [rows, K]
+// in boxes of 64 k x 64 rows; wmaps [E, 3] the experts' gate / up / down maps (boxes of 64 k x
+// 128 rows) from moe_grouped_weight_maps; tile_off: moe_offsets_i32's with 128-row tiles.
+extern "C" __global__ void __launch_bounds__(384, 1) moe_grouped_gate_up_ws_bf16(
+    const __grid_constant__ TmaMap x_map, const TmaMap* __restrict__ wmaps, const long long* __restrict__ ptrs,
+    const int* __restrict__ offsets, const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N,
+    int n_exp) {
+    griddep_wait();
+    grouped_tile_ws<true>(&x_map, wmaps, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) moe_grouped_down_ws_bf16(
+    const __grid_constant__ TmaMap x_map, const TmaMap* __restrict__ wmaps, const long long* __restrict__ ptrs,
+    const int* __restrict__ offsets, const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N,
+    int n_exp) {
+    griddep_wait();
+    grouped_tile_ws<false>(&x_map, wmaps, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+// maps[3 e + j] = the template for j (gate and up: gu, down: dn) with its global address
+// replaced by ptrs[3 e + j] (left as the template's for an expert not held: never loaded).
+// One thread per map; 3 * n_exp threads.
+extern "C" __global__ void moe_grouped_weight_maps(const __grid_constant__ TmaMap gu, const __grid_constant__ TmaMap dn,
+                                                   const long long* __restrict__ ptrs, TmaMap* __restrict__ maps,
+                                                   int n_exp) {
+    griddep_wait();
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= 3 * n_exp) return;
+    const TmaMap* src = i % 3 == 2 ? &dn : &gu;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) maps[i].v[j] = src->v[j];
+    const long long p = ptrs[i];
+    if (p != 0)
+        asm volatile("tensormap.replace.tile.global_address.global.b1024.b64 [%0], %1;\n" ::"l"(
+                         (u64)__cvta_generic_to_global(&maps[i])),
+                     "l"(p)
+                     : "memory");
+    asm volatile("fence.proxy.tensormap::generic.release.gpu;\n" ::: "memory");
+}

@@ -9,6 +9,7 @@ use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use super::moe::{self, CombineParams, GatherParams, PermuteParams};
+use super::tma;
 use super::{dim_i32, per_row};
 use crate::device::Gpu;
 use crate::error::{KernelError, Result, shape_err};
@@ -37,7 +38,26 @@ pub enum RowTile {
     /// 64 rows x 256 weight rows on warpgroup MMA (less padding for experts holding a little
     /// more than a multiple of 128 rows, but slower than W128 on P2: kept to compare).
     W64,
+    /// 128 rows x 256 weight rows, warp-specialised and persistent (`moe_grouped_*_ws_bf16`):
+    /// a TMA producer warpgroup and two wgmma consumer warpgroups over a 4-stage mbarrier ring,
+    /// one CTA per SM walking a static tile schedule; a tile of <= 64 rows runs one consumer's
+    /// MMAs only. The prefill tile ([`PREFILL_TILE`]); `W128` stays to compare
+    /// (`DSV2_GROUPED_WS=0` in the CUDA backend).
+    Ws128,
 }
+
+/// The tile prefill-sized batches take when the caller does not choose (`for_rows`).
+pub const PREFILL_TILE: RowTile = RowTile::Ws128;
+
+/// Stages of the warp-specialised kernel's ring (`WS_STAGES`): 48 KiB each (128 x 64 activation
+/// + 256 x 64 weight bf16); a fifth does not fit the 227 KiB an sm_90 block may hold.
+const WS_STAGES: usize = 4;
+/// Experts the warp-specialised kernel's shared tables hold (`WS_MAX_EXP`, = check_dims' bound).
+const WS_MAX_EXP: usize = 1024;
+/// Rows per TMA box of the activations (two boxes per 128-row stage; the second is skipped for
+/// tiles of <= 64 rows) and of the weights (two boxes per 256-row stage).
+const WS_X_BOX_ROWS: usize = 64;
+const WS_W_BOX_ROWS: usize = 128;
 
 impl RowTile {
     pub fn rows(self) -> usize {
@@ -45,14 +65,14 @@ impl RowTile {
             RowTile::R16 => 16,
             RowTile::R32 => 32,
             RowTile::R64 | RowTile::W64 => 64,
-            RowTile::R128 | RowTile::W128 => 128,
+            RowTile::R128 | RowTile::W128 | RowTile::Ws128 => 128,
         }
     }
 
     /// Weight rows per CTA (gate_up covers half as many features: gate + up).
     fn weight_rows(self) -> usize {
         match self {
-            RowTile::W128 | RowTile::W64 => 256,
+            RowTile::W128 | RowTile::W64 | RowTile::Ws128 => 256,
             _ => WEIGHT_ROWS,
         }
     }
@@ -62,6 +82,7 @@ impl RowTile {
             RowTile::R16 | RowTile::R32 | RowTile::R64 => 4,
             RowTile::R128 => 3,
             RowTile::W128 | RowTile::W64 => 4,
+            RowTile::Ws128 => WS_STAGES,
         }
     }
 
@@ -69,15 +90,25 @@ impl RowTile {
         match self {
             RowTile::R16 | RowTile::R32 | RowTile::R64 => 128,
             RowTile::R128 | RowTile::W128 | RowTile::W64 => 256,
+            // one producer and two consumer warpgroups
+            RowTile::Ws128 => 384,
         }
     }
 
     /// The warpgroup-MMA tiles (prefill-sized batches).
     pub fn is_wgmma(self) -> bool {
-        matches!(self, RowTile::W128 | RowTile::W64)
+        matches!(self, RowTile::W128 | RowTile::W64 | RowTile::Ws128)
     }
 
     fn smem_bytes(self) -> usize {
+        if self == RowTile::Ws128 {
+            // WS_SMEM_BYTES: alignment slack, the stages, 128 bytes of mbarriers, and the
+            // experts' tile offsets and row offsets (E + 1 ints each) copied into shared memory
+            return 1024
+                + self.stages() * (self.weight_rows() + self.rows()) * K_STEP * 2
+                + 128
+                + 2 * 4 * (WS_MAX_EXP + 1);
+        }
         let stages = self.stages() * (self.weight_rows() + self.rows()) * K_STEP * 2;
         // the wgmma kernel aligns its stages to 1024 bytes itself
         if self.is_wgmma() {
@@ -101,13 +132,20 @@ impl RowTile {
             (RowTile::W128, false) => "moe_grouped_down_wgmma_bf16",
             (RowTile::W64, true) => "moe_grouped_gate_up_wgmma64_bf16",
             (RowTile::W64, false) => "moe_grouped_down_wgmma64_bf16",
+            (RowTile::Ws128, true) => "moe_grouped_gate_up_ws_bf16",
+            (RowTile::Ws128, false) => "moe_grouped_down_ws_bf16",
         }
     }
 
     /// The tile for `rows` routed rows spread over `touched` experts: the smallest tile that
     /// holds the mean expert's rows, so decode reads each expert's weights once and prefill
-    /// gets tiles large enough to be compute bound (on wgmma).
+    /// gets tiles large enough to be compute bound (on wgmma): [`PREFILL_TILE`].
     pub fn for_rows(rows: usize, touched: usize) -> Self {
+        Self::for_rows_with(rows, touched, PREFILL_TILE)
+    }
+
+    /// As [`RowTile::for_rows`], with `prefill` for prefill-sized batches (to compare kernels).
+    pub fn for_rows_with(rows: usize, touched: usize, prefill: RowTile) -> Self {
         let mean = rows.div_ceil(touched.max(1));
         if mean <= 16 {
             RowTile::R16
@@ -119,7 +157,8 @@ impl RowTile {
             // The 128-row tile, although the 64-row one pads less: on P2 (307 rows per expert,
             // 384 vs 320 computed) the 128-row tile still ran at 0.456 of cuBLAS against 0.404
             // (H100, bench/RESULTS.md, 2026-12-06 run 3): it moves less shared memory per FLOP.
-            RowTile::W128
+            // The warp-specialised Ws128 pads like the 64-row tile where a block holds <= 64.
+            prefill
         }
     }
 }
@@ -178,6 +217,28 @@ pub unsafe fn grouped_ffn(gpu: &Gpu, p: GroupedFfnParams<'_>) -> Result<()> {
         p.act.ptr(),
         p.out.ptr(),
     );
+    if tile == RowTile::Ws128 {
+        // SAFETY: forwarded contract; tile_off written just above on the same stream.
+        unsafe {
+            ws_launch(
+                gpu,
+                WsLaunch {
+                    rows,
+                    hidden,
+                    inter,
+                    n_exp,
+                    x,
+                    ptrs,
+                    offsets,
+                    tile_off: to,
+                    act,
+                    out,
+                },
+            )?;
+        }
+        drop(tile_off);
+        return Ok(());
+    }
     let (h, i) = (dim_i32(OP, "hidden", hidden)?, dim_i32(OP, "inter", inter)?);
     for (gate_up, input, output, k, n, features) in [
         (true, x, act, h, i, inter.div_ceil(tile.weight_rows() / 2)),
@@ -208,6 +269,129 @@ pub unsafe fn grouped_ffn(gpu: &Gpu, p: GroupedFfnParams<'_>) -> Result<()> {
     }
     // tile_off is freed stream-ordered after the launches that read it
     drop(tile_off);
+    Ok(())
+}
+
+/// Device addresses and sizes of one warp-specialised grouped FFN (both projections).
+struct WsLaunch {
+    rows: usize,
+    hidden: usize,
+    inter: usize,
+    n_exp: usize,
+    x: u64,
+    ptrs: u64,
+    offsets: u64,
+    tile_off: u64,
+    act: u64,
+    out: u64,
+}
+
+/// Output features per tile of the warp-specialised kernel: 128 for gate_up (gate and up of the
+/// same features fill the 256 weight rows), 256 for down.
+fn ws_features(gate_up: bool) -> usize {
+    if gate_up { 128 } else { 256 }
+}
+
+/// CTAs of a warp-specialised launch: one per SM, fewer when there are fewer tiles. The tile
+/// count is known on the device only; its bound on the host is `rows / 128` full row blocks plus
+/// one partial block per expert, times the feature blocks.
+fn ws_grid(sm_count: usize, rows: usize, n_exp: usize, n: usize, gate_up: bool) -> usize {
+    let row_blocks = rows / 128 + n_exp.min(rows);
+    let tiles = row_blocks * n.div_ceil(ws_features(gate_up));
+    sm_count.min(tiles).max(1)
+}
+
+/// The kernel's schedule (`ws_tile` in grouped.cu), for the tests: tile `t` < tile_off[E] * nb
+/// is (expert e, first row, rows, first feature), numbered expert-major, then feature block,
+/// then row block innermost.
+#[cfg(test)]
+fn ws_tile(tile_off: &[i32], offsets: &[i32], nb: i32, nf: i32, t: i32) -> (usize, i32, i32, i32) {
+    let n_exp = tile_off.len() - 1;
+    let (mut lo, mut hi) = (0usize, n_exp);
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if tile_off[mid] * nb <= t {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let mb = tile_off[lo + 1] - tile_off[lo];
+    let local = t - tile_off[lo] * nb;
+    let (n, m) = (local / mb, local % mb);
+    let row0 = offsets[lo] + m * 128;
+    (lo, row0, 128.min(offsets[lo + 1] - row0), n * nf)
+}
+
+/// # Safety
+/// As [`grouped_ffn`]: the table's non-zero addresses are live expert weights of the stated
+/// shapes; x [rows, hidden], act [rows, inter], out [rows, hidden], offsets [E + 1] and tile_off
+/// [E + 1] (moe_offsets_i32 at 128 rows) are live device buffers.
+unsafe fn ws_launch(gpu: &Gpu, w: WsLaunch) -> Result<()> {
+    const OP: &str = "moe_grouped_ffn_ws_bf16";
+    let tile = RowTile::Ws128;
+    let ne = dim_i32(OP, "experts", w.n_exp)?;
+    // Per-expert weight maps, [E, 3] x 128 bytes: templates encoded here (the shapes; any
+    // 16-byte aligned address), their addresses replaced on the device from the table.
+    let gu_t = tma::encode_bf16_2d(OP, w.x, w.inter, w.hidden, 64, WS_W_BOX_ROWS)?;
+    let dn_t = tma::encode_bf16_2d(OP, w.x, w.hidden, w.inter, 64, WS_W_BOX_ROWS)?;
+    let maps = Tensor::<i64>::uninit(gpu, &[w.n_exp * 3 * 16])?;
+    let mp = maps.ptr();
+    if !mp.is_multiple_of(64) {
+        return Err(shape_err(
+            OP,
+            format!("tensor-map buffer at {mp:#x} is not 64-byte aligned"),
+        ));
+    }
+    let f = gpu.function("moe_grouped_weight_maps")?;
+    let mut b = gpu.launch(f);
+    b.arg(&gu_t).arg(&dn_t).arg(&w.ptrs).arg(&mp).arg(&ne);
+    let cfg = LaunchConfig {
+        grid_dim: ((3 * w.n_exp).div_ceil(128) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches moe_grouped_weight_maps(gu, dn, ptrs, maps, n_exp); maps holds 3 E
+    // 128-byte maps, 64-byte aligned (checked); ptrs [E, 3].
+    unsafe { b.launch(cfg) }?;
+
+    let x_map = tma::encode_bf16_2d(OP, w.x, w.rows, w.hidden, 64, WS_X_BOX_ROWS)?;
+    let act_map = tma::encode_bf16_2d(OP, w.act, w.rows, w.inter, 64, WS_X_BOX_ROWS)?;
+    let (h, i) = (
+        dim_i32(OP, "hidden", w.hidden)?,
+        dim_i32(OP, "inter", w.inter)?,
+    );
+    for (gate_up, in_map, output, k, n, n_us) in [
+        (true, &x_map, w.act, h, i, w.inter),
+        (false, &act_map, w.out, i, h, w.hidden),
+    ] {
+        let name = tile.kernel(gate_up);
+        gpu.set_max_dynamic_smem(name, tile.smem_bytes())?;
+        let f = gpu.function(name)?;
+        let mut b = gpu.launch(f);
+        b.arg(in_map)
+            .arg(&mp)
+            .arg(&w.ptrs)
+            .arg(&w.offsets)
+            .arg(&w.tile_off)
+            .arg(&output)
+            .arg(&k)
+            .arg(&n)
+            .arg(&ne);
+        let grid = ws_grid(gpu.sm_count, w.rows, w.n_exp, n_us, gate_up);
+        let cfg = LaunchConfig {
+            grid_dim: (grid as u32, 1, 1),
+            block_dim: (tile.threads(), 1, 1),
+            shared_mem_bytes: tile.smem_bytes() as u32,
+        };
+        // SAFETY: matches moe_grouped_{gate_up,down}_ws_bf16(x_map, wmaps, ptrs, offsets,
+        // tile_off, out, K, N, n_exp); the input map covers x / act [rows, K], the weight maps
+        // were written by the launch above (stream order), out / act [rows, N]; act is written
+        // by the first launch before the second reads it.
+        unsafe { b.launch(cfg) }?;
+    }
+    // the maps buffer is freed stream-ordered after the launches that read it
+    drop(maps);
     Ok(())
 }
 
@@ -244,6 +428,9 @@ pub struct GroupedExpertsParams<'a> {
     pub touched_experts: Option<usize>,
     /// Forces a row tile (checks and benchmarks); None chooses by the rows per expert.
     pub tile: Option<RowTile>,
+    /// The tile of prefill-sized batches when `tile` is None: [`PREFILL_TILE`], or `W128` to
+    /// compare (the CUDA backend's `DSV2_GROUPED_WS=0`).
+    pub prefill_tile: RowTile,
     pub accumulate: bool,
 }
 
@@ -295,7 +482,8 @@ pub unsafe fn grouped_experts(gpu: &Gpu, p: GroupedExpertsParams<'_>) -> Result<
         )?;
         let mut act = Tensor::<bf16>::uninit(gpu, &[rows, p.inter])?;
         let tile = p.tile.unwrap_or_else(|| {
-            RowTile::for_rows(rows, p.touched_experts.unwrap_or(n_exp.min(rows)))
+            let touched = p.touched_experts.unwrap_or(n_exp.min(rows));
+            RowTile::for_rows_with(rows, touched, p.prefill_tile)
         });
         // SAFETY: forwarded contract on the table; offsets/counts are moe_permute's.
         unsafe {
@@ -339,11 +527,21 @@ mod tests {
         assert_eq!(RowTile::for_rows(160 * 40, 160), RowTile::R64);
         // V2-Lite at batch 256: 1536 rows over 64 experts, 24 each
         assert_eq!(RowTile::for_rows(1536, 64), RowTile::R32);
-        // prefill: the 128-row wgmma tile (measured faster than the 64-row one on P2)
-        assert_eq!(RowTile::for_rows(49152, 160), RowTile::W128);
-        // a multiple of 128 pads nothing either way: the 128-row tile
-        assert_eq!(RowTile::for_rows(160 * 256, 160), RowTile::W128);
-        assert_eq!(RowTile::for_rows(160 * 1200, 160), RowTile::W128);
+        // prefill: the warp-specialised 128-row tile, or the one the caller names for it
+        assert_eq!(RowTile::for_rows(49152, 160), RowTile::Ws128);
+        assert_eq!(RowTile::for_rows(160 * 256, 160), RowTile::Ws128);
+        assert_eq!(RowTile::for_rows(160 * 1200, 160), RowTile::Ws128);
+        assert_eq!(
+            RowTile::for_rows_with(49152, 160, RowTile::W128),
+            RowTile::W128
+        );
+        // ... but never for decode sizes
+        assert_eq!(
+            RowTile::for_rows_with(160 * 40, 160, RowTile::W128),
+            RowTile::R64
+        );
+        assert_eq!(RowTile::for_rows(49, 1), RowTile::Ws128);
+        assert!(RowTile::Ws128.is_wgmma());
         // no expert touched is still a valid (empty) choice
         assert_eq!(RowTile::for_rows(0, 0), RowTile::R16);
     }
@@ -357,11 +555,123 @@ mod tests {
             RowTile::R128,
             RowTile::W64,
             RowTile::W128,
+            RowTile::Ws128,
         ] {
             // 227 KiB of dynamic shared memory per block on sm_90
             assert!(t.smem_bytes() <= 227 * 1024, "{t:?}: {}", t.smem_bytes());
         }
         assert_eq!(RowTile::W128.smem_bytes(), 4 * 384 * 128 + 1024);
         assert_eq!(RowTile::W64.smem_bytes(), 4 * 320 * 128 + 1024);
+        // WS_SMEM_BYTES in grouped.cu: 1024 + 4 x 48 KiB + 128 + 2 x 4 x 1025
+        assert_eq!(RowTile::Ws128.smem_bytes(), 205_960);
+        assert_eq!(RowTile::Ws128.threads(), 384);
+        assert_eq!(RowTile::Ws128.kernel(true), "moe_grouped_gate_up_ws_bf16");
+    }
+
+    /// Every name `RowTile::kernel` gives, and the weight-map kernel, is defined in grouped.cu.
+    #[test]
+    fn ws_kernels_exist_in_the_source() {
+        let src = crate::compile::SOURCES
+            .iter()
+            .find(|(f, _)| *f == "grouped.cu")
+            .map(|(_, s)| *s)
+            .expect("grouped.cu is embedded");
+        let names = crate::device::kernel_names(src);
+        for t in [RowTile::W128, RowTile::Ws128] {
+            for g in [true, false] {
+                assert!(names.iter().any(|n| n == t.kernel(g)), "{}", t.kernel(g));
+            }
+        }
+        assert!(names.iter().any(|n| n == "moe_grouped_weight_maps"));
+        // the host's smem size is the kernel's
+        assert!(src.contains("#define WS_STAGES 4"));
+        assert!(src.contains("#define WS_MAX_EXP 1024"));
+    }
+
+    /// The tile offsets moe_offsets_i32 writes: prefix sums of ceil(count / 128).
+    fn tile_offsets(counts: &[i32]) -> (Vec<i32>, Vec<i32>) {
+        let (mut toff, mut off) = (vec![0], vec![0]);
+        for &c in counts {
+            toff.push(toff.last().unwrap() + (c + 127) / 128);
+            off.push(off.last().unwrap() + c);
+        }
+        (toff, off)
+    }
+
+    #[test]
+    fn ws_schedule_covers_every_row_and_feature_once() {
+        // experts with 0, 1, 7, 64, 65, 67, 128, 129, 300 rows; N = 72, 1536 (gate_up 128
+        // features a tile) and 5120 (down, 256)
+        let counts = [0, 1, 7, 0, 64, 65, 67, 128, 129, 300, 0];
+        let (toff, off) = tile_offsets(&counts);
+        let rows = *off.last().unwrap() as usize;
+        for (n, nf) in [(72i32, 128i32), (1536, 128), (5120, 256), (72, 256)] {
+            let nb = (n + nf - 1) / nf;
+            let total = toff[counts.len()] * nb;
+            let mut seen = vec![0u8; rows * nb as usize];
+            for t in 0..total {
+                let (e, row0, nrows, f0) = super::ws_tile(&toff, &off, nb, nf, t);
+                assert!(counts[e] > 0, "expert {e} with no rows got tile {t}");
+                assert!((1..=128).contains(&nrows));
+                assert!(row0 >= off[e] && row0 + nrows <= off[e + 1]);
+                assert!(f0 < n && f0 % nf == 0);
+                for r in row0..row0 + nrows {
+                    seen[r as usize * nb as usize + (f0 / nf) as usize] += 1;
+                }
+            }
+            assert!(
+                seen.iter().all(|&s| s == 1),
+                "N {n}: a (row, block) not covered once"
+            );
+        }
+    }
+
+    #[test]
+    fn ws_schedule_keeps_a_weight_block_together() {
+        // P2-like: 3 row blocks per expert; consecutive tiles share (expert, feature block)
+        let counts = [300, 307, 351, 265];
+        let (toff, off) = tile_offsets(&counts);
+        let nb = 1536 / 128;
+        let tiles: Vec<_> = (0..toff[4] * nb)
+            .map(|t| super::ws_tile(&toff, &off, nb, 128, t))
+            .collect();
+        assert_eq!(tiles.len(), 4 * 3 * 12);
+        for grp in tiles.chunks(3) {
+            assert!(grp.iter().all(|t| (t.0, t.3) == (grp[0].0, grp[0].3)));
+            let rows: Vec<i32> = grp.iter().map(|t| t.1).collect();
+            assert_eq!(
+                rows,
+                vec![off[grp[0].0], off[grp[0].0] + 128, off[grp[0].0] + 256]
+            );
+        }
+        // the last block of the 265-row expert holds 9 rows (one consumer), of 351: 95 (both)
+        assert_eq!(
+            tiles
+                .iter()
+                .find(|t| t.0 == 3 && t.1 == off[3] + 256)
+                .unwrap()
+                .2,
+            9
+        );
+        assert_eq!(
+            tiles
+                .iter()
+                .find(|t| t.0 == 2 && t.1 == off[2] + 256)
+                .unwrap()
+                .2,
+            95
+        );
+    }
+
+    #[test]
+    fn ws_grid_is_one_cta_per_sm_at_most() {
+        // P2: 49152 rows over 160 experts on 132 SMs
+        assert_eq!(super::ws_grid(132, 49152, 160, 1536, true), 132);
+        // one row of one expert: gate_up 1536 / 128 = 12 tiles, down 5120 / 256 = 20
+        assert_eq!(super::ws_grid(132, 1, 160, 1536, true), 12);
+        assert_eq!(super::ws_grid(132, 1, 160, 5120, false), 20);
+        // bound = (rows / 128 + min(E, rows)) * feature blocks: 7 rows over 9 experts, N 40
+        assert_eq!(super::ws_grid(132, 7, 9, 40, true), 7);
+        assert_eq!(super::ws_grid(132, 0, 9, 40, true), 1);
     }
 }

@@ -12,6 +12,7 @@ pub mod mla_prefill;
 pub mod moe;
 pub mod sample;
 pub mod small_experts;
+pub mod tma;
 
 use cudarc::driver::LaunchConfig;
 

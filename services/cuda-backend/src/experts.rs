@@ -174,6 +174,7 @@ pub(crate) fn on_device(
                     routed_rows: routed,
                     touched_experts: touched,
                     tile: None,
+                    prefill_tile: b.grouped_prefill_tile(),
                     accumulate: false,
                 },
             )

@@ -197,6 +197,8 @@ pub struct CudaBackend {
     small_experts: bool,
     grouped_experts: bool,
     grouped_prefill: bool,
+    /// The grouped kernels' prefill tile (`DSV2_GROUPED_WS=0`: the non-specialised W128).
+    grouped_prefill_tile: dsv2_kernels::ops::grouped::RowTile,
     /// The MLA prefill attention kernel (`DSV2_PREFILL_KERNEL`: `wgmma`, the default, or `mma`).
     prefill_kernel: PrefillKernel,
     /// Per-step metadata (positions, cache slots, block table, lengths) is the same for every
@@ -228,6 +230,14 @@ impl CudaBackend {
             // DSV2_GROUPED_PREFILL=0: prefill-sized expert batches on the per-expert cuBLAS loop
             // instead of the wgmma grouped kernel (to compare the two)
             grouped_prefill: std::env::var("DSV2_GROUPED_PREFILL").map_or(true, |v| v != "0"),
+            // DSV2_GROUPED_WS=0: prefill-sized expert batches on the wgmma grouped kernel without
+            // warp specialisation (RowTile::W128) instead of the warp-specialised persistent one
+            // (to compare the two, or to fall back should the new one fail its checks)
+            grouped_prefill_tile: if std::env::var("DSV2_GROUPED_WS").is_ok_and(|v| v == "0") {
+                dsv2_kernels::ops::grouped::RowTile::W128
+            } else {
+                dsv2_kernels::ops::grouped::PREFILL_TILE
+            },
             // DSV2_PREFILL_KERNEL=mma: prefill attention on the mma.sync kernels instead of the
             // wgmma one (to compare the two, or to fall back should the wgmma kernel fail its checks)
             prefill_kernel: match std::env::var(PrefillKernel::ENV) {
@@ -377,6 +387,10 @@ impl CudaBackend {
 
     fn grouped_prefill_enabled(&self) -> bool {
         self.grouped_prefill
+    }
+
+    fn grouped_prefill_tile(&self) -> dsv2_kernels::ops::grouped::RowTile {
+        self.grouped_prefill_tile
     }
 
     fn prefill_kernel(&self) -> PrefillKernel {

@@ -1,0 +1,136 @@
+//! 2-D TMA tensor maps of row-major bf16 matrices, encoded on the host with
+//! `cuTensorMapEncodeTiled` and passed to kernels by value (`TmaMap` in tma.cuh), in the 128-byte
+//! swizzle the wgmma shared-memory descriptors name. (`mla::cache_tensor_map` encodes its own
+//! map; this is the general form the grouped expert kernels use.)
+
+use half::bf16;
+
+use crate::error::{Result, shape_err};
+
+/// A CUtensorMap: 128 opaque bytes, 64-byte aligned, passed to a kernel by value.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct TmaMap2d(pub(crate) [u64; 16]);
+
+// SAFETY: plain bytes the driver wrote; the kernel takes it by value as a 128-byte parameter.
+unsafe impl cudarc::driver::DeviceRepr for TmaMap2d {}
+
+/// Bytes in one swizzled row of a box: the 128-byte swizzle needs the box's inner extent to be
+/// exactly one 128-byte line (64 bf16), the k step of the wgmma kernels.
+pub const SWIZZLE_BYTES: usize = 128;
+
+/// The encode arguments of a row-major bf16 matrix [rows, cols] at `addr`, read in boxes of
+/// `box_cols` x `box_rows`: (global dims, the row stride in bytes, box dims), innermost first.
+/// Checks the TMA rules the driver would reject less clearly: a 16-byte aligned address, a row
+/// stride that is a multiple of 16 bytes, a box of one 128-byte line by 1..=256 rows, and dims
+/// within 2^32.
+pub fn bf16_2d_params(
+    op: &'static str,
+    addr: u64,
+    rows: usize,
+    cols: usize,
+    box_cols: usize,
+    box_rows: usize,
+) -> Result<([u64; 2], u64, [u32; 2])> {
+    let elem = std::mem::size_of::<bf16>();
+    if !addr.is_multiple_of(16) {
+        return Err(shape_err(
+            op,
+            format!("TMA base {addr:#x} is not 16-byte aligned"),
+        ));
+    }
+    if cols == 0 || rows == 0 || !(cols * elem).is_multiple_of(16) {
+        return Err(shape_err(
+            op,
+            format!(
+                "TMA matrix [{rows}, {cols}] bf16: rows must be non-empty multiples of 16 bytes"
+            ),
+        ));
+    }
+    if box_cols * elem != SWIZZLE_BYTES || box_rows == 0 || box_rows > 256 {
+        return Err(shape_err(
+            op,
+            format!("TMA box {box_cols} x {box_rows}: expected 64 bf16 (128 bytes) x 1..=256 rows"),
+        ));
+    }
+    if rows as u64 > u32::MAX as u64 || cols as u64 > u32::MAX as u64 {
+        return Err(shape_err(
+            op,
+            format!("TMA matrix [{rows}, {cols}] too large"),
+        ));
+    }
+    Ok((
+        [cols as u64, rows as u64],
+        (cols * elem) as u64,
+        [box_cols as u32, box_rows as u32],
+    ))
+}
+
+/// The map of a row-major bf16 matrix [rows, cols] at `addr` (see [`bf16_2d_params`]); boxes
+/// past the matrix are zero-filled by the copy.
+pub fn encode_bf16_2d(
+    op: &'static str,
+    addr: u64,
+    rows: usize,
+    cols: usize,
+    box_cols: usize,
+    box_rows: usize,
+) -> Result<TmaMap2d> {
+    use cudarc::driver::sys as cu;
+    let (dims, stride, boxes) = bf16_2d_params(op, addr, rows, cols, box_cols, box_rows)?;
+    let strides: [u64; 1] = [stride];
+    let element_strides: [u32; 2] = [1, 1];
+    let mut map = std::mem::MaybeUninit::<cu::CUtensorMap>::zeroed();
+    // SAFETY: every array outlives the call and has the rank (2; one stride) the call is given;
+    // the address is only recorded in the map (the kernel that uses it must be given live memory).
+    unsafe {
+        cu::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            addr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            cu::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            cu::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            cu::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()?;
+        Ok(TmaMap2d(map.assume_init().opaque))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_are_innermost_first() {
+        // x [49152, 5120] in boxes of 64 k x 64 rows
+        let (dims, stride, boxes) = bf16_2d_params("t", 0x1000, 49152, 5120, 64, 64).unwrap();
+        assert_eq!(dims, [5120, 49152]);
+        assert_eq!(stride, 10240);
+        assert_eq!(boxes, [64, 64]);
+        // a down weight [5120, 1536] in boxes of 64 k x 128 rows
+        let (dims, stride, boxes) = bf16_2d_params("t", 0x2000, 5120, 1536, 64, 128).unwrap();
+        assert_eq!((dims, stride, boxes), ([1536, 5120], 3072, [64, 128]));
+        // a box may be larger than the matrix (the copy zero-fills): 40 x 72
+        assert!(bf16_2d_params("t", 0x2000, 40, 72, 64, 128).is_ok());
+    }
+
+    #[test]
+    fn params_reject_what_tma_cannot_copy() {
+        // misaligned base
+        assert!(bf16_2d_params("t", 0x1008, 64, 64, 64, 64).is_err());
+        // rows not a multiple of 16 bytes (an odd number of bf16 pairs)
+        assert!(bf16_2d_params("t", 0x1000, 64, 36, 64, 64).is_err());
+        // the 128-byte swizzle needs 64-column boxes; at most 256 rows
+        assert!(bf16_2d_params("t", 0x1000, 64, 64, 32, 64).is_err());
+        assert!(bf16_2d_params("t", 0x1000, 64, 64, 64, 257).is_err());
+        assert!(bf16_2d_params("t", 0x1000, 64, 64, 64, 0).is_err());
+        assert!(bf16_2d_params("t", 0x1000, 0, 64, 64, 64).is_err());
+    }
+}
