@@ -528,31 +528,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_down_wgmma64_bf
 __device__ __forceinline__ void ws_setmaxnreg_dec40() { asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory"); }
 __device__ __forceinline__ void ws_setmaxnreg_inc232() { asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory"); }
 
-// Barrier waits of this kernel: the poll's fast path inline, the slow path (which traps after
-// about two seconds, like mbar_wait, so a lost arrival fails the launch instead of hanging the
-// GPU) out of line. With the trap inline (mbar_wait) ptxas treats everything after the wait as
-// a divergent path and serialises every wgmma (C7518); out of line it does not.
-__device__ __noinline__ void ws_wait_slow(u32 bar, u32 parity) {
-    const long long t0 = clock64();
-    while (!mbar_try_wait(bar, parity)) {
-        if (clock64() - t0 > 4000000000ll) __trap();
-    }
-}
-// one thread alone (the producer's; no wgmma there, the trap may stay inline)
-__device__ __forceinline__ void ws_wait_one(u32 bar, u32 parity) {
-    if (!mbar_try_wait(bar, parity)) {
-        const long long t0 = clock64();
-        while (!mbar_try_wait(bar, parity)) {
-            if (clock64() - t0 > 4000000000ll) __trap();
-        }
-    }
-}
-// a whole warp, converged again after the wait (wgmma is .aligned)
-__device__ __forceinline__ void ws_wait_warp(u32 bar, u32 parity) {
-    if (!mbar_try_wait(bar, parity)) ws_wait_slow(bar, parity);
-    __syncwarp();
-}
-
 // The maps were written by an earlier launch through the generic proxy; TMA reads them through
 // the tensormap proxy.
 __device__ __forceinline__ void ws_map_acquire(const TmaMap* m) {
@@ -639,7 +614,7 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
             for (int kt = 0; kt < KT; ++kt, ++it) {
                 const int s = it % WS_STAGES;
                 const u32 full = full0 + 8 * s;
-                ws_wait_one(empty0 + 8 * s, ((it / WS_STAGES) & 1) ^ 1);
+                mbar_wait_thread(empty0 + 8 * s, ((it / WS_STAGES) & 1) ^ 1);
                 mbar_arrive_expect_tx(full, bytes);
                 const u32 a = base + s * WS_STAGE_BYTES, b = a + WS_A_BYTES;
                 const int k0 = kt * GK;
@@ -673,7 +648,7 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
         const bool active = __shfl_sync(0xffffffffu, nr > 0, 0);
         for (int kt = 0; kt < KT; ++kt, ++it) {
             const int s = it % WS_STAGES;
-            ws_wait_warp(full0 + 8 * s, (it / WS_STAGES) & 1);
+            mbar_wait(full0 + 8 * s, (it / WS_STAGES) & 1);
             if (active) {
                 const u32 a = base + s * WS_STAGE_BYTES + c * (WS_A_BYTES / 2), b = base + s * WS_STAGE_BYTES + WS_A_BYTES;
                 wg_fence();

@@ -55,9 +55,19 @@ __device__ __noinline__ void mbar_wait_slow(u32 bar, u32 parity) {
 // copy that was never issued, a byte count that does not match) traps after about two seconds
 // instead of hanging the GPU: the launch then fails with an error the caller reports.
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    // the branch on a warp vote is uniform to ptxas (a branch on each lane's own result is not)
-    if (__any_sync(0xffffffffu, !mbar_try_wait(bar, parity))) mbar_wait_slow(bar, parity);
+    if (!mbar_try_wait(bar, parity)) mbar_wait_slow(bar, parity);
     __syncwarp();  // lanes may leave the poll loop at different turns; wgmma after it is .aligned
+}
+
+// mbar_wait for one thread alone (a producer that issues copies; no wgmma follows it, so the
+// trap may stay inline: a call would need registers a producer has given up with setmaxnreg).
+__device__ __forceinline__ void mbar_wait_thread(u32 bar, u32 parity) {
+    if (!mbar_try_wait(bar, parity)) {
+        const long long t0 = clock64();
+        while (!mbar_try_wait(bar, parity)) {
+            if (clock64() - t0 > 4000000000ll) __trap();
+        }
+    }
 }
 
 // 2-D tile copy global -> shared through the tensor map; completion is counted in bytes on `bar`.
