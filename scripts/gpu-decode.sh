@@ -7,7 +7,7 @@
 #            projection shape at 1/2/4/8 rows, GEMV vs cuBLAS beside the copy-bandwidth roofline
 #   mla      dsv2-gpu-check --mla: the MLA kernels against their CPU reference, then the decode
 #            (P1) and prefill attention rows beside their rooflines (MLA_KERNELS: which decode kernels)
-#   seesaw, tma  that TMA MLA decode kernel alone (checks, P1), then dsv2-cuda-check with it
+#   seesaw, tma, tma-pair  that TMA MLA decode kernel alone (checks, P1), then dsv2-cuda-check with it
 #   fixtures dsv2-cuda-check: the whole model on the golden fixtures vs HF and the CPU reference,
 #            with the small-batch expert kernels on (default) and off (grouped kernels at every size),
 #            and with CUDA graphs off (DSV2_CUDA_GRAPHS=0; the real-dims decode rows replay graphs)
@@ -17,7 +17,7 @@
 #   lite-bench, lite-bench-eager  the same on DeepSeek-V2-Lite (27 layers), graphs on and off
 #   served-graphs  the served decode rows alone (4-layer V2)
 #   nsys     per-kernel GPU time of batch-1 decode (Nsight Systems, kernels inside graphs traced)
-#   ncu, ncu-stalls  Nsight Compute on an MLA decode kernel (NCU_MLA=wgmma/tma/seesaw; throughputs,
+#   ncu, ncu-stalls  Nsight Compute on an MLA decode kernel (NCU_MLA=wgmma/tma/tma-pair/seesaw; throughputs,
 #            why warps wait)
 #   served   dsv2-router --device cuda:0 with local experts and random real-dims weights, driven by
 #            `dsv2 loadtest` with DISTINCT prompts (MoE cost depends on it): decode at c=1/64/256,
@@ -123,7 +123,7 @@ for sec in ${SECTIONS:-check fixtures served lite profile}; do
       # kernel alone runs its 11 check cases first, then the row's 3 warm-ups
       k=${NCU_MLA:-wgmma}
       NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-      timeout -k 5 240 "$NCU" -k "regex:mla_decode_${k}_bf16" --launch-skip 14 --launch-count 1 \
+      timeout -k 5 240 "$NCU" -k "regex:mla_decode_${k//-/_}_bf16" --launch-skip 14 --launch-count 1 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
         --section SchedulerStats --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
         "$BIN/dsv2-gpu-check" --mla --mla-kernels "$k" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/ncu-mla-$k.log" 2>&1 || { echo "ncu FAILED"; fail=1; }
@@ -133,7 +133,7 @@ for sec in ${SECTIONS:-check fixtures served lite profile}; do
       # as for ncu)
       k=${NCU_MLA:-wgmma}
       NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-      timeout -k 5 240 "$NCU" -k "regex:mla_decode_${k}_bf16" --launch-skip 14 --launch-count 1 \
+      timeout -k 5 240 "$NCU" -k "regex:mla_decode_${k//-/_}_bf16" --launch-skip 14 --launch-count 1 \
         --section WarpStateStats --section SpeedOfLight --page raw --csv \
         "$BIN/dsv2-gpu-check" --mla --mla-kernels "$k" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/ncu-stalls-$k.csv" 2>&1 || { echo "ncu FAILED"; fail=1; }
       "$PY" - "$OUT_DIR/ncu-stalls-$k.csv" <<'PYEOF'
@@ -220,7 +220,7 @@ PYEOF
     gemv)
       timeout -k 5 120 "$BIN/dsv2-gpu-check" --gemv --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-gemv.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|^device|copy d2d|^G " "$OUT_DIR/gpu-check-gemv.log" ;;
-    seesaw|tma)
+    seesaw|tma|tma-pair)
       # one TMA MLA decode kernel (mla_seesaw.cu or mla_tma.cu) alone first, in its own process
       # (a kernel that traps leaves the other kernels' rows alone), then end to end with it
       timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels "$sec" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-$sec.log" 2>&1
@@ -233,7 +233,7 @@ PYEOF
         tail -6 "$OUT_DIR/cuda-check-$sec.log"
       fi ;;
     mla)
-      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels "${MLA_KERNELS:-wgmma,mma,seesaw,tma}" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-mla.log" 2>&1 || fail=1
+      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels "${MLA_KERNELS:-wgmma,mma,seesaw,tma,tma-pair}" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-mla.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|^device|copy d2d|cuBLAS bf16|^P1|prefill" "$OUT_DIR/gpu-check-mla.log" | grep -v " ok " ;;
     fixtures)
       timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check.log" 2>&1 || { echo "dsv2-cuda-check FAILED"; fail=1; }

@@ -853,6 +853,7 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             mla::MlaKernel::Mma,
             mla::MlaKernel::Seesaw,
             mla::MlaKernel::Tma,
+            mla::MlaKernel::TmaPair,
         ],
     )?);
     for (n, ctx, heads, dims, shared) in [
@@ -886,6 +887,7 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             mla::MlaKernel::Mma,
             mla::MlaKernel::Seesaw,
             mla::MlaKernel::Tma,
+            mla::MlaKernel::TmaPair,
         ] {
             out.push(check_mla_decode(gpu, &lens, 128, 64, None, kernel)?);
         }

@@ -33,6 +33,7 @@ pub struct Launch<'a> {
     gpu: &'a Gpu,
     func: &'a CudaFunction,
     args: Vec<*mut c_void>,
+    cluster_x: u32,
     _args: PhantomData<&'a ()>,
 }
 
@@ -43,6 +44,7 @@ impl Gpu {
             gpu: self,
             func,
             args: Vec::new(),
+            cluster_x: 1,
             _args: PhantomData,
         }
     }
@@ -55,6 +57,13 @@ impl<'a> Launch<'a> {
         self
     }
 
+    /// Launches the grid in thread block clusters of (x, 1, 1) CTAs (the kernel then may use
+    /// distributed shared memory and multicast copies within a cluster). Default 1: no clusters.
+    pub fn cluster_x(&mut self, x: u32) -> &mut Self {
+        self.cluster_x = x;
+        self
+    }
+
     /// Launches the kernel.
     ///
     /// # Safety
@@ -63,9 +72,21 @@ impl<'a> Launch<'a> {
     pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<()> {
         self.gpu.ctx.bind_to_thread()?;
         // SAFETY: a zeroed attribute value is a valid bit pattern for this plain C union.
-        let mut attr: cu::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = cu::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        let mut attrs: [cu::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        let mut n = 0;
+        if pdl_enabled() {
+            attrs[n].id =
+                cu::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[n].value.programmaticStreamSerializationAllowed = 1;
+            n += 1;
+        }
+        if self.cluster_x > 1 {
+            attrs[n].id = cu::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attrs[n].value.clusterDim.x = self.cluster_x;
+            attrs[n].value.clusterDim.y = 1;
+            attrs[n].value.clusterDim.z = 1;
+            n += 1;
+        }
         let config = cu::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -75,8 +96,8 @@ impl<'a> Launch<'a> {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.gpu.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: u32::from(pdl_enabled()),
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: n as u32,
         };
         // SAFETY: config and attr live through the call; the argument pointers address values
         // borrowed for 'a (the caller's contract covers their types and what they point to).

@@ -38,6 +38,7 @@ fn parse_args() -> Result<Args> {
             mla::MlaKernel::Mma,
             mla::MlaKernel::Seesaw,
             mla::MlaKernel::Tma,
+            mla::MlaKernel::TmaPair,
         ],
         opts: GpuOptions::default(),
     };
@@ -75,7 +76,7 @@ fn parse_args() -> Result<Args> {
                      bandwidth, cuBLAS) and P1/P2. --mla: only the MLA checks (decode, both kernels;\n\
                      prefill: wgmma, M128, M64), P1 and PF, a quick go/no-go for the wgmma kernels.\n\
                      --mla-kernels: which MLA decode kernels --mla checks and times (comma-separated:\n\
-                     wgmma, mma, seesaw, tma; default all, a new kernel last so that a crash of it\n\
+                     wgmma, mma, seesaw, tma, tma-pair; default all, a new kernel last so that a crash of it\n\
                      leaves the others' rows printed).\n\
                      --gemv: only the few-row GEMV checks and their timings beside cuBLAS and copy.\n\
                      --grouped: only the grouped expert checks (every row tile, the warp-specialised\n\
@@ -482,7 +483,7 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
     // P1 row for "batch 128, 64 heads"): at 128 heads the two head groups of a sequence read the
     // same cache tiles, which L2 may or may not serve twice. If 128 x 64 heads costs about what
     // 64 x 128 heads does, the kernel is bound by its own compute and barriers, not by DRAM.
-    use mla::MlaKernel::{Mma, Seesaw, Tma, Wgmma};
+    use mla::MlaKernel::{Mma, Seesaw, Tma, TmaPair, Wgmma};
     for (batch, ctx, heads, force, kernel) in [
         (64usize, 4096usize, 128usize, None, Wgmma),
         (64, 4096, 128, Some(1usize), Wgmma),
@@ -521,6 +522,12 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
         (8, 32768, 128, None, Tma),
         (1, 512, 128, None, Tma),
         (1, 512, 16, None, Tma),
+        // the same with the two head groups of a sequence as a cluster sharing the copies
+        (64, 4096, 128, None, TmaPair),
+        (128, 4096, 128, None, TmaPair),
+        (1, 32768, 128, None, TmaPair),
+        (8, 32768, 128, None, TmaPair),
+        (1, 512, 128, None, TmaPair),
     ] {
         if !mla_kernels.contains(&kernel) {
             continue;

@@ -36,7 +36,8 @@
 #define TM_ALPHA (TM_P1 + MLA_CHUNK)    // float[2][64]: the tile's O rescale, per P buffer
 #define TM_L (TM_ALPHA + 512)           // float[2][64]: row sums at the end
 #define TM_BAR (TM_L + 512)             // u64[2][9]: one mbarrier per chunk of each tile buffer
-#define TM_BYTES (TM_BAR + 2 * 9 * 8)
+#define TM_EMPTY (TM_BAR + 2 * 9 * 8)   // u64[2]: both CTAs of a pair done with a tile buffer
+#define TM_BYTES (TM_EMPTY + 2 * 8)
 
 // named barriers: P (and its rescale) of buffer j written (0 -> 1); P buffer j read (1 -> 0);
 // warpgroup 0 done with the current tile buffer (0 -> 1)
@@ -44,16 +45,15 @@
 #define NB_PFREE 3
 #define NB_EMPTY 5
 
-// Same outputs and arguments as mla_decode_seesaw_bf16: grid (ceil(H/64), B, splits), 256 threads,
-// TM_BYTES + 1024 bytes of dynamic shared memory; splits cut at 64 tokens; the cache read through
-// `cache_map` (a 2-D tensor map [slots, 576] bf16, box {64, min(block_size, 64)}, 128-byte swizzle).
-extern "C" __global__ void __launch_bounds__(256, 1)
-mla_decode_tma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
-                    const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
-                    float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size, int max_blocks,
-                    int splits, float scale, long long qpe_sb, long long qpe_sh,
-                    const __grid_constant__ TmaMap cache_map) {
-    griddep_wait();
+// The kernel body. PAIR: the CTA is one of a cluster of two, the two head groups of the same
+// sequence and split (128 heads): each copies half of every tile and multicasts it to both, so
+// each SM pulls half the bytes through L2 and issues half the copies.
+template <bool PAIR>
+__device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
+                                           const int* __restrict__ block_table, const int* __restrict__ seq_lens,
+                                           bf16* __restrict__ out, float* __restrict__ o_part, float* __restrict__ lse,
+                                           int heads, int block_size, int max_blocks, int splits, float scale,
+                                           long long qpe_sb, long long qpe_sh, const TmaMap* cache_map) {
     extern __shared__ __align__(1024) unsigned char tm_smem_raw[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(
         (reinterpret_cast<size_t>(tm_smem_raw) + 1023) & ~(size_t)1023);
@@ -82,8 +82,10 @@ mla_decode_tma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
     auto kbuf = [&](int i) -> u32 { return base + ((i & 1) ? TM_K1 : TM_K0); };
     auto bars = [&](int i) -> u32 { return base + TM_BAR + (i & 1) * 9 * 8; };
 
+    const u32 rank = PAIR ? cluster_ctarank() : 0;
     if (tid == 0) {
         for (int i = 0; i < 18; ++i) mbar_init(base + TM_BAR + 8 * i, 1);
+        for (int i = 0; i < 2; ++i) mbar_init(base + TM_EMPTY + 8 * i, 2);
         mbar_init_fence();
     }
     // Rows of the last tile that are never loaded (past `end`) must not hold NaN from whatever ran
@@ -95,13 +97,21 @@ mla_decode_tma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
     }
     load_q_latent_swz(smem + TM_Q, q_abs, q_pe, b, h0, heads, qpe_sb, qpe_sh);
     fence_async_smem();  // the zeros and Q (generic writes) before TMA writes and wgmma reads
-    __syncthreads();
-    // the rope chunk first: S (tile_qk) starts with it
-    if (tid == 0) {
-        for (int i = 0; i < min(ntiles, 2); ++i) {
-            tile_issue(kbuf(i), bars(i), &cache_map, btab, block_size, start + 64 * i, end, 8, 9);
-            tile_issue(kbuf(i), bars(i), &cache_map, btab, block_size, start + 64 * i, end, 0, 8);
+    // the pair's barriers are initialised before either CTA copies into the other
+    if (PAIR) cluster_sync();
+    else __syncthreads();
+    // tiles 0 and 1, the rope chunk first: S (tile_qk) starts with it
+    auto issue = [&](int i) {
+        const int t = start + 64 * i;
+        if (PAIR) {
+            tile_issue_pair(kbuf(i), bars(i), cache_map, btab, block_size, t, end, rank);
+        } else {
+            tile_issue(kbuf(i), bars(i), cache_map, btab, block_size, t, end, 8, 9);
+            tile_issue(kbuf(i), bars(i), cache_map, btab, block_size, t, end, 0, 8);
         }
+    };
+    if (tid == 0) {
+        for (int i = 0; i < min(ntiles, 2); ++i) issue(i);
     }
     const bool issuer = (tid % 128) == 0;
 
@@ -172,13 +182,46 @@ mla_decode_tma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
                 // one go, whole cache rows at a time
                 named_sync(NB_EMPTY, 256);
                 if (issuer) {
-                    const int t2 = start + 64 * (i + 2);
-                    tile_issue(kb, bars(i), &cache_map, btab, block_size, t2, end, 8, 9);
-                    tile_issue(kb, bars(i), &cache_map, btab, block_size, t2, end, 0, 8);
+                    if (PAIR) {  // and the other CTA of the pair is done with its copy of the buffer
+                        const u32 empty = base + TM_EMPTY + (i & 1) * 8;
+                        mbar_arrive(empty);
+                        mbar_arrive_remote(empty, rank ^ 1);
+                        mbar_wait_thread(empty, (i >> 1) & 1);
+                    }
+                    issue(i + 2);
                 }
             }
         }
     }
     // warpgroup 0 owns the row maximum and sum; warpgroup 1 adds 0 to the sum
     wg2_store_rows(o, l_acc, m_run, s_l, out, o_part, lse, b, split, splits, heads, h0, wg, r_lo, cq);
+    // neither CTA of a pair leaves while the other may still arrive on its barriers
+    if (PAIR) cluster_sync();
+}
+
+// Same outputs and arguments as mla_decode_seesaw_bf16: grid (ceil(H/64), B, splits), 256 threads,
+// TM_BYTES + 1024 bytes of dynamic shared memory; splits cut at 64 tokens; the cache read through
+// `cache_map` (a 2-D tensor map [slots, 576] bf16, box {64, min(block_size, 64)}, 128-byte swizzle).
+extern "C" __global__ void __launch_bounds__(256, 1)
+mla_decode_tma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
+                    const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
+                    float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size, int max_blocks,
+                    int splits, float scale, long long qpe_sb, long long qpe_sh,
+                    const __grid_constant__ TmaMap cache_map) {
+    griddep_wait();
+    tma_decode<false>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks, splits,
+                      scale, qpe_sb, qpe_sh, &cache_map);
+}
+
+// The same for 65..128 heads (grid x = 2) launched in clusters of (2, 1, 1): the two head groups
+// of a sequence and split share every tile's copies.
+extern "C" __global__ void __launch_bounds__(256, 1)
+mla_decode_tma_pair_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
+                         const int* __restrict__ block_table, const int* __restrict__ seq_lens,
+                         bf16* __restrict__ out, float* __restrict__ o_part, float* __restrict__ lse, int heads,
+                         int block_size, int max_blocks, int splits, float scale, long long qpe_sb, long long qpe_sh,
+                         const __grid_constant__ TmaMap cache_map) {
+    griddep_wait();
+    tma_decode<true>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks, splits,
+                     scale, qpe_sb, qpe_sh, &cache_map);
 }

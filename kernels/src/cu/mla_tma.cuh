@@ -36,6 +36,31 @@ __device__ __forceinline__ void tile_issue(u32 kbuf, u32 bars, const TmaMap* map
     }
 }
 
+// tile_issue for a cluster of two CTAs that read the same tiles (the two head groups of a sequence):
+// each CTA announces all 9 chunks' bytes on its own barriers, and copies only its own chunks
+// (rank 0: the rope chunk and 0..3; rank 1: 4..7), multicast to both CTAs. The rope chunk first.
+__device__ __forceinline__ void tile_issue_pair(u32 kbuf, u32 bars, const TmaMap* map, const int* __restrict__ btab,
+                                                int block_size, int t0, int end, u32 rank) {
+    const int piece = min(block_size, 64);
+    const int valid = t0 < end ? min(64, end - t0) : 0;
+    const int pieces = (valid + piece - 1) / piece;
+    for (int k = 0; k < 9; ++k) {
+        const int c = k == 0 ? 8 : k - 1;
+        const u32 bar = bars + c * 8;
+        if (pieces == 0) {
+            mbar_arrive(bar);
+            continue;
+        }
+        mbar_arrive_expect_tx(bar, (u32)(pieces * piece * 128));
+        if ((c < 4 || c == 8) != (rank == 0)) continue;
+        for (int j = 0; j < pieces; ++j) {
+            const int t = t0 + j * piece;
+            const int row = btab[t / block_size] * block_size + (t % block_size);
+            tma_load_2d_multicast(kbuf + c * MLA_CHUNK + j * piece * 128, map, c * 64, row, bar, 0x3);
+        }
+    }
+}
+
 // S[64 x 64] = Q . K^T over the 576 columns of the tile in `kbuf`, waiting for each chunk's copy.
 // The rope chunk (8) goes first: it is reloaded earliest. rq: this thread's A fragments of Q's
 // rope columns. Committed as one wgmma group (not waited for).

@@ -30,8 +30,9 @@ const WGMMA_SMEM_BYTES: usize = 3 * 64 * 576 * 2 + 64 * 128 + 2 * 2 * 64 * 4 + 1
 /// columns, two cache tiles, two P buffers, row state, 18 mbarriers) plus 1 KiB for alignment.
 const SEESAW_SMEM_BYTES: usize = 8 * 8192 + 2 * 9 * 8192 + 2 * 8192 + 3 * 256 + 512 + 18 * 8 + 1024;
 /// Shared memory of one `mla_decode_tma_bf16` CTA: `TM_BYTES` in mla_tma.cu (Q's latent columns,
-/// two cache tiles, two P buffers, rescales and row sums, 18 mbarriers) plus 1 KiB for alignment.
-const TMA_SMEM_BYTES: usize = 8 * 8192 + 2 * 9 * 8192 + 2 * 8192 + 2 * 512 + 18 * 8 + 1024;
+/// two cache tiles, two P buffers, rescales and row sums, 18 chunk and 2 buffer mbarriers) plus
+/// 1 KiB for alignment.
+const TMA_SMEM_BYTES: usize = 8 * 8192 + 2 * 9 * 8192 + 2 * 8192 + 2 * 512 + 20 * 8 + 1024;
 // within the most dynamic shared memory a CTA may use on sm_90 (227 KiB)
 const _: () = assert!(SEESAW_SMEM_BYTES <= 232_448 && TMA_SMEM_BYTES <= 232_448);
 
@@ -42,6 +43,9 @@ const _: () = assert!(SEESAW_SMEM_BYTES <= 232_448 && TMA_SMEM_BYTES <= 232_448)
 /// against and to fall back to (`DSV2_MLA_KERNEL=mma`) should a driver or GPU misbehave.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MlaKernel {
+    /// `Tma` with the two head groups of a sequence (65..128 heads) launched as a cluster of two
+    /// CTAs that share every tile's copies (multicast); the plain `Tma` kernel otherwise.
+    TmaPair,
     Tma,
     Seesaw,
     Wgmma,
@@ -62,11 +66,12 @@ impl MlaKernel {
             "" | "wgmma" => Ok(MlaKernel::Wgmma),
             "seesaw" => Ok(MlaKernel::Seesaw),
             "tma" => Ok(MlaKernel::Tma),
+            "tma-pair" => Ok(MlaKernel::TmaPair),
             "mma" => Ok(MlaKernel::Mma),
             other => Err(KernelError::Unsupported {
                 op: "mla_decode",
                 what: format!(
-                    "DSV2_MLA_KERNEL={other:?} (expected \"wgmma\", \"tma\", \"seesaw\" or \"mma\")"
+                    "DSV2_MLA_KERNEL={other:?} (expected \"wgmma\", \"tma\", \"tma-pair\", \"seesaw\" or \"mma\")"
                 ),
             }),
         }
@@ -75,7 +80,7 @@ impl MlaKernel {
     /// Context tokens one CTA processes per step: splits are cut at multiples of it.
     pub fn tile_tokens(self) -> usize {
         match self {
-            MlaKernel::Tma | MlaKernel::Seesaw | MlaKernel::Wgmma => 64,
+            MlaKernel::TmaPair | MlaKernel::Tma | MlaKernel::Seesaw | MlaKernel::Wgmma => 64,
             MlaKernel::Mma => 32,
         }
     }
@@ -83,7 +88,7 @@ impl MlaKernel {
     /// The kernel's function name in the CUDA sources.
     pub fn function(self) -> &'static str {
         match self {
-            MlaKernel::Tma => "mla_decode_tma_bf16",
+            MlaKernel::TmaPair | MlaKernel::Tma => "mla_decode_tma_bf16",
             MlaKernel::Seesaw => "mla_decode_seesaw_bf16",
             MlaKernel::Wgmma => "mla_decode_wgmma_bf16",
             MlaKernel::Mma => "mla_decode_bf16",
@@ -92,7 +97,7 @@ impl MlaKernel {
 
     fn smem_bytes(self) -> usize {
         match self {
-            MlaKernel::Tma => TMA_SMEM_BYTES,
+            MlaKernel::TmaPair | MlaKernel::Tma => TMA_SMEM_BYTES,
             MlaKernel::Seesaw => SEESAW_SMEM_BYTES,
             MlaKernel::Wgmma => WGMMA_SMEM_BYTES,
             MlaKernel::Mma => MMA_SMEM_BYTES,
@@ -104,7 +109,7 @@ impl MlaKernel {
     /// other way round.
     pub fn supports_block_size(self, block_size: usize) -> bool {
         match self {
-            MlaKernel::Tma | MlaKernel::Seesaw => {
+            MlaKernel::TmaPair | MlaKernel::Tma | MlaKernel::Seesaw => {
                 block_size > 0
                     && (64usize.is_multiple_of(block_size) || block_size.is_multiple_of(64))
             }
@@ -318,12 +323,24 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     let si = splits as i32;
     let scale = p.scale;
     let map = match kernel {
-        MlaKernel::Tma | MlaKernel::Seesaw => Some(cache_tensor_map(&p.cache)?),
+        MlaKernel::TmaPair | MlaKernel::Tma | MlaKernel::Seesaw => {
+            Some(cache_tensor_map(&p.cache)?)
+        }
         MlaKernel::Wgmma | MlaKernel::Mma => None,
     };
-    gpu.set_max_dynamic_smem(kernel.function(), kernel.smem_bytes())?;
-    let f = gpu.function(kernel.function())?;
+    // the pair kernel needs exactly two head groups, one per CTA of a cluster
+    let pair = kernel == MlaKernel::TmaPair && heads.div_ceil(HEADS_PER_CTA) == 2;
+    let entry = if pair {
+        "mla_decode_tma_pair_bf16"
+    } else {
+        kernel.function()
+    };
+    gpu.set_max_dynamic_smem(entry, kernel.smem_bytes())?;
+    let f = gpu.function(entry)?;
     let mut b = gpu.launch(f);
+    if pair {
+        b.cluster_x(2);
+    }
     b.arg(&qa).arg(&qp);
     if map.is_none() {
         b.arg(&c);
@@ -417,6 +434,7 @@ mod tests {
         assert_eq!(MlaKernel::parse("mma").ok(), Some(MlaKernel::Mma));
         assert_eq!(MlaKernel::parse("seesaw").ok(), Some(MlaKernel::Seesaw));
         assert_eq!(MlaKernel::parse("tma").ok(), Some(MlaKernel::Tma));
+        assert_eq!(MlaKernel::parse("tma-pair").ok(), Some(MlaKernel::TmaPair));
         let err = MlaKernel::parse("flash").err().map(|e| e.to_string());
         let msg = err.unwrap_or_default();
         assert!(
@@ -428,6 +446,7 @@ mod tests {
     #[test]
     fn every_decode_kernel_is_exported_and_says_which_block_sizes_it_reads() {
         for k in [
+            MlaKernel::TmaPair,
             MlaKernel::Tma,
             MlaKernel::Seesaw,
             MlaKernel::Wgmma,
@@ -441,6 +460,12 @@ mod tests {
             assert!(k.supports_block_size(16) && k.supports_block_size(64));
             assert!(!k.supports_block_size(0));
         }
+        // the cluster entry the launcher picks for two head groups
+        assert!(
+            crate::compile::SOURCES
+                .iter()
+                .any(|(_, src)| src.contains("mla_decode_tma_pair_bf16("))
+        );
         // TMA pieces of min(block, 64) rows must stay inside one cache block
         assert!(MlaKernel::Seesaw.supports_block_size(32));
         assert!(MlaKernel::Seesaw.supports_block_size(128));
