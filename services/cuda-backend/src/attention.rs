@@ -7,6 +7,10 @@
 //! `prefill`: one launch of each kind for all sequences, decompressed or absorbed per chunk by
 //! FLOPs. Other dims (the tiny models) gather each sequence's latent context and run the general
 //! causal kernel, naive or absorbed, following the same `AttnMode` rule as the CPU.
+//!
+//! The cache may be bf16 or FP8 (`cache::LayerCache`): an FP8 layer is written by the quantizing
+//! append, decoded by `mla_decode_fp8`, and read by the prefill and general routes through a
+//! gather that dequantizes to bf16 ([`gather_latent`], [`decode_latent`]).
 
 mod prefill;
 
