@@ -8,6 +8,12 @@
 #   mla      dsv2-gpu-check --mla: the MLA kernels against their CPU reference, then the decode
 #            (P1) and prefill attention rows beside their rooflines (MLA_KERNELS: which decode kernels)
 #   seesaw, tma, tma-pair  that TMA MLA decode kernel alone (checks, P1), then dsv2-cuda-check with it
+#   fp8      the FP8 latent cache (--kv-cache-dtype fp8): dsv2-gpu-check --fp8 (append, gather and
+#            decode kernels against the CPU quantizer / reference, then the P1-FP8 rows: fp8 vs
+#            bf16 decode at 64 heads x batch 128 and 128 heads x batch 64, ctx 4096), then
+#            dsv2-cuda-check --fp8 (fixtures and real-dims models, fp8 cache vs bf16 cache)
+#   fp8-bench  in-process `dsv2 bench` at context 4096, batch 64 and 256, bf16 then fp8 cache
+#   fp8-served the served rows of `served` (4-layer V2) with --kv-cache-dtype fp8
 #   fixtures dsv2-cuda-check: the whole model on the golden fixtures vs HF and the CPU reference,
 #            with the small-batch expert kernels on (default) and off (grouped kernels at every size),
 #            and with CUDA graphs off (DSV2_CUDA_GRAPHS=0; the real-dims decode rows replay graphs)
@@ -232,6 +238,18 @@ PYEOF
         DSV2_MLA_KERNEL=$sec timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-$sec.log" 2>&1 || { echo "dsv2-cuda-check ($sec) FAILED"; fail=1; }
         tail -6 "$OUT_DIR/cuda-check-$sec.log"
       fi ;;
+    fp8)
+      timeout -k 5 200 "$BIN/dsv2-gpu-check" --fp8 --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-fp8.log" 2>&1 || fail=1
+      grep -E "FAIL|^checks:|^device|copy d2d|cuBLAS bf16|^P1-FP8|rror" "$OUT_DIR/gpu-check-fp8.log" | grep -v " ok "
+      timeout -k 5 200 "$BIN/dsv2-cuda-check" --fp8 --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-fp8.log" 2>&1 || { echo "dsv2-cuda-check --fp8 FAILED"; fail=1; }
+      tail -16 "$OUT_DIR/cuda-check-fp8.log" ;;
+    fp8-bench)
+      for dt in bf16 fp8; do
+        echo "-- --kv-cache-dtype $dt"
+        DSV2_KV_CACHE_DTYPE=$dt CONTEXTS=4096 BATCHES=64,256 LIMIT_S="${BENCH_LIMIT_S:-150}" OUT=/tmp/gd-bench-$dt bash scripts/gpu-bench.sh
+      done ;;
+    fp8-served)
+      ROUTER_ARGS="--kv-cache-dtype fp8 ${ROUTER_ARGS:-}" served deepseek-v2 4 "4-layer V2, fp8 KV cache" ;;
     mla)
       timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels "${MLA_KERNELS:-wgmma,mma,seesaw,tma,tma-pair}" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-mla.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|^device|copy d2d|cuBLAS bf16|^P1|prefill" "$OUT_DIR/gpu-check-mla.log" | grep -v " ok " ;;

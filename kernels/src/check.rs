@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 mod experts;
+pub mod fp8;
 mod gemv;
 
 pub use experts::{
@@ -931,6 +932,8 @@ pub fn run_mla(gpu: &Gpu, kernels: &[mla::MlaKernel]) -> Result<Vec<CheckRow>> {
         }
     }
     out.extend(prefill::run_prefill(gpu)?);
+    // the FP8 cache's kernels last (a new kernel last: a crash leaves the rows above printed)
+    out.extend(fp8::run_fp8(gpu)?);
     Ok(out)
 }
 

@@ -6,6 +6,7 @@ pub mod check;
 pub mod compile;
 pub mod device;
 pub mod error;
+pub mod fp8;
 pub mod launch;
 pub mod ops;
 pub mod reference;

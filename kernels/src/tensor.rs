@@ -26,6 +26,10 @@ impl DType for i32 {
 impl DType for i64 {
     const NAME: &'static str = "i64";
 }
+/// Raw bytes: the FP8 latent cache (crate::fp8), whose rows mix e4m3 codes, bf16 and f32.
+impl DType for u8 {
+    const NAME: &'static str = "u8";
+}
 
 /// An owned, contiguous, row-major device tensor.
 pub struct Tensor<T: DType> {

@@ -133,6 +133,12 @@ fn mla_decode_and_cache() {
 }
 
 #[test]
+fn fp8_latent_cache() {
+    let Some(g) = gpu() else { return };
+    assert_rows(check::fp8::run_fp8(&g).unwrap());
+}
+
+#[test]
 fn sampling() {
     let Some(g) = gpu() else { return };
     let mut rows = Vec::new();

@@ -582,6 +582,21 @@ def test_host_cache_reaches_the_router_flag(tmp_path, gb, flag):
 
 
 @needs_helm
+def test_kv_cache_dtype_and_size_reach_the_router_flags(tmp_path):
+    # fp8 needs a GPU router (the 8-GPU preset's); --kv-cache-gb takes fractions
+    f = tmp_path / "kv.yaml"
+    f.write_text("router:\n  kvCacheDtype: fp8\n  kvCacheGb: 40.5\n")
+    args = router_args(render("-f", str(GPU8), "-f", str(f)))
+    assert flag_values(args, "--kv-cache-dtype") == ["fp8"]
+    assert flag_values(args, "--kv-cache-gb") == ["40.5"]
+    f.write_text("router:\n  kvCacheDtype: bf16\n")
+    assert flag_values(router_args(render("-f", str(TINY), "-f", str(f))), "--kv-cache-dtype") == ["bf16"]
+    unset = router_args(render("-f", str(GPU8)))
+    assert flag_values(unset, "--kv-cache-dtype") == []
+    assert flag_values(unset, "--kv-cache-gb") == []
+
+
+@needs_helm
 def test_router_serves_the_http_api_on_a_named_port_the_service_exposes(tmp_path):
     docs = render("-f", str(TINY))
     dep, svc = one(docs, "Deployment", ROUTER), one(docs, "Service", ROUTER)
@@ -620,6 +635,8 @@ def test_router_serves_the_http_api_on_a_named_port_the_service_exposes(tmp_path
     ("router:\n  maxConcurrent: 0\n", "maxConcurrent"),
     ("router:\n  hostCacheGb: -1\n", "hostCacheGb"),
     ("router:\n  hostCacheGb: lots\n", "hostCacheGb"),
+    ("router:\n  kvCacheDtype: int8\n", "kvCacheDtype"),
+    ("router:\n  kvCacheGb: 0\n", "kvCacheGb"),
     ("tracing:\n  otlpEndpoint: otel-collector:4317\n", "otlpEndpoint"),
     ("tracing:\n  endpoint: http://x:4317\n", "endpoint"),
 ])
@@ -643,6 +660,8 @@ def test_schema_rejects_typos_and_bad_values(tmp_path, values, needle):
     (["-f", str(TINY), "--set", "placement.mode=groups"], "routedExperts"),
     (["-f", str(TINY), "--set", "experts.replicas=3"], "experts.replicas (3) exceeds experts.shards (2)"),
     (["-f", str(GPU8), "--set", "experts.replicas=8"], "experts.replicas (8) exceeds experts.shards (7)"),
+    (["-f", str(TINY), "--set", "router.kvCacheDtype=fp8"], "needs a GPU router"),
+    (["-f", str(GPU8), "--set", "router.kvCacheGb=40", "--set", "router.kvCacheBlocks=4096"], "both size the KV cache"),
 ])
 def test_chart_rejects_impossible_combinations(args, needle):
     proc = helm_template(*args, check=False)

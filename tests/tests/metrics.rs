@@ -164,6 +164,14 @@ async fn after_load_every_histogram_counts_on_router_and_shards() {
         ),
         1.0
     );
+    // the cache's memory: its blocks x the bytes of a block of every layer (f32 on the CPU)
+    let cfg = dsv2_core::ModelConfig::from_model_dir(&dir).expect("reading the model config");
+    let block =
+        dsv2_core::backend::Backend::host_block_bytes(&dsv2_core::cpu::CpuBackend, &cfg, 16);
+    assert_eq!(
+        metric_sum(&router, "dsv2_router_kv_cache_bytes", &[]),
+        metric_sum(&router, "dsv2_router_kv_cache_blocks", &[]) * block as f64
+    );
     let ratio_sum = metric_sum(&router, "dsv2_router_step_kv_cache_usage_ratio_sum", &[]);
     let ratio_n = histogram_count(&router, "dsv2_router_step_kv_cache_usage_ratio");
     assert!(

@@ -90,3 +90,33 @@ fn router_refuses_shards_that_leave_experts_uncovered() {
         "{err}"
     );
 }
+
+/// `--kv-cache-dtype fp8` on the CPU: the router exits at once saying it needs a GPU (the CPU
+/// backend keeps its cache in f32 and has no FP8 cache), before loading anything.
+#[test]
+fn router_refuses_an_fp8_cache_on_the_cpu() {
+    let out = Command::new(bin("dsv2-router"))
+        .arg("--model-dir")
+        .arg(fixture("v2"))
+        .args(["--listen", "127.0.0.1:0", "--kv-cache-dtype", "fp8"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running dsv2-router");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--kv-cache-dtype fp8 needs a GPU (--device cuda:N)"),
+        "{err}"
+    );
+    // and a dtype it does not know is a usage error naming the accepted ones
+    let out = Command::new(bin("dsv2-router"))
+        .args(["--kv-cache-dtype", "int8"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running dsv2-router");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("bf16 or fp8"),
+        "{err}"
+    );
+}

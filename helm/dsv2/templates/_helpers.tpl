@@ -161,6 +161,13 @@ shards, wrapping around (what the binaries' Placement::replicated computes, so t
 {{- if and $v.serviceMonitor.enabled (not $v.metrics.enabled) -}}
 {{- fail "serviceMonitor.enabled needs metrics.enabled" -}}
 {{- end -}}
+{{- $r := $v.router -}}
+{{- if and (eq (toString $r.kvCacheDtype) "fp8") (eq (include "dsv2.device" $r) "cpu") -}}
+{{- fail "router.kvCacheDtype=fp8 needs a GPU router (router.gpus > 0 or router.device cuda:N): the CPU backend has no FP8 cache" -}}
+{{- end -}}
+{{- if and (not (kindIs "invalid" $r.kvCacheGb)) (not (kindIs "invalid" $r.kvCacheBlocks)) -}}
+{{- fail "router.kvCacheGb and router.kvCacheBlocks both size the KV cache: set one" -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "dsv2.modelClaimName" -}}

@@ -18,6 +18,8 @@ struct Args {
     mla_only: bool,
     gemv_only: bool,
     grouped_only: bool,
+    /// Only the FP8 latent cache's checks and its P1 rows beside the bf16 kernel (`--fp8`).
+    fp8_only: bool,
     no_bench: bool,
     compile_only: bool,
     /// MLA decode kernels to check and time (`--mla-kernels`; default all).
@@ -31,6 +33,7 @@ fn parse_args() -> Result<Args> {
         mla_only: false,
         gemv_only: false,
         grouped_only: false,
+        fp8_only: false,
         no_bench: false,
         compile_only: false,
         mla_kernels: vec![
@@ -49,6 +52,7 @@ fn parse_args() -> Result<Args> {
             "--mla" => a.mla_only = true,
             "--gemv" => a.gemv_only = true,
             "--grouped" => a.grouped_only = true,
+            "--fp8" => a.fp8_only = true,
             "--no-bench" => a.no_bench = true,
             "--compile-only" => a.compile_only = true,
             "--no-cache" => a.opts.no_cache = true,
@@ -71,7 +75,7 @@ fn parse_args() -> Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "dsv2-gpu-check [--quick] [--mla] [--mla-kernels LIST] [--gemv] [--grouped] [--no-bench] [--compile-only] [--no-cache] [--cache-dir DIR] [--device cuda:N]\n\n\
+                    "dsv2-gpu-check [--quick] [--mla] [--mla-kernels LIST] [--gemv] [--grouped] [--fp8] [--no-bench] [--compile-only] [--no-cache] [--cache-dir DIR] [--device cuda:N]\n\n\
                      Checks every kernel against the CPU reference, then measures the ceilings (copy\n\
                      bandwidth, cuBLAS) and P1/P2. --mla: only the MLA checks (decode, both kernels;\n\
                      prefill: wgmma, M128, M64), P1 and PF, a quick go/no-go for the wgmma kernels.\n\
@@ -80,7 +84,9 @@ fn parse_args() -> Result<Args> {
                      leaves the others' rows printed).\n\
                      --gemv: only the few-row GEMV checks and their timings beside cuBLAS and copy.\n\
                      --grouped: only the grouped expert checks (every row tile, the warp-specialised\n\
-                     one at awkward per-expert counts), then P2, P2g per tile and the decode rows."
+                     one at awkward per-expert counts), then P2, P2g per tile and the decode rows.\n\
+                     --fp8: only the FP8 latent cache's checks (append, gather, decode) and its P1 rows\n\
+                     beside the bf16 decode kernel (64 heads x batch 128, 128 heads x batch 64, ctx 4096)."
                 );
                 std::process::exit(0);
             }
@@ -111,6 +117,127 @@ fn time_ms(gpu: &Gpu, warm: usize, iters: usize, mut f: impl FnMut() -> Result<(
 
 fn fill(gpu: &Gpu, t: &mut Tensor<bf16>, seed: u64, scale: f32) -> Result<()> {
     ew::fill_uniform(gpu, t.view_mut(), seed, scale)?;
+    Ok(())
+}
+
+/// P1-FP8 rows (issue 20): MLA decode over the FP8 latent cache (`mla_decode_fp8`, 656 bytes a
+/// token) beside the bf16 kernel (`DSV2_MLA_KERNEL`, default wgmma; 1152 bytes a token) on the
+/// same shapes, ctx 4096, cache blocks of 64 interleaved between sequences as in P1: 64 heads x
+/// batch 128 (bytes bind: issue 20 wants fp8 >= 1.6x the bf16 tokens/s) and 128 heads x batch 64
+/// (issue 20 wants >= 0.8 of fp8's own binding roofline). Each row prints time, bytes, FLOPs
+/// (the bf16 tensor-core math both kernels do: 2·H·(576 + 512) per token), both ceilings'
+/// times and the ratio to the binding one; then the fp8 / bf16 tokens/s ratio. The FP8 cache is
+/// written by the FP8 append kernel from uniform random latents.
+fn bench_fp8(gpu: &Gpu, copy_gbs: f64, blas_tflops: f64) -> Result<()> {
+    use dsv2_kernels::fp8::Fp8Layout;
+    use dsv2_kernels::ops::mla_fp8;
+    let l = Fp8Layout::DEEPSEEK_V2;
+    let bf16_kernel = mla::MlaKernel::from_env()?;
+    for (batch, ctx, heads) in [
+        (128usize, 4096usize, 64usize),
+        (64, 4096, 128),
+        (1, 32768, 128),
+    ] {
+        let bs = 64usize;
+        let blocks_per = ctx / bs;
+        let nblocks = batch * blocks_per;
+        let tokens = nblocks * bs;
+        let mut c16 = Tensor::<bf16>::zeros(gpu, &[nblocks, bs, mla::CACHE_DIM])?;
+        fill(gpu, &mut c16, 3, 1.0)?;
+        let mut c8 = Tensor::<u8>::zeros(gpu, &[nblocks, bs, l.row_bytes()])?;
+        // the FP8 cache from random latents, 64K tokens per append (no rope, unit norm weight)
+        let chunk = 65536usize;
+        let mut kva = Tensor::<bf16>::zeros(gpu, &[chunk, mla::CACHE_DIM])?;
+        fill(gpu, &mut kva, 6, 1.0)?;
+        let ones = Tensor::from_host(gpu, &vec![bf16::ONE; mla::KV_LORA], &[mla::KV_LORA])?;
+        for c0 in (0..tokens).step_by(chunk) {
+            let n = chunk.min(tokens - c0);
+            let slots: Vec<i64> = (c0..c0 + n).map(|s| s as i64).collect();
+            let st = Tensor::from_host(gpu, &slots, &[n])?;
+            mla_fp8::mla_latent_append_fp8(
+                gpu,
+                mla_fp8::LatentAppendFp8Params {
+                    kva: kva.view().narrow(0, 0, n)?,
+                    norm_w: ones.view(),
+                    slots: st.view(),
+                    cache: c8.view_mut(),
+                    layout: l,
+                    eps: 1e-6,
+                    rope: None,
+                },
+            )?;
+        }
+        let mut qa = Tensor::<bf16>::zeros(gpu, &[batch, heads, mla::KV_LORA])?;
+        let mut qp = Tensor::<bf16>::zeros(gpu, &[batch, heads, mla::ROPE])?;
+        fill(gpu, &mut qa, 4, 0.1)?;
+        fill(gpu, &mut qp, 5, 0.1)?;
+        let table: Vec<i32> = (0..batch * blocks_per)
+            .map(|i| ((i % blocks_per) * batch + i / blocks_per) as i32)
+            .collect();
+        let bt = Tensor::from_host(gpu, &table, &[batch, blocks_per])?;
+        let sl = Tensor::from_host(gpu, &vec![ctx as i32; batch], &[batch])?;
+        let mut out = Tensor::<bf16>::zeros(gpu, &[batch, heads, mla::KV_LORA])?;
+        let ms16 = time_ms(gpu, 3, 20, || {
+            mla::mla_decode(
+                gpu,
+                mla::MlaDecodeParams {
+                    q_abs: qa.view(),
+                    q_pe: qp.view(),
+                    cache: c16.view(),
+                    block_table: bt.view(),
+                    seq_lens: sl.view(),
+                    out: out.view_mut(),
+                    max_seq_len: ctx,
+                    scale: 0.1,
+                    splits: None,
+                    kernel: Some(bf16_kernel),
+                },
+            )?;
+            Ok(())
+        })?;
+        let ms8 = time_ms(gpu, 3, 20, || {
+            mla::mla_decode_fp8(
+                gpu,
+                mla::MlaDecodeFp8Params {
+                    q_abs: qa.view(),
+                    q_pe: qp.view(),
+                    cache: c8.view(),
+                    block_table: bt.view(),
+                    seq_lens: sl.view(),
+                    out: out.view_mut(),
+                    max_seq_len: ctx,
+                    scale: 0.1,
+                    splits: None,
+                },
+            )?;
+            Ok(())
+        })?;
+        let flops = 2.0 * (batch * ctx * heads) as f64 * (mla::CACHE_DIM + mla::KV_LORA) as f64;
+        let t_flops = flops / (blas_tflops * 1e12);
+        let splits = mla::choose_splits(gpu.sm_count, batch, heads, ctx, mla::MlaKernel::Wgmma);
+        for (name, ms, row_bytes) in [
+            (format!("{bf16_kernel:?} bf16"), ms16, mla::CACHE_DIM * 2),
+            ("fp8".to_string(), ms8, l.row_bytes()),
+        ] {
+            let bytes = (batch * ctx * row_bytes) as f64;
+            let t_bytes = bytes / (copy_gbs * 1e9);
+            let roof_ms = t_bytes.max(t_flops) * 1e3;
+            println!(
+                "P1-FP8 MLA decode ({name}) batch {batch} ctx {ctx} heads {heads}: {ms:.3} ms, {:.1} MB, {:.1} GFLOP; ceilings: bytes {:.3} ms at {copy_gbs:.0} GB/s, FLOPs {:.3} ms at {blas_tflops:.0} TFLOP/s; roofline {roof_ms:.3} ms ({} bound), {:.3} of it; cache read {:.0} GB/s; splits {splits}",
+                bytes / 1e6,
+                flops / 1e9,
+                t_bytes * 1e3,
+                t_flops * 1e3,
+                if t_bytes >= t_flops { "bytes" } else { "FLOPs" },
+                roof_ms / ms,
+                bytes / (ms * 1e-3) / 1e9,
+            );
+        }
+        println!(
+            "P1-FP8 batch {batch} ctx {ctx} heads {heads}: fp8 / bf16 tokens/s = {:.2}x",
+            ms16 / ms8
+        );
+    }
     Ok(())
 }
 
@@ -337,6 +464,8 @@ fn main() -> Result<()> {
         check::run_gemv(&gpu)?
     } else if args.grouped_only {
         check::run_grouped(&gpu, args.quick)?
+    } else if args.fp8_only {
+        check::fp8::run_fp8(&gpu)?
     } else {
         check::run_all(&gpu, args.quick)?
     };
@@ -363,6 +492,13 @@ fn main() -> Result<()> {
             let copy_gbs = copy_ceiling(&gpu)?;
             let blas_tflops = blas_ceiling(&gpu)?;
             bench_p2(&gpu, copy_gbs, blas_tflops)?;
+        } else if args.fp8_only {
+            println!(
+                "\n== measurements (CUDA events; each beside a ceiling measured in this run) =="
+            );
+            let copy_gbs = copy_ceiling(&gpu)?;
+            let blas_tflops = blas_ceiling(&gpu)?;
+            bench_fp8(&gpu, copy_gbs, blas_tflops)?;
         } else {
             bench(&gpu, args.mla_only, &args.mla_kernels)?;
         }
@@ -584,6 +720,7 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
             force.unwrap_or_else(|| mla::choose_splits(gpu.sm_count, batch, heads, ctx, kernel))
         );
     }
+    bench_fp8(gpu, copy_gbs, blas_tflops)?;
     bench_prefill(gpu, blas_tflops)?;
 
     if p1_only {

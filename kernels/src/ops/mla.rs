@@ -423,6 +423,154 @@ pub fn mla_cache_append(gpu: &Gpu, p: CacheAppendParams<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Shared memory of one `mla_decode_fp8` CTA: `F8_SMEM_BYTES` in mla_fp8.cu (Q, two bf16 tiles,
+/// P, reduction scratch, two tiles' scales) plus 1 KiB so the kernel can align to 1024 bytes.
+const FP8_SMEM_BYTES: usize = 3 * 64 * 576 * 2 + 64 * 128 + 2 * 2 * 64 * 4 + 2 * 64 * 4 + 1024;
+const _: () = assert!(FP8_SMEM_BYTES <= 232_448);
+
+/// [`mla_decode`] over the FP8 latent cache (`crate::fp8`, DeepSeek-V2's 656-byte rows):
+/// `mla_decode_fp8` in mla_fp8.cu, then the same combine. cache is [num_blocks, block_size, 656]
+/// bytes; every other argument as [`MlaDecodeParams`] (no kernel choice: one FP8 kernel).
+pub struct MlaDecodeFp8Params<'a> {
+    pub q_abs: View<'a, bf16>,
+    pub q_pe: View<'a, bf16>,
+    pub cache: View<'a, u8>,
+    pub block_table: View<'a, i32>,
+    pub seq_lens: View<'a, i32>,
+    pub out: ViewMut<'a, bf16>,
+    pub max_seq_len: usize,
+    pub scale: f32,
+    /// Force the number of context splits (None: chosen to fill the GPU, as the bf16 wgmma
+    /// kernel's: 64-token tiles, 64 heads a CTA).
+    pub splits: Option<usize>,
+}
+
+pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<()> {
+    const OP: &str = "mla_decode_fp8";
+    let row = crate::fp8::Fp8Layout::DEEPSEEK_V2.row_bytes();
+    p.q_abs.expect(OP, "q_abs", &[None, None, Some(KV_LORA)])?;
+    let (batch, heads) = (p.q_abs.shape()[0], p.q_abs.shape()[1]);
+    let (qs, qp_ptr) = (p.q_pe.strides(), p.q_pe.ptr());
+    if p.q_pe.shape() != [batch, heads, ROPE]
+        || qs[2] != 1
+        || !qs[0].is_multiple_of(8)
+        || !qs[1].is_multiple_of(8)
+        || !qp_ptr.is_multiple_of(16)
+    {
+        return Err(shape_err(
+            OP,
+            format!(
+                "q_pe is {:?} with strides {:?}: expected [{batch}, {heads}, {ROPE}], unit last stride, 16-byte aligned rows",
+                p.q_pe.shape(),
+                qs
+            ),
+        ));
+    }
+    let (qpe_sb, qpe_sh) = (qs[0] as i64, qs[1] as i64);
+    p.cache.expect(OP, "cache", &[None, None, Some(row)])?;
+    if !p.cache.ptr().is_multiple_of(16) {
+        return Err(shape_err(OP, "cache is not 16-byte aligned"));
+    }
+    let block_size = p.cache.shape()[1];
+    p.block_table
+        .expect(OP, "block_table", &[Some(batch), None])?;
+    let max_blocks = p.block_table.shape()[1];
+    p.seq_lens.expect(OP, "seq_lens", &[Some(batch)])?;
+    p.out
+        .expect(OP, "out", &[Some(batch), Some(heads), Some(KV_LORA)])?;
+    if block_size == 0 || p.max_seq_len > max_blocks * block_size {
+        return Err(shape_err(
+            OP,
+            format!(
+                "max_seq_len {} exceeds block table capacity {max_blocks} x {block_size}",
+                p.max_seq_len
+            ),
+        ));
+    }
+    if batch == 0 || heads == 0 {
+        return Ok(());
+    }
+    if batch > 65535 {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!("batch {batch} > 65535"),
+        });
+    }
+    let splits = p
+        .splits
+        .unwrap_or_else(|| {
+            choose_splits(gpu.sm_count, batch, heads, p.max_seq_len, MlaKernel::Wgmma)
+        })
+        .clamp(1, MAX_SPLITS);
+    let (o_part, lse) = if splits > 1 {
+        (
+            Some(Tensor::<f32>::uninit(
+                gpu,
+                &[batch, splits, heads, KV_LORA],
+            )?),
+            Some(Tensor::<f32>::uninit(gpu, &[batch, splits, heads])?),
+        )
+    } else {
+        (None, None)
+    };
+    let (qa, qp, c, bt, sl, o) = (
+        p.q_abs.ptr(),
+        p.q_pe.ptr(),
+        p.cache.ptr(),
+        p.block_table.ptr(),
+        p.seq_lens.ptr(),
+        p.out.ptr(),
+    );
+    let op_ptr = o_part.as_ref().map(|t| t.ptr()).unwrap_or(0);
+    let lse_ptr = lse.as_ref().map(|t| t.ptr()).unwrap_or(0);
+    let (h, bs, mb) = (
+        dim_i32(OP, "heads", heads)?,
+        dim_i32(OP, "block_size", block_size)?,
+        dim_i32(OP, "max_blocks", max_blocks)?,
+    );
+    let si = splits as i32;
+    let scale = p.scale;
+    gpu.set_max_dynamic_smem(OP, FP8_SMEM_BYTES)?;
+    let f = gpu.function(OP)?;
+    let mut b = gpu.launch(f);
+    b.arg(&qa).arg(&qp).arg(&c);
+    b.arg(&bt).arg(&sl).arg(&o).arg(&op_ptr).arg(&lse_ptr);
+    b.arg(&h)
+        .arg(&bs)
+        .arg(&mb)
+        .arg(&si)
+        .arg(&scale)
+        .arg(&qpe_sb)
+        .arg(&qpe_sh);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            heads.div_ceil(HEADS_PER_CTA) as u32,
+            batch as u32,
+            splits as u32,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: FP8_SMEM_BYTES as u32,
+    };
+    // SAFETY: matches mla_decode_fp8's signature (mla_decode_wgmma_bf16's with the cache as
+    // bytes); inputs shape-checked above; o_part/lse (when splits > 1) hold
+    // batch*splits*heads*512 and batch*splits*heads f32 and live until after the combine below
+    // is enqueued (cudarc frees them in stream order).
+    unsafe { b.launch(cfg) }?;
+    if splits > 1 {
+        let f = gpu.function("mla_combine_bf16")?;
+        let mut b = gpu.launch(f);
+        b.arg(&op_ptr).arg(&lse_ptr).arg(&o).arg(&h).arg(&si);
+        let cfg = LaunchConfig {
+            grid_dim: (batch as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches mla_combine_bf16(o_part, lse, out, heads, splits); 128 threads x 4 = 512.
+        unsafe { b.launch(cfg) }?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -545,6 +693,29 @@ mod tests {
         assert_eq!(SEESAW_SMEM_BYTES, eval_define(&seesaw, "SS_BYTES") + 1024);
         let tma = defines("mla_tma.cu");
         assert_eq!(TMA_SMEM_BYTES, eval_define(&tma, "TM_BYTES") + 1024);
+    }
+
+    #[test]
+    fn fp8_decode_is_exported_and_its_shared_memory_matches_the_kernel() {
+        let src = crate::compile::SOURCES
+            .iter()
+            .find(|(f, _)| *f == "mla_fp8.cu")
+            .map(|(_, s)| *s)
+            .unwrap_or_default();
+        assert!(src.contains("mla_decode_fp8("));
+        let defs: Defines = src
+            .lines()
+            .filter_map(|l| l.strip_prefix("#define F8_"))
+            .map(|l| l.split("//").next().unwrap_or(l))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(name, expr)| (format!("F8_{name}"), expr.trim().to_string()))
+            .collect();
+        assert_eq!(FP8_SMEM_BYTES, eval_define(&defs, "F8_SMEM_BYTES") + 1024);
+        // the row layout the kernel hard-codes is the one crate::fp8 defines
+        let l = crate::fp8::Fp8Layout::DEEPSEEK_V2;
+        assert_eq!(eval_define(&defs, "F8_ROW"), l.row_bytes());
+        assert_eq!(eval_define(&defs, "F8_PE"), l.pe_offset());
+        assert_eq!(eval_define(&defs, "F8_SC"), l.scale_offset());
     }
 
     #[test]

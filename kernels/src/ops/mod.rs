@@ -8,6 +8,7 @@ pub mod gemv;
 pub mod general;
 pub mod grouped;
 pub mod mla;
+pub mod mla_fp8;
 pub mod mla_prefill;
 pub mod moe;
 pub mod sample;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Args as ClapArgs;
-use dsv2_core::backend::Backend;
+use dsv2_core::backend::{Backend, KvCacheDtype};
 use dsv2_core::weights::WeightStore;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -61,6 +61,10 @@ pub struct Args {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// How the KV cache holds the latent: bf16, or fp8 (e4m3 with a per-token scale, the RoPE
+    /// key in bf16: 656 bytes a token and layer instead of 1,152 at DeepSeek-V2's dims; GPU only).
+    #[arg(long, default_value = "bf16", env = "DSV2_KV_CACHE_DTYPE")]
+    kv_cache_dtype: KvCacheDtype,
     /// Worker threads (the CPU backend's matmuls and its ceilings).
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -151,9 +155,11 @@ pub fn run(a: Args) -> Result<()> {
         if lens.is_empty() {
             bail!("--host-restore: give at least one prefix length");
         }
-        return crate::on_device!(a.device, |backend| host_restore_on(&a, lens, backend));
+        return crate::on_device!(a.device, a.kv_cache_dtype, |backend| host_restore_on(
+            &a, lens, backend
+        ));
     }
-    crate::on_device!(a.device, |backend| run_on(&a, backend))
+    crate::on_device!(a.device, a.kv_cache_dtype, |backend| run_on(&a, backend))
 }
 
 fn host_restore_on<B: Backend>(a: &Args, lens: &[usize], backend: Arc<B>) -> Result<()> {
@@ -181,6 +187,7 @@ fn host_restore_on<B: Backend>(a: &Args, lens: &[usize], backend: Arc<B>) -> Res
     let json = serde_json::json!({
         "backend": backend.name(),
         "device": a.device,
+        "kv_cache_dtype": a.kv_cache_dtype.to_string(),
         "model_dir": loaded.dir.display().to_string(),
         "random_weights": a.random_weights,
         "layers": cfg.num_hidden_layers,
@@ -232,7 +239,9 @@ fn run_on<B: Backend>(a: &Args, backend: Arc<B>) -> Result<()> {
             (None, Some(s)) => s.tensor(name).map_or(2, |t| t.dtype.size()),
             (None, None) => 2,
         },
-        ceilings.cache_elem_bytes,
+        // one token of every layer, as the backend holds it (bf16 or FP8 on a GPU, f32 on the
+        // CPU): what its host tier copies per token
+        backend.host_block_bytes(&cfg, 1) / cfg.num_hidden_layers.max(1),
     );
     let prompts = match &a.prompts {
         Some(path) => {
@@ -344,6 +353,7 @@ fn run_on<B: Backend>(a: &Args, backend: Arc<B>) -> Result<()> {
     let report = Report {
         backend: backend.name(),
         device: a.device.clone(),
+        kv_cache_dtype: a.kv_cache_dtype.to_string(),
         threads: a.threads,
         model_dir: loaded.dir.display().to_string(),
         random_weights: a.random_weights,

@@ -80,6 +80,10 @@ pub struct Args {
     /// Compute device for the in-process mode.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// In-process mode: how the KV cache holds the latent, bf16 or fp8 (e4m3 with a per-token
+    /// scale; GPU only).
+    #[arg(long, default_value = "bf16", env = "DSV2_KV_CACHE_DTYPE")]
+    pub kv_cache_dtype: dsv2_core::backend::KvCacheDtype,
 }
 
 /// One position's log-probabilities as JSON: {"token", "logprob", "top": [[token, logprob],
@@ -105,7 +109,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(ep) = &a.endpoint {
         return crate::remote::run(&a, ep);
     }
-    crate::on_device!(a.device, |backend| run_on(&a, backend))
+    crate::on_device!(a.device, a.kv_cache_dtype, |backend| run_on(&a, backend))
 }
 
 fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {

@@ -43,10 +43,14 @@ pub struct Args {
     attn: Attn,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// How the KV cache holds the latent, bf16 or fp8 (e4m3 with a per-token scale; GPU only):
+    /// compare the logits of the two on a GPU.
+    #[arg(long, default_value = "bf16", env = "DSV2_KV_CACHE_DTYPE")]
+    kv_cache_dtype: dsv2_core::backend::KvCacheDtype,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    crate::on_device!(a.device, |backend| run_on(&a, backend))
+    crate::on_device!(a.device, a.kv_cache_dtype, |backend| run_on(&a, backend))
 }
 
 fn run_on<B: Backend>(a: &Args, backend: std::sync::Arc<B>) -> Result<()> {

@@ -290,6 +290,7 @@ pub fn run(a: Args) -> Result<()> {
             stream: true,
             security: Default::default(),
             device: "cpu".into(),
+            kv_cache_dtype: Default::default(),
         };
         crate::remote::run(&args, &endpoint)?;
         eprintln!("stopping the cluster");

@@ -23,21 +23,32 @@ pub struct Loaded<B: Backend> {
 }
 
 /// Runs `$body` with `$backend` bound to the backend `$device` names (an `Arc<B>`), so one
-/// generic function serves every device.
+/// generic function serves every device. With a `KvCacheDtype`, the caches the backend makes
+/// hold that dtype (the CPU backend refuses FP8 with the reason).
 #[macro_export]
 macro_rules! on_device {
-    ($device:expr, |$backend:ident| $body:expr) => {{
+    ($device:expr, |$backend:ident| $body:expr) => {
+        $crate::on_device!(
+            $device,
+            dsv2_core::backend::KvCacheDtype::Bf16,
+            |$backend| $body
+        )
+    };
+    ($device:expr, $kv:expr, |$backend:ident| $body:expr) => {{
         let device: dsv2_core::backend::DeviceSpec = $device
             .parse()
             .map_err(|e: String| anyhow::anyhow!("--device: {e}"))?;
+        let kv: dsv2_core::backend::KvCacheDtype = $kv;
         match device {
             dsv2_core::backend::DeviceSpec::Cpu => {
+                kv.check_cpu().map_err(anyhow::Error::msg)?;
                 let $backend = std::sync::Arc::new(dsv2_core::cpu::CpuBackend);
                 $body
             }
             dsv2_core::backend::DeviceSpec::Cuda(n) => {
                 let $backend = dsv2_cuda_backend::open(n)
                     .map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))?;
+                $backend.set_kv_cache_dtype(kv);
                 $body
             }
         }

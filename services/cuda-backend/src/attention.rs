@@ -7,6 +7,10 @@
 //! `prefill`: one launch of each kind for all sequences, decompressed or absorbed per chunk by
 //! FLOPs. Other dims (the tiny models) gather each sequence's latent context and run the general
 //! causal kernel, naive or absorbed, following the same `AttnMode` rule as the CPU.
+//!
+//! The cache may be bf16 or FP8 (`cache::LayerCache`): an FP8 layer is written by the quantizing
+//! append, decoded by `mla_decode_fp8`, and read by the prefill and general routes through a
+//! gather that dequantizes to bf16 ([`gather_latent`], [`decode_latent`]).
 
 mod prefill;
 
@@ -15,10 +19,11 @@ use half::bf16;
 use dsv2_core::backend::{AttnBatch, AttnMode, AttnWeights, QProj, SeqChunk};
 use dsv2_core::config::ModelConfig;
 use dsv2_core::error::Result;
-use dsv2_kernels::Tensor;
-use dsv2_kernels::ops::{elementwise as ew, general as g, mla};
+use dsv2_kernels::ops::{elementwise as ew, general as g, mla, mla_fp8};
+use dsv2_kernels::{Tensor, View, ViewMut};
 
 use crate::blas::{Gemm, gemm};
+use crate::cache::LayerCache;
 use crate::{ABSORB_MAX_CHUNK, CudaAct, CudaBackend, CudaCache, CudaWeight, Kx, err};
 
 const BF: u64 = std::mem::size_of::<bf16>() as u64;
@@ -61,7 +66,7 @@ pub(crate) fn run(
         .layers
         .get_mut(layer)
         .ok_or_else(|| err(format!("cache has no layer {layer}")))?;
-    let num_blocks = layer_cache.shape()[0];
+    let num_blocks = layer_cache.num_blocks();
 
     // Projections: q [n, H, qd], kva [n, 1, r + dr] (the rope launcher's [tokens, heads, dim]).
     // (the `timed` guards are no-ops unless DSV2_PROFILE is set)
@@ -115,21 +120,38 @@ pub(crate) fn run(
         drop(t_rope);
         // the shared key k_pe is rotated by the append itself (one launch less per layer)
         let _t_append = b.timed("attn.latent_append");
-        g::mla_latent_append(
-            gpu,
-            g::LatentAppendParams {
-                kva: kva.view(),
-                norm_w: w.kv_a_norm.t.view(),
-                slots: slots_t.view(),
-                cache: layer_cache.view_mut(),
-                kv_lora: r,
-                eps: cfg.rms_norm_eps,
-                rope: Some(g::LatentRope {
-                    positions: pos_t.view(),
-                    table,
-                }),
-            },
-        )
+        let rope = Some(g::LatentRope {
+            positions: pos_t.view(),
+            table,
+        });
+        match layer_cache {
+            LayerCache::Bf16(t) => g::mla_latent_append(
+                gpu,
+                g::LatentAppendParams {
+                    kva: kva.view(),
+                    norm_w: w.kv_a_norm.t.view(),
+                    slots: slots_t.view(),
+                    cache: t.view_mut(),
+                    kv_lora: r,
+                    eps: cfg.rms_norm_eps,
+                    rope,
+                },
+            ),
+            // quantized on the way in: the FP8 cache holds the quantization of what the bf16
+            // cache would hold
+            LayerCache::Fp8(t, layout) => mla_fp8::mla_latent_append_fp8(
+                gpu,
+                mla_fp8::LatentAppendFp8Params {
+                    kva: kva.view(),
+                    norm_w: w.kv_a_norm.t.view(),
+                    slots: slots_t.view(),
+                    cache: t.view_mut(),
+                    layout: *layout,
+                    eps: cfg.rms_norm_eps,
+                    rope,
+                },
+            ),
+        }
         .kx()?;
     }
     let layer_cache = &*layer_cache;
@@ -340,12 +362,12 @@ fn decode(
     cfg: &ModelConfig,
     w: &AttnWeights<CudaWeight>,
     q: &Tensor<bf16>,
-    cache: &Tensor<bf16>,
+    cache: &LayerCache,
     batch: &AttnBatch<'_>,
 ) -> Result<Tensor<bf16>> {
     let (heads, dn, dr, dv, r) = dims(cfg);
     let n = q.shape()[0];
-    let num_blocks = cache.shape()[0];
+    let num_blocks = cache.num_blocks();
     let t_absorb = b.timed("attn.q_absorb");
     let q_abs = b.empty(&[n, heads, r])?;
     absorb_q(b, cfg, w, q.ptr(), n, q_abs.ptr())?;
@@ -357,12 +379,12 @@ fn decode(
     // the kernel reads q's rope columns in place (no copy)
     let q_pe = q.view().narrow(2, dn, dr).kx()?;
     let mut ctx_lat = b.empty(&[n, heads, r])?;
-    mla::mla_decode(
-        &b.gpu,
-        mla::MlaDecodeParams {
+    decode_latent(
+        b,
+        DecodeLatent {
             q_abs: q_abs.view(),
             q_pe,
-            cache: cache.view(),
+            cache,
             block_table: bt.view(),
             seq_lens: sl.view(),
             out: ctx_lat.view_mut(),
@@ -371,11 +393,8 @@ fn decode(
             // device), which is what lets a recorded graph replay for any lengths
             max_seq_len: t.max_blocks * batch.block_size,
             scale: cfg.softmax_scale(),
-            splits: None,
-            kernel: None,
         },
-    )
-    .kx()?;
+    )?;
     drop(t_decode);
     let _t = b.timed("attn.w_uv");
     // the decode path writes every row
@@ -392,13 +411,13 @@ fn general(
     cfg: &ModelConfig,
     w: &AttnWeights<CudaWeight>,
     q: &Tensor<bf16>,
-    cache: &Tensor<bf16>,
+    cache: &LayerCache,
     batch: &AttnBatch<'_>,
 ) -> Result<Tensor<bf16>> {
     let gpu = &b.gpu;
     let (heads, dn, dr, dv, r) = dims(cfg);
     let (n, width) = (q.shape()[0], r + dr);
-    let (num_blocks, bs) = (cache.shape()[0], cache.shape()[1]);
+    let (num_blocks, bs) = (cache.num_blocks(), batch.block_size);
     let scale = cfg.softmax_scale();
     let absorbed_chunk = |len: usize| match batch.mode {
         AttnMode::Absorbed => true,
@@ -442,15 +461,7 @@ fn general(
             .collect::<Result<Vec<i32>>>()?;
         let st = Tensor::from_host(gpu, &ctx_slots, &[ctx]).kx()?;
         let mut lat = b.zeros(&[ctx, width])?;
-        g::gather_slots(
-            gpu,
-            g::GatherSlotsParams {
-                cache: cache.view(),
-                slots: st.view(),
-                out: lat.view_mut(),
-            },
-        )
-        .kx()?;
+        gather_latent(b, cache, st.view(), lat.view_mut())?;
         let k_pe = lat.view().narrow(1, r, dr).kx()?;
         let q_pe = q.view().narrow(0, row0, len).kx()?.narrow(2, dn, dr).kx()?;
         match (absorbed_chunk(len), q_abs.as_ref(), ctx_lat.as_mut()) {
@@ -509,4 +520,84 @@ fn general(
         }
     }
     Ok(attn_out)
+}
+
+/// out[i] = cached token `slots[i]` as bf16 [kv_lora + rope] (an FP8 cache's rows dequantized):
+/// how the prefill and general paths read the cached context, whatever the cache's dtype.
+pub(super) fn gather_latent(
+    b: &CudaBackend,
+    cache: &LayerCache,
+    slots: View<'_, i32>,
+    out: ViewMut<'_, bf16>,
+) -> Result<()> {
+    match cache {
+        LayerCache::Bf16(t) => g::gather_slots(
+            &b.gpu,
+            g::GatherSlotsParams {
+                cache: t.view(),
+                slots,
+                out,
+            },
+        ),
+        LayerCache::Fp8(t, layout) => mla_fp8::gather_slots_fp8(
+            &b.gpu,
+            mla_fp8::GatherFp8Params {
+                cache: t.view(),
+                layout: *layout,
+                slots,
+                out,
+            },
+        ),
+    }
+    .kx()
+}
+
+/// What [`decode_latent`] runs: `mla::MlaDecodeParams` without the kernel choice, over a cache
+/// of either dtype.
+pub(super) struct DecodeLatent<'a> {
+    pub q_abs: View<'a, bf16>,
+    pub q_pe: View<'a, bf16>,
+    pub cache: &'a LayerCache,
+    pub block_table: View<'a, i32>,
+    pub seq_lens: View<'a, i32>,
+    pub out: ViewMut<'a, bf16>,
+    pub max_seq_len: usize,
+    pub scale: f32,
+}
+
+/// Absorbed decode attention over the paged cache: the bf16 kernels (`DSV2_MLA_KERNEL`) or
+/// `mla_decode_fp8`, by the cache's dtype.
+pub(super) fn decode_latent(b: &CudaBackend, p: DecodeLatent<'_>) -> Result<()> {
+    match p.cache {
+        LayerCache::Bf16(t) => mla::mla_decode(
+            &b.gpu,
+            mla::MlaDecodeParams {
+                q_abs: p.q_abs,
+                q_pe: p.q_pe,
+                cache: t.view(),
+                block_table: p.block_table,
+                seq_lens: p.seq_lens,
+                out: p.out,
+                max_seq_len: p.max_seq_len,
+                scale: p.scale,
+                splits: None,
+                kernel: None,
+            },
+        ),
+        LayerCache::Fp8(t, _) => mla::mla_decode_fp8(
+            &b.gpu,
+            mla::MlaDecodeFp8Params {
+                q_abs: p.q_abs,
+                q_pe: p.q_pe,
+                cache: t.view(),
+                block_table: p.block_table,
+                seq_lens: p.seq_lens,
+                out: p.out,
+                max_seq_len: p.max_seq_len,
+                scale: p.scale,
+                splits: None,
+            },
+        ),
+    }
+    .kx()
 }

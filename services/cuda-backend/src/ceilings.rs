@@ -57,7 +57,12 @@ pub(crate) fn measure(b: &CudaBackend) -> Result<Ceilings> {
             gpu.name
         ),
         weight_elem_bytes: Some(2),
-        cache_elem_bytes: 2,
+        // the latent's values: bf16, or e4m3 codes in the FP8 cache (whose rows also carry the
+        // bf16 RoPE key and a scale: `token_bytes` counts whole rows)
+        cache_elem_bytes: match b.kv_cache_dtype() {
+            dsv2_core::backend::KvCacheDtype::Bf16 => 2,
+            dsv2_core::backend::KvCacheDtype::Fp8 => 1,
+        },
     })
 }
 

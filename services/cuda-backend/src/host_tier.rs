@@ -27,7 +27,7 @@ use cudarc::driver::{
     LaunchConfig, PinnedHostSlice, PushKernelArg, sys,
 };
 use cudarc::nvrtc::Ptx;
-use dsv2_core::backend::BlockCopy;
+use dsv2_core::backend::{BlockCopy, KvCacheDtype};
 use dsv2_core::config::ModelConfig;
 use dsv2_core::error::Result;
 use dsv2_kernels::compile::{self, CompileConfig};
@@ -93,13 +93,16 @@ extern "C" __global__ void host_tier_scatter_u2(BlockList a, int layers, int lay
 }
 "#;
 
-/// Bytes of one block of every layer (bf16 latents).
-pub(crate) fn block_bytes(cfg: &ModelConfig, block_size: usize) -> usize {
-    cfg.num_hidden_layers * layer_block_bytes(cfg, block_size)
+/// Bytes of one block of every layer, in the cache's dtype (an FP8 block is copied as the bytes
+/// it is: 656 a token at DeepSeek-V2's dims, so the tier holds 1.76 × the blocks of a bf16
+/// cache's). Dims the FP8 layout cannot hold count as bf16: such a cache is never made.
+pub(crate) fn block_bytes(cfg: &ModelConfig, block_size: usize, dtype: KvCacheDtype) -> usize {
+    cfg.num_hidden_layers * layer_block_bytes(cfg, block_size, dtype)
 }
 
-fn layer_block_bytes(cfg: &ModelConfig, block_size: usize) -> usize {
-    block_size * cfg.latent_cache_width() * size_of::<half::bf16>()
+fn layer_block_bytes(cfg: &ModelConfig, block_size: usize, dtype: KvCacheDtype) -> usize {
+    crate::cache::layer_block_bytes(cfg, block_size, dtype)
+        .unwrap_or(block_size * cfg.latent_cache_width() * size_of::<half::bf16>())
 }
 
 /// One pinned slab: its memory and the address of its first byte.
@@ -118,7 +121,8 @@ pub struct CudaHostBlocks {
     layers: usize,
     layer_bytes: usize,
     block_size: usize,
-    width: usize,
+    /// The cache dtype the tier was made for (its slots hold that format's bytes).
+    dtype: KvCacheDtype,
     /// Device buffer of `staging_blocks` blocks, made on first use.
     staging: Option<CudaSlice<u8>>,
     staging_blocks: usize,
@@ -154,7 +158,8 @@ impl CudaHostBlocks {
         let ctx = backend.gpu.ctx.clone();
         let stream = ctx.new_stream().kx()?;
         let module = ctx.load_module(Ptx::from_binary(cubin)).kx()?;
-        let layer_bytes = layer_block_bytes(cfg, block_size);
+        let dtype = backend.kv_cache_dtype();
+        let layer_bytes = layer_block_bytes(cfg, block_size, dtype);
         let bytes = cfg.num_hidden_layers * layer_bytes;
         if bytes == 0 {
             return Err(err("a cache block of 0 bytes"));
@@ -183,7 +188,7 @@ impl CudaHostBlocks {
             layers: cfg.num_hidden_layers,
             layer_bytes,
             block_size,
-            width: cfg.latent_cache_width(),
+            dtype,
             staging: None,
             staging_blocks: (STAGING_BYTES / bytes).clamp(1, CHUNK_BLOCKS),
             word_bytes,
@@ -205,13 +210,10 @@ impl CudaHostBlocks {
                 cache.block_size
             )));
         }
-        if let Some(l) = cache.layers.first()
-            && l.shape()[2] != self.width
-        {
+        if cache.dtype != self.dtype {
             return Err(err(format!(
-                "host tier made for latents of width {}, the cache's are {}",
-                self.width,
-                l.shape()[2]
+                "host tier made for a {} cache, this one is {}",
+                self.dtype, cache.dtype
             )));
         }
         let n = cache.num_blocks();

@@ -6,6 +6,7 @@
 //! is where a missing driver or device becomes a clear error.
 
 mod blas;
+mod cache;
 mod ceilings;
 mod graphs;
 mod host_tier;
@@ -15,7 +16,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use half::bf16;
 
-use dsv2_core::backend::{AttnBatch, AttnWeights, Backend, ExpertBank, GraphStep, MlpWeights};
+use dsv2_core::backend::{
+    AttnBatch, AttnWeights, Backend, ExpertBank, GraphStep, KvCacheDtype, MlpWeights,
+};
 use dsv2_core::config::{ModelConfig, TopkMethod};
 use dsv2_core::error::{CoreError, Result};
 use dsv2_core::routing::{Routing, RoutingParams};
@@ -113,19 +116,7 @@ impl std::ops::Deref for Bf<'_> {
     }
 }
 
-/// The latent cache: per layer [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] bf16.
-pub struct CudaCache {
-    layers: Vec<Tensor<bf16>>,
-    block_size: usize,
-    /// Unique per cache made in this process: recorded decode graphs name the cache they write.
-    id: u64,
-}
-
-impl CudaCache {
-    fn num_blocks(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.shape()[0])
-    }
-}
+pub use cache::{CudaCache, token_bytes};
 
 /// Upload key of a step's token ids.
 const TOKEN_IDS: &str = "token ids";
@@ -207,6 +198,9 @@ pub struct CudaBackend {
     uploads_i64: Uploads<i64>,
     /// Recorded decode graphs (`DSV2_CUDA_GRAPHS`).
     graphs: Mutex<graphs::DecodeGraphs>,
+    /// How caches made from now on hold their values (`--kv-cache-dtype`); each cache keeps
+    /// the dtype it was made with.
+    kv_dtype: Mutex<KvCacheDtype>,
 }
 
 impl CudaBackend {
@@ -247,7 +241,22 @@ impl CudaBackend {
             uploads_i32: Uploads::default(),
             uploads_i64: Uploads::default(),
             graphs: Mutex::new(graphs),
+            kv_dtype: Mutex::new(KvCacheDtype::Bf16),
         })
+    }
+
+    /// Sets how the caches made from now on (`Backend::new_cache`) hold their values, and what
+    /// `Backend::host_block_bytes` counts: bf16 (the default) or FP8 (`dsv2_kernels::fp8`).
+    /// Caches made before keep theirs.
+    pub fn set_kv_cache_dtype(&self, dtype: KvCacheDtype) {
+        if let Ok(mut d) = self.kv_dtype.lock() {
+            *d = dtype;
+        }
+    }
+
+    /// The dtype of the caches made from now on.
+    pub fn kv_cache_dtype(&self) -> KvCacheDtype {
+        self.kv_dtype.lock().map(|d| *d).unwrap_or_default()
     }
 
     /// `host` on the device as a tensor of `shape`, reusing the copy made under `key` when the
@@ -786,7 +795,7 @@ impl Backend for CudaBackend {
 
     // The prefix cache's host tier: host_tier.rs.
     fn host_block_bytes(&self, cfg: &ModelConfig, block_size: usize) -> usize {
-        host_tier::block_bytes(cfg, block_size)
+        host_tier::block_bytes(cfg, block_size, self.kv_cache_dtype())
     }
     fn new_host_blocks(
         &self,
@@ -891,21 +900,13 @@ impl Backend for CudaBackend {
         block_size: usize,
     ) -> Result<CudaCache> {
         let _g = self.lock()?;
-        let width = cfg.latent_cache_width();
-        num_blocks
-            .checked_mul(block_size)
-            .and_then(|v| v.checked_mul(width))
-            .filter(|&v| v < i32::MAX as usize)
-            .ok_or_else(|| err("KV cache of one layer exceeds 2^31 elements"))?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|_| self.zeros(&[num_blocks, block_size, width]))
-            .collect::<Result<Vec<_>>>()?;
-        static NEXT_CACHE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        Ok(CudaCache {
-            layers,
+        cache::new_cache(
+            &self.gpu,
+            cfg,
+            num_blocks,
             block_size,
-            id: NEXT_CACHE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        })
+            self.kv_cache_dtype(),
+        )
     }
 
     fn act_from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaAct> {

@@ -114,6 +114,9 @@ pub struct EngineHandle {
     pub gauges: Arc<EngineGauges>,
     pub metrics: Arc<RouterMetrics>,
     pub num_blocks: usize,
+    /// Memory the latent KV cache takes (device memory on a GPU), bytes; 0 until the binary
+    /// that made the engine sets it.
+    pub kv_cache_bytes: u64,
 }
 
 impl EngineHandle {
@@ -139,6 +142,7 @@ impl EngineHandle {
             gauges,
             metrics,
             num_blocks,
+            kv_cache_bytes: 0,
         }
     }
 

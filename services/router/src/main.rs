@@ -16,7 +16,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use dsv2_core::ModelConfig;
-use dsv2_core::backend::{AttnMode, Backend, DeviceSpec};
+use dsv2_core::backend::{AttnMode, Backend, DeviceSpec, KvCacheDtype};
 use dsv2_core::chat::ChatTemplate;
 use dsv2_core::cpu::CpuBackend;
 use dsv2_core::engine::{Engine, EngineConfig};
@@ -98,6 +98,16 @@ struct Config {
     /// KV cache blocks (each holds --block-size tokens of every layer's latent).
     #[arg(long, default_value_t = 2048)]
     kv_cache_blocks: usize,
+    /// Size the KV cache by memory instead: as many blocks as fit in this many GiB (fractions
+    /// allowed) at --kv-cache-dtype's bytes per token, so fp8 holds about 1.76 × the tokens of
+    /// bf16 in the same memory. The start log names the blocks, tokens and bytes.
+    #[arg(long, env = "DSV2_KV_CACHE_GB", value_name = "GIB", value_parser = dsv2_router::host_memory::parse_gib, conflicts_with = "kv_cache_blocks")]
+    kv_cache_gb: Option<u64>,
+    /// How the KV cache holds the latent: bf16, or fp8 (e4m3 with one f32 scale per token, the
+    /// RoPE key kept in bf16: 656 bytes a token and layer instead of 1,152 at DeepSeek-V2's dims,
+    /// and decode reads that much less; logits move by about 1e-2 relative). GPU only.
+    #[arg(long, env = "DSV2_KV_CACHE_DTYPE", default_value = "bf16")]
+    kv_cache_dtype: KvCacheDtype,
     /// Tokens per KV cache block.
     #[arg(long, default_value_t = 16)]
     block_size: usize,
@@ -191,6 +201,21 @@ impl Config {
         }
     }
 
+    /// KV cache blocks: `--kv-cache-blocks`, or as many blocks of `block_bytes` (every layer, in
+    /// the cache's dtype) as `--kv-cache-gb` holds.
+    fn cache_blocks(&self, block_bytes: u64) -> Result<usize> {
+        match self.kv_cache_gb {
+            None => Ok(self.kv_cache_blocks),
+            Some(bytes) => match (bytes / block_bytes.max(1)) as usize {
+                0 => bail!(
+                    "--kv-cache-gb holds no cache block: one block of {} tokens takes {block_bytes} bytes",
+                    self.block_size
+                ),
+                n => Ok(n),
+            },
+        }
+    }
+
     /// `--max-batch-tokens`, or the device's default.
     fn max_batch_tokens(&self) -> usize {
         self.max_batch_tokens.unwrap_or(match self.device {
@@ -238,11 +263,13 @@ async fn serve(c: Config, rt: tokio::runtime::Handle) -> Result<()> {
                     "--transport nccl moves GPU buffers: it needs --device cuda:N here and GPU shards; use --transport grpc on the CPU"
                 );
             }
+            c.kv_cache_dtype.check_cpu().map_err(anyhow::Error::msg)?;
             serve_on(c, rt, Arc::new(CpuBackend), None).await
         }
         DeviceSpec::Cuda(n) => {
             let backend = dsv2_cuda_backend::open(n)
                 .map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))?;
+            backend.set_kv_cache_dtype(c.kv_cache_dtype);
             let nccl: Option<NcclMaker<CudaBackend>> = if c.transport == Transport::Nccl {
                 if c.shards.is_empty() {
                     bail!(
@@ -423,12 +450,30 @@ async fn serve_on<B: Backend>(
         }
     };
 
+    // the cache's size: --kv-cache-blocks, or the blocks --kv-cache-gb holds at this dtype
+    let block_bytes = backend.host_block_bytes(&mcfg, c.block_size).max(1) as u64;
+    let num_blocks = c.cache_blocks(block_bytes)?;
+    let cache_bytes = num_blocks as u64 * block_bytes;
+    tracing::info!(
+        dtype = %c.kv_cache_dtype,
+        blocks = num_blocks,
+        block_size = c.block_size,
+        tokens = num_blocks * c.block_size,
+        bytes_per_token = block_bytes / c.block_size.max(1) as u64,
+        gib = cache_bytes as f64 / (1u64 << 30) as f64,
+        "KV cache: {} blocks x {} = {} tokens in {:.2} GiB ({})",
+        num_blocks,
+        c.block_size,
+        num_blocks * c.block_size,
+        cache_bytes as f64 / (1u64 << 30) as f64,
+        c.kv_cache_dtype
+    );
     let engine = Engine::new(
         model.clone(),
         experts,
         tokenizer.clone(),
         EngineConfig {
-            num_blocks: c.kv_cache_blocks,
+            num_blocks,
             block_size: c.block_size,
             max_batch_tokens: c.max_batch_tokens(),
             max_running: c.max_running,
@@ -449,7 +494,8 @@ async fn serve_on<B: Backend>(
     .context("warm-up task")?;
     let took = took.context("warm-up request through the model and the expert shards failed")?;
     tracing::info!(ms = took.as_secs_f64() * 1e3, "warm-up request done");
-    let engine = EngineHandle::spawn(engine, c.max_queue);
+    let mut engine = EngineHandle::spawn(engine, c.max_queue);
+    engine.kv_cache_bytes = cache_bytes;
     let facts = ModelFacts {
         model_name: dir
             .file_name()
@@ -643,4 +689,55 @@ async fn serve_on<B: Backend>(
     }
     tracing::info!(left = engine.in_flight(), "router stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> std::result::Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("dsv2-router").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn kv_cache_dtype_parses_and_a_bad_one_says_what_is_accepted() {
+        assert_eq!(
+            parse(&[]).map(|c| c.kv_cache_dtype).ok(),
+            Some(KvCacheDtype::Bf16)
+        );
+        let c = parse(&["--kv-cache-dtype", "fp8"]).map(|c| c.kv_cache_dtype);
+        assert_eq!(c.ok(), Some(KvCacheDtype::Fp8));
+        let e = parse(&["--kv-cache-dtype", "int8"])
+            .err()
+            .map(|e| e.to_string());
+        let e = e.unwrap_or_default();
+        assert!(e.contains("bf16 or fp8"), "{e}");
+    }
+
+    #[test]
+    fn kv_cache_gb_counts_blocks_of_the_dtype() {
+        // DeepSeek-V2, 60 layers, blocks of 16: bf16 1152 B and fp8 656 B a token and layer
+        let (bf16, fp8) = (60 * 16 * 1152u64, 60 * 16 * 656u64);
+        let c = parse(&["--kv-cache-gb", "10"]).ok();
+        let c = c.as_ref();
+        let nb = c.and_then(|c| c.cache_blocks(bf16).ok());
+        let n8 = c.and_then(|c| c.cache_blocks(fp8).ok());
+        assert_eq!(nb, Some(((10u64 << 30) / bf16) as usize));
+        assert_eq!(n8, Some(((10u64 << 30) / fp8) as usize));
+        // fp8 fits 1152 / 656 = 1.76 x the tokens
+        let r = n8.unwrap_or(0) as f64 / nb.unwrap_or(1) as f64;
+        assert!((r - 1152.0 / 656.0).abs() < 1e-3, "{r}");
+        // without it, --kv-cache-blocks (default 2048) whatever the bytes
+        assert_eq!(
+            parse(&[]).ok().and_then(|c| c.cache_blocks(fp8).ok()),
+            Some(2048)
+        );
+        let e = parse(&["--kv-cache-gb", "0.0001"])
+            .ok()
+            .and_then(|c| c.cache_blocks(fp8).err())
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("holds no cache block"), "{e}");
+        assert!(parse(&["--kv-cache-gb", "1", "--kv-cache-blocks", "64"]).is_err());
+    }
 }

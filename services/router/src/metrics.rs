@@ -215,6 +215,11 @@ pub fn render(engine: &EngineHandle) -> String {
         engine.num_blocks,
     );
     e.gauge(
+        "dsv2_router_kv_cache_bytes",
+        "Memory the latent KV cache takes (device memory on a GPU), bytes: blocks x block size x bytes per token of its dtype (--kv-cache-dtype).",
+        engine.kv_cache_bytes,
+    );
+    e.gauge(
         "dsv2_router_kv_cache_cached_blocks",
         "Latent KV cache blocks holding a cached prompt prefix (held by requests or not; those held by none count as free too).",
         g.cached_blocks.load(Ordering::Relaxed),

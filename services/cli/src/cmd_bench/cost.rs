@@ -5,8 +5,9 @@
 //!   bytes = dense weights, each read once (attention, norms, gate, shared experts, dense MLPs,
 //!           final norm and the whole lm_head; of the embedding table only the B rows looked up)
 //!         + Σ_l E_l × (gate + up + down of one routed expert)
-//!         + KV read: Σ_i ctx_i × (kv_lora_rank + qk_rope_head_dim) × cache bytes × layers
-//!           (MLA: 576 values per token per layer; the new token's write is within ctx_i)
+//!         + KV read: Σ_i ctx_i × cache bytes per token × layers (MLA: 576 values per token per
+//!           layer, 1,152 bytes in bf16, 656 in the FP8 cache's layout; the new token's write
+//!           is within ctx_i)
 //!   FLOPs = 2 × active parameters × B (attention matrices incl. kv_b, whose W_UK/W_UV blocks are
 //!           the absorbed query and output products; gate; shared experts; top-k routed experts;
 //!           dense MLPs; lm_head for the B logit rows)
@@ -33,7 +34,8 @@ pub struct ModelCost {
     pub cache_width: usize,
     pub qk_head_dim: usize,
     pub v_head_dim: usize,
-    pub cache_elem_bytes: usize,
+    /// Bytes of one cached token of one layer, as the backend holds it.
+    pub cache_token_bytes: usize,
     /// Bytes of every tensor but the routed experts and the embedding table (read once a step).
     pub dense_bytes: f64,
     /// Bytes of one embedding row.
@@ -67,11 +69,12 @@ impl StepCost {
 }
 
 impl ModelCost {
-    /// `elem_bytes(name)`: bytes of one element of tensor `name` where the backend holds it.
+    /// `elem_bytes(name)`: bytes of one element of tensor `name` where the backend holds it;
+    /// `cache_token_bytes`: bytes of one cached token of one layer there.
     pub fn new(
         cfg: &ModelConfig,
         elem_bytes: impl Fn(&str) -> usize,
-        cache_elem_bytes: usize,
+        cache_token_bytes: usize,
     ) -> Self {
         let (mut dense_bytes, mut expert_bytes, mut embed_row_bytes) = (0f64, 0f64, 0f64);
         let mut head_macs = 0f64;
@@ -115,7 +118,7 @@ impl ModelCost {
             cache_width: cfg.latent_cache_width(),
             qk_head_dim: cfg.q_head_dim(),
             v_head_dim: cfg.v_head_dim,
-            cache_elem_bytes,
+            cache_token_bytes,
             dense_bytes,
             embed_row_bytes,
             expert_bytes,
@@ -133,7 +136,7 @@ impl ModelCost {
         StepCost {
             weight_bytes: self.dense_bytes + rows * self.embed_row_bytes,
             expert_bytes: self.moe_layers as f64 * experts_touched * self.expert_bytes,
-            kv_bytes: kv_tokens * (self.cache_width * self.cache_elem_bytes) as f64 * layers,
+            kv_bytes: kv_tokens * self.cache_token_bytes as f64 * layers,
             linear_flops: 2.0 * rows * (self.body_macs_per_token + self.head_macs_per_row),
             attention_flops: 2.0
                 * self.heads as f64
@@ -190,7 +193,7 @@ mod tests {
     #[test]
     fn tiny_counts_by_hand() {
         let cfg = tiny();
-        let c = ModelCost::new(&cfg, |_| 2, 2);
+        let c = ModelCost::new(&cfg, |_| 2, (64 + 16) * 2);
         // hidden 128, moe_intermediate 64: 3 × 128 × 64 × 2 B
         assert_eq!(c.expert_bytes, (3 * 128 * 64 * 2) as f64);
         assert_eq!(c.embed_row_bytes, 256.0);
@@ -210,7 +213,7 @@ mod tests {
     #[test]
     fn dense_bytes_plus_all_experts_is_the_checkpoint() {
         let cfg = tiny();
-        let c = ModelCost::new(&cfg, |_| 2, 2);
+        let c = ModelCost::new(&cfg, |_| 2, (64 + 16) * 2);
         let all: usize = expected_tensors(&cfg, LINEAR_STD)
             .iter()
             .map(|t| t.shape.iter().product::<usize>() * 2)
@@ -222,7 +225,7 @@ mod tests {
 
     #[test]
     fn prefill_attention_is_causal() {
-        let c = ModelCost::new(&tiny(), |_| 2, 2);
+        let c = ModelCost::new(&tiny(), |_| 2, (64 + 16) * 2);
         let p = c.prefill(&[3]);
         // 3 tokens: 1 + 2 + 3 = 6 (query, key) pairs, heads 4, qk 48 + v 32, 4 layers
         assert_eq!(p.attention_flops, (2 * 4 * 6 * (48 + 32) * 4) as f64);

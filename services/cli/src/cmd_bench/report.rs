@@ -220,6 +220,8 @@ impl Config {
 pub struct Report<'a> {
     pub backend: String,
     pub device: String,
+    /// `--kv-cache-dtype`.
+    pub kv_cache_dtype: String,
     pub threads: usize,
     pub model_dir: String,
     pub random_weights: Option<u64>,
@@ -266,6 +268,7 @@ impl Report<'_> {
                 .duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             "backend": self.backend,
             "device": self.device,
+            "kv_cache_dtype": self.kv_cache_dtype,
             "threads": self.threads,
             "path": "Model::forward_logits + greedy argmax per step (no engine)",
             "model": {
@@ -276,8 +279,7 @@ impl Report<'_> {
                 "shared_experts": cfg.n_shared_experts, "vocab": cfg.vocab_size,
                 "dense_weight_bytes": self.cost.dense_bytes,
                 "routed_expert_bytes": self.cost.expert_bytes,
-                "kv_bytes_per_token": (self.cost.cache_width * self.cost.cache_elem_bytes
-                    * self.cost.layers),
+                "kv_bytes_per_token": self.cost.cache_token_bytes * self.cost.layers,
             },
             "ceilings": {
                 "measured": "in this process, before the runs",
@@ -309,13 +311,15 @@ impl Report<'_> {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "dsv2 bench on {}: {} ({} layers, {} MoE, {} routed experts, top-{})",
+            "dsv2 bench on {}: {} ({} layers, {} MoE, {} routed experts, top-{}); KV cache {}, {} B a token",
             self.backend,
             self.model_dir,
             self.cfg.num_hidden_layers,
             self.cost.moe_layers,
             self.cfg.n_routed_experts,
-            self.cfg.num_experts_per_tok
+            self.cfg.num_experts_per_tok,
+            self.kv_cache_dtype,
+            self.cost.cache_token_bytes * self.cost.layers
         );
         let _ = writeln!(
             s,

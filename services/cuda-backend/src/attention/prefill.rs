@@ -22,8 +22,9 @@ use dsv2_core::config::ModelConfig;
 use dsv2_core::error::Result;
 use dsv2_kernels::Tensor;
 use dsv2_kernels::ops::mla_prefill::{self as pf, PrefillPlan, PrefillSeq};
-use dsv2_kernels::ops::{general as g, mla, moe};
+use dsv2_kernels::ops::{mla, moe};
 
+use crate::cache::LayerCache;
 use crate::{CudaBackend, CudaWeight, Kx, err};
 
 const BF: u64 = std::mem::size_of::<bf16>() as u64;
@@ -68,7 +69,9 @@ pub(super) struct Step<'a> {
     pub w: &'a AttnWeights<CudaWeight>,
     pub batch: &'a AttnBatch<'a>,
     pub q: &'a Tensor<bf16>,
-    pub cache: &'a Tensor<bf16>,
+    /// The layer's cache, bf16 or FP8 (the gather dequantizes, the absorbed rows take the FP8
+    /// decode kernel).
+    pub cache: &'a LayerCache,
 }
 
 /// attn_out [n, H, dv] for the step's rows; rows in no chunk are zeros.
@@ -153,7 +156,7 @@ fn decompressed(s: &Step<'_>, chunks: &[&SeqChunk], attn_out: &mut Tensor<bf16>)
         cfg.kv_lora_rank + cfg.qk_rope_head_dim,
     );
     let kvw = pf::QK_NOPE + pf::V_HEAD;
-    let (num_blocks, bs) = (s.cache.shape()[0], s.cache.shape()[1]);
+    let (num_blocks, bs) = (s.cache.num_blocks(), s.batch.block_size);
     let mut slots: Vec<i32> = Vec::new();
     let mut specs = Vec::with_capacity(chunks.len());
     for c in chunks {
@@ -172,15 +175,7 @@ fn decompressed(s: &Step<'_>, chunks: &[&SeqChunk], attn_out: &mut Tensor<bf16>)
     let t = slots.len();
     let st = b.upload_i32("prefill context slots", &slots, &[t])?;
     let mut lat = b.empty(&[t, width])?;
-    g::gather_slots(
-        gpu,
-        g::GatherSlotsParams {
-            cache: s.cache.view(),
-            slots: st.view(),
-            out: lat.view_mut(),
-        },
-    )
-    .kx()?;
+    super::gather_latent(b, s.cache, st.view(), lat.view_mut())?;
     let mut kv = b.empty(&[t, heads, kvw])?;
     pf::decompress_kv(
         gpu,
@@ -228,7 +223,7 @@ fn absorbed_rows(s: &Step<'_>, chunks: &[&SeqChunk], attn_out: &mut Tensor<bf16>
     );
     let qd = dn + dr;
     let n = s.q.shape()[0];
-    let (num_blocks, bs) = (s.cache.shape()[0], s.cache.shape()[1]);
+    let (num_blocks, bs) = (s.cache.num_blocks(), s.batch.block_size);
     let max_blocks = chunks
         .iter()
         .map(|c| c.blocks.len())
@@ -290,22 +285,19 @@ fn absorbed_rows(s: &Step<'_>, chunks: &[&SeqChunk], attn_out: &mut Tensor<bf16>
     let q_abs = b.empty(&[na, heads, r])?;
     super::absorb_q(b, cfg, s.w, q_ptr, na, q_abs.ptr())?;
     let mut ctx_lat = b.empty(&[na, heads, r])?;
-    mla::mla_decode(
-        gpu,
-        mla::MlaDecodeParams {
+    super::decode_latent(
+        b,
+        super::DecodeLatent {
             q_abs: q_abs.view(),
             q_pe: q_view.narrow(2, dn, dr).kx()?,
-            cache: s.cache.view(),
+            cache: s.cache,
             block_table: bt.view(),
             seq_lens: sl.view(),
             out: ctx_lat.view_mut(),
             max_seq_len: max_len,
             scale: cfg.softmax_scale(),
-            splits: None,
-            kernel: None,
         },
-    )
-    .kx()?;
+    )?;
     // packed rows project straight into the step's output; others through a packed buffer
     let packed_out = if packed {
         None
