@@ -23,7 +23,7 @@
 #   lite-bench, lite-bench-eager  the same on DeepSeek-V2-Lite (27 layers), graphs on and off
 #   served-graphs  the served decode rows alone (4-layer V2)
 #   nsys     per-kernel GPU time of batch-1 decode (Nsight Systems, kernels inside graphs traced)
-#   ncu, ncu-stalls  Nsight Compute on an MLA decode kernel (NCU_MLA=wgmma/tma/tma-pair/seesaw; throughputs,
+#   ncu, ncu-stalls, ncu-pipes  Nsight Compute on an MLA decode kernel (NCU_MLA=wgmma/tma/tma-pair/seesaw; throughputs,
 #            why warps wait)
 #   served   dsv2-router --device cuda:0 with local experts and random real-dims weights, driven by
 #            `dsv2 loadtest` with DISTINCT prompts (MoE cost depends on it): decode at c=1/64/256,
@@ -134,6 +134,15 @@ for sec in ${SECTIONS:-check fixtures served lite profile}; do
         --section SchedulerStats --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
         "$BIN/dsv2-gpu-check" --mla --mla-kernels "$k" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/ncu-mla-$k.log" 2>&1 || { echo "ncu FAILED"; fail=1; }
       grep -vE "^(P1|P2|checks|device|copy|cuBLAS|prefill|==PROF==)" "$OUT_DIR/ncu-mla-$k.log" | grep -E "Throughput|Duration|Stall|Warp Cycles|Issued|Eligible|Active|Hit Rate|Bandwidth|Mem Pipes|Registers|Shared Memory|Occupancy|L1|L2|DRAM|Busy|Compute|Pipe" | head -60 ;;
+    ncu-pipes)
+      # how busy the tensor pipe (wgmma) and shared memory are in one MLA decode launch (NCU_MLA as
+      # for ncu; batch 64 x ctx 4096 x 128 heads)
+      k=${NCU_MLA:-wgmma}
+      NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      timeout -k 5 240 "$NCU" -k "regex:mla_decode_${k//-/_}_bf16" --launch-skip 14 --launch-count 1 \
+        --metrics gpu__time_duration.sum,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_gmma.sum,sm__cycles_active.avg,smsp__inst_executed.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,smsp__warp_issue_stalled_barrier_per_warp_active.pct,smsp__warp_issue_stalled_wait_per_warp_active.pct,smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct,smsp__warp_issue_stalled_math_pipe_throttle_per_warp_active.pct,smsp__warp_issue_stalled_membar_per_warp_active.pct,smsp__warp_issue_stalled_sleeping_per_warp_active.pct \
+        "$BIN/dsv2-gpu-check" --mla --mla-kernels "$k" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/ncu-pipes-$k.log" 2>&1 || { echo "ncu FAILED"; fail=1; }
+      grep -E "gmma|cycles|wavefronts|stalled|duration|inst_executed|ERR|rror" "$OUT_DIR/ncu-pipes-$k.log" | grep -v "^P1" | head -20 ;;
     ncu-stalls)
       # why the MLA decode kernel's warps wait (batch 64 x ctx 4096 x 128 heads, one launch; NCU_MLA
       # as for ncu)

@@ -32,6 +32,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("mla_prefill.cu", include_str!("cu/mla_prefill.cu")),
     ("grouped.cu", include_str!("cu/grouped.cu")),
     ("gemv.cu", include_str!("cu/gemv.cu")),
+    ("probe.cu", include_str!("cu/probe.cu")),
 ];
 
 /// The architecture we build for: Hopper with its arch-specific features (wgmma, setmaxnreg).

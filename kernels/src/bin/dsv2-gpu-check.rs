@@ -20,6 +20,8 @@ struct Args {
     grouped_only: bool,
     /// Only the FP8 latent cache's checks and its P1 rows beside the bf16 kernel (`--fp8`).
     fp8_only: bool,
+    /// Only the tensor-core throughput probes (`--probe`).
+    probe_only: bool,
     no_bench: bool,
     compile_only: bool,
     /// MLA decode kernels to check and time (`--mla-kernels`; default all).
@@ -34,6 +36,7 @@ fn parse_args() -> Result<Args> {
         gemv_only: false,
         grouped_only: false,
         fp8_only: false,
+        probe_only: false,
         no_bench: false,
         compile_only: false,
         mla_kernels: vec![
@@ -53,6 +56,7 @@ fn parse_args() -> Result<Args> {
             "--gemv" => a.gemv_only = true,
             "--grouped" => a.grouped_only = true,
             "--fp8" => a.fp8_only = true,
+            "--probe" => a.probe_only = true,
             "--no-bench" => a.no_bench = true,
             "--compile-only" => a.compile_only = true,
             "--no-cache" => a.opts.no_cache = true,
@@ -75,7 +79,7 @@ fn parse_args() -> Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "dsv2-gpu-check [--quick] [--mla] [--mla-kernels LIST] [--gemv] [--grouped] [--fp8] [--no-bench] [--compile-only] [--no-cache] [--cache-dir DIR] [--device cuda:N]\n\n\
+                    "dsv2-gpu-check [--quick] [--mla] [--mla-kernels LIST] [--gemv] [--grouped] [--fp8] [--probe] [--no-bench] [--compile-only] [--no-cache] [--cache-dir DIR] [--device cuda:N]\n\n\
                      Checks every kernel against the CPU reference, then measures the ceilings (copy\n\
                      bandwidth, cuBLAS) and P1/P2. --mla: only the MLA checks (decode, both kernels;\n\
                      prefill: wgmma, M128, M64), P1 and PF, a quick go/no-go for the wgmma kernels.\n\
@@ -86,7 +90,9 @@ fn parse_args() -> Result<Args> {
                      --grouped: only the grouped expert checks (every row tile, the warp-specialised\n\
                      one at awkward per-expert counts), then P2, P2g per tile and the decode rows.\n\
                      --fp8: only the FP8 latent cache's checks (append, gather, decode) and its P1 rows\n\
-                     beside the bf16 decode kernel (64 heads x batch 128, 128 heads x batch 64, ctx 4096)."
+                     beside the bf16 decode kernel (64 heads x batch 128, 128 heads x batch 64, ctx 4096).\n\
+                     --probe: no checks; the tensor-core rate of the MMA shapes and wait patterns the\n\
+                     MLA decode and grouped expert kernels use, operands in shared memory, beside cuBLAS."
                 );
                 std::process::exit(0);
             }
@@ -466,6 +472,8 @@ fn main() -> Result<()> {
         check::run_grouped(&gpu, args.quick)?
     } else if args.fp8_only {
         check::fp8::run_fp8(&gpu)?
+    } else if args.probe_only {
+        Vec::new()
     } else {
         check::run_all(&gpu, args.quick)?
     };
@@ -492,6 +500,9 @@ fn main() -> Result<()> {
             let copy_gbs = copy_ceiling(&gpu)?;
             let blas_tflops = blas_ceiling(&gpu)?;
             bench_p2(&gpu, copy_gbs, blas_tflops)?;
+        } else if args.probe_only {
+            let blas_tflops = blas_ceiling(&gpu)?;
+            bench_probes(&gpu, blas_tflops)?;
         } else if args.fp8_only {
             println!(
                 "\n== measurements (CUDA events; each beside a ceiling measured in this run) =="
@@ -728,6 +739,64 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
     }
     bench_gemv(gpu, copy_gbs)?;
     bench_p2(gpu, copy_gbs, blas_tflops)
+}
+
+/// Tensor-core probes (probe.cu): one CTA per SM, operands in shared memory, no loads; each
+/// kernel's TFLOP/s beside the cuBLAS ceiling of the same process.
+fn bench_probes(gpu: &Gpu, blas_tflops: f64) -> Result<()> {
+    let out = Tensor::<f32>::zeros(gpu, &[256])?;
+    let iters: i32 = 4000;
+    let n256 = 2.0 * 4.0 * (64 * 256 * 16 * 2) as f64; // 2 warpgroups x 4 m64n256k16
+    let n64 = 36.0 * (64 * 64 * 16 * 2) as f64; // one warpgroup's 36 m64n64k16
+    for (name, what, flops_per_iter) in [
+        (
+            "probe_n256_kmajor_wait0",
+            "m64n256k16 SS, B K-major, 2 warpgroups, each group of 4 waited (grouped W128)",
+            n256,
+        ),
+        (
+            "probe_n256_kmajor_wait1",
+            "m64n256k16 SS, B K-major, 2 warpgroups, one group of 4 in flight (grouped Ws128)",
+            n256,
+        ),
+        (
+            "probe_n256_mnmajor_wait0",
+            "m64n256k16 SS, B MN-major, 2 warpgroups, each group waited (MLA P.V)",
+            n256,
+        ),
+        (
+            "probe_n64_both",
+            "36 m64n64k16 SS per group, 2 warpgroups (MLA S, both)",
+            2.0 * n64,
+        ),
+        (
+            "probe_n64_one",
+            "36 m64n64k16 SS per group, warpgroup 0 alone (MLA S of the TMA kernel)",
+            n64,
+        ),
+    ] {
+        gpu.set_max_dynamic_smem(name, 65 * 1024)?;
+        let f = gpu.function(name)?;
+        let optr = out.ptr();
+        let ms = time_ms(gpu, 2, 5, || {
+            let mut b = gpu.launch(f);
+            b.arg(&optr).arg(&iters);
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (gpu.sm_count as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 65 * 1024,
+            };
+            // SAFETY: matches probe.cu's (float* out, int iters); out holds 256 floats.
+            unsafe { b.launch(cfg) }?;
+            Ok(())
+        })?;
+        let tflops = flops_per_iter * iters as f64 * gpu.sm_count as f64 / (ms * 1e-3) / 1e12;
+        println!(
+            "PROBE {what}: {ms:.3} ms, {tflops:.0} TFLOP/s = {:.3} of cuBLAS",
+            tflops / blas_tflops
+        );
+    }
+    Ok(())
 }
 
 /// Ceiling 2: cuBLAS bf16 8192^3, Y = X W^T (TFLOP/s).
