@@ -631,6 +631,10 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
     // same cache tiles, which L2 may or may not serve twice. If 128 x 64 heads costs about what
     // 64 x 128 heads does, the kernel is bound by its own compute and barriers, not by DRAM.
     use mla::MlaKernel::{Mma, Seesaw, Tma, TmaPair, Wgmma};
+    let contiguous = std::env::var("DSV2_P1_CONTIGUOUS").is_ok_and(|v| v == "1");
+    if contiguous {
+        println!("P1 rows below: each sequence's cache blocks contiguous (DSV2_P1_CONTIGUOUS=1)");
+    }
     for (batch, ctx, heads, force, kernel) in [
         (64usize, 4096usize, 128usize, None, Wgmma),
         (64, 4096, 128, Some(1usize), Wgmma),
@@ -689,8 +693,15 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
         fill(gpu, &mut qa, 4, 0.1)?;
         fill(gpu, &mut qp, 5, 0.1)?;
         // blocks of different sequences interleaved, as a running server's allocator leaves them
+        // (DSV2_P1_CONTIGUOUS=1: each sequence's blocks in order, to see what the scatter costs)
         let table: Vec<i32> = (0..batch * blocks_per)
-            .map(|i| ((i % blocks_per) * batch + i / blocks_per) as i32)
+            .map(|i| {
+                if contiguous {
+                    i as i32
+                } else {
+                    ((i % blocks_per) * batch + i / blocks_per) as i32
+                }
+            })
             .collect();
         let bt = Tensor::from_host(gpu, &table, &[batch, blocks_per])?;
         let sl = Tensor::from_host(gpu, &vec![ctx as i32; batch], &[batch])?;

@@ -48,7 +48,10 @@
 // The kernel body. PAIR: the CTA is one of a cluster of two, the two head groups of the same
 // sequence and split (128 heads): each copies half of every tile and multicasts it to both, so
 // each SM pulls half the bytes through L2 and issues half the copies.
-template <bool PAIR>
+// PROBE (timing probes only, wrong outputs; DSV2_MLA_PROBE in the launcher): 1 = the math alone
+// (tiles 0 and 1 are loaded, later tiles reuse them without loads or waits), 2 = the loads alone
+// (every copy and handshake, no MMA and no softmax).
+template <bool PAIR, int PROBE = 0>
 __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
                                            const int* __restrict__ block_table, const int* __restrict__ seq_lens,
                                            bf16* __restrict__ out, float* __restrict__ o_part, float* __restrict__ lse,
@@ -129,7 +132,14 @@ __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const
         for (int i = 0; i < ntiles; ++i) {
             const int pb = i & 1;
             const int t0 = start + 64 * i;
-            tile_qk(s, q_addr, kbuf(i), bars(i), (i >> 1) & 1, rq);
+            if constexpr (PROBE == 2) {
+                for (int c = 0; c < 9; ++c) mbar_wait(bars(i) + c * 8, (i >> 1) & 1);
+                if (i >= 2) named_sync(NB_PFREE + pb, 256);
+                named_arrive(NB_PREADY + pb, 256);
+                if (i + 2 < ntiles) named_arrive(NB_EMPTY, 256);
+                continue;
+            }
+            tile_qk(s, q_addr, kbuf(i), bars(i), (i >> 1) & 1, rq, PROBE != 1 || i < 2);
             wg_wait<0>();
             wg_fence_regs<32>(s);
             float mx[2], alpha[2], sum[2];
@@ -167,21 +177,23 @@ __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const
             const int pb = i & 1;
             const u32 kb = kbuf(i);
             named_sync(NB_PREADY + pb, 256);
-            scale_o_rows(o, s_alpha[pb * 64 + r_lo], s_alpha[pb * 64 + r_lo + 8]);
-            wg_fence();
+            if constexpr (PROBE != 2) {
+                scale_o_rows(o, s_alpha[pb * 64 + r_lo], s_alpha[pb * 64 + r_lo + 8]);
+                wg_fence();
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk)
-                wgmma_m64n256_ss_tn(o, wg_desc(base + (pb ? TM_P1 : TM_P0) + kk * 32, 16, 1024),
-                                    wg_desc(kb + 4 * MLA_CHUNK + kk * 16 * 128, MLA_CHUNK, 1024), 1);
-            wg_commit();
-            wg_wait<0>();
-            wg_fence_regs<128>(o);
+                for (int kk = 0; kk < 4; ++kk)
+                    wgmma_m64n256_ss_tn(o, wg_desc(base + (pb ? TM_P1 : TM_P0) + kk * 32, 16, 1024),
+                                        wg_desc(kb + 4 * MLA_CHUNK + kk * 16 * 128, MLA_CHUNK, 1024), 1);
+                wg_commit();
+                wg_wait<0>();
+                wg_fence_regs<128>(o);
+            }
             if (i + 2 < ntiles) {
                 named_arrive(NB_PFREE + pb, 256);
                 // the whole buffer is free once warpgroup 0's P.V_L is done too: tile i + 2 in
                 // one go, whole cache rows at a time
                 named_sync(NB_EMPTY, 256);
-                if (issuer) {
+                if (issuer && PROBE != 1) {
                     if (PAIR) {  // and the other CTA of the pair is done with its copy of the buffer
                         const u32 empty = base + TM_EMPTY + (i & 1) * 8;
                         mbar_arrive(empty);
@@ -224,4 +236,26 @@ mla_decode_tma_pair_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict_
     griddep_wait();
     tma_decode<true>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks, splits,
                      scale, qpe_sb, qpe_sh, &cache_map);
+}
+
+// Timing probes of mla_decode_tma_bf16 (wrong outputs): the math alone, the loads alone.
+extern "C" __global__ void __launch_bounds__(256, 1)
+mla_decode_tma_probe1_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
+                           const int* __restrict__ block_table, const int* __restrict__ seq_lens,
+                           bf16* __restrict__ out, float* __restrict__ o_part, float* __restrict__ lse, int heads,
+                           int block_size, int max_blocks, int splits, float scale, long long qpe_sb,
+                           long long qpe_sh, const __grid_constant__ TmaMap cache_map) {
+    griddep_wait();
+    tma_decode<false, 1>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks,
+                         splits, scale, qpe_sb, qpe_sh, &cache_map);
+}
+extern "C" __global__ void __launch_bounds__(256, 1)
+mla_decode_tma_probe2_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
+                           const int* __restrict__ block_table, const int* __restrict__ seq_lens,
+                           bf16* __restrict__ out, float* __restrict__ o_part, float* __restrict__ lse, int heads,
+                           int block_size, int max_blocks, int splits, float scale, long long qpe_sb,
+                           long long qpe_sh, const __grid_constant__ TmaMap cache_map) {
+    griddep_wait();
+    tma_decode<false, 2>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks,
+                         splits, scale, qpe_sb, qpe_sh, &cache_map);
 }

@@ -64,15 +64,17 @@ __device__ __forceinline__ void tile_issue_pair(u32 kbuf, u32 bars, const TmaMap
 // S[64 x 64] = Q . K^T over the 576 columns of the tile in `kbuf`, waiting for each chunk's copy.
 // The rope chunk (8) goes first: it is reloaded earliest. rq: this thread's A fragments of Q's
 // rope columns. Committed as one wgmma group (not waited for).
-__device__ __forceinline__ void tile_qk(float* s, u32 q_addr, u32 kbuf, u32 bars, u32 parity, const u32* rq) {
-    mbar_wait(bars + 8 * 8, parity);
+// wait = false (a timing probe only): the tile's copies are not waited for.
+__device__ __forceinline__ void tile_qk(float* s, u32 q_addr, u32 kbuf, u32 bars, u32 parity, const u32* rq,
+                                        bool wait = true) {
+    if (wait) mbar_wait(bars + 8 * 8, parity);
     wg_fence();
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks)
         wgmma_m64n64_rs(s, rq + 4 * ks, wg_desc(kbuf + 8 * MLA_CHUNK + ks * 32, 16, 1024), ks > 0 ? 1 : 0);
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
-        mbar_wait(bars + c * 8, parity);
+        if (wait) mbar_wait(bars + c * 8, parity);
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks) {
             const u32 off = c * MLA_CHUNK + ks * 32;

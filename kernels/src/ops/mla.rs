@@ -118,6 +118,18 @@ impl MlaKernel {
     }
 }
 
+/// `DSV2_MLA_PROBE=1|2` (timing experiments only: the outputs are wrong): the TMA kernel's math
+/// alone (`mla_decode_tma_probe1_bf16`: later tiles reuse the first two without loads) or its
+/// loads alone (`..._probe2_bf16`: every copy and handshake, no MMA).
+fn tma_probe() -> Option<&'static str> {
+    static PROBE: std::sync::OnceLock<Option<&'static str>> = std::sync::OnceLock::new();
+    *PROBE.get_or_init(|| match std::env::var("DSV2_MLA_PROBE").as_deref() {
+        Ok("1") => Some("mla_decode_tma_probe1_bf16"),
+        Ok("2") => Some("mla_decode_tma_probe2_bf16"),
+        _ => None,
+    })
+}
+
 /// A CUtensorMap, passed to a kernel by value (`TmaMap` in tma.cuh).
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
@@ -332,6 +344,8 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     let pair = kernel == MlaKernel::TmaPair && heads.div_ceil(HEADS_PER_CTA) == 2;
     let entry = if pair {
         "mla_decode_tma_pair_bf16"
+    } else if kernel == MlaKernel::Tma {
+        tma_probe().unwrap_or(kernel.function())
     } else {
         kernel.function()
     };
