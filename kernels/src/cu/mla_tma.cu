@@ -40,7 +40,9 @@
 #define TM_BYTES (TM_EMPTY + 2 * 8)
 
 // named barriers: P (and its rescale) of buffer j written (0 -> 1); P buffer j read (1 -> 0);
-// warpgroup 0 done with the current tile buffer (0 -> 1)
+// warpgroup 0 done with tile buffer j (0 -> 1). One id per buffer each: with a single EMPTY id,
+// warpgroup 0 could arrive for tile i + 1 before warpgroup 1 synced for tile i, and 256 arrivals
+// of warpgroup 0 alone would complete the barrier (seen as a trap in the loads-only probe).
 #define NB_PREADY 1
 #define NB_PFREE 3
 #define NB_EMPTY 5
@@ -136,7 +138,7 @@ __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const
                 for (int c = 0; c < 9; ++c) mbar_wait(bars(i) + c * 8, (i >> 1) & 1);
                 if (i >= 2) named_sync(NB_PFREE + pb, 256);
                 named_arrive(NB_PREADY + pb, 256);
-                if (i + 2 < ntiles) named_arrive(NB_EMPTY, 256);
+                if (i + 2 < ntiles) named_arrive(NB_EMPTY + pb, 256);
                 continue;
             }
             tile_qk(s, q_addr, kbuf(i), bars(i), (i >> 1) & 1, rq, PROBE != 1 || i < 2);
@@ -170,7 +172,7 @@ __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const
             wg_wait<0>();
             wg_fence_regs<128>(o);
             wg_fence_regs<16>(pa);
-            if (i + 2 < ntiles) named_arrive(NB_EMPTY, 256);  // done with buffer i & 1
+            if (i + 2 < ntiles) named_arrive(NB_EMPTY + pb, 256);  // done with buffer i & 1
         }
     } else {
         for (int i = 0; i < ntiles; ++i) {
@@ -192,7 +194,7 @@ __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const
                 named_arrive(NB_PFREE + pb, 256);
                 // the whole buffer is free once warpgroup 0's P.V_L is done too: tile i + 2 in
                 // one go, whole cache rows at a time
-                named_sync(NB_EMPTY, 256);
+                named_sync(NB_EMPTY + pb, 256);
                 if (issuer && PROBE != 1) {
                     if (PAIR) {  // and the other CTA of the pair is done with its copy of the buffer
                         const u32 empty = base + TM_EMPTY + (i & 1) * 8;
