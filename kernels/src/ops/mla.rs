@@ -118,6 +118,68 @@ impl MlaKernel {
     }
 }
 
+/// The split-KV partial outputs of one decode launch: f32 o_part [B, splits, H, 512] and lse
+/// [B, splits, H] when the context is split (none for one split, where the decode kernel writes
+/// `out` itself). lse is written for every split, o_part only for splits with tokens (the combine
+/// reads no other).
+struct SplitPartials {
+    splits: usize,
+    o_part: Option<Tensor<f32>>,
+    lse: Option<Tensor<f32>>,
+}
+
+impl SplitPartials {
+    fn new(gpu: &Gpu, batch: usize, splits: usize, heads: usize) -> Result<Self> {
+        let (o_part, lse) = if splits > 1 {
+            (
+                Some(Tensor::<f32>::uninit(
+                    gpu,
+                    &[batch, splits, heads, KV_LORA],
+                )?),
+                Some(Tensor::<f32>::uninit(gpu, &[batch, splits, heads])?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            splits,
+            o_part,
+            lse,
+        })
+    }
+
+    /// Device addresses of o_part and lse (0 when there is one split).
+    fn ptrs(&self) -> (u64, u64) {
+        (
+            self.o_part.as_ref().map(|t| t.ptr()).unwrap_or(0),
+            self.lse.as_ref().map(|t| t.ptr()).unwrap_or(0),
+        )
+    }
+
+    /// Enqueues `mla_combine_bf16` into `out` [B, H, 512] (bf16) when the context was split. The
+    /// partials are freed in stream order after it (cudarc frees on the same stream).
+    fn combine(self, gpu: &Gpu, out: u64, batch: usize, heads: usize) -> Result<()> {
+        if self.splits <= 1 {
+            return Ok(());
+        }
+        let (op_ptr, lse_ptr) = self.ptrs();
+        let h = dim_i32("mla_combine_bf16", "heads", heads)?;
+        let si = self.splits as i32;
+        let f = gpu.function("mla_combine_bf16")?;
+        let mut b = gpu.launch(f);
+        b.arg(&op_ptr).arg(&lse_ptr).arg(&out).arg(&h).arg(&si);
+        let cfg = LaunchConfig {
+            grid_dim: (batch as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches mla_combine_bf16(o_part, lse, out, heads, splits); 128 threads x 4 = 512;
+        // o_part and lse hold batch*splits*heads*512 and batch*splits*heads f32.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+}
+
 /// `DSV2_MLA_PROBE=1|2` (timing experiments only: the outputs are wrong): the TMA kernel's math
 /// alone (`mla_decode_tma_probe1_bf16`: later tiles reuse the first two without loads) or its
 /// loads alone (`..._probe2_bf16`: every copy and handshake, no MMA).
@@ -304,19 +366,7 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
         .splits
         .unwrap_or_else(|| choose_splits(gpu.sm_count, batch, heads, p.max_seq_len, kernel))
         .clamp(1, MAX_SPLITS);
-    let (o_part, lse) = if splits > 1 {
-        (
-            // lse is written for every split; o_part only for splits with tokens (the combine
-            // reads no other)
-            Some(Tensor::<f32>::uninit(
-                gpu,
-                &[batch, splits, heads, KV_LORA],
-            )?),
-            Some(Tensor::<f32>::uninit(gpu, &[batch, splits, heads])?),
-        )
-    } else {
-        (None, None)
-    };
+    let parts = SplitPartials::new(gpu, batch, splits, heads)?;
     let (qa, qp, c, bt, sl, o) = (
         p.q_abs.ptr(),
         p.q_pe.ptr(),
@@ -325,8 +375,7 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
         p.seq_lens.ptr(),
         p.out.ptr(),
     );
-    let op_ptr = o_part.as_ref().map(|t| t.ptr()).unwrap_or(0);
-    let lse_ptr = lse.as_ref().map(|t| t.ptr()).unwrap_or(0);
+    let (op_ptr, lse_ptr) = parts.ptrs();
     let (h, bs, mb) = (
         dim_i32(OP, "heads", heads)?,
         dim_i32(OP, "block_size", block_size)?,
@@ -385,19 +434,7 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     // combine below is enqueued (stream order keeps them valid: cudarc frees asynchronously on the
     // same stream).
     unsafe { b.launch(cfg) }?;
-    if splits > 1 {
-        let f = gpu.function("mla_combine_bf16")?;
-        let mut b = gpu.launch(f);
-        b.arg(&op_ptr).arg(&lse_ptr).arg(&o).arg(&h).arg(&si);
-        let cfg = LaunchConfig {
-            grid_dim: (batch as u32, heads as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: matches mla_combine_bf16(o_part, lse, out, heads, splits); 128 threads x 4 = 512.
-        unsafe { b.launch(cfg) }?;
-    }
-    Ok(())
+    parts.combine(gpu, o, batch, heads)
 }
 
 /// Write new tokens into the cache: cache[slots[t]] = c_kv[t] | k_pe[t].
@@ -516,17 +553,7 @@ pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<()> {
             choose_splits(gpu.sm_count, batch, heads, p.max_seq_len, MlaKernel::Wgmma)
         })
         .clamp(1, MAX_SPLITS);
-    let (o_part, lse) = if splits > 1 {
-        (
-            Some(Tensor::<f32>::uninit(
-                gpu,
-                &[batch, splits, heads, KV_LORA],
-            )?),
-            Some(Tensor::<f32>::uninit(gpu, &[batch, splits, heads])?),
-        )
-    } else {
-        (None, None)
-    };
+    let parts = SplitPartials::new(gpu, batch, splits, heads)?;
     let (qa, qp, c, bt, sl, o) = (
         p.q_abs.ptr(),
         p.q_pe.ptr(),
@@ -535,8 +562,7 @@ pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<()> {
         p.seq_lens.ptr(),
         p.out.ptr(),
     );
-    let op_ptr = o_part.as_ref().map(|t| t.ptr()).unwrap_or(0);
-    let lse_ptr = lse.as_ref().map(|t| t.ptr()).unwrap_or(0);
+    let (op_ptr, lse_ptr) = parts.ptrs();
     let (h, bs, mb) = (
         dim_i32(OP, "heads", heads)?,
         dim_i32(OP, "block_size", block_size)?,
@@ -570,19 +596,7 @@ pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<()> {
     // batch*splits*heads*512 and batch*splits*heads f32 and live until after the combine below
     // is enqueued (cudarc frees them in stream order).
     unsafe { b.launch(cfg) }?;
-    if splits > 1 {
-        let f = gpu.function("mla_combine_bf16")?;
-        let mut b = gpu.launch(f);
-        b.arg(&op_ptr).arg(&lse_ptr).arg(&o).arg(&h).arg(&si);
-        let cfg = LaunchConfig {
-            grid_dim: (batch as u32, heads as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: matches mla_combine_bf16(o_part, lse, out, heads, splits); 128 threads x 4 = 512.
-        unsafe { b.launch(cfg) }?;
-    }
-    Ok(())
+    parts.combine(gpu, o, batch, heads)
 }
 
 #[cfg(test)]
