@@ -5,6 +5,7 @@ use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use super::dim_i32;
+use super::tma::{TmaMap2d, encode_bf16_2d};
 use crate::device::Gpu;
 use crate::error::{KernelError, Result, shape_err};
 use crate::tensor::{Tensor, View, ViewMut};
@@ -192,57 +193,29 @@ fn tma_probe() -> Option<&'static str> {
     })
 }
 
-/// A CUtensorMap, passed to a kernel by value (`TmaMap` in tma.cuh).
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-pub struct TmaMap([u64; 16]);
-
-// SAFETY: plain bytes the driver wrote; the kernel takes it by value as a 128-byte parameter.
-unsafe impl cudarc::driver::DeviceRepr for TmaMap {}
-
 /// The latent cache [num_blocks, block_size, 576] as a 2-D TMA tensor [num_blocks * block_size,
 /// 576] bf16, read in boxes of 64 columns x min(block_size, 64) rows with the 128-byte swizzle
 /// the wgmma operands use.
-pub fn cache_tensor_map(cache: &View<'_, bf16>) -> Result<TmaMap> {
-    use cudarc::driver::sys as cu;
-    const OP: &str = "mla_decode_seesaw_bf16";
+pub fn cache_tensor_map(cache: &View<'_, bf16>) -> Result<TmaMap2d> {
+    const OP: &str = "mla_decode_tma_bf16";
     let (blocks, block_size) = (cache.shape()[0], cache.shape()[1]);
-    if cache.shape()[2] != CACHE_DIM || !cache.ptr().is_multiple_of(16) {
+    if cache.shape()[2] != CACHE_DIM {
         return Err(shape_err(
             OP,
             format!(
-                "cache {:?} at {:#x}: expected [blocks, block_size, {CACHE_DIM}], 16-byte aligned",
-                cache.shape(),
-                cache.ptr()
+                "cache {:?}: expected [blocks, block_size, {CACHE_DIM}]",
+                cache.shape()
             ),
         ));
     }
-    let dims: [u64; 2] = [CACHE_DIM as u64, (blocks * block_size) as u64];
-    let strides: [u64; 1] = [(CACHE_DIM * 2) as u64];
-    let boxes: [u32; 2] = [64, block_size.min(64) as u32];
-    let element_strides: [u32; 2] = [1, 1];
-    let mut map = std::mem::MaybeUninit::<cu::CUtensorMap>::zeroed();
-    // SAFETY: every array outlives the call and has the rank (2, strides 1) the call is given;
-    // the global address is the cache's device pointer, valid while `cache` is borrowed.
-    unsafe {
-        cu::cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-            2,
-            cache.ptr() as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            element_strides.as_ptr(),
-            cu::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            cu::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            cu::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-        .result()?;
-        let map = map.assume_init();
-        Ok(TmaMap(map.opaque))
-    }
+    encode_bf16_2d(
+        OP,
+        cache.ptr(),
+        blocks * block_size,
+        CACHE_DIM,
+        64,
+        block_size.min(64),
+    )
 }
 
 /// Decode attention for one new token per sequence:
