@@ -73,6 +73,37 @@ pub struct LatentRope<'a> {
     pub table: &'a crate::rope::RopeTable,
 }
 
+impl LatentRope<'_> {
+    /// The append kernels' rope arguments (positions, cos, sin, max_pos) for `tokens` keys of
+    /// `rope_dim` rotated dims; `None` gives the kernels' "no rope" zeros.
+    pub(crate) fn kernel_args(
+        rope: Option<&Self>,
+        op: &'static str,
+        tokens: usize,
+        rope_dim: usize,
+    ) -> Result<(u64, u64, u64, i32)> {
+        let Some(rope) = rope else {
+            return Ok((0, 0, 0, 0));
+        };
+        rope.positions.expect(op, "positions", &[Some(tokens)])?;
+        if rope.table.rope_dim != rope_dim {
+            return Err(shape_err(
+                op,
+                format!(
+                    "rope table rotates {} dims, the key has {rope_dim}",
+                    rope.table.rope_dim
+                ),
+            ));
+        }
+        Ok((
+            rope.positions.ptr(),
+            rope.table.cos_ptr(),
+            rope.table.sin_ptr(),
+            dim_i32(op, "max_pos", rope.table.max_pos)?,
+        ))
+    }
+}
+
 pub fn mla_latent_append(gpu: &Gpu, p: LatentAppendParams<'_>) -> Result<()> {
     const OP: &str = "mla_latent_append_bf16";
     let width = p.kva.shape().last().copied().unwrap_or(0);
@@ -101,28 +132,8 @@ pub fn mla_latent_append(gpu: &Gpu, p: LatentAppendParams<'_>) -> Result<()> {
         dim_i32(OP, "rope", width - p.kv_lora)?,
     );
     let eps = p.eps;
-    let (pos, cos, sin, max_pos) = match &p.rope {
-        Some(rope) => {
-            rope.positions.expect(OP, "positions", &[Some(tokens)])?;
-            if rope.table.rope_dim != width - p.kv_lora {
-                return Err(shape_err(
-                    OP,
-                    format!(
-                        "rope table rotates {} dims, the key has {}",
-                        rope.table.rope_dim,
-                        width - p.kv_lora
-                    ),
-                ));
-            }
-            (
-                rope.positions.ptr(),
-                rope.table.cos_ptr(),
-                rope.table.sin_ptr(),
-                dim_i32(OP, "max_pos", rope.table.max_pos)?,
-            )
-        }
-        None => (0, 0, 0, 0),
-    };
+    let (pos, cos, sin, max_pos) =
+        LatentRope::kernel_args(p.rope.as_ref(), OP, tokens, width - p.kv_lora)?;
     let f = gpu.function(OP)?;
     let mut b = gpu.launch(f);
     b.arg(&k)

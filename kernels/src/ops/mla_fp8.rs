@@ -59,27 +59,7 @@ pub fn mla_latent_append_fp8(gpu: &Gpu, p: LatentAppendFp8Params<'_>) -> Result<
         l.scale_offset() as i32,
     );
     let eps = p.eps;
-    let (pos, cos, sin, max_pos) = match &p.rope {
-        Some(rope) => {
-            rope.positions.expect(OP, "positions", &[Some(tokens)])?;
-            if rope.table.rope_dim != l.rope {
-                return Err(shape_err(
-                    OP,
-                    format!(
-                        "rope table rotates {} dims, the key has {}",
-                        rope.table.rope_dim, l.rope
-                    ),
-                ));
-            }
-            (
-                rope.positions.ptr(),
-                rope.table.cos_ptr(),
-                rope.table.sin_ptr(),
-                dim_i32(OP, "max_pos", rope.table.max_pos)?,
-            )
-        }
-        None => (0, 0, 0, 0),
-    };
+    let (pos, cos, sin, max_pos) = LatentRope::kernel_args(p.rope.as_ref(), OP, tokens, l.rope)?;
     let f = gpu.function(OP)?;
     let mut b = gpu.launch(f);
     b.arg(&k)
