@@ -23,7 +23,8 @@
 #   lite-bench, lite-bench-eager  the same on DeepSeek-V2-Lite (27 layers), graphs on and off
 #   served-graphs  the served decode rows alone (4-layer V2)
 #   nsys     per-kernel GPU time of batch-1 decode (Nsight Systems, kernels inside graphs traced)
-#   ncu, ncu-stalls, ncu-pipes  Nsight Compute on an MLA decode kernel (NCU_MLA=wgmma/tma/tma-pair/seesaw; throughputs,
+#   mla-probes  the tma MLA kernel normally, its math alone and its loads alone (P1 rows)
+#   ncu, ncu-stalls, ncu-pipes, ncu-mem  Nsight Compute on an MLA decode kernel (NCU_MLA=wgmma/tma/tma-pair/seesaw; throughputs,
 #            why warps wait)
 #   served   dsv2-router --device cuda:0 with local experts and random real-dims weights, driven by
 #            `dsv2 loadtest` with DISTINCT prompts (MoE cost depends on it): decode at c=1/64/256,
@@ -134,6 +135,24 @@ for sec in ${SECTIONS:-check fixtures served lite profile}; do
         --section SchedulerStats --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
         "$BIN/dsv2-gpu-check" --mla --mla-kernels "$k" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/ncu-mla-$k.log" 2>&1 || { echo "ncu FAILED"; fail=1; }
       grep -vE "^(P1|P2|checks|device|copy|cuBLAS|prefill|==PROF==)" "$OUT_DIR/ncu-mla-$k.log" | grep -E "Throughput|Duration|Stall|Warp Cycles|Issued|Eligible|Active|Hit Rate|Bandwidth|Mem Pipes|Registers|Shared Memory|Occupancy|L1|L2|DRAM|Busy|Compute|Pipe" | head -60 ;;
+    mla-probes)
+      # the tma kernel normally, then its math alone and its loads alone (DSV2_MLA_PROBE=1 / 2:
+      # the outputs are wrong, so those runs' check rows FAIL by design): P1 rows only. Per tile
+      # and CTA, normal ~ (load time + math) / 2 with two tile buffers (bench/RESULTS.md session 10)
+      for p in 0 1 2; do
+        echo "-- DSV2_MLA_PROBE=$p"
+        DSV2_MLA_PROBE=$p timeout -k 5 120 "$BIN/dsv2-gpu-check" --mla --mla-kernels tma --cache-dir /tmp/dsv2-cubin \
+          >"$OUT_DIR/gpu-check-probe$p.log" 2>&1
+        grep -E "^P1 |rror|trap" "$OUT_DIR/gpu-check-probe$p.log" | head -8
+      done ;;
+    ncu-mem)
+      # where one MLA decode launch's loads wait: L1/L2/DRAM tables (NCU_MLA as for ncu)
+      k=${NCU_MLA:-wgmma}
+      NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      timeout -k 5 240 "$NCU" -k "regex:mla_decode_${k//-/_}_bf16" --launch-skip 14 --launch-count 1 \
+        --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section SpeedOfLight \
+        "$BIN/dsv2-gpu-check" --mla --mla-kernels "$k" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/ncu-mem-$k.log" 2>&1 || { echo "ncu FAILED"; fail=1; }
+      sed -n '/Section: Memory Workload Analysis Tables/,$p' "$OUT_DIR/ncu-mem-$k.log" | head -80 ;;
     ncu-pipes)
       # how busy the tensor pipe (wgmma) and shared memory are in one MLA decode launch (NCU_MLA as
       # for ncu; batch 64 x ctx 4096 x 128 heads)
