@@ -92,7 +92,8 @@ fn parse_args() -> Result<Args> {
                      --fp8: only the FP8 latent cache's checks (append, gather, decode) and its P1 rows\n\
                      beside the bf16 decode kernel (64 heads x batch 128, 128 heads x batch 64, ctx 4096).\n\
                      --probe: no checks; the tensor-core rate of the MMA shapes and wait patterns the\n\
-                     MLA decode and grouped expert kernels use, operands in shared memory, beside cuBLAS."
+                     MLA decode and grouped expert kernels use, operands in shared memory, beside cuBLAS;\n\
+                     then how fast MLA cache tiles stream in with 1-3 tile buffers and no math."
                 );
                 std::process::exit(0);
             }
@@ -501,8 +502,10 @@ fn main() -> Result<()> {
             let blas_tflops = blas_ceiling(&gpu)?;
             bench_p2(&gpu, copy_gbs, blas_tflops)?;
         } else if args.probe_only {
+            let copy_gbs = copy_ceiling(&gpu)?;
             let blas_tflops = blas_ceiling(&gpu)?;
             bench_probes(&gpu, blas_tflops)?;
+            bench_stream_probes(&gpu, copy_gbs)?;
         } else if args.fp8_only {
             println!(
                 "\n== measurements (CUDA events; each beside a ceiling measured in this run) =="
@@ -806,6 +809,58 @@ fn bench_probes(gpu: &Gpu, blas_tflops: f64) -> Result<()> {
             "PROBE {what}: {ms:.3} ms, {tflops:.0} TFLOP/s = {:.3} of cuBLAS",
             tflops / blas_tflops
         );
+    }
+    Ok(())
+}
+
+/// Load-stream probes (probe.cu): one CTA per SM pulls 64-token MLA cache tiles (73.7 KB, 9 TMA
+/// boxes) through a ring of 1, 2 or 3 tile buffers with no math, each CTA its own rows or two
+/// CTAs the same rows (the two head groups of a 128-head sequence). Prints the bytes delivered
+/// to shared memory and the unique bytes read, per second, beside the copy ceiling: what a
+/// decode kernel with that many tiles in flight can feed at best.
+fn bench_stream_probes(gpu: &Gpu, copy_gbs: f64) -> Result<()> {
+    use dsv2_kernels::ops::tma::encode_bf16_2d;
+    let tiles: i32 = 64; // a 4096-token context per CTA
+    let ctas = gpu.sm_count / 2 * 2;
+    let rows = ctas * tiles as usize * 64;
+    let cache = Tensor::<bf16>::zeros(gpu, &[rows, mla::CACHE_DIM])?;
+    let map = encode_bf16_2d("probe_stream", cache.ptr(), rows, mla::CACHE_DIM, 64, 64)?;
+    for nbuf in 1..=3usize {
+        for shared in [false, true] {
+            let name = format!(
+                "probe_stream_buf{nbuf}_{}",
+                if shared { "shared" } else { "own" }
+            );
+            let smem = nbuf * 9 * 8192 + 64 + 1024;
+            gpu.set_max_dynamic_smem(&name, smem)?;
+            let f = gpu.function(&name)?;
+            let ms = time_ms(gpu, 2, 10, || {
+                let mut b = gpu.launch(f);
+                b.arg(&map).arg(&tiles);
+                let cfg = cudarc::driver::LaunchConfig {
+                    grid_dim: (ctas as u32, 1, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                };
+                // SAFETY: matches probe_stream_*(TmaMap map, int tiles); the map covers `rows`
+                // rows, every CTA reads at most ctas * tiles * 64 of them.
+                unsafe { b.launch(cfg) }?;
+                Ok(())
+            })?;
+            let delivered = (ctas * tiles as usize * 9 * 8192) as f64;
+            let unique = if shared { delivered / 2.0 } else { delivered };
+            let (d_gbs, u_gbs) = (delivered / (ms * 1e-3) / 1e9, unique / (ms * 1e-3) / 1e9);
+            println!(
+                "PROBE stream {nbuf} tile buffer(s), {}: {ms:.3} ms, {:.2} us per tile per CTA; delivered {d_gbs:.0} GB/s, unique {u_gbs:.0} GB/s = {:.3} of copy",
+                if shared {
+                    "two CTAs per rows (128 heads)"
+                } else {
+                    "each CTA its own rows"
+                },
+                ms * 1e3 / tiles as f64,
+                u_gbs / copy_gbs
+            );
+        }
     }
     Ok(())
 }

@@ -3,9 +3,11 @@
 // patterns the MLA decode and grouped expert kernels use, so their TFLOP/s beside cuBLAS's says
 // how much of a kernel's time its MMAs alone would take. Values are whatever shared memory holds
 // (zeros); only the rate matters. Grid: one CTA per SM, 256 threads (2 warpgroups), 64 KiB + 1 KiB
-// of dynamic shared memory.
+// of dynamic shared memory. The load-stream probes at the end measure the other side: how fast
+// the MLA cache tiles arrive with no math.
 #include "common.cuh"
 #include "wgmma.cuh"
+#include "tma.cuh"
 
 #define PR_SMEM (64 * 1024)
 
@@ -93,4 +95,61 @@ extern "C" __global__ void __launch_bounds__(256, 1) probe_n64_both(float* out, 
 extern "C" __global__ void __launch_bounds__(256, 1) probe_n64_one(float* out, int iters) {
     griddep_wait();
     probe_n64<false>(out, iters);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load-stream probes: how fast one CTA per SM can pull MLA cache tiles (64 rows x 576 bf16 =
+// 73.7 KB, 9 TMA boxes of 64 x 64 with the 128-byte swizzle, as mla_tma.cu loads them) into a
+// ring of NBUF tile buffers, with no math: a tile is "consumed" the moment it lands and its
+// buffer is refilled at once. SHARE: CTAs 2j and 2j + 1 stream the same rows (two head groups
+// of one sequence reading one cache), else every CTA its own rows. Grid: one CTA per SM (even
+// count), 128 threads; CTA c streams `tiles` tiles from row (c / (SHARE ? 2 : 1)) * tiles * 64.
+template <int NBUF, bool SHARE>
+__device__ __forceinline__ void probe_stream(const TmaMap* map, int tiles) {
+    extern __shared__ __align__(1024) unsigned char ps_raw[];
+    unsigned char* s = reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(ps_raw) + 1023) & ~(size_t)1023);
+    const u32 base = (u32)__cvta_generic_to_shared(s);
+    const u32 bars = base + NBUF * 9 * 8192;
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < NBUF; ++i) mbar_init(bars + 8 * i, 1);
+        mbar_init_fence();
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    const int row0 = (blockIdx.x / (SHARE ? 2 : 1)) * tiles * 64;
+    auto issue = [&](int t) {
+        const u32 buf = base + (t % NBUF) * 9 * 8192, bar = bars + 8 * (t % NBUF);
+        mbar_arrive_expect_tx(bar, 9 * 8192);
+        for (int c = 0; c < 9; ++c) tma_load_2d(buf + c * 8192, map, c * 64, row0 + t * 64, bar);
+    };
+    for (int t = 0; t < NBUF && t < tiles; ++t) issue(t);
+    for (int t = 0; t < tiles; ++t) {
+        mbar_wait_thread(bars + 8 * (t % NBUF), (t / NBUF) & 1);
+        if (t + NBUF < tiles) issue(t + NBUF);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128, 1) probe_stream_buf1_own(const __grid_constant__ TmaMap map, int tiles) {
+    griddep_wait();
+    probe_stream<1, false>(&map, tiles);
+}
+extern "C" __global__ void __launch_bounds__(128, 1) probe_stream_buf2_own(const __grid_constant__ TmaMap map, int tiles) {
+    griddep_wait();
+    probe_stream<2, false>(&map, tiles);
+}
+extern "C" __global__ void __launch_bounds__(128, 1) probe_stream_buf3_own(const __grid_constant__ TmaMap map, int tiles) {
+    griddep_wait();
+    probe_stream<3, false>(&map, tiles);
+}
+extern "C" __global__ void __launch_bounds__(128, 1) probe_stream_buf1_shared(const __grid_constant__ TmaMap map, int tiles) {
+    griddep_wait();
+    probe_stream<1, true>(&map, tiles);
+}
+extern "C" __global__ void __launch_bounds__(128, 1) probe_stream_buf2_shared(const __grid_constant__ TmaMap map, int tiles) {
+    griddep_wait();
+    probe_stream<2, true>(&map, tiles);
+}
+extern "C" __global__ void __launch_bounds__(128, 1) probe_stream_buf3_shared(const __grid_constant__ TmaMap map, int tiles) {
+    griddep_wait();
+    probe_stream<3, true>(&map, tiles);
 }
