@@ -271,42 +271,113 @@ pub fn choose_splits(
     }
 }
 
+/// What both decode launchers (bf16 and FP8 cache) check of their arguments, the cache's row
+/// width aside, and derive from them.
+struct DecodeShape {
+    batch: usize,
+    heads: usize,
+    block_size: usize,
+    max_blocks: usize,
+    /// q_pe's batch and head strides (elements).
+    qpe_sb: i64,
+    qpe_sh: i64,
+}
+
+impl DecodeShape {
+    /// `Ok(None)`: nothing to compute (no sequences or no heads).
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        op: &'static str,
+        q_abs: &View<'_, bf16>,
+        q_pe: &View<'_, bf16>,
+        cache_shape: &[usize],
+        block_table: &View<'_, i32>,
+        seq_lens: &View<'_, i32>,
+        out: &ViewMut<'_, bf16>,
+        max_seq_len: usize,
+    ) -> Result<Option<Self>> {
+        q_abs.expect(op, "q_abs", &[None, None, Some(KV_LORA)])?;
+        let (batch, heads) = (q_abs.shape()[0], q_abs.shape()[1]);
+        // q_pe may be strided (the rope columns of q in place): rows of 64 contiguous values on
+        // 16-byte boundaries, which is how the kernels load it
+        let qs = q_pe.strides();
+        if q_pe.shape() != [batch, heads, ROPE]
+            || qs[2] != 1
+            || !qs[0].is_multiple_of(8)
+            || !qs[1].is_multiple_of(8)
+            || !q_pe.ptr().is_multiple_of(16)
+        {
+            return Err(shape_err(
+                op,
+                format!(
+                    "q_pe is {:?} with strides {:?}: expected [{batch}, {heads}, {ROPE}], unit last stride, 16-byte aligned rows",
+                    q_pe.shape(),
+                    qs
+                ),
+            ));
+        }
+        let block_size = cache_shape[1];
+        block_table.expect(op, "block_table", &[Some(batch), None])?;
+        let max_blocks = block_table.shape()[1];
+        seq_lens.expect(op, "seq_lens", &[Some(batch)])?;
+        out.expect(op, "out", &[Some(batch), Some(heads), Some(KV_LORA)])?;
+        if block_size == 0 || max_seq_len > max_blocks * block_size {
+            return Err(shape_err(
+                op,
+                format!(
+                    "max_seq_len {max_seq_len} exceeds block table capacity {max_blocks} x {block_size}"
+                ),
+            ));
+        }
+        if batch == 0 || heads == 0 {
+            return Ok(None);
+        }
+        if batch > 65535 {
+            return Err(KernelError::Unsupported {
+                op,
+                what: format!("batch {batch} > 65535"),
+            });
+        }
+        Ok(Some(Self {
+            batch,
+            heads,
+            block_size,
+            max_blocks,
+            qpe_sb: qs[0] as i64,
+            qpe_sh: qs[1] as i64,
+        }))
+    }
+}
+
 pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     const OP: &str = "mla_decode_bf16";
     let kernel = match p.kernel {
         Some(k) => k,
         None => MlaKernel::from_env()?,
     };
-    p.q_abs.expect(OP, "q_abs", &[None, None, Some(KV_LORA)])?;
-    let (batch, heads) = (p.q_abs.shape()[0], p.q_abs.shape()[1]);
-    // q_pe may be strided (the rope columns of q in place): rows of 64 contiguous values on
-    // 16-byte boundaries, which is how the kernels load it
-    let (qs, qp_ptr) = (p.q_pe.strides(), p.q_pe.ptr());
-    if p.q_pe.shape() != [batch, heads, ROPE]
-        || qs[2] != 1
-        || !qs[0].is_multiple_of(8)
-        || !qs[1].is_multiple_of(8)
-        || !qp_ptr.is_multiple_of(16)
-    {
-        return Err(shape_err(
-            OP,
-            format!(
-                "q_pe is {:?} with strides {:?}: expected [{batch}, {heads}, {ROPE}], unit last stride, 16-byte aligned rows",
-                p.q_pe.shape(),
-                qs
-            ),
-        ));
-    }
-    let (qpe_sb, qpe_sh) = (qs[0] as i64, qs[1] as i64);
     p.cache
         .expect(OP, "cache", &[None, None, Some(CACHE_DIM)])?;
-    let block_size = p.cache.shape()[1];
-    p.block_table
-        .expect(OP, "block_table", &[Some(batch), None])?;
-    let max_blocks = p.block_table.shape()[1];
-    p.seq_lens.expect(OP, "seq_lens", &[Some(batch)])?;
-    p.out
-        .expect(OP, "out", &[Some(batch), Some(heads), Some(KV_LORA)])?;
+    let Some(d) = DecodeShape::check(
+        OP,
+        &p.q_abs,
+        &p.q_pe,
+        p.cache.shape(),
+        &p.block_table,
+        &p.seq_lens,
+        &p.out,
+        p.max_seq_len,
+    )?
+    else {
+        return Ok(());
+    };
+    let DecodeShape {
+        batch,
+        heads,
+        block_size,
+        max_blocks,
+        qpe_sb,
+        qpe_sh,
+    } = d;
     if !kernel.supports_block_size(block_size) {
         return Err(KernelError::Unsupported {
             op: OP,
@@ -314,24 +385,6 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
                 "{} with cache blocks of {block_size} tokens (64 must be a multiple of the block size or the other way round)",
                 kernel.function()
             ),
-        });
-    }
-    if block_size == 0 || p.max_seq_len > max_blocks * block_size {
-        return Err(shape_err(
-            OP,
-            format!(
-                "max_seq_len {} exceeds block table capacity {max_blocks} x {block_size}",
-                p.max_seq_len
-            ),
-        ));
-    }
-    if batch == 0 || heads == 0 {
-        return Ok(());
-    }
-    if batch > 65535 {
-        return Err(KernelError::Unsupported {
-            op: OP,
-            what: format!("batch {batch} > 65535"),
         });
     }
     // each sequence cuts its own context into `splits` runs of whole tiles on the device
@@ -472,54 +525,30 @@ pub struct MlaDecodeFp8Params<'a> {
 pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<()> {
     const OP: &str = "mla_decode_fp8";
     let row = crate::fp8::Fp8Layout::DEEPSEEK_V2.row_bytes();
-    p.q_abs.expect(OP, "q_abs", &[None, None, Some(KV_LORA)])?;
-    let (batch, heads) = (p.q_abs.shape()[0], p.q_abs.shape()[1]);
-    let (qs, qp_ptr) = (p.q_pe.strides(), p.q_pe.ptr());
-    if p.q_pe.shape() != [batch, heads, ROPE]
-        || qs[2] != 1
-        || !qs[0].is_multiple_of(8)
-        || !qs[1].is_multiple_of(8)
-        || !qp_ptr.is_multiple_of(16)
-    {
-        return Err(shape_err(
-            OP,
-            format!(
-                "q_pe is {:?} with strides {:?}: expected [{batch}, {heads}, {ROPE}], unit last stride, 16-byte aligned rows",
-                p.q_pe.shape(),
-                qs
-            ),
-        ));
-    }
-    let (qpe_sb, qpe_sh) = (qs[0] as i64, qs[1] as i64);
     p.cache.expect(OP, "cache", &[None, None, Some(row)])?;
     if !p.cache.ptr().is_multiple_of(16) {
         return Err(shape_err(OP, "cache is not 16-byte aligned"));
     }
-    let block_size = p.cache.shape()[1];
-    p.block_table
-        .expect(OP, "block_table", &[Some(batch), None])?;
-    let max_blocks = p.block_table.shape()[1];
-    p.seq_lens.expect(OP, "seq_lens", &[Some(batch)])?;
-    p.out
-        .expect(OP, "out", &[Some(batch), Some(heads), Some(KV_LORA)])?;
-    if block_size == 0 || p.max_seq_len > max_blocks * block_size {
-        return Err(shape_err(
-            OP,
-            format!(
-                "max_seq_len {} exceeds block table capacity {max_blocks} x {block_size}",
-                p.max_seq_len
-            ),
-        ));
-    }
-    if batch == 0 || heads == 0 {
+    let Some(DecodeShape {
+        batch,
+        heads,
+        block_size,
+        max_blocks,
+        qpe_sb,
+        qpe_sh,
+    }) = DecodeShape::check(
+        OP,
+        &p.q_abs,
+        &p.q_pe,
+        p.cache.shape(),
+        &p.block_table,
+        &p.seq_lens,
+        &p.out,
+        p.max_seq_len,
+    )?
+    else {
         return Ok(());
-    }
-    if batch > 65535 {
-        return Err(KernelError::Unsupported {
-            op: OP,
-            what: format!("batch {batch} > 65535"),
-        });
-    }
+    };
     let splits = p
         .splits
         .unwrap_or_else(|| {
