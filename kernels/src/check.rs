@@ -554,6 +554,22 @@ pub fn check_expert_ffn(
     Ok(row)
 }
 
+/// q_pe as the engine passes it to the decode kernels: the rope columns of a [B, H, 128 + 64]
+/// q, read in place (`.narrow(2, 128, ROPE)` of the returned tensor); `q_pe` is [B, H, 64].
+pub(crate) fn q_pe_in_place(
+    gpu: &Gpu,
+    q_pe: &[bf16],
+    batch: usize,
+    heads: usize,
+) -> Result<Tensor<bf16>> {
+    let qd = 128 + mla::ROPE;
+    let mut qfull = vec![bf16::ZERO; batch * heads * qd];
+    for (i, row) in q_pe.chunks(mla::ROPE).enumerate() {
+        qfull[i * qd + 128..(i + 1) * qd].copy_from_slice(row);
+    }
+    Tensor::from_host(gpu, &qfull, &[batch, heads, qd])
+}
+
 /// MLA decode over a paged cache with shuffled blocks. `lens` are the per-sequence context lengths.
 pub fn check_mla_decode(
     gpu: &Gpu,
@@ -582,13 +598,7 @@ pub fn check_mla_decode(
     let scale = yarn_softmax_scale(&YarnConfig::deepseek_v2(), 192);
     let cache = Tensor::from_host(gpu, &cb, &[num_blocks, block_size, mla::CACHE_DIM])?;
     let qa = Tensor::from_host(gpu, &qab, &[batch, heads, mla::KV_LORA])?;
-    // q_pe as the engine passes it: the rope columns of a [B, H, 128 + 64] q, read in place
-    let qd = 128 + mla::ROPE;
-    let mut qfull = vec![bf16::ZERO; batch * heads * qd];
-    for (i, row) in qpb.chunks(mla::ROPE).enumerate() {
-        qfull[i * qd + 128..(i + 1) * qd].copy_from_slice(row);
-    }
-    let qp = Tensor::from_host(gpu, &qfull, &[batch, heads, qd])?;
+    let qp = q_pe_in_place(gpu, &qpb, batch, heads)?;
     let bt = Tensor::from_host(gpu, &table, &[batch, max_blocks])?;
     let sl = Tensor::from_host(gpu, &seq, &[batch])?;
     let mut out = Tensor::<bf16>::zeros(gpu, &[batch, heads, mla::KV_LORA])?;

@@ -239,13 +239,7 @@ pub fn check_mla_decode_fp8(
     let scale = yarn_softmax_scale(&YarnConfig::deepseek_v2(), 192);
     let cache = Tensor::from_host(gpu, &bytes, &[num_blocks, block_size, l.row_bytes()])?;
     let qa = Tensor::from_host(gpu, &qab, &[batch, heads, mla::KV_LORA])?;
-    // q_pe as the engine passes it: the rope columns of a [B, H, 128 + 64] q, read in place
-    let qd = 128 + mla::ROPE;
-    let mut qfull = vec![bf16::ZERO; batch * heads * qd];
-    for (i, row) in qpb.chunks(mla::ROPE).enumerate() {
-        qfull[i * qd + 128..(i + 1) * qd].copy_from_slice(row);
-    }
-    let qp = Tensor::from_host(gpu, &qfull, &[batch, heads, qd])?;
+    let qp = super::q_pe_in_place(gpu, &qpb, batch, heads)?;
     let bt = Tensor::from_host(gpu, &table, &[batch, max_blocks])?;
     let sl = Tensor::from_host(gpu, &seq, &[batch])?;
     let mut out = Tensor::<bf16>::zeros(gpu, &[batch, heads, mla::KV_LORA])?;
