@@ -32,6 +32,9 @@
 // chunk of both buffers is last read in a round's final P.V, so the next round's copies start at
 // the round's end and their latency is exposed each round. FlashMLA uses this schedule for
 // compute-bound shapes only. Hence an option (DSV2_MLA_KERNEL=seesaw), not the default.
+// That measurement was taken while the device's ptxas (NVRTC 13) serialised every wgmma of this
+// kernel (C7520: the warpgroup index was not warp-uniform to it; fixed in session 10 by
+// broadcasting it with __shfl_sync). The kernel has not been timed since.
 #include "common.cuh"
 #include "mla_common.cuh"
 #include "tma.cuh"
