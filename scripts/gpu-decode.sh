@@ -22,7 +22,11 @@
 #   bench-eager  the same with CUDA graphs off (DSV2_CUDA_GRAPHS=0), to compare
 #   lite-bench, lite-bench-eager  the same on DeepSeek-V2-Lite (27 layers), graphs on and off
 #   served-graphs  the served decode rows alone (4-layer V2)
-#   nsys     per-kernel GPU time of batch-1 decode (Nsight Systems, kernels inside graphs traced)
+#   served-vs-bench  in-process `dsv2 bench` and the served router on the same shapes (16-token distinct
+#            prompts, NEW_TOKENS new, batch/concurrency 1, 64, 256; SV_PRESET, SV_LAYERS)
+#   nsys     per-kernel GPU time of decode (Nsight Systems, kernels inside graphs traced; NSYS_PRESET,
+#            NSYS_LAYERS, NSYS_BATCH), the kernels' time a step beside the bench's step time
+#   ncu-grouped  Nsight Compute on one P2-shaped launch of the warp-specialised grouped expert kernel
 #   mla-probes  the tma MLA kernel normally, its math alone and its loads alone (P1 rows)
 #   ncu, ncu-stalls, ncu-pipes, ncu-mem  Nsight Compute on an MLA decode kernel (NCU_MLA=wgmma/tma/tma-pair/seesaw; throughputs,
 #            why warps wait)
@@ -107,6 +111,9 @@ served() {
     load "$label decode c=1 (4 distinct 16-token prompts, $NEW_TOKENS new)" "$r" 1 4 /tmp/gd-c1.json
     load "$label decode c=64 (128 distinct prompts)" "$r" 64 128 /tmp/gd-c64.json
   fi
+  if [ "${DECODE_ONLY:-}" = 1 ] && [ "${DECODE_256:-}" = 1 ]; then
+    load "$label decode c=256 (512 distinct prompts)" "$r" 256 512 /tmp/gd-c256.json
+  fi
   if [ "${DECODE_ONLY:-}" != 1 ]; then
     [ "${PREFILL_ONLY:-}" = 1 ] || load "$label decode c=256 (512 distinct prompts)" "$r" 256 512 /tmp/gd-c256.json
     distinct 64 512 1 /tmp/gd-p512.json
@@ -184,18 +191,22 @@ for h, u, v in zip(head, units, vals):
 PYEOF
       ;;
     nsys)
-      # per-kernel GPU time of batch-1 decode (graphs on; kernels inside graphs traced one by one)
+      # per-kernel GPU time of decode (graphs on; kernels inside graphs traced one by one) at
+      # NSYS_PRESET/NSYS_LAYERS (default 4-layer V2), batch NSYS_BATCH (default 1): the kernels'
+      # summed time per step against the bench's step time says how much is gaps between kernels
       NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
-      dir=/tmp/gd-deepseek-v2-4
+      preset=${NSYS_PRESET:-deepseek-v2}; layers=${NSYS_LAYERS:-4}; nb=${NSYS_BATCH:-1}
+      dir=/tmp/gd-$preset-$layers
       mkdir -p "$dir"
-      "$BIN/dsv2" init-random --preset deepseek-v2 --layers 4 --config-only --out "$dir" --seed 1 >/dev/null 2>&1
+      "$BIN/dsv2" init-random --preset "$preset" --layers "$layers" --config-only --out "$dir" --seed 1 >/dev/null 2>&1
       if [ -z "$NSYS" ]; then echo "no nsys on this machine"; else
-        timeout -k 5 200 "$NSYS" profile -o /tmp/b1 --force-overwrite true --cuda-graph-trace=node --trace=cuda \
-          "$BIN/dsv2" bench --device cuda:0 --model-dir "$dir" --random-weights 1 --batch 1 --context 512 \
-          --new-tokens 64 --runs 1 >/tmp/nsys-bench.log 2>&1 || { echo "nsys FAILED"; tail -5 /tmp/nsys-bench.log; fail=1; }
-        grep -E "^ +1 +512" /tmp/nsys-bench.log
+        timeout -k 5 240 "$NSYS" profile -o /tmp/b1 --force-overwrite true --cuda-graph-trace=node --trace=cuda \
+          "$BIN/dsv2" bench --device cuda:0 --model-dir "$dir" --random-weights 1 --batch "$nb" --context 512 \
+          --new-tokens 64 --runs 1 >"$OUT_DIR/nsys-bench-$preset.log" 2>&1 || { echo "nsys FAILED"; tail -5 "$OUT_DIR/nsys-bench-$preset.log"; fail=1; }
+        grep -E "^ +$nb +512|step|tok/s" "$OUT_DIR/nsys-bench-$preset.log" | head -6
         "$NSYS" stats --report cuda_gpu_kern_sum --format csv /tmp/b1.nsys-rep 2>/dev/null >/tmp/kern.csv
-        "$PY" - /tmp/kern.csv <<'PYEOF'
+        cp /tmp/kern.csv "$OUT_DIR/nsys-kern-$preset-b$nb.csv"
+        "$PY" - /tmp/kern.csv "$layers" <<'PYEOF'
 import csv, sys
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 8]
 h = rows[0]; rows = rows[1:]
@@ -203,11 +214,24 @@ i_t, i_n, i_avg, i_name = h.index("Total Time (ns)"), h.index("Instances"), h.in
 # decode kernels run once per layer per step: many instances; the ceiling probes run 10-20 times
 rows = [r for r in rows if int(r[i_n]) >= 60]
 tot = sum(int(r[i_t]) for r in rows)
-print("kernels with >= 60 launches: %.2f ms in total" % (tot / 1e6))
+steps = max(int(r[i_n]) for r in rows if "embedding" in r[i_name]) if any("embedding" in r[i_name] for r in rows) else 0
+print("kernels with >= 60 launches: %.2f ms in total; %d embedding launches (steps incl. prefill): %.1f us of kernel time a step, %d launches a step"
+      % (tot / 1e6, steps, tot / 1e3 / max(steps, 1), sum(int(r[i_n]) for r in rows) // max(steps, 1)))
 for r in sorted(rows, key=lambda r: -int(r[i_t]))[:28]:
     print("%8.3f ms %6s x %8.1f us  %s" % (int(r[i_t]) / 1e6, r[i_n], float(r[i_avg]) / 1e3, r[i_name][:110]))
 PYEOF
       fi ;;
+    ncu-grouped)
+      # Nsight Compute on one P2-shaped launch of the warp-specialised grouped gate/up kernel
+      # (8192 tokens x top-6 over 160 experts, V2 dims): --grouped --no-check, so the first
+      # launches are P2's; skip the 2 warm-ups
+      NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      timeout -k 5 240 "$NCU" -k "regex:${NCU_GROUPED:-moe_grouped_gate_up_ws}" --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+        --section WarpStateStats --section LaunchStats --section Occupancy \
+        --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__cycles_active.avg,smsp__warp_issue_stalled_barrier_per_warp_active.pct,smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct,smsp__warp_issue_stalled_wait_per_warp_active.pct,smsp__warp_issue_stalled_sleeping_per_warp_active.pct \
+        "$BIN/dsv2-gpu-check" --grouped --no-check --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/ncu-grouped.log" 2>&1 || { echo "ncu FAILED"; fail=1; }
+      grep -E "Duration|Throughput|Hit Rate|Bandwidth|gmma|stalled|Warp Cycles|Eligible|Registers|Shared Memory|Busy|Block Size|Grid Size|Waves" "$OUT_DIR/ncu-grouped.log" | grep -v "^P2" | head -50 ;;
     ncu-step)
       # GPU time of every kernel of one decode step (Nsight Compute times each launch alone; graphs
       # off so that launches are counted one by one): NCU_PRESET/NCU_LAYERS, batch NCU_BATCH
@@ -251,6 +275,19 @@ PYEOF
       ;;
     served-graphs)
       DECODE_ONLY=1 served deepseek-v2 4 "4-layer V2 (CUDA graphs)" ;;
+    served-vs-bench)
+      # issue 19's "served equals in-process": the same shapes both ways on SV_PRESET/SV_LAYERS
+      # (default 4-layer V2): in-process `dsv2 bench` at batch 1/64/256 over distinct 16-token
+      # prompts with NEW_TOKENS new, then the router (local experts, graphs on) under `dsv2
+      # loadtest` at c=1/64/256 with distinct 16-token prompts and NEW_TOKENS new
+      preset=${SV_PRESET:-deepseek-v2}; layers=${SV_LAYERS:-4}
+      dir=/tmp/gd-$preset-$layers
+      mkdir -p "$dir"
+      "$BIN/dsv2" init-random --preset "$preset" --layers "$layers" --config-only --out "$dir" --seed 1 >/dev/null 2>&1
+      timeout -k 5 200 "$BIN/dsv2" bench --device cuda:0 --model-dir "$dir" --random-weights 1 --batch 1,64,256 \
+        --context 16 --new-tokens "$NEW_TOKENS" --json "$OUT_DIR/bench-served-shapes-$preset.json" \
+        2>"$OUT_DIR/bench-served-shapes.err" | sed -n '/^decode/,/^$/p' || { echo "bench FAILED"; fail=1; }
+      DECODE_ONLY=1 DECODE_256=1 served "$preset" "$layers" "$preset $layers layers, served" ;;
     gemv)
       timeout -k 5 120 "$BIN/dsv2-gpu-check" --gemv --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-gemv.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|^device|copy d2d|^G " "$OUT_DIR/gpu-check-gemv.log" ;;
