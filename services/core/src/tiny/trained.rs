@@ -55,6 +55,14 @@ pub fn ensure_trained(cache_root: &Path) -> Result<PathBuf> {
     if is_complete(&dir) {
         return Ok(dir);
     }
+    if dir.exists() {
+        // Ours, and named by version: a half-written dir (a run killed mid-write under an older
+        // writer, a full disk) is moved aside and rewritten rather than served or refused.
+        let stale = cache_root.join(format!("{TRAINED_VERSION}.stale-{}", std::process::id()));
+        if std::fs::rename(&dir, &stale).is_ok() {
+            let _ = std::fs::remove_dir_all(&stale);
+        }
+    }
     super::publish(cache_root, TRAINED_VERSION, write_trained_to)?;
     if is_complete(&dir) {
         Ok(dir)
@@ -99,6 +107,18 @@ mod tests {
         );
         let random = super::super::resolve_model_dir("tiny-random", root.path()).unwrap();
         assert_eq!(random, root.path().join(super::super::TINY_VERSION));
+    }
+
+    #[test]
+    fn a_half_written_cache_dir_is_rewritten() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join(TRAINED_VERSION);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), b"{}").unwrap();
+        std::fs::write(dir.join("model.safetensors"), b"").unwrap();
+        assert!(!is_complete(&dir));
+        assert_eq!(ensure_trained(root.path()).unwrap(), dir);
+        assert!(is_complete(&dir));
     }
 
     #[test]
