@@ -10,8 +10,7 @@
 // A CTA owns one sequence, 64 heads and one context split: 2 warpgroups, 256 threads.
 //   warpgroup 0: S = Q.K^T (m64n64, the whole tile), online softmax (it alone owns the row
 //                maximum and sum), P to shared memory, O_L += P.V_L (latent columns 0..255, P
-//                from shared memory); the next tile's S is issued before this tile's softmax, so the
-//                tensor cores work through it while the softmax runs on the other pipes;
+//                from registers), then straight on to the next tile's S;
 //   warpgroup 1: waits for P, rescales O_R, O_R += P.V_R (columns 256..511, P from shared).
 // The tensor work of both warpgroups interleaves: warpgroup 1's P.V of tile i runs beside
 // warpgroup 0's P.V and the next S. Two cache-tile buffers and two P buffers.
@@ -47,7 +46,6 @@
 #define NB_PREADY 1
 #define NB_PFREE 3
 #define NB_EMPTY 5
-#define NB_WG0 7  // warpgroup 0 alone: its P stores done before its own P.V_L reads them
 
 // The kernel body. PAIR: the CTA is one of a cluster of two, the two head groups of the same
 // sequence and split (128 heads): each copies half of every tile and multicasts it to both, so
@@ -131,15 +129,8 @@ __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const
     if (wg == 0) {
         u32 rq[16];
         load_q_rope_frags(rq, q_pe, b, h0, heads, qpe_sb, qpe_sh, r_lo, cq);
-        float s[32], sn[32];  // S of this tile; S of the next one, in flight during this softmax
-        // P's bf16 A fragments: computed but not kept (P.V_L reads P from shared memory, as
-        // warpgroup 1 does, which frees these 16 registers for sn)
-        u32 pa[16];
-        if constexpr (PROBE != 2) {
-            tile_qk(s, q_addr, kbuf(0), bars(0), 0, rq);
-            wg_wait<0>();
-            wg_fence_regs<32>(s);
-        }
+        float s[32];
+        u32 pa[16];  // P's bf16 A fragments (P.V_L reads P from registers)
         for (int i = 0; i < ntiles; ++i) {
             const int pb = i & 1;
             const int t0 = start + 64 * i;
@@ -150,11 +141,9 @@ __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const
                 if (i + 2 < ntiles) named_arrive(NB_EMPTY + pb, 256);
                 continue;
             }
-            // the next tile's S goes to the tensor cores now and runs beside this tile's softmax
-            // (the softmax is warpgroup 0's serial part: alone, it left the MMAs idle half the
-            // time, bench/RESULTS.md session 10 run 4)
-            const bool next = i + 1 < ntiles;
-            if (next) tile_qk(sn, q_addr, kbuf(i + 1), bars(i + 1), ((i + 1) >> 1) & 1, rq, PROBE != 1 || i + 1 < 2);
+            tile_qk(s, q_addr, kbuf(i), bars(i), (i >> 1) & 1, rq, PROBE != 1 || i < 2);
+            wg_wait<0>();
+            wg_fence_regs<32>(s);
             float mx[2], alpha[2], sum[2];
             tile_rowmax(s, t0, cq, end, sl2, mx);
 #pragma unroll
@@ -174,22 +163,16 @@ __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const
             }
             fence_async_smem();
             named_arrive(NB_PREADY + pb, 256);
-            named_sync(NB_WG0, 128);  // all of P in shared memory before this warpgroup's MMA reads it
             scale_o_rows(o, alpha[0], alpha[1]);
             wg_fence();
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk)
-                wgmma_m64n256_ss_tn(o, wg_desc(base + (pb ? TM_P1 : TM_P0) + kk * 32, 16, 1024),
-                                    wg_desc(kbuf(i) + kk * 16 * 128, MLA_CHUNK, 1024), 1);
+                wgmma_m64n256_rs_tn(o, pa + 4 * kk, wg_desc(kbuf(i) + kk * 16 * 128, MLA_CHUNK, 1024), 1);
             wg_commit();
-            wg_wait<0>();  // this tile's P.V_L and the next tile's S (committed first)
+            wg_wait<0>();
             wg_fence_regs<128>(o);
-            wg_fence_regs<32>(sn);
+            wg_fence_regs<16>(pa);
             if (i + 2 < ntiles) named_arrive(NB_EMPTY + pb, 256);  // done with buffer i & 1
-            if (next) {
-#pragma unroll
-                for (int j = 0; j < 32; ++j) s[j] = sn[j];
-            }
         }
     } else {
         for (int i = 0; i < ntiles; ++i) {
