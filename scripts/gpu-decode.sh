@@ -26,8 +26,6 @@
 #            prompts, NEW_TOKENS new, batch/concurrency 1, 64, 256; SV_PRESET, SV_LAYERS)
 #   nsys     per-kernel GPU time of decode (Nsight Systems, kernels inside graphs traced; NSYS_PRESET,
 #            NSYS_LAYERS, NSYS_BATCH), the kernels' time a step beside the bench's step time
-#   prefetch DSV2_L2_PREFETCH off/use/ahead: batch 1 and 8 decode on the 4-layer V2 and V2-Lite, then
-#            dsv2-cuda-check with it on
 #   ncu-grouped  Nsight Compute on one P2-shaped launch of the warp-specialised grouped expert kernel
 #   mla-probes  the tma MLA kernel normally, its math alone and its loads alone (P1 rows)
 #   ncu, ncu-stalls, ncu-pipes, ncu-mem  Nsight Compute on an MLA decode kernel (NCU_MLA=wgmma/tma/tma-pair/seesaw; throughputs,
@@ -223,28 +221,6 @@ for r in sorted(rows, key=lambda r: -int(r[i_t]))[:28]:
     print("%8.3f ms %6s x %8.1f us  %s" % (int(r[i_t]) / 1e6, r[i_n], float(r[i_avg]) / 1e3, r[i_name][:110]))
 PYEOF
       fi ;;
-    prefetch)
-      # L2 prefetch of the next weights (DSV2_L2_PREFETCH off / use / ahead): in-process decode at
-      # batch PF_BATCHES (default 1,8), context 512, on the 4-layer V2 and V2-Lite; then
-      # dsv2-cuda-check with each mode on (decode graphs recorded with the prefetch fork)
-      for pl in "deepseek-v2 4" "deepseek-v2-lite 27"; do
-        set -- $pl
-        dir=/tmp/gd-$1-$2
-        mkdir -p "$dir"
-        "$BIN/dsv2" init-random --preset "$1" --layers "$2" --config-only --out "$dir" --seed 1 >/dev/null 2>&1
-        for m in ${PF_MODES:-off use ahead}; do
-          DSV2_L2_PREFETCH=$m timeout -k 5 150 "$BIN/dsv2" bench --device cuda:0 --model-dir "$dir" --random-weights 1 \
-            --batch "${PF_BATCHES:-1,8}" --context 512 --new-tokens 32 --json "$OUT_DIR/pf-$1-$m.json" \
-            2>"$OUT_DIR/pf-$1-$m.err" | sed -n '/^decode/,/^$/p' | grep -E "^ +[0-9]" | sed "s/^/$1 $2L prefetch=$m: /" \
-            || { echo "bench $1 $m FAILED"; tail -3 "$OUT_DIR/pf-$1-$m.err"; fail=1; }
-          grep -iE "warn|error" "$OUT_DIR/pf-$1-$m.err" | head -3
-        done
-      done
-      for m in use ahead; do
-        echo "-- dsv2-cuda-check with DSV2_L2_PREFETCH=$m"
-        DSV2_L2_PREFETCH=$m timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-pf-$m.log" 2>&1 || { echo "dsv2-cuda-check ($m) FAILED"; fail=1; }
-        tail -3 "$OUT_DIR/cuda-check-pf-$m.log"
-      done ;;
     ncu-grouped)
       # Nsight Compute on one P2-shaped launch of the warp-specialised grouped gate/up kernel
       # (8192 tokens x top-6 over 160 experts, V2 dims): --grouped --no-check, so the first

@@ -62,17 +62,12 @@ pub struct Gpu {
     _blas_workspace: CudaSlice<u8>,
     /// Extra streams and cuBLAS handles for running independent GEMMs side by side (expert FFN).
     pub side: Vec<(Arc<CudaStream>, CudaBlas)>,
-    /// The stream L2 prefetches of weights run on, forked from and joined to `stream` with events
-    /// (ops::prefetch), so that they overlap the kernels ahead of the weights' use.
-    pub prefetch: Arc<CudaStream>,
     functions: HashMap<String, CudaFunction>,
     _modules: Vec<Arc<CudaModule>>,
     /// Where each module's CUBIN came from, in [`compile::SOURCES`] order.
     pub module_sources: Vec<(String, CubinSource)>,
     pub name: String,
     pub sm_count: usize,
-    /// Bytes of L2 cache.
-    pub l2_bytes: usize,
     pub driver_version: i32,
 }
 
@@ -129,7 +124,6 @@ impl Gpu {
                 )));
             }
         }
-        let prefetch = ctx.new_stream()?;
         let mut side = Vec::with_capacity(SIDE_STREAMS);
         for _ in 0..SIDE_STREAMS {
             let s = ctx.new_stream()?;
@@ -167,21 +161,17 @@ impl Gpu {
         let sm_count = ctx
             .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
             as usize;
-        let l2_bytes =
-            ctx.attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize;
         Ok(Self {
             ctx,
             stream,
             blas,
             _blas_workspace: blas_workspace,
             side,
-            prefetch,
             functions,
             _modules: modules,
             module_sources,
             name,
             sm_count,
-            l2_bytes,
             driver_version,
         })
     }

@@ -17,7 +17,7 @@ use std::marker::PhantomData;
 use std::sync::OnceLock;
 
 use cudarc::driver::sys as cu;
-use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig};
+use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig};
 
 use crate::device::Gpu;
 use crate::error::Result;
@@ -34,8 +34,6 @@ pub struct Launch<'a> {
     func: &'a CudaFunction,
     args: Vec<*mut c_void>,
     cluster_x: u32,
-    /// The stream it goes to: the main stream unless [`Launch::on`] names another.
-    stream: Option<&'a CudaStream>,
     _args: PhantomData<&'a ()>,
 }
 
@@ -47,7 +45,6 @@ impl Gpu {
             func,
             args: Vec::new(),
             cluster_x: 1,
-            stream: None,
             _args: PhantomData,
         }
     }
@@ -64,13 +61,6 @@ impl<'a> Launch<'a> {
     /// distributed shared memory and multicast copies within a cluster). Default 1: no clusters.
     pub fn cluster_x(&mut self, x: u32) -> &mut Self {
         self.cluster_x = x;
-        self
-    }
-
-    /// Sends the launch to `stream` instead of the main stream (the caller orders it against the
-    /// main stream's work with events).
-    pub fn on(&mut self, stream: &'a CudaStream) -> &mut Self {
-        self.stream = Some(stream);
         self
     }
 
@@ -105,7 +95,7 @@ impl<'a> Launch<'a> {
             blockDimY: cfg.block_dim.1,
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
-            hStream: self.stream.unwrap_or(&self.gpu.stream).cu_stream(),
+            hStream: self.gpu.stream.cu_stream(),
             attrs: attrs.as_mut_ptr(),
             numAttrs: n as u32,
         };

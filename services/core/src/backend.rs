@@ -27,32 +27,6 @@ pub struct AttnWeights<W> {
     pub o: W,
 }
 
-impl<W> AttnWeights<W> {
-    /// The projection weights a step reads, in the order attention uses them (the norms'
-    /// small vectors left out).
-    pub fn projections(&self) -> Vec<&W> {
-        let mut v = match &self.q {
-            QProj::LowRank { a, b, .. } => vec![a, &self.kv_a, b],
-            QProj::Plain(q) => vec![q, &self.kv_a],
-        };
-        v.extend([&self.kv_b, &self.o]);
-        v
-    }
-}
-
-/// Where in a layer a step is when it offers weights for prefetching ([`Backend::prefetch_weights`]);
-/// the backend decides at which points it acts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PrefetchPoint {
-    /// The layer's attention comes next: its attention weights.
-    LayerStart,
-    /// The layer's attention is done: its FFN weights that do not depend on routing (the router
-    /// gate and the shared experts, or the dense MLP).
-    AfterAttention,
-    /// The layer's routed experts are under way: the next layer's attention weights.
-    AfterRouted,
-}
-
 /// A SiLU-gated MLP: `down(silu(gate(x)) * up(x))`.
 pub struct MlpWeights<W> {
     pub gate: W,
@@ -150,15 +124,6 @@ pub trait Backend: Send + Sync + 'static {
     type HostBlocks: Send;
 
     fn name(&self) -> String;
-
-    /// Offers the weights that the step's next operations will read, at `at`, so that a
-    /// backend whose memory system can fetch them ahead of use may start doing so (a GPU: into
-    /// L2, beside the kernels that run first). A hint: it must not change any result. Default:
-    /// nothing.
-    fn prefetch_weights(&self, at: PrefetchPoint, weights: &[&Self::Weight]) -> Result<()> {
-        let _ = (at, weights);
-        Ok(())
-    }
 
     /// Makes a checkpoint tensor available to this backend (in its stored dtype).
     fn weight(&self, t: &TensorRef) -> Result<Self::Weight>;

@@ -4,8 +4,7 @@
 use std::sync::Arc;
 
 use crate::backend::{
-    AttnBatch, AttnMode, AttnWeights, Backend, ExpertBank, GraphStep, MlpWeights, PrefetchPoint,
-    QProj, SeqChunk,
+    AttnBatch, AttnMode, AttnWeights, Backend, ExpertBank, GraphStep, MlpWeights, QProj, SeqChunk,
 };
 use crate::config::ModelConfig;
 use crate::error::{CoreError, ExpertRows, Result};
@@ -20,23 +19,6 @@ enum Ffn<W> {
         gate: W,
         shared: Option<MlpWeights<W>>,
     },
-}
-
-impl<W> Ffn<W> {
-    /// The weights the FFN reads whatever the routing: the dense MLP, or the router gate and the
-    /// shared experts, in the order they are used.
-    fn unrouted_weights(&self) -> Vec<&W> {
-        match self {
-            Ffn::Dense(m) => vec![&m.gate, &m.up, &m.down],
-            Ffn::Moe { gate, shared } => {
-                let mut v = vec![gate];
-                if let Some(s) = shared {
-                    v.extend([&s.gate, &s.up, &s.down]);
-                }
-                v
-            }
-        }
-    }
 }
 
 struct Layer<W> {
@@ -504,20 +486,12 @@ impl<B: Backend> Model<B> {
         // each sublayer's output joins the residual stream in the next norm's pass
         let mut ffn_out: Option<B::Act> = None;
         for (l, layer) in self.layers.iter().enumerate() {
-            b.prefetch_weights(PrefetchPoint::LayerStart, &layer.attn.projections())?;
             let x = match ffn_out.take() {
                 Some(out) => b.add_rms_norm(&mut hidden, &out, &layer.input_norm, eps)?,
                 None => b.rms_norm(&hidden, &layer.input_norm, eps)?,
             };
             let attn = b.attention(&self.cfg, &layer.attn, &x, &batch, storage, l)?;
             let x = b.add_rms_norm(&mut hidden, &attn, &layer.post_norm, eps)?;
-            b.prefetch_weights(PrefetchPoint::AfterAttention, &layer.ffn.unrouted_weights())?;
-            let next_attn = || match self.layers.get(l + 1) {
-                Some(next) => {
-                    b.prefetch_weights(PrefetchPoint::AfterRouted, &next.attn.projections())
-                }
-                None => Ok(()),
-            };
             let out = match &layer.ffn {
                 Ffn::Dense(mlp) => b.mlp(mlp, &x)?,
                 Ffn::Moe { gate, shared } => {
@@ -525,9 +499,6 @@ impl<B: Backend> Model<B> {
                         Some(bank) => b.route_local_experts(gate, &x, &self.routing, bank)?,
                         None => None,
                     };
-                    if local.is_some() {
-                        next_attn()?;
-                    }
                     let (mut routed, shared_out) = match local {
                         Some(mut r) => {
                             if let Some(s) = shared {
@@ -544,7 +515,6 @@ impl<B: Backend> Model<B> {
                                         experts.dispatch(l, &x, &routing)?
                                     }
                                 };
-                            next_attn()?;
                             // Shared experts run while routed experts are away.
                             let shared_out = shared.as_ref().map(|s| b.mlp(s, &x)).transpose()?;
                             (pending.wait()?, shared_out)

@@ -283,8 +283,6 @@ impl CudaBackend {
         self.stage_uploads(Some((inputs, &inputs_i32, &inputs_i64)))?;
         {
             let _g = self.lock()?;
-            // a fork left open by an eager step must not become a dependency of the recording
-            self.l2_prefetch.join(&self.gpu)?;
             self.gpu
                 .stream
                 .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
@@ -307,11 +305,7 @@ impl CudaBackend {
         });
         let graph = {
             let _g = self.lock()?;
-            // every stream forked into the recording must be joined before it ends
-            let joined = self.l2_prefetch.join(&self.gpu);
-            let graph = self.gpu.stream.end_capture(CUgraphInstantiate_flags(0));
-            joined?;
-            graph
+            self.gpu.stream.end_capture(CUgraphInstantiate_flags(0))
         };
         self.stage_uploads(None)?;
         body?;

@@ -10,7 +10,6 @@ mod cache;
 mod ceilings;
 mod graphs;
 mod host_tier;
-mod prefetch;
 mod profile;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use half::bf16;
 
 use dsv2_core::backend::{
-    AttnBatch, AttnWeights, Backend, ExpertBank, GraphStep, KvCacheDtype, MlpWeights, PrefetchPoint,
+    AttnBatch, AttnWeights, Backend, ExpertBank, GraphStep, KvCacheDtype, MlpWeights,
 };
 use dsv2_core::config::{ModelConfig, TopkMethod};
 use dsv2_core::error::{CoreError, Result};
@@ -202,8 +201,6 @@ pub struct CudaBackend {
     /// How caches made from now on hold their values (`--kv-cache-dtype`); each cache keeps
     /// the dtype it was made with.
     kv_dtype: Mutex<KvCacheDtype>,
-    /// L2 prefetch of the weights a step reads next (`DSV2_L2_PREFETCH`).
-    l2_prefetch: prefetch::L2Prefetch,
 }
 
 impl CudaBackend {
@@ -212,11 +209,6 @@ impl CudaBackend {
         let gpu = Gpu::open(opts)?;
         let profile = profile::Profile::from_env();
         let graphs = graphs::DecodeGraphs::from_env(profile.is_some());
-        let l2_prefetch =
-            prefetch::L2Prefetch::from_env(gpu.l2_bytes).map_err(|e| KernelError::Unsupported {
-                op: "l2_prefetch",
-                what: e.to_string(),
-            })?;
         Ok(Self {
             gpu,
             ordinal: opts.ordinal,
@@ -250,7 +242,6 @@ impl CudaBackend {
             uploads_i64: Uploads::default(),
             graphs: Mutex::new(graphs),
             kv_dtype: Mutex::new(KvCacheDtype::Bf16),
-            l2_prefetch,
         })
     }
 
@@ -797,11 +788,6 @@ impl Backend for CudaBackend {
     type Act = CudaAct;
     type Cache = CudaCache;
     type HostBlocks = host_tier::CudaHostBlocks;
-
-    fn prefetch_weights(&self, at: PrefetchPoint, weights: &[&CudaWeight]) -> Result<()> {
-        let _g = self.lock()?;
-        self.l2_prefetch.offer(&self.gpu, at, weights)
-    }
 
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.ordinal, self.gpu.name)
