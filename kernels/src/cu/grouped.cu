@@ -522,8 +522,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) moe_grouped_down_wgmma64_bf
 #define WS_B_BYTES (256 * 128)                    // 256 weight rows x 64 k
 #define WS_STAGE_BYTES (WS_A_BYTES + WS_B_BYTES)  // 48 KB
 #define WS_MAX_EXP 1024
-// dynamic smem: 1024 (alignment slack) + stages + 128 (barriers) + tile_off and offsets (ints)
-#define WS_SMEM_BYTES (1024 + WS_STAGES * WS_STAGE_BYTES + 128 + 2 * 4 * (WS_MAX_EXP + 1))
+// dynamic smem: 1024 (alignment slack) + stages + 128 (barriers) + tile_off, offsets and the
+// pair kernel's unit offsets (ints)
+#define WS_SMEM_BYTES (1024 + WS_STAGES * WS_STAGE_BYTES + 128 + 3 * 4 * (WS_MAX_EXP + 1))
 
 __device__ __forceinline__ void ws_setmaxnreg_dec40() { asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory"); }
 __device__ __forceinline__ void ws_setmaxnreg_inc232() { asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory"); }
@@ -557,83 +558,45 @@ __device__ __forceinline__ WsTile ws_tile(const int* s_toff, const int* s_off, i
     return w;
 }
 
-template <bool GATE_UP>
-__device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMap* __restrict__ wmaps,
-                                                const long long* __restrict__ ptrs, const int* __restrict__ offsets,
-                                                const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N,
-                                                int n_exp) {
-    constexpr int NF = GATE_UP ? 128 : 256;  // output features per tile
-    extern __shared__ __align__(1024) unsigned char ws_smem_raw[];
-    unsigned char* smem =
-        reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(ws_smem_raw) + 1023) & ~(size_t)1023);
-    const u32 base = smem_addr(smem);
-    const u32 full0 = base + WS_STAGES * WS_STAGE_BYTES;  // full[s] at full0 + 8 s
-    const u32 empty0 = full0 + 8 * WS_STAGES;              // empty[s] at empty0 + 8 s
-    int* s_toff = reinterpret_cast<int*>(smem + WS_STAGES * WS_STAGE_BYTES + 128);
-    int* s_off = s_toff + (WS_MAX_EXP + 1);
-    // (role and per-tile decisions broadcast with __shfl_sync: the compiler then knows them to
-    // be warp-uniform, and wgmma under them is not serialised as in a divergent path)
-    const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0);
-
-    for (int i = tid; i <= n_exp; i += blockDim.x) {
-        s_toff[i] = tile_off[i];
-        s_off[i] = offsets[i];
+// Unit u of the pair schedule (u < s_poff[n_exp] * nb): s_poff is the prefix sum of the experts'
+// pairs of 128-row blocks (ceil(blocks / 2)). A unit is (expert, feature block, pair of row
+// blocks), numbered as ws_tile's tiles; CTA `rank` of the pair takes row block 2 p + rank, which
+// may not exist (an odd last block): nrows 0, and the CTA only loads its half of the weights.
+__device__ __forceinline__ WsTile ws_pair_tile(const int* s_poff, const int* s_toff, const int* s_off, int n_exp,
+                                               int nb, int nf, int u, int rank) {
+    int lo = 0, hi = n_exp;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) >> 1;
+        if (s_poff[mid] * nb <= u) lo = mid;
+        else hi = mid;
     }
-    if (tid == 0) {
-        for (int s = 0; s < WS_STAGES; ++s) {
-            mbar_init(full0 + 8 * s, 1);   // the producer's expect_tx arrival (+ the TMA bytes)
-            mbar_init(empty0 + 8 * s, 8);  // one arrival per consumer warp
-        }
-        mbar_init_fence();
-    }
-    __syncthreads();
+    const int pb = s_poff[lo + 1] - s_poff[lo], local = u - s_poff[lo] * nb;
+    const int n = local / pb, m = 2 * (local - n * pb) + rank;
+    WsTile w;
+    w.e = lo;
+    w.row0 = s_off[lo] + m * 128;
+    w.nrows = m < s_toff[lo + 1] - s_toff[lo] ? min(128, s_off[lo + 1] - w.row0) : 0;
+    w.f0 = n * nf;
+    return w;
+}
 
-    const int nb = (N + NF - 1) / NF;
-    const int total = __shfl_sync(0xffffffffu, s_toff[n_exp] * nb, 0);
-    const int KT = (K + GK - 1) / GK;
-
-    if (wg == 0) {
-        // ---- producer ----
-        ws_setmaxnreg_dec40();
-        if (tid != 0) return;
-        int it = 0, last_e = -1;
-        for (int t = blockIdx.x; t < total; t += gridDim.x) {
-            const WsTile w = ws_tile(s_toff, s_off, n_exp, nb, NF, t);
-            const bool held = GATE_UP ? ptrs[3 * w.e] != 0 && ptrs[3 * w.e + 1] != 0 : ptrs[3 * w.e + 2] != 0;
-            if (!held) continue;  // no stages: the consumers write zeros
-            const TmaMap* m0 = wmaps + 3 * w.e + (GATE_UP ? 0 : 2);
-            const TmaMap* m1 = GATE_UP ? m0 + 1 : m0;
-            if (w.e != last_e) {
-                ws_map_acquire(m0);
-                if (GATE_UP) ws_map_acquire(m1);
-                last_e = w.e;
-            }
-            const bool two = w.nrows > 64;
-            const u32 bytes = (two ? WS_A_BYTES : WS_A_BYTES / 2) + WS_B_BYTES;
-            const int fb = GATE_UP ? w.f0 : w.f0 + 128;  // the second weight box's first row
-            for (int kt = 0; kt < KT; ++kt, ++it) {
-                const int s = it % WS_STAGES;
-                const u32 full = full0 + 8 * s;
-                mbar_wait_thread(empty0 + 8 * s, ((it / WS_STAGES) & 1) ^ 1);
-                mbar_arrive_expect_tx(full, bytes);
-                const u32 a = base + s * WS_STAGE_BYTES, b = a + WS_A_BYTES;
-                const int k0 = kt * GK;
-                tma_load_2d(a, x_map, k0, w.row0, full);
-                if (two) tma_load_2d(a + WS_A_BYTES / 2, x_map, k0, w.row0 + 64, full);
-                tma_load_2d(b, m0, k0, w.f0, full);
-                tma_load_2d(b + WS_B_BYTES / 2, m1, k0, fb, full);
-            }
-        }
-        return;
-    }
-
-    // ---- consumers: warpgroup c = 0, 1 computes rows 64c .. 64c + 63 of each tile ----
-    ws_setmaxnreg_inc232();
-    const int c = wg - 1, t128 = tid % 128, lane = tid % WARP, wq = t128 / WARP;
+// The consumer warpgroups' loop of grouped_tile_ws (see there).
+template <bool GATE_UP, bool PAIR, typename TileOf>
+__device__ __forceinline__ void ws_consume(u32 base, u32 full0, u32 empty0, int c, int tid, int first, int stride,
+                                           int total, int KT, TileOf tile_of, const long long* __restrict__ ptrs,
+                                           bf16* __restrict__ out, int N, int rank) {
+    constexpr int NF = GATE_UP ? 128 : 256;
+    const int t128 = tid % 128, lane = tid % WARP, wq = t128 / WARP;
+    // a stage goes back to this CTA's producer and, in a pair, to the partner's (its half of
+    // the weights is in this CTA's stage too)
+    auto release = [&](u32 bar) {
+        mbar_arrive(bar);
+        if (PAIR) mbar_arrive_remote(bar, rank ^ 1);
+    };
     float acc[128];
     int it = 0;
-    for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        const WsTile w = ws_tile(s_toff, s_off, n_exp, nb, NF, t);
+    for (int t = first; t < total; t += stride) {
+        const WsTile w = tile_of(t);
         const int r0 = 64 * c, nr = min(64, w.nrows - r0);  // this warpgroup's rows of the tile
         const bool held = __shfl_sync(0xffffffffu, GATE_UP ? ptrs[3 * w.e] != 0 && ptrs[3 * w.e + 1] != 0
                                                              : ptrs[3 * w.e + 2] != 0, 0);
@@ -659,13 +622,13 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
                 wg_commit();
                 wg_wait<1>();  // the group of step kt - 1 is done: its stage goes back
             }
-            if (kt > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((it - 1) % WS_STAGES));
+            if (kt > 0 && lane == 0) release(empty0 + 8 * ((it - 1) % WS_STAGES));
         }
         if (active) {
             wg_wait<0>();
             wg_fence_regs<128>(acc);
         }
-        if (lane == 0) mbar_arrive(empty0 + 8 * ((it - 1) % WS_STAGES));
+        if (lane == 0) release(empty0 + 8 * ((it - 1) % WS_STAGES));
         if (!active) continue;
 
         // epilogue: accumulator rows r_lo, r_lo + 8 (of the tile), columns 8j + cq, 8j + cq + 1.
@@ -699,6 +662,124 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
     }
 }
 
+// PAIR: the CTA is one of a cluster of two that take the two row blocks of one weight block
+// together (ws_pair_tile); each copies half of every stage's 256 weight rows and multicasts it
+// into both CTAs' stage, so every weight byte crosses L2 once per pair instead of once per CTA
+// (bench/RESULTS.md session 11: the unpaired kernel is bound by L2 delivery, 95 % busy). A stage
+// then holds the partner's copy too, so it is free only when both CTAs' consumers are done with
+// it: the empty barriers count the 8 consumer warps of each CTA.
+template <bool GATE_UP, bool PAIR>
+__device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMap* __restrict__ wmaps,
+                                                const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+                                                const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N,
+                                                int n_exp) {
+    constexpr int NF = GATE_UP ? 128 : 256;  // output features per tile
+    extern __shared__ __align__(1024) unsigned char ws_smem_raw[];
+    unsigned char* smem =
+        reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(ws_smem_raw) + 1023) & ~(size_t)1023);
+    const u32 base = smem_addr(smem);
+    const u32 full0 = base + WS_STAGES * WS_STAGE_BYTES;  // full[s] at full0 + 8 s
+    const u32 empty0 = full0 + 8 * WS_STAGES;              // empty[s] at empty0 + 8 s
+    int* s_toff = reinterpret_cast<int*>(smem + WS_STAGES * WS_STAGE_BYTES + 128);
+    int* s_off = s_toff + (WS_MAX_EXP + 1);
+    int* s_poff = s_off + (WS_MAX_EXP + 1);
+    // (role and per-tile decisions broadcast with __shfl_sync: the compiler then knows them to
+    // be warp-uniform, and wgmma under them is not serialised as in a divergent path)
+    const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0);
+    const int rank = PAIR ? (int)cluster_ctarank() : 0;
+
+    for (int i = tid; i <= n_exp; i += blockDim.x) {
+        s_toff[i] = tile_off[i];
+        s_off[i] = offsets[i];
+    }
+    __syncthreads();
+    if (PAIR && tid < WARP) {
+        // s_poff: exclusive prefix sum of ceil(row blocks / 2), 32 experts a round
+        int carry = 0;
+        if (tid == 0) s_poff[0] = 0;
+        for (int e0 = 0; e0 < n_exp; e0 += WARP) {
+            const int e = e0 + tid;
+            int v = e < n_exp ? (s_toff[e + 1] - s_toff[e] + 1) / 2 : 0;
+#pragma unroll
+            for (int d = 1; d < WARP; d *= 2) {
+                const int o = __shfl_up_sync(0xffffffffu, v, d);
+                if (tid >= d) v += o;
+            }
+            if (e < n_exp) s_poff[e + 1] = carry + v;
+            carry += __shfl_sync(0xffffffffu, v, WARP - 1);
+        }
+    }
+    if (tid == 0) {
+        for (int s = 0; s < WS_STAGES; ++s) {
+            mbar_init(full0 + 8 * s, 1);  // the producer's expect_tx arrival (+ the TMA bytes)
+            // one arrival per consumer warp (of both CTAs of a pair)
+            mbar_init(empty0 + 8 * s, PAIR ? 16 : 8);
+        }
+        mbar_init_fence();
+    }
+    // a pair's barriers are initialised before either CTA copies into or arrives on the other's
+    if (PAIR) cluster_sync();
+    else __syncthreads();
+
+    const int nb = (N + NF - 1) / NF;
+    const int total = __shfl_sync(0xffffffffu, (PAIR ? s_poff[n_exp] : s_toff[n_exp]) * nb, 0);
+    const int KT = (K + GK - 1) / GK;
+    const int first = PAIR ? blockIdx.x / 2 : blockIdx.x, stride = PAIR ? gridDim.x / 2 : gridDim.x;
+    auto tile_of = [&](int t) -> WsTile {
+        return PAIR ? ws_pair_tile(s_poff, s_toff, s_off, n_exp, nb, NF, t, rank)
+                    : ws_tile(s_toff, s_off, n_exp, nb, NF, t);
+    };
+
+    if (wg == 0) {
+        // ---- producer ----
+        ws_setmaxnreg_dec40();
+        if (tid == 0) {
+            int it = 0, last_e = -1;
+            for (int t = first; t < total; t += stride) {
+                const WsTile w = tile_of(t);
+                const bool held = GATE_UP ? ptrs[3 * w.e] != 0 && ptrs[3 * w.e + 1] != 0 : ptrs[3 * w.e + 2] != 0;
+                if (!held) continue;  // no stages: the consumers write zeros
+                const TmaMap* m0 = wmaps + 3 * w.e + (GATE_UP ? 0 : 2);
+                const TmaMap* m1 = GATE_UP ? m0 + 1 : m0;
+                if (w.e != last_e) {
+                    ws_map_acquire(m0);
+                    if (GATE_UP) ws_map_acquire(m1);
+                    last_e = w.e;
+                }
+                const bool one = w.nrows > 0, two = w.nrows > 64;
+                const u32 bytes = (two ? WS_A_BYTES : one ? WS_A_BYTES / 2 : 0) + WS_B_BYTES;
+                const int fb = GATE_UP ? w.f0 : w.f0 + 128;  // the second weight box's first row
+                for (int kt = 0; kt < KT; ++kt, ++it) {
+                    const int s = it % WS_STAGES;
+                    const u32 full = full0 + 8 * s;
+                    mbar_wait_thread(empty0 + 8 * s, ((it / WS_STAGES) & 1) ^ 1);
+                    mbar_arrive_expect_tx(full, bytes);
+                    const u32 a = base + s * WS_STAGE_BYTES, b = a + WS_A_BYTES;
+                    const int k0 = kt * GK;
+                    if (one) tma_load_2d(a, x_map, k0, w.row0, full);
+                    if (two) tma_load_2d(a + WS_A_BYTES / 2, x_map, k0, w.row0 + 64, full);
+                    if (!PAIR) {
+                        tma_load_2d(b, m0, k0, w.f0, full);
+                        tma_load_2d(b + WS_B_BYTES / 2, m1, k0, fb, full);
+                    } else if (rank == 0) {
+                        tma_load_2d_multicast(b, m0, k0, w.f0, full, 3);
+                    } else {
+                        tma_load_2d_multicast(b + WS_B_BYTES / 2, m1, k0, fb, full, 3);
+                    }
+                }
+            }
+        }
+        __syncwarp();
+    } else {
+        // ---- consumers: warpgroup c = 0, 1 computes rows 64c .. 64c + 63 of each tile ----
+        ws_setmaxnreg_inc232();
+        ws_consume<GATE_UP, PAIR>(base, full0, empty0, wg - 1, tid, first, stride, total, KT, tile_of, ptrs, out, N,
+                                  rank);
+    }
+    // neither CTA of a pair leaves while the other may still copy into it or arrive on it
+    if (PAIR) cluster_sync();
+}
+
 // grid min(SM count, tile bound), 384 threads, dynamic smem WS_SMEM_BYTES; x_map: x [rows, K]
 // in boxes of 64 k x 64 rows; wmaps [E, 3] the experts' gate / up / down maps (boxes of 64 k x
 // 128 rows) from moe_grouped_weight_maps; tile_off: moe_offsets_i32's with 128-row tiles.
@@ -707,7 +788,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) moe_grouped_gate_up_ws_bf16
     const int* __restrict__ offsets, const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N,
     int n_exp) {
     griddep_wait();
-    grouped_tile_ws<true>(&x_map, wmaps, ptrs, offsets, tile_off, out, K, N, n_exp);
+    grouped_tile_ws<true, false>(&x_map, wmaps, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
 
 extern "C" __global__ void __launch_bounds__(384, 1) moe_grouped_down_ws_bf16(
@@ -715,7 +796,25 @@ extern "C" __global__ void __launch_bounds__(384, 1) moe_grouped_down_ws_bf16(
     const int* __restrict__ offsets, const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N,
     int n_exp) {
     griddep_wait();
-    grouped_tile_ws<false>(&x_map, wmaps, ptrs, offsets, tile_off, out, K, N, n_exp);
+    grouped_tile_ws<false, false>(&x_map, wmaps, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+// The same in clusters of (2, 1, 1) CTAs (grid even): the two row blocks of a weight block share
+// its copies (ws_pair_tile).
+extern "C" __global__ void __launch_bounds__(384, 1) moe_grouped_gate_up_ws_pair_bf16(
+    const __grid_constant__ TmaMap x_map, const TmaMap* __restrict__ wmaps, const long long* __restrict__ ptrs,
+    const int* __restrict__ offsets, const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N,
+    int n_exp) {
+    griddep_wait();
+    grouped_tile_ws<true, true>(&x_map, wmaps, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) moe_grouped_down_ws_pair_bf16(
+    const __grid_constant__ TmaMap x_map, const TmaMap* __restrict__ wmaps, const long long* __restrict__ ptrs,
+    const int* __restrict__ offsets, const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N,
+    int n_exp) {
+    griddep_wait();
+    grouped_tile_ws<false, true>(&x_map, wmaps, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
 
 // maps[3 e + j] = the template for j (gate and up: gu, down: dn) with its global address

@@ -44,6 +44,11 @@ pub enum RowTile {
     /// MMAs only. The prefill tile ([`PREFILL_TILE`]); `W128` stays to compare
     /// (`DSV2_GROUPED_WS=0` in the CUDA backend).
     Ws128,
+    /// [`RowTile::Ws128`] in clusters of two CTAs that take the two row blocks of one weight
+    /// block together and share its copies (each copies half and multicasts it to both), so
+    /// every weight byte crosses L2 once per pair (`moe_grouped_*_ws_pair_bf16`). An expert
+    /// with an odd number of row blocks leaves one CTA of its last pair without rows.
+    Ws128Pair,
 }
 
 /// The tile prefill-sized batches take when the caller does not choose (`for_rows`).
@@ -65,14 +70,14 @@ impl RowTile {
             RowTile::R16 => 16,
             RowTile::R32 => 32,
             RowTile::R64 | RowTile::W64 => 64,
-            RowTile::R128 | RowTile::W128 | RowTile::Ws128 => 128,
+            RowTile::R128 | RowTile::W128 | RowTile::Ws128 | RowTile::Ws128Pair => 128,
         }
     }
 
     /// Weight rows per CTA (gate_up covers half as many features: gate + up).
     fn weight_rows(self) -> usize {
         match self {
-            RowTile::W128 | RowTile::W64 | RowTile::Ws128 => 256,
+            RowTile::W128 | RowTile::W64 | RowTile::Ws128 | RowTile::Ws128Pair => 256,
             _ => WEIGHT_ROWS,
         }
     }
@@ -82,7 +87,7 @@ impl RowTile {
             RowTile::R16 | RowTile::R32 | RowTile::R64 => 4,
             RowTile::R128 => 3,
             RowTile::W128 | RowTile::W64 => 4,
-            RowTile::Ws128 => WS_STAGES,
+            RowTile::Ws128 | RowTile::Ws128Pair => WS_STAGES,
         }
     }
 
@@ -91,23 +96,31 @@ impl RowTile {
             RowTile::R16 | RowTile::R32 | RowTile::R64 => 128,
             RowTile::R128 | RowTile::W128 | RowTile::W64 => 256,
             // one producer and two consumer warpgroups
-            RowTile::Ws128 => 384,
+            RowTile::Ws128 | RowTile::Ws128Pair => 384,
         }
     }
 
     /// The warpgroup-MMA tiles (prefill-sized batches).
     pub fn is_wgmma(self) -> bool {
-        matches!(self, RowTile::W128 | RowTile::W64 | RowTile::Ws128)
+        matches!(
+            self,
+            RowTile::W128 | RowTile::W64 | RowTile::Ws128 | RowTile::Ws128Pair
+        )
+    }
+
+    /// The persistent warp-specialised kernels (one launch path, `ws_launch`).
+    fn is_warp_specialised(self) -> bool {
+        matches!(self, RowTile::Ws128 | RowTile::Ws128Pair)
     }
 
     fn smem_bytes(self) -> usize {
-        if self == RowTile::Ws128 {
+        if self.is_warp_specialised() {
             // WS_SMEM_BYTES: alignment slack, the stages, 128 bytes of mbarriers, and the
-            // experts' tile offsets and row offsets (E + 1 ints each) copied into shared memory
+            // experts' tile offsets, row offsets and pair offsets (E + 1 ints each)
             return 1024
                 + self.stages() * (self.weight_rows() + self.rows()) * K_STEP * 2
                 + 128
-                + 2 * 4 * (WS_MAX_EXP + 1);
+                + 3 * 4 * (WS_MAX_EXP + 1);
         }
         let stages = self.stages() * (self.weight_rows() + self.rows()) * K_STEP * 2;
         // the wgmma kernel aligns its stages to 1024 bytes itself
@@ -134,6 +147,8 @@ impl RowTile {
             (RowTile::W64, false) => "moe_grouped_down_wgmma64_bf16",
             (RowTile::Ws128, true) => "moe_grouped_gate_up_ws_bf16",
             (RowTile::Ws128, false) => "moe_grouped_down_ws_bf16",
+            (RowTile::Ws128Pair, true) => "moe_grouped_gate_up_ws_pair_bf16",
+            (RowTile::Ws128Pair, false) => "moe_grouped_down_ws_pair_bf16",
         }
     }
 
@@ -217,12 +232,13 @@ pub unsafe fn grouped_ffn(gpu: &Gpu, p: GroupedFfnParams<'_>) -> Result<()> {
         p.act.ptr(),
         p.out.ptr(),
     );
-    if tile == RowTile::Ws128 {
+    if tile.is_warp_specialised() {
         // SAFETY: forwarded contract; tile_off written just above on the same stream.
         unsafe {
             ws_launch(
                 gpu,
                 WsLaunch {
+                    tile,
                     rows,
                     hidden,
                     inter,
@@ -274,6 +290,7 @@ pub unsafe fn grouped_ffn(gpu: &Gpu, p: GroupedFfnParams<'_>) -> Result<()> {
 
 /// Device addresses and sizes of one warp-specialised grouped FFN (both projections).
 struct WsLaunch {
+    tile: RowTile,
     rows: usize,
     hidden: usize,
     inter: usize,
@@ -294,11 +311,23 @@ fn ws_features(gate_up: bool) -> usize {
 
 /// CTAs of a warp-specialised launch: one per SM, fewer when there are fewer tiles. The tile
 /// count is known on the device only; its bound on the host is `rows / 128` full row blocks plus
-/// one partial block per expert, times the feature blocks.
-fn ws_grid(sm_count: usize, rows: usize, n_exp: usize, n: usize, gate_up: bool) -> usize {
+/// one partial block per expert, times the feature blocks. The pair kernel takes an even count
+/// (clusters of two), bounded the same way in pairs.
+fn ws_grid(
+    sm_count: usize,
+    rows: usize,
+    n_exp: usize,
+    n: usize,
+    gate_up: bool,
+    pair: bool,
+) -> usize {
     let row_blocks = rows / 128 + n_exp.min(rows);
     let tiles = row_blocks * n.div_ceil(ws_features(gate_up));
-    sm_count.min(tiles).max(1)
+    if pair {
+        2 * (sm_count / 2).min(tiles).max(1)
+    } else {
+        sm_count.min(tiles).max(1)
+    }
 }
 
 /// The kernel's schedule (`ws_tile` in grouped.cu), for the tests: tile `t` < tile_off[E] * nb
@@ -323,13 +352,49 @@ fn ws_tile(tile_off: &[i32], offsets: &[i32], nb: i32, nf: i32, t: i32) -> (usiz
     (lo, row0, 128.min(offsets[lo + 1] - row0), n * nf)
 }
 
+/// The pair kernel's schedule (`ws_pair_tile` in grouped.cu), for the tests: unit `u` <
+/// pair_off[E] * nb gives CTA `rank` (expert e, first row, rows (0: none), first feature);
+/// pair_off is the prefix sum of ceil(row blocks / 2).
+#[cfg(test)]
+fn ws_pair_tile(
+    pair_off: &[i32],
+    tile_off: &[i32],
+    offsets: &[i32],
+    nb: i32,
+    nf: i32,
+    u: i32,
+    rank: i32,
+) -> (usize, i32, i32, i32) {
+    let n_exp = pair_off.len() - 1;
+    let (mut lo, mut hi) = (0usize, n_exp);
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if pair_off[mid] * nb <= u {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let pb = pair_off[lo + 1] - pair_off[lo];
+    let local = u - pair_off[lo] * nb;
+    let (n, m) = (local / pb, 2 * (local % pb) + rank);
+    let row0 = offsets[lo] + m * 128;
+    let nrows = if m < tile_off[lo + 1] - tile_off[lo] {
+        128.min(offsets[lo + 1] - row0)
+    } else {
+        0
+    };
+    (lo, row0, nrows, n * nf)
+}
+
 /// # Safety
 /// As [`grouped_ffn`]: the table's non-zero addresses are live expert weights of the stated
 /// shapes; x [rows, hidden], act [rows, inter], out [rows, hidden], offsets [E + 1] and tile_off
 /// [E + 1] (moe_offsets_i32 at 128 rows) are live device buffers.
 unsafe fn ws_launch(gpu: &Gpu, w: WsLaunch) -> Result<()> {
     const OP: &str = "moe_grouped_ffn_ws_bf16";
-    let tile = RowTile::Ws128;
+    let tile = w.tile;
+    let pair = tile == RowTile::Ws128Pair;
     let ne = dim_i32(OP, "experts", w.n_exp)?;
     // Per-expert weight maps, [E, 3] x 128 bytes: templates encoded here (the shapes; any
     // 16-byte aligned address), their addresses replaced on the device from the table.
@@ -378,13 +443,16 @@ unsafe fn ws_launch(gpu: &Gpu, w: WsLaunch) -> Result<()> {
             .arg(&k)
             .arg(&n)
             .arg(&ne);
-        let grid = ws_grid(gpu.sm_count, w.rows, w.n_exp, n_us, gate_up);
+        if pair {
+            b.cluster_x(2);
+        }
+        let grid = ws_grid(gpu.sm_count, w.rows, w.n_exp, n_us, gate_up, pair);
         let cfg = LaunchConfig {
             grid_dim: (grid as u32, 1, 1),
             block_dim: (tile.threads(), 1, 1),
             shared_mem_bytes: tile.smem_bytes() as u32,
         };
-        // SAFETY: matches moe_grouped_{gate_up,down}_ws_bf16(x_map, wmaps, ptrs, offsets,
+        // SAFETY: matches moe_grouped_{gate_up,down}_ws{,_pair}_bf16(x_map, wmaps, ptrs, offsets,
         // tile_off, out, K, N, n_exp); the input map covers x / act [rows, K], the weight maps
         // were written by the launch above (stream order), out / act [rows, N]; act is written
         // by the first launch before the second reads it.
@@ -556,14 +624,16 @@ mod tests {
             RowTile::W64,
             RowTile::W128,
             RowTile::Ws128,
+            RowTile::Ws128Pair,
         ] {
             // 227 KiB of dynamic shared memory per block on sm_90
             assert!(t.smem_bytes() <= 227 * 1024, "{t:?}: {}", t.smem_bytes());
         }
         assert_eq!(RowTile::W128.smem_bytes(), 4 * 384 * 128 + 1024);
         assert_eq!(RowTile::W64.smem_bytes(), 4 * 320 * 128 + 1024);
-        // WS_SMEM_BYTES in grouped.cu: 1024 + 4 x 48 KiB + 128 + 2 x 4 x 1025
-        assert_eq!(RowTile::Ws128.smem_bytes(), 205_960);
+        // WS_SMEM_BYTES in grouped.cu: 1024 + 4 x 48 KiB + 128 + 3 x 4 x 1025
+        assert_eq!(RowTile::Ws128.smem_bytes(), 210_060);
+        assert_eq!(RowTile::Ws128Pair.smem_bytes(), 210_060);
         assert_eq!(RowTile::Ws128.threads(), 384);
         assert_eq!(RowTile::Ws128.kernel(true), "moe_grouped_gate_up_ws_bf16");
     }
@@ -577,7 +647,7 @@ mod tests {
             .map(|(_, s)| *s)
             .expect("grouped.cu is embedded");
         let names = crate::device::kernel_names(src);
-        for t in [RowTile::W128, RowTile::Ws128] {
+        for t in [RowTile::W128, RowTile::Ws128, RowTile::Ws128Pair] {
             for g in [true, false] {
                 assert!(names.iter().any(|n| n == t.kernel(g)), "{}", t.kernel(g));
             }
@@ -627,6 +697,44 @@ mod tests {
     }
 
     #[test]
+    fn pair_schedule_covers_every_row_and_feature_once_with_both_ctas_on_one_weight_block() {
+        let counts = [0, 1, 7, 0, 64, 65, 67, 128, 129, 300, 0, 351, 257];
+        let (toff, off) = tile_offsets(&counts);
+        let mut poff = vec![0];
+        for e in 0..counts.len() {
+            poff.push(poff.last().unwrap() + (toff[e + 1] - toff[e] + 1) / 2);
+        }
+        let rows = *off.last().unwrap() as usize;
+        for (n, nf) in [(72i32, 128i32), (1536, 128), (5120, 256)] {
+            let nb = (n + nf - 1) / nf;
+            let total = poff[counts.len()] * nb;
+            let mut seen = vec![0u8; rows * nb as usize];
+            for u in 0..total {
+                let a = super::ws_pair_tile(&poff, &toff, &off, nb, nf, u, 0);
+                let b = super::ws_pair_tile(&poff, &toff, &off, nb, nf, u, 1);
+                // both CTAs of the pair on the same expert and weight block
+                assert_eq!((a.0, a.3), (b.0, b.3));
+                assert!(counts[a.0] > 0, "expert {} with no rows got unit {u}", a.0);
+                assert!(a.2 > 0, "rank 0 always has rows");
+                for (e, row0, nrows, f0) in [a, b] {
+                    if nrows == 0 {
+                        continue;
+                    }
+                    assert!((1..=128).contains(&nrows));
+                    assert!(row0 >= off[e] && row0 + nrows <= off[e + 1]);
+                    for r in row0..row0 + nrows {
+                        seen[r as usize * nb as usize + (f0 / nf) as usize] += 1;
+                    }
+                }
+            }
+            assert!(
+                seen.iter().all(|&s| s == 1),
+                "N {n}: a (row, block) not covered once"
+            );
+        }
+    }
+
+    #[test]
     fn ws_schedule_keeps_a_weight_block_together() {
         // P2-like: 3 row blocks per expert; consecutive tiles share (expert, feature block)
         let counts = [300, 307, 351, 265];
@@ -666,12 +774,17 @@ mod tests {
     #[test]
     fn ws_grid_is_one_cta_per_sm_at_most() {
         // P2: 49152 rows over 160 experts on 132 SMs
-        assert_eq!(super::ws_grid(132, 49152, 160, 1536, true), 132);
+        assert_eq!(super::ws_grid(132, 49152, 160, 1536, true, false), 132);
         // one row of one expert: gate_up 1536 / 128 = 12 tiles, down 5120 / 256 = 20
-        assert_eq!(super::ws_grid(132, 1, 160, 1536, true), 12);
-        assert_eq!(super::ws_grid(132, 1, 160, 5120, false), 20);
+        assert_eq!(super::ws_grid(132, 1, 160, 1536, true, false), 12);
+        assert_eq!(super::ws_grid(132, 1, 160, 5120, false, false), 20);
         // bound = (rows / 128 + min(E, rows)) * feature blocks: 7 rows over 9 experts, N 40
-        assert_eq!(super::ws_grid(132, 7, 9, 40, true), 7);
-        assert_eq!(super::ws_grid(132, 0, 9, 40, true), 1);
+        assert_eq!(super::ws_grid(132, 7, 9, 40, true, false), 7);
+        assert_eq!(super::ws_grid(132, 0, 9, 40, true, false), 1);
+        // pairs: always an even count of CTAs, one pair per tile at most
+        assert_eq!(super::ws_grid(132, 49152, 160, 1536, true, true), 132);
+        assert_eq!(super::ws_grid(133, 49152, 160, 1536, true, true), 132);
+        assert_eq!(super::ws_grid(132, 1, 160, 1536, true, true), 24);
+        assert_eq!(super::ws_grid(132, 0, 9, 40, true, true), 2);
     }
 }

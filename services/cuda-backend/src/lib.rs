@@ -224,13 +224,24 @@ impl CudaBackend {
             // DSV2_GROUPED_PREFILL=0: prefill-sized expert batches on the per-expert cuBLAS loop
             // instead of the wgmma grouped kernel (to compare the two)
             grouped_prefill: std::env::var("DSV2_GROUPED_PREFILL").map_or(true, |v| v != "0"),
-            // DSV2_GROUPED_WS=0: prefill-sized expert batches on the wgmma grouped kernel without
-            // warp specialisation (RowTile::W128) instead of the warp-specialised persistent one
-            // (to compare the two, or to fall back should the new one fail its checks)
-            grouped_prefill_tile: if std::env::var("DSV2_GROUPED_WS").is_ok_and(|v| v == "0") {
-                dsv2_kernels::ops::grouped::RowTile::W128
-            } else {
-                dsv2_kernels::ops::grouped::PREFILL_TILE
+            // DSV2_GROUPED_WS: the prefill-sized expert batches' tile, to compare or to fall
+            // back should one fail its checks: `0` the wgmma kernel without warp specialisation
+            // (RowTile::W128), `1` the warp-specialised persistent one (Ws128), `pair` that one
+            // in CTA pairs sharing each weight block's copies (Ws128Pair); unset: PREFILL_TILE
+            grouped_prefill_tile: {
+                use dsv2_kernels::ops::grouped::{PREFILL_TILE, RowTile};
+                match std::env::var("DSV2_GROUPED_WS").as_deref() {
+                    Ok("0") => RowTile::W128,
+                    Ok("1") => RowTile::Ws128,
+                    Ok("pair") => RowTile::Ws128Pair,
+                    Ok(other) => {
+                        return Err(KernelError::Unsupported {
+                            op: "grouped experts",
+                            what: format!("DSV2_GROUPED_WS={other}: expected 0, 1 or pair"),
+                        });
+                    }
+                    Err(_) => PREFILL_TILE,
+                }
             },
             // DSV2_PREFILL_KERNEL=mma: prefill attention on the mma.sync kernels instead of the
             // wgmma one (to compare the two, or to fall back should the wgmma kernel fail its checks)
