@@ -100,10 +100,15 @@ __device__ __forceinline__ u32 cluster_ctarank() {
 __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
+// The arrival has the default (CTA-scope release) semantics, as CUTLASS's cluster barrier
+// arrive: the callers arrive to hand back a buffer whose reads have completed (wgmma waited),
+// so nothing needs ordering at cluster scope, and `.release.cluster` costs every arriving warp a
+// memory barrier (the pair grouped kernel ran at half speed with it: ncu, bench/RESULTS.md
+// session 11 run 2).
 __device__ __forceinline__ void mbar_arrive_remote(u32 bar, u32 cta) {
     u32 remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(cta));
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
 }
 
 // Named barriers (ids 1..15; 0 is __syncthreads): `n` threads in all must arrive. A producer
