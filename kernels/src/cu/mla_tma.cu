@@ -16,8 +16,8 @@
 // warpgroup 0's P.V and the next S. Two cache-tile buffers and two P buffers.
 //
 // Loads: each tile buffer is 9 column chunks with an mbarrier each (mla_tma.cuh), so S starts on
-// the first chunk to land. Warpgroup 1 issues tile i + 2 into the buffer of tile i as soon as
-// both warpgroups' P.V of tile i are done, all 9 chunks at once, so each load has the whole of
+// the first chunk to land. Tile i + 2 is issued into the buffer of tile i by whichever
+// warpgroup finishes its P.V of tile i last, all 9 chunks at once, so each load has the whole of
 // tile i + 1's math to land. (Reloading chunk by chunk as each chunk's last reader finished, with
 // warpgroup 0 issuing V_L's chunks after the next tile's S was queued, chained every tile's loads
 // behind the previous tile's arrival: 0.28 of the roofline, bench/RESULTS.md session 10 run 1.)
@@ -37,15 +37,14 @@
 #define TM_L (TM_ALPHA + 512)           // float[2][64]: row sums at the end
 #define TM_BAR (TM_L + 512)             // u64[2][9]: one mbarrier per chunk of each tile buffer
 #define TM_EMPTY (TM_BAR + 2 * 9 * 8)   // u64[2]: both CTAs of a pair done with a tile buffer
-#define TM_BYTES (TM_EMPTY + 2 * 8)
+#define TM_DONE (TM_EMPTY + 2 * 8)      // int[2]: warpgroups done with a tile buffer (0, 1, 2)
+#define TM_BYTES (TM_DONE + 2 * 4)
 
-// named barriers: P (and its rescale) of buffer j written (0 -> 1); P buffer j read (1 -> 0);
-// warpgroup 0 done with tile buffer j (0 -> 1). One id per buffer each: with a single EMPTY id,
-// warpgroup 0 could arrive for tile i + 1 before warpgroup 1 synced for tile i, and 256 arrivals
-// of warpgroup 0 alone would complete the barrier (seen as a trap in the loads-only probe).
+// named barriers: P (and its rescale) of buffer j written (0 -> 1); P buffer j read (1 -> 0).
+// One id per buffer each.
 #define NB_PREADY 1
 #define NB_PFREE 3
-#define NB_EMPTY 5
+#define NB_EMPTY 5  // the pair kernel: warpgroup 0 done with tile buffer j (0 -> 1)
 
 // The kernel body. PAIR: the CTA is one of a cluster of two, the two head groups of the same
 // sequence and split (128 heads): each copies half of every tile and multicasts it to both, so
@@ -92,6 +91,7 @@ __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const
         for (int i = 0; i < 18; ++i) mbar_init(base + TM_BAR + 8 * i, 1);
         for (int i = 0; i < 2; ++i) mbar_init(base + TM_EMPTY + 8 * i, 2);
         mbar_init_fence();
+        reinterpret_cast<int*>(smem + TM_DONE)[0] = reinterpret_cast<int*>(smem + TM_DONE)[1] = 0;
     }
     // Rows of the last tile that are never loaded (past `end`) must not hold NaN from whatever ran
     // on this SM before: P is 0 there, but 0 * NaN is NaN. A buffer that held an earlier tile
@@ -118,7 +118,27 @@ __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const
     if (tid == 0) {
         for (int i = 0; i < min(ntiles, 2); ++i) issue(i);
     }
-    const bool issuer = (tid % 128) == 0;
+    // Tile i + 2 goes into tile i's buffer as soon as both warpgroups are done with it: one
+    // thread of each counts itself done, and the second to do so issues the copies. Nobody
+    // waits for the other warpgroup. (With a named barrier there, warpgroup 1 stalled every tile
+    // until warpgroup 0's P.V_L finished: the loads-only probe ran at 0.156 ms against 0.102 ms
+    // for a plain stream of the same tiles, bench/RESULTS.md session 11 run 1.) The pair kernel
+    // keeps the barrier: its reissue also waits for the other CTA, and a wait on that
+    // thread-divergent path between warpgroup 0's MMAs made ptxas serialise them.
+    int* s_done = reinterpret_cast<int*>(smem + TM_DONE);
+    auto done_with = [&](int i) {
+        __threadfence_block();  // this warpgroup's reads of the buffer (waited for) come first
+        if (atomicAdd(&s_done[i & 1], 1) == 0) return;  // the other warpgroup still reads it
+        __threadfence_block();
+        s_done[i & 1] = 0;
+        if (PROBE != 1) issue(i + 2);
+    };
+    const bool counter = (tid % 128) == 0;  // the thread of each warpgroup that counts
+    // warpgroup 0, done with tile i's buffer
+    auto wg0_done = [&](int i) {
+        if (PAIR) named_arrive(NB_EMPTY + (i & 1), 256);
+        else if (counter) done_with(i);
+    };
 
     float o[128];
 #pragma unroll
@@ -138,7 +158,7 @@ __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const
                 for (int c = 0; c < 9; ++c) mbar_wait(bars(i) + c * 8, (i >> 1) & 1);
                 if (i >= 2) named_sync(NB_PFREE + pb, 256);
                 named_arrive(NB_PREADY + pb, 256);
-                if (i + 2 < ntiles) named_arrive(NB_EMPTY + pb, 256);
+                if (i + 2 < ntiles) wg0_done(i);
                 continue;
             }
             tile_qk(s, q_addr, kbuf(i), bars(i), (i >> 1) & 1, rq, PROBE != 1 || i < 2);
@@ -172,7 +192,7 @@ __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const
             wg_wait<0>();
             wg_fence_regs<128>(o);
             wg_fence_regs<16>(pa);
-            if (i + 2 < ntiles) named_arrive(NB_EMPTY + pb, 256);  // done with buffer i & 1
+            if (i + 2 < ntiles) wg0_done(i);  // done with buffer i & 1
         }
     } else {
         for (int i = 0; i < ntiles; ++i) {
@@ -192,17 +212,19 @@ __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const
             }
             if (i + 2 < ntiles) {
                 named_arrive(NB_PFREE + pb, 256);
-                // the whole buffer is free once warpgroup 0's P.V_L is done too: tile i + 2 in
-                // one go, whole cache rows at a time
-                named_sync(NB_EMPTY + pb, 256);
-                if (issuer && PROBE != 1) {
-                    if (PAIR) {  // and the other CTA of the pair is done with its copy of the buffer
+                if (!PAIR) {
+                    if (counter) done_with(i);
+                } else {
+                    // the whole buffer is free once warpgroup 0's P.V_L is done too, and the
+                    // other CTA of the pair is done with its copy of it
+                    named_sync(NB_EMPTY + pb, 256);
+                    if (counter && PROBE != 1) {
                         const u32 empty = base + TM_EMPTY + (i & 1) * 8;
                         mbar_arrive(empty);
                         mbar_arrive_remote(empty, rank ^ 1);
                         mbar_wait_thread(empty, (i >> 1) & 1);
+                        issue(i + 2);
                     }
-                    issue(i + 2);
                 }
             }
         }

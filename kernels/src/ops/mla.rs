@@ -31,9 +31,9 @@ const WGMMA_SMEM_BYTES: usize = 3 * 64 * 576 * 2 + 64 * 128 + 2 * 2 * 64 * 4 + 1
 /// columns, two cache tiles, two P buffers, row state, 18 mbarriers) plus 1 KiB for alignment.
 const SEESAW_SMEM_BYTES: usize = 8 * 8192 + 2 * 9 * 8192 + 2 * 8192 + 3 * 256 + 512 + 18 * 8 + 1024;
 /// Shared memory of one `mla_decode_tma_bf16` CTA: `TM_BYTES` in mla_tma.cu (Q's latent columns,
-/// two cache tiles, two P buffers, rescales and row sums, 18 chunk and 2 buffer mbarriers) plus
-/// 1 KiB for alignment.
-const TMA_SMEM_BYTES: usize = 8 * 8192 + 2 * 9 * 8192 + 2 * 8192 + 2 * 512 + 20 * 8 + 1024;
+/// two cache tiles, two P buffers, rescales and row sums, 18 chunk and 2 buffer mbarriers, 2
+/// done-counters) plus 1 KiB for alignment.
+const TMA_SMEM_BYTES: usize = 8 * 8192 + 2 * 9 * 8192 + 2 * 8192 + 2 * 512 + 20 * 8 + 2 * 4 + 1024;
 // within the most dynamic shared memory a CTA may use on sm_90 (227 KiB)
 const _: () = assert!(SEESAW_SMEM_BYTES <= 232_448 && TMA_SMEM_BYTES <= 232_448);
 
