@@ -26,6 +26,8 @@
 #            prompts, NEW_TOKENS new, batch/concurrency 1, 64, 256; SV_PRESET, SV_LAYERS)
 #   nsys     per-kernel GPU time of decode (Nsight Systems, kernels inside graphs traced; NSYS_PRESET,
 #            NSYS_LAYERS, NSYS_BATCH), the kernels' time a step beside the bench's step time
+#   pending  what session 11 built and could not run: grouped pair vs Ws128, every MLA decode kernel's
+#            checks and P1 rows, the tma kernel's loads alone and math alone
 #   ncu-grouped  Nsight Compute on one P2-shaped launch of the warp-specialised grouped expert kernel
 #   mla-probes  the tma MLA kernel normally, its math alone and its loads alone (P1 rows)
 #   ncu, ncu-stalls, ncu-pipes, ncu-mem  Nsight Compute on an MLA decode kernel (NCU_MLA=wgmma/tma/tma-pair/seesaw; throughputs,
@@ -221,6 +223,21 @@ for r in sorted(rows, key=lambda r: -int(r[i_t]))[:28]:
     print("%8.3f ms %6s x %8.1f us  %s" % (int(r[i_t]) / 1e6, r[i_n], float(r[i_avg]) / 1e3, r[i_name][:110]))
 PYEOF
       fi ;;
+    pending)
+      # what session 11 built and could not run (bench/RESULTS.md, end of session 11): the pair
+      # grouped kernel with its remote-arrival fix against Ws128 (checks, P2g), every MLA decode
+      # kernel's checks and P1 rows (seesaw never timed since its wgmma stopped being
+      # serialised; tma with the reissue by count), the tma kernel's loads alone and math alone
+      timeout -k 5 150 "$BIN/dsv2-gpu-check" --grouped --quick --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-grouped.log" 2>&1 || fail=1
+      grep -E "FAIL|^checks:|copy d2d|cuBLAS bf16|^P2|rror|trap" "$OUT_DIR/gpu-check-grouped.log" | cut -c1-220
+      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels wgmma,seesaw,tma,tma-pair --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-mla.log" 2>&1 || fail=1
+      grep -E "FAIL|^checks:|^P1 " "$OUT_DIR/gpu-check-mla.log" | cut -c1-220
+      for p in 1 2; do
+        echo "-- tma, DSV2_MLA_PROBE=$p"
+        DSV2_MLA_PROBE=$p timeout -k 5 120 "$BIN/dsv2-gpu-check" --mla --mla-kernels tma --cache-dir /tmp/dsv2-cubin \
+          >"$OUT_DIR/gpu-check-probe$p.log" 2>&1
+        grep -E "^P1 .*(batch 64 ctx 4096 heads 128|batch 8 ctx 32768)|rror|trap" "$OUT_DIR/gpu-check-probe$p.log" | cut -c1-220
+      done ;;
     ncu-grouped)
       # Nsight Compute on one P2-shaped launch of the warp-specialised grouped gate/up kernel
       # (8192 tokens x top-6 over 160 experts, V2 dims): --grouped --no-check, so the first
