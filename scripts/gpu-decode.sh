@@ -230,7 +230,7 @@ PYEOF
       # serialised; tma with the reissue by count), the tma kernel's loads alone and math alone
       timeout -k 5 150 "$BIN/dsv2-gpu-check" --grouped --quick --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-grouped.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|copy d2d|cuBLAS bf16|^P2|rror|trap" "$OUT_DIR/gpu-check-grouped.log" | cut -c1-220
-      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels wgmma,seesaw,tma,tma-pair --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-mla.log" 2>&1 || fail=1
+      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels wgmma,seesaw,tma,tma-pair,roles --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-mla.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|^P1 " "$OUT_DIR/gpu-check-mla.log" | cut -c1-220
       for p in 1 2; do
         echo "-- tma, DSV2_MLA_PROBE=$p"
@@ -308,7 +308,7 @@ PYEOF
     gemv)
       timeout -k 5 120 "$BIN/dsv2-gpu-check" --gemv --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-gemv.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|^device|copy d2d|^G " "$OUT_DIR/gpu-check-gemv.log" ;;
-    seesaw|tma|tma-pair)
+    seesaw|tma|tma-pair|roles)
       # one TMA MLA decode kernel (mla_seesaw.cu or mla_tma.cu) alone first, in its own process
       # (a kernel that traps leaves the other kernels' rows alone), then end to end with it
       timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels "$sec" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-$sec.log" 2>&1

@@ -865,6 +865,7 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             mla::MlaKernel::Seesaw,
             mla::MlaKernel::Tma,
             mla::MlaKernel::TmaPair,
+            mla::MlaKernel::Roles,
         ],
     )?);
     for (n, ctx, heads, dims, shared) in [
@@ -899,6 +900,7 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             mla::MlaKernel::Seesaw,
             mla::MlaKernel::Tma,
             mla::MlaKernel::TmaPair,
+            mla::MlaKernel::Roles,
         ] {
             out.push(check_mla_decode(gpu, &lens, 128, 64, None, kernel)?);
         }

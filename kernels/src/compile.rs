@@ -26,6 +26,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("mla.cu", include_str!("cu/mla.cu")),
     ("mla_seesaw.cu", include_str!("cu/mla_seesaw.cu")),
     ("mla_tma.cu", include_str!("cu/mla_tma.cu")),
+    ("mla_roles.cu", include_str!("cu/mla_roles.cu")),
     ("mla_fp8.cu", include_str!("cu/mla_fp8.cu")),
     ("sample.cu", include_str!("cu/sample.cu")),
     ("general.cu", include_str!("cu/general.cu")),

@@ -47,6 +47,7 @@ fn parse_args() -> Result<Args> {
             mla::MlaKernel::Seesaw,
             mla::MlaKernel::Tma,
             mla::MlaKernel::TmaPair,
+            mla::MlaKernel::Roles,
         ],
         opts: GpuOptions::default(),
     };
@@ -87,7 +88,7 @@ fn parse_args() -> Result<Args> {
                      bandwidth, cuBLAS) and P1/P2. --mla: only the MLA checks (decode, both kernels;\n\
                      prefill: wgmma, M128, M64), P1 and PF, a quick go/no-go for the wgmma kernels.\n\
                      --mla-kernels: which MLA decode kernels --mla checks and times (comma-separated:\n\
-                     wgmma, mma, seesaw, tma, tma-pair; default all, a new kernel last so that a crash of it\n\
+                     wgmma, mma, seesaw, tma, tma-pair, roles; default all, a new kernel last so that a crash of it\n\
                      leaves the others' rows printed).\n\
                      --gemv: only the few-row GEMV checks and their timings beside cuBLAS and copy.\n\
                      --grouped: only the grouped expert checks (every row tile, the warp-specialised\n\
@@ -638,7 +639,7 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
     // P1 row for "batch 128, 64 heads"): at 128 heads the two head groups of a sequence read the
     // same cache tiles, which L2 may or may not serve twice. If 128 x 64 heads costs about what
     // 64 x 128 heads does, the kernel is bound by its own compute and barriers, not by DRAM.
-    use mla::MlaKernel::{Mma, Seesaw, Tma, TmaPair, Wgmma};
+    use mla::MlaKernel::{Mma, Roles, Seesaw, Tma, TmaPair, Wgmma};
     let contiguous = std::env::var("DSV2_P1_CONTIGUOUS").is_ok_and(|v| v == "1");
     if contiguous {
         println!("P1 rows below: each sequence's cache blocks contiguous (DSV2_P1_CONTIGUOUS=1)");
@@ -687,6 +688,15 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
         (1, 32768, 128, None, TmaPair),
         (8, 32768, 128, None, TmaPair),
         (1, 512, 128, None, TmaPair),
+        // three warpgroups with one job each, Q in registers, three tile buffers (mla_roles.cu)
+        (64, 4096, 128, None, Roles),
+        (128, 4096, 128, None, Roles),
+        (128, 4096, 64, Some(1), Roles),
+        (64, 4096, 64, Some(1), Roles),
+        (1, 32768, 128, None, Roles),
+        (8, 32768, 128, None, Roles),
+        (1, 512, 128, None, Roles),
+        (1, 512, 16, None, Roles),
     ] {
         if !mla_kernels.contains(&kernel) {
             continue;

@@ -34,8 +34,14 @@ const SEESAW_SMEM_BYTES: usize = 8 * 8192 + 2 * 9 * 8192 + 2 * 8192 + 3 * 256 + 
 /// two cache tiles, two P buffers, rescales and row sums, 18 chunk and 2 buffer mbarriers, 2
 /// done-counters) plus 1 KiB for alignment.
 const TMA_SMEM_BYTES: usize = 8 * 8192 + 2 * 9 * 8192 + 2 * 8192 + 2 * 512 + 20 * 8 + 2 * 4 + 1024;
+/// Shared memory of one `mla_decode_roles_bf16` CTA: `MR_BYTES` in mla_roles.cu (three cache
+/// tiles, P, rescales, row sums and maxima, 27 chunk mbarriers) plus 1 KiB for alignment. Q lives
+/// in registers there.
+const ROLES_SMEM_BYTES: usize = 3 * 9 * 8192 + 8192 + 3 * 256 + 27 * 8 + 1024;
 // within the most dynamic shared memory a CTA may use on sm_90 (227 KiB)
-const _: () = assert!(SEESAW_SMEM_BYTES <= 232_448 && TMA_SMEM_BYTES <= 232_448);
+const _: () = assert!(
+    SEESAW_SMEM_BYTES <= 232_448 && TMA_SMEM_BYTES <= 232_448 && ROLES_SMEM_BYTES <= 232_448
+);
 
 /// Which decode kernel runs. All compute the same function. `Tma` (TMA loads, fixed warpgroup
 /// roles: one computes S and softmax while the other's P.V runs, mla_tma.cu), `Seesaw` (TMA loads,
@@ -48,6 +54,9 @@ pub enum MlaKernel {
     /// CTAs that share every tile's copies (multicast); the plain `Tma` kernel otherwise.
     TmaPair,
     Tma,
+    /// Three warpgroups with one job each (S and softmax with Q in registers; P.V on either half
+    /// of the latent columns) over three cache-tile buffers (mla_roles.cu).
+    Roles,
     Seesaw,
     Wgmma,
     Mma,
@@ -68,11 +77,12 @@ impl MlaKernel {
             "seesaw" => Ok(MlaKernel::Seesaw),
             "tma" => Ok(MlaKernel::Tma),
             "tma-pair" => Ok(MlaKernel::TmaPair),
+            "roles" => Ok(MlaKernel::Roles),
             "mma" => Ok(MlaKernel::Mma),
             other => Err(KernelError::Unsupported {
                 op: "mla_decode",
                 what: format!(
-                    "DSV2_MLA_KERNEL={other:?} (expected \"wgmma\", \"tma\", \"tma-pair\", \"seesaw\" or \"mma\")"
+                    "DSV2_MLA_KERNEL={other:?} (expected \"wgmma\", \"tma\", \"tma-pair\", \"roles\", \"seesaw\" or \"mma\")"
                 ),
             }),
         }
@@ -81,7 +91,11 @@ impl MlaKernel {
     /// Context tokens one CTA processes per step: splits are cut at multiples of it.
     pub fn tile_tokens(self) -> usize {
         match self {
-            MlaKernel::TmaPair | MlaKernel::Tma | MlaKernel::Seesaw | MlaKernel::Wgmma => 64,
+            MlaKernel::TmaPair
+            | MlaKernel::Tma
+            | MlaKernel::Roles
+            | MlaKernel::Seesaw
+            | MlaKernel::Wgmma => 64,
             MlaKernel::Mma => 32,
         }
     }
@@ -90,6 +104,7 @@ impl MlaKernel {
     pub fn function(self) -> &'static str {
         match self {
             MlaKernel::TmaPair | MlaKernel::Tma => "mla_decode_tma_bf16",
+            MlaKernel::Roles => "mla_decode_roles_bf16",
             MlaKernel::Seesaw => "mla_decode_seesaw_bf16",
             MlaKernel::Wgmma => "mla_decode_wgmma_bf16",
             MlaKernel::Mma => "mla_decode_bf16",
@@ -99,9 +114,22 @@ impl MlaKernel {
     fn smem_bytes(self) -> usize {
         match self {
             MlaKernel::TmaPair | MlaKernel::Tma => TMA_SMEM_BYTES,
+            MlaKernel::Roles => ROLES_SMEM_BYTES,
             MlaKernel::Seesaw => SEESAW_SMEM_BYTES,
             MlaKernel::Wgmma => WGMMA_SMEM_BYTES,
             MlaKernel::Mma => MMA_SMEM_BYTES,
+        }
+    }
+
+    /// Threads of one CTA.
+    fn threads(self) -> u32 {
+        match self {
+            MlaKernel::Roles => 384,
+            MlaKernel::TmaPair
+            | MlaKernel::Tma
+            | MlaKernel::Seesaw
+            | MlaKernel::Wgmma
+            | MlaKernel::Mma => 256,
         }
     }
 
@@ -110,7 +138,7 @@ impl MlaKernel {
     /// other way round.
     pub fn supports_block_size(self, block_size: usize) -> bool {
         match self {
-            MlaKernel::TmaPair | MlaKernel::Tma | MlaKernel::Seesaw => {
+            MlaKernel::TmaPair | MlaKernel::Tma | MlaKernel::Roles | MlaKernel::Seesaw => {
                 block_size > 0
                     && (64usize.is_multiple_of(block_size) || block_size.is_multiple_of(64))
             }
@@ -410,7 +438,7 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     let si = splits as i32;
     let scale = p.scale;
     let map = match kernel {
-        MlaKernel::TmaPair | MlaKernel::Tma | MlaKernel::Seesaw => {
+        MlaKernel::TmaPair | MlaKernel::Tma | MlaKernel::Roles | MlaKernel::Seesaw => {
             Some(cache_tensor_map(&p.cache)?)
         }
         MlaKernel::Wgmma | MlaKernel::Mma => None,
@@ -451,7 +479,7 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
             batch as u32,
             splits as u32,
         ),
-        block_dim: (256, 1, 1),
+        block_dim: (kernel.threads(), 1, 1),
         shared_mem_bytes: kernel.smem_bytes() as u32,
     };
     // SAFETY: matches the signature mla_decode_bf16 and mla_decode_wgmma_bf16 share (the seesaw
@@ -613,6 +641,7 @@ mod tests {
         assert_eq!(MlaKernel::parse("seesaw").ok(), Some(MlaKernel::Seesaw));
         assert_eq!(MlaKernel::parse("tma").ok(), Some(MlaKernel::Tma));
         assert_eq!(MlaKernel::parse("tma-pair").ok(), Some(MlaKernel::TmaPair));
+        assert_eq!(MlaKernel::parse("roles").ok(), Some(MlaKernel::Roles));
         let err = MlaKernel::parse("flash").err().map(|e| e.to_string());
         let msg = err.unwrap_or_default();
         assert!(
@@ -626,6 +655,7 @@ mod tests {
         for k in [
             MlaKernel::TmaPair,
             MlaKernel::Tma,
+            MlaKernel::Roles,
             MlaKernel::Seesaw,
             MlaKernel::Wgmma,
             MlaKernel::Mma,
@@ -723,6 +753,8 @@ mod tests {
         assert_eq!(SEESAW_SMEM_BYTES, eval_define(&seesaw, "SS_BYTES") + 1024);
         let tma = defines("mla_tma.cu");
         assert_eq!(TMA_SMEM_BYTES, eval_define(&tma, "TM_BYTES") + 1024);
+        let roles = defines("mla_roles.cu");
+        assert_eq!(ROLES_SMEM_BYTES, eval_define(&roles, "MR_BYTES") + 1024);
     }
 
     #[test]
