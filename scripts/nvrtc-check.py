@@ -54,5 +54,13 @@ for path in files:
         if (rc != 0 or "registers" in line or "spill" in line or "Compiling entry" in line
                 or "Performance Loss" in line):
             print("  " + line)
+    # NVRTC_CUBIN_DIR=dir: keep the cubin, for nvdisasm (where ptxas spilled, what it serialised)
+    if rc == 0 and os.environ.get("NVRTC_CUBIN_DIR"):
+        size = ctypes.c_size_t()
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        cubin = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetCUBIN(prog, cubin)
+        out = os.path.join(os.environ["NVRTC_CUBIN_DIR"], os.path.basename(path) + ".cubin")
+        open(out, "wb").write(cubin.raw)
     failed += rc != 0
 sys.exit(1 if failed else 0)

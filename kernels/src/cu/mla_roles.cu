@@ -3,59 +3,64 @@
 //
 // Why a third kernel next to mla_tma.cu: there warpgroup 0 runs S, softmax and P.V_L one after
 // another, so nothing keeps the tensor cores busy while it does the softmax (the math alone ran
-// at 0.135 ms on batch 64 x 4096 x 128 heads against ~0.093 ms of tensor work, bench/RESULTS.md
-// session 10), and S reads Q from shared memory: a m64n64k16 with both operands in shared memory
+// at 0.132 ms on batch 64 x 4096 x 128 heads against ~0.093 ms of tensor work, bench/RESULTS.md
+// session 12), and S reads Q from shared memory: a m64n64k16 with both operands in shared memory
 // moves as many bytes through the SM's shared-memory port as its math takes cycles, so S was
 // bound by the port the TMA copies write through as well. Here:
-//   warpgroup 0 (208 registers): Q's 576 columns live in its registers as wgmma A fragments (144
-//       registers), so S reads only K from shared memory; S of tile i, softmax, P to shared
-//       memory, then straight on to S of tile i + 1, which the tensor cores run before the
-//       other warpgroups' P.V of tile i (issued after it), so the softmax of tile i + 1 overlaps
-//       that P.V: per tile the tensor cores see S, then P.V, with no idle gap;
-//   warpgroups 1 and 2 (152 registers): O_L / O_R (latent columns 0..255 / 256..511) += P.V, P
+//   warpgroup 0 (184 registers): Q's 512 latent columns live in its registers as wgmma A
+//       fragments (128 registers), so S reads only K from shared memory (and Q's 64 rope
+//       columns); S of tile i, softmax, P to shared memory, then straight on to S of tile i + 1,
+//       which the tensor cores run before the other warpgroups' P.V of tile i (issued after
+//       it), so the softmax of tile i + 1 overlaps that P.V;
+//   warpgroups 1 and 2 (160 registers): O_L / O_R (latent columns 0..255 / 256..511) += P.V, P
 //       read from shared memory.
-// Q no longer takes 64 KB of shared memory, which buys a third cache-tile buffer: tile i + 3 is
-// issued into tile i's buffer when the last of the three warpgroups is done with it, so each load
-// has two tiles' math to land (with two buffers a load issued when P.V of tile i ends would be
-// needed almost at once: S of tile i + 2 is issued as P.V of tile i runs).
-// One P buffer: warpgroup 0 writes P of tile i + 1 only after P.V of tile i is done, which is
-// when the tensor cores get to S of tile i + 2's predecessor anyway (S runs first).
+// 184 + 160 + 160 = 504 registers a thread-triple: what the CTA holds at launch (168 x 384);
+// setmaxnreg only moves registers between warpgroups (a sum of 512 deadlocked the first try).
+// Q's latent columns no longer take 64 KB of shared memory, which buys a third latent buffer
+// (the rope chunks, read by S alone, keep two): tile i + 2 is issued while P.V of tile i runs,
+// into tile i - 1's buffer, so each load has a whole tile's math to land; with two buffers it
+// would be issued when P.V of tile i ends and needed almost at once (S of tile i + 2 is issued
+// as P.V of tile i runs).
+// One P buffer: warpgroup 0 writes P of tile i + 1 only after P.V of tile i is done.
 #include "common.cuh"
 #include "mla_common.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 #include "mla_tma.cuh"
 
-#define MR_TILE (9 * MLA_CHUNK)         // 64 tokens x 576
-#define MR_K0 0                         // three tile buffers
-#define MR_P (3 * MR_TILE)              // P, 64 x 64 bf16 swizzled
+#define MR_LAT (8 * MLA_CHUNK)          // a tile's latent columns: 64 tokens x 512
+#define MR_K0 0                         // three latent tile buffers
+#define MR_R0 (3 * MR_LAT)              // two rope chunk buffers (64 tokens x 64)
+#define MR_QR (MR_R0 + 2 * MLA_CHUNK)   // Q's rope columns, 64 heads x 64 swizzled
+#define MR_P (MR_QR + MLA_CHUNK)        // P, 64 x 64 bf16 swizzled
 #define MR_ALPHA (MR_P + MLA_CHUNK)     // float[64]: the tile's O rescale
-#define MR_L (MR_ALPHA + 256)           // float[64]: row sums at the end
-#define MR_M (MR_L + 256)               // float[64]: row maxima at the end
+#define MR_L (MR_ALPHA + 256)           // float[64]: running row sums
+#define MR_M (MR_L + 256)               // float[64]: running row maxima
 #define MR_BAR (MR_M + 256)             // u64[3][9]: one mbarrier per chunk of each tile buffer
-#define MR_BYTES (MR_BAR + 3 * 9 * 8)
+#define MR_ARGS (MR_BAR + 3 * 9 * 8)   // MrIssueArgs: what issuing a tile's copies needs
+#define MR_BYTES (MR_ARGS + 32)
+#define MR_OROW 520                     // floats per row of the f32 output staging (2-way conflicts)
 
 // named barriers: P (and its rescale) written (warpgroup 0 -> 1, 2); P read (1, 2 -> 0)
 #define MR_NB_PREADY 1
 #define MR_NB_PFREE 2
 
-__device__ __forceinline__ void mr_setmaxnreg_inc192() { asm volatile("setmaxnreg.inc.sync.aligned.u32 192;\n" ::: "memory"); }
+__device__ __forceinline__ void mr_setmaxnreg_inc184() { asm volatile("setmaxnreg.inc.sync.aligned.u32 184;\n" ::: "memory"); }
 __device__ __forceinline__ void mr_setmaxnreg_dec160() { asm volatile("setmaxnreg.dec.sync.aligned.u32 160;\n" ::: "memory"); }
 
-// Q's 576 columns of heads h0 .. h0 + 63 as this thread's wgmma A fragments: k-step ks (16
-// columns) in rq[4 ks .. 4 ks + 3]; ks 0..31 the latent columns, 32..35 the rope columns.
-__device__ __forceinline__ void load_q_frags_all(u32* rq, const bf16* __restrict__ q_abs,
+// Q's 512 latent columns of heads h0 .. h0 + 63 as this thread's wgmma A fragments: k-step ks
+// (16 columns) in rq[4 ks .. 4 ks + 3].
+__device__ __forceinline__ void load_q_frags_latent(u32* rq, const bf16* __restrict__ q_abs,
                                                  const bf16* __restrict__ q_pe, int b, int h0, int heads,
                                                  long long qpe_sb, long long qpe_sh, int r_lo, int cq) {
 #pragma unroll
-    for (int ks = 0; ks < 36; ++ks)
+    for (int ks = 0; ks < 32; ++ks)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int h = h0 + r_lo + 8 * (i & 1);
             const int col = 16 * ks + cq + 8 * (i >> 1);
-            const bf16* src = col < D_LAT ? q_abs + ((size_t)b * heads + h) * D_LAT + col
-                                          : q_pe + (size_t)b * qpe_sb + (size_t)h * qpe_sh + (col - D_LAT);
-            rq[4 * ks + i] = h < heads ? *reinterpret_cast<const u32*>(src) : 0u;
+            // rows past `heads` read the last head: their S rows are never stored
+            rq[4 * ks + i] = *reinterpret_cast<const u32*>(q_abs + ((size_t)b * heads + min(h, heads - 1)) * D_LAT + col);
         }
 }
 
@@ -82,22 +87,90 @@ __device__ __forceinline__ void store_p_stmatrix(u32 sp, const float* p, int wq,
     }
 }
 
-// S[64 x 64] = Q . K^T over the tile in `kbuf` with Q from registers, waiting for each chunk's
-// copy, the rope chunk (8) first. Committed as one wgmma group (not waited for).
-__device__ __forceinline__ void tile_qk_regs(float* s, const u32* rq, u32 kbuf, u32 bars, u32 parity) {
-    mbar_wait(bars + 8 * 8, parity);
+// S[64 x 64] = Q . K^T over the tile (latent chunks at `kbuf`, rope chunk at `rbuf`) with Q's
+// latent columns from registers and its rope columns from shared memory (`qr`), waiting for each
+// chunk's copy, the rope chunk first. Committed as one wgmma group (not waited for).
+// mbar_wait without the out-of-line slow path (and so without its trap): the call would cost
+// warpgroup 0 the few registers it has beyond Q's and S's.
+__device__ __forceinline__ void mbar_wait_spin(u32 bar, u32 parity) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "MR_WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra MR_WAIT_%=;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+
+__device__ __forceinline__ void tile_qk_regs(float* s, const u32* rq, u32 qr, u32 kbuf, u32 rbuf, u32 bars,
+                                             u32 parity) {
+    // every chunk first, then the 36 MMAs back to back: a wait between them is a branch, and
+    // ptxas, short of registers here, then serialises every wgmma
+#pragma unroll 1
+    for (int c = 0; c < 9; ++c) mbar_wait_spin(bars + c * 8, parity);
+    __syncwarp();
     wg_fence();
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks)
-        wgmma_m64n64_rs(s, rq + 4 * (32 + ks), wg_desc(kbuf + 8 * MLA_CHUNK + ks * 32, 16, 1024), ks > 0 ? 1 : 0);
+        wgmma_m64n64_ss(s, wg_desc(qr + ks * 32, 16, 1024), wg_desc(rbuf + ks * 32, 16, 1024), ks > 0 ? 1 : 0);
 #pragma unroll
-    for (int c = 0; c < 8; ++c) {
-        mbar_wait(bars + c * 8, parity);
+    for (int c = 0; c < 8; ++c)
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks)
             wgmma_m64n64_rs(s, rq + 4 * (4 * c + ks), wg_desc(kbuf + c * MLA_CHUNK + ks * 32, 16, 1024), 1);
-    }
     wg_commit();
+}
+
+// Shared-memory loads by 32-bit shared address: these warpgroups' registers are too few for the
+// 64-bit generic pointers plain C++ would keep.
+__device__ __forceinline__ float ld_shared_f32(u32 addr) {
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr) : "memory");
+    return v;
+}
+__device__ __forceinline__ void st_shared_f32(u32 addr, float v) {
+    asm volatile("st.shared.f32 [%0], %1;" ::"r"(addr), "f"(v) : "memory");
+}
+
+// What issuing a tile's copies needs, kept in shared memory rather than in registers: warpgroup 0
+// reads it only when it issues, so none of it is live while S holds Q's 128 registers and S's 32.
+struct MrIssueArgs {
+    const int* btab;
+    int start, end, block_size;
+};
+
+// The normalised O rows staged in shared memory (f32, MR_OROW apart, from the tile buffers) to
+// `out` (bf16, splits == 1) or this split's f32 partials, all threads, 16 bytes each. Indices
+// from the special registers again, read with asm volatile so that the compiler does not keep the
+// prologue's copies alive through the P.V warpgroups' loop.
+__device__ __forceinline__ void mr_store_rows(const unsigned char* smem, bf16* __restrict__ out,
+                                              float* __restrict__ o_part, int splits, int heads) {
+    u32 hg, b, split, tid;
+    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(hg));
+    asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(b));
+    asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(split));
+    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+    const float* so = reinterpret_cast<const float*>(smem + MR_K0);
+    const int h0 = hg * 64, rows = min(64, heads - h0);
+    if (splits == 1) {
+        for (int c = tid; c < rows * (D_LAT / 8); c += 384) {
+            const int r = c / (D_LAT / 8), col = (c % (D_LAT / 8)) * 8;
+            const float4 a = *reinterpret_cast<const float4*>(so + r * MR_OROW + col);
+            const float4 z = *reinterpret_cast<const float4*>(so + r * MR_OROW + col + 4);
+            bf16x8 v;
+            v.v[0] = __floats2bfloat162_rn(a.x, a.y);
+            v.v[1] = __floats2bfloat162_rn(a.z, a.w);
+            v.v[2] = __floats2bfloat162_rn(z.x, z.y);
+            v.v[3] = __floats2bfloat162_rn(z.z, z.w);
+            *reinterpret_cast<bf16x8*>(out + ((size_t)b * heads + h0 + r) * D_LAT + col) = v;
+        }
+    } else {
+        for (int c = tid; c < rows * (D_LAT / 4); c += 384) {
+            const int r = c / (D_LAT / 4), col = (c % (D_LAT / 4)) * 4;
+            *reinterpret_cast<float4*>(o_part + (((size_t)b * splits + split) * heads + h0 + r) * D_LAT + col) =
+                *reinterpret_cast<const float4*>(so + r * MR_OROW + col);
+        }
+    }
 }
 
 // Same outputs and arguments as mla_decode_tma_bf16: grid (ceil(H/64), B, splits), 384 threads,
@@ -115,7 +188,6 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
         (reinterpret_cast<size_t>(mr_smem_raw) + 1023) & ~(size_t)1023);
     float* s_alpha = reinterpret_cast<float*>(smem + MR_ALPHA);
     float* s_l = reinterpret_cast<float*>(smem + MR_L);
-    float* s_m = reinterpret_cast<float*>(smem + MR_M);
     const u32 base = smem_addr(smem);
 
     const int hg = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
@@ -134,79 +206,122 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
     }
     const int ntiles = (end - start + 63) / 64;
     // tile i lives in buffer i % 3; its chunks' barriers complete for the (i / 3)-th time
-    auto kbuf = [&](int i) -> u32 { return base + MR_K0 + (i % 3) * MR_TILE; };
+    auto kbuf = [&](int i) -> u32 { return base + MR_K0 + (i % 3) * MR_LAT; };
+    auto rbuf = [&](int i) -> u32 { return base + MR_R0 + (i & 1) * MLA_CHUNK; };
     auto bars = [&](int i) -> u32 { return base + MR_BAR + (i % 3) * 9 * 8; };
     auto parity = [&](int i) -> u32 { return (u32)((i / 3) & 1); };
 
     if (tid == 0) {
         for (int i = 0; i < 27; ++i) mbar_init(base + MR_BAR + 8 * i, 1);
+        MrIssueArgs* a = reinterpret_cast<MrIssueArgs*>(smem + MR_ARGS);
+        a->btab = btab;
+        a->start = start;
+        a->end = end;
+        a->block_size = block_size;
         mbar_init_fence();
     }
     // Rows of the last tile that are never loaded (past `end`) must not hold NaN from whatever ran
     // on this SM before: P is 0 there, but 0 * NaN is NaN. A buffer that held an earlier tile
     // holds finite values, so only a first use needs the zeros.
     if ((end - start) % 64 != 0 && ntiles <= 3) {
-        unsigned char* kb = smem + MR_K0 + ((ntiles - 1) % 3) * MR_TILE;
-        for (int i = tid; i < MR_TILE / 16; i += 384) *reinterpret_cast<uint4*>(kb + i * 16) = make_uint4(0, 0, 0, 0);
+        unsigned char* kb = smem + MR_K0 + ((ntiles - 1) % 3) * MR_LAT;
+        for (int i = tid; i < MR_LAT / 16; i += 384) *reinterpret_cast<uint4*>(kb + i * 16) = make_uint4(0, 0, 0, 0);
     }
-    fence_async_smem();  // the zeros (generic writes) before TMA writes and wgmma reads
+    if ((end - start) % 64 != 0 && ntiles <= 2) {
+        unsigned char* rb = smem + MR_R0 + ((ntiles - 1) & 1) * MLA_CHUNK;
+        for (int i = tid; i < MLA_CHUNK / 16; i += 384) *reinterpret_cast<uint4*>(rb + i * 16) = make_uint4(0, 0, 0, 0);
+    }
+    // Q's rope columns (8 KB) stay in shared memory: in warpgroup 0's registers they would cost
+    // 16 more than it can get beside the P.V warpgroups' 160
+    for (int i = tid; i < 64 * (D_ROPE / 8); i += 384) {
+        const int r = i / (D_ROPE / 8), col = (i % (D_ROPE / 8)) * 8;
+        *reinterpret_cast<bf16x8*>(smem + MR_QR + wg_swz(r, col)) =
+            load_q8(q_abs, q_pe, b, h0 + r, heads, D_LAT + col, qpe_sb, qpe_sh);
+    }
+    fence_async_smem();  // the zeros and Q (generic writes) before TMA writes and wgmma reads
     __syncthreads();
+    const volatile MrIssueArgs* s_args = reinterpret_cast<const volatile MrIssueArgs*>(smem + MR_ARGS);
     auto issue = [&](int i) {
-        const int t = start + 64 * i;
-        tile_issue(kbuf(i), bars(i), &cache_map, btab, block_size, t, end, 8, 9);
-        tile_issue(kbuf(i), bars(i), &cache_map, btab, block_size, t, end, 0, 8);
+        const int* bt = s_args->btab;
+        const int st = s_args->start, en = s_args->end, bs = s_args->block_size;
+        const int t = st + 64 * i;
+        // the rope chunk (c = 8) into its own buffer: tile_issue writes chunk c at dst + c * 8 KB
+        tile_issue(rbuf(i) - 8 * MLA_CHUNK, bars(i), &cache_map, bt, bs, t, en, 8, 9);
+        tile_issue(kbuf(i), bars(i), &cache_map, bt, bs, t, en, 0, 8);
     };
     if (tid == 0) {
-        for (int i = 0; i < min(ntiles, 3); ++i) issue(i);
+        for (int i = 0; i < min(ntiles, 2); ++i) issue(i);  // tile 2's rope goes where tile 0's is
     }
     if (wg == 0) {
-        mr_setmaxnreg_inc192();
+        mr_setmaxnreg_inc184();
         const float sl2 = scale * 1.4426950408889634f;
-        u32 rq[144];
-        load_q_frags_all(rq, q_abs, q_pe, b, h0, heads, qpe_sb, qpe_sh, r_lo, cq);
+        u32 rq[128];
+        load_q_frags_latent(rq, q_abs, q_pe, b, h0, heads, qpe_sb, qpe_sh, r_lo, cq);
         float s[32];
-        float l_acc[2] = {0.f, 0.f};
-        float m_run[2] = {-INFINITY, -INFINITY};
+        // The running row maxima and sums live in shared memory (MR_M, MR_L; the quad's first
+        // thread writes them), not in registers: during S this warpgroup holds Q (128) and S
+        // (32) and 4 registers more made ptxas spill a Q fragment and serialise every wgmma.
+        const u32 m_addr = base + MR_M + 4 * r_lo, l_addr = base + MR_L + 4 * r_lo;
+        if ((lane & 3) == 0) {
+            st_shared_f32(m_addr, -INFINITY);
+            st_shared_f32(m_addr + 32, -INFINITY);
+            st_shared_f32(l_addr, 0.f);
+            st_shared_f32(l_addr + 32, 0.f);
+        }
+        __syncwarp();
         for (int i = 0; i < ntiles; ++i) {
-            tile_qk_regs(s, rq, kbuf(i), bars(i), parity(i));
+            tile_qk_regs(s, rq, base + MR_QR, kbuf(i), rbuf(i), bars(i), parity(i));
             wg_wait<0>();
             wg_fence_regs<32>(s);
-            float mx[2], alpha[2], sum[2];
+            float mx[2], alpha[2], sum[2], m_new[2];
             tile_rowmax(s, start + 64 * i, cq, end, sl2, mx);
 #pragma unroll
             for (int hlf = 0; hlf < 2; ++hlf) {
-                const float m_new = fmaxf(m_run[hlf], mx[hlf]);  // finite: the tile's first token is valid
-                alpha[hlf] = exp2f(m_run[hlf] - m_new);          // 0 on the first tile
-                m_run[hlf] = m_new;
+                const float m_old = ld_shared_f32(m_addr + 32 * hlf);
+                m_new[hlf] = fmaxf(m_old, mx[hlf]);       // finite: the tile's first token is valid
+                alpha[hlf] = exp2f(m_old - m_new[hlf]);  // 0 on the first tile
             }
             u32 pa[16];
-            tile_exp(s, m_run, pa, sum);
-            l_acc[0] = l_acc[0] * alpha[0] + sum[0];
-            l_acc[1] = l_acc[1] * alpha[1] + sum[1];
+            tile_exp(s, m_new, pa, sum);
+#pragma unroll
+            for (int hlf = 0; hlf < 2; ++hlf) {
+                sum[hlf] += __shfl_xor_sync(0xffffffffu, sum[hlf], 1);
+                sum[hlf] += __shfl_xor_sync(0xffffffffu, sum[hlf], 2);
+                sum[hlf] += ld_shared_f32(l_addr + 32 * hlf) * alpha[hlf];
+            }
             if (i >= 1) named_sync(MR_NB_PFREE, 384);  // P.V of tile i - 1 is done with P and alpha
             store_p_stmatrix(base + MR_P, s, wq, lane);
-            if ((lane & 3) == 0) {
-                s_alpha[r_lo] = alpha[0];
-                s_alpha[r_lo + 8] = alpha[1];
+            __syncwarp();  // every lane has read the row state before the quad leaders write it
+            if ((lane & 3) == 0) {  // shared addresses: a generic pointer would hold 2 registers
+#pragma unroll
+                for (int hlf = 0; hlf < 2; ++hlf) {
+                    st_shared_f32(base + MR_ALPHA + 4 * (r_lo + 8 * hlf), alpha[hlf]);
+                    st_shared_f32(m_addr + 32 * hlf, m_new[hlf]);
+                    st_shared_f32(l_addr + 32 * hlf, sum[hlf]);
+                }
             }
             fence_async_smem();
             named_arrive(MR_NB_PREADY, 384);
-            // P.V of tile i - 1 is done (the sync above), and S of it long before: its buffer
-            // takes tile i + 2. Here rather than in the last warpgroup to finish P.V, so that the
-            // P.V warpgroups hold no copy state (their registers are O's).
-            if (tid == 0 && i >= 1 && i + 2 < ntiles) issue(i + 2);
+            // Tile i + 2 goes into tile i - 1's latent buffer (P.V of tile i - 1 is done: the
+            // sync above; unused before tile 2) and tile i's rope buffer (S of tile i is done).
+            // Here rather than in the last warpgroup to finish P.V, so that the P.V warpgroups
+            // hold no copy state (their registers are O's).
+            if (tid == 0 && i + 2 < ntiles) issue(i + 2);
         }
-        // the row sums over the quad, and the maxima, for the warpgroups that hold O
+        if (splits > 1 && (lane & 3) == 0) {
+            // the block indices again, not the prologue's copies (see mr_store_rows)
+            u32 hg2, b2, split2;
+            asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(hg2));
+            asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(b2));
+            asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(split2));
 #pragma unroll
-        for (int hlf = 0; hlf < 2; ++hlf) {
-            l_acc[hlf] += __shfl_xor_sync(0xffffffffu, l_acc[hlf], 1);
-            l_acc[hlf] += __shfl_xor_sync(0xffffffffu, l_acc[hlf], 2);
-        }
-        if ((lane & 3) == 0) {
-            s_l[r_lo] = l_acc[0];
-            s_l[r_lo + 8] = l_acc[1];
-            s_m[r_lo] = m_run[0];
-            s_m[r_lo + 8] = m_run[1];
+            for (int hlf = 0; hlf < 2; ++hlf) {
+                const int h = (int)hg2 * 64 + r_lo + 8 * hlf;
+                const float l = ld_shared_f32(l_addr + 32 * hlf), m = ld_shared_f32(m_addr + 32 * hlf);
+                if (h < heads)
+                    lse[((size_t)b2 * splits + split2) * heads + h] =
+                        l > 0.f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
+            }
         }
         __syncthreads();
     } else {
@@ -219,10 +334,9 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
         // an unrolled loop in registers otherwise, and these warpgroups' registers are O's
         const u64 dp = wg_desc(base + MR_P, 16, 1024);
         u64 dv = wg_desc(base + MR_K0 + 4 * half * MLA_CHUNK, MLA_CHUNK, 1024);
-        const float* alpha_row = s_alpha + r_lo;
         for (int i = 0; i < ntiles; ++i) {
             named_sync(MR_NB_PREADY, 384);
-            scale_o_rows(o, alpha_row[0], alpha_row[8]);
+            scale_o_rows(o, ld_shared_f32(base + MR_ALPHA + 4 * r_lo), ld_shared_f32(base + MR_ALPHA + 4 * (r_lo + 8)));
             wg_fence();
 #pragma unroll 1
             for (int kk = 0; kk < 4; ++kk)
@@ -230,33 +344,26 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
             wg_commit();
             wg_wait<0>();
             wg_fence_regs<128>(o);
-            dv = (i % 3 == 2) ? dv - 2 * (MR_TILE >> 4) : dv + (MR_TILE >> 4);
+            dv = (i % 3 == 2) ? dv - 2 * (MR_LAT >> 4) : dv + (MR_LAT >> 4);
             if (i + 1 < ntiles) named_arrive(MR_NB_PFREE, 384);  // warpgroup 0 syncs before each later P
         }
-        __syncthreads();
+        __syncthreads();  // warpgroup 0's row sums are in; every tile buffer is free
+        // O / l into shared memory as f32 rows of MR_OROW floats (the tile buffers): the stores
+        // to global memory below are then whole rows from all 384 threads, and these
+        // warpgroups need no output indexing (registers) beside O
 #pragma unroll
         for (int hlf = 0; hlf < 2; ++hlf) {
             const int row = r_lo + 8 * hlf;
-            const int h = h0 + row;
-            if (h >= heads) continue;
-            const float l = s_l[row];
+            const float l = ld_shared_f32(base + MR_L + 4 * row);
             const float inv = l > 0.f ? 1.f / l : 0.f;
+            const u32 dst = base + MR_K0 + 4 * (row * MR_OROW + 256 * half + cq);
 #pragma unroll
-            for (int j = 0; j < 32; ++j) {
-                const int c = 256 * half + 8 * j + cq;
-                const float o0 = o[4 * j + 2 * hlf] * inv, o1 = o[4 * j + 2 * hlf + 1] * inv;
-                if (splits == 1) {
-                    *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)b * heads + h) * D_LAT + c) =
-                        __floats2bfloat162_rn(o0, o1);
-                } else {
-                    *reinterpret_cast<float2*>(o_part + (((size_t)b * splits + split) * heads + h) * D_LAT + c) =
-                        make_float2(o0, o1);
-                }
-            }
-            if (splits > 1 && half == 0 && (lane & 3) == 0) {
-                lse[((size_t)b * splits + split) * heads + h] =
-                    l > 0.f ? (s_m[row] + log2f(l)) * 0.6931471805599453f : -INFINITY;
-            }
+            for (int j = 0; j < 32; ++j)
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(dst + 32 * j), "f"(o[4 * j + 2 * hlf] * inv),
+                             "f"(o[4 * j + 2 * hlf + 1] * inv)
+                             : "memory");
         }
     }
+    __syncthreads();
+    mr_store_rows(smem, out, o_part, splits, heads);
 }
