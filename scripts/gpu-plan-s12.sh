@@ -12,3 +12,6 @@ fi
 echo "== P1 rows, other kernels"
 timeout -k 5 170 $B/dsv2-gpu-check --mla --no-check --mla-kernels wgmma,seesaw,tma,tma-pair --cache-dir $C > $OUT/p1.log 2>&1; echo "rc=$?"
 grep -E "^P1 |^PF|copy d2d|cuBLAS|rror" $OUT/p1.log | cut -c1-230
+echo "== probes: tensor-core rates and the tile stream with 1-3 buffers"
+timeout -k 5 120 $B/dsv2-gpu-check --probe --cache-dir $C > $OUT/probe.log 2>&1; echo "rc=$?"
+grep -E "^PROBE|copy d2d|cuBLAS|rror" $OUT/probe.log | cut -c1-230

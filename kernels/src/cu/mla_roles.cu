@@ -64,32 +64,35 @@ __device__ __forceinline__ void load_q_frags_latent(u32* rq, const bf16* __restr
         }
 }
 
-// P (bf16) into the swizzled 64 x 64 shared operand at `sp` (shared address) with stmatrix: one
+// P (bf16 pairs, pk[2 j + hlf]: columns 8 j + cq, +1 of row r_lo + 8 hlf) into the swizzled
+// 64 x 64 shared operand at `sp` (shared address) with stmatrix: one
 // x4 store per 16 columns, each of the warp's 8x8 matrices straight from its accumulator
 // fragments. Why not store_p_swz's 16 scalar stores: their 16 swizzled addresses are loop
 // invariants that ptxas keeps in registers, which warpgroup 0 (Q in 144 of them) has not got.
-__device__ __forceinline__ void store_p_stmatrix(u32 sp, const float* p, int wq, int lane) {
+__device__ __forceinline__ void store_p_stmatrix(u32 sp, const u32* pk, int wq, int lane) {
+    // Lane l gives the address of row (l & 7) + 8 ((l >> 3) & 1) of matrix l >> 3; its 16-byte
+    // column group is (j + (l >> 4)) ^ (row & 7) for columns 8j.. (j even), i.e. j ^ y with
+    // y = (l >> 4) ^ (l & 7); the row's address is a multiple of 128, so the address is
+    // (row | y << 4) ^ (j << 4): one register, and the four XORs inside the asm, where ptxas does
+    // not hoist them into four registers of their own.
     const int r = wq * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
-    const u32 row = sp + r * 128;
-#pragma unroll
-    for (int j = 0; j < 8; j += 2) {
-        u32 v[4];
-#pragma unroll
-        for (int m = 0; m < 4; ++m) {  // matrix m: columns 8 (j + m / 2), rows + 8 (m % 2)
-            const int k = 4 * (j + m / 2) + 2 * (m % 2);
-            const __nv_bfloat162 h = __floats2bfloat162_rn(p[k], p[k + 1]);
-            v[m] = *reinterpret_cast<const u32*>(&h);
-        }
-        const u32 addr = row + ((((j + (lane >> 4)) ^ (lane & 7))) << 4);
-        asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v[0]),
-                     "r"(v[1]), "r"(v[2]), "r"(v[3])
-                     : "memory");
-    }
+    const u32 a0 = (sp + r * 128) | ((((lane >> 4) ^ (lane & 7))) << 4);
+    // matrix m of store j / 2: columns 8 (j + m / 2), rows + 8 (m % 2), i.e. pk[2 j + m]
+    const u32* v = pk;
+    asm volatile(
+        "{\n.reg .b32 a;\n"
+        "stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n"
+        "xor.b32 a, %0, 32;\n"
+        "stmatrix.sync.aligned.m8n8.x4.shared.b16 [a], {%5, %6, %7, %8};\n"
+        "xor.b32 a, %0, 64;\n"
+        "stmatrix.sync.aligned.m8n8.x4.shared.b16 [a], {%9, %10, %11, %12};\n"
+        "xor.b32 a, %0, 96;\n"
+        "stmatrix.sync.aligned.m8n8.x4.shared.b16 [a], {%13, %14, %15, %16};\n}\n" ::"r"(a0),
+        "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]), "r"(v[4]), "r"(v[5]), "r"(v[6]), "r"(v[7]), "r"(v[8]),
+        "r"(v[9]), "r"(v[10]), "r"(v[11]), "r"(v[12]), "r"(v[13]), "r"(v[14]), "r"(v[15])
+        : "memory");
 }
 
-// S[64 x 64] = Q . K^T over the tile (latent chunks at `kbuf`, rope chunk at `rbuf`) with Q's
-// latent columns from registers and its rope columns from shared memory (`qr`), waiting for each
-// chunk's copy, the rope chunk first. Committed as one wgmma group (not waited for).
 // mbar_wait without the out-of-line slow path (and so without its trap): the call would cost
 // warpgroup 0 the few registers it has beyond Q's and S's.
 __device__ __forceinline__ void mbar_wait_spin(u32 bar, u32 parity) {
@@ -126,6 +129,11 @@ __device__ __forceinline__ void tile_qk_regs(float* s, const u32* rq, u32 qr, u3
 __device__ __forceinline__ float ld_shared_f32(u32 addr) {
     float v;
     asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr) : "memory");
+    return v;
+}
+__device__ __forceinline__ int ld_shared_s32(u32 addr) {
+    int v;
+    asm volatile("ld.shared.s32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
     return v;
 }
 __device__ __forceinline__ void st_shared_f32(u32 addr, float v) {
@@ -254,7 +262,6 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
     }
     if (wg == 0) {
         mr_setmaxnreg_inc184();
-        const float sl2 = scale * 1.4426950408889634f;
         u32 rq[128];
         load_q_frags_latent(rq, q_abs, q_pe, b, h0, heads, qpe_sb, qpe_sh, r_lo, cq);
         float s[32];
@@ -273,16 +280,41 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
             tile_qk_regs(s, rq, base + MR_QR, kbuf(i), rbuf(i), bars(i), parity(i));
             wg_wait<0>();
             wg_fence_regs<32>(s);
-            float mx[2], alpha[2], sum[2], m_new[2];
-            tile_rowmax(s, start + 64 * i, cq, end, sl2, mx);
+            // Softmax on the raw scores, each value read where the MMA left it and packed to
+            // bf16 as soon as it is exponentiated: scaled copies of all 32 in other registers
+            // (what tile_rowmax / tile_exp do) are 32 registers this warpgroup has not got.
+            // >= 1; columns at or past it are masked. From shared memory, like sl2's parts from
+            // the constant bank: none of it then holds a register through S.
+            const int valid = ld_shared_s32(base + MR_ARGS + 12) - ld_shared_s32(base + MR_ARGS + 8) - 64 * i;
+            float mx[2] = {-INFINITY, -INFINITY}, alpha[2], sum[2] = {0.f, 0.f}, m_new[2];
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int x = 0; x < 4; ++x)
+                    mx[x >> 1] = fmaxf(mx[x >> 1], 8 * j + cq + (x & 1) < valid ? s[4 * j + x] : -INFINITY);
 #pragma unroll
             for (int hlf = 0; hlf < 2; ++hlf) {
+                mx[hlf] = fmaxf(mx[hlf], __shfl_xor_sync(0xffffffffu, mx[hlf], 1));
+                mx[hlf] = fmaxf(mx[hlf], __shfl_xor_sync(0xffffffffu, mx[hlf], 2));
                 const float m_old = ld_shared_f32(m_addr + 32 * hlf);
-                m_new[hlf] = fmaxf(m_old, mx[hlf]);       // finite: the tile's first token is valid
-                alpha[hlf] = exp2f(m_old - m_new[hlf]);  // 0 on the first tile
+                m_new[hlf] = fmaxf(m_old, mx[hlf] * scale * 1.4426950408889634f);  // finite: token 0 is valid
+                alpha[hlf] = exp2f(m_old - m_new[hlf]);   // 0 on the first tile
             }
-            u32 pa[16];
-            tile_exp(s, m_new, pa, sum);
+            u32 pk[16];  // P as bf16 pairs: pk[2 j + hlf] = columns 8 j + cq, +1 of row half hlf
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int hlf = 0; hlf < 2; ++hlf) {
+                    const int c = 8 * j + cq;
+                    const float p0 =
+                        c < valid ? exp2f(fmaf(s[4 * j + 2 * hlf] * scale, 1.4426950408889634f, -m_new[hlf])) : 0.f;
+                    const float p1 =
+                        c + 1 < valid ? exp2f(fmaf(s[4 * j + 2 * hlf + 1] * scale, 1.4426950408889634f, -m_new[hlf])) : 0.f;
+                    const __nv_bfloat162 pb = __floats2bfloat162_rn(p0, p1);
+                    const float2 pf = __bfloat1622float2(pb);  // the sum of what P.V uses
+                    sum[hlf] += pf.x + pf.y;
+                    pk[2 * j + hlf] = *reinterpret_cast<const u32*>(&pb);
+                }
 #pragma unroll
             for (int hlf = 0; hlf < 2; ++hlf) {
                 sum[hlf] += __shfl_xor_sync(0xffffffffu, sum[hlf], 1);
@@ -290,7 +322,7 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
                 sum[hlf] += ld_shared_f32(l_addr + 32 * hlf) * alpha[hlf];
             }
             if (i >= 1) named_sync(MR_NB_PFREE, 384);  // P.V of tile i - 1 is done with P and alpha
-            store_p_stmatrix(base + MR_P, s, wq, lane);
+            store_p_stmatrix(base + MR_P, pk, wq, lane);
             __syncwarp();  // every lane has read the row state before the quad leaders write it
             if ((lane & 3) == 0) {  // shared addresses: a generic pointer would hold 2 registers
 #pragma unroll
@@ -326,26 +358,37 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
         __syncthreads();
     } else {
         mr_setmaxnreg_dec160();
-        const int half = wg - 1;  // latent columns 256 half ..
+        // Everything this warpgroup needs, derived again here (special registers, the shared
+        // memory symbol, the copies' arguments) rather than taken from the prologue: a value live
+        // across the branch keeps the register number the prologue gave it, and one of them at
+        // R22 pushed O's 128 accumulators to R24..R151, past a 152-register budget.
+        u32 tid2, base2;
+        asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid2));
+        asm volatile("mov.u32 %0, mr_smem_raw;" : "=r"(base2));
+        base2 = (base2 + 1023) & ~1023u;
+        const int half = (int)(tid2 / 128) - 1;  // latent columns 256 half ..
+        const int pv_lane = tid2 % WARP;
+        const int pv_rlo = ((tid2 % 128) / WARP) * 16 + pv_lane / 4, pv_cq = (pv_lane % 4) * 2;
+        const int pv_ntiles = (ld_shared_s32(base2 + MR_ARGS + 12) - ld_shared_s32(base2 + MR_ARGS + 8) + 63) / 64;
         float o[128];
 #pragma unroll
         for (int i = 0; i < 128; ++i) o[i] = 0.f;
         // descriptors built once and stepped: ptxas keeps every loop-invariant descriptor of
         // an unrolled loop in registers otherwise, and these warpgroups' registers are O's
-        const u64 dp = wg_desc(base + MR_P, 16, 1024);
-        u64 dv = wg_desc(base + MR_K0 + 4 * half * MLA_CHUNK, MLA_CHUNK, 1024);
-        for (int i = 0; i < ntiles; ++i) {
+        const u64 dp = wg_desc(base2 + MR_P, 16, 1024);
+        u64 dv = wg_desc(base2 + MR_K0 + 4 * half * MLA_CHUNK, MLA_CHUNK, 1024);
+        for (int i = 0; i < pv_ntiles; ++i) {
             named_sync(MR_NB_PREADY, 384);
-            scale_o_rows(o, ld_shared_f32(base + MR_ALPHA + 4 * r_lo), ld_shared_f32(base + MR_ALPHA + 4 * (r_lo + 8)));
+            scale_o_rows(o, ld_shared_f32(base2 + MR_ALPHA + 4 * pv_rlo), ld_shared_f32(base2 + MR_ALPHA + 4 * (pv_rlo + 8)));
             wg_fence();
-#pragma unroll 1
+#pragma unroll
             for (int kk = 0; kk < 4; ++kk)
                 wgmma_m64n256_ss_tn(o, dp + 2 * kk, dv + 128 * kk, 1);  // +32 B of P, +16 rows of V
             wg_commit();
             wg_wait<0>();
             wg_fence_regs<128>(o);
             dv = (i % 3 == 2) ? dv - 2 * (MR_LAT >> 4) : dv + (MR_LAT >> 4);
-            if (i + 1 < ntiles) named_arrive(MR_NB_PFREE, 384);  // warpgroup 0 syncs before each later P
+            if (i + 1 < pv_ntiles) named_arrive(MR_NB_PFREE, 384);  // warpgroup 0 syncs before each later P
         }
         __syncthreads();  // warpgroup 0's row sums are in; every tile buffer is free
         // O / l into shared memory as f32 rows of MR_OROW floats (the tile buffers): the stores
@@ -353,10 +396,10 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
         // warpgroups need no output indexing (registers) beside O
 #pragma unroll
         for (int hlf = 0; hlf < 2; ++hlf) {
-            const int row = r_lo + 8 * hlf;
-            const float l = ld_shared_f32(base + MR_L + 4 * row);
+            const int row = pv_rlo + 8 * hlf;
+            const float l = ld_shared_f32(base2 + MR_L + 4 * row);
             const float inv = l > 0.f ? 1.f / l : 0.f;
-            const u32 dst = base + MR_K0 + 4 * (row * MR_OROW + 256 * half + cq);
+            const u32 dst = base2 + MR_K0 + 4 * (row * MR_OROW + 256 * half + pv_cq);
 #pragma unroll
             for (int j = 0; j < 32; ++j)
                 asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(dst + 32 * j), "f"(o[4 * j + 2 * hlf] * inv),
