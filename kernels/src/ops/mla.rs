@@ -37,7 +37,8 @@ const TMA_SMEM_BYTES: usize = 8 * 8192 + 2 * 9 * 8192 + 2 * 8192 + 2 * 512 + 20 
 /// Shared memory of one `mla_decode_roles_bf16` CTA: `MR_BYTES` in mla_roles.cu (three latent
 /// tile buffers, two rope chunk buffers, Q's rope columns, P, rescales, row maxima and sums, 27 chunk
 /// mbarriers, the copies' arguments) plus 1 KiB for alignment. Q's latent columns live in registers there.
-const ROLES_SMEM_BYTES: usize = 3 * 8 * 8192 + 2 * 8192 + 8192 + 8192 + 3 * 256 + 27 * 8 + 32 + 1024;
+const ROLES_SMEM_BYTES: usize =
+    3 * 8 * 8192 + 2 * 8192 + 8192 + 8192 + 3 * 256 + 27 * 8 + 32 + 1024;
 // within the most dynamic shared memory a CTA may use on sm_90 (227 KiB)
 const _: () = assert!(
     SEESAW_SMEM_BYTES <= 232_448 && TMA_SMEM_BYTES <= 232_448 && ROLES_SMEM_BYTES <= 232_448
