@@ -7,11 +7,13 @@
 // session 12), and S reads Q from shared memory: a m64n64k16 with both operands in shared memory
 // moves as many bytes through the SM's shared-memory port as its math takes cycles, so S was
 // bound by the port the TMA copies write through as well. Here:
-//   warpgroup 0 (184 registers): Q's 512 latent columns live in its registers as wgmma A
-//       fragments (128 registers), so S reads only K from shared memory (and Q's 64 rope
-//       columns); S of tile i, softmax, P to shared memory, then straight on to S of tile i + 1,
-//       which the tensor cores run before the other warpgroups' P.V of tile i (issued after
-//       it), so the softmax of tile i + 1 overlaps that P.V;
+//   warpgroup 0 (184 registers): Q's latent columns 16..511 live in its registers as wgmma A
+//       fragments (124 registers; columns 0..15 and the 64 rope columns are read from shared
+//       memory: at 128 beside S's 32 ptxas spilled a quad and serialised every wgmma), so S
+//       reads little besides K from shared memory; S of tile i, softmax, P to shared memory
+//       (stmatrix), then straight on to S of tile i + 1, which the tensor cores run before the
+//       other warpgroups' P.V of tile i (issued after it), so the softmax of tile i + 1 overlaps
+//       that P.V;
 //   warpgroups 1 and 2 (160 registers): O_L / O_R (latent columns 0..255 / 256..511) += P.V, P
 //       read from shared memory.
 // 184 + 160 + 160 = 504 registers a thread-triple: what the CTA holds at launch (168 x 384);
@@ -33,7 +35,8 @@
 #define MR_R0 (3 * MR_LAT)              // two rope chunk buffers (64 tokens x 64)
 #define MR_QR (MR_R0 + 2 * MLA_CHUNK)   // Q's rope columns, 64 heads x 64 swizzled
 #define MR_P (MR_QR + MLA_CHUNK)        // P, 64 x 64 bf16 swizzled
-#define MR_ALPHA (MR_P + MLA_CHUNK)     // float[64]: the tile's O rescale
+#define MR_Q0 (MR_P + MLA_CHUNK)        // Q's latent columns 0..15 (k-step 0), no swizzle: 2 KB
+#define MR_ALPHA (MR_Q0 + 2048)         // float[64]: the tile's O rescale
 #define MR_L (MR_ALPHA + 256)           // float[64]: running row sums
 #define MR_M (MR_L + 256)               // float[64]: running row maxima
 #define MR_BAR (MR_M + 256)             // u64[3][9]: one mbarrier per chunk of each tile buffer
@@ -44,52 +47,74 @@
 // named barriers: P (and its rescale) written (warpgroup 0 -> 1, 2); P read (1, 2 -> 0)
 #define MR_NB_PREADY 1
 #define MR_NB_PFREE 2
+#define MR_NB_QREAD 3   // warpgroup 0 alone: Q read from buffer 2 (its zeros may come)
 
 __device__ __forceinline__ void mr_setmaxnreg_inc184() { asm volatile("setmaxnreg.inc.sync.aligned.u32 184;\n" ::: "memory"); }
 __device__ __forceinline__ void mr_setmaxnreg_dec160() { asm volatile("setmaxnreg.dec.sync.aligned.u32 160;\n" ::: "memory"); }
 
-// Q's 512 latent columns of heads h0 .. h0 + 63 as this thread's wgmma A fragments: k-step ks
-// (16 columns) in rq[4 ks .. 4 ks + 3].
-__device__ __forceinline__ void load_q_frags_latent(u32* rq, const bf16* __restrict__ q_abs,
-                                                 const bf16* __restrict__ q_pe, int b, int h0, int heads,
-                                                 long long qpe_sb, long long qpe_sh, int r_lo, int cq) {
-#pragma unroll
-    for (int ks = 0; ks < 32; ++ks)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int h = h0 + r_lo + 8 * (i & 1);
-            const int col = 16 * ks + cq + 8 * (i >> 1);
-            // rows past `heads` read the last head: their S rows are never stored
-            rq[4 * ks + i] = *reinterpret_cast<const u32*>(q_abs + ((size_t)b * heads + min(h, heads - 1)) * D_LAT + col);
-        }
+// Q's A fragments of k-steps 4 c + M, c = 0..7 (one per latent chunk of 8 KB), by ldmatrix x4
+// from `a` + 8 KB c: the chunk offset an immediate of the instruction.
+template <int C>
+__device__ __forceinline__ void ldsm_q_chunk(u32* q, u32 a) {
+    static_assert(C >= 0 && C < 8, "8 latent chunks");
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4+%5];"
+                 : "=r"(q[0]), "=r"(q[1]), "=r"(q[2]), "=r"(q[3])
+                 : "r"(a), "n"(C * MLA_CHUNK)
+                 : "memory");
+}
+// rq holds k-steps 1..31: k-step k at rq + 4 (k - 1)
+template <int M>
+__device__ __forceinline__ void ldsm_q_chunks(u32* rq, u32 a) {
+    if constexpr (M > 0) ldsm_q_chunk<0>(rq + 4 * (0 + M - 1), a);
+    ldsm_q_chunk<1>(rq + 4 * (4 + M - 1), a);
+    ldsm_q_chunk<2>(rq + 4 * (8 + M - 1), a);
+    ldsm_q_chunk<3>(rq + 4 * (12 + M - 1), a);
+    ldsm_q_chunk<4>(rq + 4 * (16 + M - 1), a);
+    ldsm_q_chunk<5>(rq + 4 * (20 + M - 1), a);
+    ldsm_q_chunk<6>(rq + 4 * (24 + M - 1), a);
+    ldsm_q_chunk<7>(rq + 4 * (28 + M - 1), a);
 }
 
-// P (bf16 pairs, pk[2 j + hlf]: columns 8 j + cq, +1 of row r_lo + 8 hlf) into the swizzled
-// 64 x 64 shared operand at `sp` (shared address) with stmatrix: one
-// x4 store per 16 columns, each of the warp's 8x8 matrices straight from its accumulator
-// fragments. Why not store_p_swz's 16 scalar stores: their 16 swizzled addresses are loop
-// invariants that ptxas keeps in registers, which warpgroup 0 (Q in 144 of them) has not got.
-__device__ __forceinline__ void store_p_stmatrix(u32 sp, const u32* pk, int wq, int lane) {
-    // Lane l gives the address of row (l & 7) + 8 ((l >> 3) & 1) of matrix l >> 3; its 16-byte
-    // column group is (j + (l >> 4)) ^ (row & 7) for columns 8j.. (j even), i.e. j ^ y with
-    // y = (l >> 4) ^ (l & 7); the row's address is a multiple of 128, so the address is
-    // (row | y << 4) ^ (j << 4): one register, and the four XORs inside the asm, where ptxas does
-    // not hoist them into four registers of their own.
+// A shared-memory operand without swizzle (8-row x 16-byte core matrices): lbo the byte stride
+// between core matrices along K, sbo along M / N.
+__device__ __forceinline__ u64 wg_desc_noswz(u32 smem_addr, u32 lbo, u32 sbo) {
+    return (u64)((smem_addr & 0x3FFFF) >> 4) | ((u64)((lbo >> 4) & 0x3FFF) << 16) | ((u64)((sbo >> 4) & 0x3FFF) << 32);
+}
+
+// P (bf16) goes into the swizzled 64 x 64 shared operand with stmatrix, one x4 store per 16
+// columns, each of the warp's 8x8 matrices straight from its accumulator fragments. Why not
+// store_p_swz's 16 scalar stores: their 16 swizzled addresses are loop invariants that ptxas keeps
+// in registers, which warpgroup 0 (Q in 128 of them) has not got.
+// Lane l gives the address of row (l & 7) + 8 ((l >> 3) & 1) of matrix l >> 3; its 16-byte
+// column group for columns 8j.. (j even) is (j + (l >> 4)) ^ (row & 7) = j ^ y, y = (l >> 4) ^
+// (l & 7); the row's address is a multiple of 128, so the address is (row | y << 4) ^ (j << 4):
+// one register (p_row_addr) and an XOR inside the asm, where ptxas does not hoist it.
+__device__ __forceinline__ u32 p_row_addr(u32 sp, int wq, int lane) {
     const int r = wq * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
-    const u32 a0 = (sp + r * 128) | ((((lane >> 4) ^ (lane & 7))) << 4);
-    // matrix m of store j / 2: columns 8 (j + m / 2), rows + 8 (m % 2), i.e. pk[2 j + m]
-    const u32* v = pk;
+    return (sp + r * 128) | ((((lane >> 4) ^ (lane & 7))) << 4);
+}
+// Columns 32 JJ .. 32 JJ + 15 of P: exp2 of the scores (masked at `valid`), packed to bf16, their
+// sum (of the bf16 values, what P.V uses) into `sum`, one stmatrix x4 at p_row ^ (32 JJ).
+template <int JJ>
+__device__ __forceinline__ void p_store16(u32 p_row, const float* s, int valid, int cq, float scale,
+                                          const float* m_new, float* sum) {
+    u32 pk[4];  // matrix m: columns 8 (2 JJ + m / 2) + cq, +1 of row half m % 2
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+        const int j = 2 * JJ + m / 2, hlf = m % 2, c = 8 * j + cq;
+        const float p0 = c < valid ? exp2f(fmaf(s[4 * j + 2 * hlf] * scale, 1.4426950408889634f, -m_new[hlf])) : 0.f;
+        const float p1 =
+            c + 1 < valid ? exp2f(fmaf(s[4 * j + 2 * hlf + 1] * scale, 1.4426950408889634f, -m_new[hlf])) : 0.f;
+        const __nv_bfloat162 pb = __floats2bfloat162_rn(p0, p1);
+        const float2 pf = __bfloat1622float2(pb);
+        sum[hlf] += pf.x + pf.y;
+        pk[m] = *reinterpret_cast<const u32*>(&pb);
+    }
     asm volatile(
         "{\n.reg .b32 a;\n"
-        "stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n"
-        "xor.b32 a, %0, 32;\n"
-        "stmatrix.sync.aligned.m8n8.x4.shared.b16 [a], {%5, %6, %7, %8};\n"
-        "xor.b32 a, %0, 64;\n"
-        "stmatrix.sync.aligned.m8n8.x4.shared.b16 [a], {%9, %10, %11, %12};\n"
-        "xor.b32 a, %0, 96;\n"
-        "stmatrix.sync.aligned.m8n8.x4.shared.b16 [a], {%13, %14, %15, %16};\n}\n" ::"r"(a0),
-        "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]), "r"(v[4]), "r"(v[5]), "r"(v[6]), "r"(v[7]), "r"(v[8]),
-        "r"(v[9]), "r"(v[10]), "r"(v[11]), "r"(v[12]), "r"(v[13]), "r"(v[14]), "r"(v[15])
+        "xor.b32 a, %0, %1;\n"
+        "stmatrix.sync.aligned.m8n8.x4.shared.b16 [a], {%2, %3, %4, %5};\n}\n" ::"r"(p_row),
+        "n"(32 * JJ), "r"(pk[0]), "r"(pk[1]), "r"(pk[2]), "r"(pk[3])
         : "memory");
 }
 
@@ -105,8 +130,8 @@ __device__ __forceinline__ void mbar_wait_spin(u32 bar, u32 parity) {
         : "memory");
 }
 
-__device__ __forceinline__ void tile_qk_regs(float* s, const u32* rq, u32 qr, u32 kbuf, u32 rbuf, u32 bars,
-                                             u32 parity) {
+__device__ __forceinline__ void tile_qk_regs(float* s, const u32* rq, u32 qr, u32 q0, u32 kbuf, u32 rbuf,
+                                             u32 bars, u32 parity) {
     // every chunk first, then the 36 MMAs back to back: a wait between them is a branch, and
     // ptxas, short of registers here, then serialises every wgmma
 #pragma unroll 1
@@ -120,7 +145,10 @@ __device__ __forceinline__ void tile_qk_regs(float* s, const u32* rq, u32 qr, u3
     for (int c = 0; c < 8; ++c)
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks)
-            wgmma_m64n64_rs(s, rq + 4 * (4 * c + ks), wg_desc(kbuf + c * MLA_CHUNK + ks * 32, 16, 1024), 1);
+            if (c == 0 && ks == 0)
+                wgmma_m64n64_ss(s, wg_desc_noswz(q0, 128, 256), wg_desc(kbuf, 16, 1024), 1);
+            else
+                wgmma_m64n64_rs(s, rq + 4 * (4 * c + ks - 1), wg_desc(kbuf + c * MLA_CHUNK + ks * 32, 16, 1024), 1);
     wg_commit();
 }
 
@@ -182,7 +210,7 @@ __device__ __forceinline__ void mr_store_rows(const unsigned char* smem, bf16* _
 }
 
 // Same outputs and arguments as mla_decode_tma_bf16: grid (ceil(H/64), B, splits), 384 threads,
-// MR_BYTES + 1024 bytes of dynamic shared memory; splits cut at 64 tokens; the cache read through
+// MR_BYTES bytes of dynamic shared memory; splits cut at 64 tokens; the cache read through
 // `cache_map` (a 2-D tensor map [slots, 576] bf16, box {64, min(block_size, 64)}, 128-byte swizzle).
 extern "C" __global__ void __launch_bounds__(384, 1)
 mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
@@ -192,8 +220,11 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
                       const __grid_constant__ TmaMap cache_map) {
     griddep_wait();
     extern __shared__ __align__(1024) unsigned char mr_smem_raw[];
-    unsigned char* smem = reinterpret_cast<unsigned char*>(
-        (reinterpret_cast<size_t>(mr_smem_raw) + 1023) & ~(size_t)1023);
+    // No alignment slack: the layout takes all but 8 bytes of the 227 KB. Dynamic shared memory
+    // starts 1024-aligned on sm_90 (after the driver's 1 KB); should it not, stop loudly rather
+    // than read misaligned swizzled operands.
+    unsigned char* smem = mr_smem_raw;
+    if ((smem_addr(mr_smem_raw) & 1023) != 0) __trap();
     float* s_alpha = reinterpret_cast<float*>(smem + MR_ALPHA);
     float* s_l = reinterpret_cast<float*>(smem + MR_L);
     const u32 base = smem_addr(smem);
@@ -231,7 +262,8 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
     // Rows of the last tile that are never loaded (past `end`) must not hold NaN from whatever ran
     // on this SM before: P is 0 there, but 0 * NaN is NaN. A buffer that held an earlier tile
     // holds finite values, so only a first use needs the zeros.
-    if ((end - start) % 64 != 0 && ntiles <= 3) {
+    // (buffer 2 holds Q until warpgroup 0 has it in registers: its zeros come then, below)
+    if ((end - start) % 64 != 0 && ntiles <= 2) {
         unsigned char* kb = smem + MR_K0 + ((ntiles - 1) % 3) * MR_LAT;
         for (int i = tid; i < MR_LAT / 16; i += 384) *reinterpret_cast<uint4*>(kb + i * 16) = make_uint4(0, 0, 0, 0);
     }
@@ -246,6 +278,20 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
         *reinterpret_cast<bf16x8*>(smem + MR_QR + wg_swz(r, col)) =
             load_q8(q_abs, q_pe, b, h0 + r, heads, D_LAT + col, qpe_sb, qpe_sh);
     }
+    // Q's latent columns 0..15 (k-step 0) in the no-swizzle layout: core matrix (rows 8 mi..,
+    // columns 8 ki..) at (2 mi + ki) x 128 bytes, rows 16 bytes apart. Read by S from here, so
+    // warpgroup 0 holds 124 registers of Q, not 128: with 128 beside S's 32 ptxas spilled one
+    // quad and serialised every wgmma (what the 2 KB of alignment slack this takes bought).
+    if (tid < 128) {
+        const int r = tid / 2, kh = tid % 2;
+        *reinterpret_cast<bf16x8*>(smem + MR_Q0 + ((r / 8) * 2 + kh) * 128 + (r % 8) * 16) =
+            load_q8(q_abs, q_pe, b, h0 + r, heads, 8 * kh, qpe_sb, qpe_sh);
+    }
+    // Q's latent columns staged in latent buffer 2 (its first tile is issued after warpgroup 0
+    // has read them into registers), swizzled like the K chunks, so that warpgroup 0 takes its A
+    // fragments with ldmatrix: 128 scattered 4-byte loads from global memory instead made ptxas
+    // spill a quad of them, which then stayed in local memory through the loop
+    load_q_latent_swz(smem + MR_K0 + 2 * MR_LAT, q_abs, q_pe, b, h0, heads, qpe_sb, qpe_sh);
     fence_async_smem();  // the zeros and Q (generic writes) before TMA writes and wgmma reads
     __syncthreads();
     const volatile MrIssueArgs* s_args = reinterpret_cast<const volatile MrIssueArgs*>(smem + MR_ARGS);
@@ -262,8 +308,29 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
     }
     if (wg == 0) {
         mr_setmaxnreg_inc184();
-        u32 rq[128];
-        load_q_frags_latent(rq, q_abs, q_pe, b, h0, heads, qpe_sb, qpe_sh, r_lo, cq);
+        u32 rq[124];  // k-steps 1..31 (k-step 0 is read from shared memory, MR_Q0)
+        {
+            // lane l: row (l & 7) + 8 ((l >> 3) & 1), columns + 8 (l >> 4) of matrix l >> 3.
+            // k-step 4 c + m reads 16-byte group (2 m + (l >> 4)) ^ (row & 7) = 2 m ^ y of the
+            // row in chunk c: address (row_base | y << 4) ^ 32 m, + 8 KB c as an immediate, so
+            // that four registers hold every address (ptxas hoisted 32 of them, and spilled Q)
+            const int qr = wq * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
+            const u32 row_base =
+                (base + MR_K0 + 2 * MR_LAT + qr * 128) | (((lane >> 4) ^ (qr & 7)) << 4);
+            ldsm_q_chunks<0>(rq, row_base);
+            ldsm_q_chunks<1>(rq, row_base ^ 32);
+            ldsm_q_chunks<2>(rq, row_base ^ 64);
+            ldsm_q_chunks<3>(rq, row_base ^ 96);
+            // buffer 2 is read: a last, partial tile 2 gets its zeros now (warpgroup 0 alone;
+            // tile 2 is issued by its thread 0 after this)
+            if ((end - start) % 64 != 0 && ntiles == 3) {
+                named_sync(MR_NB_QREAD, 128);
+                unsigned char* kb = smem + MR_K0 + 2 * MR_LAT;
+                for (int i = tid; i < MR_LAT / 16; i += 128) *reinterpret_cast<uint4*>(kb + i * 16) = make_uint4(0, 0, 0, 0);
+                fence_async_smem();
+                named_sync(MR_NB_QREAD, 128);
+            }
+        }
         float s[32];
         // The running row maxima and sums live in shared memory (MR_M, MR_L; the quad's first
         // thread writes them), not in registers: during S this warpgroup holds Q (128) and S
@@ -277,7 +344,7 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
         }
         __syncwarp();
         for (int i = 0; i < ntiles; ++i) {
-            tile_qk_regs(s, rq, base + MR_QR, kbuf(i), rbuf(i), bars(i), parity(i));
+            tile_qk_regs(s, rq, base + MR_QR, base + MR_Q0, kbuf(i), rbuf(i), bars(i), parity(i));
             wg_wait<0>();
             wg_fence_regs<32>(s);
             // Softmax on the raw scores, each value read where the MMA left it and packed to
@@ -300,29 +367,20 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
                 m_new[hlf] = fmaxf(m_old, mx[hlf] * scale * 1.4426950408889634f);  // finite: token 0 is valid
                 alpha[hlf] = exp2f(m_old - m_new[hlf]);   // 0 on the first tile
             }
-            u32 pk[16];  // P as bf16 pairs: pk[2 j + hlf] = columns 8 j + cq, +1 of row half hlf
-#pragma unroll
-            for (int j = 0; j < 8; ++j)
-#pragma unroll
-                for (int hlf = 0; hlf < 2; ++hlf) {
-                    const int c = 8 * j + cq;
-                    const float p0 =
-                        c < valid ? exp2f(fmaf(s[4 * j + 2 * hlf] * scale, 1.4426950408889634f, -m_new[hlf])) : 0.f;
-                    const float p1 =
-                        c + 1 < valid ? exp2f(fmaf(s[4 * j + 2 * hlf + 1] * scale, 1.4426950408889634f, -m_new[hlf])) : 0.f;
-                    const __nv_bfloat162 pb = __floats2bfloat162_rn(p0, p1);
-                    const float2 pf = __bfloat1622float2(pb);  // the sum of what P.V uses
-                    sum[hlf] += pf.x + pf.y;
-                    pk[2 * j + hlf] = *reinterpret_cast<const u32*>(&pb);
-                }
+            if (i >= 1) named_sync(MR_NB_PFREE, 384);  // P.V of tile i - 1 is done with P and alpha
+            // P as bf16 pairs, 16 columns (one stmatrix x4) at a time: all 64 columns packed
+            // first would hold 16 registers more through the softmax
+            const u32 p_row = p_row_addr(base + MR_P, wq, lane);
+            p_store16<0>(p_row, s, valid, cq, scale, m_new, sum);
+            p_store16<1>(p_row, s, valid, cq, scale, m_new, sum);
+            p_store16<2>(p_row, s, valid, cq, scale, m_new, sum);
+            p_store16<3>(p_row, s, valid, cq, scale, m_new, sum);
 #pragma unroll
             for (int hlf = 0; hlf < 2; ++hlf) {
                 sum[hlf] += __shfl_xor_sync(0xffffffffu, sum[hlf], 1);
                 sum[hlf] += __shfl_xor_sync(0xffffffffu, sum[hlf], 2);
                 sum[hlf] += ld_shared_f32(l_addr + 32 * hlf) * alpha[hlf];
             }
-            if (i >= 1) named_sync(MR_NB_PFREE, 384);  // P.V of tile i - 1 is done with P and alpha
-            store_p_stmatrix(base + MR_P, pk, wq, lane);
             __syncwarp();  // every lane has read the row state before the quad leaders write it
             if ((lane & 3) == 0) {  // shared addresses: a generic pointer would hold 2 registers
 #pragma unroll
@@ -338,6 +396,9 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
             // sync above; unused before tile 2) and tile i's rope buffer (S of tile i is done).
             // Here rather than in the last warpgroup to finish P.V, so that the P.V warpgroups
             // hold no copy state (their registers are O's).
+            // (tile 2 overwrites Q's staging copy in buffer 2: every warp of this warpgroup has
+            // it in registers once all four are past their first S)
+            if (i == 0 && ntiles > 2) named_sync(MR_NB_QREAD, 128);
             if (tid == 0 && i + 2 < ntiles) issue(i + 2);
         }
         if (splits > 1 && (lane & 3) == 0) {
@@ -365,7 +426,6 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
         u32 tid2, base2;
         asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid2));
         asm volatile("mov.u32 %0, mr_smem_raw;" : "=r"(base2));
-        base2 = (base2 + 1023) & ~1023u;
         const int half = (int)(tid2 / 128) - 1;  // latent columns 256 half ..
         const int pv_lane = tid2 % WARP;
         const int pv_rlo = ((tid2 % 128) / WARP) * 16 + pv_lane / 4, pv_cq = (pv_lane % 4) * 2;
