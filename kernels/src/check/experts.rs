@@ -406,7 +406,12 @@ pub fn check_grouped_counts(
 pub fn run_grouped_counts(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     let mut out = Vec::new();
     let small = [1, 7, 0, 67, 64, 65, 0, 128, 129, 300, 5];
-    for tile in [RowTile::Ws128Pair, RowTile::Ws128, RowTile::W128] {
+    for tile in [
+        RowTile::Ws128Dyn,
+        RowTile::Ws128Pair,
+        RowTile::Ws128,
+        RowTile::W128,
+    ] {
         out.push(check_grouped_counts(gpu, &small, 10, 72, 40, tile, 1000)?);
         out.push(check_grouped_counts(
             gpu, &small, 10, 1024, 200, tile, 1000,
@@ -424,7 +429,7 @@ pub fn run_grouped_counts(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     }
     // real DeepSeek-V2 expert dims (edges of each expert compared)
     let real = [1, 7, 0, 67, 64, 65, 300, 3];
-    for tile in [RowTile::Ws128, RowTile::Ws128Pair] {
+    for tile in [RowTile::Ws128, RowTile::Ws128Pair, RowTile::Ws128Dyn] {
         out.push(check_grouped_counts(gpu, &real, 7, 5120, 1536, tile, 64)?);
         if !quick {
             // V2-Lite dims, and more experts than CTAs have SMs' worth of tiles at once
@@ -449,6 +454,7 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
         RowTile::W64,
         RowTile::Ws128,
         RowTile::Ws128Pair,
+        RowTile::Ws128Dyn,
     ] {
         out.push(check_grouped_experts(
             gpu,

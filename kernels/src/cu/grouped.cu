@@ -581,10 +581,11 @@ __device__ __forceinline__ WsTile ws_pair_tile(const int* s_poff, const int* s_t
 }
 
 // The consumer warpgroups' loop of grouped_tile_ws (see there).
-template <bool GATE_UP, bool PAIR, typename TileOf>
-__device__ __forceinline__ void ws_consume(u32 base, u32 full0, u32 empty0, int c, int tid, int first, int stride,
-                                           int total, int KT, TileOf tile_of, const long long* __restrict__ ptrs,
-                                           bf16* __restrict__ out, int N, int rank) {
+template <bool GATE_UP, bool PAIR, bool DYN, typename TileOf>
+__device__ __forceinline__ void ws_consume(u32 base, u32 full0, u32 empty0, const volatile int* s_tile, int c,
+                                           int tid, int first, int stride, int total, int KT, TileOf tile_of,
+                                           const long long* __restrict__ ptrs, bf16* __restrict__ out, int N,
+                                           int rank) {
     constexpr int NF = GATE_UP ? 128 : 256;
     const int t128 = tid % 128, lane = tid % WARP, wq = t128 / WARP;
     // a stage goes back to this CTA's producer and, in a pair, to the partner's (its half of
@@ -595,7 +596,16 @@ __device__ __forceinline__ void ws_consume(u32 base, u32 full0, u32 empty0, int 
     };
     float acc[128];
     int it = 0;
-    for (int t = first; t < total; t += stride) {
+    // DYN: the producer names each tile in its first stage (-1: no more), with a stage of its
+    // own (no copies) for a tile of an expert not held here and for the end. (The loop ends at
+    // its head: a break on the name made ptxas serialise every wgmma, C7518.)
+    auto next = [&](int t) -> int {
+        if (!DYN) return t + stride;
+        const int s = it % WS_STAGES;
+        mbar_wait(full0 + 8 * s, (it / WS_STAGES) & 1);
+        return __shfl_sync(0xffffffffu, s_tile[s], 0);
+    };
+    for (int t = DYN ? next(0) : first; t >= 0 && t < total; t = next(t)) {
         const WsTile w = tile_of(t);
         const int r0 = 64 * c, nr = min(64, w.nrows - r0);  // this warpgroup's rows of the tile
         const bool held = __shfl_sync(0xffffffffu, GATE_UP ? ptrs[3 * w.e] != 0 && ptrs[3 * w.e + 1] != 0
@@ -604,6 +614,10 @@ __device__ __forceinline__ void ws_consume(u32 base, u32 full0, u32 empty0, int 
             for (int i = t128; i < max(nr, 0) * (NF / 8); i += 128) {
                 const int r = i / (NF / 8), f = w.f0 + (i % (NF / 8)) * 8;
                 if (f < N) *reinterpret_cast<uint4*>(out + (size_t)(w.row0 + r0 + r) * N + f) = make_uint4(0, 0, 0, 0);
+            }
+            if (DYN) {  // the naming stage goes back
+                if (lane == 0) release(empty0 + 8 * (it % WS_STAGES));
+                ++it;
             }
             continue;
         }
@@ -668,11 +682,18 @@ __device__ __forceinline__ void ws_consume(u32 base, u32 full0, u32 empty0, int 
 // (bench/RESULTS.md session 11: the unpaired kernel is bound by L2 delivery, 95 % busy). A stage
 // then holds the partner's copy too, so it is free only when both CTAs' consumers are done with
 // it: the empty barriers count the 8 consumer warps of each CTA.
-template <bool GATE_UP, bool PAIR>
+// DYN: tiles are handed out by a global counter (`sched`, zero before the launch) to whichever
+// CTA's producer asks next, instead of the static stride: the three row blocks of a weight block
+// then start within a few tiles' time of each other and read its copies while L2 still holds
+// them. With the static stride the CTAs drift apart (a block of <= 64 rows takes half the time),
+// and the unpaired and paired kernels both pulled the weights about twice from DRAM (ncu: 11 GB
+// for 5 GB of gate/up weights, L2 hit rate 40 %, bench/RESULTS.md session 12).
+template <bool GATE_UP, bool PAIR, bool DYN = false>
 __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMap* __restrict__ wmaps,
                                                 const long long* __restrict__ ptrs, const int* __restrict__ offsets,
                                                 const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N,
-                                                int n_exp) {
+                                                int n_exp, int* __restrict__ sched = nullptr) {
+    static_assert(!(PAIR && DYN), "the pair kernel's partners walk one static schedule");
     constexpr int NF = GATE_UP ? 128 : 256;  // output features per tile
     extern __shared__ __align__(1024) unsigned char ws_smem_raw[];
     unsigned char* smem =
@@ -680,6 +701,8 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
     const u32 base = smem_addr(smem);
     const u32 full0 = base + WS_STAGES * WS_STAGE_BYTES;  // full[s] at full0 + 8 s
     const u32 empty0 = full0 + 8 * WS_STAGES;              // empty[s] at empty0 + 8 s
+    // DYN: the tile each stage's first k step belongs to, written before its full arrival
+    volatile int* s_tile = reinterpret_cast<volatile int*>(smem + WS_STAGES * WS_STAGE_BYTES + 16 * WS_STAGES);
     int* s_toff = reinterpret_cast<int*>(smem + WS_STAGES * WS_STAGE_BYTES + 128);
     int* s_off = s_toff + (WS_MAX_EXP + 1);
     int* s_poff = s_off + (WS_MAX_EXP + 1);
@@ -735,9 +758,24 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
         ws_setmaxnreg_dec40();
         if (tid == 0) {
             int it = 0, last_e = -1;
-            for (int t = first; t < total; t += stride) {
-                const WsTile w = tile_of(t);
-                const bool held = GATE_UP ? ptrs[3 * w.e] != 0 && ptrs[3 * w.e + 1] != 0 : ptrs[3 * w.e + 2] != 0;
+            for (int t = first; DYN || t < total; t += stride) {
+                if (DYN) {
+                    t = atomicAdd(sched, 1);
+                    if (t >= total) t = -1;
+                }
+                const WsTile w = tile_of(t < 0 ? 0 : t);
+                const bool held =
+                    t >= 0 && (GATE_UP ? ptrs[3 * w.e] != 0 && ptrs[3 * w.e + 1] != 0 : ptrs[3 * w.e + 2] != 0);
+                if (DYN && !held) {
+                    // a stage that only names the tile (or the end): the consumers write zeros
+                    const int s = it % WS_STAGES;
+                    mbar_wait_thread(empty0 + 8 * s, ((it / WS_STAGES) & 1) ^ 1);
+                    s_tile[s] = t;
+                    mbar_arrive(full0 + 8 * s);
+                    ++it;
+                    if (t < 0) break;
+                    continue;
+                }
                 if (!held) continue;  // no stages: the consumers write zeros
                 const TmaMap* m0 = wmaps + 3 * w.e + (GATE_UP ? 0 : 2);
                 const TmaMap* m1 = GATE_UP ? m0 + 1 : m0;
@@ -753,6 +791,7 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
                     const int s = it % WS_STAGES;
                     const u32 full = full0 + 8 * s;
                     mbar_wait_thread(empty0 + 8 * s, ((it / WS_STAGES) & 1) ^ 1);
+                    if (DYN && kt == 0) s_tile[s] = t;
                     mbar_arrive_expect_tx(full, bytes);
                     const u32 a = base + s * WS_STAGE_BYTES, b = a + WS_A_BYTES;
                     const int k0 = kt * GK;
@@ -773,8 +812,8 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
     } else {
         // ---- consumers: warpgroup c = 0, 1 computes rows 64c .. 64c + 63 of each tile ----
         ws_setmaxnreg_inc232();
-        ws_consume<GATE_UP, PAIR>(base, full0, empty0, wg - 1, tid, first, stride, total, KT, tile_of, ptrs, out, N,
-                                  rank);
+        ws_consume<GATE_UP, PAIR, DYN>(base, full0, empty0, s_tile, wg - 1, tid, first, stride, total, KT, tile_of,
+                                       ptrs, out, N, rank);
     }
     // neither CTA of a pair leaves while the other may still copy into it or arrive on it
     if (PAIR) cluster_sync();
@@ -797,6 +836,24 @@ extern "C" __global__ void __launch_bounds__(384, 1) moe_grouped_down_ws_bf16(
     int n_exp) {
     griddep_wait();
     grouped_tile_ws<false, false>(&x_map, wmaps, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+// The same with the dynamic tile schedule (RowTile::Ws128Dyn): sched, one int, zero before the
+// launch.
+extern "C" __global__ void __launch_bounds__(384, 1) moe_grouped_gate_up_ws_dyn_bf16(
+    const __grid_constant__ TmaMap x_map, const TmaMap* __restrict__ wmaps, const long long* __restrict__ ptrs,
+    const int* __restrict__ offsets, const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N,
+    int n_exp, int* __restrict__ sched) {
+    griddep_wait();
+    grouped_tile_ws<true, false, true>(&x_map, wmaps, ptrs, offsets, tile_off, out, K, N, n_exp, sched);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) moe_grouped_down_ws_dyn_bf16(
+    const __grid_constant__ TmaMap x_map, const TmaMap* __restrict__ wmaps, const long long* __restrict__ ptrs,
+    const int* __restrict__ offsets, const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N,
+    int n_exp, int* __restrict__ sched) {
+    griddep_wait();
+    grouped_tile_ws<false, false, true>(&x_map, wmaps, ptrs, offsets, tile_off, out, K, N, n_exp, sched);
 }
 
 // The same in clusters of (2, 1, 1) CTAs (grid even): the two row blocks of a weight block share

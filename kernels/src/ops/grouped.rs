@@ -49,6 +49,10 @@ pub enum RowTile {
     /// every weight byte crosses L2 once per pair (`moe_grouped_*_ws_pair_bf16`). An expert
     /// with an odd number of row blocks leaves one CTA of its last pair without rows.
     Ws128Pair,
+    /// [`RowTile::Ws128`] with tiles handed out by a global counter to whichever CTA asks next
+    /// (`moe_grouped_*_ws_dyn_bf16`) instead of a static stride, so that the row blocks of one
+    /// weight block run close together in time and share its copies through L2.
+    Ws128Dyn,
 }
 
 /// The tile prefill-sized batches take when the caller does not choose (`for_rows`).
@@ -70,14 +74,22 @@ impl RowTile {
             RowTile::R16 => 16,
             RowTile::R32 => 32,
             RowTile::R64 | RowTile::W64 => 64,
-            RowTile::R128 | RowTile::W128 | RowTile::Ws128 | RowTile::Ws128Pair => 128,
+            RowTile::R128
+            | RowTile::W128
+            | RowTile::Ws128
+            | RowTile::Ws128Pair
+            | RowTile::Ws128Dyn => 128,
         }
     }
 
     /// Weight rows per CTA (gate_up covers half as many features: gate + up).
     fn weight_rows(self) -> usize {
         match self {
-            RowTile::W128 | RowTile::W64 | RowTile::Ws128 | RowTile::Ws128Pair => 256,
+            RowTile::W128
+            | RowTile::W64
+            | RowTile::Ws128
+            | RowTile::Ws128Pair
+            | RowTile::Ws128Dyn => 256,
             _ => WEIGHT_ROWS,
         }
     }
@@ -87,7 +99,7 @@ impl RowTile {
             RowTile::R16 | RowTile::R32 | RowTile::R64 => 4,
             RowTile::R128 => 3,
             RowTile::W128 | RowTile::W64 => 4,
-            RowTile::Ws128 | RowTile::Ws128Pair => WS_STAGES,
+            RowTile::Ws128 | RowTile::Ws128Pair | RowTile::Ws128Dyn => WS_STAGES,
         }
     }
 
@@ -96,7 +108,7 @@ impl RowTile {
             RowTile::R16 | RowTile::R32 | RowTile::R64 => 128,
             RowTile::R128 | RowTile::W128 | RowTile::W64 => 256,
             // one producer and two consumer warpgroups
-            RowTile::Ws128 | RowTile::Ws128Pair => 384,
+            RowTile::Ws128 | RowTile::Ws128Pair | RowTile::Ws128Dyn => 384,
         }
     }
 
@@ -104,13 +116,16 @@ impl RowTile {
     pub fn is_wgmma(self) -> bool {
         matches!(
             self,
-            RowTile::W128 | RowTile::W64 | RowTile::Ws128 | RowTile::Ws128Pair
+            RowTile::W128 | RowTile::W64 | RowTile::Ws128 | RowTile::Ws128Pair | RowTile::Ws128Dyn
         )
     }
 
     /// The persistent warp-specialised kernels (one launch path, `ws_launch`).
     fn is_warp_specialised(self) -> bool {
-        matches!(self, RowTile::Ws128 | RowTile::Ws128Pair)
+        matches!(
+            self,
+            RowTile::Ws128 | RowTile::Ws128Pair | RowTile::Ws128Dyn
+        )
     }
 
     fn smem_bytes(self) -> usize {
@@ -149,6 +164,8 @@ impl RowTile {
             (RowTile::Ws128, false) => "moe_grouped_down_ws_bf16",
             (RowTile::Ws128Pair, true) => "moe_grouped_gate_up_ws_pair_bf16",
             (RowTile::Ws128Pair, false) => "moe_grouped_down_ws_pair_bf16",
+            (RowTile::Ws128Dyn, true) => "moe_grouped_gate_up_ws_dyn_bf16",
+            (RowTile::Ws128Dyn, false) => "moe_grouped_down_ws_dyn_bf16",
         }
     }
 
@@ -420,15 +437,22 @@ unsafe fn ws_launch(gpu: &Gpu, w: WsLaunch) -> Result<()> {
     // 128-byte maps, 64-byte aligned (checked); ptrs [E, 3].
     unsafe { b.launch(cfg) }?;
 
+    // the dynamic schedule's tile counters, one per launch, zero before it
+    let dynamic = tile == RowTile::Ws128Dyn;
+    let sched = if dynamic {
+        Some(Tensor::<i32>::zeros(gpu, &[2])?)
+    } else {
+        None
+    };
     let x_map = tma::encode_bf16_2d(OP, w.x, w.rows, w.hidden, 64, WS_X_BOX_ROWS)?;
     let act_map = tma::encode_bf16_2d(OP, w.act, w.rows, w.inter, 64, WS_X_BOX_ROWS)?;
     let (h, i) = (
         dim_i32(OP, "hidden", w.hidden)?,
         dim_i32(OP, "inter", w.inter)?,
     );
-    for (gate_up, in_map, output, k, n, n_us) in [
-        (true, &x_map, w.act, h, i, w.inter),
-        (false, &act_map, w.out, i, h, w.hidden),
+    for (gate_up, in_map, output, k, n, n_us, counter) in [
+        (true, &x_map, w.act, h, i, w.inter, 0u64),
+        (false, &act_map, w.out, i, h, w.hidden, 4u64),
     ] {
         let name = tile.kernel(gate_up);
         gpu.set_max_dynamic_smem(name, tile.smem_bytes())?;
@@ -443,6 +467,10 @@ unsafe fn ws_launch(gpu: &Gpu, w: WsLaunch) -> Result<()> {
             .arg(&k)
             .arg(&n)
             .arg(&ne);
+        let sched_ptr = sched.as_ref().map(|t| t.ptr() + counter);
+        if let Some(sp) = sched_ptr.as_ref() {
+            b.arg(sp);
+        }
         if pair {
             b.cluster_x(2);
         }
@@ -452,14 +480,15 @@ unsafe fn ws_launch(gpu: &Gpu, w: WsLaunch) -> Result<()> {
             block_dim: (tile.threads(), 1, 1),
             shared_mem_bytes: tile.smem_bytes() as u32,
         };
-        // SAFETY: matches moe_grouped_{gate_up,down}_ws{,_pair}_bf16(x_map, wmaps, ptrs, offsets,
-        // tile_off, out, K, N, n_exp); the input map covers x / act [rows, K], the weight maps
+        // SAFETY: matches moe_grouped_{gate_up,down}_ws{,_pair,_dyn}_bf16(x_map, wmaps, ptrs, offsets,
+        // tile_off, out, K, N, n_exp[, sched]); sched (dyn) is one zeroed int of a live buffer; the input map covers x / act [rows, K], the weight maps
         // were written by the launch above (stream order), out / act [rows, N]; act is written
         // by the first launch before the second reads it.
         unsafe { b.launch(cfg) }?;
     }
-    // the maps buffer is freed stream-ordered after the launches that read it
+    // the maps buffer (and the counters) are freed stream-ordered after the launches that read them
     drop(maps);
+    drop(sched);
     Ok(())
 }
 
@@ -625,6 +654,7 @@ mod tests {
             RowTile::W128,
             RowTile::Ws128,
             RowTile::Ws128Pair,
+            RowTile::Ws128Dyn,
         ] {
             // 227 KiB of dynamic shared memory per block on sm_90
             assert!(t.smem_bytes() <= 227 * 1024, "{t:?}: {}", t.smem_bytes());
@@ -634,6 +664,8 @@ mod tests {
         // WS_SMEM_BYTES in grouped.cu: 1024 + 4 x 48 KiB + 128 + 3 x 4 x 1025
         assert_eq!(RowTile::Ws128.smem_bytes(), 210_060);
         assert_eq!(RowTile::Ws128Pair.smem_bytes(), 210_060);
+        // the dynamic schedule's tile names fit beside the mbarriers in their 128 bytes (32 + 32 + 16)
+        assert_eq!(RowTile::Ws128Dyn.smem_bytes(), 210_060);
         assert_eq!(RowTile::Ws128.threads(), 384);
         assert_eq!(RowTile::Ws128.kernel(true), "moe_grouped_gate_up_ws_bf16");
     }
@@ -647,7 +679,12 @@ mod tests {
             .map(|(_, s)| *s)
             .expect("grouped.cu is embedded");
         let names = crate::device::kernel_names(src);
-        for t in [RowTile::W128, RowTile::Ws128, RowTile::Ws128Pair] {
+        for t in [
+            RowTile::W128,
+            RowTile::Ws128,
+            RowTile::Ws128Pair,
+            RowTile::Ws128Dyn,
+        ] {
             for g in [true, false] {
                 assert!(names.iter().any(|n| n == t.kernel(g)), "{}", t.kernel(g));
             }

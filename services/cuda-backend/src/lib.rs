@@ -227,17 +227,19 @@ impl CudaBackend {
             // DSV2_GROUPED_WS: the prefill-sized expert batches' tile, to compare or to fall
             // back should one fail its checks: `0` the wgmma kernel without warp specialisation
             // (RowTile::W128), `1` the warp-specialised persistent one (Ws128), `pair` that one
-            // in CTA pairs sharing each weight block's copies (Ws128Pair); unset: PREFILL_TILE
+            // in CTA pairs sharing each weight block's copies (Ws128Pair), `dyn` it with tiles
+            // handed out by a counter (Ws128Dyn); unset: PREFILL_TILE
             grouped_prefill_tile: {
                 use dsv2_kernels::ops::grouped::{PREFILL_TILE, RowTile};
                 match std::env::var("DSV2_GROUPED_WS").as_deref() {
                     Ok("0") => RowTile::W128,
                     Ok("1") => RowTile::Ws128,
                     Ok("pair") => RowTile::Ws128Pair,
+                    Ok("dyn") => RowTile::Ws128Dyn,
                     Ok(other) => {
                         return Err(KernelError::Unsupported {
                             op: "grouped experts",
-                            what: format!("DSV2_GROUPED_WS={other}: expected 0, 1 or pair"),
+                            what: format!("DSV2_GROUPED_WS={other}: expected 0, 1, pair or dyn"),
                         });
                     }
                     Err(_) => PREFILL_TILE,
