@@ -865,7 +865,8 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             mla::MlaKernel::Seesaw,
             mla::MlaKernel::Tma,
             mla::MlaKernel::TmaPair,
-            mla::MlaKernel::Roles,
+            // (Roles is checked by `dsv2-gpu-check --mla` only until it has run on a GPU: a
+            // kernel that traps here would take the rows after it along)
         ],
     )?);
     for (n, ctx, heads, dims, shared) in [
@@ -900,7 +901,6 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             mla::MlaKernel::Seesaw,
             mla::MlaKernel::Tma,
             mla::MlaKernel::TmaPair,
-            mla::MlaKernel::Roles,
         ] {
             out.push(check_mla_decode(gpu, &lens, 128, 64, None, kernel)?);
         }
