@@ -242,6 +242,13 @@ PYEOF
       if grep -q "^checks: .* 0 FAIL" "$OUT_DIR/gpu-check-roles.log"; then
         DSV2_MLA_KERNEL=roles timeout -k 5 60 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-roles.log" 2>&1 || { echo "dsv2-cuda-check (roles) FAILED"; fail=1; }
         tail -3 "$OUT_DIR/cuda-check-roles.log"
+        # where its time goes: the math alone, the loads alone (P1 rows; wrong outputs)
+        for p in 1 2; do
+          echo "-- roles, DSV2_MLA_PROBE=$p"
+          DSV2_MLA_PROBE=$p timeout -k 5 60 "$BIN/dsv2-gpu-check" --mla --no-check --mla-kernels roles --cache-dir /tmp/dsv2-cubin \
+            >"$OUT_DIR/gpu-check-roles-probe$p.log" 2>&1
+          grep -E "^P1 .*(batch 64 ctx 4096 heads 128|batch 8 ctx 32768)|rror|trap" "$OUT_DIR/gpu-check-roles-probe$p.log" | cut -c1-220
+        done
       fi
       timeout -k 5 120 "$BIN/dsv2-gpu-check" --grouped --quick --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-grouped.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|copy d2d|cuBLAS bf16|^P2|^D[0-9]|rror|trap" "$OUT_DIR/gpu-check-grouped.log" | cut -c1-220

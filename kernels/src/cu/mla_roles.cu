@@ -131,11 +131,13 @@ __device__ __forceinline__ void mbar_wait_spin(u32 bar, u32 parity) {
 }
 
 __device__ __forceinline__ void tile_qk_regs(float* s, const u32* rq, u32 qr, u32 q0, u32 kbuf, u32 rbuf,
-                                             u32 bars, u32 parity) {
+                                             u32 bars, u32 parity, bool wait = true) {
     // every chunk first, then the 36 MMAs back to back: a wait between them is a branch, and
     // ptxas, short of registers here, then serialises every wgmma
+    if (wait) {
 #pragma unroll 1
-    for (int c = 0; c < 9; ++c) mbar_wait_spin(bars + c * 8, parity);
+        for (int c = 0; c < 9; ++c) mbar_wait_spin(bars + c * 8, parity);
+    }
     __syncwarp();
     wg_fence();
 #pragma unroll
@@ -209,16 +211,16 @@ __device__ __forceinline__ void mr_store_rows(const unsigned char* smem, bf16* _
     }
 }
 
-// Same outputs and arguments as mla_decode_tma_bf16: grid (ceil(H/64), B, splits), 384 threads,
-// MR_BYTES bytes of dynamic shared memory; splits cut at 64 tokens; the cache read through
-// `cache_map` (a 2-D tensor map [slots, 576] bf16, box {64, min(block_size, 64)}, 128-byte swizzle).
-extern "C" __global__ void __launch_bounds__(384, 1)
-mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
-                      const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
-                      float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size, int max_blocks,
-                      int splits, float scale, long long qpe_sb, long long qpe_sh,
-                      const __grid_constant__ TmaMap cache_map) {
-    griddep_wait();
+// The kernel body. PROBE (timing probes only, wrong outputs; DSV2_MLA_PROBE in the launcher, as for the tma
+// kernel): 1 = the math alone (tiles 0..2 are loaded, later tiles reuse their buffers without
+// loads or waits), 2 = the loads alone (every copy and handshake, no MMA and no softmax).
+template <int PROBE>
+__device__ __forceinline__ void roles_decode(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
+                                             const int* __restrict__ block_table, const int* __restrict__ seq_lens,
+                                             bf16* __restrict__ out, float* __restrict__ o_part,
+                                             float* __restrict__ lse, int heads, int block_size, int max_blocks,
+                                             int splits, float scale, long long qpe_sb, long long qpe_sh,
+                                             const TmaMap& cache_map) {
     extern __shared__ __align__(1024) unsigned char mr_smem_raw[];
     // No alignment slack: the layout takes all but 8 bytes of the 227 KB. Dynamic shared memory
     // starts 1024-aligned on sm_90 (after the driver's 1 KB); should it not, stop loudly rather
@@ -344,7 +346,15 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
         }
         __syncwarp();
         for (int i = 0; i < ntiles; ++i) {
-            tile_qk_regs(s, rq, base + MR_QR, base + MR_Q0, kbuf(i), rbuf(i), bars(i), parity(i));
+            if constexpr (PROBE == 2) {
+                for (int c = 0; c < 9; ++c) mbar_wait_spin(bars(i) + c * 8, parity(i));
+                if (i >= 1) named_sync(MR_NB_PFREE, 384);
+                named_arrive(MR_NB_PREADY, 384);
+                if (i == 0 && ntiles > 2) named_sync(MR_NB_QREAD, 128);
+                if (tid == 0 && i + 2 < ntiles) issue(i + 2);
+                continue;
+            }
+            tile_qk_regs(s, rq, base + MR_QR, base + MR_Q0, kbuf(i), rbuf(i), bars(i), parity(i), PROBE != 1 || i < 3);
             wg_wait<0>();
             wg_fence_regs<32>(s);
             // Softmax on the raw scores, each value read where the MMA left it and packed to
@@ -399,7 +409,7 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
             // (tile 2 overwrites Q's staging copy in buffer 2: every warp of this warpgroup has
             // it in registers once all four are past their first S)
             if (i == 0 && ntiles > 2) named_sync(MR_NB_QREAD, 128);
-            if (tid == 0 && i + 2 < ntiles) issue(i + 2);
+            if (tid == 0 && i + 2 < (PROBE == 1 ? min(ntiles, 3) : ntiles)) issue(i + 2);
         }
         if (splits > 1 && (lane & 3) == 0) {
             // the block indices again, not the prologue's copies (see mr_store_rows)
@@ -439,6 +449,10 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
         u64 dv = wg_desc(base2 + MR_K0 + 4 * half * MLA_CHUNK, MLA_CHUNK, 1024);
         for (int i = 0; i < pv_ntiles; ++i) {
             named_sync(MR_NB_PREADY, 384);
+            if constexpr (PROBE == 2) {
+                if (i + 1 < pv_ntiles) named_arrive(MR_NB_PFREE, 384);
+                continue;
+            }
             scale_o_rows(o, ld_shared_f32(base2 + MR_ALPHA + 4 * pv_rlo), ld_shared_f32(base2 + MR_ALPHA + 4 * (pv_rlo + 8)));
             wg_fence();
 #pragma unroll
@@ -469,4 +483,40 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
     }
     __syncthreads();
     mr_store_rows(smem, out, o_part, splits, heads);
+}
+
+// Same outputs and arguments as mla_decode_tma_bf16: grid (ceil(H/64), B, splits), 384 threads,
+// MR_BYTES bytes of dynamic shared memory; splits cut at 64 tokens; the cache read through
+// `cache_map` (a 2-D tensor map [slots, 576] bf16, box {64, min(block_size, 64)}, 128-byte swizzle).
+extern "C" __global__ void __launch_bounds__(384, 1)
+mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
+                      const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
+                      float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size, int max_blocks,
+                      int splits, float scale, long long qpe_sb, long long qpe_sh,
+                      const __grid_constant__ TmaMap cache_map) {
+    griddep_wait();
+    roles_decode<0>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks, splits, scale,
+                    qpe_sb, qpe_sh, cache_map);
+}
+
+// Timing probes of mla_decode_roles_bf16 (wrong outputs): the math alone, the loads alone.
+extern "C" __global__ void __launch_bounds__(384, 1)
+mla_decode_roles_probe1_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
+                             const int* __restrict__ block_table, const int* __restrict__ seq_lens,
+                             bf16* __restrict__ out, float* __restrict__ o_part, float* __restrict__ lse, int heads,
+                             int block_size, int max_blocks, int splits, float scale, long long qpe_sb,
+                             long long qpe_sh, const __grid_constant__ TmaMap cache_map) {
+    griddep_wait();
+    roles_decode<1>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks, splits, scale,
+                    qpe_sb, qpe_sh, cache_map);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+mla_decode_roles_probe2_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
+                             const int* __restrict__ block_table, const int* __restrict__ seq_lens,
+                             bf16* __restrict__ out, float* __restrict__ o_part, float* __restrict__ lse, int heads,
+                             int block_size, int max_blocks, int splits, float scale, long long qpe_sb,
+                             long long qpe_sh, const __grid_constant__ TmaMap cache_map) {
+    griddep_wait();
+    roles_decode<2>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks, splits, scale,
+                    qpe_sb, qpe_sh, cache_map);
 }

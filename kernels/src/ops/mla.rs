@@ -212,16 +212,23 @@ impl SplitPartials {
     }
 }
 
-/// `DSV2_MLA_PROBE=1|2` (timing experiments only: the outputs are wrong): the TMA kernel's math
-/// alone (`mla_decode_tma_probe1_bf16`: later tiles reuse the first two without loads) or its
-/// loads alone (`..._probe2_bf16`: every copy and handshake, no MMA).
-fn tma_probe() -> Option<&'static str> {
-    static PROBE: std::sync::OnceLock<Option<&'static str>> = std::sync::OnceLock::new();
-    *PROBE.get_or_init(|| match std::env::var("DSV2_MLA_PROBE").as_deref() {
-        Ok("1") => Some("mla_decode_tma_probe1_bf16"),
-        Ok("2") => Some("mla_decode_tma_probe2_bf16"),
+/// `DSV2_MLA_PROBE=1|2` (timing probes, wrong outputs): the tma or roles kernel's math alone
+/// (`..._probe1_bf16`: later tiles reuse the first ones without loads) or its loads alone
+/// (`..._probe2_bf16`: every copy and handshake, no MMA).
+fn mla_probe(kernel: MlaKernel) -> Option<&'static str> {
+    static PROBE: std::sync::OnceLock<Option<u8>> = std::sync::OnceLock::new();
+    let p = *PROBE.get_or_init(|| match std::env::var("DSV2_MLA_PROBE").as_deref() {
+        Ok("1") => Some(1),
+        Ok("2") => Some(2),
         _ => None,
-    })
+    });
+    match (kernel, p) {
+        (MlaKernel::Tma, Some(1)) => Some("mla_decode_tma_probe1_bf16"),
+        (MlaKernel::Tma, Some(2)) => Some("mla_decode_tma_probe2_bf16"),
+        (MlaKernel::Roles, Some(1)) => Some("mla_decode_roles_probe1_bf16"),
+        (MlaKernel::Roles, Some(2)) => Some("mla_decode_roles_probe2_bf16"),
+        _ => None,
+    }
 }
 
 /// The latent cache [num_blocks, block_size, 576] as a 2-D TMA tensor [num_blocks * block_size,
@@ -450,10 +457,8 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     let pair = kernel == MlaKernel::TmaPair && heads.div_ceil(HEADS_PER_CTA) == 2;
     let entry = if pair {
         "mla_decode_tma_pair_bf16"
-    } else if kernel == MlaKernel::Tma {
-        tma_probe().unwrap_or(kernel.function())
     } else {
-        kernel.function()
+        mla_probe(kernel).unwrap_or(kernel.function())
     };
     gpu.set_max_dynamic_smem(entry, kernel.smem_bytes())?;
     let f = gpu.function(entry)?;
@@ -670,6 +675,20 @@ mod tests {
             assert!(exported, "{} is not in the CUDA sources", k.function());
             assert!(k.supports_block_size(16) && k.supports_block_size(64));
             assert!(!k.supports_block_size(0));
+        }
+        // the probe entries DSV2_MLA_PROBE picks
+        for name in [
+            "mla_decode_tma_probe1_bf16(",
+            "mla_decode_tma_probe2_bf16(",
+            "mla_decode_roles_probe1_bf16(",
+            "mla_decode_roles_probe2_bf16(",
+        ] {
+            assert!(
+                crate::compile::SOURCES
+                    .iter()
+                    .any(|(_, src)| src.contains(name)),
+                "{name}"
+            );
         }
         // the cluster entry the launcher picks for two head groups
         assert!(
