@@ -231,15 +231,11 @@ __device__ __forceinline__ void roles_decode(const bf16* __restrict__ q_abs, con
     float* s_l = reinterpret_cast<float*>(smem + MR_L);
     const u32 base = smem_addr(smem);
 
-    const int hg = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
+    const TmaPart part = tma_part(block_table, seq_lens, max_blocks, splits);
+    const int b = part.b, split = part.split, h0 = part.h0, start = part.start, end = part.end;
+    const int* btab = part.btab;
     // warp-uniform to ptxas (tid / 128 is not, and wgmma under a branch on it is serialised)
     const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0), lane = tid % WARP, wq = (tid % 128) / WARP;
-    const int h0 = hg * 64;
-    const int len = seq_lens[b];
-    const int per = split_tokens(len, splits, 64);
-    const int start = split * per;
-    const int end = min(len, start + per);
-    const int* btab = block_table + (size_t)b * max_blocks;
     const int r_lo = wq * 16 + lane / 4, cq = (lane % 4) * 2;
     if (start >= end) {
         tma_decode_empty(out, lse, b, split, splits, heads, h0);
@@ -488,6 +484,7 @@ __device__ __forceinline__ void roles_decode(const bf16* __restrict__ q_abs, con
 // Same outputs and arguments as mla_decode_tma_bf16: grid (ceil(H/64), B, splits), 384 threads,
 // MR_BYTES bytes of dynamic shared memory; splits cut at 64 tokens; the cache read through
 // `cache_map` (a 2-D tensor map [slots, 576] bf16, box {64, min(block_size, 64)}, 128-byte swizzle).
+// (Written out, not by a macro: the host finds kernel names in this text, device::kernel_names.)
 extern "C" __global__ void __launch_bounds__(384, 1)
 mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
                       const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
@@ -499,7 +496,7 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
                     qpe_sb, qpe_sh, cache_map);
 }
 
-// Timing probes of mla_decode_roles_bf16 (wrong outputs): the math alone, the loads alone.
+// Timing probes of it (wrong outputs): the math alone, the loads alone.
 extern "C" __global__ void __launch_bounds__(384, 1)
 mla_decode_roles_probe1_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
                              const int* __restrict__ block_table, const int* __restrict__ seq_lens,

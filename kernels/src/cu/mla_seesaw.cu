@@ -83,15 +83,11 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
     const u32 q_addr = base + SS_Q, kb0 = base + SS_K0, kb1 = base + SS_K1;
     const u32 bars0 = base + SS_BAR, bars1 = bars0 + 9 * 8;
 
-    const int hg = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
+    const TmaPart part = tma_part(block_table, seq_lens, max_blocks, splits);
+    const int b = part.b, split = part.split, h0 = part.h0, start = part.start, end = part.end;
+    const int* btab = part.btab;
     // warp-uniform to ptxas (tid / 128 is not, and wgmma under a branch on it is serialised)
     const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0), lane = tid % WARP, wq = (tid % 128) / WARP;
-    const int h0 = hg * 64;
-    const int len = seq_lens[b];
-    const int per = split_tokens(len, splits, 64);
-    const int start = split * per;
-    const int end = min(len, start + per);
-    const int* btab = block_table + (size_t)b * max_blocks;
     const float sl2 = scale * 1.4426950408889634f;
     const int r_lo = wq * 16 + lane / 4, cq = (lane % 4) * 2;
     if (start >= end) {

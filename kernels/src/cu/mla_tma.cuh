@@ -145,6 +145,27 @@ __device__ __forceinline__ void scale_o_rows(float* o, float a0, float a1) {
 }
 
 
+// The CTA's part of the decode grid (ceil(H/64), B, splits): head group, sequence, split, and
+// the split's tokens [start, end) of the sequence (end <= start: an empty split).
+struct TmaPart {
+    int hg, b, split, h0, start, end;
+    const int* btab;  // the sequence's row of the block table
+};
+__device__ __forceinline__ TmaPart tma_part(const int* __restrict__ block_table, const int* __restrict__ seq_lens,
+                                            int max_blocks, int splits) {
+    TmaPart p;
+    p.hg = blockIdx.x;
+    p.b = blockIdx.y;
+    p.split = blockIdx.z;
+    p.h0 = p.hg * 64;
+    const int len = seq_lens[p.b];
+    const int per = split_tokens(len, splits, 64);
+    p.start = p.split * per;
+    p.end = min(len, p.start + per);
+    p.btab = block_table + (size_t)p.b * max_blocks;
+    return p;
+}
+
 // A CTA with no context (start >= end): an empty split marks itself for the combine; an empty
 // sequence (a padding row, splits == 1) writes zeros, as the other decode kernels do.
 __device__ __forceinline__ void tma_decode_empty(bf16* __restrict__ out, float* __restrict__ lse, int b, int split,
