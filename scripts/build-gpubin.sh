@@ -14,4 +14,6 @@ two_ranks=$(cargo test --release -p dsv2-nccl --test two_ranks --no-run 2>&1 \
 mkdir -p "$BIN"
 for b in "${BINS[@]}"; do strip --strip-all -o "$BIN/$b" "target/release/$b"; done
 strip --strip-all -o "$BIN/nccl-two-ranks" "$two_ranks"
+# which tree the binaries are (gpu-decode.sh prints it; "+dirty" when uncommitted changes went in)
+echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . || echo +dirty)" > "$BIN/COMMIT"
 du -sh "$BIN"

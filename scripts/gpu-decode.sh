@@ -58,7 +58,9 @@ source scripts/lib/services.sh
 trap stop_all EXIT
 t0=$(date +%s)
 fail=0
-echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); $(nvidia-smi -L | head -1)"
+# the binaries' commit (scripts/build-gpubin.sh writes it): the device copy's git metadata can
+# be stale (session 12 run 1 printed an older commit than the binaries')
+echo "== $(date -u +%FT%TZ) binaries of $(cat "$BIN/COMMIT" 2>/dev/null || echo "commit unknown"); $(nvidia-smi -L | head -1)"
 
 over_budget() {
   local used=$(( $(date +%s) - t0 ))
