@@ -839,7 +839,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) moe_grouped_down_ws_bf16(
 }
 
 // The same with the dynamic tile schedule (RowTile::Ws128Dyn): sched, one int, zero before the
-// launch.
+// launch (moe_grouped_weight_maps zeroes it).
 extern "C" __global__ void __launch_bounds__(384, 1) moe_grouped_gate_up_ws_dyn_bf16(
     const __grid_constant__ TmaMap x_map, const TmaMap* __restrict__ wmaps, const long long* __restrict__ ptrs,
     const int* __restrict__ offsets, const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N,
@@ -876,12 +876,17 @@ extern "C" __global__ void __launch_bounds__(384, 1) moe_grouped_down_ws_pair_bf
 
 // maps[3 e + j] = the template for j (gate and up: gu, down: dn) with its global address
 // replaced by ptrs[3 e + j] (left as the template's for an expert not held: never loaded).
-// One thread per map; 3 * n_exp threads.
+// One thread per map; 3 * n_exp threads. Thread 0 also zeroes the two ints after the maps: the
+// dynamic schedule's tile counters (Ws128Dyn's gate_up and down launches that follow).
 extern "C" __global__ void moe_grouped_weight_maps(const __grid_constant__ TmaMap gu, const __grid_constant__ TmaMap dn,
                                                    const long long* __restrict__ ptrs, TmaMap* __restrict__ maps,
                                                    int n_exp) {
     griddep_wait();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i == 0) {
+        int* sched = reinterpret_cast<int*>(maps + 3 * n_exp);
+        sched[0] = sched[1] = 0;
+    }
     if (i >= 3 * n_exp) return;
     const TmaMap* src = i % 3 == 2 ? &dn : &gu;
 #pragma unroll

@@ -42,6 +42,7 @@
 #define MR_BAR (MR_M + 256)             // u64[3][9]: one mbarrier per chunk of each tile buffer
 #define MR_ARGS (MR_BAR + 3 * 9 * 8)   // MrIssueArgs: what issuing a tile's copies needs
 #define MR_BYTES (MR_ARGS + 32)
+#define MR_LOG2E 1.4426950408889634f  // scores * scale * log2(e): exp2 units
 #define MR_OROW 520                     // floats per row of the f32 output staging (2-way conflicts)
 
 // named barriers: P (and its rescale) written (warpgroup 0 -> 1, 2); P read (1, 2 -> 0)
@@ -84,7 +85,7 @@ __device__ __forceinline__ u64 wg_desc_noswz(u32 smem_addr, u32 lbo, u32 sbo) {
 // P (bf16) goes into the swizzled 64 x 64 shared operand with stmatrix, one x4 store per 16
 // columns, each of the warp's 8x8 matrices straight from its accumulator fragments. Why not
 // store_p_swz's 16 scalar stores: their 16 swizzled addresses are loop invariants that ptxas keeps
-// in registers, which warpgroup 0 (Q in 128 of them) has not got.
+// in registers, which warpgroup 0 (Q in 124 of them) has not got.
 // Lane l gives the address of row (l & 7) + 8 ((l >> 3) & 1) of matrix l >> 3; its 16-byte
 // column group for columns 8j.. (j even) is (j + (l >> 4)) ^ (row & 7) = j ^ y, y = (l >> 4) ^
 // (l & 7); the row's address is a multiple of 128, so the address is (row | y << 4) ^ (j << 4):
@@ -102,9 +103,9 @@ __device__ __forceinline__ void p_store16(u32 p_row, const float* s, int valid, 
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
         const int j = 2 * JJ + m / 2, hlf = m % 2, c = 8 * j + cq;
-        const float p0 = c < valid ? exp2f(fmaf(s[4 * j + 2 * hlf] * scale, 1.4426950408889634f, -m_new[hlf])) : 0.f;
+        const float p0 = c < valid ? exp2f(fmaf(s[4 * j + 2 * hlf] * scale, MR_LOG2E, -m_new[hlf])) : 0.f;
         const float p1 =
-            c + 1 < valid ? exp2f(fmaf(s[4 * j + 2 * hlf + 1] * scale, 1.4426950408889634f, -m_new[hlf])) : 0.f;
+            c + 1 < valid ? exp2f(fmaf(s[4 * j + 2 * hlf + 1] * scale, MR_LOG2E, -m_new[hlf])) : 0.f;
         const __nv_bfloat162 pb = __floats2bfloat162_rn(p0, p1);
         const float2 pf = __bfloat1622float2(pb);
         sum[hlf] += pf.x + pf.y;
@@ -130,6 +131,10 @@ __device__ __forceinline__ void mbar_wait_spin(u32 bar, u32 parity) {
         : "memory");
 }
 
+// S[64 x 64] = Q . K^T over one tile: the rope chunk (Q from `qr`, K from `rbuf`), then the 8
+// latent chunks at `kbuf` with Q's k-step 0 from `q0` and the rest from registers (rq: k-steps
+// 1..31). wait = false (probe 1 only): the tile's copies are not waited for. Committed as one
+// wgmma group, not waited for.
 __device__ __forceinline__ void tile_qk_regs(float* s, const u32* rq, u32 qr, u32 q0, u32 kbuf, u32 rbuf,
                                              u32 bars, u32 parity, bool wait = true) {
     // every chunk first, then the 36 MMAs back to back: a wait between them is a branch, and
@@ -171,11 +176,20 @@ __device__ __forceinline__ void st_shared_f32(u32 addr, float v) {
 }
 
 // What issuing a tile's copies needs, kept in shared memory rather than in registers: warpgroup 0
-// reads it only when it issues, so none of it is live while S holds Q's 128 registers and S's 32.
+// reads it only when it issues, so none of it is live while S holds Q's 124 registers and S's 32.
 struct MrIssueArgs {
     const int* btab;
     int start, end, block_size;
 };
+
+// end - start of the CTA's split, read from MrIssueArgs in shared memory (`base`: its shared
+// address) by warpgroups that keep nothing of the prologue in registers.
+__device__ __forceinline__ int mr_split_tokens(u32 base) {
+    // (offsets by the null-pointer idiom: NVRTC has no <cstddef> offsetof)
+    const u32 o_end = (u32)reinterpret_cast<size_t>(&reinterpret_cast<const MrIssueArgs*>(0)->end);
+    const u32 o_start = (u32)reinterpret_cast<size_t>(&reinterpret_cast<const MrIssueArgs*>(0)->start);
+    return ld_shared_s32(base + MR_ARGS + o_end) - ld_shared_s32(base + MR_ARGS + o_start);
+}
 
 // The normalised O rows staged in shared memory (f32, MR_OROW apart, from the tile buffers) to
 // `out` (bf16, splits == 1) or this split's f32 partials, all threads, 16 bytes each. Indices
@@ -227,8 +241,6 @@ __device__ __forceinline__ void roles_decode(const bf16* __restrict__ q_abs, con
     // than read misaligned swizzled operands.
     unsigned char* smem = mr_smem_raw;
     if ((smem_addr(mr_smem_raw) & 1023) != 0) __trap();
-    float* s_alpha = reinterpret_cast<float*>(smem + MR_ALPHA);
-    float* s_l = reinterpret_cast<float*>(smem + MR_L);
     const u32 base = smem_addr(smem);
 
     const TmaPart part = tma_part(block_table, seq_lens, max_blocks, splits);
@@ -264,8 +276,6 @@ __device__ __forceinline__ void roles_decode(const bf16* __restrict__ q_abs, con
     if ((end - start) % 64 != 0 && ntiles <= 2) {
         unsigned char* kb = smem + MR_K0 + ((ntiles - 1) % 3) * MR_LAT;
         for (int i = tid; i < MR_LAT / 16; i += 384) *reinterpret_cast<uint4*>(kb + i * 16) = make_uint4(0, 0, 0, 0);
-    }
-    if ((end - start) % 64 != 0 && ntiles <= 2) {
         unsigned char* rb = smem + MR_R0 + ((ntiles - 1) & 1) * MLA_CHUNK;
         for (int i = tid; i < MLA_CHUNK / 16; i += 384) *reinterpret_cast<uint4*>(rb + i * 16) = make_uint4(0, 0, 0, 0);
     }
@@ -331,8 +341,8 @@ __device__ __forceinline__ void roles_decode(const bf16* __restrict__ q_abs, con
         }
         float s[32];
         // The running row maxima and sums live in shared memory (MR_M, MR_L; the quad's first
-        // thread writes them), not in registers: during S this warpgroup holds Q (128) and S
-        // (32) and 4 registers more made ptxas spill a Q fragment and serialise every wgmma.
+        // thread writes them), not in registers: during S this warpgroup holds Q (124) and S
+        // (32) beside ptxas's own, with nothing to spare.
         const u32 m_addr = base + MR_M + 4 * r_lo, l_addr = base + MR_L + 4 * r_lo;
         if ((lane & 3) == 0) {
             st_shared_f32(m_addr, -INFINITY);
@@ -356,9 +366,9 @@ __device__ __forceinline__ void roles_decode(const bf16* __restrict__ q_abs, con
             // Softmax on the raw scores, each value read where the MMA left it and packed to
             // bf16 as soon as it is exponentiated: scaled copies of all 32 in other registers
             // (what tile_rowmax / tile_exp do) are 32 registers this warpgroup has not got.
-            // >= 1; columns at or past it are masked. From shared memory, like sl2's parts from
-            // the constant bank: none of it then holds a register through S.
-            const int valid = ld_shared_s32(base + MR_ARGS + 12) - ld_shared_s32(base + MR_ARGS + 8) - 64 * i;
+            // >= 1; columns at or past it are masked. From shared memory (and the scale from the
+            // constant bank, not premultiplied): none of it then holds a register through S.
+            const int valid = mr_split_tokens(base) - 64 * i;
             float mx[2] = {-INFINITY, -INFINITY}, alpha[2], sum[2] = {0.f, 0.f}, m_new[2];
 #pragma unroll
             for (int j = 0; j < 8; ++j)
@@ -370,7 +380,7 @@ __device__ __forceinline__ void roles_decode(const bf16* __restrict__ q_abs, con
                 mx[hlf] = fmaxf(mx[hlf], __shfl_xor_sync(0xffffffffu, mx[hlf], 1));
                 mx[hlf] = fmaxf(mx[hlf], __shfl_xor_sync(0xffffffffu, mx[hlf], 2));
                 const float m_old = ld_shared_f32(m_addr + 32 * hlf);
-                m_new[hlf] = fmaxf(m_old, mx[hlf] * scale * 1.4426950408889634f);  // finite: token 0 is valid
+                m_new[hlf] = fmaxf(m_old, mx[hlf] * scale * MR_LOG2E);  // finite: token 0 is valid
                 alpha[hlf] = exp2f(m_old - m_new[hlf]);   // 0 on the first tile
             }
             if (i >= 1) named_sync(MR_NB_PFREE, 384);  // P.V of tile i - 1 is done with P and alpha
@@ -435,7 +445,7 @@ __device__ __forceinline__ void roles_decode(const bf16* __restrict__ q_abs, con
         const int half = (int)(tid2 / 128) - 1;  // latent columns 256 half ..
         const int pv_lane = tid2 % WARP;
         const int pv_rlo = ((tid2 % 128) / WARP) * 16 + pv_lane / 4, pv_cq = (pv_lane % 4) * 2;
-        const int pv_ntiles = (ld_shared_s32(base2 + MR_ARGS + 12) - ld_shared_s32(base2 + MR_ARGS + 8) + 63) / 64;
+        const int pv_ntiles = (mr_split_tokens(base2) + 63) / 64;
         float o[128];
 #pragma unroll
         for (int i = 0; i < 128; ++i) o[i] = 0.f;

@@ -114,10 +114,7 @@ impl RowTile {
 
     /// The warpgroup-MMA tiles (prefill-sized batches).
     pub fn is_wgmma(self) -> bool {
-        matches!(
-            self,
-            RowTile::W128 | RowTile::W64 | RowTile::Ws128 | RowTile::Ws128Pair | RowTile::Ws128Dyn
-        )
+        matches!(self, RowTile::W128 | RowTile::W64) || self.is_warp_specialised()
     }
 
     /// The persistent warp-specialised kernels (one launch path, `ws_launch`).
@@ -417,7 +414,9 @@ unsafe fn ws_launch(gpu: &Gpu, w: WsLaunch) -> Result<()> {
     // 16-byte aligned address), their addresses replaced on the device from the table.
     let gu_t = tma::encode_bf16_2d(OP, w.x, w.inter, w.hidden, 64, WS_W_BOX_ROWS)?;
     let dn_t = tma::encode_bf16_2d(OP, w.x, w.hidden, w.inter, 64, WS_W_BOX_ROWS)?;
-    let maps = Tensor::<i64>::uninit(gpu, &[w.n_exp * 3 * 16])?;
+    // + 8 bytes: the dynamic schedule's two tile counters (gate_up's, down's), zeroed by the
+    // map kernel below, so they cost no allocation or memset of their own
+    let maps = Tensor::<i64>::uninit(gpu, &[w.n_exp * 3 * 16 + 1])?;
     let mp = maps.ptr();
     if !mp.is_multiple_of(64) {
         return Err(shape_err(
@@ -434,16 +433,9 @@ unsafe fn ws_launch(gpu: &Gpu, w: WsLaunch) -> Result<()> {
         shared_mem_bytes: 0,
     };
     // SAFETY: matches moe_grouped_weight_maps(gu, dn, ptrs, maps, n_exp); maps holds 3 E
-    // 128-byte maps, 64-byte aligned (checked); ptrs [E, 3].
+    // 128-byte maps, 64-byte aligned (checked), and the two counters after them; ptrs [E, 3].
     unsafe { b.launch(cfg) }?;
 
-    // the dynamic schedule's tile counters, one per launch, zero before it
-    let dynamic = tile == RowTile::Ws128Dyn;
-    let sched = if dynamic {
-        Some(Tensor::<i32>::zeros(gpu, &[2])?)
-    } else {
-        None
-    };
     let x_map = tma::encode_bf16_2d(OP, w.x, w.rows, w.hidden, 64, WS_X_BOX_ROWS)?;
     let act_map = tma::encode_bf16_2d(OP, w.act, w.rows, w.inter, 64, WS_X_BOX_ROWS)?;
     let (h, i) = (
@@ -467,9 +459,9 @@ unsafe fn ws_launch(gpu: &Gpu, w: WsLaunch) -> Result<()> {
             .arg(&k)
             .arg(&n)
             .arg(&ne);
-        let sched_ptr = sched.as_ref().map(|t| t.ptr() + counter);
-        if let Some(sp) = sched_ptr.as_ref() {
-            b.arg(sp);
+        let sched_ptr = mp + (w.n_exp * 3 * 128) as u64 + counter;
+        if tile == RowTile::Ws128Dyn {
+            b.arg(&sched_ptr);
         }
         if pair {
             b.cluster_x(2);
@@ -480,15 +472,15 @@ unsafe fn ws_launch(gpu: &Gpu, w: WsLaunch) -> Result<()> {
             block_dim: (tile.threads(), 1, 1),
             shared_mem_bytes: tile.smem_bytes() as u32,
         };
-        // SAFETY: matches moe_grouped_{gate_up,down}_ws{,_pair,_dyn}_bf16(x_map, wmaps, ptrs, offsets,
-        // tile_off, out, K, N, n_exp[, sched]); sched (dyn) is one zeroed int of a live buffer; the input map covers x / act [rows, K], the weight maps
-        // were written by the launch above (stream order), out / act [rows, N]; act is written
-        // by the first launch before the second reads it.
+        // SAFETY: matches moe_grouped_{gate_up,down}_ws{,_pair,_dyn}_bf16(x_map, wmaps, ptrs,
+        // offsets, tile_off, out, K, N, n_exp[, sched]); the input map covers x / act [rows, K],
+        // the weight maps (and the zeroed counters after them, sched) were written by the launch
+        // above (stream order), out / act [rows, N]; act is written by the first launch before
+        // the second reads it.
         unsafe { b.launch(cfg) }?;
     }
     // the maps buffer (and the counters) are freed stream-ordered after the launches that read them
     drop(maps);
-    drop(sched);
     Ok(())
 }
 
