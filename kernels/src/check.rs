@@ -850,11 +850,6 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     out.push(check_sample(gpu, if quick { 500 } else { 5137 }, 1000)?);
     out.push(check_expert_ffn(gpu, 67, 8, 5120, 1536)?);
     out.push(check_expert_ffn(gpu, 7, 3, 512, 64)?);
-    out.push(check_small_experts(gpu, 1, 16, 6, 5120, 1536)?);
-    out.push(check_small_experts(gpu, 4, 16, 6, 5120, 1536)?);
-    out.push(check_small_experts(gpu, 3, 9, 2, 72, 40)?);
-    // more slots than the down kernel reads side by side (8): two groups
-    out.push(check_small_experts(gpu, 2, 16, 10, 72, 40)?);
     out.extend(experts::run_grouped(gpu, quick)?);
     out.extend(gemv::run_gemv(gpu)?);
     out.extend(run_mla(

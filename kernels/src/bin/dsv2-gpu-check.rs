@@ -1161,6 +1161,7 @@ fn bench_grouped(
                             ptrs: table.view(),
                             act: sa.view_mut(),
                             out: out.view_mut(),
+                            shared: None,
                         },
                     )?;
                 }

@@ -156,7 +156,10 @@ impl ExpertCase {
 }
 
 /// The two-launch small-batch expert path against the reference FFN: `n` rows, top-`k` of
-/// `n_exp` experts.
+/// `n_exp` experts, and with `n_shared` > 0 a shared MLP of `n_shared` x `inter` intermediate
+/// features computed in the same launches (added unweighted, rounded to bf16 as the shared MLP's
+/// own down projection rounds it).
+#[allow(clippy::too_many_arguments)]
 pub fn check_small_experts(
     gpu: &Gpu,
     n: usize,
@@ -164,10 +167,18 @@ pub fn check_small_experts(
     k: usize,
     hidden: usize,
     inter: usize,
+    n_shared: usize,
 ) -> Result<CheckRow> {
     let c = ExpertCase::new(gpu, 11, n, n_exp, k, hidden, inter)?;
     let (x, ids, w, ptrs) = c.upload(gpu)?;
-    let mut act = Tensor::<bf16>::zeros(gpu, &[n * k, inter])?;
+    let si = n_shared * inter;
+    let mut g = rng(12);
+    let (sgu_b, sgu) = rand_bf16(&mut g, 2 * si * hidden, 1.7 / (hidden as f32).sqrt());
+    let (sd_b, sd) = rand_bf16(&mut g, hidden * si, 1.7 / (si.max(1) as f32).sqrt());
+    let sg_t = Tensor::from_host(gpu, &sgu_b[..si * hidden], &[si, hidden])?;
+    let su_t = Tensor::from_host(gpu, &sgu_b[si * hidden..], &[si, hidden])?;
+    let sd_t = Tensor::from_host(gpu, &sd_b, &[hidden, si])?;
+    let mut act = Tensor::<bf16>::zeros(gpu, &[n * (k + n_shared), inter])?;
     let mut out = Tensor::<bf16>::zeros(gpu, &[n, hidden])?;
     // SAFETY: ids are -1, beyond the table or < n_exp; the table points at `c.tensors`, alive
     // until after to_host.
@@ -181,15 +192,31 @@ pub fn check_small_experts(
                 ptrs: ptrs.view(),
                 act: act.view_mut(),
                 out: out.view_mut(),
+                shared: (n_shared > 0).then(|| small_experts::SharedMlp {
+                    gate: sg_t.view(),
+                    up: su_t.view(),
+                    down: sd_t.view(),
+                }),
             },
         )?;
     }
     let got = f32s(&out.to_host(gpu)?);
-    let want: Vec<f32> = (0..n).flat_map(|row| c.reference(row)).collect();
+    let want: Vec<f32> = (0..n)
+        .flat_map(|row| {
+            let mut acc = c.reference(row);
+            if n_shared > 0 {
+                let y = one_expert(&c.xf, row, &sgu, &sd, 0, 1, hidden, si);
+                for (a, v) in acc.iter_mut().zip(&y) {
+                    *a += r::bf(*v);
+                }
+            }
+            acc
+        })
+        .collect();
     drop(c.tensors);
     Ok(CheckRow::cmp(
         "moe_small_experts_bf16",
-        format!("rows {n} E {n_exp} top-{k} hidden {hidden} inter {inter}"),
+        format!("rows {n} E {n_exp} top-{k} hidden {hidden} inter {inter} shared parts {n_shared}"),
         &got,
         &want,
         1e-2,
@@ -445,6 +472,16 @@ pub fn run_grouped_counts(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
 /// 64-wide k step, partial tiles, experts with 0 rows) and the real DeepSeek-V2 expert dims.
 pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     let mut out = Vec::new();
+    // the small-batch kernels first (decode at up to 4 rows), then with the shared experts in
+    // the same launches: V2's 2 parts at 1 and 4 rows, V2-Lite's dims, one part at an odd size
+    out.push(check_small_experts(gpu, 1, 16, 6, 5120, 1536, 0)?);
+    out.push(check_small_experts(gpu, 4, 16, 6, 5120, 1536, 0)?);
+    out.push(check_small_experts(gpu, 3, 9, 2, 72, 40, 0)?);
+    out.push(check_small_experts(gpu, 2, 16, 10, 72, 40, 0)?);
+    out.push(check_small_experts(gpu, 1, 16, 6, 5120, 1536, 2)?);
+    out.push(check_small_experts(gpu, 4, 16, 6, 5120, 1536, 2)?);
+    out.push(check_small_experts(gpu, 1, 64, 6, 2048, 1408, 2)?);
+    out.push(check_small_experts(gpu, 3, 9, 2, 72, 40, 1)?);
     for tile in [
         RowTile::R16,
         RowTile::R32,

@@ -314,27 +314,49 @@ extern "C" __global__ void moe_combine_bf16(const bf16* __restrict__ y, const in
 // Ids outside 0..E (u32::MAX marks another shard's slot) are skipped the same way.
 // Roundings mirror the permuted path (bf16 gate/up outputs, bf16 SiLU·mul, bf16 expert outputs,
 // f32 weighted sum), so both paths agree up to f32 summation order.
+//
+// The shared experts may ride along (n_shared > 0; sg/su [n_shared * I, H], sd [H, n_shared * I],
+// the checkpoint's one shared MLP): each row gets n_shared more slots after the n * k routed ones,
+// part p being rows p*I..(p+1)*I of sg/su and columns p*I..(p+1)*I of sd, weight 1. At batch 1
+// this replaces the shared MLP's three launches (paired gate/up GEMV, SiLU·mul, down GEMV) by
+// work inside these two. The parts' down products are summed in f32 and rounded once, as the
+// shared MLP's own down projection rounds its output once.
 
-// grid (ceil(I / 8), n * k), 256 threads, smem H bf16: act[slot, i] = silu(x . Wg[i]) * (x . Wu[i]).
+// grid (ceil(I / 8), n * (k + n_shared)), 256 threads, smem H bf16:
+// act[slot, i] = silu(x . Wg[i]) * (x . Wu[i]).
 extern "C" __global__ void moe_small_gate_up_bf16(const bf16* __restrict__ x, const int* __restrict__ ids,
                                                   const long long* __restrict__ ptrs, bf16* __restrict__ act,
-                                                  int hidden, int inter, int k, int n_exp) {
+                                                  int hidden, int inter, int k, int n_exp,
+                                                  const bf16* __restrict__ sg, const bf16* __restrict__ su,
+                                                  int n_shared) {
     griddep_wait();
     extern __shared__ __align__(16) unsigned char small_smem[];
     bf16* xs = reinterpret_cast<bf16*>(small_smem);
-    const int slot = blockIdx.y, row = slot / k;
-    const int e = ids[slot];
-    // not routed here (-1), or an expert this process does not hold (address 0): the down
-    // kernel skips the slot the same way
-    if (e < 0 || e >= n_exp || ptrs[3 * e] == 0) return;
+    const int slot = blockIdx.y, routed_slots = gridDim.y / (k + n_shared) * k;
+    const bf16 *wg, *wu;
+    int row;
+    if (slot < routed_slots) {
+        row = slot / k;
+        const int e = ids[slot];
+        // not routed here (-1), or an expert this process does not hold (address 0): the down
+        // kernel skips the slot the same way
+        if (e < 0 || e >= n_exp || ptrs[3 * e] == 0) return;
+        wg = reinterpret_cast<const bf16*>(ptrs[3 * e]);
+        wu = reinterpret_cast<const bf16*>(ptrs[3 * e + 1]);
+    } else {
+        const int q = slot - routed_slots, part = q % n_shared;
+        row = q / n_shared;
+        wg = sg + (size_t)part * inter * hidden;
+        wu = su + (size_t)part * inter * hidden;
+    }
     for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8)
         *reinterpret_cast<bf16x8*>(xs + c) = *reinterpret_cast<const bf16x8*>(x + (size_t)row * hidden + c);
     __syncthreads();
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int i = blockIdx.x * (blockDim.x / WARP) + warp;
     if (i >= inter) return;
-    const bf16* wg = reinterpret_cast<const bf16*>(ptrs[3 * e]) + (size_t)i * hidden;
-    const bf16* wu = reinterpret_cast<const bf16*>(ptrs[3 * e + 1]) + (size_t)i * hidden;
+    wg += (size_t)i * hidden;
+    wu += (size_t)i * hidden;
     float ag = 0.f, au = 0.f;
 #pragma unroll 4
     for (int c = lane * 8; c < hidden; c += WARP * 8) {
@@ -357,15 +379,17 @@ extern "C" __global__ void moe_small_gate_up_bf16(const bf16* __restrict__ x, co
     }
 }
 
-// grid (ceil(H / 8), n), 256 threads, smem k * I bf16:
-// out[row, o] = sum over routed slots j of w[row, j] * bf16(act[row*k + j] . Wd_e[o]).
+// grid (ceil(H / 8), n), 256 threads, smem (k + n_shared) * I bf16:
+// out[row, o] = sum over routed slots j of w[row, j] * bf16(act[row*k + j] . Wd_e[o])
+//             + bf16(sum over shared parts p of act[n*k + row*n_shared + p] . Sd[o, p*I..]).
 extern "C" __global__ void moe_small_down_bf16(const bf16* __restrict__ act, const int* __restrict__ ids,
                                                const float* __restrict__ wts, const long long* __restrict__ ptrs,
-                                               bf16* __restrict__ out, int hidden, int inter, int k, int n_exp) {
+                                               bf16* __restrict__ out, int hidden, int inter, int k, int n_exp,
+                                               const bf16* __restrict__ sd, int n_shared) {
     griddep_wait();
     extern __shared__ __align__(16) unsigned char small_smem[];
     bf16* as = reinterpret_cast<bf16*>(small_smem);
-    const int row = blockIdx.y;
+    const int row = blockIdx.y, routed_slots = gridDim.y * k;
     for (int j = 0; j < k; ++j) {
         const int e = ids[row * k + j];
         if (e < 0 || e >= n_exp || ptrs[3 * e] == 0) continue;
@@ -373,6 +397,10 @@ extern "C" __global__ void moe_small_down_bf16(const bf16* __restrict__ act, con
             *reinterpret_cast<bf16x8*>(as + j * inter + c) =
                 *reinterpret_cast<const bf16x8*>(act + ((size_t)row * k + j) * inter + c);
     }
+    for (int p = 0; p < n_shared; ++p)
+        for (int c = threadIdx.x * 8; c < inter; c += blockDim.x * 8)
+            *reinterpret_cast<bf16x8*>(as + (k + p) * inter + c) = *reinterpret_cast<const bf16x8*>(
+                act + ((size_t)routed_slots + (size_t)row * n_shared + p) * inter + c);
     __syncthreads();
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int o = blockIdx.x * (blockDim.x / WARP) + warp;
@@ -393,6 +421,20 @@ extern "C" __global__ void moe_small_down_bf16(const bf16* __restrict__ act, con
         }
         d = warp_sum(d);
         acc += wts[row * k + j] * __bfloat162float(__float2bfloat16_rn(d));
+    }
+    if (n_shared > 0) {
+        // the shared MLP's down row o: n_shared * I contiguous weights against the parts' acts
+        const bf16* wd = sd + (size_t)o * n_shared * inter;
+        float d = 0.f;
+#pragma unroll 2
+        for (int c = lane * 8; c < n_shared * inter; c += WARP * 8) {
+            float av[8], wv[8];
+            load8(as + k * inter + c, av);
+            load8(wd + c, wv);
+#pragma unroll
+            for (int q = 0; q < 8; ++q) d += av[q] * wv[q];
+        }
+        acc += __bfloat162float(__float2bfloat16_rn(warp_sum(d)));
     }
     if (lane == 0) out[(size_t)row * hidden + o] = __float2bfloat16_rn(acc);
 }

@@ -22,8 +22,9 @@ const SMEM_LIMIT: usize = 48 * 1024;
 
 /// x [n, H]; ids [n, k] (expert ids, -1 = not routed here); weights [n, k] (f32 routing weights);
 /// ptrs [E, 3] device addresses of expert e's gate [I, H], up [I, H] and down [H, I] (bf16,
-/// row-major; 0 for experts this process does not hold: their slots contribute nothing); act [n * k, I]
-/// workspace; out [n, H] = Σ_j weights[r, j] · FFN_{ids[r, j]}(x[r]).
+/// row-major; 0 for experts this process does not hold: their slots contribute nothing); act
+/// [n * (k + S), I] workspace (S = the shared parts, 0 without `shared`);
+/// out [n, H] = Σ_j weights[r, j] · FFN_{ids[r, j]}(x[r]) (+ the shared MLP of x[r]).
 pub struct SmallExpertsParams<'a> {
     pub x: View<'a, bf16>,
     pub ids: View<'a, i32>,
@@ -31,10 +32,28 @@ pub struct SmallExpertsParams<'a> {
     pub ptrs: View<'a, i64>,
     pub act: ViewMut<'a, bf16>,
     pub out: ViewMut<'a, bf16>,
+    pub shared: Option<SharedMlp<'a>>,
+}
+
+/// The shared experts computed in the same two launches: gate and up [S * I, H], down [H, S * I]
+/// (the checkpoint's one shared MLP whose intermediate size is S times the routed experts'),
+/// taken as S more slots of weight 1 per row.
+pub struct SharedMlp<'a> {
+    pub gate: View<'a, bf16>,
+    pub up: View<'a, bf16>,
+    pub down: View<'a, bf16>,
+}
+
+/// How many routed-size parts a shared MLP of intermediate size `shared_inter` makes for
+/// experts of intermediate size `inter`: None when it does not split evenly (the caller then
+/// runs the shared MLP on its own).
+pub fn shared_parts(shared_inter: usize, inter: usize) -> Option<usize> {
+    (inter > 0 && shared_inter > 0 && shared_inter.is_multiple_of(inter))
+        .then(|| shared_inter / inter)
 }
 
 /// # Safety
-/// For every expert id in `ids` within 0..E (others are skipped), its three addresses in `ptrs`
+/// `shared`, when given, is shape-checked here. For every expert id in `ids` within 0..E (others are skipped), its three addresses in `ptrs`
 /// must be 0 or point to live bf16 tensors of shapes [I, H], [I, H] and [H, I] (I = act's width) that outlive
 /// the launches (stream order). The kernels trust the table: they cannot check it.
 pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> {
@@ -45,8 +64,23 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
     let k = p.ids.shape()[1];
     p.weights.expect(OP, "weights", &[Some(n), Some(k)])?;
     p.ptrs.expect(OP, "ptrs", &[None, Some(3)])?;
-    p.act.expect(OP, "act", &[Some(n * k), None])?;
-    let inter = p.act.shape()[1];
+    let inter = p.act.shape().get(1).copied().unwrap_or(0);
+    let n_shared = match &p.shared {
+        None => 0,
+        Some(s) => {
+            s.gate.expect(OP, "shared gate", &[None, Some(hidden)])?;
+            let si = s.gate.shape()[0];
+            s.up.expect(OP, "shared up", &[Some(si), Some(hidden)])?;
+            s.down
+                .expect(OP, "shared down", &[Some(hidden), Some(si)])?;
+            shared_parts(si, inter).ok_or_else(|| crate::error::KernelError::Unsupported {
+                op: OP,
+                what: format!("shared intermediate {si} is not a multiple of {inter}"),
+            })?
+        }
+    };
+    p.act
+        .expect(OP, "act", &[Some(n * (k + n_shared)), Some(inter)])?;
     p.out.expect(OP, "out", &[Some(n), Some(hidden)])?;
     if !hidden.is_multiple_of(8) || !inter.is_multiple_of(8) {
         return Err(crate::error::KernelError::Unsupported {
@@ -54,17 +88,21 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
             what: format!("hidden {hidden} / intermediate {inter} not multiples of 8"),
         });
     }
-    if hidden * 2 > SMEM_LIMIT || k * inter * 2 > SMEM_LIMIT {
+    if hidden * 2 > SMEM_LIMIT || (k + n_shared) * inter * 2 > SMEM_LIMIT {
         return Err(crate::error::KernelError::Unsupported {
             op: OP,
             what: format!(
-                "hidden {hidden} / top-k {k} x intermediate {inter} exceed 48 KiB of shared memory"
+                "hidden {hidden} / top-k {k} (+ {n_shared} shared) x intermediate {inter} exceed 48 KiB of shared memory"
             ),
         });
     }
-    if n == 0 || k == 0 {
+    if n == 0 || k + n_shared == 0 {
         return Ok(());
     }
+    let (sg, su, sd) = match &p.shared {
+        Some(s) => (s.gate.ptr(), s.up.ptr(), s.down.ptr()),
+        None => (0, 0, 0),
+    };
     let (x, ids, w, ptrs, act, out) = (
         p.x.ptr(),
         p.ids.ptr(),
@@ -73,13 +111,15 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
         p.act.ptr(),
         p.out.ptr(),
     );
-    let (h, i, ki, ne) = (
+    let (h, i, ki, ne, ns) = (
         dim_i32(OP, "hidden", hidden)?,
         dim_i32(OP, "intermediate", inter)?,
         dim_i32(OP, "top_k", k)?,
         dim_i32(OP, "experts", p.ptrs.shape()[0])?,
+        dim_i32(OP, "shared parts", n_shared)?,
     );
-    let slots = u32::try_from(n * k).map_err(|_| shape_err(OP, format!("{n} x {k} slots")))?;
+    let slots = u32::try_from(n * (k + n_shared))
+        .map_err(|_| shape_err(OP, format!("{n} x {k} (+ {n_shared}) slots")))?;
     let f = gpu.function("moe_small_gate_up_bf16")?;
     let mut b = gpu.launch(f);
     b.arg(&x)
@@ -89,7 +129,10 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
         .arg(&h)
         .arg(&i)
         .arg(&ki)
-        .arg(&ne);
+        .arg(&ne)
+        .arg(&sg)
+        .arg(&su)
+        .arg(&ns);
     let cfg = LaunchConfig {
         grid_dim: (inter.div_ceil(8) as u32, slots, 1),
         block_dim: (256, 1, 1),
@@ -107,11 +150,13 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
         .arg(&h)
         .arg(&i)
         .arg(&ki)
-        .arg(&ne);
+        .arg(&ne)
+        .arg(&sd)
+        .arg(&ns);
     let cfg = LaunchConfig {
         grid_dim: (hidden.div_ceil(8) as u32, n as u32, 1),
         block_dim: (256, 1, 1),
-        shared_mem_bytes: (k * inter * 2) as u32,
+        shared_mem_bytes: ((k + n_shared) * inter * 2) as u32,
     };
     // SAFETY: matches moe_small_down_bf16; act rows of routed slots were written just before.
     unsafe { b.launch(cfg) }?;

@@ -321,14 +321,17 @@ pub trait Backend: Send + Sync + 'static {
         Ok(None)
     }
 
-    /// [`Backend::route`] and [`Backend::experts`] in one call, for experts this same backend
-    /// holds: a GPU can keep the chosen ids on the device instead of bringing them to the host,
-    /// which saves a stream synchronisation per MoE layer (at batch 1 the host then runs ahead of
-    /// the GPU instead of waiting for it every layer). `Ok(None)` means "not done here": the
-    /// caller routes and dispatches as usual. The default never does it.
+    /// A whole MoE feed-forward for experts this same backend holds: [`Backend::route`], the
+    /// routed experts and the `shared` experts (when the layer has them) added in, in one call.
+    /// A GPU can keep the chosen ids on the device instead of bringing them to the host, which
+    /// saves a stream synchronisation per MoE layer (at batch 1 the host then runs ahead of the
+    /// GPU instead of waiting for it every layer), and may compute the shared experts in the
+    /// routed experts' launches. `Ok(None)` means "not done here": the caller routes and
+    /// dispatches as usual and runs the shared experts itself. The default never does it.
     fn route_local_experts(
         &self,
         _gate: &Self::Weight,
+        _shared: Option<&MlpWeights<Self::Weight>>,
         _x: &Self::Act,
         _p: &RoutingParams,
         _bank: &ExpertBank<Self::Weight>,

@@ -496,16 +496,14 @@ impl<B: Backend> Model<B> {
                 Ffn::Dense(mlp) => b.mlp(mlp, &x)?,
                 Ffn::Moe { gate, shared } => {
                     let local = match experts.local_bank(l) {
-                        Some(bank) => b.route_local_experts(gate, &x, &self.routing, bank)?,
+                        Some(bank) => {
+                            b.route_local_experts(gate, shared.as_ref(), &x, &self.routing, bank)?
+                        }
                         None => None,
                     };
                     let (mut routed, shared_out) = match local {
-                        Some(mut r) => {
-                            if let Some(s) = shared {
-                                b.mlp_add(s, &x, &mut r)?;
-                            }
-                            (r, None)
-                        }
+                        // the shared experts are in already
+                        Some(r) => (r, None),
                         None => {
                             let pending =
                                 match experts.dispatch_gated(l, gate, &x, &self.routing)? {

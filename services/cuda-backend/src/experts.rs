@@ -10,7 +10,7 @@
 
 use half::bf16;
 
-use dsv2_core::backend::ExpertBank;
+use dsv2_core::backend::{ExpertBank, MlpWeights};
 use dsv2_core::error::Result;
 use dsv2_core::routing::Routing;
 use dsv2_kernels::ops::{elementwise as ew, grouped, moe, small_experts as small};
@@ -153,6 +153,7 @@ pub(crate) fn on_device(
                     ptrs: table.view(),
                     act: act.view_mut(),
                     out,
+                    shared: None,
                 },
             )
         }
@@ -181,6 +182,66 @@ pub(crate) fn on_device(
         }
     } else {
         return Ok(false);
+    };
+    match r {
+        Ok(()) => Ok(true),
+        Err(dsv2_kernels::KernelError::Unsupported { .. }) => Ok(false),
+        Err(e) => Err(crate::kerr(e)),
+    }
+}
+
+/// The small-batch expert kernels with the layer's shared experts in the same two launches
+/// (`small::SharedMlp`): x [n, H], device routing ids/weights [n, k], writes out [n, H] =
+/// routed + shared. `Ok(false)`: more rows than the small-batch kernels take, the kernels
+/// switched off, or a shared MLP that does not split into parts of the routed intermediate
+/// size `inter` (the caller then runs the routed and shared experts apart); nothing was written.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn small_with_shared(
+    b: &CudaBackend,
+    bank: &ExpertBank<CudaWeight>,
+    inter: usize,
+    x: &Tensor<bf16>,
+    ids: &Tensor<i32>,
+    weights: &Tensor<f32>,
+    shared: &MlpWeights<CudaWeight>,
+    out: &mut Tensor<bf16>,
+) -> Result<bool> {
+    let (n, hidden) = (x.shape()[0], x.shape()[1]);
+    let k = ids.shape().get(1).copied().unwrap_or(0);
+    let si = shared.gate.shape().first().copied().unwrap_or(0);
+    let Some(parts) = small::shared_parts(si, inter) else {
+        return Ok(false);
+    };
+    if n > small::SMALL_EXPERTS_MAX_ROWS
+        || !b.small_experts_enabled()
+        || shared.gate.shape() != [si, hidden]
+        || shared.up.shape() != [si, hidden]
+        || shared.down.shape() != [hidden, si]
+    {
+        return Ok(false);
+    }
+    let table = b.expert_table(bank)?;
+    let mut act = b.empty(&[n * (k + parts), inter])?;
+    // SAFETY: the gate kernel's ids lie in 0..E = the table's rows; the table's addresses are
+    // this bank's weights (shape-checked by bank_intermediate) and the shared weights are
+    // checked by the launcher; all outlive the launches (the bank and model outlive the call).
+    let r = unsafe {
+        small::small_experts(
+            &b.gpu,
+            small::SmallExpertsParams {
+                x: x.view(),
+                ids: ids.view(),
+                weights: weights.view(),
+                ptrs: table.view(),
+                act: act.view_mut(),
+                out: out.view_mut(),
+                shared: Some(small::SharedMlp {
+                    gate: shared.gate.t.view(),
+                    up: shared.up.t.view(),
+                    down: shared.down.t.view(),
+                }),
+            },
+        )
     };
     match r {
         Ok(()) => Ok(true),

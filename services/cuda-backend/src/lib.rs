@@ -186,6 +186,9 @@ pub struct CudaBackend {
     /// (keyed by the bank's address; the host copy of the addresses detects a stale entry).
     expert_tables: Mutex<std::collections::HashMap<usize, ExpertTable>>,
     small_experts: bool,
+    /// The shared experts in the small-batch expert kernels' launches (`DSV2_FUSED_SHARED=0`:
+    /// their own MLP, to compare).
+    fused_shared: bool,
     grouped_experts: bool,
     grouped_prefill: bool,
     /// The grouped kernels' prefill tile (`DSV2_GROUPED_WS=0`: the non-specialised W128).
@@ -218,6 +221,7 @@ impl CudaBackend {
             expert_tables: Mutex::new(Default::default()),
             // DSV2_SMALL_EXPERTS=0 keeps decode on the permuted path (to compare the two)
             small_experts: std::env::var("DSV2_SMALL_EXPERTS").map_or(true, |v| v != "0"),
+            fused_shared: std::env::var("DSV2_FUSED_SHARED").map_or(true, |v| v != "0"),
             // DSV2_GROUPED_EXPERTS=0 runs the per-expert cuBLAS loop instead of the grouped
             // kernels (to compare the two)
             grouped_experts: std::env::var("DSV2_GROUPED_EXPERTS").map_or(true, |v| v != "0"),
@@ -1134,10 +1138,13 @@ impl Backend for CudaBackend {
 
     /// Routing and this backend's experts without the host: the gate kernel's ids feed the
     /// on-device expert path (small-batch or grouped kernels) directly, at every batch size but
-    /// prefill-sized ones.
+    /// prefill-sized ones. At small-batch sizes the shared experts ride in the small-batch
+    /// kernels' launches (`DSV2_FUSED_SHARED=0` runs them as their own MLP instead); otherwise
+    /// their down projection adds into the routed output.
     fn route_local_experts(
         &self,
         gate: &CudaWeight,
+        shared: Option<&MlpWeights<CudaWeight>>,
         x: &CudaAct,
         p: &RoutingParams,
         bank: &ExpertBank<CudaWeight>,
@@ -1147,9 +1154,9 @@ impl Backend for CudaBackend {
             return Ok(None);
         }
         // an empty bank or mismatched shapes: the usual path reports them
-        if !matches!(experts::bank_intermediate(bank, hidden), Ok(Some(_))) {
+        let Ok(Some(inter)) = experts::bank_intermediate(bank, hidden) else {
             return Ok(None);
-        }
+        };
         let _t = self.timed("route_local_experts");
         let _g = self.lock()?;
         let DeviceRouting::Chosen { ids, weights } = self.gate_on_device(gate, x, p)? else {
@@ -1157,18 +1164,32 @@ impl Backend for CudaBackend {
         };
         let xb = self.bf16_of(x)?;
         let mut out = self.empty(&[n, hidden])?;
-        // the gate kernel writes ids in 0..n_experts = the table's rows
-        let done = experts::on_device(
-            self,
-            bank,
-            xb.view(),
-            ids.view(),
-            weights.view(),
-            out.view_mut(),
-            None,
-            None,
-        )?;
-        Ok(done.then_some(CudaAct::Bf16(out)))
+        let fused = match shared {
+            Some(s) if self.fused_shared => {
+                experts::small_with_shared(self, bank, inter, &xb, &ids, &weights, s, &mut out)?
+            }
+            _ => false,
+        };
+        if !fused {
+            // the gate kernel writes ids in 0..n_experts = the table's rows
+            let done = experts::on_device(
+                self,
+                bank,
+                xb.view(),
+                ids.view(),
+                weights.view(),
+                out.view_mut(),
+                None,
+                None,
+            )?;
+            if !done {
+                return Ok(None);
+            }
+            if let Some(s) = shared {
+                self.mlp_inner(s, &xb, Some(&mut out))?;
+            }
+        }
+        Ok(Some(CudaAct::Bf16(out)))
     }
 
     fn samples_on_device(&self) -> bool {
