@@ -874,15 +874,6 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             gpu, n, ctx, heads, dims, shared,
         )?);
     }
-    out.push(crate::ops::general::check_latent_append(
-        gpu, 67, 512, 64, false,
-    )?);
-    out.push(crate::ops::general::check_latent_append(
-        gpu, 67, 512, 64, true,
-    )?);
-    out.push(crate::ops::general::check_latent_append(
-        gpu, 7, 32, 8, true,
-    )?);
     out.push(check_fill_normal(gpu, 0.0, 0.02)?);
     out.push(check_fill_normal(gpu, 1.0, 0.5)?);
     out.push(crate::ops::general::check_rows_add(gpu, 1, 5120)?);
@@ -924,7 +915,12 @@ pub fn run_mla(gpu: &Gpu, kernels: &[mla::MlaKernel]) -> Result<Vec<CheckRow>> {
         (&[192, 129, 65, 64], 128, 32, Some(1)),
         (&[300, 1000, 17], 128, 128, None),
     ];
-    let mut out = Vec::new();
+    // the latent append first (it also rotates the queries' rope part with rope on)
+    let mut out = vec![
+        crate::ops::general::check_latent_append(gpu, 67, 512, 64, false)?,
+        crate::ops::general::check_latent_append(gpu, 67, 512, 64, true)?,
+        crate::ops::general::check_latent_append(gpu, 7, 32, 8, true)?,
+    ];
     for &kernel in kernels {
         for (lens, heads, block, splits) in cases {
             let row = check_mla_decode(gpu, lens, heads, block, splits, kernel)?;

@@ -471,17 +471,21 @@ pub fn run_grouped_counts(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
 /// The grouped rows of `run_all`: every row tile at awkward sizes (dims not multiples of the
 /// 64-wide k step, partial tiles, experts with 0 rows) and the real DeepSeek-V2 expert dims.
 pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
-    let mut out = Vec::new();
     // the small-batch kernels first (decode at up to 4 rows), then with the shared experts in
     // the same launches: V2's 2 parts at 1 and 4 rows, V2-Lite's dims, one part at an odd size
-    out.push(check_small_experts(gpu, 1, 16, 6, 5120, 1536, 0)?);
-    out.push(check_small_experts(gpu, 4, 16, 6, 5120, 1536, 0)?);
-    out.push(check_small_experts(gpu, 3, 9, 2, 72, 40, 0)?);
-    out.push(check_small_experts(gpu, 2, 16, 10, 72, 40, 0)?);
-    out.push(check_small_experts(gpu, 1, 16, 6, 5120, 1536, 2)?);
-    out.push(check_small_experts(gpu, 4, 16, 6, 5120, 1536, 2)?);
-    out.push(check_small_experts(gpu, 1, 64, 6, 2048, 1408, 2)?);
-    out.push(check_small_experts(gpu, 3, 9, 2, 72, 40, 1)?);
+    let mut out = Vec::new();
+    for (n, e, k, h, i, shared) in [
+        (1, 16, 6, 5120, 1536, 0),
+        (4, 16, 6, 5120, 1536, 0),
+        (3, 9, 2, 72, 40, 0),
+        (2, 16, 10, 72, 40, 0),
+        (1, 16, 6, 5120, 1536, 2),
+        (4, 16, 6, 5120, 1536, 2),
+        (1, 64, 6, 2048, 1408, 2),
+        (3, 9, 2, 72, 40, 1),
+    ] {
+        out.push(check_small_experts(gpu, n, e, k, h, i, shared)?);
+    }
     for tile in [
         RowTile::R16,
         RowTile::R32,

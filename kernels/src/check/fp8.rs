@@ -99,6 +99,7 @@ pub fn check_latent_append_fp8(
         rotate.then(|| LatentRope {
             positions: pt.view(),
             table: &table,
+            q: None,
         })
     };
     g::mla_latent_append(

@@ -19,6 +19,26 @@ typedef unsigned long long u64;
 // (bench/RESULTS.md, session 8 run 2); without it the next grid launches as this one's blocks exit.
 __device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 
+// The queries' rope part rotated in the latent append's launch (one rope launch less per layer):
+// blocks y >= 1 of the append grid each take ROPE_Q_HEADS heads of token t's query
+// q [tokens, heads, head_dim] (rope part = the last dr values of each head), rotating pairs
+// exactly as rope_bf16 does (bf16 in, f32 math, bf16 out; positions outside the table left as is).
+#define ROPE_Q_HEADS 8
+__device__ __forceinline__ void rope_q_heads(bf16* __restrict__ q, int t, int heads, int head_dim, int dr,
+                                             int p, const float* __restrict__ cos_t,
+                                             const float* __restrict__ sin_t, int max_pos) {
+    if (p < 0 || p >= max_pos) return;
+    const int half = dr / 2, h0 = (blockIdx.y - 1) * ROPE_Q_HEADS;
+    const int nh = min(ROPE_Q_HEADS, heads - h0);
+    for (int idx = threadIdx.x; idx < nh * half; idx += blockDim.x) {
+        const int h = h0 + idx / half, i = idx % half;
+        __nv_bfloat162* ptr = reinterpret_cast<__nv_bfloat162*>(q + ((size_t)t * heads + h) * head_dim + head_dim - dr + 2 * i);
+        const float2 v = __bfloat1622float2(*ptr);
+        const float c = cos_t[(size_t)p * half + i], s = sin_t[(size_t)p * half + i];
+        *ptr = __floats2bfloat162_rn(v.x * c - v.y * s, v.x * s + v.y * c);
+    }
+}
+
 // 8 bf16 values moved as one 16-byte access: the unit of every vectorised row kernel
 // (H200 reaches copy bandwidth only with 16-byte loads, see docs/GPU.md).
 struct __align__(16) bf16x8 {

@@ -12,16 +12,22 @@
 
 // cache[slots[t]] = [ w * x / rms(x) | kva[t, r:r+dr] ] with x = kva[t, :r] (k_pe already rotated).
 // kva [tokens, r+dr], w [r], cache [num_slots, r+dr] (bf16); slots outside [0, num_slots) are skipped.
-// One block per token; f32 math, one bf16 rounding of the stored latent.
+// Blocks (t, 0) append token t; f32 math, one bf16 rounding of the stored latent. Blocks (t, y >= 1),
+// when q is given, rotate the rope part of token t's query heads (rope_q_heads).
 extern "C" __global__ void mla_latent_append_bf16(const bf16* __restrict__ kva, const bf16* __restrict__ w,
                                                   const long long* __restrict__ slots, bf16* __restrict__ cache,
                                                   int tokens, int r, int dr, long long num_slots, float eps,
                                                   const int* __restrict__ pos, const float* __restrict__ cos_t,
-                                                  const float* __restrict__ sin_t, int max_pos) {
+                                                  const float* __restrict__ sin_t, int max_pos, bf16* __restrict__ q,
+                                                  int q_heads, int q_head_dim) {
     griddep_wait();
     __shared__ float scratch[32];
     int t = blockIdx.x;
     if (t >= tokens) return;
+    if (blockIdx.y > 0) {
+        rope_q_heads(q, t, q_heads, q_head_dim, dr, pos[t], cos_t, sin_t, max_pos);
+        return;
+    }
     long long slot = slots[t];
     // uniform over the block, so returning here cannot strand a __syncthreads
     if (slot < 0 || slot >= num_slots) return;

@@ -48,11 +48,17 @@ extern "C" __global__ void mla_latent_append_fp8(const bf16* __restrict__ kva, c
                                                  unsigned char* __restrict__ cache, int tokens, int r, int dr,
                                                  long long num_slots, float eps, const int* __restrict__ pos,
                                                  const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-                                                 int max_pos, int row_bytes, int pe_off, int scale_off) {
+                                                 int max_pos, int row_bytes, int pe_off, int scale_off,
+                                                 bf16* __restrict__ q, int q_heads, int q_head_dim) {
     griddep_wait();
     __shared__ float scratch[32];
     int t = blockIdx.x;
     if (t >= tokens) return;
+    // blocks y >= 1: the query heads' rope part (as in mla_latent_append_bf16)
+    if (blockIdx.y > 0) {
+        rope_q_heads(q, t, q_heads, q_head_dim, dr, pos[t], cos_t, sin_t, max_pos);
+        return;
+    }
     long long slot = slots[t];
     // uniform over the block, so returning here cannot strand a __syncthreads
     if (slot < 0 || slot >= num_slots) return;

@@ -67,26 +67,55 @@ pub struct LatentAppendParams<'a> {
     pub rope: Option<LatentRope<'a>>,
 }
 
-/// Positions i32 [T] and the table for [`LatentAppendParams::rope`].
+/// Positions i32 [T] and the table for [`LatentAppendParams::rope`]; with `q` (the step's
+/// queries [T, heads, head_dim]) the append's launch also rotates the last rope_dim values of
+/// every query head in place, exactly as `rope_bf16` with `rope_offset = head_dim - rope_dim`
+/// would (one launch less per layer).
 pub struct LatentRope<'a> {
     pub positions: View<'a, i32>,
     pub table: &'a crate::rope::RopeTable,
+    pub q: Option<ViewMut<'a, bf16>>,
 }
 
+/// The append kernels' rope arguments: positions, cos, sin, max_pos, then the queries (address,
+/// heads, head_dim) and the grid's height (1 + the blocks that rotate query heads).
+pub(crate) struct AppendRopeArgs {
+    pub pos: u64,
+    pub cos: u64,
+    pub sin: u64,
+    pub max_pos: i32,
+    pub q: u64,
+    pub q_heads: i32,
+    pub q_head_dim: i32,
+    pub grid_y: u32,
+}
+
+/// Query heads one append block rotates (ROPE_Q_HEADS in common.cuh).
+const ROPE_Q_HEADS: usize = 8;
+
 impl LatentRope<'_> {
-    /// The append kernels' rope arguments (positions, cos, sin, max_pos) for `tokens` keys of
-    /// `rope_dim` rotated dims; `None` gives the kernels' "no rope" zeros.
+    /// The append kernels' rope arguments for `tokens` keys of `rope_dim` rotated dims; `None`
+    /// gives the kernels' "no rope" zeros.
     pub(crate) fn kernel_args(
         rope: Option<&Self>,
         op: &'static str,
         tokens: usize,
         rope_dim: usize,
-    ) -> Result<(u64, u64, u64, i32)> {
+    ) -> Result<AppendRopeArgs> {
         let Some(rope) = rope else {
-            return Ok((0, 0, 0, 0));
+            return Ok(AppendRopeArgs {
+                pos: 0,
+                cos: 0,
+                sin: 0,
+                max_pos: 0,
+                q: 0,
+                q_heads: 0,
+                q_head_dim: 0,
+                grid_y: 1,
+            });
         };
         rope.positions.expect(op, "positions", &[Some(tokens)])?;
-        if rope.table.rope_dim != rope_dim {
+        if rope.table.rope_dim != rope_dim || !rope_dim.is_multiple_of(2) {
             return Err(shape_err(
                 op,
                 format!(
@@ -95,12 +124,32 @@ impl LatentRope<'_> {
                 ),
             ));
         }
-        Ok((
-            rope.positions.ptr(),
-            rope.table.cos_ptr(),
-            rope.table.sin_ptr(),
-            dim_i32(op, "max_pos", rope.table.max_pos)?,
-        ))
+        let (q, q_heads, q_head_dim) = match &rope.q {
+            None => (0, 0, 0),
+            Some(q) => {
+                q.expect(op, "q", &[Some(tokens), None, None])?;
+                let (heads, hd) = (q.shape()[1], q.shape()[2]);
+                if hd < rope_dim || !(hd - rope_dim).is_multiple_of(2) {
+                    return Err(shape_err(
+                        op,
+                        format!(
+                            "query heads of {hd} values cannot end in a rope part of {rope_dim}"
+                        ),
+                    ));
+                }
+                (q.ptr(), heads, hd)
+            }
+        };
+        Ok(AppendRopeArgs {
+            pos: rope.positions.ptr(),
+            cos: rope.table.cos_ptr(),
+            sin: rope.table.sin_ptr(),
+            max_pos: dim_i32(op, "max_pos", rope.table.max_pos)?,
+            q,
+            q_heads: dim_i32(op, "query heads", q_heads)?,
+            q_head_dim: dim_i32(op, "query head dim", q_head_dim)?,
+            grid_y: 1 + q_heads.div_ceil(ROPE_Q_HEADS) as u32,
+        })
     }
 }
 
@@ -132,8 +181,7 @@ pub fn mla_latent_append(gpu: &Gpu, p: LatentAppendParams<'_>) -> Result<()> {
         dim_i32(OP, "rope", width - p.kv_lora)?,
     );
     let eps = p.eps;
-    let (pos, cos, sin, max_pos) =
-        LatentRope::kernel_args(p.rope.as_ref(), OP, tokens, width - p.kv_lora)?;
+    let ra = LatentRope::kernel_args(p.rope.as_ref(), OP, tokens, width - p.kv_lora)?;
     let f = gpu.function(OP)?;
     let mut b = gpu.launch(f);
     b.arg(&k)
@@ -145,13 +193,18 @@ pub fn mla_latent_append(gpu: &Gpu, p: LatentAppendParams<'_>) -> Result<()> {
         .arg(&dr)
         .arg(&num_slots)
         .arg(&eps)
-        .arg(&pos)
-        .arg(&cos)
-        .arg(&sin)
-        .arg(&max_pos);
-    // SAFETY: matches mla_latent_append_bf16's signature; shapes checked above, the kernel
-    // bounds-checks slots against num_slots.
-    unsafe { b.launch(super::per_row(tokens, 128)) }?;
+        .arg(&ra.pos)
+        .arg(&ra.cos)
+        .arg(&ra.sin)
+        .arg(&ra.max_pos)
+        .arg(&ra.q)
+        .arg(&ra.q_heads)
+        .arg(&ra.q_head_dim);
+    let mut cfg = super::per_row(tokens, 128);
+    cfg.grid_dim.1 = ra.grid_y;
+    // SAFETY: matches mla_latent_append_bf16's signature; shapes checked above (the queries by
+    // kernel_args), the kernel bounds-checks slots against num_slots.
+    unsafe { b.launch(cfg) }?;
     Ok(())
 }
 
@@ -682,6 +735,10 @@ pub fn check_latent_append(
     );
     let table = crate::rope::RopeTable::from_host(gpu, &cos, &sin, max_pos, rope)?;
     let pt = Tensor::from_host(gpu, &positions, &[tokens])?;
+    // with rope, the queries too: 17 heads (two full blocks of 8 and one of 1) of 24 + rope values
+    let (q_heads, q_dim) = (17usize, 24 + rope);
+    let (qb, mut qf) = rand_bf16(&mut g, tokens * q_heads * q_dim, 2.0);
+    let mut q = Tensor::from_host(gpu, &qb, &[tokens, q_heads, q_dim])?;
     mla_latent_append(
         gpu,
         LatentAppendParams {
@@ -694,6 +751,7 @@ pub fn check_latent_append(
             rope: rotate.then(|| LatentRope {
                 positions: pt.view(),
                 table: &table,
+                q: Some(q.view_mut()),
             }),
         },
     )?;
@@ -703,8 +761,18 @@ pub fn check_latent_append(
         let mut rows = kf.clone();
         r::rope(&mut rows, 1, width, kv_lora, rope, &positions, &cos, &sin);
         kf = rows;
+        r::rope(
+            &mut qf,
+            q_heads,
+            q_dim,
+            q_dim - rope,
+            rope,
+            &positions,
+            &cos,
+            &sin,
+        );
     }
-    let got: Vec<f32> = cache.to_host(gpu)?.iter().map(|x| x.to_f32()).collect();
+    let mut got: Vec<f32> = cache.to_host(gpu)?.iter().map(|x| x.to_f32()).collect();
     let mut want = vec![0f32; num_slots * width];
     for (t, &s) in slots.iter().enumerate() {
         if s < 0 {
@@ -715,11 +783,18 @@ pub fn check_latent_append(
         dst[..kv_lora].copy_from_slice(&r::rmsnorm(&src[..kv_lora], &wf, eps));
         dst[kv_lora..].copy_from_slice(&src[kv_lora..]);
     }
+    // the queries after the launch: rotated with rope, untouched without
+    got.extend(q.to_host(gpu)?.iter().map(|x| x.to_f32()));
+    want.extend(qf.iter().map(|&v| r::bf(v)));
     Ok(row(
         "mla_latent_append_bf16",
         format!(
             "tokens {tokens} latent {kv_lora}+{rope}{}",
-            if rotate { " with rope" } else { "" }
+            if rotate {
+                " with rope (and 17 query heads)"
+            } else {
+                ""
+            }
         ),
         &got,
         &want,

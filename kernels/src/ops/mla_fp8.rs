@@ -59,7 +59,7 @@ pub fn mla_latent_append_fp8(gpu: &Gpu, p: LatentAppendFp8Params<'_>) -> Result<
         l.scale_offset() as i32,
     );
     let eps = p.eps;
-    let (pos, cos, sin, max_pos) = LatentRope::kernel_args(p.rope.as_ref(), OP, tokens, l.rope)?;
+    let ra = LatentRope::kernel_args(p.rope.as_ref(), OP, tokens, l.rope)?;
     let f = gpu.function(OP)?;
     let mut b = gpu.launch(f);
     b.arg(&k)
@@ -71,17 +71,22 @@ pub fn mla_latent_append_fp8(gpu: &Gpu, p: LatentAppendFp8Params<'_>) -> Result<
         .arg(&dr)
         .arg(&num_slots)
         .arg(&eps)
-        .arg(&pos)
-        .arg(&cos)
-        .arg(&sin)
-        .arg(&max_pos)
+        .arg(&ra.pos)
+        .arg(&ra.cos)
+        .arg(&ra.sin)
+        .arg(&ra.max_pos)
         .arg(&row)
         .arg(&pe)
-        .arg(&sc);
+        .arg(&sc)
+        .arg(&ra.q)
+        .arg(&ra.q_heads)
+        .arg(&ra.q_head_dim);
+    let mut cfg = super::per_row(tokens, APPEND_THREADS);
+    cfg.grid_dim.1 = ra.grid_y;
     // SAFETY: matches mla_latent_append_fp8's signature; shapes checked above (rows of
-    // row_bytes, the offsets inside them by construction of Fp8Layout), the kernel
-    // bounds-checks slots against num_slots.
-    unsafe { b.launch(super::per_row(tokens, APPEND_THREADS)) }?;
+    // row_bytes, the offsets inside them by construction of Fp8Layout; the queries by
+    // kernel_args), the kernel bounds-checks slots against num_slots.
+    unsafe { b.launch(cfg) }?;
     Ok(())
 }
 

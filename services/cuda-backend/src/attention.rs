@@ -92,7 +92,6 @@ pub(crate) fn run(
     };
     let kva = b.mm_as(&xb, &w.kv_a, &[n, 1, width], "kv_a_proj_with_mqa")?;
     drop(t_proj);
-    let t_rope = b.timed("attn.rope");
 
     let rows = row_positions(batch.seqs, n, bs, num_blocks)?;
     let max_pos = rows.max_pos;
@@ -107,22 +106,13 @@ pub(crate) fn run(
                 table.rope_dim
             )));
         }
-        ew::rope(
-            gpu,
-            ew::RopeParams {
-                x: q.view_mut(),
-                positions: pos_t.view(),
-                table,
-                rope_offset: dn,
-            },
-        )
-        .kx()?;
-        drop(t_rope);
-        // the shared key k_pe is rotated by the append itself (one launch less per layer)
+        // the append rotates the shared key k_pe on its way into the cache and, in the same
+        // launch, the queries' rope part (two rope launches less per layer)
         let _t_append = b.timed("attn.latent_append");
         let rope = Some(g::LatentRope {
             positions: pos_t.view(),
             table,
+            q: Some(q.view_mut()),
         });
         match layer_cache {
             LayerCache::Bf16(t) => g::mla_latent_append(
