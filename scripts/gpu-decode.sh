@@ -272,7 +272,7 @@ PYEOF
       # 4-layer V2 and V2-Lite (27 layers) both ways, step / roofline in the same process
       timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-fused.log" 2>&1 || { echo "dsv2-cuda-check (fused shared) FAILED"; fail=1; }
       tail -3 "$OUT_DIR/cuda-check-fused.log"
-      for fs in 1 0 1; do
+      for fs in 1 0; do
         echo "-- DSV2_FUSED_SHARED=$fs"
         DSV2_FUSED_SHARED=$fs BATCHES=1,4 CONTEXTS=512 NEW_TOKENS=64 LIMIT_S=60 OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
         DSV2_FUSED_SHARED=$fs PRESET=deepseek-v2-lite LAYERS=27 BATCHES=1,4 CONTEXTS=512 NEW_TOKENS=64 LIMIT_S=90 OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
