@@ -361,6 +361,83 @@ pub fn check_gate(
     Ok(row)
 }
 
+/// The fused gate GEMV + top-k (`moe_gate_gemv`) against the f64 logits of the same bf16
+/// inputs and the reference routing of those logits; launched twice on the same ticket counter,
+/// the second launch's output compared (so a counter left non-zero would fail the row).
+pub fn check_gate_gemv(
+    gpu: &Gpu,
+    tokens: usize,
+    hidden: usize,
+    n_exp: usize,
+    cfg: moe::GateConfig,
+) -> Result<CheckRow> {
+    let mut g = rng(16);
+    let (xb, xf) = rand_bf16(&mut g, tokens * hidden, 1.0);
+    let (wb, wf) = rand_bf16(&mut g, n_exp * hidden, 2.0 / (hidden as f32).sqrt());
+    let want_logits: Vec<f32> = (0..tokens * n_exp)
+        .map(|i| {
+            let (t, e) = (i / n_exp, i % n_exp);
+            (0..hidden)
+                .map(|c| xf[t * hidden + c] as f64 * wf[e * hidden + c] as f64)
+                .sum::<f64>() as f32
+        })
+        .collect();
+    let (x, w) = (
+        Tensor::from_host(gpu, &xb, &[tokens, hidden])?,
+        Tensor::from_host(gpu, &wb, &[n_exp, hidden])?,
+    );
+    let mut logits = Tensor::<f32>::zeros(gpu, &[tokens, n_exp])?;
+    let mut counter = Tensor::<i32>::zeros(gpu, &[1])?;
+    let mut ids = Tensor::<i32>::zeros(gpu, &[tokens, cfg.top_k])?;
+    let mut wt = Tensor::<f32>::zeros(gpu, &[tokens, cfg.top_k])?;
+    for _ in 0..2 {
+        moe::moe_gate_gemv(
+            gpu,
+            moe::GateGemvParams {
+                x: x.view(),
+                w: w.view(),
+                logits: logits.view_mut(),
+                counter: counter.view_mut(),
+                ids: ids.view_mut(),
+                weights: wt.view_mut(),
+                cfg,
+            },
+        )?;
+    }
+    let (gl, gi, gw) = (logits.to_host(gpu)?, ids.to_host(gpu)?, wt.to_host(gpu)?);
+    let left = counter.to_host(gpu)?[0];
+    // routing of the kernel's own logits (summation order differs from f64 in the last bits)
+    let (ri, rw) = r::moe_gate(&gl, n_exp, &cfg);
+    let mut hard = 0;
+    for t in 0..tokens {
+        let s = r::gate_scores(&gl[t * n_exp..(t + 1) * n_exp]);
+        for j in 0..cfg.top_k {
+            let (a, b) = (gi[t * cfg.top_k + j], ri[t * cfg.top_k + j]);
+            let sa = s.get(a as usize).copied().unwrap_or(f32::NAN);
+            if a != b && (sa - s[b as usize]).abs() > 1e-6 {
+                hard += 1;
+            }
+        }
+    }
+    let mut got = gl;
+    got.extend(&gw);
+    let mut want = want_logits;
+    want.extend(&rw);
+    let mut row = CheckRow::cmp(
+        "moe_gate_gemv_f32",
+        format!(
+            "tokens {tokens} hidden {hidden} E {n_exp} groups {}/{} top{}",
+            cfg.topk_group, cfg.n_group, cfg.top_k
+        ),
+        &got,
+        &want,
+        1e-4,
+    );
+    row.pass &= hard == 0 && left == 0;
+    row.note = format!("id mismatches: {hard}; counter after: {left}");
+    Ok(row)
+}
+
 /// Permutation + gather + combine (one routing of `tokens` x top-6 over `n_exp` experts).
 pub fn check_permute_combine(
     gpu: &Gpu,

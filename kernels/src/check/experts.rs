@@ -11,6 +11,7 @@ use super::{CheckRow, f32s, one_expert, rand_bf16, rng};
 use crate::device::Gpu;
 use crate::error::Result;
 use crate::ops::grouped::{self, RowTile};
+use crate::ops::moe::GateConfig;
 use crate::ops::small_experts;
 use crate::reference as r;
 use crate::tensor::Tensor;
@@ -485,6 +486,30 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
         (3, 9, 2, 72, 40, 1),
     ] {
         out.push(check_small_experts(gpu, n, e, k, h, i, shared)?);
+    }
+    // the fused gate GEMV + top-k of decode at <= 4 rows: V2 (160 experts, 8 groups, top-3
+    // groups, scaling 16) and V2-Lite (64 experts, no groups)
+    let v2 = GateConfig {
+        n_group: 8,
+        topk_group: 3,
+        top_k: 6,
+        norm_topk_prob: false,
+        routed_scaling_factor: 16.0,
+    };
+    let lite = GateConfig {
+        n_group: 1,
+        topk_group: 1,
+        top_k: 6,
+        norm_topk_prob: false,
+        routed_scaling_factor: 1.0,
+    };
+    for (t, h, e, cfg) in [
+        (1, 5120, 160, v2),
+        (4, 5120, 160, v2),
+        (1, 2048, 64, lite),
+        (3, 2048, 64, lite),
+    ] {
+        out.push(super::check_gate_gemv(gpu, t, h, e, cfg)?);
     }
     for tile in [
         RowTile::R16,

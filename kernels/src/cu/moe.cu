@@ -304,6 +304,91 @@ extern "C" __global__ void moe_combine_bf16(const bf16* __restrict__ y, const in
     }
 }
 
+// The router gate's logits and the top-k choice in one launch, for a few rows (decode at small
+// batch): the gate GEMV (bf16 x [tokens, H] . bf16 W [E, H]^T, f32 accumulation) spread over
+// blocks of GATE_EXPERTS experts, GATE_SPLIT warps per expert (hidden split between them, so
+// even V2-Lite's 64 experts make 32 blocks), the logits written to `logits`; the last block to
+// finish (a ticket from `counter`, which it resets to 0 for the next launch) runs
+// gate_contiguous on every row. Saves the separate moe_gate_f32 launch per MoE layer. Only for
+// the fast path's expert counts (the launcher checks) and tokens <= GATE_MAX_ROWS.
+#define GATE_EXPERTS 2
+#define GATE_SPLIT 4
+#define GATE_MAX_ROWS 4
+extern "C" __global__ void __launch_bounds__(GATE_EXPERTS * GATE_SPLIT * WARP)
+    moe_gate_gemv_f32(const bf16* __restrict__ x, const bf16* __restrict__ w, float* __restrict__ logits,
+                      int* __restrict__ counter, int* __restrict__ ids, float* __restrict__ weights, int tokens,
+                      int hidden, int n_exp, int n_group, int topk_group, int k, int norm_topk, float scaling) {
+    griddep_wait();
+    __shared__ float part[GATE_EXPERTS][GATE_SPLIT][GATE_MAX_ROWS];
+    __shared__ float rows_s[GATE_MAX_ROWS][MAX_EXPERTS];
+    __shared__ int s_last;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int slot = warp / GATE_SPLIT, split = warp % GATE_SPLIT;
+    const int e = blockIdx.x * GATE_EXPERTS + slot;
+    float acc[GATE_MAX_ROWS] = {0.f, 0.f, 0.f, 0.f};
+    if (e < n_exp) {
+        const bf16* we = w + (size_t)e * hidden;
+        // this warp's share of the hidden features, in whole 8-value chunks
+        const int chunks = hidden / 8, per = (chunks + GATE_SPLIT - 1) / GATE_SPLIT;
+        const int c0 = split * per, c1 = min(chunks, c0 + per);
+        for (int c = c0 + lane; c < c1; c += WARP) {
+            float wv[8];
+            load8(we + (size_t)c * 8, wv);
+#pragma unroll
+            for (int r = 0; r < GATE_MAX_ROWS; ++r) {
+                if (r < tokens) {
+                    float xv[8];
+                    load8(x + (size_t)r * hidden + (size_t)c * 8, xv);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) acc[r] += xv[j] * wv[j];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GATE_MAX_ROWS; ++r) {
+        const float v = warp_sum(acc[r]);
+        if (lane == 0) part[slot][split][r] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < GATE_EXPERTS * GATE_MAX_ROWS) {
+        const int sl = threadIdx.x / GATE_MAX_ROWS, r = threadIdx.x % GATE_MAX_ROWS;
+        const int ee = blockIdx.x * GATE_EXPERTS + sl;
+        if (ee < n_exp && r < tokens) {
+            float v = 0.f;
+#pragma unroll
+            for (int q = 0; q < GATE_SPLIT; ++q) v += part[sl][q][r];
+            logits[(size_t)r * n_exp + ee] = v;
+        }
+    }
+    // publish this block's logits, then take a ticket: the last block sees every block's logits
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < tokens * n_exp; i += blockDim.x)
+        rows_s[i / n_exp][i % n_exp] = __ldcg(logits + i);
+    __syncthreads();
+    if (threadIdx.x == 0) *counter = 0;
+    if (warp >= tokens) return;
+    const float* row = rows_s[warp];
+    int* id_t = ids + (size_t)warp * k;
+    float* w_t = weights + (size_t)warp * k;
+    switch (n_exp / WARP) {
+        case 1: gate_contiguous<1>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
+        case 2: gate_contiguous<2>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
+        case 3: gate_contiguous<3>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
+        case 4: gate_contiguous<4>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
+        case 5: gate_contiguous<5>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
+        case 6: gate_contiguous<6>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
+        case 7: gate_contiguous<7>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
+        case 8: gate_contiguous<8>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
+        default: return;  // the launcher only takes 32..256 experts in steps of 32
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Routed experts for a handful of rows (decode at small batch): no permutation, no per-expert
 // GEMM launches, no host round trip. Each (row, slot) reads its expert's weights through a

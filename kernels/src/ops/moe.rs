@@ -42,15 +42,9 @@ fn gate_fast_path(n_exp: usize, n_group: usize) -> bool {
     group.is_multiple_of(per) && (group / per).is_power_of_two()
 }
 
-pub fn moe_gate(gpu: &Gpu, p: GateParams<'_>) -> Result<()> {
-    const OP: &str = "moe_gate_f32";
-    p.logits.expect(OP, "logits", &[None, None])?;
-    let (tokens, n_exp) = (p.logits.shape()[0], p.logits.shape()[1]);
-    let c = p.cfg;
-    p.ids.expect(OP, "ids", &[Some(tokens), Some(c.top_k)])?;
-    p.weights
-        .expect(OP, "weights", &[Some(tokens), Some(c.top_k)])?;
-    let bad = |what: String| Err(KernelError::Unsupported { op: OP, what });
+/// The routing hyper-parameters the gate kernels take for `n_exp` experts (both gate launchers).
+fn check_gate_config(op: &'static str, n_exp: usize, c: &GateConfig) -> Result<()> {
+    let bad = |what: String| Err(KernelError::Unsupported { op, what });
     if n_exp == 0 || n_exp > 256 {
         return bad(format!("{n_exp} experts (kernel supports 1..=256)"));
     }
@@ -73,6 +67,18 @@ pub fn moe_gate(gpu: &Gpu, p: GateParams<'_>) -> Result<()> {
             c.topk_group, c.n_group, c.top_k
         ));
     }
+    Ok(())
+}
+
+pub fn moe_gate(gpu: &Gpu, p: GateParams<'_>) -> Result<()> {
+    const OP: &str = "moe_gate_f32";
+    p.logits.expect(OP, "logits", &[None, None])?;
+    let (tokens, n_exp) = (p.logits.shape()[0], p.logits.shape()[1]);
+    let c = p.cfg;
+    p.ids.expect(OP, "ids", &[Some(tokens), Some(c.top_k)])?;
+    p.weights
+        .expect(OP, "weights", &[Some(tokens), Some(c.top_k)])?;
+    check_gate_config(OP, n_exp, &c)?;
     if tokens == 0 {
         return Ok(());
     }
@@ -107,6 +113,96 @@ pub fn moe_gate(gpu: &Gpu, p: GateParams<'_>) -> Result<()> {
         shared_mem_bytes: 0,
     };
     // SAFETY: matches moe_gate_f32's signature; shapes and the kernel's limits checked above.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// Most rows [`moe_gate_gemv`] takes (GATE_MAX_ROWS in moe.cu).
+pub const GATE_GEMV_MAX_ROWS: usize = 4;
+
+/// The router gate's logits and top-k in one launch for a few rows: x bf16 [tokens, H],
+/// w bf16 [E, H] (the gate weight), logits f32 [tokens, E] (written: the f32 gate logits),
+/// counter i32 [1] (zero before the first launch; the kernel leaves it zero), ids / weights as
+/// in [`GateParams`]. `Unsupported` beyond [`GATE_GEMV_MAX_ROWS`] rows or for expert counts off
+/// moe_gate_f32's fast path: the caller then runs the GEMV and [`moe_gate`] apart.
+pub struct GateGemvParams<'a> {
+    pub x: View<'a, bf16>,
+    pub w: View<'a, bf16>,
+    pub logits: ViewMut<'a, f32>,
+    pub counter: ViewMut<'a, i32>,
+    pub ids: ViewMut<'a, i32>,
+    pub weights: ViewMut<'a, f32>,
+    pub cfg: GateConfig,
+}
+
+pub fn moe_gate_gemv(gpu: &Gpu, p: GateGemvParams<'_>) -> Result<()> {
+    const OP: &str = "moe_gate_gemv_f32";
+    p.x.expect(OP, "x", &[None, None])?;
+    let (tokens, hidden) = (p.x.shape()[0], p.x.shape()[1]);
+    p.w.expect(OP, "w", &[None, Some(hidden)])?;
+    let n_exp = p.w.shape()[0];
+    let c = p.cfg;
+    p.logits
+        .expect(OP, "logits", &[Some(tokens), Some(n_exp)])?;
+    p.counter.expect(OP, "counter", &[Some(1)])?;
+    p.ids.expect(OP, "ids", &[Some(tokens), Some(c.top_k)])?;
+    p.weights
+        .expect(OP, "weights", &[Some(tokens), Some(c.top_k)])?;
+    check_gate_config(OP, n_exp, &c)?;
+    if tokens > GATE_GEMV_MAX_ROWS || !gate_fast_path(n_exp, c.n_group) || !hidden.is_multiple_of(8)
+    {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!("{tokens} rows, {n_exp} experts, hidden {hidden}"),
+        });
+    }
+    if tokens == 0 {
+        return Ok(());
+    }
+    let (x, w, l, cnt, i, wt) = (
+        p.x.ptr(),
+        p.w.ptr(),
+        p.logits.ptr(),
+        p.counter.ptr(),
+        p.ids.ptr(),
+        p.weights.ptr(),
+    );
+    let (t, h) = (
+        dim_i32(OP, "tokens", tokens)?,
+        dim_i32(OP, "hidden", hidden)?,
+    );
+    let (e, g, tg, k) = (
+        n_exp as i32,
+        c.n_group as i32,
+        c.topk_group as i32,
+        c.top_k as i32,
+    );
+    let norm = c.norm_topk_prob as i32;
+    let scale = c.routed_scaling_factor;
+    let f = gpu.function(OP)?;
+    let mut b = gpu.launch(f);
+    b.arg(&x)
+        .arg(&w)
+        .arg(&l)
+        .arg(&cnt)
+        .arg(&i)
+        .arg(&wt)
+        .arg(&t)
+        .arg(&h)
+        .arg(&e)
+        .arg(&g)
+        .arg(&tg)
+        .arg(&k)
+        .arg(&norm)
+        .arg(&scale);
+    // GATE_EXPERTS (2) experts per block, GATE_SPLIT (4) warps each
+    let cfg = LaunchConfig {
+        grid_dim: (n_exp.div_ceil(2) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches moe_gate_gemv_f32's signature; shapes and the kernel's limits checked
+    // above; the counter is the caller's zeroed ticket (the kernel's last block re-zeroes it).
     unsafe { b.launch(cfg) }?;
     Ok(())
 }

@@ -189,6 +189,9 @@ pub struct CudaBackend {
     /// The shared experts in the small-batch expert kernels' launches (`DSV2_FUSED_SHARED=0`:
     /// their own MLP, to compare).
     fused_shared: bool,
+    /// The ticket counter of the fused gate GEMV + top-k (`moe::moe_gate_gemv`, <= 4 rows; each
+    /// launch leaves it zero); None when `DSV2_FUSED_GATE=0` (GEMV and top-k apart, to compare).
+    gate_ticket: Option<Mutex<Tensor<i32>>>,
     grouped_experts: bool,
     grouped_prefill: bool,
     /// The grouped kernels' prefill tile (`DSV2_GROUPED_WS=0`: the non-specialised W128).
@@ -212,6 +215,10 @@ impl CudaBackend {
         let gpu = Gpu::open(opts)?;
         let profile = profile::Profile::from_env();
         let graphs = graphs::DecodeGraphs::from_env(profile.is_some());
+        let gate_ticket = match std::env::var("DSV2_FUSED_GATE").as_deref() {
+            Ok("0") => None,
+            _ => Some(Mutex::new(Tensor::<i32>::zeros(&gpu, &[1])?)),
+        };
         Ok(Self {
             gpu,
             ordinal: opts.ordinal,
@@ -222,6 +229,7 @@ impl CudaBackend {
             // DSV2_SMALL_EXPERTS=0 keeps decode on the permuted path (to compare the two)
             small_experts: std::env::var("DSV2_SMALL_EXPERTS").map_or(true, |v| v != "0"),
             fused_shared: std::env::var("DSV2_FUSED_SHARED").map_or(true, |v| v != "0"),
+            gate_ticket,
             // DSV2_GROUPED_EXPERTS=0 runs the per-expert cuBLAS loop instead of the grouped
             // kernels (to compare the two)
             grouped_experts: std::env::var("DSV2_GROUPED_EXPERTS").map_or(true, |v| v != "0"),
@@ -442,12 +450,7 @@ impl CudaBackend {
                 p.n_experts
             )));
         }
-        let logits = Tensor::<f32>::uninit(&self.gpu, &[m, e]).kx()?;
-        gemm::<f32>(
-            &self.gpu,
-            Gemm::xwt(m, e, k, xb.ptr(), gate.t.ptr(), logits.ptr()),
-        )
-        .kx()?;
+        let mut logits = Tensor::<f32>::uninit(&self.gpu, &[m, e]).kx()?;
         let grouped = p.method == TopkMethod::GroupLimitedGreedy && p.n_group > 1;
         let gc = moe::GateConfig {
             n_group: if grouped { p.n_group } else { 1 },
@@ -458,6 +461,36 @@ impl CudaBackend {
         };
         let mut ids = Tensor::<i32>::zeros(&self.gpu, &[m, p.top_k]).kx()?;
         let mut weights = Tensor::<f32>::zeros(&self.gpu, &[m, p.top_k]).kx()?;
+        // a few rows: logits and choice in one launch
+        if let Some(ticket) = &self.gate_ticket
+            && m <= moe::GATE_GEMV_MAX_ROWS
+        {
+            let mut counter = ticket
+                .lock()
+                .map_err(|_| err("gate ticket lock poisoned"))?;
+            let r = moe::moe_gate_gemv(
+                &self.gpu,
+                moe::GateGemvParams {
+                    x: xb.view(),
+                    w: gate.t.view(),
+                    logits: logits.view_mut(),
+                    counter: counter.view_mut(),
+                    ids: ids.view_mut(),
+                    weights: weights.view_mut(),
+                    cfg: gc,
+                },
+            );
+            match r {
+                Ok(()) => return Ok(DeviceRouting::Chosen { ids, weights }),
+                Err(KernelError::Unsupported { .. }) => {}
+                Err(e) => return Err(kerr(e)),
+            }
+        }
+        gemm::<f32>(
+            &self.gpu,
+            Gemm::xwt(m, e, k, xb.ptr(), gate.t.ptr(), logits.ptr()),
+        )
+        .kx()?;
         let r = moe::moe_gate(
             &self.gpu,
             moe::GateParams {
