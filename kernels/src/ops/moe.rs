@@ -51,7 +51,7 @@ fn check_gate_config(op: &'static str, n_exp: usize, c: &GateConfig) -> Result<(
     if c.top_k == 0 || c.top_k > 32 || c.top_k > n_exp {
         return bad(format!("top_k {} (1..=min(32, experts))", c.top_k));
     }
-    if c.n_group == 0 || c.n_group > 32 || n_exp % c.n_group != 0 {
+    if c.n_group == 0 || c.n_group > 32 || !n_exp.is_multiple_of(c.n_group) {
         return bad(format!(
             "n_group {} must divide {n_exp} and be <= 32",
             c.n_group
