@@ -72,7 +72,11 @@ pub fn ensure(cache_root: &Path) -> Result<PathBuf> {
 fn publish(cache_root: &Path, name: &str, write: fn(&Path) -> Result<()>) -> Result<()> {
     let dir = cache_root.join(name);
     std::fs::create_dir_all(cache_root).map_err(|e| CoreError::io(cache_root, e))?;
-    let tmp = cache_root.join(format!("{name}.tmp-{}", std::process::id()));
+    // unique per call, not just per process: tests call this from several threads at once, and
+    // a shared temp dir let one thread delete or overwrite another's half-written model
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = cache_root.join(format!("{name}.tmp-{}-{call}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     write(&tmp)?;
     // Atomic publish: a concurrent creator may win the rename; its result is identical.
