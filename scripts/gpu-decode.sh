@@ -26,9 +26,9 @@
 #            prompts, NEW_TOKENS new, batch/concurrency 1, 64, 256; SV_PRESET, SV_LAYERS)
 #   nsys     per-kernel GPU time of decode (Nsight Systems, kernels inside graphs traced; NSYS_PRESET,
 #            NSYS_LAYERS, NSYS_BATCH), the kernels' time a step beside the bench's step time
-#   pending  what session 12 built and could not run: the roles MLA decode kernel (checks, P1, end
-#            to end), the grouped kernels with the dynamic tile schedule (checks, P2g, prefill),
-#            the other MLA kernels' P1 rows
+#   pending  what session 12 built and could not run, also as three sections: `roles` the roles
+#            MLA decode kernel (checks, P1, end to end), `dyn` the grouped kernels with the dynamic
+#            tile schedule (checks, P2g, prefill), `mla-p1` the other MLA kernels' P1 rows
 #   fused    the decode fusions (shared experts in the small-batch expert kernels, gate GEMV +
 #            top-k, query rope in the append): fixtures, then batch 1 and 4 decode (4-layer V2,
 #            V2-Lite) with and without (DSV2_FUSED_SHARED=0 DSV2_FUSED_GATE=0)
@@ -234,39 +234,47 @@ for r in sorted(rows, key=lambda r: -int(r[i_t]))[:28]:
     print("%8.3f ms %6s x %8.1f us  %s" % (int(r[i_t]) / 1e6, r[i_n], float(r[i_avg]) / 1e3, r[i_name][:110]))
 PYEOF
       fi ;;
-    pending)
-      # what session 12 built and could not run (bench/RESULTS.md, end of session 12): the roles
+    pending|roles|dyn|mla-p1)
+      # what session 12 built and could not run (bench/RESULTS.md, end of session 12), in three
+      # parts that run as their own sections too (`pending` = all three): `roles` the roles
       # MLA decode kernel (mla_roles.cu) alone first, in its own process with a short time-out
       # (its first version hung in setmaxnreg; this one traps on misaligned shared memory),
-      # then end to end; the grouped kernels' quick checks and P2g with the dynamic tile
-      # schedule (Ws128Dyn) beside Ws128 and the pair; the other MLA kernels' P1 rows, which
-      # session 12's hang cost; prefill of 64 x 512 tokens with each warp-specialised tile
-      timeout -k 5 70 "$BIN/dsv2-gpu-check" --mla --mla-kernels roles --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-roles.log" 2>&1
-      echo "roles exit $?"
-      grep -E "FAIL|^checks:|^P1 |rror|trap" "$OUT_DIR/gpu-check-roles.log" | cut -c1-220
-      if grep -q "^checks: .* 0 FAIL" "$OUT_DIR/gpu-check-roles.log"; then
-        DSV2_MLA_KERNEL=roles timeout -k 5 60 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-roles.log" 2>&1 || { echo "dsv2-cuda-check (roles) FAILED"; fail=1; }
-        tail -3 "$OUT_DIR/cuda-check-roles.log"
-        # where its time goes: the math alone, the loads alone (P1 rows; wrong outputs)
-        for p in 1 2; do
-          echo "-- roles, DSV2_MLA_PROBE=$p"
-          DSV2_MLA_PROBE=$p timeout -k 5 60 "$BIN/dsv2-gpu-check" --mla --no-check --mla-kernels roles --cache-dir /tmp/dsv2-cubin \
-            >"$OUT_DIR/gpu-check-roles-probe$p.log" 2>&1
-          grep -E "^P1 .*(batch 64 ctx 4096 heads 128|batch 8 ctx 32768)|rror|trap" "$OUT_DIR/gpu-check-roles-probe$p.log" | cut -c1-220
+      # then end to end and its probes; `dyn` the grouped kernels' quick checks and P2g with the
+      # dynamic tile schedule (Ws128Dyn) beside Ws128 and the pair, then prefill of 64 x 512
+      # tokens with Ws128 and Ws128Dyn; `mla-p1` the other MLA kernels' P1 rows, which session
+      # 12's hang cost
+      if [ "$sec" = pending ] || [ "$sec" = roles ]; then
+        timeout -k 5 70 "$BIN/dsv2-gpu-check" --mla --mla-kernels roles --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-roles.log" 2>&1
+        echo "roles exit $?"
+        grep -E "FAIL|^checks:|^P1 |rror|trap" "$OUT_DIR/gpu-check-roles.log" | cut -c1-220
+        if grep -q "^checks: .* 0 FAIL" "$OUT_DIR/gpu-check-roles.log"; then
+          DSV2_MLA_KERNEL=roles timeout -k 5 60 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-roles.log" 2>&1 || { echo "dsv2-cuda-check (roles) FAILED"; fail=1; }
+          tail -3 "$OUT_DIR/cuda-check-roles.log"
+          # where its time goes: the math alone, the loads alone (P1 rows; wrong outputs)
+          for p in 1 2; do
+            echo "-- roles, DSV2_MLA_PROBE=$p"
+            DSV2_MLA_PROBE=$p timeout -k 5 60 "$BIN/dsv2-gpu-check" --mla --no-check --mla-kernels roles --cache-dir /tmp/dsv2-cubin \
+              >"$OUT_DIR/gpu-check-roles-probe$p.log" 2>&1
+            grep -E "^P1 .*(batch 64 ctx 4096 heads 128|batch 8 ctx 32768)|rror|trap" "$OUT_DIR/gpu-check-roles-probe$p.log" | cut -c1-220
+          done
+        fi
+      fi
+      if [ "$sec" = pending ] || [ "$sec" = dyn ]; then
+        timeout -k 5 120 "$BIN/dsv2-gpu-check" --grouped --quick --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-grouped.log" 2>&1 || fail=1
+        grep -E "FAIL|^checks:|copy d2d|cuBLAS bf16|^P2|^D[0-9]|rror|trap" "$OUT_DIR/gpu-check-grouped.log" | cut -c1-220
+        dir=/tmp/gd-deepseek-v2-4
+        mkdir -p "$dir"
+        "$BIN/dsv2" init-random --preset deepseek-v2 --layers 4 --config-only --out "$dir" --seed 1 >/dev/null 2>&1
+        for ws in 1 dyn; do
+          echo "-- prefill 64 x 512, DSV2_GROUPED_WS=$ws"
+          DSV2_GROUPED_WS=$ws timeout -k 5 120 "$BIN/dsv2" bench --device cuda:0 --model-dir "$dir" --random-weights 1 \
+            --batch 64 --context 512 --new-tokens 2 2>"$OUT_DIR/bench-prefill-$ws.err" | sed -n '/^prefill/,/^$/p' || { echo "bench FAILED"; fail=1; }
         done
       fi
-      timeout -k 5 120 "$BIN/dsv2-gpu-check" --grouped --quick --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-grouped.log" 2>&1 || fail=1
-      grep -E "FAIL|^checks:|copy d2d|cuBLAS bf16|^P2|^D[0-9]|rror|trap" "$OUT_DIR/gpu-check-grouped.log" | cut -c1-220
-      timeout -k 5 120 "$BIN/dsv2-gpu-check" --mla --no-check --mla-kernels wgmma,seesaw,tma,tma-pair --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-mla-p1.log" 2>&1 || fail=1
-      grep -E "^P1 |rror|trap" "$OUT_DIR/gpu-check-mla-p1.log" | cut -c1-220
-      dir=/tmp/gd-deepseek-v2-4
-      mkdir -p "$dir"
-      "$BIN/dsv2" init-random --preset deepseek-v2 --layers 4 --config-only --out "$dir" --seed 1 >/dev/null 2>&1
-      for ws in 1 dyn; do
-        echo "-- prefill 64 x 512, DSV2_GROUPED_WS=$ws"
-        DSV2_GROUPED_WS=$ws timeout -k 5 120 "$BIN/dsv2" bench --device cuda:0 --model-dir "$dir" --random-weights 1 \
-          --batch 64 --context 512 --new-tokens 2 2>"$OUT_DIR/bench-prefill-$ws.err" | sed -n '/^prefill/,/^$/p' || { echo "bench FAILED"; fail=1; }
-      done ;;
+      if [ "$sec" = pending ] || [ "$sec" = mla-p1 ]; then
+        timeout -k 5 120 "$BIN/dsv2-gpu-check" --mla --no-check --mla-kernels wgmma,seesaw,tma,tma-pair --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-mla-p1.log" 2>&1 || fail=1
+        grep -E "^P1 |rror|trap" "$OUT_DIR/gpu-check-mla-p1.log" | cut -c1-220
+      fi ;;
     fused)
       # the decode fusions of session 13: the shared experts inside the small-batch expert
       # kernels, the gate GEMV + top-k in one launch (both switchable), the queries' rope in the
