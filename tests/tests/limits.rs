@@ -113,9 +113,25 @@ async fn max_concurrent_sheds_with_resource_exhausted_until_a_call_ends() {
     drop(stream);
     wait_for(&mut client, None, "after the stream was dropped").await;
 
-    // A slow unary call holds the slot until it answers.
-    let mut unary_client = client.clone();
-    let unary = tokio::spawn(async move { generate(&mut unary_client, long_request(31)).await });
+    // A slow unary call holds the slot until it answers. It must be admitted before the polls
+    // below start: a poll that reaches the layer first takes the one slot and sheds the call
+    // itself (CI once saw that race: ModelInfo then kept answering). So nothing else is sent
+    // until it has had time to be admitted, and a call shed anyway is sent again.
+    let mut unary = None;
+    for _ in 0..5 {
+        let mut unary_client = client.clone();
+        let task = tokio::spawn(async move { generate(&mut unary_client, long_request(31)).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if !task.is_finished() {
+            unary = Some(task);
+            break;
+        }
+        match task.await {
+            Ok(Err(e)) if e.code() == Code::ResourceExhausted => continue,
+            other => panic!("the long unary call ended within 0.3 s: {other:?}"),
+        }
+    }
+    let unary = unary.expect("the long unary call was shed 5 times over an idle router");
     wait_for(
         &mut client,
         Some(Code::ResourceExhausted),
