@@ -285,8 +285,8 @@ PYEOF
       tail -3 "$OUT_DIR/cuda-check-fused.log"
       for fs in 1 0; do
         echo "-- DSV2_FUSED_SHARED=$fs DSV2_FUSED_GATE=$fs"
-        DSV2_FUSED_SHARED=$fs DSV2_FUSED_GATE=$fs BATCHES=1,4 CONTEXTS=512 NEW_TOKENS=64 LIMIT_S=60 OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
-        DSV2_FUSED_SHARED=$fs DSV2_FUSED_GATE=$fs PRESET=deepseek-v2-lite LAYERS=27 BATCHES=1,4 CONTEXTS=512 NEW_TOKENS=64 LIMIT_S=90 OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
+        DSV2_FUSED_SHARED=$fs DSV2_FUSED_GATE=$fs BATCHES=1,4 CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=60 OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
+        DSV2_FUSED_SHARED=$fs DSV2_FUSED_GATE=$fs PRESET=deepseek-v2-lite LAYERS=27 BATCHES=1,4 CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=90 OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
       done ;;
     ncu-grouped)
       # Nsight Compute on one P2-shaped launch of the warp-specialised grouped gate/up kernel
