@@ -31,7 +31,7 @@
 #            tile schedule (checks, P2g, prefill), `mla-p1` the other MLA kernels' P1 rows
 #   fused    the decode fusions (shared experts in the small-batch expert kernels, gate GEMV +
 #            top-k, query rope in the append): fixtures, then batch 1 and 4 decode (4-layer V2,
-#            V2-Lite) with and without (DSV2_FUSED_SHARED=0 DSV2_FUSED_GATE=0)
+#            V2-Lite) with and without (DSV2_FUSED_SHARED=0 DSV2_FUSED_GATE=0 DSV2_FUSED_ROPE=0)
 #   ncu-grouped  Nsight Compute on one P2-shaped launch of the warp-specialised grouped expert kernel
 #   mla-probes  the tma MLA kernel normally, its math alone and its loads alone (P1 rows)
 #   ncu, ncu-stalls, ncu-pipes, ncu-mem  Nsight Compute on an MLA decode kernel (NCU_MLA=wgmma/tma/tma-pair/seesaw; throughputs,
@@ -277,16 +277,15 @@ PYEOF
       fi ;;
     fused)
       # the decode fusions of session 13: the shared experts inside the small-batch expert
-      # kernels, the gate GEMV + top-k in one launch (both switchable), the queries' rope in the
-      # latent append (not switchable): the fixtures with them, then batch 1 and 4 decode of the
-      # 4-layer V2 and V2-Lite (27 layers) with both switches on, then off; step / roofline in the
-      # same process
+      # kernels, the gate GEMV + top-k in one launch, the queries' rope in the latent append:
+      # the fixtures with them, then batch 1 and 4 decode of the 4-layer V2 and V2-Lite (27
+      # layers) with all three on, then off; step / roofline in the same process
       timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-fused.log" 2>&1 || { echo "dsv2-cuda-check (fusions on) FAILED"; fail=1; }
       tail -3 "$OUT_DIR/cuda-check-fused.log"
       for fs in 1 0; do
-        echo "-- DSV2_FUSED_SHARED=$fs DSV2_FUSED_GATE=$fs"
-        DSV2_FUSED_SHARED=$fs DSV2_FUSED_GATE=$fs BATCHES=1,4 CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=60 OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
-        DSV2_FUSED_SHARED=$fs DSV2_FUSED_GATE=$fs PRESET=deepseek-v2-lite LAYERS=27 BATCHES=1,4 CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=90 OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
+        echo "-- DSV2_FUSED_SHARED=$fs DSV2_FUSED_GATE=$fs DSV2_FUSED_ROPE=$fs"
+        DSV2_FUSED_SHARED=$fs DSV2_FUSED_GATE=$fs DSV2_FUSED_ROPE=$fs BATCHES=1,4 CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=60 OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
+        DSV2_FUSED_SHARED=$fs DSV2_FUSED_GATE=$fs DSV2_FUSED_ROPE=$fs PRESET=deepseek-v2-lite LAYERS=27 BATCHES=1,4 CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=90 OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
       done ;;
     ncu-grouped)
       # Nsight Compute on one P2-shaped launch of the warp-specialised grouped gate/up kernel

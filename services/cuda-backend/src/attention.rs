@@ -107,12 +107,25 @@ pub(crate) fn run(
             )));
         }
         // the append rotates the shared key k_pe on its way into the cache and, in the same
-        // launch, the queries' rope part (two rope launches less per layer)
+        // launch, the queries' rope part (two rope launches less per layer; DSV2_FUSED_ROPE=0:
+        // the queries in a launch of their own, to compare)
+        if !b.fused_rope {
+            ew::rope(
+                gpu,
+                ew::RopeParams {
+                    x: q.view_mut(),
+                    positions: pos_t.view(),
+                    table,
+                    rope_offset: dn,
+                },
+            )
+            .kx()?;
+        }
         let _t_append = b.timed("attn.latent_append");
         let rope = Some(g::LatentRope {
             positions: pos_t.view(),
             table,
-            q: Some(q.view_mut()),
+            q: b.fused_rope.then(|| q.view_mut()),
         });
         match layer_cache {
             LayerCache::Bf16(t) => g::mla_latent_append(
