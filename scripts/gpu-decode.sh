@@ -282,10 +282,13 @@ PYEOF
       # layers) with all three on, then off; step / roofline in the same process
       timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-fused.log" 2>&1 || { echo "dsv2-cuda-check (fusions on) FAILED"; fail=1; }
       tail -3 "$OUT_DIR/cuda-check-fused.log"
-      for fs in 1 0; do
-        echo "-- DSV2_FUSED_SHARED=$fs DSV2_FUSED_GATE=$fs DSV2_FUSED_ROPE=$fs"
-        DSV2_FUSED_SHARED=$fs DSV2_FUSED_GATE=$fs DSV2_FUSED_ROPE=$fs BATCHES=1,4 CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=60 OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
-        DSV2_FUSED_SHARED=$fs DSV2_FUSED_GATE=$fs DSV2_FUSED_ROPE=$fs PRESET=deepseek-v2-lite LAYERS=27 BATCHES=1,4 CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=90 OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
+      # V2-Lite first (its batch-1 goal is the farthest), each run only while the budget lasts
+      for run in "deepseek-v2-lite 27 1" "deepseek-v2-lite 27 0" "deepseek-v2 4 1" "deepseek-v2 4 0"; do
+        set -- $run
+        over_budget "fused bench $run" && break
+        echo "-- $1 ($2 layers), DSV2_FUSED_SHARED=$3 DSV2_FUSED_GATE=$3 DSV2_FUSED_ROPE=$3"
+        DSV2_FUSED_SHARED=$3 DSV2_FUSED_GATE=$3 DSV2_FUSED_ROPE=$3 PRESET=$1 LAYERS=$2 BATCHES=1,4 CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=90 \
+          OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
       done ;;
     ncu-grouped)
       # Nsight Compute on one P2-shaped launch of the warp-specialised grouped gate/up kernel
