@@ -79,20 +79,7 @@ fn gemm_and_experts() {
 #[test]
 fn moe_routing() {
     let Some(g) = gpu() else { return };
-    let v2 = GateConfig {
-        n_group: 8,
-        topk_group: 3,
-        top_k: 6,
-        norm_topk_prob: false,
-        routed_scaling_factor: 16.0,
-    };
-    let lite = GateConfig {
-        n_group: 1,
-        topk_group: 1,
-        top_k: 6,
-        norm_topk_prob: false,
-        routed_scaling_factor: 1.0,
-    };
+    let (v2, lite) = (GateConfig::deepseek_v2(), GateConfig::deepseek_v2_lite());
     let mut rows = Vec::new();
     for n in ROWS {
         rows.push(check::check_gate(&g, n, 160, v2).unwrap());

@@ -489,20 +489,7 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     }
     // the fused gate GEMV + top-k of decode at <= 4 rows: V2 (160 experts, 8 groups, top-3
     // groups, scaling 16) and V2-Lite (64 experts, no groups)
-    let v2 = GateConfig {
-        n_group: 8,
-        topk_group: 3,
-        top_k: 6,
-        norm_topk_prob: false,
-        routed_scaling_factor: 16.0,
-    };
-    let lite = GateConfig {
-        n_group: 1,
-        topk_group: 1,
-        top_k: 6,
-        norm_topk_prob: false,
-        routed_scaling_factor: 1.0,
-    };
+    let (v2, lite) = (GateConfig::deepseek_v2(), GateConfig::deepseek_v2_lite());
     for (t, h, e, cfg) in [
         (1, 5120, 160, v2),
         (4, 5120, 160, v2),

@@ -95,6 +95,24 @@ __device__ __forceinline__ void gate_contiguous(const float* __restrict__ row, i
     }
 }
 
+// gate_contiguous for E = 32 * per experts (per 1..8, what the launchers' fast-path test allows);
+// false for any other count.
+__device__ __forceinline__ bool gate_contiguous_any(const float* row, int* ids, float* weights, int n_exp,
+                                                    int n_group, int topk_group, int k, int norm_topk,
+                                                    float scaling) {
+    switch (n_exp / WARP) {
+        case 1: gate_contiguous<1>(row, ids, weights, n_group, topk_group, k, norm_topk, scaling); return true;
+        case 2: gate_contiguous<2>(row, ids, weights, n_group, topk_group, k, norm_topk, scaling); return true;
+        case 3: gate_contiguous<3>(row, ids, weights, n_group, topk_group, k, norm_topk, scaling); return true;
+        case 4: gate_contiguous<4>(row, ids, weights, n_group, topk_group, k, norm_topk, scaling); return true;
+        case 5: gate_contiguous<5>(row, ids, weights, n_group, topk_group, k, norm_topk, scaling); return true;
+        case 6: gate_contiguous<6>(row, ids, weights, n_group, topk_group, k, norm_topk, scaling); return true;
+        case 7: gate_contiguous<7>(row, ids, weights, n_group, topk_group, k, norm_topk, scaling); return true;
+        case 8: gate_contiguous<8>(row, ids, weights, n_group, topk_group, k, norm_topk, scaling); return true;
+        default: return false;
+    }
+}
+
 extern "C" __global__ void moe_gate_f32(const float* __restrict__ logits, int* __restrict__ ids,
                                         float* __restrict__ weights, int tokens, int n_exp, int n_group,
                                         int topk_group, int k, int norm_topk, float scaling, int contiguous) {
@@ -103,21 +121,10 @@ extern "C" __global__ void moe_gate_f32(const float* __restrict__ logits, int* _
     int t = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     if (t >= tokens) return;
     const float* row = logits + (size_t)t * n_exp;
-    if (contiguous) {
-        int* id_t = ids + (size_t)t * k;
-        float* w_t = weights + (size_t)t * k;
-        switch (n_exp / WARP) {
-            case 1: gate_contiguous<1>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
-            case 2: gate_contiguous<2>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
-            case 3: gate_contiguous<3>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
-            case 4: gate_contiguous<4>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
-            case 5: gate_contiguous<5>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
-            case 6: gate_contiguous<6>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
-            case 7: gate_contiguous<7>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
-            case 8: gate_contiguous<8>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
-            default: break;  // the launcher only sets `contiguous` for 32..256 experts in steps of 32
-        }
-    }
+    // the launcher only sets `contiguous` for 32..256 experts in steps of 32
+    if (contiguous && gate_contiguous_any(row, ids + (size_t)t * k, weights + (size_t)t * k, n_exp, n_group,
+                                          topk_group, k, norm_topk, scaling))
+        return;
     float s[PER_LANE];
     float m = -INFINITY;
 #pragma unroll
@@ -372,21 +379,10 @@ extern "C" __global__ void __launch_bounds__(GATE_EXPERTS * GATE_SPLIT * WARP)
         rows_s[i / n_exp][i % n_exp] = __ldcg(logits + i);
     __syncthreads();
     if (threadIdx.x == 0) *counter = 0;
-    if (warp >= tokens) return;
-    const float* row = rows_s[warp];
-    int* id_t = ids + (size_t)warp * k;
-    float* w_t = weights + (size_t)warp * k;
-    switch (n_exp / WARP) {
-        case 1: gate_contiguous<1>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
-        case 2: gate_contiguous<2>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
-        case 3: gate_contiguous<3>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
-        case 4: gate_contiguous<4>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
-        case 5: gate_contiguous<5>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
-        case 6: gate_contiguous<6>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
-        case 7: gate_contiguous<7>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
-        case 8: gate_contiguous<8>(row, id_t, w_t, n_group, topk_group, k, norm_topk, scaling); return;
-        default: return;  // the launcher only takes 32..256 experts in steps of 32
-    }
+    // the launcher only takes 32..256 experts in steps of 32
+    if (warp < tokens)
+        gate_contiguous_any(rows_s[warp], ids + (size_t)warp * k, weights + (size_t)warp * k, n_exp, n_group,
+                            topk_group, k, norm_topk, scaling);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -20,6 +20,30 @@ pub struct GateConfig {
     pub routed_scaling_factor: f32,
 }
 
+impl GateConfig {
+    /// DeepSeek-V2 / V2-Chat / Coder-V2 (160 experts): 8 groups, top-3 groups, top-6, scaling 16.
+    pub fn deepseek_v2() -> Self {
+        Self {
+            n_group: 8,
+            topk_group: 3,
+            top_k: 6,
+            norm_topk_prob: false,
+            routed_scaling_factor: 16.0,
+        }
+    }
+
+    /// DeepSeek-V2-Lite (64 experts): no groups, top-6, scaling 1.
+    pub fn deepseek_v2_lite() -> Self {
+        Self {
+            n_group: 1,
+            topk_group: 1,
+            top_k: 6,
+            norm_topk_prob: false,
+            routed_scaling_factor: 1.0,
+        }
+    }
+}
+
 /// logits f32 [tokens, experts] -> ids i32 [tokens, top_k], weights f32 [tokens, top_k].
 pub struct GateParams<'a> {
     pub logits: View<'a, f32>,
