@@ -280,7 +280,7 @@ PYEOF
       # kernels, the gate GEMV + top-k in one launch, the queries' rope in the latent append:
       # the fixtures with them, then batch 1 and 4 decode of the 4-layer V2 and V2-Lite (27
       # layers) with all three on, then off; step / roofline in the same process
-      DSV2_FUSED_SHARED=1 DSV2_FUSED_GATE=1 DSV2_FUSED_ROPE=1 timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-fused.log" 2>&1 || { echo "dsv2-cuda-check (fusions on) FAILED"; fail=1; }
+      timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-fused.log" 2>&1 || { echo "dsv2-cuda-check (fusions on) FAILED"; fail=1; }
       tail -3 "$OUT_DIR/cuda-check-fused.log"
       # V2-Lite first (its batch-1 goal is the farthest), each run only while the budget lasts
       for run in "deepseek-v2-lite 27 1" "deepseek-v2-lite 27 0" "deepseek-v2 4 1" "deepseek-v2 4 0"; do

@@ -106,9 +106,9 @@ pub(crate) fn run(
                 table.rope_dim
             )));
         }
-        // the append rotates the shared key k_pe on its way into the cache and, with
-        // DSV2_FUSED_ROPE=1, in the same launch the queries' rope part (two rope launches less
-        // per layer); otherwise the queries in a launch of their own
+        // the append rotates the shared key k_pe on its way into the cache and, in the same
+        // launch, the queries' rope part (two rope launches less per layer; DSV2_FUSED_ROPE=0:
+        // the queries in a launch of their own, to compare)
         if !b.fused_rope {
             ew::rope(
                 gpu,

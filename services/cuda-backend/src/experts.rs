@@ -190,11 +190,19 @@ pub(crate) fn on_device(
     }
 }
 
+/// Most rows for which the shared experts ride in the small-batch kernels: each row reads the
+/// shared weights itself there, so at 4 rows the 4-layer V2 step was 8 % slower than with the
+/// shared MLP's own GEMVs, which read them once (94 MB a layer that L2 cannot keep; V2-Lite's
+/// 35 MB stays in L2 and broke even); at one row it is 2.8 % (V2) and 7.5 % (V2-Lite) faster
+/// (bench/RESULTS.md, session 13).
+const FUSED_SHARED_MAX_ROWS: usize = 1;
+
 /// The small-batch expert kernels with the layer's shared experts in the same two launches
 /// (`small::SharedMlp`): x [n, H], device routing ids/weights [n, k], writes out [n, H] =
-/// routed + shared. `Ok(false)`: more rows than the small-batch kernels take, the kernels
-/// switched off, or a shared MLP that does not split into parts of the routed intermediate
-/// size `inter` (the caller then runs the routed and shared experts apart); nothing was written.
+/// routed + shared. `Ok(false)`: more than [`FUSED_SHARED_MAX_ROWS`] rows, the small-batch
+/// kernels switched off, or a shared MLP that does not split into parts of the routed
+/// intermediate size `inter` (the caller then runs the routed and shared experts apart);
+/// nothing was written.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn small_with_shared(
     b: &CudaBackend,
@@ -212,7 +220,7 @@ pub(crate) fn small_with_shared(
     let Some(parts) = small::shared_parts(si, inter) else {
         return Ok(false);
     };
-    if n > small::SMALL_EXPERTS_MAX_ROWS
+    if n > FUSED_SHARED_MAX_ROWS.min(small::SMALL_EXPERTS_MAX_ROWS)
         || !b.small_experts_enabled()
         || shared.gate.shape() != [si, hidden]
         || shared.up.shape() != [si, hidden]

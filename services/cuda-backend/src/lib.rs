@@ -186,14 +186,14 @@ pub struct CudaBackend {
     /// (keyed by the bank's address; the host copy of the addresses detects a stale entry).
     expert_tables: Mutex<std::collections::HashMap<usize, ExpertTable>>,
     small_experts: bool,
-    /// The shared experts in the small-batch expert kernels' launches (`DSV2_FUSED_SHARED=1`;
-    /// otherwise their own MLP).
+    /// The shared experts in the small-batch expert kernels' launches at one row
+    /// (`DSV2_FUSED_SHARED=0`: their own MLP, to compare).
     fused_shared: bool,
-    /// The queries' rope part rotated in the latent append's launch (`DSV2_FUSED_ROPE=1`;
-    /// otherwise in a rope launch of its own).
+    /// The queries' rope part rotated in the latent append's launch (`DSV2_FUSED_ROPE=0`: in a
+    /// rope launch of its own, to compare).
     pub(crate) fused_rope: bool,
     /// The ticket counter of the fused gate GEMV + top-k (`moe::moe_gate_gemv`, <= 4 rows; each
-    /// launch leaves it zero) when `DSV2_FUSED_GATE=1`; None: GEMV and top-k apart.
+    /// launch leaves it zero); None when `DSV2_FUSED_GATE=0` (GEMV and top-k apart, to compare).
     gate_ticket: Option<Mutex<Tensor<i32>>>,
     grouped_experts: bool,
     grouped_prefill: bool,
@@ -219,8 +219,8 @@ impl CudaBackend {
         let profile = profile::Profile::from_env();
         let graphs = graphs::DecodeGraphs::from_env(profile.is_some());
         let gate_ticket = match std::env::var("DSV2_FUSED_GATE").as_deref() {
-            Ok("1") => Some(Mutex::new(Tensor::<i32>::zeros(&gpu, &[1])?)),
-            _ => None,
+            Ok("0") => None,
+            _ => Some(Mutex::new(Tensor::<i32>::zeros(&gpu, &[1])?)),
         };
         Ok(Self {
             gpu,
@@ -231,10 +231,8 @@ impl CudaBackend {
             expert_tables: Mutex::new(Default::default()),
             // DSV2_SMALL_EXPERTS=0 keeps decode on the permuted path (to compare the two)
             small_experts: std::env::var("DSV2_SMALL_EXPERTS").map_or(true, |v| v != "0"),
-            // the decode fusions of session 13 are opt-in (`=1`) until a GPU run has checked
-            // them (every device start of that session was refused)
-            fused_shared: std::env::var("DSV2_FUSED_SHARED").is_ok_and(|v| v == "1"),
-            fused_rope: std::env::var("DSV2_FUSED_ROPE").is_ok_and(|v| v == "1"),
+            fused_shared: std::env::var("DSV2_FUSED_SHARED").map_or(true, |v| v != "0"),
+            fused_rope: std::env::var("DSV2_FUSED_ROPE").map_or(true, |v| v != "0"),
             gate_ticket,
             // DSV2_GROUPED_EXPERTS=0 runs the per-expert cuBLAS loop instead of the grouped
             // kernels (to compare the two)
@@ -1177,9 +1175,9 @@ impl Backend for CudaBackend {
 
     /// Routing and this backend's experts without the host: the gate kernel's ids feed the
     /// on-device expert path (small-batch or grouped kernels) directly, at every batch size but
-    /// prefill-sized ones. At small-batch sizes with `DSV2_FUSED_SHARED=1` the shared experts
-    /// ride in the small-batch kernels' launches; otherwise their down projection adds into the
-    /// routed output.
+    /// prefill-sized ones. At one row the shared experts ride in the small-batch kernels'
+    /// launches (`DSV2_FUSED_SHARED=0` runs them as their own MLP); otherwise their down
+    /// projection adds into the routed output.
     fn route_local_experts(
         &self,
         gate: &CudaWeight,
