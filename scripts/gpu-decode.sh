@@ -29,8 +29,8 @@
 #   pending  what session 12 built and could not run, also as three sections: `roles` the roles
 #            MLA decode kernel (checks, P1, end to end), `dyn` the grouped kernels with the dynamic
 #            tile schedule (checks, P2g, prefill), `mla-p1` the other MLA kernels' P1 rows
-#   fused    the decode fusions (shared experts in the small-batch expert kernels, gate GEMV +
-#            top-k, query rope in the append): fixtures, then batch 1 and 4 decode (4-layer V2,
+#   fused    the decode fusions (shared experts in the small-batch expert kernels at one row, gate
+#            GEMV + top-k, query rope in the append): fixtures, then batch 1 and 4 decode (4-layer V2,
 #            V2-Lite) with and without (DSV2_FUSED_SHARED=0 DSV2_FUSED_GATE=0 DSV2_FUSED_ROPE=0)
 #   ncu-grouped  Nsight Compute on one P2-shaped launch of the warp-specialised grouped expert kernel
 #   mla-probes  the tma MLA kernel normally, its math alone and its loads alone (P1 rows)
@@ -276,10 +276,11 @@ PYEOF
         grep -E "^P1 |rror|trap" "$OUT_DIR/gpu-check-mla-p1.log" | cut -c1-220
       fi ;;
     fused)
-      # the decode fusions of session 13: the shared experts inside the small-batch expert
-      # kernels, the gate GEMV + top-k in one launch, the queries' rope in the latent append:
-      # the fixtures with them, then batch 1 and 4 decode of the 4-layer V2 and V2-Lite (27
-      # layers) with all three on, then off; step / roofline in the same process
+      # the decode fusions of session 13 (on by default): the shared experts inside the
+      # small-batch expert kernels (one row only), the gate GEMV + top-k in one launch, the
+      # queries' rope in the latent append: the fixtures with them, then batch 1 and 4 decode of
+      # the 4-layer V2 and V2-Lite (27 layers) with all three on, then off; step / roofline in
+      # the same process
       timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-fused.log" 2>&1 || { echo "dsv2-cuda-check (fusions on) FAILED"; fail=1; }
       tail -3 "$OUT_DIR/cuda-check-fused.log"
       # V2-Lite first (its batch-1 goal is the farthest), each run only while the budget lasts
