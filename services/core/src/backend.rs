@@ -223,17 +223,6 @@ pub trait Backend: Send + Sync + 'static {
     /// `x · Wᵀ`.
     fn linear(&self, x: &Self::Act, w: &Self::Weight) -> Result<Self::Act>;
     fn mlp(&self, w: &MlpWeights<Self::Weight>, x: &Self::Act) -> Result<Self::Act>;
-    /// `acc += mlp(x)` (the shared experts joining the routed ones). Backends may fuse the add
-    /// into the down projection; the result must equal `mlp` then `add_assign`.
-    fn mlp_add(
-        &self,
-        w: &MlpWeights<Self::Weight>,
-        x: &Self::Act,
-        acc: &mut Self::Act,
-    ) -> Result<()> {
-        let y = self.mlp(w, x)?;
-        self.add_assign(acc, &y)
-    }
 
     /// MLA for the batch: projects q and the latent, appends the new tokens' latent and rotated
     /// k_pe to the cache, attends causally over the cache, applies the output projection.

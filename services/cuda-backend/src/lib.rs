@@ -1126,18 +1126,6 @@ impl Backend for CudaBackend {
         Ok(CudaAct::Bf16(y))
     }
 
-    fn mlp_add(&self, w: &MlpWeights<CudaWeight>, x: &CudaAct, acc: &mut CudaAct) -> Result<()> {
-        let CudaAct::Bf16(a) = acc else {
-            let y = self.mlp(w, x)?;
-            return self.add_assign(acc, &y);
-        };
-        let _t = self.timed("mlp");
-        let _g = self.lock()?;
-        let xb = self.bf16_of(x)?;
-        self.mlp_inner(w, &xb, Some(a))?;
-        Ok(())
-    }
-
     fn attention(
         &self,
         cfg: &ModelConfig,
