@@ -32,6 +32,9 @@
 #   fused    the decode fusions (shared experts in the small-batch expert kernels at one row, gate
 #            GEMV + top-k, query rope in the append): fixtures, then batch 1 and 4 decode (4-layer V2,
 #            V2-Lite) with and without (DSV2_FUSED_SHARED=0 DSV2_FUSED_GATE=0 DSV2_FUSED_ROPE=0)
+#   ab       this tree's binaries against an earlier tree's dsv2 (BASE_BIN, default $BIN/base) for
+#            changes without a switch: fixtures, then batch 1 and 4 decode (V2-Lite, 4-layer V2)
+#            alternated new / base
 #   ncu-grouped  Nsight Compute on one P2-shaped launch of the warp-specialised grouped expert kernel
 #   mla-probes  the tma MLA kernel normally, its math alone and its loads alone (P1 rows)
 #   ncu, ncu-stalls, ncu-pipes, ncu-mem  Nsight Compute on an MLA decode kernel (NCU_MLA=wgmma/tma/tma-pair/seesaw; throughputs,
@@ -290,6 +293,24 @@ PYEOF
         echo "-- $1 ($2 layers), DSV2_FUSED_SHARED=$3 DSV2_FUSED_GATE=$3 DSV2_FUSED_ROPE=$3"
         DSV2_FUSED_SHARED=$3 DSV2_FUSED_GATE=$3 DSV2_FUSED_ROPE=$3 PRESET=$1 LAYERS=$2 BATCHES=1,4 CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=90 \
           OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
+      done ;;
+    ab)
+      # this tree's binaries against an earlier tree's dsv2 (BASE_BIN, default $BIN/base, with
+      # its COMMIT file), for changes that have no switch: the fixtures with this tree first,
+      # then decode benches alternated new / base in separate processes (step / roofline in
+      # each process); V2-Lite (27 layers) first, its batch-1 goal being the farthest
+      base=${BASE_BIN:-$BIN/base}
+      timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-ab.log" 2>&1 || { echo "dsv2-cuda-check FAILED"; fail=1; }
+      tail -3 "$OUT_DIR/cuda-check-ab.log"
+      for run in "deepseek-v2-lite 27 new" "deepseek-v2-lite 27 base" "deepseek-v2 4 new" "deepseek-v2 4 base" \
+        "deepseek-v2-lite 27 new" "deepseek-v2-lite 27 base"; do
+        set -- $run
+        over_budget "ab bench $run" && break
+        b=$BIN
+        [ "$3" = base ] && b=$base
+        echo "-- $1 ($2 layers), $3: binaries of $(cat "$b/COMMIT" 2>/dev/null || echo unknown)"
+        BIN=$b PRESET=$1 LAYERS=$2 BATCHES=${AB_BATCHES:-1,4} CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=90 \
+          OUT=/tmp/gd-ab bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
       done ;;
     ncu-grouped)
       # Nsight Compute on one P2-shaped launch of the warp-specialised grouped gate/up kernel

@@ -1149,28 +1149,36 @@ fn bench_grouped(
         })?;
         let small = if tokens <= small_experts::SMALL_EXPERTS_MAX_ROWS {
             let mut sa = Tensor::<bf16>::zeros(gpu, &[routed, inter])?;
-            let ms = time_ms(gpu, 3, 20, || {
-                // SAFETY: as above.
-                unsafe {
-                    small_experts::small_experts(
-                        gpu,
-                        small_experts::SmallExpertsParams {
-                            x: xt.view(),
-                            ids: ids.view(),
-                            weights: wts.view(),
-                            ptrs: table.view(),
-                            act: sa.view_mut(),
-                            out: out.view_mut(),
-                            shared: None,
-                        },
-                    )?;
-                }
-                Ok(())
-            })?;
-            format!(
-                "; small-batch kernels {ms:.3} ms = {:.2}x roofline",
-                ms / roof_ms
-            )
+            let mut line = String::new();
+            for down in [
+                small_experts::SmallDown::Slots,
+                small_experts::SmallDown::Rows,
+            ] {
+                let ms = time_ms(gpu, 3, 20, || {
+                    // SAFETY: as above.
+                    unsafe {
+                        small_experts::small_experts_with(
+                            gpu,
+                            small_experts::SmallExpertsParams {
+                                x: xt.view(),
+                                ids: ids.view(),
+                                weights: wts.view(),
+                                ptrs: table.view(),
+                                act: sa.view_mut(),
+                                out: out.view_mut(),
+                                shared: None,
+                            },
+                            down,
+                        )?;
+                    }
+                    Ok(())
+                })?;
+                line.push_str(&format!(
+                    "; small-batch kernels ({down:?} down) {ms:.3} ms = {:.2}x roofline",
+                    ms / roof_ms
+                ));
+            }
+            line
         } else {
             String::new()
         };

@@ -169,6 +169,7 @@ pub fn check_small_experts(
     hidden: usize,
     inter: usize,
     n_shared: usize,
+    down: small_experts::SmallDown,
 ) -> Result<CheckRow> {
     let c = ExpertCase::new(gpu, 11, n, n_exp, k, hidden, inter)?;
     let (x, ids, w, ptrs) = c.upload(gpu)?;
@@ -184,7 +185,7 @@ pub fn check_small_experts(
     // SAFETY: ids are -1, beyond the table or < n_exp; the table points at `c.tensors`, alive
     // until after to_host.
     unsafe {
-        small_experts::small_experts(
+        small_experts::small_experts_with(
             gpu,
             small_experts::SmallExpertsParams {
                 x: x.view(),
@@ -199,6 +200,7 @@ pub fn check_small_experts(
                     down: sd_t.view(),
                 }),
             },
+            down,
         )?;
     }
     let got = f32s(&out.to_host(gpu)?);
@@ -217,7 +219,9 @@ pub fn check_small_experts(
     drop(c.tensors);
     Ok(CheckRow::cmp(
         "moe_small_experts_bf16",
-        format!("rows {n} E {n_exp} top-{k} hidden {hidden} inter {inter} shared parts {n_shared}"),
+        format!(
+            "rows {n} E {n_exp} top-{k} hidden {hidden} inter {inter} shared parts {n_shared}, {down:?} down"
+        ),
         &got,
         &want,
         1e-2,
@@ -484,8 +488,17 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
         (4, 16, 6, 5120, 1536, 2),
         (1, 64, 6, 2048, 1408, 2),
         (3, 9, 2, 72, 40, 1),
+        (2, 16, 10, 72, 2056, 2),
     ] {
-        out.push(check_small_experts(gpu, n, e, k, h, i, shared)?);
+        for down in [
+            small_experts::SmallDown::Slots,
+            small_experts::SmallDown::Rows,
+        ] {
+            if down == small_experts::SmallDown::Rows && (k + shared) * i * 2 > 48 * 1024 {
+                continue;
+            }
+            out.push(check_small_experts(gpu, n, e, k, h, i, shared, down)?);
+        }
     }
     // the fused gate GEMV + top-k of decode at <= 4 rows: V2 (160 experts, 8 groups, top-3
     // groups, scaling 16) and V2-Lite (64 experts, no groups)

@@ -41,18 +41,43 @@ __device__ __forceinline__ void rope_q_heads(bf16* __restrict__ q, int t, int he
 
 // 8 bf16 values moved as one 16-byte access: the unit of every vectorised row kernel
 // (H200 reaches copy bandwidth only with 16-byte loads, see docs/GPU.md).
+// Copies go through uint4: copied member by member (the implicit copy), the compiler issued four
+// 4-byte loads (LD.E / LDG.E in the SASS) for every `*reinterpret_cast<const bf16x8*>(p)` where
+// one 16-byte access was meant (session 14: the small-expert kernels' weight reads were 4-byte).
 struct __align__(16) bf16x8 {
     __nv_bfloat162 v[4];
+    bf16x8() = default;
+    __device__ __forceinline__ bf16x8(const bf16x8& o) {
+        *reinterpret_cast<uint4*>(this) = *reinterpret_cast<const uint4*>(&o);
+    }
+    __device__ __forceinline__ bf16x8& operator=(const bf16x8& o) {
+        *reinterpret_cast<uint4*>(this) = *reinterpret_cast<const uint4*>(&o);
+        return *this;
+    }
 };
 
-__device__ __forceinline__ void load8(const bf16* p, float* out) {
-    bf16x8 x = *reinterpret_cast<const bf16x8*>(p);
+// 16 bytes of weights streamed once: read-only path, not kept in L1 (each byte is used once), so
+// the activations stay there.
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ void unpack8(uint4 u, float* f) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        float2 f = __bfloat1622float2(x.v[i]);
-        out[2 * i] = f.x;
-        out[2 * i + 1] = f.y;
+        float2 v = __bfloat1622float2(h[i]);
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
     }
+}
+
+__device__ __forceinline__ void load8(const bf16* p, float* out) {
+    unpack8(*reinterpret_cast<const uint4*>(p), out);
 }
 
 __device__ __forceinline__ void store8(bf16* p, const float* in) {

@@ -19,25 +19,6 @@
 #define GEMV_THREADS 256
 #define GEMV_WARPS (GEMV_THREADS / WARP)
 
-// 16 bytes of weights: read-only path, not kept in L1 (each byte is used once), so X stays there.
-__device__ __forceinline__ uint4 ld_stream16(const void* p) {
-    uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p));
-    return r;
-}
-
-__device__ __forceinline__ void unpack8(uint4 u, float* f) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        float2 v = __bfloat1622float2(h[i]);
-        f[2 * i] = v.x;
-        f[2 * i + 1] = v.y;
-    }
-}
-
 // `accumulate`: y += the product, rounded as a separate add of a bf16 product would be (the
 // product to bf16 first, then the sum to bf16), so fused and unfused runs agree bit for bit.
 __device__ __forceinline__ void store_out(float* y, float v, int accumulate) { *y = accumulate ? *y + v : v; }

@@ -5,6 +5,8 @@
 //! path reads the same weights once per (row, slot), so it only pays off while rows × top-k is
 //! small compared with the number of experts (see `SMALL_EXPERTS_MAX_ROWS`).
 
+use std::sync::OnceLock;
+
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
@@ -57,6 +59,52 @@ pub fn shared_parts(shared_inter: usize, inter: usize) -> Option<usize> {
 /// must be 0 or point to live bf16 tensors of shapes [I, H], [I, H] and [H, I] (I = act's width) that outlive
 /// the launches (stream order). The kernels trust the table: they cannot check it.
 pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { small_experts_with(gpu, p, SmallDown::from_env()?) }
+}
+
+/// How the down projection is cut: one warp per slot (`moe_small_down_slots_bf16`, the default)
+/// or one warp per output row walking its row's slots in turn (`moe_small_down_bf16`, the
+/// earlier kernel, kept to compare: `DSV2_SMALL_DOWN=rows`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmallDown {
+    Slots,
+    Rows,
+}
+
+/// Most slots (top-k + shared parts) of a row the slot-per-warp down kernel takes (one warp each;
+/// DOWN_MAX_SLOTS in moe.cu).
+const DOWN_MAX_SLOTS: usize = 16;
+/// Output rows one block of the slot-per-warp down kernel computes (DOWN_ROWS in moe.cu).
+const DOWN_ROWS: usize = 2;
+
+impl SmallDown {
+    /// `DSV2_SMALL_DOWN` (slots | rows; unset: slots).
+    pub fn from_env() -> Result<Self> {
+        static CHOICE: OnceLock<std::result::Result<SmallDown, String>> = OnceLock::new();
+        CHOICE
+            .get_or_init(|| match std::env::var("DSV2_SMALL_DOWN").as_deref() {
+                Err(_) | Ok("slots") => Ok(SmallDown::Slots),
+                Ok("rows") => Ok(SmallDown::Rows),
+                Ok(other) => Err(format!("DSV2_SMALL_DOWN={other}: expected slots or rows")),
+            })
+            .clone()
+            .map_err(|what| crate::error::KernelError::Unsupported {
+                op: "moe_small_experts_bf16",
+                what,
+            })
+    }
+}
+
+/// [`small_experts`] with the down kernel named.
+///
+/// # Safety
+/// As [`small_experts`].
+pub unsafe fn small_experts_with(
+    gpu: &Gpu,
+    p: SmallExpertsParams<'_>,
+    down: SmallDown,
+) -> Result<()> {
     const OP: &str = "moe_small_experts_bf16";
     p.x.expect(OP, "x", &[None, None])?;
     let (n, hidden) = (p.x.shape()[0], p.x.shape()[1]);
@@ -88,12 +136,22 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
             what: format!("hidden {hidden} / intermediate {inter} not multiples of 8"),
         });
     }
-    if hidden * 2 > SMEM_LIMIT || (k + n_shared) * inter * 2 > SMEM_LIMIT {
+    let down_fits = match down {
+        SmallDown::Slots => k + n_shared <= DOWN_MAX_SLOTS,
+        SmallDown::Rows => (k + n_shared) * inter * 2 <= SMEM_LIMIT,
+    };
+    if !down_fits {
         return Err(crate::error::KernelError::Unsupported {
             op: OP,
             what: format!(
-                "hidden {hidden} / top-k {k} (+ {n_shared} shared) x intermediate {inter} exceed 48 KiB of shared memory"
+                "top-k {k} (+ {n_shared} shared) slots of intermediate {inter} with the {down:?} down kernel"
             ),
+        });
+    }
+    if hidden * 2 > SMEM_LIMIT {
+        return Err(crate::error::KernelError::Unsupported {
+            op: OP,
+            what: format!("hidden {hidden} exceeds 48 KiB of shared memory"),
         });
     }
     if n == 0 || k + n_shared == 0 {
@@ -140,7 +198,21 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
     };
     // SAFETY: matches moe_small_gate_up_bf16; shapes checked above, the table per the contract.
     unsafe { b.launch(cfg) }?;
-    let f = gpu.function("moe_small_down_bf16")?;
+    let (name, grid_x, threads, smem) = match down {
+        SmallDown::Slots => (
+            "moe_small_down_slots_bf16",
+            hidden.div_ceil(DOWN_ROWS),
+            32 * (k + n_shared),
+            0,
+        ),
+        SmallDown::Rows => (
+            "moe_small_down_bf16",
+            hidden.div_ceil(8),
+            256,
+            (k + n_shared) * inter * 2,
+        ),
+    };
+    let f = gpu.function(name)?;
     let mut b = gpu.launch(f);
     b.arg(&act)
         .arg(&ids)
@@ -154,11 +226,12 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
         .arg(&sd)
         .arg(&ns);
     let cfg = LaunchConfig {
-        grid_dim: (hidden.div_ceil(8) as u32, n as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: ((k + n_shared) * inter * 2) as u32,
+        grid_dim: (grid_x as u32, n as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
     };
-    // SAFETY: matches moe_small_down_bf16; act rows of routed slots were written just before.
+    // SAFETY: both down kernels take the same arguments; act rows of routed slots were written
+    // just before; the slot kernel's block has one warp per slot (at most DOWN_MAX_SLOTS).
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
