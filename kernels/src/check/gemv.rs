@@ -106,6 +106,67 @@ pub fn check_gemv<O: GemmOut + ToF32s>(gpu: &Gpu, c: GemvCase) -> Result<CheckRo
     Ok(row)
 }
 
+/// Two projections of different widths from one X in one launch (`gemv_pair`, as MLA's q_proj
+/// and kv_a run at decode), with the second output padded to `n2 + pad`: both outputs against
+/// the CPU product (the second output's padding columns are compared with zero).
+pub fn check_gemv_pair_uneven(
+    gpu: &Gpu,
+    m: usize,
+    n1: usize,
+    n2: usize,
+    k: usize,
+    pad: usize,
+) -> Result<CheckRow> {
+    let mut g = rng(41 + (m * 13 + n1 + 3 * n2 + k) as u64);
+    let (xb, xf) = rand_bf16(&mut g, m * k, 1.0);
+    let (w1b, w1f) = rand_bf16(&mut g, n1 * k, 1.0);
+    let (w2b, w2f) = rand_bf16(&mut g, n2 * k, 1.0);
+    let x = Tensor::from_host(gpu, &xb, &[m, k])?;
+    let w1 = Tensor::from_host(gpu, &w1b, &[n1, k])?;
+    let w2 = Tensor::from_host(gpu, &w2b, &[n2, k])?;
+    let y1 = Tensor::<bf16>::zeros(gpu, &[m, n1])?;
+    let ldy2 = n2 + pad;
+    let y2 = Tensor::<bf16>::zeros(gpu, &[m, ldy2])?;
+    let first = Gemm::xwt(m, n1, k, x.ptr(), w1.ptr(), y1.ptr());
+    let second = gemv::PairSecond {
+        w: w2.ptr(),
+        y: y2.ptr(),
+        n: n2,
+        ldy: ldy2,
+    };
+    // SAFETY: every tensor above has the extents these problems address.
+    if !unsafe { gemv::gemv_pair::<bf16>(gpu, &first, second, true)? } {
+        return Err(shape_err(
+            "gemv",
+            format!("[{m}, {k}] x ({n1} | {n2}) not paired"),
+        ));
+    }
+    let dot = |w: &[f32], i: usize, j: usize| {
+        (0..k)
+            .map(|kk| xf[i * k + kk] as f64 * w[j * k + kk] as f64)
+            .sum::<f64>() as f32
+    };
+    let (g1, g2) = (f32s(&y1.to_host(gpu)?), f32s(&y2.to_host(gpu)?));
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for i in 0..m {
+        for j in 0..n1 {
+            got.push(g1[i * n1 + j]);
+            want.push(dot(&w1f, i, j));
+        }
+        for j in 0..ldy2 {
+            got.push(g2[i * ldy2 + j]);
+            want.push(if j < n2 { dot(&w2f, i, j) } else { 0.0 });
+        }
+    }
+    Ok(CheckRow::cmp(
+        &format!("gemv pair m{m}"),
+        format!("N {n1} | {n2} (ldy {ldy2}) K {k}"),
+        &got,
+        &want,
+        1e-2,
+    ))
+}
+
 /// The few-row FFN as the CUDA backend runs it: gate and up as one paired launch into [m, 2I],
 /// `silu_mul`, then the down projection added into an existing bf16 accumulator. Against the CPU:
 /// bf16(acc + bf16(down(bf16(silu(gate) · up)))).
@@ -129,7 +190,13 @@ pub fn check_gemv_ffn(gpu: &Gpu, m: usize, h: usize, inter: usize) -> Result<Che
     let down = Gemm::xwt(m, h, inter, act.ptr(), wd.ptr(), acc.ptr());
     let op = format!("gemv ffn (pair, silu_mul, accumulate) m{m}");
     // SAFETY: every tensor above has the extents these problems address.
-    let paired = unsafe { gemv::gemv_pair::<bf16>(gpu, &first, wu.ptr(), up_y, true)? };
+    let second = gemv::PairSecond {
+        w: wu.ptr(),
+        y: up_y,
+        n: inter,
+        ldy: 2 * inter,
+    };
+    let paired = unsafe { gemv::gemv_pair::<bf16>(gpu, &first, second, true)? };
     let plan = gemv::plan(&down, gpu.sm_count, true)
         .ok_or_else(|| shape_err("gemv", format!("down [{m}, {inter}] has no GEMV plan")))?;
     if !paired {
@@ -215,6 +282,12 @@ pub fn run_gemv(gpu: &Gpu) -> Result<Vec<CheckRow>> {
         out.push(check_gemv::<bf16>(gpu, nk(m, 576, 5120, 1, 0))?);
         out.push(check_gemv::<f32>(gpu, nk(m, 160, 5120, 1, 0))?);
         out.push(check_gemv::<bf16>(gpu, nk(m, 129, 1544, 3, 8))?);
+    }
+    // q_proj | kv_a of V2-Lite and q_a | kv_a of V2, then odd widths either way round
+    for m in [1, 2, 4] {
+        out.push(check_gemv_pair_uneven(gpu, m, 3072, 576, 2048, 0)?);
+        out.push(check_gemv_pair_uneven(gpu, m, 1536, 576, 5120, 8)?);
+        out.push(check_gemv_pair_uneven(gpu, m, 24, 67, 72, 3)?);
     }
     for m in [1, 3, 8] {
         out.push(check_gemv_ffn(gpu, m, 5120, 1536)?);

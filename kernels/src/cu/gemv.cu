@@ -33,7 +33,7 @@ template <int M, int C, typename OutT>
 __device__ __forceinline__ void gemv_nk(const bf16* __restrict__ x, long long ldx, long long sx,
                                         const bf16* __restrict__ w, long long ldw, long long sw,
                                         OutT* __restrict__ y, long long ldy, long long sy, int n, int k,
-                                        int splits, int accumulate) {
+                                        int splits, int accumulate, int n_last, long long ldy_last) {
     // 16-byte loads in flight per lane per step: U steps of C columns, 8 in all (4 left V2's
     // 32 KB o_proj rows at 1.23x the copy roofline: one memory latency per 2 KB per warp)
     constexpr int U = 8 / C;
@@ -41,6 +41,13 @@ __device__ __forceinline__ void gemv_nk(const bf16* __restrict__ x, long long ld
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int groups = GEMV_WARPS / splits;
     const int g = warp / splits, sp = warp % splits;
+    // a pair of projections of different widths (q_proj and kv_a): the last problem has its own
+    // N and output stride, and the grid is as wide as the wider one
+    if (n_last > 0 && blockIdx.y == gridDim.y - 1) {
+        n = n_last;
+        ldy = ldy_last;
+    }
+    if (blockIdx.x * groups * C >= n) return;  // the whole block is past this problem's columns
     const int col0 = (blockIdx.x * groups + g) * C;
     x += blockIdx.y * sx;
     w += blockIdx.y * sw;
@@ -171,10 +178,11 @@ __device__ __forceinline__ void gemv_kn(const bf16* __restrict__ x, long long ld
 // more columns per warp reuse each X load (from L1) for more weight loads, which matters once M
 // grows (L1 bandwidth, not DRAM, would bind at M = 8, C = 1). [K, N] takes up to 4 rows: 8 KiB of
 // split-K partials per row stays under the 48 KiB default shared memory. `accumulate` != 0: y +=.
+// [N, K]: n_last > 0 gives the last batch problem its own N and ldy (ldy_last).
 #define GEMV_NK_ARGS                                                                                  \
     const bf16 *__restrict__ x, long long ldx, long long sx, const bf16 *__restrict__ w, long long ldw, \
         long long sw, OUT_T *__restrict__ y, long long ldy, long long sy, int n, int k, int splits,     \
-        int accumulate
+        int accumulate, int n_last, long long ldy_last
 #define GEMV_KN_ARGS                                                                                  \
     const bf16 *__restrict__ x, long long ldx, long long sx, const bf16 *__restrict__ w, long long ldw, \
         long long sw, OUT_T *__restrict__ y, long long ldy, long long sy, int n, int k, int accumulate
@@ -182,35 +190,35 @@ __device__ __forceinline__ void gemv_kn(const bf16* __restrict__ x, long long ld
 #define OUT_T bf16
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m1_bf16(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<1, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<1, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m2_bf16(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<2, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<2, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m3_bf16(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<3, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<3, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m4_bf16(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<4, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<4, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m5_bf16(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<5, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<5, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m6_bf16(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<6, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<6, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m7_bf16(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<7, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<7, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m8_bf16(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<8, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<8, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m1_bf16(GEMV_KN_ARGS) {
     griddep_wait();
@@ -233,35 +241,35 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m4_bf16(GEMV_
 #define OUT_T float
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m1_f32(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<1, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<1, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m2_f32(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<2, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<2, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m3_f32(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<3, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<3, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m4_f32(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<4, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<4, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m5_f32(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<5, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<5, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m6_f32(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<6, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<6, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m7_f32(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<7, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<7, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m8_f32(GEMV_NK_ARGS) {
     griddep_wait();
-    gemv_nk<8, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate);
+    gemv_nk<8, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m1_f32(GEMV_KN_ARGS) {
     griddep_wait();

@@ -135,38 +135,61 @@ pub unsafe fn gemv<O: GemmOut>(gpu: &Gpu, g: &Gemm, p: GemvPlan, accumulate: boo
         i64_dim(g.sy, "sy")?,
     ];
     // SAFETY: forwarded from the caller's contract.
-    unsafe { launch::<O>(gpu, g, strides, p, accumulate) }
+    unsafe { launch::<O>(gpu, g, strides, p, accumulate, None) }
 }
 
-/// Two problems that share X and differ in W and Y (the gate and up projections of an FFN, each
-/// its own checkpoint tensor) as one launch: `first` (batch 1) plus `w2` / `y2`, which take the
-/// place of `first.w` / `first.y` for the second problem. False when the pair cannot take the
-/// GEMV path (the caller runs the two problems some other way). `force` as for [`plan`].
+/// The second problem of a [`gemv_pair`]: its weight [n, K] and output (leading dim `ldy`).
+#[derive(Debug, Clone, Copy)]
+pub struct PairSecond {
+    pub w: u64,
+    pub y: u64,
+    pub n: usize,
+    pub ldy: usize,
+}
+
+/// Two [N, K] problems that share X and differ in W and Y (the gate and up projections of an
+/// FFN, or q_proj and kv_a of MLA, each its own checkpoint tensor) as one launch: `first` (one
+/// problem) and `second`, whose width and output stride may differ. False when the pair cannot
+/// take the GEMV path (the caller runs the two problems some other way). `force` as for [`plan`].
 ///
 /// # Safety
 /// As [`gemv`], for both problems.
 pub unsafe fn gemv_pair<O: GemmOut>(
     gpu: &Gpu,
     first: &Gemm,
-    w2: u64,
-    y2: u64,
+    second: PairSecond,
     force: bool,
 ) -> Result<bool> {
     let mut g = *first;
     g.batch = 2;
     (g.sx, g.sw, g.sy) = (0, 0, 0);
+    // planned as two problems of the wider width: the narrower one's extra blocks return at once
+    g.n = first.n.max(second.n);
     let elem = std::mem::size_of::<O>() as i64;
-    let (dw, dy) = (w2 as i64 - g.w as i64, y2 as i64 - g.y as i64);
+    let (dw, dy) = (second.w as i64 - g.w as i64, second.y as i64 - g.y as i64);
+    if !first.w_nk || first.batch != 1 || second.n == 0 || dw % 16 != 0 || dy % elem != 0 {
+        return Ok(false);
+    }
     let Some(p) = plan(&g, gpu.sm_count, force) else {
         return Ok(false);
     };
-    if first.batch != 1 || dw % 16 != 0 || dy % elem != 0 {
-        return Ok(false);
-    }
+    let last = Last {
+        n: i32::try_from(second.n)
+            .map_err(|_| shape_err("gemv", format!("n = {} exceeds i32", second.n)))?,
+        ldy: i64_dim(second.ldy, "ldy")?,
+    };
+    g.n = first.n;
     // SAFETY: forwarded from the caller's contract; the second problem is addressed by the
     // (signed) element distance between the two weights and the two outputs.
-    unsafe { launch::<O>(gpu, &g, [0, dw / 2, dy / elem], p, false)? };
+    unsafe { launch::<O>(gpu, &g, [0, dw / 2, dy / elem], p, false, Some(last))? };
     Ok(true)
+}
+
+/// The last batch problem's own width and output stride ([N, K] kernels).
+#[derive(Debug, Clone, Copy)]
+struct Last {
+    n: i32,
+    ldy: i64,
 }
 
 /// # Safety
@@ -177,6 +200,7 @@ unsafe fn launch<O: GemmOut>(
     strides: [i64; 3],
     p: GemvPlan,
     accumulate: bool,
+    last: Option<Last>,
 ) -> Result<()> {
     let (ldx, ldw, ldy) = (
         i64_dim(g.ldx, "ldx")?,
@@ -197,6 +221,10 @@ unsafe fn launch<O: GemmOut>(
         b.arg(&splits);
     }
     b.arg(&accumulate);
+    let (n_last, ldy_last) = last.map_or((0, 0), |l| (l.n, l.ldy));
+    if g.w_nk {
+        b.arg(&n_last).arg(&ldy_last);
+    }
     let shared_mem_bytes = if g.w_nk {
         0
     } else {

@@ -71,9 +71,20 @@ pub(crate) fn run(
     // Projections: q [n, H, qd], kva [n, 1, r + dr] (the rope launcher's [tokens, heads, dim]).
     // (the `timed` guards are no-ops unless DSV2_PROFILE is set)
     let t_proj = b.timed("attn.projections");
+    // q_proj (or q_a_proj) and kv_a read the same x: one launch at few rows (`mm_pair`)
+    let (q_first, q_first_shape) = match &w.q {
+        QProj::LowRank { a, .. } => (a, vec![n, a.dims2("q_a_proj")?.0]),
+        QProj::Plain(wq) => (wq, vec![n, heads, qd]),
+    };
+    let (q_first_out, kva) = b.mm_pair(
+        &xb,
+        (q_first, &q_first_shape),
+        (&w.kv_a, &[n, 1, width]),
+        "q_proj | kv_a_proj_with_mqa",
+    )?;
     let mut q = match &w.q {
-        QProj::LowRank { a, norm, b: wb } => {
-            let qa = b.mm(&xb, a, "q_a_proj")?;
+        QProj::LowRank { norm, b: wb, .. } => {
+            let qa = q_first_out;
             let mut qn = b.empty(qa.shape())?;
             ew::rmsnorm(
                 gpu,
@@ -88,9 +99,8 @@ pub(crate) fn run(
             .kx()?;
             b.mm_as(&qn, wb, &[n, heads, qd], "q_b_proj")?
         }
-        QProj::Plain(wq) => b.mm_as(&xb, wq, &[n, heads, qd], "q_proj")?,
+        QProj::Plain(_) => q_first_out,
     };
-    let kva = b.mm_as(&xb, &w.kv_a, &[n, 1, width], "kv_a_proj_with_mqa")?;
     drop(t_proj);
 
     let rows = row_positions(batch.seqs, n, bs, num_blocks)?;

@@ -698,6 +698,49 @@ impl CudaBackend {
         Ok(y)
     }
 
+    /// Two projections of the same input, each result given its shape (as [`Self::mm_as`]): one
+    /// GEMV launch at few rows where the plan takes the pair (q_proj and kv_a at decode: the
+    /// narrow kv_a alone ran at 3.4x its copy roofline at one row), else two.
+    fn mm_pair(
+        &self,
+        x: &Tensor<bf16>,
+        (w1, shape1): (&CudaWeight, &[usize]),
+        (w2, shape2): (&CudaWeight, &[usize]),
+        op: &str,
+    ) -> Result<(Tensor<bf16>, Tensor<bf16>)> {
+        let (m, k) = (x.shape()[0], x.len() / x.shape()[0].max(1));
+        let ((n1, k1), (n2, k2)) = (w1.dims2(op)?, w2.dims2(op)?);
+        if k1 != k
+            || k2 != k
+            || shape1.iter().product::<usize>() != m * n1
+            || shape2.iter().product::<usize>() != m * n2
+        {
+            return Err(err(format!(
+                "{op}: input has {k} features, weights are {:?} and {:?}, outputs {shape1:?} and {shape2:?}",
+                w1.shape(),
+                w2.shape()
+            )));
+        }
+        let (y1, y2) = (self.empty(shape1)?, self.empty(shape2)?);
+        let g1 = Gemm::xwt(m, n1, k, x.ptr(), w1.t.ptr(), y1.ptr());
+        let second = gemv::PairSecond {
+            w: w2.t.ptr(),
+            y: y2.ptr(),
+            n: n2,
+            ldy: n2,
+        };
+        // SAFETY: x, both weights and both outputs are live tensors of the shapes checked above.
+        if !unsafe { gemv::gemv_pair::<bf16>(&self.gpu, &g1, second, false) }.kx()? {
+            gemm::<bf16>(&self.gpu, g1).kx()?;
+            gemm::<bf16>(
+                &self.gpu,
+                Gemm::xwt(m, n2, k, x.ptr(), w2.t.ptr(), y2.ptr()),
+            )
+            .kx()?;
+        }
+        Ok((y1, y2))
+    }
+
     /// RMSNorm of `x` (with `residual`: of `residual += x`, updated in place), one launch.
     fn norm_of(
         &self,
@@ -759,8 +802,20 @@ impl CudaBackend {
         // batch-1 step was 1.6 % slower on the GEMV path than on cuBLAS (bench/RESULTS.md,
         // session 8 runs 3-4; the fold is the likely cause, its removal is not yet measured).
         // SAFETY (every GEMV below): each pointer is a live tensor shape-checked above.
-        let paired =
-            unsafe { gemv::gemv_pair::<bf16>(&self.gpu, &g, w.up.t.ptr(), up_y, false) }.kx()?;
+        let paired = unsafe {
+            gemv::gemv_pair::<bf16>(
+                &self.gpu,
+                &g,
+                gemv::PairSecond {
+                    w: w.up.t.ptr(),
+                    y: up_y,
+                    n: inter,
+                    ldy: 2 * inter,
+                },
+                false,
+            )
+        }
+        .kx()?;
         if !paired {
             gemm::<bf16>(&self.gpu, g).kx()?;
             g.w = w.up.t.ptr();
