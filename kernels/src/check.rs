@@ -691,6 +691,7 @@ pub fn check_mla_decode(
             scale,
             splits,
             kernel: Some(kernel),
+            uv: None,
         },
     )?;
     let got = f32s(&out.to_host(gpu)?);
@@ -713,6 +714,86 @@ pub fn check_mla_decode(
         1e-2,
     );
     row.note = format!("splits {used}");
+    Ok(row)
+}
+
+/// The decode with the value up-projection folded into the split-KV combine
+/// (`mla_combine_uv_bf16`): o[b, h] = bf16(ctx[b, h]) · W_UV_hᵀ against the CPU reference's ctx
+/// (rounded to bf16, as the combine rounds it) and kv_b's value rows, at `splits` > 1 (the row
+/// also fails when the launcher says it did not project).
+pub fn check_mla_decode_uv(
+    gpu: &Gpu,
+    lens: &[usize],
+    heads: usize,
+    splits: usize,
+) -> Result<CheckRow> {
+    let (dn, dv, bs) = (128, 128, 64);
+    let mut g = rng(19);
+    let batch = lens.len();
+    let max_len = lens.iter().copied().max().unwrap_or(1).max(1);
+    let max_blocks = max_len.div_ceil(bs);
+    let num_blocks = batch * max_blocks;
+    let table: Vec<i32> = (0..num_blocks as i32).rev().collect();
+    let (cb, cf) = rand_bf16(&mut g, num_blocks * bs * mla::CACHE_DIM, 1.0);
+    let (qab, qaf) = rand_bf16(&mut g, batch * heads * mla::KV_LORA, 0.25);
+    let (qpb, qpf) = rand_bf16(&mut g, batch * heads * mla::ROPE, 0.25);
+    let (kvbb, kvbf) = rand_bf16(&mut g, heads * (dn + dv) * mla::KV_LORA, 0.05);
+    let seq: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+    let scale = yarn_softmax_scale(&YarnConfig::deepseek_v2(), 192);
+    let cache = Tensor::from_host(gpu, &cb, &[num_blocks, bs, mla::CACHE_DIM])?;
+    let qa = Tensor::from_host(gpu, &qab, &[batch, heads, mla::KV_LORA])?;
+    let qp = q_pe_in_place(gpu, &qpb, batch, heads)?;
+    let bt = Tensor::from_host(gpu, &table, &[batch, max_blocks])?;
+    let sl = Tensor::from_host(gpu, &seq, &[batch])?;
+    let kv_b = Tensor::from_host(gpu, &kvbb, &[heads * (dn + dv), mla::KV_LORA])?;
+    let mut lat = Tensor::<bf16>::zeros(gpu, &[batch, heads, mla::KV_LORA])?;
+    let mut out = Tensor::<bf16>::zeros(gpu, &[batch, heads, dv])?;
+    let projected = mla::mla_decode(
+        gpu,
+        mla::MlaDecodeParams {
+            q_abs: qa.view(),
+            q_pe: qp.view().narrow(2, 128, mla::ROPE)?,
+            cache: cache.view(),
+            block_table: bt.view(),
+            seq_lens: sl.view(),
+            out: lat.view_mut(),
+            max_seq_len: max_len,
+            scale,
+            splits: Some(splits),
+            kernel: Some(mla::MlaKernel::Wgmma),
+            uv: Some(mla::ValueProjection {
+                kv_b: kv_b.view(),
+                qk_nope: dn,
+                out: out.view_mut(),
+            }),
+        },
+    )?;
+    let ctx = r::mla_decode(&qaf, &qpf, &cf, bs, &table, max_blocks, &seq, heads, scale);
+    let mut want = Vec::with_capacity(batch * heads * dv);
+    for b in 0..batch {
+        for h in 0..heads {
+            let c = &ctx[(b * heads + h) * mla::KV_LORA..(b * heads + h + 1) * mla::KV_LORA];
+            for j in 0..dv {
+                let w = &kvbf[(h * (dn + dv) + dn + j) * mla::KV_LORA..][..mla::KV_LORA];
+                let d: f64 = c
+                    .iter()
+                    .zip(w)
+                    .map(|(&x, &y)| r::bf(x) as f64 * y as f64)
+                    .sum();
+                want.push(d as f32);
+            }
+        }
+    }
+    let got = f32s(&out.to_host(gpu)?);
+    let mut row = CheckRow::cmp(
+        "mla_combine_uv_bf16",
+        format!("lens {lens:?} heads {heads} splits {splits}"),
+        &got,
+        &want,
+        1e-2,
+    );
+    row.pass &= projected == (splits > 1);
+    row.note = format!("projected {projected}");
     Ok(row)
 }
 
@@ -996,6 +1077,11 @@ pub fn run_mla(gpu: &Gpu, kernels: &[mla::MlaKernel]) -> Result<Vec<CheckRow>> {
         crate::ops::general::check_latent_append(gpu, 67, 512, 64, false)?,
         crate::ops::general::check_latent_append(gpu, 67, 512, 64, true)?,
         crate::ops::general::check_latent_append(gpu, 7, 32, 8, true)?,
+        // the combine with the value projection folded in: V2's 128 heads and V2-Lite's 16,
+        // an empty split, and a batch of 3
+        check_mla_decode_uv(gpu, &[512], 128, 8)?,
+        check_mla_decode_uv(gpu, &[512], 16, 8)?,
+        check_mla_decode_uv(gpu, &[67, 1, 300], 16, 5)?,
     ];
     for &kernel in kernels {
         for (lens, heads, block, splits) in cases {

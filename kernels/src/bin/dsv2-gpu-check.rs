@@ -204,6 +204,7 @@ fn bench_fp8(gpu: &Gpu, copy_gbs: f64, blas_tflops: f64) -> Result<()> {
                     scale: 0.1,
                     splits: None,
                     kernel: Some(bf16_kernel),
+                    uv: None,
                 },
             )?;
             Ok(())
@@ -221,6 +222,7 @@ fn bench_fp8(gpu: &Gpu, copy_gbs: f64, blas_tflops: f64) -> Result<()> {
                     max_seq_len: ctx,
                     scale: 0.1,
                     splits: None,
+                    uv: None,
                 },
             )?;
             Ok(())
@@ -738,6 +740,7 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
                     scale: 0.1,
                     splits: force,
                     kernel: Some(kernel),
+                    uv: None,
                 },
             )?;
             Ok(())

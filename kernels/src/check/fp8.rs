@@ -256,6 +256,7 @@ pub fn check_mla_decode_fp8(
             max_seq_len: max_len,
             scale,
             splits,
+            uv: None,
         },
     )?;
     let got = f32s(&out.to_host(gpu)?);

@@ -452,29 +452,25 @@ mla_decode_wgmma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
     wg2_store_rows(o, l_part, m_run, red_l, out, o_part, lse, b, split, splits, heads, h0, wg, r_lo, cq);
 }
 
-// grid (B, H), 128 threads: out[b, h, :] = sum_s o_part[b, s, h, :] * exp(lse_s - max) / sum exp(...)
-// The split weights are computed once into shared memory by all threads together (0 for an empty
-// split, whose partial is never read), then each thread sums its 4 columns over the splits in
-// order, four loads in flight at a time: a serial loop of one dependent load per split left this
-// kernel latency-bound at batch 1 with 66 splits. The order is fixed, so results are reproducible.
+// The split-KV combine: the split weights are computed once into shared memory by all threads
+// together, then each thread sums its 4 columns over the splits.
 #define COMBINE_MAX_SPLITS 1024
-extern "C" __global__ void __launch_bounds__(128)
-mla_combine_bf16(const float* __restrict__ o_part, const float* __restrict__ lse, bf16* __restrict__ out,
-                 int heads, int splits) {
-    griddep_wait();
-    __shared__ float w_s[COMBINE_MAX_SPLITS];
-    __shared__ float red[4];
-    const int b = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
-    const float* lse_bh = lse + (size_t)b * splits * heads + h;  // split s at lse_bh[s * heads]
+
+// The split weights of row (b, h) into w_s (0 for an empty split, whose partial is never read);
+// returns 1 / their sum. All 128+ threads of the block take part (two block reductions).
+__device__ __forceinline__ float combine_weights(const float* __restrict__ lse_bh, int heads, int splits,
+                                                 float* w_s, float* red) {
+    const int tid = threadIdx.x, nw = blockDim.x / 32;
     float mx = -INFINITY;
-    for (int s = tid; s < splits; s += 128) mx = fmaxf(mx, lse_bh[(size_t)s * heads]);
+    for (int s = tid; s < splits; s += blockDim.x) mx = fmaxf(mx, lse_bh[(size_t)s * heads]);
     for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     if (tid % 32 == 0) red[tid / 32] = mx;
     __syncthreads();
-    mx = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
+    mx = red[0];
+    for (int i = 1; i < nw; ++i) mx = fmaxf(mx, red[i]);
     __syncthreads();  // red is reused below
     float den = 0.f;
-    for (int s = tid; s < splits; s += 128) {
+    for (int s = tid; s < splits; s += blockDim.x) {
         const float l = lse_bh[(size_t)s * heads];
         const float w = l == -INFINITY ? 0.f : __expf(l - mx);
         w_s[s] = w;
@@ -483,10 +479,16 @@ mla_combine_bf16(const float* __restrict__ o_part, const float* __restrict__ lse
     for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
     if (tid % 32 == 0) red[tid / 32] = den;
     __syncthreads();
-    den = (red[0] + red[1]) + (red[2] + red[3]);
-    const float inv = den > 0.f ? 1.f / den : 0.f;
-    const size_t split_stride = (size_t)heads * D_LAT;
-    const float* base = o_part + ((size_t)b * splits * heads + h) * D_LAT + tid * 4;
+    den = 0.f;
+    for (int i = 0; i < nw; ++i) den += red[i];
+    return den > 0.f ? 1.f / den : 0.f;
+}
+
+// Four columns c..c+3 of row (b, h) summed over the splits in order, four loads in flight at a
+// time (a serial loop of one dependent load per split left the combine latency-bound at batch 1
+// with 66 splits); the order is fixed, so results are reproducible.
+__device__ __forceinline__ float4 combine_cols4(const float* __restrict__ base, size_t split_stride, int splits,
+                                                const float* w_s) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int s0 = 0; s0 < splits; s0 += 4) {
         float4 v[4];
@@ -506,9 +508,79 @@ mla_combine_bf16(const float* __restrict__ o_part, const float* __restrict__ lse
             acc.w += w[u] * v[u].w;
         }
     }
+    return acc;
+}
+
+// grid (B, H), 128 threads: out[b, h, :] = sum_s o_part[b, s, h, :] * exp(lse_s - max) / sum exp(...)
+extern "C" __global__ void __launch_bounds__(128)
+mla_combine_bf16(const float* __restrict__ o_part, const float* __restrict__ lse, bf16* __restrict__ out,
+                 int heads, int splits) {
+    griddep_wait();
+    __shared__ float w_s[COMBINE_MAX_SPLITS];
+    __shared__ float red[4];
+    const int b = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+    const float inv = combine_weights(lse + (size_t)b * splits * heads + h, heads, splits, w_s, red);
+    const float4 acc = combine_cols4(o_part + ((size_t)b * splits * heads + h) * D_LAT + tid * 4,
+                                     (size_t)heads * D_LAT, splits, w_s);
     bf16* o = out + ((size_t)b * heads + h) * D_LAT + tid * 4;
     *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(acc.x * inv, acc.y * inv);
     *reinterpret_cast<__nv_bfloat162*>(o + 2) = __floats2bfloat162_rn(acc.z * inv, acc.w * inv);
+}
+
+// The combine and the value up-projection in one launch (decode at few rows, where each is a
+// launch of a few microseconds): grid (B * H, dv / UV_COLS), 128 threads. Row (b, h)'s combined
+// latent, rounded to bf16 as the combine's output is, goes to shared memory; then each warp
+// takes UV_COLS / 4 of the block's output columns: out[b, h, c] = bf16(ctx . W_UV_h[c]) with
+// W_UV_h[c] the 512 bf16 at w_uv + h * w_head + c * 512 (kv_b's value rows), the product the
+// [N, K] GEMV's (f32 sum, rounded once). Every column block recombines its row (16 KB of f32
+// partials at 8 splits, from L2): cheaper than a launch.
+#define UV_COLS 32
+extern "C" __global__ void __launch_bounds__(128)
+mla_combine_uv_bf16(const float* __restrict__ o_part, const float* __restrict__ lse,
+                    const bf16* __restrict__ w_uv, long long w_head, bf16* __restrict__ out, int heads,
+                    int splits, int dv) {
+    griddep_wait();
+    __shared__ float w_s[COMBINE_MAX_SPLITS];
+    __shared__ float red[4];
+    __shared__ __align__(16) float ctx[D_LAT];
+    const int b = blockIdx.x / heads, h = blockIdx.x % heads, tid = threadIdx.x;
+    const float inv = combine_weights(lse + (size_t)b * splits * heads + h, heads, splits, w_s, red);
+    const float4 acc = combine_cols4(o_part + ((size_t)b * splits * heads + h) * D_LAT + tid * 4,
+                                     (size_t)heads * D_LAT, splits, w_s);
+    ctx[tid * 4 + 0] = __bfloat162float(__float2bfloat16_rn(acc.x * inv));
+    ctx[tid * 4 + 1] = __bfloat162float(__float2bfloat16_rn(acc.y * inv));
+    ctx[tid * 4 + 2] = __bfloat162float(__float2bfloat16_rn(acc.z * inv));
+    ctx[tid * 4 + 3] = __bfloat162float(__float2bfloat16_rn(acc.w * inv));
+    __syncthreads();
+    const int warp = tid / WARP, lane = tid % WARP;
+    constexpr int PER_WARP = UV_COLS / 4;
+    // a lane's 16 of the 512 latent columns: pieces lane and lane + 32 (8 bf16 each)
+    float cx[2][8];
+#pragma unroll
+    for (int p = 0; p < 2; ++p)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) cx[p][i] = ctx[(lane + 32 * p) * 8 + i];
+    const int c0 = blockIdx.y * UV_COLS + warp * PER_WARP;
+    uint4 wv[PER_WARP][2];
+#pragma unroll
+    for (int j = 0; j < PER_WARP; ++j) {
+        const bf16* wr = w_uv + (size_t)h * w_head + (size_t)min(c0 + j, dv - 1) * D_LAT;
+#pragma unroll
+        for (int p = 0; p < 2; ++p) wv[j][p] = ld_stream16(wr + (lane + 32 * p) * 8);
+    }
+#pragma unroll
+    for (int j = 0; j < PER_WARP; ++j) {
+        float d = 0.f;
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+            float f[8];
+            unpack8(wv[j][p], f);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) d = fmaf(cx[p][i], f[i], d);
+        }
+        d = warp_sum(d);
+        if (lane == 0 && c0 + j < dv) out[((size_t)b * heads + h) * dv + c0 + j] = __float2bfloat16_rn(d);
+    }
 }
 
 // cache[slot, :] = c_kv[t, :] | k_pe[t, :] with slot = slots[t] (block * block_size + offset);

@@ -210,6 +210,86 @@ impl SplitPartials {
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
+
+    /// The combine with the value up-projection folded in (`mla_combine_uv_bf16`), or the plain
+    /// combine into `out` when the context was not split or no projection is given: true when
+    /// the projection's output was written (the caller projects `out` itself otherwise).
+    fn finish(
+        self,
+        gpu: &Gpu,
+        out: u64,
+        uv: Option<ValueProjection<'_>>,
+        batch: usize,
+        heads: usize,
+    ) -> Result<bool> {
+        const OP: &str = "mla_combine_uv_bf16";
+        let Some(uv) = uv.filter(|_| self.splits > 1) else {
+            self.combine(gpu, out, batch, heads)?;
+            return Ok(false);
+        };
+        let dn = uv.qk_nope;
+        uv.kv_b.expect(OP, "kv_b", &[None, Some(KV_LORA)])?;
+        uv.out
+            .expect(OP, "out", &[Some(batch), Some(heads), None])?;
+        let dv = uv.out.shape()[2];
+        if uv.kv_b.shape()[0] != heads * (dn + dv) {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "kv_b {:?} for {heads} heads of {dn} + {dv}",
+                    uv.kv_b.shape()
+                ),
+            ));
+        }
+        let (op_ptr, lse_ptr) = self.ptrs();
+        let w_uv = uv.kv_b.ptr() + (dn * KV_LORA * 2) as u64;
+        let w_head = ((dn + dv) * KV_LORA) as i64;
+        let o = uv.out.ptr();
+        let (h, si, dvi) = (
+            dim_i32(OP, "heads", heads)?,
+            self.splits as i32,
+            dim_i32(OP, "v_head_dim", dv)?,
+        );
+        let f = gpu.function(OP)?;
+        let mut b = gpu.launch(f);
+        b.arg(&op_ptr)
+            .arg(&lse_ptr)
+            .arg(&w_uv)
+            .arg(&w_head)
+            .arg(&o)
+            .arg(&h)
+            .arg(&si)
+            .arg(&dvi);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32::try_from(batch * heads)
+                    .map_err(|_| shape_err(OP, format!("{batch} x {heads} rows")))?,
+                dv.div_ceil(UV_COLS) as u32,
+                1,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches mla_combine_uv_bf16(o_part, lse, w_uv, w_head, out, heads, splits, dv);
+        // o_part and lse hold batch*splits*heads*512 and batch*splits*heads f32; kv_b is
+        // [heads*(dn+dv), 512] (checked), so head h's value rows end inside it; out [B, H, dv].
+        unsafe { b.launch(cfg) }?;
+        Ok(true)
+    }
+}
+
+/// Output columns one block of `mla_combine_uv_bf16` computes (UV_COLS in mla.cu).
+const UV_COLS: usize = 32;
+
+/// The value up-projection of decode folded into the split-KV combine: o[b, h] = ctx[b, h] ·
+/// W_UV_hᵀ, W_UV_h being head h's value rows of kv_b_proj (rows h·(dn+dv)+dn .. +dv of
+/// `kv_b` [H·(dn+dv), 512]); `out` [B, H, dv]. Applied only when the context is split (the
+/// decode launcher returns whether it was): unsplit, the decode kernel writes the latent output
+/// itself and the caller projects it.
+pub struct ValueProjection<'a> {
+    pub kv_b: View<'a, bf16>,
+    pub qk_nope: usize,
+    pub out: ViewMut<'a, bf16>,
 }
 
 /// `DSV2_MLA_PROBE=1|2` (timing probes, wrong outputs): the tma or roles kernel's math alone
@@ -277,6 +357,8 @@ pub struct MlaDecodeParams<'a> {
     pub splits: Option<usize>,
     /// Force a kernel (None: `MlaKernel::from_env`).
     pub kernel: Option<MlaKernel>,
+    /// Fold the value up-projection into the combine (see [`ValueProjection`]).
+    pub uv: Option<ValueProjection<'a>>,
 }
 
 /// How many context splits to use so that (head groups x batch x splits) fills the SMs about once.
@@ -387,7 +469,10 @@ impl DecodeShape {
     }
 }
 
-pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
+/// Enqueues the decode (and the combine when the context is split): Ok(true) when `p.uv` was
+/// given and its output written (the context was split), Ok(false) when `out` holds the latent
+/// output to project.
+pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<bool> {
     const OP: &str = "mla_decode_bf16";
     let kernel = match p.kernel {
         Some(k) => k,
@@ -406,7 +491,7 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
         p.max_seq_len,
     )?
     else {
-        return Ok(());
+        return Ok(false);
     };
     let DecodeShape {
         batch,
@@ -496,7 +581,7 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<()> {
     // combine below is enqueued (stream order keeps them valid: cudarc frees asynchronously on the
     // same stream).
     unsafe { b.launch(cfg) }?;
-    parts.combine(gpu, o, batch, heads)
+    parts.finish(gpu, o, p.uv, batch, heads)
 }
 
 /// Write new tokens into the cache: cache[slots[t]] = c_kv[t] | k_pe[t].
@@ -556,9 +641,12 @@ pub struct MlaDecodeFp8Params<'a> {
     /// Force the number of context splits (None: chosen to fill the GPU, as the bf16 wgmma
     /// kernel's: 64-token tiles, 64 heads a CTA).
     pub splits: Option<usize>,
+    /// Fold the value up-projection into the combine (see [`ValueProjection`]).
+    pub uv: Option<ValueProjection<'a>>,
 }
 
-pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<()> {
+/// As [`mla_decode`] (the same return value).
+pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<bool> {
     const OP: &str = "mla_decode_fp8";
     let row = crate::fp8::Fp8Layout::DEEPSEEK_V2.row_bytes();
     p.cache.expect(OP, "cache", &[None, None, Some(row)])?;
@@ -583,7 +671,7 @@ pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<()> {
         p.max_seq_len,
     )?
     else {
-        return Ok(());
+        return Ok(false);
     };
     let splits = p
         .splits
@@ -634,7 +722,7 @@ pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<()> {
     // batch*splits*heads*512 and batch*splits*heads f32 and live until after the combine below
     // is enqueued (cudarc frees them in stream order).
     unsafe { b.launch(cfg) }?;
-    parts.combine(gpu, o, batch, heads)
+    parts.finish(gpu, o, p.uv, batch, heads)
 }
 
 #[cfg(test)]

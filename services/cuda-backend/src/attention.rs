@@ -392,7 +392,16 @@ fn decode(
     // the kernel reads q's rope columns in place (no copy)
     let q_pe = q.view().narrow(2, dn, dr).kx()?;
     let mut ctx_lat = b.empty(&[n, heads, r])?;
-    decode_latent(
+    // the decode path writes every row
+    let mut attn_out = b.empty(&[n, heads, dv])?;
+    // with the context split, the combine projects through W_UV in the same launch
+    // (DSV2_FUSED_UV=0: the combine, then the projection's own launch, to compare)
+    let uv = b.fused_uv.then(|| mla::ValueProjection {
+        kv_b: w.kv_b.t.view(),
+        qk_nope: dn,
+        out: attn_out.view_mut(),
+    });
+    let projected = decode_latent(
         b,
         DecodeLatent {
             q_abs: q_abs.view(),
@@ -406,13 +415,14 @@ fn decode(
             // device), which is what lets a recorded graph replay for any lengths
             max_seq_len: t.max_blocks * batch.block_size,
             scale: cfg.softmax_scale(),
+            uv,
         },
     )?;
     drop(t_decode);
-    let _t = b.timed("attn.w_uv");
-    // the decode path writes every row
-    let attn_out = b.empty(&[n, heads, dv])?;
-    project_uv(b, cfg, w, ctx_lat.ptr(), n, attn_out.ptr())?;
+    if !projected {
+        let _t = b.timed("attn.w_uv");
+        project_uv(b, cfg, w, ctx_lat.ptr(), n, attn_out.ptr())?;
+    }
     Ok(attn_out)
 }
 
@@ -576,11 +586,14 @@ pub(super) struct DecodeLatent<'a> {
     pub out: ViewMut<'a, bf16>,
     pub max_seq_len: usize,
     pub scale: f32,
+    /// The value up-projection folded into the split-KV combine (see `mla::ValueProjection`).
+    pub uv: Option<mla::ValueProjection<'a>>,
 }
 
 /// Absorbed decode attention over the paged cache: the bf16 kernels (`DSV2_MLA_KERNEL`) or
-/// `mla_decode_fp8`, by the cache's dtype.
-pub(super) fn decode_latent(b: &CudaBackend, p: DecodeLatent<'_>) -> Result<()> {
+/// `mla_decode_fp8`, by the cache's dtype. True when `p.uv`'s output was written (the context
+/// was split), false when `out` holds the latent output to project.
+pub(super) fn decode_latent(b: &CudaBackend, p: DecodeLatent<'_>) -> Result<bool> {
     match p.cache {
         LayerCache::Bf16(t) => mla::mla_decode(
             &b.gpu,
@@ -595,6 +608,7 @@ pub(super) fn decode_latent(b: &CudaBackend, p: DecodeLatent<'_>) -> Result<()> 
                 scale: p.scale,
                 splits: None,
                 kernel: None,
+                uv: p.uv,
             },
         ),
         LayerCache::Fp8(t, _) => mla::mla_decode_fp8(
@@ -609,6 +623,7 @@ pub(super) fn decode_latent(b: &CudaBackend, p: DecodeLatent<'_>) -> Result<()> 
                 max_seq_len: p.max_seq_len,
                 scale: p.scale,
                 splits: None,
+                uv: p.uv,
             },
         ),
     }

@@ -192,6 +192,9 @@ pub struct CudaBackend {
     /// The queries' rope part rotated in the latent append's launch (`DSV2_FUSED_ROPE=0`: in a
     /// rope launch of its own, to compare).
     pub(crate) fused_rope: bool,
+    /// Decode's value up-projection in the split-KV combine's launch when the context is split
+    /// (`DSV2_FUSED_UV=0`: the combine, then a GEMV of its own, to compare).
+    pub(crate) fused_uv: bool,
     /// The ticket counter of the fused gate GEMV + top-k (`moe::moe_gate_gemv`, <= 4 rows; each
     /// launch leaves it zero); None when `DSV2_FUSED_GATE=0` (GEMV and top-k apart, to compare).
     gate_ticket: Option<Mutex<Tensor<i32>>>,
@@ -233,6 +236,7 @@ impl CudaBackend {
             small_experts: std::env::var("DSV2_SMALL_EXPERTS").map_or(true, |v| v != "0"),
             fused_shared: std::env::var("DSV2_FUSED_SHARED").map_or(true, |v| v != "0"),
             fused_rope: std::env::var("DSV2_FUSED_ROPE").map_or(true, |v| v != "0"),
+            fused_uv: std::env::var("DSV2_FUSED_UV").map_or(true, |v| v != "0"),
             gate_ticket,
             // DSV2_GROUPED_EXPERTS=0 runs the per-expert cuBLAS loop instead of the grouped
             // kernels (to compare the two)

@@ -296,6 +296,7 @@ fn absorbed_rows(s: &Step<'_>, chunks: &[&SeqChunk], attn_out: &mut Tensor<bf16>
             out: ctx_lat.view_mut(),
             max_seq_len: max_len,
             scale: cfg.softmax_scale(),
+            uv: None,
         },
     )?;
     // packed rows project straight into the step's output; others through a packed buffer
