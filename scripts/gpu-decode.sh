@@ -296,23 +296,25 @@ PYEOF
       done ;;
     ab)
       # this tree's binaries against an earlier tree's dsv2 (BASE_BIN, default $BIN/base, with
-      # its COMMIT file), for changes that have no switch: the fixtures with this tree first,
-      # then decode benches alternated new / base in separate processes (step / roofline in
-      # each process); V2-Lite (27 layers) first, its batch-1 goal being the farthest
+      # its COMMIT file), for changes that have no switch. Ordered for a short budget: the kernel
+      # checks (GEMV rows with uneven pairs, the default MLA kernel's rows with the combine + W_UV,
+      # the small-expert rows), V2-Lite batch 1/4 new then base, the fixtures, then the 4-layer V2
+      # and V2-Lite again; every bench a process of its own (step / roofline in each)
       base=${BASE_BIN:-$BIN/base}
-      # the kernel checks first: the GEMV rows (uneven pairs), the MLA rows of the default
-      # kernel (the combine with W_UV), the small-expert rows
       for what in "--gemv" "--mla --mla-kernels wgmma" "--grouped --quick"; do
         timeout -k 5 150 "$BIN/dsv2-gpu-check" $what --no-bench --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-ab.log" 2>&1 || fail=1
         echo "-- dsv2-gpu-check $what --no-bench: $(grep -E '^checks:' "$OUT_DIR/gpu-check-ab.log" | tail -1)"
         grep -E "FAIL|rror|trap|combine_uv|gemv pair m1|moe_small_experts.*(2048|5120)" "$OUT_DIR/gpu-check-ab.log" | grep -v "^checks:" | cut -c1-200 | head -20
       done
-      timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-ab.log" 2>&1 || { echo "dsv2-cuda-check FAILED"; fail=1; }
-      tail -3 "$OUT_DIR/cuda-check-ab.log"
-      for run in "deepseek-v2-lite 27 new" "deepseek-v2-lite 27 base" "deepseek-v2 4 new" "deepseek-v2 4 base" \
+      for run in "deepseek-v2-lite 27 new" "deepseek-v2-lite 27 base" fixtures "deepseek-v2 4 new" "deepseek-v2 4 base" \
         "deepseek-v2-lite 27 new" "deepseek-v2-lite 27 base"; do
+        over_budget "ab $run" && break
+        if [ "$run" = fixtures ]; then
+          timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-ab.log" 2>&1 || { echo "dsv2-cuda-check FAILED"; fail=1; }
+          tail -3 "$OUT_DIR/cuda-check-ab.log"
+          continue
+        fi
         set -- $run
-        over_budget "ab bench $run" && break
         b=$BIN
         [ "$3" = base ] && b=$base
         echo "-- $1 ($2 layers), $3: binaries of $(cat "$b/COMMIT" 2>/dev/null || echo unknown)"
