@@ -32,9 +32,9 @@
 #   fused    the decode fusions (shared experts in the small-batch expert kernels at one row, gate
 #            GEMV + top-k, query rope in the append): fixtures, then batch 1 and 4 decode (4-layer V2,
 #            V2-Lite) with and without (DSV2_FUSED_SHARED=0 DSV2_FUSED_GATE=0 DSV2_FUSED_ROPE=0)
-#   ab       this tree's binaries against an earlier tree's dsv2 (BASE_BIN, default $BIN/base) for
-#            changes without a switch: fixtures, then batch 1 and 4 decode (V2-Lite, 4-layer V2)
-#            alternated new / base
+#   ab       session 14's changes: kernel checks, then batch 1 and 4 decode (V2-Lite, 4-layer V2)
+#            with the new switches on, an earlier tree's dsv2 (BASE_BIN, default $BIN/base), the
+#            switches off; the fixtures with the switches on
 #   ncu-grouped  Nsight Compute on one P2-shaped launch of the warp-specialised grouped expert kernel
 #   mla-probes  the tma MLA kernel normally, its math alone and its loads alone (P1 rows)
 #   ncu, ncu-stalls, ncu-pipes, ncu-mem  Nsight Compute on an MLA decode kernel (NCU_MLA=wgmma/tma/tma-pair/seesaw; throughputs,
@@ -295,30 +295,35 @@ PYEOF
           OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
       done ;;
     ab)
-      # this tree's binaries against an earlier tree's dsv2 (BASE_BIN, default $BIN/base, with
-      # its COMMIT file), for changes that have no switch. Ordered for a short budget: the kernel
-      # checks (GEMV rows with uneven pairs, the default MLA kernel's rows with the combine + W_UV,
-      # the small-expert rows), V2-Lite batch 1/4 new then base, the fixtures, then the 4-layer V2
-      # and V2-Lite again; every bench a process of its own (step / roofline in each)
+      # session 14's changes: this tree's binaries with its new switches on (AB_ON, default
+      # DSV2_SMALL_DOWN=slots DSV2_FUSED_UV=1 DSV2_FUSED_Q_KV_A=1: off by default until checked
+      # here), the same binaries with them off (what has no switch: 16-byte bf16x8 copies, the
+      # batched gate/up loads), and an earlier tree's dsv2 (BASE_BIN, default $BIN/base, with its
+      # COMMIT file). Ordered for a short budget: the kernel checks (GEMV rows with uneven pairs,
+      # the default MLA kernel's rows with the combine + W_UV, the small-expert rows of both down
+      # kernels), V2-Lite batch 1/4 on / base / off, the fixtures with the switches on, then the
+      # 4-layer V2; every bench a process of its own (step / roofline in each)
       base=${BASE_BIN:-$BIN/base}
+      on=${AB_ON:-DSV2_SMALL_DOWN=slots DSV2_FUSED_UV=1 DSV2_FUSED_Q_KV_A=1}
       for what in "--gemv" "--mla --mla-kernels wgmma" "--grouped --quick"; do
         timeout -k 5 150 "$BIN/dsv2-gpu-check" $what --no-bench --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-ab.log" 2>&1 || fail=1
         echo "-- dsv2-gpu-check $what --no-bench: $(grep -E '^checks:' "$OUT_DIR/gpu-check-ab.log" | tail -1)"
         grep -E "FAIL|rror|trap|combine_uv|gemv pair m1|moe_small_experts.*(2048|5120)" "$OUT_DIR/gpu-check-ab.log" | grep -v "^checks:" | cut -c1-200 | head -20
       done
-      for run in "deepseek-v2-lite 27 new" "deepseek-v2-lite 27 base" fixtures "deepseek-v2 4 new" "deepseek-v2 4 base" \
-        "deepseek-v2-lite 27 new" "deepseek-v2-lite 27 base"; do
+      for run in "deepseek-v2-lite 27 on" "deepseek-v2-lite 27 base" "deepseek-v2-lite 27 off" fixtures \
+        "deepseek-v2 4 on" "deepseek-v2 4 base" "deepseek-v2 4 off"; do
         over_budget "ab $run" && break
         if [ "$run" = fixtures ]; then
-          timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-ab.log" 2>&1 || { echo "dsv2-cuda-check FAILED"; fail=1; }
+          env $on timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-ab.log" 2>&1 || { echo "dsv2-cuda-check ($on) FAILED"; fail=1; }
           tail -3 "$OUT_DIR/cuda-check-ab.log"
           continue
         fi
         set -- $run
-        b=$BIN
+        b=$BIN vars=
         [ "$3" = base ] && b=$base
-        echo "-- $1 ($2 layers), $3: binaries of $(cat "$b/COMMIT" 2>/dev/null || echo unknown)"
-        BIN=$b PRESET=$1 LAYERS=$2 BATCHES=${AB_BATCHES:-1,4} CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=90 \
+        [ "$3" = on ] && vars=$on
+        echo "-- $1 ($2 layers), $3 ${vars:+($vars) }: binaries of $(cat "$b/COMMIT" 2>/dev/null || echo unknown)"
+        env $vars BIN=$b PRESET=$1 LAYERS=$2 BATCHES=${AB_BATCHES:-1,4} CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=90 \
           OUT=/tmp/gd-ab bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
       done ;;
     ncu-grouped)

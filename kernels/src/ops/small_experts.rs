@@ -63,9 +63,10 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
     unsafe { small_experts_with(gpu, p, SmallDown::from_env()?) }
 }
 
-/// How the down projection is cut: one warp per slot (`moe_small_down_slots_bf16`, the default)
-/// or one warp per output row walking its row's slots in turn (`moe_small_down_bf16`, the
-/// earlier kernel, kept to compare: `DSV2_SMALL_DOWN=rows`).
+/// How the down projection is cut: one warp per output row walking its row's slots in turn
+/// (`moe_small_down_bf16`, the default) or one warp per slot (`moe_small_down_slots_bf16`,
+/// `DSV2_SMALL_DOWN=slots`: built in session 14 and checked against the CPU only by
+/// `dsv2-gpu-check` rows not yet run on a GPU, so not the default until they have).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SmallDown {
     Slots,
@@ -79,13 +80,13 @@ const DOWN_MAX_SLOTS: usize = 16;
 const DOWN_ROWS: usize = 2;
 
 impl SmallDown {
-    /// `DSV2_SMALL_DOWN` (slots | rows; unset: slots).
+    /// `DSV2_SMALL_DOWN` (slots | rows; unset: rows).
     pub fn from_env() -> Result<Self> {
         static CHOICE: OnceLock<std::result::Result<SmallDown, String>> = OnceLock::new();
         CHOICE
             .get_or_init(|| match std::env::var("DSV2_SMALL_DOWN").as_deref() {
-                Err(_) | Ok("slots") => Ok(SmallDown::Slots),
-                Ok("rows") => Ok(SmallDown::Rows),
+                Ok("slots") => Ok(SmallDown::Slots),
+                Err(_) | Ok("rows") => Ok(SmallDown::Rows),
                 Ok(other) => Err(format!("DSV2_SMALL_DOWN={other}: expected slots or rows")),
             })
             .clone()

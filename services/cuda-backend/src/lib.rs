@@ -193,8 +193,12 @@ pub struct CudaBackend {
     /// rope launch of its own, to compare).
     pub(crate) fused_rope: bool,
     /// Decode's value up-projection in the split-KV combine's launch when the context is split
-    /// (`DSV2_FUSED_UV=0`: the combine, then a GEMV of its own, to compare).
+    /// (`DSV2_FUSED_UV=1`; off by default until its check rows have run on a GPU: the combine,
+    /// then a GEMV of its own).
     pub(crate) fused_uv: bool,
+    /// q_proj (or q_a_proj) and kv_a as one GEMV launch at few rows (`DSV2_FUSED_Q_KV_A=1`; off
+    /// by default until its check rows have run on a GPU: two launches).
+    fused_q_kv_a: bool,
     /// The ticket counter of the fused gate GEMV + top-k (`moe::moe_gate_gemv`, <= 4 rows; each
     /// launch leaves it zero); None when `DSV2_FUSED_GATE=0` (GEMV and top-k apart, to compare).
     gate_ticket: Option<Mutex<Tensor<i32>>>,
@@ -236,7 +240,8 @@ impl CudaBackend {
             small_experts: std::env::var("DSV2_SMALL_EXPERTS").map_or(true, |v| v != "0"),
             fused_shared: std::env::var("DSV2_FUSED_SHARED").map_or(true, |v| v != "0"),
             fused_rope: std::env::var("DSV2_FUSED_ROPE").map_or(true, |v| v != "0"),
-            fused_uv: std::env::var("DSV2_FUSED_UV").map_or(true, |v| v != "0"),
+            fused_uv: std::env::var("DSV2_FUSED_UV").is_ok_and(|v| v == "1"),
+            fused_q_kv_a: std::env::var("DSV2_FUSED_Q_KV_A").is_ok_and(|v| v == "1"),
             gate_ticket,
             // DSV2_GROUPED_EXPERTS=0 runs the per-expert cuBLAS loop instead of the grouped
             // kernels (to compare the two)
@@ -704,7 +709,8 @@ impl CudaBackend {
 
     /// Two projections of the same input, each result given its shape (as [`Self::mm_as`]): one
     /// GEMV launch at few rows where the plan takes the pair (q_proj and kv_a at decode: the
-    /// narrow kv_a alone ran at 3.4x its copy roofline at one row), else two.
+    /// narrow kv_a alone ran at 3.4x its copy roofline at one row) and `DSV2_FUSED_Q_KV_A=1`,
+    /// else two.
     fn mm_pair(
         &self,
         x: &Tensor<bf16>,
@@ -734,7 +740,9 @@ impl CudaBackend {
             ldy: n2,
         };
         // SAFETY: x, both weights and both outputs are live tensors of the shapes checked above.
-        if !unsafe { gemv::gemv_pair::<bf16>(&self.gpu, &g1, second, false) }.kx()? {
+        if !self.fused_q_kv_a
+            || !unsafe { gemv::gemv_pair::<bf16>(&self.gpu, &g1, second, false) }.kx()?
+        {
             gemm::<bf16>(&self.gpu, g1).kx()?;
             gemm::<bf16>(
                 &self.gpu,
