@@ -646,6 +646,84 @@ pub(crate) fn q_pe_in_place(
     Tensor::from_host(gpu, &qfull, &[batch, heads, qd])
 }
 
+/// A decode problem over a paged cache with shuffled blocks (`lens`: the context lengths): the
+/// block table, lengths and queries, as host values for the CPU reference and device copies; the
+/// caller fills `num_blocks` cache blocks in its own dtype.
+pub(crate) struct DecodeCase {
+    table: Vec<i32>,
+    seq: Vec<i32>,
+    q_abs_f: Vec<f32>,
+    q_pe_f: Vec<f32>,
+    pub max_len: usize,
+    max_blocks: usize,
+    pub num_blocks: usize,
+    pub scale: f32,
+    pub q_abs: Tensor<bf16>,
+    /// [B, H, 128 + 64]: the rope columns are q_pe (see [`q_pe_in_place`])
+    pub q_full: Tensor<bf16>,
+    pub block_table: Tensor<i32>,
+    pub seq_lens: Tensor<i32>,
+}
+
+impl DecodeCase {
+    pub(crate) fn new(
+        gpu: &Gpu,
+        g: &mut ChaCha8Rng,
+        lens: &[usize],
+        heads: usize,
+        block_size: usize,
+    ) -> Result<Self> {
+        let batch = lens.len();
+        let max_len = lens.iter().copied().max().unwrap_or(1).max(1);
+        let max_blocks = max_len.div_ceil(block_size);
+        let num_blocks = batch * max_blocks + 3;
+        // a shuffled assignment of physical blocks
+        let mut phys: Vec<i32> = (0..num_blocks as i32).collect();
+        for i in (1..phys.len()).rev() {
+            let j = g.random_range(0..=i);
+            phys.swap(i, j);
+        }
+        let table: Vec<i32> = (0..batch * max_blocks).map(|i| phys[i]).collect();
+        let (qab, q_abs_f) = rand_bf16(g, batch * heads * mla::KV_LORA, 0.25);
+        let (qpb, q_pe_f) = rand_bf16(g, batch * heads * mla::ROPE, 0.25);
+        let seq: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+        Ok(Self {
+            q_abs: Tensor::from_host(gpu, &qab, &[batch, heads, mla::KV_LORA])?,
+            q_full: q_pe_in_place(gpu, &qpb, batch, heads)?,
+            block_table: Tensor::from_host(gpu, &table, &[batch, max_blocks])?,
+            seq_lens: Tensor::from_host(gpu, &seq, &[batch])?,
+            table,
+            seq,
+            q_abs_f,
+            q_pe_f,
+            max_len,
+            max_blocks,
+            num_blocks,
+            scale: yarn_softmax_scale(&YarnConfig::deepseek_v2(), 192),
+        })
+    }
+
+    /// q_pe as the decode kernels read it: the rope columns of `q_full`, in place.
+    pub(crate) fn q_pe(&self) -> Result<crate::tensor::View<'_, bf16>> {
+        self.q_full.view().narrow(2, 128, mla::ROPE)
+    }
+
+    /// The CPU reference's latent output [B, H, 512] (f32) over the cache values `cache`.
+    pub(crate) fn reference(&self, cache: &[f32], block_size: usize, heads: usize) -> Vec<f32> {
+        r::mla_decode(
+            &self.q_abs_f,
+            &self.q_pe_f,
+            cache,
+            block_size,
+            &self.table,
+            self.max_blocks,
+            &self.seq,
+            heads,
+            self.scale,
+        )
+    }
+}
+
 /// MLA decode over a paged cache with shuffled blocks. `lens` are the per-sequence context lengths.
 pub fn check_mla_decode(
     gpu: &Gpu,
@@ -655,49 +733,31 @@ pub fn check_mla_decode(
     splits: Option<usize>,
     kernel: mla::MlaKernel,
 ) -> Result<CheckRow> {
-    let mut g = rng(9);
     let batch = lens.len();
-    let max_len = lens.iter().copied().max().unwrap_or(1).max(1);
-    let max_blocks = max_len.div_ceil(block_size);
-    let num_blocks = batch * max_blocks + 3;
-    // a shuffled assignment of physical blocks
-    let mut phys: Vec<i32> = (0..num_blocks as i32).collect();
-    for i in (1..phys.len()).rev() {
-        let j = g.random_range(0..=i);
-        phys.swap(i, j);
-    }
-    let table: Vec<i32> = (0..batch * max_blocks).map(|i| phys[i]).collect();
-    let (cb, cf) = rand_bf16(&mut g, num_blocks * block_size * mla::CACHE_DIM, 1.0);
-    let (qab, qaf) = rand_bf16(&mut g, batch * heads * mla::KV_LORA, 0.25);
-    let (qpb, qpf) = rand_bf16(&mut g, batch * heads * mla::ROPE, 0.25);
-    let seq: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
-    let scale = yarn_softmax_scale(&YarnConfig::deepseek_v2(), 192);
-    let cache = Tensor::from_host(gpu, &cb, &[num_blocks, block_size, mla::CACHE_DIM])?;
-    let qa = Tensor::from_host(gpu, &qab, &[batch, heads, mla::KV_LORA])?;
-    let qp = q_pe_in_place(gpu, &qpb, batch, heads)?;
-    let bt = Tensor::from_host(gpu, &table, &[batch, max_blocks])?;
-    let sl = Tensor::from_host(gpu, &seq, &[batch])?;
+    let mut g = rng(9);
+    let c = DecodeCase::new(gpu, &mut g, lens, heads, block_size)?;
+    let max_len = c.max_len;
+    let (cb, cf) = rand_bf16(&mut g, c.num_blocks * block_size * mla::CACHE_DIM, 1.0);
+    let cache = Tensor::from_host(gpu, &cb, &[c.num_blocks, block_size, mla::CACHE_DIM])?;
     let mut out = Tensor::<bf16>::zeros(gpu, &[batch, heads, mla::KV_LORA])?;
     mla::mla_decode(
         gpu,
         mla::MlaDecodeParams {
-            q_abs: qa.view(),
-            q_pe: qp.view().narrow(2, 128, mla::ROPE)?,
+            q_abs: c.q_abs.view(),
+            q_pe: c.q_pe()?,
             cache: cache.view(),
-            block_table: bt.view(),
-            seq_lens: sl.view(),
+            block_table: c.block_table.view(),
+            seq_lens: c.seq_lens.view(),
             out: out.view_mut(),
             max_seq_len: max_len,
-            scale,
+            scale: c.scale,
             splits,
             kernel: Some(kernel),
             uv: None,
         },
     )?;
     let got = f32s(&out.to_host(gpu)?);
-    let want = r::mla_decode(
-        &qaf, &qpf, &cf, block_size, &table, max_blocks, &seq, heads, scale,
-    );
+    let want = c.reference(&cf, block_size, heads);
     let used =
         splits.unwrap_or_else(|| mla::choose_splits(gpu.sm_count, batch, heads, max_len, kernel));
     let lens_s = if lens.len() <= 8 {
@@ -728,37 +788,26 @@ pub fn check_mla_decode_uv(
     splits: usize,
 ) -> Result<CheckRow> {
     let (dn, dv, bs) = (128, 128, 64);
-    let mut g = rng(19);
     let batch = lens.len();
-    let max_len = lens.iter().copied().max().unwrap_or(1).max(1);
-    let max_blocks = max_len.div_ceil(bs);
-    let num_blocks = batch * max_blocks;
-    let table: Vec<i32> = (0..num_blocks as i32).rev().collect();
-    let (cb, cf) = rand_bf16(&mut g, num_blocks * bs * mla::CACHE_DIM, 1.0);
-    let (qab, qaf) = rand_bf16(&mut g, batch * heads * mla::KV_LORA, 0.25);
-    let (qpb, qpf) = rand_bf16(&mut g, batch * heads * mla::ROPE, 0.25);
+    let mut g = rng(19);
+    let c = DecodeCase::new(gpu, &mut g, lens, heads, bs)?;
+    let (cb, cf) = rand_bf16(&mut g, c.num_blocks * bs * mla::CACHE_DIM, 1.0);
+    let cache = Tensor::from_host(gpu, &cb, &[c.num_blocks, bs, mla::CACHE_DIM])?;
     let (kvbb, kvbf) = rand_bf16(&mut g, heads * (dn + dv) * mla::KV_LORA, 0.05);
-    let seq: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
-    let scale = yarn_softmax_scale(&YarnConfig::deepseek_v2(), 192);
-    let cache = Tensor::from_host(gpu, &cb, &[num_blocks, bs, mla::CACHE_DIM])?;
-    let qa = Tensor::from_host(gpu, &qab, &[batch, heads, mla::KV_LORA])?;
-    let qp = q_pe_in_place(gpu, &qpb, batch, heads)?;
-    let bt = Tensor::from_host(gpu, &table, &[batch, max_blocks])?;
-    let sl = Tensor::from_host(gpu, &seq, &[batch])?;
     let kv_b = Tensor::from_host(gpu, &kvbb, &[heads * (dn + dv), mla::KV_LORA])?;
     let mut lat = Tensor::<bf16>::zeros(gpu, &[batch, heads, mla::KV_LORA])?;
     let mut out = Tensor::<bf16>::zeros(gpu, &[batch, heads, dv])?;
     let projected = mla::mla_decode(
         gpu,
         mla::MlaDecodeParams {
-            q_abs: qa.view(),
-            q_pe: qp.view().narrow(2, 128, mla::ROPE)?,
+            q_abs: c.q_abs.view(),
+            q_pe: c.q_pe()?,
             cache: cache.view(),
-            block_table: bt.view(),
-            seq_lens: sl.view(),
+            block_table: c.block_table.view(),
+            seq_lens: c.seq_lens.view(),
             out: lat.view_mut(),
-            max_seq_len: max_len,
-            scale,
+            max_seq_len: c.max_len,
+            scale: c.scale,
             splits: Some(splits),
             kernel: Some(mla::MlaKernel::Wgmma),
             uv: Some(mla::ValueProjection {
@@ -768,14 +817,14 @@ pub fn check_mla_decode_uv(
             }),
         },
     )?;
-    let ctx = r::mla_decode(&qaf, &qpf, &cf, bs, &table, max_blocks, &seq, heads, scale);
+    let ctx = c.reference(&cf, bs, heads);
     let mut want = Vec::with_capacity(batch * heads * dv);
     for b in 0..batch {
         for h in 0..heads {
-            let c = &ctx[(b * heads + h) * mla::KV_LORA..(b * heads + h + 1) * mla::KV_LORA];
+            let lat_row = &ctx[(b * heads + h) * mla::KV_LORA..][..mla::KV_LORA];
             for j in 0..dv {
                 let w = &kvbf[(h * (dn + dv) + dn + j) * mla::KV_LORA..][..mla::KV_LORA];
-                let d: f64 = c
+                let d: f64 = lat_row
                     .iter()
                     .zip(w)
                     .map(|(&x, &y)| r::bf(x) as f64 * y as f64)

@@ -22,7 +22,7 @@ use crate::fp8::Fp8Layout;
 use crate::ops::general::{self as g, LatentRope};
 use crate::ops::{mla, mla_fp8};
 use crate::reference as r;
-use crate::rope::{YarnConfig, yarn_softmax_scale};
+use crate::rope::YarnConfig;
 use crate::tensor::Tensor;
 
 /// Host FP8 cache rows for `slots` tokens of random latents (uniform in [-1, 1); every 37th row
@@ -224,45 +224,28 @@ pub fn check_mla_decode_fp8(
     let l = Fp8Layout::DEEPSEEK_V2;
     let mut rg = ChaCha8Rng::seed_from_u64(25);
     let batch = lens.len();
-    let max_len = lens.iter().copied().max().unwrap_or(1).max(1);
-    let max_blocks = max_len.div_ceil(block_size);
-    let num_blocks = batch * max_blocks + 3;
-    let mut phys: Vec<i32> = (0..num_blocks as i32).collect();
-    for i in (1..phys.len()).rev() {
-        let j = rg.random_range(0..=i);
-        phys.swap(i, j);
-    }
-    let table: Vec<i32> = (0..batch * max_blocks).map(|i| phys[i]).collect();
-    let (bytes, vals) = random_cache(&mut rg, l, num_blocks * block_size);
-    let (qab, qaf) = rand_bf16(&mut rg, batch * heads * mla::KV_LORA, 0.25);
-    let (qpb, qpf) = rand_bf16(&mut rg, batch * heads * mla::ROPE, 0.25);
-    let seq: Vec<i32> = lens.iter().map(|&x| x as i32).collect();
-    let scale = yarn_softmax_scale(&YarnConfig::deepseek_v2(), 192);
-    let cache = Tensor::from_host(gpu, &bytes, &[num_blocks, block_size, l.row_bytes()])?;
-    let qa = Tensor::from_host(gpu, &qab, &[batch, heads, mla::KV_LORA])?;
-    let qp = super::q_pe_in_place(gpu, &qpb, batch, heads)?;
-    let bt = Tensor::from_host(gpu, &table, &[batch, max_blocks])?;
-    let sl = Tensor::from_host(gpu, &seq, &[batch])?;
+    let c = super::DecodeCase::new(gpu, &mut rg, lens, heads, block_size)?;
+    let max_len = c.max_len;
+    let (bytes, vals) = random_cache(&mut rg, l, c.num_blocks * block_size);
+    let cache = Tensor::from_host(gpu, &bytes, &[c.num_blocks, block_size, l.row_bytes()])?;
     let mut out = Tensor::<bf16>::zeros(gpu, &[batch, heads, mla::KV_LORA])?;
     mla::mla_decode_fp8(
         gpu,
         mla::MlaDecodeFp8Params {
-            q_abs: qa.view(),
-            q_pe: qp.view().narrow(2, 128, mla::ROPE)?,
+            q_abs: c.q_abs.view(),
+            q_pe: c.q_pe()?,
             cache: cache.view(),
-            block_table: bt.view(),
-            seq_lens: sl.view(),
+            block_table: c.block_table.view(),
+            seq_lens: c.seq_lens.view(),
             out: out.view_mut(),
             max_seq_len: max_len,
-            scale,
+            scale: c.scale,
             splits,
             uv: None,
         },
     )?;
     let got = f32s(&out.to_host(gpu)?);
-    let want = r::mla_decode(
-        &qaf, &qpf, &vals, block_size, &table, max_blocks, &seq, heads, scale,
-    );
+    let want = c.reference(&vals, block_size, heads);
     let used = splits.unwrap_or_else(|| {
         mla::choose_splits(gpu.sm_count, batch, heads, max_len, mla::MlaKernel::Wgmma)
     });
