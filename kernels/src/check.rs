@@ -786,8 +786,9 @@ pub fn check_mla_decode_uv(
     lens: &[usize],
     heads: usize,
     splits: usize,
+    dv: usize,
 ) -> Result<CheckRow> {
-    let (dn, dv, bs) = (128, 128, 64);
+    let (dn, bs) = (128, 64);
     let batch = lens.len();
     let mut g = rng(19);
     let c = DecodeCase::new(gpu, &mut g, lens, heads, bs)?;
@@ -836,7 +837,7 @@ pub fn check_mla_decode_uv(
     let got = f32s(&out.to_host(gpu)?);
     let mut row = CheckRow::cmp(
         "mla_combine_uv_bf16",
-        format!("lens {lens:?} heads {heads} splits {splits}"),
+        format!("lens {lens:?} heads {heads} splits {splits} v {dv}"),
         &got,
         &want,
         1e-2,
@@ -1128,9 +1129,11 @@ pub fn run_mla(gpu: &Gpu, kernels: &[mla::MlaKernel]) -> Result<Vec<CheckRow>> {
         crate::ops::general::check_latent_append(gpu, 7, 32, 8, true)?,
         // the combine with the value projection folded in: V2's 128 heads and V2-Lite's 16,
         // an empty split, and a batch of 3
-        check_mla_decode_uv(gpu, &[512], 128, 8)?,
-        check_mla_decode_uv(gpu, &[512], 16, 8)?,
-        check_mla_decode_uv(gpu, &[67, 1, 300], 16, 5)?,
+        check_mla_decode_uv(gpu, &[512], 128, 8, 128)?,
+        check_mla_decode_uv(gpu, &[512], 16, 8, 128)?,
+        check_mla_decode_uv(gpu, &[67, 1, 300], 16, 5, 128)?,
+        // a value width that leaves the last 32-column block part empty
+        check_mla_decode_uv(gpu, &[130], 16, 3, 40)?,
     ];
     for &kernel in kernels {
         for (lens, heads, block, splits) in cases {

@@ -457,7 +457,8 @@ mla_decode_wgmma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
 #define COMBINE_MAX_SPLITS 1024
 
 // The split weights of row (b, h) into w_s (0 for an empty split, whose partial is never read);
-// returns 1 / their sum. All 128+ threads of the block take part (two block reductions).
+// returns 1 / their sum. All of the block's 128 threads take part (two block reductions through
+// red[4]; combine_cols4's 4 columns a thread cover the 512 latent columns at 128 threads).
 __device__ __forceinline__ float combine_weights(const float* __restrict__ lse_bh, int heads, int splits,
                                                  float* w_s, float* red) {
     const int tid = threadIdx.x, nw = blockDim.x / 32;
@@ -555,11 +556,18 @@ mla_combine_uv_bf16(const float* __restrict__ o_part, const float* __restrict__ 
     const int warp = tid / WARP, lane = tid % WARP;
     constexpr int PER_WARP = UV_COLS / 4;
     // a lane's 16 of the 512 latent columns: pieces lane and lane + 32 (8 bf16 each)
+    // (16-byte shared loads: 4-byte ones at a 32-byte lane stride were 8-way bank conflicts)
     float cx[2][8];
 #pragma unroll
     for (int p = 0; p < 2; ++p)
 #pragma unroll
-        for (int i = 0; i < 8; ++i) cx[p][i] = ctx[(lane + 32 * p) * 8 + i];
+        for (int i = 0; i < 2; ++i) {
+            const float4 v = *reinterpret_cast<const float4*>(&ctx[(lane + 32 * p) * 8 + 4 * i]);
+            cx[p][4 * i] = v.x;
+            cx[p][4 * i + 1] = v.y;
+            cx[p][4 * i + 2] = v.z;
+            cx[p][4 * i + 3] = v.w;
+        }
     const int c0 = blockIdx.y * UV_COLS + warp * PER_WARP;
     uint4 wv[PER_WARP][2];
 #pragma unroll

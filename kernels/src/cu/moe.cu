@@ -481,8 +481,9 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_small_gate_up_bf16(cons
 // loads in flight per lane, where one warp walking its row's slots one after the other had two
 // (and a dependent id -> address load before each expert): that kernel ran at 0.45 of the copy
 // bandwidth at batch 1 (session 9 ncu step). The slots' sums meet in shared memory and are added
-// in slot order, with the same roundings as the row kernel (the shared parts' sums are added in
-// f32 before their one rounding).
+// in slot order with the row kernel's roundings (each routed expert's output to bf16, the shared
+// parts summed in f32 and rounded once); f32 summation order differs, so the two kernels agree
+// to the CPU check's tolerance, not bit for bit.
 #define DOWN_ROWS 2
 #define DOWN_PIECES 6
 #define DOWN_MAX_SLOTS 16

@@ -160,17 +160,24 @@ pub unsafe fn gemv_pair<O: GemmOut>(
     second: PairSecond,
     force: bool,
 ) -> Result<bool> {
+    // whether the pair takes the GEMV path is decided on the weights it really reads (n1 + n2
+    // rows); the launch is then cut as two problems of the wider width, the narrower one's
+    // extra blocks returning at once
+    let mut both = *first;
+    both.n = first.n + second.n;
+    if plan(&both, gpu.sm_count, force).is_none() {
+        return Ok(false);
+    }
     let mut g = *first;
     g.batch = 2;
     (g.sx, g.sw, g.sy) = (0, 0, 0);
-    // planned as two problems of the wider width: the narrower one's extra blocks return at once
     g.n = first.n.max(second.n);
     let elem = std::mem::size_of::<O>() as i64;
     let (dw, dy) = (second.w as i64 - g.w as i64, second.y as i64 - g.y as i64);
     if !first.w_nk || first.batch != 1 || second.n == 0 || dw % 16 != 0 || dy % elem != 0 {
         return Ok(false);
     }
-    let Some(p) = plan(&g, gpu.sm_count, force) else {
+    let Some(p) = plan(&g, gpu.sm_count, true) else {
         return Ok(false);
     };
     let last = Last {
