@@ -237,7 +237,11 @@ impl CudaBackend {
             profile,
             expert_tables: Mutex::new(Default::default()),
             // DSV2_SMALL_EXPERTS=0 keeps decode on the permuted path (to compare the two)
-            small_experts: std::env::var("DSV2_SMALL_EXPERTS").map_or(true, |v| v != "0"),
+            small_experts: {
+                // a bad DSV2_SMALL_DOWN fails here, not as a quiet fall-back at the first step
+                dsv2_kernels::ops::small_experts::SmallDown::from_env()?;
+                std::env::var("DSV2_SMALL_EXPERTS").map_or(true, |v| v != "0")
+            },
             fused_shared: std::env::var("DSV2_FUSED_SHARED").map_or(true, |v| v != "0"),
             fused_rope: std::env::var("DSV2_FUSED_ROPE").map_or(true, |v| v != "0"),
             fused_uv: std::env::var("DSV2_FUSED_UV").is_ok_and(|v| v == "1"),
