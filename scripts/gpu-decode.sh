@@ -320,7 +320,10 @@ PYEOF
         fi
         set -- $run
         b=$BIN vars=
-        [ "$3" = base ] && b=$base
+        if [ "$3" = base ]; then
+          [ -x "$base/dsv2" ] || { echo "-- $1 base: no $base/dsv2, skipped"; continue; }
+          b=$base
+        fi
         [ "$3" = on ] && vars=$on
         echo "-- $1 ($2 layers), $3 ${vars:+($vars) }: binaries of $(cat "$b/COMMIT" 2>/dev/null || echo unknown)"
         env $vars BIN=$b PRESET=$1 LAYERS=$2 BATCHES=${AB_BATCHES:-1,4} CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=90 \
