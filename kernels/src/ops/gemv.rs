@@ -160,25 +160,51 @@ pub unsafe fn gemv_pair<O: GemmOut>(
     second: PairSecond,
     force: bool,
 ) -> Result<bool> {
-    // whether the pair takes the GEMV path is decided on the weights it really reads (n1 + n2
-    // rows); the launch is then cut as two problems of the wider width, the narrower one's
-    // extra blocks returning at once
+    let elem = std::mem::size_of::<O>() as i64;
+    let Some(l) = pair_launch(first, second, elem, gpu.sm_count, force)? else {
+        return Ok(false);
+    };
+    // SAFETY: forwarded from the caller's contract; the second problem is addressed by the
+    // (signed) element distance between the two weights and the two outputs.
+    unsafe { launch::<O>(gpu, &l.g, l.strides, l.plan, false, Some(l.last))? };
+    Ok(true)
+}
+
+/// How a [`gemv_pair`] launches: `first` as a batch of two problems (the second addressed by
+/// signed element strides from the first), cut as two problems of the wider width (the narrower
+/// one's extra blocks return at once), and the second's own width and output stride.
+#[derive(Debug, Clone, Copy)]
+struct PairLaunch {
+    g: Gemm,
+    plan: GemvPlan,
+    strides: [i64; 3],
+    last: Last,
+}
+
+/// The pair's launch, or None when it cannot take the GEMV path. Whether it does is decided on
+/// the weights it really reads (n1 + n2 rows); `elem` is the output element's size in bytes.
+fn pair_launch(
+    first: &Gemm,
+    second: PairSecond,
+    elem: i64,
+    sm_count: usize,
+    force: bool,
+) -> Result<Option<PairLaunch>> {
     let mut both = *first;
     both.n = first.n + second.n;
-    if plan(&both, gpu.sm_count, force).is_none() {
-        return Ok(false);
+    if plan(&both, sm_count, force).is_none() {
+        return Ok(None);
     }
     let mut g = *first;
     g.batch = 2;
     (g.sx, g.sw, g.sy) = (0, 0, 0);
     g.n = first.n.max(second.n);
-    let elem = std::mem::size_of::<O>() as i64;
     let (dw, dy) = (second.w as i64 - g.w as i64, second.y as i64 - g.y as i64);
     if !first.w_nk || first.batch != 1 || second.n == 0 || dw % 16 != 0 || dy % elem != 0 {
-        return Ok(false);
+        return Ok(None);
     }
-    let Some(p) = plan(&g, gpu.sm_count, true) else {
-        return Ok(false);
+    let Some(p) = plan(&g, sm_count, true) else {
+        return Ok(None);
     };
     let last = Last {
         n: i32::try_from(second.n)
@@ -186,10 +212,12 @@ pub unsafe fn gemv_pair<O: GemmOut>(
         ldy: i64_dim(second.ldy, "ldy")?,
     };
     g.n = first.n;
-    // SAFETY: forwarded from the caller's contract; the second problem is addressed by the
-    // (signed) element distance between the two weights and the two outputs.
-    unsafe { launch::<O>(gpu, &g, [0, dw / 2, dy / elem], p, false, Some(last))? };
-    Ok(true)
+    Ok(Some(PairLaunch {
+        g,
+        plan: p,
+        strides: [0, dw / 2, dy / elem],
+        last,
+    }))
 }
 
 /// The last batch problem's own width and output stride ([N, K] kernels).
@@ -274,6 +302,42 @@ mod tests {
             }
         }
         assert_eq!(names.len(), 2 * (MAX_ROWS_NK + MAX_ROWS_KN));
+    }
+
+    #[test]
+    fn uneven_pairs_go_by_the_weights_both_read() {
+        // V2-Lite q_proj | kv_a (K 2048): 15 MB of weights pays at 1 and 2 rows, not at 3 (12 MB)
+        let pair = |m: usize, n1: usize, n2: usize, k: usize, w2: u64| {
+            let first = Gemm::xwt(m, n1, k, 0x1000, 0x10_0000, 0x2000_0000);
+            let second = PairSecond {
+                w: w2,
+                y: 0x3000_0000,
+                n: n2,
+                ldy: n2,
+            };
+            pair_launch(&first, second, 2, 132, false).unwrap()
+        };
+        for m in [1, 2] {
+            let l = pair(m, 3072, 576, 2048, 0x4000_0000).expect("V2-Lite pairs");
+            assert_eq!(
+                (l.g.n, l.g.batch, l.last.n, l.last.ldy),
+                (3072, 2, 576, 576)
+            );
+            assert_eq!(l.strides[1], (0x4000_0000 - 0x10_0000) / 2);
+            assert_eq!(l.strides[2], (0x3000_0000 - 0x2000_0000) / 2);
+        }
+        assert!(pair(3, 3072, 576, 2048, 0x4000_0000).is_none());
+        // V2 q_a | kv_a (K 5120, 21.6 MB): one row only
+        assert!(pair(1, 1536, 576, 5120, 0x4000_0000).is_some());
+        assert!(pair(2, 1536, 576, 5120, 0x4000_0000).is_none());
+        // the wider problem second: the grid is cut for it
+        let l = pair(1, 24, 67, 72, 0x4000_0000).unwrap();
+        assert_eq!(
+            (l.last.n, l.plan.blocks_x),
+            (67, plan(&g(1, 67, 72), 132, true).unwrap().blocks_x)
+        );
+        // a second weight that is not 16-byte aligned cannot be addressed by the kernels' loads
+        assert!(pair(1, 3072, 576, 2048, 0x4000_0008).is_none());
     }
 
     #[test]
