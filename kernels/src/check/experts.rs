@@ -494,7 +494,7 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             small_experts::SmallDown::Slots,
             small_experts::SmallDown::Rows,
         ] {
-            if down == small_experts::SmallDown::Rows && (k + shared) * i * 2 > 48 * 1024 {
+            if !down.fits(k + shared, i) {
                 continue;
             }
             out.push(check_small_experts(gpu, n, e, k, h, i, shared, down)?);

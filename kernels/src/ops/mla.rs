@@ -241,6 +241,10 @@ impl SplitPartials {
                 ),
             ));
         }
+        if !uv.kv_b.ptr().is_multiple_of(16) {
+            // the kernel streams W_UV's rows 16 bytes at a time
+            return Err(shape_err(OP, "kv_b is not 16-byte aligned"));
+        }
         let (op_ptr, lse_ptr) = self.ptrs();
         let w_uv = uv.kv_b.ptr() + (dn * KV_LORA * 2) as u64;
         let w_head = ((dn + dv) * KV_LORA) as i64;

@@ -80,6 +80,15 @@ const DOWN_MAX_SLOTS: usize = 16;
 const DOWN_ROWS: usize = 2;
 
 impl SmallDown {
+    /// Whether this down kernel takes rows of `slots` slots (top-k + shared parts) of
+    /// intermediate size `inter`: one warp per slot, or the row's activations in shared memory.
+    pub fn fits(self, slots: usize, inter: usize) -> bool {
+        match self {
+            SmallDown::Slots => slots <= DOWN_MAX_SLOTS,
+            SmallDown::Rows => slots * inter * 2 <= SMEM_LIMIT,
+        }
+    }
+
     /// `DSV2_SMALL_DOWN` (slots | rows; unset: rows).
     pub fn from_env() -> Result<Self> {
         static CHOICE: OnceLock<std::result::Result<SmallDown, String>> = OnceLock::new();
@@ -137,11 +146,7 @@ pub unsafe fn small_experts_with(
             what: format!("hidden {hidden} / intermediate {inter} not multiples of 8"),
         });
     }
-    let down_fits = match down {
-        SmallDown::Slots => k + n_shared <= DOWN_MAX_SLOTS,
-        SmallDown::Rows => (k + n_shared) * inter * 2 <= SMEM_LIMIT,
-    };
-    if !down_fits {
+    if !down.fits(k + n_shared, inter) {
         return Err(crate::error::KernelError::Unsupported {
             op: OP,
             what: format!(

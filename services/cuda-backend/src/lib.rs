@@ -712,9 +712,9 @@ impl CudaBackend {
     }
 
     /// Two projections of the same input, each result given its shape (as [`Self::mm_as`]): one
-    /// GEMV launch at few rows where the plan takes the pair (q_proj and kv_a at decode: the
-    /// narrow kv_a alone ran at 3.4x its copy roofline at one row) and `DSV2_FUSED_Q_KV_A=1`,
-    /// else two.
+    /// GEMV launch at few rows where the plan takes the pair and `DSV2_FUSED_Q_KV_A=1` (q_proj
+    /// and kv_a at decode: V2-Lite's narrow kv_a alone ran at 3.4x its copy roofline at one row,
+    /// bench/RESULTS.md session 8), else two.
     fn mm_pair(
         &self,
         x: &Tensor<bf16>,
@@ -724,37 +724,34 @@ impl CudaBackend {
     ) -> Result<(Tensor<bf16>, Tensor<bf16>)> {
         let (m, k) = (x.shape()[0], x.len() / x.shape()[0].max(1));
         let ((n1, k1), (n2, k2)) = (w1.dims2(op)?, w2.dims2(op)?);
-        if k1 != k
-            || k2 != k
-            || shape1.iter().product::<usize>() != m * n1
-            || shape2.iter().product::<usize>() != m * n2
-        {
-            return Err(err(format!(
-                "{op}: input has {k} features, weights are {:?} and {:?}, outputs {shape1:?} and {shape2:?}",
-                w1.shape(),
-                w2.shape()
-            )));
+        let fits = k1 == k
+            && k2 == k
+            && shape1.iter().product::<usize>() == m * n1
+            && shape2.iter().product::<usize>() == m * n2;
+        if self.fused_q_kv_a && fits {
+            let (y1, y2) = (self.empty(shape1)?, self.empty(shape2)?);
+            let g1 = Gemm::xwt(m, n1, k, x.ptr(), w1.t.ptr(), y1.ptr());
+            let second = gemv::PairSecond {
+                w: w2.t.ptr(),
+                y: y2.ptr(),
+                n: n2,
+                ldy: n2,
+            };
+            // SAFETY: x, both weights and both outputs are live tensors of the shapes checked
+            // above.
+            if !unsafe { gemv::gemv_pair::<bf16>(&self.gpu, &g1, second, false) }.kx()? {
+                // rows the pair's plan does not take: the same buffers, one GEMM each
+                gemm::<bf16>(&self.gpu, g1).kx()?;
+                let g2 = Gemm::xwt(m, n2, k, x.ptr(), w2.t.ptr(), y2.ptr());
+                gemm::<bf16>(&self.gpu, g2).kx()?;
+            }
+            return Ok((y1, y2));
         }
-        let (y1, y2) = (self.empty(shape1)?, self.empty(shape2)?);
-        let g1 = Gemm::xwt(m, n1, k, x.ptr(), w1.t.ptr(), y1.ptr());
-        let second = gemv::PairSecond {
-            w: w2.t.ptr(),
-            y: y2.ptr(),
-            n: n2,
-            ldy: n2,
-        };
-        // SAFETY: x, both weights and both outputs are live tensors of the shapes checked above.
-        if !self.fused_q_kv_a
-            || !unsafe { gemv::gemv_pair::<bf16>(&self.gpu, &g1, second, false) }.kx()?
-        {
-            gemm::<bf16>(&self.gpu, g1).kx()?;
-            gemm::<bf16>(
-                &self.gpu,
-                Gemm::xwt(m, n2, k, x.ptr(), w2.t.ptr(), y2.ptr()),
-            )
-            .kx()?;
-        }
-        Ok((y1, y2))
+        // apart (and `mm_as` says what does not fit)
+        Ok((
+            self.mm_as(x, w1, shape1, op)?,
+            self.mm_as(x, w2, shape2, op)?,
+        ))
     }
 
     /// RMSNorm of `x` (with `residual`: of `residual += x`, updated in place), one launch.
