@@ -32,9 +32,10 @@
 #   fused    the decode fusions (shared experts in the small-batch expert kernels at one row, gate
 #            GEMV + top-k, query rope in the append): fixtures, then batch 1 and 4 decode (4-layer V2,
 #            V2-Lite) with and without (DSV2_FUSED_SHARED=0 DSV2_FUSED_GATE=0 DSV2_FUSED_ROPE=0)
-#   ab       session 14's changes: kernel checks, then batch 1 and 4 decode (V2-Lite, 4-layer V2)
-#            with the new switches on, an earlier tree's dsv2 (BASE_BIN, default $BIN/base), the
-#            switches off; the fixtures with the switches on
+#   ab       an A/B of decode switches: kernel checks (AB_CHECKS=0 skips them), then batch 1 and 4
+#            decode (V2-Lite, 4-layer V2) with AB_ON (default: the defaults), an earlier tree's
+#            dsv2 (BASE_BIN, default $BIN/base), AB_OFF (default: session 14's fusions off); the
+#            fixtures with AB_ON
 #   ncu-grouped  Nsight Compute on one P2-shaped launch of the warp-specialised grouped expert kernel
 #   mla-probes  the tma MLA kernel normally, its math alone and its loads alone (P1 rows)
 #   ncu, ncu-stalls, ncu-pipes, ncu-mem  Nsight Compute on an MLA decode kernel (NCU_MLA=wgmma/tma/tma-pair/seesaw; throughputs,
@@ -295,26 +296,28 @@ PYEOF
           OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
       done ;;
     ab)
-      # session 14's changes: this tree's binaries with its new switches on (AB_ON, default
-      # DSV2_SMALL_DOWN=slots DSV2_FUSED_UV=1 DSV2_FUSED_Q_KV_A=1: off by default until checked
-      # here), the same binaries with them off (what has no switch: 16-byte bf16x8 copies, the
-      # batched gate/up loads), and an earlier tree's dsv2 (BASE_BIN, default $BIN/base, with its
-      # COMMIT file). Ordered for a short budget: the kernel checks (GEMV rows with uneven pairs,
-      # the default MLA kernel's rows with the combine + W_UV, the small-expert rows of both down
-      # kernels), V2-Lite batch 1/4 on / base / off, the fixtures with the switches on, then the
-      # 4-layer V2; every bench a process of its own (step / roofline in each)
+      # an A/B of decode switches: this tree's binaries with AB_ON (default: nothing, the
+      # defaults), with AB_OFF (default: session 14's fusions off, DSV2_SMALL_DOWN=rows
+      # DSV2_FUSED_UV=0 DSV2_FUSED_Q_KV_A=0), and an earlier tree's dsv2 (BASE_BIN, default
+      # $BIN/base, with its COMMIT file). Ordered for a short budget: the kernel checks (GEMV rows,
+      # the default MLA kernel's rows, the small-expert rows), V2-Lite batch 1/4 on / base / off,
+      # the fixtures with AB_ON, then the 4-layer V2; every bench a process of its own (step /
+      # roofline in each)
       base=${BASE_BIN:-$BIN/base}
-      on=${AB_ON:-DSV2_SMALL_DOWN=slots DSV2_FUSED_UV=1 DSV2_FUSED_Q_KV_A=1}
-      for what in "--gemv" "--mla --mla-kernels wgmma" "--grouped --quick"; do
-        timeout -k 5 150 "$BIN/dsv2-gpu-check" $what --no-bench --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-ab.log" 2>&1 || fail=1
-        echo "-- dsv2-gpu-check $what --no-bench: $(grep -E '^checks:' "$OUT_DIR/gpu-check-ab.log" | tail -1)"
-        grep -E "FAIL|rror|trap|combine_uv|gemv pair m1|moe_small_experts.*(2048|5120)" "$OUT_DIR/gpu-check-ab.log" | grep -v "^checks:" | cut -c1-200 | head -20
-      done
+      on=${AB_ON:-}
+      off=${AB_OFF:-DSV2_SMALL_DOWN=rows DSV2_FUSED_UV=0 DSV2_FUSED_Q_KV_A=0}
+      if [ "${AB_CHECKS:-1}" = 1 ]; then
+        for what in "--gemv" "--mla --mla-kernels wgmma" "--grouped --quick"; do
+          env $on timeout -k 5 150 "$BIN/dsv2-gpu-check" $what --no-bench --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-ab.log" 2>&1 || fail=1
+          echo "-- dsv2-gpu-check $what --no-bench: $(grep -E '^checks:' "$OUT_DIR/gpu-check-ab.log" | tail -1)"
+          grep -E "FAIL|rror|trap" "$OUT_DIR/gpu-check-ab.log" | grep -v "^checks:" | cut -c1-200 | head -20
+        done
+      fi
       for run in "deepseek-v2-lite 27 on" "deepseek-v2-lite 27 base" "deepseek-v2-lite 27 off" fixtures \
         "deepseek-v2 4 on" "deepseek-v2 4 base" "deepseek-v2 4 off"; do
         over_budget "ab $run" && break
         if [ "$run" = fixtures ]; then
-          env $on timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-ab.log" 2>&1 || { echo "dsv2-cuda-check ($on) FAILED"; fail=1; }
+          env $on timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-ab.log" 2>&1 || { echo "dsv2-cuda-check (${on:-defaults}) FAILED"; fail=1; }
           tail -3 "$OUT_DIR/cuda-check-ab.log"
           continue
         fi
@@ -325,6 +328,7 @@ PYEOF
           b=$base
         fi
         [ "$3" = on ] && vars=$on
+        [ "$3" = off ] && vars=$off
         echo "-- $1 ($2 layers), $3 ${vars:+($vars) }: binaries of $(cat "$b/COMMIT" 2>/dev/null || echo unknown)"
         env $vars BIN=$b PRESET=$1 LAYERS=$2 BATCHES=${AB_BATCHES:-1,4} CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=90 \
           OUT=/tmp/gd-ab bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
@@ -353,7 +357,11 @@ PYEOF
       dir=/tmp/gd-$preset-$layers
       mkdir -p "$dir"
       "$BIN/dsv2" init-random --preset "$preset" --layers "$layers" --config-only --out "$dir" --seed 1 >/dev/null 2>&1
+      # clocks and caches as in a real run (NCU_CLOCK=base, NCU_CACHE=all: ncu's defaults, which
+      # lock the base clock and flush the caches before each launch; session 15's first table
+      # was taken so, 3.59 ms of kernels against a 2.91 ms step)
       DSV2_CUDA_GRAPHS=0 timeout -k 5 300 "$NCU" --launch-skip "$NCU_SKIP" --launch-count "${NCU_COUNT:-1300}" \
+        --clock-control "${NCU_CLOCK:-none}" --cache-control "${NCU_CACHE:-none}" \
         --metrics gpu__time_duration.sum --csv --print-units base \
         "$BIN/dsv2" bench --device cuda:0 --model-dir "$dir" --random-weights 1 --batch "${NCU_BATCH:-1}" --context 512 \
         --new-tokens 64 --runs 1 >/tmp/ncu-step.csv 2>/tmp/ncu-step.err || { echo "ncu FAILED"; tail -3 /tmp/ncu-step.err; fail=1; }

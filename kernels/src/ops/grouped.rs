@@ -41,8 +41,7 @@ pub enum RowTile {
     /// 128 rows x 256 weight rows, warp-specialised and persistent (`moe_grouped_*_ws_bf16`):
     /// a TMA producer warpgroup and two wgmma consumer warpgroups over a 4-stage mbarrier ring,
     /// one CTA per SM walking a static tile schedule; a tile of <= 64 rows runs one consumer's
-    /// MMAs only. The prefill tile ([`PREFILL_TILE`]); `W128` stays to compare
-    /// (`DSV2_GROUPED_WS=0` in the CUDA backend).
+    /// MMAs only. `W128` stays to compare (`DSV2_GROUPED_WS=0` in the CUDA backend).
     Ws128,
     /// [`RowTile::Ws128`] in clusters of two CTAs that take the two row blocks of one weight
     /// block together and share its copies (each copies half and multicasts it to both), so
@@ -51,12 +50,14 @@ pub enum RowTile {
     Ws128Pair,
     /// [`RowTile::Ws128`] with tiles handed out by a global counter to whichever CTA asks next
     /// (`moe_grouped_*_ws_dyn_bf16`) instead of a static stride, so that the row blocks of one
-    /// weight block run close together in time and share its copies through L2.
+    /// weight block run close together in time and share its copies through L2. The prefill
+    /// tile ([`PREFILL_TILE`]): P2g 0.624 of cuBLAS against Ws128's 0.483, prefill of 64 x 512
+    /// tokens 1.53x its floor against 1.67x (bench/RESULTS.md, session 15).
     Ws128Dyn,
 }
 
 /// The tile prefill-sized batches take when the caller does not choose (`for_rows`).
-pub const PREFILL_TILE: RowTile = RowTile::Ws128;
+pub const PREFILL_TILE: RowTile = RowTile::Ws128Dyn;
 
 /// Stages of the warp-specialised kernel's ring (`WS_STAGES`): 48 KiB each (128 x 64 activation
 /// + 256 x 64 weight bf16); a fifth does not fit the 227 KiB an sm_90 block may hold.

@@ -63,10 +63,11 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
     unsafe { small_experts_with(gpu, p, SmallDown::from_env()?) }
 }
 
-/// How the down projection is cut: one warp per output row walking its row's slots in turn
-/// (`moe_small_down_bf16`, the default) or one warp per slot (`moe_small_down_slots_bf16`,
-/// `DSV2_SMALL_DOWN=slots`: built in session 14 and checked against the CPU only by
-/// `dsv2-gpu-check` rows not yet run on a GPU, so not the default until they have).
+/// How the down projection is cut: one warp per slot (`moe_small_down_slots_bf16`, the default:
+/// more loads in flight; with it and the two launch fusions V2-Lite's batch-1 step went 1.94x to
+/// 1.79x its roofline, bench/RESULTS.md session 15) or one warp per output row walking its row's
+/// slots in turn (`moe_small_down_bf16`, `DSV2_SMALL_DOWN=rows`; also where a row has more slots
+/// than the slot kernel takes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SmallDown {
     Slots,
@@ -89,13 +90,13 @@ impl SmallDown {
         }
     }
 
-    /// `DSV2_SMALL_DOWN` (slots | rows; unset: rows).
+    /// `DSV2_SMALL_DOWN` (slots | rows; unset: slots).
     pub fn from_env() -> Result<Self> {
         static CHOICE: OnceLock<std::result::Result<SmallDown, String>> = OnceLock::new();
         CHOICE
             .get_or_init(|| match std::env::var("DSV2_SMALL_DOWN").as_deref() {
-                Ok("slots") => Ok(SmallDown::Slots),
-                Err(_) | Ok("rows") => Ok(SmallDown::Rows),
+                Err(_) | Ok("slots") => Ok(SmallDown::Slots),
+                Ok("rows") => Ok(SmallDown::Rows),
                 Ok(other) => Err(format!("DSV2_SMALL_DOWN={other}: expected slots or rows")),
             })
             .clone()

@@ -394,7 +394,7 @@ fn decode(
     let mut ctx_lat = b.empty(&[n, heads, r])?;
     // the decode path writes every row
     let mut attn_out = b.empty(&[n, heads, dv])?;
-    // with the context split and DSV2_FUSED_UV=1, the combine projects through W_UV in the same
+    // with the context split (and DSV2_FUSED_UV not 0), the combine projects through W_UV in the same
     // launch (else the combine, then the projection's own launch)
     let uv = b.fused_uv.then(|| mla::ValueProjection {
         kv_b: w.kv_b.t.view(),

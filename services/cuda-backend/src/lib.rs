@@ -193,11 +193,10 @@ pub struct CudaBackend {
     /// rope launch of its own, to compare).
     pub(crate) fused_rope: bool,
     /// Decode's value up-projection in the split-KV combine's launch when the context is split
-    /// (`DSV2_FUSED_UV=1`; off by default until its check rows have run on a GPU: the combine,
-    /// then a GEMV of its own).
+    /// (`DSV2_FUSED_UV=0`: the combine, then a GEMV of its own, to compare).
     pub(crate) fused_uv: bool,
-    /// q_proj (or q_a_proj) and kv_a as one GEMV launch at few rows (`DSV2_FUSED_Q_KV_A=1`; off
-    /// by default until its check rows have run on a GPU: two launches).
+    /// q_proj (or q_a_proj) and kv_a as one GEMV launch at few rows (`DSV2_FUSED_Q_KV_A=0`: two
+    /// launches, to compare).
     fused_q_kv_a: bool,
     /// The ticket counter of the fused gate GEMV + top-k (`moe::moe_gate_gemv`, <= 4 rows; each
     /// launch leaves it zero); None when `DSV2_FUSED_GATE=0` (GEMV and top-k apart, to compare).
@@ -244,8 +243,8 @@ impl CudaBackend {
             },
             fused_shared: std::env::var("DSV2_FUSED_SHARED").map_or(true, |v| v != "0"),
             fused_rope: std::env::var("DSV2_FUSED_ROPE").map_or(true, |v| v != "0"),
-            fused_uv: std::env::var("DSV2_FUSED_UV").is_ok_and(|v| v == "1"),
-            fused_q_kv_a: std::env::var("DSV2_FUSED_Q_KV_A").is_ok_and(|v| v == "1"),
+            fused_uv: std::env::var("DSV2_FUSED_UV").map_or(true, |v| v != "0"),
+            fused_q_kv_a: std::env::var("DSV2_FUSED_Q_KV_A").map_or(true, |v| v != "0"),
             gate_ticket,
             // DSV2_GROUPED_EXPERTS=0 runs the per-expert cuBLAS loop instead of the grouped
             // kernels (to compare the two)
@@ -712,7 +711,7 @@ impl CudaBackend {
     }
 
     /// Two projections of the same input, each result given its shape (as [`Self::mm_as`]): one
-    /// GEMV launch at few rows where the plan takes the pair and `DSV2_FUSED_Q_KV_A=1` (q_proj
+    /// GEMV launch at few rows where the plan takes the pair (`DSV2_FUSED_Q_KV_A=0`: never; q_proj
     /// and kv_a at decode: V2-Lite's narrow kv_a alone ran at 3.4x its copy roofline at one row,
     /// bench/RESULTS.md session 8), else two.
     fn mm_pair(
