@@ -1,16 +1,21 @@
 //! Kernel launches with programmatic dependent launch (PDL, Hopper): each of our kernels may be
-//! scheduled while the kernel before it on the stream is still finishing, and waits at its first
-//! instruction (`griddepcontrol.wait`, see `common.cuh`) until that kernel's memory is visible.
+//! scheduled while the kernel before it on the stream is still finishing, and waits
+//! (`griddep_wait()`, `griddepcontrol.wait`, see `common.cuh`) until that kernel's memory is
+//! visible before it reads its inputs.
 //!
-//! Why: a decode step at batch 1 is ~20 small kernels per layer, and each boundary costs the
-//! launch latency of the next grid after the previous one has fully drained; PDL lets the next
-//! grid launch while the previous one's memory is still being flushed.
+//! Why: a decode step at batch 1 is ~11 small kernels per layer, and each boundary costs the
+//! launch and ramp of the next grid after the previous one has fully drained. With PDL the
+//! weight-streaming kernels (GEMV, the small-batch experts, the gate, the combine + W_UV) issue
+//! their first weight loads before the wait, and their predecessors let them launch
+//! (`griddep_launch_dependents()`) once their own main loop is done, so those loads overlap the
+//! previous kernel's tail.
 //!
-//! Off by default (`DSV2_PDL=1` turns it on): measured, it has not paid yet (bench/RESULTS.md,
-//! session 8). Safety rule it relies on: every kernel starts with `griddep_wait()` before it reads
-//! or writes global memory (checked over the sources by a unit test below), so the overlap never
-//! lets a kernel see its predecessor's memory half-written; without the attribute the wait is a
-//! no-op.
+//! Off by default (`DSV2_PDL=1` turns it on) until measured with the preloads (session 8
+//! measured it without them: no gain, and an early trigger in every kernel cost V2-Lite's batch 1
+//! 16 %, bench/RESULTS.md). The rules (`common.cuh`): nothing but weights, or what a kernel two
+//! launches back wrote, is read before the wait, nothing is written before it, and the trigger
+//! comes after the wait; the ordering part is checked over the sources by a unit test below.
+//! Without the attribute the wait and the trigger are no-ops.
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
@@ -118,43 +123,108 @@ impl<'a> Launch<'a> {
 mod tests {
     use crate::compile::SOURCES;
 
-    /// Every exported kernel's body must begin with `griddep_wait();` (the PDL safety rule).
-    #[test]
-    fn every_kernel_waits_for_its_predecessor_first() {
-        for (file, src) in SOURCES {
-            let mut rest = *src;
-            while let Some(i) = rest.find("extern \"C\" __global__") {
-                rest = &rest[i + 1..];
-                // the body opens at the first '{' after the parameter list's ')'
-                let sig_end = rest.find(')').unwrap();
-                let mut depth = 0usize;
-                let mut close = sig_end;
-                for (j, ch) in rest.char_indices() {
-                    match ch {
-                        '(' => depth += 1,
-                        ')' => {
-                            depth -= 1;
-                            if depth == 0 && rest[j + 1..].trim_start().starts_with('{') {
-                                close = j;
-                                break;
-                            }
-                        }
-                        _ => {}
+    /// The exported kernels of `src` as (name, body text between the braces).
+    fn kernels(src: &str) -> Vec<(String, &str)> {
+        let mut out = Vec::new();
+        let mut rest = src;
+        while let Some(i) = rest.find("extern \"C\" __global__") {
+            rest = &rest[i + 1..];
+            let name: String = rest[..rest.find('(').unwrap()]
+                .split_whitespace()
+                .last()
+                .unwrap_or("?")
+                .to_string();
+            out.push((name, body_after_params(rest)));
+        }
+        out
+    }
+
+    /// The body of the function whose signature starts `rest`: from the '{' after the parameter
+    /// list's ')' to its matching '}'.
+    fn body_after_params(rest: &str) -> &str {
+        let mut depth = 0usize;
+        let mut close = 0;
+        for (j, ch) in rest.char_indices() {
+            match ch {
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth == 0 && rest[j + 1..].trim_start().starts_with('{') {
+                        close = j;
+                        break;
                     }
                 }
-                let body = rest[close + 1..].trim_start();
-                let first = body[1..].trim_start();
-                let name: String = rest[..rest.find('(').unwrap()]
-                    .split_whitespace()
-                    .last()
-                    .unwrap_or("?")
-                    .to_string();
-                assert!(
-                    first.starts_with("griddep_wait();"),
-                    "{file}: kernel {name} does not start with griddep_wait(): {}",
-                    &first[..first.len().min(60)]
-                );
+                _ => {}
             }
         }
+        let open = close + rest[close..].find('{').unwrap();
+        let mut depth = 0usize;
+        for (j, ch) in rest[open..].char_indices() {
+            match ch {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return &rest[open + 1..open + j];
+                    }
+                }
+                _ => {}
+            }
+        }
+        panic!("unbalanced braces")
+    }
+
+    /// The PDL ordering rules (common.cuh): every kernel waits for its predecessor
+    /// (`griddep_wait();` in its body, or in the device helper its body starts with), and a
+    /// trigger (`griddep_launch_dependents();`) comes only after that wait.
+    fn check_order(file: &str, name: &str, body: &str) {
+        let wait = body.find("griddep_wait();");
+        let trigger = body.find("griddep_launch_dependents();");
+        match (wait, trigger) {
+            (Some(w), Some(t)) => assert!(t > w, "{file}: {name} triggers its dependents before its wait"),
+            (Some(_), None) => {}
+            (None, Some(_)) => panic!("{file}: {name} triggers its dependents and never waits"),
+            (None, None) => panic!("{file}: {name} never calls griddep_wait()"),
+        }
+    }
+
+    #[test]
+    fn every_kernel_waits_for_its_predecessor_before_triggering_its_dependents() {
+        let mut checked = 0;
+        for (file, src) in SOURCES {
+            for (name, body) in kernels(src) {
+                let first = body.trim_start();
+                if first.starts_with("griddep_wait();") || body.contains("griddep_wait();") {
+                    check_order(file, &name, body);
+                } else {
+                    // a kernel that is one call of a device helper: the helper keeps the rules
+                    let helper = first[..first.find(['<', '(']).unwrap_or(0)].trim();
+                    assert!(!helper.is_empty(), "{file}: {name} has no griddep_wait()");
+                    let def = src
+                        .find(&format!(" {helper}("))
+                        .filter(|&i| src[..i].contains("__device__"))
+                        .unwrap_or_else(|| panic!("{file}: {name}: no definition of {helper}"));
+                    check_order(file, &format!("{name} (in {helper})"), body_after_params(&src[def..]));
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 50, "only {checked} kernels found");
+    }
+
+    /// The checker catches a kernel that triggers before it waits, or never waits.
+    #[test]
+    fn the_order_check_fails_on_bad_kernels() {
+        let bad = [
+            "extern \"C\" __global__ void k(int a) { griddep_launch_dependents(); griddep_wait(); }",
+            "extern \"C\" __global__ void k(int a) { int b = a; }",
+        ];
+        for src in bad {
+            let (name, body) = kernels(src).pop().unwrap();
+            assert!(std::panic::catch_unwind(|| check_order("t", &name, body)).is_err(), "{src}");
+        }
+        let good = "extern \"C\" __global__ void k(int a) { int w = a; griddep_wait(); griddep_launch_dependents(); }";
+        let (name, body) = kernels(good).pop().unwrap();
+        check_order("t", &name, body);
     }
 }

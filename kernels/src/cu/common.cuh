@@ -12,12 +12,24 @@ typedef unsigned long long u64;
 
 #define WARP 32
 
-// Programmatic dependent launch (kernels/src/launch.rs): every kernel begins with this. It returns
-// once the kernel before it on the stream has completed and its writes are visible (at once when
-// launched without PDL). No early `griddepcontrol.launch_dependents`: with it, the next kernel's
-// blocks became resident while this one ran and V2-Lite's batch-1 step got 16 % slower
-// (bench/RESULTS.md, session 8 run 2); without it the next grid launches as this one's blocks exit.
+// Programmatic dependent launch (kernels/src/launch.rs, `DSV2_PDL=1`). griddep_wait returns once
+// the kernel before it on the stream has completed and its writes are visible (at once when
+// launched without PDL). The rules every kernel keeps:
+// - before griddep_wait it writes no global memory and reads only what no kernel of the step
+//   writes (weights) or what a kernel at least two launches back wrote (the routing ids the
+//   small-expert down kernel reads, written by the gate before gate/up): the kernel just before
+//   may still be running;
+// - it calls griddep_launch_dependents only after its own griddep_wait (so a kernel two launches
+//   on has its inputs complete), and late: after its main loop, or at once in one-wave kernels
+//   of a few blocks (norms). An early trigger in every kernel made the next kernel's blocks
+//   resident while this one still had blocks to run, and V2-Lite's batch-1 step 16 % slower
+//   (bench/RESULTS.md, session 8 run 2).
+// Kernels that stream weights issue their first weight loads before griddep_wait, so that with PDL
+// those loads overlap the end of the kernel before.
 __device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void griddep_launch_dependents() {
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
 
 // The queries' rope part rotated in the latent append's launch (one rope launch less per layer):
 // blocks y >= 1 of the append grid each take ROPE_Q_HEADS heads of token t's query

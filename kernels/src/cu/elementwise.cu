@@ -22,6 +22,8 @@ extern "C" __global__ void embedding_bf16(const bf16* __restrict__ table, const 
 extern "C" __global__ void rmsnorm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                         bf16* __restrict__ out, int rows, int hidden, float eps) {
     griddep_wait();
+    // one block per row, one wave: the next kernel may launch now and start its weight loads
+    griddep_launch_dependents();
     __shared__ float scratch[32];
     int r = blockIdx.x;
     if (r >= rows) return;
@@ -50,6 +52,8 @@ extern "C" __global__ void add_rmsnorm_bf16(const bf16* __restrict__ x, bf16* __
                                             const bf16* __restrict__ w, bf16* __restrict__ out, int rows,
                                             int hidden, float eps) {
     griddep_wait();
+    // one block per row, one wave: the next kernel may launch now and start its weight loads
+    griddep_launch_dependents();
     __shared__ float scratch[32];
     int r = blockIdx.x;
     if (r >= rows) return;

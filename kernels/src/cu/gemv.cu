@@ -69,14 +69,23 @@ __device__ __forceinline__ void gemv_nk(const bf16* __restrict__ x, long long ld
 #pragma unroll
         for (int c = 0; c < C; ++c) acc[m][c] = 0.f;
 
-    for (int base = k0 + lane * 8; base < k1; base += U * WARP * 8) {
-        uint4 wv[U][C];
+    // a pass's weight loads: the first pass's are issued before griddep_wait (weights are never
+    // written by a kernel, and under PDL these loads overlap the end of the kernel before, which
+    // for a 1-row projection of K <= 8192 is every weight byte this lane reads)
+    uint4 wv[U][C];
+    auto load_pass = [&](int base) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             int kq = base + u * WARP * 8;
 #pragma unroll
             for (int c = 0; c < C; ++c) wv[u][c] = kq < k1 ? ld_stream16(wr[c] + kq) : make_uint4(0, 0, 0, 0);
         }
+    };
+    load_pass(k0 + lane * 8);
+    griddep_wait();
+
+    for (int base = k0 + lane * 8; base < k1; base += U * WARP * 8) {
+        if (base != k0 + lane * 8) load_pass(base);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             int kq = base + u * WARP * 8;
@@ -95,6 +104,7 @@ __device__ __forceinline__ void gemv_nk(const bf16* __restrict__ x, long long ld
             }
         }
     }
+    griddep_launch_dependents();
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
@@ -135,14 +145,20 @@ __device__ __forceinline__ void gemv_kn(const bf16* __restrict__ x, long long ld
     for (int m = 0; m < M; ++m)
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[m][i] = 0.f;
+    // the first pass's weight loads before griddep_wait (see gemv_nk)
+    uint4 wv[R];
+    auto load_pass = [&](int kb) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            int kk = kb + r * GEMV_WARPS;
+            wv[r] = live && kk < k ? ld_stream16(w + (long long)kk * ldw + c0) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    load_pass(warp);
+    griddep_wait();
     if (live) {
         for (int kb = warp; kb < k; kb += R * GEMV_WARPS) {
-            uint4 wv[R];
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                int kk = kb + r * GEMV_WARPS;
-                wv[r] = kk < k ? ld_stream16(w + (long long)kk * ldw + c0) : make_uint4(0, 0, 0, 0);
-            }
+            if (kb != warp) load_pass(kb);
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 int kk = kb + r * GEMV_WARPS;
@@ -158,6 +174,7 @@ __device__ __forceinline__ void gemv_kn(const bf16* __restrict__ x, long long ld
             }
         }
     }
+    griddep_launch_dependents();
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
@@ -189,102 +206,78 @@ __device__ __forceinline__ void gemv_kn(const bf16* __restrict__ x, long long ld
 
 #define OUT_T bf16
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m1_bf16(GEMV_NK_ARGS) {
-    griddep_wait();
     gemv_nk<1, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m2_bf16(GEMV_NK_ARGS) {
-    griddep_wait();
     gemv_nk<2, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m3_bf16(GEMV_NK_ARGS) {
-    griddep_wait();
     gemv_nk<3, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m4_bf16(GEMV_NK_ARGS) {
-    griddep_wait();
     gemv_nk<4, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m5_bf16(GEMV_NK_ARGS) {
-    griddep_wait();
     gemv_nk<5, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m6_bf16(GEMV_NK_ARGS) {
-    griddep_wait();
     gemv_nk<6, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m7_bf16(GEMV_NK_ARGS) {
-    griddep_wait();
     gemv_nk<7, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m8_bf16(GEMV_NK_ARGS) {
-    griddep_wait();
     gemv_nk<8, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m1_bf16(GEMV_KN_ARGS) {
-    griddep_wait();
     gemv_kn<1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m2_bf16(GEMV_KN_ARGS) {
-    griddep_wait();
     gemv_kn<2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m3_bf16(GEMV_KN_ARGS) {
-    griddep_wait();
     gemv_kn<3, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m4_bf16(GEMV_KN_ARGS) {
-    griddep_wait();
     gemv_kn<4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 #undef OUT_T
 
 #define OUT_T float
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m1_f32(GEMV_NK_ARGS) {
-    griddep_wait();
     gemv_nk<1, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m2_f32(GEMV_NK_ARGS) {
-    griddep_wait();
     gemv_nk<2, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m3_f32(GEMV_NK_ARGS) {
-    griddep_wait();
     gemv_nk<3, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m4_f32(GEMV_NK_ARGS) {
-    griddep_wait();
     gemv_nk<4, 2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m5_f32(GEMV_NK_ARGS) {
-    griddep_wait();
     gemv_nk<5, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m6_f32(GEMV_NK_ARGS) {
-    griddep_wait();
     gemv_nk<6, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m7_f32(GEMV_NK_ARGS) {
-    griddep_wait();
     gemv_nk<7, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m8_f32(GEMV_NK_ARGS) {
-    griddep_wait();
     gemv_nk<8, 4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m1_f32(GEMV_KN_ARGS) {
-    griddep_wait();
     gemv_kn<1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m2_f32(GEMV_KN_ARGS) {
-    griddep_wait();
     gemv_kn<2, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m3_f32(GEMV_KN_ARGS) {
-    griddep_wait();
     gemv_kn<3, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_kn_m4_f32(GEMV_KN_ARGS) {
-    griddep_wait();
     gemv_kn<4, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, accumulate);
 }
 #undef OUT_T

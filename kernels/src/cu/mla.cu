@@ -447,6 +447,7 @@ mla_decode_wgmma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
         wg_commit();
         wg_wait0();
     }
+    griddep_launch_dependents();
     cp_async_wait_all();
 
     wg2_store_rows(o, l_part, m_run, red_l, out, o_part, lse, b, split, splits, heads, h0, wg, r_lo, cq);
@@ -540,11 +541,24 @@ extern "C" __global__ void __launch_bounds__(128)
 mla_combine_uv_bf16(const float* __restrict__ o_part, const float* __restrict__ lse,
                     const bf16* __restrict__ w_uv, long long w_head, bf16* __restrict__ out, int heads,
                     int splits, int dv) {
-    griddep_wait();
     __shared__ float w_s[COMBINE_MAX_SPLITS];
     __shared__ float red[4];
     __shared__ __align__(16) float ctx[D_LAT];
     const int b = blockIdx.x / heads, h = blockIdx.x % heads, tid = threadIdx.x;
+    const int warp = tid / WARP, lane = tid % WARP;
+    constexpr int PER_WARP = UV_COLS / 4;
+    // W_UV's rows first, before griddep_wait (weights, common.cuh): with PDL they load while the
+    // decode kernel finishes, and without it they are in flight while the combine below waits
+    // on the partials
+    const int c0 = blockIdx.y * UV_COLS + warp * PER_WARP;
+    uint4 wv[PER_WARP][2];
+#pragma unroll
+    for (int j = 0; j < PER_WARP; ++j) {
+        const bf16* wr = w_uv + (size_t)h * w_head + (size_t)min(c0 + j, dv - 1) * D_LAT;
+#pragma unroll
+        for (int p = 0; p < 2; ++p) wv[j][p] = ld_stream16(wr + (lane + 32 * p) * 8);
+    }
+    griddep_wait();
     const float inv = combine_weights(lse + (size_t)b * splits * heads + h, heads, splits, w_s, red);
     const float4 acc = combine_cols4(o_part + ((size_t)b * splits * heads + h) * D_LAT + tid * 4,
                                      (size_t)heads * D_LAT, splits, w_s);
@@ -553,8 +567,7 @@ mla_combine_uv_bf16(const float* __restrict__ o_part, const float* __restrict__ 
     ctx[tid * 4 + 2] = __bfloat162float(__float2bfloat16_rn(acc.z * inv));
     ctx[tid * 4 + 3] = __bfloat162float(__float2bfloat16_rn(acc.w * inv));
     __syncthreads();
-    const int warp = tid / WARP, lane = tid % WARP;
-    constexpr int PER_WARP = UV_COLS / 4;
+    griddep_launch_dependents();
     // a lane's 16 of the 512 latent columns: pieces lane and lane + 32 (8 bf16 each)
     // (16-byte shared loads: 4-byte ones at a 32-byte lane stride were 8-way bank conflicts)
     float cx[2][8];
@@ -568,14 +581,6 @@ mla_combine_uv_bf16(const float* __restrict__ o_part, const float* __restrict__ 
             cx[p][4 * i + 2] = v.z;
             cx[p][4 * i + 3] = v.w;
         }
-    const int c0 = blockIdx.y * UV_COLS + warp * PER_WARP;
-    uint4 wv[PER_WARP][2];
-#pragma unroll
-    for (int j = 0; j < PER_WARP; ++j) {
-        const bf16* wr = w_uv + (size_t)h * w_head + (size_t)min(c0 + j, dv - 1) * D_LAT;
-#pragma unroll
-        for (int p = 0; p < 2; ++p) wv[j][p] = ld_stream16(wr + (lane + 32 * p) * 8);
-    }
 #pragma unroll
     for (int j = 0; j < PER_WARP; ++j) {
         float d = 0.f;

@@ -325,7 +325,6 @@ extern "C" __global__ void __launch_bounds__(GATE_EXPERTS * GATE_SPLIT * WARP)
     moe_gate_gemv_f32(const bf16* __restrict__ x, const bf16* __restrict__ w, float* __restrict__ logits,
                       int* __restrict__ counter, int* __restrict__ ids, float* __restrict__ weights, int tokens,
                       int hidden, int n_exp, int n_group, int topk_group, int k, int norm_topk, float scaling) {
-    griddep_wait();
     __shared__ float part[GATE_EXPERTS][GATE_SPLIT][GATE_MAX_ROWS];
     __shared__ float rows_s[GATE_MAX_ROWS][MAX_EXPERTS];
     __shared__ int s_last;
@@ -333,14 +332,22 @@ extern "C" __global__ void __launch_bounds__(GATE_EXPERTS * GATE_SPLIT * WARP)
     const int slot = warp / GATE_SPLIT, split = warp % GATE_SPLIT;
     const int e = blockIdx.x * GATE_EXPERTS + slot;
     float acc[GATE_MAX_ROWS] = {0.f, 0.f, 0.f, 0.f};
+    const bf16* we = w + (size_t)min(e, n_exp - 1) * hidden;
+    // this warp's share of the hidden features, in whole 8-value chunks
+    const int chunks = hidden / 8, per = (chunks + GATE_SPLIT - 1) / GATE_SPLIT;
+    const int c0 = split * per, c1 = min(chunks, c0 + per);
+    // the lane's first weight chunk before griddep_wait (common.cuh: weights only)
+    const uint4 w_first =
+        e < n_exp && c0 + lane < c1 ? ld_stream16(we + (size_t)(c0 + lane) * 8) : make_uint4(0u, 0u, 0u, 0u);
+    griddep_wait();
     if (e < n_exp) {
-        const bf16* we = w + (size_t)e * hidden;
-        // this warp's share of the hidden features, in whole 8-value chunks
-        const int chunks = hidden / 8, per = (chunks + GATE_SPLIT - 1) / GATE_SPLIT;
-        const int c0 = split * per, c1 = min(chunks, c0 + per);
         for (int c = c0 + lane; c < c1; c += WARP) {
             float wv[8];
-            load8(we + (size_t)c * 8, wv);
+            if (c == c0 + lane) {
+                unpack8(w_first, wv);
+            } else {
+                load8(we + (size_t)c * 8, wv);
+            }
 #pragma unroll
             for (int r = 0; r < GATE_MAX_ROWS; ++r) {
                 if (r < tokens) {
@@ -352,6 +359,7 @@ extern "C" __global__ void __launch_bounds__(GATE_EXPERTS * GATE_SPLIT * WARP)
             }
         }
     }
+    griddep_launch_dependents();
 #pragma unroll
     for (int r = 0; r < GATE_MAX_ROWS; ++r) {
         const float v = warp_sum(acc[r]);
@@ -411,45 +419,52 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_small_gate_up_bf16(cons
                                                   int hidden, int inter, int k, int n_exp,
                                                   const bf16* __restrict__ sg, const bf16* __restrict__ su,
                                                   int n_shared) {
-    griddep_wait();
     extern __shared__ __align__(16) unsigned char small_smem[];
     bf16* xs = reinterpret_cast<bf16*>(small_smem);
     const int slot = blockIdx.y, routed_slots = gridDim.y / (k + n_shared) * k;
-    const bf16 *wg, *wu;
-    int row;
-    if (slot < routed_slots) {
-        row = slot / k;
-        const int e = ids[slot];
-        // not routed here (-1), or an expert this process does not hold (address 0): the down
-        // kernel skips the slot the same way
-        if (e < 0 || e >= n_exp || ptrs[3 * e] == 0) return;
-        wg = reinterpret_cast<const bf16*>(ptrs[3 * e]);
-        wu = reinterpret_cast<const bf16*>(ptrs[3 * e + 1]);
-    } else {
-        const int q = slot - routed_slots, part = q % n_shared;
-        row = q / n_shared;
-        wg = sg + (size_t)part * inter * hidden;
-        wu = su + (size_t)part * inter * hidden;
-    }
-    for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8)
-        *reinterpret_cast<bf16x8*>(xs + c) = *reinterpret_cast<const bf16x8*>(x + (size_t)row * hidden + c);
-    __syncthreads();
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int i = blockIdx.x * (blockDim.x / WARP) + warp;
-    if (i >= inter) return;
-    wg += (size_t)i * hidden;
-    wu += (size_t)i * hidden;
-    float ag = 0.f, au = 0.f;
+    const bf16 *wg = nullptr, *wu = nullptr;
+    int row = 0;
     // every weight load of a pass first (GU_PIECES x 2 per lane in flight), then the products:
     // with loads and products interleaved ptxas kept two loads in flight
-    for (int base = lane * 8; base < hidden; base += WARP * 8 * GU_PIECES) {
-        uint4 g[GU_PIECES], u[GU_PIECES];
+    uint4 g[GU_PIECES], u[GU_PIECES];
+    auto load_pass = [&](int base) {
 #pragma unroll
         for (int q = 0; q < GU_PIECES; ++q) {
             const int c = base + q * WARP * 8;
             g[q] = c < hidden ? ld_stream16(wg + c) : make_uint4(0u, 0u, 0u, 0u);
             u[q] = c < hidden ? ld_stream16(wu + c) : make_uint4(0u, 0u, 0u, 0u);
         }
+    };
+    // a shared-expert slot's weights are known before the gate has run: its first pass is loaded
+    // before griddep_wait (common.cuh); a routed slot needs the gate's ids, written by the kernel
+    // just before
+    const bool shared_slot = slot >= routed_slots;
+    if (shared_slot) {
+        const int q = slot - routed_slots, part = q % n_shared;
+        row = q / n_shared;
+        wg = sg + ((size_t)part * inter + min(i, inter - 1)) * hidden;
+        wu = su + ((size_t)part * inter + min(i, inter - 1)) * hidden;
+        load_pass(lane * 8);
+    }
+    griddep_wait();
+    if (!shared_slot) {
+        row = slot / k;
+        const int e = ids[slot];
+        // not routed here (-1), or an expert this process does not hold (address 0): the down
+        // kernel skips the slot the same way
+        if (e < 0 || e >= n_exp || ptrs[3 * e] == 0) return;
+        wg = reinterpret_cast<const bf16*>(ptrs[3 * e]) + (size_t)min(i, inter - 1) * hidden;
+        wu = reinterpret_cast<const bf16*>(ptrs[3 * e + 1]) + (size_t)min(i, inter - 1) * hidden;
+    }
+    for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8)
+        *reinterpret_cast<bf16x8*>(xs + c) = *reinterpret_cast<const bf16x8*>(x + (size_t)row * hidden + c);
+    __syncthreads();
+    if (i >= inter) return;
+    float ag = 0.f, au = 0.f;
+    for (int base = lane * 8; base < hidden; base += WARP * 8 * GU_PIECES) {
+        if (!shared_slot || base != lane * 8) load_pass(base);
 #pragma unroll
         for (int q = 0; q < GU_PIECES; ++q) {
             const int c = base + q * WARP * 8;
@@ -465,6 +480,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_small_gate_up_bf16(cons
             }
         }
     }
+    griddep_launch_dependents();
     ag = warp_sum(ag);
     au = warp_sum(au);
     if (lane == 0) {
@@ -491,7 +507,6 @@ extern "C" __global__ void __launch_bounds__(DOWN_MAX_SLOTS * WARP, 1)
 moe_small_down_slots_bf16(const bf16* __restrict__ act, const int* __restrict__ ids, const float* __restrict__ wts,
                           const long long* __restrict__ ptrs, bf16* __restrict__ out, int hidden, int inter, int k,
                           int n_exp, const bf16* __restrict__ sd, int n_shared) {
-    griddep_wait();
     __shared__ float part[DOWN_MAX_SLOTS][DOWN_ROWS];
     const int row = blockIdx.y, routed_slots = gridDim.y * k;
     const int w = threadIdx.x / WARP, lane = threadIdx.x % WARP;
@@ -499,6 +514,9 @@ moe_small_down_slots_bf16(const bf16* __restrict__ act, const int* __restrict__ 
     const bf16 *a, *wd = nullptr;
     size_t ld;
     float weight = 1.f;
+    // before griddep_wait (common.cuh): the ids and weights come from the gate, two launches
+    // back (gate/up in between has passed its own wait before letting this kernel launch); the
+    // activations come from gate/up and are read after the wait
     if (w < k) {
         const int e = ids[row * k + w];
         if (e >= 0 && e < n_exp) wd = reinterpret_cast<const bf16*>(ptrs[3 * e + 2]);
@@ -514,8 +532,25 @@ moe_small_down_slots_bf16(const bf16* __restrict__ act, const int* __restrict__ 
     float d[DOWN_ROWS];
 #pragma unroll
     for (int r = 0; r < DOWN_ROWS; ++r) d[r] = 0.f;
+    // every weight load of a pass first, then the products; the first pass's before the wait
+    // (at V2's and V2-Lite's intermediate sizes the first pass is all of them)
+    uint4 wv[DOWN_ROWS][DOWN_PIECES];
+    auto load_pass = [&](int base) {
+#pragma unroll
+        for (int r = 0; r < DOWN_ROWS; ++r) {
+            const bf16* wr = wd + (size_t)min(o0 + r, hidden - 1) * ld;
+#pragma unroll
+            for (int q = 0; q < DOWN_PIECES; ++q) {
+                const int c = base + q * WARP * 8;
+                wv[r][q] = c < inter ? ld_stream16(wr + c) : make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+    };
+    if (wd != nullptr) load_pass(lane * 8);
+    griddep_wait();
     if (wd != nullptr) {
         for (int base = lane * 8; base < inter; base += WARP * 8 * DOWN_PIECES) {
+            if (base != lane * 8) load_pass(base);
             float av[DOWN_PIECES][8];
 #pragma unroll
             for (int q = 0; q < DOWN_PIECES; ++q) {
@@ -525,17 +560,6 @@ moe_small_down_slots_bf16(const bf16* __restrict__ act, const int* __restrict__ 
                 } else {
 #pragma unroll
                     for (int t = 0; t < 8; ++t) av[q][t] = 0.f;
-                }
-            }
-            // every weight load of the pass first, then the products
-            uint4 wv[DOWN_ROWS][DOWN_PIECES];
-#pragma unroll
-            for (int r = 0; r < DOWN_ROWS; ++r) {
-                const bf16* wr = wd + (size_t)min(o0 + r, hidden - 1) * ld;
-#pragma unroll
-                for (int q = 0; q < DOWN_PIECES; ++q) {
-                    const int c = base + q * WARP * 8;
-                    wv[r][q] = c < inter ? ld_stream16(wr + c) : make_uint4(0u, 0u, 0u, 0u);
                 }
             }
 #pragma unroll
@@ -549,6 +573,7 @@ moe_small_down_slots_bf16(const bf16* __restrict__ act, const int* __restrict__ 
                 }
         }
     }
+    griddep_launch_dependents();
 #pragma unroll
     for (int r = 0; r < DOWN_ROWS; ++r) {
         const float v = warp_sum(d[r]);
