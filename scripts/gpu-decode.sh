@@ -344,6 +344,23 @@ PYEOF
         --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__cycles_active.avg,smsp__warp_issue_stalled_barrier_per_warp_active.pct,smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct,smsp__warp_issue_stalled_wait_per_warp_active.pct,smsp__warp_issue_stalled_sleeping_per_warp_active.pct \
         "$BIN/dsv2-gpu-check" --grouped --no-check --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/ncu-grouped.log" 2>&1 || { echo "ncu FAILED"; fail=1; }
       grep -E "Duration|Throughput|Hit Rate|Bandwidth|gmma|stalled|Warp Cycles|Eligible|Registers|Shared Memory|Busy|Block Size|Grid Size|Waves" "$OUT_DIR/ncu-grouped.log" | grep -v "^P2" | head -50 ;;
+    ncu-small)
+      # Nsight Compute on the small-batch expert kernels inside a V2-Lite batch-1 decode
+      # (NCU_PRESET/NCU_LAYERS/NCU_BATCH as for ncu-step): one gate/up and one down launch of the
+      # timed steps, real clocks, with throughput, occupancy, and why warps wait
+      NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      preset=${NCU_PRESET:-deepseek-v2-lite}; layers=${NCU_LAYERS:-27}
+      dir=/tmp/gd-$preset-$layers
+      mkdir -p "$dir"
+      "$BIN/dsv2" init-random --preset "$preset" --layers "$layers" --config-only --out "$dir" --seed 1 >/dev/null 2>&1
+      DSV2_CUDA_GRAPHS=0 timeout -k 5 240 "$NCU" -k "regex:${NCU_KERNELS:-moe_small}" --launch-skip 300 --launch-count 2 \
+        --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+        --section WarpStateStats --section LaunchStats --section SchedulerStats \
+        --metrics smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct,smsp__warp_issue_stalled_barrier_per_warp_active.pct,smsp__warp_issue_stalled_lg_throttle_per_warp_active.pct,smsp__warp_issue_stalled_wait_per_warp_active.pct,smsp__warp_issue_stalled_drain_per_warp_active.pct,smsp__warp_issue_stalled_no_instruction_per_warp_active.pct,smsp__warp_issue_stalled_short_scoreboard_per_warp_active.pct,dram__bytes_read.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
+        "$BIN/dsv2" bench --device cuda:0 --model-dir "$dir" --random-weights 1 --batch "${NCU_BATCH:-1}" --context 512 \
+        --new-tokens 64 --runs 1 >"$OUT_DIR/ncu-small.log" 2>&1 || { echo "ncu FAILED"; tail -5 "$OUT_DIR/ncu-small.log"; fail=1; }
+      grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Warp Cycles Per Issued|Eligible Warps|Issued Warp|No Eligible|Waves Per SM|Grid Size|L2 Hit|Mem Busy|Max Bandwidth" "$OUT_DIR/ncu-small.log" | head -60
+      grep -E "stalled|dram__bytes|warps_active" "$OUT_DIR/ncu-small.log" | head -24 ;;
     ncu-step)
       # GPU time of every kernel of one decode step (Nsight Compute times each launch alone; graphs
       # off so that launches are counted one by one): NCU_PRESET/NCU_LAYERS, batch NCU_BATCH

@@ -596,6 +596,213 @@ moe_small_down_slots_bf16(const bf16* __restrict__ act, const int* __restrict__ 
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The same two products as moe_small_gate_up_bf16 / moe_small_down_slots_bf16 (same roundings,
+// same per-output f32 summation order), cut for a steady weight stream (`DSV2_SMALL_STREAM=1`):
+// a grid of about two blocks per SM, each walking several rows, and every warp loading the next
+// piece of its weights while it multiplies the current one. In the one-row-per-warp kernels each
+// block pays its id -> address lookups, its activation loads and its reductions before or after
+// one burst of weight loads, and at V2-Lite's batch 1 the down half ran at 0.72 and gate/up at 0.86
+// of the read bandwidth (session 15 ncu step).
+
+// grid (gx, n * (k + n_shared)), 256 threads, smem H bf16. Warp w of block x takes rows
+// i = (x + j * gx) * 8 + w, j = 0, 1, .. of its slot; each row in passes of GS_PIECES 16-byte
+// pieces a lane of gate and of up, the next pass's loads issued before this pass's products.
+#define GS_PIECES 4
+extern "C" __global__ void __launch_bounds__(256, 2)
+moe_small_gate_up_stream_bf16(const bf16* __restrict__ x, const int* __restrict__ ids, const long long* __restrict__ ptrs,
+                              bf16* __restrict__ act, int hidden, int inter, int k, int n_exp,
+                              const bf16* __restrict__ sg, const bf16* __restrict__ su, int n_shared) {
+    extern __shared__ __align__(16) unsigned char small_smem[];
+    bf16* xs = reinterpret_cast<bf16*>(small_smem);
+    const int slot = blockIdx.y, routed_slots = gridDim.y / (k + n_shared) * k;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int i0 = blockIdx.x * 8 + warp, istep = gridDim.x * 8;
+    constexpr int PASS = WARP * 8 * GS_PIECES;
+    const int passes = (hidden + PASS - 1) / PASS;
+    const int my_rows = i0 < inter ? (inter - 1 - i0) / istep + 1 : 0;
+    const int steps = my_rows * passes;  // (row, pass) steps of this warp, warp-uniform
+    const bf16 *wg = nullptr, *wu = nullptr;  // the slot's expert, row 0
+    int row = 0;
+    uint4 ga[GS_PIECES], ua[GS_PIECES], gb[GS_PIECES], ub[GS_PIECES];
+    auto load = [&](uint4* g, uint4* u, int st) {
+        const size_t i = (size_t)(i0 + (st / passes) * istep);
+        const int base = (st % passes) * PASS + lane * 8;
+#pragma unroll
+        for (int q = 0; q < GS_PIECES; ++q) {
+            const int c = base + q * WARP * 8;
+            g[q] = c < hidden ? ld_stream16(wg + i * hidden + c) : make_uint4(0u, 0u, 0u, 0u);
+            u[q] = c < hidden ? ld_stream16(wu + i * hidden + c) : make_uint4(0u, 0u, 0u, 0u);
+        }
+    };
+    // a shared-expert slot's weights are known before the gate has run: its first pass is loaded
+    // before griddep_wait (common.cuh); a routed slot needs the gate's ids
+    const bool shared_slot = slot >= routed_slots;
+    if (shared_slot) {
+        const int q = slot - routed_slots, part = q % n_shared;
+        row = q / n_shared;
+        wg = sg + (size_t)part * inter * hidden;
+        wu = su + (size_t)part * inter * hidden;
+        if (steps > 0) load(ga, ua, 0);
+    }
+    griddep_wait();
+    if (!shared_slot) {
+        row = slot / k;
+        const int e = ids[slot];
+        // not routed here (-1), or an expert this process does not hold (address 0): the down
+        // kernel skips the slot the same way
+        if (e < 0 || e >= n_exp || ptrs[3 * e] == 0) return;
+        wg = reinterpret_cast<const bf16*>(ptrs[3 * e]);
+        wu = reinterpret_cast<const bf16*>(ptrs[3 * e + 1]);
+        if (steps > 0) load(ga, ua, 0);
+    }
+    for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8)
+        *reinterpret_cast<bf16x8*>(xs + c) = *reinterpret_cast<const bf16x8*>(x + (size_t)row * hidden + c);
+    __syncthreads();
+    float ag = 0.f, au = 0.f;
+    auto product = [&](const uint4* g, const uint4* u, int st) {
+        const int base = (st % passes) * PASS + lane * 8;
+#pragma unroll
+        for (int q = 0; q < GS_PIECES; ++q) {
+            const int c = base + q * WARP * 8;
+            if (c >= hidden) break;
+            float xv[8], gv[8], uv[8];
+            load8(xs + c, xv);
+            unpack8(g[q], gv);
+            unpack8(u[q], uv);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                ag += xv[j] * gv[j];
+                au += xv[j] * uv[j];
+            }
+        }
+        if (st % passes == passes - 1) {
+            const float sg_ = warp_sum(ag), su_ = warp_sum(au);
+            if (lane == 0) {
+                const int i = i0 + (st / passes) * istep;
+                float gr = __bfloat162float(__float2bfloat16_rn(sg_));
+                float ur = __bfloat162float(__float2bfloat16_rn(su_));
+                act[(size_t)slot * inter + i] = __float2bfloat16_rn(gr / (1.f + __expf(-gr)) * ur);
+            }
+            ag = 0.f;
+            au = 0.f;
+        }
+    };
+    // two register buffers, written out (not indexed) so that they stay in registers
+    for (int st = 0; st < steps; st += 2) {
+        if (st + 1 < steps) load(gb, ub, st + 1);
+        product(ga, ua, st);
+        if (st + 1 >= steps) break;
+        if (st + 2 < steps) load(ga, ua, st + 2);
+        product(gb, ub, st + 1);
+    }
+    griddep_launch_dependents();
+}
+
+// grid (gx, n), 32 * (k + n_shared) threads: warp w takes slot w of row blockIdx.y (its
+// activation, at most WARP * 8 * DOWN_PIECES values, held in registers as bf16) for output rows
+// o0 = (blockIdx.x + j * gx) * DOWN_ROWS, j = 0, 1, .., the next rows' weight loads issued before
+// this rows' products; the slots' sums meet in shared memory (two buffers, one barrier a step)
+// and are added as moe_small_down_slots_bf16 adds them.
+// At most STREAM_MAX_SLOTS slots (6 routed + 2 shared parts at DeepSeek-V2's dims): two weight
+// buffers and the activation take ~130 registers, which 512 threads a block could not have.
+#define STREAM_MAX_SLOTS 8
+extern "C" __global__ void __launch_bounds__(STREAM_MAX_SLOTS * WARP, 1)
+moe_small_down_stream_bf16(const bf16* __restrict__ act, const int* __restrict__ ids, const float* __restrict__ wts,
+                           const long long* __restrict__ ptrs, bf16* __restrict__ out, int hidden, int inter, int k,
+                           int n_exp, const bf16* __restrict__ sd, int n_shared) {
+    __shared__ float part[2][STREAM_MAX_SLOTS][DOWN_ROWS];
+    const int row = blockIdx.y, routed_slots = gridDim.y * k;
+    const int w = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int ostep = gridDim.x * DOWN_ROWS;
+    const int steps = blockIdx.x * DOWN_ROWS < hidden ? (hidden - 1 - blockIdx.x * DOWN_ROWS) / ostep + 1 : 0;
+    const bf16 *a, *wd = nullptr;
+    size_t ld;
+    float weight = 1.f;
+    // before griddep_wait (common.cuh): the ids and weights come from the gate, two launches
+    // back; the activations come from gate/up and are read after the wait
+    if (w < k) {
+        const int e = ids[row * k + w];
+        if (e >= 0 && e < n_exp) wd = reinterpret_cast<const bf16*>(ptrs[3 * e + 2]);
+        a = act + ((size_t)row * k + w) * inter;
+        ld = inter;
+        weight = wts[row * k + w];
+    } else {
+        const int p = w - k;
+        a = act + ((size_t)routed_slots + (size_t)row * n_shared + p) * inter;
+        wd = sd + (size_t)p * inter;
+        ld = (size_t)n_shared * inter;
+    }
+    uint4 wa[DOWN_ROWS][DOWN_PIECES], wb[DOWN_ROWS][DOWN_PIECES];
+    auto load = [&](uint4 (*wv)[DOWN_PIECES], int st) {
+        const int o0 = blockIdx.x * DOWN_ROWS + st * ostep;
+#pragma unroll
+        for (int r = 0; r < DOWN_ROWS; ++r) {
+            const bf16* wr = wd + (size_t)min(o0 + r, hidden - 1) * ld;
+#pragma unroll
+            for (int q = 0; q < DOWN_PIECES; ++q) {
+                const int c = lane * 8 + q * WARP * 8;
+                wv[r][q] = c < inter ? ld_stream16(wr + c) : make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+    };
+    if (wd != nullptr && steps > 0) load(wa, 0);
+    griddep_wait();
+    uint4 av[DOWN_PIECES];
+#pragma unroll
+    for (int q = 0; q < DOWN_PIECES; ++q) {
+        const int c = lane * 8 + q * WARP * 8;
+        av[q] = wd != nullptr && c < inter ? *reinterpret_cast<const uint4*>(a + c) : make_uint4(0u, 0u, 0u, 0u);
+    }
+    auto product = [&](const uint4 (*wv)[DOWN_PIECES], int st) {
+        float d[DOWN_ROWS];
+#pragma unroll
+        for (int r = 0; r < DOWN_ROWS; ++r) d[r] = 0.f;
+        if (wd != nullptr) {
+#pragma unroll
+            for (int q = 0; q < DOWN_PIECES; ++q) {
+                float af[8];
+                unpack8(av[q], af);
+#pragma unroll
+                for (int r = 0; r < DOWN_ROWS; ++r) {
+                    float f[8];
+                    unpack8(wv[r][q], f);
+#pragma unroll
+                    for (int t = 0; t < 8; ++t) d[r] += af[t] * f[t];
+                }
+            }
+        }
+        float (*pt)[DOWN_ROWS] = part[st & 1];
+#pragma unroll
+        for (int r = 0; r < DOWN_ROWS; ++r) {
+            const float v = warp_sum(d[r]);
+            if (lane == 0) pt[w][r] = w < k ? (wd != nullptr ? weight * __bfloat162float(__float2bfloat16_rn(v)) : 0.f) : v;
+        }
+        // one barrier a step: the buffer written at step st + 2 is read below only before it
+        __syncthreads();
+        const int o0 = blockIdx.x * DOWN_ROWS + st * ostep;
+        if (threadIdx.x < DOWN_ROWS && o0 + (int)threadIdx.x < hidden) {
+            const int r = threadIdx.x;
+            float acc = 0.f;
+            for (int j = 0; j < k; ++j) acc += pt[j][r];
+            if (n_shared > 0) {
+                float s = 0.f;
+                for (int p = 0; p < n_shared; ++p) s += pt[k + p][r];
+                acc += __bfloat162float(__float2bfloat16_rn(s));
+            }
+            out[(size_t)row * hidden + o0 + r] = __float2bfloat16_rn(acc);
+        }
+    };
+    for (int st = 0; st < steps; st += 2) {
+        if (wd != nullptr && st + 1 < steps) load(wb, st + 1);
+        product(wa, st);
+        if (st + 1 >= steps) break;
+        if (wd != nullptr && st + 2 < steps) load(wa, st + 2);
+        product(wb, st + 1);
+    }
+    griddep_launch_dependents();
+}
+
 // grid (ceil(H / 8), n), 256 threads, smem (k + n_shared) * I bf16:
 // out[row, o] = sum over routed slots j of w[row, j] * bf16(act[row*k + j] . Wd_e[o])
 //             + bf16(sum over shared parts p of act[n*k + row*n_shared + p] . Sd[o, p*I..]).

@@ -617,10 +617,11 @@ mod tests {
         assert_eq!(RowTile::for_rows(160 * 40, 160), RowTile::R64);
         // V2-Lite at batch 256: 1536 rows over 64 experts, 24 each
         assert_eq!(RowTile::for_rows(1536, 64), RowTile::R32);
-        // prefill: the warp-specialised 128-row tile, or the one the caller names for it
-        assert_eq!(RowTile::for_rows(49152, 160), RowTile::Ws128);
-        assert_eq!(RowTile::for_rows(160 * 256, 160), RowTile::Ws128);
-        assert_eq!(RowTile::for_rows(160 * 1200, 160), RowTile::Ws128);
+        // prefill: the warp-specialised 128-row tile with the dynamic schedule, or the one the
+        // caller names for it
+        assert_eq!(RowTile::for_rows(49152, 160), RowTile::Ws128Dyn);
+        assert_eq!(RowTile::for_rows(160 * 256, 160), RowTile::Ws128Dyn);
+        assert_eq!(RowTile::for_rows(160 * 1200, 160), RowTile::Ws128Dyn);
         assert_eq!(
             RowTile::for_rows_with(49152, 160, RowTile::W128),
             RowTile::W128
@@ -630,7 +631,7 @@ mod tests {
             RowTile::for_rows_with(160 * 40, 160, RowTile::W128),
             RowTile::R64
         );
-        assert_eq!(RowTile::for_rows(49, 1), RowTile::Ws128);
+        assert_eq!(RowTile::for_rows(49, 1), RowTile::Ws128Dyn);
         assert!(RowTile::Ws128.is_wgmma());
         // no expert touched is still a valid (empty) choice
         assert_eq!(RowTile::for_rows(0, 0), RowTile::R16);
