@@ -1156,7 +1156,6 @@ fn bench_grouped(
             for down in [
                 small_experts::SmallDown::Slots,
                 small_experts::SmallDown::Rows,
-                small_experts::SmallDown::Stream,
             ] {
                 let ms = time_ms(gpu, 3, 20, || {
                     // SAFETY: as above.

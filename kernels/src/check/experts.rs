@@ -493,7 +493,6 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
         for down in [
             small_experts::SmallDown::Slots,
             small_experts::SmallDown::Rows,
-            small_experts::SmallDown::Stream,
         ] {
             if !down.fits(k + shared, i) {
                 continue;

@@ -72,31 +72,6 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
 pub enum SmallDown {
     Slots,
     Rows,
-    /// Both halves as a steady weight stream (`moe_small_gate_up_stream_bf16`,
-    /// `moe_small_down_stream_bf16`, `DSV2_SMALL_DOWN=stream`): about two blocks per SM each
-    /// walking several rows, every warp loading its next weights while it multiplies. Where it does
-    /// not fit (more than STREAM_MAX_SLOTS slots or an intermediate size over one pass), the
-    /// launcher takes `Slots`.
-    Stream,
-}
-
-/// Most slots of a row the streaming down kernel takes (STREAM_MAX_SLOTS in moe.cu).
-const STREAM_MAX_SLOTS: usize = 8;
-/// 16-byte pieces a lane of the down kernels holds per output row (DOWN_PIECES in moe.cu): the
-/// streaming kernel keeps a slot's whole activation in registers, so the intermediate size is at
-/// most one pass of 32 lanes x DOWN_PIECES x 8 values.
-const DOWN_PIECES: usize = 6;
-
-/// The grid width of a streaming kernel: about `target` blocks over `lines` rows of blocks, each
-/// block walking `units` / width work units (gate/up: groups of 8 intermediate rows; down: pairs of
-/// output rows), the width then trimmed so that every block walks the same number of units
-/// (within one).
-pub fn stream_grid(units: usize, lines: usize, target: usize) -> usize {
-    if units == 0 {
-        return 1;
-    }
-    let gx = target.div_ceil(lines.max(1)).clamp(1, units);
-    units.div_ceil(units.div_ceil(gx))
 }
 
 /// Most slots (top-k + shared parts) of a row the slot-per-warp down kernel takes (one warp each;
@@ -112,31 +87,17 @@ impl SmallDown {
         match self {
             SmallDown::Slots => slots <= DOWN_MAX_SLOTS,
             SmallDown::Rows => slots * inter * 2 <= SMEM_LIMIT,
-            SmallDown::Stream => slots <= STREAM_MAX_SLOTS && inter <= 32 * 8 * DOWN_PIECES,
         }
     }
 
-    /// The kernels taken for rows of `slots` slots: `Stream` falls back to `Slots` where it
-    /// does not fit.
-    pub fn for_slots(self, slots: usize, inter: usize) -> Self {
-        if self == SmallDown::Stream && !self.fits(slots, inter) {
-            SmallDown::Slots
-        } else {
-            self
-        }
-    }
-
-    /// `DSV2_SMALL_DOWN` (slots | rows | stream; unset: slots).
+    /// `DSV2_SMALL_DOWN` (slots | rows; unset: slots).
     pub fn from_env() -> Result<Self> {
         static CHOICE: OnceLock<std::result::Result<SmallDown, String>> = OnceLock::new();
         CHOICE
             .get_or_init(|| match std::env::var("DSV2_SMALL_DOWN").as_deref() {
                 Err(_) | Ok("slots") => Ok(SmallDown::Slots),
                 Ok("rows") => Ok(SmallDown::Rows),
-                Ok("stream") => Ok(SmallDown::Stream),
-                Ok(other) => Err(format!(
-                    "DSV2_SMALL_DOWN={other}: expected slots, rows or stream"
-                )),
+                Ok(other) => Err(format!("DSV2_SMALL_DOWN={other}: expected slots or rows")),
             })
             .clone()
             .map_err(|what| crate::error::KernelError::Unsupported {
@@ -186,7 +147,6 @@ pub unsafe fn small_experts_with(
             what: format!("hidden {hidden} / intermediate {inter} not multiples of 8"),
         });
     }
-    let down = down.for_slots(k + n_shared, inter);
     if !down.fits(k + n_shared, inter) {
         return Err(crate::error::KernelError::Unsupported {
             op: OP,
@@ -225,13 +185,7 @@ pub unsafe fn small_experts_with(
     );
     let slots = u32::try_from(n * (k + n_shared))
         .map_err(|_| shape_err(OP, format!("{n} x {k} (+ {n_shared}) slots")))?;
-    let stream = down == SmallDown::Stream;
-    let groups = inter.div_ceil(8);
-    let f = gpu.function(if stream {
-        "moe_small_gate_up_stream_bf16"
-    } else {
-        "moe_small_gate_up_bf16"
-    })?;
+    let f = gpu.function("moe_small_gate_up_bf16")?;
     let mut b = gpu.launch(f);
     b.arg(&x)
         .arg(&ids)
@@ -245,16 +199,7 @@ pub unsafe fn small_experts_with(
         .arg(&su)
         .arg(&ns);
     let cfg = LaunchConfig {
-        // the streaming kernel: two 256-thread blocks fit an SM (104 registers)
-        grid_dim: (
-            if stream {
-                stream_grid(groups, slots as usize, 2 * gpu.sm_count)
-            } else {
-                groups
-            } as u32,
-            slots,
-            1,
-        ),
+        grid_dim: (inter.div_ceil(8) as u32, slots, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: (hidden * 2) as u32,
     };
@@ -272,13 +217,6 @@ pub unsafe fn small_experts_with(
             hidden.div_ceil(8),
             256,
             (k + n_shared) * inter * 2,
-        ),
-        // one block an SM (~200 registers a thread)
-        SmallDown::Stream => (
-            "moe_small_down_stream_bf16",
-            stream_grid(hidden.div_ceil(DOWN_ROWS), n, gpu.sm_count),
-            32 * (k + n_shared),
-            0,
         ),
     };
     let f = gpu.function(name)?;
@@ -299,41 +237,8 @@ pub unsafe fn small_experts_with(
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    // SAFETY: the down kernels take the same arguments; act rows of routed slots were written
-    // just before; the slot and stream kernels' blocks have one warp per slot (at most
-    // DOWN_MAX_SLOTS / STREAM_MAX_SLOTS, checked by `fits`).
+    // SAFETY: both down kernels take the same arguments; act rows of routed slots were written
+    // just before; the slot kernel's block has one warp per slot (at most DOWN_MAX_SLOTS).
     unsafe { b.launch(cfg) }?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stream_grid_spreads_units_evenly_over_about_the_target() {
-        // V2-Lite batch 1, gate/up: 176 groups of 8 rows over 8 slots, 264 blocks wanted: 33
-        // wide would leave blocks of 5 and of 6 groups; 30 wide gives 6 each (the last 2)
-        let gx = stream_grid(176, 8, 264);
-        assert_eq!(gx, 30);
-        assert_eq!(176usize.div_ceil(gx), 6);
-        // down: 1024 row pairs over 1 row, 132 blocks wanted: 8 pairs a block
-        let gx = stream_grid(1024, 1, 132);
-        assert_eq!(1024usize.div_ceil(gx), 8);
-        assert!(gx <= 132);
-        // never wider than the units, never zero
-        assert_eq!(stream_grid(5, 1, 264), 5);
-        assert_eq!(stream_grid(0, 4, 264), 1);
-        assert_eq!(stream_grid(100, 1000, 264), 1);
-    }
-
-    #[test]
-    fn stream_falls_back_to_slots_where_it_does_not_fit() {
-        // 6 routed + 2 shared parts at V2's and V2-Lite's intermediate sizes fit
-        assert_eq!(SmallDown::Stream.for_slots(8, 1536), SmallDown::Stream);
-        assert_eq!(SmallDown::Stream.for_slots(8, 1408), SmallDown::Stream);
-        assert_eq!(SmallDown::Stream.for_slots(9, 1408), SmallDown::Slots);
-        assert_eq!(SmallDown::Stream.for_slots(6, 2048), SmallDown::Slots);
-        assert_eq!(SmallDown::Rows.for_slots(9, 2048), SmallDown::Rows);
-    }
 }
