@@ -457,6 +457,9 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_small_gate_up_bf16(cons
         if (e < 0 || e >= n_exp || ptrs[3 * e] == 0) return;
         wg = reinterpret_cast<const bf16*>(ptrs[3 * e]) + (size_t)min(i, inter - 1) * hidden;
         wu = reinterpret_cast<const bf16*>(ptrs[3 * e + 1]) + (size_t)min(i, inter - 1) * hidden;
+        // the first pass's weight loads before the row's copy to shared memory and its barrier,
+        // not after: one L2 round trip less before a block's weights start to stream
+        load_pass(lane * 8);
     }
     for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8)
         *reinterpret_cast<bf16x8*>(xs + c) = *reinterpret_cast<const bf16x8*>(x + (size_t)row * hidden + c);
@@ -464,7 +467,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_small_gate_up_bf16(cons
     if (i >= inter) return;
     float ag = 0.f, au = 0.f;
     for (int base = lane * 8; base < hidden; base += WARP * 8 * GU_PIECES) {
-        if (!shared_slot || base != lane * 8) load_pass(base);
+        if (base != lane * 8) load_pass(base);
 #pragma unroll
         for (int q = 0; q < GU_PIECES; ++q) {
             const int c = base + q * WARP * 8;
