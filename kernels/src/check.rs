@@ -11,10 +11,12 @@ use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+mod append_absorb;
 mod experts;
 pub mod fp8;
 mod gemv;
 
+pub use append_absorb::{AbsorbCase, check_latent_append_absorb};
 pub use experts::{
     check_grouped_counts, check_grouped_experts, check_small_experts, run_grouped,
     run_grouped_counts,
@@ -1135,6 +1137,39 @@ pub fn run_mla(gpu: &Gpu, kernels: &[mla::MlaKernel]) -> Result<Vec<CheckRow>> {
         // a value width that leaves the last 32-column block part empty
         check_mla_decode_uv(gpu, &[130], 16, 3, 40)?,
     ];
+    // the append with decode's W_UK absorb in its launch (two rows each: the references, and
+    // bit for bit the GEMV it replaces): V2-Lite at 1, 3 (one slot -1) and 4 rows, V2 at 1, and
+    // odd dims (5 heads, qk_nope 136 = 17 rows per K residue, 200 columns = a part-empty tile)
+    // with the queries given apart
+    let lite = |tokens| AbsorbCase {
+        tokens,
+        heads: 16,
+        dn: 128,
+        dr: 64,
+        dv: 128,
+        kv_lora: 512,
+        fused_q: true,
+    };
+    for case in [
+        lite(1),
+        lite(4),
+        lite(3),
+        AbsorbCase {
+            heads: 128,
+            ..lite(1)
+        },
+        AbsorbCase {
+            tokens: 3,
+            heads: 5,
+            dn: 136,
+            dr: 8,
+            dv: 16,
+            kv_lora: 200,
+            fused_q: false,
+        },
+    ] {
+        out.extend(check_latent_append_absorb(gpu, &case)?);
+    }
     for &kernel in kernels {
         for (lens, heads, block, splits) in cases {
             let row = check_mla_decode(gpu, lens, heads, block, splits, kernel)?;

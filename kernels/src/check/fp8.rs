@@ -112,6 +112,7 @@ pub fn check_latent_append_fp8(
             kv_lora,
             eps,
             rope: rope_arg(),
+            absorb: None,
         },
     )?;
     mla_fp8::mla_latent_append_fp8(

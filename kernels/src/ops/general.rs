@@ -1,6 +1,7 @@
 //! Launchers for general.cu (MLA pieces for any latent / rope / head dims: latent norm + cache
-//! write, causal attention over a gathered context, strided row copy, residual add, f32 -> bf16
-//! cast, indexed row accumulation), their f32 references, and their GPU checks.
+//! write, with decode's W_UK absorb in the same launch at few rows, causal attention over a
+//! gathered context, strided row copy, residual add, f32 -> bf16 cast, indexed row
+//! accumulation), their f32 references, and their GPU checks.
 
 use cudarc::driver::LaunchConfig;
 use half::bf16;
@@ -56,7 +57,8 @@ fn expect_rows<T: DType>(
 /// cache [num_blocks, block_size, r + dr] (bf16), slots i64 [T] (block * block_size + offset;
 /// negative or out-of-range slots are skipped). With `rope`, the k_pe part is rotated on the way
 /// (as `rope_bf16` would, positions outside the table left as they are); without, it is copied
-/// as given (already rotated). Rotating here saves decode a launch per layer.
+/// as given (already rotated). Rotating here saves decode a launch per layer; with `absorb`
+/// (at most [`ABSORB_MAX_ROWS`] tokens) the launch also computes decode's absorbed queries.
 pub struct LatentAppendParams<'a> {
     pub kva: View<'a, bf16>,
     pub norm_w: View<'a, bf16>,
@@ -65,6 +67,134 @@ pub struct LatentAppendParams<'a> {
     pub kv_lora: usize,
     pub eps: f32,
     pub rope: Option<LatentRope<'a>>,
+    /// Decode's W_UK absorb in the same launch (at most [`ABSORB_MAX_ROWS`] tokens).
+    pub absorb: Option<LatentAbsorb<'a>>,
+}
+
+/// Tokens up to which the append's launch can also absorb W_UK into the queries
+/// (`mla_latent_append_absorb_m{1..4}_bf16`); more take the GEMM of their own.
+pub const ABSORB_MAX_ROWS: usize = 4;
+/// Columns of W_UK per absorb block (ABSORB_TILE in general.cu).
+const ABSORB_TILE: usize = 128;
+/// Threads of every block of the append's launch (ABSORB_THREADS in general.cu).
+const APPEND_THREADS: u32 = 128;
+
+/// `out[t, h, :] = q[t, h, :qk_nope] · W_UK_h`, W_UK_h = the qk_nope kv_b rows from
+/// `h·(qk_nope + v_head)` on ([qk_nope, kv_r]): decode's absorbed query, computed by extra blocks
+/// of the append's launch (one launch per layer less). The arithmetic is the [K, N] GEMV's (`gemv_kn_m*_bf16`):
+/// the same partial sums added in the same order, so the two paths agree bit for bit.
+pub struct LatentAbsorb<'a> {
+    /// The queries [T, heads, >= qk_nope] (unit inner stride, any outer strides); `None`: those
+    /// that [`LatentRope::q`] rotates in the same launch (the absorb reads only the first
+    /// qk_nope values of each head, the rotation writes only the last rope values).
+    pub q: Option<View<'a, bf16>>,
+    /// kv_b_proj [heads · (qk_nope + v_head), kv_r], contiguous, 16-byte aligned, kv_r a
+    /// multiple of 8 (whole 16-byte weight loads).
+    pub kv_b: View<'a, bf16>,
+    pub qk_nope: usize,
+    pub v_head: usize,
+    /// q_abs [T, heads, kv_r], contiguous.
+    pub out: ViewMut<'a, bf16>,
+}
+
+/// Whether the append's launch can absorb W_UK for `tokens` rows of qk_nope `dn` against a
+/// kv_b of rows of `kv_r` values at address `kv_b` (the launcher's rule, for callers choosing
+/// between the fused and the separate path): 1 to [`ABSORB_MAX_ROWS`] rows, 16-byte aligned
+/// weight rows, and shared memory for the split-K partials ([8][tokens][ABSORB_TILE] f32 and the
+/// norm's 32 floats) and the head's queries ([dn][tokens] f32) within the default 48 KiB.
+pub fn absorb_fits(tokens: usize, dn: usize, kv_r: usize, kv_b: u64) -> bool {
+    let smem = (8 * tokens * ABSORB_TILE + 32 + tokens * dn) * 4;
+    (1..=ABSORB_MAX_ROWS).contains(&tokens)
+        && dn > 0
+        && kv_r.is_multiple_of(8)
+        && kv_b.is_multiple_of(16)
+        && smem <= 48 * 1024
+}
+
+/// The absorb kernels' extra arguments and grid, checked against the append's `tokens` and the
+/// rope blocks' grid height.
+struct AbsorbArgs {
+    q: u64,
+    q_rs: i64,
+    q_hs: i64,
+    kv_b: u64,
+    out: u64,
+    heads: i32,
+    dn: i32,
+    dv: i32,
+    kv_r: i32,
+    /// Grid columns past the tokens' (absorb blocks = heads × column tiles, `grid_y` a column).
+    grid_x: u32,
+    shared_mem_bytes: u32,
+}
+
+impl LatentAbsorb<'_> {
+    fn kernel_args(
+        &self,
+        op: &'static str,
+        rope_q: Option<&View<'_, bf16>>,
+        tokens: usize,
+        grid_y: u32,
+    ) -> Result<AbsorbArgs> {
+        let q = match (&self.q, rope_q) {
+            (Some(q), _) => q,
+            (None, Some(q)) => q,
+            (None, None) => {
+                return Err(shape_err(
+                    op,
+                    "the absorb was given no queries and the rope rotates none",
+                ));
+            }
+        };
+        expect_rows(q, op, "q", &[Some(tokens), None, None])?;
+        let (heads, qd) = (q.shape()[1], q.shape()[2]);
+        let (dn, dv) = (self.qk_nope, self.v_head);
+        if dn == 0 || dn > qd {
+            return Err(shape_err(
+                op,
+                format!("qk_nope {dn} does not fit query heads of {qd} values"),
+            ));
+        }
+        self.kv_b
+            .expect(op, "kv_b", &[Some(heads * (dn + dv)), None])?;
+        let kv_r = self.kv_b.shape()[1];
+        self.out
+            .expect(op, "q_abs", &[Some(tokens), Some(heads), Some(kv_r)])?;
+        if !absorb_fits(tokens, dn, kv_r, self.kv_b.ptr()) {
+            return Err(KernelError::Unsupported {
+                op,
+                what: format!(
+                    "absorb of {tokens} rows (at most {ABSORB_MAX_ROWS}), qk_nope {dn} (its rows \
+                     and the partial sums in 48 KiB of shared memory), kv_b rows of {kv_r} values \
+                     at {:#x} (16-byte aligned rows)",
+                    self.kv_b.ptr()
+                ),
+            });
+        }
+        let blocks = heads * kv_r.div_ceil(ABSORB_TILE);
+        let grid_x = u32::try_from(blocks.div_ceil(grid_y.max(1) as usize))
+            .ok()
+            .filter(|&x| x < 1 << 30)
+            .ok_or_else(|| {
+                shape_err(
+                    op,
+                    format!("{blocks} absorb blocks exceed the grid's width"),
+                )
+            })?;
+        Ok(AbsorbArgs {
+            q: q.ptr(),
+            q_rs: q.strides()[0] as i64,
+            q_hs: q.strides()[1] as i64,
+            kv_b: self.kv_b.ptr(),
+            out: self.out.ptr(),
+            heads: dim_i32(op, "heads", heads)?,
+            dn: dim_i32(op, "qk_nope", dn)?,
+            dv: dim_i32(op, "v_head", dv)?,
+            kv_r: dim_i32(op, "kv_b columns", kv_r)?,
+            grid_x,
+            shared_mem_bytes: (tokens * dn * 4) as u32,
+        })
+    }
 }
 
 /// Positions i32 [T] and the table for [`LatentAppendParams::rope`]; with `q` (the step's
@@ -182,13 +312,45 @@ pub fn mla_latent_append(gpu: &Gpu, p: LatentAppendParams<'_>) -> Result<()> {
     );
     let eps = p.eps;
     let ra = LatentRope::kernel_args(p.rope.as_ref(), OP, tokens, width - p.kv_lora)?;
-    let f = gpu.function(OP)?;
+    let Some(absorb) = &p.absorb else {
+        let f = gpu.function(OP)?;
+        let mut b = gpu.launch(f);
+        b.arg(&k)
+            .arg(&w)
+            .arg(&s)
+            .arg(&c)
+            .arg(&t)
+            .arg(&rr)
+            .arg(&dr)
+            .arg(&num_slots)
+            .arg(&eps)
+            .arg(&ra.pos)
+            .arg(&ra.cos)
+            .arg(&ra.sin)
+            .arg(&ra.max_pos)
+            .arg(&ra.q)
+            .arg(&ra.q_heads)
+            .arg(&ra.q_head_dim);
+        let mut cfg = super::per_row(tokens, APPEND_THREADS);
+        cfg.grid_dim.1 = ra.grid_y;
+        // SAFETY: matches mla_latent_append_bf16's signature; shapes checked above (the queries
+        // by kernel_args), the kernel bounds-checks slots against num_slots.
+        unsafe { b.launch(cfg) }?;
+        return Ok(());
+    };
+    const ABSORB_OP: &str = "mla_latent_append_absorb_bf16";
+    let rope_q = p
+        .rope
+        .as_ref()
+        .and_then(|r| r.q.as_ref())
+        .map(|q| q.as_view());
+    let aa = absorb.kernel_args(ABSORB_OP, rope_q.as_ref(), tokens, ra.grid_y)?;
+    let f = gpu.function(&format!("mla_latent_append_absorb_m{tokens}_bf16"))?;
     let mut b = gpu.launch(f);
     b.arg(&k)
         .arg(&w)
         .arg(&s)
         .arg(&c)
-        .arg(&t)
         .arg(&rr)
         .arg(&dr)
         .arg(&num_slots)
@@ -199,11 +361,26 @@ pub fn mla_latent_append(gpu: &Gpu, p: LatentAppendParams<'_>) -> Result<()> {
         .arg(&ra.max_pos)
         .arg(&ra.q)
         .arg(&ra.q_heads)
-        .arg(&ra.q_head_dim);
-    let mut cfg = super::per_row(tokens, 128);
-    cfg.grid_dim.1 = ra.grid_y;
-    // SAFETY: matches mla_latent_append_bf16's signature; shapes checked above (the queries by
-    // kernel_args), the kernel bounds-checks slots against num_slots.
+        .arg(&ra.q_head_dim)
+        .arg(&aa.q)
+        .arg(&aa.q_rs)
+        .arg(&aa.q_hs)
+        .arg(&aa.kv_b)
+        .arg(&aa.out)
+        .arg(&aa.heads)
+        .arg(&aa.dn)
+        .arg(&aa.dv)
+        .arg(&aa.kv_r);
+    let cfg = LaunchConfig {
+        // columns x < tokens: the append's blocks; the rest: absorb blocks
+        grid_dim: (tokens as u32 + aa.grid_x, ra.grid_y, 1),
+        block_dim: (APPEND_THREADS, 1, 1),
+        shared_mem_bytes: aa.shared_mem_bytes,
+    };
+    // SAFETY: matches mla_latent_append_absorb_m{tokens}_bf16's signature (tokens in 1..=4, the
+    // kernel's M); the append's shapes checked above, the absorb's by kernel_args (q rows and
+    // head strides address [tokens, heads, >= dn], kv_b holds heads·(dn + dv) rows of kv_r,
+    // q_abs [tokens, heads, kv_r] contiguous); the dynamic shared memory holds tokens·dn floats.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -753,6 +930,7 @@ pub fn check_latent_append(
                 table: &table,
                 q: Some(q.view_mut()),
             }),
+            absorb: None,
         },
     )?;
     let mut kf = kf;

@@ -103,6 +103,27 @@ pub(crate) fn run(
     };
     drop(t_proj);
 
+    let pure_decode = !batch.seqs.is_empty()
+        && batch.seqs.len() == n
+        && batch
+            .seqs
+            .iter()
+            .enumerate()
+            .all(|(i, s)| s.rows == (i..i + 1));
+    let fast = pure_decode && decode_route(cfg, batch.mode);
+    // decode's W_UK absorb by extra blocks of the append's launch (one launch per layer less)
+    // where that launch can take it: few rows, a bf16 cache (the FP8 append keeps the GEMV)
+    let fuse_absorb = b.fused_absorb
+        && fast
+        && matches!(layer_cache, LayerCache::Bf16(_))
+        && g::absorb_fits(n, dn, r, w.kv_b.t.ptr());
+    // allocated here, in the step's fixed order, so that a recorded graph's address stays valid
+    let mut q_abs = if fuse_absorb {
+        Some(b.empty(&[n, heads, r])?)
+    } else {
+        None
+    };
+
     let rows = row_positions(batch.seqs, n, bs, num_blocks)?;
     let max_pos = rows.max_pos;
     let pos_t = b.upload_i32(POSITIONS, &rows.pos, &[n])?;
@@ -132,10 +153,24 @@ pub(crate) fn run(
             .kx()?;
         }
         let _t_append = b.timed("attn.latent_append");
+        // the absorb reads the queries the launch rotates (their other columns), or its own
+        // view of them when they were rotated apart
+        let (rope_q, absorb_q) = if b.fused_rope {
+            (Some(q.view_mut()), None)
+        } else {
+            (None, Some(q.view()))
+        };
         let rope = Some(g::LatentRope {
             positions: pos_t.view(),
             table,
-            q: b.fused_rope.then(|| q.view_mut()),
+            q: rope_q,
+        });
+        let absorb = q_abs.as_mut().map(|out| g::LatentAbsorb {
+            q: absorb_q,
+            kv_b: w.kv_b.t.view(),
+            qk_nope: dn,
+            v_head: dv,
+            out: out.view_mut(),
         });
         match layer_cache {
             LayerCache::Bf16(t) => g::mla_latent_append(
@@ -148,6 +183,7 @@ pub(crate) fn run(
                     kv_lora: r,
                     eps: cfg.rms_norm_eps,
                     rope,
+                    absorb,
                 },
             ),
             // quantized on the way in: the FP8 cache holds the quantization of what the bf16
@@ -168,16 +204,8 @@ pub(crate) fn run(
         .kx()?;
     }
     let layer_cache = &*layer_cache;
-    let pure_decode = !batch.seqs.is_empty()
-        && batch.seqs.len() == n
-        && batch
-            .seqs
-            .iter()
-            .enumerate()
-            .all(|(i, s)| s.rows == (i..i + 1));
-    let fast = pure_decode && decode_route(cfg, batch.mode);
     let attn_out = if fast {
-        decode(b, cfg, w, &q, layer_cache, batch)?
+        decode(b, cfg, w, &q, q_abs, layer_cache, batch)?
     } else if prefill::supported(cfg) {
         prefill::run(&prefill::Step {
             b,
@@ -369,22 +397,29 @@ fn dims(cfg: &ModelConfig) -> (usize, usize, usize, usize, usize) {
 }
 
 /// A pure decode step (one new token per sequence, row i = sequence i) at DeepSeek-V2's latent
-/// dims, absorbed: the tuned `mla_decode` over the paged cache for the whole batch.
+/// dims, absorbed: the tuned `mla_decode` over the paged cache for the whole batch. `q_abs`: the
+/// absorbed queries when the append's launch computed them, else they are computed here.
 fn decode(
     b: &CudaBackend,
     cfg: &ModelConfig,
     w: &AttnWeights<CudaWeight>,
     q: &Tensor<bf16>,
+    q_abs: Option<Tensor<bf16>>,
     cache: &LayerCache,
     batch: &AttnBatch<'_>,
 ) -> Result<Tensor<bf16>> {
     let (heads, dn, dr, dv, r) = dims(cfg);
     let n = q.shape()[0];
     let num_blocks = cache.num_blocks();
-    let t_absorb = b.timed("attn.q_absorb");
-    let q_abs = b.empty(&[n, heads, r])?;
-    absorb_q(b, cfg, w, q.ptr(), n, q_abs.ptr())?;
-    drop(t_absorb);
+    let q_abs = match q_abs {
+        Some(t) => t,
+        None => {
+            let _t = b.timed("attn.q_absorb");
+            let t = b.empty(&[n, heads, r])?;
+            absorb_q(b, cfg, w, q.ptr(), n, t.ptr())?;
+            t
+        }
+    };
     let t_decode = b.timed("attn.decode");
     let t = decode_tables(batch.seqs, num_blocks)?;
     let bt = b.upload_i32(BLOCK_TABLE, &t.table, &[n, t.max_blocks])?;

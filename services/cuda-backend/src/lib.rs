@@ -195,6 +195,9 @@ pub struct CudaBackend {
     /// Decode's value up-projection in the split-KV combine's launch when the context is split
     /// (`DSV2_FUSED_UV=0`: the combine, then a GEMV of its own, to compare).
     pub(crate) fused_uv: bool,
+    /// Decode's W_UK absorb computed by extra blocks of the latent append's launch at few rows
+    /// over a bf16 cache (`DSV2_FUSED_ABSORB=0`: a GEMV launch of its own, to compare).
+    pub(crate) fused_absorb: bool,
     /// q_proj (or q_a_proj) and kv_a as one GEMV launch at few rows (`DSV2_FUSED_Q_KV_A=0`: two
     /// launches, to compare).
     fused_q_kv_a: bool,
@@ -244,6 +247,7 @@ impl CudaBackend {
             fused_shared: std::env::var("DSV2_FUSED_SHARED").map_or(true, |v| v != "0"),
             fused_rope: std::env::var("DSV2_FUSED_ROPE").map_or(true, |v| v != "0"),
             fused_uv: std::env::var("DSV2_FUSED_UV").map_or(true, |v| v != "0"),
+            fused_absorb: std::env::var("DSV2_FUSED_ABSORB").map_or(true, |v| v != "0"),
             fused_q_kv_a: std::env::var("DSV2_FUSED_Q_KV_A").map_or(true, |v| v != "0"),
             gate_ticket,
             // DSV2_GROUPED_EXPERTS=0 runs the per-expert cuBLAS loop instead of the grouped
