@@ -181,7 +181,10 @@ mod tests {
         let wait = body.find("griddep_wait();");
         let trigger = body.find("griddep_launch_dependents();");
         match (wait, trigger) {
-            (Some(w), Some(t)) => assert!(t > w, "{file}: {name} triggers its dependents before its wait"),
+            (Some(w), Some(t)) => assert!(
+                t > w,
+                "{file}: {name} triggers its dependents before its wait"
+            ),
             (Some(_), None) => {}
             (None, Some(_)) => panic!("{file}: {name} triggers its dependents and never waits"),
             (None, None) => panic!("{file}: {name} never calls griddep_wait()"),
@@ -204,7 +207,11 @@ mod tests {
                         .find(&format!(" {helper}("))
                         .filter(|&i| src[..i].contains("__device__"))
                         .unwrap_or_else(|| panic!("{file}: {name}: no definition of {helper}"));
-                    check_order(file, &format!("{name} (in {helper})"), body_after_params(&src[def..]));
+                    check_order(
+                        file,
+                        &format!("{name} (in {helper})"),
+                        body_after_params(&src[def..]),
+                    );
                 }
                 checked += 1;
             }
@@ -221,7 +228,10 @@ mod tests {
         ];
         for src in bad {
             let (name, body) = kernels(src).pop().unwrap();
-            assert!(std::panic::catch_unwind(|| check_order("t", &name, body)).is_err(), "{src}");
+            assert!(
+                std::panic::catch_unwind(|| check_order("t", &name, body)).is_err(),
+                "{src}"
+            );
         }
         let good = "extern \"C\" __global__ void k(int a) { int w = a; griddep_wait(); griddep_launch_dependents(); }";
         let (name, body) = kernels(good).pop().unwrap();
