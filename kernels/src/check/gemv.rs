@@ -8,6 +8,7 @@ use crate::device::Gpu;
 use crate::error::{Result, shape_err};
 use crate::ops::gemm::{Gemm, GemmOut};
 use crate::ops::{elementwise as ew, gemv};
+use crate::reference as r;
 use crate::tensor::Tensor;
 
 /// One GEMV problem: `batch` x (Y[m, n] = X[m, k] · op(W)), X rows padded to `k + pad`, W stored
@@ -167,6 +168,131 @@ pub fn check_gemv_pair_uneven(
     ))
 }
 
+/// MLA's first projections at one decode row with the pre-attention add + RMSNorm in their launch
+/// (`gemv_pair_after_add_norm`): three rows. The outputs and the new residual against the CPU
+/// (X = bf16(rmsnorm(bf16(add + residual))), f64 products); then bit for bit against the unfused
+/// launches (`add_rmsnorm_bf16`, then `gemv_pair` of its output), with the fused launch's input
+/// residual left as it was.
+pub fn check_gemv_pair_after_add_norm(
+    gpu: &Gpu,
+    n1: usize,
+    n2: usize,
+    k: usize,
+    pad: usize,
+) -> Result<Vec<CheckRow>> {
+    let mut g = rng(59 + (n1 + 3 * n2 + k) as u64);
+    let (ab, af) = rand_bf16(&mut g, k, 2.0);
+    let (rb, rf) = rand_bf16(&mut g, k, 2.0);
+    let (nb, nf) = rand_bf16(&mut g, k, 1.0);
+    let (w1b, w1f) = rand_bf16(&mut g, n1 * k, 1.0);
+    let (w2b, w2f) = rand_bf16(&mut g, n2 * k, 1.0);
+    let add = Tensor::from_host(gpu, &ab, &[1, k])?;
+    let residual = Tensor::from_host(gpu, &rb, &[1, k])?;
+    let nw = Tensor::from_host(gpu, &nb, &[k])?;
+    let w1 = Tensor::from_host(gpu, &w1b, &[n1, k])?;
+    let w2 = Tensor::from_host(gpu, &w2b, &[n2, k])?;
+    let ldy2 = n2 + pad;
+    let outputs = || -> Result<_> {
+        Ok((
+            Tensor::<bf16>::zeros(gpu, &[1, n1])?,
+            Tensor::<bf16>::zeros(gpu, &[1, ldy2])?,
+        ))
+    };
+    let pair = |x: u64, y1: u64, y2: u64| {
+        let first = Gemm::xwt(1, n1, k, x, w1.ptr(), y1);
+        let second = gemv::PairSecond {
+            w: w2.ptr(),
+            y: y2,
+            n: n2,
+            ldy: ldy2,
+        };
+        (first, second)
+    };
+    let eps = 1e-6;
+    let sizes = format!("N {n1} | {n2} (ldy {ldy2}) K {k}");
+    let not_paired = || shape_err("gemv", format!("{sizes}: not paired"));
+
+    // fused: the new residual in a buffer of its own
+    let (y1, y2) = outputs()?;
+    let new_res = Tensor::<bf16>::zeros(gpu, &[1, k])?;
+    let (first, second) = pair(0, y1.ptr(), y2.ptr());
+    let norm = gemv::AddNormRow {
+        add: add.ptr(),
+        residual: residual.ptr(),
+        weight: nw.ptr(),
+        residual_out: new_res.ptr(),
+        eps,
+    };
+    // SAFETY: every tensor above has the extents these problems and the norm address, and
+    // new_res is a buffer of its own.
+    if !unsafe { gemv::gemv_pair_after_add_norm(gpu, &first, second, norm, true)? } {
+        return Err(not_paired());
+    }
+    let (f1, f2, f_res) = (y1.to_host(gpu)?, y2.to_host(gpu)?, new_res.to_host(gpu)?);
+    let res_after = residual.to_host(gpu)?;
+
+    // unfused: add_rmsnorm_bf16 (residual updated in place, on a copy), then the pair
+    let (u1, u2) = outputs()?;
+    let mut res_copy = Tensor::from_host(gpu, &rb, &[1, k])?;
+    let mut x = Tensor::<bf16>::zeros(gpu, &[1, k])?;
+    ew::rmsnorm(
+        gpu,
+        ew::RmsNormParams {
+            x: add.view(),
+            weight: nw.view(),
+            residual: Some(res_copy.view_mut()),
+            out: x.view_mut(),
+            eps,
+        },
+    )?;
+    let (first, second) = pair(x.ptr(), u1.ptr(), u2.ptr());
+    // SAFETY: as above.
+    if !unsafe { gemv::gemv_pair::<bf16>(gpu, &first, second, true)? } {
+        return Err(not_paired());
+    }
+    let bits = |v: &[bf16]| v.iter().map(|b| b.to_bits()).collect::<Vec<u16>>();
+    let got_bits = [bits(&f1), bits(&f2), bits(&f_res), bits(&res_after)].concat();
+    let want_bits = [
+        bits(&u1.to_host(gpu)?),
+        bits(&u2.to_host(gpu)?),
+        bits(&res_copy.to_host(gpu)?),
+        bits(&rb),
+    ]
+    .concat();
+
+    let (xn, want_res) = r::add_rmsnorm(&af, &rf, &nf, eps);
+    let xn: Vec<f32> = xn.into_iter().map(r::bf).collect();
+    let dot = |w: &[f32], j: usize| {
+        (0..k)
+            .map(|kk| xn[kk] as f64 * w[j * k + kk] as f64)
+            .sum::<f64>() as f32
+    };
+    let (mut got, mut want) = (f32s(&f1), (0..n1).map(|j| dot(&w1f, j)).collect::<Vec<_>>());
+    got.extend(f32s(&f2));
+    want.extend((0..ldy2).map(|j| if j < n2 { dot(&w2f, j) } else { 0.0 }));
+    let mut rows = vec![
+        CheckRow::cmp("gemv_nk_norm_m1_bf16 out", sizes.clone(), &got, &want, 1e-2),
+        CheckRow::cmp(
+            "gemv_nk_norm_m1_bf16 residual",
+            sizes.clone(),
+            &f32s(&f_res),
+            &want_res,
+            1e-2,
+        ),
+        CheckRow::exact(
+            "gemv_nk_norm_m1_bf16 = add_rmsnorm + pair",
+            sizes,
+            &got_bits,
+            &want_bits,
+        ),
+    ];
+    rows[2].note = format!(
+        "{}: outputs, new residual, input residual untouched",
+        rows[2].note
+    );
+    Ok(rows)
+}
+
 /// The few-row FFN as the CUDA backend runs it: gate and up as one paired launch into [m, 2I],
 /// `silu_mul`, then the down projection added into an existing bf16 accumulator. Against the CPU:
 /// bf16(acc + bf16(down(bf16(silu(gate) · up)))).
@@ -289,6 +415,10 @@ pub fn run_gemv(gpu: &Gpu) -> Result<Vec<CheckRow>> {
         out.push(check_gemv_pair_uneven(gpu, m, 1536, 576, 5120, 8)?);
         out.push(check_gemv_pair_uneven(gpu, m, 24, 67, 72, 3)?);
     }
+    // the same pairs at one row with the pre-attention add + norm in their launch
+    out.extend(check_gemv_pair_after_add_norm(gpu, 3072, 576, 2048, 0)?);
+    out.extend(check_gemv_pair_after_add_norm(gpu, 1536, 576, 5120, 8)?);
+    out.extend(check_gemv_pair_after_add_norm(gpu, 24, 67, 72, 3)?);
     for m in [1, 3, 8] {
         out.push(check_gemv_ffn(gpu, m, 5120, 1536)?);
         out.push(check_gemv_ffn(gpu, m, 72, 40)?);

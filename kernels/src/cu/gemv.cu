@@ -27,13 +27,70 @@ __device__ __forceinline__ void store_out(bf16* y, float v, int accumulate) {
     *y = __float2bfloat16(accumulate ? __bfloat162float(*y) + r : r);
 }
 
+struct KeepX {
+    __device__ __forceinline__ const bf16* operator()(const bf16* x) const { return x; }
+};
+
+// One row's pre-attention step, residual' = bf16(add + residual), X = bf16(w * rmsnorm(residual')),
+// computed by every block of the GEMV into shared memory (K bf16 values of dynamic shared memory)
+// while its first weight loads are in flight: one launch per layer less at one decode row. Bit for
+// bit add_rmsnorm_bf16 (elementwise.cu) launched with `threads` threads: the sum of squares is
+// split over the same `threads` threads the same way and reduced by the same block_sum (the
+// block's other threads add exact zeros to the final warp_sum), so the GEMV reads the same X.
+// Block (0, 0) writes residual' to `residual_out`; it must not be `residual`, which the other
+// blocks may still be reading.
+struct AddNormRow {
+    const bf16* __restrict__ add;
+    const bf16* __restrict__ residual;
+    const bf16* __restrict__ w;
+    bf16* __restrict__ residual_out;
+    int hidden, threads;
+    float eps;
+    __device__ __forceinline__ const bf16* operator()(const bf16*) const {
+        extern __shared__ uint4 gemv_norm_x[];  // uint4: 16-byte aligned for load8 / store8
+        __shared__ float scratch[32];
+        bf16* xs = reinterpret_cast<bf16*>(gemv_norm_x);
+        const bool writer = blockIdx.x == 0 && blockIdx.y == 0;
+        float ss = 0.f;
+        if (threadIdx.x < threads) {
+            for (int i = threadIdx.x * 8; i < hidden; i += threads * 8) {
+                float a[8], b[8];
+                load8(add + i, a);
+                load8(residual + i, b);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    a[j] = __bfloat162float(__float2bfloat16_rn(a[j] + b[j]));
+                    ss += a[j] * a[j];
+                }
+                store8(xs + i, a);
+                if (writer) store8(residual_out + i, a);
+            }
+        }
+        // block_sum's barriers also publish every thread's xs stores to the whole block
+        float inv = rsqrtf(block_sum(ss, scratch) / (float)hidden + eps);
+        for (int i = threadIdx.x * 8; i < hidden; i += blockDim.x * 8) {
+            float v[8], g[8];
+            load8(xs + i, v);
+            load8(w + i, g);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] = g[j] * (v[j] * inv);
+            store8(xs + i, v);
+        }
+        __syncthreads();
+        return xs;
+    }
+};
+
 // Block: GEMV_WARPS warps = (GEMV_WARPS / splits) column groups x splits K slices; a column group
 // is C columns. Grid: (ceil(N / (C * GEMV_WARPS / splits)), batch).
-template <int M, int C, typename OutT>
+// `pre` runs once the kernel before has completed (after griddep_wait, every thread of the block)
+// and gives the X that the product reads: X itself (KeepX), or a row it computes (AddNormRow).
+template <int M, int C, typename OutT, typename Pre = KeepX>
 __device__ __forceinline__ void gemv_nk(const bf16* __restrict__ x, long long ldx, long long sx,
                                         const bf16* __restrict__ w, long long ldw, long long sw,
                                         OutT* __restrict__ y, long long ldy, long long sy, int n, int k,
-                                        int splits, int accumulate, int n_last, long long ldy_last) {
+                                        int splits, int accumulate, int n_last, long long ldy_last,
+                                        Pre pre = Pre()) {
     // 16-byte loads in flight per lane per step: U steps of C columns, 8 in all (4 left V2's
     // 32 KB o_proj rows at 1.23x the copy roofline: one memory latency per 2 KB per warp)
     constexpr int U = 8 / C;
@@ -83,6 +140,7 @@ __device__ __forceinline__ void gemv_nk(const bf16* __restrict__ x, long long ld
     };
     load_pass(k0 + lane * 8);
     griddep_wait();
+    x = pre(x);
 
     for (int base = k0 + lane * 8; base < k1; base += U * WARP * 8) {
         if (base != k0 + lane * 8) load_pass(base);
@@ -207,6 +265,18 @@ __device__ __forceinline__ void gemv_kn(const bf16* __restrict__ x, long long ld
 #define OUT_T bf16
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m1_bf16(GEMV_NK_ARGS) {
     gemv_nk<1, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);
+}
+// One row: X = the AddNormRow of (add, residual, norm_w) (see there), then the [N, K] product as
+// gemv_nk_m1_bf16 computes it from that X (a pair with n_last / ldy_last as there). Dynamic shared
+// memory: k bf16 values.
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS)
+    gemv_nk_norm_m1_bf16(const bf16* __restrict__ add, const bf16* __restrict__ residual,
+                         const bf16* __restrict__ norm_w, bf16* __restrict__ residual_out, int norm_threads,
+                         float eps, const bf16* __restrict__ w, long long ldw, long long sw,
+                         bf16* __restrict__ y, long long ldy, long long sy, int n, int k, int splits,
+                         int n_last, long long ldy_last) {
+    gemv_nk<1, 1, bf16>(nullptr, 0, 0, w, ldw, sw, y, ldy, sy, n, k, splits, 0, n_last, ldy_last,
+                        AddNormRow{add, residual, norm_w, residual_out, k, norm_threads, eps});
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_nk_m2_bf16(GEMV_NK_ARGS) {
     gemv_nk<2, 1, OUT_T>(x, ldx, sx, w, ldw, sw, y, ldy, sy, n, k, splits, accumulate, n_last, ldy_last);

@@ -63,6 +63,12 @@ pub struct RmsNormParams<'a> {
     pub eps: f32,
 }
 
+/// Threads of a norm block for rows of `hidden` values (the order of the sum of squares depends
+/// on it, so a kernel that norms in its own launch uses the same: `moe_gate_gemv_f32`).
+pub fn norm_threads(hidden: usize) -> usize {
+    if hidden >= 4096 { 256 } else { 128 }
+}
+
 pub fn rmsnorm(gpu: &Gpu, p: RmsNormParams<'_>) -> Result<()> {
     const OP: &str = "rmsnorm_bf16";
     p.x.expect(OP, "x", &[None, None])?;
@@ -79,7 +85,7 @@ pub fn rmsnorm(gpu: &Gpu, p: RmsNormParams<'_>) -> Result<()> {
     let (x, w, o) = (p.x.ptr(), p.weight.ptr(), p.out.ptr());
     let (r, h) = (dim_i32(OP, "rows", rows)?, dim_i32(OP, "hidden", hidden)?);
     let eps = p.eps;
-    let threads = if hidden >= 4096 { 256 } else { 128 };
+    let threads = norm_threads(hidden) as u32;
     match &p.residual {
         None => {
             let f = gpu.function(OP)?;

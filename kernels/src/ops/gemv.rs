@@ -6,9 +6,10 @@ use std::sync::OnceLock;
 
 use cudarc::driver::LaunchConfig;
 
+use super::elementwise::norm_threads;
 use super::gemm::{Gemm, GemmOut};
 use crate::device::Gpu;
-use crate::error::{Result, shape_err};
+use crate::error::{KernelError, Result, shape_err};
 
 /// Most rows the [N, K]-weight kernels take (their accumulators live in registers).
 pub const MAX_ROWS_NK: usize = 8;
@@ -170,6 +171,96 @@ pub unsafe fn gemv_pair<O: GemmOut>(
     Ok(true)
 }
 
+/// One row's pre-attention add + RMSNorm, run inside the launch of the projections that read
+/// its output ([`gemv_pair_after_add_norm`]): `residual_out = bf16(add + residual)`, and the
+/// projections' X = RMSNorm(residual_out) · weight, bit for bit as `elementwise::rmsnorm` with a
+/// residual computes it. Device addresses of bf16 vectors of the projections' K values.
+#[derive(Debug, Clone, Copy)]
+pub struct AddNormRow {
+    pub add: u64,
+    pub residual: u64,
+    pub weight: u64,
+    /// A buffer apart from `residual`: the launch's blocks read `residual` while one of them
+    /// writes this.
+    pub residual_out: u64,
+    pub eps: f32,
+}
+
+/// Most K the fused norm takes: X lives in shared memory (2 bytes a value) next to the GEMV's
+/// own, under the 48 KiB a launch gets without opting in.
+const NORM_MAX_K: usize = 16_384;
+
+/// [`gemv_pair`] at one row whose X is the [`AddNormRow`] of `norm` (first.x is not read): the
+/// add + norm's launch folded into the pair's. False when the pair cannot take the GEMV path or
+/// the norm's vectors are not 16-byte aligned (the caller runs the norm and the pair apart).
+///
+/// # Safety
+/// As [`gemv_pair`] for both problems, and every address of `norm` must hold `first.k` live bf16
+/// values; `norm.residual_out` must not overlap `norm.residual` or `norm.add`.
+pub unsafe fn gemv_pair_after_add_norm(
+    gpu: &Gpu,
+    first: &Gemm,
+    second: PairSecond,
+    norm: AddNormRow,
+    force: bool,
+) -> Result<bool> {
+    const OP: &str = "gemv_nk_norm_m1_bf16";
+    if first.m != 1 {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!("{} rows (the fused norm takes one)", first.m),
+        });
+    }
+    let k = first.k;
+    let a16 = |p: u64| p.is_multiple_of(16);
+    if k > NORM_MAX_K
+        || ![norm.add, norm.residual, norm.weight, norm.residual_out]
+            .into_iter()
+            .all(a16)
+    {
+        return Ok(false);
+    }
+    let bytes = (k * std::mem::size_of::<half::bf16>()) as u64;
+    let overlaps = |a: u64, b: u64| a < b.saturating_add(bytes) && b < a.saturating_add(bytes);
+    if overlaps(norm.residual_out, norm.residual) || overlaps(norm.residual_out, norm.add) {
+        return Err(shape_err(
+            OP,
+            "residual_out overlaps an input that other blocks still read",
+        ));
+    }
+    // the plan checks X's alignment, which this kernel reads from shared memory instead
+    let mut g = *first;
+    g.x = norm.add;
+    g.ldx = k;
+    let elem = std::mem::size_of::<half::bf16>() as i64;
+    let Some(l) = pair_launch(&g, second, elem, gpu.sm_count, force)? else {
+        return Ok(false);
+    };
+    let (ldw, ldy) = (i64_dim(l.g.ldw, "ldw")?, i64_dim(l.g.ldy, "ldy")?);
+    let [_, sw, sy] = l.strides;
+    let (n, kk) = (l.g.n as i32, k as i32);
+    let splits = l.plan.splits as i32;
+    let threads = norm_threads(k) as i32;
+    let f = gpu.function(OP)?;
+    let mut b = gpu.launch(f);
+    b.arg(&norm.add).arg(&norm.residual).arg(&norm.weight);
+    b.arg(&norm.residual_out).arg(&threads).arg(&norm.eps);
+    b.arg(&l.g.w).arg(&ldw).arg(&sw);
+    b.arg(&l.g.y).arg(&ldy).arg(&sy);
+    b.arg(&n).arg(&kk).arg(&splits);
+    b.arg(&l.last.n).arg(&l.last.ldy);
+    let cfg = LaunchConfig {
+        grid_dim: (l.plan.blocks_x as u32, l.g.batch as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: bytes as u32,
+    };
+    // SAFETY: the argument list matches gemv_nk_norm_m1_bf16's signature; `pair_launch` checked
+    // layout, alignment and dims of both problems, and the norm's vectors are aligned (above);
+    // the caller guarantees the memory.
+    unsafe { b.launch(cfg) }?;
+    Ok(true)
+}
+
 /// How a [`gemv_pair`] launches: `first` as a batch of two problems (the second addressed by
 /// signed element strides from the first), cut as two problems of the wider width (the narrower
 /// one's extra blocks return at once), and the second's own width and output stride.
@@ -301,7 +392,8 @@ mod tests {
                 assert!(names.contains(&kernel_name(false, m, out)), "kn m{m} {out}");
             }
         }
-        assert_eq!(names.len(), 2 * (MAX_ROWS_NK + MAX_ROWS_KN));
+        assert!(names.iter().any(|n| n == "gemv_nk_norm_m1_bf16"));
+        assert_eq!(names.len(), 2 * (MAX_ROWS_NK + MAX_ROWS_KN) + 1);
     }
 
     #[test]

@@ -236,6 +236,28 @@ pub trait Backend: Send + Sync + 'static {
         layer: usize,
     ) -> Result<Self::Act>;
 
+    /// [`Backend::add_rms_norm`] of `ffn_out` into `residual` with `norm`, then
+    /// [`Backend::attention`] of the normed rows, in one call so that a backend may compute the
+    /// norm inside the first projections' launch (the CUDA backend does at one row: one launch
+    /// less per layer). The normed rows feed only attention's first projections. A backend may
+    /// replace `residual` with a new activation holding the sum rather than update it in place.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_after_add_norm(
+        &self,
+        cfg: &ModelConfig,
+        w: &AttnWeights<Self::Weight>,
+        residual: &mut Self::Act,
+        ffn_out: &Self::Act,
+        norm: &Self::Weight,
+        eps: f32,
+        batch: &AttnBatch<'_>,
+        cache: &mut Self::Cache,
+        layer: usize,
+    ) -> Result<Self::Act> {
+        let x = self.add_rms_norm(residual, ffn_out, norm, eps)?;
+        self.attention(cfg, w, &x, batch, cache, layer)
+    }
+
     /// Gate logits (f32) → chosen experts and weights, brought to the host for dispatch.
     fn route(&self, gate: &Self::Weight, x: &Self::Act, p: &RoutingParams) -> Result<Routing>;
 

@@ -486,11 +486,24 @@ impl<B: Backend> Model<B> {
         // each sublayer's output joins the residual stream in the next norm's pass
         let mut ffn_out: Option<B::Act> = None;
         for (l, layer) in self.layers.iter().enumerate() {
-            let x = match ffn_out.take() {
-                Some(out) => b.add_rms_norm(&mut hidden, &out, &layer.input_norm, eps)?,
-                None => b.rms_norm(&hidden, &layer.input_norm, eps)?,
+            // the backend may run the add + norm inside attention's first launch
+            let attn = match ffn_out.take() {
+                Some(out) => b.attention_after_add_norm(
+                    &self.cfg,
+                    &layer.attn,
+                    &mut hidden,
+                    &out,
+                    &layer.input_norm,
+                    eps,
+                    &batch,
+                    storage,
+                    l,
+                )?,
+                None => {
+                    let x = b.rms_norm(&hidden, &layer.input_norm, eps)?;
+                    b.attention(&self.cfg, &layer.attn, &x, &batch, storage, l)?
+                }
             };
-            let attn = b.attention(&self.cfg, &layer.attn, &x, &batch, storage, l)?;
             let x = b.add_rms_norm(&mut hidden, &attn, &layer.post_norm, eps)?;
             let out = match &layer.ffn {
                 Ffn::Dense(mlp) => b.mlp(mlp, &x)?,

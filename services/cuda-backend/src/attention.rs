@@ -28,18 +28,38 @@ use crate::{ABSORB_MAX_CHUNK, CudaAct, CudaBackend, CudaCache, CudaWeight, Kx, e
 
 const BF: u64 = std::mem::size_of::<bf16>() as u64;
 
+/// What attention's first projections (q_proj or q_a_proj, and kv_a: the only readers) read.
+pub(crate) enum Input<'a> {
+    /// The normed rows.
+    Normed(&'a CudaAct),
+    /// The rows of a pre-attention add + RMSNorm not run yet (`CudaBackend::mm_pair_after_add_norm`
+    /// runs it, inside the projections' launch where it can).
+    AddNorm(AddNorm<'a>),
+}
+
+/// `residual += add`, then RMSNorm(residual) · weight (`residual` may be replaced by a new tensor
+/// holding the sum).
+pub(crate) struct AddNorm<'a> {
+    pub residual: &'a mut Tensor<bf16>,
+    pub add: &'a Tensor<bf16>,
+    pub weight: &'a CudaWeight,
+    pub eps: f32,
+}
+
 pub(crate) fn run(
     b: &CudaBackend,
     cfg: &ModelConfig,
     w: &AttnWeights<CudaWeight>,
-    x: &CudaAct,
+    x: Input<'_>,
     batch: &AttnBatch<'_>,
     cache: &mut CudaCache,
     layer: usize,
 ) -> Result<CudaAct> {
     let gpu = &b.gpu;
-    let xb = b.bf16_of(x)?;
-    let n = x.dims().0;
+    let n = match &x {
+        Input::Normed(x) => x.dims().0,
+        Input::AddNorm(p) => p.add.shape()[0],
+    };
     let heads = cfg.num_attention_heads;
     let (dn, dr, dv, r) = (
         cfg.qk_nope_head_dim,
@@ -76,12 +96,19 @@ pub(crate) fn run(
         QProj::LowRank { a, .. } => (a, vec![n, a.dims2("q_a_proj")?.0]),
         QProj::Plain(wq) => (wq, vec![n, heads, qd]),
     };
-    let (q_first_out, kva) = b.mm_pair(
-        &xb,
-        (q_first, &q_first_shape),
-        (&w.kv_a, &[n, 1, width]),
+    let kva_shape = [n, 1, width];
+    let (first, second, op) = (
+        (q_first, q_first_shape.as_slice()),
+        (&w.kv_a, kva_shape.as_slice()),
         "q_proj | kv_a_proj_with_mqa",
-    )?;
+    );
+    let (q_first_out, kva) = match x {
+        Input::Normed(x) => {
+            let xb = b.bf16_of(x)?;
+            b.mm_pair(&xb, first, second, op)?
+        }
+        Input::AddNorm(p) => b.mm_pair_after_add_norm(p, first, second, op)?,
+    };
     let mut q = match &w.q {
         QProj::LowRank { norm, b: wb, .. } => {
             let qa = q_first_out;

@@ -201,6 +201,9 @@ pub struct CudaBackend {
     /// q_proj (or q_a_proj) and kv_a as one GEMV launch at few rows (`DSV2_FUSED_Q_KV_A=0`: two
     /// launches, to compare).
     fused_q_kv_a: bool,
+    /// The pre-attention residual add + RMSNorm inside the q_proj | kv_a GEMV's launch at one row
+    /// (`DSV2_FUSED_NORM=0`: a launch of its own, to compare).
+    fused_norm: bool,
     /// The ticket counter of the fused gate GEMV + top-k (`moe::moe_gate_gemv`, <= 4 rows; each
     /// launch leaves it zero); None when `DSV2_FUSED_GATE=0` (GEMV and top-k apart, to compare).
     gate_ticket: Option<Mutex<Tensor<i32>>>,
@@ -249,6 +252,7 @@ impl CudaBackend {
             fused_uv: std::env::var("DSV2_FUSED_UV").map_or(true, |v| v != "0"),
             fused_absorb: std::env::var("DSV2_FUSED_ABSORB").map_or(true, |v| v != "0"),
             fused_q_kv_a: std::env::var("DSV2_FUSED_Q_KV_A").map_or(true, |v| v != "0"),
+            fused_norm: std::env::var("DSV2_FUSED_NORM").map_or(true, |v| v != "0"),
             gate_ticket,
             // DSV2_GROUPED_EXPERTS=0 runs the per-expert cuBLAS loop instead of the grouped
             // kernels (to compare the two)
@@ -757,6 +761,76 @@ impl CudaBackend {
         ))
     }
 
+    /// [`Self::mm_pair`] of the rows that `p`'s add + RMSNorm gives (`p.residual += p.add`, then
+    /// the norm). At one row where the GEMV plan takes the pair, the norm runs inside the pair's
+    /// launch (one launch per layer less) and the new residual, written to a buffer of its own
+    /// because the launch's other blocks still read the old one, replaces `p.residual`; else the
+    /// add_rmsnorm launch, then `mm_pair`.
+    fn mm_pair_after_add_norm(
+        &self,
+        p: attention::AddNorm<'_>,
+        (w1, shape1): (&CudaWeight, &[usize]),
+        (w2, shape2): (&CudaWeight, &[usize]),
+        op: &str,
+    ) -> Result<(Tensor<bf16>, Tensor<bf16>)> {
+        let attention::AddNorm {
+            residual,
+            add,
+            weight,
+            eps,
+        } = p;
+        let (m, k) = (add.shape()[0], add.len() / add.shape()[0].max(1));
+        let ((n1, k1), (n2, k2)) = (w1.dims2(op)?, w2.dims2(op)?);
+        let fits = m == 1
+            && residual.shape() == add.shape()
+            && weight.shape() == [k]
+            && k1 == k
+            && k2 == k
+            && shape1.iter().product::<usize>() == n1
+            && shape2.iter().product::<usize>() == n2;
+        if self.fused_norm && self.fused_q_kv_a && fits {
+            let new_residual = self.empty(residual.shape())?;
+            let (y1, y2) = (self.empty(shape1)?, self.empty(shape2)?);
+            let g1 = Gemm::xwt(1, n1, k, add.ptr(), w1.t.ptr(), y1.ptr());
+            let second = gemv::PairSecond {
+                w: w2.t.ptr(),
+                y: y2.ptr(),
+                n: n2,
+                ldy: n2,
+            };
+            let norm = gemv::AddNormRow {
+                add: add.ptr(),
+                residual: residual.ptr(),
+                weight: weight.t.ptr(),
+                residual_out: new_residual.ptr(),
+                eps,
+            };
+            // SAFETY: add, residual, the norm weight, both weights and all outputs are live
+            // tensors of the shapes checked above; new_residual was just allocated, apart from
+            // every input.
+            if unsafe { gemv::gemv_pair_after_add_norm(&self.gpu, &g1, second, norm, false) }
+                .kx()?
+            {
+                // the old residual is freed in stream order, after the launch that reads it
+                *residual = new_residual;
+                return Ok((y1, y2));
+            }
+        }
+        let mut x = self.empty(add.shape())?;
+        ew::rmsnorm(
+            &self.gpu,
+            ew::RmsNormParams {
+                x: add.view(),
+                weight: weight.t.view(),
+                residual: Some(residual.view_mut()),
+                out: x.view_mut(),
+                eps,
+            },
+        )
+        .kx()?;
+        self.mm_pair(&x, (w1, shape1), (w2, shape2), op)
+    }
+
     /// RMSNorm of `x` (with `residual`: of `residual += x`, updated in place), one launch.
     fn norm_of(
         &self,
@@ -1208,7 +1282,43 @@ impl Backend for CudaBackend {
     ) -> Result<CudaAct> {
         let _t = self.timed("attention");
         let _g = self.lock()?;
+        let x = attention::Input::Normed(x);
         attention::run(self, cfg, w, x, batch, cache, layer)
+    }
+
+    fn attention_after_add_norm(
+        &self,
+        cfg: &ModelConfig,
+        w: &AttnWeights<CudaWeight>,
+        residual: &mut CudaAct,
+        ffn_out: &CudaAct,
+        norm: &CudaWeight,
+        eps: f32,
+        batch: &AttnBatch<'_>,
+        cache: &mut CudaCache,
+        layer: usize,
+    ) -> Result<CudaAct> {
+        // one bf16 row: the norm may run inside the q | kv_a GEMV's launch
+        // (`mm_pair_after_add_norm` decides by the GEMV plan); the normed row feeds only those two
+        // projections
+        let one_row = residual.dims() == ffn_out.dims() && residual.dims().0 == 1;
+        if self.fused_norm
+            && self.fused_q_kv_a
+            && one_row
+            && let (CudaAct::Bf16(res), CudaAct::Bf16(add)) = (&mut *residual, ffn_out)
+        {
+            let _t = self.timed("attention");
+            let _g = self.lock()?;
+            let x = attention::Input::AddNorm(attention::AddNorm {
+                residual: res,
+                add,
+                weight: norm,
+                eps,
+            });
+            return attention::run(self, cfg, w, x, batch, cache, layer);
+        }
+        let x = self.add_rms_norm(residual, ffn_out, norm, eps)?;
+        self.attention(cfg, w, &x, batch, cache, layer)
     }
 
     fn route(&self, gate: &CudaWeight, x: &CudaAct, p: &RoutingParams) -> Result<Routing> {
