@@ -14,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 mod append_absorb;
 mod experts;
 pub mod fp8;
+mod gate_norm;
 mod gemv;
 
 pub use append_absorb::{AbsorbCase, check_latent_append_absorb};
@@ -405,7 +406,7 @@ pub fn check_gate_gemv(
         moe::moe_gate_gemv(
             gpu,
             moe::GateGemvParams {
-                x: x.view(),
+                x: moe::GateInput::Rows(x.view()),
                 w: w.view(),
                 logits: logits.view_mut(),
                 counter: counter.view_mut(),

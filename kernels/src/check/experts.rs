@@ -510,6 +510,10 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
         (3, 2048, 64, lite),
     ] {
         out.push(super::check_gate_gemv(gpu, t, h, e, cfg)?);
+        // the post-attention add + norm in the same launch
+        out.push(super::gate_norm::check_gate_gemv_add_norm(
+            gpu, t, h, e, cfg,
+        )?);
     }
     for tile in [
         RowTile::R16,

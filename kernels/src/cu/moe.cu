@@ -318,13 +318,26 @@ extern "C" __global__ void moe_combine_bf16(const bf16* __restrict__ y, const in
 // finish (a ticket from `counter`, which it resets to 0 for the next launch) runs
 // gate_contiguous on every row. Saves the separate moe_gate_f32 launch per MoE layer. Only for
 // the fast path's expert counts (the launcher checks) and tokens <= GATE_MAX_ROWS.
+//
+// With `norm_w` given, the residual add and RMSNorm before the gate run in this launch too (one
+// launch less per MoE layer): every block computes the normed rows x = rmsnorm(add_x + add_res) *
+// norm_w into shared memory exactly as add_rmsnorm_bf16 with `norm_threads` threads would (same
+// per-thread partition, same reduction tree: threads past norm_threads add exact zeros), and
+// multiplies from there (`x` is not read); block 0 writes the new residual to `res_out` and the
+// normed rows to `x_out` for the expert kernels. `res_out` must not be `add_res`: other blocks still read the old
+// residual while block 0 writes. Dynamic shared memory: tokens * hidden bf16.
 #define GATE_EXPERTS 2
 #define GATE_SPLIT 4
 #define GATE_MAX_ROWS 4
 extern "C" __global__ void __launch_bounds__(GATE_EXPERTS * GATE_SPLIT * WARP)
     moe_gate_gemv_f32(const bf16* __restrict__ x, const bf16* __restrict__ w, float* __restrict__ logits,
                       int* __restrict__ counter, int* __restrict__ ids, float* __restrict__ weights, int tokens,
-                      int hidden, int n_exp, int n_group, int topk_group, int k, int norm_topk, float scaling) {
+                      int hidden, int n_exp, int n_group, int topk_group, int k, int norm_topk, float scaling,
+                      const bf16* __restrict__ add_x, const bf16* __restrict__ add_res,
+                      const bf16* __restrict__ norm_w, bf16* __restrict__ res_out, bf16* __restrict__ x_out,
+                      float eps, int norm_threads) {
+    extern __shared__ __align__(16) unsigned char gate_smem[];
+    __shared__ float scratch[32];
     __shared__ float part[GATE_EXPERTS][GATE_SPLIT][GATE_MAX_ROWS];
     __shared__ float rows_s[GATE_MAX_ROWS][MAX_EXPERTS];
     __shared__ int s_last;
@@ -340,6 +353,43 @@ extern "C" __global__ void __launch_bounds__(GATE_EXPERTS * GATE_SPLIT * WARP)
     const uint4 w_first =
         e < n_exp && c0 + lane < c1 ? ld_stream16(we + (size_t)(c0 + lane) * 8) : make_uint4(0u, 0u, 0u, 0u);
     griddep_wait();
+    const bf16* xsrc = x;
+    if (norm_w != nullptr) {
+        bf16* xs = reinterpret_cast<bf16*>(gate_smem);
+        const int t = threadIdx.x;
+        for (int r = 0; r < tokens; ++r) {
+            const bf16* xr = add_x + (size_t)r * hidden;
+            const bf16* rr = add_res + (size_t)r * hidden;
+            bf16* hs = xs + (size_t)r * hidden;
+            float ss = 0.f;
+            if (t < norm_threads)
+                for (int i = t * 8; i < hidden; i += norm_threads * 8) {
+                    float a[8], b[8];
+                    load8(xr + i, a);
+                    load8(rr + i, b);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        a[j] = __bfloat162float(__float2bfloat16_rn(a[j] + b[j]));
+                        ss += a[j] * a[j];
+                    }
+                    store8(hs + i, a);
+                    if (blockIdx.x == 0) store8(res_out + (size_t)r * hidden + i, a);
+                }
+            const float inv = rsqrtf(block_sum(ss, scratch) / (float)hidden + eps);
+            if (t < norm_threads)
+                for (int i = t * 8; i < hidden; i += norm_threads * 8) {
+                    float v[8], g[8];
+                    load8(hs + i, v);
+                    load8(norm_w + i, g);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) v[j] = g[j] * (v[j] * inv);
+                    store8(hs + i, v);
+                    if (blockIdx.x == 0) store8(x_out + (size_t)r * hidden + i, v);
+                }
+        }
+        __syncthreads();
+        xsrc = xs;
+    }
     if (e < n_exp) {
         for (int c = c0 + lane; c < c1; c += WARP) {
             float wv[8];
@@ -352,7 +402,7 @@ extern "C" __global__ void __launch_bounds__(GATE_EXPERTS * GATE_SPLIT * WARP)
             for (int r = 0; r < GATE_MAX_ROWS; ++r) {
                 if (r < tokens) {
                     float xv[8];
-                    load8(x + (size_t)r * hidden + (size_t)c * 8, xv);
+                    load8(xsrc + (size_t)r * hidden + (size_t)c * 8, xv);
 #pragma unroll
                     for (int j = 0; j < 8; ++j) acc[r] += xv[j] * wv[j];
                 }

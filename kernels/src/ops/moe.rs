@@ -150,7 +150,8 @@ pub const GATE_GEMV_MAX_ROWS: usize = 4;
 /// in [`GateParams`]. `Unsupported` beyond [`GATE_GEMV_MAX_ROWS`] rows or for expert counts off
 /// moe_gate_f32's fast path: the caller then runs the GEMV and [`moe_gate`] apart.
 pub struct GateGemvParams<'a> {
-    pub x: View<'a, bf16>,
+    /// The gate's input rows [tokens, H]: read, or with `norm` written (the normed rows).
+    pub x: GateInput<'a>,
     pub w: View<'a, bf16>,
     pub logits: ViewMut<'a, f32>,
     pub counter: ViewMut<'a, i32>,
@@ -159,10 +160,53 @@ pub struct GateGemvParams<'a> {
     pub cfg: GateConfig,
 }
 
+/// Where the gate's input rows come from.
+// built for one launch and moved into it: the variants' size difference costs nothing
+#[allow(clippy::large_enum_variant)]
+pub enum GateInput<'a> {
+    /// Rows already normed.
+    Rows(View<'a, bf16>),
+    /// The residual add and RMSNorm before the gate, in the gate's launch (as
+    /// `elementwise::rmsnorm` with a residual, bit for bit): `res_out` = bf16(`x` + `residual`),
+    /// `out` = rmsnorm(res_out) * `weight`. `res_out` is a buffer of its own: the launch reads
+    /// `residual` in every block while one block writes the new residual.
+    AddNorm {
+        x: View<'a, bf16>,
+        residual: View<'a, bf16>,
+        weight: View<'a, bf16>,
+        eps: f32,
+        res_out: ViewMut<'a, bf16>,
+        out: ViewMut<'a, bf16>,
+    },
+}
+
 pub fn moe_gate_gemv(gpu: &Gpu, p: GateGemvParams<'_>) -> Result<()> {
     const OP: &str = "moe_gate_gemv_f32";
-    p.x.expect(OP, "x", &[None, None])?;
-    let (tokens, hidden) = (p.x.shape()[0], p.x.shape()[1]);
+    let x = match &p.x {
+        GateInput::Rows(x) => x,
+        GateInput::AddNorm { x, .. } => x,
+    };
+    x.expect(OP, "x", &[None, None])?;
+    let (tokens, hidden) = (x.shape()[0], x.shape()[1]);
+    if let GateInput::AddNorm {
+        residual,
+        weight,
+        res_out,
+        out,
+        ..
+    } = &p.x
+    {
+        residual.expect(OP, "residual", &[Some(tokens), Some(hidden)])?;
+        weight.expect(OP, "norm weight", &[Some(hidden)])?;
+        res_out.expect(OP, "new residual", &[Some(tokens), Some(hidden)])?;
+        out.expect(OP, "normed rows", &[Some(tokens), Some(hidden)])?;
+        if res_out.ptr() == residual.ptr() {
+            return Err(KernelError::Unsupported {
+                op: OP,
+                what: "the new residual in place of the old one".into(),
+            });
+        }
+    }
     p.w.expect(OP, "w", &[None, Some(hidden)])?;
     let n_exp = p.w.shape()[0];
     let c = p.cfg;
@@ -183,8 +227,8 @@ pub fn moe_gate_gemv(gpu: &Gpu, p: GateGemvParams<'_>) -> Result<()> {
     if tokens == 0 {
         return Ok(());
     }
-    let (x, w, l, cnt, i, wt) = (
-        p.x.ptr(),
+    let (xp, w, l, cnt, i, wt) = (
+        x.ptr(),
         p.w.ptr(),
         p.logits.ptr(),
         p.counter.ptr(),
@@ -203,9 +247,32 @@ pub fn moe_gate_gemv(gpu: &Gpu, p: GateGemvParams<'_>) -> Result<()> {
     );
     let norm = c.norm_topk_prob as i32;
     let scale = c.routed_scaling_factor;
+    // the add + norm: x is then the residual's addend, and the normed rows go to `out`
+    let (add_x, add_res, norm_w, res_out, x_out, eps, norm_threads, smem) = match &p.x {
+        GateInput::Rows(_) => (0u64, 0u64, 0u64, 0u64, 0u64, 0f32, 0i32, 0usize),
+        GateInput::AddNorm {
+            x,
+            residual,
+            weight,
+            eps,
+            res_out,
+            out,
+        } => (
+            x.ptr(),
+            residual.ptr(),
+            weight.ptr(),
+            res_out.ptr(),
+            out.ptr(),
+            *eps,
+            // as the norm launcher's block size (the sums must run the same way)
+            super::elementwise::norm_threads(hidden) as i32,
+            tokens * hidden * 2,
+        ),
+    };
+    let xp = if add_x != 0 { 0 } else { xp };
     let f = gpu.function(OP)?;
     let mut b = gpu.launch(f);
-    b.arg(&x)
+    b.arg(&xp)
         .arg(&w)
         .arg(&l)
         .arg(&cnt)
@@ -218,12 +285,26 @@ pub fn moe_gate_gemv(gpu: &Gpu, p: GateGemvParams<'_>) -> Result<()> {
         .arg(&tg)
         .arg(&k)
         .arg(&norm)
-        .arg(&scale);
-    // GATE_EXPERTS (2) experts per block, GATE_SPLIT (4) warps each
+        .arg(&scale)
+        .arg(&add_x)
+        .arg(&add_res)
+        .arg(&norm_w)
+        .arg(&res_out)
+        .arg(&x_out)
+        .arg(&eps)
+        .arg(&norm_threads);
+    // GATE_EXPERTS (2) experts per block, GATE_SPLIT (4) warps each; the normed rows in dynamic
+    // shared memory (at most 4 x 5120 bf16 = 40 KiB with the static 4.3 KiB: under 48 KiB)
+    if smem + 4608 > 48 * 1024 {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!("{tokens} normed rows of {hidden} in shared memory"),
+        });
+    }
     let cfg = LaunchConfig {
         grid_dim: (n_exp.div_ceil(2) as u32, 1, 1),
         block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: smem as u32,
     };
     // SAFETY: matches moe_gate_gemv_f32's signature; shapes and the kernel's limits checked
     // above; the counter is the caller's zeroed ticket (the kernel's last block re-zeroes it).

@@ -349,6 +349,28 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Option<Self::Act>> {
         Ok(None)
     }
+
+    /// [`Backend::add_rms_norm`] of `out` into `residual` with `norm`, then
+    /// [`Backend::route_local_experts`] on the normed rows, in one call so that a backend may do
+    /// both in fewer launches (the CUDA backend computes the norm inside the gate's launch at a
+    /// few rows: one launch less per MoE layer). Returns the normed rows (the caller needs them
+    /// where the experts were not done here) and what `route_local_experts` returns.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm_route_local_experts(
+        &self,
+        residual: &mut Self::Act,
+        out: &Self::Act,
+        norm: &Self::Weight,
+        eps: f32,
+        gate: &Self::Weight,
+        shared: Option<&MlpWeights<Self::Weight>>,
+        p: &RoutingParams,
+        bank: &ExpertBank<Self::Weight>,
+    ) -> Result<(Self::Act, Option<Self::Act>)> {
+        let x = self.add_rms_norm(residual, out, norm, eps)?;
+        let done = self.route_local_experts(gate, shared, &x, p, bank)?;
+        Ok((x, done))
+    }
 }
 
 /// Where a process computes: `cpu`, `cuda` (GPU 0) or `cuda:N`.

@@ -504,17 +504,32 @@ impl<B: Backend> Model<B> {
                     b.attention(&self.cfg, &layer.attn, &x, &batch, storage, l)?
                 }
             };
-            let x = b.add_rms_norm(&mut hidden, &attn, &layer.post_norm, eps)?;
+            // with this layer's experts held here, the backend may run the norm in the gate's
+            // launch (add_rms_norm_route_local_experts); `local` is then their output
+            let local_bank = match &layer.ffn {
+                Ffn::Moe { .. } => experts.local_bank(l),
+                Ffn::Dense(_) => None,
+            };
+            let (x, mut local) = match (&layer.ffn, local_bank) {
+                (Ffn::Moe { gate, shared }, Some(bank)) => b.add_rms_norm_route_local_experts(
+                    &mut hidden,
+                    &attn,
+                    &layer.post_norm,
+                    eps,
+                    gate,
+                    shared.as_ref(),
+                    &self.routing,
+                    bank,
+                )?,
+                _ => (
+                    b.add_rms_norm(&mut hidden, &attn, &layer.post_norm, eps)?,
+                    None,
+                ),
+            };
             let out = match &layer.ffn {
                 Ffn::Dense(mlp) => b.mlp(mlp, &x)?,
                 Ffn::Moe { gate, shared } => {
-                    let local = match experts.local_bank(l) {
-                        Some(bank) => {
-                            b.route_local_experts(gate, shared.as_ref(), &x, &self.routing, bank)?
-                        }
-                        None => None,
-                    };
-                    let (mut routed, shared_out) = match local {
+                    let (mut routed, shared_out) = match local.take() {
                         // the shared experts are in already
                         Some(r) => (r, None),
                         None => {

@@ -204,6 +204,9 @@ pub struct CudaBackend {
     /// The pre-attention residual add + RMSNorm inside the q_proj | kv_a GEMV's launch at one row
     /// (`DSV2_FUSED_NORM=0`: a launch of its own, to compare).
     fused_norm: bool,
+    /// The post-attention residual add + RMSNorm inside the gate's launch at <= 4 rows with the
+    /// layer's experts held here (`DSV2_FUSED_GATE_NORM=0`: a launch of its own, to compare).
+    fused_gate_norm: bool,
     /// The ticket counter of the fused gate GEMV + top-k (`moe::moe_gate_gemv`, <= 4 rows; each
     /// launch leaves it zero); None when `DSV2_FUSED_GATE=0` (GEMV and top-k apart, to compare).
     gate_ticket: Option<Mutex<Tensor<i32>>>,
@@ -253,6 +256,7 @@ impl CudaBackend {
             fused_absorb: std::env::var("DSV2_FUSED_ABSORB").map_or(true, |v| v != "0"),
             fused_q_kv_a: std::env::var("DSV2_FUSED_Q_KV_A").map_or(true, |v| v != "0"),
             fused_norm: std::env::var("DSV2_FUSED_NORM").map_or(true, |v| v != "0"),
+            fused_gate_norm: std::env::var("DSV2_FUSED_GATE_NORM").map_or(true, |v| v != "0"),
             gate_ticket,
             // DSV2_GROUPED_EXPERTS=0 runs the per-expert cuBLAS loop instead of the grouped
             // kernels (to compare the two)
@@ -475,14 +479,7 @@ impl CudaBackend {
             )));
         }
         let mut logits = Tensor::<f32>::uninit(&self.gpu, &[m, e]).kx()?;
-        let grouped = p.method == TopkMethod::GroupLimitedGreedy && p.n_group > 1;
-        let gc = moe::GateConfig {
-            n_group: if grouped { p.n_group } else { 1 },
-            topk_group: if grouped { p.topk_group } else { 1 },
-            top_k: p.top_k,
-            norm_topk_prob: p.top_k > 1 && p.norm_topk_prob,
-            routed_scaling_factor: p.routed_scaling_factor,
-        };
+        let gc = gate_config(p);
         let mut ids = Tensor::<i32>::zeros(&self.gpu, &[m, p.top_k]).kx()?;
         let mut weights = Tensor::<f32>::zeros(&self.gpu, &[m, p.top_k]).kx()?;
         // a few rows: logits and choice in one launch
@@ -495,7 +492,7 @@ impl CudaBackend {
             let r = moe::moe_gate_gemv(
                 &self.gpu,
                 moe::GateGemvParams {
-                    x: xb.view(),
+                    x: moe::GateInput::Rows(xb.view()),
                     w: gate.t.view(),
                     logits: logits.view_mut(),
                     counter: counter.view_mut(),
@@ -529,6 +526,125 @@ impl CudaBackend {
             Err(KernelError::Unsupported { .. }) => Ok(DeviceRouting::HostOnly { logits }),
             Err(e) => Err(kerr(e)),
         }
+    }
+
+    /// The post-attention residual add + RMSNorm inside the gate's launch, then the experts as
+    /// `route_local_experts` runs them: None where it does not apply (more than a few rows, f32
+    /// activations, shapes the gate kernel does not take, `DSV2_FUSED_GATE_NORM=0`), and nothing
+    /// has been launched then.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_norm_route_local_experts(
+        &self,
+        residual: &mut CudaAct,
+        out: &CudaAct,
+        norm: &CudaWeight,
+        eps: f32,
+        gate: &CudaWeight,
+        shared: Option<&MlpWeights<CudaWeight>>,
+        p: &RoutingParams,
+        bank: &ExpertBank<CudaWeight>,
+    ) -> Result<Option<(CudaAct, Option<CudaAct>)>> {
+        let (n, hidden) = out.dims();
+        let (CudaAct::Bf16(res), CudaAct::Bf16(o), Some(ticket)) =
+            (&*residual, out, &self.gate_ticket)
+        else {
+            return Ok(None);
+        };
+        if !self.fused_gate_norm
+            || n == 0
+            || n > moe::GATE_GEMV_MAX_ROWS
+            || res.shape() != o.shape()
+            || p.n_experts != bank.experts.len()
+            || gate.dims2("route")? != (p.n_experts, hidden)
+            || norm.t.shape() != [hidden]
+        {
+            return Ok(None);
+        }
+        let Ok(Some(inter)) = experts::bank_intermediate(bank, hidden) else {
+            return Ok(None);
+        };
+        let _t = self.timed("add_rms_norm_route_local_experts");
+        let _g = self.lock()?;
+        // the new residual in a buffer of its own: every block of the launch reads the old one
+        let mut new_res = self.empty(&[n, hidden])?;
+        let mut xn = self.empty(&[n, hidden])?;
+        let mut logits = Tensor::<f32>::uninit(&self.gpu, &[n, p.n_experts]).kx()?;
+        let mut ids = Tensor::<i32>::zeros(&self.gpu, &[n, p.top_k]).kx()?;
+        let mut weights = Tensor::<f32>::zeros(&self.gpu, &[n, p.top_k]).kx()?;
+        {
+            let mut counter = ticket
+                .lock()
+                .map_err(|_| err("gate ticket lock poisoned"))?;
+            let r = moe::moe_gate_gemv(
+                &self.gpu,
+                moe::GateGemvParams {
+                    x: moe::GateInput::AddNorm {
+                        x: o.view(),
+                        residual: res.view(),
+                        weight: norm.t.view(),
+                        eps,
+                        res_out: new_res.view_mut(),
+                        out: xn.view_mut(),
+                    },
+                    w: gate.t.view(),
+                    logits: logits.view_mut(),
+                    counter: counter.view_mut(),
+                    ids: ids.view_mut(),
+                    weights: weights.view_mut(),
+                    cfg: gate_config(p),
+                },
+            );
+            match r {
+                Ok(()) => {}
+                // refused before launching anything: the two-launch path does it
+                Err(KernelError::Unsupported { .. }) => return Ok(None),
+                Err(e) => return Err(kerr(e)),
+            }
+        }
+        *residual = CudaAct::Bf16(new_res);
+        let done = self.local_experts_routed(bank, inter, &xn, &ids, &weights, shared)?;
+        Ok(Some((CudaAct::Bf16(xn), done)))
+    }
+
+    /// The routed experts of rows whose routing is on the device (ids, weights from the gate
+    /// kernel), with the shared experts added: `route_local_experts` after its gate. None where the
+    /// kernels do not cover the batch.
+    fn local_experts_routed(
+        &self,
+        bank: &ExpertBank<CudaWeight>,
+        inter: usize,
+        xb: &Tensor<bf16>,
+        ids: &Tensor<i32>,
+        weights: &Tensor<f32>,
+        shared: Option<&MlpWeights<CudaWeight>>,
+    ) -> Result<Option<CudaAct>> {
+        let mut out = self.empty(xb.shape())?;
+        let fused = match shared {
+            Some(s) if self.fused_shared => {
+                experts::small_with_shared(self, bank, inter, xb, ids, weights, s, &mut out)?
+            }
+            _ => false,
+        };
+        if !fused {
+            // the gate kernel writes ids in 0..n_experts = the table's rows
+            let done = experts::on_device(
+                self,
+                bank,
+                xb.view(),
+                ids.view(),
+                weights.view(),
+                out.view_mut(),
+                None,
+                None,
+            )?;
+            if !done {
+                return Ok(None);
+            }
+            if let Some(s) = shared {
+                self.mlp_inner(s, xb, Some(&mut out))?;
+            }
+        }
+        Ok(Some(CudaAct::Bf16(out)))
     }
 
     /// [E, 3] device addresses (gate, up, down) of `bank`'s experts, 0 for experts not held.
@@ -978,6 +1094,18 @@ impl CudaBackend {
     }
 }
 
+/// The gate kernels' configuration of `p` (grouped top-k only where there are groups).
+fn gate_config(p: &RoutingParams) -> moe::GateConfig {
+    let grouped = p.method == TopkMethod::GroupLimitedGreedy && p.n_group > 1;
+    moe::GateConfig {
+        n_group: if grouped { p.n_group } else { 1 },
+        topk_group: if grouped { p.topk_group } else { 1 },
+        top_k: p.top_k,
+        norm_topk_prob: p.top_k > 1 && p.norm_topk_prob,
+        routed_scaling_factor: p.routed_scaling_factor,
+    }
+}
+
 fn upload_err(t: &TensorRef, e: impl std::fmt::Display) -> CoreError {
     err(format!("uploading `{}`: {e}", t.name))
 }
@@ -1369,33 +1497,28 @@ impl Backend for CudaBackend {
             return Ok(None);
         };
         let xb = self.bf16_of(x)?;
-        let mut out = self.empty(&[n, hidden])?;
-        let fused = match shared {
-            Some(s) if self.fused_shared => {
-                experts::small_with_shared(self, bank, inter, &xb, &ids, &weights, s, &mut out)?
-            }
-            _ => false,
-        };
-        if !fused {
-            // the gate kernel writes ids in 0..n_experts = the table's rows
-            let done = experts::on_device(
-                self,
-                bank,
-                xb.view(),
-                ids.view(),
-                weights.view(),
-                out.view_mut(),
-                None,
-                None,
-            )?;
-            if !done {
-                return Ok(None);
-            }
-            if let Some(s) = shared {
-                self.mlp_inner(s, &xb, Some(&mut out))?;
-            }
+        self.local_experts_routed(bank, inter, &xb, &ids, &weights, shared)
+    }
+
+    fn add_rms_norm_route_local_experts(
+        &self,
+        residual: &mut CudaAct,
+        out: &CudaAct,
+        norm: &CudaWeight,
+        eps: f32,
+        gate: &CudaWeight,
+        shared: Option<&MlpWeights<CudaWeight>>,
+        p: &RoutingParams,
+        bank: &ExpertBank<CudaWeight>,
+    ) -> Result<(CudaAct, Option<CudaAct>)> {
+        if let Some(done) =
+            self.fused_norm_route_local_experts(residual, out, norm, eps, gate, shared, p, bank)?
+        {
+            return Ok(done);
         }
-        Ok(Some(CudaAct::Bf16(out)))
+        let x = self.add_rms_norm(residual, out, norm, eps)?;
+        let done = self.route_local_experts(gate, shared, &x, p, bank)?;
+        Ok((x, done))
     }
 
     fn samples_on_device(&self) -> bool {
