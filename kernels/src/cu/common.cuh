@@ -136,6 +136,45 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return warp_sum(r);
 }
 
+// The residual add + RMSNorm of one row of `hidden` values, the one implementation behind
+// add_rmsnorm_bf16 and the launches that norm their own input (the gate, the q_proj | kv_a GEMV):
+// h = bf16(x + res), out = w * h / sqrt(mean(h^2) + eps), f32 math. The squares are summed by the
+// block's first `threads` threads over i = t*8, t*8 + threads*8, .. and reduced by block_sum (the
+// block's other threads add exact zeros), so every caller that passes the norm launcher's thread
+// count gets the same bits. Every thread of the block must call it. `h` may be `res` (in place)
+// and `out` may be `h`: each thread re-reads only the elements it wrote. `h_copy` / `out_copy`,
+// when not null, get a second copy of each (a block's residual and normed rows for later kernels).
+__device__ __forceinline__ void add_rmsnorm_row(const bf16* x, const bf16* res, const bf16* __restrict__ w,
+                                                bf16* h, bf16* h_copy, bf16* out, bf16* out_copy, int hidden,
+                                                float eps, int threads, float* scratch) {
+    const int t = threadIdx.x;
+    float ss = 0.f;
+    if (t < threads)
+        for (int i = t * 8; i < hidden; i += threads * 8) {
+            float a[8], b[8];
+            load8(x + i, a);
+            load8(res + i, b);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                a[j] = __bfloat162float(__float2bfloat16_rn(a[j] + b[j]));
+                ss += a[j] * a[j];
+            }
+            store8(h + i, a);
+            if (h_copy != nullptr) store8(h_copy + i, a);
+        }
+    const float inv = rsqrtf(block_sum(ss, scratch) / (float)hidden + eps);
+    if (t < threads)
+        for (int i = t * 8; i < hidden; i += threads * 8) {
+            float v[8], g[8];
+            load8(h + i, v);
+            load8(w + i, g);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] = g[j] * (v[j] * inv);
+            store8(out + i, v);
+            if (out_copy != nullptr) store8(out_copy + i, v);
+        }
+}
+
 __device__ __forceinline__ float block_max(float v, float* scratch) {
     int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
     v = warp_max(v);

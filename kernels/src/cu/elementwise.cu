@@ -57,29 +57,9 @@ extern "C" __global__ void add_rmsnorm_bf16(const bf16* __restrict__ x, bf16* __
     __shared__ float scratch[32];
     int r = blockIdx.x;
     if (r >= rows) return;
-    const bf16* xr = x + (size_t)r * hidden;
     bf16* rr = residual + (size_t)r * hidden;
-    float ss = 0.f;
-    for (int i = threadIdx.x * 8; i < hidden; i += blockDim.x * 8) {
-        float a[8], b[8];
-        load8(xr + i, a);
-        load8(rr + i, b);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            a[j] = __bfloat162float(__float2bfloat16_rn(a[j] + b[j]));
-            ss += a[j] * a[j];
-        }
-        store8(rr + i, a);  // the same thread re-reads exactly these elements below
-    }
-    float inv = rsqrtf(block_sum(ss, scratch) / (float)hidden + eps);
-    for (int i = threadIdx.x * 8; i < hidden; i += blockDim.x * 8) {
-        float v[8], g[8];
-        load8(rr + i, v);
-        load8(w + i, g);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = g[j] * (v[j] * inv);
-        store8(out + (size_t)r * hidden + i, v);
-    }
+    add_rmsnorm_row(x + (size_t)r * hidden, rr, w, rr, nullptr, out + (size_t)r * hidden, nullptr, hidden, eps,
+                    blockDim.x, scratch);
 }
 
 // in [rows, 2I] = gate | up  ->  out [rows, I] = silu(gate) * up.

@@ -51,31 +51,8 @@ struct AddNormRow {
         __shared__ float scratch[32];
         bf16* xs = reinterpret_cast<bf16*>(gemv_norm_x);
         const bool writer = blockIdx.x == 0 && blockIdx.y == 0;
-        float ss = 0.f;
-        if (threadIdx.x < threads) {
-            for (int i = threadIdx.x * 8; i < hidden; i += threads * 8) {
-                float a[8], b[8];
-                load8(add + i, a);
-                load8(residual + i, b);
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    a[j] = __bfloat162float(__float2bfloat16_rn(a[j] + b[j]));
-                    ss += a[j] * a[j];
-                }
-                store8(xs + i, a);
-                if (writer) store8(residual_out + i, a);
-            }
-        }
-        // block_sum's barriers also publish every thread's xs stores to the whole block
-        float inv = rsqrtf(block_sum(ss, scratch) / (float)hidden + eps);
-        for (int i = threadIdx.x * 8; i < hidden; i += blockDim.x * 8) {
-            float v[8], g[8];
-            load8(xs + i, v);
-            load8(w + i, g);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] = g[j] * (v[j] * inv);
-            store8(xs + i, v);
-        }
+        add_rmsnorm_row(add, residual, w, xs, writer ? residual_out : nullptr, xs, nullptr, hidden, eps, threads,
+                        scratch);
         __syncthreads();
         return xs;
     }

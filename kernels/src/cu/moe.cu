@@ -356,36 +356,11 @@ extern "C" __global__ void __launch_bounds__(GATE_EXPERTS * GATE_SPLIT * WARP)
     const bf16* xsrc = x;
     if (norm_w != nullptr) {
         bf16* xs = reinterpret_cast<bf16*>(gate_smem);
-        const int t = threadIdx.x;
+        // block 0 also writes the new residual and the normed rows for the later kernels
         for (int r = 0; r < tokens; ++r) {
-            const bf16* xr = add_x + (size_t)r * hidden;
-            const bf16* rr = add_res + (size_t)r * hidden;
-            bf16* hs = xs + (size_t)r * hidden;
-            float ss = 0.f;
-            if (t < norm_threads)
-                for (int i = t * 8; i < hidden; i += norm_threads * 8) {
-                    float a[8], b[8];
-                    load8(xr + i, a);
-                    load8(rr + i, b);
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) {
-                        a[j] = __bfloat162float(__float2bfloat16_rn(a[j] + b[j]));
-                        ss += a[j] * a[j];
-                    }
-                    store8(hs + i, a);
-                    if (blockIdx.x == 0) store8(res_out + (size_t)r * hidden + i, a);
-                }
-            const float inv = rsqrtf(block_sum(ss, scratch) / (float)hidden + eps);
-            if (t < norm_threads)
-                for (int i = t * 8; i < hidden; i += norm_threads * 8) {
-                    float v[8], g[8];
-                    load8(hs + i, v);
-                    load8(norm_w + i, g);
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) v[j] = g[j] * (v[j] * inv);
-                    store8(hs + i, v);
-                    if (blockIdx.x == 0) store8(x_out + (size_t)r * hidden + i, v);
-                }
+            const size_t o = (size_t)r * hidden;
+            add_rmsnorm_row(add_x + o, add_res + o, norm_w, xs + o, blockIdx.x == 0 ? res_out + o : nullptr, xs + o,
+                            blockIdx.x == 0 ? x_out + o : nullptr, hidden, eps, norm_threads, scratch);
         }
         __syncthreads();
         xsrc = xs;
