@@ -36,6 +36,11 @@
 #            decode (V2-Lite, 4-layer V2) with AB_ON (default: the defaults), an earlier tree's
 #            dsv2 (BASE_BIN, default $BIN/base), AB_OFF (default: session 14's fusions off); the
 #            fixtures with AB_ON
+#   ncu-small  Nsight Compute on one gate/up and one down launch of the small-batch expert kernels
+#            in a V2-Lite batch-1 decode (real clocks; NCU_KERNELS picks other kernels by regex):
+#            throughput, occupancy, stall reasons
+#   ncu-step per-kernel GPU time of one decode step (NCU_PRESET/NCU_LAYERS/NCU_BATCH; real clocks
+#            and warm caches unless NCU_CLOCK=base / NCU_CACHE=all)
 #   ncu-grouped  Nsight Compute on one P2-shaped launch of the warp-specialised grouped expert kernel
 #   mla-probes  the tma MLA kernel normally, its math alone and its loads alone (P1 rows)
 #   ncu, ncu-stalls, ncu-pipes, ncu-mem  Nsight Compute on an MLA decode kernel (NCU_MLA=wgmma/tma/tma-pair/seesaw; throughputs,
