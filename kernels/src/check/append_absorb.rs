@@ -47,19 +47,10 @@ pub fn check_latent_append_absorb(gpu: &Gpu, c: &AbsorbCase) -> Result<Vec<Check
     let op = format!("mla_latent_append_absorb_m{tokens}_bf16");
     let mut rg = ChaCha8Rng::seed_from_u64(24);
     let (width, qd) = (kv_lora + dr, dn + dr);
-    let (block, nblocks) = (4usize, (tokens + 5).div_ceil(4));
-    let num_slots = block * nblocks;
     let (kb, kf) = rand_bf16(&mut rg, tokens * width, 2.0);
     let (wb, wf) = rand_bf16(&mut rg, kv_lora, 1.5);
-    let mut slots: Vec<i64> = (0..num_slots as i64).collect();
-    for i in (1..slots.len()).rev() {
-        let j = rg.random_range(0..=i);
-        slots.swap(i, j);
-    }
-    slots.truncate(tokens);
-    if tokens > 2 {
-        slots[1] = -1;
-    }
+    let (slots, block, nblocks) = g::append_slots(&mut rg, tokens);
+    let num_slots = block * nblocks;
     let max_pos = 4096;
     // the last position outside the table (its key and query left unrotated)
     let mut positions: Vec<i32> = (0..tokens)

@@ -63,19 +63,9 @@ pub fn check_latent_append_fp8(
     let l = Fp8Layout::new(kv_lora, rope).map_err(|e| crate::error::shape_err(OP, e))?;
     let mut rg = ChaCha8Rng::seed_from_u64(23);
     let width = kv_lora + rope;
-    let (block, nblocks) = (4usize, (tokens + 5).div_ceil(4));
-    let num_slots = block * nblocks;
     let (kb, kf) = rand_bf16(&mut rg, tokens * width, 2.0);
     let (wb, wf) = rand_bf16(&mut rg, kv_lora, 1.5);
-    let mut slots: Vec<i64> = (0..num_slots as i64).collect();
-    for i in (1..slots.len()).rev() {
-        let j = rg.random_range(0..=i);
-        slots.swap(i, j);
-    }
-    slots.truncate(tokens);
-    if tokens > 2 {
-        slots[1] = -1;
-    }
+    let (slots, block, nblocks) = crate::ops::general::append_slots(&mut rg, tokens);
     let kva = Tensor::from_host(gpu, &kb, &[tokens, width])?;
     let w = Tensor::from_host(gpu, &wb, &[kv_lora])?;
     let st = Tensor::from_host(gpu, &slots, &[tokens])?;

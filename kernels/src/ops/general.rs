@@ -867,6 +867,23 @@ pub fn check_rows_add(gpu: &Gpu, rows: usize, cols: usize) -> Result<CheckRow> {
     ))
 }
 
+/// The cache slots of an append check: `tokens` distinct slots of a cache of `nblocks` blocks of
+/// `block` slots, shuffled, the second one -1 (skipped) where there are more than two tokens.
+/// Returns (slots, block, nblocks).
+pub(crate) fn append_slots(g: &mut ChaCha8Rng, tokens: usize) -> (Vec<i64>, usize, usize) {
+    let (block, nblocks) = (4usize, (tokens + 5).div_ceil(4));
+    let mut slots: Vec<i64> = (0..(block * nblocks) as i64).collect();
+    for i in (1..slots.len()).rev() {
+        let j = g.random_range(0..=i);
+        slots.swap(i, j);
+    }
+    slots.truncate(tokens);
+    if tokens > 2 {
+        slots[1] = -1;
+    }
+    (slots, block, nblocks)
+}
+
 /// `mla_latent_append` of `tokens` rows into a shuffled set of slots (one slot left out as -1).
 pub fn check_latent_append(
     gpu: &Gpu,
@@ -877,19 +894,10 @@ pub fn check_latent_append(
 ) -> Result<CheckRow> {
     let mut g = ChaCha8Rng::seed_from_u64(22);
     let width = kv_lora + rope;
-    let (block, nblocks) = (4usize, (tokens + 5).div_ceil(4));
-    let num_slots = block * nblocks;
     let (kb, kf) = rand_bf16(&mut g, tokens * width, 2.0);
     let (wb, wf) = rand_bf16(&mut g, kv_lora, 1.5);
-    let mut slots: Vec<i64> = (0..num_slots as i64).collect();
-    for i in (1..slots.len()).rev() {
-        let j = g.random_range(0..=i);
-        slots.swap(i, j);
-    }
-    slots.truncate(tokens);
-    if tokens > 2 {
-        slots[1] = -1;
-    }
+    let (slots, block, nblocks) = append_slots(&mut g, tokens);
+    let num_slots = block * nblocks;
     let kva = Tensor::from_host(gpu, &kb, &[tokens, width])?;
     let w = Tensor::from_host(gpu, &wb, &[kv_lora])?;
     let st = Tensor::from_host(gpu, &slots, &[tokens])?;

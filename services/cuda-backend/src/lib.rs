@@ -479,34 +479,15 @@ impl CudaBackend {
             )));
         }
         let mut logits = Tensor::<f32>::uninit(&self.gpu, &[m, e]).kx()?;
+        // a few rows: logits and choice in one launch
+        if let Some((ids, weights)) =
+            self.gate_gemv(moe::GateInput::Rows(xb.view()), gate, p, m, &mut logits)?
+        {
+            return Ok(DeviceRouting::Chosen { ids, weights });
+        }
         let gc = gate_config(p);
         let mut ids = Tensor::<i32>::zeros(&self.gpu, &[m, p.top_k]).kx()?;
         let mut weights = Tensor::<f32>::zeros(&self.gpu, &[m, p.top_k]).kx()?;
-        // a few rows: logits and choice in one launch
-        if let Some(ticket) = &self.gate_ticket
-            && m <= moe::GATE_GEMV_MAX_ROWS
-        {
-            let mut counter = ticket
-                .lock()
-                .map_err(|_| err("gate ticket lock poisoned"))?;
-            let r = moe::moe_gate_gemv(
-                &self.gpu,
-                moe::GateGemvParams {
-                    x: moe::GateInput::Rows(xb.view()),
-                    w: gate.t.view(),
-                    logits: logits.view_mut(),
-                    counter: counter.view_mut(),
-                    ids: ids.view_mut(),
-                    weights: weights.view_mut(),
-                    cfg: gc,
-                },
-            );
-            match r {
-                Ok(()) => return Ok(DeviceRouting::Chosen { ids, weights }),
-                Err(KernelError::Unsupported { .. }) => {}
-                Err(e) => return Err(kerr(e)),
-            }
-        }
         gemm::<f32>(
             &self.gpu,
             Gemm::xwt(m, e, k, xb.ptr(), gate.t.ptr(), logits.ptr()),
@@ -528,10 +509,51 @@ impl CudaBackend {
         }
     }
 
+    /// The fused gate GEMV + top-k (`moe_gate_gemv`, one launch) of `x`'s rows into `logits`: the
+    /// chosen ids and weights, or None where it does not apply (more than
+    /// `GATE_GEMV_MAX_ROWS` rows, `DSV2_FUSED_GATE=0`, shapes the kernel refuses before launching).
+    fn gate_gemv(
+        &self,
+        x: moe::GateInput<'_>,
+        gate: &CudaWeight,
+        p: &RoutingParams,
+        rows: usize,
+        logits: &mut Tensor<f32>,
+    ) -> Result<Option<(Tensor<i32>, Tensor<f32>)>> {
+        let Some(ticket) = &self.gate_ticket else {
+            return Ok(None);
+        };
+        if rows > moe::GATE_GEMV_MAX_ROWS {
+            return Ok(None);
+        }
+        let mut ids = Tensor::<i32>::zeros(&self.gpu, &[rows, p.top_k]).kx()?;
+        let mut weights = Tensor::<f32>::zeros(&self.gpu, &[rows, p.top_k]).kx()?;
+        let mut counter = ticket
+            .lock()
+            .map_err(|_| err("gate ticket lock poisoned"))?;
+        let r = moe::moe_gate_gemv(
+            &self.gpu,
+            moe::GateGemvParams {
+                x,
+                w: gate.t.view(),
+                logits: logits.view_mut(),
+                counter: counter.view_mut(),
+                ids: ids.view_mut(),
+                weights: weights.view_mut(),
+                cfg: gate_config(p),
+            },
+        );
+        match r {
+            Ok(()) => Ok(Some((ids, weights))),
+            Err(KernelError::Unsupported { .. }) => Ok(None),
+            Err(e) => Err(kerr(e)),
+        }
+    }
+
     /// The post-attention residual add + RMSNorm inside the gate's launch, then the experts as
     /// `route_local_experts` runs them: None where it does not apply (more than a few rows, f32
-    /// activations, shapes the gate kernel does not take, `DSV2_FUSED_GATE_NORM=0`), and nothing
-    /// has been launched then.
+    /// activations, shapes the gate kernel does not take, `DSV2_FUSED_GATE_NORM=0`), and the
+    /// residual is untouched then.
     #[allow(clippy::too_many_arguments)]
     fn fused_norm_route_local_experts(
         &self,
@@ -545,9 +567,7 @@ impl CudaBackend {
         bank: &ExpertBank<CudaWeight>,
     ) -> Result<Option<(CudaAct, Option<CudaAct>)>> {
         let (n, hidden) = out.dims();
-        let (CudaAct::Bf16(res), CudaAct::Bf16(o), Some(ticket)) =
-            (&*residual, out, &self.gate_ticket)
-        else {
+        let (CudaAct::Bf16(res), CudaAct::Bf16(o)) = (&*residual, out) else {
             return Ok(None);
         };
         if !self.fused_gate_norm
@@ -569,38 +589,18 @@ impl CudaBackend {
         let mut new_res = self.empty(&[n, hidden])?;
         let mut xn = self.empty(&[n, hidden])?;
         let mut logits = Tensor::<f32>::uninit(&self.gpu, &[n, p.n_experts]).kx()?;
-        let mut ids = Tensor::<i32>::zeros(&self.gpu, &[n, p.top_k]).kx()?;
-        let mut weights = Tensor::<f32>::zeros(&self.gpu, &[n, p.top_k]).kx()?;
-        {
-            let mut counter = ticket
-                .lock()
-                .map_err(|_| err("gate ticket lock poisoned"))?;
-            let r = moe::moe_gate_gemv(
-                &self.gpu,
-                moe::GateGemvParams {
-                    x: moe::GateInput::AddNorm {
-                        x: o.view(),
-                        residual: res.view(),
-                        weight: norm.t.view(),
-                        eps,
-                        res_out: new_res.view_mut(),
-                        out: xn.view_mut(),
-                    },
-                    w: gate.t.view(),
-                    logits: logits.view_mut(),
-                    counter: counter.view_mut(),
-                    ids: ids.view_mut(),
-                    weights: weights.view_mut(),
-                    cfg: gate_config(p),
-                },
-            );
-            match r {
-                Ok(()) => {}
-                // refused before launching anything: the two-launch path does it
-                Err(KernelError::Unsupported { .. }) => return Ok(None),
-                Err(e) => return Err(kerr(e)),
-            }
-        }
+        let input = moe::GateInput::AddNorm {
+            x: o.view(),
+            residual: res.view(),
+            weight: norm.t.view(),
+            eps,
+            res_out: new_res.view_mut(),
+            out: xn.view_mut(),
+        };
+        // refused before the gate's launch: the two-launch path does it
+        let Some((ids, weights)) = self.gate_gemv(input, gate, p, n, &mut logits)? else {
+            return Ok(None);
+        };
         *residual = CudaAct::Bf16(new_res);
         let done = self.local_experts_routed(bank, inter, &xn, &ids, &weights, shared)?;
         Ok(Some((CudaAct::Bf16(xn), done)))
