@@ -352,13 +352,14 @@ PYEOF
     ncu-small)
       # Nsight Compute on the small-batch expert kernels inside a V2-Lite batch-1 decode
       # (NCU_PRESET/NCU_LAYERS/NCU_BATCH as for ncu-step): one gate/up and one down launch of the
-      # timed steps, real clocks, with throughput, occupancy, and why warps wait
+      # timed steps, real clocks, with throughput, occupancy, and why warps wait (NCU_COUNT launches
+      # after NCU_SKIP_SMALL matching ones)
       NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
       preset=${NCU_PRESET:-deepseek-v2-lite}; layers=${NCU_LAYERS:-27}
       dir=/tmp/gd-$preset-$layers
       mkdir -p "$dir"
       "$BIN/dsv2" init-random --preset "$preset" --layers "$layers" --config-only --out "$dir" --seed 1 >/dev/null 2>&1
-      DSV2_CUDA_GRAPHS=0 timeout -k 5 240 "$NCU" -k "regex:${NCU_KERNELS:-moe_small}" --launch-skip 300 --launch-count 2 \
+      DSV2_CUDA_GRAPHS=0 timeout -k 5 240 "$NCU" -k "regex:${NCU_KERNELS:-moe_small}" --launch-skip "${NCU_SKIP_SMALL:-300}" --launch-count "${NCU_COUNT:-2}" \
         --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
         --section WarpStateStats --section LaunchStats --section SchedulerStats \
         --metrics smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct,smsp__warp_issue_stalled_barrier_per_warp_active.pct,smsp__warp_issue_stalled_lg_throttle_per_warp_active.pct,smsp__warp_issue_stalled_wait_per_warp_active.pct,smsp__warp_issue_stalled_drain_per_warp_active.pct,smsp__warp_issue_stalled_no_instruction_per_warp_active.pct,smsp__warp_issue_stalled_short_scoreboard_per_warp_active.pct,dram__bytes_read.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
