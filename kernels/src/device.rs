@@ -183,6 +183,21 @@ impl Gpu {
             .ok_or_else(|| KernelError::NoKernel(name.to_string()))
     }
 
+    /// Sets aside up to `bytes` of L2 for persisting accesses (lines read or prefetched with the
+    /// evict_last policy), capped at the device's maximum; returns the bytes set aside. The rest
+    /// of L2 serves every other access.
+    pub fn set_l2_persisting(&self, bytes: usize) -> Result<usize> {
+        let max = self
+            .ctx
+            .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_PERSISTING_L2_CACHE_SIZE)?
+            as usize;
+        let n = bytes.min(max);
+        self.ctx.bind_to_thread()?;
+        // SAFETY: sets a plain size limit of the context just made current on this thread.
+        unsafe { cu::cuCtxSetLimit(cu::CUlimit::CU_LIMIT_PERSISTING_L2_CACHE_SIZE, n) }.result()?;
+        Ok(n)
+    }
+
     /// Raise a kernel's dynamic shared-memory limit (needed above 48 KiB).
     pub fn set_max_dynamic_smem(&self, name: &str, bytes: usize) -> Result<()> {
         let f = self.function(name)?;
