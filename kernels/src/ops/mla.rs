@@ -781,7 +781,11 @@ mod tests {
         assert_eq!(MlaKernel::default_for(65, 128), MlaKernel::TmaPair);
         // one group (V2-Lite's 16 heads, 64) or more than two: wgmma
         for heads in [1, 16, 64, 129, 256] {
-            assert_eq!(MlaKernel::default_for(heads, 16), MlaKernel::Wgmma, "{heads}");
+            assert_eq!(
+                MlaKernel::default_for(heads, 16),
+                MlaKernel::Wgmma,
+                "{heads}"
+            );
         }
         // a block size the TMA kernels cannot tile
         assert_eq!(MlaKernel::default_for(128, 48), MlaKernel::Wgmma);
