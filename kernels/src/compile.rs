@@ -34,7 +34,6 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("grouped.cu", include_str!("cu/grouped.cu")),
     ("gemv.cu", include_str!("cu/gemv.cu")),
     ("probe.cu", include_str!("cu/probe.cu")),
-    ("prefetch.cu", include_str!("cu/prefetch.cu")),
 ];
 
 /// The architecture we build for: Hopper with its arch-specific features (wgmma, setmaxnreg).

@@ -157,31 +157,6 @@ impl Gpu {
             module_sources.push((file.to_string(), how));
             modules.push(module);
         }
-        // DSV2_SMEM_CARVEOUT=P (0..=100): every kernel prefers P % of the unified L1 / shared
-        // memory as shared memory. With one carveout for all, consecutive kernels with different
-        // shared-memory needs (the MLA decode's 220 KB after a GEMV's few KB) never make an SM
-        // reconfigure between them; an experiment switch (unset: the driver's choice per kernel).
-        if let Ok(v) = std::env::var("DSV2_SMEM_CARVEOUT") {
-            let pct: i32 = v
-                .parse()
-                .ok()
-                .filter(|p| (0..=100).contains(p))
-                .ok_or_else(|| KernelError::Unsupported {
-                    op: "kernel load",
-                    what: format!("DSV2_SMEM_CARVEOUT={v:?} (expected a percentage 0..=100)"),
-                })?;
-            for f in functions.values() {
-                // SAFETY: f is a live function of a module loaded above; the attribute is a
-                // plain integer hint.
-                unsafe {
-                    cudarc::driver::result::function::set_function_attribute(
-                        f.cu_function(),
-                        cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-                        pct,
-                    )?;
-                }
-            }
-        }
         let name = ctx.name()?;
         let sm_count = ctx
             .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
@@ -206,21 +181,6 @@ impl Gpu {
         self.functions
             .get(name)
             .ok_or_else(|| KernelError::NoKernel(name.to_string()))
-    }
-
-    /// Sets aside up to `bytes` of L2 for persisting accesses (lines read or prefetched with the
-    /// evict_last policy), capped at the device's maximum; returns the bytes set aside. The rest
-    /// of L2 serves every other access.
-    pub fn set_l2_persisting(&self, bytes: usize) -> Result<usize> {
-        let max = self
-            .ctx
-            .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_PERSISTING_L2_CACHE_SIZE)?
-            as usize;
-        let n = bytes.min(max);
-        self.ctx.bind_to_thread()?;
-        // SAFETY: sets a plain size limit of the context just made current on this thread.
-        unsafe { cu::cuCtxSetLimit(cu::CUlimit::CU_LIMIT_PERSISTING_L2_CACHE_SIZE, n) }.result()?;
-        Ok(n)
     }
 
     /// Raise a kernel's dynamic shared-memory limit (needed above 48 KiB).

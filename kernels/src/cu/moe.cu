@@ -448,8 +448,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_small_gate_up_bf16(cons
     bf16* xs = reinterpret_cast<bf16*>(small_smem);
     const int routed_slots = gridDim.y / (k + n_shared) * k;
     // the shared-expert slots (after the routed ones in `act`) take the first blocks: their
-    // weights may already be in L2 (DSV2_L2_PREFETCH), where the routed weights streaming
-    // through would evict them; and they do not wait for the gate's ids
+    // weights do not wait for the gate's ids (their first loads go out before griddep_wait)
     const int slot = (blockIdx.y + routed_slots) % gridDim.y;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int i = blockIdx.x * (blockDim.x / WARP) + warp;

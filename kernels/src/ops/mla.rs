@@ -66,34 +66,14 @@ pub enum MlaKernel {
 }
 
 impl MlaKernel {
-    /// The kernel named by `DSV2_MLA_KERNEL` (`wgmma` when unset): the bf16 kernel the FP8 rows of
-    /// `dsv2-gpu-check` compare with. Decode launches take [`MlaKernel::for_shape`].
+    /// The kernel named by `DSV2_MLA_KERNEL` (`wgmma`, the default, or `mma`). wgmma stays the
+    /// default at 128 heads too: `tma-pair` is faster alone (P1 0.504 against 0.472) but slower in
+    /// the model's step (4-layer V2, batch 64 x 4096: 10.43 against 10.08 ms, bench/RESULTS.md
+    /// session 16).
     pub fn from_env() -> Result<Self> {
         match std::env::var("DSV2_MLA_KERNEL") {
             Err(_) => Ok(MlaKernel::Wgmma),
             Ok(v) => Self::parse(&v),
-        }
-    }
-
-    /// The kernel for a decode launch: the one `DSV2_MLA_KERNEL` names, else the fastest
-    /// measured at this shape. `TmaPair` for 65..=128 heads (two head groups share each tile's
-    /// copies, so the L2-to-SM traffic halves: 0.504 / 0.511 / 0.493 of the roofline at b64 and
-    /// b128 x 4096 and b8 x 32768, against wgmma's 0.472 / 0.470 / 0.453, bench/RESULTS.md
-    /// session 15), `Wgmma` otherwise (0.868 at 64 heads, where there is no pair to share).
-    pub fn for_shape(heads: usize, block_size: usize) -> Result<Self> {
-        match std::env::var("DSV2_MLA_KERNEL") {
-            Ok(v) => Self::parse(&v),
-            Err(_) => Ok(Self::default_for(heads, block_size)),
-        }
-    }
-
-    /// [`MlaKernel::for_shape`] without `DSV2_MLA_KERNEL`.
-    pub fn default_for(heads: usize, block_size: usize) -> Self {
-        let pair = MlaKernel::TmaPair;
-        if heads.div_ceil(HEADS_PER_CTA) == 2 && pair.supports_block_size(block_size) {
-            pair
-        } else {
-            MlaKernel::Wgmma
         }
     }
 
@@ -382,7 +362,7 @@ pub struct MlaDecodeParams<'a> {
     pub scale: f32,
     /// Force the number of context splits (None: chosen to fill the GPU).
     pub splits: Option<usize>,
-    /// Force a kernel (None: `MlaKernel::for_shape`).
+    /// Force a kernel (None: `MlaKernel::from_env`).
     pub kernel: Option<MlaKernel>,
     /// Fold the value up-projection into the combine (see [`ValueProjection`]).
     pub uv: Option<ValueProjection<'a>>,
@@ -501,6 +481,10 @@ impl DecodeShape {
 /// output to project.
 pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<bool> {
     const OP: &str = "mla_decode_bf16";
+    let kernel = match p.kernel {
+        Some(k) => k,
+        None => MlaKernel::from_env()?,
+    };
     p.cache
         .expect(OP, "cache", &[None, None, Some(CACHE_DIM)])?;
     let Some(d) = DecodeShape::check(
@@ -524,10 +508,6 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<bool> {
         qpe_sb,
         qpe_sh,
     } = d;
-    let kernel = match p.kernel {
-        Some(k) => k,
-        None => MlaKernel::for_shape(heads, block_size)?,
-    };
     if !kernel.supports_block_size(block_size) {
         return Err(KernelError::Unsupported {
             op: OP,
@@ -771,24 +751,6 @@ mod tests {
             msg.contains("DSV2_MLA_KERNEL") && msg.contains("wgmma"),
             "{msg}"
         );
-    }
-
-    #[test]
-    fn the_default_kernel_pairs_two_head_groups_and_is_wgmma_otherwise() {
-        // V2's 128 heads and 100 (a TP split) are two groups of 64: the pair kernel
-        assert_eq!(MlaKernel::default_for(128, 16), MlaKernel::TmaPair);
-        assert_eq!(MlaKernel::default_for(100, 64), MlaKernel::TmaPair);
-        assert_eq!(MlaKernel::default_for(65, 128), MlaKernel::TmaPair);
-        // one group (V2-Lite's 16 heads, 64) or more than two: wgmma
-        for heads in [1, 16, 64, 129, 256] {
-            assert_eq!(
-                MlaKernel::default_for(heads, 16),
-                MlaKernel::Wgmma,
-                "{heads}"
-            );
-        }
-        // a block size the TMA kernels cannot tile
-        assert_eq!(MlaKernel::default_for(128, 48), MlaKernel::Wgmma);
     }
 
     #[test]

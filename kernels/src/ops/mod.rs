@@ -11,7 +11,6 @@ pub mod mla;
 pub mod mla_fp8;
 pub mod mla_prefill;
 pub mod moe;
-pub mod prefetch;
 pub mod sample;
 pub mod small_experts;
 pub mod tma;

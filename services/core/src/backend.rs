@@ -355,14 +355,6 @@ pub trait Backend: Send + Sync + 'static {
     /// both in fewer launches (the CUDA backend computes the norm inside the gate's launch at a
     /// few rows: one launch less per MoE layer). Returns the normed rows (the caller needs them
     /// where the experts were not done here) and what `route_local_experts` returns.
-    /// The weights that the FFN after the next attention reads and that are known before its
-    /// gate runs (the shared experts). A hint, called before that attention: a backend may start
-    /// moving them to where the FFN reads them faster while attention's latency-bound work
-    /// leaves memory bandwidth idle. Doing nothing (the default) is correct.
-    fn hint_ffn_weights(&self, _weights: &[&Self::Weight]) -> Result<()> {
-        Ok(())
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn add_rms_norm_route_local_experts(
         &self,

@@ -486,12 +486,6 @@ impl<B: Backend> Model<B> {
         // each sublayer's output joins the residual stream in the next norm's pass
         let mut ffn_out: Option<B::Act> = None;
         for (l, layer) in self.layers.iter().enumerate() {
-            if let Ffn::Moe {
-                shared: Some(s), ..
-            } = &layer.ffn
-            {
-                b.hint_ffn_weights(&[&s.gate, &s.up, &s.down])?;
-            }
             // the backend may run the add + norm inside attention's first launch
             let attn = match ffn_out.take() {
                 Some(out) => b.attention_after_add_norm(

@@ -129,9 +129,6 @@ pub(crate) fn run(
         QProj::Plain(_) => q_first_out,
     };
     drop(t_proj);
-    // the projections were this attention's bandwidth-bound part: what follows at few rows is
-    // latency-bound, and o_proj and the shared experts can come into L2 meanwhile
-    b.prefetch_for_ffn(&w.o, n)?;
 
     let pure_decode = !batch.seqs.is_empty()
         && batch.seqs.len() == n

@@ -26,7 +26,6 @@ use dsv2_core::sampling::RowSampling;
 use dsv2_core::weights::{DType as CkptDType, TensorRef};
 use dsv2_kernels::ops::gemv;
 use dsv2_kernels::ops::mla_prefill::PrefillKernel;
-use dsv2_kernels::ops::prefetch::{self, L2Prefetch};
 use dsv2_kernels::ops::{elementwise as ew, general as gen_ops, moe, sample};
 use dsv2_kernels::rope::RopeTable as DevRope;
 use dsv2_kernels::{Gpu, GpuOptions, KernelError, Tensor};
@@ -226,19 +225,7 @@ pub struct CudaBackend {
     /// How caches made from now on hold their values (`--kv-cache-dtype`); each cache keeps
     /// the dtype it was made with.
     kv_dtype: Mutex<KvCacheDtype>,
-    /// Few-row decode pulls o_proj and the next FFN's shared experts into L2 while attention's
-    /// latency-bound launches leave the memory bandwidth idle (`DSV2_L2_PREFETCH=1` or
-    /// `persist`; off unless set).
-    l2_prefetch: Option<L2Prefetch>,
-    /// Bytes one layer prefetches at most: the L2 set-aside in persist mode, 3/4 of L2 otherwise.
-    l2_prefetch_budget: u64,
-    /// What `hint_ffn_weights` left for the next attention to prefetch.
-    pending_prefetch: Mutex<Vec<(u64, u64)>>,
 }
-
-/// Rows up to which decode prefetches (the small-batch expert kernels' range, where the shared
-/// experts are a large part of a layer's bytes).
-const PREFETCH_MAX_ROWS: usize = 4;
 
 impl CudaBackend {
     /// Opens device `opts.ordinal` and compiles or loads the kernels.
@@ -246,24 +233,6 @@ impl CudaBackend {
         let gpu = Gpu::open(opts)?;
         let profile = profile::Profile::from_env();
         let graphs = graphs::DecodeGraphs::from_env(profile.is_some());
-        let l2_prefetch = L2Prefetch::from_env()?;
-        let l2_bytes = gpu
-            .ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?
-            as usize;
-        let l2_prefetch_budget = match l2_prefetch {
-            None => 0,
-            Some(L2Prefetch::Normal) => l2_bytes * 3 / 4,
-            Some(L2Prefetch::Persist) => gpu.set_l2_persisting(l2_bytes * 3 / 4)?,
-        } as u64;
-        if let Some(mode) = l2_prefetch {
-            tracing::info!(
-                ?mode,
-                budget_mib = l2_prefetch_budget >> 20,
-                l2_mib = l2_bytes >> 20,
-                "decode prefetches o_proj and the shared experts into L2"
-            );
-        }
         let gate_ticket = match std::env::var("DSV2_FUSED_GATE").as_deref() {
             Ok("0") => None,
             _ => Some(Mutex::new(Tensor::<i32>::zeros(&gpu, &[1])?)),
@@ -326,39 +295,7 @@ impl CudaBackend {
             uploads_i64: Uploads::default(),
             graphs: Mutex::new(graphs),
             kv_dtype: Mutex::new(KvCacheDtype::Bf16),
-            l2_prefetch,
-            l2_prefetch_budget,
-            pending_prefetch: Mutex::new(Vec::new()),
         })
-    }
-
-    /// After attention's projections at few rows: prefetches o_proj and what `hint_ffn_weights`
-    /// left (the shared experts) into L2, in the order they are read and cut to the budget.
-    /// Takes the pending ranges in any case, so that a prefill step leaves none behind.
-    pub(crate) fn prefetch_for_ffn(&self, o_proj: &CudaWeight, rows: usize) -> Result<()> {
-        let pending = std::mem::take(
-            &mut *self
-                .pending_prefetch
-                .lock()
-                .map_err(|_| err("prefetch list poisoned"))?,
-        );
-        let Some(mode) = self.l2_prefetch else {
-            return Ok(());
-        };
-        if rows == 0 || rows > PREFETCH_MAX_ROWS {
-            return Ok(());
-        }
-        let mut ranges = vec![prefetch::range_of(&o_proj.t)];
-        ranges.extend(pending);
-        ranges.truncate(prefetch::MAX_RANGES);
-        let mut left = self.l2_prefetch_budget;
-        for r in &mut ranges {
-            r.1 = r.1.min(left) & !15;
-            left -= r.1;
-        }
-        // SAFETY: the ranges are (16-byte aligned, whole-piece prefixes of) weights of the
-        // loaded model, which outlive every step.
-        unsafe { prefetch::l2_prefetch_ranges(&self.gpu, &ranges, mode) }.kx()
     }
 
     /// Sets how the caches made from now on (`Backend::new_cache`) hold their values, and what
@@ -1176,18 +1113,6 @@ fn upload_err(t: &TensorRef, e: impl std::fmt::Display) -> CoreError {
 }
 
 impl Backend for CudaBackend {
-    fn hint_ffn_weights(&self, weights: &[&CudaWeight]) -> Result<()> {
-        if self.l2_prefetch.is_none() {
-            return Ok(());
-        }
-        let ranges = weights.iter().map(|w| prefetch::range_of(&w.t)).collect();
-        *self
-            .pending_prefetch
-            .lock()
-            .map_err(|_| err("prefetch list poisoned"))? = ranges;
-        Ok(())
-    }
-
     type Weight = CudaWeight;
     type Act = CudaAct;
     type Cache = CudaCache;
