@@ -488,24 +488,27 @@ __device__ __forceinline__ float combine_weights(const float* __restrict__ lse_b
     return den > 0.f ? 1.f / den : 0.f;
 }
 
-// Four columns c..c+3 of row (b, h) summed over the splits in order, four loads in flight at a
-// time (a serial loop of one dependent load per split left the combine latency-bound at batch 1
-// with 66 splits); the order is fixed, so results are reproducible.
+// Four columns c..c+3 of row (b, h) summed over the splits in order, COMBINE_BATCH loads in
+// flight at a time: at batch 1 the combine is a chain of L2 round trips (one per batch of
+// splits), and a short context's live splits (9 at 544 tokens) then take one round, not three as
+// with 4 at a time. The order of the sum is fixed (split order), so results are reproducible and
+// do not depend on the batch size.
+#define COMBINE_BATCH 16
 __device__ __forceinline__ float4 combine_cols4(const float* __restrict__ base, size_t split_stride, int splits,
                                                 const float* w_s) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int s0 = 0; s0 < splits; s0 += 4) {
-        float4 v[4];
-        float w[4];
+    for (int s0 = 0; s0 < splits; s0 += COMBINE_BATCH) {
+        float4 v[COMBINE_BATCH];
+        float w[COMBINE_BATCH];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
+        for (int u = 0; u < COMBINE_BATCH; ++u) {
             const int s = s0 + u;
             w[u] = s < splits ? w_s[s] : 0.f;
             v[u] = w[u] != 0.f ? *reinterpret_cast<const float4*>(base + s * split_stride)
                                : make_float4(0.f, 0.f, 0.f, 0.f);
         }
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
+        for (int u = 0; u < COMBINE_BATCH; ++u) {
             acc.x += w[u] * v[u].x;
             acc.y += w[u] * v[u].y;
             acc.z += w[u] * v[u].z;
