@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::backend::{AttnMode, Backend, SeqChunk};
 use crate::error::{CoreError, ExpertRows, Result};
@@ -230,6 +231,9 @@ pub struct Engine<B: Backend> {
     pub stats: EngineStats,
     /// What the last `step` ran (zero before the first).
     pub last_step: StepShape,
+    /// Wall time the last `step` spent in the model and the token choice (every attempt of a
+    /// step that ran again summed): the rest of a step is host work that delays the next one.
+    pub last_step_model_time: Duration,
     /// Events of requests that failed outside a step (a copy from the host tier), for the next
     /// `step` to return.
     pending: Vec<EngineEvent>,
@@ -296,6 +300,7 @@ impl<B: Backend> Engine<B> {
             running: Vec::new(),
             stats: EngineStats::default(),
             last_step: StepShape::default(),
+            last_step_model_time: Duration::ZERO,
             pending: Vec::new(),
             imports_issued_at: 0,
         })
@@ -545,6 +550,7 @@ impl<B: Backend> Engine<B> {
     /// of those rows fail (UNAVAILABLE) and the step runs again for the others.
     pub fn step(&mut self) -> Vec<EngineEvent> {
         self.last_step = StepShape::default();
+        self.last_step_model_time = Duration::ZERO;
         self.admit();
         self.await_imports_if_due();
         let mut events = std::mem::take(&mut self.pending);
@@ -633,7 +639,10 @@ impl<B: Backend> Engine<B> {
         let (picked, row_of) = loop {
             let (step, logit_rows, row_of) = self.build_step(&plan);
             let row_draws: Vec<_> = draws.iter().flatten().copied().collect();
-            let err = match self.run_step(&step, &logit_rows, no_logits, greedy_only, &row_draws) {
+            let t_model = Instant::now();
+            let ran = self.run_step(&step, &logit_rows, no_logits, greedy_only, &row_draws);
+            self.last_step_model_time += t_model.elapsed();
+            let err = match ran {
                 Ok(picked) => break (picked, row_of),
                 Err(e) => e,
             };
@@ -1313,7 +1322,12 @@ mod tests {
         assert_eq!(engine.last_step, StepShape::default());
         assert_eq!(engine.admit(), vec![7, 9]);
         assert!(engine.admit().is_empty(), "nothing left to admit");
+        assert_eq!(engine.last_step_model_time, Duration::ZERO);
+        let t_step = Instant::now();
         engine.step();
+        // The model's share of the step is timed, and is part of the step's wall time.
+        let model_time = engine.last_step_model_time;
+        assert!(model_time > Duration::ZERO && model_time <= t_step.elapsed());
         // 5 prompt tokens of the first, then 3 of the second under the budget of 8.
         assert_eq!(
             engine.last_step,

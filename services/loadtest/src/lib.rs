@@ -13,8 +13,8 @@ mod runner;
 pub use config::{CallKind, LoadtestConfig, RequestData};
 pub use error::LoadtestError;
 pub use report::{
-    Bucket, CallResult, EndReason, HISTOGRAM_STEPS, LatencyPercentile, PERCENTILES, Report,
-    ReportOptions, TtftSource, TtftStats, format_nano_unit, histogram, latency_distribution,
-    nearest_rank,
+    Bucket, CallResult, DecodeSpan, DecodeStats, EndReason, HISTOGRAM_STEPS, LatencyPercentile,
+    PERCENTILES, Report, ReportOptions, TtftSource, TtftStats, format_nano_unit, histogram,
+    latency_distribution, nearest_rank,
 };
 pub use runner::{go_code_name, run, run_until};

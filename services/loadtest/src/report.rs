@@ -67,6 +67,47 @@ pub struct CallResult {
     pub time_to_first_token: Option<Duration>,
     /// A stream that ended OK without its final summary message (a server bug worth seeing).
     pub missing_summary: bool,
+    /// Streams: the tokens after the first message's and the time from the first token's
+    /// arrival to the last one's (None for unary calls and streams of fewer than two token
+    /// messages).
+    pub decode: Option<DecodeSpan>,
+}
+
+/// The decode phase of one stream, as the client saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeSpan {
+    pub tokens: u64,
+    pub time: Duration,
+}
+
+/// Decode rate over every successful stream: what an in-process decode benchmark measures
+/// (steps after the first token), without the prefill, the request's set-up and the gaps between
+/// requests that `tokens_per_sec` includes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeStats {
+    /// Streams that contributed.
+    pub samples: u64,
+    /// Tokens after each stream's first, summed.
+    pub tokens: u64,
+    /// Their decode times, summed.
+    pub time: Duration,
+}
+
+impl DecodeStats {
+    /// Mean time between tokens within a stream.
+    pub fn time_per_output_token(&self) -> Duration {
+        if self.tokens == 0 {
+            return Duration::ZERO;
+        }
+        self.time.div_f64(self.tokens as f64)
+    }
+
+    /// Tokens per second of one stream while it decodes (at concurrency 1, comparable with an
+    /// in-process batch-1 decode rate; at concurrency C, C streams run at about this rate each).
+    pub fn tokens_per_sec_per_stream(&self) -> f64 {
+        let s = self.time.as_secs_f64();
+        if s > 0.0 { self.tokens as f64 / s } else { 0.0 }
+    }
 }
 
 /// One histogram bucket (ghz `runner.Bucket`).
@@ -176,6 +217,8 @@ pub struct Report {
     pub time_to_first_token: Option<TtftStats>,
     /// Streams that ended OK without their final summary message.
     pub streams_without_summary: u64,
+    /// Decode rate of the successful streams that had at least two token messages.
+    pub decode: Option<DecodeStats>,
 }
 
 impl Report {
@@ -195,6 +238,11 @@ impl Report {
         let mut latency_sum_s = 0.0f64;
         let mut completion_tokens = 0u64;
         let mut streams_without_summary = 0u64;
+        let mut decode = DecodeStats {
+            samples: 0,
+            tokens: 0,
+            time: Duration::ZERO,
+        };
         for d in &details {
             latency_sum_s += d.latency.as_secs_f64();
             *status_code_distribution
@@ -207,6 +255,11 @@ impl Report {
                     completion_tokens += d.completion_tokens;
                     ttfts.extend(d.time_to_first_token);
                     streams_without_summary += u64::from(d.missing_summary);
+                    if let Some(span) = d.decode {
+                        decode.samples += 1;
+                        decode.tokens += span.tokens;
+                        decode.time += span.time;
+                    }
                 }
             }
         }
@@ -263,6 +316,7 @@ impl Report {
             tokens_per_sec: per_sec(completion_tokens),
             time_to_first_token,
             streams_without_summary,
+            decode: (decode.samples > 0).then_some(decode),
         }
     }
 
@@ -362,6 +416,12 @@ impl Report {
                 "tokensPerSec": self.tokens_per_sec,
                 "timeToFirstToken": ttft,
                 "streamsWithoutSummary": self.streams_without_summary,
+                "decode": self.decode.map(|d| json!({
+                    "samples": d.samples,
+                    "tokens": d.tokens,
+                    "timePerOutputToken": ns(d.time_per_output_token()),
+                    "tokensPerSecPerStream": d.tokens_per_sec_per_stream(),
+                })),
             }),
         );
         serde_json::Value::Object(report)
@@ -575,6 +635,24 @@ impl fmt::Display for Report {
             }
             None => writeln!(f, "Time to first token: no samples")?,
         }
+        if let Some(d) = &self.decode {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "Decode (client-measured, first to last token of each stream, {} samples):",
+                d.samples
+            )?;
+            writeln!(
+                f,
+                "  Time per output token:\t{}",
+                format_nano_unit(d.time_per_output_token())
+            )?;
+            writeln!(
+                f,
+                "  Tokens/sec per stream:\t{:4.2}",
+                d.tokens_per_sec_per_stream()
+            )?;
+        }
         Ok(())
     }
 }
@@ -630,6 +708,7 @@ mod tests {
                     completion_tokens: if failed { 0 } else { 16 },
                     time_to_first_token: (!failed).then(|| latency / 4),
                     missing_summary: false,
+                    decode: None,
                 }
             })
             .collect()
@@ -835,5 +914,31 @@ mod tests {
         assert!(humantime::parse_rfc3339(date).is_ok(), "{date}");
         assert_eq!(j["dsv2"]["completionTokens"], 16 * 16);
         r.to_ghz_json_string().expect("serializes");
+    }
+
+    #[test]
+    fn decode_rate_sums_streams_and_leaves_out_failures_and_unary_calls() {
+        let mut details = synthetic(4, 0, 3);
+        details[0].decode = Some(DecodeSpan {
+            tokens: 127,
+            time: Duration::from_millis(254),
+        });
+        details[1].decode = Some(DecodeSpan {
+            tokens: 127,
+            time: Duration::from_millis(127),
+        });
+        details[2].error = Some("rpc error: code = Unavailable desc = gone".into());
+        details[2].decode = Some(DecodeSpan {
+            tokens: 1000,
+            time: Duration::from_millis(1),
+        });
+        let r = report(details);
+        let d = r.decode.expect("two streams decoded");
+        assert_eq!((d.samples, d.tokens), (2, 254));
+        assert_eq!(d.time_per_output_token(), Duration::from_micros(1500));
+        assert!((d.tokens_per_sec_per_stream() - 254.0 / 0.381).abs() < 1e-6);
+        assert!(r.to_string().contains("Time per output token:"));
+        assert_eq!(r.to_ghz_json()["dsv2"]["decode"]["tokens"], 254);
+        assert!(report(synthetic(3, 0, 1)).decode.is_none());
     }
 }

@@ -15,7 +15,7 @@ use crate::LoadtestError;
 
 type Client = InferenceClient<AuthChannel>;
 use crate::config::{CallKind, LoadtestConfig, RequestData};
-use crate::report::{CallResult, EndReason, Report, ReportOptions, TtftSource};
+use crate::report::{CallResult, DecodeSpan, EndReason, Report, ReportOptions, TtftSource};
 
 /// Runs the load test described by `cfg` to completion.
 pub async fn run(cfg: LoadtestConfig) -> Result<Report, LoadtestError> {
@@ -197,6 +197,7 @@ async fn one_call(client: &mut Client, shared: &Shared, n: u64) -> CallResult {
             completion_tokens: ok.completion_tokens,
             time_to_first_token: ok.time_to_first_token,
             missing_summary: ok.missing_summary,
+            decode: ok.decode,
         },
         Err(status) => CallResult {
             timestamp,
@@ -210,6 +211,7 @@ async fn one_call(client: &mut Client, shared: &Shared, n: u64) -> CallResult {
             completion_tokens: 0,
             time_to_first_token: None,
             missing_summary: false,
+            decode: None,
         },
     }
 }
@@ -219,6 +221,7 @@ struct CallOk {
     completion_tokens: u64,
     time_to_first_token: Option<Duration>,
     missing_summary: bool,
+    decode: Option<DecodeSpan>,
 }
 
 async fn unary(
@@ -232,6 +235,7 @@ async fn unary(
         time_to_first_token: (resp.completion_tokens > 0)
             .then(|| Duration::from_nanos(resp.time_to_first_token_ns)),
         missing_summary: false,
+        decode: None,
     })
 }
 
@@ -244,10 +248,13 @@ async fn stream(
     let mut first_token: Option<Duration> = None;
     let mut delta_tokens = 0u64;
     let mut summary_tokens: Option<u64> = None;
+    let mut tracker = DecodeTracker::default();
     while let Some(msg) = stream.message().await? {
         if !msg.token_ids.is_empty() {
-            first_token.get_or_insert_with(|| start.elapsed());
+            let at = start.elapsed();
+            first_token.get_or_insert(at);
             delta_tokens += msg.token_ids.len() as u64;
+            tracker.tokens(msg.token_ids.len() as u64, at);
         }
         if let Some(s) = msg.summary {
             summary_tokens = Some(u64::from(s.completion_tokens));
@@ -258,7 +265,37 @@ async fn stream(
         completion_tokens: summary_tokens.unwrap_or(delta_tokens),
         time_to_first_token: first_token,
         missing_summary: summary_tokens.is_none(),
+        decode: tracker.span(),
     })
+}
+
+/// The decode phase of a stream from its token messages' arrival times: the tokens after the
+/// first message's, between the first and the last message (the prefill, which makes the first
+/// token, is not decode).
+#[derive(Debug, Default)]
+struct DecodeTracker {
+    first: Option<Duration>,
+    last: Duration,
+    tokens_after_first: u64,
+}
+
+impl DecodeTracker {
+    fn tokens(&mut self, n: u64, at: Duration) {
+        if self.first.is_none() {
+            self.first = Some(at);
+        } else {
+            self.tokens_after_first += n;
+        }
+        self.last = at;
+    }
+
+    fn span(&self) -> Option<DecodeSpan> {
+        let first = self.first?;
+        (self.tokens_after_first > 0).then(|| DecodeSpan {
+            tokens: self.tokens_after_first,
+            time: self.last.saturating_sub(first),
+        })
+    }
 }
 
 /// gRPC status names as grpc-go spells them (`codes.Code.String()`), which is what ghz prints.
@@ -281,5 +318,29 @@ pub fn go_code_name(code: Code) -> &'static str {
         Code::Unavailable => "Unavailable",
         Code::DataLoss => "DataLoss",
         Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_span_starts_at_the_first_token_message() {
+        let ms = Duration::from_millis;
+        let mut t = DecodeTracker::default();
+        assert_eq!(t.span(), None);
+        t.tokens(1, ms(40));
+        // one token message: no decode phase to speak of
+        assert_eq!(t.span(), None);
+        t.tokens(1, ms(42));
+        t.tokens(2, ms(46));
+        assert_eq!(
+            t.span(),
+            Some(DecodeSpan {
+                tokens: 3,
+                time: ms(6)
+            })
+        );
     }
 }

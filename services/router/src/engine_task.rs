@@ -6,7 +6,9 @@
 //! The engine thread also keeps each request's trace spans (`queue`, then `prefill` from
 //! admission to the first token, then one `decode` span to the end: one span per phase, not per
 //! step) under the span of the handler that submitted it, hands the expert shards the trace
-//! context of the requests in each step (`trace`), and observes the per-step metrics.
+//! context of the requests in each step (`trace`), and observes the per-step metrics. It hands
+//! each step's events to the delivery thread (`event_sender`) in one piece: waking the requests'
+//! stream tasks one by one would sit between this step and the next.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use dsv2_core::engine::{Engine, EngineEvent, FailKind, GenerateParams, RequestLi
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::Status;
 
+use crate::event_sender::EventSender;
 use crate::metrics::RouterMetrics;
 use crate::{status, trace};
 
@@ -129,9 +132,10 @@ impl EngineHandle {
         publish(&engine, &gauges);
         let metrics = Arc::new(RouterMetrics::default());
         let (g, m) = (gauges.clone(), metrics.clone());
+        let out = EventSender::spawn().expect("spawning the event delivery thread");
         std::thread::Builder::new()
             .name("dsv2-engine".into())
-            .spawn(move || run(engine, rx, g, m))
+            .spawn(move || run(engine, rx, out, g, m))
             .expect("spawning the engine thread");
         EngineHandle {
             tx,
@@ -202,6 +206,7 @@ impl EngineHandle {
 fn run<B: Backend>(
     mut engine: Engine<B>,
     mut rx: mpsc::Receiver<Cmd>,
+    mut out: EventSender,
     gauges: Arc<EngineGauges>,
     metrics: Arc<RouterMetrics>,
 ) {
@@ -209,12 +214,14 @@ fn run<B: Backend>(
     loop {
         if !engine.has_work() {
             match rx.blocking_recv() {
-                Some(cmd) => accept(&mut engine, &mut live, cmd),
+                Some(cmd) => accept(&mut engine, &mut live, &mut out, cmd),
                 None => break,
             }
         }
+        // Everything from here to the next step that is not the model is host overhead.
+        let t_iter = Instant::now();
         while let Ok(cmd) = rx.try_recv() {
-            accept(&mut engine, &mut live, cmd);
+            accept(&mut engine, &mut live, &mut out, cmd);
         }
         // Cancelled clients and passed deadlines leave before the step.
         let now = Instant::now();
@@ -234,16 +241,20 @@ fn run<B: Backend>(
             engine.cancel(id);
             if let Some(l) = live.remove(&id) {
                 if deadline {
-                    let _ = l.events.try_send(EngineEvent::Failed {
-                        id,
-                        kind: FailKind::DeadlineExceeded,
-                        message: "deadline exceeded before generation finished".into(),
-                    });
+                    out.push(
+                        &l.events,
+                        EngineEvent::Failed {
+                            id,
+                            kind: FailKind::DeadlineExceeded,
+                            message: "deadline exceeded before generation finished".into(),
+                        },
+                    );
                 }
                 tracing::info!(request = id, deadline, "request cancelled, cache freed");
             }
         }
         if !engine.has_work() {
+            out.flush();
             publish(&engine, &gauges);
             continue;
         }
@@ -280,12 +291,16 @@ fn run<B: Backend>(
                     "engine step panicked; failing in-flight requests and stopping the engine"
                 );
                 for (id, l) in live.drain() {
-                    let _ = l.events.try_send(EngineEvent::Failed {
-                        id,
-                        kind: FailKind::Internal,
-                        message: "internal error in the engine".into(),
-                    });
+                    out.push(
+                        &l.events,
+                        EngineEvent::Failed {
+                            id,
+                            kind: FailKind::Internal,
+                            message: "internal error in the engine".into(),
+                        },
+                    );
                 }
+                out.flush();
                 break;
             }
         };
@@ -318,15 +333,21 @@ fn run<B: Backend>(
                 l.phase_span.record("output_tokens", l.tokens);
             }
             if let Some(l) = live.get(&id) {
-                // Capacity covers every event of a request, so this fails only if the client left.
-                let _ = l.events.try_send(ev);
+                out.push(&l.events, ev);
             }
             if last {
                 live.remove(&id);
             }
         }
+        // Delivered by the event thread while this one goes on to the next step.
+        out.flush();
         gauges.steps.store(engine.stats.steps, Ordering::Relaxed);
         publish(&engine, &gauges);
+        if shape.sequences > 0 {
+            metrics
+                .step_host
+                .observe_duration(t_iter.elapsed().saturating_sub(engine.last_step_model_time));
+        }
     }
     tracing::info!("engine thread stopped");
 }
@@ -361,7 +382,12 @@ fn publish<B: Backend>(engine: &Engine<B>, g: &EngineGauges) {
         .store(h.evicted_blocks, Ordering::Relaxed);
 }
 
-fn accept<B: Backend>(engine: &mut Engine<B>, live: &mut HashMap<u64, Live>, cmd: Cmd) {
+fn accept<B: Backend>(
+    engine: &mut Engine<B>,
+    live: &mut HashMap<u64, Live>,
+    out: &mut EventSender,
+    cmd: Cmd,
+) {
     match cmd {
         Cmd::Submit {
             req,
@@ -391,11 +417,14 @@ fn accept<B: Backend>(engine: &mut Engine<B>, live: &mut HashMap<u64, Live>, cmd
                     live.insert(id, l);
                 }
                 Err(e) => {
-                    let _ = events.try_send(EngineEvent::Failed {
-                        id,
-                        kind: FailKind::Internal,
-                        message: e.to_string(),
-                    });
+                    out.push(
+                        &events,
+                        EngineEvent::Failed {
+                            id,
+                            kind: FailKind::Internal,
+                            message: e.to_string(),
+                        },
+                    );
                 }
             }
         }

@@ -4,6 +4,7 @@
 //! `main.rs` only wires them.
 
 pub mod engine_task;
+pub mod event_sender;
 pub mod host_memory;
 pub mod http;
 pub mod limits;

@@ -16,6 +16,12 @@ use tonic::Code;
 
 use crate::engine_task::EngineHandle;
 
+/// Buckets for per-step host work: a GPU decode step takes 1.5..3 ms (bench/RESULTS.md), so
+/// tens of microseconds already show in served throughput.
+const HOST_SECONDS: &[f64] = &[
+    0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+];
+
 /// Which front door a request came through (the `api` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Api {
@@ -46,6 +52,8 @@ pub struct RouterMetrics {
     pub step_tokens: Histogram,
     pub step_kv_cache_usage: Histogram,
     pub step_duration: Histogram,
+    /// Per step, the engine thread's time outside the model and the token choice.
+    pub step_host: Histogram,
     /// Finished generation requests by `api` and `code` (the gRPC status code's name; the HTTP
     /// API answers the HTTP status of `status::http_status` for it).
     pub requests: CounterVec,
@@ -64,6 +72,7 @@ impl Default for RouterMetrics {
             step_tokens: Histogram::new(POWERS_OF_TWO),
             step_kv_cache_usage: Histogram::new(RATIO),
             step_duration: Histogram::new(LATENCY_SECONDS),
+            step_host: Histogram::new(HOST_SECONDS),
             requests: CounterVec::new(&["api", "code"]),
         }
     }
@@ -351,6 +360,11 @@ pub fn render(engine: &EngineHandle) -> String {
         "dsv2_router_step_duration_seconds",
         "Wall time of one engine step (the whole model, expert shards included).",
         &m.step_duration,
+    );
+    e.histogram(
+        "dsv2_router_step_host_seconds",
+        "Per engine step, the engine thread's wall time outside the model and the token choice (scheduling, detokenisation, stop strings, logprobs, event sends, metrics): time the next step waits for.",
+        &m.step_host,
     );
     e.finish()
 }
