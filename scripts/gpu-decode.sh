@@ -32,6 +32,9 @@
 #   fused    the decode fusions (shared experts in the small-batch expert kernels at one row, gate
 #            GEMV + top-k, query rope in the append): fixtures, then batch 1 and 4 decode (4-layer V2,
 #            V2-Lite) with and without (DSV2_FUSED_SHARED=0 DSV2_FUSED_GATE=0 DSV2_FUSED_ROPE=0)
+#   pdl      PDL (DSV2_PDL=1) with the early triggers of one-wave launches (8a38193): the fixtures
+#            and the MLA checks with it, then V2-Lite and 4-layer V2 batch 1 and 4 with PDL off, on,
+#            and on with an earlier tree's dsv2 (BASE_BIN, default $BIN/base: late triggers only)
 #   ab       an A/B of decode switches: kernel checks (AB_CHECKS=0 skips them), then batch 1 and 4
 #            decode (V2-Lite, 4-layer V2) with AB_ON (default: the defaults), an earlier tree's
 #            dsv2 (BASE_BIN, default $BIN/base), AB_OFF (default: session 14's fusions off); the
@@ -305,6 +308,24 @@ PYEOF
         echo "-- $1 ($2 layers), DSV2_FUSED_SHARED=$3 DSV2_FUSED_GATE=$3 DSV2_FUSED_ROPE=$3"
         DSV2_FUSED_SHARED=$3 DSV2_FUSED_GATE=$3 DSV2_FUSED_ROPE=$3 PRESET=$1 LAYERS=$2 BATCHES=1,4 CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=90 \
           OUT=/tmp/gd-fused bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
+      done ;;
+    pdl)
+      DSV2_PDL=1 timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/cuda-check-pdl.log" 2>&1 || { echo "dsv2-cuda-check (DSV2_PDL=1) FAILED"; fail=1; }
+      tail -2 "$OUT_DIR/cuda-check-pdl.log"
+      DSV2_PDL=1 timeout -k 5 150 "$BIN/dsv2-gpu-check" --mla --mla-kernels wgmma --no-bench --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-pdl.log" 2>&1 || fail=1
+      echo "-- dsv2-gpu-check --mla (DSV2_PDL=1): $(grep -E '^checks:' "$OUT_DIR/gpu-check-pdl.log" | tail -1)"
+      base=${BASE_BIN:-$BIN/base}
+      for model in "deepseek-v2-lite 27" "deepseek-v2 4"; do
+        set -- $model
+        for run in "off $BIN DSV2_PDL=0" "on $BIN DSV2_PDL=1" "base $base DSV2_PDL=1"; do
+          over_budget "pdl $1 $run" && break
+          set -- $1 $2 $run
+          [ -x "$4/dsv2" ] || { echo "-- $1 $3: no $4/dsv2, skipped"; continue; }
+          echo "-- $1 ($2 layers), PDL $3 ($5): binaries of $(cat "$4/COMMIT" 2>/dev/null || echo unknown)"
+          env "$5" BIN="$4" PRESET=$1 LAYERS=$2 BATCHES=1,4 CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=90 \
+            OUT=/tmp/gd-pdl bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
+          set -- $1 $2
+        done
       done ;;
     ab)
       # an A/B of decode switches: this tree's binaries with AB_ON (default: nothing, the
