@@ -4,7 +4,8 @@
 # dense, then MoE; or PRESET=deepseek-v2-lite LAYERS=27), weights drawn on the GPU from SEED
 # (`init-random --config-only` + `--random-weights`: no checkpoint files to write or carry).
 # One bench per context of CONTEXTS (default "512 4096") over BATCHES (default 1,8,64,256), each
-# under LIMIT_S seconds; the tables go to stdout, every number to
+# under LIMIT_S seconds, KV cache blocks of BLOCK_SIZE tokens (default 16, the router's); the
+# tables go to stdout, every number to
 # $OUT/bench-<preset>-<layers>L-ctx<C>.json and the prompt ids to $OUT/prompts-ctx<C>.txt (for
 # bench/hf_cpu_decode.py --prompt-file, which needs a checkpoint with files: dsv2 init-random).
 # Build here with scripts/build-gpubin.sh; on the device: BIN=.gpubin bash scripts/gpu-bench.sh
@@ -31,7 +32,7 @@ for c in $CONTEXTS; do
   echo "== $PRESET, $LAYERS layers, context $c, batch $BATCHES, $NEW_TOKENS new tokens"
   err="$OUT_DIR/bench-ctx$c.err"
   timeout -k 5 "$LIMIT_S" "$BIN/dsv2" bench --device cuda:0 --model-dir "$dir" --random-weights "$SEED" \
-    --batch "$BATCHES" --context "$c" --new-tokens "$NEW_TOKENS" \
+    --batch "$BATCHES" --context "$c" --new-tokens "$NEW_TOKENS" --block-size "${BLOCK_SIZE:-16}" \
     --json "$OUT_DIR/bench-$PRESET-${LAYERS}L-ctx$c.json" --dump-prompts "$OUT_DIR/prompts-ctx$c.txt" 2>"$err"
   rc=$?
   if [ "$rc" -ne 0 ]; then echo "bench at context $c FAILED (exit $rc)"; tail -5 "$err"; fail=1; fi

@@ -646,6 +646,21 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
     if contiguous {
         println!("P1 rows below: each sequence's cache blocks contiguous (DSV2_P1_CONTIGUOUS=1)");
     }
+    // DSV2_P1_BLOCK: the cache's block size in tokens (default 64). The router's default is 16,
+    // where the TMA kernels copy a tile in four pieces instead of one: 16 measures what serving
+    // at the default costs them.
+    let bs: usize = match std::env::var("DSV2_P1_BLOCK") {
+        Err(_) => 64,
+        Ok(v) => match v.parse::<usize>() {
+            Ok(b) if b > 0 && 512 % b == 0 => b,
+            _ => bail!(
+                "DSV2_P1_BLOCK={v:?}: expected a block size that divides 512 (the shortest P1 context)"
+            ),
+        },
+    };
+    if bs != 64 {
+        println!("P1 rows below: cache blocks of {bs} tokens (DSV2_P1_BLOCK)");
+    }
     for (batch, ctx, heads, force, kernel) in [
         (64usize, 4096usize, 128usize, None, Wgmma),
         (64, 4096, 128, Some(1usize), Wgmma),
@@ -700,10 +715,9 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
         (1, 512, 128, None, Roles),
         (1, 512, 16, None, Roles),
     ] {
-        if !mla_kernels.contains(&kernel) {
+        if !mla_kernels.contains(&kernel) || !kernel.supports_block_size(bs) {
             continue;
         }
-        let bs = 64usize;
         let blocks_per = ctx / bs;
         let nblocks = batch * blocks_per;
         let mut cache = Tensor::<bf16>::zeros(gpu, &[nblocks, bs, mla::CACHE_DIM])?;

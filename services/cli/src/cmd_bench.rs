@@ -112,6 +112,16 @@ pub struct Args {
     /// chunks, to fit (the router's --max-batch-tokens plays this part when serving).
     #[arg(long, default_value_t = 8192)]
     prefill_tokens: usize,
+    /// Tokens per KV cache block (the router's --block-size). The TMA decode kernels copy
+    /// min(block, 64) cache rows a piece, so 64 is what they are built for; 16 is the router's
+    /// default.
+    #[arg(
+        long,
+        default_value_t = 16,
+        value_parser = clap::value_parser!(u32).range(1..=1024),
+        conflicts_with = "host_restore"
+    )]
+    block_size: u32,
     /// Untimed decode steps with routing on the host, after the timed ones, when the backend
     /// routed the timed steps where they could not be counted (the CUDA backend keeps the
     /// expert ids on the device).
@@ -320,6 +330,7 @@ fn run_on<B: Backend>(a: &Args, backend: Arc<B>) -> Result<()> {
                 decode_steps: WARMUP_DECODE_STEPS,
                 probe_steps: 0,
                 prefill_tokens: a.prefill_tokens,
+                block_size: a.block_size as usize,
             };
             measure::run(&loaded.model, &probe, &plan, || {})
                 .with_context(|| format!("warm-up at batch {batch}"))?;
@@ -338,6 +349,7 @@ fn run_on<B: Backend>(a: &Args, backend: Arc<B>) -> Result<()> {
                 decode_steps,
                 probe_steps: a.probe_steps,
                 prefill_tokens: a.prefill_tokens,
+                block_size: a.block_size as usize,
             };
             let run = measure::run(&loaded.model, &probe, &plan, || bar.inc(1))
                 .with_context(|| format!("batch {batch}, context {ctx}"))?;
@@ -365,6 +377,7 @@ fn run_on<B: Backend>(a: &Args, backend: Arc<B>) -> Result<()> {
         runs: a.runs,
         prefill_tokens: a.prefill_tokens,
         probe_steps: a.probe_steps,
+        block_size: a.block_size as usize,
         configs: &results,
         skipped: &skipped,
     };

@@ -12,8 +12,6 @@ use dsv2_core::model::{Model, StepInput};
 
 use super::probe::RoutingProbe;
 
-const BLOCK_SIZE: usize = 16;
-
 pub struct Plan<'a> {
     pub prompts: &'a [Vec<u32>],
     /// Timed decode steps.
@@ -21,6 +19,8 @@ pub struct Plan<'a> {
     /// Untimed decode steps with host routing, run when a timed step's routing was not seen.
     pub probe_steps: usize,
     pub prefill_tokens: usize,
+    /// Tokens per KV cache block.
+    pub block_size: usize,
 }
 
 /// What one run of a configuration measured.
@@ -60,9 +60,10 @@ pub fn run<B: Backend>(
     if lens.contains(&0) {
         bail!("an empty prompt");
     }
-    let num_blocks: usize = lens.iter().map(|l| (l + extra).div_ceil(BLOCK_SIZE)).sum();
+    let bs = plan.block_size.max(1);
+    let num_blocks: usize = lens.iter().map(|l| (l + extra).div_ceil(bs)).sum();
     let mut cache = model
-        .new_cache(num_blocks.max(1), BLOCK_SIZE)
+        .new_cache(num_blocks.max(1), bs)
         .context("allocating the KV cache")?;
     // Each sequence's whole footprint up front, as the engine admits requests: the block
     // tables do not change from step to step.
@@ -201,13 +202,43 @@ mod tests {
         probe: &RoutingProbe<CpuBackend>,
         seqs: &[Vec<u32>],
     ) -> Run {
+        with_blocks(model, probe, seqs, 16)
+    }
+
+    fn with_blocks(
+        model: &Model<CpuBackend>,
+        probe: &RoutingProbe<CpuBackend>,
+        seqs: &[Vec<u32>],
+        block_size: usize,
+    ) -> Run {
         let plan = Plan {
             prompts: seqs,
             decode_steps: 3,
             probe_steps: 2,
             prefill_tokens: 20,
+            block_size,
         };
         run(model, probe, &plan, || {}).unwrap()
+    }
+
+    #[test]
+    fn the_block_size_changes_the_cache_layout_not_the_tokens() {
+        let (model, experts) = tiny();
+        let cfg = &model.cfg;
+        let probe = RoutingProbe::new(experts, cfg.n_routed_experts);
+        let seqs = Prompts::random(3, false, cfg.vocab_size, vec![0, 1])
+            .unwrap()
+            .batch(3, 12);
+        let by16 = with_blocks(&model, &probe, &seqs, 16);
+        // 64: every sequence in one block; 5: prompts and steps cross block boundaries
+        for bs in [64, 5] {
+            let other = with_blocks(&model, &probe, &seqs, bs);
+            assert_eq!(
+                other.output_ids_seq0, by16.output_ids_seq0,
+                "block size {bs}"
+            );
+            assert_eq!(other.step_ctx, by16.step_ctx, "block size {bs}");
+        }
     }
 
     #[test]

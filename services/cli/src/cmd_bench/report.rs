@@ -233,6 +233,7 @@ pub struct Report<'a> {
     pub runs: usize,
     pub prefill_tokens: usize,
     pub probe_steps: usize,
+    pub block_size: usize,
     pub configs: &'a [Config],
     pub skipped: &'a [Value],
 }
@@ -291,7 +292,7 @@ impl Report<'_> {
             "settings": {
                 "new_tokens": self.new_tokens, "decode_steps_per_run": self.new_tokens - 1,
                 "runs": self.runs, "prefill_tokens_per_step": self.prefill_tokens,
-                "probe_steps": self.probe_steps, "block_size": 16, "sampling": "greedy",
+                "probe_steps": self.probe_steps, "block_size": self.block_size, "sampling": "greedy",
             },
             "formulas": {
                 "decode_bytes": "dense weights once (embedding: only the looked-up rows) + sum over MoE layers of experts touched x (gate+up+down of one expert) + KV read: sum over sequences of context x (kv_lora_rank + qk_rope_head_dim) x cache bytes x layers",
@@ -332,9 +333,11 @@ impl Report<'_> {
         let _ = writeln!(s, "prompts: {}", self.prompts.label());
         let _ = writeln!(
             s,
-            "\ndecode, per step: median of {} steps x {} run(s), Model::forward_logits + greedy argmax",
+            "\ndecode, per step: median of {} steps x {} run(s), Model::forward_logits + greedy argmax, \
+             KV cache blocks of {} tokens",
             self.new_tokens - 1,
-            self.runs
+            self.runs,
+            self.block_size
         );
         let _ = writeln!(
             s,
