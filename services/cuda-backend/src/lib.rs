@@ -486,8 +486,10 @@ impl CudaBackend {
             return Ok(DeviceRouting::Chosen { ids, weights });
         }
         let gc = gate_config(p);
-        let mut ids = Tensor::<i32>::zeros(&self.gpu, &[m, p.top_k]).kx()?;
-        let mut weights = Tensor::<f32>::zeros(&self.gpu, &[m, p.top_k]).kx()?;
+        // moe_gate writes all top_k ids and weights of every row (its launcher refuses
+        // top_k > 32 or > experts before launching), so no memset: two fewer graph nodes
+        let mut ids = Tensor::<i32>::uninit(&self.gpu, &[m, p.top_k]).kx()?;
+        let mut weights = Tensor::<f32>::uninit(&self.gpu, &[m, p.top_k]).kx()?;
         gemm::<f32>(
             &self.gpu,
             Gemm::xwt(m, e, k, xb.ptr(), gate.t.ptr(), logits.ptr()),
