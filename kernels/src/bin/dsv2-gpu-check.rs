@@ -1168,6 +1168,7 @@ fn bench_grouped(
             let mut sa = Tensor::<bf16>::zeros(gpu, &[routed, inter])?;
             let mut line = String::new();
             for down in [
+                small_experts::SmallDown::Pipe,
                 small_experts::SmallDown::Slots,
                 small_experts::SmallDown::Rows,
             ] {

@@ -628,6 +628,103 @@ moe_small_down_slots_bf16(const bf16* __restrict__ act, const int* __restrict__ 
     }
 }
 
+// The down projection with one warp per slot over a run of output rows, software-pipelined
+// (the default where a slot's activation is one pass, I <= WARP * 8 * DOWN_PIECES): grid
+// (ceil(H / rpb), n), 32 * (k + n_shared) threads, rpb <= DOWN_PIPE_MAX_ROWS output rows a block,
+// chosen by the launcher so that the grid is about two blocks per SM (one wave).
+// Why: moe_small_down_slots_bf16 issues all its block's loads at once and then waits; at two
+// resident blocks per SM its 1,024 blocks at V2-Lite batch 1 ran as four waves, each a full
+// memory latency with the SM's loads drained (0.70 of the copy bandwidth, session 16 ncu). Here
+// a warp keeps DOWN_RING - 1 rows of weight loads in flight while it multiplies the row before,
+// so an SM's loads never drain until its last rows. The slot's activation is re-read from L1
+// for each row. Products, sums and roundings are the slot kernel's, in the same order: both
+// give the same bits.
+#define DOWN_RING 3
+#define DOWN_PIPE_MAX_ROWS 64
+extern "C" __global__ void __launch_bounds__(256, 2)
+moe_small_down_pipe_bf16(const bf16* __restrict__ act, const int* __restrict__ ids, const float* __restrict__ wts,
+                         const long long* __restrict__ ptrs, bf16* __restrict__ out, int hidden, int inter, int k,
+                         int n_exp, const bf16* __restrict__ sd, int n_shared, int rpb) {
+    __shared__ float part[DOWN_MAX_SLOTS][DOWN_PIPE_MAX_ROWS];
+    const int row = blockIdx.y, routed_slots = gridDim.y * k;
+    const int w = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int o0 = blockIdx.x * rpb;
+    const int nr = min(rpb, hidden - o0);  // > 0: the launcher's grid covers hidden exactly
+    const bf16* a;
+    const bf16* wd = nullptr;
+    size_t ld;
+    float weight = 1.f;
+    // ids and weights before griddep_wait, as in moe_small_down_slots_bf16
+    if (w < k) {
+        const int e = ids[row * k + w];
+        if (e >= 0 && e < n_exp) wd = reinterpret_cast<const bf16*>(ptrs[3 * e + 2]);
+        a = act + ((size_t)row * k + w) * inter;
+        ld = inter;
+        weight = wts[row * k + w];
+    } else {
+        const int p = w - k;
+        a = act + ((size_t)routed_slots + (size_t)row * n_shared + p) * inter;
+        wd = sd + (size_t)p * inter;
+        ld = (size_t)n_shared * inter;
+    }
+    uint4 wv[DOWN_RING][DOWN_PIECES];
+    auto load_row = [&](uint4 (&buf)[DOWN_PIECES], int j) {
+        const bf16* wr = wd + (size_t)(o0 + j) * ld;
+#pragma unroll
+        for (int q = 0; q < DOWN_PIECES; ++q) {
+            const int c = lane * 8 + q * WARP * 8;
+            buf[q] = c < inter ? ld_stream16(wr + c) : make_uint4(0u, 0u, 0u, 0u);
+        }
+    };
+    if (wd != nullptr) {
+#pragma unroll
+        for (int s = 0; s < DOWN_RING - 1; ++s)
+            if (s < nr) load_row(wv[s], s);
+    }
+    griddep_wait();
+    if (wd != nullptr) {
+        // rows j, j + 1, .. in ring slots j % DOWN_RING, unrolled by the ring so that every
+        // register index is a constant
+        for (int j0 = 0; j0 < nr; j0 += DOWN_RING) {
+#pragma unroll
+            for (int s = 0; s < DOWN_RING; ++s) {
+                const int j = j0 + s;
+                if (j >= nr) break;
+                if (j + DOWN_RING - 1 < nr) load_row(wv[(s + DOWN_RING - 1) % DOWN_RING], j + DOWN_RING - 1);
+                float d = 0.f;
+#pragma unroll
+                for (int q = 0; q < DOWN_PIECES; ++q) {
+                    // the slot's activation from L1 (the same 2-3 KB for every row of the
+                    // block; in registers it left too few for three rows of loads in flight)
+                    const int c = lane * 8 + q * WARP * 8;
+                    float f[8], x[8];
+                    unpack8(c < inter ? *reinterpret_cast<const uint4*>(a + c) : make_uint4(0u, 0u, 0u, 0u), x);
+                    unpack8(wv[s][q], f);
+#pragma unroll
+                    for (int t = 0; t < 8; ++t) d += x[t] * f[t];
+                }
+                d = warp_sum(d);
+                if (lane == 0)
+                    part[w][j] = w < k ? weight * __bfloat162float(__float2bfloat16_rn(d)) : d;
+            }
+        }
+    } else if (lane == 0) {
+        for (int j = 0; j < nr; ++j) part[w][j] = 0.f;
+    }
+    griddep_launch_dependents();
+    __syncthreads();
+    for (int j = threadIdx.x; j < nr; j += blockDim.x) {
+        float acc = 0.f;
+        for (int s = 0; s < k; ++s) acc += part[s][j];
+        if (n_shared > 0) {
+            float sh = 0.f;
+            for (int p = 0; p < n_shared; ++p) sh += part[k + p][j];
+            acc += __bfloat162float(__float2bfloat16_rn(sh));
+        }
+        out[(size_t)row * hidden + o0 + j] = __float2bfloat16_rn(acc);
+    }
+}
+
 // grid (ceil(H / 8), n), 256 threads, smem (k + n_shared) * I bf16:
 // out[row, o] = sum over routed slots j of w[row, j] * bf16(act[row*k + j] . Wd_e[o])
 //             + bf16(sum over shared parts p of act[n*k + row*n_shared + p] . Sd[o, p*I..]).

@@ -63,15 +63,37 @@ pub unsafe fn small_experts(gpu: &Gpu, p: SmallExpertsParams<'_>) -> Result<()> 
     unsafe { small_experts_with(gpu, p, SmallDown::from_env()?) }
 }
 
-/// How the down projection is cut: one warp per slot (`moe_small_down_slots_bf16`, the default:
-/// more loads in flight; with it and the two launch fusions V2-Lite's batch-1 step went 1.94x to
-/// 1.79x its roofline, bench/RESULTS.md session 15) or one warp per output row walking its row's
-/// slots in turn (`moe_small_down_bf16`, `DSV2_SMALL_DOWN=rows`; also where a row has more slots
-/// than the slot kernel takes).
+/// How the down projection is cut: one warp per slot over a run of output rows with the next
+/// rows' weight loads in flight (`moe_small_down_pipe_bf16`, the default where a slot's
+/// activation is one pass of the warp, intermediate <= [`DOWN_PIPE_MAX_INTER`]; V2 and V2-Lite
+/// both fit), one warp per slot and two output rows a block (`moe_small_down_slots_bf16`,
+/// `DSV2_SMALL_DOWN=slots`, and where the pipelined kernel does not fit: it took V2-Lite's
+/// batch-1 step from 1.94x to 1.79x its roofline, bench/RESULTS.md session 15, but ran at 0.70
+/// of the copy bandwidth, session 16) or one warp per output row walking its row's slots in turn
+/// (`moe_small_down_bf16`, `DSV2_SMALL_DOWN=rows`; also where a row has more slots than the slot
+/// kernels take).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SmallDown {
+    Pipe,
     Slots,
     Rows,
+}
+
+/// Largest intermediate size the pipelined down kernel takes: one pass of a warp's loads
+/// (WARP * 8 * DOWN_PIECES in moe.cu).
+pub const DOWN_PIPE_MAX_INTER: usize = 32 * 8 * 6;
+/// Most slots the pipelined down kernel takes: one warp each, 256 threads at most
+/// (its `__launch_bounds__(256, 2)`).
+const DOWN_PIPE_MAX_SLOTS: usize = 8;
+/// Most output rows one block of the pipelined down kernel computes (DOWN_PIPE_MAX_ROWS).
+const DOWN_PIPE_MAX_ROWS: usize = 64;
+
+/// Output rows per block of the pipelined down kernel for `n` rows of `hidden` outputs on
+/// `sm_count` SMs: about two blocks per SM in all (the kernel's residency), so that the grid is
+/// one wave and each block's warps stream their rows back to back.
+fn down_pipe_rows(hidden: usize, n: usize, sm_count: usize) -> usize {
+    let blocks = (2 * sm_count.max(1)).div_ceil(n.max(1)).max(1);
+    hidden.div_ceil(blocks).clamp(1, DOWN_PIPE_MAX_ROWS)
 }
 
 /// Most slots (top-k + shared parts) of a row the slot-per-warp down kernel takes (one warp each;
@@ -85,19 +107,23 @@ impl SmallDown {
     /// intermediate size `inter`: one warp per slot, or the row's activations in shared memory.
     pub fn fits(self, slots: usize, inter: usize) -> bool {
         match self {
+            SmallDown::Pipe => slots <= DOWN_PIPE_MAX_SLOTS && inter <= DOWN_PIPE_MAX_INTER,
             SmallDown::Slots => slots <= DOWN_MAX_SLOTS,
             SmallDown::Rows => slots * inter * 2 <= SMEM_LIMIT,
         }
     }
 
-    /// `DSV2_SMALL_DOWN` (slots | rows; unset: slots).
+    /// `DSV2_SMALL_DOWN` (pipe | slots | rows; unset: pipe).
     pub fn from_env() -> Result<Self> {
         static CHOICE: OnceLock<std::result::Result<SmallDown, String>> = OnceLock::new();
         CHOICE
             .get_or_init(|| match std::env::var("DSV2_SMALL_DOWN").as_deref() {
-                Err(_) | Ok("slots") => Ok(SmallDown::Slots),
+                Err(_) | Ok("pipe") => Ok(SmallDown::Pipe),
+                Ok("slots") => Ok(SmallDown::Slots),
                 Ok("rows") => Ok(SmallDown::Rows),
-                Ok(other) => Err(format!("DSV2_SMALL_DOWN={other}: expected slots or rows")),
+                Ok(other) => Err(format!(
+                    "DSV2_SMALL_DOWN={other}: expected pipe, slots or rows"
+                )),
             })
             .clone()
             .map_err(|what| crate::error::KernelError::Unsupported {
@@ -147,6 +173,12 @@ pub unsafe fn small_experts_with(
             what: format!("hidden {hidden} / intermediate {inter} not multiples of 8"),
         });
     }
+    // the pipelined kernel's shapes are a subset of the slot kernel's
+    let down = if down == SmallDown::Pipe && !down.fits(k + n_shared, inter) {
+        SmallDown::Slots
+    } else {
+        down
+    };
     if !down.fits(k + n_shared, inter) {
         return Err(crate::error::KernelError::Unsupported {
             op: OP,
@@ -205,7 +237,14 @@ pub unsafe fn small_experts_with(
     };
     // SAFETY: matches moe_small_gate_up_bf16; shapes checked above, the table per the contract.
     unsafe { b.launch(cfg) }?;
+    let rpb = down_pipe_rows(hidden, n, gpu.sm_count);
     let (name, grid_x, threads, smem) = match down {
+        SmallDown::Pipe => (
+            "moe_small_down_pipe_bf16",
+            hidden.div_ceil(rpb),
+            32 * (k + n_shared),
+            0,
+        ),
         SmallDown::Slots => (
             "moe_small_down_slots_bf16",
             hidden.div_ceil(DOWN_ROWS),
@@ -232,13 +271,52 @@ pub unsafe fn small_experts_with(
         .arg(&ne)
         .arg(&sd)
         .arg(&ns);
+    // the pipelined kernel's rows per block (the others ignore the extra argument: not passed)
+    let rpb_i = rpb as i32;
+    if down == SmallDown::Pipe {
+        b.arg(&rpb_i);
+    }
     let cfg = LaunchConfig {
         grid_dim: (grid_x as u32, n as u32, 1),
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    // SAFETY: both down kernels take the same arguments; act rows of routed slots were written
-    // just before; the slot kernel's block has one warp per slot (at most DOWN_MAX_SLOTS).
+    // SAFETY: the down kernels take the same arguments (the pipelined one also rows per block,
+    // <= DOWN_PIPE_MAX_ROWS, its grid covering hidden); act rows of routed slots were written
+    // just before; the slot kernels' blocks have one warp per slot (at most DOWN_MAX_SLOTS).
     unsafe { b.launch(cfg) }?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DOWN_PIPE_MAX_ROWS, SmallDown, down_pipe_rows};
+
+    #[test]
+    fn pipelined_down_grid_is_about_one_wave() {
+        // V2-Lite (hidden 2048) and V2 (5120) at 1 and 4 rows on an H100's 132 SMs
+        assert_eq!(down_pipe_rows(2048, 1, 132), 8); // 256 blocks
+        assert_eq!(down_pipe_rows(5120, 1, 132), 20); // 256 blocks
+        assert_eq!(down_pipe_rows(2048, 4, 132), 32); // 64 x 4 blocks
+        assert_eq!(down_pipe_rows(5120, 4, 132), DOWN_PIPE_MAX_ROWS);
+        // tiny shapes and a GPU whose SM count is unknown still get a valid grid
+        assert_eq!(down_pipe_rows(72, 3, 132), 1);
+        assert_eq!(down_pipe_rows(8, 1, 0), 4);
+        for (h, n) in [(2048, 1), (5120, 4), (72, 2), (1, 1)] {
+            let r = down_pipe_rows(h, n, 132);
+            assert!((1..=DOWN_PIPE_MAX_ROWS).contains(&r));
+        }
+    }
+
+    #[test]
+    fn pipelined_down_takes_v2_and_lite_and_leaves_the_rest_to_the_slot_kernel() {
+        // top-6 + 2 shared parts at V2's and V2-Lite's intermediate sizes
+        assert!(SmallDown::Pipe.fits(8, 1536));
+        assert!(SmallDown::Pipe.fits(8, 1408));
+        // more slots than 8 warps, or an activation longer than one pass
+        assert!(!SmallDown::Pipe.fits(10, 40));
+        assert!(!SmallDown::Pipe.fits(4, 2056));
+        assert!(SmallDown::Slots.fits(10, 40));
+        assert!(SmallDown::Slots.fits(4, 2056));
+    }
 }
