@@ -90,10 +90,14 @@ const DOWN_PIPE_MAX_ROWS: usize = 64;
 
 /// Output rows per block of the pipelined down kernel for `n` rows of `hidden` outputs on
 /// `sm_count` SMs: about two blocks per SM in all (the kernel's residency), so that the grid is
-/// one wave and each block's warps stream their rows back to back.
-fn down_pipe_rows(hidden: usize, n: usize, sm_count: usize) -> usize {
+/// one wave and each block's warps stream their rows back to back. None where one wave would
+/// need more than DOWN_PIPE_MAX_ROWS rows a block: V2 at 4 rows (5120 x 4 outputs) ran as 1.2
+/// waves of 64-row blocks and its batch-4 step was 2 % slower than with the slot kernel, which
+/// then takes it (bench/RESULTS.md, session 17).
+fn down_pipe_rows(hidden: usize, n: usize, sm_count: usize) -> Option<usize> {
     let blocks = (2 * sm_count.max(1)).div_ceil(n.max(1)).max(1);
-    hidden.div_ceil(blocks).clamp(1, DOWN_PIPE_MAX_ROWS)
+    let rows = hidden.div_ceil(blocks).max(1);
+    (rows <= DOWN_PIPE_MAX_ROWS).then_some(rows)
 }
 
 /// Most slots (top-k + shared parts) of a row the slot-per-warp down kernel takes (one warp each;
@@ -174,7 +178,9 @@ pub unsafe fn small_experts_with(
         });
     }
     // the pipelined kernel's shapes are a subset of the slot kernel's
-    let down = if down == SmallDown::Pipe && !down.fits(k + n_shared, inter) {
+    let pipe_rows = down_pipe_rows(hidden, n, gpu.sm_count);
+    let down = if down == SmallDown::Pipe && (!down.fits(k + n_shared, inter) || pipe_rows.is_none())
+    {
         SmallDown::Slots
     } else {
         down
@@ -237,7 +243,7 @@ pub unsafe fn small_experts_with(
     };
     // SAFETY: matches moe_small_gate_up_bf16; shapes checked above, the table per the contract.
     unsafe { b.launch(cfg) }?;
-    let rpb = down_pipe_rows(hidden, n, gpu.sm_count);
+    let rpb = pipe_rows.unwrap_or(1);
     let (name, grid_x, threads, smem) = match down {
         SmallDown::Pipe => (
             "moe_small_down_pipe_bf16",
@@ -295,15 +301,16 @@ mod tests {
     #[test]
     fn pipelined_down_grid_is_about_one_wave() {
         // V2-Lite (hidden 2048) and V2 (5120) at 1 and 4 rows on an H100's 132 SMs
-        assert_eq!(down_pipe_rows(2048, 1, 132), 8); // 256 blocks
-        assert_eq!(down_pipe_rows(5120, 1, 132), 20); // 256 blocks
-        assert_eq!(down_pipe_rows(2048, 4, 132), 32); // 64 x 4 blocks
-        assert_eq!(down_pipe_rows(5120, 4, 132), DOWN_PIPE_MAX_ROWS);
+        assert_eq!(down_pipe_rows(2048, 1, 132), Some(8)); // 256 blocks
+        assert_eq!(down_pipe_rows(5120, 1, 132), Some(20)); // 256 blocks
+        assert_eq!(down_pipe_rows(2048, 4, 132), Some(32)); // 64 x 4 blocks
+        // V2 at 4 rows would need 78 rows a block: the slot kernel takes it
+        assert_eq!(down_pipe_rows(5120, 4, 132), None);
         // tiny shapes and a GPU whose SM count is unknown still get a valid grid
-        assert_eq!(down_pipe_rows(72, 3, 132), 1);
-        assert_eq!(down_pipe_rows(8, 1, 0), 4);
-        for (h, n) in [(2048, 1), (5120, 4), (72, 2), (1, 1)] {
-            let r = down_pipe_rows(h, n, 132);
+        assert_eq!(down_pipe_rows(72, 3, 132), Some(1));
+        assert_eq!(down_pipe_rows(8, 1, 0), Some(4));
+        for (h, n) in [(2048, 1), (5120, 1), (72, 2), (1, 1)] {
+            let r = down_pipe_rows(h, n, 132).unwrap_or(0);
             assert!((1..=DOWN_PIPE_MAX_ROWS).contains(&r));
         }
     }
