@@ -39,22 +39,35 @@ __device__ __forceinline__ int swz(int r, int c) { return r * GK + ((c ^ (r & 7)
 
 // The CTA's tile: expert e (the largest e with tile_off[e] <= blockIdx.x), its first row and
 // how many of its rows the tile holds (tiles of `rows_per_tile` rows). False past the last tile.
+// Every thread of the block calls it (full warps: it uses warp votes); the answer is uniform.
+//
+// Why a two-level warp search and not a binary search: every load of a binary search over
+// tile_off depends on the one before, so a CTA waited ~log2(E) + 3 L2 round trips (9 at
+// V2-Lite's 64 experts) before its first weight load; at decode tiles of 16-32 rows a CTA lives
+// for only ~30-45 us of streaming, and the grouped decode kernels ran at 0.81-0.82 of the copy
+// bandwidth (V2-Lite batch 256, bench/RESULTS.md session 17 ncu-step). Here each lane reads one
+// of 32 evenly spaced entries, a vote picks the segment, and the lanes read that segment's (at
+// most 32) entries: E <= 1024 = 32 x 32 (check_dims) in two dependent round trips.
 struct GroupedTile {
     int e, row0, nrows;
 };
 __device__ __forceinline__ bool grouped_find_tile(const int* __restrict__ offsets, const int* __restrict__ tile_off,
                                                   int n_exp, int rows_per_tile, GroupedTile& t) {
     const int tile = blockIdx.x;
-    if (tile >= tile_off[n_exp]) return false;
-    int lo = 0, hi = n_exp;
-    while (hi - lo > 1) {
-        int mid = (lo + hi) >> 1;
-        if (tile_off[mid] <= tile) lo = mid;
-        else hi = mid;
-    }
-    t.e = lo;
-    t.row0 = offsets[lo] + (tile - tile_off[lo]) * rows_per_tile;
-    t.nrows = min(rows_per_tile, offsets[lo + 1] - t.row0);
+    const int lane = threadIdx.x % WARP;
+    const int total = tile_off[n_exp];
+    // tile_off is non-decreasing with tile_off[0] = 0: the entries <= tile are a prefix
+    const int stride = (n_exp + WARP - 1) / WARP;
+    const int i1 = lane * stride;
+    const unsigned m1 = __ballot_sync(0xffffffffu, i1 < n_exp && tile_off[i1] <= tile);
+    if (tile >= total) return false;
+    const int base = (31 - __clz(m1)) * stride;
+    const int i2 = base + lane;
+    const unsigned m2 = __ballot_sync(0xffffffffu, lane < stride && i2 < n_exp && tile_off[i2] <= tile);
+    const int e = base + 31 - __clz(m2);
+    t.e = e;
+    t.row0 = offsets[e] + (tile - tile_off[e]) * rows_per_tile;
+    t.nrows = min(rows_per_tile, offsets[e + 1] - t.row0);
     return true;
 }
 
