@@ -145,13 +145,13 @@ fn bench_fp8(gpu: &Gpu, copy_gbs: f64, blas_tflops: f64) -> Result<()> {
     use dsv2_kernels::fp8::Fp8Layout;
     use dsv2_kernels::ops::mla_fp8;
     let l = Fp8Layout::DEEPSEEK_V2;
-    let bf16_kernel = mla::MlaKernel::from_env()?;
     for (batch, ctx, heads) in [
         (128usize, 4096usize, 64usize),
         (64, 4096, 128),
         (1, 32768, 128),
     ] {
         let bs = 64usize;
+        let bf16_kernel = mla::MlaKernel::from_env_for(heads, bs)?;
         let blocks_per = ctx / bs;
         let nblocks = batch * blocks_per;
         let tokens = nblocks * bs;

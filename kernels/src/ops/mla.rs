@@ -66,14 +66,27 @@ pub enum MlaKernel {
 }
 
 impl MlaKernel {
-    /// The kernel named by `DSV2_MLA_KERNEL` (`wgmma`, the default, or `mma`). wgmma stays the
-    /// default at 128 heads too: `tma-pair` is faster alone (P1 0.504 against 0.472) but slower in
-    /// the model's step (4-layer V2, batch 64 x 4096: 10.43 against 10.08 ms, bench/RESULTS.md
-    /// session 16).
-    pub fn from_env() -> Result<Self> {
+    /// The kernel named by `DSV2_MLA_KERNEL`, or where it is unset the default for caches of
+    /// `block_size`-token blocks read by `heads` query heads ([`MlaKernel::default_for`]).
+    pub fn from_env_for(heads: usize, block_size: usize) -> Result<Self> {
         match std::env::var("DSV2_MLA_KERNEL") {
-            Err(_) => Ok(MlaKernel::Wgmma),
+            Err(_) => Ok(Self::default_for(heads, block_size)),
             Ok(v) => Self::parse(&v),
+        }
+    }
+
+    /// The default decode kernel: `TmaPair` for 65..=128 heads (DeepSeek-V2's 128) over cache
+    /// blocks of a multiple of 64 tokens, `Wgmma` otherwise. The pair kernel copies whole
+    /// 64-token tiles where blocks hold 64 tokens or more, but a tile of 16-token blocks takes 4
+    /// TMA pieces: at 64-token blocks it ran at 0.507 of the roofline against wgmma's 0.462 (P1,
+    /// batch 64 x 4096 x 128 heads) and the 4-layer V2 step at batch 64 x 4096 took 9.616 ms
+    /// against 9.690; at the router's 16-token blocks it fell to 0.325 (wgmma 0.453) and its
+    /// step to 10.185 ms against 9.782 (bench/RESULTS.md, session 17).
+    pub fn default_for(heads: usize, block_size: usize) -> Self {
+        if (65..=128).contains(&heads) && block_size > 0 && block_size.is_multiple_of(64) {
+            MlaKernel::TmaPair
+        } else {
+            MlaKernel::Wgmma
         }
     }
 
@@ -362,7 +375,7 @@ pub struct MlaDecodeParams<'a> {
     pub scale: f32,
     /// Force the number of context splits (None: chosen to fill the GPU).
     pub splits: Option<usize>,
-    /// Force a kernel (None: `MlaKernel::from_env`).
+    /// Force a kernel (None: `MlaKernel::from_env_for` the shape).
     pub kernel: Option<MlaKernel>,
     /// Fold the value up-projection into the combine (see [`ValueProjection`]).
     pub uv: Option<ValueProjection<'a>>,
@@ -481,10 +494,6 @@ impl DecodeShape {
 /// output to project.
 pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<bool> {
     const OP: &str = "mla_decode_bf16";
-    let kernel = match p.kernel {
-        Some(k) => k,
-        None => MlaKernel::from_env()?,
-    };
     p.cache
         .expect(OP, "cache", &[None, None, Some(CACHE_DIM)])?;
     let Some(d) = DecodeShape::check(
@@ -508,6 +517,10 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<bool> {
         qpe_sb,
         qpe_sh,
     } = d;
+    let kernel = match p.kernel {
+        Some(k) => k,
+        None => MlaKernel::from_env_for(heads, block_size)?,
+    };
     if !kernel.supports_block_size(block_size) {
         return Err(KernelError::Unsupported {
             op: OP,
@@ -751,6 +764,20 @@ mod tests {
             msg.contains("DSV2_MLA_KERNEL") && msg.contains("wgmma"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn the_pair_kernel_is_the_default_only_for_128_heads_over_64_token_blocks() {
+        assert_eq!(MlaKernel::default_for(128, 64), MlaKernel::TmaPair);
+        assert_eq!(MlaKernel::default_for(100, 128), MlaKernel::TmaPair);
+        // the router's 16-token blocks: 4 TMA pieces a tile, where wgmma was faster
+        assert_eq!(MlaKernel::default_for(128, 16), MlaKernel::Wgmma);
+        assert_eq!(MlaKernel::default_for(128, 32), MlaKernel::Wgmma);
+        // one head group (V2-Lite's 16 heads, 64) or more than two
+        assert_eq!(MlaKernel::default_for(16, 64), MlaKernel::Wgmma);
+        assert_eq!(MlaKernel::default_for(64, 64), MlaKernel::Wgmma);
+        assert_eq!(MlaKernel::default_for(256, 64), MlaKernel::Wgmma);
+        assert_eq!(MlaKernel::default_for(128, 0), MlaKernel::Wgmma);
     }
 
     #[test]

@@ -109,7 +109,9 @@ struct Config {
     /// is still slower than bf16's (0.64-0.68 × on an H100): choose it for capacity, not speed.
     #[arg(long, env = "DSV2_KV_CACHE_DTYPE", default_value = "bf16")]
     kv_cache_dtype: KvCacheDtype,
-    /// Tokens per KV cache block.
+    /// Tokens per KV cache block. 64 (or a multiple) lets 128-head models (DeepSeek-V2) decode
+    /// with the paired TMA MLA kernel, 1.7 % faster a step at batch 64 x 4096 on an H100;
+    /// prefix caching then shares whole 64-token blocks only.
     #[arg(long, default_value_t = 16)]
     block_size: usize,
     /// Token budget of one scheduler step [default: 512 on the CPU, 8192 on a GPU, where long
