@@ -179,12 +179,12 @@ pub unsafe fn small_experts_with(
     }
     // the pipelined kernel's shapes are a subset of the slot kernel's
     let pipe_rows = down_pipe_rows(hidden, n, gpu.sm_count);
-    let down = if down == SmallDown::Pipe && (!down.fits(k + n_shared, inter) || pipe_rows.is_none())
-    {
-        SmallDown::Slots
-    } else {
-        down
-    };
+    let down =
+        if down == SmallDown::Pipe && (!down.fits(k + n_shared, inter) || pipe_rows.is_none()) {
+            SmallDown::Slots
+        } else {
+            down
+        };
     if !down.fits(k + n_shared, inter) {
         return Err(crate::error::KernelError::Unsupported {
             op: OP,
