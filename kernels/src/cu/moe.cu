@@ -535,6 +535,59 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_small_gate_up_bf16(cons
 #define DOWN_ROWS 2
 #define DOWN_PIECES 6
 #define DOWN_MAX_SLOTS 16
+
+// Slot w of row `row` for the slot-per-warp down kernels: its activation row, its down weights
+// (nullptr: not routed here or an expert this process does not hold), their row stride, and its
+// routing weight (1 for a shared part). Reads the gate's ids and weights, which the kernels may
+// do before griddep_wait (they come from the gate, two launches back: gate/up in between has
+// passed its own wait before letting the down kernel launch); the activations come from gate/up
+// and are read after the wait.
+struct DownSlot {
+    const bf16* a;
+    const bf16* wd;
+    size_t ld;
+    float weight;
+};
+__device__ __forceinline__ DownSlot down_slot(const bf16* __restrict__ act, const int* __restrict__ ids,
+                                              const float* __restrict__ wts, const long long* __restrict__ ptrs,
+                                              const bf16* __restrict__ sd, int row, int w, int k, int n_exp,
+                                              int inter, int n_shared, int routed_slots) {
+    DownSlot s;
+    s.wd = nullptr;
+    s.weight = 1.f;
+    if (w < k) {
+        const int e = ids[row * k + w];
+        if (e >= 0 && e < n_exp) s.wd = reinterpret_cast<const bf16*>(ptrs[3 * e + 2]);
+        s.a = act + ((size_t)row * k + w) * inter;
+        s.ld = inter;
+        s.weight = wts[row * k + w];
+    } else {
+        const int p = w - k;
+        s.a = act + ((size_t)routed_slots + (size_t)row * n_shared + p) * inter;
+        s.wd = sd + (size_t)p * inter;
+        s.ld = (size_t)n_shared * inter;
+    }
+    return s;
+}
+
+// What slot w leaves for one output row from its product v: a routed expert's output rounded to
+// bf16 before its weight, as the reference does (0 for a slot not routed here); a shared part's
+// product as it is (the parts are summed in f32 and rounded once, down_row_sum).
+__device__ __forceinline__ float down_part(const DownSlot& s, int w, int k, float v) {
+    return w < k ? (s.wd != nullptr ? s.weight * __bfloat162float(__float2bfloat16_rn(v)) : 0.f) : v;
+}
+
+// One output row from its slots' parts (part[j * stride], j = 0 .. k + n_shared), in slot order.
+__device__ __forceinline__ bf16 down_row_sum(const float* part, int stride, int k, int n_shared) {
+    float acc = 0.f;
+    for (int j = 0; j < k; ++j) acc += part[j * stride];
+    if (n_shared > 0) {
+        float s = 0.f;
+        for (int p = 0; p < n_shared; ++p) s += part[(k + p) * stride];
+        acc += __bfloat162float(__float2bfloat16_rn(s));
+    }
+    return __float2bfloat16_rn(acc);
+}
 extern "C" __global__ void __launch_bounds__(DOWN_MAX_SLOTS * WARP, 1)
 moe_small_down_slots_bf16(const bf16* __restrict__ act, const int* __restrict__ ids, const float* __restrict__ wts,
                           const long long* __restrict__ ptrs, bf16* __restrict__ out, int hidden, int inter, int k,
@@ -543,24 +596,10 @@ moe_small_down_slots_bf16(const bf16* __restrict__ act, const int* __restrict__ 
     const int row = blockIdx.y, routed_slots = gridDim.y * k;
     const int w = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int o0 = blockIdx.x * DOWN_ROWS;
-    const bf16 *a, *wd = nullptr;
-    size_t ld;
-    float weight = 1.f;
-    // before griddep_wait (common.cuh): the ids and weights come from the gate, two launches
-    // back (gate/up in between has passed its own wait before letting this kernel launch); the
-    // activations come from gate/up and are read after the wait
-    if (w < k) {
-        const int e = ids[row * k + w];
-        if (e >= 0 && e < n_exp) wd = reinterpret_cast<const bf16*>(ptrs[3 * e + 2]);
-        a = act + ((size_t)row * k + w) * inter;
-        ld = inter;
-        weight = wts[row * k + w];
-    } else {
-        const int p = w - k;
-        a = act + ((size_t)routed_slots + (size_t)row * n_shared + p) * inter;
-        wd = sd + (size_t)p * inter;
-        ld = (size_t)n_shared * inter;
-    }
+    // before griddep_wait (down_slot says why)
+    const DownSlot slot = down_slot(act, ids, wts, ptrs, sd, row, w, k, n_exp, inter, n_shared, routed_slots);
+    const bf16 *a = slot.a, *wd = slot.wd;
+    const size_t ld = slot.ld;
     float d[DOWN_ROWS];
 #pragma unroll
     for (int r = 0; r < DOWN_ROWS; ++r) d[r] = 0.f;
@@ -609,22 +648,12 @@ moe_small_down_slots_bf16(const bf16* __restrict__ act, const int* __restrict__ 
 #pragma unroll
     for (int r = 0; r < DOWN_ROWS; ++r) {
         const float v = warp_sum(d[r]);
-        if (lane == 0) {
-            // a routed expert's output is rounded to bf16 before its weight, as the reference does
-            part[w][r] = w < k ? (wd != nullptr ? weight * __bfloat162float(__float2bfloat16_rn(v)) : 0.f) : v;
-        }
+        if (lane == 0) part[w][r] = down_part(slot, w, k, v);
     }
     __syncthreads();
     if (threadIdx.x < DOWN_ROWS && o0 + (int)threadIdx.x < hidden) {
         const int r = threadIdx.x;
-        float acc = 0.f;
-        for (int j = 0; j < k; ++j) acc += part[j][r];
-        if (n_shared > 0) {
-            float s = 0.f;
-            for (int p = 0; p < n_shared; ++p) s += part[k + p][r];
-            acc += __bfloat162float(__float2bfloat16_rn(s));
-        }
-        out[(size_t)row * hidden + o0 + r] = __float2bfloat16_rn(acc);
+        out[(size_t)row * hidden + o0 + r] = down_row_sum(&part[0][r], DOWN_ROWS, k, n_shared);
     }
 }
 
@@ -632,13 +661,13 @@ moe_small_down_slots_bf16(const bf16* __restrict__ act, const int* __restrict__ 
 // (the default where a slot's activation is one pass, I <= WARP * 8 * DOWN_PIECES): grid
 // (ceil(H / rpb), n), 32 * (k + n_shared) threads, rpb <= DOWN_PIPE_MAX_ROWS output rows a block,
 // chosen by the launcher so that the grid is about two blocks per SM (one wave).
-// Why: moe_small_down_slots_bf16 issues all its block's loads at once and then waits; at two
-// resident blocks per SM its 1,024 blocks at V2-Lite batch 1 ran as four waves, each a full
-// memory latency with the SM's loads drained (0.70 of the copy bandwidth, session 16 ncu). Here
-// a warp keeps DOWN_RING - 1 rows of weight loads in flight while it multiplies the row before,
-// so an SM's loads never drain until its last rows. The slot's activation is re-read from L1
-// for each row. Products, sums and roundings are the slot kernel's, in the same order: both
-// give the same bits.
+// Why: moe_small_down_slots_bf16 issues all its block's loads at once and then waits, so at two
+// resident blocks per SM its 1,024 blocks at V2-Lite batch 1 run as four waves. Here a warp
+// keeps DOWN_RING - 1 rows of weight loads in flight while it multiplies the row before, and an
+// SM's loads drain only at its last rows. Measured (bench/RESULTS.md, session 17): V2-Lite's
+// batch-4 step 2.8 % faster; level at batch 1, so the slot kernel's 0.70 of copy there was not
+// its waves. The slot's activation is re-read from L1 for each row. Products, sums and
+// roundings are the slot kernel's, in the same order: both give the same bits.
 #define DOWN_RING 3
 #define DOWN_PIPE_MAX_ROWS 64
 extern "C" __global__ void __launch_bounds__(256, 2)
@@ -650,23 +679,10 @@ moe_small_down_pipe_bf16(const bf16* __restrict__ act, const int* __restrict__ i
     const int w = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int o0 = blockIdx.x * rpb;
     const int nr = min(rpb, hidden - o0);  // > 0: the launcher's grid covers hidden exactly
-    const bf16* a;
-    const bf16* wd = nullptr;
-    size_t ld;
-    float weight = 1.f;
-    // ids and weights before griddep_wait, as in moe_small_down_slots_bf16
-    if (w < k) {
-        const int e = ids[row * k + w];
-        if (e >= 0 && e < n_exp) wd = reinterpret_cast<const bf16*>(ptrs[3 * e + 2]);
-        a = act + ((size_t)row * k + w) * inter;
-        ld = inter;
-        weight = wts[row * k + w];
-    } else {
-        const int p = w - k;
-        a = act + ((size_t)routed_slots + (size_t)row * n_shared + p) * inter;
-        wd = sd + (size_t)p * inter;
-        ld = (size_t)n_shared * inter;
-    }
+    // before griddep_wait (down_slot says why)
+    const DownSlot slot = down_slot(act, ids, wts, ptrs, sd, row, w, k, n_exp, inter, n_shared, routed_slots);
+    const bf16 *a = slot.a, *wd = slot.wd;
+    const size_t ld = slot.ld;
     uint4 wv[DOWN_RING][DOWN_PIECES];
     auto load_row = [&](uint4 (&buf)[DOWN_PIECES], int j) {
         const bf16* wr = wd + (size_t)(o0 + j) * ld;
@@ -704,8 +720,7 @@ moe_small_down_pipe_bf16(const bf16* __restrict__ act, const int* __restrict__ i
                     for (int t = 0; t < 8; ++t) d += x[t] * f[t];
                 }
                 d = warp_sum(d);
-                if (lane == 0)
-                    part[w][j] = w < k ? weight * __bfloat162float(__float2bfloat16_rn(d)) : d;
+                if (lane == 0) part[w][j] = down_part(slot, w, k, d);
             }
         }
     } else if (lane == 0) {
@@ -713,16 +728,8 @@ moe_small_down_pipe_bf16(const bf16* __restrict__ act, const int* __restrict__ i
     }
     griddep_launch_dependents();
     __syncthreads();
-    for (int j = threadIdx.x; j < nr; j += blockDim.x) {
-        float acc = 0.f;
-        for (int s = 0; s < k; ++s) acc += part[s][j];
-        if (n_shared > 0) {
-            float sh = 0.f;
-            for (int p = 0; p < n_shared; ++p) sh += part[k + p][j];
-            acc += __bfloat162float(__float2bfloat16_rn(sh));
-        }
-        out[(size_t)row * hidden + o0 + j] = __float2bfloat16_rn(acc);
-    }
+    for (int j = threadIdx.x; j < nr; j += blockDim.x)
+        out[(size_t)row * hidden + o0 + j] = down_row_sum(&part[0][j], DOWN_PIPE_MAX_ROWS, k, n_shared);
 }
 
 // grid (ceil(H / 8), n), 256 threads, smem (k + n_shared) * I bf16:
