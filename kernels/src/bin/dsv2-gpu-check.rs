@@ -1142,6 +1142,30 @@ fn bench_grouped(
             }
             Ok(())
         })?;
+        // the same with the persistent decode tile (DSV2_GROUPED_DECODE=persistent)
+        let persistent = grouped::RowTile::for_rows(routed, touched).persistent();
+        let ms_persistent = time_ms(gpu, 3, 20, || {
+            // SAFETY: as above.
+            unsafe {
+                grouped::grouped_experts(
+                    gpu,
+                    grouped::GroupedExpertsParams {
+                        x: xt.view(),
+                        ids: ids.view(),
+                        weights: wts.view(),
+                        ptrs: table.view(),
+                        inter,
+                        out: out.view_mut(),
+                        routed_rows: Some(routed),
+                        touched_experts: Some(touched),
+                        tile: Some(persistent),
+                        prefill_tile: grouped::PREFILL_TILE,
+                        accumulate: false,
+                    },
+                )?;
+            }
+            Ok(())
+        })?;
         // the path it replaces: permute, counts to the host, gather, per-expert cuBLAS, combine
         let mut pxd = Tensor::<bf16>::zeros(gpu, &[routed, hidden])?;
         let mut gu = Tensor::<bf16>::zeros(gpu, &[routed, two_i])?;
@@ -1201,10 +1225,11 @@ fn bench_grouped(
             String::new()
         };
         println!(
-            "D{tokens} routed experts, {tokens} distinct tokens, {touched} of {n_exp} experts touched ({:.1} MB weights): grouped {ms_grouped:.3} ms = {:.2}x roofline ({:.3} of copy bandwidth); per-expert cuBLAS loop {ms_loop:.3} ms = {:.2}x roofline; roofline {roof_ms:.3} ms{small}",
+            "D{tokens} routed experts, {tokens} distinct tokens, {touched} of {n_exp} experts touched ({:.1} MB weights): grouped {ms_grouped:.3} ms = {:.2}x roofline ({:.3} of copy bandwidth); {persistent:?} {ms_persistent:.3} ms ({:.3} of copy); per-expert cuBLAS loop {ms_loop:.3} ms = {:.2}x roofline; roofline {roof_ms:.3} ms{small}",
             bytes / 1e6,
             ms_grouped / roof_ms,
             bytes / (ms_grouped * 1e-3) / 1e9 / copy_gbs,
+            bytes / (ms_persistent * 1e-3) / 1e9 / copy_gbs,
             ms_loop / roof_ms
         );
     }

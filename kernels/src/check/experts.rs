@@ -522,6 +522,8 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     for tile in [
         RowTile::R16,
         RowTile::R32,
+        RowTile::P16,
+        RowTile::P32,
         RowTile::R64,
         RowTile::R128,
         RowTile::W128,
@@ -555,6 +557,28 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     // a decode batch, a prefill chunk (several tiles per expert)
     out.push(check_grouped_experts(gpu, 1, 8, 6, 5120, 1536, None, 1)?);
     out.push(check_grouped_experts(gpu, 7, 8, 6, 5120, 1536, None, 7)?);
+    // the persistent decode tiles where they would run: V2 at 64 distinct rows (16-row tiles),
+    // V2-Lite at 256 (32-row tiles over its 64 experts)
+    out.push(check_grouped_experts(
+        gpu,
+        64,
+        160,
+        6,
+        5120,
+        1536,
+        Some(RowTile::P16),
+        8,
+    )?);
+    out.push(check_grouped_experts(
+        gpu,
+        256,
+        64,
+        6,
+        2048,
+        1408,
+        Some(RowTile::P32),
+        8,
+    )?);
     if !quick {
         out.push(check_grouped_experts(gpu, 300, 8, 6, 2048, 1408, None, 8)?);
         out.push(check_grouped_experts(gpu, 1000, 8, 6, 5120, 1536, None, 8)?);

@@ -51,16 +51,14 @@ __device__ __forceinline__ int swz(int r, int c) { return r * GK + ((c ^ (r & 7)
 struct GroupedTile {
     int e, row0, nrows;
 };
-__device__ __forceinline__ bool grouped_find_tile(const int* __restrict__ offsets, const int* __restrict__ tile_off,
-                                                  int n_exp, int rows_per_tile, GroupedTile& t) {
-    const int tile = blockIdx.x;
+// Tile `tile` (< tile_off[n_exp]) of the schedule, by the search above.
+__device__ __forceinline__ void grouped_tile_at(const int* __restrict__ offsets, const int* __restrict__ tile_off,
+                                                int n_exp, int rows_per_tile, int tile, GroupedTile& t) {
     const int lane = threadIdx.x % WARP;
-    const int total = tile_off[n_exp];
     // tile_off is non-decreasing with tile_off[0] = 0: the entries <= tile are a prefix
     const int stride = (n_exp + WARP - 1) / WARP;
     const int i1 = lane * stride;
     const unsigned m1 = __ballot_sync(0xffffffffu, i1 < n_exp && tile_off[i1] <= tile);
-    if (tile >= total) return false;
     const int base = (31 - __clz(m1)) * stride;
     const int i2 = base + lane;
     const unsigned m2 = __ballot_sync(0xffffffffu, lane < stride && i2 < n_exp && tile_off[i2] <= tile);
@@ -68,6 +66,12 @@ __device__ __forceinline__ bool grouped_find_tile(const int* __restrict__ offset
     t.e = e;
     t.row0 = offsets[e] + (tile - tile_off[e]) * rows_per_tile;
     t.nrows = min(rows_per_tile, offsets[e + 1] - t.row0);
+}
+__device__ __forceinline__ bool grouped_find_tile(const int* __restrict__ offsets, const int* __restrict__ tile_off,
+                                                  int n_exp, int rows_per_tile, GroupedTile& t) {
+    const int tile = blockIdx.x;
+    if (tile >= tile_off[n_exp]) return false;
+    grouped_tile_at(offsets, tile_off, n_exp, rows_per_tile, tile, t);
     return true;
 }
 
@@ -86,108 +90,76 @@ __device__ __forceinline__ void grouped_zero_tile(bf16* __restrict__ out, int ro
     }
 }
 
-template <int BB, int WB, int STAGES, bool GATE_UP>
-__device__ __forceinline__ void grouped_tile(const bf16* __restrict__ x, const long long* __restrict__ ptrs,
-                                             const int* __restrict__ offsets, const int* __restrict__ tile_off,
-                                             bf16* __restrict__ out, int K, int N, int n_exp) {
-    constexpr int NT = 32 * GWA * WB;
+// The pieces of a mma.sync grouped tile (grouped_tile, one tile a CTA; grouped_persist, a run of
+// tiles a CTA). WB warps along the activation rows, GWA along the weight rows; NT = 32 * GWA * WB.
+
+// Stage loads of k step kt: the GA weight rows of features f0.. (gate_up: 64 gate rows and the
+// 64 up rows of the same features, interleaved per 16) and the tile's BB activation rows
+// row0..row0+nrows. w0 == nullptr (an expert not held here) zero-fills the weights.
+template <int BB, int NT, bool GATE_UP>
+__device__ __forceinline__ void grouped_load_stage(bf16* a, bf16* b, const bf16* __restrict__ w0,
+                                                   const bf16* __restrict__ w1, const bf16* __restrict__ x,
+                                                   int row0, int nrows, int f0, int kt, int K, int N, int tid) {
+    const int k0 = kt * GK;
+    for (int c = tid; c < GA * 8; c += NT) {
+        int r = c >> 3, ch = c & 7, k = k0 + ch * 8;
+        int f;
+        const bf16* w;
+        if (GATE_UP) {
+            int wi = r & 31;
+            f = f0 + (r >> 5) * 16 + (wi & 15);
+            w = wi < 16 ? w0 : w1;
+        } else {
+            f = f0 + r;
+            w = w0;
+        }
+        bool ok = w != nullptr && f < N && k < K;
+        cp_async16(a + swz(r, ch), ok ? w + (size_t)f * K + k : x, ok);
+    }
+    for (int c = tid; c < BB * 8; c += NT) {
+        int r = c >> 3, ch = c & 7, k = k0 + ch * 8;
+        bool ok = r < nrows && k < K;
+        cp_async16(b + swz(r, ch), ok ? x + (size_t)(row0 + r) * K + k : x, ok);
+    }
+}
+
+// The MMAs of one stage (GK = 64 of k) into the warp's accumulators.
+template <int BB, int WB>
+__device__ __forceinline__ void grouped_mma_stage(const bf16* a, const bf16* b, float (&acc)[2][BB / WB / 8][4],
+                                                  int lane, int wa, int wb) {
     constexpr int WROWS = BB / WB;  // activation rows per warp
     constexpr int NB8 = WROWS / 8;  // n8 MMA tiles per warp
-    static_assert(WROWS % 16 == 0, "B fragments are loaded 16 rows at a time");
-    constexpr int NF = GATE_UP ? GA / 2 : GA;  // output features per CTA
-    constexpr int SC = NF + 8;                   // epilogue staging row (bf16), 16-byte multiple
-    extern __shared__ __align__(128) unsigned char grouped_smem[];
-    bf16* sa = reinterpret_cast<bf16*>(grouped_smem);  // [STAGES][GA][GK]
-    bf16* sb = sa + STAGES * GA * GK;                     // [STAGES][BB][GK]
-
-    GroupedTile t;
-    if (!grouped_find_tile(offsets, tile_off, n_exp, BB, t)) return;
-    const int e = t.e, row0 = t.row0, nrows = t.nrows;
-    const int f0 = blockIdx.y * NF;
-    const bf16* w0 = reinterpret_cast<const bf16*>(ptrs[3 * e + (GATE_UP ? 0 : 2)]);
-    const bf16* w1 = GATE_UP ? reinterpret_cast<const bf16*>(ptrs[3 * e + 1]) : w0;
-    const int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
-    const int wa = warp % GWA, wb = warp / GWA;
-    if (w0 == nullptr || w1 == nullptr) {
-        grouped_zero_tile(out, row0, nrows, f0, NF, N, NT);
-        return;
-    }
-
-    auto load_stage = [&](int stage, int kt) {
-        const int k0 = kt * GK;
-        bf16* a = sa + stage * GA * GK;
-        bf16* b = sb + stage * BB * GK;
-        for (int c = tid; c < GA * 8; c += NT) {
-            int r = c >> 3, ch = c & 7, k = k0 + ch * 8;
-            int f;
-            const bf16* w;
-            if (GATE_UP) {
-                int wi = r & 31;
-                f = f0 + (r >> 5) * 16 + (wi & 15);
-                w = wi < 16 ? w0 : w1;
-            } else {
-                f = f0 + r;
-                w = w0;
-            }
-            bool ok = f < N && k < K;
-            cp_async16(a + swz(r, ch), ok ? w + (size_t)f * K + k : w, ok);
+#pragma unroll
+    for (int kk = 0; kk < GK / 16; ++kk) {
+        u32 af[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+            int r = wa * 32 + mi * 16 + (lane & 15);
+            ldsm_x4(af[mi], a + swz(r, kk * 2 + (lane >> 4)));
         }
-        for (int c = tid; c < BB * 8; c += NT) {
-            int r = c >> 3, ch = c & 7, k = k0 + ch * 8;
-            bool ok = r < nrows && k < K;
-            cp_async16(b + swz(r, ch), ok ? x + (size_t)(row0 + r) * K + k : x, ok);
-        }
-    };
-
-    float acc[2][NB8][4];
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int nj = 0; nj < NB8; ++nj)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) acc[mi][nj][q] = 0.f;
-
-    const int KT = (K + GK - 1) / GK;
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < KT) load_stage(s, s);
-        cp_async_commit();
-    }
-    for (int kt = 0; kt < KT; ++kt) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();  // stage kt visible to all; every warp is done with stage kt - 1
-        {
-            int nk = kt + STAGES - 1;
-            if (nk < KT) load_stage(nk % STAGES, nk);
-            cp_async_commit();
-        }
-        const bf16* a = sa + (kt % STAGES) * GA * GK;
-        const bf16* b = sb + (kt % STAGES) * BB * GK;
-#pragma unroll
-        for (int kk = 0; kk < GK / 16; ++kk) {
-            u32 af[2][4];
+        for (int np = 0; np < NB8 / 2; ++np) {
+            u32 bf[4];
+            int r = wb * WROWS + np * 16 + (lane & 7) + ((lane >> 4) << 3);
+            ldsm_x4(bf, b + swz(r, kk * 2 + ((lane >> 3) & 1)));
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi) {
-                int r = wa * 32 + mi * 16 + (lane & 15);
-                ldsm_x4(af[mi], a + swz(r, kk * 2 + (lane >> 4)));
-            }
-#pragma unroll
-            for (int np = 0; np < NB8 / 2; ++np) {
-                u32 bf[4];
-                int r = wb * WROWS + np * 16 + (lane & 7) + ((lane >> 4) << 3);
-                ldsm_x4(bf, b + swz(r, kk * 2 + ((lane >> 3) & 1)));
-#pragma unroll
-                for (int mi = 0; mi < 2; ++mi) {
-                    mma_bf16(acc[mi][2 * np], af[mi], bf);
-                    mma_bf16(acc[mi][2 * np + 1], af[mi], bf + 2);
-                }
+                mma_bf16(acc[mi][2 * np], af[mi], bf);
+                mma_bf16(acc[mi][2 * np + 1], af[mi], bf + 2);
             }
         }
     }
-    cp_async_wait<0>();
-    __syncthreads();  // the pipeline's smem becomes the epilogue's staging tile
+}
 
-    bf16* sc = sa;  // [BB][SC]: rows x this CTA's NF features
+// The accumulators to the staging tile sc [BB][NF + 8] (rows x the CTA's features): SiLU·mul
+// of the bf16 gate and up for gate_up, the bf16 product for down.
+template <int BB, int WB, bool GATE_UP>
+__device__ __forceinline__ void grouped_stage_out(bf16* sc, const float (&acc)[2][BB / WB / 8][4], int lane, int wa,
+                                                  int wb) {
+    constexpr int WROWS = BB / WB;
+    constexpr int NB8 = WROWS / 8;
+    constexpr int NF = GATE_UP ? GA / 2 : GA;
+    constexpr int SC = NF + 8;  // 16-byte multiple
 #pragma unroll
     for (int nj = 0; nj < NB8; ++nj) {
 #pragma unroll
@@ -210,13 +182,184 @@ __device__ __forceinline__ void grouped_tile(const bf16* __restrict__ x, const l
             }
         }
     }
-    __syncthreads();
+}
+
+// The staging tile's nrows rows to out [R, N] at row0, features f0.. (16-byte stores).
+template <int NT, bool GATE_UP>
+__device__ __forceinline__ void grouped_store_out(const bf16* sc, bf16* __restrict__ out, int row0, int nrows, int f0,
+                                                  int N, int tid) {
+    constexpr int NF = GATE_UP ? GA / 2 : GA;
+    constexpr int SC = NF + 8;
     for (int c = tid; c < nrows * (NF / 8); c += NT) {
         int r = c / (NF / 8), fl = (c % (NF / 8)) * 8;
         if (f0 + fl < N)
             *reinterpret_cast<bf16x8*>(out + (size_t)(row0 + r) * N + f0 + fl) =
                 *reinterpret_cast<const bf16x8*>(sc + r * SC + fl);
     }
+}
+
+template <int BB, int WB, int STAGES, bool GATE_UP>
+__device__ __forceinline__ void grouped_tile(const bf16* __restrict__ x, const long long* __restrict__ ptrs,
+                                             const int* __restrict__ offsets, const int* __restrict__ tile_off,
+                                             bf16* __restrict__ out, int K, int N, int n_exp) {
+    constexpr int NT = 32 * GWA * WB;
+    static_assert((BB / WB) % 16 == 0, "B fragments are loaded 16 rows at a time");
+    constexpr int NF = GATE_UP ? GA / 2 : GA;  // output features per CTA
+    extern __shared__ __align__(128) unsigned char grouped_smem[];
+    bf16* sa = reinterpret_cast<bf16*>(grouped_smem);  // [STAGES][GA][GK]
+    bf16* sb = sa + STAGES * GA * GK;                     // [STAGES][BB][GK]
+
+    GroupedTile t;
+    if (!grouped_find_tile(offsets, tile_off, n_exp, BB, t)) return;
+    const int e = t.e, row0 = t.row0, nrows = t.nrows;
+    const int f0 = blockIdx.y * NF;
+    const bf16* w0 = reinterpret_cast<const bf16*>(ptrs[3 * e + (GATE_UP ? 0 : 2)]);
+    const bf16* w1 = GATE_UP ? reinterpret_cast<const bf16*>(ptrs[3 * e + 1]) : w0;
+    const int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
+    const int wa = warp % GWA, wb = warp / GWA;
+    if (w0 == nullptr || w1 == nullptr) {
+        grouped_zero_tile(out, row0, nrows, f0, NF, N, NT);
+        return;
+    }
+    auto load_stage = [&](int stage, int kt) {
+        grouped_load_stage<BB, NT, GATE_UP>(sa + stage * GA * GK, sb + stage * BB * GK, w0, w1, x, row0, nrows, f0,
+                                            kt, K, N, tid);
+    };
+
+    float acc[2][BB / WB / 8][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int nj = 0; nj < BB / WB / 8; ++nj)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[mi][nj][q] = 0.f;
+
+    const int KT = (K + GK - 1) / GK;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < KT) load_stage(s, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < KT; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // stage kt visible to all; every warp is done with stage kt - 1
+        {
+            int nk = kt + STAGES - 1;
+            if (nk < KT) load_stage(nk % STAGES, nk);
+            cp_async_commit();
+        }
+        grouped_mma_stage<BB, WB>(sa + (kt % STAGES) * GA * GK, sb + (kt % STAGES) * BB * GK, acc, lane, wa, wb);
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the pipeline's smem becomes the epilogue's staging tile
+    grouped_stage_out<BB, WB, GATE_UP>(sa, acc, lane, wa, wb);
+    __syncthreads();
+    grouped_store_out<NT, GATE_UP>(sa, out, row0, nrows, f0, N, tid);
+}
+
+// Decode tiles (16 or 32 rows, 4 warps), persistent: CTA b of G walks the items (tile, feature
+// block) b, b + G', b + 2 G', ... in the order of grouped_tile's grid (tile fastest), G' <= G
+// chosen on the device so that every CTA gets the same number of items to within one (the
+// item count is known on the device only). One cp.async pipeline runs through all of a CTA's
+// items: the next item's first stages load while the current one's last stages multiply and
+// its epilogue writes (a staging tile of its own after the stages).
+// Why: a one-tile CTA waits for its tile search and first stages before any weight streams and
+// drains its stages at the end; at V2-Lite's K (2048, 1408) a decode tile lives for only 22-32
+// k steps, and the R32 kernels ran at 0.81-0.82 of the copy bandwidth at batch 256
+// (bench/RESULTS.md session 17) against 0.89 for V2's 80-step tiles. Items of an expert not
+// held here multiply zero-filled weights (no DRAM traffic) and write zeros.
+// dynamic smem: STAGES * (GA + BB) * GK * 2 + BB * (GA + 8) * 2 bytes.
+template <int BB, int STAGES, bool GATE_UP>
+__device__ __forceinline__ void grouped_persist(const bf16* __restrict__ x, const long long* __restrict__ ptrs,
+                                                const int* __restrict__ offsets, const int* __restrict__ tile_off,
+                                                bf16* __restrict__ out, int K, int N, int n_exp) {
+    constexpr int NT = 32 * GWA;
+    static_assert(BB % 16 == 0, "B fragments are loaded 16 rows at a time");
+    constexpr int NF = GATE_UP ? GA / 2 : GA;
+    extern __shared__ __align__(128) unsigned char grouped_smem[];
+    bf16* sa = reinterpret_cast<bf16*>(grouped_smem);  // [STAGES][GA][GK]
+    bf16* sb = sa + STAGES * GA * GK;                     // [STAGES][BB][GK]
+    bf16* sc = sb + STAGES * BB * GK;                     // [BB][NF + 8] staging
+    const int tid = threadIdx.x, lane = tid % WARP, wa = tid / WARP;
+
+    const int total = tile_off[n_exp];
+    const int items = total * ((N + NF - 1) / NF);
+    if (items == 0) return;
+    const int per = (items + gridDim.x - 1) / gridDim.x;
+    const int g = (items + per - 1) / per;  // CTAs with work, each per or per - 1 items
+    if ((int)blockIdx.x >= g) return;
+    const int mine = (items - 1 - blockIdx.x) / g + 1;
+    const int KT = (K + GK - 1) / GK;
+    const int steps = mine * KT;
+
+    struct Item {
+        const bf16* w0;
+        const bf16* w1;
+        int row0, nrows, f0;
+    };
+    auto item_of = [&](int j) {
+        const int it = blockIdx.x + j * g;
+        GroupedTile t;
+        grouped_tile_at(offsets, tile_off, n_exp, BB, it % total, t);
+        Item r;
+        r.w0 = reinterpret_cast<const bf16*>(ptrs[3 * t.e + (GATE_UP ? 0 : 2)]);
+        r.w1 = GATE_UP ? reinterpret_cast<const bf16*>(ptrs[3 * t.e + 1]) : r.w0;
+        if (r.w1 == nullptr) r.w0 = nullptr;  // either half missing: the expert is not held
+        r.row0 = t.row0;
+        r.nrows = t.nrows;
+        r.f0 = (it / total) * NF;
+        return r;
+    };
+    // the load cursor: item ld_j (descriptor ld), k step ld_kt; flat step ld_s
+    Item ld = item_of(0);
+    Item cur = ld;
+    int ld_j = 0, ld_kt = 0, ld_s = 0;
+    auto load_next = [&]() {
+        if (ld_s < steps) {
+            if (ld_kt == KT) {
+                ld_kt = 0;
+                ld = item_of(++ld_j);
+            }
+            const int stage = ld_s % STAGES;
+            grouped_load_stage<BB, NT, GATE_UP>(sa + stage * GA * GK, sb + stage * BB * GK, ld.w0, ld.w1, x, ld.row0,
+                                                ld.nrows, ld.f0, ld_kt, K, N, tid);
+            ++ld_kt;
+            ++ld_s;
+        }
+        cp_async_commit();
+    };
+
+    float acc[2][BB / 8][4];
+    auto zero_acc = [&]() {
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int nj = 0; nj < BB / 8; ++nj)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) acc[mi][nj][q] = 0.f;
+    };
+    zero_acc();
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) load_next();
+    int j = 0, kt = 0;
+    for (int s = 0; s < steps; ++s) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // stage s visible to all; every warp is done with stage s - 1 and sc
+        load_next();
+        grouped_mma_stage<BB, 1>(sa + (s % STAGES) * GA * GK, sb + (s % STAGES) * BB * GK, acc, lane, wa, 0);
+        if (++kt == KT) {
+            grouped_stage_out<BB, 1, GATE_UP>(sc, acc, lane, wa, 0);
+            __syncthreads();
+            grouped_store_out<NT, GATE_UP>(sc, out, cur.row0, cur.nrows, cur.f0, N, tid);
+            zero_acc();
+            kt = 0;
+            ++j;
+            // the loader looked the next item up when it reached it (at most STAGES - 1 steps
+            // ahead: the same item unless an item is shorter than that)
+            if (j < mine) cur = ld_j == j ? ld : item_of(j);
+        }
+    }
+    cp_async_wait<0>();
 }
 
 // Instances: BB rows per tile, WB warps along the rows (threads = 128 * WB), STAGES in flight.
@@ -249,6 +392,36 @@ extern "C" __global__ void __launch_bounds__(128) moe_grouped_down_b32_bf16(
     const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
     griddep_wait();
     grouped_tile<32, 1, 4, false>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+// Persistent decode tiles (grouped_persist): grid = CTAs resident at once (the launcher's
+// count), 128 threads, dynamic smem 4 * (128 + BB) * 128 + BB * 136 * 2 bytes.
+extern "C" __global__ void __launch_bounds__(128) moe_grouped_gate_up_p16_bf16(
+    const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+    const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    griddep_wait();
+    grouped_persist<16, 4, true>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+extern "C" __global__ void __launch_bounds__(128) moe_grouped_down_p16_bf16(
+    const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+    const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    griddep_wait();
+    grouped_persist<16, 4, false>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+extern "C" __global__ void __launch_bounds__(128) moe_grouped_gate_up_p32_bf16(
+    const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+    const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    griddep_wait();
+    grouped_persist<32, 4, true>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+extern "C" __global__ void __launch_bounds__(128) moe_grouped_down_p32_bf16(
+    const bf16* __restrict__ x, const long long* __restrict__ ptrs, const int* __restrict__ offsets,
+    const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N, int n_exp) {
+    griddep_wait();
+    grouped_persist<32, 4, false>(x, ptrs, offsets, tile_off, out, K, N, n_exp);
 }
 
 extern "C" __global__ void __launch_bounds__(128) moe_grouped_gate_up_b64_bf16(

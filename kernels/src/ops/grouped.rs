@@ -7,6 +7,7 @@
 
 use cudarc::driver::LaunchConfig;
 use half::bf16;
+use std::sync::OnceLock;
 
 use super::moe::{self, CombineParams, GatherParams, PermuteParams};
 use super::tma;
@@ -31,6 +32,12 @@ pub enum RowTile {
     R32,
     /// 64 rows.
     R64,
+    /// [`RowTile::R16`] / [`RowTile::R32`] persistent (`moe_grouped_*_p16/p32_bf16`): as many
+    /// CTAs as fit the GPU at once, each walking a run of (tile, feature block) items with one
+    /// cp.async pipeline through them, so the next item's first stages load while the current one
+    /// finishes. Opt-in (`DSV2_GROUPED_DECODE=persistent`) until measured.
+    P16,
+    P32,
     /// 128 rows (mma.sync; kept to compare with [`RowTile::W128`]).
     R128,
     /// 128 rows x 256 weight rows on warpgroup MMA (prefill: compute bound).
@@ -72,8 +79,8 @@ const WS_W_BOX_ROWS: usize = 128;
 impl RowTile {
     pub fn rows(self) -> usize {
         match self {
-            RowTile::R16 => 16,
-            RowTile::R32 => 32,
+            RowTile::R16 | RowTile::P16 => 16,
+            RowTile::R32 | RowTile::P32 => 32,
             RowTile::R64 | RowTile::W64 => 64,
             RowTile::R128
             | RowTile::W128
@@ -97,7 +104,7 @@ impl RowTile {
 
     fn stages(self) -> usize {
         match self {
-            RowTile::R16 | RowTile::R32 | RowTile::R64 => 4,
+            RowTile::R16 | RowTile::R32 | RowTile::R64 | RowTile::P16 | RowTile::P32 => 4,
             RowTile::R128 => 3,
             RowTile::W128 | RowTile::W64 => 4,
             RowTile::Ws128 | RowTile::Ws128Pair | RowTile::Ws128Dyn => WS_STAGES,
@@ -106,7 +113,7 @@ impl RowTile {
 
     fn threads(self) -> u32 {
         match self {
-            RowTile::R16 | RowTile::R32 | RowTile::R64 => 128,
+            RowTile::R16 | RowTile::R32 | RowTile::R64 | RowTile::P16 | RowTile::P32 => 128,
             RowTile::R128 | RowTile::W128 | RowTile::W64 => 256,
             // one producer and two consumer warpgroups
             RowTile::Ws128 | RowTile::Ws128Pair | RowTile::Ws128Dyn => 384,
@@ -116,6 +123,20 @@ impl RowTile {
     /// The warpgroup-MMA tiles (prefill-sized batches).
     pub fn is_wgmma(self) -> bool {
         matches!(self, RowTile::W128 | RowTile::W64) || self.is_warp_specialised()
+    }
+
+    /// The persistent mma.sync decode tiles (grid: the CTAs resident at once).
+    fn is_persistent_decode(self) -> bool {
+        matches!(self, RowTile::P16 | RowTile::P32)
+    }
+
+    /// The persistent tile of a decode tile (R16 -> P16, R32 -> P32); any other unchanged.
+    pub fn persistent(self) -> Self {
+        match self {
+            RowTile::R16 => RowTile::P16,
+            RowTile::R32 => RowTile::P32,
+            t => t,
+        }
     }
 
     /// The persistent warp-specialised kernels (one launch path, `ws_launch`).
@@ -136,6 +157,10 @@ impl RowTile {
                 + 3 * 4 * (WS_MAX_EXP + 1);
         }
         let stages = self.stages() * (self.weight_rows() + self.rows()) * K_STEP * 2;
+        if self.is_persistent_decode() {
+            // + the epilogue's staging tile, rows x (128 + 8) bf16 (GA + 8 for down)
+            return stages + self.rows() * (WEIGHT_ROWS + 8) * 2;
+        }
         // the wgmma kernel aligns its stages to 1024 bytes itself
         if self.is_wgmma() {
             stages + 1024
@@ -150,6 +175,10 @@ impl RowTile {
             (RowTile::R16, false) => "moe_grouped_down_b16_bf16",
             (RowTile::R32, true) => "moe_grouped_gate_up_b32_bf16",
             (RowTile::R32, false) => "moe_grouped_down_b32_bf16",
+            (RowTile::P16, true) => "moe_grouped_gate_up_p16_bf16",
+            (RowTile::P16, false) => "moe_grouped_down_p16_bf16",
+            (RowTile::P32, true) => "moe_grouped_gate_up_p32_bf16",
+            (RowTile::P32, false) => "moe_grouped_down_p32_bf16",
             (RowTile::R64, true) => "moe_grouped_gate_up_b64_bf16",
             (RowTile::R64, false) => "moe_grouped_down_b64_bf16",
             (RowTile::R128, true) => "moe_grouped_gate_up_b128_bf16",
@@ -287,8 +316,15 @@ pub unsafe fn grouped_ffn(gpu: &Gpu, p: GroupedFfnParams<'_>) -> Result<()> {
             .arg(&k)
             .arg(&n)
             .arg(&ne);
+        // a persistent tile: the CTAs resident at once (each walks its share of the tiles x
+        // feature blocks, counted on the device)
+        let grid = if tile.is_persistent_decode() {
+            (persistent_ctas(gpu.sm_count, tile.smem_bytes()), 1, 1)
+        } else {
+            (tiles, features as u32, 1)
+        };
         let cfg = LaunchConfig {
-            grid_dim: (tiles, features as u32, 1),
+            grid_dim: grid,
             block_dim: (tile.threads(), 1, 1),
             shared_mem_bytes: tile.smem_bytes() as u32,
         };
@@ -301,6 +337,32 @@ pub unsafe fn grouped_ffn(gpu: &Gpu, p: GroupedFfnParams<'_>) -> Result<()> {
     // tile_off is freed stream-ordered after the launches that read it
     drop(tile_off);
     Ok(())
+}
+
+/// CTAs of a persistent decode-tile launch: as many as shared memory lets each SM hold (228 KiB
+/// an SM, 1 KiB reserved a CTA), at most 4 (the register file at ~120 registers x 128 threads).
+fn persistent_ctas(sm_count: usize, smem_bytes: usize) -> u32 {
+    let per_sm = (233_472 / (smem_bytes + 1024)).clamp(1, 4);
+    (sm_count.max(1) * per_sm) as u32
+}
+
+/// Whether the decode tiles run persistent (`DSV2_GROUPED_DECODE=persistent`; unset or
+/// `grid`: one CTA a tile). Read once.
+pub fn persistent_decode_from_env() -> Result<bool> {
+    static CHOICE: OnceLock<std::result::Result<bool, String>> = OnceLock::new();
+    CHOICE
+        .get_or_init(|| match std::env::var("DSV2_GROUPED_DECODE").as_deref() {
+            Err(_) | Ok("grid") => Ok(false),
+            Ok("persistent") => Ok(true),
+            Ok(other) => Err(format!(
+                "DSV2_GROUPED_DECODE={other}: expected grid or persistent"
+            )),
+        })
+        .clone()
+        .map_err(|what| KernelError::Unsupported {
+            op: "moe_grouped_experts_bf16",
+            what,
+        })
 }
 
 /// Device addresses and sizes of one warp-specialised grouped FFN (both projections).
@@ -571,10 +633,18 @@ pub unsafe fn grouped_experts(gpu: &Gpu, p: GroupedExpertsParams<'_>) -> Result<
             },
         )?;
         let mut act = Tensor::<bf16>::uninit(gpu, &[rows, p.inter])?;
-        let tile = p.tile.unwrap_or_else(|| {
-            let touched = p.touched_experts.unwrap_or(n_exp.min(rows));
-            RowTile::for_rows_with(rows, touched, p.prefill_tile)
-        });
+        let tile = match p.tile {
+            Some(t) => t,
+            None => {
+                let touched = p.touched_experts.unwrap_or(n_exp.min(rows));
+                let t = RowTile::for_rows_with(rows, touched, p.prefill_tile);
+                if persistent_decode_from_env()? {
+                    t.persistent()
+                } else {
+                    t
+                }
+            }
+        };
         // SAFETY: forwarded contract on the table; offsets/counts are moe_permute's.
         unsafe {
             grouped_ffn(
@@ -642,6 +712,8 @@ mod tests {
         for t in [
             RowTile::R16,
             RowTile::R32,
+            RowTile::P16,
+            RowTile::P32,
             RowTile::R64,
             RowTile::R128,
             RowTile::W64,
@@ -662,6 +734,17 @@ mod tests {
         assert_eq!(RowTile::Ws128Dyn.smem_bytes(), 210_060);
         assert_eq!(RowTile::Ws128.threads(), 384);
         assert_eq!(RowTile::Ws128.kernel(true), "moe_grouped_gate_up_ws_bf16");
+        // the persistent decode tiles: the stages and a rows x 136 staging tile of their own
+        // (grouped_persist in grouped.cu), two CTAs an SM
+        assert_eq!(RowTile::P32.smem_bytes(), 4 * 160 * 128 + 32 * 136 * 2);
+        assert_eq!(RowTile::P16.smem_bytes(), 4 * 144 * 128 + 16 * 136 * 2);
+        assert_eq!(super::persistent_ctas(132, RowTile::P32.smem_bytes()), 264);
+        assert_eq!(super::persistent_ctas(132, RowTile::P16.smem_bytes()), 264);
+        assert_eq!(RowTile::R32.persistent(), RowTile::P32);
+        assert_eq!(RowTile::R16.persistent(), RowTile::P16);
+        assert_eq!(RowTile::Ws128Dyn.persistent(), RowTile::Ws128Dyn);
+        assert!(!RowTile::P32.is_wgmma());
+        assert_eq!(RowTile::P32.kernel(false), "moe_grouped_down_p32_bf16");
     }
 
     /// Every name `RowTile::kernel` gives, and the weight-map kernel, is defined in grouped.cu.
