@@ -1120,52 +1120,36 @@ fn bench_grouped(
         let fl = 2.0 * routed as f64 * (3 * inter * hidden) as f64;
         let roof_ms = (bytes / (copy_gbs * 1e9)).max(fl / (blas_tflops * 1e12)) * 1e3;
         let mut out = Tensor::<bf16>::zeros(gpu, &[tokens, hidden])?;
-        let ms_grouped = time_ms(gpu, 3, 20, || {
-            // SAFETY: as above; ids come from the gate (0..n_exp).
-            unsafe {
-                grouped::grouped_experts(
-                    gpu,
-                    grouped::GroupedExpertsParams {
-                        x: xt.view(),
-                        ids: ids.view(),
-                        weights: wts.view(),
-                        ptrs: table.view(),
-                        inter,
-                        out: out.view_mut(),
-                        routed_rows: Some(routed),
-                        touched_experts: Some(touched),
-                        tile: None,
-                        prefill_tile: grouped::PREFILL_TILE,
-                        accumulate: false,
-                    },
-                )?;
-            }
-            Ok(())
-        })?;
-        // the same with the persistent decode tile (DSV2_GROUPED_DECODE=persistent)
-        let persistent = grouped::RowTile::for_rows(routed, touched).persistent();
-        let ms_persistent = time_ms(gpu, 3, 20, || {
-            // SAFETY: as above.
-            unsafe {
-                grouped::grouped_experts(
-                    gpu,
-                    grouped::GroupedExpertsParams {
-                        x: xt.view(),
-                        ids: ids.view(),
-                        weights: wts.view(),
-                        ptrs: table.view(),
-                        inter,
-                        out: out.view_mut(),
-                        routed_rows: Some(routed),
-                        touched_experts: Some(touched),
-                        tile: Some(persistent),
-                        prefill_tile: grouped::PREFILL_TILE,
-                        accumulate: false,
-                    },
-                )?;
-            }
-            Ok(())
-        })?;
+        // the launcher's decode tile, one CTA a tile, then its persistent form
+        // (DSV2_GROUPED_DECODE=persistent)
+        let grid_tile = grouped::RowTile::for_rows(routed, touched);
+        let persistent = grid_tile.persistent();
+        let mut ms_tiles = Vec::with_capacity(2);
+        for tile in [grid_tile, persistent] {
+            ms_tiles.push(time_ms(gpu, 3, 20, || {
+                // SAFETY: as above; ids come from the gate (0..n_exp).
+                unsafe {
+                    grouped::grouped_experts(
+                        gpu,
+                        grouped::GroupedExpertsParams {
+                            x: xt.view(),
+                            ids: ids.view(),
+                            weights: wts.view(),
+                            ptrs: table.view(),
+                            inter,
+                            out: out.view_mut(),
+                            routed_rows: Some(routed),
+                            touched_experts: Some(touched),
+                            tile: Some(tile),
+                            prefill_tile: grouped::PREFILL_TILE,
+                            accumulate: false,
+                        },
+                    )?;
+                }
+                Ok(())
+            })?);
+        }
+        let (ms_grouped, ms_persistent) = (ms_tiles[0], ms_tiles[1]);
         // the path it replaces: permute, counts to the host, gather, per-expert cuBLAS, combine
         let mut pxd = Tensor::<bf16>::zeros(gpu, &[routed, hidden])?;
         let mut gu = Tensor::<bf16>::zeros(gpu, &[routed, two_i])?;
