@@ -35,6 +35,9 @@
 #   pdl      PDL (DSV2_PDL=1) with the early triggers of one-wave launches (8a38193): the fixtures
 #            and the MLA checks with it, then V2-Lite and 4-layer V2 batch 1 and 4 with PDL off, on,
 #            and on with an earlier tree's dsv2 (BASE_BIN, default $BIN/base: late triggers only)
+#   persistent  the persistent grouped decode tiles (DSV2_GROUPED_DECODE=persistent): grouped checks
+#            and D rows, V2-Lite / 4-layer V2 batch 64 and 256 grid vs persistent, then the MLA
+#            default at 64-token blocks (tma-pair) against wgmma
 #   ab       an A/B of decode switches: kernel checks (AB_CHECKS=0 skips them), then batch 1 and 4
 #            decode (V2-Lite, 4-layer V2) with AB_ON (default: the defaults), an earlier tree's
 #            dsv2 (BASE_BIN, default $BIN/base), AB_OFF (default: session 14's fusions off); the
@@ -326,6 +329,31 @@ PYEOF
             OUT=/tmp/gd-pdl bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
           set -- $1 $2
         done
+      done ;;
+    persistent)
+      # the persistent decode tiles (DSV2_GROUPED_DECODE=persistent, session 17, unmeasured when
+      # written): the grouped checks (P16/P32 rows at awkward sizes and real dims) with the D rows
+      # (grid vs persistent tile, V2 dims), then V2-Lite and 4-layer V2 decode at batch 64 and 256,
+      # context 512, grid then persistent; last the MLA default at 64-token blocks (tma-pair for
+      # 128 heads) against wgmma, 4-layer V2 batch 64 x 4096
+      timeout -k 5 150 "$BIN/dsv2-gpu-check" --grouped --quick --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-grouped.log" 2>&1 || fail=1
+      echo "-- dsv2-gpu-check --grouped --quick: $(grep -E '^checks:' "$OUT_DIR/gpu-check-grouped.log" | tail -1)"
+      grep -E "FAIL" "$OUT_DIR/gpu-check-grouped.log" | head -8
+      grep -E "^D[0-9]" "$OUT_DIR/gpu-check-grouped.log" | sed 's/; per-expert.*//'
+      for model in "deepseek-v2-lite 27" "deepseek-v2 4"; do
+        set -- $model
+        for mode in grid persistent; do
+          over_budget "persistent $1 $mode" && break
+          echo "-- $1 ($2 layers), DSV2_GROUPED_DECODE=$mode"
+          DSV2_GROUPED_DECODE=$mode BIN="$BIN" PRESET=$1 LAYERS=$2 BATCHES=64,256 CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=120 \
+            OUT=/tmp/gd-persist bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
+        done
+      done
+      for k in default wgmma; do
+        over_budget "block 64 $k" && break
+        echo "-- deepseek-v2 (4 layers) b64 x 4096, 64-token blocks, MLA kernel: $k"
+        env $( [ $k = wgmma ] && echo DSV2_MLA_KERNEL=wgmma ) BLOCK_SIZE=64 BIN="$BIN" PRESET=deepseek-v2 LAYERS=4 BATCHES=64 \
+          CONTEXTS=4096 NEW_TOKENS=32 LIMIT_S=90 OUT=/tmp/gd-b64 bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
       done ;;
     ab)
       # an A/B of decode switches: this tree's binaries with AB_ON (default: nothing, the
