@@ -490,8 +490,9 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
         (3, 9, 2, 72, 40, 1),
         (2, 16, 10, 72, 2056, 2),
         // the pipelined down kernel's last block short of a whole ring of rows (9 rows a
-        // block on 132 SMs, 7 in the last)
+        // block on 132 SMs, 7 in the last; 3 rows a block, 2 in the last)
         (2, 9, 2, 1096, 1408, 1),
+        (1, 9, 2, 536, 1408, 1),
     ] {
         for down in [
             small_experts::SmallDown::Pipe,

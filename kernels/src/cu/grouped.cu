@@ -267,7 +267,7 @@ __device__ __forceinline__ void grouped_tile(const bf16* __restrict__ x, const l
 // drains its stages at the end; at V2-Lite's K (2048, 1408) a decode tile lives for only 22-32
 // k steps, and the R32 kernels ran at 0.81-0.82 of the copy bandwidth at batch 256
 // (bench/RESULTS.md session 17) against 0.89 for V2's 80-step tiles. Items of an expert not
-// held here multiply zero-filled weights (no DRAM traffic) and write zeros.
+// held here load zero-filled weights (no DRAM traffic) and write zeros, as grouped_tile does.
 // dynamic smem: STAGES * (GA + BB) * GK * 2 + BB * (GA + 8) * 2 bytes.
 template <int BB, int STAGES, bool GATE_UP>
 __device__ __forceinline__ void grouped_persist(const bf16* __restrict__ x, const long long* __restrict__ ptrs,
@@ -304,7 +304,7 @@ __device__ __forceinline__ void grouped_persist(const bf16* __restrict__ x, cons
         Item r;
         r.w0 = reinterpret_cast<const bf16*>(ptrs[3 * t.e + (GATE_UP ? 0 : 2)]);
         r.w1 = GATE_UP ? reinterpret_cast<const bf16*>(ptrs[3 * t.e + 1]) : r.w0;
-        if (r.w1 == nullptr) r.w0 = nullptr;  // either half missing: the expert is not held
+        if (r.w0 == nullptr || r.w1 == nullptr) r.w0 = r.w1 = nullptr;  // not held here
         r.row0 = t.row0;
         r.nrows = t.nrows;
         r.f0 = (it / total) * NF;
@@ -348,9 +348,13 @@ __device__ __forceinline__ void grouped_persist(const bf16* __restrict__ x, cons
         load_next();
         grouped_mma_stage<BB, 1>(sa + (s % STAGES) * GA * GK, sb + (s % STAGES) * BB * GK, acc, lane, wa, 0);
         if (++kt == KT) {
-            grouped_stage_out<BB, 1, GATE_UP>(sc, acc, lane, wa, 0);
+            // (cur is the same for the whole block: the barrier is reached by all or none)
+            if (cur.w0 != nullptr) grouped_stage_out<BB, 1, GATE_UP>(sc, acc, lane, wa, 0);
             __syncthreads();
-            grouped_store_out<NT, GATE_UP>(sc, out, cur.row0, cur.nrows, cur.f0, N, tid);
+            if (cur.w0 != nullptr)
+                grouped_store_out<NT, GATE_UP>(sc, out, cur.row0, cur.nrows, cur.f0, N, tid);
+            else
+                grouped_zero_tile(out, cur.row0, cur.nrows, cur.f0, NF, N, NT);
             zero_acc();
             kt = 0;
             ++j;
