@@ -681,6 +681,13 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
         (1, 512, 128, Some(8), Wgmma),
         (1, 512, 16, None, Wgmma),
         (1, 512, 16, Some(8), Wgmma),
+        // V2-Lite's batched decode (16 heads): 0.63 of copy inside its batch-256 step at context
+        // 512 (bench/RESULTS.md session 17 ncu-step); the mma.sync kernel's m16 tiles fit 16
+        // heads without padding, the wgmma kernel's 64-row tiles do not
+        (256, 512, 16, None, Wgmma),
+        (64, 4096, 16, None, Wgmma),
+        (256, 512, 16, None, Mma),
+        (64, 4096, 16, None, Mma),
         // the seesaw kernel (mla_seesaw.cu) on issue 20's rows, last
         (64, 4096, 128, None, Seesaw),
         (128, 4096, 128, None, Seesaw),
