@@ -36,7 +36,8 @@
 #            and the MLA checks with it, then V2-Lite and 4-layer V2 batch 1 and 4 with PDL off, on,
 #            and on with an earlier tree's dsv2 (BASE_BIN, default $BIN/base: late triggers only)
 #   persistent  the persistent grouped decode tiles (DSV2_GROUPED_DECODE=persistent): grouped checks
-#            and D rows, V2-Lite / 4-layer V2 batch 64 and 256 grid vs persistent, then the MLA
+#            and D rows, V2-Lite / 4-layer V2 batch 64 and 256 grid vs persistent vs persistent with
+#            the fused permutation (DSV2_FUSED_PERMUTE=1), then the MLA
 #            default at 64-token blocks (tma-pair) against wgmma
 #   ab       an A/B of decode switches: kernel checks (AB_CHECKS=0 skips them), then batch 1 and 4
 #            decode (V2-Lite, 4-layer V2) with AB_ON (default: the defaults), an earlier tree's
@@ -340,12 +341,16 @@ PYEOF
       echo "-- dsv2-gpu-check --grouped --quick: $(grep -E '^checks:' "$OUT_DIR/gpu-check-grouped.log" | tail -1)"
       grep -E "FAIL" "$OUT_DIR/gpu-check-grouped.log" | head -8
       grep -E "^D[0-9]" "$OUT_DIR/gpu-check-grouped.log" | sed 's/; per-expert.*//'
+      # the whole model on the fixtures with both switches on
+      DSV2_GROUPED_DECODE=persistent DSV2_FUSED_PERMUTE=1 timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin \
+        >"$OUT_DIR/cuda-check-persistent.log" 2>&1 || { echo "dsv2-cuda-check (persistent, fused permute) FAILED"; fail=1; }
+      tail -2 "$OUT_DIR/cuda-check-persistent.log"
       for model in "deepseek-v2-lite 27" "deepseek-v2 4"; do
         set -- $model
-        for mode in grid persistent; do
+        for mode in grid persistent "persistent DSV2_FUSED_PERMUTE=1"; do
           over_budget "persistent $1 $mode" && break
           echo "-- $1 ($2 layers), DSV2_GROUPED_DECODE=$mode"
-          DSV2_GROUPED_DECODE=$mode BIN="$BIN" PRESET=$1 LAYERS=$2 BATCHES=64,256 CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=120 \
+          env DSV2_GROUPED_DECODE=$mode BIN="$BIN" PRESET=$1 LAYERS=$2 BATCHES=64,256 CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=120 \
             OUT=/tmp/gd-persist bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
         done
       done

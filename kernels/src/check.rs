@@ -460,42 +460,63 @@ pub fn check_permute_combine(
         .collect();
     let (xb, xf) = rand_bf16(&mut g, tokens * hidden, 1.0);
     let it = Tensor::from_host(gpu, &ids, &[tokens, k])?;
-    let perm = moe::moe_permute(
-        gpu,
-        moe::PermuteParams {
-            ids: it.view(),
-            n_experts: n_exp,
-        },
-    )?;
     let (rc, ro, rs, rsrc) = r::permute(&ids, k, n_exp);
     let routed = rc.iter().sum::<i32>() as usize;
     let sizes = format!("tokens {tokens} top{k} E {n_exp} hidden {hidden}");
-    let mut rows = vec![
-        CheckRow::exact(
+    let mut rows = Vec::new();
+    // the split kernels, then the fused one where it fits (the gather and combine below use
+    // the split kernels' permutation)
+    let mut split = None;
+    for kernel in [moe::PermuteKernel::Split, moe::PermuteKernel::Fused] {
+        if !kernel.fits(n_exp, tokens * k) {
+            continue;
+        }
+        let perm = moe::moe_permute_with(
+            gpu,
+            moe::PermuteParams {
+                ids: it.view(),
+                n_experts: n_exp,
+            },
+            kernel,
+        )?;
+        let sizes = format!("{sizes}, {kernel:?}");
+        rows.push(CheckRow::exact(
             "moe_permute counts",
             sizes.clone(),
             &perm.counts.to_host(gpu)?,
             &rc,
-        ),
-        CheckRow::exact(
+        ));
+        rows.push(CheckRow::exact(
             "moe_permute offsets",
             sizes.clone(),
             &perm.offsets.to_host(gpu)?,
             &ro,
-        ),
-        CheckRow::exact(
+        ));
+        rows.push(CheckRow::exact(
             "moe_permute slot_of",
             sizes.clone(),
             &perm.slot_of.to_host(gpu)?,
             &rs,
-        ),
-        CheckRow::exact(
+        ));
+        // past the routed rows src_row is 0 (the gather of a bound-sized buffer reads token 0)
+        let mut want_src = rsrc[..routed].to_vec();
+        want_src.resize(tokens * k, 0);
+        rows.push(CheckRow::exact(
             "moe_permute src_row",
-            sizes.clone(),
-            &perm.src_row.to_host(gpu)?[..routed],
-            &rsrc[..routed],
-        ),
-    ];
+            sizes,
+            &perm.src_row.to_host(gpu)?,
+            &want_src,
+        ));
+        if kernel == moe::PermuteKernel::Split {
+            split = Some(perm);
+        }
+    }
+    let Some(perm) = split else {
+        return Err(crate::error::KernelError::Unsupported {
+            op: "check_permute_combine",
+            what: "no split permutation".into(),
+        });
+    };
     let x = Tensor::from_host(gpu, &xb, &[tokens, hidden])?;
     let mut px = Tensor::<bf16>::zeros(gpu, &[routed, hidden])?;
     moe::moe_gather(

@@ -331,7 +331,63 @@ pub struct PermuteParams<'a> {
     pub n_experts: usize,
 }
 
+/// Which kernels build a [`Permutation`]: count, offsets and scatter launches after memsets
+/// (`Split`, every size), or one block for decode-sized routings (`Fused`,
+/// `moe_permute_small_i32`: at most [`FUSED_PERMUTE_MAX_EXPERTS`] experts and
+/// [`FUSED_PERMUTE_MAX_ASSIGN`] assignments; `Split` otherwise). The same outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PermuteKernel {
+    Split,
+    Fused,
+}
+
+/// Most experts the fused permutation takes (PERM_MAX_EXP in moe.cu).
+pub const FUSED_PERMUTE_MAX_EXPERTS: usize = 256;
+/// Most assignments (tokens x top-k) the fused permutation takes: one block walks them all, so
+/// prefill-sized routings stay on the split kernels.
+pub const FUSED_PERMUTE_MAX_ASSIGN: usize = 8192;
+
+impl PermuteKernel {
+    /// `DSV2_FUSED_PERMUTE=1`: the fused kernel where it fits (opt-in until measured on a GPU);
+    /// unset or 0: split. Read once.
+    pub fn from_env() -> Result<Self> {
+        static CHOICE: std::sync::OnceLock<std::result::Result<PermuteKernel, String>> =
+            std::sync::OnceLock::new();
+        CHOICE
+            .get_or_init(|| match std::env::var("DSV2_FUSED_PERMUTE").as_deref() {
+                Err(_) | Ok("0") => Ok(PermuteKernel::Split),
+                Ok("1") => Ok(PermuteKernel::Fused),
+                Ok(other) => Err(format!("DSV2_FUSED_PERMUTE={other}: expected 0 or 1")),
+            })
+            .clone()
+            .map_err(|what| KernelError::Unsupported {
+                op: "moe_permute",
+                what,
+            })
+    }
+
+    /// Whether this kernel takes `n_assign` assignments over `n_experts` experts.
+    pub fn fits(self, n_experts: usize, n_assign: usize) -> bool {
+        match self {
+            PermuteKernel::Split => true,
+            PermuteKernel::Fused => {
+                n_experts <= FUSED_PERMUTE_MAX_EXPERTS
+                    && (1..=FUSED_PERMUTE_MAX_ASSIGN).contains(&n_assign)
+            }
+        }
+    }
+}
+
 pub fn moe_permute(gpu: &Gpu, p: PermuteParams<'_>) -> Result<Permutation> {
+    moe_permute_with(gpu, p, PermuteKernel::from_env()?)
+}
+
+/// [`moe_permute`] with the kernels named (the split ones where the fused one does not fit).
+pub fn moe_permute_with(
+    gpu: &Gpu,
+    p: PermuteParams<'_>,
+    kernel: PermuteKernel,
+) -> Result<Permutation> {
     const OP: &str = "moe_permute";
     p.ids.expect(OP, "ids", &[None, None])?;
     let (tokens, k) = (p.ids.shape()[0], p.ids.shape()[1]);
@@ -342,6 +398,44 @@ pub fn moe_permute(gpu: &Gpu, p: PermuteParams<'_>) -> Result<Permutation> {
         });
     }
     let n_assign = tokens * k;
+    if kernel == PermuteKernel::Fused && kernel.fits(p.n_experts, n_assign) {
+        // every entry is written by the kernel: no memsets
+        let perm = Permutation {
+            counts: Tensor::uninit(gpu, &[p.n_experts])?,
+            offsets: Tensor::uninit(gpu, &[p.n_experts + 1])?,
+            slot_of: Tensor::uninit(gpu, &[tokens, k])?,
+            src_row: Tensor::uninit(gpu, &[n_assign])?,
+            n_experts: p.n_experts,
+            top_k: k,
+        };
+        let (ids, counts, offsets, slot_of, src_row) = (
+            p.ids.ptr(),
+            perm.counts.ptr(),
+            perm.offsets.ptr(),
+            perm.slot_of.ptr(),
+            perm.src_row.ptr(),
+        );
+        let (na, ki, ne) = (
+            dim_i32(OP, "tokens * k", n_assign)?,
+            dim_i32(OP, "k", k)?,
+            p.n_experts as i32,
+        );
+        let f = gpu.function("moe_permute_small_i32")?;
+        let mut b = gpu.launch(f);
+        b.arg(&ids)
+            .arg(&na)
+            .arg(&ki)
+            .arg(&ne)
+            .arg(&counts)
+            .arg(&offsets)
+            .arg(&slot_of)
+            .arg(&src_row);
+        // SAFETY: matches moe_permute_small_i32(ids, n_assign, k, n_exp, counts, offsets,
+        // slot_of, src_row); one block of 1024 threads; n_exp <= PERM_MAX_EXP (fits); counts
+        // E, offsets E + 1, slot_of and src_row n_assign entries.
+        unsafe { b.launch(per_row(1, 1024)) }?;
+        return Ok(perm);
+    }
     let perm = Permutation {
         counts: Tensor::zeros(gpu, &[p.n_experts])?,
         offsets: Tensor::zeros(gpu, &[p.n_experts + 1])?,
@@ -497,5 +591,23 @@ mod gate_tests {
         assert!(!gate_fast_path(192, 3)); // groups of 64 = 10.7 lanes of 6
         assert!(gate_fast_path(160, 2)); // groups of 80 = 16 lanes of 5
         assert!(!gate_fast_path(288, 1)); // more than 256
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FUSED_PERMUTE_MAX_ASSIGN, PermuteKernel};
+
+    #[test]
+    fn the_fused_permutation_takes_decode_sized_routings_only() {
+        // V2 (160 experts) and V2-Lite (64) at batch 256 x top-6
+        assert!(PermuteKernel::Fused.fits(160, 1536));
+        assert!(PermuteKernel::Fused.fits(64, 1536));
+        assert!(PermuteKernel::Fused.fits(256, FUSED_PERMUTE_MAX_ASSIGN));
+        // more experts than its shared table, a prefill-sized routing, nothing to permute
+        assert!(!PermuteKernel::Fused.fits(257, 6));
+        assert!(!PermuteKernel::Fused.fits(160, 8192 * 6));
+        assert!(!PermuteKernel::Fused.fits(160, 0));
+        assert!(PermuteKernel::Split.fits(1024, 8192 * 6));
     }
 }

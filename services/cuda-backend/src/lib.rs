@@ -246,10 +246,11 @@ impl CudaBackend {
             expert_tables: Mutex::new(Default::default()),
             // DSV2_SMALL_EXPERTS=0 keeps decode on the permuted path (to compare the two)
             small_experts: {
-                // a bad DSV2_SMALL_DOWN or DSV2_GROUPED_DECODE fails here, not as a quiet
-                // fall-back at the first step
+                // a bad DSV2_SMALL_DOWN, DSV2_GROUPED_DECODE or DSV2_FUSED_PERMUTE fails here,
+                // not as a quiet fall-back at the first step
                 dsv2_kernels::ops::small_experts::SmallDown::from_env()?;
                 dsv2_kernels::ops::grouped::persistent_decode_from_env()?;
+                dsv2_kernels::ops::moe::PermuteKernel::from_env()?;
                 std::env::var("DSV2_SMALL_EXPERTS").map_or(true, |v| v != "0")
             },
             fused_shared: std::env::var("DSV2_FUSED_SHARED").map_or(true, |v| v != "0"),
