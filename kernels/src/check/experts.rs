@@ -505,6 +505,9 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             out.push(check_small_experts(gpu, n, e, k, h, i, shared, down)?);
         }
     }
+    // the permutation (split and fused kernels) at decode sizes: V2 at 64 rows, V2-Lite at 256
+    out.extend(super::check_permute_combine(gpu, 64, 160, 5120)?);
+    out.extend(super::check_permute_combine(gpu, 256, 64, 2048)?);
     // the fused gate GEMV + top-k of decode at <= 4 rows: V2 (160 experts, 8 groups, top-3
     // groups, scaling 16) and V2-Lite (64 experts, no groups)
     let (v2, lite) = (GateConfig::deepseek_v2(), GateConfig::deepseek_v2_lite());
