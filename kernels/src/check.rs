@@ -455,6 +455,9 @@ pub fn check_permute_combine(
     if ids.len() > 3 {
         ids[3] = -1; // not routed here (expert shard case)
     }
+    if ids.len() > 4 {
+        ids[4] = n_exp as i32; // out of range: not routed either
+    }
     let w: Vec<f32> = (0..tokens * k)
         .map(|_| g.random_range(0.0f32..1.0))
         .collect();
