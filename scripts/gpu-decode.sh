@@ -32,9 +32,9 @@
 #   fused    the decode fusions (shared experts in the small-batch expert kernels at one row, gate
 #            GEMV + top-k, query rope in the append): fixtures, then batch 1 and 4 decode (4-layer V2,
 #            V2-Lite) with and without (DSV2_FUSED_SHARED=0 DSV2_FUSED_GATE=0 DSV2_FUSED_ROPE=0)
-#   pdl      PDL (DSV2_PDL=1) with the early triggers of one-wave launches (8a38193): the fixtures
-#            and the MLA checks with it, then V2-Lite and 4-layer V2 batch 1 and 4 with PDL off, on,
-#            and on with an earlier tree's dsv2 (BASE_BIN, default $BIN/base: late triggers only)
+#   pdl      PDL (DSV2_PDL=1): the fixtures and the MLA checks with it, then V2-Lite and 4-layer V2
+#            batch 1 and 4 with PDL off, on, and on with an earlier tree's dsv2 (BASE_BIN, default
+#            $BIN/base; its dsv2 bench must know --block-size, e09032a or later)
 #   persistent  the persistent grouped decode tiles (DSV2_GROUPED_DECODE=persistent): grouped checks
 #            and D rows, V2-Lite / 4-layer V2 batch 64 and 256 grid vs persistent vs persistent with
 #            the fused permutation (DSV2_FUSED_PERMUTE=1), then the MLA

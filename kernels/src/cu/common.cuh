@@ -30,19 +30,6 @@ __device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wa
 __device__ __forceinline__ void griddep_launch_dependents() {
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 }
-// The early trigger the rule above allows: at once after griddep_wait, but only in a launch of no
-// more blocks than the GPU has SMs, whose blocks are then all resident from the start, so the next
-// kernel's blocks cannot take the place of blocks of this one still waiting to run (what made the
-// early trigger in every kernel slower, session 8). The next kernel then launches and runs its
-// pre-wait weight loads during all of this one instead of its tail: at few rows the attention
-// kernels (append + absorb, decode, combine) and the gate are one-wave launches of a few
-// microseconds each. (%nsmid bounds the SM count from above; a grid between the two is at worst
-// the slower case again, never wrong.)
-__device__ __forceinline__ void griddep_launch_dependents_if_one_wave() {
-    unsigned nsm;
-    asm("mov.u32 %0, %%nsmid;" : "=r"(nsm));
-    if (gridDim.x * gridDim.y * gridDim.z <= nsm) griddep_launch_dependents();
-}
 
 // The queries' rope part rotated in the latent append's launch (one rope launch less per layer):
 // blocks y >= 1 of the append grid each take ROPE_Q_HEADS heads of token t's query

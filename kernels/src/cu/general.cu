@@ -200,22 +200,18 @@ __device__ __forceinline__ void latent_append_absorb(
         aq_hs, kv_b, q_abs, heads, dn, dv, kv_r
 extern "C" __global__ void __launch_bounds__(ABSORB_THREADS, 5) mla_latent_append_absorb_m1_bf16(APPEND_ABSORB_ARGS) {
     griddep_wait();
-    griddep_launch_dependents_if_one_wave();
     latent_append_absorb<1>(APPEND_ABSORB_CALL);
 }
 extern "C" __global__ void __launch_bounds__(ABSORB_THREADS, 5) mla_latent_append_absorb_m2_bf16(APPEND_ABSORB_ARGS) {
     griddep_wait();
-    griddep_launch_dependents_if_one_wave();
     latent_append_absorb<2>(APPEND_ABSORB_CALL);
 }
 extern "C" __global__ void __launch_bounds__(ABSORB_THREADS, 4) mla_latent_append_absorb_m3_bf16(APPEND_ABSORB_ARGS) {
     griddep_wait();
-    griddep_launch_dependents_if_one_wave();
     latent_append_absorb<3>(APPEND_ABSORB_CALL);
 }
 extern "C" __global__ void __launch_bounds__(ABSORB_THREADS, 4) mla_latent_append_absorb_m4_bf16(APPEND_ABSORB_ARGS) {
     griddep_wait();
-    griddep_launch_dependents_if_one_wave();
     latent_append_absorb<4>(APPEND_ABSORB_CALL);
 }
 #undef APPEND_ABSORB_ARGS

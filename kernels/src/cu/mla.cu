@@ -307,7 +307,6 @@ mla_decode_wgmma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
                       int max_blocks, int splits, float scale, long long qpe_sb,
                       long long qpe_sh) {
     griddep_wait();
-    griddep_launch_dependents_if_one_wave();
     extern __shared__ __align__(1024) unsigned char wg_smem_raw[];
     // the swizzle is applied by the hardware on address bits 4..9: operands must be 1024-aligned
     unsigned char* smem = reinterpret_cast<unsigned char*>(
@@ -565,7 +564,6 @@ mla_combine_uv_bf16(const float* __restrict__ o_part, const float* __restrict__ 
         for (int p = 0; p < 2; ++p) wv[j][p] = ld_stream16(wr + (lane + 32 * p) * 8);
     }
     griddep_wait();
-    griddep_launch_dependents_if_one_wave();
     const float inv = combine_weights(lse + (size_t)b * splits * heads + h, heads, splits, w_s, red);
     const float4 acc = combine_cols4(o_part + ((size_t)b * splits * heads + h) * D_LAT + tid * 4,
                                      (size_t)heads * D_LAT, splits, w_s);

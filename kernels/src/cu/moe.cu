@@ -454,7 +454,6 @@ extern "C" __global__ void __launch_bounds__(GATE_EXPERTS * GATE_SPLIT * WARP)
     const uint4 w_first =
         e < n_exp && c0 + lane < c1 ? ld_stream16(we + (size_t)(c0 + lane) * 8) : make_uint4(0u, 0u, 0u, 0u);
     griddep_wait();
-    griddep_launch_dependents_if_one_wave();
     const bf16* xsrc = x;
     if (norm_w != nullptr) {
         bf16* xs = reinterpret_cast<bf16*>(gate_smem);
