@@ -1187,6 +1187,10 @@ fn bench_grouped(
                 small_experts::SmallDown::Slots,
                 small_experts::SmallDown::Rows,
             ] {
+                // only the kernels that really run at this shape (no fallback under another name)
+                if down.runs_as(tokens, hidden, k, inter, gpu.sm_count) != Some(down) {
+                    continue;
+                }
                 let ms = time_ms(gpu, 3, 20, || {
                     // SAFETY: as above.
                     unsafe {

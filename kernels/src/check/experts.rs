@@ -499,7 +499,9 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             small_experts::SmallDown::Slots,
             small_experts::SmallDown::Rows,
         ] {
-            if !down.fits(k + shared, i) {
+            // a row per kernel that really runs (the pipelined one falls back to the slot
+            // kernel at some shapes: that row would only repeat the slot kernel's)
+            if down.runs_as(n, h, k + shared, i, gpu.sm_count) != Some(down) {
                 continue;
             }
             out.push(check_small_experts(gpu, n, e, k, h, i, shared, down)?);

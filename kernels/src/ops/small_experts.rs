@@ -117,6 +117,28 @@ impl SmallDown {
         }
     }
 
+    /// The down kernel that runs for `n` rows of `hidden` outputs over `slots` slots of
+    /// intermediate size `inter` on `sm_count` SMs when this one is asked for: the pipelined
+    /// kernel falls back to the slot kernel where it does not fit or one wave of blocks cannot
+    /// hold every output row; None where the kernel asked for does not take the shape.
+    pub fn runs_as(
+        self,
+        n: usize,
+        hidden: usize,
+        slots: usize,
+        inter: usize,
+        sm_count: usize,
+    ) -> Option<SmallDown> {
+        let down = if self == SmallDown::Pipe
+            && (!self.fits(slots, inter) || down_pipe_rows(hidden, n, sm_count).is_none())
+        {
+            SmallDown::Slots
+        } else {
+            self
+        };
+        down.fits(slots, inter).then_some(down)
+    }
+
     /// `DSV2_SMALL_DOWN` (pipe | slots | rows; unset: pipe).
     pub fn from_env() -> Result<Self> {
         static CHOICE: OnceLock<std::result::Result<SmallDown, String>> = OnceLock::new();
@@ -177,22 +199,14 @@ pub unsafe fn small_experts_with(
             what: format!("hidden {hidden} / intermediate {inter} not multiples of 8"),
         });
     }
-    // the pipelined kernel's shapes are a subset of the slot kernel's
-    let pipe_rows = down_pipe_rows(hidden, n, gpu.sm_count);
-    let down =
-        if down == SmallDown::Pipe && (!down.fits(k + n_shared, inter) || pipe_rows.is_none()) {
-            SmallDown::Slots
-        } else {
-            down
-        };
-    if !down.fits(k + n_shared, inter) {
+    let Some(down) = down.runs_as(n, hidden, k + n_shared, inter, gpu.sm_count) else {
         return Err(crate::error::KernelError::Unsupported {
             op: OP,
             what: format!(
                 "top-k {k} (+ {n_shared} shared) slots of intermediate {inter} with the {down:?} down kernel"
             ),
         });
-    }
+    };
     if hidden * 2 > SMEM_LIMIT {
         return Err(crate::error::KernelError::Unsupported {
             op: OP,
@@ -243,7 +257,7 @@ pub unsafe fn small_experts_with(
     };
     // SAFETY: matches moe_small_gate_up_bf16; shapes checked above, the table per the contract.
     unsafe { b.launch(cfg) }?;
-    let rpb = pipe_rows.unwrap_or(1);
+    let rpb = down_pipe_rows(hidden, n, gpu.sm_count).unwrap_or(1);
     let (name, grid_x, threads, smem) = match down {
         SmallDown::Pipe => (
             "moe_small_down_pipe_bf16",
@@ -325,5 +339,19 @@ mod tests {
         assert!(!SmallDown::Pipe.fits(4, 2056));
         assert!(SmallDown::Slots.fits(10, 40));
         assert!(SmallDown::Slots.fits(4, 2056));
+        // what runs: V2 at 4 rows needs more than one wave of pipelined blocks
+        assert_eq!(
+            SmallDown::Pipe.runs_as(1, 5120, 8, 1536, 132),
+            Some(SmallDown::Pipe)
+        );
+        assert_eq!(
+            SmallDown::Pipe.runs_as(4, 5120, 8, 1536, 132),
+            Some(SmallDown::Slots)
+        );
+        assert_eq!(
+            SmallDown::Pipe.runs_as(2, 72, 10, 40, 132),
+            Some(SmallDown::Slots)
+        );
+        assert_eq!(SmallDown::Slots.runs_as(2, 72, 17, 40, 132), None);
     }
 }
