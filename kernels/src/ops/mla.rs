@@ -67,11 +67,23 @@ pub enum MlaKernel {
 
 impl MlaKernel {
     /// The kernel named by `DSV2_MLA_KERNEL`, or where it is unset the default for caches of
-    /// `block_size`-token blocks read by `heads` query heads ([`MlaKernel::default_for`]).
+    /// `block_size`-token blocks read by `heads` query heads ([`MlaKernel::default_for`]). The
+    /// variable is read once (every eager decode launch asks).
     pub fn from_env_for(heads: usize, block_size: usize) -> Result<Self> {
-        match std::env::var("DSV2_MLA_KERNEL") {
-            Err(_) => Ok(Self::default_for(heads, block_size)),
-            Ok(v) => Self::parse(&v),
+        static NAMED: std::sync::OnceLock<Option<std::result::Result<MlaKernel, String>>> =
+            std::sync::OnceLock::new();
+        let named = NAMED.get_or_init(|| {
+            std::env::var("DSV2_MLA_KERNEL")
+                .ok()
+                .map(|v| Self::parse(&v).map_err(|e| e.to_string()))
+        });
+        match named {
+            None => Ok(Self::default_for(heads, block_size)),
+            Some(Ok(k)) => Ok(*k),
+            Some(Err(what)) => Err(KernelError::Unsupported {
+                op: "mla_decode",
+                what: what.clone(),
+            }),
         }
     }
 
