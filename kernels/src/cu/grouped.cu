@@ -47,7 +47,9 @@ __device__ __forceinline__ int swz(int r, int c) { return r * GK + ((c ^ (r & 7)
 // for only ~30-45 us of streaming, and the grouped decode kernels ran at 0.81-0.82 of the copy
 // bandwidth (V2-Lite batch 256, bench/RESULTS.md session 17 ncu-step). Here each lane reads one
 // of 32 evenly spaced entries, a vote picks the segment, and the lanes read that segment's (at
-// most 32) entries: E <= 1024 = 32 x 32 (check_dims) in two dependent round trips.
+// most 32) entries: E <= 1024 = 32 x 32 (check_dims) in two dependent round trips. Measured:
+// batch 64 and 256 steps 0.4-0.7 % faster (session 17 run 3), so start-up was not what held
+// those kernels at 0.82.
 struct GroupedTile {
     int e, row0, nrows;
 };
