@@ -682,8 +682,8 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
         (1, 512, 16, None, Wgmma),
         (1, 512, 16, Some(8), Wgmma),
         // V2-Lite's batched decode (16 heads): 0.63 of copy inside its batch-256 step at context
-        // 512 (bench/RESULTS.md session 17 ncu-step); the mma.sync kernel's m16 tiles fit 16
-        // heads without padding, the wgmma kernel's 64-row tiles do not
+        // 512 (bench/RESULTS.md session 17 ncu-step); both kernels pad 16 heads to their 64-head
+        // CTA, the mma one over 32-token tiles
         (256, 512, 16, None, Wgmma),
         (64, 4096, 16, None, Wgmma),
         (256, 512, 16, None, Mma),
