@@ -62,6 +62,11 @@ pub struct Gpu {
     _blas_workspace: CudaSlice<u8>,
     /// Extra streams and cuBLAS handles for running independent GEMMs side by side (expert FFN).
     pub side: Vec<(Arc<CudaStream>, CudaBlas)>,
+    /// The same device and kernels on a stream of their own, with their own cuBLAS handle and
+    /// workspace: work that runs beside the main stream's (a MoE layer's shared experts beside
+    /// its routed ones), joined to it with events. Every op takes a `&Gpu`, so handing them this
+    /// one runs them there unchanged. None on the beside view itself.
+    pub beside: Option<Box<Gpu>>,
     functions: HashMap<String, CudaFunction>,
     _modules: Vec<Arc<CudaModule>>,
     /// Where each module's CUBIN came from, in [`compile::SOURCES`] order.
@@ -102,28 +107,7 @@ impl Gpu {
                 "libcublas.so / libcublasLt.so could not be loaded".into(),
             ));
         }
-        let blas = CudaBlas::new(stream.clone())?;
-        // An explicit workspace for the main handle: cuBLAS then never allocates during a CUDA
-        // graph capture of the decode step (its own default pool is not capture-safe).
-        let blas_workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)?;
-        {
-            let (ptr, _sync) = blas_workspace.device_ptr(&stream);
-            // SAFETY: the handle and the workspace live together in this Gpu (the workspace is
-            // dropped after the handle: fields drop in declaration order, blas first); the size
-            // is the buffer's.
-            let status = unsafe {
-                cudarc::cublas::sys::cublasSetWorkspace_v2(
-                    *blas.handle(),
-                    ptr as *mut std::ffi::c_void,
-                    BLAS_WORKSPACE_BYTES,
-                )
-            };
-            if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-                return Err(KernelError::NoCublas(format!(
-                    "cublasSetWorkspace failed: {status:?}"
-                )));
-            }
-        }
+        let (blas, blas_workspace) = blas_with_workspace(&stream)?;
         let mut side = Vec::with_capacity(SIDE_STREAMS);
         for _ in 0..SIDE_STREAMS {
             let s = ctx.new_stream()?;
@@ -161,6 +145,22 @@ impl Gpu {
         let sm_count = ctx
             .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
             as usize;
+        let beside_stream = ctx.new_stream()?;
+        let (beside_blas, beside_workspace) = blas_with_workspace(&beside_stream)?;
+        let beside = Gpu {
+            ctx: ctx.clone(),
+            stream: beside_stream,
+            blas: beside_blas,
+            _blas_workspace: beside_workspace,
+            side: Vec::new(),
+            functions: functions.clone(),
+            _modules: modules.clone(),
+            module_sources: module_sources.clone(),
+            name: name.clone(),
+            sm_count,
+            driver_version,
+            beside: None,
+        };
         Ok(Self {
             ctx,
             stream,
@@ -173,6 +173,7 @@ impl Gpu {
             name,
             sm_count,
             driver_version,
+            beside: Some(Box::new(beside)),
         })
     }
 
@@ -206,6 +207,33 @@ impl Gpu {
     pub fn sync(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
     }
+}
+
+/// A cuBLAS handle on `stream` with an explicit workspace: cuBLAS then never allocates during a
+/// CUDA graph capture of the decode step (its own default pool is not capture-safe). The
+/// workspace must outlive the handle.
+fn blas_with_workspace(stream: &Arc<CudaStream>) -> Result<(CudaBlas, CudaSlice<u8>)> {
+    let blas = CudaBlas::new(stream.clone())?;
+    let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)?;
+    {
+        let (ptr, _sync) = workspace.device_ptr(stream);
+        // SAFETY: the handle and the workspace live together in one Gpu (the workspace is
+        // dropped after the handle: fields drop in declaration order, blas first); the size is
+        // the buffer's.
+        let status = unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                ptr as *mut std::ffi::c_void,
+                BLAS_WORKSPACE_BYTES,
+            )
+        };
+        if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(KernelError::NoCublas(format!(
+                "cublasSetWorkspace failed: {status:?}"
+            )));
+        }
+    }
+    Ok((blas, workspace))
 }
 
 /// The `extern "C" __global__` kernel names defined in a source text.

@@ -1150,6 +1150,7 @@ fn bench_grouped(
                             tile: Some(tile),
                             prefill_tile: grouped::PREFILL_TILE,
                             accumulate: false,
+                            before_combine: None,
                         },
                     )?;
                 }

@@ -265,6 +265,7 @@ pub fn check_grouped_experts(
                 tile,
                 prefill_tile: grouped::PREFILL_TILE,
                 accumulate: false,
+                before_combine: None,
             },
         )?;
     }

@@ -5,7 +5,7 @@
 //! repacking, and every size (1 row to a whole prefill) takes the same kernels with a row tile
 //! chosen by the rows per touched expert.
 
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::{CudaEvent, LaunchConfig};
 use half::bf16;
 use std::sync::OnceLock;
 
@@ -584,6 +584,10 @@ pub struct GroupedExpertsParams<'a> {
     /// compare (the CUDA backend's `DSV2_GROUPED_WS=0`).
     pub prefill_tile: RowTile,
     pub accumulate: bool,
+    /// The main stream waits for this event just before the combine, the one launch that reads
+    /// `out` (with `accumulate`): `out` may then be written beside the routed experts, on another
+    /// stream (the shared experts' down projection), until the event.
+    pub before_combine: Option<&'a CudaEvent>,
 }
 
 /// # Safety
@@ -660,6 +664,9 @@ pub unsafe fn grouped_experts(gpu: &Gpu, p: GroupedExpertsParams<'_>) -> Result<
                 },
             )?;
         }
+    }
+    if let Some(event) = p.before_combine {
+        gpu.stream.wait(event)?;
     }
     moe::moe_combine(
         gpu,

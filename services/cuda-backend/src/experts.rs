@@ -10,6 +10,7 @@
 
 use half::bf16;
 
+use cudarc::driver::CudaEvent;
 use dsv2_core::backend::{ExpertBank, MlpWeights};
 use dsv2_core::error::Result;
 use dsv2_core::routing::Routing;
@@ -103,16 +104,52 @@ pub(crate) fn run(
         out.view_mut(),
         Some(routed),
         Some(touched),
+        None,
     )? {
         return Ok(CudaAct::Bf16(out));
     }
     run_loop(b, bank, &xb, &ids, &ids_t, &w_t, out)
 }
 
+/// Which on-device kernels take a batch of routed experts (see [`on_device`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DevicePath {
+    /// the small-batch kernels (each row reads its experts' weights itself)
+    Small,
+    /// the grouped kernels (every expert of the layer in one launch per projection)
+    Grouped,
+    /// none: the caller takes the host path
+    Host,
+}
+
+/// The path [`on_device`] takes for `n` rows of top-`k` over `bank` (`routed` / `touched` as
+/// there).
+pub(crate) fn device_path(
+    b: &CudaBackend,
+    bank: &ExpertBank<CudaWeight>,
+    n: usize,
+    k: usize,
+    routed: Option<usize>,
+    touched: Option<usize>,
+) -> DevicePath {
+    if n <= small::SMALL_EXPERTS_MAX_ROWS && b.small_experts_enabled() {
+        DevicePath::Small
+    } else if b.grouped_experts_enabled()
+        && (b.grouped_prefill_enabled() || !prefill_sized(n * k, routed, touched, bank))
+    {
+        DevicePath::Grouped
+    } else {
+        DevicePath::Host
+    }
+}
+
 /// Routed experts of `bank` for rows whose routing is already on the device: x [n, H] bf16,
 /// ids [n, k] (i32; values outside 0..E, or experts the bank does not hold, contribute
 /// nothing), weights [n, k] f32; writes out [n, H]. `routed` / `touched`: the routed
 /// assignments and distinct experts, when the caller knows them (host routing), else None.
+/// `beside`: `out` is being written on another stream until this event (the shared experts,
+/// see `CudaBackend::local_experts_routed`); the routed sum is added into it, which only the
+/// grouped path does ([`device_path`] must be [`DevicePath::Grouped`]).
 /// `Ok(false)`: shapes the kernels do not cover, a prefill-sized batch (see [`prefill_sized`]),
 /// or the grouped kernels switched off above the small-batch size; nothing was written and the
 /// caller takes the host path.
@@ -126,6 +163,7 @@ pub(crate) fn on_device(
     out: ViewMut<'_, bf16>,
     routed: Option<usize>,
     touched: Option<usize>,
+    beside: Option<&CudaEvent>,
 ) -> Result<bool> {
     let (n, hidden) = match x.shape() {
         [n, h] => (*n, *h),
@@ -137,32 +175,37 @@ pub(crate) fn on_device(
     };
     let k = ids.shape().get(1).copied().unwrap_or(0);
     let gpu = &b.gpu;
+    let path = device_path(b, bank, n, k, routed, touched);
+    if beside.is_some() && path != DevicePath::Grouped {
+        return Err(err(format!(
+            "experts: {n} rows take the {path:?} path, which cannot add into an output written beside it"
+        )));
+    }
     let table = b.expert_table(bank)?;
-    let r = if n <= small::SMALL_EXPERTS_MAX_ROWS && b.small_experts_enabled() {
-        let mut act = b.empty(&[n * k, inter])?;
-        // SAFETY: ids within 0..E name this bank's experts or address 0 (not held: skipped);
-        // the table's addresses are this bank's weights, shape-checked by bank_intermediate and
-        // alive past these launches (the bank outlives the call).
-        unsafe {
-            small::small_experts(
-                gpu,
-                small::SmallExpertsParams {
-                    x,
-                    ids,
-                    weights,
-                    ptrs: table.view(),
-                    act: act.view_mut(),
-                    out,
-                    shared: None,
-                },
-            )
+    let r = match path {
+        DevicePath::Small => {
+            let mut act = b.empty(&[n * k, inter])?;
+            // SAFETY: ids within 0..E name this bank's experts or address 0 (not held:
+            // skipped); the table's addresses are this bank's weights, shape-checked by
+            // bank_intermediate and alive past these launches (the bank outlives the call).
+            unsafe {
+                small::small_experts(
+                    gpu,
+                    small::SmallExpertsParams {
+                        x,
+                        ids,
+                        weights,
+                        ptrs: table.view(),
+                        act: act.view_mut(),
+                        out,
+                        shared: None,
+                    },
+                )
+            }
         }
-    } else if b.grouped_experts_enabled()
-        && (b.grouped_prefill_enabled() || !prefill_sized(n * k, routed, touched, bank))
-    {
         // SAFETY: as above; `routed`, when given, counts exactly the ids within 0..E (the
         // callers compute it from the same ids).
-        unsafe {
+        DevicePath::Grouped => unsafe {
             grouped::grouped_experts(
                 gpu,
                 grouped::GroupedExpertsParams {
@@ -176,12 +219,12 @@ pub(crate) fn on_device(
                     touched_experts: touched,
                     tile: None,
                     prefill_tile: b.grouped_prefill_tile(),
-                    accumulate: false,
+                    accumulate: beside.is_some(),
+                    before_combine: beside,
                 },
             )
-        }
-    } else {
-        return Ok(false);
+        },
+        DevicePath::Host => return Ok(false),
     };
     match r {
         Ok(()) => Ok(true),

@@ -189,6 +189,9 @@ pub struct CudaBackend {
     /// The shared experts in the small-batch expert kernels' launches at one row
     /// (`DSV2_FUSED_SHARED=0`: their own MLP, to compare).
     fused_shared: bool,
+    /// The shared experts on the beside stream while the grouped kernels run the routed ones
+    /// (`shared_beside_routed`); `DSV2_SHARED_BESIDE=0` runs them after the routed experts.
+    shared_beside: bool,
     /// The queries' rope part rotated in the latent append's launch (`DSV2_FUSED_ROPE=0`: in a
     /// rope launch of its own, to compare).
     pub(crate) fused_rope: bool,
@@ -254,6 +257,7 @@ impl CudaBackend {
                 std::env::var("DSV2_SMALL_EXPERTS").map_or(true, |v| v != "0")
             },
             fused_shared: std::env::var("DSV2_FUSED_SHARED").map_or(true, |v| v != "0"),
+            shared_beside: std::env::var("DSV2_SHARED_BESIDE").map_or(true, |v| v != "0"),
             fused_rope: std::env::var("DSV2_FUSED_ROPE").map_or(true, |v| v != "0"),
             fused_uv: std::env::var("DSV2_FUSED_UV").map_or(true, |v| v != "0"),
             fused_absorb: std::env::var("DSV2_FUSED_ABSORB").map_or(true, |v| v != "0"),
@@ -632,9 +636,69 @@ impl CudaBackend {
             }
             _ => false,
         };
-        if !fused {
-            // the gate kernel writes ids in 0..n_experts = the table's rows
-            let done = experts::on_device(
+        if fused {
+            return Ok(Some(CudaAct::Bf16(out)));
+        }
+        let (n, k) = (xb.shape()[0], ids.shape().get(1).copied().unwrap_or(0));
+        let beside = match (shared, self.gpu.beside.as_deref()) {
+            (Some(s), Some(side))
+                if self.shared_beside
+                    && experts::device_path(self, bank, n, k, None, None)
+                        == experts::DevicePath::Grouped =>
+            {
+                Some((s, side))
+            }
+            _ => None,
+        };
+        let done = match beside {
+            Some((s, side)) => {
+                self.shared_beside_routed(side, s, bank, xb, ids, weights, &mut out)?
+            }
+            None => {
+                // the gate kernel writes ids in 0..n_experts = the table's rows
+                let done = experts::on_device(
+                    self,
+                    bank,
+                    xb.view(),
+                    ids.view(),
+                    weights.view(),
+                    out.view_mut(),
+                    None,
+                    None,
+                    None,
+                )?;
+                if done && let Some(s) = shared {
+                    self.mlp_on(&self.gpu, s, xb, MlpOut::Add(&mut out))?;
+                }
+                done
+            }
+        };
+        Ok(done.then_some(CudaAct::Bf16(out)))
+    }
+
+    /// The shared experts on the beside stream (`side`), written into `out`, while the main
+    /// stream routes the same rows to the grouped expert kernels, whose combine waits for them
+    /// and adds the routed sum into `out`. In a decode step the shared MLP (three launches) then
+    /// overlaps the routing's small launches and the routed experts' weight streaming instead of
+    /// following them. Whatever happens, the main stream waits for the beside stream before this
+    /// returns: `out` and `xb` are freed in the main stream's order.
+    #[allow(clippy::too_many_arguments)]
+    fn shared_beside_routed(
+        &self,
+        side: &Gpu,
+        shared: &MlpWeights<CudaWeight>,
+        bank: &ExpertBank<CudaWeight>,
+        xb: &Tensor<bf16>,
+        ids: &Tensor<i32>,
+        weights: &Tensor<f32>,
+        out: &mut Tensor<bf16>,
+    ) -> Result<bool> {
+        let ready = self.gpu.stream.record_event(None).kx()?;
+        side.stream.wait(&ready).kx()?;
+        let shared_run = self.mlp_on(side, shared, xb, MlpOut::Write(out));
+        let shared_done = side.stream.record_event(None).kx()?;
+        let routed = match shared_run {
+            Ok(_) => experts::on_device(
                 self,
                 bank,
                 xb.view(),
@@ -643,15 +707,12 @@ impl CudaBackend {
                 out.view_mut(),
                 None,
                 None,
-            )?;
-            if !done {
-                return Ok(None);
-            }
-            if let Some(s) = shared {
-                self.mlp_inner(s, xb, Some(&mut out))?;
-            }
-        }
-        Ok(Some(CudaAct::Bf16(out)))
+                Some(&shared_done),
+            ),
+            Err(e) => Err(e),
+        };
+        self.gpu.stream.wait(&shared_done).kx()?;
+        routed
     }
 
     /// [E, 3] device addresses (gate, up, down) of `bank`'s experts, 0 for experts not held.
@@ -779,7 +840,7 @@ impl CudaBackend {
         // ids beyond the table cannot come from a router that routes over this model's
         // experts, and the caller (the NCCL shard) checks the header's sizes; any such id is
         // skipped by the kernels all the same.
-        experts::on_device(self, bank, x, ids, weights, out, None, None)
+        experts::on_device(self, bank, x, ids, weights, out, None, None, None)
     }
 
     /// Takes the execution lock and makes the context current on this thread (callers may come
@@ -978,13 +1039,15 @@ impl CudaBackend {
         Ok(CudaAct::Bf16(out))
     }
 
-    /// The FFN `down(silu(gate(x)) · up(x))`; with `acc`, added into it (bf16-rounded product
-    /// first, as `add_assign` would) instead of returned.
-    fn mlp_inner(
+    /// The FFN `down(silu(gate(x)) · up(x))` on `gpu` (the backend's, or its beside view: every
+    /// buffer of the FFN's own is then allocated and freed on that stream); its result as `out`
+    /// says. `MlpOut::Add` adds the bf16-rounded product, as `add_assign` would.
+    fn mlp_on(
         &self,
+        gpu: &Gpu,
         w: &MlpWeights<CudaWeight>,
         x: &Tensor<bf16>,
-        acc: Option<&mut Tensor<bf16>>,
+        out: MlpOut<'_>,
     ) -> Result<Option<Tensor<bf16>>> {
         let (m, h) = (x.shape()[0], x.shape()[1]);
         let (inter, gh) = w.gate.dims2("mlp gate")?;
@@ -996,15 +1059,16 @@ impl CudaBackend {
                 w.down.shape()
             )));
         }
-        if let Some(a) = &acc
+        if let MlpOut::Add(a) | MlpOut::Write(a) = &out
             && a.shape() != [m, h]
         {
             return Err(err(format!(
-                "mlp: accumulator {:?}, input [{m}, {h}]",
+                "mlp: output {:?}, input [{m}, {h}]",
                 a.shape()
             )));
         }
-        let gu = self.empty(&[m, 2 * inter])?;
+        let empty = |shape: &[usize]| Tensor::<bf16>::uninit(gpu, shape).kx();
+        let gu = empty(&[m, 2 * inter])?;
         // gate | up side by side in one [m, 2I] buffer, the layout silu_mul reads
         let mut g = Gemm::xwt(m, inter, h, x.ptr(), w.gate.t.ptr(), gu.ptr());
         g.ldy = 2 * inter;
@@ -1017,7 +1081,7 @@ impl CudaBackend {
         // SAFETY (every GEMV below): each pointer is a live tensor shape-checked above.
         let paired = unsafe {
             gemv::gemv_pair::<bf16>(
-                &self.gpu,
+                gpu,
                 &g,
                 gemv::PairSecond {
                     w: w.up.t.ptr(),
@@ -1030,30 +1094,44 @@ impl CudaBackend {
         }
         .kx()?;
         if !paired {
-            gemm::<bf16>(&self.gpu, g).kx()?;
+            gemm::<bf16>(gpu, g).kx()?;
             g.w = w.up.t.ptr();
             g.y = up_y;
-            gemm::<bf16>(&self.gpu, g).kx()?;
+            gemm::<bf16>(gpu, g).kx()?;
         }
-        let mut act = self.empty(&[m, inter])?;
+        let mut act = empty(&[m, inter])?;
         ew::silu_mul(
-            &self.gpu,
+            gpu,
             ew::SiluMulParams {
                 input: gu.view(),
                 out: act.view_mut(),
             },
         )
         .kx()?;
-        let Some(acc) = acc else {
-            return self.mm(&act, &w.down, "mlp down").map(Some);
-        };
-        let down = Gemm::xwt(m, h, inter, act.ptr(), w.down.t.ptr(), acc.ptr());
-        match gemv::plan(&down, self.gpu.sm_count, false) {
-            Some(p) => unsafe { gemv::gemv::<bf16>(&self.gpu, &down, p, true) }.kx()?,
-            None => {
-                let y = self.mm(&act, &w.down, "mlp down")?;
-                gen_ops::add(&self.gpu, acc.view_mut(), y.view()).kx()?;
+        let (target, accumulate) = match out {
+            MlpOut::New => {
+                let y = empty(&[m, h])?;
+                let down = Gemm::xwt(m, h, inter, act.ptr(), w.down.t.ptr(), y.ptr());
+                gemm::<bf16>(gpu, down).kx()?;
+                return Ok(Some(y));
             }
+            MlpOut::Add(t) => (t, true),
+            MlpOut::Write(t) => (t, false),
+        };
+        let down = Gemm::xwt(m, h, inter, act.ptr(), w.down.t.ptr(), target.ptr());
+        match gemv::plan(&down, gpu.sm_count, false) {
+            // SAFETY: act, the down weight and the target are live tensors shape-checked above.
+            Some(p) => unsafe { gemv::gemv::<bf16>(gpu, &down, p, accumulate) }.kx()?,
+            None if accumulate => {
+                let y = empty(&[m, h])?;
+                gemm::<bf16>(
+                    gpu,
+                    Gemm::xwt(m, h, inter, act.ptr(), w.down.t.ptr(), y.ptr()),
+                )
+                .kx()?;
+                gen_ops::add(gpu, target.view_mut(), y.view()).kx()?;
+            }
+            None => gemm::<bf16>(gpu, down).kx()?,
         }
         Ok(None)
     }
@@ -1099,6 +1177,16 @@ impl CudaBackend {
             .map(|c| &c.table)
             .ok_or_else(|| err("rope table missing"))
     }
+}
+
+/// Where [`CudaBackend::mlp_on`] puts the FFN's result.
+enum MlpOut<'t> {
+    /// a new [m, H] tensor, returned
+    New,
+    /// added into this [m, H] tensor
+    Add(&'t mut Tensor<bf16>),
+    /// written over this [m, H] tensor
+    Write(&'t mut Tensor<bf16>),
 }
 
 /// The gate kernels' configuration of `p` (grouped top-k only where there are groups).
@@ -1401,7 +1489,7 @@ impl Backend for CudaBackend {
         let _g = self.lock()?;
         let xb = self.bf16_of(x)?;
         let y = self
-            .mlp_inner(w, &xb, None)?
+            .mlp_on(&self.gpu, w, &xb, MlpOut::New)?
             .ok_or_else(|| err("mlp: no output"))?;
         Ok(CudaAct::Bf16(y))
     }
