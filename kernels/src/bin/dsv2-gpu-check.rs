@@ -1205,6 +1205,7 @@ fn bench_grouped(
                                 act: sa.view_mut(),
                                 out: out.view_mut(),
                                 shared: None,
+                                shared_beside: None,
                             },
                             down,
                         )?;

@@ -9,10 +9,12 @@ use rand::Rng;
 
 use super::{CheckRow, f32s, one_expert, rand_bf16, rng};
 use crate::device::Gpu;
-use crate::error::Result;
+use crate::error::{KernelError, Result};
+use crate::ops::gemm::Gemm;
 use crate::ops::grouped::{self, RowTile};
 use crate::ops::moe::GateConfig;
 use crate::ops::small_experts;
+use crate::ops::{elementwise as ew, gemv};
 use crate::reference as r;
 use crate::tensor::Tensor;
 
@@ -159,7 +161,9 @@ impl ExpertCase {
 /// The two-launch small-batch expert path against the reference FFN: `n` rows, top-`k` of
 /// `n_exp` experts, and with `n_shared` > 0 a shared MLP of `n_shared` x `inter` intermediate
 /// features computed in the same launches (added unweighted, rounded to bf16 as the shared MLP's
-/// own down projection rounds it).
+/// own down projection rounds it). `beside` (with `n_shared` > 0): the shared parts' gate/up
+/// run on the beside stream as the CUDA backend runs them at one row (a paired GEMV and
+/// SiLU·mul writing act's last rows), the small kernels' gate/up takes the routed slots alone.
 #[allow(clippy::too_many_arguments)]
 pub fn check_small_experts(
     gpu: &Gpu,
@@ -170,6 +174,7 @@ pub fn check_small_experts(
     inter: usize,
     n_shared: usize,
     down: small_experts::SmallDown,
+    beside: bool,
 ) -> Result<CheckRow> {
     let c = ExpertCase::new(gpu, 11, n, n_exp, k, hidden, inter)?;
     let (x, ids, w, ptrs) = c.upload(gpu)?;
@@ -182,6 +187,46 @@ pub fn check_small_experts(
     let sd_t = Tensor::from_host(gpu, &sd_b, &[hidden, si])?;
     let mut act = Tensor::<bf16>::zeros(gpu, &[n * (k + n_shared), inter])?;
     let mut out = Tensor::<bf16>::zeros(gpu, &[n, hidden])?;
+    let shared_done = if beside && n_shared > 0 {
+        let side = gpu
+            .beside
+            .as_deref()
+            .ok_or_else(|| KernelError::Unsupported {
+                op: "moe_small_experts_bf16",
+                what: "no beside stream on this Gpu".into(),
+            })?;
+        side.stream.wait(&gpu.stream.record_event(None)?)?;
+        let gu = Tensor::<bf16>::uninit(side, &[n, 2 * si])?;
+        let mut g = Gemm::xwt(n, si, hidden, x.ptr(), sg_t.ptr(), gu.ptr());
+        g.ldy = 2 * si;
+        let second = gemv::PairSecond {
+            w: su_t.ptr(),
+            y: gu.ptr() + (si * std::mem::size_of::<bf16>()) as u64,
+            n: si,
+            ldy: 2 * si,
+        };
+        // SAFETY: x [n, H], both shared weights [si, H] and gu [n, 2 si] are live tensors.
+        if !unsafe { gemv::gemv_pair::<bf16>(side, &g, second, true)? } {
+            return Err(KernelError::Unsupported {
+                op: "gemv_pair",
+                what: format!("{n} rows x {si} x {hidden}"),
+            });
+        }
+        let shared_act = act
+            .view_mut()
+            .narrow(0, n * k, n * n_shared)?
+            .reshape(&[n, si])?;
+        ew::silu_mul(
+            side,
+            ew::SiluMulParams {
+                input: gu.view(),
+                out: shared_act,
+            },
+        )?;
+        Some(side.stream.record_event(None)?)
+    } else {
+        None
+    };
     // SAFETY: ids are -1, beyond the table or < n_exp; the table points at `c.tensors`, alive
     // until after to_host.
     unsafe {
@@ -199,6 +244,7 @@ pub fn check_small_experts(
                     up: su_t.view(),
                     down: sd_t.view(),
                 }),
+                shared_beside: shared_done.as_ref(),
             },
             down,
         )?;
@@ -220,7 +266,12 @@ pub fn check_small_experts(
     Ok(CheckRow::cmp(
         "moe_small_experts_bf16",
         format!(
-            "rows {n} E {n_exp} top-{k} hidden {hidden} inter {inter} shared parts {n_shared}, {down:?} down"
+            "rows {n} E {n_exp} top-{k} hidden {hidden} inter {inter} shared parts {n_shared}{}, {down:?} down",
+            if shared_done.is_some() {
+                " (gate/up beside)"
+            } else {
+                ""
+            }
         ),
         &got,
         &want,
@@ -505,7 +556,14 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             if down.runs_as(n, h, k + shared, i, gpu.sm_count) != Some(down) {
                 continue;
             }
-            out.push(check_small_experts(gpu, n, e, k, h, i, shared, down)?);
+            out.push(check_small_experts(
+                gpu, n, e, k, h, i, shared, down, false,
+            )?);
+            // the shared gate/up on the beside stream, as the backend runs them at one row
+            // (and, to cover the layout, at a few)
+            if shared > 0 {
+                out.push(check_small_experts(gpu, n, e, k, h, i, shared, down, true)?);
+            }
         }
     }
     // the permutation (split and fused kernels) at decode sizes: V2 at 64 rows, V2-Lite at 256

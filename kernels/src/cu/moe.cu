@@ -539,15 +539,18 @@ extern "C" __global__ void __launch_bounds__(GATE_EXPERTS * GATE_SPLIT * WARP)
 
 // grid (ceil(I / 8), n * (k + n_shared)), 256 threads, smem H bf16:
 // act[slot, i] = silu(x . Wg[i]) * (x . Wu[i]).
+// routed_only: grid (ceil(I / 8), n * k): the routed slots alone, the shared parts' act rows
+// (n * k + row * n_shared + p) being written by another launch (the shared MLP's gate/up GEMV
+// and SiLU·mul, which leave exactly that layout: row r's n_shared * I activations in a row).
 #define GU_PIECES 8
 extern "C" __global__ void __launch_bounds__(256, 2) moe_small_gate_up_bf16(const bf16* __restrict__ x, const int* __restrict__ ids,
                                                   const long long* __restrict__ ptrs, bf16* __restrict__ act,
                                                   int hidden, int inter, int k, int n_exp,
                                                   const bf16* __restrict__ sg, const bf16* __restrict__ su,
-                                                  int n_shared) {
+                                                  int n_shared, int routed_only) {
     extern __shared__ __align__(16) unsigned char small_smem[];
     bf16* xs = reinterpret_cast<bf16*>(small_smem);
-    const int routed_slots = gridDim.y / (k + n_shared) * k;
+    const int routed_slots = routed_only ? (int)gridDim.y : gridDim.y / (k + n_shared) * k;
     // the shared-expert slots (after the routed ones in `act`) take the first blocks: their
     // weights do not wait for the gate's ids (their first loads go out before griddep_wait)
     const int slot = (blockIdx.y + routed_slots) % gridDim.y;

@@ -7,7 +7,7 @@
 
 use std::sync::OnceLock;
 
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::{CudaEvent, LaunchConfig};
 use half::bf16;
 
 use super::dim_i32;
@@ -35,6 +35,12 @@ pub struct SmallExpertsParams<'a> {
     pub act: ViewMut<'a, bf16>,
     pub out: ViewMut<'a, bf16>,
     pub shared: Option<SharedMlp<'a>>,
+    /// With `shared`: the shared parts' activations (act's last n · S rows: row r's S · I
+    /// values in a row, the layout of the shared MLP's own SiLU·mul output) are written on
+    /// another stream until this event (the shared gate/up beside the gate and the routed
+    /// gate/up). The gate/up launch then takes the routed slots alone, and the main stream
+    /// waits for the event before the down projection, which takes every slot as usual.
+    pub shared_beside: Option<&'a CudaEvent>,
 }
 
 /// The shared experts computed in the same two launches: gate and up [S * I, H], down [H, S * I]
@@ -213,7 +219,16 @@ pub unsafe fn small_experts_with(
             what: format!("hidden {hidden} exceeds 48 KiB of shared memory"),
         });
     }
+    if p.shared_beside.is_some() && n_shared == 0 {
+        return Err(shape_err(
+            OP,
+            "shared activations written beside, but no shared experts given",
+        ));
+    }
     if n == 0 || k + n_shared == 0 {
+        if let Some(event) = p.shared_beside {
+            gpu.stream.wait(event)?;
+        }
         return Ok(());
     }
     let (sg, su, sd) = match &p.shared {
@@ -235,7 +250,13 @@ pub unsafe fn small_experts_with(
         dim_i32(OP, "experts", p.ptrs.shape()[0])?,
         dim_i32(OP, "shared parts", n_shared)?,
     );
-    let slots = u32::try_from(n * (k + n_shared))
+    let routed_only = i32::from(p.shared_beside.is_some());
+    let gate_up_slots = if routed_only == 1 {
+        n * k
+    } else {
+        n * (k + n_shared)
+    };
+    let slots = u32::try_from(gate_up_slots)
         .map_err(|_| shape_err(OP, format!("{n} x {k} (+ {n_shared}) slots")))?;
     let f = gpu.function("moe_small_gate_up_bf16")?;
     let mut b = gpu.launch(f);
@@ -249,14 +270,21 @@ pub unsafe fn small_experts_with(
         .arg(&ne)
         .arg(&sg)
         .arg(&su)
-        .arg(&ns);
+        .arg(&ns)
+        .arg(&routed_only);
     let cfg = LaunchConfig {
         grid_dim: (inter.div_ceil(8) as u32, slots, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: (hidden * 2) as u32,
     };
-    // SAFETY: matches moe_small_gate_up_bf16; shapes checked above, the table per the contract.
-    unsafe { b.launch(cfg) }?;
+    if slots > 0 {
+        // SAFETY: matches moe_small_gate_up_bf16; shapes checked above, the table per the
+        // contract; with routed_only the grid covers the routed slots alone.
+        unsafe { b.launch(cfg) }?;
+    }
+    if let Some(event) = p.shared_beside {
+        gpu.stream.wait(event)?;
+    }
     let rpb = down_pipe_rows(hidden, n, gpu.sm_count).unwrap_or(1);
     let (name, grid_x, threads, smem) = match down {
         SmallDown::Pipe => (

@@ -14,7 +14,8 @@ use cudarc::driver::CudaEvent;
 use dsv2_core::backend::{ExpertBank, MlpWeights};
 use dsv2_core::error::Result;
 use dsv2_core::routing::Routing;
-use dsv2_kernels::ops::{elementwise as ew, grouped, moe, small_experts as small};
+use dsv2_kernels::Gpu;
+use dsv2_kernels::ops::{elementwise as ew, gemv, grouped, moe, small_experts as small};
 use dsv2_kernels::{Tensor, View, ViewMut};
 
 use crate::blas::{Gemm, gemm};
@@ -199,6 +200,7 @@ pub(crate) fn on_device(
                         act: act.view_mut(),
                         out,
                         shared: None,
+                        shared_beside: None,
                     },
                 )
             }
@@ -256,6 +258,7 @@ pub(crate) fn small_with_shared(
     weights: &Tensor<f32>,
     shared: &MlpWeights<CudaWeight>,
     out: &mut Tensor<bf16>,
+    beside: Option<SharedBeside<'_>>,
 ) -> Result<bool> {
     let (n, hidden) = (x.shape()[0], x.shape()[1]);
     let k = ids.shape().get(1).copied().unwrap_or(0);
@@ -273,6 +276,10 @@ pub(crate) fn small_with_shared(
     }
     let table = b.expert_table(bank)?;
     let mut act = b.empty(&[n * (k + parts), inter])?;
+    let shared_done = match beside {
+        Some(bs) => shared_gate_up_beside(bs, shared, x, &mut act, n, k, parts, inter)?,
+        None => None,
+    };
     // SAFETY: the gate kernel's ids lie in 0..E = the table's rows; the table's addresses are
     // this bank's weights (shape-checked by bank_intermediate) and the shared weights are
     // checked by the launcher; all outlive the launches (the bank and model outlive the call).
@@ -291,14 +298,100 @@ pub(crate) fn small_with_shared(
                     up: shared.up.t.view(),
                     down: shared.down.t.view(),
                 }),
+                shared_beside: shared_done.as_ref(),
             },
         )
     };
+    // (on success the launcher already waited before the down projection; on an early error it
+    // may not have: `act` is freed in the main stream's order, after the beside stream's writes)
+    if let Some(done) = &shared_done {
+        b.gpu.stream.wait(done).kx()?;
+    }
     match r {
         Ok(()) => Ok(true),
-        Err(dsv2_kernels::KernelError::Unsupported { .. }) => Ok(false),
+        Err(dsv2_kernels::KernelError::Unsupported { .. }) if shared_done.is_none() => Ok(false),
         Err(e) => Err(crate::kerr(e)),
     }
+}
+
+/// The beside stream's part of [`small_with_shared`] at one row: where the shared experts'
+/// gate/up run, and from when.
+pub(crate) struct SharedBeside<'a> {
+    /// the backend's beside view (`Gpu::beside`)
+    pub side: &'a Gpu,
+    /// recorded on the main stream once the inputs the beside work reads were written (with
+    /// `norm`: before the gate kernel's launch, which it then overlaps)
+    pub ready: &'a CudaEvent,
+    /// the post-attention residual add + RMSNorm that the gate kernel also computes: the beside
+    /// GEMV computes it for itself from the same inputs (its `residual_out` is its own scratch,
+    /// not the layer's residual); None: `x` is the normed input, written before `ready`
+    pub norm: Option<gemv::AddNormRow>,
+}
+
+/// The shared MLP's gate/up and SiLU·mul for one row on the beside stream, written into act's
+/// last `parts` rows (the layout the small down kernel reads: the row's parts in a row); the
+/// event that marks them written. None where the paired GEMV does not take the shape (nothing
+/// was launched; the small kernels then compute the shared slots themselves).
+#[allow(clippy::too_many_arguments)]
+fn shared_gate_up_beside(
+    bs: SharedBeside<'_>,
+    shared: &MlpWeights<CudaWeight>,
+    x: &Tensor<bf16>,
+    act: &mut Tensor<bf16>,
+    n: usize,
+    k: usize,
+    parts: usize,
+    inter: usize,
+) -> Result<Option<CudaEvent>> {
+    let hidden = x.shape()[1];
+    let si = parts * inter;
+    if n != 1 {
+        return Ok(None);
+    }
+    let side = bs.side;
+    side.stream.wait(bs.ready).kx()?;
+    let gu = Tensor::<bf16>::uninit(side, &[1, 2 * si]).kx()?;
+    let mut g = Gemm::xwt(1, si, hidden, x.ptr(), shared.gate.t.ptr(), gu.ptr());
+    g.ldy = 2 * si;
+    let second = gemv::PairSecond {
+        w: shared.up.t.ptr(),
+        y: gu.ptr() + (si * std::mem::size_of::<bf16>()) as u64,
+        n: si,
+        ldy: 2 * si,
+    };
+    let launched = match bs.norm {
+        Some(norm) => {
+            let scratch = Tensor::<bf16>::uninit(side, &[1, hidden]).kx()?;
+            let norm = gemv::AddNormRow {
+                residual_out: scratch.ptr(),
+                ..norm
+            };
+            // SAFETY: the shared weights are [si, H] (checked by the caller), gu [1, 2 si];
+            // the norm's vectors are the layer's live [1, H] inputs (the caller keeps them
+            // alive until the main stream has waited for this stream) and the scratch is apart
+            // from them.
+            unsafe { gemv::gemv_pair_after_add_norm(side, &g, second, norm, false) }.kx()?
+        }
+        // SAFETY: x [1, H] is live (written before `ready`), the weights and gu as above.
+        None => unsafe { gemv::gemv_pair::<bf16>(side, &g, second, false) }.kx()?,
+    };
+    if !launched {
+        return Ok(None);
+    }
+    let shared_act = act
+        .view_mut()
+        .narrow(0, k, parts)
+        .and_then(|v| v.reshape(&[1, si]))
+        .kx()?;
+    ew::silu_mul(
+        side,
+        ew::SiluMulParams {
+            input: gu.view(),
+            out: shared_act,
+        },
+    )
+    .kx()?;
+    Ok(Some(side.stream.record_event(None).kx()?))
 }
 
 /// Whether the grouped kernels would take their prefill tile (many rows per expert), which

@@ -26,7 +26,9 @@ use dsv2_core::sampling::RowSampling;
 use dsv2_core::weights::{DType as CkptDType, TensorRef};
 use dsv2_kernels::ops::gemv;
 use dsv2_kernels::ops::mla_prefill::PrefillKernel;
-use dsv2_kernels::ops::{elementwise as ew, general as gen_ops, moe, sample};
+use dsv2_kernels::ops::{
+    elementwise as ew, general as gen_ops, moe, sample, small_experts as small,
+};
 use dsv2_kernels::rope::RopeTable as DevRope;
 use dsv2_kernels::{Gpu, GpuOptions, KernelError, Tensor};
 
@@ -600,6 +602,15 @@ impl CudaBackend {
         let mut new_res = self.empty(&[n, hidden])?;
         let mut xn = self.empty(&[n, hidden])?;
         let mut logits = Tensor::<f32>::uninit(&self.gpu, &[n, p.n_experts]).kx()?;
+        // At one row the shared experts' gate/up may run beside the gate kernel (they need
+        // only the normed input, which they compute for themselves): the event marks the
+        // inputs written, before the gate's launch.
+        let beside = match (shared, self.gpu.beside.as_deref()) {
+            (Some(s), Some(side)) if n == 1 && self.shared_beside_small(bank, s, inter, hidden) => {
+                Some((side, self.gpu.stream.record_event(None).kx()?))
+            }
+            _ => None,
+        };
         let input = moe::GateInput::AddNorm {
             x: o.view(),
             residual: res.view(),
@@ -612,8 +623,43 @@ impl CudaBackend {
         let Some((ids, weights)) = self.gate_gemv(input, gate, p, n, &mut logits)? else {
             return Ok(None);
         };
-        *residual = CudaAct::Bf16(new_res);
-        let done = self.local_experts_routed(bank, inter, &xn, &ids, &weights, shared)?;
+        // the old residual stays alive until the experts are enqueued: the beside stream reads
+        // it, and the main stream frees it only after waiting for that stream
+        let norm_row = gemv::AddNormRow {
+            add: o.ptr(),
+            residual: res.ptr(),
+            weight: norm.t.ptr(),
+            residual_out: 0,
+            eps,
+        };
+        let old_residual = std::mem::replace(residual, CudaAct::Bf16(new_res));
+        let done = match (beside, shared) {
+            (Some((side, ready)), Some(s)) => {
+                let bs = experts::SharedBeside {
+                    side,
+                    ready: &ready,
+                    norm: Some(norm_row),
+                };
+                let mut out = self.empty(xn.shape())?;
+                if experts::small_with_shared(
+                    self,
+                    bank,
+                    inter,
+                    &xn,
+                    &ids,
+                    &weights,
+                    s,
+                    &mut out,
+                    Some(bs),
+                )? {
+                    Some(CudaAct::Bf16(out))
+                } else {
+                    self.local_experts_routed(bank, inter, &xn, &ids, &weights, shared)?
+                }
+            }
+            _ => self.local_experts_routed(bank, inter, &xn, &ids, &weights, shared)?,
+        };
+        drop(old_residual);
         Ok(Some((CudaAct::Bf16(xn), done)))
     }
 
@@ -632,7 +678,7 @@ impl CudaBackend {
         let mut out = self.empty(xb.shape())?;
         let fused = match shared {
             Some(s) if self.fused_shared => {
-                experts::small_with_shared(self, bank, inter, xb, ids, weights, s, &mut out)?
+                experts::small_with_shared(self, bank, inter, xb, ids, weights, s, &mut out, None)?
             }
             _ => false,
         };
@@ -674,6 +720,25 @@ impl CudaBackend {
             }
         };
         Ok(done.then_some(CudaAct::Bf16(out)))
+    }
+
+    /// Whether one row's shared experts take the beside stream for their gate/up while the gate
+    /// kernel and the small kernels' routed gate/up run (`experts::SharedBeside`): the shared
+    /// experts ride in the small kernels (`DSV2_FUSED_SHARED`) and `DSV2_SHARED_BESIDE` is on.
+    fn shared_beside_small(
+        &self,
+        bank: &ExpertBank<CudaWeight>,
+        shared: &MlpWeights<CudaWeight>,
+        inter: usize,
+        hidden: usize,
+    ) -> bool {
+        let si = shared.gate.shape().first().copied().unwrap_or(0);
+        self.shared_beside
+            && self.fused_shared
+            && small::shared_parts(si, inter).is_some()
+            && shared.gate.shape() == [si, hidden]
+            && shared.up.shape() == [si, hidden]
+            && experts::device_path(self, bank, 1, 1, None, None) == experts::DevicePath::Small
     }
 
     /// The shared experts on the beside stream (`side`), written into `out`, while the main
