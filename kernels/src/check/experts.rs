@@ -223,6 +223,7 @@ pub fn check_small_experts(
                 out: shared_act,
             },
         )?;
+        drop(gu);
         Some(side.stream.record_event(None)?)
     } else {
         None

@@ -277,8 +277,14 @@ pub(crate) fn small_with_shared(
     let table = b.expert_table(bank)?;
     let mut act = b.empty(&[n * (k + parts), inter])?;
     let shared_done = match beside {
-        Some(bs) => shared_gate_up_beside(bs, shared, x, &mut act, n, k, parts, inter)?,
-        None => None,
+        Some(bs) if n == 1 => {
+            let (done, written) = shared_gate_up_beside(bs, shared, x, &mut act, k, parts, inter)?;
+            if !written {
+                b.gpu.stream.wait(&done).kx()?;
+            }
+            written.then_some(done)
+        }
+        _ => None,
     };
     // SAFETY: the gate kernel's ids lie in 0..E = the table's rows; the table's addresses are
     // this bank's weights (shape-checked by bank_intermediate) and the shared weights are
@@ -329,69 +335,76 @@ pub(crate) struct SharedBeside<'a> {
 }
 
 /// The shared MLP's gate/up and SiLU·mul for one row on the beside stream, written into act's
-/// last `parts` rows (the layout the small down kernel reads: the row's parts in a row); the
-/// event that marks them written. None where the paired GEMV does not take the shape (nothing
-/// was launched; the small kernels then compute the shared slots themselves).
-#[allow(clippy::too_many_arguments)]
+/// last `parts` rows (the layout the small down kernel reads: the row's parts in a row). The
+/// event marks the beside stream's work done, and the main stream must wait for it (under a
+/// graph capture, an unjoined stream fails the capture); the flag says whether the rows were
+/// written: false where the paired GEMV does not take the shape (the small kernels then
+/// compute the shared slots themselves).
 fn shared_gate_up_beside(
     bs: SharedBeside<'_>,
     shared: &MlpWeights<CudaWeight>,
     x: &Tensor<bf16>,
     act: &mut Tensor<bf16>,
-    n: usize,
     k: usize,
     parts: usize,
     inter: usize,
-) -> Result<Option<CudaEvent>> {
+) -> Result<(CudaEvent, bool)> {
     let hidden = x.shape()[1];
     let si = parts * inter;
-    if n != 1 {
-        return Ok(None);
+    if x.shape()[0] != 1 {
+        return Err(err(format!(
+            "shared gate/up beside: {} rows (one row only)",
+            x.shape()[0]
+        )));
     }
     let side = bs.side;
     side.stream.wait(bs.ready).kx()?;
-    let gu = Tensor::<bf16>::uninit(side, &[1, 2 * si]).kx()?;
-    let mut g = Gemm::xwt(1, si, hidden, x.ptr(), shared.gate.t.ptr(), gu.ptr());
-    g.ldy = 2 * si;
-    let second = gemv::PairSecond {
-        w: shared.up.t.ptr(),
-        y: gu.ptr() + (si * std::mem::size_of::<bf16>()) as u64,
-        n: si,
-        ldy: 2 * si,
-    };
-    let launched = match bs.norm {
-        Some(norm) => {
-            let scratch = Tensor::<bf16>::uninit(side, &[1, hidden]).kx()?;
-            let norm = gemv::AddNormRow {
-                residual_out: scratch.ptr(),
-                ..norm
-            };
-            // SAFETY: the shared weights are [si, H] (checked by the caller), gu [1, 2 si];
-            // the norm's vectors are the layer's live [1, H] inputs (the caller keeps them
-            // alive until the main stream has waited for this stream) and the scratch is apart
-            // from them.
-            unsafe { gemv::gemv_pair_after_add_norm(side, &g, second, norm, false) }.kx()?
+    // the buffers of the beside stream's own are freed on it before the event is recorded
+    // (work on it after its last join would leave a graph capture unjoined)
+    let written = {
+        let gu = Tensor::<bf16>::uninit(side, &[1, 2 * si]).kx()?;
+        let mut g = Gemm::xwt(1, si, hidden, x.ptr(), shared.gate.t.ptr(), gu.ptr());
+        g.ldy = 2 * si;
+        let second = gemv::PairSecond {
+            w: shared.up.t.ptr(),
+            y: gu.ptr() + (si * std::mem::size_of::<bf16>()) as u64,
+            n: si,
+            ldy: 2 * si,
+        };
+        let launched = match bs.norm {
+            Some(norm) => {
+                let scratch = Tensor::<bf16>::uninit(side, &[1, hidden]).kx()?;
+                let norm = gemv::AddNormRow {
+                    residual_out: scratch.ptr(),
+                    ..norm
+                };
+                // SAFETY: the shared weights are [si, H] (checked by the caller), gu [1, 2 si];
+                // the norm's vectors are the layer's live [1, H] inputs (the caller keeps them
+                // alive until the main stream has waited for this stream) and the scratch is
+                // apart from them.
+                unsafe { gemv::gemv_pair_after_add_norm(side, &g, second, norm, false) }.kx()?
+            }
+            // SAFETY: x [1, H] is live (written before `ready`), the weights and gu as above.
+            None => unsafe { gemv::gemv_pair::<bf16>(side, &g, second, false) }.kx()?,
+        };
+        if launched {
+            let shared_act = act
+                .view_mut()
+                .narrow(0, k, parts)
+                .and_then(|v| v.reshape(&[1, si]))
+                .kx()?;
+            ew::silu_mul(
+                side,
+                ew::SiluMulParams {
+                    input: gu.view(),
+                    out: shared_act,
+                },
+            )
+            .kx()?;
         }
-        // SAFETY: x [1, H] is live (written before `ready`), the weights and gu as above.
-        None => unsafe { gemv::gemv_pair::<bf16>(side, &g, second, false) }.kx()?,
+        launched
     };
-    if !launched {
-        return Ok(None);
-    }
-    let shared_act = act
-        .view_mut()
-        .narrow(0, k, parts)
-        .and_then(|v| v.reshape(&[1, si]))
-        .kx()?;
-    ew::silu_mul(
-        side,
-        ew::SiluMulParams {
-            input: gu.view(),
-            out: shared_act,
-        },
-    )
-    .kx()?;
-    Ok(Some(side.stream.record_event(None).kx()?))
+    Ok((side.stream.record_event(None).kx()?, written))
 }
 
 /// Whether the grouped kernels would take their prefill tile (many rows per expert), which
