@@ -701,18 +701,7 @@ impl CudaBackend {
                 self.shared_beside_routed(side, s, bank, xb, ids, weights, &mut out)?
             }
             None => {
-                // the gate kernel writes ids in 0..n_experts = the table's rows
-                let done = experts::on_device(
-                    self,
-                    bank,
-                    xb.view(),
-                    ids.view(),
-                    weights.view(),
-                    out.view_mut(),
-                    None,
-                    None,
-                    None,
-                )?;
+                let done = self.routed_from_gate(bank, xb, ids, weights, &mut out, None)?;
                 if done && let Some(s) = shared {
                     self.mlp_on(&self.gpu, s, xb, MlpOut::Add(&mut out))?;
                 }
@@ -763,21 +752,35 @@ impl CudaBackend {
         let shared_run = self.mlp_on(side, shared, xb, MlpOut::Write(out));
         let shared_done = side.stream.record_event(None).kx()?;
         let routed = match shared_run {
-            Ok(_) => experts::on_device(
-                self,
-                bank,
-                xb.view(),
-                ids.view(),
-                weights.view(),
-                out.view_mut(),
-                None,
-                None,
-                Some(&shared_done),
-            ),
+            Ok(_) => self.routed_from_gate(bank, xb, ids, weights, out, Some(&shared_done)),
             Err(e) => Err(e),
         };
         self.gpu.stream.wait(&shared_done).kx()?;
         routed
+    }
+
+    /// `experts::on_device` for the gate kernel's routing (ids in 0..n_experts = the table's
+    /// rows; the counts are not known on the host).
+    fn routed_from_gate(
+        &self,
+        bank: &ExpertBank<CudaWeight>,
+        xb: &Tensor<bf16>,
+        ids: &Tensor<i32>,
+        weights: &Tensor<f32>,
+        out: &mut Tensor<bf16>,
+        beside: Option<&cudarc::driver::CudaEvent>,
+    ) -> Result<bool> {
+        experts::on_device(
+            self,
+            bank,
+            xb.view(),
+            ids.view(),
+            weights.view(),
+            out.view_mut(),
+            None,
+            None,
+            beside,
+        )
     }
 
     /// [E, 3] device addresses (gate, up, down) of `bank`'s experts, 0 for experts not held.
