@@ -192,7 +192,9 @@ pub struct CudaBackend {
     /// (`DSV2_FUSED_SHARED=0`: their own MLP, to compare).
     fused_shared: bool,
     /// The shared experts on the beside stream while the grouped kernels run the routed ones
-    /// (`shared_beside_routed`); `DSV2_SHARED_BESIDE=0` runs them after the routed experts.
+    /// (`shared_beside_routed`), and at one row their gate/up beside the gate kernel
+    /// (`experts::SharedBeside`). Opt-in (`DSV2_SHARED_BESIDE=1`) until it is measured on a
+    /// GPU (bench/RESULTS.md); off, they run after the routed experts or inside their kernels.
     shared_beside: bool,
     /// The queries' rope part rotated in the latent append's launch (`DSV2_FUSED_ROPE=0`: in a
     /// rope launch of its own, to compare).
@@ -259,7 +261,7 @@ impl CudaBackend {
                 std::env::var("DSV2_SMALL_EXPERTS").map_or(true, |v| v != "0")
             },
             fused_shared: std::env::var("DSV2_FUSED_SHARED").map_or(true, |v| v != "0"),
-            shared_beside: std::env::var("DSV2_SHARED_BESIDE").map_or(true, |v| v != "0"),
+            shared_beside: std::env::var("DSV2_SHARED_BESIDE").is_ok_and(|v| v == "1"),
             fused_rope: std::env::var("DSV2_FUSED_ROPE").map_or(true, |v| v != "0"),
             fused_uv: std::env::var("DSV2_FUSED_UV").map_or(true, |v| v != "0"),
             fused_absorb: std::env::var("DSV2_FUSED_ABSORB").map_or(true, |v| v != "0"),
