@@ -39,6 +39,10 @@
 #            and D rows, V2-Lite / 4-layer V2 batch 64 and 256 grid vs persistent vs persistent with
 #            the fused permutation (DSV2_FUSED_PERMUTE=1), then the MLA
 #            default at 64-token blocks (tma-pair) against wgmma
+#   beside   the shared experts beside the routed ones (DSV2_SHARED_BESIDE=1, opt-in, session 18,
+#            unmeasured when written): the small-expert check rows with the shared gate/up beside,
+#            the fixtures with it, then V2-Lite and 4-layer V2 batch 1, 64, 256 at context 512 with
+#            it and without, one process each (step / roofline in each)
 #   ab       an A/B of decode switches: kernel checks (AB_CHECKS=0 skips them), then batch 1 and 4
 #            decode (V2-Lite, 4-layer V2) with AB_ON (default: the defaults), an earlier tree's
 #            dsv2 (BASE_BIN, default $BIN/base), AB_OFF (default: session 14's fusions off); the
@@ -359,6 +363,25 @@ PYEOF
         echo "-- deepseek-v2 (4 layers) b64 x 4096, 64-token blocks, MLA kernel: $k"
         env $( [ $k = wgmma ] && echo DSV2_MLA_KERNEL=wgmma ) BLOCK_SIZE=64 BIN="$BIN" PRESET=deepseek-v2 LAYERS=4 BATCHES=64 \
           CONTEXTS=4096 NEW_TOKENS=32 LIMIT_S=90 OUT=/tmp/gd-b64 bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
+      done ;;
+    beside)
+      # the shared experts on the beside stream (session 18): correctness first (the check rows
+      # of the small-expert kernels with their shared gate/up beside, the whole model on the
+      # fixtures), then the decode step with and without, V2-Lite then 4-layer V2
+      timeout -k 5 150 "$BIN/dsv2-gpu-check" --grouped --quick --no-bench --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-beside.log" 2>&1 || fail=1
+      echo "-- dsv2-gpu-check --grouped --quick --no-bench: $(grep -E '^checks:' "$OUT_DIR/gpu-check-beside.log" | tail -1); $(grep -c 'gate/up beside' "$OUT_DIR/gpu-check-beside.log") beside rows"
+      grep -E "FAIL|rror|trap" "$OUT_DIR/gpu-check-beside.log" | grep -v "^checks:" | cut -c1-200 | head -10
+      DSV2_SHARED_BESIDE=1 timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin \
+        >"$OUT_DIR/cuda-check-beside.log" 2>&1 || { echo "dsv2-cuda-check (DSV2_SHARED_BESIDE=1) FAILED"; fail=1; }
+      tail -2 "$OUT_DIR/cuda-check-beside.log"
+      for model in "deepseek-v2-lite 27" "deepseek-v2 4"; do
+        set -- $model
+        for mode in 1 0; do
+          over_budget "beside $1 $mode" && break
+          echo "-- $1 ($2 layers), DSV2_SHARED_BESIDE=$mode"
+          env DSV2_SHARED_BESIDE=$mode BIN="$BIN" PRESET=$1 LAYERS=$2 BATCHES=1,64,256 CONTEXTS=512 NEW_TOKENS=32 LIMIT_S=120 \
+            OUT=/tmp/gd-beside bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
+        done
       done ;;
     ab)
       # an A/B of decode switches: this tree's binaries with AB_ON (default: nothing, the
