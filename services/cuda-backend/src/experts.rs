@@ -413,7 +413,7 @@ fn shared_gate_up_beside(
 /// at 0.45 of the cuBLAS peak against the loop's 0.47, and served prefill was a little faster
 /// with it (no routing round trip to the host): 64 distinct 512-token prompts 176 ms mean time
 /// to first token against 180 ms, one 4096-token prompt 42 ms against 48 ms.
-fn prefill_sized(
+pub(crate) fn prefill_sized(
     bound: usize,
     routed: Option<usize>,
     touched: Option<usize>,

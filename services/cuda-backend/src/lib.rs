@@ -688,11 +688,14 @@ impl CudaBackend {
             return Ok(Some(CudaAct::Bf16(out)));
         }
         let (n, k) = (xb.shape()[0], ids.shape().get(1).copied().unwrap_or(0));
+        // (decode-sized batches only: a prefill-sized one is GEMM-bound on both streams, and its
+        // persistent grouped kernel sizes its grid for the whole GPU)
         let beside = match (shared, self.gpu.beside.as_deref()) {
             (Some(s), Some(side))
                 if self.shared_beside
                     && experts::device_path(self, bank, n, k, None, None)
-                        == experts::DevicePath::Grouped =>
+                        == experts::DevicePath::Grouped
+                    && !experts::prefill_sized(n * k, None, None, bank) =>
             {
                 Some((s, side))
             }
