@@ -275,16 +275,26 @@ pub(crate) fn small_with_shared(
         return Ok(false);
     }
     let table = b.expert_table(bank)?;
-    let mut act = b.empty(&[n * (k + parts), inter])?;
-    let shared_done = match beside {
-        Some(bs) if n == 1 => {
-            let (done, written) = shared_gate_up_beside(bs, shared, x, &mut act, k, parts, inter)?;
-            if !written {
+    let act_shape = [n * (k + parts), inter];
+    let (mut act, shared_done) = match beside {
+        Some(bs) if n == 1 && bs.act.shape() == act_shape => {
+            let SharedBeside {
+                side,
+                ready,
+                norm,
+                mut act,
+            } = bs;
+            let (done, written) =
+                shared_gate_up_beside(side, ready, norm, shared, x, &mut act, k, parts, inter);
+            // the main stream joins the beside stream whatever happened there (an unjoined
+            // stream fails a graph capture, and `act` / the norm's inputs are freed on main)
+            let done = done.kx()?;
+            if !matches!(written, Ok(true)) {
                 b.gpu.stream.wait(&done).kx()?;
             }
-            written.then_some(done)
+            (act, written?.then_some(done))
         }
-        _ => None,
+        _ => (b.empty(&act_shape)?, None),
     };
     // SAFETY: the gate kernel's ids lie in 0..E = the table's rows; the table's addresses are
     // this bank's weights (shape-checked by bank_intermediate) and the shared weights are
@@ -313,9 +323,11 @@ pub(crate) fn small_with_shared(
     if let Some(done) = &shared_done {
         b.gpu.stream.wait(done).kx()?;
     }
+    // (a refused shape is refused before any launch, and the main stream has joined the beside
+    // stream above: the caller's other path may take the row)
     match r {
         Ok(()) => Ok(true),
-        Err(dsv2_kernels::KernelError::Unsupported { .. }) if shared_done.is_none() => Ok(false),
+        Err(dsv2_kernels::KernelError::Unsupported { .. }) => Ok(false),
         Err(e) => Err(crate::kerr(e)),
     }
 }
@@ -332,6 +344,10 @@ pub(crate) struct SharedBeside<'a> {
     /// GEMV computes it for itself from the same inputs (its `residual_out` is its own scratch,
     /// not the layer's residual); None: `x` is the normed input, written before `ready`
     pub norm: Option<gemv::AddNormRow>,
+    /// the small kernels' activations [k + parts, inter], allocated on the main stream before
+    /// `ready` was recorded: the beside stream writes its last rows, and a buffer allocated on
+    /// main after `ready` could still be in use by main's earlier work when it does
+    pub act: Tensor<bf16>,
 }
 
 /// The shared MLP's gate/up and SiLU·mul for one row on the beside stream, written into act's
@@ -340,28 +356,39 @@ pub(crate) struct SharedBeside<'a> {
 /// graph capture, an unjoined stream fails the capture); the flag says whether the rows were
 /// written: false where the paired GEMV does not take the shape (the small kernels then
 /// compute the shared slots themselves).
+#[allow(clippy::too_many_arguments)]
 fn shared_gate_up_beside(
-    bs: SharedBeside<'_>,
+    side: &Gpu,
+    ready: &CudaEvent,
+    norm: Option<gemv::AddNormRow>,
     shared: &MlpWeights<CudaWeight>,
     x: &Tensor<bf16>,
     act: &mut Tensor<bf16>,
     k: usize,
     parts: usize,
     inter: usize,
-) -> Result<(CudaEvent, bool)> {
-    let hidden = x.shape()[1];
-    let si = parts * inter;
+) -> (
+    std::result::Result<CudaEvent, cudarc::driver::DriverError>,
+    Result<bool>,
+) {
     if x.shape()[0] != 1 {
-        return Err(err(format!(
-            "shared gate/up beside: {} rows (one row only)",
-            x.shape()[0]
-        )));
+        let done = side.stream.record_event(None);
+        return (
+            done,
+            Err(err(format!(
+                "shared gate/up beside: {} rows (one row only)",
+                x.shape()[0]
+            ))),
+        );
     }
-    let side = bs.side;
-    side.stream.wait(bs.ready).kx()?;
-    // the buffers of the beside stream's own are freed on it before the event is recorded
-    // (work on it after its last join would leave a graph capture unjoined)
-    let written = {
+    if let Err(e) = side.stream.wait(ready) {
+        return (Err(e), Ok(false));
+    }
+    // the buffers of the beside stream's own are freed on it (inside the closure) before the
+    // event is recorded: work on it after its last join would leave a graph capture unjoined
+    let written = (|| -> Result<bool> {
+        let hidden = x.shape()[1];
+        let si = parts * inter;
         let gu = Tensor::<bf16>::uninit(side, &[1, 2 * si]).kx()?;
         let mut g = Gemm::xwt(1, si, hidden, x.ptr(), shared.gate.t.ptr(), gu.ptr());
         g.ldy = 2 * si;
@@ -371,7 +398,7 @@ fn shared_gate_up_beside(
             n: si,
             ldy: 2 * si,
         };
-        let launched = match bs.norm {
+        let launched = match norm {
             Some(norm) => {
                 let scratch = Tensor::<bf16>::uninit(side, &[1, hidden]).kx()?;
                 let norm = gemv::AddNormRow {
@@ -402,9 +429,9 @@ fn shared_gate_up_beside(
             )
             .kx()?;
         }
-        launched
-    };
-    Ok((side.stream.record_event(None).kx()?, written))
+        Ok(launched)
+    })();
+    (side.stream.record_event(None), written)
 }
 
 /// Whether the grouped kernels would take their prefill tile (many rows per expert), which

@@ -607,9 +607,18 @@ impl CudaBackend {
         // At one row the shared experts' gate/up may run beside the gate kernel (they need
         // only the normed input, which they compute for themselves): the event marks the
         // inputs written, before the gate's launch.
+        // (the small kernels' activations are allocated before the event: the beside stream
+        // writes into them)
         let beside = match (shared, self.gpu.beside.as_deref()) {
             (Some(s), Some(side)) if n == 1 && self.shared_beside_small(bank, s, inter, hidden) => {
-                Some((side, self.gpu.stream.record_event(None).kx()?))
+                let si = s.gate.shape().first().copied().unwrap_or(0);
+                match small::shared_parts(si, inter) {
+                    Some(parts) => {
+                        let act = self.empty(&[p.top_k + parts, inter])?;
+                        Some((side, act, self.gpu.stream.record_event(None).kx()?))
+                    }
+                    None => None,
+                }
             }
             _ => None,
         };
@@ -636,11 +645,12 @@ impl CudaBackend {
         };
         let old_residual = std::mem::replace(residual, CudaAct::Bf16(new_res));
         let done = match (beside, shared) {
-            (Some((side, ready)), Some(s)) => {
+            (Some((side, act, ready)), Some(s)) => {
                 let bs = experts::SharedBeside {
                     side,
                     ready: &ready,
                     norm: Some(norm_row),
+                    act,
                 };
                 let mut out = self.empty(xn.shape())?;
                 if experts::small_with_shared(
