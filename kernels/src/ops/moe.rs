@@ -324,6 +324,28 @@ pub struct Permutation {
     pub top_k: usize,
 }
 
+impl Permutation {
+    /// The buffers of a permutation of `tokens` x top-`k` over `n_experts`, made by `make`
+    /// (`Tensor::zeros` for the kernels that count into them, `Tensor::uninit` for one that
+    /// writes every entry).
+    fn alloc(
+        gpu: &Gpu,
+        n_experts: usize,
+        tokens: usize,
+        k: usize,
+        make: fn(&Gpu, &[usize]) -> Result<Tensor<i32>>,
+    ) -> Result<Self> {
+        Ok(Permutation {
+            counts: make(gpu, &[n_experts])?,
+            offsets: make(gpu, &[n_experts + 1])?,
+            slot_of: make(gpu, &[tokens, k])?,
+            src_row: make(gpu, &[tokens * k])?,
+            n_experts,
+            top_k: k,
+        })
+    }
+}
+
 /// ids i32 [tokens, k] (values outside [0, n_experts) are not routed) -> a [`Permutation`]. Within
 /// an expert, rows keep token order (deterministic).
 pub struct PermuteParams<'a> {
@@ -400,14 +422,7 @@ pub fn moe_permute_with(
     let n_assign = tokens * k;
     if kernel == PermuteKernel::Fused && kernel.fits(p.n_experts, n_assign) {
         // every entry is written by the kernel: no memsets
-        let perm = Permutation {
-            counts: Tensor::uninit(gpu, &[p.n_experts])?,
-            offsets: Tensor::uninit(gpu, &[p.n_experts + 1])?,
-            slot_of: Tensor::uninit(gpu, &[tokens, k])?,
-            src_row: Tensor::uninit(gpu, &[n_assign])?,
-            n_experts: p.n_experts,
-            top_k: k,
-        };
+        let perm = Permutation::alloc(gpu, p.n_experts, tokens, k, Tensor::uninit)?;
         let (ids, counts, offsets, slot_of, src_row) = (
             p.ids.ptr(),
             perm.counts.ptr(),
@@ -436,14 +451,7 @@ pub fn moe_permute_with(
         unsafe { b.launch(per_row(1, 1024)) }?;
         return Ok(perm);
     }
-    let perm = Permutation {
-        counts: Tensor::zeros(gpu, &[p.n_experts])?,
-        offsets: Tensor::zeros(gpu, &[p.n_experts + 1])?,
-        slot_of: Tensor::zeros(gpu, &[tokens, k])?,
-        src_row: Tensor::zeros(gpu, &[n_assign])?,
-        n_experts: p.n_experts,
-        top_k: k,
-    };
+    let perm = Permutation::alloc(gpu, p.n_experts, tokens, k, Tensor::zeros)?;
     let ids = p.ids.ptr();
     let na = dim_i32(OP, "tokens * k", n_assign)?;
     let ne = p.n_experts as i32;

@@ -318,9 +318,10 @@ pub(crate) fn small_with_shared(
             },
         )
     };
-    // (on success the launcher already waited before the down projection; on an early error it
-    // may not have: `act` is freed in the main stream's order, after the beside stream's writes)
-    if let Some(done) = &shared_done {
+    // (on success the launcher waited before the down projection; on an error it may not have
+    // reached that wait: `act` is freed in the main stream's order, after the beside stream's
+    // writes)
+    if let (Err(_), Some(done)) = (&r, &shared_done) {
         b.gpu.stream.wait(done).kx()?;
     }
     // (a refused shape is refused before any launch, and the main stream has joined the beside
@@ -355,7 +356,7 @@ pub(crate) struct SharedBeside<'a> {
 /// event marks the beside stream's work done, and the main stream must wait for it (under a
 /// graph capture, an unjoined stream fails the capture); the flag says whether the rows were
 /// written: false where the paired GEMV does not take the shape (the small kernels then
-/// compute the shared slots themselves).
+/// compute the shared slots themselves). `x` is one row [1, H] (the caller takes no other).
 #[allow(clippy::too_many_arguments)]
 fn shared_gate_up_beside(
     side: &Gpu,
@@ -371,16 +372,6 @@ fn shared_gate_up_beside(
     std::result::Result<CudaEvent, cudarc::driver::DriverError>,
     Result<bool>,
 ) {
-    if x.shape()[0] != 1 {
-        let done = side.stream.record_event(None);
-        return (
-            done,
-            Err(err(format!(
-                "shared gate/up beside: {} rows (one row only)",
-                x.shape()[0]
-            ))),
-        );
-    }
     if let Err(e) = side.stream.wait(ready) {
         return (Err(e), Ok(false));
     }

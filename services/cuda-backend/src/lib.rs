@@ -610,16 +610,13 @@ impl CudaBackend {
         // (the small kernels' activations are allocated before the event: the beside stream
         // writes into them)
         let beside = match (shared, self.gpu.beside.as_deref()) {
-            (Some(s), Some(side)) if n == 1 && self.shared_beside_small(bank, s, inter, hidden) => {
-                let si = s.gate.shape().first().copied().unwrap_or(0);
-                match small::shared_parts(si, inter) {
-                    Some(parts) => {
-                        let act = self.empty(&[p.top_k + parts, inter])?;
-                        Some((side, act, self.gpu.stream.record_event(None).kx()?))
-                    }
-                    None => None,
+            (Some(s), Some(side)) if n == 1 => match self.shared_beside_parts(bank, s, inter) {
+                Some(parts) => {
+                    let act = self.empty(&[p.top_k + parts, inter])?;
+                    Some((side, act, self.gpu.stream.record_event(None).kx()?))
                 }
-            }
+                None => None,
+            },
             _ => None,
         };
         let input = moe::GateInput::AddNorm {
@@ -726,23 +723,23 @@ impl CudaBackend {
         Ok(done.then_some(CudaAct::Bf16(out)))
     }
 
-    /// Whether one row's shared experts take the beside stream for their gate/up while the gate
-    /// kernel and the small kernels' routed gate/up run (`experts::SharedBeside`): the shared
-    /// experts ride in the small kernels (`DSV2_FUSED_SHARED`) and `DSV2_SHARED_BESIDE` is on.
-    fn shared_beside_small(
+    /// The shared parts (of the routed intermediate size `inter`) when one row's shared experts
+    /// take the beside stream for their gate/up while the gate kernel and the small kernels'
+    /// routed gate/up run (`experts::SharedBeside`): the shared experts ride in the small kernels
+    /// (`DSV2_FUSED_SHARED`) and `DSV2_SHARED_BESIDE` is on; None otherwise. (Their shapes are
+    /// checked by `experts::small_with_shared` before the beside stream reads them.)
+    fn shared_beside_parts(
         &self,
         bank: &ExpertBank<CudaWeight>,
         shared: &MlpWeights<CudaWeight>,
         inter: usize,
-        hidden: usize,
-    ) -> bool {
+    ) -> Option<usize> {
         let si = shared.gate.shape().first().copied().unwrap_or(0);
-        self.shared_beside
+        (self.shared_beside
             && self.fused_shared
-            && small::shared_parts(si, inter).is_some()
-            && shared.gate.shape() == [si, hidden]
-            && shared.up.shape() == [si, hidden]
-            && experts::device_path(self, bank, 1, 1, None, None) == experts::DevicePath::Small
+            && experts::device_path(self, bank, 1, 1, None, None) == experts::DevicePath::Small)
+            .then(|| small::shared_parts(si, inter))
+            .flatten()
     }
 
     /// The shared experts on the beside stream (`side`), written into `out`, while the main
