@@ -209,31 +209,39 @@ fn bench_fp8(gpu: &Gpu, copy_gbs: f64, blas_tflops: f64) -> Result<()> {
             )?;
             Ok(())
         })?;
-        let ms8 = time_ms(gpu, 3, 20, || {
-            mla::mla_decode_fp8(
-                gpu,
-                mla::MlaDecodeFp8Params {
-                    q_abs: qa.view(),
-                    q_pe: qp.view(),
-                    cache: c8.view(),
-                    block_table: bt.view(),
-                    seq_lens: sl.view(),
-                    out: out.view_mut(),
-                    max_seq_len: ctx,
-                    scale: 0.1,
-                    splits: None,
-                    uv: None,
-                },
-            )?;
-            Ok(())
-        })?;
+        let mut fp8_ms = Vec::new();
+        for kernel in [mla::Fp8Kernel::Wgmma, mla::Fp8Kernel::Regs] {
+            let ms = time_ms(gpu, 3, 20, || {
+                mla::mla_decode_fp8(
+                    gpu,
+                    mla::MlaDecodeFp8Params {
+                        q_abs: qa.view(),
+                        q_pe: qp.view(),
+                        cache: c8.view(),
+                        block_table: bt.view(),
+                        seq_lens: sl.view(),
+                        out: out.view_mut(),
+                        max_seq_len: ctx,
+                        scale: 0.1,
+                        splits: None,
+                        uv: None,
+                        kernel: Some(kernel),
+                    },
+                )?;
+                Ok(())
+            })?;
+            fp8_ms.push((kernel, ms));
+        }
         let flops = 2.0 * (batch * ctx * heads) as f64 * (mla::CACHE_DIM + mla::KV_LORA) as f64;
         let t_flops = flops / (blas_tflops * 1e12);
         let splits = mla::choose_splits(gpu.sm_count, batch, heads, ctx, mla::MlaKernel::Wgmma);
-        for (name, ms, row_bytes) in [
-            (format!("{bf16_kernel:?} bf16"), ms16, mla::CACHE_DIM * 2),
-            ("fp8".to_string(), ms8, l.row_bytes()),
-        ] {
+        let rows = std::iter::once((format!("{bf16_kernel:?} bf16"), ms16, mla::CACHE_DIM * 2))
+            .chain(
+                fp8_ms
+                    .iter()
+                    .map(|&(k, ms)| (format!("fp8 {}", k.function()), ms, l.row_bytes())),
+            );
+        for (name, ms, row_bytes) in rows {
             let bytes = (batch * ctx * row_bytes) as f64;
             let t_bytes = bytes / (copy_gbs * 1e9);
             let roof_ms = t_bytes.max(t_flops) * 1e3;
@@ -248,10 +256,13 @@ fn bench_fp8(gpu: &Gpu, copy_gbs: f64, blas_tflops: f64) -> Result<()> {
                 bytes / (ms * 1e-3) / 1e9,
             );
         }
-        println!(
-            "P1-FP8 batch {batch} ctx {ctx} heads {heads}: fp8 / bf16 tokens/s = {:.2}x",
-            ms16 / ms8
-        );
+        for (k, ms8) in &fp8_ms {
+            println!(
+                "P1-FP8 batch {batch} ctx {ctx} heads {heads}: fp8 ({}) / bf16 tokens/s = {:.2}x",
+                k.function(),
+                ms16 / ms8
+            );
+        }
     }
     Ok(())
 }

@@ -203,10 +203,11 @@ pub fn check_gather_fp8(gpu: &Gpu, n: usize, kv_lora: usize, rope: usize) -> Res
     ))
 }
 
-/// `mla_decode_fp8` over a random FP8 cache with shuffled blocks, against the f32 reference of
-/// MLA decode over the dequantized cache.
+/// An FP8 decode kernel over a random FP8 cache with shuffled blocks, against the f32 reference
+/// of MLA decode over the dequantized cache.
 pub fn check_mla_decode_fp8(
     gpu: &Gpu,
+    kernel: mla::Fp8Kernel,
     lens: &[usize],
     heads: usize,
     block_size: usize,
@@ -233,6 +234,7 @@ pub fn check_mla_decode_fp8(
             scale: c.scale,
             splits,
             uv: None,
+            kernel: Some(kernel),
         },
     )?;
     let got = f32s(&out.to_host(gpu)?);
@@ -246,7 +248,7 @@ pub fn check_mla_decode_fp8(
         format!("{} seqs, max {max_len}", lens.len())
     };
     let mut row = CheckRow::cmp(
-        "mla_decode_fp8",
+        kernel.function(),
         format!("lens {lens_s} heads {heads} block {block_size}"),
         &got,
         &want,
@@ -257,8 +259,9 @@ pub fn check_mla_decode_fp8(
 }
 
 /// The FP8 rows of `dsv2-gpu-check` (`--fp8`, and the end of `--mla` and of a full run): the
-/// append and the gather, then decode over issue 20's lengths (1, 7, 67, 130, 5137), 128, 100 and
-/// 16 heads, cache blocks of 16, 64 and 128 tokens, forced and empty splits. Each decode row
+/// append and the gather, then decode with each FP8 kernel over issue 20's lengths (1, 7, 67,
+/// 130, 5137), 128, 100 and 16 heads, cache blocks of 16, 64 and 128 tokens, forced and empty
+/// splits. Each decode row
 /// prints as it is taken (a kernel that crashes the context leaves the rows before it).
 pub fn run_fp8(gpu: &Gpu) -> Result<Vec<CheckRow>> {
     let mut out = vec![
@@ -287,16 +290,18 @@ pub fn run_fp8(gpu: &Gpu) -> Result<Vec<CheckRow>> {
         (&[2000, 1, 129], 128, 16, Some(200)),
         (&[300, 1000, 17], 128, 128, None),
     ];
-    for (lens, heads, block, splits) in cases {
-        let row = check_mla_decode_fp8(gpu, lens, heads, block, splits)?;
-        eprintln!(
-            "{} {} rel_l2 {:.3e} {}",
-            row.op,
-            row.sizes,
-            row.rel_l2,
-            if row.pass { "PASS" } else { "FAIL" }
-        );
-        out.push(row);
+    for kernel in [mla::Fp8Kernel::Wgmma, mla::Fp8Kernel::Regs] {
+        for (lens, heads, block, splits) in cases {
+            let row = check_mla_decode_fp8(gpu, kernel, lens, heads, block, splits)?;
+            eprintln!(
+                "{} {} rel_l2 {:.3e} {}",
+                row.op,
+                row.sizes,
+                row.rel_l2,
+                if row.pass { "PASS" } else { "FAIL" }
+            );
+            out.push(row);
+        }
     }
     Ok(out)
 }

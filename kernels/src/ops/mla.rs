@@ -5,7 +5,7 @@ use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use super::dim_i32;
-use super::tma::{TmaMap2d, encode_bf16_2d};
+use super::tma::{TmaMap2d, encode_bf16_2d, encode_u8_2d};
 use crate::device::Gpu;
 use crate::error::{KernelError, Result, shape_err};
 use crate::tensor::{Tensor, View, ViewMut};
@@ -656,11 +656,89 @@ pub fn mla_cache_append(gpu: &Gpu, p: CacheAppendParams<'_>) -> Result<()> {
 /// Shared memory of one `mla_decode_fp8` CTA: `F8_SMEM_BYTES` in mla_fp8.cu (Q, two bf16 tiles,
 /// P, reduction scratch, two tiles' scales) plus 1 KiB so the kernel can align to 1024 bytes.
 const FP8_SMEM_BYTES: usize = 3 * 64 * 576 * 2 + 64 * 128 + 2 * 2 * 64 * 4 + 2 * 64 * 4 + 1024;
-const _: () = assert!(FP8_SMEM_BYTES <= 232_448);
+/// Shared memory of one `mla_decode_fp8_regs` CTA: `FR_BYTES` in mla_fp8_regs.cu (Q as f16 and
+/// its rope columns, three 41 KiB stages of codes, k_pe and scales, two P' buffers, reduction
+/// scratch, rescales, row sums and maxima, Q's maxima, 6 mbarriers) plus 1 KiB for alignment.
+const FP8_REGS_SMEM_BYTES: usize =
+    9 * 8192 + 3 * (5 * 8192 + 1024) + 2 * 8192 + 1024 + 512 + 512 + 64 + 64 + 1024;
+const _: () = assert!(FP8_SMEM_BYTES <= 232_448 && FP8_REGS_SMEM_BYTES <= 232_448);
 
-/// [`mla_decode`] over the FP8 latent cache (`crate::fp8`, DeepSeek-V2's 656-byte rows):
-/// `mla_decode_fp8` in mla_fp8.cu, then the same combine. cache is [num_blocks, block_size, 656]
-/// bytes; every other argument as [`MlaDecodeParams`] (no kernel choice: one FP8 kernel).
+/// Which kernel decodes over the FP8 cache (`DSV2_MLA_FP8_KERNEL`). Both compute the same
+/// function over the same bytes.
+/// - `Wgmma` (mla_fp8.cu, the default until `Regs` is measured): each tile's codes are loaded
+///   through registers and written to shared memory as a bf16 tile, which both products read.
+/// - `Regs` (mla_fp8_regs.cu): the tile is the A operand of both products (S^T = K.Q^T and
+///   O^T = V^T.P^T), which wgmma takes from registers, so the codes are converted there (f16) and
+///   never written back; a producer warp feeds a 3-stage TMA ring. Blocks of a divisor or a
+///   multiple of 64 tokens (the TMA pieces).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8Kernel {
+    Wgmma,
+    Regs,
+}
+
+impl Fp8Kernel {
+    /// The kernel named by `DSV2_MLA_FP8_KERNEL` (read once), `Wgmma` where it is unset.
+    pub fn from_env() -> Result<Self> {
+        static NAMED: std::sync::OnceLock<std::result::Result<Fp8Kernel, String>> =
+            std::sync::OnceLock::new();
+        NAMED
+            .get_or_init(|| {
+                Self::parse(&std::env::var("DSV2_MLA_FP8_KERNEL").unwrap_or_default())
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(|what| KernelError::Unsupported {
+                op: "mla_decode_fp8",
+                what,
+            })
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "" | "wgmma" => Ok(Fp8Kernel::Wgmma),
+            "regs" => Ok(Fp8Kernel::Regs),
+            other => Err(KernelError::Unsupported {
+                op: "mla_decode_fp8",
+                what: format!("DSV2_MLA_FP8_KERNEL={other:?} (expected \"wgmma\" or \"regs\")"),
+            }),
+        }
+    }
+
+    /// The kernel's function name in the CUDA sources.
+    pub fn function(self) -> &'static str {
+        match self {
+            Fp8Kernel::Wgmma => "mla_decode_fp8",
+            Fp8Kernel::Regs => "mla_decode_fp8_regs",
+        }
+    }
+
+    fn smem_bytes(self) -> usize {
+        match self {
+            Fp8Kernel::Wgmma => FP8_SMEM_BYTES,
+            Fp8Kernel::Regs => FP8_REGS_SMEM_BYTES,
+        }
+    }
+
+    fn threads(self) -> u32 {
+        match self {
+            Fp8Kernel::Wgmma => 256,
+            Fp8Kernel::Regs => 384,
+        }
+    }
+
+    /// Whether the kernel reads caches of this block size (as [`MlaKernel::supports_block_size`]).
+    pub fn supports_block_size(self, block_size: usize) -> bool {
+        match self {
+            Fp8Kernel::Wgmma => block_size > 0,
+            Fp8Kernel::Regs => MlaKernel::Tma.supports_block_size(block_size),
+        }
+    }
+}
+
+/// [`mla_decode`] over the FP8 latent cache (`crate::fp8`, DeepSeek-V2's 656-byte rows): one of
+/// the [`Fp8Kernel`]s, then the same combine. cache is [num_blocks, block_size, 656] bytes; every
+/// other argument as [`MlaDecodeParams`].
 pub struct MlaDecodeFp8Params<'a> {
     pub q_abs: View<'a, bf16>,
     pub q_pe: View<'a, bf16>,
@@ -675,6 +753,8 @@ pub struct MlaDecodeFp8Params<'a> {
     pub splits: Option<usize>,
     /// Fold the value up-projection into the combine (see [`ValueProjection`]).
     pub uv: Option<ValueProjection<'a>>,
+    /// Force a kernel (None: [`Fp8Kernel::from_env`]).
+    pub kernel: Option<Fp8Kernel>,
 }
 
 /// As [`mla_decode`] (the same return value).
@@ -705,6 +785,19 @@ pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<bool> {
     else {
         return Ok(false);
     };
+    let kernel = match p.kernel {
+        Some(k) => k,
+        None => Fp8Kernel::from_env()?,
+    };
+    if !kernel.supports_block_size(block_size) {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!(
+                "{} with cache blocks of {block_size} tokens (64 must be a multiple of the block size or the other way round; DSV2_MLA_FP8_KERNEL=wgmma reads any)",
+                kernel.function()
+            ),
+        });
+    }
     let splits = p
         .splits
         .unwrap_or_else(|| {
@@ -728,10 +821,27 @@ pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<bool> {
     );
     let si = splits as i32;
     let scale = p.scale;
-    gpu.set_max_dynamic_smem(OP, FP8_SMEM_BYTES)?;
-    let f = gpu.function(OP)?;
+    // the regs kernel reads the cache through two maps: 128-byte swizzled boxes of codes and
+    // k_pe, 16-byte boxes of the scale, min(block_size, 64) rows each
+    let maps = match kernel {
+        Fp8Kernel::Regs => {
+            let rows = p.cache.shape()[0] * block_size;
+            let piece = block_size.min(64);
+            Some((
+                encode_u8_2d(OP, c, rows, row, 128, piece, true)?,
+                encode_u8_2d(OP, c, rows, row, 16, piece, false)?,
+            ))
+        }
+        Fp8Kernel::Wgmma => None,
+    };
+    let entry = kernel.function();
+    gpu.set_max_dynamic_smem(entry, kernel.smem_bytes())?;
+    let f = gpu.function(entry)?;
     let mut b = gpu.launch(f);
-    b.arg(&qa).arg(&qp).arg(&c);
+    b.arg(&qa).arg(&qp);
+    if maps.is_none() {
+        b.arg(&c);
+    }
     b.arg(&bt).arg(&sl).arg(&o).arg(&op_ptr).arg(&lse_ptr);
     b.arg(&h)
         .arg(&bs)
@@ -740,19 +850,23 @@ pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<bool> {
         .arg(&scale)
         .arg(&qpe_sb)
         .arg(&qpe_sh);
+    if let Some((codes, scales)) = maps.as_ref() {
+        b.arg(codes).arg(scales);
+    }
     let cfg = LaunchConfig {
         grid_dim: (
             heads.div_ceil(HEADS_PER_CTA) as u32,
             batch as u32,
             splits as u32,
         ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: FP8_SMEM_BYTES as u32,
+        block_dim: (kernel.threads(), 1, 1),
+        shared_mem_bytes: kernel.smem_bytes() as u32,
     };
     // SAFETY: matches mla_decode_fp8's signature (mla_decode_wgmma_bf16's with the cache as
-    // bytes); inputs shape-checked above; o_part/lse (when splits > 1) hold
-    // batch*splits*heads*512 and batch*splits*heads f32 and live until after the combine below
-    // is enqueued (cudarc frees them in stream order).
+    // bytes), or mla_decode_fp8_regs' (no cache pointer; the two maps of the same cache last);
+    // inputs shape-checked above; o_part/lse (when splits > 1) hold batch*splits*heads*512 and
+    // batch*splits*heads f32 and live until after the combine below is enqueued (cudarc frees
+    // them in stream order).
     unsafe { b.launch(cfg) }?;
     parts.finish(gpu, o, p.uv, batch, heads)
 }
@@ -929,6 +1043,33 @@ mod tests {
             .map(|(name, expr)| (format!("F8_{name}"), expr.trim().to_string()))
             .collect();
         assert_eq!(FP8_SMEM_BYTES, eval_define(&defs, "F8_SMEM_BYTES") + 1024);
+        let regs = defines("mla_fp8_regs.cu");
+        assert_eq!(FP8_REGS_SMEM_BYTES, eval_define(&regs, "FR_BYTES") + 1024);
+        assert_eq!(
+            eval_define(&regs, "FR_ROW"),
+            crate::fp8::Fp8Layout::DEEPSEEK_V2.row_bytes()
+        );
+        assert_eq!(
+            eval_define(&regs, "FR_PE"),
+            crate::fp8::Fp8Layout::DEEPSEEK_V2.pe_offset()
+        );
+        assert_eq!(
+            eval_define(&regs, "FR_SC"),
+            crate::fp8::Fp8Layout::DEEPSEEK_V2.scale_offset()
+        );
+        let exported = crate::compile::SOURCES
+            .iter()
+            .any(|(_, s)| s.contains("mla_decode_fp8_regs("));
+        assert!(exported);
+        assert_eq!(Fp8Kernel::parse("regs").ok(), Some(Fp8Kernel::Regs));
+        assert_eq!(Fp8Kernel::parse("").ok(), Some(Fp8Kernel::Wgmma));
+        assert!(Fp8Kernel::parse("fast").is_err());
+        assert!(
+            Fp8Kernel::Regs.supports_block_size(16) && Fp8Kernel::Regs.supports_block_size(128)
+        );
+        assert!(
+            !Fp8Kernel::Regs.supports_block_size(48) && Fp8Kernel::Wgmma.supports_block_size(48)
+        );
         // the row layout the kernel hard-codes is the one crate::fp8 defines
         let l = crate::fp8::Fp8Layout::DEEPSEEK_V2;
         assert_eq!(eval_define(&defs, "F8_ROW"), l.row_bytes());

@@ -103,6 +103,107 @@ pub fn encode_bf16_2d(
     }
 }
 
+/// The map of a row-major byte matrix [rows, cols] at `addr` (the FP8 latent cache's rows of
+/// codes, bf16 k_pe and f32 scale), read in boxes of `box_cols` bytes x `box_rows` rows: with the
+/// 128-byte swizzle (`swizzle`, the box one 128-byte line: the wgmma operand layout) or without
+/// (a box of a multiple of 16 bytes, at most 256). Same rules as [`bf16_2d_params`] otherwise.
+pub fn encode_u8_2d(
+    op: &'static str,
+    addr: u64,
+    rows: usize,
+    cols: usize,
+    box_cols: usize,
+    box_rows: usize,
+    swizzle: bool,
+) -> Result<TmaMap2d> {
+    use cudarc::driver::sys as cu;
+    let (dims, stride, boxes) = u8_2d_params(op, addr, rows, cols, box_cols, box_rows, swizzle)?;
+    let strides: [u64; 1] = [stride];
+    let element_strides: [u32; 2] = [1, 1];
+    let mut map = std::mem::MaybeUninit::<cu::CUtensorMap>::zeroed();
+    let swz = if swizzle {
+        cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B
+    } else {
+        cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE
+    };
+    // SAFETY: as encode_bf16_2d: every array outlives the call and has the rank it is given; the
+    // address is only recorded in the map.
+    unsafe {
+        cu::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            2,
+            addr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            cu::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            swz,
+            cu::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            cu::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()?;
+        Ok(TmaMap2d(map.assume_init().opaque))
+    }
+}
+
+/// The encode arguments of [`encode_u8_2d`]: (global dims, row stride, box dims), innermost
+/// first, after the checks the driver would reject less clearly.
+pub fn u8_2d_params(
+    op: &'static str,
+    addr: u64,
+    rows: usize,
+    cols: usize,
+    box_cols: usize,
+    box_rows: usize,
+    swizzle: bool,
+) -> Result<([u64; 2], u64, [u32; 2])> {
+    if !addr.is_multiple_of(16) {
+        return Err(shape_err(
+            op,
+            format!("TMA base {addr:#x} is not 16-byte aligned"),
+        ));
+    }
+    if cols == 0 || rows == 0 || !cols.is_multiple_of(16) {
+        return Err(shape_err(
+            op,
+            format!(
+                "TMA matrix [{rows}, {cols}] bytes: rows must be non-empty multiples of 16 bytes"
+            ),
+        ));
+    }
+    let box_ok = if swizzle {
+        box_cols == SWIZZLE_BYTES
+    } else {
+        box_cols > 0 && box_cols <= 256 && box_cols.is_multiple_of(16)
+    };
+    if !box_ok || box_rows == 0 || box_rows > 256 || box_cols > cols {
+        return Err(shape_err(
+            op,
+            format!(
+                "TMA box {box_cols} x {box_rows} bytes over rows of {cols}: expected {} x 1..=256 rows",
+                if swizzle {
+                    "128 (one swizzled line)"
+                } else {
+                    "a multiple of 16 up to 256"
+                }
+            ),
+        ));
+    }
+    if rows as u64 > u32::MAX as u64 {
+        return Err(shape_err(
+            op,
+            format!("TMA matrix [{rows}, {cols}] too large"),
+        ));
+    }
+    Ok((
+        [cols as u64, rows as u64],
+        cols as u64,
+        [box_cols as u32, box_rows as u32],
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +220,21 @@ mod tests {
         assert_eq!((dims, stride, boxes), ([1536, 5120], 3072, [64, 128]));
         // a box may be larger than the matrix (the copy zero-fills): 40 x 72
         assert!(bf16_2d_params("t", 0x2000, 40, 72, 64, 128).is_ok());
+    }
+
+    #[test]
+    fn byte_maps_take_the_fp8_cache_rows() {
+        // the FP8 cache: 656-byte rows, 128-byte swizzled code/rope boxes and 16-byte scale boxes
+        let (dims, stride, boxes) = u8_2d_params("t", 0x1000, 4096, 656, 128, 64, true).unwrap();
+        assert_eq!((dims, stride, boxes), ([656, 4096], 656, [128, 64]));
+        let (_, _, boxes) = u8_2d_params("t", 0x1000, 4096, 656, 16, 16, false).unwrap();
+        assert_eq!(boxes, [16, 16]);
+        // a swizzled box is one 128-byte line; an unswizzled one a multiple of 16 bytes
+        assert!(u8_2d_params("t", 0x1000, 4096, 656, 64, 64, true).is_err());
+        assert!(u8_2d_params("t", 0x1000, 4096, 656, 8, 64, false).is_err());
+        // rows of 650 bytes cannot be strided by TMA
+        assert!(u8_2d_params("t", 0x1000, 4096, 650, 16, 64, false).is_err());
+        assert!(u8_2d_params("t", 0x1008, 4096, 656, 16, 64, false).is_err());
     }
 
     #[test]

@@ -686,6 +686,7 @@ pub(super) fn decode_latent(b: &CudaBackend, p: DecodeLatent<'_>) -> Result<bool
                 scale: p.scale,
                 splits: None,
                 uv: p.uv,
+                kernel: None,
             },
         ),
     }
