@@ -255,7 +255,8 @@ __device__ __forceinline__ float fr_stage_q(unsigned char* smem, const bf16* __r
 // grid (ceil(H / 64), B, splits), 384 threads, FR_BYTES + 1024 bytes of dynamic shared memory.
 // Arguments as mla_decode_fp8 without the cache pointer; the cache [slots, 656] bytes is read
 // through cache_map (box 128 B x min(block_size, 64) rows, 128-byte swizzle) and scale_map
-// (box 16 B x the same rows, no swizzle). block_size divides 64 or is a multiple of it.
+// (box 16 B x the same rows, no swizzle). block_size is 8..64 dividing 64 or a multiple of
+// 64 (TMA wants 128-byte aligned boxes in shared memory; 1024 for the swizzled ones).
 extern "C" __global__ void __launch_bounds__(384, 1)
 mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
                     const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,

@@ -669,8 +669,8 @@ const _: () = assert!(FP8_SMEM_BYTES <= 232_448 && FP8_REGS_SMEM_BYTES <= 232_44
 ///   through registers and written to shared memory as a bf16 tile, which both products read.
 /// - `Regs` (mla_fp8_regs.cu): the tile is the A operand of both products (S^T = K.Q^T and
 ///   O^T = V^T.P^T), which wgmma takes from registers, so the codes are converted there (f16) and
-///   never written back; a producer warp feeds a 3-stage TMA ring. Blocks of a divisor or a
-///   multiple of 64 tokens (the TMA pieces).
+///   never written back; a producer warp feeds a 3-stage TMA ring. Blocks of 8..=64 tokens
+///   dividing 64, or a multiple of 64 (the TMA pieces).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fp8Kernel {
     Wgmma,
@@ -731,7 +731,9 @@ impl Fp8Kernel {
     pub fn supports_block_size(self, block_size: usize) -> bool {
         match self {
             Fp8Kernel::Wgmma => block_size > 0,
-            Fp8Kernel::Regs => MlaKernel::Tma.supports_block_size(block_size),
+            // and at least 8 rows a TMA piece: the scale boxes (16 B a row) land 128-byte
+            // aligned, the swizzled boxes on whole 8-row swizzle atoms
+            Fp8Kernel::Regs => block_size >= 8 && MlaKernel::Tma.supports_block_size(block_size),
         }
     }
 }
@@ -793,7 +795,7 @@ pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<bool> {
         return Err(KernelError::Unsupported {
             op: OP,
             what: format!(
-                "{} with cache blocks of {block_size} tokens (64 must be a multiple of the block size or the other way round; DSV2_MLA_FP8_KERNEL=wgmma reads any)",
+                "{} with cache blocks of {block_size} tokens (8..=64 tokens dividing 64, or a multiple of 64; DSV2_MLA_FP8_KERNEL=wgmma reads any)",
                 kernel.function()
             ),
         });
