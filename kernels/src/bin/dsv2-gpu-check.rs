@@ -373,7 +373,12 @@ fn bench_prefill(gpu: &Gpu, blas_tflops: f64) -> Result<()> {
             tf(attn_flops + dec_flops, ms_all),
             tf(attn_flops + dec_flops, ms_all) / blas_tflops
         );
-        for tile in [PrefillTile::Wgmma128, PrefillTile::M128, PrefillTile::M64] {
+        for tile in [
+            PrefillTile::Wgmma128,
+            PrefillTile::Wgmma128Persist,
+            PrefillTile::M128,
+            PrefillTile::M64,
+        ] {
             let plan = upload(PrefillPlan::new(&specs, Some(tile))?)?;
             let ms = time_ms(gpu, 2, 10, || flash(&plan, &lat, &kv, &mut out))?;
             println!(

@@ -197,7 +197,12 @@ pub fn check_mla_prefill(
     }
 
     let specs: Vec<pf::PrefillSeq> = seqs.clone();
-    for tile in [PrefillTile::Wgmma128, PrefillTile::M128, PrefillTile::M64] {
+    for tile in [
+        PrefillTile::Wgmma128,
+        PrefillTile::Wgmma128Persist,
+        PrefillTile::M128,
+        PrefillTile::M64,
+    ] {
         let plan = PrefillPlan::new(&specs, Some(tile))?;
         let sd = Tensor::from_host(gpu, &plan.seqs, &[plan.n_seqs(), 4])?;
         let td = Tensor::from_host(gpu, &plan.tiles, &[plan.n_tiles(), 2])?;

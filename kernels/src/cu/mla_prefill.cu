@@ -106,7 +106,7 @@ __device__ __forceinline__ void pf_load_kv(bf16* sK, bf16* sV, const bf16* __res
     }
 }
 
-// The CTA's tile: sequence descriptor tiles[blockIdx.x].x of `seqs` and first query m0.
+// Tile `idx` of the list: sequence descriptor tiles[idx].x of `seqs` and first query m0.
 // False for a descriptor that does not fit the operands (the CTA returns, uniformly, before any
 // barrier): the launcher cannot see the device arrays, the kernel keeps them in bounds.
 struct PfTile {
@@ -114,8 +114,8 @@ struct PfTile {
     long long ctx_row0;
 };
 __device__ __forceinline__ bool pf_tile(const int4* __restrict__ seqs, int n_seqs, const int2* __restrict__ tiles,
-                                        long long n_q, long long n_ctx, PfTile& t) {
-    const int2 tile = tiles[blockIdx.x];
+                                        long long n_q, long long n_ctx, int idx, PfTile& t) {
+    const int2 tile = tiles[idx];
     if (tile.x < 0 || tile.x >= n_seqs) return false;
     const int4 sd = seqs[tile.x];
     t.q_row0 = sd.x;
@@ -155,7 +155,7 @@ __device__ __forceinline__ void mla_prefill_body(const bf16* __restrict__ q, lon
     const int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
     const int h = blockIdx.y;
     PfTile pt;
-    if (!pf_tile(seqs, n_seqs, tiles, n_q, n_ctx, pt)) return;
+    if (!pf_tile(seqs, n_seqs, tiles, n_q, n_ctx, blockIdx.x, pt)) return;
     const int q_row0 = pt.q_row0, q_len = pt.q_len, pos0 = pt.pos0, m0 = pt.m0;
     const long long ctx_row0 = pt.ctx_row0;
     // keys this CTA needs: up to the position of its last valid query (inclusive)
@@ -468,8 +468,49 @@ __device__ __forceinline__ void pw_load_v(unsigned char* dst, const bf16* __rest
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, 1) mla_prefill_wgmma_bf16(PF_ARGS) {
-    griddep_wait();
+// Q (rows past q_len zero) of the tile into sQ and its K_0 into K stage 0 (the caller commits).
+__device__ __forceinline__ void pw_load_q_k0(unsigned char* sQ, unsigned char* sK, const bf16* __restrict__ q,
+                                             long long q_rs, long long q_hs, const bf16* __restrict__ k_nope,
+                                             long long kn_rs, long long kn_hs, const bf16* __restrict__ k_pe,
+                                             long long kp_rs, int h, const PfTile& pt) {
+    const int tid = threadIdx.x;
+    const int lr = tid >> 3, pc = tid & 7;
+    unsigned char* d = sQ + lr * 128 + ((pc ^ (lr & 7)) << 4);
+#pragma unroll
+    for (int i = 0; i < PW_BM / 32; ++i) {
+        const int r = lr + 32 * i;
+        const bool valid = pt.m0 + r < pt.q_len;
+        const bf16* src = q;
+        if (valid) src = q + (long long)(pt.q_row0 + pt.m0 + r) * q_rs + h * q_hs + pc * 8;
+#pragma unroll
+        for (int c = 0; c < 3; ++c) cp_async16(d + i * 32 * 128 + c * PW_CH, valid ? src + 64 * c : src, valid);
+    }
+    const int n_keys = pt.pos0 + min(pt.m0 + PW_BM, pt.q_len);
+    pw_load_k(sK, k_nope, kn_rs, kn_hs, k_pe, kp_rs, h, pt.ctx_row0, 0, n_keys);
+}
+
+// Work item `item` of a persistent launch: tile item % n_tiles of the list, head item / n_tiles
+// (tiles of one head side by side, as the grid of the one-tile launch orders them); false past
+// the last item or for a descriptor that does not fit.
+__device__ __forceinline__ bool pw_item(const int4* __restrict__ seqs, int n_seqs, const int2* __restrict__ tiles,
+                                        long long n_q, long long n_ctx, int n_tiles, int n_items, int item,
+                                        PfTile& pt, int& h) {
+    if (item >= n_items) return false;
+    h = item / n_tiles;
+    return pf_tile(seqs, n_seqs, tiles, n_q, n_ctx, item % n_tiles, pt);
+}
+
+// The body of both wgmma prefill kernels. PERSIST = false: one (tile, head) a CTA, from the
+// grid. PERSIST = true (mla_prefill_wgmma_persist_bf16): a CTA walks items blockIdx.x,
+// blockIdx.x + gridDim.x, .. of the n_tiles x heads items, and the next item's Q and K_0 are
+// loaded from the last epoch of the current one on (every warpgroup's Q.K is done there, so Q
+// and the K stages are free), behind the current item's last P.V and its output.
+// Why: at 64 x 512 a CTA computes 2.5 key tiles on average, and before the first it waits for
+// Q and K_0 (96 KiB); with one CTA per SM nothing hides that wait: the flash kernel alone ran at
+// 0.31 of the cuBLAS rate there against 0.56 at 1 x 4096, where a CTA computes 16.5 tiles
+// (bench/RESULTS.md, session 6 run 4).
+template <bool PERSIST>
+__device__ __forceinline__ void pw_run(PF_ARGS, int n_tiles, int n_heads) {
     extern __shared__ __align__(1024) unsigned char pw_smem_raw[];
     unsigned char* smem =
         reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(pw_smem_raw) + 1023) & ~(size_t)1023);
@@ -481,213 +522,240 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_prefill_wgmma_bf16(PF_A
     // under a condition it cannot prove uniform is serialized (C7520)
     const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid >> 7, 0), wt = tid & 127, warp = wt >> 5,
               lane = tid & 31;
-    const int h = blockIdx.y;
+    const int n_items = PERSIST ? n_tiles * n_heads : 1;
+    int item = PERSIST ? (int)blockIdx.x : 0;
+    int h = blockIdx.y;
     PfTile pt;
-    if (!pf_tile(seqs, n_seqs, tiles, n_q, n_ctx, pt)) return;
-    const int q_row0 = pt.q_row0, q_len = pt.q_len, pos0 = pt.pos0, m0 = pt.m0;
-    const long long ctx_row0 = pt.ctx_row0;
-    const int n_keys = pos0 + min(m0 + PW_BM, q_len);  // keys the CTA needs
-    const int n_kt = (n_keys + PW_BN - 1) / PW_BN;
-    const int wq0 = m0 + 64 * wg;                                 // first query of this warpgroup
-    const int w_last = pos0 + min(wq0 + 63, q_len - 1);           // last key any of its rows sees
-    const int n_wt = wq0 < q_len ? w_last / PW_BN + 1 : 0;        // key tiles it computes (<= n_kt)
+    if (PERSIST) {
+        // the first valid item of this CTA
+        while (item < n_items && !pw_item(seqs, n_seqs, tiles, n_q, n_ctx, n_tiles, n_items, item, pt, h))
+            item += gridDim.x;
+        if (item >= n_items) return;
+    } else if (!pf_tile(seqs, n_seqs, tiles, n_q, n_ctx, blockIdx.x, pt)) {
+        return;
+    }
+    // Q and K_0 of the first item: cp.async group 0
+    pw_load_q_k0(sQ, sK, q, q_rs, q_hs, k_nope, kn_rs, kn_hs, k_pe, kp_rs, h, pt);
+    cp_async_commit();
+
     const float sl2 = scale * 1.4426950408889634f;
     const int g = lane >> 2, cq = 2 * (lane & 3);
     const int r_lo = 16 * warp + g;  // accumulator rows r_lo, r_lo + 8 of the warpgroup's 64
-
-    // Q (rows past q_len zero) and K_0: cp.async group 0
-    {
-        const int lr = tid >> 3, pc = tid & 7;
-        unsigned char* d = sQ + lr * 128 + ((pc ^ (lr & 7)) << 4);
-#pragma unroll
-        for (int i = 0; i < PW_BM / 32; ++i) {
-            const int r = lr + 32 * i;
-            const bool valid = m0 + r < q_len;
-            const bf16* src = q;
-            if (valid) src = q + (long long)(q_row0 + m0 + r) * q_rs + h * q_hs + pc * 8;
-#pragma unroll
-            for (int c = 0; c < 3; ++c) cp_async16(d + i * 32 * 128 + c * PW_CH, valid ? src + 64 * c : src, valid);
-        }
-    }
-    pw_load_k(sK, k_nope, kn_rs, kn_hs, k_pe, kp_rs, h, ctx_row0, 0, n_keys);
-    cp_async_commit();
-
-    float o[64], s[64], s2[32];  // s2: S of the 64-key last tile
-    u32 p[32];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) o[i] = s[i] = 0.f;
-#pragma unroll
-    for (int i = 0; i < 32; ++i) {
-        s2[i] = 0.f;
-        p[i] = 0u;
-    }
-    float m_r[2] = {-INFINITY, -INFINITY};  // running max (scaled, log2 units) of rows r_lo, r_lo+8
-    float l_r[2] = {0.f, 0.f};              // this thread's share of the running sums
-
     const u32 q_addr = (u32)__cvta_generic_to_shared(sQ) + wg * 64 * 128;
     const u32 k_addr = (u32)__cvta_generic_to_shared(sK);
     const u32 v_addr = (u32)__cvta_generic_to_shared(sV);
 
-    // the cp.async of epoch j (after the j-th barrier): K_{j+1} and V_j, into stages that every
-    // warpgroup finished reading before that barrier
-    auto load_epoch = [&](int j) {
-        if (j + 1 < n_kt)
-            pw_load_k(sK + ((j + 1) & 1) * PW_KST, k_nope, kn_rs, kn_hs, k_pe, kp_rs, h, ctx_row0, (j + 1) * PW_BN,
-                      n_keys);
-        if (j < n_kt) pw_load_v(sV + (j & 1) * PW_VST, v, v_rs, v_hs, h, ctx_row0, j * PW_BN, n_keys);
-        cp_async_commit();
-    };
-    auto barrier = [&]() {
-        cp_async_wait<0>();
-        fence_async_smem();
-        __syncthreads();
-    };
-    // O += P_jp . V_jp, over the first 64 keys only when `phalf` (the warpgroup's 64-key last
-    // tile; the P.V of every other tile runs inside the loop, unconditionally over 128 keys)
-    auto issue_pv = [&](int jp, bool phalf) {
-        const u32 vb = v_addr + (jp & 1) * PW_VST;
-#pragma unroll
-        for (int kk = 0; kk < PW_BN / 16; ++kk)
-            if (kk < 4 || !phalf) wgmma_m64n128_rs_tn(o, p + 4 * kk, wg_desc(vb + kk * 16 * 128, PW_CH, 1024), 1);
-    };
-
-    // Epoch j for this warpgroup: S_j = Q.K_j over N = 128 keys, or 64 in its last tile when
-    // keys k0 + 64 .. lie past all of its rows; P_{j-1}.V_{j-1} issued behind it; the loads of
-    // the epoch; softmax of S_j while P.V runs; then O *= alpha and P_j = bf16(S_j).
-    auto step = [&](auto cols, int j) {
-        constexpr int N = decltype(cols)::n;
-        float* sa = N == 128 ? s : s2;
-        barrier();
-        const int k0 = j * PW_BN;
-        // compiler pins first, then the hardware fence: every register write before it (softmax,
-        // rescale, P) is ordered before the wgmma reads of the same registers
-        wg_fence_regs<N / 2>(sa);
-        wg_fence_regs<64>(o);
-        wg_fence_regs<32>(p);
-        wg_fence();
-        const u32 kb = k_addr + (j & 1) * PW_KST;
-#pragma unroll
-        for (int ks = 0; ks < PF_DQK / 16; ++ks) {
-            const u32 off = (ks >> 2) * PW_CH + (ks & 3) * 32;
-            const u64 da = wg_desc(q_addr + off, 16, 1024), db = wg_desc(kb + off, 16, 1024);
-            if (N == 128)
-                wgmma_m64n128_ss(sa, da, db, ks);
-            else
-                wgmma_m64n64_ss(sa, da, db, ks);
+    while (true) {
+        const int q_row0 = pt.q_row0, q_len = pt.q_len, pos0 = pt.pos0, m0 = pt.m0;
+        const long long ctx_row0 = pt.ctx_row0;
+        const int n_keys = pos0 + min(m0 + PW_BM, q_len);  // keys the CTA needs
+        const int n_kt = (n_keys + PW_BN - 1) / PW_BN;
+        const int wq0 = m0 + 64 * wg;                                 // first query of this warpgroup
+        const int w_last = pos0 + min(wq0 + 63, q_len - 1);           // last key any of its rows sees
+        const int n_wt = wq0 < q_len ? w_last / PW_BN + 1 : 0;        // key tiles it computes (<= n_kt)
+        // the next item (PERSIST): its Q and K_0 are loaded in this item's last epoch
+        PfTile nt;
+        int next = item + gridDim.x, nh = 0;
+        if (PERSIST) {
+            while (next < n_items && !pw_item(seqs, n_seqs, tiles, n_q, n_ctx, n_tiles, n_items, next, nt, nh))
+                next += gridDim.x;
         }
-        wg_commit();
-        if (j > 0) {
+        const bool has_next = PERSIST && next < n_items;
+
+        float o[64], s[64], s2[32];  // s2: S of the 64-key last tile
+        u32 p[32];
+#pragma unroll
+        for (int i = 0; i < 64; ++i) o[i] = s[i] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+            s2[i] = 0.f;
+            p[i] = 0u;
+        }
+        float m_r[2] = {-INFINITY, -INFINITY};  // running max (scaled, log2 units) of rows r_lo, r_lo+8
+        float l_r[2] = {0.f, 0.f};              // this thread's share of the running sums
+
+        // the cp.async of epoch j (after the j-th barrier): K_{j+1} and V_j, into stages that every
+        // warpgroup finished reading before that barrier; in the last epoch (j = n_kt) the next
+        // item's Q and K_0 (no Q.K of this item is left, and the output is staged in K stage 1)
+        auto load_epoch = [&](int j) {
+            if (j + 1 < n_kt)
+                pw_load_k(sK + ((j + 1) & 1) * PW_KST, k_nope, kn_rs, kn_hs, k_pe, kp_rs, h, ctx_row0, (j + 1) * PW_BN,
+                          n_keys);
+            if (j < n_kt) pw_load_v(sV + (j & 1) * PW_VST, v, v_rs, v_hs, h, ctx_row0, j * PW_BN, n_keys);
+            if (has_next && j == n_kt) pw_load_q_k0(sQ, sK, q, q_rs, q_hs, k_nope, kn_rs, kn_hs, k_pe, kp_rs, nh, nt);
+            cp_async_commit();
+        };
+        auto barrier = [&]() {
+            cp_async_wait<0>();
+            fence_async_smem();
+            __syncthreads();
+        };
+        // O += P_jp . V_jp, over the first 64 keys only when `phalf` (the warpgroup's 64-key last
+        // tile; the P.V of every other tile runs inside the loop, unconditionally over 128 keys)
+        auto issue_pv = [&](int jp, bool phalf) {
+            const u32 vb = v_addr + (jp & 1) * PW_VST;
+#pragma unroll
+            for (int kk = 0; kk < PW_BN / 16; ++kk)
+                if (kk < 4 || !phalf) wgmma_m64n128_rs_tn(o, p + 4 * kk, wg_desc(vb + kk * 16 * 128, PW_CH, 1024), 1);
+        };
+
+        // Epoch j for this warpgroup: S_j = Q.K_j over N = 128 keys, or 64 in its last tile when
+        // keys k0 + 64 .. lie past all of its rows; P_{j-1}.V_{j-1} issued behind it; the loads of
+        // the epoch; softmax of S_j while P.V runs; then O *= alpha and P_j = bf16(S_j).
+        auto step = [&](auto cols, int j) {
+            constexpr int N = decltype(cols)::n;
+            float* sa = N == 128 ? s : s2;
+            barrier();
+            const int k0 = j * PW_BN;
+            // compiler pins first, then the hardware fence: every register write before it (softmax,
+            // rescale, P) is ordered before the wgmma reads of the same registers
+            wg_fence_regs<N / 2>(sa);
+            wg_fence_regs<64>(o);
+            wg_fence_regs<32>(p);
             wg_fence();
-            issue_pv(j - 1, false);  // tile j - 1 is never this warpgroup's last
-        }
-        wg_commit();    // an empty group at j = 0 keeps the wait counts below the same
-        load_epoch(j);  // issued while the tensor cores work
-
-        wg_wait<1>();  // S_j done; P_{j-1}.V_{j-1} may still run
-        wg_fence_regs<N / 2>(sa);
-        // ---- causal mask, only where the tile reaches past the warpgroup's first row
-        if (k0 + N - 1 > pos0 + wq0) {
-            const int lim = pos0 + wq0 + r_lo - k0 - cq;  // this thread's row limit, as a key offset
+            const u32 kb = k_addr + (j & 1) * PW_KST;
 #pragma unroll
-            for (int jj = 0; jj < N / 8; ++jj)
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    if (8 * jj + (e & 1) > lim + 8 * (e >> 1)) sa[4 * jj + e] = -INFINITY;
-        }
-        // ---- online softmax (row r_lo: e = 0, 1; r_lo + 8: e = 2, 3), overlapping P_{j-1}.V_{j-1}
-        float alpha[2];
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int jj = 0; jj < N / 8; ++jj) mx = fmaxf(mx, fmaxf(sa[4 * jj + 2 * hf], sa[4 * jj + 2 * hf + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m_r[hf], mx * sl2);
-            // key 0 is in tile 0 and visible to every row, so m_new is finite; the guard keeps
-            // a fully masked row at zeros instead of NaN should that ever change
-            const float m_use = m_new == -INFINITY ? 0.f : m_new;
-            alpha[hf] = exp2f(m_r[hf] - m_use);  // 0 on the first tile (m_r = -inf)
-            float sum = 0.f;
-#pragma unroll
-            for (int jj = 0; jj < N / 8; ++jj) {
-                const float p0 = exp2f(fmaf(sa[4 * jj + 2 * hf], sl2, -m_use));
-                const float p1 = exp2f(fmaf(sa[4 * jj + 2 * hf + 1], sl2, -m_use));
-                sa[4 * jj + 2 * hf] = p0;
-                sa[4 * jj + 2 * hf + 1] = p1;
-                sum += p0 + p1;
+            for (int ks = 0; ks < PF_DQK / 16; ++ks) {
+                const u32 off = (ks >> 2) * PW_CH + (ks & 3) * 32;
+                const u64 da = wg_desc(q_addr + off, 16, 1024), db = wg_desc(kb + off, 16, 1024);
+                if (N == 128)
+                    wgmma_m64n128_ss(sa, da, db, ks);
+                else
+                    wgmma_m64n64_ss(sa, da, db, ks);
             }
-            l_r[hf] = l_r[hf] * alpha[hf] + sum;
-            m_r[hf] = m_new;
-        }
-        wg_wait<0>();
-        wg_fence_regs<64>(o);
-        wg_fence_regs<32>(p);  // the old P stays live (its registers not reused) until here
-#pragma unroll
-        for (int jj = 0; jj < PW_DV_N8; ++jj) {
-            o[4 * jj] *= alpha[0];
-            o[4 * jj + 1] *= alpha[0];
-            o[4 * jj + 2] *= alpha[1];
-            o[4 * jj + 3] *= alpha[1];
-        }
-#pragma unroll
-        for (int i = 0; i < N / 4; ++i) p[i] = pf_pack(sa[2 * i], sa[2 * i + 1]);
-    };
+            wg_commit();
+            if (j > 0) {
+                wg_fence();
+                issue_pv(j - 1, false);  // tile j - 1 is never this warpgroup's last
+            }
+            wg_commit();    // an empty group at j = 0 keeps the wait counts below the same
+            load_epoch(j);  // issued while the tensor cores work
 
-    // Every warpgroup passes n_kt + 1 barriers (epochs 0 .. n_kt) and issues its share of every
-    // epoch's loads; it computes in epochs 0 .. n_wt. The 64-key last tile is peeled out of the
-    // loop, and the idle epochs follow it: with Q.K issued under a condition (or as two shapes
-    // into the same registers) inside the loop, ptxas serializes every wgmma (C7511 / C7515).
-    const bool last_half = n_wt > 0 && (n_wt - 1) * PW_BN + 64 > w_last;
-    const int n_full = n_wt - (last_half ? 1 : 0);
-    for (int j = 0; j < n_full; ++j) step(PwCols<128>{}, j);
-    if (last_half) step(PwCols<64>{}, n_full);
-    // epoch n_wt: the last P.V (V_{n_wt-1} arrived with this barrier)
-    barrier();
-    if (n_wt > 0) {
-        wg_fence_regs<64>(o);
-        wg_fence_regs<32>(p);
-        wg_fence();
-        issue_pv(n_wt - 1, last_half);
-    }
-    wg_commit();
-    load_epoch(n_wt);
-    wg_wait<0>();
-    wg_fence_regs<64>(o);
-    // epochs n_wt + 1 .. n_kt: loads and barriers only (the other warpgroup's later tiles)
-    for (int j = n_wt + 1; j <= n_kt; ++j) {
+            wg_wait<1>();  // S_j done; P_{j-1}.V_{j-1} may still run
+            wg_fence_regs<N / 2>(sa);
+            // ---- causal mask, only where the tile reaches past the warpgroup's first row
+            if (k0 + N - 1 > pos0 + wq0) {
+                const int lim = pos0 + wq0 + r_lo - k0 - cq;  // this thread's row limit, as a key offset
+#pragma unroll
+                for (int jj = 0; jj < N / 8; ++jj)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        if (8 * jj + (e & 1) > lim + 8 * (e >> 1)) sa[4 * jj + e] = -INFINITY;
+            }
+            // ---- online softmax (row r_lo: e = 0, 1; r_lo + 8: e = 2, 3), overlapping P_{j-1}.V_{j-1}
+            float alpha[2];
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                float mx = -INFINITY;
+#pragma unroll
+                for (int jj = 0; jj < N / 8; ++jj) mx = fmaxf(mx, fmaxf(sa[4 * jj + 2 * hf], sa[4 * jj + 2 * hf + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m_r[hf], mx * sl2);
+                // key 0 is in tile 0 and visible to every row, so m_new is finite; the guard keeps
+                // a fully masked row at zeros instead of NaN should that ever change
+                const float m_use = m_new == -INFINITY ? 0.f : m_new;
+                alpha[hf] = exp2f(m_r[hf] - m_use);  // 0 on the first tile (m_r = -inf)
+                float sum = 0.f;
+#pragma unroll
+                for (int jj = 0; jj < N / 8; ++jj) {
+                    const float p0 = exp2f(fmaf(sa[4 * jj + 2 * hf], sl2, -m_use));
+                    const float p1 = exp2f(fmaf(sa[4 * jj + 2 * hf + 1], sl2, -m_use));
+                    sa[4 * jj + 2 * hf] = p0;
+                    sa[4 * jj + 2 * hf + 1] = p1;
+                    sum += p0 + p1;
+                }
+                l_r[hf] = l_r[hf] * alpha[hf] + sum;
+                m_r[hf] = m_new;
+            }
+            wg_wait<0>();
+            wg_fence_regs<64>(o);
+            wg_fence_regs<32>(p);  // the old P stays live (its registers not reused) until here
+#pragma unroll
+            for (int jj = 0; jj < PW_DV_N8; ++jj) {
+                o[4 * jj] *= alpha[0];
+                o[4 * jj + 1] *= alpha[0];
+                o[4 * jj + 2] *= alpha[1];
+                o[4 * jj + 3] *= alpha[1];
+            }
+#pragma unroll
+            for (int i = 0; i < N / 4; ++i) p[i] = pf_pack(sa[2 * i], sa[2 * i + 1]);
+        };
+
+        // Every warpgroup passes n_kt + 1 barriers (epochs 0 .. n_kt) and issues its share of every
+        // epoch's loads; it computes in epochs 0 .. n_wt. The 64-key last tile is peeled out of the
+        // loop, and the idle epochs follow it: with Q.K issued under a condition (or as two shapes
+        // into the same registers) inside the loop, ptxas serializes every wgmma (C7511 / C7515).
+        const bool last_half = n_wt > 0 && (n_wt - 1) * PW_BN + 64 > w_last;
+        const int n_full = n_wt - (last_half ? 1 : 0);
+        for (int j = 0; j < n_full; ++j) step(PwCols<128>{}, j);
+        if (last_half) step(PwCols<64>{}, n_full);
+        // epoch n_wt: the last P.V (V_{n_wt-1} arrived with this barrier)
         barrier();
-        load_epoch(j);
-    }
-    cp_async_wait<0>();
-    if (n_wt == 0) return;  // every row of this warpgroup lies past q_len (no barrier follows
-                            // but the warpgroup's own)
-
-    // ---- normalise, stage the warpgroup's 64 x 128 bf16 rows in the (now unused) K stage 0
-    // (16-byte piece c of row r at c ^ (r % 8): conflict-free for these writes), then store 16 B
-    // per thread, rows past q_len skipped
-    unsigned char* so = sK + wg * 64 * 256;
+        if (n_wt > 0) {
+                wg_fence_regs<64>(o);
+                wg_fence_regs<32>(p);
+                wg_fence();
+                issue_pv(n_wt - 1, last_half);
+            }
+            wg_commit();
+            load_epoch(n_wt);
+            wg_wait<0>();
+            wg_fence_regs<64>(o);
+            // epochs n_wt + 1 .. n_kt: loads and barriers only (the other warpgroup's later tiles)
+            for (int j = n_wt + 1; j <= n_kt; ++j) {
+                barrier();
+                load_epoch(j);
+            }
+            if (!PERSIST) cp_async_wait<0>();  // (persistent: the next item's first barrier waits)
+            // n_wt == 0: every row of this warpgroup lies past q_len (no barrier follows but the
+            // warpgroup's own)
+            if (n_wt > 0) {
+            // ---- normalise, stage the warpgroup's 64 x 128 bf16 rows in the (now unused) K stage 1
+            // (16-byte piece c of row r at c ^ (r % 8): conflict-free for these writes; stage 0 takes
+            // the next item's K_0), then store 16 B per thread, rows past q_len skipped
+            unsigned char* so = sK + PW_KST + wg * 64 * 256;
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        float l = l_r[hf];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int r = r_lo + 8 * hf;
+            for (int hf = 0; hf < 2; ++hf) {
+                float l = l_r[hf];
+                l += __shfl_xor_sync(0xffffffffu, l, 1);
+                l += __shfl_xor_sync(0xffffffffu, l, 2);
+                const float inv = l > 0.f ? 1.f / l : 0.f;
+                const int r = r_lo + 8 * hf;
 #pragma unroll
-        for (int jj = 0; jj < PW_DV_N8; ++jj)
-            *reinterpret_cast<__nv_bfloat162*>(so + r * 256 + ((jj ^ (r & 7)) << 4) + cq * 2) =
-                __floats2bfloat162_rn(o[4 * jj + 2 * hf] * inv, o[4 * jj + 2 * hf + 1] * inv);
-    }
-    pw_bar_sync_wg(wg);
+                for (int jj = 0; jj < PW_DV_N8; ++jj)
+                    *reinterpret_cast<__nv_bfloat162*>(so + r * 256 + ((jj ^ (r & 7)) << 4) + cq * 2) =
+                        __floats2bfloat162_rn(o[4 * jj + 2 * hf] * inv, o[4 * jj + 2 * hf + 1] * inv);
+            }
+            pw_bar_sync_wg(wg);
 #pragma unroll
-    for (int i = 0; i < 64 * 16 / 128; ++i) {
-        const int idx = wt + 128 * i, r = idx >> 4, c = idx & 15;
-        if (wq0 + r < q_len)
-            *reinterpret_cast<uint4*>(out + (long long)(q_row0 + wq0 + r) * o_rs + h * o_hs + c * 8) =
-                *reinterpret_cast<const uint4*>(so + r * 256 + ((c ^ (r & 7)) << 4));
+            for (int i = 0; i < 64 * 16 / 128; ++i) {
+                const int idx = wt + 128 * i, r = idx >> 4, c = idx & 15;
+                if (wq0 + r < q_len)
+                    *reinterpret_cast<uint4*>(out + (long long)(q_row0 + wq0 + r) * o_rs + h * o_hs + c * 8) =
+                        *reinterpret_cast<const uint4*>(so + r * 256 + ((c ^ (r & 7)) << 4));
+            }
+        }
+        if (!has_next) break;
+        item = next;
+        h = nh;
+        pt = nt;
     }
 }
+
+extern "C" __global__ void __launch_bounds__(256, 1) mla_prefill_wgmma_bf16(PF_ARGS) {
+    griddep_wait();
+    pw_run<false>(PF_PASS, 0, 0);
+}
+
+// Persistent: grid (min(n_tiles x heads, the CTAs resident at once)), 256 threads, the same
+// shared memory; PF_ARGS, then the tile list's length and the head count.
+extern "C" __global__ void __launch_bounds__(256, 1) mla_prefill_wgmma_persist_bf16(PF_ARGS, int n_tiles,
+                                                                                   int n_heads) {
+    griddep_wait();
+    pw_run<true>(PF_PASS, n_tiles, n_heads);
+}
+
 
 // dst[idx[i], :] = src[i, :] for i < n; src [n, width], dst [rows, width] bf16, width a multiple of 8.
 // One block per source row; indices outside [0, rows) are skipped.

@@ -29,6 +29,9 @@ const WGMMA_BLOCK_N: usize = 128;
 pub enum PrefillKernel {
     #[default]
     Wgmma,
+    /// The wgmma kernel launched persistent (`wgmma-persist`): a CTA per SM walks the (tile,
+    /// head) items and loads the next item's Q and first K tile behind the current one's end.
+    WgmmaPersist,
     Mma,
 }
 
@@ -36,14 +39,18 @@ impl PrefillKernel {
     /// The environment variable a binary reads the choice from.
     pub const ENV: &'static str = "DSV2_PREFILL_KERNEL";
 
-    /// `wgmma` (or empty) or `mma`.
+    /// `wgmma` (or empty), `wgmma-persist` or `mma`.
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "" | "wgmma" => Ok(PrefillKernel::Wgmma),
+            "wgmma-persist" => Ok(PrefillKernel::WgmmaPersist),
             "mma" => Ok(PrefillKernel::Mma),
             other => Err(KernelError::Unsupported {
                 op: "mla_prefill",
-                what: format!("{}={other:?} (expected \"wgmma\" or \"mma\")", Self::ENV),
+                what: format!(
+                    "{}={other:?} (expected \"wgmma\", \"wgmma-persist\" or \"mma\")",
+                    Self::ENV
+                ),
             }),
         }
     }
@@ -53,6 +60,7 @@ impl PrefillKernel {
     pub fn tile_for(self, seqs: &[PrefillSeq]) -> PrefillTile {
         match self {
             PrefillKernel::Wgmma => PrefillTile::Wgmma128,
+            PrefillKernel::WgmmaPersist => PrefillTile::Wgmma128Persist,
             PrefillKernel::Mma => {
                 let work = |t: PrefillTile| {
                     seqs.iter()
@@ -75,6 +83,9 @@ pub enum PrefillTile {
     /// `mla_prefill_wgmma_bf16`: 128 rows (two warpgroups of 64), 128-key tiles, 209 KiB of
     /// shared memory, one CTA per SM.
     Wgmma128,
+    /// `mla_prefill_wgmma_persist_bf16`: the same tile, one CTA per SM walking the (tile, head)
+    /// items, the next item's Q and K_0 loaded behind the current item's end.
+    Wgmma128Persist,
     /// mma.sync, 128 rows, 8 warps, 128 KiB of shared memory, one CTA per SM.
     M128,
     /// mma.sync, 64 rows, 4 warps, 104 KiB, two CTAs per SM: less padding on short chunks.
@@ -84,7 +95,7 @@ pub enum PrefillTile {
 impl PrefillTile {
     pub fn rows(self) -> usize {
         match self {
-            PrefillTile::Wgmma128 | PrefillTile::M128 => 128,
+            PrefillTile::Wgmma128 | PrefillTile::Wgmma128Persist | PrefillTile::M128 => 128,
             PrefillTile::M64 => 64,
         }
     }
@@ -92,6 +103,7 @@ impl PrefillTile {
     pub fn kernel(self) -> PrefillKernel {
         match self {
             PrefillTile::Wgmma128 => PrefillKernel::Wgmma,
+            PrefillTile::Wgmma128Persist => PrefillKernel::WgmmaPersist,
             PrefillTile::M128 | PrefillTile::M64 => PrefillKernel::Mma,
         }
     }
@@ -100,6 +112,7 @@ impl PrefillTile {
     pub fn function(self) -> &'static str {
         match self {
             PrefillTile::Wgmma128 => "mla_prefill_wgmma_bf16",
+            PrefillTile::Wgmma128Persist => "mla_prefill_wgmma_persist_bf16",
             PrefillTile::M128 => "mla_prefill_m128_bf16",
             PrefillTile::M64 => "mla_prefill_m64_bf16",
         }
@@ -112,7 +125,7 @@ impl PrefillTile {
     pub fn smem_bytes(self) -> usize {
         let qk = QK_NOPE + QK_ROPE;
         match self {
-            PrefillTile::Wgmma128 => {
+            PrefillTile::Wgmma128 | PrefillTile::Wgmma128Persist => {
                 (128 * qk + 2 * WGMMA_BLOCK_N * qk + 2 * WGMMA_BLOCK_N * V_HEAD) * 2 + 1024
             }
             PrefillTile::M128 | PrefillTile::M64 => {
@@ -123,7 +136,7 @@ impl PrefillTile {
 
     fn threads(self) -> u32 {
         match self {
-            PrefillTile::Wgmma128 => 256,
+            PrefillTile::Wgmma128 | PrefillTile::Wgmma128Persist => 256,
             PrefillTile::M128 | PrefillTile::M64 => (self.rows() / 16 * 32) as u32,
         }
     }
@@ -387,15 +400,31 @@ pub fn mla_prefill(gpu: &Gpu, p: MlaPrefillParams<'_>) -> Result<()> {
         .arg(&nq)
         .arg(&nctx)
         .arg(&scale);
+    let (n_tiles_i, heads_i) = (
+        dim_i32(OP, "tiles", plan.n_tiles())?,
+        dim_i32(OP, "heads", heads)?,
+    );
+    let grid_dim = if tile == PrefillTile::Wgmma128Persist {
+        // one CTA per SM (209 KiB of shared memory each), each walking its items
+        let items = plan.n_tiles() * heads;
+        if items > i32::MAX as usize {
+            return Err(shape_err(OP, format!("{items} (tile, head) items")));
+        }
+        b.arg(&n_tiles_i).arg(&heads_i);
+        (items.min(gpu.sm_count.max(1)) as u32, 1, 1)
+    } else {
+        (plan.n_tiles() as u32, heads as u32, 1)
+    };
     let cfg = LaunchConfig {
-        grid_dim: (plan.n_tiles() as u32, heads as u32, 1),
+        grid_dim,
         block_dim: (tile.threads(), 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    // SAFETY: matches mla_prefill_{m128,m64,wgmma}_bf16(PF_ARGS); every operand's shape, strides and
-    // 16-byte alignment were checked above against (n, H, T); seqs / tiles hold n_seqs x int4 and
-    // n_tiles x int2 (shape-checked, contiguous i32, 16- and 8-byte aligned as cudarc allocations
-    // are), and the kernel skips any descriptor that does not fit n and T.
+    // SAFETY: matches mla_prefill_{m128,m64,wgmma}_bf16(PF_ARGS) and, for the persistent tile,
+    // mla_prefill_wgmma_persist_bf16(PF_ARGS, n_tiles, heads); every operand's shape, strides
+    // and 16-byte alignment were checked above against (n, H, T); seqs / tiles hold n_seqs x
+    // int4 and n_tiles x int2 (shape-checked, contiguous i32, 16- and 8-byte aligned as cudarc
+    // allocations are), and the kernel skips any descriptor that does not fit n and T.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -595,6 +624,14 @@ mod tests {
             Some(PrefillKernel::Wgmma)
         );
         assert_eq!(PrefillKernel::parse("mma").ok(), Some(PrefillKernel::Mma));
+        assert_eq!(
+            PrefillKernel::parse("wgmma-persist").ok(),
+            Some(PrefillKernel::WgmmaPersist)
+        );
+        let persist = PrefillKernel::WgmmaPersist.tile_for(&[]);
+        assert_eq!(persist, PrefillTile::Wgmma128Persist);
+        assert_eq!(persist.kernel(), PrefillKernel::WgmmaPersist);
+        assert_eq!(persist.smem_bytes(), PrefillTile::Wgmma128.smem_bytes());
         let err = PrefillKernel::parse("flash").err().map(|e| e.to_string());
         let msg = err.unwrap_or_default();
         assert!(
