@@ -45,6 +45,18 @@ pub struct CheckRow {
 }
 
 impl CheckRow {
+    /// Prints the row's verdict to stderr as it is taken, so that a kernel that crashes the
+    /// context leaves the rows before it on the console.
+    pub fn eprint_progress(&self) {
+        eprintln!(
+            "{} {} rel_l2 {:.3e} {}",
+            self.op,
+            self.sizes,
+            self.rel_l2,
+            if self.pass { "PASS" } else { "FAIL" }
+        );
+    }
+
     fn cmp(op: &str, sizes: String, got: &[f32], want: &[f32], tol: f32) -> Self {
         let (max_abs, rel_l2) = r::errors(got, want);
         let pass = got.len() == want.len() && rel_l2 <= tol;
@@ -1198,13 +1210,7 @@ pub fn run_mla(gpu: &Gpu, kernels: &[mla::MlaKernel]) -> Result<Vec<CheckRow>> {
     for &kernel in kernels {
         for (lens, heads, block, splits) in cases {
             let row = check_mla_decode(gpu, lens, heads, block, splits, kernel)?;
-            eprintln!(
-                "{} {} rel_l2 {:.3e} {}",
-                row.op,
-                row.sizes,
-                row.rel_l2,
-                if row.pass { "PASS" } else { "FAIL" }
-            );
+            row.eprint_progress();
             out.push(row);
         }
     }

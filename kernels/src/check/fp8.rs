@@ -293,13 +293,7 @@ pub fn run_fp8(gpu: &Gpu) -> Result<Vec<CheckRow>> {
     for kernel in [mla::Fp8Kernel::Wgmma, mla::Fp8Kernel::Regs] {
         for (lens, heads, block, splits) in cases {
             let row = check_mla_decode_fp8(gpu, kernel, lens, heads, block, splits)?;
-            eprintln!(
-                "{} {} rel_l2 {:.3e} {}",
-                row.op,
-                row.sizes,
-                row.rel_l2,
-                if row.pass { "PASS" } else { "FAIL" }
-            );
+            row.eprint_progress();
             out.push(row);
         }
     }

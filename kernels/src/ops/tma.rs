@@ -32,7 +32,32 @@ pub fn bf16_2d_params(
     box_cols: usize,
     box_rows: usize,
 ) -> Result<([u64; 2], u64, [u32; 2])> {
-    let elem = std::mem::size_of::<bf16>();
+    params_2d(
+        op,
+        addr,
+        rows,
+        cols,
+        std::mem::size_of::<bf16>(),
+        box_cols,
+        box_rows,
+        true,
+    )
+}
+
+/// The checks and encode arguments of a row-major matrix of `elem`-byte elements (see
+/// [`bf16_2d_params`]); without `swizzle` a box may be any multiple of 16 bytes wide up to 256
+/// elements.
+#[allow(clippy::too_many_arguments)]
+fn params_2d(
+    op: &'static str,
+    addr: u64,
+    rows: usize,
+    cols: usize,
+    elem: usize,
+    box_cols: usize,
+    box_rows: usize,
+    swizzle: bool,
+) -> Result<([u64; 2], u64, [u32; 2])> {
     if !addr.is_multiple_of(16) {
         return Err(shape_err(
             op,
@@ -43,14 +68,26 @@ pub fn bf16_2d_params(
         return Err(shape_err(
             op,
             format!(
-                "TMA matrix [{rows}, {cols}] bf16: rows must be non-empty multiples of 16 bytes"
+                "TMA matrix [{rows}, {cols}] of {elem}-byte elements: rows must be non-empty multiples of 16 bytes"
             ),
         ));
     }
-    if box_cols * elem != SWIZZLE_BYTES || box_rows == 0 || box_rows > 256 {
+    let box_ok = if swizzle {
+        box_cols * elem == SWIZZLE_BYTES
+    } else {
+        box_cols > 0 && box_cols <= 256 && (box_cols * elem).is_multiple_of(16)
+    };
+    if !box_ok || box_rows == 0 || box_rows > 256 {
         return Err(shape_err(
             op,
-            format!("TMA box {box_cols} x {box_rows}: expected 64 bf16 (128 bytes) x 1..=256 rows"),
+            format!(
+                "TMA box {box_cols} x {box_rows} of {elem}-byte elements: expected {} x 1..=256 rows",
+                if swizzle {
+                    "one 128-byte swizzled line"
+                } else {
+                    "a multiple of 16 bytes up to 256 elements"
+                }
+            ),
         ));
     }
     if rows as u64 > u32::MAX as u64 || cols as u64 > u32::MAX as u64 {
@@ -78,15 +115,41 @@ pub fn encode_bf16_2d(
 ) -> Result<TmaMap2d> {
     use cudarc::driver::sys as cu;
     let (dims, stride, boxes) = bf16_2d_params(op, addr, rows, cols, box_cols, box_rows)?;
+    encode_2d(
+        cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        addr,
+        dims,
+        stride,
+        boxes,
+        true,
+    )
+}
+
+/// cuTensorMapEncodeTiled of a 2-D matrix whose encode arguments were checked (by
+/// [`bf16_2d_params`] or [`u8_2d_params`]): `swizzle` picks the 128-byte swizzle or none.
+fn encode_2d(
+    dtype: cudarc::driver::sys::CUtensorMapDataType,
+    addr: u64,
+    dims: [u64; 2],
+    stride: u64,
+    boxes: [u32; 2],
+    swizzle: bool,
+) -> Result<TmaMap2d> {
+    use cudarc::driver::sys as cu;
     let strides: [u64; 1] = [stride];
     let element_strides: [u32; 2] = [1, 1];
     let mut map = std::mem::MaybeUninit::<cu::CUtensorMap>::zeroed();
+    let swz = if swizzle {
+        cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B
+    } else {
+        cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE
+    };
     // SAFETY: every array outlives the call and has the rank (2; one stride) the call is given;
     // the address is only recorded in the map (the kernel that uses it must be given live memory).
     unsafe {
         cu::cuTensorMapEncodeTiled(
             map.as_mut_ptr(),
-            cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            dtype,
             2,
             addr as *mut std::ffi::c_void,
             dims.as_ptr(),
@@ -94,7 +157,7 @@ pub fn encode_bf16_2d(
             boxes.as_ptr(),
             element_strides.as_ptr(),
             cu::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            swz,
             cu::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             cu::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
@@ -118,34 +181,14 @@ pub fn encode_u8_2d(
 ) -> Result<TmaMap2d> {
     use cudarc::driver::sys as cu;
     let (dims, stride, boxes) = u8_2d_params(op, addr, rows, cols, box_cols, box_rows, swizzle)?;
-    let strides: [u64; 1] = [stride];
-    let element_strides: [u32; 2] = [1, 1];
-    let mut map = std::mem::MaybeUninit::<cu::CUtensorMap>::zeroed();
-    let swz = if swizzle {
-        cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B
-    } else {
-        cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE
-    };
-    // SAFETY: as encode_bf16_2d: every array outlives the call and has the rank it is given; the
-    // address is only recorded in the map.
-    unsafe {
-        cu::cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
-            2,
-            addr as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            element_strides.as_ptr(),
-            cu::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            swz,
-            cu::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            cu::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-        .result()?;
-        Ok(TmaMap2d(map.assume_init().opaque))
-    }
+    encode_2d(
+        cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+        addr,
+        dims,
+        stride,
+        boxes,
+        swizzle,
+    )
 }
 
 /// The encode arguments of [`encode_u8_2d`]: (global dims, row stride, box dims), innermost
@@ -159,49 +202,7 @@ pub fn u8_2d_params(
     box_rows: usize,
     swizzle: bool,
 ) -> Result<([u64; 2], u64, [u32; 2])> {
-    if !addr.is_multiple_of(16) {
-        return Err(shape_err(
-            op,
-            format!("TMA base {addr:#x} is not 16-byte aligned"),
-        ));
-    }
-    if cols == 0 || rows == 0 || !cols.is_multiple_of(16) {
-        return Err(shape_err(
-            op,
-            format!(
-                "TMA matrix [{rows}, {cols}] bytes: rows must be non-empty multiples of 16 bytes"
-            ),
-        ));
-    }
-    let box_ok = if swizzle {
-        box_cols == SWIZZLE_BYTES
-    } else {
-        box_cols > 0 && box_cols <= 256 && box_cols.is_multiple_of(16)
-    };
-    if !box_ok || box_rows == 0 || box_rows > 256 || box_cols > cols {
-        return Err(shape_err(
-            op,
-            format!(
-                "TMA box {box_cols} x {box_rows} bytes over rows of {cols}: expected {} x 1..=256 rows",
-                if swizzle {
-                    "128 (one swizzled line)"
-                } else {
-                    "a multiple of 16 up to 256"
-                }
-            ),
-        ));
-    }
-    if rows as u64 > u32::MAX as u64 {
-        return Err(shape_err(
-            op,
-            format!("TMA matrix [{rows}, {cols}] too large"),
-        ));
-    }
-    Ok((
-        [cols as u64, rows as u64],
-        cols as u64,
-        [box_cols as u32, box_rows as u32],
-    ))
+    params_2d(op, addr, rows, cols, 1, box_cols, box_rows, swizzle)
 }
 
 #[cfg(test)]
