@@ -47,6 +47,9 @@ __device__ __forceinline__ u32 wg_swz(int row, int col) {
     return (u32)((col >> 6) * 8192 + row * 128 + ((((k >> 3) ^ (row & 7))) << 4) + ((k & 7) << 1));
 }
 
+// Byte offset of 16-byte piece `piece` (0..7) of row `row` inside such a chunk (wg_swz by pieces).
+__device__ __forceinline__ u32 swz_piece(int row, int piece) { return (u32)(row * 128 + ((piece ^ (row & 7)) << 4)); }
+
 // The end of a two-warpgroup decode CTA (64 heads h0.., one context split): warpgroup wg holds
 // output columns 256 wg .. 256 wg + 255 of rows r_lo and r_lo + 8 in `o` (the wgmma accumulator
 // layout of m64n256) and its partial row sums over those columns in l_part; m[hlf] is the row

@@ -56,6 +56,7 @@
 // 0. Stage rows never loaded are zeroed before their first use.
 #include "common.cuh"
 #include "mla_common.cuh"
+#include "mma.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
@@ -103,29 +104,11 @@ __device__ __forceinline__ void f8x4_to_f16x2x2(u32 x, u32& lo, u32& hi) {
         : "r"(x));
 }
 
-__device__ __forceinline__ void fr_ldsm_x4(u32* r, u32 addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-__device__ __forceinline__ void fr_ldsm_x4_t(u32* r, u32 addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-__device__ __forceinline__ void fr_stsm_x4_t(u32 addr, u32 r0, u32 r1, u32 r2, u32 r3) {
-    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0),
-                 "r"(r1), "r"(r2), "r"(r3)
-                 : "memory");
-}
 __device__ __forceinline__ uint4 fr_lds128(u32 addr) {
     uint4 v;
     asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
     return v;
 }
-
-// Byte offset of 16-byte piece `piece` (0..7) of row `row` inside a 128-byte-swizzled chunk.
-__device__ __forceinline__ u32 fr_swz(int row, int piece) { return (u32)(row * 128 + ((piece ^ (row & 7)) << 4)); }
 
 // Issue tile [t0, t0 + 64)'s copies into stage `st` (one thread): per contiguous piece of
 // min(block_size, 64) cache rows, the 4 code chunks and the rope chunk (map: box 128 B x piece,
@@ -351,7 +334,7 @@ mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
             // (rows 8-15, k 8-15) of k-step ks; lane l addresses matrix l / 8, row l % 8
             const int mi = lane / 8, r = 16 * w + (lane % 8) + (mi & 1) * 8;
 #pragma unroll
-            for (int ks = 0; ks < 4; ++ks) fr_ldsm_x4(ra + 4 * ks, st + FR_ST_ROPE + fr_swz(r, 2 * ks + (mi >> 1)));
+            for (int ks = 0; ks < 4; ++ks) ldsm_x4_at(ra + 4 * ks, st + FR_ST_ROPE + swz_piece(r, 2 * ks + (mi >> 1)));
             wg_fence();
 #pragma unroll
             for (int ks = 0; ks < 4; ++ks)
@@ -361,8 +344,8 @@ mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
         for (int c = 0; c < 8; ++c) {
             // the codes of k-steps 4 c .. 4 c + 3 for rows row0 and row0 + 8
             const int piece = (c & 1) * 4 + t;
-            const uint4 c0 = fr_lds128(st + (c >> 1) * FR_CHUNK + fr_swz(row0, piece));
-            const uint4 c1 = fr_lds128(st + (c >> 1) * FR_CHUNK + fr_swz(row0 + 8, piece));
+            const uint4 c0 = fr_lds128(st + (c >> 1) * FR_CHUNK + swz_piece(row0, piece));
+            const uint4 c1 = fr_lds128(st + (c >> 1) * FR_CHUNK + swz_piece(row0 + 8, piece));
             u32 a[16];
             const u32 w0[4] = {c0.x, c0.y, c0.z, c0.w}, w1[4] = {c1.x, c1.y, c1.z, c1.w};
 #pragma unroll
@@ -455,7 +438,7 @@ mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
             for (int jp = 0; jp < 2; ++jp) {
                 const int j = 2 * jp + mi / 2, hf = mi & 1;
                 const int head = 32 * wg + 8 * j + c;
-                fr_stsm_x4_t(pbuf + fr_swz(head, 2 * w + hf), pp[4 * jp], pp[4 * jp + 1], pp[4 * jp + 2],
+                stsm_x4_t_at(pbuf + swz_piece(head, 2 * w + hf), pp[4 * jp], pp[4 * jp + 1], pp[4 * jp + 2],
                              pp[4 * jp + 3]);
             }
         }
@@ -488,7 +471,7 @@ mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
                     // matrices: tokens 32 kp + 8 mi + 0..7 (k-step 2 kp: mi 0, 1; 2 kp + 1: mi 2, 3)
                     const int tok = 32 * kp + 8 * mi + (lane % 8);
                     u32 r[4];
-                    fr_ldsm_x4_t(r, cbase + fr_swz(tok, piece));
+                    ldsm_x4_t_at(r, cbase + swz_piece(tok, piece));
 #pragma unroll
                     for (int q = 0; q < 4; ++q) {
                         // bytes (tok 2t, col 2g), (2t, 2g+1), (2t+1, 2g), (2t+1, 2g+1) ->

@@ -1,5 +1,6 @@
 // mma.cuh: the tensor-core building blocks shared by the mma.sync kernels (MLA decode, grouped
-// experts, prefill attention): one m16n8k16 bf16 MMA, ldmatrix loads and cp.async copies.
+// experts, prefill attention) and the register operands of the wgmma ones: one m16n8k16 bf16
+// MMA, ldmatrix loads, stmatrix stores and cp.async copies.
 #pragma once
 #include "common.cuh"
 
@@ -24,6 +25,28 @@ __device__ __forceinline__ void ldsm_x4_t(u32* r, const bf16* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
+}
+
+// The same by shared-memory address (an operand's address computed as the wgmma descriptors'),
+// plain and transposed.
+__device__ __forceinline__ void ldsm_x4_at(u32* r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t_at(u32* r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+// Four 8x8 b16 matrices to shared memory, transposed: thread l holds row l / 4, elements
+// 2 (l % 4), 2 (l % 4) + 1 of each (the mma / wgmma accumulator layout rounded to pairs), and
+// lane l supplies the address of row l % 8 of matrix l / 8 of the transposed matrix, i.e.
+// column l % 8 of the held one.
+__device__ __forceinline__ void stsm_x4_t_at(u32 addr, u32 r0, u32 r1, u32 r2, u32 r3) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0),
+                 "r"(r1), "r"(r2), "r"(r3)
+                 : "memory");
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
