@@ -1145,13 +1145,15 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
 /// rows before it on record.
 pub fn run_mla(gpu: &Gpu, kernels: &[mla::MlaKernel]) -> Result<Vec<CheckRow>> {
     // (context lengths, heads, block size, forced splits)
-    let cases: [(&[usize], usize, usize, Option<usize>); 11] = [
+    let cases: [(&[usize], usize, usize, Option<usize>); 12] = [
         (&[1], 128, 64, None),
         (&[7, 1, 67, 130], 128, 64, None),
         (&[5137, 33, 1], 128, 64, None),
         (&[5137, 33, 1], 128, 64, Some(1)),
         (&[5137, 33, 1], 128, 64, Some(3)),
         (&[67, 300, 7], 16, 16, None),
+        // V2-Lite's 16 heads over 64-token blocks (the narrow kernel's case), a long context split
+        (&[5137, 1, 67, 130], 16, 64, None),
         (&[64, 65, 63, 128], 100, 64, None),
         // more splits than a sequence has tiles: empty splits write only their -inf lse
         (&[1, 2, 100], 128, 16, Some(64)),

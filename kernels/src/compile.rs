@@ -29,6 +29,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("mla_roles.cu", include_str!("cu/mla_roles.cu")),
     ("mla_fp8.cu", include_str!("cu/mla_fp8.cu")),
     ("mla_fp8_regs.cu", include_str!("cu/mla_fp8_regs.cu")),
+    ("mla_narrow.cu", include_str!("cu/mla_narrow.cu")),
     ("sample.cu", include_str!("cu/sample.cu")),
     ("general.cu", include_str!("cu/general.cu")),
     ("mla_prefill.cu", include_str!("cu/mla_prefill.cu")),

@@ -48,6 +48,7 @@ fn parse_args() -> Result<Args> {
             mla::MlaKernel::Tma,
             mla::MlaKernel::TmaPair,
             mla::MlaKernel::Roles,
+            mla::MlaKernel::Narrow,
         ],
         opts: GpuOptions::default(),
     };

@@ -693,24 +693,24 @@ __device__ __forceinline__ void pw_run(PF_ARGS, int n_tiles, int n_heads) {
         // epoch n_wt: the last P.V (V_{n_wt-1} arrived with this barrier)
         barrier();
         if (n_wt > 0) {
-                wg_fence_regs<64>(o);
-                wg_fence_regs<32>(p);
-                wg_fence();
-                issue_pv(n_wt - 1, last_half);
-            }
-            wg_commit();
-            load_epoch(n_wt);
-            wg_wait<0>();
             wg_fence_regs<64>(o);
-            // epochs n_wt + 1 .. n_kt: loads and barriers only (the other warpgroup's later tiles)
-            for (int j = n_wt + 1; j <= n_kt; ++j) {
-                barrier();
-                load_epoch(j);
-            }
-            if (!PERSIST) cp_async_wait<0>();  // (persistent: the next item's first barrier waits)
-            // n_wt == 0: every row of this warpgroup lies past q_len (no barrier follows but the
-            // warpgroup's own)
-            if (n_wt > 0) {
+            wg_fence_regs<32>(p);
+            wg_fence();
+            issue_pv(n_wt - 1, last_half);
+        }
+        wg_commit();
+        load_epoch(n_wt);
+        wg_wait<0>();
+        wg_fence_regs<64>(o);
+        // epochs n_wt + 1 .. n_kt: loads and barriers only (the other warpgroup's later tiles)
+        for (int j = n_wt + 1; j <= n_kt; ++j) {
+            barrier();
+            load_epoch(j);
+        }
+        if (!PERSIST) cp_async_wait<0>();  // (persistent: the next item's first barrier waits)
+        // n_wt == 0: every row of this warpgroup lies past q_len (no barrier follows but the
+        // warpgroup's own)
+        if (n_wt > 0) {
             // ---- normalise, stage the warpgroup's 64 x 128 bf16 rows in the (now unused) K stage 1
             // (16-byte piece c of row r at c ^ (r % 8): conflict-free for these writes; stage 0 takes
             // the next item's K_0), then store 16 B per thread, rows past q_len skipped

@@ -42,8 +42,16 @@ const TMA_SMEM_BYTES: usize = 8 * 8192 + 2 * 9 * 8192 + 2 * 8192 + 2 * 512 + 20 
 const ROLES_SMEM_BYTES: usize =
     3 * 8 * 8192 + 2 * 8192 + 8192 + 8192 + 2048 + 3 * 256 + 27 * 8 + 32;
 // within the most dynamic shared memory a CTA may use on sm_90 (227 KiB)
+/// Shared memory of one `mla_decode_narrow_bf16` CTA: `NR_BYTES` in mla_narrow.cu (two cache
+/// tile stages, Q of 16 heads, P, column maxima, row sums, 20 mbarriers) plus 1 KiB for alignment.
+const NARROW_SMEM_BYTES: usize = 2 * 9 * 8192 + 9 * 2048 + 2048 + 256 + 128 + 20 * 8 + 1024;
+/// Query heads one `mla_decode_narrow_bf16` CTA takes.
+const NARROW_HEADS: usize = 16;
 const _: () = assert!(
-    SEESAW_SMEM_BYTES <= 232_448 && TMA_SMEM_BYTES <= 232_448 && ROLES_SMEM_BYTES <= 232_448
+    SEESAW_SMEM_BYTES <= 232_448
+        && TMA_SMEM_BYTES <= 232_448
+        && ROLES_SMEM_BYTES <= 232_448
+        && NARROW_SMEM_BYTES <= 232_448
 );
 
 /// Which decode kernel runs. All compute the same function. `Tma` (TMA loads, fixed warpgroup
@@ -61,6 +69,10 @@ pub enum MlaKernel {
     /// of the latent columns) over three cache-tile buffers (mla_roles.cu).
     Roles,
     Seesaw,
+    /// Few heads (DeepSeek-V2-Lite's 16): 16 heads a CTA with the tokens on wgmma's M side
+    /// (S^T = K.Q^T, O^T = V^T.P^T), one math warpgroup and a producer warp feeding two TMA
+    /// stages (mla_narrow.cu).
+    Narrow,
     Wgmma,
     Mma,
 }
@@ -109,11 +121,12 @@ impl MlaKernel {
             "tma" => Ok(MlaKernel::Tma),
             "tma-pair" => Ok(MlaKernel::TmaPair),
             "roles" => Ok(MlaKernel::Roles),
+            "narrow" => Ok(MlaKernel::Narrow),
             "mma" => Ok(MlaKernel::Mma),
             other => Err(KernelError::Unsupported {
                 op: "mla_decode",
                 what: format!(
-                    "DSV2_MLA_KERNEL={other:?} (expected \"wgmma\", \"tma\", \"tma-pair\", \"roles\", \"seesaw\" or \"mma\")"
+                    "DSV2_MLA_KERNEL={other:?} (expected \"wgmma\", \"tma\", \"tma-pair\", \"roles\", \"seesaw\", \"narrow\" or \"mma\")"
                 ),
             }),
         }
@@ -126,8 +139,17 @@ impl MlaKernel {
             | MlaKernel::Tma
             | MlaKernel::Roles
             | MlaKernel::Seesaw
+            | MlaKernel::Narrow
             | MlaKernel::Wgmma => 64,
             MlaKernel::Mma => 32,
+        }
+    }
+
+    /// Query heads one CTA takes (the grid's x is the heads over this).
+    pub fn heads_per_cta(self) -> usize {
+        match self {
+            MlaKernel::Narrow => NARROW_HEADS,
+            _ => HEADS_PER_CTA,
         }
     }
 
@@ -137,6 +159,7 @@ impl MlaKernel {
             MlaKernel::TmaPair | MlaKernel::Tma => "mla_decode_tma_bf16",
             MlaKernel::Roles => "mla_decode_roles_bf16",
             MlaKernel::Seesaw => "mla_decode_seesaw_bf16",
+            MlaKernel::Narrow => "mla_decode_narrow_bf16",
             MlaKernel::Wgmma => "mla_decode_wgmma_bf16",
             MlaKernel::Mma => "mla_decode_bf16",
         }
@@ -147,6 +170,7 @@ impl MlaKernel {
             MlaKernel::TmaPair | MlaKernel::Tma => TMA_SMEM_BYTES,
             MlaKernel::Roles => ROLES_SMEM_BYTES,
             MlaKernel::Seesaw => SEESAW_SMEM_BYTES,
+            MlaKernel::Narrow => NARROW_SMEM_BYTES,
             MlaKernel::Wgmma => WGMMA_SMEM_BYTES,
             MlaKernel::Mma => MMA_SMEM_BYTES,
         }
@@ -156,6 +180,7 @@ impl MlaKernel {
     fn threads(self) -> u32 {
         match self {
             MlaKernel::Roles => 384,
+            MlaKernel::Narrow => 160,
             MlaKernel::TmaPair
             | MlaKernel::Tma
             | MlaKernel::Seesaw
@@ -169,7 +194,11 @@ impl MlaKernel {
     /// other way round.
     pub fn supports_block_size(self, block_size: usize) -> bool {
         match self {
-            MlaKernel::TmaPair | MlaKernel::Tma | MlaKernel::Roles | MlaKernel::Seesaw => {
+            MlaKernel::TmaPair
+            | MlaKernel::Tma
+            | MlaKernel::Roles
+            | MlaKernel::Seesaw
+            | MlaKernel::Narrow => {
                 block_size > 0
                     && (64usize.is_multiple_of(block_size) || block_size.is_multiple_of(64))
             }
@@ -401,7 +430,7 @@ pub fn choose_splits(
     max_seq_len: usize,
     kernel: MlaKernel,
 ) -> usize {
-    let ctas = batch * heads.div_ceil(HEADS_PER_CTA);
+    let ctas = batch * heads.div_ceil(kernel.heads_per_cta());
     // At least 2 tiles per split: a CTA's first tile load is not overlapped with anything, so a
     // 1-tile split is mostly latency. Unless even 1-tile splits leave most SMs idle (batch 1 at a
     // short context): then the shorter chain wins (batch 1 x 512 tokens: 20.5 -> 18 us at 128
@@ -565,9 +594,11 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<bool> {
     let si = splits as i32;
     let scale = p.scale;
     let map = match kernel {
-        MlaKernel::TmaPair | MlaKernel::Tma | MlaKernel::Roles | MlaKernel::Seesaw => {
-            Some(cache_tensor_map(&p.cache)?)
-        }
+        MlaKernel::TmaPair
+        | MlaKernel::Tma
+        | MlaKernel::Roles
+        | MlaKernel::Seesaw
+        | MlaKernel::Narrow => Some(cache_tensor_map(&p.cache)?),
         MlaKernel::Wgmma | MlaKernel::Mma => None,
     };
     // the pair kernel needs exactly two head groups, one per CTA of a cluster
@@ -600,7 +631,7 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<bool> {
     }
     let cfg = LaunchConfig {
         grid_dim: (
-            heads.div_ceil(HEADS_PER_CTA) as u32,
+            heads.div_ceil(kernel.heads_per_cta()) as u32,
             batch as u32,
             splits as u32,
         ),
@@ -886,6 +917,7 @@ mod tests {
         assert_eq!(MlaKernel::parse("tma").ok(), Some(MlaKernel::Tma));
         assert_eq!(MlaKernel::parse("tma-pair").ok(), Some(MlaKernel::TmaPair));
         assert_eq!(MlaKernel::parse("roles").ok(), Some(MlaKernel::Roles));
+        assert_eq!(MlaKernel::parse("narrow").ok(), Some(MlaKernel::Narrow));
         let err = MlaKernel::parse("flash").err().map(|e| e.to_string());
         let msg = err.unwrap_or_default();
         assert!(
@@ -915,6 +947,7 @@ mod tests {
             MlaKernel::Tma,
             MlaKernel::Roles,
             MlaKernel::Seesaw,
+            MlaKernel::Narrow,
             MlaKernel::Wgmma,
             MlaKernel::Mma,
         ] {
@@ -1027,6 +1060,13 @@ mod tests {
         assert_eq!(TMA_SMEM_BYTES, eval_define(&tma, "TM_BYTES") + 1024);
         let roles = defines("mla_roles.cu");
         assert_eq!(ROLES_SMEM_BYTES, eval_define(&roles, "MR_BYTES"));
+        let narrow = defines("mla_narrow.cu");
+        assert_eq!(NARROW_SMEM_BYTES, eval_define(&narrow, "NR_BYTES") + 1024);
+        assert_eq!(NARROW_HEADS, eval_define(&narrow, "NR_HEADS"));
+        assert_eq!(
+            MlaKernel::Narrow.threads() as usize,
+            eval_define(&narrow, "NR_THREADS")
+        );
     }
 
     #[test]

@@ -407,11 +407,13 @@ pub fn mla_prefill(gpu: &Gpu, p: MlaPrefillParams<'_>) -> Result<()> {
     let grid_dim = if tile == PrefillTile::Wgmma128Persist {
         // one CTA per SM (209 KiB of shared memory each), each walking its items
         let items = plan.n_tiles() * heads;
-        if items > i32::MAX as usize {
+        let ctas = items.min(gpu.sm_count.max(1));
+        // the kernel steps item indices by the grid in i32
+        if items + ctas > i32::MAX as usize {
             return Err(shape_err(OP, format!("{items} (tile, head) items")));
         }
         b.arg(&n_tiles_i).arg(&heads_i);
-        (items.min(gpu.sm_count.max(1)) as u32, 1, 1)
+        (ctas as u32, 1, 1)
     } else {
         (plan.n_tiles() as u32, heads as u32, 1)
     };
