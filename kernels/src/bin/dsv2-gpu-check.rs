@@ -87,15 +87,17 @@ fn parse_args() -> Result<Args> {
                     "dsv2-gpu-check [--quick] [--mla] [--mla-kernels LIST] [--gemv] [--grouped] [--fp8] [--probe] [--no-bench] [--no-check] [--compile-only] [--no-cache] [--cache-dir DIR] [--device cuda:N]\n\n\
                      Checks every kernel against the CPU reference, then measures the ceilings (copy\n\
                      bandwidth, cuBLAS) and P1/P2. --mla: only the MLA checks (decode, both kernels;\n\
-                     prefill: wgmma, M128, M64), P1 and PF, a quick go/no-go for the wgmma kernels.\n\
+                     prefill: wgmma, wgmma persistent, M128, M64), P1 and PF, a quick go/no-go for the\n\
+                     wgmma kernels.\n\
                      --mla-kernels: which MLA decode kernels --mla checks and times (comma-separated:\n\
-                     wgmma, mma, seesaw, tma, tma-pair, roles; default all, a new kernel last so that a crash of it\n\
-                     leaves the others' rows printed).\n\
+                     wgmma, mma, seesaw, tma, tma-pair, roles, narrow; default all, a new kernel last so that\n\
+                     a crash of it leaves the others' rows printed).\n\
                      --gemv: only the few-row GEMV checks and their timings beside cuBLAS and copy.\n\
                      --grouped: only the grouped expert checks (every row tile, the warp-specialised\n\
                      one at awkward per-expert counts), then P2, P2g per tile and the decode rows.\n\
-                     --fp8: only the FP8 latent cache's checks (append, gather, decode) and its P1 rows\n\
-                     beside the bf16 decode kernel (64 heads x batch 128, 128 heads x batch 64, ctx 4096).\n\
+                     --fp8: only the FP8 latent cache's checks (append, gather, decode with both FP8 kernels)\n\
+                     and its P1 rows beside the bf16 decode kernel (64 heads x batch 128, 128 heads x batch 64,\n\
+                     ctx 4096).\n\
                      --probe: no checks; the tensor-core rate of the MMA shapes and wait patterns the\n\
                      MLA decode and grouped expert kernels use, operands in shared memory, beside cuBLAS;\n\
                      then how fast MLA cache tiles stream in with 1-3 tile buffers and no math.\n\
@@ -376,9 +378,10 @@ fn bench_prefill(gpu: &Gpu, blas_tflops: f64) -> Result<()> {
         );
         for tile in [
             PrefillTile::Wgmma128,
-            PrefillTile::Wgmma128Persist,
             PrefillTile::M128,
             PrefillTile::M64,
+            // new last: a crash of it leaves the other rows printed
+            PrefillTile::Wgmma128Persist,
         ] {
             let plan = upload(PrefillPlan::new(&specs, Some(tile))?)?;
             let ms = time_ms(gpu, 2, 10, || flash(&plan, &lat, &kv, &mut out))?;
