@@ -34,8 +34,9 @@ __device__ __forceinline__ int split_tokens(int len, int splits, int tile) {
 
 // A split past the end of its sequence: only its log-sum-exp (-inf), which tells the combine to
 // skip the split without reading its partial output.
-__device__ __forceinline__ void empty_split(float* __restrict__ lse, int b, int split, int splits, int heads, int h0) {
-    for (int r = threadIdx.x; r < 64 && h0 + r < heads; r += blockDim.x)
+__device__ __forceinline__ void empty_split(float* __restrict__ lse, int b, int split, int splits, int heads, int h0,
+                                            int cta_heads = 64) {
+    for (int r = threadIdx.x; r < cta_heads && h0 + r < heads; r += blockDim.x)
         lse[((size_t)b * splits + split) * heads + h0 + r] = -INFINITY;
 }
 

@@ -86,7 +86,7 @@ mla_decode_narrow_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
     const int end = min(len, start + per);
     const int* btab = block_table + (size_t)b * max_blocks;
     if (splits > 1 && start >= len) {
-        empty_split(lse, b, split, splits, heads, h0);
+        empty_split(lse, b, split, splits, heads, h0, NR_HEADS);
         return;
     }
     const int ntiles = end > start ? (end - start + 63) / 64 : 0;

@@ -191,7 +191,8 @@ impl MlaKernel {
 
     /// Whether the kernel reads caches of this block size: the TMA kernels' pieces are
     /// min(block_size, 64) rows of one block, so 64 must be a multiple of the block size or the
-    /// other way round.
+    /// other way round, and at least 8 rows (a piece's box then starts on a whole 1024-byte
+    /// swizzle atom, 8 rows of 128 B, as the 128-byte swizzle wants).
     pub fn supports_block_size(self, block_size: usize) -> bool {
         match self {
             MlaKernel::TmaPair
@@ -199,7 +200,7 @@ impl MlaKernel {
             | MlaKernel::Roles
             | MlaKernel::Seesaw
             | MlaKernel::Narrow => {
-                block_size > 0
+                block_size >= 8
                     && (64usize.is_multiple_of(block_size) || block_size.is_multiple_of(64))
             }
             MlaKernel::Wgmma | MlaKernel::Mma => block_size > 0,
@@ -566,7 +567,7 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<bool> {
         return Err(KernelError::Unsupported {
             op: OP,
             what: format!(
-                "{} with cache blocks of {block_size} tokens (64 must be a multiple of the block size or the other way round)",
+                "{} with cache blocks of {block_size} tokens (8..=64 tokens dividing 64, or a multiple of 64)",
                 kernel.function()
             ),
         });
@@ -762,9 +763,9 @@ impl Fp8Kernel {
     pub fn supports_block_size(self, block_size: usize) -> bool {
         match self {
             Fp8Kernel::Wgmma => block_size > 0,
-            // and at least 8 rows a TMA piece: the scale boxes (16 B a row) land 128-byte
-            // aligned, the swizzled boxes on whole 8-row swizzle atoms
-            Fp8Kernel::Regs => block_size >= 8 && MlaKernel::Tma.supports_block_size(block_size),
+            // the TMA kernels' rule (at least 8 rows a piece: the 16-byte scale boxes then land
+            // 128-byte aligned too)
+            Fp8Kernel::Regs => MlaKernel::Tma.supports_block_size(block_size),
         }
     }
 }
@@ -986,6 +987,10 @@ mod tests {
         assert!(!MlaKernel::Seesaw.supports_block_size(96));
         assert!(!MlaKernel::Tma.supports_block_size(48));
         assert!(MlaKernel::Wgmma.supports_block_size(48));
+        // pieces under 8 rows would start off a 1024-byte swizzle atom
+        assert!(!MlaKernel::Narrow.supports_block_size(4));
+        assert!(MlaKernel::Narrow.supports_block_size(8));
+        assert!(MlaKernel::Wgmma.supports_block_size(4));
     }
 
     type Defines = std::collections::HashMap<String, String>;
