@@ -51,6 +51,38 @@ __device__ __forceinline__ u32 wg_swz(int row, int col) {
 // Byte offset of 16-byte piece `piece` (0..7) of row `row` inside such a chunk (wg_swz by pieces).
 __device__ __forceinline__ u32 swz_piece(int row, int piece) { return (u32)(row * 128 + ((piece ^ (row & 7)) << 4)); }
 
+// The decode kernels with the tokens on the MMA's M side (S^T = K.Q^T: mla_fp8_regs.cu,
+// mla_narrow.cu) reduce each head's values down its column. In the m64nN accumulator layout a
+// thread holds columns 8 j + 2 t + e (t = lane % 4) of rows g and g + 8 (g = lane / 4); its N
+// column values v[2 j + e] are reduced here over the warp's 8 row groups (the lanes of equal
+// t), then over the warps through shared memory: col_store puts the warp's values into `row`.
+template <int N>
+__device__ __forceinline__ void col_max_warp(float* v) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+        v[k] = fmaxf(v[k], __shfl_xor_sync(0xffffffffu, v[k], 4));
+        v[k] = fmaxf(v[k], __shfl_xor_sync(0xffffffffu, v[k], 8));
+        v[k] = fmaxf(v[k], __shfl_xor_sync(0xffffffffu, v[k], 16));
+    }
+}
+template <int N>
+__device__ __forceinline__ void col_sum_warp(float* v) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+        v[k] += __shfl_xor_sync(0xffffffffu, v[k], 4);
+        v[k] += __shfl_xor_sync(0xffffffffu, v[k], 8);
+        v[k] += __shfl_xor_sync(0xffffffffu, v[k], 16);
+    }
+}
+template <int N>
+__device__ __forceinline__ void col_store(float* row, const float* v) {
+    const int lane = threadIdx.x % WARP;
+    if (lane < 4) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) row[8 * (k / 2) + 2 * lane + (k & 1)] = v[k];
+    }
+}
+
 // The end of a two-warpgroup decode CTA (64 heads h0.., one context split): warpgroup wg holds
 // output columns 256 wg .. 256 wg + 255 of rows r_lo and r_lo + 8 in `o` (the wgmma accumulator
 // layout of m64n256) and its partial row sums over those columns in l_part; m[hlf] is the row

@@ -389,16 +389,8 @@ mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
                 const int k = 2 * j + (x & 1);
                 cmax[k] = lo ? y : fmaxf(cmax[k], y);
             }
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            cmax[k] = fmaxf(cmax[k], __shfl_xor_sync(0xffffffffu, cmax[k], 4));
-            cmax[k] = fmaxf(cmax[k], __shfl_xor_sync(0xffffffffu, cmax[k], 8));
-            cmax[k] = fmaxf(cmax[k], __shfl_xor_sync(0xffffffffu, cmax[k], 16));
-        }
-        if (g == 0) {
-#pragma unroll
-            for (int k = 0; k < 8; ++k) red[(wg * 4 + w) * 32 + 8 * (k / 2) + 2 * t + (k & 1)] = cmax[k];
-        }
+        col_max_warp<8>(cmax);
+        col_store<8>(red + (wg * 4 + w) * 32, cmax);
         named_sync(FR_NB_WG + wg, 128);
         float alpha[8];
 #pragma unroll
@@ -502,17 +494,9 @@ mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
     for (int mb = 0; mb < 4; ++mb) wg_fence_regs<32>(o[mb]);
 
     // ---- the end: l over the 64 tokens' rows and the 4 warps, then the normalised rows
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        l_part[k] += __shfl_xor_sync(0xffffffffu, l_part[k], 4);
-        l_part[k] += __shfl_xor_sync(0xffffffffu, l_part[k], 8);
-        l_part[k] += __shfl_xor_sync(0xffffffffu, l_part[k], 16);
-    }
+    col_sum_warp<8>(l_part);
     named_sync(FR_NB_MATH, 256);  // every warp is past its last read of red
-    if (g == 0) {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) red[(wg * 4 + w) * 32 + 8 * (k / 2) + 2 * t + (k & 1)] = l_part[k];
-    }
+    col_store<8>(red + (wg * 4 + w) * 32, l_part);
     named_sync(FR_NB_WG + wg, 128);
     float* l_s = reinterpret_cast<float*>(smem + FR_LM);
     float* m_s = l_s + 64;

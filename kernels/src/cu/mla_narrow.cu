@@ -183,16 +183,8 @@ mla_decode_narrow_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
                 const int k = 2 * j + (x & 1);
                 cmax[k] = lo ? v : fmaxf(cmax[k], v);
             }
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            cmax[k] = fmaxf(cmax[k], __shfl_xor_sync(0xffffffffu, cmax[k], 4));
-            cmax[k] = fmaxf(cmax[k], __shfl_xor_sync(0xffffffffu, cmax[k], 8));
-            cmax[k] = fmaxf(cmax[k], __shfl_xor_sync(0xffffffffu, cmax[k], 16));
-        }
-        if (g == 0) {
-#pragma unroll
-            for (int k = 0; k < 4; ++k) red[w * 16 + 8 * (k / 2) + 2 * t + (k & 1)] = cmax[k];
-        }
+        col_max_warp<4>(cmax);
+        col_store<4>(red + w * 16, cmax);
         named_sync(NR_NB_MATH, 128);
         float alpha[4];
 #pragma unroll
@@ -254,17 +246,9 @@ mla_decode_narrow_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
     }
 
     // ---- the end: l over the tokens' rows and the 4 warps, then the normalised rows
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        l_part[k] += __shfl_xor_sync(0xffffffffu, l_part[k], 4);
-        l_part[k] += __shfl_xor_sync(0xffffffffu, l_part[k], 8);
-        l_part[k] += __shfl_xor_sync(0xffffffffu, l_part[k], 16);
-    }
+    col_sum_warp<4>(l_part);
     named_sync(NR_NB_MATH, 128);  // every warp is past its last read of red
-    if (g == 0) {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) red[w * 16 + 8 * (k / 2) + 2 * t + (k & 1)] = l_part[k];
-    }
+    col_store<4>(red + w * 16, l_part);
     named_sync(NR_NB_MATH, 128);
     float inv[4], l_tot[4];
 #pragma unroll
