@@ -22,12 +22,21 @@ of 1, 2 or 4 tokens put TMA boxes off their 128-byte alignment; the launcher now
 and each of 11 deliberately injected bugs (byte_perm selector, cvt byte order, Q's k order, the
 stage released early, a parity off by one, ...). It mirrors the .cu by hand: change it with the
 kernel. Run: python3 scripts/emu/mla_fp8_regs_sim.py [case ids] (numpy; ~25 s for all cases).
+The pieces it shares with mla_narrow_sim.py (mbarriers, named barriers, the TMA box copy and
+swizzle, stmatrix, accumulator layout, the scheduler) are in scripts/emu/ptx_model.py.
 """
 import math
+import os
 import random
 import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ptx_model import (F32, LOG2E, CtaActors, MBar, NamedBarriers, PagedProblem, SimError, Smem, WgmmaQueue,  # noqa: E402
+                       bf16_round, bf16_to_f, combine, d_coords, hw_swz128, split_range, stmatrix_x4_trans,
+                       tile_pieces, tma_copy_box)
+from ptx_model import swz_piece as fr_swz  # noqa: E402
 
 # ---------------------------------------------------------------- constants (as the .cu)
 FR_ROW, FR_PE, FR_SC, FR_TN, FR_CHUNK, FR_STAGES = 656, 512, 640, 64, 8192, 3
@@ -40,14 +49,8 @@ FR_LM = FR_ALPHA + 512
 FR_QAMAX = FR_LM + 512
 FR_BAR = FR_QAMAX + 64
 FR_BYTES = FR_BAR + 64
-F32 = np.float32
-LOG2E = F32(1.4426950408889634)
 MIN_LOG2_SCALE = F32(-60.0)
 D_LAT = 512
-
-
-class SimError(Exception):
-    pass
 
 
 # ---------------------------------------------------------------- numeric formats
@@ -74,17 +77,6 @@ def e4m3_from_f(x):  # the quantizer of kernels/src/fp8.rs (round to nearest eve
         return sign | 0x7E
     best = min(range(0x7F), key=lambda c: (abs(E4M3[c] - a), c & 1))
     return sign | best
-
-
-def bf16_round(x):
-    x = np.asarray(x, F32)
-    b = x.view(np.uint32).astype(np.uint64)
-    r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
-    return r  # bits
-
-
-def bf16_to_f(bits):
-    return (np.asarray(bits, np.uint32) << 16).astype(np.uint32).view(F32)
 
 
 def f16_bits(x):
@@ -122,44 +114,7 @@ def wg_swz(row, col):
     return (col >> 6) * 8192 + row * 128 + ((((k >> 3) ^ (row & 7))) << 4) + ((k & 7) << 1)
 
 
-def fr_swz(row, piece):
-    return row * 128 + ((piece ^ (row & 7)) << 4)
-
-
-def hw_swz128(addr):  # the 128-byte swizzle as the TMA unit / wgmma apply it to an address
-    return addr ^ (((addr >> 7) & 7) << 4)
-
-
-# ---------------------------------------------------------------- shared memory
-class Smem:
-    def __init__(self, n, fill=0xFF):
-        self.m = np.full(n, fill, np.uint8)  # 0xFF: NaN as e4m3, f16 and f32
-
-    def u32(self, a):
-        assert a % 4 == 0
-        return int(self.m[a:a + 4].view("<u4")[0])
-
-    def set_u32(self, a, v):
-        assert a % 4 == 0
-        self.m[a:a + 4] = np.array([v], "<u4").view(np.uint8)
-
-    def u16(self, a):
-        return int(self.m[a:a + 2].view("<u2")[0])
-
-    def set_u16(self, a, v):
-        self.m[a:a + 2] = np.array([v], "<u2").view(np.uint8)
-
-    def f32(self, a):
-        return F32(self.m[a:a + 4].view("<f4")[0])
-
-    def set_f32(self, a, v):
-        self.m[a:a + 4] = np.array([v], "<f4").view(np.uint8)
-
-    def v4(self, a):
-        assert a % 16 == 0, "ld.shared.v4 misaligned"
-        return [int(x) for x in self.m[a:a + 16].view("<u4")]
-
-
+# ---------------------------------------------------------------- shared memory (Smem, stmatrix: ptx_model)
 def ldmatrix_x4(S, addrs, trans):
     """ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lanes 8j..8j+7 give row addresses of
     matrix j. Non-trans: thread i gets (row i/4; cols 2(i%4), +1). Trans: (rows 2(i%4), +1; col i/4)."""
@@ -174,20 +129,6 @@ def ldmatrix_x4(S, addrs, trans):
             lo, hi = (M[g, 2 * t], M[g, 2 * t + 1]) if not trans else (M[2 * t, g], M[2 * t + 1, g])
             regs[i, j] = int(lo) | (int(hi) << 16)
     return regs
-
-
-def stmatrix_x4_trans(S, addrs, regs):
-    """stmatrix.sync.aligned.m8n8.x4.trans.shared.b16: thread i's register j holds fragment
-    element (row i/4; cols 2(i%4), +1) of matrix j; .trans stores the matrix column-major, so
-    element (r, c) goes to the row addressed by lane 8j + c, position r."""
-    for a in addrs:
-        assert a % 16 == 0
-    for i in range(32):
-        g, t = i // 4, i % 4
-        for j in range(4):
-            v = int(regs[i][j])
-            S.set_u16(addrs[8 * j + 2 * t] + 2 * g, v & 0xFFFF)
-            S.set_u16(addrs[8 * j + 2 * t + 1] + 2 * g, v >> 16)
 
 
 # ---------------------------------------------------------------- wgmma
@@ -222,19 +163,10 @@ def b_matrix(S, start, N, dtype):
     return B
 
 
-def d_coords(w, lane, i):  # f32 accumulator i of thread (w, lane): (row, col)
-    g, t = lane // 4, lane % 4
-    j, x = i // 4, i % 4
-    return 16 * w + g + (8 if x >= 2 else 0), 8 * j + 2 * t + (x & 1)
-
-
-class WgmmaUnit:
+class WgmmaUnit(WgmmaQueue):
     def __init__(self, ctx, wg):
-        self.ctx, self.wg = ctx, wg
-        self.ops = []
-        self.next = [0] * 4
-        self.groups = [[] for _ in range(4)]
-        self.acc = [dict() for _ in range(4)]  # per warp: name -> np.array [32, nregs] f32
+        super().__init__(ctx)
+        self.wg = wg
 
     def issue(self, w, dtype, N, a_regs, start, acc, scale_d, tag=None):
         k = self.next[w]
@@ -272,14 +204,6 @@ class WgmmaUnit:
             self.acc[w][op["acc"]] = new
         op["done"] = True
 
-    def commit(self, w):
-        self.groups[w].append(self.next[w])
-
-    def wait_ready(self, w, n):
-        gs = self.groups[w]
-        need = gs[-(n + 1)] if len(gs) > n else 0
-        return all(o["done"] for o in self.ops[:need]), need
-
     def retire(self, need):
         # the latest moment the unit may have read its shared-memory operand: re-read, compare
         for op in self.ops[:need]:
@@ -290,65 +214,13 @@ class WgmmaUnit:
                 op["checked"] = True
 
 
-# ---------------------------------------------------------------- mbarrier and named barriers
-class MBar:
-    def __init__(self, count):
-        self.count, self.pending, self.tx, self.phase = count, count, 0, 0
-
-    def _maybe_complete(self):
-        if self.pending == 0 and self.tx == 0:
-            self.phase += 1
-            self.pending = self.count
-
-    def arrive(self):
-        if self.pending <= 0:
-            raise SimError("mbarrier over-arrived")
-        self.pending -= 1
-        self._maybe_complete()
-
-    def arrive_expect_tx(self, nbytes):
-        self.tx += nbytes
-        self.arrive()
-
-    def complete_tx(self, nbytes):
-        self.tx -= nbytes
-        if self.tx < 0:
-            raise SimError("mbarrier tx count underflow (more bytes than expected)")
-        self._maybe_complete()
-
-    def try_wait(self, parity):  # the phase of this parity has completed
-        return (self.phase & 1) != parity
-
-
-class NamedBarriers:
-    def __init__(self):
-        self.arrived, self.gen, self.n = {}, {}, {}
-
-    def arrive(self, bid, n, threads=32):
-        if self.n.get(bid, n) != n:
-            raise SimError(f"bar {bid} used with counts {self.n[bid]} and {n}")
-        self.n[bid] = n
-        self.arrived[bid] = self.arrived.get(bid, 0) + threads
-        gen = self.gen.get(bid, 0)
-        if self.arrived[bid] > n:
-            raise SimError(f"bar {bid}: too many arrivals")
-        if self.arrived[bid] == n:
-            self.arrived[bid] = 0
-            self.gen[bid] = gen + 1
-        return gen
-
-
 # ---------------------------------------------------------------- the problem
-class Problem:
+class Problem(PagedProblem):
     def __init__(self, rng, batch, heads, block_size, lens, scale, zero_rows=0.05, extreme_scales=False):
-        self.heads, self.block_size, self.scale = heads, block_size, F32(scale)
+        self.heads, self.scale = heads, F32(scale)
         self.lens = lens
         max_len = max(lens)
-        self.max_blocks = (max_len + block_size - 1) // block_size + 1
-        nblk = batch * self.max_blocks + 3
-        perm = rng.permutation(nblk)
-        self.block_table = perm[:batch * self.max_blocks].reshape(batch, self.max_blocks).astype(np.int32)
-        rows = nblk * block_size
+        rows = self.page(rng, batch, block_size, (max_len + block_size - 1) // block_size + 1)
         cache = np.zeros((rows, FR_ROW), np.uint8)
         # codes: quantize random latents per fp8.rs (scale = amax / 448); some zero rows
         lat = rng.standard_normal((rows, D_LAT)) * np.exp(rng.uniform(-2, 2, (rows, 1)))
@@ -373,9 +245,6 @@ class Problem:
         self.q_abs = bf16_round((rng.standard_normal((batch, heads, D_LAT)) * 0.3).astype(F32))
         self.q_pe = bf16_round(rng.standard_normal((batch, heads, 64)).astype(F32))
 
-    def token_row(self, b, t):
-        return int(self.block_table[b, t // self.block_size]) * self.block_size + t % self.block_size
-
     def reference(self, b, lo, hi):
         """float64: out[h] over tokens [lo, hi) and lse (natural log)."""
         rows = [self.token_row(b, t) for t in range(lo, hi)]
@@ -393,7 +262,7 @@ class Problem:
 
 
 # ---------------------------------------------------------------- one CTA
-class Cta:
+class Cta(CtaActors):
     def __init__(self, P, b, hg, split, splits, rng_sched, checks=True):
         self.P, self.b, self.hg, self.split, self.splits = P, b, hg, split, splits
         self.rs = rng_sched
@@ -409,21 +278,9 @@ class Cta:
         self.check_count = dict(s_lat=0, s_rope=0, pbuf=0, pv_a=0)
         self.swizzle_misaligned = 0
 
-    # -------------------------------------------------------------- generic helpers
-    def mbar_wait(self, bar, parity):
-        while not bar.try_wait(parity):
-            yield ("block", lambda: bar.try_wait(parity))
-
-    def named_sync(self, bid, n):
-        gen = self.nb.arrive(bid, n)
-        while self.nb.gen.get(bid, 0) == gen:
-            yield ("block", lambda: self.nb.gen.get(bid, 0) != gen)
-
+    # -------------------------------------------------------------- waits (mbar_wait, named_sync: CtaActors)
     def wg_wait(self, unit, w, n):
-        ok, need = unit.wait_ready(w, n)
-        while not ok:
-            yield ("block", lambda: unit.wait_ready(w, n)[0])
-            ok, need = unit.wait_ready(w, n)
+        need = yield from unit.wait_group(w, n)
         unit.retire(need)
 
     # -------------------------------------------------------------- TMA
@@ -436,24 +293,12 @@ class Cta:
     def tma_engine_step(self):
         i = self.rs.randrange(len(self.tma_q))
         dst, c0, row, box_cols, box_rows, swizzle, bar = self.tma_q.pop(i)
-        cache = self.P.cache
-        for r in range(box_rows):
-            gr = row + r
-            data = cache[gr, c0:c0 + box_cols] if 0 <= gr < cache.shape[0] else np.zeros(box_cols, np.uint8)
-            if c0 + box_cols > FR_ROW:
-                raise SimError("TMA box past the row")
-            for ch in range(box_cols // 16):
-                a = dst + r * box_cols + ch * 16
-                pa = hw_swz128(a) if swizzle else a
-                self.S.m[pa:pa + 16] = data[ch * 16:ch * 16 + 16]
-        bar.complete_tx(box_cols * box_rows)
+        bar.complete_tx(tma_copy_box(self.S, dst, self.P.cache, c0, row, box_cols, box_rows, FR_ROW, swizzle))
 
     def fr_issue(self, st, bar, t0, end):
         P = self.P
         bs = P.block_size
-        piece = min(bs, FR_TN)
-        valid = min(FR_TN, end - t0) if t0 < end else 0
-        pieces = (valid + piece - 1) // piece
+        piece, pieces = tile_pieces(bs, t0, end, FR_TN)
         if pieces == 0:
             bar.arrive()
             return
@@ -852,10 +697,7 @@ class Cta:
         b, split, splits = self.b, self.split, self.splits
         self.h0 = h0 = self.hg * 64
         ln = P.lens[b]
-        per = (ln + splits - 1) // splits
-        per = max(FR_TN, (per + FR_TN - 1) // FR_TN * FR_TN)
-        start = split * per
-        end = min(ln, start + per)
+        start, end = split_range(ln, split, splits, FR_TN)
         self.start, self.end = start, end
         if splits > 1 and start >= ln:
             for r in range(64):
@@ -879,40 +721,11 @@ class Cta:
         self.pprime = {it: {} for it in range(ntiles)}
         actors = {("c", wg, w): self.consumer(wg, w) for wg in range(2) for w in range(4)}
         actors["p"] = self.producer()
-        blocked = {k: None for k in actors}
-        done = set()
-        steps = 0
-        while len(done) < len(actors) or self.tma_q:
-            runnable = [k for k in actors if k not in done and (blocked[k] is None or blocked[k]())]
-            if self.tma_q:
-                runnable.append("tma")
-            if not runnable:
-                raise SimError("DEADLOCK: " + ", ".join(str(k) for k in actors if k not in done))
-            k = self.rs.choice(runnable)
-            steps += 1
-            if k == "tma":
-                self.tma_engine_step()
-                continue
-            try:
-                kind, cond = next(actors[k])
-                blocked[k] = cond if kind == "block" else None
-            except StopIteration:
-                done.add(k)
-        return steps
+        return self.run_actors(actors)
 
 
 CHECKS = []
 F32ERR = []
-
-
-def combine(parts, lses, splits):
-    lse = np.array(lses)
-    m = lse.max()
-    if not np.isfinite(m):
-        return np.zeros_like(parts[0])
-    w = np.exp(lse - m)
-    w[~np.isfinite(lse)] = 0
-    return sum(w[s] * parts[s] for s in range(splits) if w[s] > 0) / w.sum()
 
 
 def run_case(name, seed, heads, block_size, lens, splits, extreme=False, checks=True, hgs=None):
@@ -953,7 +766,7 @@ def run_case(name, seed, heads, block_size, lens, splits, extreme=False, checks=
                     if e1 > 1e-3 or e2 > 1e-4:
                         raise SimError(f"{name}: split {split} o_part err {e1:.2e} lse err {e2:.2e}")
             if splits > 1:
-                got = np.stack([combine([p[i] for p in parts], [l[i] for l in lses], splits) for i in range(len(hs))])
+                got = np.stack([combine([p[i] for p in parts], [l[i] for l in lses]) for i in range(len(hs))])
             ref, _ = P.reference(b, 0, P.lens[b])
             err = np.abs(got - ref[hs]).max() / np.abs(ref[hs]).max()
             worst = max(worst, err)

@@ -6,8 +6,9 @@ transposed (MN-major) shared-memory A operand. Checked before the kernel ran: 13
 interleavings against float64, 14 injected bugs each caught. It mirrors the .cu by hand: change
 it with the kernel (its constants are checked against the .cu's #defines).
 
-Adapted from scripts/emu/mla_fp8_regs_sim.py (TMA SWIZZLE_128B, mbarriers, stmatrix.trans,
-accumulator layout, random-interleaving scheduler), extended with:
+Adapted from scripts/emu/mla_fp8_regs_sim.py; the pieces both share (TMA SWIZZLE_128B, mbarriers,
+named barriers, stmatrix.trans, accumulator layout, random-interleaving scheduler) are in
+scripts/emu/ptx_model.py. Extended with:
 
   * wgmma m64nNk16 bf16 with BOTH operands from shared-memory matrix descriptors, K-major or
     MN-major (imm-trans-a / imm-trans-b), 128-byte swizzle. The descriptor is decoded from its
@@ -47,6 +48,11 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ptx_model import (F32, LOG2E, CtaActors, MBar, NamedBarriers, PagedProblem, SimError, Smem, WgmmaQueue,  # noqa: E402
+                       bf16_round, bf16_to_f, combine, d_coords, hw_swz128, split_range, stmatrix_x4_trans, swz_piece,
+                       tile_pieces, tma_copy_box)
+
 # ---------------------------------------------------------------- constants (as the .cu)
 MLA_CHUNK = 8192
 NR_HEADS = 16
@@ -63,14 +69,8 @@ NR_BYTES = NR_BAR + (NR_STAGES * 9 + NR_STAGES) * 8
 NR_THREADS = 160
 NR_NB_MATH = 1
 D_LAT, D_QK = 512, 576
-F32 = np.float32
-LOG2E = F32(1.4426950408889634)
 
 MUT = set()  # injected bugs (--mutants)
-
-
-class SimError(Exception):
-    pass
 
 
 def check_defines():
@@ -93,76 +93,11 @@ def check_defines():
     return f"ok (NR_BYTES {env['NR_BYTES']}, host NARROW_SMEM_BYTES {env['NR_BYTES'] + 1024})"
 
 
-# ---------------------------------------------------------------- numeric formats
-def bf16_round(x):
-    x = np.asarray(x, F32)
-    b = x.view(np.uint32).astype(np.uint64)
-    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def bf16_to_f(bits):
-    return (np.asarray(bits, np.uint32) << 16).astype(np.uint32).view(F32)
-
-
-def hw_swz128(addr):  # 128-byte swizzle on an absolute shared address (TMA and wgmma alike)
-    return addr ^ (((addr >> 7) & 7) << 4)
-
-
-def swz_piece(row, piece):  # mla_common.cuh
-    return row * 128 + ((piece ^ (row & 7)) << 4)
-
-
+# ---------------------------------------------------------------- swizzles (hw_swz128, swz_piece: ptx_model)
 def nr_q_off(h, col):  # mla_narrow.cu
     k = col & 63
     x = (k >> 3) if "q_swz" in MUT else ((k >> 3) ^ (h & 7))
     return (col >> 6) * NR_QCH + h * 128 + (x << 4) + ((k & 7) << 1)
-
-
-# ---------------------------------------------------------------- shared memory
-class Smem:
-    def __init__(self, n):
-        self.m = np.full(n, 0xFF, np.uint8)  # 0xFFFF: NaN as bf16 and f32
-        self.busy = np.zeros(n, np.int32)  # in-flight wgmma readers of each byte
-
-    def guard(self, a, n, who):
-        if self.busy[a:a + n].any():
-            raise SimError(f"{who} writes shared bytes [{a}, {a + n}) while a wgmma that reads them is in flight")
-
-    def write(self, a, data, who):
-        self.guard(a, len(data), who)
-        self.m[a:a + len(data)] = data
-
-    def u16(self, a):
-        return int(self.m[a:a + 2].view("<u2")[0])
-
-    def set_u16(self, a, v, who):
-        self.write(a, np.array([v], "<u2").view(np.uint8), who)
-
-    def f32(self, a):
-        return F32(self.m[a:a + 4].view("<f4")[0])
-
-    def set_f32(self, a, v, who):
-        self.write(a, np.array([v], "<f4").view(np.uint8), who)
-
-    def u16_at(self, addrs):  # vectorised 16-bit loads
-        addrs = np.asarray(addrs)
-        assert (addrs % 2 == 0).all()
-        return self.m[addrs].astype(np.uint16) | (self.m[addrs + 1].astype(np.uint16) << 8)
-
-
-def stmatrix_x4_trans(S, addrs, regs, who):
-    """stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 (as the validated sibling emulator): thread i's
-    register j holds element (row i/4; cols 2(i%4), +1) of matrix j; element (r, c) goes to the
-    row addressed by lane 8j + c, position r."""
-    for a in addrs:
-        if a % 16:
-            raise SimError("stmatrix row address misaligned")
-    for i in range(32):
-        g, t = i // 4, i % 4
-        for j in range(4):
-            v = int(regs[i][j])
-            S.set_u16(addrs[8 * j + 2 * t] + 2 * g, v & 0xFFFF, who)
-            S.set_u16(addrs[8 * j + 2 * t + 1] + 2 * g, v >> 16, who)
 
 
 # ---------------------------------------------------------------- wgmma descriptors
@@ -201,12 +136,6 @@ def operand_addrs(desc, MN, mn_major):
 
 def operand_values(S, addrs):
     return bf16_to_f(S.u16_at(addrs)).astype(np.float64)
-
-
-def d_coords(w, lane, i):  # f32 accumulator i of thread (w, lane) of an m64nN result: (row, col)
-    g, t = lane // 4, lane % 4
-    j, x = i // 4, i % 4
-    return 16 * w + g + (8 if x >= 2 else 0), 8 * j + 2 * t + (x & 1)
 
 
 def calibrate():
@@ -255,13 +184,8 @@ def calibrate():
     return out
 
 
-class WgmmaUnit:
-    def __init__(self, ctx):
-        self.ctx = ctx
-        self.ops = []
-        self.next = [0] * 4
-        self.groups = [[] for _ in range(4)]
-        self.acc = [dict() for _ in range(4)]  # per warp: name -> [32, N/2] f32
+class WgmmaUnit(WgmmaQueue):
+    clamp_wait_to_issued = True
 
     def issue(self, w, N, da, db, ta, tb, acc, scale_d, tag):
         k = self.next[w]
@@ -304,16 +228,6 @@ class WgmmaUnit:
             self.acc[w][acc] = new
         op["done"] = True
 
-    def commit(self, w):
-        self.groups[w].append(self.next[w])
-
-    def wait_ready(self, w, n):
-        gs = self.groups[w]
-        need = gs[-(n + 1)] if len(gs) > n else 0
-        if need > self.next[w]:
-            need = self.next[w]
-        return all(o["done"] for o in self.ops[:need]), need
-
     def retire(self, w, need):
         for op in self.ops[:need]:
             if w in op["retired"]:
@@ -327,73 +241,18 @@ class WgmmaUnit:
                 self.ctx.S.busy[op["bytes"]] -= 1
 
 
-# ---------------------------------------------------------------- mbarrier and named barriers
-class MBar:
-    def __init__(self, count, name):
-        self.count, self.pending, self.tx, self.phase, self.name = count, count, 0, 0, name
-
-    def _maybe_complete(self):
-        if self.pending == 0 and self.tx == 0:
-            self.phase += 1
-            self.pending = self.count
-
-    def arrive(self):
-        if self.pending <= 0:
-            raise SimError(f"mbarrier {self.name} over-arrived")
-        self.pending -= 1
-        self._maybe_complete()
-
-    def arrive_expect_tx(self, nbytes):
-        self.tx += nbytes
-        self.arrive()
-
-    def complete_tx(self, nbytes):
-        self.tx -= nbytes
-        if self.tx < 0:
-            raise SimError(f"mbarrier {self.name}: tx count underflow")
-        self._maybe_complete()
-
-    def try_wait(self, parity):  # mbarrier.try_wait.parity: the phase of this parity has completed
-        return (self.phase & 1) != parity
-
-
-class NamedBarriers:
-    def __init__(self):
-        self.arrived, self.gen, self.n = {}, {}, {}
-
-    def arrive(self, bid, n, threads=32):
-        if self.n.get(bid, n) != n:
-            raise SimError(f"bar {bid} used with counts {self.n[bid]} and {n}")
-        self.n[bid] = n
-        self.arrived[bid] = self.arrived.get(bid, 0) + threads
-        gen = self.gen.get(bid, 0)
-        if self.arrived[bid] > n:
-            raise SimError(f"bar {bid}: too many arrivals")
-        if self.arrived[bid] == n:
-            self.arrived[bid] = 0
-            self.gen[bid] = gen + 1
-        return gen
-
-
 # ---------------------------------------------------------------- the problem
-class Problem:
+class Problem(PagedProblem):
     def __init__(self, rng, heads, block_size, lens, scale, qmul=1.0):
-        self.heads, self.block_size, self.scale, self.lens = heads, block_size, F32(scale), lens
+        self.heads, self.scale, self.lens = heads, F32(scale), lens
         batch = len(lens)
-        self.max_blocks = max(1, (max(lens) + block_size - 1) // block_size) + 1
-        nblk = batch * self.max_blocks + 3
-        perm = rng.permutation(nblk)
-        self.block_table = perm[:batch * self.max_blocks].reshape(batch, self.max_blocks).astype(np.int32)
-        rows = nblk * block_size
+        rows = self.page(rng, batch, block_size, max(1, (max(lens) + block_size - 1) // block_size) + 1)
         cache = rng.standard_normal((rows, D_QK)) * np.exp(rng.uniform(-1, 1, (rows, 1)))
         self.cache = bf16_round(cache.astype(F32))  # [rows, 576] bf16 bits
         self.cache_f = bf16_to_f(self.cache).astype(np.float64)
         self.q_abs = bf16_round((rng.standard_normal((batch, heads, D_LAT)) * 0.3 * qmul).astype(F32))
         self.q_pe = bf16_round((rng.standard_normal((batch, heads, 64)) * qmul).astype(F32))
         self.q_f = np.concatenate([bf16_to_f(self.q_abs), bf16_to_f(self.q_pe)], axis=2).astype(np.float64)
-
-    def token_row(self, b, t):
-        return int(self.block_table[b, t // self.block_size]) * self.block_size + t % self.block_size
 
     def exact(self, b, lo, hi):
         """float64 softmax attention over tokens [lo, hi): out [H, 512], lse (natural log)."""
@@ -427,7 +286,7 @@ class Problem:
 
 
 # ---------------------------------------------------------------- one CTA
-class Cta:
+class Cta(CtaActors):
     def __init__(self, P, b, hx, split, splits, rs, gout):
         self.P, self.b, self.hx, self.split, self.splits, self.rs = P, b, hx, split, splits, rs
         self.gout = gout  # the launch's outputs: dict name -> dict key -> value
@@ -446,23 +305,10 @@ class Cta:
                 raise SimError(f"{name}{key} written twice")
         d[key] = val
 
-    # ---------------------------------------------------------- waits
-    def mbar_wait(self, bar, parity):
-        while not bar.try_wait(parity):
-            yield ("block", lambda: bar.try_wait(parity))
-
-    def named_sync(self, bid, n):
-        gen = self.nb.arrive(bid, n)
-        while self.nb.gen.get(bid, 0) == gen:
-            yield ("block", lambda: self.nb.gen.get(bid, 0) != gen)
-
+    # ---------------------------------------------------------- waits (mbar_wait, named_sync: CtaActors)
     def wg_wait(self, w, n):
-        unit = self.unit
-        ok, need = unit.wait_ready(w, n)
-        while not ok:
-            yield ("block", lambda: unit.wait_ready(w, n)[0])
-            ok, need = unit.wait_ready(w, n)
-        unit.retire(w, need)
+        need = yield from self.unit.wait_group(w, n)
+        self.unit.retire(w, need)
 
     # ---------------------------------------------------------- TMA
     def tma_engine_step(self):
@@ -471,24 +317,12 @@ class Cta:
             raise SimError("TMA shared destination not 128-byte aligned")
         if dst % 1024:
             self.notes.add("TMA boxes land off 1024-byte swizzle atoms (block_size < 8): swizzle modelled on the address")
-        cache = self.P.cache
-        for r in range(rows):
-            gr = row + r
-            data = cache[gr, c0:c0 + 64] if 0 <= gr < cache.shape[0] else np.zeros(64, np.uint16)
-            if c0 + 64 > D_QK:
-                raise SimError("TMA box past the row")
-            raw = np.asarray(data, "<u2").view(np.uint8)
-            for ch in range(8):
-                a = dst + r * 128 + ch * 16
-                self.S.write(hw_swz128(a), raw[ch * 16:ch * 16 + 16], "TMA")
-        bar.complete_tx(64 * 2 * rows)
+        bar.complete_tx(tma_copy_box(self.S, dst, self.P.cache, c0, row, 64, rows, D_QK, True, "TMA"))
 
     def tile_issue(self, kbuf, bars, t0, end):  # mla_tma.cuh tile_issue(.., 0, 9)
         P = self.P
         bs = P.block_size
-        piece = min(bs, 64)
-        valid = min(64, end - t0) if t0 < end else 0
-        pieces = (valid + piece - 1) // piece
+        piece, pieces = tile_pieces(bs, t0, end)
         loaded = set()
         for c in range(9):
             bar = bars[c]
@@ -772,10 +606,7 @@ class Cta:
         b, split, splits = self.b, self.split, self.splits
         self.h0 = h0 = self.hx * NR_HEADS
         ln = P.lens[b]
-        per = (ln + splits - 1) // splits
-        per = max(64, (per + 63) // 64 * 64)
-        start = split * per
-        end = min(ln, start + per)
+        start, end = split_range(ln, split, splits)
         self.start, self.end = start, end
         self.ntiles = 0
         if splits > 1 and start >= ln:  # empty_split: threads r < 64 (not 16) write lse
@@ -812,25 +643,7 @@ class Cta:
         self._ot, self.ot_scale = {}, {}
         actors = {("math", w): self.consumer(w) for w in range(4)}
         actors["producer"] = self.producer()
-        blocked = {k: None for k in actors}
-        done = set()
-        steps = 0
-        while len(done) < len(actors) or self.tma_q:
-            runnable = [k for k in actors if k not in done and (blocked[k] is None or blocked[k]())]
-            if self.tma_q:
-                runnable.append("tma")
-            if not runnable:
-                raise SimError("DEADLOCK: " + ", ".join(str(k) for k in actors if k not in done))
-            k = self.rs.choice(runnable)
-            steps += 1
-            if k == "tma":
-                self.tma_engine_step()
-                continue
-            try:
-                kind, cond = next(actors[k])
-                blocked[k] = cond if kind == "block" else None
-            except StopIteration:
-                done.add(k)
+        steps = self.run_actors(actors)
         for op in self.unit.ops:
             if len(op["retired"]) != 4:
                 raise SimError(f"wgmma {op['tag']} never waited for by every warp")
@@ -843,16 +656,7 @@ class Cta:
         return steps
 
 
-# ---------------------------------------------------------------- a launch
-def combine(parts, lses):
-    lse = np.array(lses)
-    m = lse.max()
-    if not np.isfinite(m):
-        return np.zeros_like(parts[0])
-    wts = np.where(np.isfinite(lse), np.exp(lse - m), 0.0)
-    return sum(wts[s] * parts[s] for s in range(len(parts)) if wts[s] > 0) / wts.sum()
-
-
+# ---------------------------------------------------------------- a launch (combine: ptx_model)
 def run_case(name, seed, heads, block_size, lens, splits, qmul=1.0, sched_seed=None):
     rng = np.random.default_rng(seed)
     P = Problem(rng, heads, block_size, lens, scale=1.0 / math.sqrt(192.0), qmul=qmul)
@@ -877,10 +681,9 @@ def run_case(name, seed, heads, block_size, lens, splits, qmul=1.0, sched_seed=N
             got = np.array([[gout["out"].pop((b, h, c)) for c in range(D_LAT)] for h in range(heads)])
         else:
             parts, lses = [], []
-            per = max(64, ((ln + splits - 1) // splits + 63) // 64 * 64)
             for sp in range(splits):
                 lse = np.array([gout["lse"].pop((b, sp, h)) for h in range(heads)])
-                lo, hi = sp * per, min(ln, sp * per + per)
+                lo, hi = split_range(ln, sp, splits)
                 if lo < hi:
                     op = np.array([[gout["o_part"].pop((b, sp, h, c)) for c in range(D_LAT)] for h in range(heads)])
                     ko, kl = P.kernel_order(b, lo, hi)
