@@ -405,15 +405,8 @@ pub fn mla_prefill(gpu: &Gpu, p: MlaPrefillParams<'_>) -> Result<()> {
         dim_i32(OP, "heads", heads)?,
     );
     let grid_dim = if tile == PrefillTile::Wgmma128Persist {
-        // one CTA per SM (209 KiB of shared memory each), each walking its items
-        let items = plan.n_tiles() * heads;
-        let ctas = items.min(gpu.sm_count.max(1));
-        // the kernel steps item indices by the grid in i32
-        if items + ctas > i32::MAX as usize {
-            return Err(shape_err(OP, format!("{items} (tile, head) items")));
-        }
         b.arg(&n_tiles_i).arg(&heads_i);
-        (ctas as u32, 1, 1)
+        (persistent_ctas(plan.n_tiles(), heads, gpu.sm_count)?, 1, 1)
     } else {
         (plan.n_tiles() as u32, heads as u32, 1)
     };
@@ -429,6 +422,21 @@ pub fn mla_prefill(gpu: &Gpu, p: MlaPrefillParams<'_>) -> Result<()> {
     // allocations are), and the kernel skips any descriptor that does not fit n and T.
     unsafe { b.launch(cfg) }?;
     Ok(())
+}
+
+/// The grid of the persistent prefill kernel: one CTA per SM (209 KiB of shared memory each),
+/// at most one per (tile, head) item. The kernel steps item indices by the grid in i32, so the
+/// items and one more grid's worth must fit.
+fn persistent_ctas(n_tiles: usize, heads: usize, sm_count: usize) -> Result<u32> {
+    let items = n_tiles.saturating_mul(heads);
+    let ctas = items.min(sm_count.max(1));
+    if items.saturating_add(ctas) > i32::MAX as usize {
+        return Err(shape_err(
+            "mla_prefill_bf16",
+            format!("{n_tiles} tiles x {heads} heads: too many (tile, head) items"),
+        ));
+    }
+    Ok(ctas as u32)
 }
 
 /// K/V decompression for prefill: `kv[T, H*(dn+dv)] = lat[:, :kv_lora] · kv_bᵀ`.
@@ -616,6 +624,17 @@ mod tests {
         );
         // 130 rows -> tiles at 0 and 128, 7 rows -> one
         assert_eq!(p.tiles, vec![0, 128, 0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn the_persistent_grid_is_one_cta_per_sm_and_stays_within_i32() {
+        // 64 x 512: 4 tiles a sequence x 64 sequences x 128 heads, on 132 SMs
+        assert_eq!(persistent_ctas(256, 128, 132).ok(), Some(132));
+        // fewer items than SMs: one CTA an item
+        assert_eq!(persistent_ctas(3, 16, 132).ok(), Some(48));
+        assert_eq!(persistent_ctas(1, 1, 0).ok(), Some(1));
+        assert!(persistent_ctas(1 << 20, 1 << 11, 132).is_err());
+        assert!(persistent_ctas(usize::MAX, 2, 132).is_err());
     }
 
     #[test]
