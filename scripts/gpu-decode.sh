@@ -43,6 +43,16 @@
 #            unmeasured when written): the small-expert check rows with the shared gate/up beside,
 #            the fixtures with it, then V2-Lite and 4-layer V2 batch 1, 64, 256 at context 512 with
 #            it and without, one process each (step / roofline in each)
+#   fp8-regs the FP8 decode kernel that converts the codes in registers (DSV2_MLA_FP8_KERNEL=regs,
+#            session 19, unmeasured when written): dsv2-gpu-check --fp8 (both FP8 kernels' checks,
+#            P1-FP8 rows), then if its rows pass dsv2-cuda-check --fp8 with it, 4-layer V2 batch 64
+#            x 4096 with the FP8 cache (regs) against bf16, and ncu on it (NCU_FP8=0 skips)
+#   narrow   the narrow decode kernel for few heads (DSV2_MLA_KERNEL=narrow, session 19): the MLA
+#            checks with it, the 16-head P1 rows beside wgmma, then if its rows pass the fixtures
+#            with it and V2-Lite batch 1/64/256 at context 512 with it and without
+#   prefill-persist  the persistent wgmma prefill (DSV2_PREFILL_KERNEL=wgmma-persist, session 19):
+#            the MLA checks and PF rows (every prefill tile), the fixtures with it, 4-layer V2
+#            prefill 64 x 512 and 1 x 4096 with it and without
 #   ab       an A/B of decode switches: kernel checks (AB_CHECKS=0 skips them), then batch 1 and 4
 #            decode (V2-Lite, 4-layer V2) with AB_ON (default: the defaults), an earlier tree's
 #            dsv2 (BASE_BIN, default $BIN/base), AB_OFF (default: session 14's fusions off); the
@@ -383,6 +393,64 @@ PYEOF
             OUT=/tmp/gd-beside bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
         done
       done ;;
+    fp8-regs)
+      timeout -k 5 150 "$BIN/dsv2-gpu-check" --fp8 --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-fp8-regs.log" 2>&1 || fail=1
+      grep -E "FAIL|^checks:|rror|trap|copy d2d|cuBLAS bf16|^P1-FP8" "$OUT_DIR/gpu-check-fp8-regs.log" | cut -c1-400 | head -24
+      if grep -q "mla_decode_fp8_regs.*PASS" "$OUT_DIR/gpu-check-fp8-regs.log" && ! grep -q "mla_decode_fp8_regs.*FAIL" "$OUT_DIR/gpu-check-fp8-regs.log"; then
+        DSV2_MLA_FP8_KERNEL=regs timeout -k 5 200 "$BIN/dsv2-cuda-check" --fp8 --cache-dir /tmp/dsv2-cubin \
+          >"$OUT_DIR/cuda-check-fp8-regs.log" 2>&1 || { echo "dsv2-cuda-check --fp8 (regs) FAILED"; fail=1; }
+        tail -8 "$OUT_DIR/cuda-check-fp8-regs.log"
+        for mode in "fp8 regs" "bf16 wgmma"; do
+          set -- $mode
+          over_budget "fp8-regs bench $1" && break
+          echo "-- 4-layer V2, batch 64 x 4096, --kv-cache-dtype $1"
+          env DSV2_KV_CACHE_DTYPE=$1 DSV2_MLA_FP8_KERNEL=$2 BIN="$BIN" PRESET=deepseek-v2 LAYERS=4 BATCHES=64 CONTEXTS=4096 \
+            NEW_TOKENS=16 LIMIT_S=150 OUT=/tmp/gd-fp8-regs bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
+        done
+        if [ "${NCU_FP8:-1}" = 1 ] && ! over_budget "fp8-regs ncu"; then
+          timeout -k 5 120 ncu --kernel-name regex:mla_decode_fp8_regs --launch-count 1 --section SpeedOfLight \
+            --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+            "$BIN/dsv2-gpu-check" --fp8 --no-check --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/ncu-fp8-regs.log" 2>&1
+          grep -E "Duration|Throughput|Stall|Issued Warp|Eligible|Active Warps|Hit Rate|Mem Busy|Max Bandwidth" "$OUT_DIR/ncu-fp8-regs.log" | head -40
+        fi
+      else
+        echo "fp8-regs: the regs kernel's check rows did not all pass; nothing else run"
+      fi ;;
+    narrow)
+      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels wgmma,narrow --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-narrow.log" 2>&1 || fail=1
+      grep -E "FAIL|^checks:|rror|trap|copy d2d|cuBLAS bf16|P1 .*heads 16" "$OUT_DIR/gpu-check-narrow.log" | cut -c1-300 | head -24
+      if grep -q "mla_decode_narrow_bf16.*PASS" "$OUT_DIR/gpu-check-narrow.log" && ! grep -q "mla_decode_narrow_bf16.*FAIL" "$OUT_DIR/gpu-check-narrow.log"; then
+        DSV2_MLA_KERNEL=narrow timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin \
+          >"$OUT_DIR/cuda-check-narrow.log" 2>&1 || { echo "dsv2-cuda-check (narrow) FAILED"; fail=1; }
+        tail -2 "$OUT_DIR/cuda-check-narrow.log"
+        for k in narrow wgmma; do
+          over_budget "narrow bench $k" && break
+          echo "-- V2-Lite 27 layers, DSV2_MLA_KERNEL=$k"
+          env DSV2_MLA_KERNEL=$k BIN="$BIN" PRESET=deepseek-v2-lite LAYERS=27 BATCHES=1,64,256 CONTEXTS=512 NEW_TOKENS=32 \
+            LIMIT_S=120 OUT=/tmp/gd-narrow bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
+        done
+      else
+        echo "narrow: the narrow kernel's check rows did not all pass; nothing else run"
+      fi ;;
+    prefill-persist)
+      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels wgmma --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-pf.log" 2>&1 || fail=1
+      grep -E "FAIL|^checks:|rror|trap|copy d2d|cuBLAS bf16|^PF" "$OUT_DIR/gpu-check-pf.log" | cut -c1-300 | head -24
+      if grep -q "mla_prefill_wgmma_persist_bf16.*PASS\|mla_prefill_wgmma_persist_bf16.* ok" "$OUT_DIR/gpu-check-pf.log" && ! grep -q "mla_prefill_wgmma_persist_bf16.*FAIL" "$OUT_DIR/gpu-check-pf.log"; then
+        DSV2_PREFILL_KERNEL=wgmma-persist timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin \
+          >"$OUT_DIR/cuda-check-pf.log" 2>&1 || { echo "dsv2-cuda-check (wgmma-persist) FAILED"; fail=1; }
+        tail -2 "$OUT_DIR/cuda-check-pf.log"
+        for shape in "64 512" "1 4096"; do
+          set -- $shape
+          for k in wgmma-persist wgmma; do
+            over_budget "prefill-persist $1 x $2 $k" && break 2
+            echo "-- 4-layer V2 prefill $1 x $2, DSV2_PREFILL_KERNEL=$k"
+            env DSV2_PREFILL_KERNEL=$k BIN="$BIN" PRESET=deepseek-v2 LAYERS=4 BATCHES=$1 CONTEXTS=$2 NEW_TOKENS=8 \
+              LIMIT_S=150 OUT=/tmp/gd-pf bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^prefill/,/^$/p'
+          done
+        done
+      else
+        echo "prefill-persist: the persistent kernel's check rows did not all pass; nothing else run"
+      fi ;;
     ab)
       # an A/B of decode switches: this tree's binaries with AB_ON (default: nothing, the
       # defaults), with AB_OFF (default: session 14's fusions off, DSV2_SMALL_DOWN=rows
