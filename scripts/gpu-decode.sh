@@ -47,9 +47,10 @@
 #            session 19, unmeasured when written): dsv2-gpu-check --fp8 (both FP8 kernels' checks,
 #            P1-FP8 rows), then if its rows pass dsv2-cuda-check --fp8 with it, 4-layer V2 batch 64
 #            x 4096 with the FP8 cache (regs) against bf16, and ncu on it (NCU_FP8=0 skips)
-#   narrow   the narrow decode kernel for few heads (DSV2_MLA_KERNEL=narrow, session 19): the MLA
-#            checks with it, the 16-head P1 rows beside wgmma, then if its rows pass the fixtures
-#            with it and V2-Lite batch 1/64/256 at context 512 with it and without
+#   narrow   the narrow decode kernel for few heads (DSV2_MLA_KERNEL=narrow / narrow-rs, session 19):
+#            the MLA checks with both forms, the 16-head P1 rows beside wgmma, then with the first
+#            form whose rows pass the fixtures and V2-Lite batch 1/64/256 at context 512, and
+#            without
 #   prefill-persist  the persistent wgmma prefill (DSV2_PREFILL_KERNEL=wgmma-persist, session 19):
 #            the MLA checks and PF rows (every prefill tile), the fixtures with it, 4-layer V2
 #            prefill 64 x 512 and 1 x 4096 with it and without
@@ -417,20 +418,26 @@ PYEOF
         echo "fp8-regs: the regs kernel's check rows did not all pass; nothing else run"
       fi ;;
     narrow)
-      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels wgmma,narrow --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-narrow.log" 2>&1 || fail=1
+      timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels wgmma,narrow,narrow-rs --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-narrow.log" 2>&1 || fail=1
       grep -E "FAIL|^checks:|rror|trap|copy d2d|cuBLAS bf16|P1 .*heads 16" "$OUT_DIR/gpu-check-narrow.log" | cut -c1-300 | head -24
-      if grep -q "mla_decode_narrow_bf16.*PASS" "$OUT_DIR/gpu-check-narrow.log" && ! grep -q "mla_decode_narrow_bf16.*FAIL" "$OUT_DIR/gpu-check-narrow.log"; then
-        DSV2_MLA_KERNEL=narrow timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin \
-          >"$OUT_DIR/cuda-check-narrow.log" 2>&1 || { echo "dsv2-cuda-check (narrow) FAILED"; fail=1; }
+      # the form to run end to end: the shared-memory one if its rows pass, else the register one
+      nk=""
+      for k in narrow narrow_rs; do
+        if grep -q "mla_decode_${k}_bf16.*PASS" "$OUT_DIR/gpu-check-narrow.log" && ! grep -q "mla_decode_${k}_bf16.*FAIL" "$OUT_DIR/gpu-check-narrow.log"; then nk=${k/_/-}; break; fi
+      done
+      if [ -n "$nk" ]; then
+        echo "-- narrow form for the fixtures and benches: $nk"
+        DSV2_MLA_KERNEL=$nk timeout -k 5 200 "$BIN/dsv2-cuda-check" --cache-dir /tmp/dsv2-cubin \
+          >"$OUT_DIR/cuda-check-narrow.log" 2>&1 || { echo "dsv2-cuda-check ($nk) FAILED"; fail=1; }
         tail -2 "$OUT_DIR/cuda-check-narrow.log"
-        for k in narrow wgmma; do
+        for k in $nk wgmma; do
           over_budget "narrow bench $k" && break
           echo "-- V2-Lite 27 layers, DSV2_MLA_KERNEL=$k"
           env DSV2_MLA_KERNEL=$k BIN="$BIN" PRESET=deepseek-v2-lite LAYERS=27 BATCHES=1,64,256 CONTEXTS=512 NEW_TOKENS=32 \
             LIMIT_S=120 OUT=/tmp/gd-narrow bash scripts/gpu-bench.sh 2>&1 | sed -n '/^ceilings/p;/FAILED/p;/^decode, per step/,/^$/p'
         done
       else
-        echo "narrow: the narrow kernel's check rows did not all pass; nothing else run"
+        echo "narrow: neither form's check rows all passed; nothing else run"
       fi ;;
     prefill-persist)
       timeout -k 5 200 "$BIN/dsv2-gpu-check" --mla --mla-kernels wgmma --cache-dir /tmp/dsv2-cubin >"$OUT_DIR/gpu-check-pf.log" 2>&1 || fail=1

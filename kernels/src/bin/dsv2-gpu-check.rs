@@ -49,6 +49,7 @@ fn parse_args() -> Result<Args> {
             mla::MlaKernel::TmaPair,
             mla::MlaKernel::Roles,
             mla::MlaKernel::Narrow,
+            mla::MlaKernel::NarrowRs,
         ],
         opts: GpuOptions::default(),
     };
@@ -90,8 +91,8 @@ fn parse_args() -> Result<Args> {
                      prefill: wgmma, wgmma persistent, M128, M64), P1 and PF, a quick go/no-go for the\n\
                      wgmma kernels.\n\
                      --mla-kernels: which MLA decode kernels --mla checks and times (comma-separated:\n\
-                     wgmma, mma, seesaw, tma, tma-pair, roles, narrow; default all, a new kernel last so that\n\
-                     a crash of it leaves the others' rows printed).\n\
+                     wgmma, mma, seesaw, tma, tma-pair, roles, narrow, narrow-rs; default all, a new kernel last\n\
+                     so that a crash of it leaves the others' rows printed).\n\
                      --gemv: only the few-row GEMV checks and their timings beside cuBLAS and copy.\n\
                      --grouped: only the grouped expert checks (every row tile, the warp-specialised\n\
                      one at awkward per-expert counts), then P2, P2g per tile and the decode rows.\n\

@@ -55,23 +55,36 @@ __device__ __forceinline__ void nr_wgmma_m64n16(float* d, u64 da, u64 db, int sc
         : "l"(da), "l"(db), "r"(scale_d), "n"(TRANS_A));
 }
 
+// m64n16k16 bf16 -> f32 with A from registers (the mma.m16n8k16 A fragment of the warp's 16
+// rows, as wgmma_m64n64_rs) and B K-major in shared memory.
+__device__ __forceinline__ void nr_wgmma_m64n16_rs(float* d, const u32* a, u64 db) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, "
+        "{%8, %9, %10, %11}, %12, 1, 1, 1, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+
 // Byte offset of (head, column) in the 16-row swizzled Q (9 chunks of 2 KiB).
 __device__ __forceinline__ u32 nr_q_off(int h, int col) {
     const int k = col & 63;
     return (u32)((col >> 6) * NR_QCH + h * 128 + ((((k >> 3) ^ (h & 7))) << 4) + ((k & 7) << 1));
 }
 
-// grid (ceil(H / 16), B, splits), NR_THREADS threads, NR_BYTES + 1024 bytes of dynamic shared
-// memory. Arguments and outputs as mla_decode_tma_bf16 (the cache read through cache_map: [slots,
-// 576] bf16, box 64 columns x min(block_size, 64) rows, 128-byte swizzle; block_size divides 64
-// or is a multiple of it). Splits of whole 64-token tiles; an empty split writes only lse = -inf.
-extern "C" __global__ void __launch_bounds__(NR_THREADS, 1)
-mla_decode_narrow_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
-                       const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
-                       float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size, int max_blocks,
-                       int splits, float scale, long long qpe_sb, long long qpe_sh,
-                       const __grid_constant__ TmaMap cache_map) {
-    griddep_wait();
+// The kernel body. PV_REGS = false (mla_decode_narrow_bf16): P . V's A operand (V^T) straight
+// from the stage as a transposed shared-memory operand. PV_REGS = true
+// (mla_decode_narrow_rs_bf16): the same values through ldmatrix.trans into registers (the A
+// fragment of a warp's 16 latent columns x 16 tokens is one ldmatrix.x4.trans of the stage), so
+// the stage goes back to the producer as soon as it is read, before P . V completes. Two forms
+// of one product: the transposed shared-memory A is the repository's first (the other kernels
+// read V as a transposed B), and the register form does not depend on it.
+template <bool PV_REGS>
+__device__ __forceinline__ void narrow_decode(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
+                                              const int* __restrict__ block_table, const int* __restrict__ seq_lens,
+                                              bf16* __restrict__ out, float* __restrict__ o_part,
+                                              float* __restrict__ lse, int heads, int block_size, int max_blocks,
+                                              int splits, float scale, long long qpe_sb, long long qpe_sh,
+                                              const TmaMap* cache_map) {
     extern __shared__ __align__(1024) unsigned char nr_smem_raw[];
     unsigned char* smem =
         reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(nr_smem_raw) + 1023) & ~(size_t)1023);
@@ -120,7 +133,7 @@ mla_decode_narrow_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
             for (int it = 0; it < ntiles; ++it) {
                 const int s = it % NR_STAGES;
                 if (it >= NR_STAGES) mbar_wait_thread(bar_empty + 8 * s, ((it / NR_STAGES) - 1) & 1);
-                tile_issue(sbase + NR_ST0 + s * NR_TILE, bar_full + s * 9 * 8, &cache_map, btab, block_size,
+                tile_issue(sbase + NR_ST0 + s * NR_TILE, bar_full + s * 9 * 8, cache_map, btab, block_size,
                            start + 64 * it, end, 0, 9);
             }
         }
@@ -229,20 +242,51 @@ mla_decode_narrow_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
             for (int j = 0; j < 2; ++j)
 #pragma unroll
                 for (int x = 0; x < 4; ++x) o[mb][4 * j + x] *= alpha[2 * j + (x & 1)];
-        wg_fence();
+        if constexpr (PV_REGS) {
+            // ldmatrix.x4.trans of m-block mb, k-step kk: matrix i = tokens 16 kk + 8 (i >> 1) ..
+            // + 7 x latent columns 64 mb + 16 w + 8 (i & 1) .. + 7, i.e. a0 (row g, k 2t..), a1 (row
+            // g + 8), a2 (row g, k 2t + 8..), a3; lane l addresses row l % 8 of matrix l / 8
+            const int mi = lane / 8, piece = 2 * w + (mi & 1);
 #pragma unroll
-        for (int mb = 0; mb < 8; ++mb)
+            for (int mb = 0; mb < 8; ++mb) {
+                u32 a[16];
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk)
-                nr_wgmma_m64n16<1>(o[mb], wg_desc(kt + mb * MLA_CHUNK + kk * 16 * 128, MLA_CHUNK, 1024),
-                                   wg_desc(p_addr + kk * 32, 16, 1024), 1);
-        wg_commit();
-        wg_wait0();
+                for (int kk = 0; kk < 4; ++kk) {
+                    const int tok = 16 * kk + 8 * (mi >> 1) + (lane % 8);
+                    ldsm_x4_t_at(a + 4 * kk, kt + mb * MLA_CHUNK + swz_piece(tok, piece));
+                }
+                if (mb == 7) {
+                    // the stage's last reads are done (S^T's wgmma completed above): back to the
+                    // producer before P . V completes
+                    __syncwarp();
+                    if (lane == 0) mbar_arrive(bar_empty + 8 * s);
+                }
+                wg_fence();
 #pragma unroll
-        for (int mb = 0; mb < 8; ++mb) wg_fence_regs<8>(o[mb]);
-        // the stage's last readers (both products) are done: back to the producer
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bar_empty + 8 * s);
+                for (int kk = 0; kk < 4; ++kk) nr_wgmma_m64n16_rs(o[mb], a + 4 * kk, wg_desc(p_addr + kk * 32, 16, 1024));
+                wg_commit();
+                // m-block mb - 1's registers are free for mb + 1; the last drains P . V
+                if (mb < 7) wg_wait<1>();
+                else wg_wait0();
+            }
+#pragma unroll
+            for (int mb = 0; mb < 8; ++mb) wg_fence_regs<8>(o[mb]);
+        } else {
+            wg_fence();
+#pragma unroll
+            for (int mb = 0; mb < 8; ++mb)
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk)
+                    nr_wgmma_m64n16<1>(o[mb], wg_desc(kt + mb * MLA_CHUNK + kk * 16 * 128, MLA_CHUNK, 1024),
+                                       wg_desc(p_addr + kk * 32, 16, 1024), 1);
+            wg_commit();
+            wg_wait0();
+#pragma unroll
+            for (int mb = 0; mb < 8; ++mb) wg_fence_regs<8>(o[mb]);
+            // the stage's last readers (both products) are done: back to the producer
+            __syncwarp();
+            if (lane == 0) mbar_arrive(bar_empty + 8 * s);
+        }
     }
 
     // ---- the end: l over the tokens' rows and the 4 warps, then the normalised rows
@@ -278,4 +322,32 @@ mla_decode_narrow_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
             lse[((size_t)b * splits + split) * heads + h] =
                 l_tot[k] > 0.f ? (m_run[k] + log2f(l_tot[k])) * 0.6931471805599453f : -INFINITY;
     }
+}
+
+// grid (ceil(H / 16), B, splits), NR_THREADS threads, NR_BYTES + 1024 bytes of dynamic shared
+// memory. Arguments and outputs as mla_decode_tma_bf16 (the cache read through cache_map: [slots,
+// 576] bf16, box 64 columns x min(block_size, 64) rows, 128-byte swizzle; block_size 8..64
+// dividing 64 or a multiple of it). Splits of whole 64-token tiles; an empty split writes only
+// lse = -inf.
+extern "C" __global__ void __launch_bounds__(NR_THREADS, 1)
+mla_decode_narrow_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
+                       const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
+                       float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size, int max_blocks,
+                       int splits, float scale, long long qpe_sb, long long qpe_sh,
+                       const __grid_constant__ TmaMap cache_map) {
+    griddep_wait();
+    narrow_decode<false>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks, splits,
+                         scale, qpe_sb, qpe_sh, &cache_map);
+}
+
+// The same with P . V's A operand through registers (narrow_decode<true>).
+extern "C" __global__ void __launch_bounds__(NR_THREADS, 1)
+mla_decode_narrow_rs_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
+                          const int* __restrict__ block_table, const int* __restrict__ seq_lens,
+                          bf16* __restrict__ out, float* __restrict__ o_part, float* __restrict__ lse, int heads,
+                          int block_size, int max_blocks, int splits, float scale, long long qpe_sb,
+                          long long qpe_sh, const __grid_constant__ TmaMap cache_map) {
+    griddep_wait();
+    narrow_decode<true>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks, splits,
+                        scale, qpe_sb, qpe_sh, &cache_map);
 }

@@ -73,6 +73,9 @@ pub enum MlaKernel {
     /// (S^T = K.Q^T, O^T = V^T.P^T), one math warpgroup and a producer warp feeding two TMA
     /// stages (mla_narrow.cu).
     Narrow,
+    /// `Narrow` with P.V's A operand (V^T) loaded into registers by ldmatrix.trans instead of
+    /// read as a transposed shared-memory operand (mla_narrow.cu's two forms of one product).
+    NarrowRs,
     Wgmma,
     Mma,
 }
@@ -122,11 +125,12 @@ impl MlaKernel {
             "tma-pair" => Ok(MlaKernel::TmaPair),
             "roles" => Ok(MlaKernel::Roles),
             "narrow" => Ok(MlaKernel::Narrow),
+            "narrow-rs" => Ok(MlaKernel::NarrowRs),
             "mma" => Ok(MlaKernel::Mma),
             other => Err(KernelError::Unsupported {
                 op: "mla_decode",
                 what: format!(
-                    "DSV2_MLA_KERNEL={other:?} (expected \"wgmma\", \"tma\", \"tma-pair\", \"roles\", \"seesaw\", \"narrow\" or \"mma\")"
+                    "DSV2_MLA_KERNEL={other:?} (expected \"wgmma\", \"tma\", \"tma-pair\", \"roles\", \"seesaw\", \"narrow\", \"narrow-rs\" or \"mma\")"
                 ),
             }),
         }
@@ -140,6 +144,7 @@ impl MlaKernel {
             | MlaKernel::Roles
             | MlaKernel::Seesaw
             | MlaKernel::Narrow
+            | MlaKernel::NarrowRs
             | MlaKernel::Wgmma => 64,
             MlaKernel::Mma => 32,
         }
@@ -148,7 +153,7 @@ impl MlaKernel {
     /// Query heads one CTA takes (the grid's x is the heads over this).
     pub fn heads_per_cta(self) -> usize {
         match self {
-            MlaKernel::Narrow => NARROW_HEADS,
+            MlaKernel::Narrow | MlaKernel::NarrowRs => NARROW_HEADS,
             _ => HEADS_PER_CTA,
         }
     }
@@ -160,6 +165,7 @@ impl MlaKernel {
             MlaKernel::Roles => "mla_decode_roles_bf16",
             MlaKernel::Seesaw => "mla_decode_seesaw_bf16",
             MlaKernel::Narrow => "mla_decode_narrow_bf16",
+            MlaKernel::NarrowRs => "mla_decode_narrow_rs_bf16",
             MlaKernel::Wgmma => "mla_decode_wgmma_bf16",
             MlaKernel::Mma => "mla_decode_bf16",
         }
@@ -170,7 +176,7 @@ impl MlaKernel {
             MlaKernel::TmaPair | MlaKernel::Tma => TMA_SMEM_BYTES,
             MlaKernel::Roles => ROLES_SMEM_BYTES,
             MlaKernel::Seesaw => SEESAW_SMEM_BYTES,
-            MlaKernel::Narrow => NARROW_SMEM_BYTES,
+            MlaKernel::Narrow | MlaKernel::NarrowRs => NARROW_SMEM_BYTES,
             MlaKernel::Wgmma => WGMMA_SMEM_BYTES,
             MlaKernel::Mma => MMA_SMEM_BYTES,
         }
@@ -180,7 +186,7 @@ impl MlaKernel {
     fn threads(self) -> u32 {
         match self {
             MlaKernel::Roles => 384,
-            MlaKernel::Narrow => 160,
+            MlaKernel::Narrow | MlaKernel::NarrowRs => 160,
             MlaKernel::TmaPair
             | MlaKernel::Tma
             | MlaKernel::Seesaw
@@ -199,7 +205,8 @@ impl MlaKernel {
             | MlaKernel::Tma
             | MlaKernel::Roles
             | MlaKernel::Seesaw
-            | MlaKernel::Narrow => {
+            | MlaKernel::Narrow
+            | MlaKernel::NarrowRs => {
                 block_size >= 8
                     && (64usize.is_multiple_of(block_size) || block_size.is_multiple_of(64))
             }
@@ -599,7 +606,8 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<bool> {
         | MlaKernel::Tma
         | MlaKernel::Roles
         | MlaKernel::Seesaw
-        | MlaKernel::Narrow => Some(cache_tensor_map(&p.cache)?),
+        | MlaKernel::Narrow
+        | MlaKernel::NarrowRs => Some(cache_tensor_map(&p.cache)?),
         MlaKernel::Wgmma | MlaKernel::Mma => None,
     };
     // the pair kernel needs exactly two head groups, one per CTA of a cluster
@@ -919,6 +927,10 @@ mod tests {
         assert_eq!(MlaKernel::parse("tma-pair").ok(), Some(MlaKernel::TmaPair));
         assert_eq!(MlaKernel::parse("roles").ok(), Some(MlaKernel::Roles));
         assert_eq!(MlaKernel::parse("narrow").ok(), Some(MlaKernel::Narrow));
+        assert_eq!(
+            MlaKernel::parse("narrow-rs").ok(),
+            Some(MlaKernel::NarrowRs)
+        );
         let err = MlaKernel::parse("flash").err().map(|e| e.to_string());
         let msg = err.unwrap_or_default();
         assert!(
@@ -949,6 +961,7 @@ mod tests {
             MlaKernel::Roles,
             MlaKernel::Seesaw,
             MlaKernel::Narrow,
+            MlaKernel::NarrowRs,
             MlaKernel::Wgmma,
             MlaKernel::Mma,
         ] {
