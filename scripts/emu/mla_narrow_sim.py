@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""CPU emulation of whole CTAs of mla_decode_narrow_bf16 (kernels/src/cu/mla_narrow.cu, d20d2b6).
+"""CPU emulation of whole CTAs of mla_decode_narrow_bf16 and mla_decode_narrow_rs_bf16
+(kernels/src/cu/mla_narrow.cu, d20d2b6; the rs form dfeae56).
 
 Why it exists: GPU time is scarce, and this kernel is the repository's first wgmma with a
 transposed (MN-major) shared-memory A operand. Checked before the kernel ran: 13 cases x 4 random
@@ -35,10 +36,25 @@ scripts/emu/ptx_model.py. Extended with:
     against the cache / Q / P they must hold, P's placement, O^T after each tile against a float64
     recomputation from the same P and alpha, the output indices (every element once).
 
-Run:  python3 scripts/emu/mla_narrow_sim.py               # calibration + all cases (~25 s)
-      python3 scripts/emu/mla_narrow_sim.py 0 3 5         # some cases
+Both forms of the kernel (narrow_decode<PV_REGS>) are emulated, every case run for each:
+  ss  mla_decode_narrow_bf16: P.V's A (V^T) as the transposed shared-memory operand above; the
+      stage released after P.V's wait_group 0.
+  rs  mla_decode_narrow_rs_bf16: per m-block 4 ldmatrix.x4.trans (ptx_model.ldmatrix_x4, checked
+      against the PTX text and against mla_fp8_regs_sim.py's copy) into the mma.m16n8k16 / wgmma
+      register A fragment (ptx_model.wgmma_a_frag_bits), 4 wgmma m64n16k16 with A from registers
+      and B = P, wait_group 1 (0 after the last); the stage released right after the 8th m-block's
+      loads, so the producer's TMA may refill it while P.V runs (counted as tma_over_pv): those
+      ops read only registers and P, which the busy-byte guard and the operand checks enforce.
+      The A registers are modelled as two buffers (mb & 1); reloading one an unretired op of the
+      warp reads is an error.
+  Both: a read of a stage by warp w (wgmma issue, ldmatrix) after w's arrival on its empty
+  barrier is an error (happens-before), and so is that arrival while w has a wgmma reading the
+  stage in flight.
+
+Run:  python3 scripts/emu/mla_narrow_sim.py               # calibration + all cases, both forms (~30 s)
+      python3 scripts/emu/mla_narrow_sim.py --rs 0 3 5    # some cases, one form (--ss / --rs)
       python3 scripts/emu/mla_narrow_sim.py --stress 5    # each case under 5 random interleavings
-      python3 scripts/emu/mla_narrow_sim.py --mutants     # each injected bug must be caught
+      python3 scripts/emu/mla_narrow_sim.py --mutants     # each injected bug must be caught (both forms)
 """
 import math
 import os
@@ -50,8 +66,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ptx_model import (F32, LOG2E, CtaActors, MBar, NamedBarriers, PagedProblem, SimError, Smem, WgmmaQueue,  # noqa: E402
-                       bf16_round, bf16_to_f, combine, d_coords, hw_swz128, split_range, stmatrix_x4_trans, swz_piece,
-                       tile_pieces, tma_copy_box)
+                       bf16_round, bf16_to_f, combine, d_coords, hw_swz128, ldmatrix_x4, split_range,
+                       stmatrix_x4_trans, swz_piece, tile_pieces, tma_copy_box, wgmma_a_frag_bits)
 
 # ---------------------------------------------------------------- constants (as the .cu)
 MLA_CHUNK = 8192
@@ -71,6 +87,7 @@ NR_NB_MATH = 1
 D_LAT, D_QK = 512, 576
 
 MUT = set()  # injected bugs (--mutants)
+FORM = "ss"  # the kernel emulated: "ss" mla_decode_narrow_bf16 (narrow_decode<false>), "rs" mla_decode_narrow_rs_bf16
 
 
 def check_defines():
@@ -181,34 +198,92 @@ def calibrate():
             A2 = operand_values(S, operand_addrs(wg_desc(base + mb * 8192 + kk * 2048, 16, 1024), 64, True))
             assert np.array_equal(A, A2)
     out.append("narrow P.V A (MN-major, M=64): A = V^T slice; LBO irrelevant at M = 64: ok")
+    # (4) ldmatrix.x4(.trans) against the PTX text, element by element: matrix j's rows at the
+    #     addresses of lanes 8j.., element (r, c) tagged; .trans: thread i gets (2(i%4), i/4) and
+    #     (2(i%4)+1, i/4); plain: (i/4, 2(i%4)) and (i/4, 2(i%4)+1). Then against the independent
+    #     loop-by-lane copy in mla_fp8_regs_sim.py, and the A fragment against its a_matrix.
+    T = Smem(4096)
+    lanes = np.arange(32)
+    row_at = rng.permutation(256)[:32] * 16  # 32 distinct 16-byte rows in any order
+    for l in range(32):
+        tags = np.array([(l // 8) << 8 | (l % 8) << 4 | c for c in range(8)], "<u2")  # matrix, row, col
+        T.m[row_at[l]:row_at[l] + 16] = tags.view(np.uint8)
+    for trans in (True, False):
+        r = ldmatrix_x4(T, row_at, trans)
+        for i in range(32):
+            for j in range(4):
+                for h in range(2):
+                    row, col = (2 * (i % 4) + h, i // 4) if trans else (i // 4, 2 * (i % 4) + h)
+                    if (int(r[i, j]) >> (16 * h)) & 0xFFFF != (j << 8 | row << 4 | col):
+                        raise SimError(f"calibration: ldmatrix trans={trans} thread {i} reg {j} half {h}")
+    try:
+        import mla_fp8_regs_sim as fp8sim
+        T.m[:] = rng.integers(0, 256, T.m.size).astype(np.uint8)
+        for trans in (True, False):
+            if not np.array_equal(ldmatrix_x4(T, row_at, trans), fp8sim.ldmatrix_x4(T, list(row_at), trans)):
+                raise SimError("calibration: ldmatrix differs from mla_fp8_regs_sim's")
+        regs = [rng.integers(0, 0x7F00, (32, 4)).astype(np.uint32) * 0x10001 for _ in range(4)]
+        if not np.array_equal(bf16_to_f(wgmma_a_frag_bits(regs)), fp8sim.a_matrix(regs, "bf16")):
+            raise SimError("calibration: A fragment differs from mla_fp8_regs_sim's a_matrix")
+        same = "and agree with mla_fp8_regs_sim.py's copies"
+    except ImportError:
+        same = "(mla_fp8_regs_sim.py absent: not cross-checked)"
+    out.append(f"ldmatrix.x4 / .trans per the PTX text, register A fragment: ok {same}")
+    # (5) the rs kernel's P.V A: per warp w, 4 ldmatrix.x4.trans at swz_piece(16kk + 8(mi>>1) + l%8,
+    #     2w + (mi&1)) of chunk mb, read as the A fragment: A = V^T slice, the same as (3)
+    for mb in range(8):
+        for kk in range(4):
+            regs = []
+            for w in range(4):
+                mi = lanes // 8
+                offs = [swz_piece(int(16 * kk + 8 * (m >> 1) + l % 8), 2 * w + (int(m) & 1)) for l, m in zip(lanes, mi)]
+                regs.append(ldmatrix_x4(S, [base + mb * 8192 + o for o in offs], True))
+            A = bf16_to_f(wgmma_a_frag_bits(regs)).astype(np.float64)
+            if not np.array_equal(A, V[16 * kk:16 * kk + 16, 64 * mb:64 * mb + 64].T):
+                raise SimError("calibration: rs P.V A fragments")
+    out.append("rs P.V A (ldmatrix.x4.trans -> register fragment) = V^T slice, as (3): ok")
     return out
 
 
 class WgmmaUnit(WgmmaQueue):
     clamp_wait_to_issued = True
 
-    def issue(self, w, N, da, db, ta, tb, acc, scale_d, tag):
+    def issue(self, w, N, da, db, ta, tb, acc, scale_d, tag, a_regs=None, a_slot=None):
+        """da None: A from registers (wgmma ... {a0, a1, a2, a3}, b-desc): warp w's [32, 4] u32
+        `a_regs`, which sit in its register buffer `a_slot` until the op is retired."""
         k = self.next[w]
         self.next[w] += 1
         key = (N, da, db, ta, tb, acc, bool(scale_d))
         if k == len(self.ops):
-            aa = operand_addrs(da, 64, ta)
+            aa = operand_addrs(da, 64, ta) if da is not None else None
             ba = operand_addrs(db, N, tb)
-            byts = np.unique(np.concatenate([aa.ravel(), aa.ravel() + 1, ba.ravel(), ba.ravel() + 1]))
+            parts = [ba.ravel(), ba.ravel() + 1] + ([aa.ravel(), aa.ravel() + 1] if aa is not None else [])
+            byts = np.unique(np.concatenate(parts))
             self.ctx.S.busy[byts] += 1
-            self.ops.append(dict(key=key, aa=aa, ba=ba, bytes=byts, issued=set(), retired=set(), done=False, tag=tag))
+            self.ops.append(dict(key=key, aa=aa, ba=ba, bytes=byts, issued=set(), retired=set(), done=False, tag=tag,
+                                 regs={}, slots={}))
         op = self.ops[k]
         if op["key"] != key:
             raise SimError(f"warps disagree on wgmma #{k}: {op['tag']} vs {tag}")
+        self.ctx.check_stage_read(w, op["bytes"], f"wgmma {tag}")
+        if da is None:
+            op["regs"][w] = np.array(a_regs, np.uint32).copy()
+            op["slots"][w] = a_slot
         op["issued"].add(w)
         if len(op["issued"]) == 4:
             self._run(k)
+
+    def in_flight(self, w):  # ops warp w issued and has not retired
+        return [op for op in self.ops[:self.next[w]] if w not in op["retired"]]
 
     def _run(self, k):
         op = self.ops[k]
         assert all(o["done"] for o in self.ops[:k])
         N, _, _, _, _, acc, scale_d = op["key"]
-        A = operand_values(self.ctx.S, op["aa"])
+        if op["aa"] is None:
+            A = bf16_to_f(wgmma_a_frag_bits([op["regs"][w] for w in range(4)])).astype(np.float64)
+        else:
+            A = operand_values(self.ctx.S, op["aa"])
         B = operand_values(self.ctx.S, op["ba"])
         op["A"], op["B"] = A, B
         self.ctx.check_operands(op["tag"], A, B)
@@ -234,7 +309,7 @@ class WgmmaUnit(WgmmaQueue):
                 continue
             op["retired"].add(w)
             if len(op["retired"]) == 4:
-                A2 = operand_values(self.ctx.S, op["aa"])
+                A2 = operand_values(self.ctx.S, op["aa"]) if op["aa"] is not None else op["A"]
                 B2 = operand_values(self.ctx.S, op["ba"])
                 if not (np.array_equal(A2, op["A"], equal_nan=True) and np.array_equal(B2, op["B"], equal_nan=True)):
                     raise SimError(f"shared operand of wgmma {op['tag']} changed while in flight")
@@ -294,6 +369,11 @@ class Cta(CtaActors):
         self.nb = NamedBarriers()
         self.tma_q = []
         self.counts = dict(s_ops=0, pv_ops=0, st_checks=0, p_checks=0, ot_checks=0)
+        if FORM == "rs":
+            # ldmatrix.x4.trans calls; TMA boxes written into a stage while a P.V of the tile
+            # that stage last held is still in flight (the early release at work)
+            self.counts.update(ldsm=0, tma_over_pv=0)
+        self.rel = [set() for _ in range(4)]  # stages warp w released and has not taken up again
         self.notes = set()
 
     def write_out(self, name, key, val):
@@ -317,6 +397,11 @@ class Cta(CtaActors):
             raise SimError("TMA shared destination not 128-byte aligned")
         if dst % 1024:
             self.notes.add("TMA boxes land off 1024-byte swizzle atoms (block_size < 8): swizzle modelled on the address")
+        if FORM == "rs":
+            st = (dst - NR_ST0) // NR_TILE
+            if any(op["tag"][0] == "pv" and op["tag"][1] % NR_STAGES == st and len(op["retired"]) < 4
+                   for op in self.unit.ops[-64:]):
+                self.counts["tma_over_pv"] += 1
         bar.complete_tx(tma_copy_box(self.S, dst, self.P.cache, c0, row, 64, rows, D_QK, True, "TMA"))
 
     def tile_issue(self, kbuf, bars, t0, end):  # mla_tma.cuh tile_issue(.., 0, 9)
@@ -373,6 +458,71 @@ class Cta(CtaActors):
                         raise SimError(f"P.V: B[{n},{k}] is not P[head {n}][token {16 * kk + k}] ({B[n, k]} vs {want})")
             self.counts["pv_ops"] += 1
 
+    # ---------------------------------------------------------- the stage's release (empty mbarrier)
+    def check_stage_read(self, w, byts, who):
+        """A read of a stage by warp w must precede w's arrival on the stage's empty barrier: after
+        it the producer may refill the stage (ordered only by that arrival)."""
+        for s in self.rel[w]:
+            lo = NR_ST0 + s * NR_TILE
+            if np.any((byts >= lo) & (byts < lo + NR_TILE)):
+                raise SimError(f"warp {w}: {who} reads stage {s} after the warp released it to the producer")
+
+    def release(self, w, s):  # __syncwarp(); if (lane == 0) mbar_arrive(bar_empty + 8 * s)
+        if "empty_count1" in MUT and w != 0:
+            return
+        lo = NR_ST0 + s * NR_TILE
+        for op in self.unit.in_flight(w):
+            if np.any((op["bytes"] >= lo) & (op["bytes"] < lo + NR_TILE)):
+                raise SimError(f"warp {w} releases stage {s} while its wgmma {op['tag']} reading it is in flight")
+        self.rel[w].add(s)
+        self.empty[s].arrive()
+
+    def ldsm_stage(self, w, addrs):
+        """ldmatrix.x4.trans of the stage: a synchronous read of 32 x 16 bytes into registers."""
+        a = np.asarray(addrs)
+        self.check_stage_read(w, (a[:, None] + np.arange(16)[None, :]).ravel(), "ldmatrix")
+        self.counts["ldsm"] += 1
+        return ldmatrix_x4(self.S, addrs, "rs_notrans" not in MUT)
+
+    def pv_regs(self, w, it, s, kt, p_addr):
+        """narrow_decode<true>'s P.V: per m-block 4 ldmatrix.x4.trans of V^T into registers, the
+        stage released after the 8th m-block's loads, 4 wgmma m64n16k16 with A from registers and
+        B = P, commit, wait_group 1 (0 after the last). The A registers are modelled as two
+        buffers (slot mb & 1, what wait_group 1 allows): reloading a buffer that an op this warp
+        has not retired reads is a SimError."""
+        unit = self.unit
+        mi = np.arange(32) // 8
+        rows = np.arange(32) % 8
+        rel_mb = 6 if "rs_release_early" in MUT else 7
+        for mb in range(8):
+            slot = mb & 1
+            for op in unit.in_flight(w):
+                if op["slots"].get(w) == slot:
+                    raise SimError(f"warp {w}: ldmatrix (m-block {mb}) overwrites the A registers of in-flight "
+                                   f"wgmma {op['tag']}")
+            a = np.zeros((32, 16), np.uint32)
+            for kk in range(4):
+                if "rs_reg_order" in MUT:  # matrices 1 and 2 exchanged: a1 <-> a2
+                    tok, piece = 16 * kk + 8 * (mi & 1) + rows, 2 * w + (mi >> 1)
+                else:
+                    tok, piece = 16 * kk + 8 * (mi >> 1) + rows, 2 * w + (mi & 1)
+                if "rs_no_swz" in MUT:
+                    offs = [int(tk) * 128 + int(pc) * 16 for tk, pc in zip(tok, piece)]
+                else:
+                    offs = [swz_piece(int(tk), int(pc)) for tk, pc in zip(tok, piece)]
+                a[:, 4 * kk:4 * kk + 4] = self.ldsm_stage(w, [kt + mb * MLA_CHUNK + o for o in offs])
+                yield ("step", None)
+            if mb == rel_mb and "empty_early" not in MUT:
+                self.release(w, s)
+                yield ("step", None)
+            # wg_fence(); 4 x nr_wgmma_m64n16_rs(o[mb], a + 4 kk, desc(P + 32 kk, 16, 1024))
+            for kk in range(4):
+                unit.issue(w, 16, None, wg_desc(p_addr + kk * 32, 16, 1024), False, False, f"o{mb}", True,
+                           ("pv", it, mb, kk), a_regs=a[:, 4 * kk:4 * kk + 4], a_slot=slot)
+                yield ("step", None)
+            unit.commit(w)
+            yield from self.wg_wait(w, (2 if "rs_wait2" in MUT else 1) if mb < 7 else 0)
+
     # ---------------------------------------------------------- the producer (warp 4, lane 0)
     def producer(self):
         for it in range(self.ntiles):
@@ -406,6 +556,7 @@ class Cta(CtaActors):
             t0 = start + 64 * it
             kt = NR_ST0 + s * NR_TILE
             bars = self.full[s]
+            self.rel[w].discard(s)  # the stage's next fill, waited for below
             # ---- S^T = K . Q^T
             for c in range(9):
                 yield from self.mbar_wait(bars[c], par)
@@ -487,8 +638,7 @@ class Cta(CtaActors):
                         self.pmat[it][head, tok] = float(bf16_to_f(b0[lane]))
                         self.pmat[it][head + 1, tok] = float(bf16_to_f(b1[lane]))
             if "empty_early" in MUT:
-                if True:
-                    self.empty[s].arrive()
+                self.release(w, s)
             addrs = []
             for lane in range(32):
                 mi, c = lane // 8, lane % 8
@@ -517,16 +667,19 @@ class Cta(CtaActors):
                 for j in range(2):
                     for x in range(4):
                         o[:, 4 * j + x] = (o[:, 4 * j + x] * alpha[:, 2 * j + (x & 1)]).astype(F32)
-            for mb in range(8):
-                for kk in range(4):
-                    a_addr = kt + mb * MLA_CHUNK + (kk * 32 if "pv_kk_off" in MUT else kk * 16 * 128)
-                    lbo, sbo = (1024, MLA_CHUNK) if "pv_lbo_sbo_swap" in MUT else (MLA_CHUNK, 1024)
-                    ta = "pv_trans0" not in MUT
-                    unit.issue(w, 16, wg_desc(a_addr, lbo, sbo), wg_desc(p_addr + kk * 32, 16, 1024), ta, False,
-                               f"o{mb}", True, ("pv", it, mb, kk))
-                    yield ("step", None)
-            unit.commit(w)
-            yield from self.wg_wait(w, 0)
+            if FORM == "rs":
+                yield from self.pv_regs(w, it, s, kt, p_addr)
+            else:
+                for mb in range(8):
+                    for kk in range(4):
+                        a_addr = kt + mb * MLA_CHUNK + (kk * 32 if "pv_kk_off" in MUT else kk * 16 * 128)
+                        lbo, sbo = (1024, MLA_CHUNK) if "pv_lbo_sbo_swap" in MUT else (MLA_CHUNK, 1024)
+                        ta = "pv_trans0" not in MUT
+                        unit.issue(w, 16, wg_desc(a_addr, lbo, sbo), wg_desc(p_addr + kk * 32, 16, 1024), ta, False,
+                                   f"o{mb}", True, ("pv", it, mb, kk))
+                        yield ("step", None)
+                unit.commit(w)
+                yield from self.wg_wait(w, 0)
             # direct check: O^T rows (latent) x columns (heads) against float64 from the same P, alpha
             ref = self.ot_ref(it)
             for mb in range(8):
@@ -538,8 +691,8 @@ class Cta(CtaActors):
                         if abs(float(o[lane, i]) - want) > 2e-5 * (1 + self.ot_scale[it][col]):
                             raise SimError(f"O^T[latent {64 * mb + r}][head {col}] tile {it}: {o[lane, i]} vs {want}")
             self.counts["ot_checks"] += 1
-            if "empty_early" not in MUT and not ("empty_count1" in MUT and w != 0):
-                self.empty[s].arrive()  # lane 0 after __syncwarp
+            if FORM == "ss" and "empty_early" not in MUT:
+                self.release(w, s)  # lane 0 after __syncwarp
             yield ("step", None)
         # ---- the end
         for k in range(4):
@@ -745,12 +898,31 @@ CASES = [
 
 MUTANTS = ["pv_trans0", "pv_lbo_sbo_swap", "pv_kk_off", "no_zero", "parity", "empty_early", "no_sync_p",
            "stsm_piece", "q_swz", "mask", "out_idx", "sbo_s", "no_sync_red", "empty_count1"]
+# the shared-memory A operand's mutants mean nothing to the rs form; the rest apply to both
+MUTANTS_SS_ONLY = {"pv_trans0", "pv_lbo_sbo_swap", "pv_kk_off"}
+# rs form only: matrices 1 and 2 of ldmatrix.x4 exchanged (a1 <-> a2: tokens / columns roles
+# swapped in the lane addresses); the 16-byte piece not swizzled; the stage released after the
+# 7th m-block's loads (before the 8th's); ldmatrix without .trans; wait_group 2 in place of 1
+# (an A register buffer reloaded while its wgmma may still read it)
+MUTANTS_RS = ["rs_reg_order", "rs_no_swz", "rs_release_early", "rs_notrans", "rs_wait2"]
+
+
+def forms_of(argv):
+    if "--ss" in argv and "--rs" not in argv:
+        return ["ss"]
+    if "--rs" in argv and "--ss" not in argv:
+        return ["rs"]
+    return ["ss", "rs"]
 
 
 def main(argv):
+    global FORM
+    forms = forms_of(argv)
     if "--mutants" in argv:
         ok = True
-        for mname in MUTANTS:
+        runs = [(m, f) for f in forms for m in MUTANTS + MUTANTS_RS
+                if (f == "ss" and not m.startswith("rs_")) or (f == "rs" and m not in MUTANTS_SS_ONLY)]
+        for mname, FORM in runs:
             MUT.clear()
             MUT.add(mname)
             caught = None
@@ -764,9 +936,10 @@ def main(argv):
                         break
                 if caught:
                     break
-            print(f"[{'caught' if caught else 'MISSED'}] {mname}: {caught}")
+            print(f"[{'caught' if caught else 'MISSED'}] {FORM} {mname}: {caught}")
             ok &= caught is not None
         MUT.clear()
+        FORM = "ss"
         return 0 if ok else 1
     print("constants vs .cu:", check_defines())
     for line in calibrate():
@@ -776,9 +949,10 @@ def main(argv):
     if reps > 1:
         sel = [x for x in sel if x != reps]
     ok = True
-    for i, (name, seed, heads, bs, lens, splits, qm) in enumerate(CASES):
+    for FORM, (i, (name, seed, heads, bs, lens, splits, qm)) in [(f, c) for f in forms for c in enumerate(CASES)]:
         if sel and i not in sel:
             continue
+        name = f"[{FORM}] {name}"
         try:
             for rep in range(1, reps):  # other random interleavings of the same data
                 run_case(name, seed, heads, bs, lens, splits, qm, sched_seed=1000 * rep + seed)

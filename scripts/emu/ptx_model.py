@@ -2,11 +2,12 @@
 
 Models, per PTX semantics: bf16 rounding, the 128-byte swizzle (SWIZZLE_128B) on an absolute
 shared address, a TMA 2D box copy into shared memory (OOB rows zero-filled), shared memory with
-optional write guards against bytes in-flight wgmma ops read, stmatrix.m8n8.x4.trans.b16, the
-f32 accumulator layout of wgmma m64nN, wgmma commit_group / wait_group bookkeeping, mbarriers
-(arrival count, tx count, phase parity), bar.sync named barriers; and the emulators' plumbing: a
-random-interleaving scheduler of generator actors and the TMA engine (deadlock detection), the
-paged KV cache's block table, the token range of a split and the combine of split outputs.
+optional write guards against bytes in-flight wgmma ops read, stmatrix.m8n8.x4.trans.b16,
+ldmatrix.m8n8.x4(.trans).b16, the register A fragment and the f32 accumulator layout of wgmma
+m64nN, wgmma commit_group / wait_group bookkeeping, mbarriers (arrival count, tx count, phase
+parity), bar.sync named barriers; and the emulators' plumbing: a random-interleaving scheduler
+of generator actors and the TMA engine (deadlock detection), the paged KV cache's block table,
+the token range of a split and the combine of split outputs.
 
 Imported by mla_fp8_regs_sim.py and mla_narrow_sim.py (run as scripts; they put this directory
 on sys.path). Change it with both in mind: each mirrors its .cu by hand.
@@ -106,6 +107,45 @@ def stmatrix_x4_trans(S, addrs, regs, who=None):
             v = int(regs[i][j])
             S.set_u16(addrs[8 * j + 2 * t] + 2 * g, v & 0xFFFF, who)
             S.set_u16(addrs[8 * j + 2 * t + 1] + 2 * g, v >> 16, who)
+
+
+def ldmatrix_x4(S, addrs, trans):
+    """ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16 -> [32, 4] u32: lanes 8j..8j+7 give the
+    addresses of rows 0..7 of matrix j (16 bytes each) and register j of every thread receives
+    matrix j. Non-trans: thread i gets (row i/4; cols 2(i%4), +1). Trans: (rows 2(i%4), +1;
+    col i/4). Low half = the first element. (mla_fp8_regs_sim.py keeps its own loop-by-lane copy;
+    mla_narrow_sim.calibrate() checks the two agree.)"""
+    addrs = np.asarray(addrs, np.int64)
+    if addrs.shape != (32,):
+        raise SimError("ldmatrix.x4 takes 32 row addresses")
+    if (addrs % 16).any():
+        raise SimError("ldmatrix row address misaligned")
+    rows = S.m[addrs[:, None] + np.arange(16)[None, :]].copy().view("<u2").astype(np.uint32)  # [32 rows, 8]
+    i = np.arange(32)
+    g, t = i // 4, i % 4
+    regs = np.zeros((32, 4), np.uint32)
+    for j in range(4):
+        M = rows[8 * j:8 * j + 8]
+        lo, hi = (M[g, 2 * t], M[g, 2 * t + 1]) if not trans else (M[2 * t, g], M[2 * t + 1, g])
+        regs[:, j] = lo | (hi << 16)
+    return regs
+
+
+def wgmma_a_frag_bits(regs_by_warp):
+    """The 16-bit A operand [64, 16] of a k16 wgmma with A from registers: warp w's [32, 4] u32
+    hold rows 16w.. as the mma.m16n8k16 A fragment, g = lane/4, t = lane%4: a0 (row g; k 2t, 2t+1),
+    a1 (row g+8; k 2t..), a2 (row g; k 2t+8..), a3 (row g+8; k 2t+8..), low half = smaller k."""
+    A = np.zeros((64, 16), np.uint16)
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    for w in range(4):
+        regs = np.asarray(regs_by_warp[w], np.uint32)
+        for q in range(4):
+            r = 16 * w + g + 8 * (q & 1)
+            k = 2 * t + 8 * (q >> 1)
+            A[r, k] = regs[:, q] & 0xFFFF
+            A[r, k + 1] = regs[:, q] >> 16
+    return A
 
 
 # ---------------------------------------------------------------- TMA
