@@ -662,7 +662,7 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
     // P1 row for "batch 128, 64 heads"): at 128 heads the two head groups of a sequence read the
     // same cache tiles, which L2 may or may not serve twice. If 128 x 64 heads costs about what
     // 64 x 128 heads does, the kernel is bound by its own compute and barriers, not by DRAM.
-    use mla::MlaKernel::{Mma, Roles, Seesaw, Tma, TmaPair, Wgmma};
+    use mla::MlaKernel::{Mma, Narrow, NarrowRs, Roles, Seesaw, Tma, TmaPair, Wgmma};
     let contiguous = std::env::var("DSV2_P1_CONTIGUOUS").is_ok_and(|v| v == "1");
     if contiguous {
         println!("P1 rows below: each sequence's cache blocks contiguous (DSV2_P1_CONTIGUOUS=1)");
@@ -709,6 +709,13 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
         (64, 4096, 16, None, Wgmma),
         (256, 512, 16, None, Mma),
         (64, 4096, 16, None, Mma),
+        // the tokens-on-M kernels for few heads (mla_narrow.cu), both forms of P.V
+        (1, 512, 16, None, Narrow),
+        (256, 512, 16, None, Narrow),
+        (64, 4096, 16, None, Narrow),
+        (1, 512, 16, None, NarrowRs),
+        (256, 512, 16, None, NarrowRs),
+        (64, 4096, 16, None, NarrowRs),
         // the seesaw kernel (mla_seesaw.cu) on issue 20's rows, last
         (64, 4096, 128, None, Seesaw),
         (128, 4096, 128, None, Seesaw),

@@ -703,14 +703,17 @@ const FP8_REGS_SMEM_BYTES: usize =
     9 * 8192 + 3 * (5 * 8192 + 1024) + 2 * 8192 + 1024 + 512 + 512 + 64 + 64 + 1024;
 const _: () = assert!(FP8_SMEM_BYTES <= 232_448 && FP8_REGS_SMEM_BYTES <= 232_448);
 
-/// Which kernel decodes over the FP8 cache (`DSV2_MLA_FP8_KERNEL`). Both compute the same
-/// function over the same bytes.
-/// - `Wgmma` (mla_fp8.cu, the default until `Regs` is measured): each tile's codes are loaded
-///   through registers and written to shared memory as a bf16 tile, which both products read.
-/// - `Regs` (mla_fp8_regs.cu): the tile is the A operand of both products (S^T = K.Q^T and
-///   O^T = V^T.P^T), which wgmma takes from registers, so the codes are converted there (f16) and
-///   never written back; a producer warp feeds a 3-stage TMA ring. Blocks of 8..=64 tokens
-///   dividing 64, or a multiple of 64 (the TMA pieces).
+/// Which kernel decodes over the FP8 cache (`DSV2_MLA_FP8_KERNEL`; unset: [`Fp8Kernel::for_block_size`]).
+/// Both compute the same function over the same bytes.
+/// - `Regs` (mla_fp8_regs.cu, the default): the tile is the A operand of both products
+///   (S^T = K.Q^T and O^T = V^T.P^T), which wgmma takes from registers, so the codes are
+///   converted there (f16) and never written back; a producer warp feeds a 3-stage TMA ring.
+///   Blocks of 8..=64 tokens dividing 64, or a multiple of 64 (the TMA pieces). H100, b128 x
+///   4096 x 64 heads: 0.229 ms against `Wgmma`'s 0.340 (1.48x), 0.98x the bf16 kernel's
+///   tokens/s; b64 x 128 heads 0.87x (bench/RESULTS.md session 20).
+/// - `Wgmma` (mla_fp8.cu): each tile's codes are loaded through registers and written to shared
+///   memory as a bf16 tile, which both products read. Any block size: the fallback for blocks
+///   `Regs` cannot read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fp8Kernel {
     Wgmma,
@@ -718,9 +721,10 @@ pub enum Fp8Kernel {
 }
 
 impl Fp8Kernel {
-    /// The kernel named by `DSV2_MLA_FP8_KERNEL` (read once), `Wgmma` where it is unset.
-    pub fn from_env() -> Result<Self> {
-        static NAMED: std::sync::OnceLock<std::result::Result<Fp8Kernel, String>> =
+    /// The kernel named by `DSV2_MLA_FP8_KERNEL` (read once); None where it is unset (then
+    /// [`Fp8Kernel::for_block_size`] chooses).
+    pub fn from_env() -> Result<Option<Self>> {
+        static NAMED: std::sync::OnceLock<std::result::Result<Option<Fp8Kernel>, String>> =
             std::sync::OnceLock::new();
         NAMED
             .get_or_init(|| {
@@ -734,10 +738,12 @@ impl Fp8Kernel {
             })
     }
 
-    pub fn parse(name: &str) -> Result<Self> {
+    /// The kernel a name asks for: None for "" (the default), else `wgmma` or `regs`.
+    pub fn parse(name: &str) -> Result<Option<Self>> {
         match name {
-            "" | "wgmma" => Ok(Fp8Kernel::Wgmma),
-            "regs" => Ok(Fp8Kernel::Regs),
+            "" => Ok(None),
+            "wgmma" => Ok(Some(Fp8Kernel::Wgmma)),
+            "regs" => Ok(Some(Fp8Kernel::Regs)),
             other => Err(KernelError::Unsupported {
                 op: "mla_decode_fp8",
                 what: format!("DSV2_MLA_FP8_KERNEL={other:?} (expected \"wgmma\" or \"regs\")"),
@@ -764,6 +770,16 @@ impl Fp8Kernel {
         match self {
             Fp8Kernel::Wgmma => 256,
             Fp8Kernel::Regs => 384,
+        }
+    }
+
+    /// The default for a cache of `block_size`-token blocks: `Regs` where it reads them, else
+    /// `Wgmma` (which reads any).
+    pub fn for_block_size(block_size: usize) -> Self {
+        if Fp8Kernel::Regs.supports_block_size(block_size) {
+            Fp8Kernel::Regs
+        } else {
+            Fp8Kernel::Wgmma
         }
     }
 
@@ -795,7 +811,7 @@ pub struct MlaDecodeFp8Params<'a> {
     pub splits: Option<usize>,
     /// Fold the value up-projection into the combine (see [`ValueProjection`]).
     pub uv: Option<ValueProjection<'a>>,
-    /// Force a kernel (None: [`Fp8Kernel::from_env`]).
+    /// Force a kernel (None: [`Fp8Kernel::from_env`], else [`Fp8Kernel::for_block_size`]).
     pub kernel: Option<Fp8Kernel>,
 }
 
@@ -829,7 +845,7 @@ pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<bool> {
     };
     let kernel = match p.kernel {
         Some(k) => k,
-        None => Fp8Kernel::from_env()?,
+        None => Fp8Kernel::from_env()?.unwrap_or(Fp8Kernel::for_block_size(block_size)),
     };
     if !kernel.supports_block_size(block_size) {
         return Err(KernelError::Unsupported {
@@ -1121,8 +1137,14 @@ mod tests {
             .iter()
             .any(|(_, s)| s.contains("mla_decode_fp8_regs("));
         assert!(exported);
-        assert_eq!(Fp8Kernel::parse("regs").ok(), Some(Fp8Kernel::Regs));
-        assert_eq!(Fp8Kernel::parse("").ok(), Some(Fp8Kernel::Wgmma));
+        assert_eq!(Fp8Kernel::parse("regs").ok(), Some(Some(Fp8Kernel::Regs)));
+        assert_eq!(Fp8Kernel::parse("wgmma").ok(), Some(Some(Fp8Kernel::Wgmma)));
+        assert_eq!(Fp8Kernel::parse("").ok(), Some(None));
+        // the default: the register kernel where it reads the blocks, else the one that reads any
+        assert_eq!(Fp8Kernel::for_block_size(16), Fp8Kernel::Regs);
+        assert_eq!(Fp8Kernel::for_block_size(128), Fp8Kernel::Regs);
+        assert_eq!(Fp8Kernel::for_block_size(4), Fp8Kernel::Wgmma);
+        assert_eq!(Fp8Kernel::for_block_size(24), Fp8Kernel::Wgmma);
         assert!(Fp8Kernel::parse("fast").is_err());
         assert!(
             Fp8Kernel::Regs.supports_block_size(16) && Fp8Kernel::Regs.supports_block_size(128)
