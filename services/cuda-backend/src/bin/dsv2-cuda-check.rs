@@ -767,7 +767,7 @@ fn fp8_vs_bf16(cuda: &Arc<CudaBackend>, fixtures: &Path) -> Result<Vec<Row>> {
     type Run<'a> = Box<dyn Fn() -> Result<Vec<f32>> + 'a>;
     let runs: Vec<(&str, Run<'_>)> = vec![
         (
-            "decode-from-24 Absorbed (mla_decode_fp8)",
+            "decode-from-24 Absorbed (FP8 kernel, default or DSV2_MLA_FP8_KERNEL)",
             Box::new(|| {
                 Ok(position_logits(
                     &gm,
