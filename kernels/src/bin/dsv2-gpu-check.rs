@@ -1098,6 +1098,7 @@ fn bench_grouped(
     let mut act = Tensor::<bf16>::zeros(gpu, &[rows, inter])?;
     let mut y = Tensor::<bf16>::zeros(gpu, &[rows, hidden])?;
     for tile in [
+        grouped::RowTile::Ws128PairDyn,
         grouped::RowTile::Ws128Dyn,
         grouped::RowTile::Ws128Pair,
         grouped::RowTile::Ws128,

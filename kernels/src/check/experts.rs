@@ -492,6 +492,7 @@ pub fn run_grouped_counts(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     let mut out = Vec::new();
     let small = [1, 7, 0, 67, 64, 65, 0, 128, 129, 300, 5];
     for tile in [
+        RowTile::Ws128PairDyn,
         RowTile::Ws128Dyn,
         RowTile::Ws128Pair,
         RowTile::Ws128,
@@ -514,7 +515,12 @@ pub fn run_grouped_counts(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     }
     // real DeepSeek-V2 expert dims (edges of each expert compared)
     let real = [1, 7, 0, 67, 64, 65, 300, 3];
-    for tile in [RowTile::Ws128, RowTile::Ws128Pair, RowTile::Ws128Dyn] {
+    for tile in [
+        RowTile::Ws128,
+        RowTile::Ws128Pair,
+        RowTile::Ws128Dyn,
+        RowTile::Ws128PairDyn,
+    ] {
         out.push(check_grouped_counts(gpu, &real, 7, 5120, 1536, tile, 64)?);
         if !quick {
             // V2-Lite dims, and more experts than CTAs have SMs' worth of tiles at once
@@ -597,6 +603,7 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
         RowTile::Ws128,
         RowTile::Ws128Pair,
         RowTile::Ws128Dyn,
+        RowTile::Ws128PairDyn,
     ] {
         out.push(check_grouped_experts(
             gpu,

@@ -772,6 +772,60 @@ __device__ __forceinline__ WsTile ws_pair_tile(const int* s_poff, const int* s_t
     return w;
 }
 
+// Unit u of the paired dynamic schedule (RowTile::Ws128PairDyn; u < s_uoff[n_exp], s_uoff the
+// prefix sum of ws_pdyn_units). An expert's mb row blocks and nb feature blocks become:
+// - row pairs: row blocks 2p and 2p + 1 of one feature block (CTA `rank` takes 2p + rank); they
+//   share the weight block, each CTA copying half of it and multicasting it to both;
+// - for an odd mb, feature pairs: the last row block against feature blocks 2q and 2q + 1 (CTA
+//   `rank` takes 2q + rank, which may not exist for an odd nb: `mine` false); they share the
+//   activations, each CTA copying one of the two 64-row boxes and multicasting it.
+// Units run in groups of two feature blocks, their row pairs first, then their feature pair, so
+// a weight block's readers follow one another within a few units, as ws_tile's row blocks do.
+// Why: the unpaired dynamic kernel is bound by L2 delivery (ncu, bench/RESULTS.md session 20:
+// 99.7 % L2 throughput at 0.646 of cuBLAS). Per two weight blocks of an expert with three row
+// blocks it pulls ~288 KB per k step from L2 (six tiles of 32 KB weights + 16 KB activations);
+// paired, ~208 KB: 1.38x less. Ws128Pair only paired rows and left a CTA idle on the odd block.
+struct WsUnit {
+    WsTile w;
+    bool fpair;  // a feature pair (shared activations); else a row pair (shared weights)
+    bool mine;   // this CTA has a tile in the unit
+};
+__device__ __forceinline__ int ws_pdyn_units(int mb, int nb) {
+    const int rp = mb >> 1, odd = mb & 1;
+    return (nb >> 1) * (2 * rp + odd) + (nb & 1) * (rp + odd);
+}
+__device__ __forceinline__ WsUnit ws_pdyn_unit(const int* s_uoff, const int* s_toff, const int* s_off, int n_exp,
+                                               int nb, int nf, int u, int rank) {
+    int lo = 0, hi = n_exp;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) >> 1;
+        if (s_uoff[mid] <= u) lo = mid;
+        else hi = mid;
+    }
+    const int mb = s_toff[lo + 1] - s_toff[lo], rp = mb >> 1, g = 2 * rp + (mb & 1);
+    const int local = u - s_uoff[lo], q = local / g, w = local - q * g;
+    const int nfq = min(2, nb - 2 * q);
+    WsUnit r;
+    int n, m;
+    if (w < nfq * rp) {
+        const int j = w / rp;
+        n = 2 * q + j;
+        m = 2 * (w - j * rp) + rank;
+        r.fpair = false;
+        r.mine = true;
+    } else {
+        n = 2 * q + rank;
+        m = mb - 1;
+        r.fpair = true;
+        r.mine = n < nb;
+    }
+    r.w.e = lo;
+    r.w.row0 = s_off[lo] + m * 128;
+    r.w.nrows = min(128, s_off[lo + 1] - r.w.row0);
+    r.w.f0 = n * nf;
+    return r;
+}
+
 // The consumer warpgroups' loop of grouped_tile_ws (see there).
 template <bool GATE_UP, bool PAIR, bool DYN, typename TileOf>
 __device__ __forceinline__ void ws_consume(u32 base, u32 full0, u32 empty0, const volatile int* s_tile, int c,
@@ -885,7 +939,10 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
                                                 const long long* __restrict__ ptrs, const int* __restrict__ offsets,
                                                 const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N,
                                                 int n_exp, int* __restrict__ sched = nullptr) {
-    static_assert(!(PAIR && DYN), "the pair kernel's partners walk one static schedule");
+    // PAIR && DYN: the paired dynamic schedule (ws_pdyn_unit): rank 0's producer takes each unit
+    // from the counter and names it to rank 1's through a ring of WS_STAGES slots in rank 1's
+    // shared memory, each with a barrier rank 0 arrives on remotely (release, cluster scope).
+    constexpr bool PDYN = PAIR && DYN;
     constexpr int NF = GATE_UP ? 128 : 256;  // output features per tile
     extern __shared__ __align__(1024) unsigned char ws_smem_raw[];
     unsigned char* smem =
@@ -898,6 +955,11 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
     int* s_toff = reinterpret_cast<int*>(smem + WS_STAGES * WS_STAGE_BYTES + 128);
     int* s_off = s_toff + (WS_MAX_EXP + 1);
     int* s_poff = s_off + (WS_MAX_EXP + 1);
+    // PDYN: the unit-name ring (barriers, then slots) in the last 48 of the 128 bytes after the
+    // stages: full 0..31, empty 32..63, s_tile 64..79, names' barriers 80..111, names 112..127
+    static_assert(WS_STAGES == 4, "the barrier area holds four stages' barriers and names");
+    const u32 name0 = full0 + 80;
+    volatile int* s_name = reinterpret_cast<volatile int*>(smem + WS_STAGES * WS_STAGE_BYTES + 112);
     // (role and per-tile decisions broadcast with __shfl_sync: the compiler then knows them to
     // be warp-uniform, and wgmma under them is not serialised as in a divergent path)
     const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid / 128, 0);
@@ -908,13 +970,16 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
         s_off[i] = offsets[i];
     }
     __syncthreads();
+    const int nb = (N + NF - 1) / NF;
     if (PAIR && tid < WARP) {
-        // s_poff: exclusive prefix sum of ceil(row blocks / 2), 32 experts a round
+        // s_poff: exclusive prefix sum of ceil(row blocks / 2) (PDYN: of the experts' units), 32
+        // experts a round
         int carry = 0;
         if (tid == 0) s_poff[0] = 0;
         for (int e0 = 0; e0 < n_exp; e0 += WARP) {
             const int e = e0 + tid;
-            int v = e < n_exp ? (s_toff[e + 1] - s_toff[e] + 1) / 2 : 0;
+            const int mb = e < n_exp ? s_toff[e + 1] - s_toff[e] : 0;
+            int v = PDYN ? ws_pdyn_units(mb, nb) : (mb + 1) / 2;
 #pragma unroll
             for (int d = 1; d < WARP; d *= 2) {
                 const int o = __shfl_up_sync(0xffffffffu, v, d);
@@ -929,6 +994,7 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
             mbar_init(full0 + 8 * s, 1);  // the producer's expect_tx arrival (+ the TMA bytes)
             // one arrival per consumer warp (of both CTAs of a pair)
             mbar_init(empty0 + 8 * s, PAIR ? 16 : 8);
+            if (PDYN) mbar_init(name0 + 8 * s, 1);  // rank 0's remote arrival with the name
         }
         mbar_init_fence();
     }
@@ -936,11 +1002,16 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
     if (PAIR) cluster_sync();
     else __syncthreads();
 
-    const int nb = (N + NF - 1) / NF;
-    const int total = __shfl_sync(0xffffffffu, (PAIR ? s_poff[n_exp] : s_toff[n_exp]) * nb, 0);
+    const int total =
+        __shfl_sync(0xffffffffu, PDYN ? s_poff[n_exp] : (PAIR ? s_poff[n_exp] : s_toff[n_exp]) * nb, 0);
     const int KT = (K + GK - 1) / GK;
     const int first = PAIR ? blockIdx.x / 2 : blockIdx.x, stride = PAIR ? gridDim.x / 2 : gridDim.x;
     auto tile_of = [&](int t) -> WsTile {
+        if (PDYN) {
+            WsUnit x = ws_pdyn_unit(s_poff, s_toff, s_off, n_exp, nb, NF, t, rank);
+            if (!x.mine) x.w.nrows = 0;  // the consumers only hand its stages back
+            return x.w;
+        }
         return PAIR ? ws_pair_tile(s_poff, s_toff, s_off, n_exp, nb, NF, t, rank)
                     : ws_tile(s_toff, s_off, n_exp, nb, NF, t);
     };
@@ -948,7 +1019,74 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
     if (wg == 0) {
         // ---- producer ----
         ws_setmaxnreg_dec40();
-        if (tid == 0) {
+        if (PDYN && tid == 0) {
+            int it = 0, ui = 0, last_e = -1;
+            for (;;) {
+                // The unit's first stage is free before rank 0 names the unit: both CTAs'
+                // consumers are then done with the stage 4 back, so rank 1's producer has read
+                // the name of the unit 4 back (every unit takes a stage at least), whose slot and
+                // barrier phase this one reuses.
+                const int s0 = it % WS_STAGES, ns = ui % WS_STAGES;
+                mbar_wait_thread(empty0 + 8 * s0, ((it / WS_STAGES) & 1) ^ 1);
+                int t;
+                if (rank == 0) {
+                    t = atomicAdd(sched, 1);
+                    if (t >= total) t = -1;
+                    st_remote_s32(smem_addr(const_cast<int*>(&s_name[ns])), 1, t);
+                    mbar_arrive_remote_release(name0 + 8 * ns, 1);
+                } else {
+                    mbar_wait_thread_cluster(name0 + 8 * ns, (ui / WS_STAGES) & 1);
+                    t = s_name[ns];
+                }
+                ++ui;
+                const WsUnit x = ws_pdyn_unit(s_poff, s_toff, s_off, n_exp, nb, NF, t < 0 ? 0 : t, rank);
+                const WsTile& w = x.w;
+                const bool held =
+                    t >= 0 && (GATE_UP ? ptrs[3 * w.e] != 0 && ptrs[3 * w.e + 1] != 0 : ptrs[3 * w.e + 2] != 0);
+                if (!held) {
+                    // a stage that only names the unit (or the end): the consumers write zeros
+                    s_tile[s0] = t;
+                    mbar_arrive(full0 + 8 * s0);
+                    ++it;
+                    if (t < 0) break;
+                    continue;
+                }
+                const TmaMap* m0 = wmaps + 3 * w.e + (GATE_UP ? 0 : 2);
+                const TmaMap* m1 = GATE_UP ? m0 + 1 : m0;
+                if (w.e != last_e) {
+                    ws_map_acquire(m0);
+                    if (GATE_UP) ws_map_acquire(m1);
+                    last_e = w.e;
+                }
+                const bool two = w.nrows > 64;  // every unit's row blocks hold a row at least
+                // per CTA: its activations (row pair) or both CTAs' shared ones (feature pair),
+                // and the whole weight block (row pair: half from each CTA; feature pair: its own)
+                const u32 bytes = (two ? WS_A_BYTES : WS_A_BYTES / 2) + (x.mine ? WS_B_BYTES : 0);
+                const int fb = GATE_UP ? w.f0 : w.f0 + 128;  // the second weight box's first row
+                for (int kt = 0; kt < KT; ++kt, ++it) {
+                    const int s = it % WS_STAGES;
+                    const u32 full = full0 + 8 * s;
+                    mbar_wait_thread(empty0 + 8 * s, ((it / WS_STAGES) & 1) ^ 1);
+                    if (kt == 0) s_tile[s] = t;
+                    mbar_arrive_expect_tx(full, bytes);
+                    const u32 a = base + s * WS_STAGE_BYTES, b = a + WS_A_BYTES;
+                    const int k0 = kt * GK;
+                    if (!x.fpair) {
+                        tma_load_2d(a, x_map, k0, w.row0, full);
+                        if (two) tma_load_2d(a + WS_A_BYTES / 2, x_map, k0, w.row0 + 64, full);
+                        if (rank == 0) tma_load_2d_multicast(b, m0, k0, w.f0, full, 3);
+                        else tma_load_2d_multicast(b + WS_B_BYTES / 2, m1, k0, fb, full, 3);
+                    } else {
+                        if (rank == 0) tma_load_2d_multicast(a, x_map, k0, w.row0, full, 3);
+                        else if (two) tma_load_2d_multicast(a + WS_A_BYTES / 2, x_map, k0, w.row0 + 64, full, 3);
+                        if (x.mine) {
+                            tma_load_2d(b, m0, k0, w.f0, full);
+                            tma_load_2d(b + WS_B_BYTES / 2, m1, k0, fb, full);
+                        }
+                    }
+                }
+            }
+        } else if (!PDYN && tid == 0) {
             int it = 0, last_e = -1;
             for (int t = first; DYN || t < total; t += stride) {
                 if (DYN) {
@@ -1064,6 +1202,25 @@ extern "C" __global__ void __launch_bounds__(384, 1) moe_grouped_down_ws_pair_bf
     int n_exp) {
     griddep_wait();
     grouped_tile_ws<false, true>(&x_map, wmaps, ptrs, offsets, tile_off, out, K, N, n_exp);
+}
+
+// The same in clusters of (2, 1, 1) CTAs with the paired dynamic schedule (RowTile::Ws128PairDyn,
+// ws_pdyn_unit): row pairs share weight blocks, feature pairs an odd last row block's
+// activations; sched as for the dyn kernels.
+extern "C" __global__ void __launch_bounds__(384, 1) moe_grouped_gate_up_ws_pair_dyn_bf16(
+    const __grid_constant__ TmaMap x_map, const TmaMap* __restrict__ wmaps, const long long* __restrict__ ptrs,
+    const int* __restrict__ offsets, const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N,
+    int n_exp, int* __restrict__ sched) {
+    griddep_wait();
+    grouped_tile_ws<true, true, true>(&x_map, wmaps, ptrs, offsets, tile_off, out, K, N, n_exp, sched);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) moe_grouped_down_ws_pair_dyn_bf16(
+    const __grid_constant__ TmaMap x_map, const TmaMap* __restrict__ wmaps, const long long* __restrict__ ptrs,
+    const int* __restrict__ offsets, const int* __restrict__ tile_off, bf16* __restrict__ out, int K, int N,
+    int n_exp, int* __restrict__ sched) {
+    griddep_wait();
+    grouped_tile_ws<false, true, true>(&x_map, wmaps, ptrs, offsets, tile_off, out, K, N, n_exp, sched);
 }
 
 // maps[3 e + j] = the template for j (gate and up: gu, down: dn) with its global address

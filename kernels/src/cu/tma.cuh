@@ -111,6 +111,41 @@ __device__ __forceinline__ void mbar_arrive_remote(u32 bar, u32 cta) {
     asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
 }
 
+// A value handed to another CTA of the cluster: a store into its shared memory (at this CTA's
+// `local` offset) followed by a cluster-scope release arrival on its barrier at `bar`'s offset,
+// which the reader waits on with mbar_wait_thread_cluster (acquire at cluster scope) before it
+// reads the value. (One of each per hand-over: the release's memory barrier is paid rarely.)
+__device__ __forceinline__ void st_remote_s32(u32 local, u32 cta, int v) {
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(cta));
+    asm volatile("st.shared::cluster.s32 [%0], %1;\n" ::"r"(remote), "r"(v) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_remote_release(u32 bar, u32 cta) {
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(cta));
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+}
+__device__ __forceinline__ bool mbar_try_wait_cluster(u32 bar, u32 parity) {
+    u32 done;
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    return done != 0;
+}
+// mbar_wait_thread with cluster-scope acquire (the barrier was arrived on by another CTA).
+__device__ __forceinline__ void mbar_wait_thread_cluster(u32 bar, u32 parity) {
+    if (!mbar_try_wait_cluster(bar, parity)) {
+        const long long t0 = clock64();
+        while (!mbar_try_wait_cluster(bar, parity)) {
+            if (clock64() - t0 > 4000000000ll) __trap();
+        }
+    }
+}
+
 // Named barriers (ids 1..15; 0 is __syncthreads): `n` threads in all must arrive. A producer
 // warpgroup arrives without waiting, the consumer warpgroup waits; shared-memory writes made
 // before the arrival are visible to the waiters after it.

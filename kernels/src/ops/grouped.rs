@@ -61,6 +61,14 @@ pub enum RowTile {
     /// tile ([`PREFILL_TILE`]): P2g 0.624 of cuBLAS against Ws128's 0.483, prefill of 64 x 512
     /// tokens 1.53x its floor against 1.67x (bench/RESULTS.md, session 15).
     Ws128Dyn,
+    /// [`RowTile::Ws128Dyn`] in clusters of two CTAs that share copies both ways
+    /// (`moe_grouped_*_ws_pair_dyn_bf16`): the counter hands out units of two tiles, row pairs
+    /// (two row blocks of one weight block, each CTA copying half of the weights and multicasting
+    /// it) and, for an expert's odd last row block, feature pairs (that block against two weight
+    /// blocks, each CTA copying one of its two activation boxes for both). Ws128Dyn is bound by
+    /// L2 delivery (bench/RESULTS.md session 20); this pulls ~1.38x fewer bytes from L2 per FLOP
+    /// at P2's three row blocks an expert. Opt-in (`DSV2_GROUPED_WS=pairdyn`) until measured.
+    Ws128PairDyn,
 }
 
 /// The tile prefill-sized batches take when the caller does not choose (`for_rows`).
@@ -86,7 +94,8 @@ impl RowTile {
             | RowTile::W128
             | RowTile::Ws128
             | RowTile::Ws128Pair
-            | RowTile::Ws128Dyn => 128,
+            | RowTile::Ws128Dyn
+            | RowTile::Ws128PairDyn => 128,
         }
     }
 
@@ -97,7 +106,8 @@ impl RowTile {
             | RowTile::W64
             | RowTile::Ws128
             | RowTile::Ws128Pair
-            | RowTile::Ws128Dyn => 256,
+            | RowTile::Ws128Dyn
+            | RowTile::Ws128PairDyn => 256,
             _ => WEIGHT_ROWS,
         }
     }
@@ -107,7 +117,9 @@ impl RowTile {
             RowTile::R16 | RowTile::R32 | RowTile::R64 | RowTile::P16 | RowTile::P32 => 4,
             RowTile::R128 => 3,
             RowTile::W128 | RowTile::W64 => 4,
-            RowTile::Ws128 | RowTile::Ws128Pair | RowTile::Ws128Dyn => WS_STAGES,
+            RowTile::Ws128 | RowTile::Ws128Pair | RowTile::Ws128Dyn | RowTile::Ws128PairDyn => {
+                WS_STAGES
+            }
         }
     }
 
@@ -116,7 +128,7 @@ impl RowTile {
             RowTile::R16 | RowTile::R32 | RowTile::R64 | RowTile::P16 | RowTile::P32 => 128,
             RowTile::R128 | RowTile::W128 | RowTile::W64 => 256,
             // one producer and two consumer warpgroups
-            RowTile::Ws128 | RowTile::Ws128Pair | RowTile::Ws128Dyn => 384,
+            RowTile::Ws128 | RowTile::Ws128Pair | RowTile::Ws128Dyn | RowTile::Ws128PairDyn => 384,
         }
     }
 
@@ -143,7 +155,7 @@ impl RowTile {
     fn is_warp_specialised(self) -> bool {
         matches!(
             self,
-            RowTile::Ws128 | RowTile::Ws128Pair | RowTile::Ws128Dyn
+            RowTile::Ws128 | RowTile::Ws128Pair | RowTile::Ws128Dyn | RowTile::Ws128PairDyn
         )
     }
 
@@ -193,6 +205,8 @@ impl RowTile {
             (RowTile::Ws128Pair, false) => "moe_grouped_down_ws_pair_bf16",
             (RowTile::Ws128Dyn, true) => "moe_grouped_gate_up_ws_dyn_bf16",
             (RowTile::Ws128Dyn, false) => "moe_grouped_down_ws_dyn_bf16",
+            (RowTile::Ws128PairDyn, true) => "moe_grouped_gate_up_ws_pair_dyn_bf16",
+            (RowTile::Ws128PairDyn, false) => "moe_grouped_down_ws_pair_dyn_bf16",
         }
     }
 
@@ -464,6 +478,60 @@ fn ws_pair_tile(
     (lo, row0, nrows, n * nf)
 }
 
+/// The paired dynamic schedule's units an expert of `mb` row blocks takes (`ws_pdyn_units` in
+/// grouped.cu): per two feature blocks, its row pairs for each, then one feature pair for an
+/// odd last row block.
+#[cfg(test)]
+fn ws_pdyn_units(mb: i32, nb: i32) -> i32 {
+    let (rp, odd) = (mb / 2, mb % 2);
+    (nb / 2) * (2 * rp + odd) + (nb % 2) * (rp + odd)
+}
+
+/// A unit of the paired dynamic schedule for CTA `rank` (`ws_pdyn_unit` in grouped.cu), for the
+/// tests: (expert, first row, rows, first feature, feature pair?, this CTA has a tile?).
+#[cfg(test)]
+fn ws_pdyn_unit(
+    unit_off: &[i32],
+    tile_off: &[i32],
+    offsets: &[i32],
+    nb: i32,
+    nf: i32,
+    u: i32,
+    rank: i32,
+) -> (usize, i32, i32, i32, bool, bool) {
+    let n_exp = unit_off.len() - 1;
+    let (mut lo, mut hi) = (0usize, n_exp);
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if unit_off[mid] <= u {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let mb = tile_off[lo + 1] - tile_off[lo];
+    let rp = mb / 2;
+    let g = 2 * rp + mb % 2;
+    let local = u - unit_off[lo];
+    let (q, w) = (local / g, local % g);
+    let nfq = 2.min(nb - 2 * q);
+    let (n, m, fpair, mine) = if w < nfq * rp {
+        let j = w / rp;
+        (2 * q + j, 2 * (w - j * rp) + rank, false, true)
+    } else {
+        (2 * q + rank, mb - 1, true, 2 * q + rank < nb)
+    };
+    let row0 = offsets[lo] + m * 128;
+    (
+        lo,
+        row0,
+        128.min(offsets[lo + 1] - row0),
+        n * nf,
+        fpair,
+        mine,
+    )
+}
+
 /// # Safety
 /// As [`grouped_ffn`]: the table's non-zero addresses are live expert weights of the stated
 /// shapes; x [rows, hidden], act [rows, inter], out [rows, hidden], offsets [E + 1] and tile_off
@@ -471,7 +539,7 @@ fn ws_pair_tile(
 unsafe fn ws_launch(gpu: &Gpu, w: WsLaunch) -> Result<()> {
     const OP: &str = "moe_grouped_ffn_ws_bf16";
     let tile = w.tile;
-    let pair = tile == RowTile::Ws128Pair;
+    let pair = matches!(tile, RowTile::Ws128Pair | RowTile::Ws128PairDyn);
     let ne = dim_i32(OP, "experts", w.n_exp)?;
     // Per-expert weight maps, [E, 3] x 128 bytes: templates encoded here (the shapes; any
     // 16-byte aligned address), their addresses replaced on the device from the table.
@@ -523,7 +591,7 @@ unsafe fn ws_launch(gpu: &Gpu, w: WsLaunch) -> Result<()> {
             .arg(&n)
             .arg(&ne);
         let sched_ptr = mp + (w.n_exp * 3 * 128) as u64 + counter;
-        if tile == RowTile::Ws128Dyn {
+        if matches!(tile, RowTile::Ws128Dyn | RowTile::Ws128PairDyn) {
             b.arg(&sched_ptr);
         }
         if pair {
@@ -728,6 +796,7 @@ mod tests {
             RowTile::Ws128,
             RowTile::Ws128Pair,
             RowTile::Ws128Dyn,
+            RowTile::Ws128PairDyn,
         ] {
             // 227 KiB of dynamic shared memory per block on sm_90
             assert!(t.smem_bytes() <= 227 * 1024, "{t:?}: {}", t.smem_bytes());
@@ -739,6 +808,8 @@ mod tests {
         assert_eq!(RowTile::Ws128Pair.smem_bytes(), 210_060);
         // the dynamic schedule's tile names fit beside the mbarriers in their 128 bytes (32 + 32 + 16)
         assert_eq!(RowTile::Ws128Dyn.smem_bytes(), 210_060);
+        // ... and so do the paired schedule's unit names and their barriers (32 + 16)
+        assert_eq!(RowTile::Ws128PairDyn.smem_bytes(), 210_060);
         assert_eq!(RowTile::Ws128.threads(), 384);
         assert_eq!(RowTile::Ws128.kernel(true), "moe_grouped_gate_up_ws_bf16");
         // the persistent decode tiles: the stages and a rows x 136 staging tile of their own
@@ -768,6 +839,7 @@ mod tests {
             RowTile::Ws128,
             RowTile::Ws128Pair,
             RowTile::Ws128Dyn,
+            RowTile::Ws128PairDyn,
         ] {
             for g in [true, false] {
                 assert!(names.iter().any(|n| n == t.kernel(g)), "{}", t.kernel(g));
@@ -853,6 +925,102 @@ mod tests {
                 "N {n}: a (row, block) not covered once"
             );
         }
+    }
+
+    fn unit_offsets(toff: &[i32], nb: i32) -> Vec<i32> {
+        let mut uoff = vec![0];
+        for e in 0..toff.len() - 1 {
+            uoff.push(uoff.last().unwrap() + super::ws_pdyn_units(toff[e + 1] - toff[e], nb));
+        }
+        uoff
+    }
+
+    #[test]
+    fn paired_dynamic_schedule_covers_every_row_and_feature_once() {
+        let counts = [0, 1, 7, 0, 64, 65, 67, 128, 129, 300, 0, 351, 257, 512, 513];
+        let (toff, off) = tile_offsets(&counts);
+        let rows = *off.last().unwrap() as usize;
+        // odd and even feature block counts: V2-Lite's gate_up has 11 (1408 / 128)
+        for (n, nf) in [
+            (72i32, 128i32),
+            (1536, 128),
+            (1408, 128),
+            (5120, 256),
+            (300, 128),
+        ] {
+            let nb = (n + nf - 1) / nf;
+            let uoff = unit_offsets(&toff, nb);
+            let total = *uoff.last().unwrap();
+            let mut seen = vec![0u8; rows * nb as usize];
+            for u in 0..total {
+                let a = super::ws_pdyn_unit(&uoff, &toff, &off, nb, nf, u, 0);
+                let b = super::ws_pdyn_unit(&uoff, &toff, &off, nb, nf, u, 1);
+                assert_eq!(a.0, b.0, "unit {u}: one expert");
+                assert!(counts[a.0] > 0, "expert {} with no rows got unit {u}", a.0);
+                assert_eq!(a.4, b.4, "unit {u}: one kind");
+                assert!(a.5, "rank 0 always has a tile");
+                if a.4 {
+                    // a feature pair: one row block (the expert's last), two weight blocks
+                    assert_eq!((a.1, a.2), (b.1, b.2));
+                    assert_eq!(a.1 + a.2, off[a.0 + 1], "the last row block");
+                    assert_eq!(b.3, a.3 + nf);
+                    assert_eq!(b.5, b.3 < n);
+                } else {
+                    // a row pair: one weight block, two consecutive row blocks, both present
+                    assert_eq!(a.3, b.3);
+                    assert_eq!(b.1, a.1 + 128);
+                    assert!(b.5);
+                }
+                for (e, row0, nrows, f0, _, mine) in [a, b] {
+                    if !mine {
+                        continue;
+                    }
+                    assert!((1..=128).contains(&nrows));
+                    assert!(row0 >= off[e] && row0 + nrows <= off[e + 1]);
+                    assert!(f0 < n && f0 % nf == 0);
+                    for r in row0..row0 + nrows {
+                        seen[r as usize * nb as usize + (f0 / nf) as usize] += 1;
+                    }
+                }
+            }
+            assert!(
+                seen.iter().all(|&s| s == 1),
+                "N {n}: a (row, block) not covered once"
+            );
+        }
+    }
+
+    /// The bytes both schedules pull from L2 per k step for P2-like experts (three row blocks,
+    /// the last short), counted as the kernels issue copies (a multicast box once): the paired
+    /// schedule's reason to exist is this ratio.
+    #[test]
+    fn paired_dynamic_schedule_pulls_fewer_bytes_from_l2() {
+        let counts = [300, 307, 351, 265, 290, 330];
+        let (toff, off) = tile_offsets(&counts);
+        let (nb, nf) = (12, 128); // gate_up at V2's 1536 features
+        let (a_box, w_block) = (64 * 128, 256 * 128); // bytes per k step
+        let a_bytes = |nrows: i32| if nrows > 64 { 2 * a_box } else { a_box };
+        let mut unpaired = 0;
+        for t in 0..toff[counts.len()] * nb {
+            let (_, _, nrows, _) = super::ws_tile(&toff, &off, nb, nf, t);
+            unpaired += a_bytes(nrows) + w_block;
+        }
+        let uoff = unit_offsets(&toff, nb);
+        let mut paired = 0;
+        for u in 0..*uoff.last().unwrap() {
+            let a = super::ws_pdyn_unit(&uoff, &toff, &off, nb, nf, u, 0);
+            let b = super::ws_pdyn_unit(&uoff, &toff, &off, nb, nf, u, 1);
+            paired += if a.4 {
+                a_bytes(a.2) + w_block * (1 + b.5 as usize)
+            } else {
+                a_bytes(a.2) + a_bytes(b.2) + w_block
+            };
+        }
+        let ratio = unpaired as f64 / paired as f64;
+        assert!(
+            ratio > 1.3,
+            "unpaired {unpaired} / paired {paired} = {ratio:.3}"
+        );
     }
 
     #[test]

@@ -279,7 +279,8 @@ impl CudaBackend {
             // back should one fail its checks: `0` the wgmma kernel without warp specialisation
             // (RowTile::W128), `1` the warp-specialised persistent one (Ws128), `pair` that one
             // in CTA pairs sharing each weight block's copies (Ws128Pair), `dyn` it with tiles
-            // handed out by a counter (Ws128Dyn); unset: PREFILL_TILE
+            // handed out by a counter (Ws128Dyn), `pairdyn` that in CTA pairs sharing weight or
+            // activation copies (Ws128PairDyn); unset: PREFILL_TILE
             grouped_prefill_tile: {
                 use dsv2_kernels::ops::grouped::{PREFILL_TILE, RowTile};
                 match std::env::var("DSV2_GROUPED_WS").as_deref() {
@@ -287,10 +288,13 @@ impl CudaBackend {
                     Ok("1") => RowTile::Ws128,
                     Ok("pair") => RowTile::Ws128Pair,
                     Ok("dyn") => RowTile::Ws128Dyn,
+                    Ok("pairdyn") => RowTile::Ws128PairDyn,
                     Ok(other) => {
                         return Err(KernelError::Unsupported {
                             op: "grouped experts",
-                            what: format!("DSV2_GROUPED_WS={other}: expected 0, 1, pair or dyn"),
+                            what: format!(
+                                "DSV2_GROUPED_WS={other}: expected 0, 1, pair, dyn or pairdyn"
+                            ),
                         });
                     }
                     Err(_) => PREFILL_TILE,
