@@ -685,9 +685,21 @@ pub(crate) fn q_pe_in_place(
     Tensor::from_host(gpu, &qfull, &[batch, heads, qd])
 }
 
-/// A decode problem over a paged cache with shuffled blocks (`lens`: the context lengths): the
-/// block table, lengths and queries, as host values for the CPU reference and device copies; the
-/// caller fills `num_blocks` cache blocks in its own dtype.
+/// How a decode case's block table assigns physical cache blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlockLayout {
+    /// A random permutation: no two of a sequence's blocks follow one another but by chance.
+    Shuffled,
+    /// Each sequence's blocks in ascending order, as the router's allocator hands out a prompt's
+    /// blocks, except that every third 64-token tile has its first two blocks swapped: the TMA
+    /// kernels then take both their one-box path (a whole tile in consecutive blocks) and their
+    /// piece path in one case.
+    Runs,
+}
+
+/// A decode problem over a paged cache (`lens`: the context lengths): the block table, lengths
+/// and queries, as host values for the CPU reference and device copies; the caller fills
+/// `num_blocks` cache blocks in its own dtype.
 pub(crate) struct DecodeCase {
     table: Vec<i32>,
     seq: Vec<i32>,
@@ -711,16 +723,31 @@ impl DecodeCase {
         lens: &[usize],
         heads: usize,
         block_size: usize,
+        layout: BlockLayout,
     ) -> Result<Self> {
         let batch = lens.len();
         let max_len = lens.iter().copied().max().unwrap_or(1).max(1);
         let max_blocks = max_len.div_ceil(block_size);
         let num_blocks = batch * max_blocks + 3;
-        // a shuffled assignment of physical blocks
         let mut phys: Vec<i32> = (0..num_blocks as i32).collect();
-        for i in (1..phys.len()).rev() {
-            let j = g.random_range(0..=i);
-            phys.swap(i, j);
+        match layout {
+            BlockLayout::Shuffled => {
+                for i in (1..phys.len()).rev() {
+                    let j = g.random_range(0..=i);
+                    phys.swap(i, j);
+                }
+            }
+            BlockLayout::Runs => {
+                let per_tile = (64 / block_size).max(1);
+                for b in 0..batch {
+                    for t in (1..max_blocks.div_ceil(per_tile)).step_by(3) {
+                        let i = b * max_blocks + t * per_tile;
+                        if per_tile > 1 && i + 1 < (b + 1) * max_blocks {
+                            phys.swap(i, i + 1);
+                        }
+                    }
+                }
+            }
         }
         let table: Vec<i32> = (0..batch * max_blocks).map(|i| phys[i]).collect();
         let (qab, q_abs_f) = rand_bf16(g, batch * heads * mla::KV_LORA, 0.25);
@@ -772,9 +799,30 @@ pub fn check_mla_decode(
     splits: Option<usize>,
     kernel: mla::MlaKernel,
 ) -> Result<CheckRow> {
+    check_mla_decode_in(
+        gpu,
+        lens,
+        heads,
+        block_size,
+        splits,
+        kernel,
+        BlockLayout::Shuffled,
+    )
+}
+
+/// [`check_mla_decode`] over a block table laid out as `layout` says.
+pub(crate) fn check_mla_decode_in(
+    gpu: &Gpu,
+    lens: &[usize],
+    heads: usize,
+    block_size: usize,
+    splits: Option<usize>,
+    kernel: mla::MlaKernel,
+    layout: BlockLayout,
+) -> Result<CheckRow> {
     let batch = lens.len();
     let mut g = rng(9);
-    let c = DecodeCase::new(gpu, &mut g, lens, heads, block_size)?;
+    let c = DecodeCase::new(gpu, &mut g, lens, heads, block_size, layout)?;
     let max_len = c.max_len;
     let (cb, cf) = rand_bf16(&mut g, c.num_blocks * block_size * mla::CACHE_DIM, 1.0);
     let cache = Tensor::from_host(gpu, &cb, &[c.num_blocks, block_size, mla::CACHE_DIM])?;
@@ -805,9 +853,14 @@ pub fn check_mla_decode(
         format!("{} seqs, max {max_len}", lens.len())
     };
     let name = kernel.function();
+    let runs = if layout == BlockLayout::Runs {
+        " runs"
+    } else {
+        ""
+    };
     let mut row = CheckRow::cmp(
         name,
-        format!("lens {lens_s} heads {heads} block {block_size}"),
+        format!("lens {lens_s} heads {heads} block {block_size}{runs}"),
         &got,
         &want,
         1e-2,
@@ -830,7 +883,7 @@ pub fn check_mla_decode_uv(
     let (dn, bs) = (128, 64);
     let batch = lens.len();
     let mut g = rng(19);
-    let c = DecodeCase::new(gpu, &mut g, lens, heads, bs)?;
+    let c = DecodeCase::new(gpu, &mut g, lens, heads, bs, BlockLayout::Shuffled)?;
     let (cb, cf) = rand_bf16(&mut g, c.num_blocks * bs * mla::CACHE_DIM, 1.0);
     let cache = Tensor::from_host(gpu, &cb, &[c.num_blocks, bs, mla::CACHE_DIM])?;
     let (kvbb, kvbf) = rand_bf16(&mut g, heads * (dn + dv) * mla::KV_LORA, 0.05);
@@ -1209,9 +1262,22 @@ pub fn run_mla(gpu: &Gpu, kernels: &[mla::MlaKernel]) -> Result<Vec<CheckRow>> {
     ] {
         out.extend(check_latent_append_absorb(gpu, &case)?);
     }
+    // blocks in runs, as a prompt's are allocated: the TMA kernels copy a whole tile of
+    // consecutive blocks in one box a chunk (V2 and V2-Lite heads, blocks of 16 and 8 tokens)
+    let runs: [(&[usize], usize, usize, Option<usize>); 3] = [
+        (&[5137, 33, 1], 128, 16, None),
+        (&[300, 1000, 17], 16, 16, None),
+        (&[700, 64, 129], 128, 8, Some(2)),
+    ];
     for &kernel in kernels {
         for (lens, heads, block, splits) in cases {
             let row = check_mla_decode(gpu, lens, heads, block, splits, kernel)?;
+            row.eprint_progress();
+            out.push(row);
+        }
+        for (lens, heads, block, splits) in runs {
+            let row =
+                check_mla_decode_in(gpu, lens, heads, block, splits, kernel, BlockLayout::Runs)?;
             row.eprint_progress();
             out.push(row);
         }

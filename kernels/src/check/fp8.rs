@@ -11,6 +11,7 @@
 //! The random caches have an outlier in some rows (so most of their codes are small, subnormals
 //! included) and an all-zero row (scale 0).
 
+use super::BlockLayout;
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -203,8 +204,8 @@ pub fn check_gather_fp8(gpu: &Gpu, n: usize, kv_lora: usize, rope: usize) -> Res
     ))
 }
 
-/// An FP8 decode kernel over a random FP8 cache with shuffled blocks, against the f32 reference
-/// of MLA decode over the dequantized cache.
+/// An FP8 decode kernel over a random FP8 cache with shuffled blocks (or blocks in runs,
+/// `layout`), against the f32 reference of MLA decode over the dequantized cache.
 pub fn check_mla_decode_fp8(
     gpu: &Gpu,
     kernel: mla::Fp8Kernel,
@@ -213,10 +214,30 @@ pub fn check_mla_decode_fp8(
     block_size: usize,
     splits: Option<usize>,
 ) -> Result<CheckRow> {
+    check_mla_decode_fp8_in(
+        gpu,
+        kernel,
+        lens,
+        heads,
+        block_size,
+        splits,
+        BlockLayout::Shuffled,
+    )
+}
+
+fn check_mla_decode_fp8_in(
+    gpu: &Gpu,
+    kernel: mla::Fp8Kernel,
+    lens: &[usize],
+    heads: usize,
+    block_size: usize,
+    splits: Option<usize>,
+    layout: BlockLayout,
+) -> Result<CheckRow> {
     let l = Fp8Layout::DEEPSEEK_V2;
     let mut rg = ChaCha8Rng::seed_from_u64(25);
     let batch = lens.len();
-    let c = super::DecodeCase::new(gpu, &mut rg, lens, heads, block_size)?;
+    let c = super::DecodeCase::new(gpu, &mut rg, lens, heads, block_size, layout)?;
     let max_len = c.max_len;
     let (bytes, vals) = random_cache(&mut rg, l, c.num_blocks * block_size);
     let cache = Tensor::from_host(gpu, &bytes, &[c.num_blocks, block_size, l.row_bytes()])?;
@@ -247,9 +268,14 @@ pub fn check_mla_decode_fp8(
     } else {
         format!("{} seqs, max {max_len}", lens.len())
     };
+    let runs = if layout == BlockLayout::Runs {
+        " runs"
+    } else {
+        ""
+    };
     let mut row = CheckRow::cmp(
         kernel.function(),
-        format!("lens {lens_s} heads {heads} block {block_size}"),
+        format!("lens {lens_s} heads {heads} block {block_size}{runs}"),
         &got,
         &want,
         1e-2,
@@ -296,6 +322,23 @@ pub fn run_fp8(gpu: &Gpu) -> Result<Vec<CheckRow>> {
             row.eprint_progress();
             out.push(row);
         }
+    }
+    // blocks in runs (the regs kernel's one-box copies of a whole tile, and its pieces)
+    for (lens, heads, block, splits) in [
+        (&[5137usize, 33, 1][..], 128, 16, None),
+        (&[300, 1000, 17][..], 16, 8, Some(3)),
+    ] {
+        let row = check_mla_decode_fp8_in(
+            gpu,
+            mla::Fp8Kernel::Regs,
+            lens,
+            heads,
+            block,
+            splits,
+            BlockLayout::Runs,
+        )?;
+        row.eprint_progress();
+        out.push(row);
     }
     Ok(out)
 }

@@ -114,7 +114,10 @@ __device__ __forceinline__ uint4 fr_lds128(u32 addr) {
 // min(block_size, 64) cache rows, the 4 code chunks and the rope chunk (map: box 128 B x piece,
 // 128-byte swizzle) and the scales (scl_map: box 16 B x piece). Pieces at or past `end` are not
 // loaded; a tile wholly past `end` only arrives.
+// A whole tile in consecutive cache blocks goes in one 64-row box each through map64 / scl_map64
+// (the 64-row boxes of the same two tensors), as the bf16 TMA kernels' tile_issue does.
 __device__ __forceinline__ void fr_issue(u32 st, u32 bar, const TmaMap* map, const TmaMap* scl_map,
+                                         const TmaMap* map64, const TmaMap* scl_map64,
                                          const int* __restrict__ btab, int block_size, int t0, int end) {
     const int piece = min(block_size, FR_TN);
     const int valid = t0 < end ? min(FR_TN, end - t0) : 0;
@@ -124,6 +127,19 @@ __device__ __forceinline__ void fr_issue(u32 st, u32 bar, const TmaMap* map, con
         return;
     }
     mbar_arrive_expect_tx(bar, (u32)(pieces * piece * (5 * 128 + 16)));
+    if (block_size < FR_TN && valid == FR_TN) {
+        const int first = t0 / block_size, b0 = btab[first];
+        bool run = true;
+        for (int j = 1; j < FR_TN / block_size; ++j) run = run && btab[first + j] == b0 + j;
+        if (run) {
+            const int row = b0 * block_size;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) tma_load_2d(st + c * FR_CHUNK, map64, c * 128, row, bar);
+            tma_load_2d(st + FR_ST_ROPE, map64, FR_PE, row, bar);
+            tma_load_2d(st + FR_ST_SCL, scl_map64, FR_SC, row, bar);
+            return;
+        }
+    }
     for (int j = 0; j < pieces; ++j) {
         const int t = t0 + j * piece;
         const int row = btab[t / block_size] * block_size + (t % block_size);
@@ -238,14 +254,16 @@ __device__ __forceinline__ float fr_stage_q(unsigned char* smem, const bf16* __r
 // grid (ceil(H / 64), B, splits), 384 threads, FR_BYTES + 1024 bytes of dynamic shared memory.
 // Arguments as mla_decode_fp8 without the cache pointer; the cache [slots, 656] bytes is read
 // through cache_map (box 128 B x min(block_size, 64) rows, 128-byte swizzle) and scale_map
-// (box 16 B x the same rows, no swizzle). block_size is 8..64 dividing 64 or a multiple of
+// (box 16 B x the same rows, no swizzle), and cache_map64 / scale_map64 (the same with 64-row
+// boxes). block_size is 8..64 dividing 64 or a multiple of
 // 64 (TMA wants 128-byte aligned boxes in shared memory; 1024 for the swizzled ones).
 extern "C" __global__ void __launch_bounds__(384, 1)
 mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
                     const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
                     float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size, int max_blocks,
                     int splits, float scale, long long qpe_sb, long long qpe_sh,
-                    const __grid_constant__ TmaMap cache_map, const __grid_constant__ TmaMap scale_map) {
+                    const __grid_constant__ TmaMap cache_map, const __grid_constant__ TmaMap scale_map,
+                    const __grid_constant__ TmaMap cache_map64, const __grid_constant__ TmaMap scale_map64) {
     griddep_wait();
     extern __shared__ __align__(1024) unsigned char fr_smem_raw[];
     unsigned char* smem =
@@ -291,7 +309,8 @@ mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
             for (int it = 0; it < ntiles; ++it) {
                 const int s = it % FR_STAGES;
                 if (it >= FR_STAGES) mbar_wait_thread(bar_empty + 8 * s, ((it / FR_STAGES) - 1) & 1);
-                fr_issue(sbase + FR_ST0 + s * FR_STAGE, bar_full + 8 * s, &cache_map, &scale_map, btab, block_size,
+                fr_issue(sbase + FR_ST0 + s * FR_STAGE, bar_full + 8 * s, &cache_map, &scale_map, &cache_map64,
+                         &scale_map64, btab, block_size,
                          start + it * FR_TN, end);
             }
         }

@@ -84,7 +84,7 @@ __device__ __forceinline__ void narrow_decode(const bf16* __restrict__ q_abs, co
                                               bf16* __restrict__ out, float* __restrict__ o_part,
                                               float* __restrict__ lse, int heads, int block_size, int max_blocks,
                                               int splits, float scale, long long qpe_sb, long long qpe_sh,
-                                              const TmaMap* cache_map) {
+                                              const TmaMap* cache_map, const TmaMap* cache_map64) {
     extern __shared__ __align__(1024) unsigned char nr_smem_raw[];
     unsigned char* smem =
         reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(nr_smem_raw) + 1023) & ~(size_t)1023);
@@ -133,7 +133,7 @@ __device__ __forceinline__ void narrow_decode(const bf16* __restrict__ q_abs, co
             for (int it = 0; it < ntiles; ++it) {
                 const int s = it % NR_STAGES;
                 if (it >= NR_STAGES) mbar_wait_thread(bar_empty + 8 * s, ((it / NR_STAGES) - 1) & 1);
-                tile_issue(sbase + NR_ST0 + s * NR_TILE, bar_full + s * 9 * 8, cache_map, btab, block_size,
+                tile_issue(sbase + NR_ST0 + s * NR_TILE, bar_full + s * 9 * 8, cache_map, cache_map64, btab, block_size,
                            start + 64 * it, end, 0, 9);
             }
         }
@@ -334,10 +334,10 @@ mla_decode_narrow_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
                        const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
                        float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size, int max_blocks,
                        int splits, float scale, long long qpe_sb, long long qpe_sh,
-                       const __grid_constant__ TmaMap cache_map) {
+                       const __grid_constant__ TmaMap cache_map, const __grid_constant__ TmaMap cache_map64) {
     griddep_wait();
     narrow_decode<false>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks, splits,
-                         scale, qpe_sb, qpe_sh, &cache_map);
+                         scale, qpe_sb, qpe_sh, &cache_map, &cache_map64);
 }
 
 // The same with P . V's A operand through registers (narrow_decode<true>).
@@ -346,8 +346,8 @@ mla_decode_narrow_rs_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict
                           const int* __restrict__ block_table, const int* __restrict__ seq_lens,
                           bf16* __restrict__ out, float* __restrict__ o_part, float* __restrict__ lse, int heads,
                           int block_size, int max_blocks, int splits, float scale, long long qpe_sb,
-                          long long qpe_sh, const __grid_constant__ TmaMap cache_map) {
+                          long long qpe_sh, const __grid_constant__ TmaMap cache_map, const __grid_constant__ TmaMap cache_map64) {
     griddep_wait();
     narrow_decode<true>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks, splits,
-                        scale, qpe_sb, qpe_sh, &cache_map);
+                        scale, qpe_sb, qpe_sh, &cache_map, &cache_map64);
 }

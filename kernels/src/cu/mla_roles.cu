@@ -234,7 +234,7 @@ __device__ __forceinline__ void roles_decode(const bf16* __restrict__ q_abs, con
                                              bf16* __restrict__ out, float* __restrict__ o_part,
                                              float* __restrict__ lse, int heads, int block_size, int max_blocks,
                                              int splits, float scale, long long qpe_sb, long long qpe_sh,
-                                             const TmaMap& cache_map) {
+                                             const TmaMap& cache_map, const TmaMap& cache_map64) {
     extern __shared__ __align__(1024) unsigned char mr_smem_raw[];
     // No alignment slack: the layout takes all but 8 bytes of the 227 KB. Dynamic shared memory
     // starts 1024-aligned on sm_90 (after the driver's 1 KB); should it not, stop loudly rather
@@ -308,8 +308,8 @@ __device__ __forceinline__ void roles_decode(const bf16* __restrict__ q_abs, con
         const int st = s_args->start, en = s_args->end, bs = s_args->block_size;
         const int t = st + 64 * i;
         // the rope chunk (c = 8) into its own buffer: tile_issue writes chunk c at dst + c * 8 KB
-        tile_issue(rbuf(i) - 8 * MLA_CHUNK, bars(i), &cache_map, bt, bs, t, en, 8, 9);
-        tile_issue(kbuf(i), bars(i), &cache_map, bt, bs, t, en, 0, 8);
+        tile_issue(rbuf(i) - 8 * MLA_CHUNK, bars(i), &cache_map, &cache_map64, bt, bs, t, en, 8, 9);
+        tile_issue(kbuf(i), bars(i), &cache_map, &cache_map64, bt, bs, t, en, 0, 8);
     };
     if (tid == 0) {
         for (int i = 0; i < min(ntiles, 2); ++i) issue(i);  // tile 2's rope goes where tile 0's is
@@ -500,10 +500,10 @@ mla_decode_roles_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q
                       const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
                       float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size, int max_blocks,
                       int splits, float scale, long long qpe_sb, long long qpe_sh,
-                      const __grid_constant__ TmaMap cache_map) {
+                      const __grid_constant__ TmaMap cache_map, const __grid_constant__ TmaMap cache_map64) {
     griddep_wait();
     roles_decode<0>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks, splits, scale,
-                    qpe_sb, qpe_sh, cache_map);
+                    qpe_sb, qpe_sh, cache_map, cache_map64);
 }
 
 // Timing probes of it (wrong outputs): the math alone, the loads alone.
@@ -512,18 +512,18 @@ mla_decode_roles_probe1_bf16(const bf16* __restrict__ q_abs, const bf16* __restr
                              const int* __restrict__ block_table, const int* __restrict__ seq_lens,
                              bf16* __restrict__ out, float* __restrict__ o_part, float* __restrict__ lse, int heads,
                              int block_size, int max_blocks, int splits, float scale, long long qpe_sb,
-                             long long qpe_sh, const __grid_constant__ TmaMap cache_map) {
+                             long long qpe_sh, const __grid_constant__ TmaMap cache_map, const __grid_constant__ TmaMap cache_map64) {
     griddep_wait();
     roles_decode<1>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks, splits, scale,
-                    qpe_sb, qpe_sh, cache_map);
+                    qpe_sb, qpe_sh, cache_map, cache_map64);
 }
 extern "C" __global__ void __launch_bounds__(384, 1)
 mla_decode_roles_probe2_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
                              const int* __restrict__ block_table, const int* __restrict__ seq_lens,
                              bf16* __restrict__ out, float* __restrict__ o_part, float* __restrict__ lse, int heads,
                              int block_size, int max_blocks, int splits, float scale, long long qpe_sb,
-                             long long qpe_sh, const __grid_constant__ TmaMap cache_map) {
+                             long long qpe_sh, const __grid_constant__ TmaMap cache_map, const __grid_constant__ TmaMap cache_map64) {
     griddep_wait();
     roles_decode<2>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks, splits, scale,
-                    qpe_sb, qpe_sh, cache_map);
+                    qpe_sb, qpe_sh, cache_map, cache_map64);
 }

@@ -70,7 +70,7 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
                        const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
                        float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size,
                        int max_blocks, int splits, float scale, long long qpe_sb, long long qpe_sh,
-                       const __grid_constant__ TmaMap cache_map) {
+                       const __grid_constant__ TmaMap cache_map, const __grid_constant__ TmaMap cache_map64) {
     griddep_wait();
     extern __shared__ __align__(1024) unsigned char ss_smem_raw[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(
@@ -114,8 +114,8 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
     fence_async_smem();  // the zeros and Q (generic writes) before TMA writes and wgmma reads
     __syncthreads();
     if (tid == 0) {
-        tile_issue(kb0, bars0, &cache_map, btab, block_size, start, end, 0, 9);
-        tile_issue(kb1, bars1, &cache_map, btab, block_size, start + 64, end, 0, 9);
+        tile_issue(kb0, bars0, &cache_map, &cache_map64, btab, block_size, start, end, 0, 9);
+        tile_issue(kb1, bars1, &cache_map, &cache_map64, btab, block_size, start + 64, end, 0, 9);
     }
     const bool issuer = (tid % 128) == 0;
 
@@ -134,7 +134,7 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
             tile_qk(s, q_addr, kb0, bars0, par, rq);
             wg_wait<0>();
             wg_fence_regs<32>(s);
-            if (issuer && next) tile_issue(kb0, bars0, &cache_map, btab, block_size, ta + 128, end, 8, 9);
+            if (issuer && next) tile_issue(kb0, bars0, &cache_map, &cache_map64, btab, block_size, ta + 128, end, 8, 9);
             float mx[2], m_new[2], sc0[2], sum[2];
             tile_rowmax(s, ta, cq, end, sl2, mx);
 #pragma unroll
@@ -171,7 +171,7 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
             wg_wait<0>();
             wg_fence_regs<128>(o);
             wg_fence_regs<16>(pa);
-            if (issuer && next) tile_issue(kb0, bars0, &cache_map, btab, block_size, ta + 128, end, 0, 4);
+            if (issuer && next) tile_issue(kb0, bars0, &cache_map, &cache_map64, btab, block_size, ta + 128, end, 0, 4);
             // O_L = O_L sc1 + P1 V1_L
             scale_o_rows(o, sc1_0, sc1_1);
             named_sync(NB_P1, 256);
@@ -183,7 +183,7 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
             wg_commit();
             wg_wait<0>();
             wg_fence_regs<128>(o);
-            if (issuer && next) tile_issue(kb1, bars1, &cache_map, btab, block_size, ta + 192, end, 0, 4);
+            if (issuer && next) tile_issue(kb1, bars1, &cache_map, &cache_map64, btab, block_size, ta + 192, end, 0, 4);
         }
     } else {
         for (int r = 0; r < nrounds; ++r) {
@@ -193,7 +193,7 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
             tile_qk(s, q_addr, kb1, bars1, par, rq);
             wg_wait<0>();
             wg_fence_regs<32>(s);
-            if (issuer && next) tile_issue(kb1, bars1, &cache_map, btab, block_size, tb + 128, end, 8, 9);
+            if (issuer && next) tile_issue(kb1, bars1, &cache_map, &cache_map64, btab, block_size, tb + 128, end, 8, 9);
             float mx[2], m_new[2], sc1[2], sum[2];
             tile_rowmax(s, tb, cq, end, sl2, mx);  // all -inf when the round has no second tile
             named_sync(NB_SC0, 256);
@@ -236,10 +236,10 @@ mla_decode_seesaw_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ 
             wg_commit();
             wg_wait<1>();
             wg_fence_regs<16>(pa);
-            if (issuer && next) tile_issue(kb1, bars1, &cache_map, btab, block_size, tb + 128, end, 4, 8);
+            if (issuer && next) tile_issue(kb1, bars1, &cache_map, &cache_map64, btab, block_size, tb + 128, end, 4, 8);
             wg_wait<0>();
             wg_fence_regs<128>(o);
-            if (issuer && next) tile_issue(kb0, bars0, &cache_map, btab, block_size, tb + 64, end, 4, 8);
+            if (issuer && next) tile_issue(kb0, bars0, &cache_map, &cache_map64, btab, block_size, tb + 64, end, 4, 8);
         }
     }
 

@@ -57,7 +57,8 @@ __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const
                                            const int* __restrict__ block_table, const int* __restrict__ seq_lens,
                                            bf16* __restrict__ out, float* __restrict__ o_part, float* __restrict__ lse,
                                            int heads, int block_size, int max_blocks, int splits, float scale,
-                                           long long qpe_sb, long long qpe_sh, const TmaMap* cache_map) {
+                                           long long qpe_sb, long long qpe_sh, const TmaMap* cache_map,
+                                           const TmaMap* cache_map64) {
     extern __shared__ __align__(1024) unsigned char tm_smem_raw[];
     unsigned char* smem = reinterpret_cast<unsigned char*>(
         (reinterpret_cast<size_t>(tm_smem_raw) + 1023) & ~(size_t)1023);
@@ -105,10 +106,10 @@ __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const
     auto issue = [&](int i) {
         const int t = start + 64 * i;
         if (PAIR) {
-            tile_issue_pair(kbuf(i), bars(i), cache_map, btab, block_size, t, end, rank);
+            tile_issue_pair(kbuf(i), bars(i), cache_map, cache_map64, btab, block_size, t, end, rank);
         } else {
-            tile_issue(kbuf(i), bars(i), cache_map, btab, block_size, t, end, 8, 9);
-            tile_issue(kbuf(i), bars(i), cache_map, btab, block_size, t, end, 0, 8);
+            tile_issue(kbuf(i), bars(i), cache_map, cache_map64, btab, block_size, t, end, 8, 9);
+            tile_issue(kbuf(i), bars(i), cache_map, cache_map64, btab, block_size, t, end, 0, 8);
         }
     };
     if (tid == 0) {
@@ -233,16 +234,17 @@ __device__ __forceinline__ void tma_decode(const bf16* __restrict__ q_abs, const
 
 // Same outputs and arguments as mla_decode_seesaw_bf16: grid (ceil(H/64), B, splits), 256 threads,
 // TM_BYTES + 1024 bytes of dynamic shared memory; splits cut at 64 tokens; the cache read through
-// `cache_map` (a 2-D tensor map [slots, 576] bf16, box {64, min(block_size, 64)}, 128-byte swizzle).
+// `cache_map` (a 2-D tensor map [slots, 576] bf16, box {64, min(block_size, 64)}, 128-byte swizzle)
+// and `cache_map64` (the same with box {64, 64}: whole tiles of consecutive blocks, tile_issue).
 extern "C" __global__ void __launch_bounds__(256, 1)
 mla_decode_tma_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
                     const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
                     float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size, int max_blocks,
                     int splits, float scale, long long qpe_sb, long long qpe_sh,
-                    const __grid_constant__ TmaMap cache_map) {
+                    const __grid_constant__ TmaMap cache_map, const __grid_constant__ TmaMap cache_map64) {
     griddep_wait();
     tma_decode<false>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks, splits,
-                      scale, qpe_sb, qpe_sh, &cache_map);
+                      scale, qpe_sb, qpe_sh, &cache_map, &cache_map64);
 }
 
 // The same for 65..128 heads (grid x = 2) launched in clusters of (2, 1, 1): the two head groups
@@ -252,10 +254,10 @@ mla_decode_tma_pair_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict_
                          const int* __restrict__ block_table, const int* __restrict__ seq_lens,
                          bf16* __restrict__ out, float* __restrict__ o_part, float* __restrict__ lse, int heads,
                          int block_size, int max_blocks, int splits, float scale, long long qpe_sb, long long qpe_sh,
-                         const __grid_constant__ TmaMap cache_map) {
+                         const __grid_constant__ TmaMap cache_map, const __grid_constant__ TmaMap cache_map64) {
     griddep_wait();
     tma_decode<true>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks, splits,
-                     scale, qpe_sb, qpe_sh, &cache_map);
+                     scale, qpe_sb, qpe_sh, &cache_map, &cache_map64);
 }
 
 // Timing probes of mla_decode_tma_bf16 (wrong outputs): the math alone, the loads alone.
@@ -264,18 +266,18 @@ mla_decode_tma_probe1_bf16(const bf16* __restrict__ q_abs, const bf16* __restric
                            const int* __restrict__ block_table, const int* __restrict__ seq_lens,
                            bf16* __restrict__ out, float* __restrict__ o_part, float* __restrict__ lse, int heads,
                            int block_size, int max_blocks, int splits, float scale, long long qpe_sb,
-                           long long qpe_sh, const __grid_constant__ TmaMap cache_map) {
+                           long long qpe_sh, const __grid_constant__ TmaMap cache_map, const __grid_constant__ TmaMap cache_map64) {
     griddep_wait();
     tma_decode<false, 1>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks,
-                         splits, scale, qpe_sb, qpe_sh, &cache_map);
+                         splits, scale, qpe_sb, qpe_sh, &cache_map, &cache_map64);
 }
 extern "C" __global__ void __launch_bounds__(256, 1)
 mla_decode_tma_probe2_bf16(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
                            const int* __restrict__ block_table, const int* __restrict__ seq_lens,
                            bf16* __restrict__ out, float* __restrict__ o_part, float* __restrict__ lse, int heads,
                            int block_size, int max_blocks, int splits, float scale, long long qpe_sb,
-                           long long qpe_sh, const __grid_constant__ TmaMap cache_map) {
+                           long long qpe_sh, const __grid_constant__ TmaMap cache_map, const __grid_constant__ TmaMap cache_map64) {
     griddep_wait();
     tma_decode<false, 2>(q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks,
-                         splits, scale, qpe_sb, qpe_sh, &cache_map);
+                         splits, scale, qpe_sb, qpe_sh, &cache_map, &cache_map64);
 }

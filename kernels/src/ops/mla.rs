@@ -382,8 +382,19 @@ fn mla_probe(kernel: MlaKernel) -> Option<&'static str> {
 
 /// The latent cache [num_blocks, block_size, 576] as a 2-D TMA tensor [num_blocks * block_size,
 /// 576] bf16, read in boxes of 64 columns x min(block_size, 64) rows with the 128-byte swizzle
-/// the wgmma operands use.
-pub fn cache_tensor_map(cache: &View<'_, bf16>) -> Result<TmaMap2d> {
+/// the wgmma operands use, and the same tensor in boxes of 64 rows: the TMA kernels copy a whole
+/// 64-token tile whose blocks follow one another in the cache in one box a chunk (`tile_issue`
+/// in mla_tma.cuh; at 16-token blocks a tile is otherwise four boxes a chunk).
+pub fn cache_tensor_maps(cache: &View<'_, bf16>) -> Result<(TmaMap2d, TmaMap2d)> {
+    let block_size = cache.shape().get(1).copied().unwrap_or(0);
+    Ok((
+        cache_tensor_map(cache, block_size.min(64))?,
+        cache_tensor_map(cache, 64)?,
+    ))
+}
+
+/// The latent cache as a 2-D TMA tensor (see [`cache_tensor_maps`]) in boxes of `box_rows` rows.
+fn cache_tensor_map(cache: &View<'_, bf16>, box_rows: usize) -> Result<TmaMap2d> {
     const OP: &str = "mla_decode_tma_bf16";
     let (blocks, block_size) = (cache.shape()[0], cache.shape()[1]);
     if cache.shape()[2] != CACHE_DIM {
@@ -401,7 +412,7 @@ pub fn cache_tensor_map(cache: &View<'_, bf16>) -> Result<TmaMap2d> {
         blocks * block_size,
         CACHE_DIM,
         64,
-        block_size.min(64),
+        box_rows,
     )
 }
 
@@ -607,7 +618,7 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<bool> {
         | MlaKernel::Roles
         | MlaKernel::Seesaw
         | MlaKernel::Narrow
-        | MlaKernel::NarrowRs => Some(cache_tensor_map(&p.cache)?),
+        | MlaKernel::NarrowRs => Some(cache_tensor_maps(&p.cache)?),
         MlaKernel::Wgmma | MlaKernel::Mma => None,
     };
     // the pair kernel needs exactly two head groups, one per CTA of a cluster
@@ -635,8 +646,8 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<bool> {
         .arg(&scale)
         .arg(&qpe_sb)
         .arg(&qpe_sh);
-    if let Some(m) = map.as_ref() {
-        b.arg(m);
+    if let Some((m, m64)) = map.as_ref() {
+        b.arg(m).arg(m64);
     }
     let cfg = LaunchConfig {
         grid_dim: (
@@ -647,8 +658,8 @@ pub fn mla_decode(gpu: &Gpu, p: MlaDecodeParams<'_>) -> Result<bool> {
         block_dim: (kernel.threads(), 1, 1),
         shared_mem_bytes: kernel.smem_bytes() as u32,
     };
-    // SAFETY: matches the signature mla_decode_bf16 and mla_decode_wgmma_bf16 share (the seesaw
-    // kernel's: no cache pointer, the cache's tensor map last); inputs shape-checked above; o_part/lse (when
+    // SAFETY: matches the signature mla_decode_bf16 and mla_decode_wgmma_bf16 share (the TMA
+    // kernels': no cache pointer, the cache's two tensor maps last); inputs shape-checked above; o_part/lse (when
     // splits > 1) hold batch*splits*heads*512 and batch*splits*heads f32 and live until after the
     // combine below is enqueued (stream order keeps them valid: cudarc frees asynchronously on the
     // same stream).
@@ -880,15 +891,18 @@ pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<bool> {
     let si = splits as i32;
     let scale = p.scale;
     // the regs kernel reads the cache through two maps: 128-byte swizzled boxes of codes and
-    // k_pe, 16-byte boxes of the scale, min(block_size, 64) rows each
+    // k_pe, 16-byte boxes of the scale, min(block_size, 64) rows each; and the same two in boxes
+    // of 64 rows, for whole tiles in consecutive blocks (fr_issue, as the bf16 TMA kernels)
     let maps = match kernel {
         Fp8Kernel::Regs => {
             let rows = p.cache.shape()[0] * block_size;
             let piece = block_size.min(64);
-            Some((
+            Some([
                 encode_u8_2d(OP, c, rows, row, 128, piece, true)?,
                 encode_u8_2d(OP, c, rows, row, 16, piece, false)?,
-            ))
+                encode_u8_2d(OP, c, rows, row, 128, 64, true)?,
+                encode_u8_2d(OP, c, rows, row, 16, 64, false)?,
+            ])
         }
         Fp8Kernel::Wgmma => None,
     };
@@ -908,8 +922,8 @@ pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<bool> {
         .arg(&scale)
         .arg(&qpe_sb)
         .arg(&qpe_sh);
-    if let Some((codes, scales)) = maps.as_ref() {
-        b.arg(codes).arg(scales);
+    if let Some([codes, scales, codes64, scales64]) = maps.as_ref() {
+        b.arg(codes).arg(scales).arg(codes64).arg(scales64);
     }
     let cfg = LaunchConfig {
         grid_dim: (
