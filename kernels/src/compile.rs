@@ -17,6 +17,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("tma.cuh", include_str!("cu/tma.cuh")),
     ("mla_common.cuh", include_str!("cu/mla_common.cuh")),
     ("mla_tma.cuh", include_str!("cu/mla_tma.cuh")),
+    ("mla_prefill.cuh", include_str!("cu/mla_prefill.cuh")),
 ];
 
 /// The kernel sources: (file name, text). Each becomes one CUDA module.
@@ -33,6 +34,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("sample.cu", include_str!("cu/sample.cu")),
     ("general.cu", include_str!("cu/general.cu")),
     ("mla_prefill.cu", include_str!("cu/mla_prefill.cu")),
+    ("mla_prefill_ws.cu", include_str!("cu/mla_prefill_ws.cu")),
     ("grouped.cu", include_str!("cu/grouped.cu")),
     ("gemv.cu", include_str!("cu/gemv.cu")),
     ("probe.cu", include_str!("cu/probe.cu")),

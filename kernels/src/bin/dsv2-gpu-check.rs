@@ -383,6 +383,7 @@ fn bench_prefill(gpu: &Gpu, blas_tflops: f64) -> Result<()> {
             PrefillTile::M64,
             // new last: a crash of it leaves the other rows printed
             PrefillTile::Wgmma128Persist,
+            PrefillTile::Ws128,
         ] {
             let plan = upload(PrefillPlan::new(&specs, Some(tile))?)?;
             let ms = time_ms(gpu, 2, 10, || flash(&plan, &lat, &kv, &mut out))?;

@@ -201,8 +201,9 @@ pub fn check_mla_prefill(
         PrefillTile::Wgmma128,
         PrefillTile::M128,
         PrefillTile::M64,
-        // new last: a crash of it leaves the other rows printed
         PrefillTile::Wgmma128Persist,
+        // new last: a crash of it leaves the other rows printed
+        PrefillTile::Ws128,
     ] {
         let plan = PrefillPlan::new(&specs, Some(tile))?;
         let sd = Tensor::from_host(gpu, &plan.seqs, &[plan.n_seqs(), 4])?;

@@ -49,13 +49,10 @@
 // aligned group of 8 chunks): 8 consecutive rows at one logical chunk land in 8 distinct bank
 // groups, for the cp.async writes and every ldmatrix read alike.
 #include "common.cuh"
+#include "mla_prefill.cuh"
 #include "mma.cuh"
 #include "wgmma.cuh"
 
-#define PF_DN 128              // qk_nope_head_dim
-#define PF_DR 64               // qk_rope_head_dim
-#define PF_DQK (PF_DN + PF_DR) // 192
-#define PF_DV 128              // v_head_dim
 #define PF_BN 64               // keys per tile
 #define PF_QCH (PF_DQK / 8)    // 16-byte chunks per Q / K row (24)
 #define PF_VCH (PF_DV / 8)     // per V row (16)
@@ -106,31 +103,6 @@ __device__ __forceinline__ void pf_load_kv(bf16* sK, bf16* sV, const bf16* __res
     }
 }
 
-// Tile `idx` of the list: sequence descriptor tiles[idx].x of `seqs` and first query m0.
-// False for a descriptor that does not fit the operands (the CTA returns, uniformly, before any
-// barrier): the launcher cannot see the device arrays, the kernel keeps them in bounds.
-struct PfTile {
-    int q_row0, q_len, pos0, m0;
-    long long ctx_row0;
-};
-__device__ __forceinline__ bool pf_tile(const int4* __restrict__ seqs, int n_seqs, const int2* __restrict__ tiles,
-                                        long long n_q, long long n_ctx, int idx, PfTile& t) {
-    const int2 tile = tiles[idx];
-    if (tile.x < 0 || tile.x >= n_seqs) return false;
-    const int4 sd = seqs[tile.x];
-    t.q_row0 = sd.x;
-    t.q_len = sd.y;
-    t.pos0 = sd.z;
-    t.ctx_row0 = sd.w;
-    t.m0 = tile.y;
-    return !(t.m0 < 0 || t.m0 >= t.q_len || t.q_row0 < 0 || t.pos0 < 0 || t.ctx_row0 < 0 ||
-             (long long)t.q_row0 + t.q_len > n_q || t.ctx_row0 + t.pos0 + t.q_len > n_ctx);
-}
-
-__device__ __forceinline__ u32 pf_pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = the smaller column
-    return *reinterpret_cast<u32*>(&v);
-}
 
 // grid (tiles, H), block WARPS * 32 threads, dynamic smem PfSmem<WARPS>::BYTES.
 // seqs int4 [S] (q_row0, q_len, pos0, ctx_row0); tiles int2 [tiles] (sequence, first query of the

@@ -32,6 +32,9 @@ pub enum PrefillKernel {
     /// The wgmma kernel launched persistent (`wgmma-persist`): a CTA per SM walks the (tile,
     /// head) items and loads the next item's Q and first K tile behind the current one's end.
     WgmmaPersist,
+    /// Warp-specialised (`ws`, mla_prefill_ws.cu): a TMA producer warpgroup and two consumer
+    /// warpgroups taking turns at the tensor cores, persistent. Opt-in until measured.
+    Ws,
     Mma,
 }
 
@@ -39,16 +42,17 @@ impl PrefillKernel {
     /// The environment variable a binary reads the choice from.
     pub const ENV: &'static str = "DSV2_PREFILL_KERNEL";
 
-    /// `wgmma` (or empty), `wgmma-persist` or `mma`.
+    /// `wgmma` (or empty), `wgmma-persist`, `ws` or `mma`.
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "" | "wgmma" => Ok(PrefillKernel::Wgmma),
             "wgmma-persist" => Ok(PrefillKernel::WgmmaPersist),
+            "ws" => Ok(PrefillKernel::Ws),
             "mma" => Ok(PrefillKernel::Mma),
             other => Err(KernelError::Unsupported {
                 op: "mla_prefill",
                 what: format!(
-                    "{}={other:?} (expected \"wgmma\", \"wgmma-persist\" or \"mma\")",
+                    "{}={other:?} (expected \"wgmma\", \"wgmma-persist\", \"ws\" or \"mma\")",
                     Self::ENV
                 ),
             }),
@@ -61,6 +65,7 @@ impl PrefillKernel {
         match self {
             PrefillKernel::Wgmma => PrefillTile::Wgmma128,
             PrefillKernel::WgmmaPersist => PrefillTile::Wgmma128Persist,
+            PrefillKernel::Ws => PrefillTile::Ws128,
             PrefillKernel::Mma => {
                 let work = |t: PrefillTile| {
                     seqs.iter()
@@ -86,6 +91,9 @@ pub enum PrefillTile {
     /// `mla_prefill_wgmma_persist_bf16`: the same tile, one CTA per SM walking the (tile, head)
     /// items, the next item's Q and K_0 loaded behind the current item's end.
     Wgmma128Persist,
+    /// `mla_prefill_ws_bf16`: the same tile, warp-specialised (TMA producer, two consumer
+    /// warpgroups in turns), 384 threads, one CTA per SM walking the (tile, head) items.
+    Ws128,
     /// mma.sync, 128 rows, 8 warps, 128 KiB of shared memory, one CTA per SM.
     M128,
     /// mma.sync, 64 rows, 4 warps, 104 KiB, two CTAs per SM: less padding on short chunks.
@@ -95,7 +103,10 @@ pub enum PrefillTile {
 impl PrefillTile {
     pub fn rows(self) -> usize {
         match self {
-            PrefillTile::Wgmma128 | PrefillTile::Wgmma128Persist | PrefillTile::M128 => 128,
+            PrefillTile::Wgmma128
+            | PrefillTile::Wgmma128Persist
+            | PrefillTile::Ws128
+            | PrefillTile::M128 => 128,
             PrefillTile::M64 => 64,
         }
     }
@@ -104,6 +115,7 @@ impl PrefillTile {
         match self {
             PrefillTile::Wgmma128 => PrefillKernel::Wgmma,
             PrefillTile::Wgmma128Persist => PrefillKernel::WgmmaPersist,
+            PrefillTile::Ws128 => PrefillKernel::Ws,
             PrefillTile::M128 | PrefillTile::M64 => PrefillKernel::Mma,
         }
     }
@@ -113,6 +125,7 @@ impl PrefillTile {
         match self {
             PrefillTile::Wgmma128 => "mla_prefill_wgmma_bf16",
             PrefillTile::Wgmma128Persist => "mla_prefill_wgmma_persist_bf16",
+            PrefillTile::Ws128 => "mla_prefill_ws_bf16",
             PrefillTile::M128 => "mla_prefill_m128_bf16",
             PrefillTile::M64 => "mla_prefill_m64_bf16",
         }
@@ -128,6 +141,10 @@ impl PrefillTile {
             PrefillTile::Wgmma128 | PrefillTile::Wgmma128Persist => {
                 (128 * qk + 2 * WGMMA_BLOCK_N * qk + 2 * WGMMA_BLOCK_N * V_HEAD) * 2 + 1024
             }
+            // PS_BYTES: the same operands, then 128 bytes of mbarriers
+            PrefillTile::Ws128 => {
+                (128 * qk + 2 * WGMMA_BLOCK_N * qk + 2 * WGMMA_BLOCK_N * V_HEAD) * 2 + 128 + 1024
+            }
             PrefillTile::M128 | PrefillTile::M64 => {
                 (self.rows() * qk + 2 * BLOCK_N * qk + 2 * BLOCK_N * V_HEAD) * 2
             }
@@ -137,6 +154,7 @@ impl PrefillTile {
     fn threads(self) -> u32 {
         match self {
             PrefillTile::Wgmma128 | PrefillTile::Wgmma128Persist => 256,
+            PrefillTile::Ws128 => 384,
             PrefillTile::M128 | PrefillTile::M64 => (self.rows() / 16 * 32) as u32,
         }
     }
@@ -375,6 +393,19 @@ pub fn mla_prefill(gpu: &Gpu, p: MlaPrefillParams<'_>) -> Result<()> {
     let tile = plan.tile;
     let smem = tile.smem_bytes();
     gpu.set_max_dynamic_smem(tile.function(), smem)?;
+    if tile == PrefillTile::Ws128 {
+        let ws = WsOperands {
+            q: (p.q.ptr(), q_rs, q_hs),
+            k_nope: (p.k_nope.ptr(), kn_rs, kn_hs),
+            k_pe: (p.k_pe.ptr(), kp_rs),
+            v: (p.v.ptr(), v_rs, v_hs),
+            out: (p.out.ptr(), o_rs, o_hs),
+            n,
+            t,
+            heads,
+        };
+        return launch_ws(gpu, &ws, &p, smem);
+    }
     let (qp, knp, kpp, vp, op, sp, tp) = (
         p.q.ptr(),
         p.k_nope.ptr(),
@@ -420,6 +451,97 @@ pub fn mla_prefill(gpu: &Gpu, p: MlaPrefillParams<'_>) -> Result<()> {
     // and 16-byte alignment were checked above against (n, H, T); seqs / tiles hold n_seqs x
     // int4 and n_tiles x int2 (shape-checked, contiguous i32, 16- and 8-byte aligned as cudarc
     // allocations are), and the kernel skips any descriptor that does not fit n and T.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// The operands of a [`PrefillTile::Ws128`] launch after mla_prefill's checks: (address, row
+/// stride[, head stride]) in elements, and the query rows, context rows and heads.
+struct WsOperands {
+    q: (u64, i64, i64),
+    k_nope: (u64, i64, i64),
+    k_pe: (u64, i64),
+    v: (u64, i64, i64),
+    out: (u64, i64, i64),
+    n: usize,
+    t: usize,
+    heads: usize,
+}
+
+/// The warp-specialised kernel: q, k_nope, k_pe and v through TMA maps (boxes of 128 rows x 64
+/// columns, one head), out, the plan's descriptors and the (tile, head) item count; persistent.
+fn launch_ws(gpu: &Gpu, w: &WsOperands, p: &MlaPrefillParams<'_>, smem: usize) -> Result<()> {
+    const OP: &str = "mla_prefill_ws_bf16";
+    use super::tma::{encode_bf16_2d_strided, encode_bf16_3d};
+    let us = |x: i64| x as usize;
+    let rows = |r: usize| r.max(1);
+    let q_map = encode_bf16_3d(
+        OP,
+        w.q.0,
+        rows(w.n),
+        w.heads,
+        QK_NOPE + QK_ROPE,
+        us(w.q.1),
+        us(w.q.2),
+        128,
+    )?;
+    let kn_map = encode_bf16_3d(
+        OP,
+        w.k_nope.0,
+        rows(w.t),
+        w.heads,
+        QK_NOPE,
+        us(w.k_nope.1),
+        us(w.k_nope.2),
+        128,
+    )?;
+    let v_map = encode_bf16_3d(
+        OP,
+        w.v.0,
+        rows(w.t),
+        w.heads,
+        V_HEAD,
+        us(w.v.1),
+        us(w.v.2),
+        128,
+    )?;
+    // k_pe [T, 64] with row stride kp_rs: a 2-D map whose row pitch is the stride
+    let kpe_map = encode_bf16_2d_strided(OP, w.k_pe.0, rows(w.t), QK_ROPE, us(w.k_pe.1), 64, 128)?;
+    let plan = p.plan;
+    let (sp, tp) = (p.seqs.ptr(), p.tiles.ptr());
+    let n_seqs = dim_i32(OP, "sequences", plan.n_seqs())?;
+    let (nq, nctx) = (w.n as i64, w.t as i64);
+    let (n_tiles, heads) = (
+        dim_i32(OP, "tiles", plan.n_tiles())?,
+        dim_i32(OP, "heads", w.heads)?,
+    );
+    let scale = p.scale;
+    let f = gpu.function(PrefillTile::Ws128.function())?;
+    let mut b = gpu.launch(f);
+    b.arg(&q_map).arg(&kn_map).arg(&kpe_map).arg(&v_map);
+    b.arg(&w.out.0).arg(&w.out.1).arg(&w.out.2);
+    b.arg(&sp)
+        .arg(&n_seqs)
+        .arg(&tp)
+        .arg(&nq)
+        .arg(&nctx)
+        .arg(&scale)
+        .arg(&n_tiles)
+        .arg(&heads);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            persistent_ctas(plan.n_tiles(), w.heads, gpu.sm_count)?,
+            1,
+            1,
+        ),
+        block_dim: (PrefillTile::Ws128.threads(), 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: matches mla_prefill_ws_bf16(q_map, kn_map, kpe_map, v_map, out, o_rs, o_hs, seqs,
+    // n_seqs, tiles, n_q, n_ctx, scale, n_tiles, n_heads); the maps cover the operands whose
+    // shapes, strides and alignment mla_prefill checked (TMA zero-fills past them); out [n, H,
+    // 128] at its strides; seqs / tiles as for the other tiles, and the kernel skips any
+    // descriptor that does not fit n and T.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -653,6 +775,9 @@ mod tests {
         assert_eq!(persist, PrefillTile::Wgmma128Persist);
         assert_eq!(persist.kernel(), PrefillKernel::WgmmaPersist);
         assert_eq!(persist.smem_bytes(), PrefillTile::Wgmma128.smem_bytes());
+        let ws = PrefillKernel::parse("ws").ok().map(|k| k.tile_for(&[]));
+        assert_eq!(ws, Some(PrefillTile::Ws128));
+        assert_eq!(PrefillTile::Ws128.kernel(), PrefillKernel::Ws);
         let err = PrefillKernel::parse("flash").err().map(|e| e.to_string());
         let msg = err.unwrap_or_default();
         assert!(
@@ -668,5 +793,28 @@ mod tests {
         // PW_BYTES (208 KiB) + 1 KiB of alignment slack, within the 227 KiB an H100 CTA may use
         assert_eq!(PrefillTile::Wgmma128.smem_bytes(), 209 * 1024);
         assert!(PrefillTile::Wgmma128.smem_bytes() <= 227 * 1024);
+        // PS_BYTES in mla_prefill_ws.cu: the same operands, 128 bytes of mbarriers, the slack
+        assert_eq!(PrefillTile::Ws128.smem_bytes(), 209 * 1024 + 128);
+        assert!(PrefillTile::Ws128.smem_bytes() <= 227 * 1024);
+        assert_eq!(PrefillTile::Ws128.threads(), 384);
+    }
+
+    /// Every prefill function name is a kernel of the embedded sources.
+    #[test]
+    fn prefill_kernels_exist_in_the_source() {
+        for tile in [
+            PrefillTile::Wgmma128,
+            PrefillTile::Wgmma128Persist,
+            PrefillTile::Ws128,
+            PrefillTile::M128,
+            PrefillTile::M64,
+        ] {
+            let found = crate::compile::SOURCES.iter().any(|(_, src)| {
+                crate::device::kernel_names(src)
+                    .iter()
+                    .any(|n| n == tile.function())
+            });
+            assert!(found, "{}", tile.function());
+        }
     }
 }

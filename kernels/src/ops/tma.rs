@@ -125,6 +125,112 @@ pub fn encode_bf16_2d(
     )
 }
 
+/// The map of a bf16 matrix [rows, cols] whose rows are `row_stride` elements apart (a column
+/// slice of a wider matrix, such as the rope columns of the gathered latent rows), in boxes of
+/// `box_cols` (one 128-byte swizzled line) x `box_rows`.
+pub fn encode_bf16_2d_strided(
+    op: &'static str,
+    addr: u64,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    box_cols: usize,
+    box_rows: usize,
+) -> Result<TmaMap2d> {
+    use cudarc::driver::sys as cu;
+    let elem = std::mem::size_of::<bf16>();
+    let (dims, _, boxes) = params_2d(op, addr, rows, cols, elem, box_cols, box_rows, true)?;
+    let stride = (row_stride * elem) as u64;
+    if row_stride < cols || !stride.is_multiple_of(16) || stride >= 1 << 40 {
+        return Err(shape_err(
+            op,
+            format!(
+                "TMA row stride {row_stride} elements for {cols} columns: expected >= the columns, a multiple of 16 bytes"
+            ),
+        ));
+    }
+    encode_2d(
+        cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        addr,
+        dims,
+        stride,
+        boxes,
+        true,
+    )
+}
+
+/// The encode arguments of a bf16 tensor [rows, heads, cols] at `addr` with element strides
+/// (`row_stride`, `head_stride`, 1), read in boxes of 64 columns (one 128-byte swizzled line) x
+/// one head x `box_rows` rows: (global dims, the two outer strides in bytes, box dims), innermost
+/// first. A [T, H, d] slice of a wider buffer (k_nope and v of the decompressed kv [T, H, 256],
+/// the query heads of q [n, H, 192]) is one such tensor; a box lands in shared memory as
+/// [box_rows][128 B], the layout of the 2-D boxes.
+#[allow(clippy::too_many_arguments)]
+pub fn bf16_3d_params(
+    op: &'static str,
+    addr: u64,
+    rows: usize,
+    heads: usize,
+    cols: usize,
+    row_stride: usize,
+    head_stride: usize,
+    box_rows: usize,
+) -> Result<([u64; 3], [u64; 2], [u32; 3])> {
+    let elem = std::mem::size_of::<bf16>();
+    let (dims2, _, boxes2) = params_2d(op, addr, rows, cols, elem, 64, box_rows, true)?;
+    let (rs, hs) = ((row_stride * elem) as u64, (head_stride * elem) as u64);
+    if heads == 0 || heads as u64 > u32::MAX as u64 {
+        return Err(shape_err(op, format!("TMA tensor with {heads} heads")));
+    }
+    if !rs.is_multiple_of(16) || !hs.is_multiple_of(16) || rs >= 1 << 40 || hs >= 1 << 40 {
+        return Err(shape_err(
+            op,
+            format!(
+                "TMA strides {row_stride} / {head_stride} elements: expected multiples of 16 bytes below 2^40"
+            ),
+        ));
+    }
+    Ok((
+        [dims2[0], heads as u64, dims2[1]],
+        [hs, rs],
+        [boxes2[0], 1, boxes2[1]],
+    ))
+}
+
+/// The map of a bf16 tensor [rows, heads, cols] (see [`bf16_3d_params`]); boxes past the tensor
+/// are zero-filled by the copy.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_bf16_3d(
+    op: &'static str,
+    addr: u64,
+    rows: usize,
+    heads: usize,
+    cols: usize,
+    row_stride: usize,
+    head_stride: usize,
+    box_rows: usize,
+) -> Result<TmaMap2d> {
+    use cudarc::driver::sys as cu;
+    let (dims, strides, boxes) = bf16_3d_params(
+        op,
+        addr,
+        rows,
+        heads,
+        cols,
+        row_stride,
+        head_stride,
+        box_rows,
+    )?;
+    encode_tiled(
+        cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        addr,
+        &dims,
+        &strides,
+        &boxes,
+        true,
+    )
+}
+
 /// cuTensorMapEncodeTiled of a 2-D matrix whose encode arguments were checked (by
 /// [`bf16_2d_params`] or [`u8_2d_params`]): `swizzle` picks the 128-byte swizzle or none.
 fn encode_2d(
@@ -135,9 +241,22 @@ fn encode_2d(
     boxes: [u32; 2],
     swizzle: bool,
 ) -> Result<TmaMap2d> {
+    encode_tiled(dtype, addr, &dims, &[stride], &boxes, swizzle)
+}
+
+/// cuTensorMapEncodeTiled of a tensor of rank dims.len() (2 or 3 here; strides: the outer
+/// dims' strides in bytes, one fewer than dims) whose arguments were checked.
+fn encode_tiled(
+    dtype: cudarc::driver::sys::CUtensorMapDataType,
+    addr: u64,
+    dims: &[u64],
+    strides: &[u64],
+    boxes: &[u32],
+    swizzle: bool,
+) -> Result<TmaMap2d> {
     use cudarc::driver::sys as cu;
-    let strides: [u64; 1] = [stride];
-    let element_strides: [u32; 2] = [1, 1];
+    debug_assert!(strides.len() + 1 == dims.len() && boxes.len() == dims.len());
+    let element_strides = [1u32; 5];
     let mut map = std::mem::MaybeUninit::<cu::CUtensorMap>::zeroed();
     let swz = if swizzle {
         cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B
@@ -150,7 +269,7 @@ fn encode_2d(
         cu::cuTensorMapEncodeTiled(
             map.as_mut_ptr(),
             dtype,
-            2,
+            dims.len() as u32,
             addr as *mut std::ffi::c_void,
             dims.as_ptr(),
             strides.as_ptr(),
@@ -236,6 +355,24 @@ mod tests {
         // rows of 650 bytes cannot be strided by TMA
         assert!(u8_2d_params("t", 0x1000, 4096, 650, 16, 64, false).is_err());
         assert!(u8_2d_params("t", 0x1008, 4096, 656, 16, 64, false).is_err());
+    }
+
+    #[test]
+    fn head_tensors_are_three_dimensional() {
+        // k_nope of the decompressed kv [T, 128 heads, 256]: rows 65536 B apart, heads 512 B
+        let (dims, strides, boxes) =
+            bf16_3d_params("t", 0x1000, 4096, 128, 128, 128 * 256, 256, 128).unwrap();
+        assert_eq!(dims, [128, 128, 4096]);
+        assert_eq!(strides, [512, 65536]);
+        assert_eq!(boxes, [64, 1, 128]);
+        // q [n, 16 heads, 192]
+        let (dims, strides, _) =
+            bf16_3d_params("t", 0x1000, 7, 16, 192, 16 * 192, 192, 128).unwrap();
+        assert_eq!((dims, strides), ([192, 16, 7], [384, 6144]));
+        // a head stride that is not a multiple of 16 bytes, no heads, a misaligned base
+        assert!(bf16_3d_params("t", 0x1000, 7, 16, 192, 16 * 196, 196, 128).is_err());
+        assert!(bf16_3d_params("t", 0x1000, 7, 0, 192, 192, 192, 128).is_err());
+        assert!(bf16_3d_params("t", 0x1004, 7, 16, 192, 16 * 192, 192, 128).is_err());
     }
 
     #[test]
