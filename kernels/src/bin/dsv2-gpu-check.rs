@@ -813,6 +813,18 @@ fn bench(gpu: &Gpu, p1_only: bool, mla_kernels: &[mla::MlaKernel]) -> Result<()>
             roof_ms / ms,
             force.unwrap_or_else(|| mla::choose_splits(gpu.sm_count, batch, heads, ctx, kernel))
         );
+        // where a split row's time goes: the combine pass alone (its own launch)
+        let splits =
+            force.unwrap_or_else(|| mla::choose_splits(gpu.sm_count, batch, heads, ctx, kernel));
+        if splits > 1 {
+            let cb = mla::CombineBench::new(gpu, batch, splits, heads)?;
+            let cms = time_ms(gpu, 3, 20, || Ok(cb.run(gpu, &mut out.view_mut())?))?;
+            println!(
+                "P1   combine alone ({splits} splits, {:.1} MB of f32 partials): {cms:.3} ms = {:.2} of the row",
+                (batch * splits * heads * mla::KV_LORA * 4) as f64 / 1e6,
+                cms / ms
+            );
+        }
     }
     bench_fp8(gpu, copy_gbs, blas_tflops)?;
     bench_prefill(gpu, blas_tflops)?;

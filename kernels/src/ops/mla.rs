@@ -256,6 +256,10 @@ impl SplitPartials {
     /// Enqueues `mla_combine_bf16` into `out` [B, H, 512] (bf16) when the context was split. The
     /// partials are freed in stream order after it (cudarc frees on the same stream).
     fn combine(self, gpu: &Gpu, out: u64, batch: usize, heads: usize) -> Result<()> {
+        self.launch_combine(gpu, out, batch, heads)
+    }
+
+    fn launch_combine(&self, gpu: &Gpu, out: u64, batch: usize, heads: usize) -> Result<()> {
         if self.splits <= 1 {
             return Ok(());
         }
@@ -468,6 +472,45 @@ pub fn choose_splits(
         1
     } else {
         (sm_count / ctas).min(max_useful).max(1)
+    }
+}
+
+/// The split-KV combine alone, for benchmarks: how much of a split decode's time is the combine
+/// pass over the f32 partials (the partials are zeros with lse 0: every split is read).
+pub struct CombineBench {
+    parts: SplitPartials,
+    batch: usize,
+    heads: usize,
+}
+
+impl CombineBench {
+    pub fn new(gpu: &Gpu, batch: usize, splits: usize, heads: usize) -> Result<Self> {
+        let splits = splits.clamp(1, MAX_SPLITS);
+        let parts = SplitPartials {
+            splits,
+            o_part: (splits > 1)
+                .then(|| Tensor::<f32>::zeros(gpu, &[batch, splits, heads, KV_LORA]))
+                .transpose()?,
+            lse: (splits > 1)
+                .then(|| Tensor::<f32>::zeros(gpu, &[batch, splits, heads]))
+                .transpose()?,
+        };
+        Ok(Self {
+            parts,
+            batch,
+            heads,
+        })
+    }
+
+    /// `mla_combine_bf16` into out [batch, heads, 512] (nothing with one split).
+    pub fn run(&self, gpu: &Gpu, out: &mut ViewMut<'_, bf16>) -> Result<()> {
+        out.expect(
+            "mla_combine_bf16",
+            "out",
+            &[Some(self.batch), Some(self.heads), Some(KV_LORA)],
+        )?;
+        self.parts
+            .launch_combine(gpu, out.ptr(), self.batch, self.heads)
     }
 }
 
