@@ -214,7 +214,11 @@ fn bench_fp8(gpu: &Gpu, copy_gbs: f64, blas_tflops: f64) -> Result<()> {
             Ok(())
         })?;
         let mut fp8_ms = Vec::new();
-        for kernel in [mla::Fp8Kernel::Wgmma, mla::Fp8Kernel::Regs] {
+        for kernel in [
+            mla::Fp8Kernel::Wgmma,
+            mla::Fp8Kernel::Regs,
+            mla::Fp8Kernel::Pp,
+        ] {
             let ms = time_ms(gpu, 3, 20, || {
                 mla::mla_decode_fp8(
                     gpu,

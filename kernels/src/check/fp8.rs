@@ -316,29 +316,36 @@ pub fn run_fp8(gpu: &Gpu) -> Result<Vec<CheckRow>> {
         (&[2000, 1, 129], 128, 16, Some(200)),
         (&[300, 1000, 17], 128, 128, None),
     ];
-    for kernel in [mla::Fp8Kernel::Wgmma, mla::Fp8Kernel::Regs] {
+    // (the turn-taking form last: a new kernel's crash leaves the rows above printed)
+    for kernel in [
+        mla::Fp8Kernel::Wgmma,
+        mla::Fp8Kernel::Regs,
+        mla::Fp8Kernel::Pp,
+    ] {
         for (lens, heads, block, splits) in cases {
             let row = check_mla_decode_fp8(gpu, kernel, lens, heads, block, splits)?;
             row.eprint_progress();
             out.push(row);
         }
     }
-    // blocks in runs (the regs kernel's one-box copies of a whole tile, and its pieces)
-    for (lens, heads, block, splits) in [
-        (&[5137usize, 33, 1][..], 128, 16, None),
-        (&[300, 1000, 17][..], 16, 8, Some(3)),
-    ] {
-        let row = check_mla_decode_fp8_in(
-            gpu,
-            mla::Fp8Kernel::Regs,
-            lens,
-            heads,
-            block,
-            splits,
-            BlockLayout::Runs,
-        )?;
-        row.eprint_progress();
-        out.push(row);
+    // blocks in runs (the register kernels' one-box copies of a whole tile, and their pieces)
+    for kernel in [mla::Fp8Kernel::Regs, mla::Fp8Kernel::Pp] {
+        for (lens, heads, block, splits) in [
+            (&[5137usize, 33, 1][..], 128, 16, None),
+            (&[300, 1000, 17][..], 16, 8, Some(3)),
+        ] {
+            let row = check_mla_decode_fp8_in(
+                gpu,
+                kernel,
+                lens,
+                heads,
+                block,
+                splits,
+                BlockLayout::Runs,
+            )?;
+            row.eprint_progress();
+            out.push(row);
+        }
     }
     Ok(out)
 }

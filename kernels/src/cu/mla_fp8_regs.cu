@@ -82,9 +82,11 @@
 #define FR_LOG2E 1.4426950408889634f
 #define FR_MIN_LOG2_SCALE -60.f                   // a zero row's scale, in log2 (finite m)
 
-// named barriers: 1 + wg: warpgroup wg's 4 warps (column maxima); 3: both math warpgroups
+// named barriers: 1 + wg: warpgroup wg's 4 warps (column maxima); 3: both math warpgroups;
+// 4 + wg: warpgroup wg's turn (the PP form)
 #define FR_NB_WG 1
 #define FR_NB_MATH 3
+#define FR_NB_TURN 4  // 4, 5: warpgroup 0's, 1's turn at the tensor cores (mla_decode_fp8_pp)
 
 __device__ __forceinline__ void fr_setmaxnreg_inc240() { asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory"); }
 __device__ __forceinline__ void fr_setmaxnreg_dec24() { asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory"); }
@@ -257,14 +259,25 @@ __device__ __forceinline__ float fr_stage_q(unsigned char* smem, const bf16* __r
 // (box 16 B x the same rows, no swizzle), and cache_map64 / scale_map64 (the same with 64-row
 // boxes). block_size is 8..64 dividing 64 or a multiple of
 // 64 (TMA wants 128-byte aligned boxes in shared memory; 1024 for the swizzled ones).
-extern "C" __global__ void __launch_bounds__(384, 1)
-mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
-                    const int* __restrict__ block_table, const int* __restrict__ seq_lens, bf16* __restrict__ out,
-                    float* __restrict__ o_part, float* __restrict__ lse, int heads, int block_size, int max_blocks,
-                    int splits, float scale, long long qpe_sb, long long qpe_sh,
-                    const __grid_constant__ TmaMap cache_map, const __grid_constant__ TmaMap scale_map,
-                    const __grid_constant__ TmaMap cache_map64, const __grid_constant__ TmaMap scale_map64) {
-    griddep_wait();
+// The kernel body. PP = false (mla_decode_fp8_regs): the two math warpgroups share the tile's
+// P' (each computes S^T for its 32 heads, then P' . V for its 256 latent columns over all 64
+// heads) and meet at a barrier of both every tile. PP = true (mla_decode_fp8_pp): each math
+// warpgroup owns its 32 heads end to end (S^T, softmax, and P' . V over all 512 latent
+// columns, O^T 512 x 32), so nothing ties the two but the stages, and they take turns at the
+// tensor cores (two named barriers): one's softmax and conversions run while the other's MMAs
+// hold the tensor cores. Why: the shared form runs S^T, the softmax, both barriers and P' . V one
+// after another with both warpgroups in the same phase; at 64 heads, batch 128 x 4096 (bytes
+// bound) it ran level with the bf16 kernel (0.229 against 0.223 ms, bench/RESULTS.md session
+// 20) where the FP8 bytes allow half. The cost: each warpgroup converts the whole tile for P . V
+// (twice the shared form's conversions there) and its P . V is m64n32 (N = its 32 heads).
+template <bool PP>
+__device__ __forceinline__ void fr_decode(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_pe,
+                                          const int* __restrict__ block_table, const int* __restrict__ seq_lens,
+                                          bf16* __restrict__ out, float* __restrict__ o_part, float* __restrict__ lse,
+                                          int heads, int block_size, int max_blocks, int splits, float scale,
+                                          long long qpe_sb, long long qpe_sh, const TmaMap* cache_map,
+                                          const TmaMap* scale_map, const TmaMap* cache_map64,
+                                          const TmaMap* scale_map64) {
     extern __shared__ __align__(1024) unsigned char fr_smem_raw[];
     unsigned char* smem =
         reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(fr_smem_raw) + 1023) & ~(size_t)1023);
@@ -309,8 +322,8 @@ mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
             for (int it = 0; it < ntiles; ++it) {
                 const int s = it % FR_STAGES;
                 if (it >= FR_STAGES) mbar_wait_thread(bar_empty + 8 * s, ((it / FR_STAGES) - 1) & 1);
-                fr_issue(sbase + FR_ST0 + s * FR_STAGE, bar_full + 8 * s, &cache_map, &scale_map, &cache_map64,
-                         &scale_map64, btab, block_size,
+                fr_issue(sbase + FR_ST0 + s * FR_STAGE, bar_full + 8 * s, cache_map, scale_map, cache_map64,
+                         scale_map64, btab, block_size,
                          start + it * FR_TN, end);
             }
         }
@@ -325,11 +338,24 @@ mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
     const u32 q_lat = sbase + FR_Q + wg * 32 * 128;    // this warpgroup's 32 heads: B rows
     const u32 q_rope = sbase + FR_QPE + wg * 32 * 128;
 
-    float o[4][32];
+    // O^T: PP, 8 m-blocks of 64 latent columns x this warpgroup's 32 heads (m64n32); else 4 of
+    // this warpgroup's 256 columns x all 64 heads (m64n64)
+    constexpr int MB = PP ? 8 : 4, ON = PP ? 16 : 32;
+    float o[MB][ON];
 #pragma unroll
-    for (int mb = 0; mb < 4; ++mb)
+    for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-        for (int i = 0; i < 32; ++i) o[mb][i] = 0.f;
+        for (int i = 0; i < ON; ++i) o[mb][i] = 0.f;
+    // PP: the turns at the tensor cores (named barriers FR_NB_TURN + wg); warpgroup 0 goes first,
+    // and warpgroup 1 does not hand over after its very last burst (nobody would take it)
+    const int turn_mine = FR_NB_TURN + wg, turn_other = FR_NB_TURN + 1 - wg;
+    if (PP && wg == 1 && ntiles > 0) named_arrive(FR_NB_TURN, 256);
+    auto turn_take = [&]() {
+        if (PP) named_sync(turn_mine, 256);
+    };
+    auto turn_give = [&](bool last_burst) {
+        if (PP && !(wg == 1 && last_burst)) named_arrive(turn_other, 256);
+    };
     // this thread's 8 heads of S^T (32 wg + 8 j + 2 t + e, index 2 j + e): running max, sum
     float m_run[8], l_part[8];
 #pragma unroll
@@ -347,6 +373,7 @@ mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
 
         // ---- S^T = K . Q^T: the rope part (bf16) and the latent part (f16) apart
         float s_lat[16], s_rope[16];
+        turn_take();
         {
             u32 ra[16];
             // ldmatrix x4: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
@@ -381,11 +408,12 @@ mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
             // the registers of chunk c - 1 are free for chunk c + 1 (and the tile before's P . V done)
             wg_wait<1>();
         }
+        turn_give(false);
         wg_wait0();  // S^T done (and this warpgroup's P' . V of the tile before)
         wg_fence_regs<16>(s_lat);
         wg_fence_regs<16>(s_rope);
 #pragma unroll
-        for (int mb = 0; mb < 4; ++mb) wg_fence_regs<32>(o[mb]);
+        for (int mb = 0; mb < MB; ++mb) wg_fence_regs<ON>(o[mb]);
 
         // ---- scores; column (head) maxima of x + log2(scale) over the tile's 64 tokens
         const float* scl = reinterpret_cast<const float*>(smem + FR_ST0 + s * FR_STAGE + FR_ST_SCL);
@@ -423,7 +451,7 @@ mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
             m_run[k] = mx;
             l_part[k] *= alpha[k];
         }
-        if (w == 0 && g == 0) {
+        if (!PP && w == 0 && g == 0) {
 #pragma unroll
             for (int k = 0; k < 8; ++k) alpha_s[(it & 1) * 64 + 32 * wg + 8 * (k / 2) + 2 * t + (k & 1)] = alpha[k];
         }
@@ -454,26 +482,29 @@ mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
             }
         }
         fence_async_smem();
-        named_sync(FR_NB_MATH, 256);  // P' and the rescale of all 64 heads written
+        if (PP) named_sync(FR_NB_WG + wg, 128);  // P' of this warpgroup's 32 heads written
+        else named_sync(FR_NB_MATH, 256);        // P' and the rescale of all 64 heads written
 
         // ---- O^T[256 latent of this warpgroup x 64 heads] = O^T * alpha + V^T . P'^T
+        // (PP: this thread's O^T columns are its own S^T columns, whose alpha it computed)
         float al[16];  // alpha of heads 8 j + 2 t + e, index 2 j + e
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            al[2 * j] = alpha_s[(it & 1) * 64 + 8 * j + 2 * t];
-            al[2 * j + 1] = alpha_s[(it & 1) * 64 + 8 * j + 2 * t + 1];
+        for (int j = 0; j < ON / 4; ++j) {
+            al[2 * j] = PP ? alpha[2 * j] : alpha_s[(it & 1) * 64 + 8 * j + 2 * t];
+            al[2 * j + 1] = PP ? alpha[2 * j + 1] : alpha_s[(it & 1) * 64 + 8 * j + 2 * t + 1];
         }
 #pragma unroll
-        for (int mb = 0; mb < 4; ++mb)
+        for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
+            for (int j = 0; j < ON / 4; ++j)
 #pragma unroll
                 for (int x = 0; x < 4; ++x) o[mb][4 * j + x] *= al[2 * j + (x & 1)];
+        turn_take();
         {
             const int mi = lane / 8;
 #pragma unroll
-            for (int mb = 0; mb < 4; ++mb) {
-                const int colb = 256 * wg + 64 * mb + 16 * w;
+            for (int mb = 0; mb < MB; ++mb) {
+                const int colb = (PP ? 0 : 256 * wg) + 64 * mb + 16 * w;
                 const u32 cbase = st + (colb >> 7) * FR_CHUNK;
                 const int piece = (colb & 127) >> 4;
                 u32 a[16];
@@ -492,29 +523,41 @@ mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
                         f8x4_to_f16x2x2(x, a[8 * kp + 4 * (q / 2) + 2 * (q % 2)], a[8 * kp + 4 * (q / 2) + 2 * (q % 2) + 1]);
                     }
                 }
-                if (mb == 3) {
+                if (mb == MB - 1) {
                     // the tile's last reads of the stage are done: hand it back to the producer
                     __syncwarp();
                     if (lane == 0) mbar_arrive(bar_empty + 8 * s);
                 }
                 wg_fence();
 #pragma unroll
-                for (int kk = 0; kk < 4; ++kk)
-                    fr_wgmma_m64n64_rs_f16(o[mb], a + 4 * kk, wg_desc(pbuf + kk * 32, 16, 1024));
+                for (int kk = 0; kk < 4; ++kk) {
+                    if constexpr (PP)  // B = this warpgroup's 32 rows (heads) of P'
+                        fr_wgmma_m64n32_rs<true>(o[mb], a + 4 * kk, wg_desc(pbuf + wg * 32 * 128 + kk * 32, 16, 1024),
+                                                 1);
+                    else
+                        fr_wgmma_m64n64_rs_f16(o[mb], a + 4 * kk, wg_desc(pbuf + kk * 32, 16, 1024));
+                }
                 wg_commit();
                 // m-block mb - 1's registers are free for mb + 1; the last drains P . V (ptxas
                 // serialises every wgmma when P . V is still in flight as the next tile's S starts, C7514)
-                if (mb < 3) wg_wait<1>(); else wg_wait0();
+                if (mb < MB - 1) {
+                    wg_wait<1>();
+                } else {
+                    turn_give(it == ntiles - 1);
+                    wg_wait0();
+                }
             }
         }
     }
     wg_wait0();
 #pragma unroll
-    for (int mb = 0; mb < 4; ++mb) wg_fence_regs<32>(o[mb]);
+    for (int mb = 0; mb < MB; ++mb) wg_fence_regs<ON>(o[mb]);
 
     // ---- the end: l over the 64 tokens' rows and the 4 warps, then the normalised rows
     col_sum_warp<8>(l_part);
-    named_sync(FR_NB_MATH, 256);  // every warp is past its last read of red
+    // every warp is past its last read of red (PP: red's rows of this warpgroup only)
+    if (PP) named_sync(FR_NB_WG + wg, 128);
+    else named_sync(FR_NB_MATH, 256);
     col_store<8>(red + (wg * 4 + w) * 32, l_part);
     named_sync(FR_NB_WG + wg, 128);
     float* l_s = reinterpret_cast<float*>(smem + FR_LM);
@@ -530,19 +573,20 @@ mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
             m_s[32 * wg + col] = m_run[k];
         }
     }
-    named_sync(FR_NB_MATH, 256);
+    if (PP) named_sync(FR_NB_WG + wg, 128);
+    else named_sync(FR_NB_MATH, 256);
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+    for (int j = 0; j < ON / 4; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-            const int head = 8 * j + 2 * t + e;
+            const int head = (PP ? 32 * wg : 0) + 8 * j + 2 * t + e;
             const int h = h0 + head;
             if (h >= heads) continue;
             const float l = l_s[head];
             const float inv = l > 0.f ? 1.f / l : 0.f;
 #pragma unroll
-            for (int mb = 0; mb < 4; ++mb) {
-                const int c = 256 * wg + 64 * mb + 16 * w + 2 * g;
+            for (int mb = 0; mb < MB; ++mb) {
+                const int c = (PP ? 0 : 256 * wg) + 64 * mb + 16 * w + 2 * g;
                 const float o0 = o[mb][4 * j + e] * inv, o1 = o[mb][4 * j + 2 + e] * inv;
                 if (splits == 1) {
                     *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)b * heads + h) * D_LAT + c) =
@@ -553,9 +597,34 @@ mla_decode_fp8_regs(const bf16* __restrict__ q_abs, const bf16* __restrict__ q_p
                 }
             }
         }
-    if (splits > 1 && tid < 64 && h0 + tid < heads) {
-        const float l = l_s[tid];
-        lse[((size_t)b * splits + split) * heads + h0 + tid] =
-            l > 0.f ? (m_s[tid] + log2f(l)) * 0.6931471805599453f : -INFINITY;
+    // (PP: each warpgroup its own 32 heads, whose l and m only it wrote)
+    const int lh = PP ? 32 * wg + (tid % 128) : tid;
+    if (splits > 1 && (PP ? tid % 128 < 32 : tid < 64) && h0 + lh < heads) {
+        const float l = l_s[lh];
+        lse[((size_t)b * splits + split) * heads + h0 + lh] =
+            l > 0.f ? (m_s[lh] + log2f(l)) * 0.6931471805599453f : -INFINITY;
     }
+}
+
+#define FR_ARGS                                                                                               \
+    const bf16 *__restrict__ q_abs, const bf16 *__restrict__ q_pe, const int *__restrict__ block_table,        \
+        const int *__restrict__ seq_lens, bf16 *__restrict__ out, float *__restrict__ o_part,                 \
+        float *__restrict__ lse, int heads, int block_size, int max_blocks, int splits, float scale,          \
+        long long qpe_sb, long long qpe_sh, const __grid_constant__ TmaMap cache_map,                         \
+        const __grid_constant__ TmaMap scale_map, const __grid_constant__ TmaMap cache_map64,                 \
+        const __grid_constant__ TmaMap scale_map64
+#define FR_PASS                                                                                               \
+    q_abs, q_pe, block_table, seq_lens, out, o_part, lse, heads, block_size, max_blocks, splits, scale, qpe_sb, \
+        qpe_sh, &cache_map, &scale_map, &cache_map64, &scale_map64
+
+// grid (ceil(H / 64), B, splits), 384 threads, FR_BYTES + 1024 bytes of dynamic shared memory
+// (both forms; arguments above fr_decode).
+extern "C" __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs(FR_ARGS) {
+    griddep_wait();
+    fr_decode<false>(FR_PASS);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) mla_decode_fp8_pp(FR_ARGS) {
+    griddep_wait();
+    fr_decode<true>(FR_PASS);
 }

@@ -772,6 +772,9 @@ const _: () = assert!(FP8_SMEM_BYTES <= 232_448 && FP8_REGS_SMEM_BYTES <= 232_44
 pub enum Fp8Kernel {
     Wgmma,
     Regs,
+    /// `mla_decode_fp8_pp` (`pp`): the register kernel with each math warpgroup owning its 32
+    /// heads end to end, the two taking turns at the tensor cores. Opt-in until measured.
+    Pp,
 }
 
 impl Fp8Kernel {
@@ -792,15 +795,18 @@ impl Fp8Kernel {
             })
     }
 
-    /// The kernel a name asks for: None for "" (the default), else `wgmma` or `regs`.
+    /// The kernel a name asks for: None for "" (the default), else `wgmma`, `regs` or `pp`.
     pub fn parse(name: &str) -> Result<Option<Self>> {
         match name {
             "" => Ok(None),
             "wgmma" => Ok(Some(Fp8Kernel::Wgmma)),
             "regs" => Ok(Some(Fp8Kernel::Regs)),
+            "pp" => Ok(Some(Fp8Kernel::Pp)),
             other => Err(KernelError::Unsupported {
                 op: "mla_decode_fp8",
-                what: format!("DSV2_MLA_FP8_KERNEL={other:?} (expected \"wgmma\" or \"regs\")"),
+                what: format!(
+                    "DSV2_MLA_FP8_KERNEL={other:?} (expected \"wgmma\", \"regs\" or \"pp\")"
+                ),
             }),
         }
     }
@@ -810,20 +816,21 @@ impl Fp8Kernel {
         match self {
             Fp8Kernel::Wgmma => "mla_decode_fp8",
             Fp8Kernel::Regs => "mla_decode_fp8_regs",
+            Fp8Kernel::Pp => "mla_decode_fp8_pp",
         }
     }
 
     fn smem_bytes(self) -> usize {
         match self {
             Fp8Kernel::Wgmma => FP8_SMEM_BYTES,
-            Fp8Kernel::Regs => FP8_REGS_SMEM_BYTES,
+            Fp8Kernel::Regs | Fp8Kernel::Pp => FP8_REGS_SMEM_BYTES,
         }
     }
 
     fn threads(self) -> u32 {
         match self {
             Fp8Kernel::Wgmma => 256,
-            Fp8Kernel::Regs => 384,
+            Fp8Kernel::Regs | Fp8Kernel::Pp => 384,
         }
     }
 
@@ -843,7 +850,7 @@ impl Fp8Kernel {
             Fp8Kernel::Wgmma => block_size > 0,
             // the TMA kernels' rule (at least 8 rows a piece: the 16-byte scale boxes then land
             // 128-byte aligned too)
-            Fp8Kernel::Regs => MlaKernel::Tma.supports_block_size(block_size),
+            Fp8Kernel::Regs | Fp8Kernel::Pp => MlaKernel::Tma.supports_block_size(block_size),
         }
     }
 }
@@ -937,7 +944,7 @@ pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<bool> {
     // k_pe, 16-byte boxes of the scale, min(block_size, 64) rows each; and the same two in boxes
     // of 64 rows, for whole tiles in consecutive blocks (fr_issue, as the bf16 TMA kernels)
     let maps = match kernel {
-        Fp8Kernel::Regs => {
+        Fp8Kernel::Regs | Fp8Kernel::Pp => {
             let rows = p.cache.shape()[0] * block_size;
             let piece = block_size.min(64);
             Some([
@@ -1195,6 +1202,7 @@ mod tests {
             .any(|(_, s)| s.contains("mla_decode_fp8_regs("));
         assert!(exported);
         assert_eq!(Fp8Kernel::parse("regs").ok(), Some(Some(Fp8Kernel::Regs)));
+        assert_eq!(Fp8Kernel::parse("pp").ok(), Some(Some(Fp8Kernel::Pp)));
         assert_eq!(Fp8Kernel::parse("wgmma").ok(), Some(Some(Fp8Kernel::Wgmma)));
         assert_eq!(Fp8Kernel::parse("").ok(), Some(None));
         // the default: the register kernel where it reads the blocks, else the one that reads any
