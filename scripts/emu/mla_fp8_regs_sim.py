@@ -216,11 +216,24 @@ class WgmmaUnit(WgmmaQueue):
 
 # ---------------------------------------------------------------- the problem
 class Problem(PagedProblem):
-    def __init__(self, rng, batch, heads, block_size, lens, scale, zero_rows=0.05, extreme_scales=False):
+    def __init__(self, rng, batch, heads, block_size, lens, scale, zero_rows=0.05, extreme_scales=False, runs=False):
         self.heads, self.scale = heads, F32(scale)
         self.lens = lens
         max_len = max(lens)
-        rows = self.page(rng, batch, block_size, (max_len + block_size - 1) // block_size + 1)
+        mb = (max_len + block_size - 1) // block_size + 1
+        rows = self.page(rng, batch, block_size, mb)
+        if runs:
+            # each sequence's blocks in order (as the allocator hands a prompt's out), every third
+            # 64-token tile with its first two blocks swapped (check.rs BlockLayout::Runs): both
+            # the one-box copies of a whole tile and the piece copies run
+            per_tile = max(64 // block_size, 1)
+            bt = np.arange(batch * mb, dtype=np.int32).reshape(batch, mb)
+            for b in range(batch):
+                for t in range(1, (mb + per_tile - 1) // per_tile, 3):
+                    i = t * per_tile
+                    if per_tile > 1 and i + 1 < mb:
+                        bt[b, i], bt[b, i + 1] = bt[b, i + 1], bt[b, i]
+            self.block_table = bt
         cache = np.zeros((rows, FR_ROW), np.uint8)
         # codes: quantize random latents per fp8.rs (scale = amax / 448); some zero rows
         lat = rng.standard_normal((rows, D_LAT)) * np.exp(rng.uniform(-2, 2, (rows, 1)))
@@ -263,8 +276,9 @@ class Problem(PagedProblem):
 
 # ---------------------------------------------------------------- one CTA
 class Cta(CtaActors):
-    def __init__(self, P, b, hg, split, splits, rng_sched, checks=True):
+    def __init__(self, P, b, hg, split, splits, rng_sched, checks=True, pp=False):
         self.P, self.b, self.hg, self.split, self.splits = P, b, hg, split, splits
+        self.pp = pp  # mla_decode_fp8_pp: each warpgroup its 32 heads end to end, turns at the tensor cores
         self.rs = rng_sched
         self.S = Smem(FR_BYTES)
         self.checks = checks
@@ -276,6 +290,7 @@ class Cta(CtaActors):
         self.o_part = {}
         self.lse = {}
         self.check_count = dict(s_lat=0, s_rope=0, pbuf=0, pv_a=0)
+        self.one_box = 0
         self.swizzle_misaligned = 0
 
     # -------------------------------------------------------------- waits (mbar_wait, named_sync: CtaActors)
@@ -303,6 +318,18 @@ class Cta(CtaActors):
             bar.arrive()
             return
         bar.arrive_expect_tx(pieces * piece * (5 * 128 + 16))
+        if bs < FR_TN and end - t0 >= FR_TN:
+            first = t0 // bs
+            b0 = int(P.block_table[self.b, first])
+            if all(int(P.block_table[self.b, first + j]) == b0 + j for j in range(1, FR_TN // bs)):
+                row = b0 * bs
+                for c in range(4):
+                    self.tma_load_2d(st + c * FR_CHUNK, c * 128, row, 128, 64, True, bar)
+                self.tma_load_2d(st + FR_ST_ROPE, FR_PE, row, 128, 64, True, bar)
+                self.tma_load_2d(st + FR_ST_SCL, FR_SC, row, 16, 64, False, bar)
+                self.loaded.update(range(0, FR_TN))
+                self.one_box += 1
+                return
         for j in range(pieces):
             t = t0 + j * piece
             row = int(P.block_table[self.b, t // bs]) * bs + (t % bs)
@@ -400,11 +427,12 @@ class Cta(CtaActors):
         elif kind == "pv":
             _, it, mb, kk = tag
             t0 = self.t0_of(it)
-            # A rows: warp w row g -> latent 256wg + 64mb + 16w + 2g; row g+8 -> that + 1; k -> token 16kk + k
+            # A rows: warp w row g -> latent 256wg + 64mb + 16w + 2g (pp: 64mb + 16w + 2g); row g+8 ->
+            # that + 1; k -> token 16kk + k
             for w in range(4):
                 for g in range(8):
                     for half in range(2):
-                        col = 256 * wg + 64 * mb + 16 * w + 2 * g + half
+                        col = (0 if self.pp else 256 * wg) + 64 * mb + 16 * w + 2 * g + half
                         r = 16 * w + g + 8 * half
                         for k in range(16):
                             tok = 16 * kk + k
@@ -413,10 +441,10 @@ class Cta(CtaActors):
                             row = P.token_row(self.b, t0 + tok)
                             if A[r, k] != E4M3[P.cache[row, col]]:
                                 raise SimError(f"PV A mismatch tile {it} mb {mb} kk {kk} w {w} g {g} half {half} k {k}")
-            # B[n, k] = P'[head n][token 16kk + k] as this CTA's warps computed it
-            for n in range(64):
+            # B[n, k] = P'[head n][token 16kk + k] as this CTA's warps computed it (pp: head 32wg + n)
+            for n in range(B.shape[0]):
                 for k in range(16):
-                    want = self.pprime[it].get((n, 16 * kk + k))
+                    want = self.pprime[it].get(((32 * wg if self.pp else 0) + n, 16 * kk + k))
                     if want is None or B[n, k] != want:
                         raise SimError(f"PV B mismatch tile {it} head {n} tok {16 * kk + k}: {B[n, k]} vs {want}")
             self.check_count["pv_a"] += 1
@@ -441,8 +469,22 @@ class Cta(CtaActors):
         q_rope = FR_QPE + wg * 32 * 128
         lanes = range(32)
         acc = unit.acc[w]
-        for mb in range(4):
-            acc[f"o{mb}"] = np.zeros((32, 32), F32)
+        ppf = self.pp
+        MB, ON = (8, 16) if ppf else (4, 32)
+        for mb in range(MB):
+            acc[f"o{mb}"] = np.zeros((32, ON), F32)
+        TURN = 4  # FR_NB_TURN
+
+        def turn_take():
+            if ppf:
+                yield from self.named_sync(TURN + wg, 256)
+
+        def turn_give(last):
+            if ppf and not (wg == 1 and last):
+                self.nb.arrive(TURN + 1 - wg, 256)
+
+        if ppf and wg == 1 and ntiles > 0:
+            self.nb.arrive(TURN, 256)
         m_run = np.full((32, 8), -np.inf, F32)
         l_part = np.zeros((32, 8), F32)
         yield ("step", None)
@@ -452,6 +494,7 @@ class Cta(CtaActors):
             st = FR_ST0 + s * FR_STAGE
             yield from self.mbar_wait(self.full[s], (it // FR_STAGES) & 1)
             self.reading[s].add((wg, w))
+            yield from turn_take()
             # ---- rope: ldmatrix x4 (non-trans)
             ra = np.zeros((32, 16), np.uint32)
             addrs_by_ks = []
@@ -481,6 +524,7 @@ class Cta(CtaActors):
                                c > 0 or j > 0, ("lat", it, c, j))
                 unit.commit(w)
                 yield from self.wg_wait(unit, w, 1)
+            turn_give(False)
             yield from self.wg_wait(unit, w, 0)
             s_lat = acc["s_lat"].copy()
             s_rope = acc["s_rope"]
@@ -553,7 +597,7 @@ class Cta(CtaActors):
                     l_part[lane, k] = F32(l_part[lane, k] * alpha[lane, k])
             for lane in lanes:
                 g, t = lane // 4, lane % 4
-                if w == 0 and g == 0:
+                if not ppf and w == 0 and g == 0:
                     for k in range(8):
                         S.set_f32(FR_ALPHA + 4 * ((it & 1) * 64 + 32 * wg + 8 * (k // 2) + 2 * t + (k & 1)), alpha[lane, k])
             pp = np.zeros((32, 8), np.uint32)
@@ -592,20 +636,27 @@ class Cta(CtaActors):
                                 if got != (int(pp[lane, 2 * j + hf]) >> (16 * e)) & 0xFFFF:
                                     raise SimError("P' not at wg_swz(head, token)")
                 self.check_count["pbuf"] += 1
-            yield from self.named_sync(3, 256)
+            if ppf:
+                yield from self.named_sync(1 + wg, 128)
+            else:
+                yield from self.named_sync(3, 256)
             al = np.zeros((32, 16), F32)
             for lane in lanes:
                 t = lane % 4
-                for j in range(8):
-                    al[lane, 2 * j] = S.f32(FR_ALPHA + 4 * ((it & 1) * 64 + 8 * j + 2 * t))
-                    al[lane, 2 * j + 1] = S.f32(FR_ALPHA + 4 * ((it & 1) * 64 + 8 * j + 2 * t + 1))
-            for mb in range(4):
+                for j in range(ON // 4):
+                    if ppf:
+                        al[lane, 2 * j], al[lane, 2 * j + 1] = alpha[lane, 2 * j], alpha[lane, 2 * j + 1]
+                    else:
+                        al[lane, 2 * j] = S.f32(FR_ALPHA + 4 * ((it & 1) * 64 + 8 * j + 2 * t))
+                        al[lane, 2 * j + 1] = S.f32(FR_ALPHA + 4 * ((it & 1) * 64 + 8 * j + 2 * t + 1))
+            for mb in range(MB):
                 o = acc[f"o{mb}"]
-                for j in range(8):
+                for j in range(ON // 4):
                     for x in range(4):
                         o[:, 4 * j + x] = (o[:, 4 * j + x] * al[:, 2 * j + (x & 1)]).astype(F32)
-            for mb in range(4):
-                colb = 256 * wg + 64 * mb + 16 * w
+            yield from turn_take()
+            for mb in range(MB):
+                colb = (0 if ppf else 256 * wg) + 64 * mb + 16 * w
                 cbase = st + (colb >> 7) * FR_CHUNK
                 piece = (colb & 127) >> 4
                 a = np.zeros((32, 16), np.uint32)
@@ -618,20 +669,31 @@ class Cta(CtaActors):
                             lo, hi = f8x4_to_f16x2x2(x)
                             a[lane, 8 * kp + 4 * (q // 2) + 2 * (q % 2)] = lo
                             a[lane, 8 * kp + 4 * (q // 2) + 2 * (q % 2) + 1] = hi
-                if mb == 3:
+                if mb == MB - 1:
                     self.reading[s].discard((wg, w))
                     self.empty[s].arrive()  # lane 0 after __syncwarp
                     yield ("step", None)
                 for kk in range(4):
-                    unit.issue(w, "f16", 64, a[:, 4 * kk:4 * kk + 4], pbuf + kk * 32, f"o{mb}", True, ("pv", it, mb, kk))
+                    if ppf:
+                        unit.issue(w, "f16", 32, a[:, 4 * kk:4 * kk + 4], pbuf + wg * 32 * 128 + kk * 32, f"o{mb}", True,
+                                   ("pv", it, mb, kk))
+                    else:
+                        unit.issue(w, "f16", 64, a[:, 4 * kk:4 * kk + 4], pbuf + kk * 32, f"o{mb}", True, ("pv", it, mb, kk))
                 unit.commit(w)
-                yield from self.wg_wait(unit, w, 1 if mb < 3 else 0)
+                if mb < MB - 1:
+                    yield from self.wg_wait(unit, w, 1)
+                else:
+                    turn_give(it == ntiles - 1)
+                    yield from self.wg_wait(unit, w, 0)
         yield from self.wg_wait(unit, w, 0)
         # ---- the end
         for k in range(8):
             for o in (4, 8, 16):
                 l_part[:, k] = (l_part[:, k] + l_part[np.arange(32) ^ o, k]).astype(F32)
-        yield from self.named_sync(3, 256)
+        if ppf:
+            yield from self.named_sync(1 + wg, 128)
+        else:
+            yield from self.named_sync(3, 256)
         for lane in lanes:
             g, t = lane // 4, lane % 4
             if g == 0:
@@ -649,20 +711,23 @@ class Cta(CtaActors):
                             l = F32(l + S.f32(FR_RED + 4 * ((wg * 4 + ww) * 32 + col)))
                         S.set_f32(FR_LM + 4 * (32 * wg + col), l)
                         S.set_f32(FR_LM + 256 + 4 * (32 * wg + col), m_run[lane, k])
-        yield from self.named_sync(3, 256)
+        if ppf:
+            yield from self.named_sync(1 + wg, 128)
+        else:
+            yield from self.named_sync(3, 256)
         heads, h0 = self.P.heads, self.h0
         for lane in lanes:
             g, t = lane // 4, lane % 4
-            for j in range(8):
+            for j in range(ON // 4):
                 for e in range(2):
-                    head = 8 * j + 2 * t + e
+                    head = (32 * wg if ppf else 0) + 8 * j + 2 * t + e
                     h = h0 + head
                     if h >= heads:
                         continue
                     l = S.f32(FR_LM + 4 * head)
                     inv = F32(1.0) / l if l > 0 else F32(0)
-                    for mb in range(4):
-                        c = 256 * wg + 64 * mb + 16 * w + 2 * g
+                    for mb in range(MB):
+                        c = (0 if ppf else 256 * wg) + 64 * mb + 16 * w + 2 * g
                         o = acc[f"o{mb}"]
                         o0, o1 = F32(o[lane, 4 * j + e] * inv), F32(o[lane, 4 * j + 2 + e] * inv)
                         for cc, val in ((c, o0), (c + 1, o1)):
@@ -674,10 +739,13 @@ class Cta(CtaActors):
                             self.out_f32[key] = float(val)
         if self.splits > 1:
             for tid in range(32 * (4 * wg + w), 32 * (4 * wg + w) + 32):
-                if tid < 64 and h0 + tid < heads:
-                    l = S.f32(FR_LM + 4 * tid)
-                    m = S.f32(FR_LM + 256 + 4 * tid)
-                    self.lse[h0 + tid] = float((m + np.log2(l)) * F32(0.6931471805599453)) if l > 0 else -np.inf
+                lh = 32 * wg + tid % 128 if ppf else tid
+                if (tid % 128 < 32 if ppf else tid < 64) and h0 + lh < heads:
+                    l = S.f32(FR_LM + 4 * lh)
+                    m = S.f32(FR_LM + 256 + 4 * lh)
+                    if h0 + lh in self.lse:
+                        raise SimError(f"lse of head {h0 + lh} written twice")
+                    self.lse[h0 + lh] = float((m + np.log2(l)) * F32(0.6931471805599453)) if l > 0 else -np.inf
 
     def producer(self):
         for it in range(self.ntiles):
@@ -728,9 +796,10 @@ CHECKS = []
 F32ERR = []
 
 
-def run_case(name, seed, heads, block_size, lens, splits, extreme=False, checks=True, hgs=None):
+def run_case(name, seed, heads, block_size, lens, splits, extreme=False, checks=True, hgs=None, pp=False, runs=False):
     rng = np.random.default_rng(seed)
-    P = Problem(rng, len(lens), heads, block_size, lens, scale=1.0 / math.sqrt(192.0), extreme_scales=extreme)
+    P = Problem(rng, len(lens), heads, block_size, lens, scale=1.0 / math.sqrt(192.0), extreme_scales=extreme,
+                runs=runs)
     rs = random.Random(seed)
     worst = 0.0
     for b in range(len(lens)):
@@ -739,10 +808,11 @@ def run_case(name, seed, heads, block_size, lens, splits, extreme=False, checks=
             hs = [h for h in range(h0, min(h0 + 64, heads))]
             parts, lses = [], []
             for split in range(splits):
-                cta = Cta(P, b, hg, split, splits, rs, checks=checks)
+                cta = Cta(P, b, hg, split, splits, rs, checks=checks, pp=pp)
                 cta.run()
                 if checks and cta.ntiles if hasattr(cta, "ntiles") else False:
-                    CHECKS.append((name, split, cta.ntiles, dict(cta.check_count), cta.swizzle_misaligned, cta.zeroed_stage))
+                    CHECKS.append((name, split, cta.ntiles, dict(cta.check_count), cta.swizzle_misaligned, cta.zeroed_stage,
+                                   cta.one_box))
                 if splits == 1:
                     got = np.array([[cta.out[(h, c)] for c in range(D_LAT)] for h in hs])
                     got32 = np.array([[cta.out_f32[(h, c)] for c in range(D_LAT)] for h in hs])
@@ -776,7 +846,7 @@ def run_case(name, seed, heads, block_size, lens, splits, extreme=False, checks=
 
 
 if __name__ == "__main__":
-    cases = [
+    base = [
         # name, seed, heads, block_size, lens, splits
         ("bs64 one split, 2.5 tiles", 1, 64, 64, [150], 1),
         ("bs16 one split, 4 tiles + partial (stage reuse)", 2, 64, 16, [64 * 4 + 20], 1),
@@ -784,18 +854,24 @@ if __name__ == "__main__":
         ("bs16 40 heads (padding rows)", 4, 40, 16, [77], 1),
         ("bs64 3 splits one empty", 5, 64, 64, [70], 3),
         ("bs128 extreme scales", 6, 64, 128, [190], 1),
+        ("bs16 runs, 5 tiles + partial (one-box copies)", 7, 64, 16, [64 * 5 + 9], 1),
+        ("bs8 runs, 2 splits", 8, 48, 8, [64 * 4 + 3], 2),
     ]
+    # every case in both forms: the shared (mla_decode_fp8_regs) and the turn-taking one (_pp)
+    cases = [(n, sd, h, bs, ln, sp, False) for (n, sd, h, bs, ln, sp) in base]
+    cases += [("pp: " + n, sd + 100, h, bs, ln, sp, True) for (n, sd, h, bs, ln, sp) in base]
     sel = sys.argv[1:] and [int(x) for x in sys.argv[1:]]
     ok = True
-    for i, (name, seed, heads, bs, lens, splits) in enumerate(cases):
+    for i, (name, seed, heads, bs, lens, splits, pp) in enumerate(cases):
         if sel and i not in sel:
             continue
         try:
-            err = run_case(name, seed, heads, bs, lens, splits, extreme="extreme" in name)
+            err = run_case(name, seed, heads, bs, lens, splits, extreme="extreme" in name, pp=pp, runs="runs" in name)
             print(f"[ok]   {name}: max rel err vs float64 {err:.2e} (unrounded f32 / per-split: {max(F32ERR):.2e})")
             F32ERR.clear()
             for c in CHECKS:
-                print("       split", c[1], "tiles", c[2], "checks", c[3], "swz-misaligned TMA", c[4], "zeroed stage", c[5])
+                print("       split", c[1], "tiles", c[2], "checks", c[3], "swz-misaligned TMA", c[4], "zeroed stage", c[5],
+                      "one-box tiles", c[6])
             CHECKS.clear()
         except (SimError, AssertionError) as e:
             ok = False
