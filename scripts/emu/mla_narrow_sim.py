@@ -318,10 +318,22 @@ class WgmmaUnit(WgmmaQueue):
 
 # ---------------------------------------------------------------- the problem
 class Problem(PagedProblem):
-    def __init__(self, rng, heads, block_size, lens, scale, qmul=1.0):
+    def __init__(self, rng, heads, block_size, lens, scale, qmul=1.0, runs=False):
         self.heads, self.scale, self.lens = heads, F32(scale), lens
         batch = len(lens)
-        rows = self.page(rng, batch, block_size, max(1, (max(lens) + block_size - 1) // block_size) + 1)
+        mb = max(1, (max(lens) + block_size - 1) // block_size) + 1
+        rows = self.page(rng, batch, block_size, mb)
+        if runs:
+            # each sequence's blocks in order, every third 64-token tile's first two swapped
+            # (check.rs BlockLayout::Runs): tile_issue's one-box path and its pieces
+            per_tile = max(64 // block_size, 1)
+            bt = np.arange(batch * mb, dtype=np.int32).reshape(batch, mb)
+            for b in range(batch):
+                for t in range(1, (mb + per_tile - 1) // per_tile, 3):
+                    i = t * per_tile
+                    if per_tile > 1 and i + 1 < mb:
+                        bt[b, i], bt[b, i + 1] = bt[b, i + 1], bt[b, i]
+            self.block_table = bt
         cache = rng.standard_normal((rows, D_QK)) * np.exp(rng.uniform(-1, 1, (rows, 1)))
         self.cache = bf16_round(cache.astype(F32))  # [rows, 576] bf16 bits
         self.cache_f = bf16_to_f(self.cache).astype(np.float64)
@@ -415,6 +427,15 @@ class Cta(CtaActors):
                 bar.arrive()
                 continue
             bar.arrive_expect_tx(pieces * piece * 128)
+            # a whole tile in consecutive blocks: one 64-row box a chunk (tile_contiguous)
+            if bs < 64 and end - t0 >= 64:
+                first = t0 // bs
+                b0 = int(P.block_table[self.b, first])
+                if all(int(P.block_table[self.b, first + j]) == b0 + j for j in range(1, 64 // bs)):
+                    self.tma_q.append((kbuf + c * MLA_CHUNK, c * 64, b0 * bs, 64, bar))
+                    loaded.update(range(64))
+                    self.counts["one_box"] = self.counts.get("one_box", 0) + (c == 0)
+                    continue
             for j in range(pieces):
                 t = t0 + j * piece
                 row = int(P.block_table[self.b, t // bs]) * bs + (t % bs)
@@ -812,7 +833,7 @@ class Cta(CtaActors):
 # ---------------------------------------------------------------- a launch (combine: ptx_model)
 def run_case(name, seed, heads, block_size, lens, splits, qmul=1.0, sched_seed=None):
     rng = np.random.default_rng(seed)
-    P = Problem(rng, heads, block_size, lens, scale=1.0 / math.sqrt(192.0), qmul=qmul)
+    P = Problem(rng, heads, block_size, lens, scale=1.0 / math.sqrt(192.0), qmul=qmul, runs="runs:" in name)
     rs = random.Random(seed if sched_seed is None else sched_seed)
     gout = dict(out={}, o_part={}, lse={})
     hx_n = (heads + NR_HEADS - 1) // NR_HEADS  # grid.x
@@ -894,6 +915,8 @@ CASES = [
     ("bs 128, heads 20 (2nd CTA 4 live heads), len 1 and 65", 11, 20, 128, [1, 65], 1, 1.0),
     ("bs 8, 3 seqs 77 / 128 / 9, 2 splits", 12, 16, 8, [77, 128, 9], 2, 1.0),
     ("bs 4, 45 tokens (TMA boxes of 4 rows)", 13, 16, 4, [45], 1, 1.0),
+    ("runs: bs 16, 2 seqs 330 / 70, 2 splits (one-box copies)", 14, 16, 16, [330, 70], 2, 1.0),
+    ("runs: bs 8, 200 tokens", 15, 16, 8, [200], 1, 1.0),
 ]
 
 MUTANTS = ["pv_trans0", "pv_lbo_sbo_swap", "pv_kk_off", "no_zero", "parity", "empty_early", "no_sync_p",
