@@ -802,7 +802,8 @@ __device__ __forceinline__ WsUnit ws_pdyn_unit(const int* s_uoff, const int* s_t
         if (s_uoff[mid] <= u) lo = mid;
         else hi = mid;
     }
-    const int mb = s_toff[lo + 1] - s_toff[lo], rp = mb >> 1, g = 2 * rp + (mb & 1);
+    // (g >= 1: an expert without rows takes no unit, but the end marker's lookup may land on one)
+    const int mb = s_toff[lo + 1] - s_toff[lo], rp = mb >> 1, g = max(2 * rp + (mb & 1), 1);
     const int local = u - s_uoff[lo], q = local / g, w = local - q * g;
     const int nfq = min(2, nb - 2 * q);
     WsUnit r;

@@ -511,7 +511,7 @@ fn ws_pdyn_unit(
     }
     let mb = tile_off[lo + 1] - tile_off[lo];
     let rp = mb / 2;
-    let g = 2 * rp + mb % 2;
+    let g = (2 * rp + mb % 2).max(1);
     let local = u - unit_off[lo];
     let (q, w) = (local / g, local % g);
     let nfq = 2.min(nb - 2 * q);
