@@ -687,7 +687,7 @@ pub(crate) fn q_pe_in_place(
 
 /// How a decode case's block table assigns physical cache blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BlockLayout {
+pub enum BlockLayout {
     /// A random permutation: no two of a sequence's blocks follow one another but by chance.
     Shuffled,
     /// Each sequence's blocks in ascending order, as the router's allocator hands out a prompt's
@@ -790,28 +790,9 @@ impl DecodeCase {
     }
 }
 
-/// MLA decode over a paged cache with shuffled blocks. `lens` are the per-sequence context lengths.
+/// MLA decode over a paged cache whose blocks are laid out as `layout` says (shuffled, or in
+/// runs). `lens` are the per-sequence context lengths.
 pub fn check_mla_decode(
-    gpu: &Gpu,
-    lens: &[usize],
-    heads: usize,
-    block_size: usize,
-    splits: Option<usize>,
-    kernel: mla::MlaKernel,
-) -> Result<CheckRow> {
-    check_mla_decode_in(
-        gpu,
-        lens,
-        heads,
-        block_size,
-        splits,
-        kernel,
-        BlockLayout::Shuffled,
-    )
-}
-
-/// [`check_mla_decode`] over a block table laid out as `layout` says.
-pub(crate) fn check_mla_decode_in(
     gpu: &Gpu,
     lens: &[usize],
     heads: usize,
@@ -1187,7 +1168,15 @@ pub fn run_all(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
             mla::MlaKernel::Tma,
             mla::MlaKernel::TmaPair,
         ] {
-            out.push(check_mla_decode(gpu, &lens, 128, 64, None, kernel)?);
+            out.push(check_mla_decode(
+                gpu,
+                &lens,
+                128,
+                64,
+                None,
+                kernel,
+                BlockLayout::Shuffled,
+            )?);
         }
     }
     Ok(out)
@@ -1271,13 +1260,20 @@ pub fn run_mla(gpu: &Gpu, kernels: &[mla::MlaKernel]) -> Result<Vec<CheckRow>> {
     ];
     for &kernel in kernels {
         for (lens, heads, block, splits) in cases {
-            let row = check_mla_decode(gpu, lens, heads, block, splits, kernel)?;
+            let row = check_mla_decode(
+                gpu,
+                lens,
+                heads,
+                block,
+                splits,
+                kernel,
+                BlockLayout::Shuffled,
+            )?;
             row.eprint_progress();
             out.push(row);
         }
         for (lens, heads, block, splits) in runs {
-            let row =
-                check_mla_decode_in(gpu, lens, heads, block, splits, kernel, BlockLayout::Runs)?;
+            let row = check_mla_decode(gpu, lens, heads, block, splits, kernel, BlockLayout::Runs)?;
             row.eprint_progress();
             out.push(row);
         }

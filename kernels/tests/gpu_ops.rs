@@ -108,13 +108,19 @@ fn mla_decode_and_cache() {
     for n in ROWS {
         rows.push(check::check_cache_append(&g, n).unwrap());
     }
+    let cases: [(&[usize], usize, usize, Option<usize>); 6] = [
+        (&[1], 128, 64, None),
+        (&[7, 1, 67, 130], 128, 64, None),
+        (&[5137, 33, 1], 128, 64, None),
+        (&[5137, 33, 1], 128, 64, Some(1)),
+        (&[67, 300, 7], 16, 16, None),
+        (&[64, 65, 63, 128], 100, 64, None),
+    ];
     for k in [MlaKernel::Wgmma, MlaKernel::Mma] {
-        rows.push(check::check_mla_decode(&g, &[1], 128, 64, None, k).unwrap());
-        rows.push(check::check_mla_decode(&g, &[7, 1, 67, 130], 128, 64, None, k).unwrap());
-        rows.push(check::check_mla_decode(&g, &[5137, 33, 1], 128, 64, None, k).unwrap());
-        rows.push(check::check_mla_decode(&g, &[5137, 33, 1], 128, 64, Some(1), k).unwrap());
-        rows.push(check::check_mla_decode(&g, &[67, 300, 7], 16, 16, None, k).unwrap());
-        rows.push(check::check_mla_decode(&g, &[64, 65, 63, 128], 100, 64, None, k).unwrap());
+        for (lens, heads, block, splits) in cases {
+            let layout = check::BlockLayout::Shuffled;
+            rows.push(check::check_mla_decode(&g, lens, heads, block, splits, k, layout).unwrap());
+        }
     }
     assert_rows(rows);
 }

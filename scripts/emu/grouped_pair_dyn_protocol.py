@@ -26,7 +26,7 @@ import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ptx_model import MBar, SimError  # noqa: E402
+from ptx_model import MBar, SimError, run_mutants  # noqa: E402
 
 STAGES = 4
 MUT = set()
@@ -314,19 +314,13 @@ if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     n = int(args[0]) if args else 1500
     if "--mutants" in sys.argv:
-        ok = True
-        for m in MUTANTS:
-            MUT.clear()
-            MUT.add(m)
+
+        def many():
             rng = random.Random(5)
-            try:
-                for _ in range(400):
-                    trial(rng)
-                print(f"[MISSED] {m}")
-                ok = False
-            except SimError as e:
-                print(f"[caught] {m}: {str(e)[:120]}")
-        sys.exit(0 if ok else 1)
+            for _ in range(400):
+                trial(rng)
+
+        sys.exit(0 if run_mutants(MUTANTS, MUT, many) else 1)
     rng = random.Random(1)
     for _ in range(n):
         trial(rng)

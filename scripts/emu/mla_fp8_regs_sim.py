@@ -223,17 +223,7 @@ class Problem(PagedProblem):
         mb = (max_len + block_size - 1) // block_size + 1
         rows = self.page(rng, batch, block_size, mb)
         if runs:
-            # each sequence's blocks in order (as the allocator hands a prompt's out), every third
-            # 64-token tile with its first two blocks swapped (check.rs BlockLayout::Runs): both
-            # the one-box copies of a whole tile and the piece copies run
-            per_tile = max(64 // block_size, 1)
-            bt = np.arange(batch * mb, dtype=np.int32).reshape(batch, mb)
-            for b in range(batch):
-                for t in range(1, (mb + per_tile - 1) // per_tile, 3):
-                    i = t * per_tile
-                    if per_tile > 1 and i + 1 < mb:
-                        bt[b, i], bt[b, i + 1] = bt[b, i + 1], bt[b, i]
-            self.block_table = bt
+            self.page_runs(batch)
         cache = np.zeros((rows, FR_ROW), np.uint8)
         # codes: quantize random latents per fp8.rs (scale = amax / 448); some zero rows
         lat = rng.standard_normal((rows, D_LAT)) * np.exp(rng.uniform(-2, 2, (rows, 1)))

@@ -324,16 +324,7 @@ class Problem(PagedProblem):
         mb = max(1, (max(lens) + block_size - 1) // block_size) + 1
         rows = self.page(rng, batch, block_size, mb)
         if runs:
-            # each sequence's blocks in order, every third 64-token tile's first two swapped
-            # (check.rs BlockLayout::Runs): tile_issue's one-box path and its pieces
-            per_tile = max(64 // block_size, 1)
-            bt = np.arange(batch * mb, dtype=np.int32).reshape(batch, mb)
-            for b in range(batch):
-                for t in range(1, (mb + per_tile - 1) // per_tile, 3):
-                    i = t * per_tile
-                    if per_tile > 1 and i + 1 < mb:
-                        bt[b, i], bt[b, i + 1] = bt[b, i + 1], bt[b, i]
-            self.block_table = bt
+            self.page_runs(batch)
         cache = rng.standard_normal((rows, D_QK)) * np.exp(rng.uniform(-1, 1, (rows, 1)))
         self.cache = bf16_round(cache.astype(F32))  # [rows, 576] bf16 bits
         self.cache_f = bf16_to_f(self.cache).astype(np.float64)

@@ -27,25 +27,12 @@ import sys
 import os
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ptx_model import CtaActors, MBar, NamedBarriers, SimError  # noqa: E402
+from ptx_model import CtaActors, MBar, NamedBarriers, SimError, run_mutants  # noqa: E402
+# the tile geometry of the wgmma prefill kernels (n_kt; per warpgroup n_wt, the 64-key last tile)
+from mla_prefill_persist_protocol import geometry  # noqa: E402
 
-BM = BN = 128
 CH = 128 * 128
 MUT = set()
-
-
-def geometry(q_len, pos0, m0):
-    """(n_kt, per consumer c: (n_wt, last_half)) as the kernel computes them."""
-    n_keys = pos0 + min(m0 + BM, q_len)
-    n_kt = (n_keys + BN - 1) // BN
-    out = []
-    for c in range(2):
-        wq0 = m0 + 64 * c
-        w_last = pos0 + min(wq0 + 63, q_len - 1)
-        n_wt = w_last // BN + 1 if wq0 < q_len else 0
-        last_half = n_wt > 0 and (n_wt - 1) * BN + 64 > w_last
-        out.append((n_wt, last_half))
-    return n_kt, out
 
 
 class Cta(CtaActors):
@@ -250,17 +237,6 @@ if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     n = int(args[0]) if args else 3000
     if "--mutants" in sys.argv:
-        ok = True
-        for m in MUTANTS:
-            MUT.clear()
-            MUT.add(m)
-            try:
-                trials(400, seed=7)
-                print(f"[MISSED] {m}")
-                ok = False
-            except SimError as e:
-                print(f"[caught] {m}: {str(e)[:120]}")
-        MUT.clear()
-        sys.exit(0 if ok else 1)
+        sys.exit(0 if run_mutants(MUTANTS, MUT, lambda: trials(400, seed=7)) else 1)
     trials(n)
     print(f"[ok] {n} random item lists, random interleavings: no deadlock, race or stale read")

@@ -315,6 +315,21 @@ class PagedProblem:
         self.block_table = perm[:batch * max_blocks].reshape(batch, max_blocks).astype(np.int32)
         return nblk * block_size
 
+    def page_runs(self, batch):
+        """The block table in runs instead (kernels/src/check.rs BlockLayout::Runs): each sequence's
+        blocks in order, as the allocator hands a prompt's out, except that every third 64-token
+        tile has its first two blocks swapped, so that a TMA kernel takes both its one-box copies
+        of a whole tile in consecutive blocks and its per-block pieces."""
+        mb, bs = self.max_blocks, self.block_size
+        per_tile = max(64 // bs, 1)
+        bt = np.arange(batch * mb, dtype=np.int32).reshape(batch, mb)
+        for b in range(batch):
+            for t in range(1, (mb + per_tile - 1) // per_tile, 3):
+                i = t * per_tile
+                if per_tile > 1 and i + 1 < mb:
+                    bt[b, i], bt[b, i + 1] = bt[b, i + 1], bt[b, i]
+        self.block_table = bt
+
     def token_row(self, b, t):
         return int(self.block_table[b, t // self.block_size]) * self.block_size + t % self.block_size
 
@@ -335,3 +350,20 @@ def combine(parts, lses):
         return np.zeros_like(parts[0])
     wts = np.where(np.isfinite(lse), np.exp(lse - m), 0.0)
     return sum(wts[s] * parts[s] for s in range(len(parts)) if wts[s] > 0) / wts.sum()
+
+
+def run_mutants(mutants, mut, trial):
+    """Each deliberately broken variant (added to the set `mut` in turn) must make `trial()` raise
+    a SimError; prints what caught it. Returns whether every one was caught."""
+    ok = True
+    for m in mutants:
+        mut.clear()
+        mut.add(m)
+        try:
+            trial()
+            print(f"[MISSED] {m}")
+            ok = False
+        except SimError as e:
+            print(f"[caught] {m}: {str(e)[:120]}")
+    mut.clear()
+    return ok

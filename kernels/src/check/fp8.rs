@@ -204,28 +204,9 @@ pub fn check_gather_fp8(gpu: &Gpu, n: usize, kv_lora: usize, rope: usize) -> Res
     ))
 }
 
-/// An FP8 decode kernel over a random FP8 cache with shuffled blocks (or blocks in runs,
-/// `layout`), against the f32 reference of MLA decode over the dequantized cache.
+/// An FP8 decode kernel over a random FP8 cache with its blocks laid out as `layout` says
+/// (shuffled, or in runs), against the f32 reference of MLA decode over the dequantized cache.
 pub fn check_mla_decode_fp8(
-    gpu: &Gpu,
-    kernel: mla::Fp8Kernel,
-    lens: &[usize],
-    heads: usize,
-    block_size: usize,
-    splits: Option<usize>,
-) -> Result<CheckRow> {
-    check_mla_decode_fp8_in(
-        gpu,
-        kernel,
-        lens,
-        heads,
-        block_size,
-        splits,
-        BlockLayout::Shuffled,
-    )
-}
-
-fn check_mla_decode_fp8_in(
     gpu: &Gpu,
     kernel: mla::Fp8Kernel,
     lens: &[usize],
@@ -323,7 +304,15 @@ pub fn run_fp8(gpu: &Gpu) -> Result<Vec<CheckRow>> {
         mla::Fp8Kernel::Pp,
     ] {
         for (lens, heads, block, splits) in cases {
-            let row = check_mla_decode_fp8(gpu, kernel, lens, heads, block, splits)?;
+            let row = check_mla_decode_fp8(
+                gpu,
+                kernel,
+                lens,
+                heads,
+                block,
+                splits,
+                BlockLayout::Shuffled,
+            )?;
             row.eprint_progress();
             out.push(row);
         }
@@ -334,15 +323,8 @@ pub fn run_fp8(gpu: &Gpu) -> Result<Vec<CheckRow>> {
             (&[5137usize, 33, 1][..], 128, 16, None),
             (&[300, 1000, 17][..], 16, 8, Some(3)),
         ] {
-            let row = check_mla_decode_fp8_in(
-                gpu,
-                kernel,
-                lens,
-                heads,
-                block,
-                splits,
-                BlockLayout::Runs,
-            )?;
+            let row =
+                check_mla_decode_fp8(gpu, kernel, lens, heads, block, splits, BlockLayout::Runs)?;
             row.eprint_progress();
             out.push(row);
         }

@@ -1036,7 +1036,7 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
                     st_remote_s32(smem_addr(const_cast<int*>(&s_name[ns])), 1, t);
                     mbar_arrive_remote_release(name0 + 8 * ns, 1);
                 } else {
-                    mbar_wait_thread_cluster(name0 + 8 * ns, (ui / WS_STAGES) & 1);
+                    mbar_wait_thread<true>(name0 + 8 * ns, (ui / WS_STAGES) & 1);
                     t = s_name[ns];
                 }
                 ++ui;

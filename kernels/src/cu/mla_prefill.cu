@@ -379,7 +379,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) mla_prefill_m64_bf16(PF_ARG
 
 #define PW_BM 128                      // query rows per CTA
 #define PW_BN 128                      // keys per tile
-#define PW_CH (128 * 128)              // one 64-column chunk of a 128-row operand, bytes
+#define PW_CH PF_WCH                   // one 64-column chunk of a 128-row operand, bytes
 #define PW_KST (3 * PW_CH)             // one K stage
 #define PW_VST (2 * PW_CH)             // one V stage
 #define PW_OFF_K PW_KST                // Q occupies the first 3 chunks
@@ -522,9 +522,8 @@ __device__ __forceinline__ void pw_run(PF_ARGS, int n_tiles, int n_heads) {
         const long long ctx_row0 = pt.ctx_row0;
         const int n_keys = pos0 + min(m0 + PW_BM, q_len);  // keys the CTA needs
         const int n_kt = (n_keys + PW_BN - 1) / PW_BN;
-        const int wq0 = m0 + 64 * wg;                                 // first query of this warpgroup
-        const int w_last = pos0 + min(wq0 + 63, q_len - 1);           // last key any of its rows sees
-        const int n_wt = wq0 < q_len ? w_last / PW_BN + 1 : 0;        // key tiles it computes (<= n_kt)
+        const PwRows rows = pw_rows(m0, q_len, pos0, wg);
+        const int wq0 = rows.wq0, n_wt = rows.n_wt;  // first query of this warpgroup, its key tiles
         // the next item (PERSIST): its Q and K_0 are loaded in this item's last epoch
         PfTile nt;
         int next = item + gridDim.x, nh = 0;
@@ -536,13 +535,7 @@ __device__ __forceinline__ void pw_run(PF_ARGS, int n_tiles, int n_heads) {
 
         float o[64], s[64], s2[32];  // s2: S of the 64-key last tile
         u32 p[32];
-#pragma unroll
-        for (int i = 0; i < 64; ++i) o[i] = s[i] = 0.f;
-#pragma unroll
-        for (int i = 0; i < 32; ++i) {
-            s2[i] = 0.f;
-            p[i] = 0u;
-        }
+        pw_zero(o, s, s2, p);
         float m_r[2] = {-INFINITY, -INFINITY};  // running max (scaled, log2 units) of rows r_lo, r_lo+8
         float l_r[2] = {0.f, 0.f};              // this thread's share of the running sums
 
@@ -564,12 +557,7 @@ __device__ __forceinline__ void pw_run(PF_ARGS, int n_tiles, int n_heads) {
         };
         // O += P_jp . V_jp, over the first 64 keys only when `phalf` (the warpgroup's 64-key last
         // tile; the P.V of every other tile runs inside the loop, unconditionally over 128 keys)
-        auto issue_pv = [&](int jp, bool phalf) {
-            const u32 vb = v_addr + (jp & 1) * PW_VST;
-#pragma unroll
-            for (int kk = 0; kk < PW_BN / 16; ++kk)
-                if (kk < 4 || !phalf) wgmma_m64n128_rs_tn(o, p + 4 * kk, wg_desc(vb + kk * 16 * 128, PW_CH, 1024), 1);
-        };
+        auto issue_pv = [&](int jp, bool phalf) { pw_issue_pv(o, p, v_addr + (jp & 1) * PW_VST, phalf); };
 
         // Epoch j for this warpgroup: S_j = Q.K_j over N = 128 keys, or 64 in its last tile when
         // keys k0 + 64 .. lie past all of its rows; P_{j-1}.V_{j-1} issued behind it; the loads of
@@ -585,16 +573,7 @@ __device__ __forceinline__ void pw_run(PF_ARGS, int n_tiles, int n_heads) {
             wg_fence_regs<64>(o);
             wg_fence_regs<32>(p);
             wg_fence();
-            const u32 kb = k_addr + (j & 1) * PW_KST;
-#pragma unroll
-            for (int ks = 0; ks < PF_DQK / 16; ++ks) {
-                const u32 off = (ks >> 2) * PW_CH + (ks & 3) * 32;
-                const u64 da = wg_desc(q_addr + off, 16, 1024), db = wg_desc(kb + off, 16, 1024);
-                if (N == 128)
-                    wgmma_m64n128_ss(sa, da, db, ks);
-                else
-                    wgmma_m64n64_ss(sa, da, db, ks);
-            }
+            pw_issue_qk<N>(sa, q_addr, k_addr + (j & 1) * PW_KST);
             wg_commit();
             if (j > 0) {
                 wg_fence();
@@ -605,61 +584,21 @@ __device__ __forceinline__ void pw_run(PF_ARGS, int n_tiles, int n_heads) {
 
             wg_wait<1>();  // S_j done; P_{j-1}.V_{j-1} may still run
             wg_fence_regs<N / 2>(sa);
-            // ---- causal mask, only where the tile reaches past the warpgroup's first row
-            if (k0 + N - 1 > pos0 + wq0) {
-                const int lim = pos0 + wq0 + r_lo - k0 - cq;  // this thread's row limit, as a key offset
-#pragma unroll
-                for (int jj = 0; jj < N / 8; ++jj)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        if (8 * jj + (e & 1) > lim + 8 * (e >> 1)) sa[4 * jj + e] = -INFINITY;
-            }
-            // ---- online softmax (row r_lo: e = 0, 1; r_lo + 8: e = 2, 3), overlapping P_{j-1}.V_{j-1}
+            // causal mask and online softmax, overlapping P_{j-1}.V_{j-1}
             float alpha[2];
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                float mx = -INFINITY;
-#pragma unroll
-                for (int jj = 0; jj < N / 8; ++jj) mx = fmaxf(mx, fmaxf(sa[4 * jj + 2 * hf], sa[4 * jj + 2 * hf + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m_r[hf], mx * sl2);
-                // key 0 is in tile 0 and visible to every row, so m_new is finite; the guard keeps
-                // a fully masked row at zeros instead of NaN should that ever change
-                const float m_use = m_new == -INFINITY ? 0.f : m_new;
-                alpha[hf] = exp2f(m_r[hf] - m_use);  // 0 on the first tile (m_r = -inf)
-                float sum = 0.f;
-#pragma unroll
-                for (int jj = 0; jj < N / 8; ++jj) {
-                    const float p0 = exp2f(fmaf(sa[4 * jj + 2 * hf], sl2, -m_use));
-                    const float p1 = exp2f(fmaf(sa[4 * jj + 2 * hf + 1], sl2, -m_use));
-                    sa[4 * jj + 2 * hf] = p0;
-                    sa[4 * jj + 2 * hf + 1] = p1;
-                    sum += p0 + p1;
-                }
-                l_r[hf] = l_r[hf] * alpha[hf] + sum;
-                m_r[hf] = m_new;
-            }
+            pw_mask_softmax<N>(sa, k0, pos0, wq0, r_lo, cq, sl2, m_r, l_r, alpha);
             wg_wait<0>();
             wg_fence_regs<64>(o);
             wg_fence_regs<32>(p);  // the old P stays live (its registers not reused) until here
-#pragma unroll
-            for (int jj = 0; jj < PW_DV_N8; ++jj) {
-                o[4 * jj] *= alpha[0];
-                o[4 * jj + 1] *= alpha[0];
-                o[4 * jj + 2] *= alpha[1];
-                o[4 * jj + 3] *= alpha[1];
-            }
-#pragma unroll
-            for (int i = 0; i < N / 4; ++i) p[i] = pf_pack(sa[2 * i], sa[2 * i + 1]);
+            pw_rescale_pack<N>(o, p, sa, alpha);
         };
 
         // Every warpgroup passes n_kt + 1 barriers (epochs 0 .. n_kt) and issues its share of every
         // epoch's loads; it computes in epochs 0 .. n_wt. The 64-key last tile is peeled out of the
         // loop, and the idle epochs follow it: with Q.K issued under a condition (or as two shapes
         // into the same registers) inside the loop, ptxas serializes every wgmma (C7511 / C7515).
-        const bool last_half = n_wt > 0 && (n_wt - 1) * PW_BN + 64 > w_last;
-        const int n_full = n_wt - (last_half ? 1 : 0);
+        const bool last_half = rows.last_half;
+        const int n_full = rows.n_full;
         for (int j = 0; j < n_full; ++j) step(PwCols<128>{}, j);
         if (last_half) step(PwCols<64>{}, n_full);
         // epoch n_wt: the last P.V (V_{n_wt-1} arrived with this barrier)

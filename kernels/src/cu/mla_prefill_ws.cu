@@ -44,7 +44,7 @@
 #include "wgmma.cuh"
 
 #define PS_BN 128                        // keys per tile
-#define PS_CH (128 * 128)                // one 64-column chunk of a 128-row operand
+#define PS_CH PF_WCH                     // one 64-column chunk of a 128-row operand
 #define PS_KST (3 * PS_CH)               // one K stage
 #define PS_VST (2 * PS_CH)               // one V stage
 #define PS_Q 0
@@ -184,21 +184,13 @@ mla_prefill_ws_bf16(const __grid_constant__ TmaMap q_map, const __grid_constant_
         const bool last_item = next >= n_items;
         const int q_len = pt.q_len, pos0 = pt.pos0, m0 = pt.m0;
         const int n_kt = (ps_keys(pt) + PS_BN - 1) / PS_BN;
-        const int wq0 = m0 + 64 * c;                                // first query of this warpgroup
-        const int w_last = pos0 + min(wq0 + 63, q_len - 1);        // last key any of its rows sees
-        const int n_wt = wq0 < q_len ? w_last / PS_BN + 1 : 0;     // key tiles it computes (<= n_kt)
-        const bool last_half = n_wt > 0 && (n_wt - 1) * PS_BN + 64 > w_last;
-        const int n_full = n_wt - (last_half ? 1 : 0);
+        const PwRows rows = pw_rows(m0, q_len, pos0, c);
+        const int wq0 = rows.wq0, n_wt = rows.n_wt, n_full = rows.n_full;
+        const bool last_half = rows.last_half;
 
         float o[64], s[64], s2[32];  // s2: S of the 64-key last tile
         u32 p[32];
-#pragma unroll
-        for (int i = 0; i < 64; ++i) o[i] = s[i] = 0.f;
-#pragma unroll
-        for (int i = 0; i < 32; ++i) {
-            s2[i] = 0.f;
-            p[i] = 0u;
-        }
+        pw_zero(o, s, s2, p);
         float m_r[2] = {-INFINITY, -INFINITY};
         float l_r[2] = {0.f, 0.f};
 
@@ -220,12 +212,7 @@ mla_prefill_ws_bf16(const __grid_constant__ TmaMap q_map, const __grid_constant_
         auto turn_give = [&](bool final_burst) {
             if (!(c == 1 && final_burst)) named_arrive(other, 256);
         };
-        auto issue_pv = [&](int jp, bool phalf) {
-            const u32 vb = base + PS_V + vst(jp) * PS_VST;
-#pragma unroll
-            for (int kk = 0; kk < PS_BN / 16; ++kk)
-                if (kk < 4 || !phalf) wgmma_m64n128_rs_tn(o, p + 4 * kk, wg_desc(vb + kk * 16 * 128, PS_CH, 1024), 1);
-        };
+        auto issue_pv = [&](int jp, bool phalf) { pw_issue_pv(o, p, base + PS_V + vst(jp) * PS_VST, phalf); };
 
         // Burst j < n_wt: S_j over 128 keys, or 64 in the warpgroup's last tile when keys k0 + 64 ..
         // lie past all its rows; P_{j-1}.V_{j-1} behind it.
@@ -240,16 +227,7 @@ mla_prefill_ws_bf16(const __grid_constant__ TmaMap q_map, const __grid_constant_
             wg_fence_regs<64>(o);
             wg_fence_regs<32>(p);
             wg_fence();
-            const u32 kb = base + PS_K + kst(j) * PS_KST;
-#pragma unroll
-            for (int ks = 0; ks < PF_DQK / 16; ++ks) {
-                const u32 off = (ks >> 2) * PS_CH + (ks & 3) * 32;
-                const u64 da = wg_desc(q_addr + off, 16, 1024), db = wg_desc(kb + off, 16, 1024);
-                if (N == 128)
-                    wgmma_m64n128_ss(sa, da, db, ks);
-                else
-                    wgmma_m64n64_ss(sa, da, db, ks);
-            }
+            pw_issue_qk<N>(sa, q_addr, base + PS_K + kst(j) * PS_KST);
             wg_commit();
             if (j > 0) {
                 wg_fence();
@@ -261,52 +239,14 @@ mla_prefill_ws_bf16(const __grid_constant__ TmaMap q_map, const __grid_constant_
             wg_fence_regs<N / 2>(sa);
             release(bar + PS_KE + 8 * kst(j));
             if (j == n_wt - 1) release(bar + PS_QE);  // this warpgroup's last Q.K of the item
-            // ---- causal mask, only where the tile reaches past the warpgroup's first row
-            if (k0 + N - 1 > pos0 + wq0) {
-                const int lim = pos0 + wq0 + r_lo - k0 - cq;
-#pragma unroll
-                for (int jj = 0; jj < N / 8; ++jj)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        if (8 * jj + (e & 1) > lim + 8 * (e >> 1)) sa[4 * jj + e] = -INFINITY;
-            }
-            // ---- online softmax (row r_lo: e = 0, 1; r_lo + 8: e = 2, 3)
+            // causal mask and online softmax, overlapping P_{j-1}.V_{j-1} and the other's MMAs
             float alpha[2];
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                float mx = -INFINITY;
-#pragma unroll
-                for (int jj = 0; jj < N / 8; ++jj) mx = fmaxf(mx, fmaxf(sa[4 * jj + 2 * hf], sa[4 * jj + 2 * hf + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m_r[hf], mx * sl2);
-                const float m_use = m_new == -INFINITY ? 0.f : m_new;
-                alpha[hf] = exp2f(m_r[hf] - m_use);
-                float sum = 0.f;
-#pragma unroll
-                for (int jj = 0; jj < N / 8; ++jj) {
-                    const float p0 = exp2f(fmaf(sa[4 * jj + 2 * hf], sl2, -m_use));
-                    const float p1 = exp2f(fmaf(sa[4 * jj + 2 * hf + 1], sl2, -m_use));
-                    sa[4 * jj + 2 * hf] = p0;
-                    sa[4 * jj + 2 * hf + 1] = p1;
-                    sum += p0 + p1;
-                }
-                l_r[hf] = l_r[hf] * alpha[hf] + sum;
-                m_r[hf] = m_new;
-            }
+            pw_mask_softmax<N>(sa, k0, pos0, wq0, r_lo, cq, sl2, m_r, l_r, alpha);
             wg_wait<0>();
             wg_fence_regs<64>(o);
             wg_fence_regs<32>(p);
             if (j > 0) release(bar + PS_VE + 8 * vst(j - 1));
-#pragma unroll
-            for (int jj = 0; jj < PS_DV_N8; ++jj) {
-                o[4 * jj] *= alpha[0];
-                o[4 * jj + 1] *= alpha[0];
-                o[4 * jj + 2] *= alpha[1];
-                o[4 * jj + 3] *= alpha[1];
-            }
-#pragma unroll
-            for (int i = 0; i < N / 4; ++i) p[i] = pf_pack(sa[2 * i], sa[2 * i + 1]);
+            pw_rescale_pack<N>(o, p, sa, alpha);
         };
 
         // bursts 0 .. n_wt - 1 compute (the 64-key last tile peeled out: with Q.K under a

@@ -29,15 +29,19 @@ __device__ __forceinline__ void mbar_arrive(u32 bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 
+// CLUSTER: acquire at cluster scope (a barrier another CTA of the cluster arrives on with release
+// semantics, whose writes the waiter then reads); else the default acquire at CTA scope.
+#define DSV2_MBAR_TRY_WAIT(SEM)                                      \
+    "{\n.reg .pred p;\n"                                             \
+    "mbarrier.try_wait.parity" SEM ".shared::cta.b64 p, [%1], %2;\n" \
+    "selp.u32 %0, 1, 0, p;\n}\n"
+template <bool CLUSTER = false>
 __device__ __forceinline__ bool mbar_try_wait(u32 bar, u32 parity) {
     u32 done;
-    asm volatile(
-        "{\n.reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
+    if constexpr (CLUSTER)
+        asm volatile(DSV2_MBAR_TRY_WAIT(".acquire.cluster") : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    else
+        asm volatile(DSV2_MBAR_TRY_WAIT("") : "=r"(done) : "r"(bar), "r"(parity) : "memory");
     return done != 0;
 }
 
@@ -61,10 +65,12 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
 
 // mbar_wait for one thread alone (a producer that issues copies; no wgmma follows it, so the
 // trap may stay inline: a call would need registers a producer has given up with setmaxnreg).
+// CLUSTER: as mbar_try_wait's.
+template <bool CLUSTER = false>
 __device__ __forceinline__ void mbar_wait_thread(u32 bar, u32 parity) {
-    if (!mbar_try_wait(bar, parity)) {
+    if (!mbar_try_wait<CLUSTER>(bar, parity)) {
         const long long t0 = clock64();
-        while (!mbar_try_wait(bar, parity)) {
+        while (!mbar_try_wait<CLUSTER>(bar, parity)) {
             if (clock64() - t0 > 4000000000ll) __trap();
         }
     }
@@ -113,8 +119,8 @@ __device__ __forceinline__ void mbar_arrive_remote(u32 bar, u32 cta) {
 
 // A value handed to another CTA of the cluster: a store into its shared memory (at this CTA's
 // `local` offset) followed by a cluster-scope release arrival on its barrier at `bar`'s offset,
-// which the reader waits on with mbar_wait_thread_cluster (acquire at cluster scope) before it
-// reads the value. (One of each per hand-over: the release's memory barrier is paid rarely.)
+// which the reader waits on with mbar_wait_thread<true> (acquire at cluster scope) before it
+// reads the value. One of each per hand-over: the release's memory barrier is paid rarely.
 __device__ __forceinline__ void st_remote_s32(u32 local, u32 cta, int v) {
     u32 remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(cta));
@@ -124,26 +130,6 @@ __device__ __forceinline__ void mbar_arrive_remote_release(u32 bar, u32 cta) {
     u32 remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(cta));
     asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
-}
-__device__ __forceinline__ bool mbar_try_wait_cluster(u32 bar, u32 parity) {
-    u32 done;
-    asm volatile(
-        "{\n.reg .pred p;\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-    return done != 0;
-}
-// mbar_wait_thread with cluster-scope acquire (the barrier was arrived on by another CTA).
-__device__ __forceinline__ void mbar_wait_thread_cluster(u32 bar, u32 parity) {
-    if (!mbar_try_wait_cluster(bar, parity)) {
-        const long long t0 = clock64();
-        while (!mbar_try_wait_cluster(bar, parity)) {
-            if (clock64() - t0 > 4000000000ll) __trap();
-        }
-    }
 }
 
 // Named barriers (ids 1..15; 0 is __syncthreads): `n` threads in all must arrive. A producer

@@ -421,21 +421,29 @@ fn ws_grid(
     }
 }
 
+/// The kernels' binary search over an expert prefix sum: the largest e < n_exp with
+/// `at_or_below(e)` (true for e = 0 and then for a prefix), for the tests' schedule mirrors.
+#[cfg(test)]
+fn last_at_or_below(n_exp: usize, at_or_below: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0usize, n_exp);
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if at_or_below(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
 /// The kernel's schedule (`ws_tile` in grouped.cu), for the tests: tile `t` < tile_off[E] * nb
 /// is (expert e, first row, rows, first feature), numbered expert-major, then feature block,
 /// then row block innermost.
 #[cfg(test)]
 fn ws_tile(tile_off: &[i32], offsets: &[i32], nb: i32, nf: i32, t: i32) -> (usize, i32, i32, i32) {
     let n_exp = tile_off.len() - 1;
-    let (mut lo, mut hi) = (0usize, n_exp);
-    while hi - lo > 1 {
-        let mid = (lo + hi) / 2;
-        if tile_off[mid] * nb <= t {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
+    let lo = last_at_or_below(n_exp, |e| tile_off[e] * nb <= t);
     let mb = tile_off[lo + 1] - tile_off[lo];
     let local = t - tile_off[lo] * nb;
     let (n, m) = (local / mb, local % mb);
@@ -457,15 +465,7 @@ fn ws_pair_tile(
     rank: i32,
 ) -> (usize, i32, i32, i32) {
     let n_exp = pair_off.len() - 1;
-    let (mut lo, mut hi) = (0usize, n_exp);
-    while hi - lo > 1 {
-        let mid = (lo + hi) / 2;
-        if pair_off[mid] * nb <= u {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
+    let lo = last_at_or_below(n_exp, |e| pair_off[e] * nb <= u);
     let pb = pair_off[lo + 1] - pair_off[lo];
     let local = u - pair_off[lo] * nb;
     let (n, m) = (local / pb, 2 * (local % pb) + rank);
@@ -500,15 +500,7 @@ fn ws_pdyn_unit(
     rank: i32,
 ) -> (usize, i32, i32, i32, bool, bool) {
     let n_exp = unit_off.len() - 1;
-    let (mut lo, mut hi) = (0usize, n_exp);
-    while hi - lo > 1 {
-        let mid = (lo + hi) / 2;
-        if unit_off[mid] <= u {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
+    let lo = last_at_or_below(n_exp, |e| unit_off[e] <= u);
     let mb = tile_off[lo + 1] - tile_off[lo];
     let rp = mb / 2;
     let g = (2 * rp + mb % 2).max(1);
@@ -861,6 +853,23 @@ mod tests {
         (toff, off)
     }
 
+    /// Marks a tile's (row, feature block) cells in `seen` after checking that it holds 1..=128
+    /// rows of its expert and starts on a feature block within N.
+    fn mark(
+        seen: &mut [u8],
+        off: &[i32],
+        (n, nf, nb): (i32, i32, i32),
+        tile: (usize, i32, i32, i32),
+    ) {
+        let (e, row0, nrows, f0) = tile;
+        assert!((1..=128).contains(&nrows));
+        assert!(row0 >= off[e] && row0 + nrows <= off[e + 1]);
+        assert!(f0 < n && f0 % nf == 0);
+        for r in row0..row0 + nrows {
+            seen[r as usize * nb as usize + (f0 / nf) as usize] += 1;
+        }
+    }
+
     #[test]
     fn ws_schedule_covers_every_row_and_feature_once() {
         // experts with 0, 1, 7, 64, 65, 67, 128, 129, 300 rows; N = 72, 1536 (gate_up 128
@@ -873,14 +882,13 @@ mod tests {
             let total = toff[counts.len()] * nb;
             let mut seen = vec![0u8; rows * nb as usize];
             for t in 0..total {
-                let (e, row0, nrows, f0) = super::ws_tile(&toff, &off, nb, nf, t);
-                assert!(counts[e] > 0, "expert {e} with no rows got tile {t}");
-                assert!((1..=128).contains(&nrows));
-                assert!(row0 >= off[e] && row0 + nrows <= off[e + 1]);
-                assert!(f0 < n && f0 % nf == 0);
-                for r in row0..row0 + nrows {
-                    seen[r as usize * nb as usize + (f0 / nf) as usize] += 1;
-                }
+                let tile = super::ws_tile(&toff, &off, nb, nf, t);
+                assert!(
+                    counts[tile.0] > 0,
+                    "expert {} with no rows got tile {t}",
+                    tile.0
+                );
+                mark(&mut seen, &off, (n, nf, nb), tile);
             }
             assert!(
                 seen.iter().all(|&s| s == 1),
@@ -909,14 +917,9 @@ mod tests {
                 assert_eq!((a.0, a.3), (b.0, b.3));
                 assert!(counts[a.0] > 0, "expert {} with no rows got unit {u}", a.0);
                 assert!(a.2 > 0, "rank 0 always has rows");
-                for (e, row0, nrows, f0) in [a, b] {
-                    if nrows == 0 {
-                        continue;
-                    }
-                    assert!((1..=128).contains(&nrows));
-                    assert!(row0 >= off[e] && row0 + nrows <= off[e + 1]);
-                    for r in row0..row0 + nrows {
-                        seen[r as usize * nb as usize + (f0 / nf) as usize] += 1;
+                for tile in [a, b] {
+                    if tile.2 > 0 {
+                        mark(&mut seen, &off, (n, nf, nb), tile);
                     }
                 }
             }
@@ -972,14 +975,8 @@ mod tests {
                     assert!(b.5);
                 }
                 for (e, row0, nrows, f0, _, mine) in [a, b] {
-                    if !mine {
-                        continue;
-                    }
-                    assert!((1..=128).contains(&nrows));
-                    assert!(row0 >= off[e] && row0 + nrows <= off[e + 1]);
-                    assert!(f0 < n && f0 % nf == 0);
-                    for r in row0..row0 + nrows {
-                        seen[r as usize * nb as usize + (f0 / nf) as usize] += 1;
+                    if mine {
+                        mark(&mut seen, &off, (n, nf, nb), (e, row0, nrows, f0));
                     }
                 }
             }

@@ -473,40 +473,32 @@ struct WsOperands {
 fn launch_ws(gpu: &Gpu, w: &WsOperands, p: &MlaPrefillParams<'_>, smem: usize) -> Result<()> {
     const OP: &str = "mla_prefill_ws_bf16";
     use super::tma::{encode_bf16_2d_strided, encode_bf16_3d};
-    let us = |x: i64| x as usize;
-    let rows = |r: usize| r.max(1);
-    let q_map = encode_bf16_3d(
-        OP,
-        w.q.0,
-        rows(w.n),
-        w.heads,
-        QK_NOPE + QK_ROPE,
-        us(w.q.1),
-        us(w.q.2),
-        128,
-    )?;
-    let kn_map = encode_bf16_3d(
-        OP,
-        w.k_nope.0,
-        rows(w.t),
-        w.heads,
-        QK_NOPE,
-        us(w.k_nope.1),
-        us(w.k_nope.2),
-        128,
-    )?;
-    let v_map = encode_bf16_3d(
-        OP,
-        w.v.0,
-        rows(w.t),
-        w.heads,
-        V_HEAD,
-        us(w.v.1),
-        us(w.v.2),
-        128,
-    )?;
+    // [rows, H, cols] at (row, head) strides, in boxes of 128 rows x 64 columns of one head
+    let head_map = |(addr, rs, hs): (u64, i64, i64), rows: usize, cols: usize| {
+        encode_bf16_3d(
+            OP,
+            addr,
+            rows.max(1),
+            w.heads,
+            cols,
+            rs as usize,
+            hs as usize,
+            128,
+        )
+    };
+    let q_map = head_map(w.q, w.n, QK_NOPE + QK_ROPE)?;
+    let kn_map = head_map(w.k_nope, w.t, QK_NOPE)?;
+    let v_map = head_map(w.v, w.t, V_HEAD)?;
     // k_pe [T, 64] with row stride kp_rs: a 2-D map whose row pitch is the stride
-    let kpe_map = encode_bf16_2d_strided(OP, w.k_pe.0, rows(w.t), QK_ROPE, us(w.k_pe.1), 64, 128)?;
+    let kpe_map = encode_bf16_2d_strided(
+        OP,
+        w.k_pe.0,
+        w.t.max(1),
+        QK_ROPE,
+        w.k_pe.1 as usize,
+        64,
+        128,
+    )?;
     let plan = p.plan;
     let (sp, tp) = (p.seqs.ptr(), p.tiles.ptr());
     let n_seqs = dim_i32(OP, "sequences", plan.n_seqs())?;

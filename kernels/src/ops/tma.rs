@@ -113,21 +113,12 @@ pub fn encode_bf16_2d(
     box_cols: usize,
     box_rows: usize,
 ) -> Result<TmaMap2d> {
-    use cudarc::driver::sys as cu;
-    let (dims, stride, boxes) = bf16_2d_params(op, addr, rows, cols, box_cols, box_rows)?;
-    encode_2d(
-        cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-        addr,
-        dims,
-        stride,
-        boxes,
-        true,
-    )
+    encode_bf16_2d_strided(op, addr, rows, cols, cols, box_cols, box_rows)
 }
 
 /// The map of a bf16 matrix [rows, cols] whose rows are `row_stride` elements apart (a column
-/// slice of a wider matrix, such as the rope columns of the gathered latent rows), in boxes of
-/// `box_cols` (one 128-byte swizzled line) x `box_rows`.
+/// slice of a wider matrix, such as the rope columns of the gathered latent rows; `cols` for a
+/// packed one), in boxes of `box_cols` (one 128-byte swizzled line) x `box_rows`.
 pub fn encode_bf16_2d_strided(
     op: &'static str,
     addr: u64,
@@ -138,9 +129,8 @@ pub fn encode_bf16_2d_strided(
     box_rows: usize,
 ) -> Result<TmaMap2d> {
     use cudarc::driver::sys as cu;
-    let elem = std::mem::size_of::<bf16>();
-    let (dims, _, boxes) = params_2d(op, addr, rows, cols, elem, box_cols, box_rows, true)?;
-    let stride = (row_stride * elem) as u64;
+    let (dims, _, boxes) = bf16_2d_params(op, addr, rows, cols, box_cols, box_rows)?;
+    let stride = (row_stride * std::mem::size_of::<bf16>()) as u64;
     if row_stride < cols || !stride.is_multiple_of(16) || stride >= 1 << 40 {
         return Err(shape_err(
             op,
