@@ -78,7 +78,25 @@ class Cta(CtaActors):
 
     # ---------------------------------------------------------- producer
     def producer(self):
-        kf = vf = 0
+        st = dict(kf=0, vf=0)
+
+        def issue_kv(item, j):
+            kf, vf = st["kf"], st["vf"]
+            ks, vs = kf & 1, vf & 1
+            if kf >= 2:
+                yield from self.mbar_wait(self.ke[ks], ((kf >> 1) - 1) & 1)
+            self.kf[ks].arrive_expect_tx(3 * CH)
+            for c in range(3):
+                self.tma(f"K{ks}", (item, j), self.kf[ks], CH)
+            if vf >= 2:
+                yield from self.mbar_wait(self.ve[vs], ((vf >> 1) - 1) & 1)
+            self.vf[vs].arrive_expect_tx(2 * CH)
+            for c in range(2):
+                self.tma(f"V{vs}", (item, j), self.vf[vs], CH)
+            st["kf"], st["vf"] = kf + 1, vf + 1
+            yield ("step", None)
+
+        first_issued = False  # the item's tile 0 went out behind the item before
         for it, (item, (q_len, pos0, m0)) in enumerate(self.items):
             if it > 0:
                 par = (it - 1) & 1
@@ -87,21 +105,11 @@ class Cta(CtaActors):
             for c in range(3):
                 self.tma("Q", item, self.qf, CH)
             n_kt, _ = geometry(q_len, pos0, m0)
-            for j in range(n_kt):
-                ks, vs = kf & 1, vf & 1
-                if kf >= 2:
-                    yield from self.mbar_wait(self.ke[ks], ((kf >> 1) - 1) & 1)
-                self.kf[ks].arrive_expect_tx(3 * CH)
-                for c in range(3):
-                    self.tma(f"K{ks}", (item, j), self.kf[ks], CH)
-                if vf >= 2:
-                    yield from self.mbar_wait(self.ve[vs], ((vf >> 1) - 1) & 1)
-                self.vf[vs].arrive_expect_tx(2 * CH)
-                for c in range(2):
-                    self.tma(f"V{vs}", (item, j), self.vf[vs], CH)
-                kf += 1
-                vf += 1
-                yield ("step", None)
+            for j in range(1 if first_issued else 0, n_kt):
+                yield from issue_kv(item, j)
+            first_issued = it + 1 < len(self.items)
+            if first_issued:
+                yield from issue_kv(self.items[it + 1][0], 0)
 
     # ---------------------------------------------------------- a consumer warpgroup (4 warps as one)
     def consumer(self, c):

@@ -13,7 +13,8 @@
 // - warpgroup 0 (40 registers) is the producer: one thread issues every copy through TMA (Q: 3
 //   boxes of 128 rows x 64 columns; a K tile: k_nope's two boxes and k_pe's; a V tile: two) into
 //   Q and two-stage K and V rings guarded by mbarriers, walking the CTA's items ahead of the
-//   consumers, so the next item's Q and first tiles load behind the current item's last tiles;
+//   consumers, so the next item's first K and V tiles load behind the current item's last tiles
+//   and its Q as soon as both consumers are done with the current Q;
 // - warpgroups 1 and 2 (232 registers) compute rows 0..63 and 64..127 of the item. Each issues
 //   its MMAs of key tile j (S_j = Q.K_j, then O += P_{j-1}.V_{j-1}) as one burst, taking turns
 //   through two named barriers (the "ping-pong" schedule), so that one warpgroup's softmax runs
@@ -131,12 +132,32 @@ mla_prefill_ws_bf16(const __grid_constant__ TmaMap q_map, const __grid_constant_
         // ---- producer ----
         ps_setmaxnreg_dec40();
         if (tid == 0) {
-            int kf = 0, vf = 0, it = 0, h = 0;
+            int kf = 0, vf = 0;
+            // tile j of an item (keys row0 + 128 j ..) into the next K and V stages
+            auto issue_kv = [&](int h, int row0, int j) {
+                const int ks = kf & 1, vs = vf & 1;
+                if (kf >= 2) mbar_wait_thread(bar + PS_KE + 8 * ks, ((kf >> 1) - 1) & 1);
+                const u32 kb = base + PS_K + ks * PS_KST, kfull = bar + PS_KF + 8 * ks;
+                mbar_arrive_expect_tx(kfull, PS_KST);
+                tma_load_3d(kb, &kn_map, 0, h, row0 + j * PS_BN, kfull);
+                tma_load_3d(kb + PS_CH, &kn_map, 64, h, row0 + j * PS_BN, kfull);
+                tma_load_2d(kb + 2 * PS_CH, &kpe_map, 0, row0 + j * PS_BN, kfull);
+                if (vf >= 2) mbar_wait_thread(bar + PS_VE + 8 * vs, ((vf >> 1) - 1) & 1);
+                const u32 vb = base + PS_V + vs * PS_VST, vfull = bar + PS_VF + 8 * vs;
+                mbar_arrive_expect_tx(vfull, PS_VST);
+                tma_load_3d(vb, &v_map, 0, h, row0 + j * PS_BN, vfull);
+                tma_load_3d(vb + PS_CH, &v_map, 64, h, row0 + j * PS_BN, vfull);
+                ++kf;
+                ++vf;
+            };
+            int h = 0, it = 0;
             PfTile pt;
-            for (int item = ps_next(seqs, n_seqs, tiles, n_q, n_ctx, n_tiles, n_items, blockIdx.x, pt, h);
-                 item < n_items;
-                 item = ps_next(seqs, n_seqs, tiles, n_q, n_ctx, n_tiles, n_items, item + gridDim.x, pt, h), ++it) {
-                // Q once both consumers' Q.K of the item before are done
+            int item = ps_next(seqs, n_seqs, tiles, n_q, n_ctx, n_tiles, n_items, blockIdx.x, pt, h);
+            bool first_issued = false;  // the item's tile 0 was issued behind the item before
+            while (item < n_items) {
+                // Q once both consumers' Q.K of the item before are done. Its tile 0 went out
+                // before that wait (it waits on its stages only), so the item's first MMAs do not
+                // wait for Q and K_0 one after the other.
                 if (it > 0) mbar_wait_thread(bar + PS_QE, (it - 1) & 1);
                 mbar_arrive_expect_tx(bar + PS_QF, 3 * PS_CH);
 #pragma unroll
@@ -144,20 +165,16 @@ mla_prefill_ws_bf16(const __grid_constant__ TmaMap q_map, const __grid_constant_
                     tma_load_3d(base + PS_Q + c * PS_CH, &q_map, 64 * c, h, pt.q_row0 + pt.m0, bar + PS_QF);
                 const int n_kt = (ps_keys(pt) + PS_BN - 1) / PS_BN;
                 const int row0 = (int)pt.ctx_row0;
-                for (int j = 0; j < n_kt; ++j, ++kf, ++vf) {
-                    const int ks = kf & 1, vs = vf & 1;
-                    if (kf >= 2) mbar_wait_thread(bar + PS_KE + 8 * ks, ((kf >> 1) - 1) & 1);
-                    const u32 kb = base + PS_K + ks * PS_KST, kfull = bar + PS_KF + 8 * ks;
-                    mbar_arrive_expect_tx(kfull, PS_KST);
-                    tma_load_3d(kb, &kn_map, 0, h, row0 + j * PS_BN, kfull);
-                    tma_load_3d(kb + PS_CH, &kn_map, 64, h, row0 + j * PS_BN, kfull);
-                    tma_load_2d(kb + 2 * PS_CH, &kpe_map, 0, row0 + j * PS_BN, kfull);
-                    if (vf >= 2) mbar_wait_thread(bar + PS_VE + 8 * vs, ((vf >> 1) - 1) & 1);
-                    const u32 vb = base + PS_V + vs * PS_VST, vfull = bar + PS_VF + 8 * vs;
-                    mbar_arrive_expect_tx(vfull, PS_VST);
-                    tma_load_3d(vb, &v_map, 0, h, row0 + j * PS_BN, vfull);
-                    tma_load_3d(vb + PS_CH, &v_map, 64, h, row0 + j * PS_BN, vfull);
-                }
+                for (int j = first_issued ? 1 : 0; j < n_kt; ++j) issue_kv(h, row0, j);
+                int nh = 0;
+                PfTile nt;
+                const int next = ps_next(seqs, n_seqs, tiles, n_q, n_ctx, n_tiles, n_items, item + gridDim.x, nt, nh);
+                first_issued = next < n_items;
+                if (first_issued) issue_kv(nh, (int)nt.ctx_row0, 0);
+                item = next;
+                pt = nt;
+                h = nh;
+                ++it;
             }
         }
         __syncwarp();
