@@ -1,6 +1,7 @@
 // mla_prefill.cuh: what the MLA prefill attention kernels share (mla_prefill.cu, mla_prefill_ws.cu):
-// the head dims they are compiled for, a tile's sequence descriptor and its bounds check, and the
-// bf16 pair packing of P's register fragments.
+// the head dims they are compiled for, a tile's sequence descriptor and its bounds check, the bf16
+// pair packing of P's register fragments, and the wgmma kernels' pieces (a warpgroup's rows of a
+// 128-row item, its Q.K and P.V issue, the causal mask and online softmax step, the rescale).
 #pragma once
 #include "common.cuh"
 #include "wgmma.cuh"
