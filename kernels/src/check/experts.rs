@@ -488,16 +488,11 @@ pub fn check_grouped_counts(
 /// padding: 1, 7, 67 rows; 0 rows; exactly 64 (one consumer) and 65 (both); 128 and 129 (a
 /// second block of one row); 300 (3 blocks); an expert not held that has rows; dims whose k and
 /// features are not multiples of the 64-wide k step, 128 (gate_up) or 256 (down) features.
-pub fn run_grouped_counts(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
+/// `tiles`: the tiles to check (W128 only at the small dims).
+pub fn run_grouped_counts(gpu: &Gpu, quick: bool, tiles: &[RowTile]) -> Result<Vec<CheckRow>> {
     let mut out = Vec::new();
     let small = [1, 7, 0, 67, 64, 65, 0, 128, 129, 300, 5];
-    for tile in [
-        RowTile::Ws128PairDyn,
-        RowTile::Ws128Dyn,
-        RowTile::Ws128Pair,
-        RowTile::Ws128,
-        RowTile::W128,
-    ] {
+    for &tile in tiles {
         out.push(check_grouped_counts(gpu, &small, 10, 72, 40, tile, 1000)?);
         out.push(check_grouped_counts(
             gpu, &small, 10, 1024, 200, tile, 1000,
@@ -515,12 +510,7 @@ pub fn run_grouped_counts(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
     }
     // real DeepSeek-V2 expert dims (edges of each expert compared)
     let real = [1, 7, 0, 67, 64, 65, 300, 3];
-    for tile in [
-        RowTile::Ws128,
-        RowTile::Ws128Pair,
-        RowTile::Ws128Dyn,
-        RowTile::Ws128PairDyn,
-    ] {
+    for &tile in tiles.iter().filter(|&&t| t != RowTile::W128) {
         out.push(check_grouped_counts(gpu, &real, 7, 5120, 1536, tile, 64)?);
         if !quick {
             // V2-Lite dims, and more experts than CTAs have SMs' worth of tiles at once
@@ -603,7 +593,6 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
         RowTile::Ws128,
         RowTile::Ws128Pair,
         RowTile::Ws128Dyn,
-        RowTile::Ws128PairDyn,
     ] {
         out.push(check_grouped_experts(
             gpu,
@@ -656,6 +645,29 @@ pub fn run_grouped(gpu: &Gpu, quick: bool) -> Result<Vec<CheckRow>> {
         out.push(check_grouped_experts(gpu, 300, 8, 6, 2048, 1408, None, 8)?);
         out.push(check_grouped_experts(gpu, 1000, 8, 6, 5120, 1536, None, 8)?);
     }
-    out.extend(run_grouped_counts(gpu, quick)?);
+    out.extend(run_grouped_counts(
+        gpu,
+        quick,
+        &[
+            RowTile::Ws128Dyn,
+            RowTile::Ws128Pair,
+            RowTile::Ws128,
+            RowTile::W128,
+        ],
+    )?);
+    // the paired dynamic tile's rows last: a new kernel's crash leaves every row above printed
+    let pd = RowTile::Ws128PairDyn;
+    out.push(check_grouped_experts(gpu, 67, 9, 2, 72, 40, Some(pd), 67)?);
+    out.push(check_grouped_experts(
+        gpu,
+        67,
+        8,
+        6,
+        1024,
+        320,
+        Some(pd),
+        67,
+    )?);
+    out.extend(run_grouped_counts(gpu, quick, &[pd])?);
     Ok(out)
 }
