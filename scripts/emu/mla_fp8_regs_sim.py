@@ -846,6 +846,7 @@ if __name__ == "__main__":
         ("bs128 extreme scales", 6, 64, 128, [190], 1),
         ("bs16 runs, 5 tiles + partial (one-box copies)", 7, 64, 16, [64 * 5 + 9], 1),
         ("bs8 runs, 2 splits", 8, 48, 8, [64 * 4 + 3], 2),
+        ("bs64 100 heads (two head groups), 3 splits", 9, 100, 64, [200, 70], 3),
     ]
     # every case in both forms: the shared (mla_decode_fp8_regs) and the turn-taking one (_pp)
     cases = [(n, sd, h, bs, ln, sp, False) for (n, sd, h, bs, ln, sp) in base]
