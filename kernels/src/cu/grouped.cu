@@ -728,18 +728,25 @@ __device__ __forceinline__ void ws_map_acquire(const TmaMap* m) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<u64>(m)) : "memory");
 }
 
+// The expert whose share of a prefix sum (prefix[e] * mul: the first tile or unit it owns) holds
+// item u: the largest e < n_exp with prefix[e] * mul <= u, by binary search over shared memory.
+__device__ __forceinline__ int ws_expert_of(const int* prefix, int mul, int n_exp, int u) {
+    int lo = 0, hi = n_exp;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) >> 1;
+        if (prefix[mid] * mul <= u) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
 // Tile t of the schedule (t < s_toff[n_exp] * nb): s_toff is the prefix sum of the experts'
 // 128-row blocks, nb the feature blocks per row block.
 struct WsTile {
     int e, row0, nrows, f0;
 };
 __device__ __forceinline__ WsTile ws_tile(const int* s_toff, const int* s_off, int n_exp, int nb, int nf, int t) {
-    int lo = 0, hi = n_exp;
-    while (hi - lo > 1) {
-        int mid = (lo + hi) >> 1;
-        if (s_toff[mid] * nb <= t) lo = mid;
-        else hi = mid;
-    }
+    const int lo = ws_expert_of(s_toff, nb, n_exp, t);
     const int mb = s_toff[lo + 1] - s_toff[lo], local = t - s_toff[lo] * nb;
     const int n = local / mb, m = local - n * mb;
     WsTile w;
@@ -756,12 +763,7 @@ __device__ __forceinline__ WsTile ws_tile(const int* s_toff, const int* s_off, i
 // may not exist (an odd last block): nrows 0, and the CTA only loads its half of the weights.
 __device__ __forceinline__ WsTile ws_pair_tile(const int* s_poff, const int* s_toff, const int* s_off, int n_exp,
                                                int nb, int nf, int u, int rank) {
-    int lo = 0, hi = n_exp;
-    while (hi - lo > 1) {
-        int mid = (lo + hi) >> 1;
-        if (s_poff[mid] * nb <= u) lo = mid;
-        else hi = mid;
-    }
+    const int lo = ws_expert_of(s_poff, nb, n_exp, u);
     const int pb = s_poff[lo + 1] - s_poff[lo], local = u - s_poff[lo] * nb;
     const int n = local / pb, m = 2 * (local - n * pb) + rank;
     WsTile w;
@@ -796,12 +798,7 @@ __device__ __forceinline__ int ws_pdyn_units(int mb, int nb) {
 }
 __device__ __forceinline__ WsUnit ws_pdyn_unit(const int* s_uoff, const int* s_toff, const int* s_off, int n_exp,
                                                int nb, int nf, int u, int rank) {
-    int lo = 0, hi = n_exp;
-    while (hi - lo > 1) {
-        int mid = (lo + hi) >> 1;
-        if (s_uoff[mid] <= u) lo = mid;
-        else hi = mid;
-    }
+    const int lo = ws_expert_of(s_uoff, 1, n_exp, u);
     // (g >= 1: an expert without rows takes no unit, but the end marker's lookup may land on one)
     const int mb = s_toff[lo + 1] - s_toff[lo], rp = mb >> 1, g = max(2 * rp + (mb & 1), 1);
     const int local = u - s_uoff[lo], q = local / g, w = local - q * g;
@@ -1017,6 +1014,21 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
                     : ws_tile(s_toff, s_off, n_exp, nb, NF, t);
     };
 
+    // whether this process holds expert e's weights of this projection, and its weight maps
+    // acquired once per expert run (the producer's)
+    auto held_e = [&](int e) {
+        return GATE_UP ? ptrs[3 * e] != 0 && ptrs[3 * e + 1] != 0 : ptrs[3 * e + 2] != 0;
+    };
+    auto weight_maps = [&](int e, int& last_e, const TmaMap*& m0, const TmaMap*& m1) {
+        m0 = wmaps + 3 * e + (GATE_UP ? 0 : 2);
+        m1 = GATE_UP ? m0 + 1 : m0;
+        if (e != last_e) {
+            ws_map_acquire(m0);
+            if (GATE_UP) ws_map_acquire(m1);
+            last_e = e;
+        }
+    };
+
     if (wg == 0) {
         // ---- producer ----
         ws_setmaxnreg_dec40();
@@ -1042,8 +1054,7 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
                 ++ui;
                 const WsUnit x = ws_pdyn_unit(s_poff, s_toff, s_off, n_exp, nb, NF, t < 0 ? 0 : t, rank);
                 const WsTile& w = x.w;
-                const bool held =
-                    t >= 0 && (GATE_UP ? ptrs[3 * w.e] != 0 && ptrs[3 * w.e + 1] != 0 : ptrs[3 * w.e + 2] != 0);
+                const bool held = t >= 0 && held_e(w.e);
                 if (!held) {
                     // a stage that only names the unit (or the end): the consumers write zeros
                     s_tile[s0] = t;
@@ -1052,13 +1063,8 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
                     if (t < 0) break;
                     continue;
                 }
-                const TmaMap* m0 = wmaps + 3 * w.e + (GATE_UP ? 0 : 2);
-                const TmaMap* m1 = GATE_UP ? m0 + 1 : m0;
-                if (w.e != last_e) {
-                    ws_map_acquire(m0);
-                    if (GATE_UP) ws_map_acquire(m1);
-                    last_e = w.e;
-                }
+                const TmaMap *m0, *m1;
+                weight_maps(w.e, last_e, m0, m1);
                 const bool two = w.nrows > 64;  // every unit's row blocks hold a row at least
                 // per CTA: its activations (row pair) or both CTAs' shared ones (feature pair),
                 // and the whole weight block (row pair: half from each CTA; feature pair: its own)
@@ -1095,8 +1101,7 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
                     if (t >= total) t = -1;
                 }
                 const WsTile w = tile_of(t < 0 ? 0 : t);
-                const bool held =
-                    t >= 0 && (GATE_UP ? ptrs[3 * w.e] != 0 && ptrs[3 * w.e + 1] != 0 : ptrs[3 * w.e + 2] != 0);
+                const bool held = t >= 0 && held_e(w.e);
                 if (DYN && !held) {
                     // a stage that only names the tile (or the end): the consumers write zeros
                     const int s = it % WS_STAGES;
@@ -1108,13 +1113,8 @@ __device__ __forceinline__ void grouped_tile_ws(const TmaMap* x_map, const TmaMa
                     continue;
                 }
                 if (!held) continue;  // no stages: the consumers write zeros
-                const TmaMap* m0 = wmaps + 3 * w.e + (GATE_UP ? 0 : 2);
-                const TmaMap* m1 = GATE_UP ? m0 + 1 : m0;
-                if (w.e != last_e) {
-                    ws_map_acquire(m0);
-                    if (GATE_UP) ws_map_acquire(m1);
-                    last_e = w.e;
-                }
+                const TmaMap *m0, *m1;
+                weight_maps(w.e, last_e, m0, m1);
                 const bool one = w.nrows > 0, two = w.nrows > 64;
                 const u32 bytes = (two ? WS_A_BYTES : one ? WS_A_BYTES / 2 : 0) + WS_B_BYTES;
                 const int fb = GATE_UP ? w.f0 : w.f0 + 128;  // the second weight box's first row
