@@ -697,6 +697,50 @@ pub enum BlockLayout {
     Runs,
 }
 
+impl BlockLayout {
+    /// The block table [batch, max_blocks] over `num_blocks` physical blocks of `block_size`
+    /// tokens, laid out as this says.
+    fn block_table(
+        self,
+        g: &mut ChaCha8Rng,
+        batch: usize,
+        max_blocks: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Vec<i32> {
+        let mut phys: Vec<i32> = (0..num_blocks as i32).collect();
+        match self {
+            BlockLayout::Shuffled => {
+                for i in (1..phys.len()).rev() {
+                    let j = g.random_range(0..=i);
+                    phys.swap(i, j);
+                }
+            }
+            BlockLayout::Runs => {
+                let per_tile = (64 / block_size).max(1);
+                for b in 0..batch {
+                    for t in (1..max_blocks.div_ceil(per_tile)).step_by(3) {
+                        let i = b * max_blocks + t * per_tile;
+                        if per_tile > 1 && i + 1 < (b + 1) * max_blocks {
+                            phys.swap(i, i + 1);
+                        }
+                    }
+                }
+            }
+        }
+        phys.truncate(batch * max_blocks);
+        phys
+    }
+
+    /// What a check row's sizes say of the layout.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            BlockLayout::Shuffled => "",
+            BlockLayout::Runs => " runs",
+        }
+    }
+}
+
 /// A decode problem over a paged cache (`lens`: the context lengths): the block table, lengths
 /// and queries, as host values for the CPU reference and device copies; the caller fills
 /// `num_blocks` cache blocks in its own dtype.
@@ -729,27 +773,7 @@ impl DecodeCase {
         let max_len = lens.iter().copied().max().unwrap_or(1).max(1);
         let max_blocks = max_len.div_ceil(block_size);
         let num_blocks = batch * max_blocks + 3;
-        let mut phys: Vec<i32> = (0..num_blocks as i32).collect();
-        match layout {
-            BlockLayout::Shuffled => {
-                for i in (1..phys.len()).rev() {
-                    let j = g.random_range(0..=i);
-                    phys.swap(i, j);
-                }
-            }
-            BlockLayout::Runs => {
-                let per_tile = (64 / block_size).max(1);
-                for b in 0..batch {
-                    for t in (1..max_blocks.div_ceil(per_tile)).step_by(3) {
-                        let i = b * max_blocks + t * per_tile;
-                        if per_tile > 1 && i + 1 < (b + 1) * max_blocks {
-                            phys.swap(i, i + 1);
-                        }
-                    }
-                }
-            }
-        }
-        let table: Vec<i32> = (0..batch * max_blocks).map(|i| phys[i]).collect();
+        let table = layout.block_table(g, batch, max_blocks, num_blocks, block_size);
         let (qab, q_abs_f) = rand_bf16(g, batch * heads * mla::KV_LORA, 0.25);
         let (qpb, q_pe_f) = rand_bf16(g, batch * heads * mla::ROPE, 0.25);
         let seq: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
@@ -834,14 +858,12 @@ pub fn check_mla_decode(
         format!("{} seqs, max {max_len}", lens.len())
     };
     let name = kernel.function();
-    let runs = if layout == BlockLayout::Runs {
-        " runs"
-    } else {
-        ""
-    };
     let mut row = CheckRow::cmp(
         name,
-        format!("lens {lens_s} heads {heads} block {block_size}{runs}"),
+        format!(
+            "lens {lens_s} heads {heads} block {block_size}{}",
+            layout.label()
+        ),
         &got,
         &want,
         1e-2,
@@ -1301,5 +1323,51 @@ pub fn print_table(rows: &[CheckRow]) {
             if r.pass { "PASS" } else { "FAIL" },
             r.note
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BlockLayout, rng};
+
+    /// Whole 64-token tiles whose blocks follow one another (the TMA kernels' one-box copies)
+    /// and tiles whose do not (their per-block pieces), over every sequence of the table.
+    fn tiles_by_kind(table: &[i32], batch: usize, max_blocks: usize, bs: usize) -> (usize, usize) {
+        let per_tile = 64 / bs;
+        let (mut runs, mut pieces) = (0, 0);
+        for b in 0..batch {
+            let row = &table[b * max_blocks..(b + 1) * max_blocks];
+            for tile in row.chunks_exact(per_tile) {
+                if tile.windows(2).all(|w| w[1] == w[0] + 1) {
+                    runs += 1;
+                } else {
+                    pieces += 1;
+                }
+            }
+        }
+        (runs, pieces)
+    }
+
+    /// The "runs" check rows take both copy paths of the TMA kernels; shuffled tables (nearly)
+    /// never the one-box path. Without this the runs rows could pass on the piece path alone.
+    #[test]
+    fn runs_layout_has_tiles_of_both_kinds() {
+        for bs in [8, 16, 32] {
+            let (batch, max_blocks) = (3, 12 * 64 / bs);
+            let n = batch * max_blocks + 3;
+            let runs = BlockLayout::Runs.block_table(&mut rng(1), batch, max_blocks, n, bs);
+            let (r, p) = tiles_by_kind(&runs, batch, max_blocks, bs);
+            assert_eq!((r, p), (24, 12), "block {bs}: every third tile broken");
+            let mut sorted = runs.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(
+                sorted.len(),
+                batch * max_blocks,
+                "a physical block used twice"
+            );
+            let shuffled = BlockLayout::Shuffled.block_table(&mut rng(1), batch, max_blocks, n, bs);
+            assert!(tiles_by_kind(&shuffled, batch, max_blocks, bs).0 <= 1);
+        }
     }
 }

@@ -249,14 +249,12 @@ pub fn check_mla_decode_fp8(
     } else {
         format!("{} seqs, max {max_len}", lens.len())
     };
-    let runs = if layout == BlockLayout::Runs {
-        " runs"
-    } else {
-        ""
-    };
     let mut row = CheckRow::cmp(
         kernel.function(),
-        format!("lens {lens_s} heads {heads} block {block_size}{runs}"),
+        format!(
+            "lens {lens_s} heads {heads} block {block_size}{}",
+            layout.label()
+        ),
         &got,
         &want,
         1e-2,
