@@ -129,3 +129,19 @@ __device__ __forceinline__ void wg2_store_rows(const float* o, float* l_part, co
         }
     }
 }
+
+// Whether the whole tile of tokens [t0, t0 + 64) (t0 a multiple of 64) lies in cache blocks of
+// `block_size` (< 64) tokens that follow one another in the cache, so that the TMA kernels copy
+// each of its chunks as one 64-row box (tile_issue in mla_tma.cuh, fr_issue in mla_fp8_regs.cu).
+// Why: with the router's 16-token blocks a tile is otherwise four boxes of 16 rows a chunk, 36
+// copies a tile, and the pair kernel fell from the best P1 kernel at 64-token blocks (0.507 of
+// the roofline) to the worst at 16 (0.325, bench/RESULTS.md session 17 run 2). The block
+// allocator hands a prompt's blocks out in order (kv_cache.rs: the free list pops ascending), so
+// the tiles of a prefilled context are mostly contiguous; decode's later blocks interleave.
+__device__ __forceinline__ bool tile_contiguous(const int* __restrict__ btab, int block_size, int t0, int end) {
+    if (block_size >= 64 || end - t0 < 64) return false;
+    const int first = t0 / block_size, n = 64 / block_size, b0 = btab[first];
+    bool run = true;
+    for (int j = 1; j < n; ++j) run = run && btab[first + j] == b0 + j;
+    return run;
+}

@@ -116,8 +116,8 @@ __device__ __forceinline__ uint4 fr_lds128(u32 addr) {
 // min(block_size, 64) cache rows, the 4 code chunks and the rope chunk (map: box 128 B x piece,
 // 128-byte swizzle) and the scales (scl_map: box 16 B x piece). Pieces at or past `end` are not
 // loaded; a tile wholly past `end` only arrives.
-// A whole tile in consecutive cache blocks goes in one 64-row box each through map64 / scl_map64
-// (the 64-row boxes of the same two tensors), as the bf16 TMA kernels' tile_issue does.
+// A whole tile in consecutive cache blocks (tile_contiguous) goes in one 64-row box each through
+// map64 / scl_map64 (the 64-row boxes of the same two tensors), as the bf16 kernels' tile_issue.
 __device__ __forceinline__ void fr_issue(u32 st, u32 bar, const TmaMap* map, const TmaMap* scl_map,
                                          const TmaMap* map64, const TmaMap* scl_map64,
                                          const int* __restrict__ btab, int block_size, int t0, int end) {
@@ -129,18 +129,13 @@ __device__ __forceinline__ void fr_issue(u32 st, u32 bar, const TmaMap* map, con
         return;
     }
     mbar_arrive_expect_tx(bar, (u32)(pieces * piece * (5 * 128 + 16)));
-    if (block_size < FR_TN && valid == FR_TN) {
-        const int first = t0 / block_size, b0 = btab[first];
-        bool run = true;
-        for (int j = 1; j < FR_TN / block_size; ++j) run = run && btab[first + j] == b0 + j;
-        if (run) {
-            const int row = b0 * block_size;
+    if (tile_contiguous(btab, block_size, t0, end)) {
+        const int row = btab[t0 / block_size] * block_size;
 #pragma unroll
-            for (int c = 0; c < 4; ++c) tma_load_2d(st + c * FR_CHUNK, map64, c * 128, row, bar);
-            tma_load_2d(st + FR_ST_ROPE, map64, FR_PE, row, bar);
-            tma_load_2d(st + FR_ST_SCL, scl_map64, FR_SC, row, bar);
-            return;
-        }
+        for (int c = 0; c < 4; ++c) tma_load_2d(st + c * FR_CHUNK, map64, c * 128, row, bar);
+        tma_load_2d(st + FR_ST_ROPE, map64, FR_PE, row, bar);
+        tma_load_2d(st + FR_ST_SCL, scl_map64, FR_SC, row, bar);
+        return;
     }
     for (int j = 0; j < pieces; ++j) {
         const int t = t0 + j * piece;

@@ -10,36 +10,20 @@
 
 #define MLA_CHUNK 8192 // one 64-column chunk of a 64-row operand (64 x 128 B)
 
-// Whether the whole tile of tokens [t0, t0 + 64) (t0 a multiple of 64) lies in cache blocks that
-// follow one another in the cache, so that one 64-row box (`map64`) copies each of its chunks.
-// Why: with the router's 16-token blocks a tile is otherwise four boxes of 16 rows a chunk, 36
-// copies a tile, and the pair kernel fell from the best P1 kernel at 64-token blocks (0.507 of
-// the roofline) to the worst at 16 (0.325, bench/RESULTS.md session 17 run 2). The block
-// allocator hands a prompt's blocks out in order (kv_cache.rs: the free list pops ascending), so
-// the tiles of a prefilled context are mostly contiguous; decode's later blocks interleave.
-__device__ __forceinline__ bool tile_contiguous(const TmaMap* map64, const int* __restrict__ btab, int block_size,
-                                                int t0, int end) {
-    if (map64 == nullptr || block_size >= 64 || end - t0 < 64) return false;
-    const int first = t0 / block_size, n = 64 / block_size, b0 = btab[first];
-    bool run = true;
-    for (int j = 1; j < n; ++j) run = run && btab[first + j] == b0 + j;
-    return run;
-}
-
 // Issue the copies of chunks [c_lo, c_hi) of the tile of tokens [t0, t0 + 64) into the tile buffer
 // `kbuf` (one thread). Rows come from cache blocks of `block_size` tokens: 64 % block_size == 0 or
 // block_size % 64 == 0 (the launcher checks), so each piece of min(block_size, 64) rows is
 // contiguous in the cache. Pieces at or past `end` are not loaded (their rows keep what they held:
 // zeros or an earlier tile's finite values; softmax masks them); a tile wholly past `end` only
-// arrives, so that its phase completes. A whole tile in consecutive blocks is copied in one box
-// of 64 rows a chunk through `map64` (the same tensor with 64-row boxes; nullptr: never).
+// arrives, so that its phase completes. A whole tile in consecutive blocks (tile_contiguous) is
+// copied in one box of 64 rows a chunk through `map64` (the same tensor with 64-row boxes).
 __device__ __forceinline__ void tile_issue(u32 kbuf, u32 bars, const TmaMap* map, const TmaMap* map64,
                                            const int* __restrict__ btab, int block_size, int t0, int end, int c_lo,
                                            int c_hi) {
     const int piece = min(block_size, 64);
     const int valid = t0 < end ? min(64, end - t0) : 0;
     const int pieces = (valid + piece - 1) / piece;
-    const bool run = tile_contiguous(map64, btab, block_size, t0, end);
+    const bool run = tile_contiguous(btab, block_size, t0, end);
     const int row0 = run ? btab[t0 / block_size] * block_size : 0;
     for (int c = c_lo; c < c_hi; ++c) {
         const u32 bar = bars + c * 8;
@@ -69,7 +53,7 @@ __device__ __forceinline__ void tile_issue_pair(u32 kbuf, u32 bars, const TmaMap
     const int piece = min(block_size, 64);
     const int valid = t0 < end ? min(64, end - t0) : 0;
     const int pieces = (valid + piece - 1) / piece;
-    const bool run = tile_contiguous(map64, btab, block_size, t0, end);
+    const bool run = tile_contiguous(btab, block_size, t0, end);
     const int row0 = run ? btab[t0 / block_size] * block_size : 0;
     for (int k = 0; k < 9; ++k) {
         const int c = k == 0 ? 8 : k - 1;
