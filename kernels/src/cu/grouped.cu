@@ -786,7 +786,9 @@ __device__ __forceinline__ WsTile ws_pair_tile(const int* s_poff, const int* s_t
 // Why: the unpaired dynamic kernel is bound by L2 delivery (ncu, bench/RESULTS.md session 20:
 // 99.7 % L2 throughput at 0.646 of cuBLAS). Per two weight blocks of an expert with three row
 // blocks it pulls ~288 KB per k step from L2 (six tiles of 32 KB weights + 16 KB activations);
-// paired, ~208 KB: 1.38x less. Ws128Pair only paired rows and left a CTA idle on the odd block.
+// paired, ~208 KB: 1.38x less. Over a mix of P2-like experts with short last blocks it is 1.37x
+// (grouped.rs's paired_dynamic_schedule_pulls_fewer_bytes_from_l2 counts the copies). Ws128Pair
+// only paired rows and left a CTA idle on the odd block.
 struct WsUnit {
     WsTile w;
     bool fpair;  // a feature pair (shared activations); else a row pair (shared weights)

@@ -66,8 +66,8 @@ pub enum RowTile {
     /// (two row blocks of one weight block, each CTA copying half of the weights and multicasting
     /// it) and, for an expert's odd last row block, feature pairs (that block against two weight
     /// blocks, each CTA copying one of its two activation boxes for both). Ws128Dyn is bound by
-    /// L2 delivery (bench/RESULTS.md session 20); this pulls ~1.38x fewer bytes from L2 per FLOP
-    /// at P2's three row blocks an expert. Opt-in (`DSV2_GROUPED_WS=pairdyn`) until measured.
+    /// L2 delivery (bench/RESULTS.md session 20); this pulls 1.37x fewer bytes from L2 per FLOP
+    /// over P2-like experts (`paired_dynamic_schedule_pulls_fewer_bytes_from_l2` counts them). Opt-in (`DSV2_GROUPED_WS=pairdyn`) until measured.
     Ws128PairDyn,
 }
 
