@@ -227,13 +227,23 @@ struct SplitPartials {
 
 impl SplitPartials {
     fn new(gpu: &Gpu, batch: usize, splits: usize, heads: usize) -> Result<Self> {
+        Self::alloc(gpu, batch, splits, heads, false)
+    }
+
+    /// `zeroed`: the partials start as zeros with lse 0 (every split read by the combine),
+    /// else uninitialised (the decode kernel writes them).
+    fn alloc(gpu: &Gpu, batch: usize, splits: usize, heads: usize, zeroed: bool) -> Result<Self> {
+        let tensor = |shape: &[usize]| {
+            if zeroed {
+                Tensor::<f32>::zeros(gpu, shape)
+            } else {
+                Tensor::<f32>::uninit(gpu, shape)
+            }
+        };
         let (o_part, lse) = if splits > 1 {
             (
-                Some(Tensor::<f32>::uninit(
-                    gpu,
-                    &[batch, splits, heads, KV_LORA],
-                )?),
-                Some(Tensor::<f32>::uninit(gpu, &[batch, splits, heads])?),
+                Some(tensor(&[batch, splits, heads, KV_LORA])?),
+                Some(tensor(&[batch, splits, heads])?),
             )
         } else {
             (None, None)
@@ -485,16 +495,7 @@ pub struct CombineBench {
 
 impl CombineBench {
     pub fn new(gpu: &Gpu, batch: usize, splits: usize, heads: usize) -> Result<Self> {
-        let splits = splits.clamp(1, MAX_SPLITS);
-        let parts = SplitPartials {
-            splits,
-            o_part: (splits > 1)
-                .then(|| Tensor::<f32>::zeros(gpu, &[batch, splits, heads, KV_LORA]))
-                .transpose()?,
-            lse: (splits > 1)
-                .then(|| Tensor::<f32>::zeros(gpu, &[batch, splits, heads]))
-                .transpose()?,
-        };
+        let parts = SplitPartials::alloc(gpu, batch, splits.clamp(1, MAX_SPLITS), heads, true)?;
         Ok(Self {
             parts,
             batch,
