@@ -400,11 +400,15 @@ fn mla_probe(kernel: MlaKernel) -> Option<&'static str> {
 /// 64-token tile whose blocks follow one another in the cache in one box a chunk (`tile_issue`
 /// in mla_tma.cuh; at 16-token blocks a tile is otherwise four boxes a chunk).
 pub fn cache_tensor_maps(cache: &View<'_, bf16>) -> Result<(TmaMap2d, TmaMap2d)> {
-    let block_size = cache.shape().get(1).copied().unwrap_or(0);
-    Ok((
-        cache_tensor_map(cache, block_size.min(64))?,
-        cache_tensor_map(cache, 64)?,
-    ))
+    let piece = cache.shape().get(1).copied().unwrap_or(0).min(64);
+    let pieces = cache_tensor_map(cache, piece)?;
+    // (blocks of 64 tokens or more: the piece map is the 64-row one; one encode per launch)
+    let whole = if piece == 64 {
+        pieces
+    } else {
+        cache_tensor_map(cache, 64)?
+    };
+    Ok((pieces, whole))
 }
 
 /// The latent cache as a 2-D TMA tensor (see [`cache_tensor_maps`]) in boxes of `box_rows` rows.
@@ -948,12 +952,19 @@ pub fn mla_decode_fp8(gpu: &Gpu, p: MlaDecodeFp8Params<'_>) -> Result<bool> {
         Fp8Kernel::Regs | Fp8Kernel::Pp => {
             let rows = p.cache.shape()[0] * block_size;
             let piece = block_size.min(64);
-            Some([
-                encode_u8_2d(OP, c, rows, row, 128, piece, true)?,
-                encode_u8_2d(OP, c, rows, row, 16, piece, false)?,
-                encode_u8_2d(OP, c, rows, row, 128, 64, true)?,
-                encode_u8_2d(OP, c, rows, row, 16, 64, false)?,
-            ])
+            let codes = encode_u8_2d(OP, c, rows, row, 128, piece, true)?;
+            let scales = encode_u8_2d(OP, c, rows, row, 16, piece, false)?;
+            // (64-token blocks or more: the piece maps are the 64-row ones)
+            if piece == 64 {
+                Some([codes, scales, codes, scales])
+            } else {
+                Some([
+                    codes,
+                    scales,
+                    encode_u8_2d(OP, c, rows, row, 128, 64, true)?,
+                    encode_u8_2d(OP, c, rows, row, 16, 64, false)?,
+                ])
+            }
         }
         Fp8Kernel::Wgmma => None,
     };
